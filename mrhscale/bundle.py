@@ -1,0 +1,96 @@
+"""Model bundles: weights plus everything inference needs, in one file.
+
+A bundle is a ``torch.save`` of plain types only (loadable with
+``weights_only=True``): no pickled classes, so a bundle from an untrusted
+source cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from mrhscale.errors import MRHError
+from mrhscale.model import MRHNet
+from mrhscale.norm import Normalisation
+
+FORMAT = "mrhscale-model"
+FORMAT_VERSION = 1
+
+
+def make_bundle(
+    model: MRHNet,
+    *,
+    channels: list[str],
+    norm: Normalisation,
+    target: str,
+    patch: dict,
+    provenance: dict | None = None,
+) -> dict[str, Any]:
+    if len(channels) != model.in_channels:
+        raise MRHError(f"bundle: {len(channels)} channel names for a model with {model.in_channels} inputs")
+    if norm.n_channels != model.in_channels:
+        raise MRHError(f"bundle: normalisation has {norm.n_channels} channels, model {model.in_channels}")
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": {"name": "MRHNet", **model.config},
+        "state_dict": state,
+        "channels": [str(c) for c in channels],
+        "norm": norm.to_dict(),
+        "target": str(target),
+        "patch": dict(patch),
+        "provenance": dict(provenance or {}),
+    }
+
+
+def save_bundle(path: str | os.PathLike, model: MRHNet, **meta) -> str:
+    """Write a bundle atomically (write aside, then rename)."""
+    bundle = make_bundle(model, **meta)
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".bundle-", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(bundle, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MRHError(f"{path}: model bundle not found")
+    try:
+        b = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise MRHError(f"{path}: not a readable mrhscale model bundle ({type(e).__name__}: {e})") from None
+    if not isinstance(b, dict) or b.get("format") != FORMAT:
+        raise MRHError(f"{path}: not an mrhscale model bundle (format tag missing)")
+    if b.get("format_version", 0) > FORMAT_VERSION:
+        raise MRHError(f"{path}: bundle format {b['format_version']} is newer than this mrhscale understands")
+    return b
+
+
+def model_from_bundle(b: dict[str, Any]) -> MRHNet:
+    arch = b["arch"]
+    model = MRHNet(arch["in_channels"], arch["depth"], arch.get("width", 64))
+    model.load_state_dict(b["state_dict"])
+    return model
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MRHNet, dict[str, Any]]:
+    """Model (eval mode, on ``device``) and its metadata (everything but the weights)."""
+    b = read_bundle(path)
+    model = model_from_bundle(b).to(device).eval()
+    meta = {k: v for k, v in b.items() if k != "state_dict"}
+    meta["norm"] = Normalisation.from_dict(b["norm"])
+    return model, meta

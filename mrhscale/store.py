@@ -1,0 +1,89 @@
+"""The cohort store contract: one Zarr (v3) group per subject, readable with plain xarray.
+
+Layout (see docs/stores.md)::
+
+    cohort.zarr/              root group; attrs["subjects"] lists COMPLETE subjects only
+      <subject>/              an xarray Dataset written with ``to_zarr(group=subject)``
+        mri   float32 (x, y, z, contrast)   chunks (cx, cy, cz, all contrasts)
+        mask  bool    (x, y, z)
+        fa    float32 (x, y, z)
+        <target> float32 (x, y, z)          one per histology stain (af, nf, mbp, ...)
+        <label>  bool (x, y, z)             optional condition/lesion labels
+      coords: contrast (str), group (contrast; the source file group), bval (contrast),
+              bvec (contrast, vec)
+      attrs: subject, affine, voxel_size, orientation, targets, labels, sources, ...
+
+A subject group without its id in the root's ``subjects`` attr is incomplete
+(a crash mid-write) and is never read.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+import xarray as xr
+import zarr
+
+from mrhscale.errors import MRHError
+
+SUBJECTS_ATTR = "subjects"
+STAGING = "_staging"
+
+
+def is_local(url: str) -> bool:
+    scheme = urlparse(str(url)).scheme
+    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+
+
+def local_path(url: str) -> str:
+    u = str(url)
+    return urlparse(u).path if u.startswith("file://") else u
+
+
+def open_root(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+    try:
+        return zarr.open_group(str(url), mode=mode, storage_options=storage_options, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        raise MRHError(f"{url}: no mrhscale store here (run `mrhscale ingest` first)") from None
+
+
+def list_subjects(url: str, storage_options: dict | None = None) -> list[str]:
+    """Ids of the complete subjects of a cohort store, in ingest order."""
+    if is_local(url) and not os.path.exists(local_path(url)):
+        raise MRHError(f"{url}: store does not exist")
+    try:
+        root = zarr.open_group(str(url), mode="r", storage_options=storage_options)
+    except Exception as e:  # zarr raises several types for "not a group"
+        raise MRHError(f"{url}: not a readable Zarr store ({type(e).__name__}: {e})") from None
+    return list(root.attrs.get(SUBJECTS_ATTR, []))
+
+
+def open_subject(url: str, subject: str, storage_options: dict | None = None, chunks="auto_zarr") -> xr.Dataset:
+    """A subject as a lazy xarray Dataset (dask-backed with the store's chunks)."""
+    subjects = list_subjects(url, storage_options)
+    if subject not in subjects:
+        raise MRHError(
+            f"{url}: subject {subject!r} not in store (complete subjects: {', '.join(subjects) or 'none'})"
+        )
+    kw = {} if chunks == "auto_zarr" else {"chunks": chunks}
+    return xr.open_zarr(str(url), group=subject, consolidated=False, storage_options=storage_options, **kw)
+
+
+def open_cohort(url: str, subjects: list[str] | None = None, storage_options: dict | None = None) -> dict[str, xr.Dataset]:
+    """Lazy datasets of several subjects, keyed by id; checks that channels agree."""
+    ids = subjects or list_subjects(url, storage_options)
+    if not ids:
+        raise MRHError(f"{url}: store holds no complete subject")
+    out = {sid: open_subject(url, sid, storage_options) for sid in ids}
+    ref_id = ids[0]
+    ref = list(out[ref_id].contrast.values)
+    for sid, ds in out.items():
+        ch = list(ds.contrast.values)
+        if ch != ref:
+            raise MRHError(
+                f"{url}: subject {sid!r} has channels that differ from {ref_id!r} "
+                f"({len(ch)} vs {len(ref)} channels; first difference: "
+                f"{next((a, b) for a, b in zip(ch + [None] * len(ref), ref + [None] * len(ch)) if a != b)})"
+            )
+    return out
