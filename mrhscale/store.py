@@ -87,3 +87,41 @@ def open_cohort(url: str, subjects: list[str] | None = None, storage_options: di
                 f"{next((a, b) for a, b in zip(ch + [None] * len(ref), ref + [None] * len(ch)) if a != b)})"
             )
     return out
+
+
+def describe_store(url: str, storage_options: dict | None = None) -> str:
+    """Human summary of any mrhscale Zarr store (cohort, patches, predictions)."""
+    ids = list_subjects(url, storage_options)
+    root = zarr.open_group(str(url), mode="r", storage_options=storage_options)
+    fmt = root.attrs.get("format", "?")
+    lines = [f"store: {url}", f"format: {fmt}"]
+    if not ids and "channels" in root.attrs and "target" in root.attrs:  # a patch store
+        a = root.attrs
+        lines += [
+            f"target: {a.get('target')}  patch: {a.get('patch')}",
+            f"train patches: {a.get('n_train')}  val patches: {a.get('n_val')}",
+            f"channels ({len(a['channels'])}): {_short(a['channels'])}",
+            f"complete: {bool(a.get('complete'))}",
+        ]
+        return "\n".join(lines)
+    lines.append(f"subjects ({len(ids)}): {', '.join(ids) if ids else 'none complete'}")
+    for sid in ids:
+        ds = xr.open_zarr(str(url), group=sid, consolidated=False, storage_options=storage_options)
+        shape = "x".join(str(ds.sizes[d]) for d in ("x", "y", "z") if d in ds.sizes)
+        extra = [v for v in ds.data_vars if v not in ("mri", "mask", "fa")]
+        nch = ds.sizes.get("contrast", 0)
+        vox = "x".join(f"{v:.4g}" for v in ds.attrs.get("voxel_size", []))
+        lines.append(
+            f"  {sid}: grid {shape}, {nch} contrasts, voxel {vox}, "
+            f"brain voxels {ds.attrs.get('brain_voxels', '?')}, variables: {', '.join(extra) or '-'}"
+        )
+    if ids:
+        ds = xr.open_zarr(str(url), group=ids[0], consolidated=False, storage_options=storage_options)
+        if "contrast" in ds.coords:
+            lines.append(f"channels ({ds.sizes['contrast']}): {_short([str(c) for c in ds.contrast.values])}")
+    return "\n".join(lines)
+
+
+def _short(names: list[str], n: int = 8) -> str:
+    names = list(names)
+    return ", ".join(names) if len(names) <= 2 * n else ", ".join(names[:n]) + ", ..., " + ", ".join(names[-n:])

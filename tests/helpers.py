@@ -70,3 +70,160 @@ def make_cohort_store(path, n_subjects=3, shape=(12, 10, 14), n_channels=5, seed
         ds.to_zarr(str(path), group=sid, mode="w", consolidated=False, zarr_format=3)
     zarr.open_group(str(path), mode="a").attrs["subjects"] = ids
     return ids
+
+
+def make_patch_store(path, n_train=512, n_val=128, n_channels=5, half=1, seed=0,
+                     target="af", chunk=64, complete=True, dtype="float32") -> str:
+    """Write a patch store following the CONTRACTS.md layout, with a learnable target.
+
+    Inputs are raw (gamma distributed, like MRI intensities); the target is a
+    smooth nonlinear function of a few channels in 0..255 stain units, so a
+    small MRH-Net can learn it and a single contrast cannot explain all of it.
+    """
+    from mrhscale.norm import Normalisation
+
+    rng = np.random.default_rng(seed)
+    p = 2 * half + 1
+    names = channel_names(n_channels)
+
+    def split(n):
+        x = rng.gamma(2.0, 50.0, size=(n, n_channels, p, p)).astype(np.float32)
+        a = x[:, 0]
+        b = x[:, 1 % n_channels]
+        c = x[:, 2 % n_channels]
+        t = np.clip(0.8 * a + 0.4 * np.sqrt(b * c) - 0.002 * a * b + 10.0, 0, 255)
+        origin = np.zeros((n, 4), np.int32)
+        origin[:, 0] = rng.integers(0, 3, n)
+        origin[:, 1:] = rng.integers(0, 50, (n, 3))
+        return x.astype(dtype), t.astype(np.float32), origin
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    stats = None
+    for name, n in (("train", n_train), ("val", n_val)):
+        x, t, origin = split(n)
+        if name == "train":
+            lo = np.percentile(x, 1, axis=(0, 2, 3))
+            hi = np.percentile(x, 99, axis=(0, 2, 3))
+            stats = Normalisation("percentile", lo.tolist(), (hi - lo).tolist(), 0.0,
+                                  float(np.percentile(t, 99)))
+        g = root.create_group(name)
+        g.create_array("inputs", data=x, chunks=(chunk, n_channels, p, p),
+                       dimension_names=["patch", "contrast", "row", "col"])
+        g.create_array("targets", data=t, chunks=(chunk, p, p),
+                       dimension_names=["patch", "row", "col"])
+        g.create_array("origin", data=origin, chunks=(chunk, 4),
+                       dimension_names=["patch", "field"])
+    root.attrs.update({
+        "channels": names, "target": target,
+        "patch": {"half": half, "size": p, "axis": "y"},
+        "norm": stats.to_dict(), "subjects": ["s01", "s02", "s03"], "val_subjects": ["s03"],
+        "n_train": n_train, "n_val": n_val, "seed": seed,
+        "rules": {"stride": 2, "slices": None, "min_label_sum": 30, "min_label_nonzero": 4},
+        "provenance": {"maker": "tests.helpers.make_patch_store"},
+    })
+    if complete:
+        root.attrs["complete"] = True
+    return str(path)
+
+
+class StandInPatchStream:
+    """Minimal in-memory PatchStream (CONTRACTS.md API) for trainer tests until stream.py lands.
+
+    Order is a function of (seed, epoch); each rank takes an interleaved shard and
+    every rank yields the same number of batches (drop_last).
+    """
+
+    def __init__(self, url, split="train", batch_size=128, shuffle=True, shuffle_buffer=None,
+                 seed=0, rank=None, world_size=None, drop_last=True, storage_options=None,
+                 norm=None):
+        import torch.distributed as dist
+
+        from mrhscale.errors import MRHError
+        from mrhscale.norm import Normalisation
+
+        try:
+            root = zarr.open_group(str(url), mode="r")
+        except Exception:
+            raise MRHError(f"{url}: no patch store here") from None
+        if not root.attrs.get("complete"):
+            raise MRHError(f"{url}: patch store is incomplete")
+        a = dict(root.attrs)
+        self.channels, self.target, self.patch = a["channels"], a["target"], a["patch"]
+        self.norm = norm or Normalisation.from_dict(a["norm"])
+        x = root[f"{split}/inputs"][...]
+        self._x = self.norm.apply_inputs(x, channel_axis=1)
+        self._t = self.norm.apply_target(root[f"{split}/targets"][...]).astype(np.float32)
+        if rank is None:
+            init = dist.is_available() and dist.is_initialized()
+            rank = dist.get_rank() if init else 0
+            world_size = dist.get_world_size() if init else 1
+        self.rank, self.world_size = rank, world_size or 1
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.num_samples = len(self._t)
+        self.epoch = 0
+
+    def set_epoch(self, e):
+        self.epoch = int(e)
+
+    def steps_per_epoch(self):
+        per_rank = self.num_samples // self.world_size
+        if self.drop_last:
+            return per_rank // self.batch_size
+        return -(-per_rank // self.batch_size)
+
+    def __iter__(self):
+        import torch
+
+        idx = np.arange(self.num_samples)
+        if self.shuffle:
+            idx = np.random.default_rng([self.seed, self.epoch]).permutation(idx)
+        idx = idx[self.rank::self.world_size][: self.num_samples // self.world_size]
+        for s in range(self.steps_per_epoch()):
+            j = np.sort(idx[s * self.batch_size:(s + 1) * self.batch_size])
+            yield torch.from_numpy(self._x[j]), torch.from_numpy(self._t[j])
+
+
+def write_file_cohort(root, n_subjects=2, shape=(10, 8, 12), fmt="nii.gz", seed=0, n_dwi=5,
+                      mask_inverted=False, sidecars=True, affine=None) -> str:
+    """Tiny per-subject NIfTI/Analyze files plus cohort.yaml; returns the manifest path."""
+    import os
+
+    import yaml
+
+    from mrhscale.volumes import write_sidecars, write_volume
+
+    rng = np.random.default_rng(seed)
+    aff = np.asarray(affine if affine is not None else [[0.06, 0, 0, 1.0], [0, 0.06, 0, 2.0], [0, 0, 0.06, -3.0], [0, 0, 0, 1]])
+    ext = {"nii.gz": ".nii.gz", "nii": ".nii", "analyze": ".hdr"}[fmt]
+    subjects = []
+    for i in range(n_subjects):
+        sid = f"s{i + 1:02d}"
+        d = os.path.join(root, sid)
+        os.makedirs(d, exist_ok=True)
+        dwi = rng.random((*shape, n_dwi), dtype=np.float32) * 100
+        t2mt = rng.random((*shape, 3), dtype=np.float32) * 50
+        mask = np.zeros(shape, np.uint8)
+        mask[2:-2, 2:-2, 2:-2] = 1
+        fa = (rng.random(shape, dtype=np.float32) * mask).astype(np.float32)
+        af = (rng.integers(0, 255, shape) * mask).astype(np.uint8)
+        paths = {k: os.path.join(d, k + ext) for k in ("dwi", "t2MTONOFF", "fa", "mask", "af")}
+        write_volume(paths["dwi"], dwi, aff)
+        if sidecars and fmt != "analyze":
+            write_sidecars(paths["dwi"], [0] + [2000] * (n_dwi - 1),
+                           np.vstack([[0, 0, 0], np.eye(3)[np.arange(n_dwi - 1) % 3]]))
+        write_volume(paths["t2MTONOFF"], t2mt, aff)
+        write_volume(paths["fa"], fa, aff)
+        write_volume(paths["mask"], (1 - mask) if mask_inverted else mask, aff)
+        write_volume(paths["af"], af, aff)
+        rel = {k: os.path.relpath(v, root) for k, v in paths.items()}
+        subjects.append({
+            "id": sid,
+            "mri": {"dwi": rel["dwi"], "t2MTONOFF": {"path": rel["t2MTONOFF"], "channels": ["t2", "mt_off", "mt_on"]}},
+            "fa": rel["fa"],
+            "mask": {"path": rel["mask"], "inverted": mask_inverted},
+            "targets": {"af": rel["af"]},
+        })
+    path = os.path.join(root, "cohort.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump({"subjects": subjects}, fh, sort_keys=False)
+    return path
