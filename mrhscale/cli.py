@@ -9,8 +9,50 @@ import click
 from mrhscale.errors import MRHError
 
 
+class _Command(click.Command):
+    """Every command takes ``--config FILE.yaml`` (flags override it) and records its resolved config."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.append(click.Option(
+            ["--config"], is_eager=True, expose_value=False, callback=self._load_config,
+            type=click.Path(dir_okay=False), help="YAML file of this command's options (flags override it).",
+        ))
+
+    def _load_config(self, ctx, _param, value):
+        if not value:
+            return
+        from mrhscale.config import load_config
+
+        allowed = {}
+        for p in self.params:
+            if isinstance(p, click.Option) and p.name != "config":
+                allowed[p.name] = p.name
+                allowed.update({o.lstrip("-"): p.name for o in p.opts if o.startswith("--")})
+            elif isinstance(p, click.Argument):
+                allowed[p.name] = p.name
+        try:
+            values = load_config(value, self.name, allowed)
+        except MRHError as e:
+            click.echo(f"mrhscale: error: {e}", err=True)
+            sys.exit(2)
+        ctx.default_map = {**(ctx.default_map or {}), **values}
+        ctx.meta["mrhscale_config_file"] = value
+
+    def invoke(self, ctx):
+        result = super().invoke(ctx)
+        out = ctx.params.get("out")
+        if out:
+            from mrhscale.config import write_resolved
+
+            write_resolved(str(out), self.name, ctx.params)
+        return result
+
+
 class _Group(click.Group):
     """Turns user errors into one line on stderr and exit status 2, no traceback."""
+
+    command_class = _Command
 
     def invoke(self, ctx):
         try:
@@ -100,3 +142,180 @@ def info(path):
         from mrhscale.store import describe_store
 
         click.echo(describe_store(path))
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("store")
+@click.option("--out", "-o", required=True, help="Prediction store (Zarr) to create or resume.")
+@click.option("--nifti", "nifti_dir", default=None, help="Also write one NIfTI per subject into this folder.")
+@click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
+@click.option("--batch-size", type=int, default=4096, show_default=True, help="Patches per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (on the workers).")
+@click.option("--aggregate", type=click.Choice(["centre", "mean"]), default="centre", show_default=True,
+              help="centre: the network's centre output per voxel (as the original); "
+                   "mean: average of all overlapping PxP outputs.")
+@scheduler_option
+@workers_option
+@quiet_option
+def predict(model, store, out, nifti_dir, subjects, batch_size, device, aggregate, scheduler, workers, quiet):
+    """Virtual histology for every brain voxel of STORE's subjects with MODEL (a bundle)."""
+    from mrhscale.predict import predict as run
+
+    res = run(model, store, out, nifti_dir=nifti_dir, subjects=_subject_list(subjects),
+              scheduler=scheduler, workers=workers, batch_size=batch_size, device=device,
+              aggregate=aggregate, quiet=quiet)
+    if res["skipped"]:
+        click.echo(f"already predicted, skipped: {', '.join(res['skipped'])}")
+    click.echo(f"predicted {len(res['predicted'])} subject(s) into {res['out']} "
+               f"({res['brain_voxels']} brain voxels, {res['voxels_per_s']:.0f} voxels/s)")
+
+
+@main.command()
+@click.argument("pred")
+@click.argument("store")
+@click.option("--target", required=True, help="Reference histology variable in STORE (e.g. af).")
+@click.option("--out", "-o", required=True, help="Report folder: metrics.json, PNG figures, report.html.")
+@click.option("--label", default=None,
+              help="Lesion/condition label for ROC: a bool variable of STORE's subjects (e.g. lesion) "
+                   "or a NIfTI path with {subject} in it. Default: 'lesion' if the subjects have it.")
+@click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
+@quiet_option
+def evaluate(pred, store, target, out, label, subjects, quiet):
+    """Compare virtual (PRED) with reference histology and single MRI markers (STORE)."""
+    from mrhscale.evaluate import evaluate as run
+
+    res = run(pred, store, target, out, label=label, subjects=_subject_list(subjects), quiet=quiet)
+    p = res["pooled"]["virtual"]
+    click.echo(f"pooled virtual {target}: pearson {p['pearson']:.3f}, spearman {p['spearman']:.3f}, "
+               f"MAE {p['mae']:.3g}, PSNR {p['psnr']:.2f} dB, SSIM {p['ssim']:.3f}; report in {out}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("patches")
+@click.option("--out", "-o", required=True, help="Report folder: importance.json/.csv, bar chart.")
+@click.option("--split", default="val", show_default=True, help="Patch split to permute (val or train).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Permutations per channel/group.")
+@click.option("--max-patches", type=int, default=20000, show_default=True, help="Random subset size.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@quiet_option
+def importance(model, patches, out, split, repeats, max_patches, seed, quiet):
+    """Contribution of each contrast group and channel to MODEL, by permutation on PATCHES."""
+    from mrhscale.importance import importance as run
+
+    res = run(model, patches, out, split=split, repeats=repeats, seed=seed,
+              max_patches=max_patches, quiet=quiet)
+    top = ", ".join(f"{g['name']} {g['increase']:.3g}" for g in res["groups"][:5])
+    click.echo(f"baseline MSE {res['baseline_mse']:.4g}; MSE increase by group: {top}; report in {out}")
+
+
+def _training_options(f):
+    """Options shared by `train` and `finetune`; unset ones take the paper's recipe
+    (or, with --resume, the checkpointed run's own values)."""
+    opts = [
+        click.option("--out", "-o", required=True, help="Run directory (checkpoints, metrics, curve.png, model.pt)."),
+        click.option("--epochs", type=int, default=None, help="Epochs [train 30, finetune 30]."),
+        click.option("--batch-size", type=int, default=None,
+                     help="GLOBAL mini-batch, split over torchrun processes [128]."),
+        click.option("--lr", type=float, default=None,
+                     help="Initial learning rate [train: 0.1 (sgd) / 1e-3 (adamw); finetune 1e-4]."),
+        click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=None,
+                     help="[sgd, momentum 0.9]."),
+        click.option("--schedule", type=click.Choice(["piecewise", "cosine"]), default=None,
+                     help="piecewise: x drop-factor every drop-period epochs [piecewise]."),
+        click.option("--drop-period", type=int, default=None, help="Piecewise schedule period [10]."),
+        click.option("--drop-factor", type=float, default=None, help="Piecewise schedule factor [0.1]."),
+        click.option("--loss", type=click.Choice(["matlab", "mse", "centre-mse"]), default=None,
+                     help="matlab: 0.5*sum of squared errors over the PxP outputs, batch mean "
+                          "(the scale lr 0.1 and clip 0.01 were tuned for) [matlab]."),
+        click.option("--clip", type=float, default=None,
+                     help="Gradient L2-norm threshold per parameter tensor; 0 = off [0.01]."),
+        click.option("--weight-decay", type=float, default=None, help="L2 on weights, not biases [1e-4]."),
+        click.option("--init", type=click.Choice(["glorot", "torch"]), default=None,
+                     help="Weight init of new layers [glorot, as MATLAB]."),
+        click.option("--seed", type=int, default=None, help="Seed of init and data order [0]."),
+        click.option("--workers", type=int, default=0, show_default=True,
+                     help="Data-loading processes per training process."),
+        click.option("--threads", type=int, default=None,
+                     help="Torch CPU threads per process (default: torch's; torchrun sets 1)."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)."),
+        click.option("--no-amp", is_flag=True, default=None, help="No bf16 autocast on GPU."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--keep-checkpoints", is_flag=True, help="Also keep one checkpoint per epoch."),
+        quiet_option,
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _run_training(fn, *args, **kw):
+    from mrhscale.train import TrainingInterrupted
+
+    kw["amp"] = False if kw.pop("no_amp") else None
+    try:
+        res = fn(*args, **kw)
+    except TrainingInterrupted as e:
+        click.echo(f"mrhscale: {e}", err=True)
+        sys.exit(143)  # 128 + SIGTERM: batch schedulers requeue
+    f = res["final"]
+    if not kw.get("quiet"):
+        click.echo(f"model {res['model']}: {res['epochs']} epochs, train loss {f.get('train_loss', float('nan')):.4g}, "
+                   f"val loss {f.get('val_loss', float('nan')):.4g}, val r {f.get('val_r', float('nan')):.3f}")
+
+
+@main.command()
+@click.argument("patches")
+@click.option("--depth", type=int, default=None, help="Residual blocks [5]; the paper's AF net: 29-30.")
+@_training_options
+def train(patches, **kw):
+    """Train MRH-Net on PATCHES; one process, or under `torchrun --nproc_per_node=N` (DDP)."""
+    from mrhscale.train import train as run
+
+    _run_training(run, patches, kw.pop("out"), **kw)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("patches")
+@click.option("--freeze-backbone", is_flag=True, default=None, help="Train only the new Conv4/Conv5.")
+@click.option("--head-lr-factor", type=float, default=None, help="Learning-rate factor of Conv4/Conv5 [10].")
+@_training_options
+def finetune(model, patches, **kw):
+    """Transfer learning from MODEL to a new stain's PATCHES: fresh Conv4/Conv5 (lr x10), base lr 1e-4."""
+    from mrhscale.train import finetune as run
+
+    _run_training(run, model, patches, kw.pop("out"), **kw)
+
+
+@main.command("import-matlab")
+@click.argument("mat", metavar="NET.mat")
+@click.option("--out", "-o", required=True, metavar="MODEL", help="Model bundle to write.")
+@click.option("--channels", default=None, metavar="FILE|NAMES",
+              help="Input channel names in training order: a file (one per line) or comma-separated. "
+                   "Default for 67 channels: the original's order (dwi2000 x34, dwi5000 x30, t2, mt_off, mt_on).")
+@click.option("--norm", default=None, metavar="global-max=VALUE|identity",
+              help="Input scaling the network was trained with (the file does not hold it): the original "
+                   "divided every input by one global maximum VALUE. Required.")
+@click.option("--target-max", type=float, default=1.0, show_default=True,
+              help="Global maximum the training labels were divided by; outputs x this = raw stain units "
+                   "(1: keep the network's own units).")
+@click.option("--target", default=None, help="Stain name (default: from the file name: Fluo/AF->af, NF, MBP, Nissl).")
+@click.option("--patch-axis", type=click.Choice(["x", "y", "z"]), default="y", show_default=True,
+              help="Slice axis: patches lie in the plane of the two other axes (original: y).")
+@click.option("--allow-renamed", is_flag=True, help="Accept the MRH-Net structure under other layer names.")
+@quiet_option
+def import_matlab_cmd(mat, out, channels, norm, target_max, target, patch_axis, allow_renamed, quiet):
+    """Import a published MATLAB MRH-Net (DAGNetwork NET.mat) as a model bundle."""
+    from mrhscale.matlab import import_matlab
+
+    s = import_matlab(mat, out, channels=channels, norm=norm, target_max=target_max, target=target,
+                      patch_axis=patch_axis, strict_names=not allow_renamed)
+    if not quiet:
+        click.echo(
+            f"{s['out']}: MRH-Net depth {s['depth']}, {s['in_channels']} channels ({s['channels_from']}), "
+            f"{s['parameters']:,} parameters, target {s['target']} ({s['target_from']}), norm {s['norm']}"
+            + (f" {s['input_max']:g}" if s["input_max"] is not None else "")
+            + (f", {len(s['renamed_layers'])} layers renamed" if s["renamed_layers"] else "")
+        )
