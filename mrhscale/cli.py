@@ -197,7 +197,7 @@ def evaluate(pred, store, target, out, label, subjects, quiet):
 @click.option("--out", "-o", required=True, help="Report folder: importance.json/.csv, bar chart.")
 @click.option("--split", default="val", show_default=True, help="Patch split to permute (val or train).")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Permutations per channel/group.")
-@click.option("--max-patches", type=int, default=20000, show_default=True, help="Random subset size.")
+@click.option("--max-patches", type=int, default=10000, show_default=True, help="Random subset size.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @quiet_option
 def importance(model, patches, out, split, repeats, max_patches, seed, quiet):
@@ -251,16 +251,20 @@ def _training_options(f):
 
 
 def _run_training(fn, *args, **kw):
+    import os
+
     from mrhscale.train import TrainingInterrupted
 
     kw["amp"] = False if kw.pop("no_amp") else None
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     try:
         res = fn(*args, **kw)
     except TrainingInterrupted as e:
-        click.echo(f"mrhscale: {e}", err=True)
+        if rank0:
+            click.echo(f"mrhscale: {e}", err=True)
         sys.exit(143)  # 128 + SIGTERM: batch schedulers requeue
     f = res["final"]
-    if not kw.get("quiet"):
+    if rank0 and not kw.get("quiet"):
         click.echo(f"model {res['model']}: {res['epochs']} epochs, train loss {f.get('train_loss', float('nan')):.4g}, "
                    f"val loss {f.get('val_loss', float('nan')):.4g}, val r {f.get('val_r', float('nan')):.3f}")
 
@@ -293,29 +297,176 @@ def finetune(model, patches, **kw):
 @click.argument("mat", metavar="NET.mat")
 @click.option("--out", "-o", required=True, metavar="MODEL", help="Model bundle to write.")
 @click.option("--channels", default=None, metavar="FILE|NAMES",
-              help="Input channel names in training order: a file (one per line) or comma-separated. "
-                   "Default for 67 channels: the original's order (dwi2000 x34, dwi5000 x30, t2, mt_off, mt_on).")
+              help="Input channel names in training order: a file (one per line) or "
+                   "comma-separated. Default for 67 channels: the original's order "
+                   "(dwi2000 x34, dwi5000 x30, t2, mt_off, mt_on).")
 @click.option("--norm", default=None, metavar="global-max=VALUE|identity",
-              help="Input scaling the network was trained with (the file does not hold it): the original "
-                   "divided every input by one global maximum VALUE. Required.")
+              help="Input scaling the network was trained with (the file does not hold it): "
+                   "the original divided every input by one global maximum VALUE. Required.")
 @click.option("--target-max", type=float, default=1.0, show_default=True,
-              help="Global maximum the training labels were divided by; outputs x this = raw stain units "
-                   "(1: keep the network's own units).")
-@click.option("--target", default=None, help="Stain name (default: from the file name: Fluo/AF->af, NF, MBP, Nissl).")
+              help="Global maximum the training labels were divided by; outputs x this = raw "
+                   "stain units (1: keep the network's own units).")
+@click.option("--target", default=None,
+              help="Stain name (default: from the file name: Fluo/AF->af, NF, MBP, Nissl).")
 @click.option("--patch-axis", type=click.Choice(["x", "y", "z"]), default="y", show_default=True,
               help="Slice axis: patches lie in the plane of the two other axes (original: y).")
-@click.option("--allow-renamed", is_flag=True, help="Accept the MRH-Net structure under other layer names.")
+@click.option("--allow-renamed", is_flag=True,
+              help="Accept the MRH-Net structure under other layer names.")
 @quiet_option
-def import_matlab_cmd(mat, out, channels, norm, target_max, target, patch_axis, allow_renamed, quiet):
+def import_matlab_cmd(mat, out, channels, norm, target_max, target, patch_axis, allow_renamed,
+                      quiet):
     """Import a published MATLAB MRH-Net (DAGNetwork NET.mat) as a model bundle."""
     from mrhscale.matlab import import_matlab
 
-    s = import_matlab(mat, out, channels=channels, norm=norm, target_max=target_max, target=target,
-                      patch_axis=patch_axis, strict_names=not allow_renamed)
+    s = import_matlab(mat, out, channels=channels, norm=norm, target_max=target_max,
+                      target=target, patch_axis=patch_axis, strict_names=not allow_renamed)
     if not quiet:
         click.echo(
-            f"{s['out']}: MRH-Net depth {s['depth']}, {s['in_channels']} channels ({s['channels_from']}), "
-            f"{s['parameters']:,} parameters, target {s['target']} ({s['target_from']}), norm {s['norm']}"
+            f"{s['out']}: MRH-Net depth {s['depth']}, {s['in_channels']} channels "
+            f"({s['channels_from']}), {s['parameters']:,} parameters, target {s['target']} "
+            f"({s['target_from']}), norm {s['norm']}"
             + (f" {s['input_max']:g}" if s["input_max"] is not None else "")
             + (f", {len(s['renamed_layers'])} layers renamed" if s["renamed_layers"] else "")
         )
+
+
+@main.command("patches")
+@click.argument("store")
+@click.option("--target", required=True, help="Histology target variable (e.g. af, nf, mbp).")
+@click.option("--out", "out", required=True, metavar="PATCHES", help="Output patch store (Zarr URL).")
+@click.option("--half", type=int, default=1, show_default=True, help="Patch is (2H+1)x(2H+1) in-plane.")
+@click.option("--stride", type=int, default=6, show_default=True, help="In-plane grid stride.")
+@click.option("--slices", default=None, metavar="A:B",
+              help="Half-open 0-based slice range along --axis (default: slices where the target has data).")
+@click.option("--axis", type=click.Choice(["x", "y", "z"]), default="y", show_default=True,
+              help="Slice axis; patches lie in the plane of the two others.")
+@click.option("--subjects", multiple=True, help="Subject ids (repeat or comma-separate; default: all).")
+@click.option("--min-label-sum", type=float, default=30, show_default=True,
+              help="Keep a sample only if its label patch sums to at least this (raw target units).")
+@click.option("--min-label-nonzero", type=int, default=4, show_default=True,
+              help="Keep a sample only if at least this many label voxels are nonzero.")
+@click.option("--val-fraction", type=float, default=0.0, show_default=True,
+              help="Random fraction of samples held out for validation.")
+@click.option("--val-subjects", multiple=True, help="Subjects held out whole for validation.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of split and shuffle.")
+@click.option("--norm", type=click.Choice(["percentile", "global-max"]), default="percentile",
+              show_default=True, help="Input statistics stored with the patches (global-max = original).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--chunk-size", type=int, default=None, help="Patches per output chunk (default ~8 MB).")
+@click.option("--overwrite", is_flag=True, help="Replace a complete patch store at --out.")
+@scheduler_option
+@workers_option
+@quiet_option
+def patches_cmd(store, target, out, half, stride, slices, axis, subjects, min_label_sum,
+                min_label_nonzero, val_fraction, val_subjects, seed, norm, dtype, chunk_size,
+                overwrite, scheduler, workers, quiet):
+    """Extract shuffled training patches of --target from cohort STORE into --out."""
+    from mrhscale.patches import extract_patches
+
+    extract_patches(
+        store, target, out, half=half, stride=stride, slices=slices, axis=axis,
+        subjects=_subject_list(subjects), min_label_sum=min_label_sum,
+        min_label_nonzero=min_label_nonzero, val_fraction=val_fraction,
+        val_subjects=_subject_list(val_subjects), seed=seed, norm=norm, dtype=dtype,
+        chunk_size=chunk_size, overwrite=overwrite, scheduler=scheduler, workers=workers,
+        quiet=quiet,
+    )
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=True))
+@click.option("--reference", "-r", required=True,
+              help="Subject id of MANIFEST, or a 3D template NIfTI (of the --contrast), whose grid all "
+                   "subjects are brought onto.")
+@click.option("--out", "-o", required=True, help="Folder: <sid>/*.nii.gz, <sid>/transforms/, cohort.yaml.")
+@click.option("--transform", type=click.Choice(["rigid", "affine", "syn", "affine+syn"]), default="affine+syn",
+              show_default=True, help="syn = affine+syn: an affine stage, then SyN (deformable).")
+@click.option("--contrast", default="fa", show_default=True,
+              help="Contrast that drives the registration: fa, a channel (e.g. dwi2000_0, a b0), t2, mask.")
+@click.option("--metric", type=click.Choice(["mattes", "cc", "meansquares"]), default="mattes",
+              show_default=True, help="ANTs similarity metric (mattes = mutual information).")
+@click.option("--init", type=click.Choice(["com", "header"]), default="com", show_default=True,
+              help="com: align centres of mass first; header: trust the headers' world coordinates.")
+@click.option("--fast", is_flag=True, help="Fewer iterations (small grids, previews).")
+@click.option("--min-similarity", type=float, default=0.4, show_default=True,
+              help="A subject whose registered contrast has |Pearson r| with the reference below "
+                   "this is reported as not converged.")
+@click.option("--threads", type=int, default=1, show_default=True, help="ITK threads per subject task.")
+@click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
+@click.option("--overwrite", is_flag=True, help="Redo subjects already registered in --out.")
+@scheduler_option
+@workers_option
+@quiet_option
+def register(manifest, reference, out, transform, contrast, metric, init, fast, min_similarity, threads,
+             subjects, overwrite, scheduler, workers, quiet):
+    """Register MANIFEST's subjects onto a reference grid with ANTs (needs mrhscale[register])."""
+    from mrhscale.register import register_cohort
+
+    res = register_cohort(manifest, reference, out, transform=transform, contrast=contrast,
+                          subjects=_subject_list(subjects), scheduler=scheduler, workers=workers,
+                          metric=metric, init=init, preset="fast" if fast else "default",
+                          min_similarity=min_similarity, threads=threads, overwrite=overwrite,
+                          quiet=quiet)
+    if res["skipped"]:
+        click.echo(f"already registered, skipped: {', '.join(res['skipped'])}")
+    click.echo(f"registered {len(res['registered'])} subject(s) into {res['out']}"
+               + (f"; manifest for ingest: {res['manifest']}" if res["manifest"] else ""))
+    if res["failed"]:
+        click.echo(f"{len(res['failed'])} subject(s) failed:", err=True)
+        for msg in res["failed"].values():
+            click.echo(f"  {msg}", err=True)
+        if not res["registered"] and not res["skipped"]:
+            sys.exit(2)
+
+
+@main.command("register-histology")
+@click.argument("volume", type=click.Path(dir_okay=False))
+@click.option("--subject", required=True, help="Subject id of --manifest, or an MRI NIfTI path.")
+@click.option("--manifest", "-m", default=None, type=click.Path(dir_okay=True),
+              help="Cohort manifest holding --subject.")
+@click.option("--out", "-o", required=True, help="Registered stain NIfTI (on the subject's MRI grid).")
+@click.option("--contrast", default="fa", show_default=True, help="MRI contrast the stain is matched to.")
+@click.option("--transform", type=click.Choice(["rigid", "affine", "syn", "affine+syn"]), default="affine+syn",
+              show_default=True)
+@click.option("--init", type=click.Choice(["com", "header"]), default="com", show_default=True)
+@click.option("--fast", is_flag=True, help="Fewer iterations.")
+@click.option("--min-similarity", type=float, default=0.1, show_default=True,
+              help="Normalised mutual information below which the registration counts as failed.")
+@quiet_option
+def register_histology(volume, subject, manifest, out, contrast, transform, init, fast, min_similarity, quiet):
+    """Register a 3D stain VOLUME to a subject's MRI (mutual information), for new training targets."""
+    from mrhscale.register import register_histology as run
+
+    res = run(volume, subject, out, manifest=manifest, contrast=contrast, transform=transform, init=init,
+              preset="fast" if fast else "default", min_similarity=min_similarity)
+    m = res["metrics"]
+    if not quiet:
+        click.echo(f"registered {volume} -> {res['out']} (NMI {m['nmi_before']:.3f} -> {m['nmi_after']:.3f}, "
+                   f"{res['seconds']:.1f} s); transforms in {res['transforms']}")
+
+
+@main.command("synth")
+@click.argument("outdir", type=click.Path(file_okay=True, dir_okay=True))
+@click.option("--subjects", "-n", type=int, default=4, show_default=True, help="Number of subjects.")
+@click.option("--shape", default="48,32,64", show_default=True, metavar="X,Y,Z",
+              help="Grid size (each >= 8); 200,128,280 is the real data's grid (0.06 mm voxels).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same cohort.")
+@click.option("--format", "fmt", type=click.Choice(["nii.gz", "nii", "analyze"]), default="nii.gz",
+              show_default=True, help="File format (nii is fastest at full size).")
+@click.option("--no-lesions", is_flag=True, help="No demyelinating lesions (default: every other subject).")
+@click.option("--inverted-mask", is_flag=True, help="Write masks as the original does: 1 OUTSIDE the brain.")
+@click.option("--overwrite", is_flag=True, help="Replace a cohort already in OUTDIR.")
+@quiet_option
+def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwrite, quiet):
+    """Write a synthetic phantom cohort (67-channel MRI, FA, mask, af/nf/mbp, lesion labels,
+    ground truth) to OUTDIR, with OUTDIR/cohort.yaml for ingest."""
+    from mrhscale.synth import make_cohort
+
+    if subjects < 1:
+        raise MRHError(f"--subjects: expected an integer >= 1, got {subjects}")
+    dims = _ints(shape, 3, "--shape")
+    if min(dims) < 8:
+        raise MRHError(f"--shape: each size must be >= 8, got {shape!r}")
+    path = make_cohort(outdir, subjects=subjects, shape=dims, seed=seed, lesions=not no_lesions,
+                       fmt=fmt, inverted_mask=inverted_mask, overwrite=overwrite, quiet=quiet)
+    click.echo(path)
