@@ -148,30 +148,54 @@ def _after_write(_written, nan_counts):
     return nan_counts
 
 
-def _read_whole(proxy, shape):
-    return np.asarray(proxy, dtype=np.float32).reshape(shape)
+def _read_slab(parts, shape, z0: int, z1: int) -> np.ndarray:
+    """All contrasts of z-slab [z0, z1) as one contrast-last float32 block.
+
+    NIfTI/Analyze data are Fortran-ordered, so a slab of full x-y planes is one
+    contiguous run per volume: reading slabs (not small 3D chunks, which would be
+    thousands of 256-byte runs) keeps reads sequential.
+    """
+    sx, sy, _ = shape
+    out = np.empty((sx, sy, z1 - z0, sum(n for _, n in parts)), np.float32)
+    c = 0
+    for proxy, n in parts:
+        blk = np.asarray(proxy[:, :, z0:z1], dtype=np.float32)
+        out[..., c:c + n] = blk.reshape(sx, sy, z1 - z0, n)
+        c += n
+    return out
 
 
 def lazy_volume(vol: Volume, shape: tuple[int, ...], chunks: tuple[int, ...]) -> da.Array:
-    """A float32 dask array over a file. gzip has no random access, so .gz is read whole once."""
-    chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
-    if vol.path.lower().endswith(".gz") or tuple(vol.shape) != tuple(shape):
-        d = dask.delayed(_read_whole, pure=True)(vol.proxy, shape)
-        return da.from_delayed(d, shape=shape, dtype=np.float32).rechunk(chunks)
-    arr = da.from_array(vol.proxy, chunks=chunks, asarray=True, lock=False, name=f"read-{vol.path}-{os.path.getmtime(vol.path)}",
-                        meta=np.empty((0,) * len(shape), np.float32))
-    return arr.astype(np.float32)
+    """A float32 dask array over one file, read in z-slabs (gzip: whole, it has no random access)."""
+    return lazy_group([(vol, shape[3] if len(shape) == 4 else 1)], shape[:3], chunks[:3], squeeze=len(shape) == 3)
+
+
+def lazy_group(vols: list[tuple[Volume, int]], shape3, chunks3, squeeze: bool = False) -> da.Array:
+    """Volumes of one grid concatenated along contrast, contrast-last, chunked (cx, cy, cz, all)."""
+    shape3 = tuple(int(s) for s in shape3)
+    spatial = tuple(min(c, s) for c, s in zip(chunks3, shape3))
+    n_total = sum(n for _, n in vols)
+    parts = [(v.proxy, n) for v, n in vols]
+    if any(v.path.lower().endswith(".gz") for v, _ in vols):
+        slabs_z = [(0, shape3[2])]
+    else:
+        cz = spatial[2]
+        slabs_z = [(z, min(z + cz, shape3[2])) for z in range(0, shape3[2], cz)]
+    blocks = [
+        da.from_delayed(dask.delayed(_read_slab, pure=True)(parts, shape3, z0, z1),
+                        shape=(*shape3[:2], z1 - z0, n_total), dtype=np.float32)
+        for z0, z1 in slabs_z
+    ]
+    arr = da.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]
+    arr = arr.rechunk((*spatial, n_total))
+    return arr[..., 0] if squeeze else arr
 
 
 def subject_dataset(plan: SubjectPlan, chunks=DEFAULT_CHUNKS) -> tuple[xr.Dataset, dict[str, da.Array]]:
     """The subject as a lazy Dataset (NaNs zeroed) and lazy NaN counts per variable."""
     sx, sy, sz = plan.shape
     spatial = tuple(min(c, s) for c, s in zip(chunks, plan.shape))
-    parts = []
-    for _, vol, n in plan.mri:
-        a = lazy_volume(vol, (sx, sy, sz, n), (*spatial, n))
-        parts.append(a)
-    mri = da.concatenate(parts, axis=3).rechunk((*spatial, len(plan.channels)))
+    mri = lazy_group([(vol, n) for _, vol, n in plan.mri], plan.shape, spatial)
     nan_counts = {"mri": da.isnan(mri).sum()}
     mri = da.where(da.isnan(mri), np.float32(0), mri)
     xyz = ("x", "y", "z")
