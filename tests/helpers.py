@@ -62,11 +62,17 @@ def subject_dataset(sid: str, shape=(12, 10, 14), n_channels=5, seed=0, chunks=(
 
 
 def make_cohort_store(path, n_subjects=3, shape=(12, 10, 14), n_channels=5, seed=0,
-                      chunks=(8, 8, 8), target_names=("af",)) -> list[str]:
-    """Write a cohort store following mrhscale.store's contract; returns subject ids."""
+                      chunks=(8, 8, 8), target_names=("af",), edit=None) -> list[str]:
+    """Write a cohort store following mrhscale.store's contract; returns subject ids.
+
+    edit: optional ``f(ds, i) -> ds`` applied to subject i's dataset before writing
+    (e.g. to plant NaNs, zero regions or a channel mismatch).
+    """
     ids = [f"s{i + 1:02d}" for i in range(n_subjects)]
     for i, sid in enumerate(ids):
         ds = subject_dataset(sid, shape, n_channels, seed + i, chunks, target_names)
+        if edit is not None:
+            ds = edit(ds, i)
         ds.to_zarr(str(path), group=sid, mode="w", consolidated=False, zarr_format=3)
     zarr.open_group(str(path), mode="a").attrs["subjects"] = ids
     return ids

@@ -1,0 +1,155 @@
+"""Streaming: patches/s that PatchStream delivers through a DataLoader, against what training eats.
+
+Figures (medians of epochs after a warm-up epoch, persistent workers; baselines measured
+in the same run):
+- PatchStream + DataLoader(num_workers=2, batch_size=None), local patch store, batch 128
+  (the trainer's) and 1024, shuffle buffer on, normalisation applied, float32 tensors out;
+  against the CPU training consumption of MRH-Net depth 5 (forward + backward + SGD step,
+  batch 128, 2 threads) and against a plain single-process zarr read of the same arrays.
+Default: 131,072 patches of 67x3x3 (0.3 GiB); --full: 1,048,576 (2.4 GiB).
+Run under `flock /tmp/bench.lock` on shared machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import print_rows, row, timed  # noqa: E402
+
+C = 67
+
+
+def make_patch_store(url: str, n: int, n_c: int = C, seed: int = 0) -> None:
+    """A complete patch store in the contract's layout with random contents (fast to make)."""
+    import zarr
+
+    from mrhscale.norm import Normalisation
+    from mrhscale.patches import _chunk_rows, _create
+
+    nc = _chunk_rows(n_c, 3, 4)
+    rng = np.random.default_rng(seed)
+    root = zarr.open_group(url, mode="w", zarr_format=3)
+    for split, m in (("train", n), ("val", max(1, n // 64))):
+        xi = _create(url, f"{split}/inputs", (m, n_c, 3, 3), (nc, n_c, 3, 3), np.float32,
+                     ["patch", "contrast", "row", "col"], None, False)
+        ti = _create(url, f"{split}/targets", (m, 3, 3), (nc, 3, 3), np.float32, ["patch", "row", "col"], None, False)
+        oi = _create(url, f"{split}/origin", (m, 4), (nc, 4), np.int32, ["patch", "coord"], None, False)
+        for a in range(0, m, nc):
+            b = min(m, a + nc)
+            xi[a:b] = rng.random((b - a, n_c, 3, 3), dtype=np.float32) * 1000
+            ti[a:b] = rng.random((b - a, 3, 3), dtype=np.float32) * 255
+            oi[a:b] = np.arange(a, b, dtype=np.int32)[:, None]
+    nrm = Normalisation("percentile", [5.0] * n_c, [990.0] * n_c, 0.0, 250.0)
+    root.attrs.update({
+        "channels": [f"c{i}" for i in range(n_c)], "target": "af",
+        "patch": {"half": 1, "size": 3, "axis": "y"}, "norm": nrm.to_dict(), "subjects": ["s"],
+        "val_subjects": [], "n_train": n, "n_val": max(1, n // 64), "seed": seed, "rules": {},
+        "provenance": {"stage": "bench_stream synthetic"},
+    })
+    root.attrs["complete"] = True
+
+
+def stream_rate(url: str, batch: int, workers: int, epochs: int) -> float:
+    from torch.utils.data import DataLoader
+
+    from mrhscale.stream import PatchStream
+
+    s = PatchStream(url, batch_size=batch, seed=1)
+    loader = DataLoader(s, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                        prefetch_factor=4 if workers else None)
+    rates = []
+    for e in range(epochs + 1):  # epoch 0 warms up (worker start-up, JIT cache load)
+        t0 = time.perf_counter()
+        n = 0
+        for x, _ in loader:
+            n += len(x)
+        if e:
+            rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def zarr_read_rate(url: str) -> float:
+    import zarr
+
+    g = zarr.open_group(url, mode="r")
+    x, t = g["train/inputs"], g["train/targets"]
+    nc = x.chunks[0]
+
+    def go():
+        for a in range(0, x.shape[0], nc):
+            x[a:a + nc]
+            t[a:a + nc]
+
+    sec, _ = timed(go, repeats=3)
+    return x.shape[0] / sec
+
+
+def trainer_rate(depth: int = 5, batch: int = 128, threads: int = 2) -> float:
+    import torch
+
+    from mrhscale.model import MRHNet
+
+    torch.set_num_threads(threads)
+    m = MRHNet(C, depth)
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+    x, t = torch.randn(batch, C, 3, 3), torch.randn(batch, 3, 3)
+
+    def step(k=10):
+        for _ in range(k):
+            opt.zero_grad(set_to_none=True)
+            (0.5 * (m(x) - t).square().flatten(1).sum(1).mean()).backward()
+            opt.step()
+
+    step(3)
+    sec, _ = timed(step, repeats=5)
+    return 10 * batch / sec
+
+
+def run(full: bool = False) -> list[dict]:
+    n = (1 << 20) if full else (1 << 17)
+    work = tempfile.mkdtemp(prefix="bench-stream-")
+    url = os.path.join(work, "patches.zarr")
+    try:
+        make_patch_store(url, n)
+        train = trainer_rate()
+        raw = zarr_read_rate(url)
+        r128 = stream_rate(url, 128, 2, 3)
+        r1024 = stream_rate(url, 1024, 2, 3)
+        r0 = stream_rate(url, 1024, 0, 2)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    note = f"{n} patches 67x3x3, 2 DataLoader workers, shuffle buffer on, normalised float32"
+    return [
+        row("PatchStream batch 128 vs CPU trainer (depth 5)", r128, "patches/s",
+            "MRH-Net depth 5 training step, batch 128, 2 threads", train, ">= 1 M/s and >= 20x trainer",
+            r128 >= 1e6 and r128 >= 20 * train, note=note),
+        row("PatchStream batch 1024 vs CPU trainer (depth 5)", r1024, "patches/s",
+            "MRH-Net depth 5 training step, batch 128, 2 threads", train, ">= 1 M/s and >= 20x trainer",
+            r1024 >= 1e6 and r1024 >= 20 * train, note=note),
+        row("PatchStream batch 1024 vs plain zarr read", r1024, "patches/s",
+            "zarr chunk reads, 1 process, no shuffle/normalise", raw),
+        row("PatchStream batch 1024, no workers", r0, "patches/s", "2 DataLoader workers", r1024),
+    ]
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    rows = run(a.full)
+    print_rows(rows)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(rows, fh, indent=1)

@@ -1,0 +1,271 @@
+"""PatchStream: a patch store streamed to torch, sharded across DDP ranks and DataLoader workers.
+
+Use with ``DataLoader(stream, batch_size=None, num_workers=W)``: the dataset
+yields whole batches ``(inputs [B, C, P, P], targets [B, P, P])`` as float32
+tensors, normalised with the statistics stored in the patch store (so the
+trainer and the model bundle use exactly those).
+
+Epoch plan. The store is already globally shuffled. Each epoch the chunk order
+is permuted (seed, epoch); the chunks laid end to end form the epoch's sample
+sequence, which is cut into contiguous ranges, one per rank and, within a rank,
+one per DataLoader worker (whole batches each). Every sample therefore belongs
+to exactly one (rank, worker) and ranges follow chunk boundaries except at the
+cut points. A worker reads its chunks in order through zarr (local or remote
+store alike) into a bounded shuffle buffer: windows of whole chunks holding
+about ``shuffle_buffer`` patches are permuted and cut into batches (the store
+itself is already globally shuffled; this adds per-epoch variety). Batches are
+normalised in one fused pass and, in DataLoader workers, built in shared memory
+so handing them to the main process copies nothing.
+
+Policies:
+- ``drop_last=True`` (equal steps, for DDP training): every rank gets exactly
+  ``N // (world_size * batch_size)`` full batches; the remainder (fewer than
+  ``world_size * batch_size`` samples) is dropped for this epoch. As the chunk
+  order changes every epoch, a different tail is dropped each time.
+- ``drop_last=False`` (exact): every sample is yielded exactly once across the
+  whole job; ranks get N // world or one more samples, so their batch counts
+  may differ by one; the last batch of a rank may be short. Use for validation.
+
+``set_epoch(e)`` must be called before each epoch's iterator is created; with
+``persistent_workers=True`` the workers keep the epoch they started with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mrhscale.errors import MRHError
+from mrhscale.norm import Normalisation
+
+VARS = ("inputs", "targets", "origin")
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def open_patch_store(url: str, storage_options: dict | None = None):
+    """The root group of a complete patch store (MRHError otherwise)."""
+    import zarr
+
+    try:
+        root = zarr.open_group(str(url), mode="r", storage_options=storage_options)
+    except Exception as e:  # zarr raises several types for "not a group"
+        raise MRHError(f"{url}: not a readable patch store ({type(e).__name__}: {e})") from None
+    if not root.attrs.get("complete"):
+        raise MRHError(f"{url}: incomplete patch store (no complete attr); rerun `mrhscale patches`")
+    return root
+
+
+class PatchStream(IterableDataset):
+    """Batches of normalised patches from a patch store; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        split: str = "train",
+        batch_size: int = 128,
+        shuffle: bool = True,
+        shuffle_buffer: int | None = None,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = True,
+        storage_options: dict | None = None,
+        with_origin: bool = False,
+    ):
+        super().__init__()
+        if split not in ("train", "val"):
+            raise MRHError(f"split must be 'train' or 'val', got {split!r}")
+        if batch_size < 1:
+            raise MRHError(f"batch_size must be >= 1, got {batch_size}")
+        self.url = str(url)
+        self.split = split
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.storage_options = storage_options
+        self.with_origin = with_origin
+        self.epoch = 0
+        root = open_patch_store(self.url, storage_options)
+        attrs = dict(root.attrs)
+        self.attrs = attrs
+        self.channels = list(attrs["channels"])
+        self.patch = dict(attrs["patch"])
+        self.target = attrs["target"]
+        self.norm = Normalisation.from_dict(attrs["norm"])
+        arr = root[f"{split}/inputs"]
+        self.num_samples = int(arr.shape[0])
+        self.chunk_rows = int(arr.chunks[0])
+        self.dtype = np.dtype(arr.dtype)
+        if rank is None or world_size is None:
+            r, w = _dist_rank_world()
+            rank = r if rank is None else rank
+            world_size = w if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            raise MRHError(f"rank {rank} out of range for world_size {world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.shuffle_buffer = int(shuffle_buffer if shuffle_buffer is not None
+                                  else max(4096, 2 * self.chunk_rows))
+        if self.drop_last and self.steps_per_epoch() == 0:
+            raise MRHError(
+                f"{url}: {split} split has {self.num_samples} patches, fewer than world_size x batch_size "
+                f"= {self.world_size * self.batch_size}; lower the batch size or use drop_last=False"
+            )
+        self._off, self._inv = self.norm.input_arrays(np.float32)
+        q = int(self.patch["size"]) ** 2  # per (contrast, voxel) copies for the fused kernel
+        self._offx, self._invx = np.repeat(self._off, q), np.repeat(self._inv, q)
+        self._off = self._off.reshape(1, -1, 1, 1)
+        self._inv = self._inv.reshape(1, -1, 1, 1)
+        self._arrays = None
+        self._in_worker = False
+
+    # ---- bookkeeping
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_arrays"] = None  # reopened in each worker
+        return d
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _rank_range(self) -> tuple[int, int, int]:
+        """(first sample, number of samples, number of batches) of this rank in the epoch sequence."""
+        n, b, w, r = self.num_samples, self.batch_size, self.world_size, self.rank
+        if self.drop_last:
+            steps = n // (w * b)
+            return r * steps * b, steps * b, steps
+        base, rem = divmod(n, w)
+        start = r * base + min(r, rem)
+        count = base + (1 if r < rem else 0)
+        return start, count, math.ceil(count / b)
+
+    def steps_per_epoch(self) -> int:
+        """Batches this rank yields per epoch (summed over its DataLoader workers)."""
+        return self._rank_range()[2]
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch()
+
+    def plan(self, worker: int = 0, num_workers: int = 1, epoch: int | None = None) -> list[tuple[int, int]]:
+        """Row ranges [a, b) of the store this (rank, worker) reads in ``epoch``, in order."""
+        epoch = self.epoch if epoch is None else epoch
+        n, nc, b = self.num_samples, self.chunk_rows, self.batch_size
+        start, count, steps = self._rank_range()
+        per, extra = divmod(steps, num_workers)
+        first_batch = worker * per + min(worker, extra)
+        n_batches = per + (1 if worker < extra else 0)
+        lo = start + first_batch * b
+        hi = min(lo + n_batches * b, start + count)
+        if hi <= lo:
+            return []
+        n_chunks = math.ceil(n / nc)
+        order = (np.random.default_rng([self.seed, epoch]).permutation(n_chunks) if self.shuffle
+                 else np.arange(n_chunks))
+        lens = np.minimum(nc, n - order * nc)
+        ends = np.cumsum(lens)
+        begins = ends - lens
+        segs = []
+        for k in range(int(np.searchsorted(ends, lo, side="right")), len(order)):
+            if begins[k] >= hi:
+                break
+            a, e = max(lo, begins[k]), min(hi, ends[k])
+            row0 = int(order[k]) * nc
+            segs.append((row0 + int(a - begins[k]), row0 + int(e - begins[k])))
+        return segs
+
+    # ---- reading
+    def _open(self):
+        if self._arrays is None:
+            root = open_patch_store(self.url, self.storage_options)
+            names = VARS if self.with_origin else VARS[:2]
+            self._arrays = [root[f"{self.split}/{v}"] for v in names]
+        return self._arrays
+
+    def _emit(self, arrs, idx):
+        """One batch: gather rows ``idx`` and normalise into fresh float32 arrays."""
+        n = len(idx)
+        shape = (n, *arrs[0].shape[1:])
+        t_shape = (n, *arrs[1].shape[1:])
+        nx, nt = int(np.prod(shape)), int(np.prod(t_shape))
+        if self._in_worker:  # inputs and targets born in ONE shared-memory block: the DataLoader
+            flat = torch.empty(nx + nt, dtype=torch.float32).share_memory_()  # sends one handle
+        else:
+            flat = torch.empty(nx + nt, dtype=torch.float32)
+        xt, tt = flat[:nx].view(shape), flat[nx:].view(t_shape)
+        x, t = xt.numpy(), tt.numpy()
+        if _nb_norm is not None and arrs[0].dtype == np.float32:  # numba has no float16
+            _nb_norm(arrs[0].reshape(len(arrs[0]), -1), idx, self._offx, self._invx,
+                     x.reshape(len(idx), -1))
+        else:
+            if arrs[0].dtype == np.float32:
+                np.take(arrs[0], idx, axis=0, out=x)
+            else:
+                np.copyto(x, np.take(arrs[0], idx, axis=0))
+            np.subtract(x, self._off, out=x)
+            np.multiply(x, self._inv, out=x)
+        np.take(arrs[1], idx, axis=0, out=t)
+        if self.norm.target_offset:
+            np.subtract(t, np.float32(self.norm.target_offset), out=t)
+        np.multiply(t, np.float32(1.0 / self.norm.target_scale), out=t)
+        out = (xt, tt)
+        if self.with_origin:
+            out = (*out, torch.from_numpy(np.take(arrs[2], idx, axis=0)))
+        return out
+
+    def __iter__(self):
+        """Windows of whole chunks (about ``shuffle_buffer`` patches) are read, permuted and cut
+        into batches; the < batch_size leftover of a window carries over to the next."""
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._in_worker = info is not None
+        segs = self.plan(worker, n_workers)
+        arrays = self._open()
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 7])
+        b, cap = self.batch_size, self.shuffle_buffer
+        pending: list[tuple] = []
+        n_pend = 0
+        for k, (a, e) in enumerate(segs):
+            pending.append(tuple(arr[a:e] for arr in arrays))
+            n_pend += e - a
+            last = k == len(segs) - 1
+            if n_pend < cap + b and not last:
+                continue
+            arrs = [np.concatenate(p) if len(p) > 1 else p[0] for p in zip(*pending, strict=True)]
+            order = rng.permutation(n_pend) if self.shuffle else np.arange(n_pend)
+            full = n_pend // b
+            for i in range(full):
+                yield self._emit(arrs, order[i * b:(i + 1) * b])
+            rest = order[full * b:]
+            if last:
+                if len(rest):
+                    yield self._emit(arrs, rest)
+                return
+            if not self.shuffle:
+                rest = np.sort(rest)
+            pending = [tuple(np.take(x, rest, axis=0) for x in arrs)]
+            n_pend = len(rest)
+
+
+try:  # fused gather + normalise (one pass); numpy fallback gives the same values
+    import numba as _numba
+
+    @_numba.njit(nogil=True, cache=True, boundscheck=False)
+    def _nb_norm(src, idx, off, inv, out):  # src [N, M], out [n, M], off/inv [M]
+        m = src.shape[1]
+        for i in range(idx.shape[0]):
+            r = idx[i]
+            for k in range(m):
+                out[i, k] = (src[r, k] - off[k]) * inv[k]
+        return out
+except ImportError:  # pragma: no cover
+    _nb_norm = None

@@ -1,0 +1,154 @@
+"""PatchStream: exactly-once sharding, equal steps, epochs, normalisation, remote stores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from helpers import make_cohort_store
+from torch.utils.data import DataLoader
+
+from mrhscale.errors import MRHError
+from mrhscale.patches import extract_patches
+from mrhscale.stream import PatchStream
+
+
+@pytest.fixture(scope="module")
+def patch_store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stream")
+    make_cohort_store(d / "c.zarr", n_subjects=3, shape=(16, 10, 18), n_channels=5)
+    out = str(d / "p.zarr")
+    extract_patches(str(d / "c.zarr"), "af", out, stride=1, val_fraction=0.2, min_label_sum=0,
+                    min_label_nonzero=0, scheduler="synchronous", quiet=True, chunk_size=100)
+    return out
+
+
+def _raw(url, split="train"):
+    g = zarr.open_group(url, mode="r")
+    org = g[f"{split}/origin"][:]
+    index = {tuple(o): i for i, o in enumerate(org)}
+    return g[f"{split}/inputs"][:], g[f"{split}/targets"][:], index, dict(g.attrs)
+
+
+def _collect(stream, workers):
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    return [tuple(t for t in batch) for batch in loader]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_two_ranks_two_workers_exactly_once(patch_store, drop_last):
+    n = zarr.open_group(patch_store, mode="r").attrs["n_train"]
+    seen, steps = [], []
+    for rank in range(2):
+        s = PatchStream(patch_store, batch_size=64, shuffle_buffer=150, rank=rank, world_size=2,
+                        drop_last=drop_last, with_origin=True, seed=5)
+        s.set_epoch(3)
+        batches = _collect(s, 2)
+        assert len(batches) == s.steps_per_epoch() == len(s)
+        steps.append(len(batches))
+        for x, t, o in batches:
+            assert x.dtype == torch.float32 and t.dtype == torch.float32
+            assert x.shape[1:] == (5, 3, 3) and t.shape[1:] == (3, 3) and len(x) == len(t) == len(o)
+            if drop_last:
+                assert len(x) == 64
+        seen += [tuple(v) for b in batches for v in b[2].tolist()]
+    assert len(seen) == len(set(seen)), "a sample was yielded twice"
+    if drop_last:
+        assert steps[0] == steps[1] == n // (2 * 64)
+        assert n - len(seen) < 2 * 64
+    else:
+        assert len(seen) == n
+        assert abs(steps[0] - steps[1]) <= 1
+
+
+def test_epochs_reshuffle_deterministically(patch_store):
+    def origins(epoch, seed=0):
+        s = PatchStream(patch_store, batch_size=50, drop_last=False, with_origin=True, seed=seed)
+        s.set_epoch(epoch)
+        return np.concatenate([b[2].numpy() for b in s])
+
+    a, a2, b = origins(0), origins(0), origins(1)
+    np.testing.assert_array_equal(a, a2)
+    assert not np.array_equal(a, b)
+    assert sorted(map(tuple, a)) == sorted(map(tuple, b))
+    assert not np.array_equal(a, origins(0, seed=1))
+    s = PatchStream(patch_store, batch_size=50, shuffle=False, drop_last=False, with_origin=True)
+    plain = np.concatenate([bt[2].numpy() for bt in s])
+    np.testing.assert_array_equal(plain, zarr.open_group(patch_store, mode="r")["train/origin"][:])
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_stream_applies_stored_normalisation(patch_store, split):
+    raw_x, raw_t, index, attrs = _raw(patch_store, split)
+    nrm = attrs["norm"]
+    off = np.asarray(nrm["offset"], np.float32)[:, None, None]
+    scale = np.asarray(nrm["scale"], np.float32)[:, None, None]
+    s = PatchStream(patch_store, split=split, batch_size=32, drop_last=False, with_origin=True)
+    assert s.norm.to_dict() == nrm and s.channels == attrs["channels"] and s.target == "af"
+    assert s.patch == {"half": 1, "size": 3, "axis": "y"}
+    n = 0
+    for x, t, o in s:
+        rows = [index[tuple(v)] for v in o.tolist()]
+        np.testing.assert_allclose(x.numpy(), (raw_x[rows] - off) / scale, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(t.numpy(), (raw_t[rows] - nrm["target_offset"]) / nrm["target_scale"],
+                                   rtol=1e-6)
+        n += len(x)
+    assert n == len(raw_x) == s.num_samples
+
+
+def test_float16_store_and_remote_memory_store(tmp_path):
+    """A store on an fsspec URL (memory://) reads the same; float16 inputs come out float32."""
+    make_cohort_store(tmp_path / "c.zarr", n_subjects=2)
+    url = "memory://mrhscale-test/p.zarr"
+    extract_patches(str(tmp_path / "c.zarr"), "af", url, stride=1, dtype="float16",
+                    scheduler="synchronous", quiet=True, min_label_sum=0, min_label_nonzero=0)
+    raw_x, _, index, attrs = _raw(url)
+    assert raw_x.dtype == np.float16
+    s = PatchStream(url, batch_size=16, drop_last=False, with_origin=True)
+    got = 0
+    for x, _, o in s:
+        assert x.dtype == torch.float32
+        rows = [index[tuple(v)] for v in o.tolist()]
+        expect = s.norm.apply_inputs(raw_x[rows].astype(np.float32), channel_axis=1)
+        np.testing.assert_allclose(x.numpy(), expect, rtol=1e-5, atol=1e-6)
+        got += len(x)
+    assert got == attrs["n_train"]
+
+
+def test_bad_stores(patch_store, tmp_path):
+    with pytest.raises(MRHError, match="not a readable"):
+        PatchStream(str(tmp_path / "nope.zarr"))
+    with pytest.raises(MRHError, match="fewer than"):
+        PatchStream(patch_store, split="val", batch_size=100_000)
+    with pytest.raises(MRHError, match="split"):
+        PatchStream(patch_store, split="test")
+    bad = tmp_path / "inc.zarr"
+    zarr.open_group(str(bad), mode="w").attrs["complete"] = False
+    with pytest.raises(MRHError, match="incomplete"):
+        PatchStream(str(bad))
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_plan_partitions_every_configuration(patch_store, drop_last):
+    """Rank x worker plans are disjoint; exact mode covers every row once, equal-steps mode
+    gives every rank the same number of full batches."""
+    n = zarr.open_group(patch_store, mode="r").attrs["n_train"]
+    for world, workers, batch in [(1, 1, 7), (2, 3, 50), (3, 2, 64), (4, 4, 33)]:
+        rows, per_rank = [], []
+        for rank in range(world):
+            s = PatchStream(patch_store, batch_size=batch, rank=rank, world_size=world,
+                            drop_last=drop_last, seed=2)
+            s.set_epoch(1)
+            got = 0
+            for w in range(workers):
+                for a, b in s.plan(w, workers):
+                    rows.extend(range(a, b))
+                    got += b - a
+            per_rank.append(got)
+        assert len(rows) == len(set(rows))
+        if drop_last:
+            assert len(set(per_rank)) == 1 and per_rank[0] % batch == 0
+            assert n - len(rows) < world * batch
+        else:
+            assert sorted(rows) == list(range(n))
