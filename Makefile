@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,matlab]"
+	$(PY) -m pip install -q -e ".[test,matlab,register,s3]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
