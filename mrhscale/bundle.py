@@ -94,3 +94,59 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     meta = {k: v for k, v in b.items() if k != "state_dict"}
     meta["norm"] = Normalisation.from_dict(b["norm"])
     return model, meta
+
+
+def describe_bundle(path: str | os.PathLike) -> str:
+    """Human-readable summary of a bundle: architecture, inputs, normalisation, target, provenance."""
+    import json
+
+    b = read_bundle(path)
+    arch = b["arch"]
+    n_params = sum(int(v.numel()) for v in b["state_dict"].values())
+    norm = Normalisation.from_dict(b["norm"])
+    ch = list(b["channels"])
+    groups: dict[str, int] = {}
+    for c in ch:
+        g = c.rsplit("_", 1)[0] if "_" in c else c
+        groups[g] = groups.get(g, 0) + 1
+    shown = ", ".join(ch) if len(ch) <= 12 else ", ".join(ch[:6]) + ", ..., " + ", ".join(ch[-3:])
+    p = b["patch"]
+    prov = b.get("provenance", {}) or {}
+    lines = [
+        f"model bundle   {os.fspath(path)}",
+        f"architecture   {arch.get('name', 'MRHNet')} depth={arch['depth']} width={arch.get('width', 64)} "
+        f"in_channels={arch['in_channels']}  ({n_params:,} parameters)",
+        f"target         {b['target']}",
+        f"patch          {p.get('size')}x{p.get('size')} (half {p.get('half')}), "
+        f"in the plane across slice axis {p.get('axis')!r}",
+        f"channels       {len(ch)}: " + ", ".join(f"{g} x{n}" for g, n in groups.items()),
+        f"               {shown}",
+        f"normalisation  {norm.mode}: x' = (x - offset[c]) / scale[c]; offset "
+        f"{min(norm.offset):.4g}..{max(norm.offset):.4g}, scale {min(norm.scale):.4g}..{max(norm.scale):.4g}; "
+        f"target' = (t - {norm.target_offset:.4g}) / {norm.target_scale:.4g}",
+    ]
+    if prov:
+        cfg = prov.get("config", {}) or {}
+        fin = prov.get("final_metrics", {}) or {}
+        lines.append(f"provenance     stage={prov.get('stage', '?')} mrhscale={prov.get('mrhscale_version', '?')} "
+                     f"torch={prov.get('torch_version', '?')} created={prov.get('created', '?')}")
+        if prov.get("patches"):
+            lines.append(f"               patches={prov['patches']}")
+        if cfg:
+            keys = ("epochs", "batch_size", "lr", "optimizer", "schedule", "loss", "clip", "seed")
+            lines.append("               " + " ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
+                         + f" world_size={prov.get('world_size', '?')}")
+        if fin:
+            lines.append("               final: " + " ".join(
+                f"{k}={fin[k]:.4g}" for k in ("train_loss", "val_loss", "val_rmse", "val_r")
+                if isinstance(fin.get(k), (int, float))))
+        base = prov.get("base_model")
+        if base:
+            lines.append(f"               finetuned from {base.get('path')} (target {base.get('target')})")
+        other = sorted(k for k in prov if k not in {
+            "stage", "mrhscale_version", "torch_version", "created", "patches", "config",
+            "final_metrics", "base_model", "patch_store", "world_size", "device",
+            "replica_max_abs_diff"})
+        for k in other:
+            lines.append(f"               {k}={json.dumps(prov[k], default=str)[:200]}")
+    return "\n".join(lines)

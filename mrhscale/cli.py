@@ -32,7 +32,8 @@ class _Command(click.Command):
             elif isinstance(p, click.Argument):
                 allowed[p.name] = p.name
         try:
-            values = load_config(value, self.name, allowed)
+            stages = set(ctx.parent.command.commands) if ctx.parent is not None else set()
+            values = load_config(value, self.name, allowed, stages)
         except MRHError as e:
             click.echo(f"mrhscale: error: {e}", err=True)
             sys.exit(2)
@@ -353,13 +354,15 @@ def import_matlab_cmd(mat, out, channels, norm, target_max, target, patch_axis, 
               show_default=True, help="Input statistics stored with the patches (global-max = original).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--chunk-size", type=int, default=None, help="Patches per output chunk (default ~8 MB).")
+@click.option("--compress", is_flag=True,
+              help="Blosc lz4 on the patch arrays (smaller; MRI floats shrink little, streaming slower).")
 @click.option("--overwrite", is_flag=True, help="Replace a complete patch store at --out.")
 @scheduler_option
 @workers_option
 @quiet_option
 def patches_cmd(store, target, out, half, stride, slices, axis, subjects, min_label_sum,
                 min_label_nonzero, val_fraction, val_subjects, seed, norm, dtype, chunk_size,
-                overwrite, scheduler, workers, quiet):
+                compress, overwrite, scheduler, workers, quiet):
     """Extract shuffled training patches of --target from cohort STORE into --out."""
     from mrhscale.patches import extract_patches
 
@@ -368,8 +371,8 @@ def patches_cmd(store, target, out, half, stride, slices, axis, subjects, min_la
         subjects=_subject_list(subjects), min_label_sum=min_label_sum,
         min_label_nonzero=min_label_nonzero, val_fraction=val_fraction,
         val_subjects=_subject_list(val_subjects), seed=seed, norm=norm, dtype=dtype,
-        chunk_size=chunk_size, overwrite=overwrite, scheduler=scheduler, workers=workers,
-        quiet=quiet,
+        chunk_size=chunk_size, compress=compress, overwrite=overwrite, scheduler=scheduler,
+        workers=workers, quiet=quiet,
     )
 
 
@@ -392,21 +395,22 @@ def patches_cmd(store, target, out, half, stride, slices, axis, subjects, min_la
               help="A subject whose registered contrast has |Pearson r| with the reference below "
                    "this is reported as not converged.")
 @click.option("--threads", type=int, default=1, show_default=True, help="ITK threads per subject task.")
+@click.option("--compress", is_flag=True, help="Write .nii.gz instead of .nii (smaller, several times slower).")
 @click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
 @click.option("--overwrite", is_flag=True, help="Redo subjects already registered in --out.")
 @scheduler_option
 @workers_option
 @quiet_option
 def register(manifest, reference, out, transform, contrast, metric, init, fast, min_similarity, threads,
-             subjects, overwrite, scheduler, workers, quiet):
+             compress, subjects, overwrite, scheduler, workers, quiet):
     """Register MANIFEST's subjects onto a reference grid with ANTs (needs mrhscale[register])."""
     from mrhscale.register import register_cohort
 
     res = register_cohort(manifest, reference, out, transform=transform, contrast=contrast,
                           subjects=_subject_list(subjects), scheduler=scheduler, workers=workers,
                           metric=metric, init=init, preset="fast" if fast else "default",
-                          min_similarity=min_similarity, threads=threads, overwrite=overwrite,
-                          quiet=quiet)
+                          min_similarity=min_similarity, threads=threads, compress=compress,
+                          overwrite=overwrite, quiet=quiet)
     if res["skipped"]:
         click.echo(f"already registered, skipped: {', '.join(res['skipped'])}")
     click.echo(f"registered {len(res['registered'])} subject(s) into {res['out']}"
@@ -470,3 +474,31 @@ def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwri
     path = make_cohort(outdir, subjects=subjects, shape=dims, seed=seed, lesions=not no_lesions,
                        fmt=fmt, inverted_mask=inverted_mask, overwrite=overwrite, quiet=quiet)
     click.echo(path)
+
+
+@main.command()
+@click.option("--out", "-o", default="demo-out", show_default=True, help="Folder for every stage's output and report.html.")
+@click.option("--subjects", type=int, default=5, show_default=True, help="Synthetic subjects (the last lesioned one is held out).")
+@click.option("--shape", default="48,32,64", show_default=True, help="Synthetic grid X,Y,Z.")
+@click.option("--target", default="af", show_default=True, type=click.Choice(["af", "nf", "mbp"]))
+@click.option("--epochs", type=int, default=24, show_default=True)
+@click.option("--depth", type=int, default=5, show_default=True)
+@click.option("--quick", is_flag=True, help="Tiny cohort and 2 epochs: checks the chain in about a minute.")
+@workers_option
+@quiet_option
+def demo(out, subjects, shape, target, epochs, depth, quick, workers, quiet):
+    """The whole chain on a synthetic cohort: synth, ingest, patches, train, predict, evaluate, report."""
+    from mrhscale.demo import QUICK, DemoConfig, run_demo
+
+    if quick:
+        cfg = QUICK
+        cfg.workers = workers
+    else:
+        cfg = DemoConfig(subjects=subjects, shape=_ints(shape, 3, "--shape"), target=target,
+                         epochs=epochs, depth=depth, workers=workers)
+    res = run_demo(out, cfg, quiet=quiet)
+    click.echo(f"virtual {res['target']}: Pearson r {res['virtual_pearson']:.3f} on held-out {res['held_out']} "
+               f"(best single marker {res['best_marker']}: {res['best_marker_pearson']:.3f})")
+    if "virtual_auc" in res:
+        click.echo(f"lesion AUC: virtual {res['virtual_auc']:.3f}, best single marker {res['best_marker_auc']}")
+    click.echo(f"report: {res['report']}")

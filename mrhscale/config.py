@@ -16,12 +16,13 @@ import yaml
 from mrhscale.errors import MRHError
 
 
-def load_config(path: str, command: str, allowed: dict[str, str]) -> dict:
+def load_config(path: str, command: str, allowed: dict[str, str], stages: set[str] | frozenset = frozenset()) -> dict:
     """Read a YAML mapping and map its keys to parameter names of ``command``.
 
     ``allowed`` maps accepted spellings (option name with dashes, param name) to
-    the param name. A file may hold the options at top level or under a key
-    named after the command (so one file can configure a whole pipeline).
+    the param name. A file may hold the options at top level or, as a recipe
+    for a whole pipeline, in one block per command (``stages`` names them); a
+    recipe without a block for ``command`` gives it no options.
     """
     if not os.path.isfile(path):
         raise MRHError(f"--config {path}: file not found")
@@ -34,6 +35,8 @@ def load_config(path: str, command: str, allowed: dict[str, str]) -> dict:
         raise MRHError(f"--config {path}: expected a mapping of option names to values")
     if isinstance(doc.get(command), dict):
         doc = doc[command]
+    elif any(isinstance(doc.get(s), dict) for s in stages):
+        doc = {}
     doc = {k: v for k, v in doc.items() if k not in ("command", "mrhscale_version", "written")}
     unknown = [k for k in doc if str(k) not in allowed]
     if unknown:
