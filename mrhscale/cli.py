@@ -480,7 +480,7 @@ def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwri
 @click.option("--out", "-o", default="demo-out", show_default=True, help="Folder for every stage's output and report.html.")
 @click.option("--subjects", type=int, default=5, show_default=True, help="Synthetic subjects (the last lesioned one is held out).")
 @click.option("--shape", default="48,32,64", show_default=True, help="Synthetic grid X,Y,Z.")
-@click.option("--target", default="af", show_default=True, type=click.Choice(["af", "nf", "mbp"]))
+@click.option("--target", default="mbp", show_default=True, type=click.Choice(["af", "nf", "mbp"]), help="Stain to learn (mbp: myelin, the lesion is a demyelination).")
 @click.option("--epochs", type=int, default=24, show_default=True)
 @click.option("--depth", type=int, default=5, show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny cohort and 2 epochs: checks the chain in about a minute.")

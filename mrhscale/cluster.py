@@ -1,7 +1,7 @@
 """The Dask client every data-parallel stage runs on.
 
 Without ``--scheduler`` an embedded LocalCluster sized to the machine is
-started (processes, no dashboard unless bokeh is installed); with it, the
+started (processes, HTTP/dashboard on a random free port); with it, the
 stage joins an existing cluster (dask-jobqueue, Kubernetes, Coiled ...).
 """
 
@@ -12,14 +12,6 @@ import logging
 import os
 
 from mrhscale.errors import MRHError
-
-
-def _has_bokeh() -> bool:
-    try:
-        import bokeh  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @contextlib.contextmanager
@@ -53,7 +45,8 @@ def dask_client(
         threads_per_worker=threads_per_worker,
         processes=processes,
         memory_limit=memory_limit,
-        dashboard_address=":0" if _has_bokeh() and not quiet else None,
+        # a random free port: several clusters (tests, parallel jobs) must not fight over 8787
+        dashboard_address=":0",
         silence_logs=level,
     )
     client = Client(cluster)

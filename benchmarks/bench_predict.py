@@ -1,0 +1,221 @@
+"""Whole-brain inference throughput: `mrhscale predict` vs the bare network and a per-voxel loop.
+
+One subject, 67 channels, an ellipsoid brain mask (about 38% of the grid),
+MRH-Net depth 5 / width 64 (the published "5layer" size minus nothing),
+3x3 patches. Figures (brain voxels per second, medians of repeats):
+
+- predict, 1 Dask worker (torch uses all cores) vs the BARE MODEL forward on
+  pre-built, pre-normalised patches in memory with the same threads and batch
+  size, run inside the same kind of Dask worker process: the data path (Zarr read, halo exchange, normalisation, patch gather,
+  output write) should cost <= 20% on top (ratio >= 0.83).
+- predict vs a per-voxel loop like the original MRH_testingPrep/MRH_testing:
+  every voxel of a slice gets its patch from a Python loop, one forward pass per
+  slice, then masked (timed on a few slices, extrapolated to the subject).
+- scaling from 1 to 2 Dask workers, at 1 torch thread per worker (how the
+  cluster distribution scales) and at all cores in total (what this machine
+  can gain: on 2 cores, nothing beyond what torch's threads already use).
+
+Default grid 80x48x112 (all figures); --full: 200x128x280 (the released data's
+grid; the worker-scaling runs only with --scaling, they take long on 2 cores).
+The cluster is started once outside the timed region (predict joins it with
+--scheduler), so timings are steady-state throughput, not process start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import print_rows, row, timed  # noqa: E402
+
+N_CHANNELS = 67
+BATCH = 4096
+
+
+def channel_names() -> list[str]:
+    return ([f"dwi2000_{i}" for i in range(34)] + [f"dwi5000_{i}" for i in range(30)]
+            + ["t2", "mt_off", "mt_on"])
+
+
+def ellipsoid_mask(shape) -> np.ndarray:
+    g = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    return (g[0] / 0.9) ** 2 + (g[1] / 0.9) ** 2 + (g[2] / 0.9) ** 2 <= 1.0
+
+
+def make_store(path: str, shape, chunks=(64, 32, 64)) -> str:
+    import dask.array as da
+    import xarray as xr
+    import zarr
+
+    mri = da.random.default_rng(0).gamma(2.0, 50.0, size=(*shape, N_CHANNELS),
+                                         chunks=(*chunks, -1)).astype(np.float32)
+    mask = ellipsoid_mask(shape)
+    names = channel_names()
+    ds = xr.Dataset(
+        {"mri": (("x", "y", "z", "contrast"), mri),
+         "mask": (("x", "y", "z"), da.from_array(mask, chunks=chunks)),
+         "fa": (("x", "y", "z"), da.zeros(shape, chunks=chunks, dtype=np.float32))},
+        coords={"contrast": names, "group": ("contrast", [n.rsplit("_", 1)[0] for n in names]),
+                "bval": ("contrast", np.full(N_CHANNELS, np.nan))},
+        attrs={"subject": "b01", "affine": np.diag([0.06, 0.06, 0.06, 1.0]).tolist(),
+               "targets": [], "labels": []},
+    )
+    ds.to_zarr(path, group="b01", mode="w", consolidated=False, zarr_format=3)
+    zarr.open_group(path, mode="a").attrs["subjects"] = ["b01"]
+    return path
+
+
+def make_model(path: str):
+    import torch
+
+    from mrhscale.bundle import save_bundle
+    from mrhscale.model import MRHNet
+    from mrhscale.norm import Normalisation
+
+    torch.manual_seed(0)
+    m = MRHNet(N_CHANNELS, depth=5, width=64)
+    norm = Normalisation("percentile", [10.0] * N_CHANNELS, [200.0] * N_CHANNELS, 0.0, 255.0)
+    save_bundle(path, m, channels=channel_names(), norm=norm, target="af",
+                patch={"half": 1, "size": 3, "axis": "y"})
+    return path
+
+
+def bare_forward(model_path: str, n: int, threads: int, repeats: int) -> float:
+    """Patches/s of the network alone on pre-built normalised patches (no data path)."""
+    import torch
+
+    from mrhscale.bundle import load_model
+
+    torch.set_num_threads(threads)
+    model, _ = load_model(model_path)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((n, N_CHANNELS, 3, 3)).astype(np.float32))
+
+    def go():
+        with torch.inference_mode():
+            for a in range(0, n, BATCH):
+                model(x[a : a + BATCH])
+
+    t, _ = timed(go, repeats=repeats, warmup=1)
+    return n / t
+
+
+def per_voxel_loop(model_path: str, store: str, threads: int, n_slices: int) -> float:
+    """Brain voxels/s of an original-style loop: per-voxel patch building, one forward per slice."""
+    import torch
+    import xarray as xr
+
+    from mrhscale.bundle import load_model
+
+    torch.set_num_threads(threads)
+    model, meta = load_model(model_path)
+    off, inv = meta["norm"].input_arrays()
+    ds = xr.open_zarr(store, group="b01", consolidated=False)
+    mask = ds["mask"].values
+    ny = mask.shape[1]
+    ys = np.linspace(ny // 4, 3 * ny // 4, n_slices).astype(int)
+    t0 = time.perf_counter()
+    for y in ys:
+        sl = ds["mri"].isel(y=int(y)).values  # (x, z, C)
+        pad = np.pad(sl, ((1, 1), (1, 1), (0, 0)))
+        nx, nz = sl.shape[:2]
+        patches = np.empty((nx * nz, N_CHANNELS, 3, 3), np.float32)
+        k = 0
+        for i in range(nx):  # the original's nested loops over every voxel of the slice
+            for j in range(nz):
+                p = (pad[i : i + 3, j : j + 3, :] - off) * inv
+                patches[k] = np.transpose(p, (2, 0, 1))
+                k += 1
+        with torch.inference_mode():
+            out = []
+            for a in range(0, len(patches), BATCH):
+                out.append(model(torch.from_numpy(patches[a : a + BATCH]))[:, 1, 1].numpy())
+        _ = np.concatenate(out).reshape(nx, nz) * mask[:, y, :]
+    dt = (time.perf_counter() - t0) / n_slices
+    return int(mask.sum()) / (dt * ny)
+
+
+def timed_predict(model_path, store, work, address, threads, repeats, tag) -> tuple[float, int]:
+    from distributed import Client
+
+    from mrhscale.predict import _worker_model, predict
+
+    with Client(address) as c:  # warm-up: load the model on every worker, outside the timing
+        c.run(_worker_model, os.path.abspath(model_path), "cpu", threads)
+    k = [0]
+
+    def go():
+        k[0] += 1
+        out = os.path.join(work, f"pred-{tag}-{k[0]}.zarr")
+        r = go.res = predict(model_path, store, out, scheduler=address, batch_size=BATCH,
+                             quiet=True, torch_threads=threads)
+        shutil.rmtree(out, ignore_errors=True)
+        return r
+
+    t, _ = timed(go, repeats=repeats)
+    n = go.res["brain_voxels"]
+    return n / t, n
+
+
+def run(full: bool = False, repeats: int = 3, scaling: bool | None = None) -> list[dict]:
+    from distributed import Client, LocalCluster
+
+    shape = (200, 128, 280) if full else (80, 48, 112)
+    cores = os.cpu_count() or 1
+    work = tempfile.mkdtemp(prefix="mrh-bench-predict-")
+    rows = []
+    try:
+        store = make_store(os.path.join(work, "cohort.zarr"), shape)
+        model = make_model(os.path.join(work, "model.pt"))
+        grid = "x".join(map(str, shape))
+        res = {}
+        scaling = (not full) if scaling is None else scaling
+        configs = [(1, cores)] + ([(1, 1), (2, 1), (2, max(1, cores // 2))] if scaling else [])
+        for nw, thr in configs:
+            if (nw, thr) in res:
+                continue
+            with LocalCluster(n_workers=nw, threads_per_worker=1, processes=True,
+                              dashboard_address=None) as cl, Client(cl) as client:
+                res[(nw, thr)], n_brain = timed_predict(model, store, work, cl.scheduler_address,
+                                                        thr, repeats, f"{nw}w{thr}t")
+                if (nw, thr) == (1, cores):  # the bare forward in the same kind of worker process
+                    fwd = client.submit(bare_forward, model, min(n_brain, 200_000), cores,
+                                        repeats, pure=False).result()
+        loop = per_voxel_loop(model, store, cores, n_slices=2 if full else 3)
+        pred = res[(1, cores)]
+        rows.append(row(f"predict {grid} ({n_brain} brain voxels), 1 worker x {cores} threads",
+                        pred, "voxels/s", "bare model forward on pre-built patches", fwd,
+                        target="data path <= 20% on top (ratio >= 0.83)", met=pred / fwd >= 1 / 1.2))
+        rows.append(row("predict vs per-voxel loop like the original", pred, "voxels/s",
+                        "per-voxel patch loop, one forward per slice", loop))
+        if not scaling:
+            return rows
+        rows.append(row("predict, 2 workers x 1 thread", res[(2, 1)], "voxels/s",
+                        "1 worker x 1 thread", res[(1, 1)],
+                        note=f"Dask scaling at fixed threads per worker; {cores} cores"))
+        rows.append(row(f"predict, 2 workers x {max(1, cores // 2)} threads", res[(2, max(1, cores // 2))],
+                        "voxels/s", f"1 worker x {cores} threads", pred,
+                        note="same total cores: what a second worker adds on this machine"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help="200x128x280 grid (default 80x48x112)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scaling", action="store_true",
+                    help="also the 1 vs 2 worker runs with --full (always done at the default size)")
+    a = ap.parse_args()
+    print_rows(run(full=a.full, repeats=a.repeats, scaling=True if a.scaling else None))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,579 @@
+"""Evaluation: virtual vs reference histology, against single-MRI-marker baselines.
+
+Within the brain mask (the store's mask AND the prediction's mask), per subject
+and pooled over subjects:
+
+- Pearson r, Spearman r, MAE, PSNR, SSIM of the virtual stain vs the reference.
+  PSNR uses the reference's range inside the mask as the peak (reported as
+  ``data_range``); SSIM is skimage's 3D SSIM (7-voxel window, smaller on tiny
+  grids) on volumes zeroed outside the mask, averaged over the mask voxels.
+- The same for each single MRI marker as a baseline: FA (``fa``), MT ratio
+  ``(mt_off - mt_on) / mt_off``, T2 (contrast ``t2``) and mean diffusivity from
+  the dwi2000 group (``MD = -ln(mean(DWI) / mean(b0)) / b``). Markers are in
+  other units than the stain, so Pearson/Spearman are reported on the raw
+  marker (the sign says the direction) and MAE/PSNR/SSIM on the marker after
+  its best linear fit to the reference per subject (least squares in the mask):
+  an optimistic baseline, in the marker's favour.
+- With a lesion/condition label (the store's ``lesion`` variable by default, any
+  bool variable by name, or a NIfTI path containing ``{subject}``): ROC curve and
+  AUC of detecting the label from each score. AUC is the Mann-Whitney
+  probability that a labelled voxel scores higher than an unlabelled one; a
+  score that DROPS in the lesion is flipped and reported as ``max(AUC, 1-AUC)``
+  with ``direction: "lower"``. Sensitivity/specificity at Youden's optimum too.
+
+Pooled Pearson/MAE/PSNR/SSIM are exact (voxel-weighted over subjects); pooled
+Spearman and ROC use a uniform random sample of at most ``max_pool / n_subjects``
+(at least 10,000) voxels per subject: exact for small brains, bounded memory
+for large cohorts.
+
+Writes ``metrics.json``, PNG figures (slice montage per subject, scatter, ROC)
+and ``report.html`` into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from mrhscale.errors import MRHError
+
+SPATIAL = ("x", "y", "z")
+MARKERS = ("FA", "MT ratio", "T2", "MD")
+
+
+# --------------------------------------------------------------------------- metrics
+def similarity(est: np.ndarray, ref: np.ndarray, mask: np.ndarray, data_range: float | None = None,
+               ssim: bool = True) -> dict[str, float]:
+    """Pearson, Spearman, MAE, PSNR, SSIM of ``est`` vs ``ref`` inside ``mask`` (3D arrays)."""
+    from scipy import stats
+
+    mask = np.asarray(mask, bool)
+    e = np.asarray(est, np.float64)[mask]
+    r = np.asarray(ref, np.float64)[mask]
+    n = int(mask.sum())
+    out: dict[str, float] = {"n": n}
+    if n < 2:
+        return {**out, "pearson": math.nan, "spearman": math.nan, "mae": math.nan,
+                "rmse": math.nan, "psnr": math.nan, "ssim": math.nan, "data_range": math.nan}
+    if data_range is None:
+        data_range = float(r.max() - r.min()) or 1.0
+    const = np.ptp(e) == 0 or np.ptp(r) == 0
+    out["pearson"] = math.nan if const else float(stats.pearsonr(e, r).statistic)
+    out["spearman"] = math.nan if const else float(stats.spearmanr(e, r).statistic)
+    err = e - r
+    out["mae"] = float(np.abs(err).mean())
+    mse = float((err**2).mean())
+    out["rmse"] = math.sqrt(mse)
+    out["psnr"] = math.inf if mse == 0 else float(10 * np.log10(data_range**2 / mse))
+    out["data_range"] = float(data_range)
+    out["ssim"] = ssim_in_mask(est, ref, mask, data_range) if ssim else math.nan
+    return out
+
+
+def ssim_in_mask(est, ref, mask, data_range: float) -> float:
+    """Mean of skimage's SSIM map over the mask (volumes zeroed outside it)."""
+    from skimage.metrics import structural_similarity
+
+    mask = np.asarray(mask, bool)
+    a = np.where(mask, np.asarray(est, np.float64), 0.0)
+    b = np.where(mask, np.asarray(ref, np.float64), 0.0)
+    small = min(a.shape)
+    win = min(7, small if small % 2 else small - 1)
+    if win < 3:
+        return math.nan
+    _, smap = structural_similarity(a, b, data_range=float(data_range), win_size=win, full=True)
+    return float(smap[mask].mean())
+
+
+def linear_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares y ~ a*x + b (a=0 for a constant x)."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    vx = x.var()
+    if vx == 0 or not np.isfinite(vx):
+        return 0.0, float(y.mean()) if y.size else 0.0
+    a = float(((x - x.mean()) * (y - y.mean())).mean() / vx)
+    return a, float(y.mean() - a * x.mean())
+
+
+def roc(scores: np.ndarray, labels: np.ndarray, max_points: int = 512) -> dict[str, Any]:
+    """ROC of detecting ``labels`` (bool) from ``scores``: AUC (oriented), curve, Youden point."""
+    from scipy.stats import mannwhitneyu
+
+    s = np.asarray(scores, np.float64).ravel()
+    y = np.asarray(labels, bool).ravel()
+    ok = np.isfinite(s)
+    s, y = s[ok], y[ok]
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return {"auc": math.nan, "auc_raw": math.nan, "direction": None, "n_pos": n1, "n_neg": n0,
+                "note": "label has only one class inside the mask"}
+    u = mannwhitneyu(s[y], s[~y], alternative="two-sided").statistic
+    auc_raw = float(u / (n1 * n0))
+    direction = "higher" if auc_raw >= 0.5 else "lower"
+    so = s if direction == "higher" else -s
+    order = np.argsort(-so, kind="mergesort")
+    ss, yy = so[order], y[order]
+    tp = np.cumsum(yy)
+    fp = np.cumsum(~yy)
+    last = np.r_[np.nonzero(np.diff(ss))[0], len(ss) - 1]  # last index of each threshold
+    tpr = np.r_[0.0, tp[last] / n1]
+    fpr = np.r_[0.0, fp[last] / n0]
+    thr = np.r_[np.inf, ss[last]]
+    j = int(np.argmax(tpr - fpr))
+    if len(fpr) > max_points:  # keep the curve's shape, drop redundant points
+        keep = np.unique(np.r_[0, np.linspace(0, len(fpr) - 1, max_points).astype(int), j, len(fpr) - 1])
+        fpr_c, tpr_c = fpr[keep], tpr[keep]
+    else:
+        fpr_c, tpr_c = fpr, tpr
+    thr_j = float(thr[j]) if direction == "higher" else float(-thr[j])
+    return {
+        "auc": max(auc_raw, 1 - auc_raw), "auc_raw": auc_raw, "direction": direction,
+        "n_pos": n1, "n_neg": n0,
+        "youden": {"sensitivity": float(tpr[j]), "specificity": float(1 - fpr[j]), "threshold": thr_j},
+        "fpr": fpr_c.tolist(), "tpr": tpr_c.tolist(),
+    }
+
+
+# --------------------------------------------------------------------------- markers
+def _contrast_names(ds) -> list[str]:
+    return [str(c) for c in ds["contrast"].values] if "contrast" in ds.coords else []
+
+
+def single_markers(ds, mask: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """FA, MT ratio, T2 and MD volumes from a subject Dataset; notes for those skipped."""
+    out: dict[str, np.ndarray] = {}
+    notes: list[str] = []
+    names = _contrast_names(ds)
+    sid = ds.attrs.get("subject", "?")
+
+    def chan(n):
+        return ds["mri"].sel(contrast=n).transpose(*SPATIAL).values.astype(np.float64)
+
+    if "fa" in ds.data_vars:
+        out["FA"] = ds["fa"].transpose(*SPATIAL).values.astype(np.float64)
+    else:
+        notes.append(f"{sid}: FA skipped (no fa variable)")
+    if "mt_on" in names and "mt_off" in names:
+        on, off = chan("mt_on"), chan("mt_off")
+        out["MT ratio"] = np.divide(off - on, off, out=np.zeros_like(off), where=off > 0)
+    else:
+        notes.append(f"{sid}: MT ratio skipped (needs contrasts mt_on and mt_off)")
+    if "t2" in names:
+        out["T2"] = chan("t2")
+    else:
+        notes.append(f"{sid}: T2 skipped (no contrast named t2)")
+    md, note = mean_diffusivity(ds, mask)
+    if md is not None:
+        out["MD"] = md
+    else:
+        notes.append(f"{sid}: MD skipped ({note})")
+    for v in out.values():
+        np.nan_to_num(v, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return out, notes
+
+
+def mean_diffusivity(ds, mask=None) -> tuple[np.ndarray | None, str]:
+    """MD from the dwi2000 group: b0 = bval ~ 0 (or names with b0), else the brightest volumes."""
+    names = _contrast_names(ds)
+    if not names:
+        return None, "no contrast coordinate"
+    groups = ([str(g) for g in ds["group"].values] if "group" in ds.coords
+              else [n.rsplit("_", 1)[0] for n in names])
+    idx = [i for i, (n, g) in enumerate(zip(names, groups, strict=True)) if g == "dwi2000" or n.startswith("dwi2000")]
+    if len(idx) < 2:
+        return None, "no dwi2000 group with at least 2 volumes"
+    bval = (np.asarray(ds["bval"].values, np.float64)[idx] if "bval" in ds.coords
+            else np.full(len(idx), np.nan))
+    named_b0 = np.array(["b0" in names[i].lower() for i in idx])
+    if np.isfinite(bval).all():
+        b0 = bval < 50
+        how = "bval"
+    elif named_b0.any():
+        b0 = named_b0
+        how = "names"
+    else:  # unknown b-values: b0 images are much brighter than diffusion-weighted ones
+        mri = ds["mri"].isel(contrast=idx)
+        if mask is not None:
+            import xarray as xr
+
+            m = xr.DataArray(np.asarray(mask, bool), dims=SPATIAL)
+            means = np.asarray(mri.where(m).mean(SPATIAL).values, np.float64)
+        else:
+            means = np.asarray(mri.mean(SPATIAL).values, np.float64)
+        b0 = means > 1.5 * np.median(means)
+        how = "brightness"
+    if not b0.any() or b0.all():
+        return None, f"cannot tell b0 from diffusion-weighted volumes in dwi2000 (by {how})"
+    dw = ~b0
+    b = float(np.nanmedian(bval[dw])) if np.isfinite(bval[dw]).any() else 2000.0
+    if not b > 0:
+        b = 2000.0
+    sel_b0 = [names[idx[k]] for k in np.nonzero(b0)[0]]
+    sel_dw = [names[idx[k]] for k in np.nonzero(dw)[0]]
+    mb0 = ds["mri"].sel(contrast=sel_b0).mean("contrast").transpose(*SPATIAL).values.astype(np.float64)
+    mdw = ds["mri"].sel(contrast=sel_dw).mean("contrast").transpose(*SPATIAL).values.astype(np.float64)
+    ratio = np.divide(mdw, mb0, out=np.ones_like(mb0), where=mb0 > 0)
+    md = -np.log(np.clip(ratio, 1e-6, None)) / b
+    return md, ""
+
+
+# --------------------------------------------------------------------------- labels
+def load_label(ds, label: str | None, sid: str, shape) -> np.ndarray | None:
+    if label is None:
+        return ds["lesion"].transpose(*SPATIAL).values.astype(bool) if "lesion" in ds.data_vars else None
+    if label in ds.data_vars:
+        return ds[label].transpose(*SPATIAL).values.astype(bool)
+    low = label.lower()
+    if "{subject}" in label or low.endswith((".nii", ".nii.gz", ".hdr", ".img")):
+        from mrhscale.volumes import open_volume
+
+        vol = open_volume(label.replace("{subject}", sid), what=f"--label for {sid}")
+        arr = np.asarray(vol.proxy)
+        if arr.ndim == 4 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if tuple(arr.shape) != tuple(shape):
+            raise MRHError(f"--label {vol.path}: grid {arr.shape} differs from subject {sid}'s {tuple(shape)}")
+        return arr > 0
+    raise MRHError(
+        f"--label {label}: not a variable of subject {sid} (has {', '.join(map(str, ds.data_vars))}) "
+        "and not an image path; give a label variable name or a NIfTI path with {subject}"
+    )
+
+
+# --------------------------------------------------------------------------- main entry
+def _finite(v):
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def evaluate(
+    pred_url: str,
+    store_url: str,
+    target: str,
+    out_dir: str,
+    *,
+    label: str | None = None,
+    subjects: list[str] | None = None,
+    quiet: bool = False,
+    max_pool: int = 2_000_000,
+    seed: int = 0,
+    montage_subjects: int = 3,
+) -> dict[str, Any]:
+    """Metrics of PRED's virtual stain vs STORE's ``target`` and single markers; writes a report."""
+    import xarray as xr
+    import zarr
+
+    from mrhscale import __version__
+    from mrhscale.store import list_subjects, open_subject
+
+    try:
+        proot = zarr.open_group(str(pred_url), mode="r")
+    except Exception:
+        raise MRHError(f"{pred_url}: no prediction store here (run `mrhscale predict` first)") from None
+    pattrs = dict(proot.attrs)
+    pred_ids = list(pattrs.get("subjects", []))
+    variable = pattrs.get("variable") or f"{target}_virtual"
+    store_ids = list_subjects(store_url)
+    if subjects:
+        bad = [s for s in subjects if s not in pred_ids or s not in store_ids]
+        if bad:
+            raise MRHError(
+                f"subject(s) {', '.join(bad)} missing from the prediction store {pred_url} "
+                f"(has {', '.join(pred_ids) or 'none'}) or the cohort store {store_url}"
+            )
+        ids = list(subjects)
+    else:
+        ids = [s for s in pred_ids if s in store_ids]
+    if not ids:
+        raise MRHError(f"{pred_url}: no predicted subject that is also in {store_url}")
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    per_subject_pool = max(10_000, int(max_pool) // len(ids))
+    notes: list[str] = []
+    per_subject: dict[str, Any] = {}
+    pool: dict[str, list] = {"ref": [], "lab": []}
+    sums: dict[str, dict[str, float]] = {}
+    rng_lo, rng_hi = math.inf, -math.inf
+    figures: list[tuple[str, str]] = []
+    slice_axis = str((pattrs.get("model") or {}).get("patch", {}).get("axis", "y"))
+    have_label = False
+
+    iterator = ids
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(ids, desc="evaluate", unit="subject")
+    for k, sid in enumerate(iterator):
+        ds = open_subject(store_url, sid)
+        if target not in ds.data_vars:
+            raise MRHError(
+                f"{store_url}: subject {sid!r} has no reference {target!r} "
+                f"(targets: {', '.join(ds.attrs.get('targets', [])) or 'none'})"
+            )
+        pds = xr.open_zarr(str(pred_url), group=sid, consolidated=False)
+        if variable not in pds.data_vars:
+            raise MRHError(f"{pred_url}: subject {sid!r} has no variable {variable!r}")
+        virt = pds[variable].transpose(*SPATIAL).values.astype(np.float64)
+        ref = ds[target].transpose(*SPATIAL).values.astype(np.float64)
+        if virt.shape != ref.shape:
+            raise MRHError(f"subject {sid!r}: prediction grid {virt.shape} differs from the store's {ref.shape}")
+        mask = ds["mask"].transpose(*SPATIAL).values.astype(bool)
+        if "mask" in pds.data_vars:
+            mask &= pds["mask"].transpose(*SPATIAL).values.astype(bool)
+        finite = np.isfinite(ref) & np.isfinite(virt)
+        mask &= finite
+        markers, mnotes = single_markers(ds, mask)
+        notes += mnotes
+        lab = load_label(ds, label, sid, ref.shape)
+        lo, hi = float(ref[mask].min()) if mask.any() else 0.0, float(ref[mask].max()) if mask.any() else 0.0
+        rng_lo, rng_hi = min(rng_lo, lo), max(rng_hi, hi)
+        dr = (hi - lo) or 1.0
+        scores = {"virtual": virt}
+        res = {"virtual": similarity(virt, ref, mask, dr)}
+        for name, m in markers.items():
+            a, b = linear_fit(m[mask], ref[mask])
+            cal = a * m + b
+            r = similarity(cal, ref, mask, dr)
+            raw = similarity(m, ref, mask, dr, ssim=False)
+            r["pearson"], r["spearman"] = raw["pearson"], raw["spearman"]
+            r["calibration"] = {"slope": a, "intercept": b}
+            res[name] = r
+            scores[name] = m
+        # pooled accumulators (exact): n, sum|err|, sum err^2, sum ssim*n, pearson moments
+        for name, s in scores.items():
+            est = s if name == "virtual" else res[name]["calibration"]["slope"] * s + res[name]["calibration"]["intercept"]
+            e, rr = est[mask], ref[mask]
+            acc = sums.setdefault(name, dict.fromkeys(
+                ("n", "abs", "sq", "ssim", "ssim_n", "sx", "sy", "sxx", "syy", "sxy"), 0.0))
+            raw = s[mask]
+            acc["n"] += e.size
+            acc["abs"] += float(np.abs(e - rr).sum())
+            acc["sq"] += float(((e - rr) ** 2).sum())
+            if math.isfinite(res[name]["ssim"]):
+                acc["ssim"] += res[name]["ssim"] * e.size
+                acc["ssim_n"] += e.size
+            acc["sx"] += float(raw.sum())
+            acc["sy"] += float(rr.sum())
+            acc["sxx"] += float((raw * raw).sum())
+            acc["syy"] += float((rr * rr).sum())
+            acc["sxy"] += float((raw * rr).sum())
+        # pooled sample for Spearman / ROC
+        idx = np.flatnonzero(mask.ravel())
+        if idx.size > per_subject_pool:
+            idx = np.sort(rng.choice(idx, per_subject_pool, replace=False))
+        pool["ref"].append(ref.ravel()[idx].astype(np.float32))
+        for name, s in scores.items():
+            pool.setdefault(name, []).append(s.ravel()[idx].astype(np.float32))
+        if lab is not None:
+            have_label = True
+            pool["lab"].append(lab.ravel()[idx])
+            res["roc"] = {name: _strip_curve(roc(s[mask], lab[mask])) for name, s in scores.items()}
+        elif have_label:
+            notes.append(f"{sid}: no label; left out of the ROC analysis")
+        per_subject[sid] = res
+        if k < montage_subjects:
+            mri_name, mri_img = _montage_mri(ds)
+            path = os.path.join(out_dir, f"montage_{sid}.png")
+            _montage(path, sid, slice_axis, mri_name, mri_img, ref, virt, mask, lab, target)
+            figures.append((path, f"{sid}: MRI ({mri_name}), reference {target}, virtual, error"))
+
+    pooled = {}
+    for name, acc in sums.items():
+        n = acc["n"]
+        mse = acc["sq"] / n if n else math.nan
+        dr = (rng_hi - rng_lo) or 1.0
+        cov = acc["sxy"] / n - (acc["sx"] / n) * (acc["sy"] / n)
+        vx = acc["sxx"] / n - (acc["sx"] / n) ** 2
+        vy = acc["syy"] / n - (acc["sy"] / n) ** 2
+        pooled[name] = {
+            "n": int(n),
+            "pearson": float(cov / math.sqrt(vx * vy)) if vx > 0 and vy > 0 else math.nan,
+            "spearman": _spearman(pool[name], pool["ref"]),
+            "mae": acc["abs"] / n if n else math.nan,
+            "rmse": math.sqrt(mse) if n else math.nan,
+            "psnr": math.inf if mse == 0 else float(10 * np.log10(dr**2 / mse)),
+            "ssim": acc["ssim"] / acc["ssim_n"] if acc["ssim_n"] else math.nan,
+            "data_range": dr,
+        }
+    roc_pooled = None
+    if have_label and pool["lab"]:
+        labs = np.concatenate(pool["lab"])
+        roc_pooled = {}
+        with_label = [sid for sid in ids if "roc" in per_subject[sid]]
+        sel = [ids.index(s) for s in with_label]
+        for name in sums:
+            s = np.concatenate([pool[name][i] for i in sel])
+            roc_pooled[name] = roc(s, labs)
+        pooled["roc"] = {n: _strip_curve(r) for n, r in roc_pooled.items()}
+    figures.append((_scatter(os.path.join(out_dir, "scatter.png"), pool, target), "virtual and markers vs reference"))
+    if roc_pooled:
+        figures.append((_roc_plot(os.path.join(out_dir, "roc.png"), roc_pooled, label or "lesion"),
+                        "ROC: detecting the label from each score (pooled)"))
+    metrics = {
+        "target": target,
+        "variable": variable,
+        "subjects": ids,
+        "label": label or ("lesion" if have_label else None),
+        "pooled": pooled,
+        "per_subject": per_subject,
+        "notes": sorted(set(notes)),
+        "methods": {
+            "mask": "store mask AND prediction mask AND finite",
+            "markers": "Pearson/Spearman on the raw marker; MAE/PSNR/SSIM after a per-subject "
+                       "least-squares linear fit of the marker to the reference",
+            "psnr_peak": "reference range (max - min) inside the mask",
+            "ssim": "skimage 3D SSIM (win 7), volumes zeroed outside the mask, mean over the mask",
+            "auc": "Mann-Whitney U / (n_pos n_neg), oriented: max(AUC, 1-AUC), direction noted",
+            "pooled_sample": f"Spearman and ROC pooled over up to {per_subject_pool} random voxels "
+                             "per subject",
+        },
+        "provenance": {"stage": "evaluate", "mrhscale": __version__, "pred": str(pred_url),
+                       "store": str(store_url), "model": pattrs.get("model", {}).get("sha256")},
+    }
+    if roc_pooled:
+        metrics["roc_curves"] = {n: {"fpr": r["fpr"], "tpr": r["tpr"]} for n, r in roc_pooled.items()
+                                 if "fpr" in r}
+    metrics["figures"] = [os.path.basename(p) for p, _ in figures]
+    metrics["figure_captions"] = {os.path.basename(p): c for p, c in figures}
+    metrics["out_dir"] = os.path.abspath(out_dir)
+    with open(os.path.join(out_dir, "metrics.json.tmp"), "w") as fh:
+        json.dump(_finite(metrics), fh, indent=1)
+    os.replace(os.path.join(out_dir, "metrics.json.tmp"), os.path.join(out_dir, "metrics.json"))
+    from mrhscale.report import write_report
+
+    metrics["report"] = write_report(out_dir, summary_tables(metrics), figures,
+                                     f"mrhscale evaluation: virtual {target}")
+    return metrics
+
+
+def _strip_curve(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k not in ("fpr", "tpr")}
+
+
+def _spearman(parts: list[np.ndarray], ref_parts: list[np.ndarray]) -> float:
+    from scipy import stats
+
+    a, b = np.concatenate(parts), np.concatenate(ref_parts)
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def summary_tables(m: dict) -> dict:
+    """What the HTML report shows: pooled table, per-subject virtual table, AUCs, notes."""
+    cols = ("pearson", "spearman", "mae", "psnr", "ssim")
+    pooled = {name: {c: v.get(c) for c in cols} for name, v in m["pooled"].items() if name != "roc"}
+    out = {"Pooled (virtual stain vs single markers)": pooled,
+           "Per subject (virtual stain)": {sid: {c: r["virtual"].get(c) for c in cols}
+                                           for sid, r in m["per_subject"].items()}}
+    if "roc" in m["pooled"]:
+        out[f"Detecting '{m['label']}' (pooled)"] = {
+            n: {"AUC": r.get("auc"), "direction": r.get("direction"),
+                "sensitivity": (r.get("youden") or {}).get("sensitivity"),
+                "specificity": (r.get("youden") or {}).get("specificity")}
+            for n, r in m["pooled"]["roc"].items()}
+    if m["notes"]:
+        out["Notes"] = m["notes"]
+    return out
+
+
+# --------------------------------------------------------------------------- figures
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _montage_mri(ds):
+    names = _contrast_names(ds)
+    name = "t2" if "t2" in names else (names[0] if names else None)
+    if name is None:
+        return "fa", ds["fa"].transpose(*SPATIAL).values
+    return name, ds["mri"].sel(contrast=name).transpose(*SPATIAL).values
+
+
+def _take(vol, axis: int, k: int):
+    return np.take(vol, k, axis=axis)
+
+
+def _montage(path, sid, slice_axis, mri_name, mri, ref, virt, mask, lab, target):
+    plt = _plt()
+    ax = SPATIAL.index(slice_axis) if slice_axis in SPATIAL else 1
+    counts = mask.sum(axis=tuple(a for a in range(3) if a != ax))
+    k = int(np.argmax(counts))
+    err = np.where(mask, virt - ref, 0.0)
+    vmax = float(np.percentile(ref[mask], 99.5)) if mask.any() else 1.0
+    emax = float(np.percentile(np.abs(err[mask]), 99)) if mask.any() else 1.0
+    panels = [(f"MRI ({mri_name})", mri, "gray", None, None),
+              (f"reference {target}", ref, "magma", 0, vmax),
+              (f"virtual {target}", np.where(mask, virt, 0), "magma", 0, vmax),
+              ("virtual - reference", err, "RdBu_r", -emax or -1, emax or 1)]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+    for a, (title, vol, cmap, lo, hi) in zip(axes, panels, strict=True):
+        im = a.imshow(_take(vol, ax, k), cmap=cmap, vmin=lo, vmax=hi, origin="lower")
+        if lab is not None and title.startswith("reference") and _take(lab, ax, k).any():
+            a.contour(_take(lab, ax, k).astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+        a.set_title(title, fontsize=9)
+        a.axis("off")
+        fig.colorbar(im, ax=a, fraction=0.046)
+    fig.suptitle(f"{sid}, slice {slice_axis}={k}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _scatter(path, pool, target, n_max=20000):
+    plt = _plt()
+    ref = np.concatenate(pool["ref"]) if pool["ref"] else np.zeros(0)
+    names = [n for n in pool if n not in ("ref", "lab")]
+    rng = np.random.default_rng(0)
+    idx = rng.choice(ref.size, min(ref.size, n_max), replace=False) if ref.size else np.zeros(0, int)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.2), squeeze=False)
+    for a, n in zip(axes[0], names, strict=True):
+        v = np.concatenate(pool[n])[idx]
+        a.scatter(ref[idx], v, s=2, alpha=0.3, lw=0)
+        if n == "virtual" and ref.size:
+            lim = [float(min(ref.min(), v.min())), float(max(ref.max(), v.max()))]
+            a.plot(lim, lim, "k--", lw=0.8)
+        a.set_xlabel(f"reference {target}")
+        a.set_ylabel(n)
+        a.set_title(n, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _roc_plot(path, rocs, label):
+    plt = _plt()
+    fig, a = plt.subplots(figsize=(4.2, 4))
+    for n, r in rocs.items():
+        if "fpr" in r:
+            sign = "" if r["direction"] == "higher" else " (lower)"
+            a.plot(r["fpr"], r["tpr"], label=f"{n}{sign}: AUC {r['auc']:.3f}",
+                   lw=2 if n == "virtual" else 1)
+    a.plot([0, 1], [0, 1], "k:", lw=0.8)
+    a.set_xlabel("1 - specificity")
+    a.set_ylabel("sensitivity")
+    a.set_title(f"detecting {label}", fontsize=10)
+    a.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

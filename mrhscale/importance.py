@@ -1,0 +1,240 @@
+"""Contrast importance by permutation: which MRI contrasts does the network rely on?
+
+For each contrast group (and each channel), the group's channels are shuffled
+across the patches of a split (one permutation shared by all channels of the
+group, so the correlations inside the group survive and only its link to the
+stain is broken), and the increase of the network's mean squared error (raw
+stain units, over all PxP outputs) is recorded; mean and std over ``repeats``
+permutations. The paper used this to decide which contrasts to acquire.
+
+Groups: the patch store's ``groups`` attr (one name per channel) when present,
+else derived from the channel names: ``dwi2000_*`` -> dwi2000, ``dwi5000_*`` ->
+dwi5000, ``mt_on``/``mt_off`` -> mt, ``t2`` -> t2, ``name_<n>`` -> name, any
+other name is its own group.
+
+Writes ``importance.json``, ``importance.csv``, ``importance.png`` (bar charts)
+and ``report.html`` into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from mrhscale.errors import MRHError
+
+
+def contrast_group(name: str) -> str:
+    n = str(name)
+    m = re.match(r"^(dwi\d+)", n, re.IGNORECASE)
+    if m:
+        return m.group(1).lower()
+    if n.lower() in ("mt_on", "mt_off", "mton", "mtoff"):
+        return "mt"
+    m = re.match(r"^(.+?)_(?:b0_)?(?:dir)?\d+$", n)
+    return m.group(1) if m else n
+
+
+def channel_groups(channels: list[str], groups: list[str] | None = None) -> dict[str, list[int]]:
+    """{group name: channel indices} in first-appearance order."""
+    if groups is not None and len(groups) != len(channels):
+        raise MRHError(f"groups: {len(groups)} names for {len(channels)} channels")
+    names = groups if groups is not None else [contrast_group(c) for c in channels]
+    out: dict[str, list[int]] = {}
+    for i, g in enumerate(names):
+        out.setdefault(str(g), []).append(i)
+    return out
+
+
+def _open_split(url: str, split: str):
+    import zarr
+
+    try:
+        root = zarr.open_group(str(url), mode="r")
+    except Exception:
+        raise MRHError(f"{url}: no patch store here (run `mrhscale patches` first)") from None
+    attrs = dict(root.attrs)
+    if "channels" not in attrs:
+        raise MRHError(f"{url}: not a patch store (no channels attr)")
+    if not attrs.get("complete"):
+        raise MRHError(f"{url}: patch store is incomplete (interrupted?); rerun `mrhscale patches`")
+    if f"{split}/inputs" not in root or f"{split}/targets" not in root:
+        raise MRHError(f"{url}: no split {split!r} (use --split train or val)")
+    x, t = root[f"{split}/inputs"], root[f"{split}/targets"]
+    if x.shape[0] == 0:
+        raise MRHError(f"{url}: split {split!r} holds no patches; use --split train")
+    return attrs, x, t
+
+
+def importance(
+    model_path: str,
+    patches_url: str,
+    out_dir: str,
+    *,
+    split: str = "val",
+    repeats: int = 3,
+    seed: int = 0,
+    max_patches: int = 10000,
+    batch_size: int = 4096,
+    per_channel: bool = True,
+    groups: list[str] | None = None,
+    device: str = "cpu",
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Permutation importance of each contrast group and channel; writes a report."""
+    import torch
+
+    from mrhscale import __version__
+    from mrhscale.bundle import load_model
+    from mrhscale.predict import _sha256, check_channels, check_device
+
+    if repeats < 1:
+        raise MRHError(f"--repeats must be >= 1, got {repeats}")
+    if max_patches < 2:
+        raise MRHError(f"--max-patches must be >= 2, got {max_patches}")
+    device = check_device(device)
+    model, meta = load_model(model_path, device=device)
+    attrs, xa, ta = _open_split(patches_url, split)
+    store_ch = [str(c) for c in attrs["channels"]]
+    channels = list(meta["channels"])
+    check_channels(channels, store_ch, f"{patches_url}")
+    p_store = int(xa.shape[-1])
+    p_model = int((meta.get("patch") or {}).get("size", 2 * int(meta["patch"].get("half", 1)) + 1))
+    if p_store != p_model:
+        raise MRHError(f"{patches_url}: patches are {p_store}x{p_store}, the model was trained on "
+                       f"{p_model}x{p_model}")
+    rng = np.random.default_rng(seed)
+    n_all = int(xa.shape[0])
+    idx = np.sort(rng.choice(n_all, min(n_all, max_patches), replace=False))
+    sel = [store_ch.index(c) for c in channels]
+    x = np.asarray(xa.get_orthogonal_selection((idx,)), np.float32)[:, sel]
+    t = np.asarray(ta.get_orthogonal_selection((idx,)), np.float64)
+    norm = meta["norm"]
+    x = norm.apply_inputs(x, channel_axis=1)
+    np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    if groups is None and attrs.get("groups"):
+        g_attr = [str(g) for g in attrs["groups"]]
+        groups = [g_attr[i] for i in sel] if len(g_attr) == len(store_ch) else None
+    gmap = channel_groups(channels, groups)
+
+    def mse(xx: np.ndarray) -> float:
+        tot = 0.0
+        with torch.inference_mode():
+            for a in range(0, len(xx), batch_size):
+                y = model(torch.from_numpy(xx[a : a + batch_size]).to(device)).double().cpu().numpy()
+                tot += float(((norm.invert_target(y) - t[a : a + batch_size]) ** 2).sum())
+        return tot / t.size
+
+    base = mse(x)
+    units = [("group", g, ix) for g, ix in gmap.items()]
+    if per_channel:
+        units += [("channel", c, [i]) for i, c in enumerate(channels)]
+    bar = None
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(units) * repeats, desc="importance", unit="perm")
+    rows: dict[str, list[dict]] = {"group": [], "channel": []}
+    for kind, name, ix in units:
+        vals = []
+        saved = x[:, ix].copy()
+        for _ in range(repeats):
+            perm = rng.permutation(len(x))
+            x[:, ix] = saved[perm]
+            vals.append(mse(x) - base)
+            if bar is not None:
+                bar.update(1)
+        x[:, ix] = saved
+        rows[kind].append({
+            "name": name, "channels": [channels[i] for i in ix],
+            "increase": float(np.mean(vals)), "std": float(np.std(vals)),
+            "relative": float(np.mean(vals) / base) if base > 0 else float("nan"),
+        })
+    if bar is not None:
+        bar.close()
+    for kind in rows:
+        rows[kind].sort(key=lambda r: -r["increase"])
+        for k, r in enumerate(rows[kind]):
+            r["rank"] = k + 1
+    res = {
+        "baseline_mse": base,
+        "groups": rows["group"],
+        "channels": rows["channel"],
+        "n_patches": int(len(x)),
+        "split": split,
+        "repeats": int(repeats),
+        "target": meta["target"],
+        "provenance": {"stage": "importance", "mrhscale": __version__, "model": os.path.abspath(model_path),
+                       "model_sha256": _sha256(model_path), "patches": str(patches_url), "seed": seed,
+                       "max_patches": max_patches},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    res["out_dir"] = os.path.abspath(out_dir)
+    res["figures"] = ["importance.png"]
+    _write_outputs(out_dir, res)
+    return res
+
+
+def _write_outputs(out_dir: str, res: dict) -> None:
+    from mrhscale.report import write_report
+
+    tmp = os.path.join(out_dir, "importance.json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(res, fh, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "importance.json"))
+    with open(os.path.join(out_dir, "importance.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["kind", "rank", "name", "n_channels", "mse_increase", "std", "relative"])
+        for kind in ("groups", "channels"):
+            for r in res[kind]:
+                w.writerow([kind[:-1], r["rank"], r["name"], len(r["channels"]),
+                            f"{r['increase']:.6g}", f"{r['std']:.6g}", f"{r['relative']:.6g}"])
+    fig = _bars(os.path.join(out_dir, "importance.png"), res)
+    write_report(out_dir, summary_tables(res), [(fig, "permutation importance: groups and channels")],
+                 f"mrhscale contrast importance: {res['target']}")
+
+
+def summary_tables(res: dict) -> dict:
+    """The tables the HTML reports show for an importance result."""
+    tables = {
+        "Setup": {"target": res["target"], "split": res["split"], "patches": res["n_patches"],
+                  "repeats": res["repeats"], "baseline MSE": res["baseline_mse"]},
+        "Contrast groups (MSE increase when shuffled)": {
+            r["name"]: {"rank": r["rank"], "channels": len(r["channels"]), "MSE increase": r["increase"],
+                        "std": r["std"], "relative": r["relative"]} for r in res["groups"]},
+    }
+    if res["channels"]:
+        tables["Channels (top 20)"] = {
+            r["name"]: {"rank": r["rank"], "MSE increase": r["increase"], "std": r["std"],
+                        "relative": r["relative"]} for r in res["channels"][:20]}
+    return tables
+
+
+def _bars(path: str, res: dict, top: int = 30) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    panels = [("contrast groups", res["groups"])]
+    if res["channels"]:
+        panels.append((f"channels (top {min(top, len(res['channels']))})", res["channels"][:top]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.5 + 0.28 * max(
+        len(p[1]) for p in panels) + 1), squeeze=False)
+    for a, (title, rows) in zip(axes[0], panels, strict=True):
+        names = [r["name"] for r in rows][::-1]
+        vals = [r["increase"] for r in rows][::-1]
+        errs = [r["std"] for r in rows][::-1]
+        a.barh(names, vals, xerr=errs, color="tab:blue")
+        a.set_xlabel("MSE increase when shuffled (stain units$^2$)")
+        a.set_title(title, fontsize=10)
+        a.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,487 @@
+"""Whole-brain inference: every brain voxel of every subject, on the Dask cluster.
+
+Each voxel gets the (2h+1)x(2h+1) patch of all bundle channels in the plane
+of the two non-slice axes, built exactly as for training (channels selected
+by NAME in the bundle's order, the bundle's normalisation, NaN -> 0); the
+network's centre output is written back to that voxel, as the original
+MRH_recon did (``aggregate="mean"`` instead averages every overlapping PxP
+output that covers a voxel). Voxels outside the brain mask are 0.
+
+Distribution: ``dask.array.map_overlap`` over the subject's spatial chunks
+(halo h in-plane, 2h for ``mean``; zero padding of the RAW volume at its
+borders), one batched forward pass per ``batch_size`` patches, and the model
+loaded once per worker process (``_worker_model`` is an lru_cache keyed by the
+bundle's path, size and mtime: workers must be able to read the bundle path).
+
+Output store (Zarr v3, readable with plain xarray)::
+
+    PRED/                      root attrs: subjects (COMPLETE ones), target, variable,
+                               model {...}, source, aggregate, provenance
+      <subject>/  <target>_virtual  float32 (x, y, z)  raw stain units, 0 outside mask
+                  mask              bool (x, y, z)
+                  same x/y/z coords and subject attrs (affine, ...) as the input,
+                  plus attrs["lineage"] (model, source store, parameters)
+
+A subject is listed in the root's ``subjects`` only after its group is fully
+written, so an interrupted run resumes and skips finished subjects.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from mrhscale.errors import MRHError
+
+SPATIAL = ("x", "y", "z")
+AGGREGATES = ("centre", "mean")
+FORMAT = "mrhscale-predictions"
+_LOADS = 0  # models loaded by this process (tests check: once per worker, not per chunk)
+
+
+# --------------------------------------------------------------------------- model on workers
+@functools.lru_cache(maxsize=4)
+def _cached_model(path: str, size: int, mtime_ns: int, device: str, threads: int | None):
+    global _LOADS
+    import torch
+
+    from mrhscale.bundle import load_model
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    model, _ = load_model(path, device=device)
+    _LOADS += 1
+    return model
+
+
+def _worker_model(path: str, device: str, threads: int | None):
+    """The bundle's model, loaded once per process (re-loaded only if the file changes)."""
+    st = os.stat(path)
+    return _cached_model(os.path.abspath(path), st.st_size, st.st_mtime_ns, device, threads)
+
+
+def load_count() -> int:
+    return _LOADS
+
+
+# --------------------------------------------------------------------------- patches
+def block_patches(norm_block: np.ndarray, s: np.ndarray, r: np.ndarray, q: np.ndarray, half: int):
+    """Patches ``[N, C, P, P]`` centred at (s, r + half, q + half) of a normalised block.
+
+    ``norm_block`` is ``[S, R, Q, C]`` (slice axis first, contrast last, already
+    padded by ``half`` on the two in-plane axes); ``r, q`` index the UNPADDED
+    in-plane positions. One fancy-index gather over a strided window view: no
+    per-voxel Python loop.
+    """
+    p = 2 * half + 1
+    win = np.lib.stride_tricks.sliding_window_view(norm_block, (p, p), axis=(1, 2))
+    # win: [S, R-2h, Q-2h, C, P, P]; window (r, q) covers padded rows r..r+2h -> centre r+h
+    return np.ascontiguousarray(win[s, r, q])
+
+
+def _predict_block(
+    mri: np.ndarray,
+    mask: np.ndarray,
+    *,
+    model_path: str,
+    device: str,
+    threads: int | None,
+    half: int,
+    slice_axis: int,
+    offset: np.ndarray,
+    inv_scale: np.ndarray,
+    t_offset: float,
+    t_scale: float,
+    batch_size: int,
+    aggregate: str,
+    halo: int,
+) -> np.ndarray:
+    """One chunk with its halo -> predicted interior (x, y, z) float32, 0 outside the mask."""
+    import torch
+
+    inplane = [a for a in range(3) if a != slice_axis]
+    order = (slice_axis, *inplane)
+    # [S, R, Q, C] contrast-last, normalised; raw zero padding at the volume edge came
+    # from map_overlap(boundary=0), so padding is normalised like real voxels.
+    blk = np.transpose(mri, (*order, 3))
+    blk = (blk.astype(np.float32, copy=False) - offset) * inv_scale
+    np.copyto(blk, 0.0, where=~np.isfinite(blk))  # NaN/inf -> 0 (two passes, not nan_to_num's four)
+    msk = np.transpose(mask[..., 0], order)
+    S, R, Q = msk.shape
+    depth = halo
+    ri, qi = R - 2 * depth, Q - 2 * depth  # interior size
+    out = np.zeros((S, ri, qi), np.float32)
+    if out.size == 0:
+        return np.transpose(out, np.argsort(order))
+    model = _worker_model(model_path, device, threads)
+    h = half
+    # Candidate centres: the interior ('centre', depth h) or the interior plus an h ring
+    # ('mean', depth 2h): in both cases padded positions h .. R-h, i.e. index r in this
+    # frame is padded r + h, whose window in the sliding view starts at r.
+    cm = msk[:, h : R - h, h : Q - h]
+    s, r, q = np.nonzero(cm)
+    wr, wq = r, q
+    win_src = blk
+    if aggregate == "mean":
+        acc = np.zeros((S, ri + 2 * h, qi + 2 * h), np.float64)
+        cnt = np.zeros_like(acc)
+    preds = []
+    with torch.inference_mode():
+        for a in range(0, len(s), batch_size):
+            b = slice(a, a + batch_size)
+            x = torch.from_numpy(block_patches(win_src, s[b], wr[b], wq[b], h)).to(device)
+            y = model(x)
+            if aggregate == "centre":
+                preds.append(y[:, h, h].float().cpu().numpy())
+            else:
+                preds.append(y.float().cpu().numpy())
+    if len(s):
+        pred = np.concatenate(preds)
+        if aggregate == "centre":
+            out[s, r, q] = pred * t_scale + t_offset
+        else:
+            # acc covers interior +/- h = padded h .. R-h: the same frame as cm.
+            pred = pred * t_scale + t_offset
+            p = 2 * h + 1
+            for i in range(p):  # P*P vectorised scatters, not a per-voxel loop
+                for j in range(p):
+                    rr, qq = r + i - h, q + j - h
+                    ok = (rr >= 0) & (rr < acc.shape[1]) & (qq >= 0) & (qq < acc.shape[2])
+                    acc[s[ok], rr[ok], qq[ok]] += pred[ok, i, j]
+                    cnt[s[ok], rr[ok], qq[ok]] += 1
+            mean = np.divide(acc, cnt, out=np.zeros_like(acc), where=cnt > 0)
+            out[:] = mean[:, h : h + ri, h : h + qi]
+    out *= msk[:, depth : R - depth, depth : Q - depth]
+    return np.transpose(out, np.argsort(order))
+
+
+# --------------------------------------------------------------------------- checks
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def check_channels(bundle_channels: list[str], store_channels: list[str], where: str) -> None:
+    missing = [c for c in bundle_channels if c not in set(store_channels)]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        raise MRHError(
+            f"{where}: the model needs channels the store does not have: {shown}; "
+            "use a model trained on this protocol or ingest the missing contrasts"
+        )
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    d = str(device)
+    if d == "cpu":
+        return d
+    if d == "cuda" or d.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise MRHError(f"--device {d}: no CUDA GPU is visible to torch here; use --device cpu")
+        if ":" in d:
+            try:
+                k = int(d.split(":", 1)[1])
+            except ValueError:
+                raise MRHError(f"--device {d}: expected cuda or cuda:N") from None
+            if k >= torch.cuda.device_count():
+                raise MRHError(f"--device {d}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return d
+    raise MRHError(f"--device {d}: expected cpu, cuda or cuda:N")
+
+
+def _workers_device_ok(device: str) -> bool:
+    import torch
+
+    return device == "cpu" or torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------- graph per subject
+def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads=None,
+                       batch_size=4096, aggregate="centre"):
+    """Lazy dask array (x, y, z) of the virtual stain for one subject Dataset."""
+    import dask.array as da
+
+    if aggregate not in AGGREGATES:
+        raise MRHError(f"--aggregate {aggregate}: expected one of {', '.join(AGGREGATES)}")
+    patch = meta.get("patch") or {}
+    h = int(patch.get("half", (int(patch.get("size", 3)) - 1) // 2))
+    axis = str(patch.get("axis", "y"))
+    if axis not in SPATIAL:
+        raise MRHError(f"model bundle: patch axis {axis!r} is not one of x, y, z")
+    dims = ds["mri"].dims
+    if tuple(dims) != (*SPATIAL, "contrast"):
+        raise MRHError(f"subject {ds.attrs.get('subject')}: mri dims {dims}, expected (x, y, z, contrast)")
+    channels = list(meta["channels"])
+    check_channels(channels, [str(c) for c in ds["contrast"].values], f"subject {ds.attrs.get('subject')!r}")
+    mri = ds["mri"].sel(contrast=channels).data
+    if not isinstance(mri, da.Array):
+        mri = da.from_array(mri, chunks=(64, 64, 64, -1))
+    mri = mri.rechunk({3: -1})
+    mask = ds["mask"].data
+    mask = (da.from_array(mask, chunks=mri.chunks[:3]) if not isinstance(mask, da.Array)
+            else mask.rechunk(mri.chunks[:3]))
+    slice_axis = SPATIAL.index(axis)
+    depth = h if aggregate == "centre" else 2 * h
+    # every chunk must be at least the halo deep; fix the chunking here so the output
+    # chunks we declare are the ones map_overlap uses
+    new = list(mri.chunks[:3])
+    for a in range(3):
+        if a != slice_axis and min(new[a]) < depth:
+            new[a] = _even_chunks(mri.shape[a], max(new[a][0], depth), depth)
+    if new != list(mri.chunks[:3]):
+        mri = mri.rechunk((*new, -1))
+        mask = mask.rechunk(new)
+    dep = {a: (0 if a in (slice_axis, 3) else depth) for a in range(4)}
+    norm = meta["norm"]
+    off, inv = norm.input_arrays()
+    return da.map_overlap(
+        _predict_block,
+        mri,
+        mask.astype(bool)[..., None],
+        depth=dep,
+        boundary=0,
+        trim=False,
+        align_arrays=False,
+        allow_rechunk=True,
+        drop_axis=3,
+        chunks=mri.chunks[:3],
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), np.float32),
+        model_path=os.path.abspath(model_path),
+        device=device,
+        threads=threads,
+        half=h,
+        slice_axis=slice_axis,
+        offset=off,
+        inv_scale=inv,
+        t_offset=float(norm.target_offset),
+        t_scale=float(norm.target_scale),
+        batch_size=int(batch_size),
+        aggregate=aggregate,
+        halo=depth,
+    )
+
+
+def _even_chunks(n: int, size: int, minimum: int) -> tuple[int, ...]:
+    """Chunks of ``size`` along a length ``n`` axis, the remainder merged if below ``minimum``."""
+    ch = [size] * (n // size)
+    rest = n - size * len(ch)
+    if rest:
+        if ch and rest < minimum:
+            ch[-1] += rest
+        else:
+            ch.append(rest)
+    return tuple(ch)
+
+
+def _zarr_chunks(chunks: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
+    """Chunks Zarr can store (uniform but the last); a halo-driven merge can break that."""
+    ok = all(all(c == ch[0] for c in ch[:-1]) and ch[-1] <= ch[0] for ch in chunks)
+    return chunks if ok else tuple(ch[0] for ch in chunks)
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return _jsonable(v.tolist())
+    if isinstance(v, np.generic):
+        return v.item()
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return str(v)
+
+
+def nifti_path(nifti_dir: str, sid: str, variable: str) -> str:
+    return os.path.join(nifti_dir, f"{sid}_{variable}.nii.gz")
+
+
+def _write_nifti(path: str, arr: np.ndarray, attrs: dict) -> str:
+    from mrhscale.volumes import write_volume
+
+    affine = attrs.get("affine")
+    if affine is None:
+        vs = attrs.get("voxel_size") or [1.0, 1.0, 1.0]
+        affine = np.diag([*map(float, vs), 1.0])
+    return write_volume(path, np.asarray(arr, np.float32), np.asarray(affine, np.float64))
+
+
+# --------------------------------------------------------------------------- main entry
+def predict(
+    model_path: str,
+    store_url: str,
+    out_url: str,
+    *,
+    nifti_dir: str | None = None,
+    subjects: list[str] | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    batch_size: int = 4096,
+    device: str = "cpu",
+    aggregate: str = "centre",
+    quiet: bool = False,
+    torch_threads: int | None = None,
+) -> dict[str, Any]:
+    """Predict the bundle's stain for every brain voxel of each subject; returns a summary.
+
+    Subjects already listed as complete in ``out_url`` are skipped (resume);
+    their NIfTI is (re)written if ``nifti_dir`` lacks it.
+    """
+    import xarray as xr
+    import zarr
+
+    from mrhscale import __version__
+    from mrhscale.bundle import load_model
+    from mrhscale.cluster import dask_client
+    from mrhscale.store import list_subjects, open_subject
+
+    t0 = time.perf_counter()
+    if aggregate not in AGGREGATES:
+        raise MRHError(f"--aggregate {aggregate}: expected one of {', '.join(AGGREGATES)}")
+    if int(batch_size) < 1:
+        raise MRHError(f"--batch-size must be >= 1, got {batch_size}")
+    device = str(device)
+    if scheduler is None:
+        device = check_device(device)  # embedded cluster: the workers see this machine's GPUs
+    elif device not in ("cpu",) and not (device == "cuda" or device.startswith("cuda:")):
+        raise MRHError(f"--device {device}: expected cpu, cuda or cuda:N")
+    _, meta = load_model(model_path)  # validates the bundle; workers load their own copy
+    model_path = os.path.abspath(os.fspath(model_path))
+    target = str(meta["target"])
+    variable = f"{target}_virtual"
+    available = list_subjects(store_url)
+    if not available:
+        raise MRHError(f"{store_url}: store holds no complete subject")
+    ids = list(subjects) if subjects else available
+    missing = [s for s in ids if s not in available]
+    if missing:
+        raise MRHError(
+            f"{store_url}: subject(s) not in store: {', '.join(missing)} "
+            f"(complete subjects: {', '.join(available)})"
+        )
+    # channel check on every subject before any work
+    datasets = {sid: open_subject(store_url, sid) for sid in ids}
+    for sid, ds in datasets.items():
+        check_channels(list(meta["channels"]), [str(c) for c in ds["contrast"].values],
+                       f"{store_url}: subject {sid!r}")
+
+    model_rec = {
+        "path": model_path,
+        "sha256": _sha256(model_path),
+        "target": target,
+        "arch": _jsonable(meta.get("arch")),
+        "channels": list(meta["channels"]),
+        "patch": _jsonable(meta.get("patch")),
+        "norm_mode": meta["norm"].mode,
+        "provenance": _jsonable(meta.get("provenance", {})),
+    }
+    params = {"aggregate": aggregate, "batch_size": int(batch_size), "device": device}
+    if str(out_url).rstrip("/") == str(store_url).rstrip("/"):
+        raise MRHError(f"--out {out_url}: is the input store; give a separate prediction store")
+    root = zarr.open_group(str(out_url), mode="a", zarr_format=3)
+    fmt = root.attrs.get("format")
+    if fmt not in (None, FORMAT):
+        raise MRHError(f"{out_url}: is a {fmt} store, not a prediction store; give another --out")
+    done = list(root.attrs.get("subjects", []))
+    prev = root.attrs.get("model")
+    if done and prev and (prev.get("sha256") != model_rec["sha256"]
+                          or root.attrs.get("aggregate") != aggregate):
+        raise MRHError(
+            f"{out_url}: holds predictions from another model or --aggregate "
+            f"({prev.get('path')}, {root.attrs.get('aggregate')}); use a new --out or delete it"
+        )
+    root.attrs.update(_jsonable({
+        "format": FORMAT, "format_version": 1, "target": target, "variable": variable,
+        "model": model_rec, "source": str(store_url), "aggregate": aggregate, "subjects": done,
+        "provenance": {"stage": "predict", "mrhscale": __version__, **params},
+    }))
+    todo = [s for s in ids if s not in done]
+    skipped = [s for s in ids if s in done]
+    nifti = []
+    n_vox = 0
+    if todo:
+        with dask_client(scheduler=scheduler, workers=workers, quiet=quiet) as client:
+            if device != "cpu":
+                ok = client.run(_workers_device_ok, device)
+                if not all(ok.values()):
+                    bad = [w for w, v in ok.items() if not v]
+                    raise MRHError(f"--device {device}: no CUDA GPU on worker(s) {', '.join(bad)}; use --device cpu")
+            threads = torch_threads
+            if threads is None and scheduler is None:
+                nw = max(1, len(client.scheduler_info().get("workers", {})) or 1)
+                threads = max(1, (os.cpu_count() or 1) // nw)
+            bar = None
+            if not quiet:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(todo), desc="predict", unit="subject")
+            for sid in todo:
+                ds = datasets[sid]
+                pred = subject_prediction(ds, meta, model_path, device=device, threads=threads,
+                                          batch_size=batch_size, aggregate=aggregate)
+                pred = pred.rechunk(_zarr_chunks(pred.chunks))
+                coords = {k: ds.coords[k] for k in SPATIAL if k in ds.coords}
+                attrs = _jsonable(dict(ds.attrs))
+                attrs["lineage"] = _jsonable({
+                    "stage": "predict", "mrhscale": __version__, "model": model_rec,
+                    "source": {"store": str(store_url), "subject": sid}, **params,
+                })
+                out = xr.Dataset(
+                    {
+                        variable: (SPATIAL, pred, {"units": "raw stain units", "target": target,
+                                                   "kind": "virtual histology"}),
+                        "mask": (SPATIAL, ds["mask"].data.rechunk(pred.chunks).astype(bool)),
+                    },
+                    coords=coords,
+                    attrs=attrs,
+                )
+                for v in out.variables:
+                    out[v].encoding.pop("chunks", None)
+                out.to_zarr(str(out_url), group=sid, mode="w", consolidated=False, zarr_format=3)
+                n_vox += int(ds["mask"].sum().compute())
+                # completion marker last: a crash before this line leaves sid unlisted
+                root = zarr.open_group(str(out_url), mode="a", zarr_format=3)
+                done = list(root.attrs.get("subjects", [])) + [sid]
+                root.attrs["subjects"] = done
+                if nifti_dir:
+                    nifti.append(_write_nifti_from_store(out_url, sid, variable, nifti_dir))
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+    if nifti_dir:
+        for sid in skipped:
+            p = nifti_path(nifti_dir, sid, variable)
+            if not os.path.exists(p):
+                nifti.append(_write_nifti_from_store(out_url, sid, variable, nifti_dir))
+    dt = time.perf_counter() - t0
+    return {
+        "out": str(out_url),
+        "variable": variable,
+        "predicted": todo,
+        "skipped": skipped,
+        "brain_voxels": n_vox,
+        "seconds": dt,
+        "voxels_per_s": n_vox / dt if dt > 0 and n_vox else 0.0,
+        "nifti": nifti,
+    }
+
+
+def _write_nifti_from_store(out_url: str, sid: str, variable: str, nifti_dir: str) -> str:
+    import xarray as xr
+
+    ds = xr.open_zarr(str(out_url), group=sid, consolidated=False)
+    arr = ds[variable].transpose(*SPATIAL).values
+    return _write_nifti(nifti_path(nifti_dir, sid, variable), arr, dict(ds.attrs))

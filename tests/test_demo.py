@@ -1,0 +1,40 @@
+"""The demo chain, end to end at reduced size, through the CLI as the README runs it."""
+
+import json
+import os
+
+from click.testing import CliRunner
+
+from mrhscale.cli import main
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--quiet", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert "report:" in r.output and "Pearson r" in r.output
+    summary = json.load(open(out / "summary.json"))
+    report = summary["report"]
+    assert os.path.exists(report) and os.path.getsize(report) > 10_000  # figures embedded
+    html = open(report).read()
+    assert "data:image/png;base64" in html and "Lesion detection" in html
+    for stage in ("synth", "ingest", "patches", "train", "predict", "evaluate", "importance"):
+        assert stage in summary["stage_seconds"]
+    assert summary["held_out"] not in summary["train_subjects"]
+    assert -1 <= summary["virtual_pearson"] <= 1
+    assert os.listdir(out / "nifti")
+    # a rerun reuses every finished stage
+    r2 = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--quiet", "--workers", "1"])
+    assert r2.exit_code == 0, r2.output
+    s2 = json.load(open(out / "summary.json"))
+    assert s2["stage_seconds"]["train"] < summary["stage_seconds"]["train"] + 1
+    assert s2["virtual_pearson"] == summary["virtual_pearson"]
+
+
+def test_demo_bad_options(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = CliRunner().invoke(main, ["demo", "--out", str(f), "--quiet"])
+    assert r.exit_code == 2 and "is a file" in r.output
+    r = CliRunner().invoke(main, ["demo", "--subjects", "2", "--out", str(tmp_path / "d"), "--quiet"])
+    assert r.exit_code == 2 and "at least 3" in r.output

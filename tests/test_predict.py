@@ -1,0 +1,287 @@
+"""mrhscale.predict: voxel-exact against the bare model, geometry, mask, resume, bad input."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+from click.testing import CliRunner
+from helpers import subject_dataset
+
+from mrhscale.bundle import load_model, save_bundle
+from mrhscale.errors import MRHError
+from mrhscale.model import MRHNet
+from mrhscale.norm import Normalisation
+from mrhscale.predict import _predict_block, block_patches, predict, subject_prediction
+
+SHAPE = (11, 7, 13)
+
+
+def write_store(path, n_subjects=2, shape=SHAPE, n_channels=5, chunks=(4, 3, 5), full_mask=False,
+                nan=False, seed=0):
+    """Cohort store with odd chunking; optionally a mask touching the volume edge and NaNs."""
+    ids = [f"s{i + 1:02d}" for i in range(n_subjects)]
+    for i, sid in enumerate(ids):
+        ds = subject_dataset(sid, shape, n_channels, seed + i, chunks)
+        mri = ds["mri"].values
+        mask = ds["mask"].values
+        if full_mask:
+            mask = np.ones(shape, bool)
+            mask[0, 0, 0] = False
+        if nan:
+            mri[1, 2, 3, 1] = np.nan
+            mri[2, 3, 4, :] = np.nan
+        cx, cy, cz = chunks
+        ds["mri"] = (("x", "y", "z", "contrast"), mri)
+        ds["mask"] = (("x", "y", "z"), mask)
+        ds["mri"] = ds["mri"].chunk({"x": cx, "y": cy, "z": cz, "contrast": -1})
+        ds["mask"] = ds["mask"].chunk({"x": cx, "y": cy, "z": cz})
+        ds.attrs["affine"] = [[0.05, 0, 0, 1.5], [0, 0.07, 0, -2.0], [0, 0, 0.06, 3.0], [0, 0, 0, 1]]
+        for v in ds.variables:
+            ds[v].encoding.pop("chunks", None)
+        ds.to_zarr(str(path), group=sid, mode="w", consolidated=False, zarr_format=3)
+    zarr.open_group(str(path), mode="a").attrs["subjects"] = ids
+    return str(path), ids
+
+
+def write_model(path, channels, half=1, axis="y", seed=0, depth=1, width=8, target="af"):
+    torch.manual_seed(seed)
+    m = MRHNet(len(channels), depth=depth, width=width)
+    with torch.no_grad():  # larger output variation than default init, so tests bite
+        m.conv5.weight.mul_(5.0)
+    c = len(channels)
+    norm = Normalisation("percentile", list(np.linspace(5, 30, c)), list(np.linspace(80, 150, c)),
+                         7.0, 60.0)
+    save_bundle(path, m, channels=list(channels), norm=norm, target=target,
+                patch={"half": half, "size": 2 * half + 1, "axis": axis},
+                provenance={"test": True})
+    return str(path)
+
+
+def reference_patch(mri, channels_idx, norm, centre, half, axis):
+    """The patch of one voxel built the slow, obvious way: pad RAW with zeros, cut, normalise."""
+    ax = "xyz".index(axis)
+    inplane = [a for a in range(3) if a != ax]
+    vol = mri[..., channels_idx]
+    pad = [(0, 0)] * 4
+    for a in inplane:
+        pad[a] = (half, half)
+    vol = np.pad(vol, pad)
+    idx = [centre[0], centre[1], centre[2]]
+    sl = [slice(None)] * 3
+    sl[ax] = idx[ax]
+    for a in inplane:
+        sl[a] = slice(idx[a], idx[a] + 2 * half + 1)  # padded coords: centre+half is the centre
+    p = vol[tuple(sl)]  # [P, P, C] rows = first in-plane axis
+    p = np.moveaxis(p, -1, 0)
+    off, inv = norm.input_arrays()
+    p = (p - off[:, None, None]) * inv[:, None, None]
+    return np.nan_to_num(p, nan=0.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("half,axis", [(1, "y"), (2, "x"), (1, "z")])
+def test_voxels_equal_direct_model_on_their_patch(tmp_path, half, axis):
+    store, ids = write_store(tmp_path / "c.zarr", n_subjects=1, full_mask=True, nan=True)
+    ds = xr.open_zarr(store, group=ids[0], consolidated=False)
+    names = [str(c) for c in ds.contrast.values]
+    bundle_channels = names[::-1][:4]  # reordered subset: selection must go by NAME
+    mp = write_model(tmp_path / "m.pt", bundle_channels, half=half, axis=axis)
+    model, meta = load_model(mp)
+    pred = subject_prediction(ds, meta, mp, batch_size=37).compute(scheduler="sync")
+    assert pred.shape == SHAPE and pred.dtype == np.float32
+    mri = ds["mri"].values
+    cidx = [names.index(c) for c in bundle_channels]
+    rng = np.random.default_rng(1)
+    vox = [tuple(rng.integers(0, s) for s in SHAPE) for _ in range(25)]
+    vox += [(0, 3, 5), (10, 6, 12), (1, 2, 3), (2, 3, 4), (10, 0, 0)]  # edges, NaN voxels
+    vox = [v for v in vox if ds["mask"].values[v]]
+    patches = np.stack([reference_patch(mri, cidx, meta["norm"], v, half, axis) for v in vox])
+    with torch.no_grad():
+        direct = model(torch.from_numpy(patches))[:, half, half].numpy()
+    direct = meta["norm"].invert_target(direct)
+    got = np.array([pred[v] for v in vox])
+    np.testing.assert_allclose(got, direct, rtol=1e-4, atol=1e-3)
+
+
+def test_outside_mask_is_zero_and_mean_aggregate_differs(tmp_path):
+    store, ids = write_store(tmp_path / "c.zarr", n_subjects=1)
+    ds = xr.open_zarr(store, group=ids[0], consolidated=False)
+    mp = write_model(tmp_path / "m.pt", [str(c) for c in ds.contrast.values])
+    model, meta = load_model(mp)
+    centre = subject_prediction(ds, meta, mp).compute(scheduler="sync")
+    mean = subject_prediction(ds, meta, mp, aggregate="mean").compute(scheduler="sync")
+    mask = ds["mask"].values
+    assert np.all(centre[~mask] == 0) and np.all(mean[~mask] == 0)
+    assert np.all(centre[mask] != 0)
+    assert np.abs(mean[mask] - centre[mask]).max() > 1e-3  # a different estimator
+    # 'mean' at voxel v = average over in-mask centres u within h (in-plane) of pred_u[v - u + h]
+    names = [str(c) for c in ds.contrast.values]
+    mri = ds["mri"].values
+    v = (5, 3, 6)
+    outs = []
+    for dx in (-1, 0, 1):
+        for dz in (-1, 0, 1):
+            u = (v[0] + dx, v[1], v[2] + dz)
+            if mask[u]:
+                p = reference_patch(mri, list(range(len(names))), meta["norm"], u, 1, "y")
+                with torch.no_grad():
+                    o = model(torch.from_numpy(p[None]))[0].numpy()
+                outs.append(meta["norm"].invert_target(o[1 - dx, 1 - dz]))
+    assert mean[v] == pytest.approx(np.mean(outs), rel=1e-4)
+
+
+def test_patch_building_has_no_per_voxel_python_loop(tmp_path):
+    """Guard: Python-level calls while predicting a block do not grow with the voxel count."""
+    rng = np.random.default_rng(0)
+    mp = write_model(tmp_path / "m.pt", ["a", "b", "c"], depth=0, width=4)
+    _, meta = load_model(mp)
+    off, inv = meta["norm"].input_arrays()
+
+    def calls(n):
+        mri = rng.random((n + 2, 4, n + 2, 3), dtype=np.float32)
+        mask = np.ones((n + 2, 4, n + 2, 1), bool)
+        count = [0]
+
+        def prof(frame, event, arg):
+            if event == "call":
+                count[0] += 1
+
+        sys.setprofile(prof)
+        try:
+            out = _predict_block(mri, mask, model_path=mp, device="cpu", threads=None, half=1,
+                                 slice_axis=1, offset=off, inv_scale=inv, t_offset=0.0, t_scale=1.0,
+                                 batch_size=10**6, aggregate="centre", halo=1)
+        finally:
+            sys.setprofile(None)
+        assert out.shape == (n, 4, n)
+        return count[0]
+
+    small, big = calls(6), calls(40)  # 144 vs 6400 voxels
+    assert big < 1.5 * small + 50, (small, big)
+    # block_patches itself is a single gather
+    blk = rng.random((2, 7, 8, 3)).astype(np.float32)
+    s, r, q = np.array([0, 1]), np.array([0, 4]), np.array([5, 2])
+    got = block_patches(blk, s, r, q, 1)
+    np.testing.assert_array_equal(got[1], np.moveaxis(blk[1, 4:7, 2:5], -1, 0))
+
+
+def test_end_to_end_cluster_nifti_resume_and_model_loaded_once_per_worker(tmp_path):
+    from distributed import Client, LocalCluster
+
+    from mrhscale import predict as P
+
+    store, ids = write_store(tmp_path / "c.zarr", n_subjects=3, chunks=(3, 3, 4))
+    mp = write_model(tmp_path / "m.pt", [f"c{i:02d}" for i in range(5)])
+    out, nii = str(tmp_path / "p.zarr"), str(tmp_path / "nii")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        r1 = predict(mp, store, out, subjects=["s02"], scheduler=cluster.scheduler_address,
+                     quiet=True, batch_size=64)
+        assert r1["predicted"] == ["s02"]
+        assert zarr.open_group(out, mode="r").attrs["subjects"] == ["s02"]
+        # an interrupted run: s01's group half-written but not listed -> redone
+        zarr.open_group(out, mode="a").create_group("s01")
+        mtime = os.path.getmtime(os.path.join(out, "s02", "af_virtual", "zarr.json"))
+        r2 = predict(mp, store, out, nifti_dir=nii, scheduler=cluster.scheduler_address, quiet=True)
+        assert r2["skipped"] == ["s02"] and r2["predicted"] == ["s01", "s03"]
+        assert os.path.getmtime(os.path.join(out, "s02", "af_virtual", "zarr.json")) == mtime
+        loads = client.run(P.load_count)
+        assert list(loads.values()) == [1]  # many chunks, 2 runs, one load per worker
+    root = zarr.open_group(out, mode="r")
+    assert root.attrs["subjects"] == ["s02", "s01", "s03"]
+    assert root.attrs["variable"] == "af_virtual" and root.attrs["aggregate"] == "centre"
+    _, meta = load_model(mp)
+    for sid in ids:
+        src = xr.open_zarr(store, group=sid, consolidated=False)
+        got = xr.open_zarr(out, group=sid, consolidated=False)
+        ref = subject_prediction(src, meta, mp).compute(scheduler="sync")
+        np.testing.assert_allclose(got["af_virtual"].values, ref, rtol=1e-5, atol=1e-4)
+        assert got["af_virtual"].dims == ("x", "y", "z")
+        assert got.attrs["affine"] == src.attrs["affine"]
+        assert got.attrs["lineage"]["model"]["sha256"].startswith("sha256:")
+        assert got.attrs["lineage"]["source"]["store"] == store
+        np.testing.assert_array_equal(got["mask"].values, src["mask"].values)
+        img = nib.load(os.path.join(nii, f"{sid}_af_virtual.nii.gz"))
+        assert img.shape == SHAPE
+        np.testing.assert_allclose(img.affine, np.asarray(src.attrs["affine"]), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(img.dataobj), ref, rtol=1e-5, atol=1e-4)
+    # a different model into the same output is refused rather than mixed
+    mp2 = write_model(tmp_path / "m2.pt", [f"c{i:02d}" for i in range(5)], seed=3)
+    with pytest.raises(MRHError, match="another model"):
+        predict(mp2, store, out, quiet=True)
+
+
+def test_bad_input_errors(tmp_path):
+    store, _ = write_store(tmp_path / "c.zarr", n_subjects=1)
+    bad = write_model(tmp_path / "bad.pt", ["c00", "c01", "t2", "mt_on"])
+    with pytest.raises(MRHError, match="t2, mt_on"):
+        predict(bad, store, str(tmp_path / "p.zarr"), quiet=True)
+    good = write_model(tmp_path / "good.pt", [f"c{i:02d}" for i in range(5)])
+    with pytest.raises(MRHError, match="s09"):
+        predict(good, store, str(tmp_path / "p.zarr"), subjects=["s09"], quiet=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(MRHError, match="no CUDA GPU"):
+            predict(good, store, str(tmp_path / "p.zarr"), device="cuda", quiet=True)
+    with pytest.raises(MRHError, match="aggregate"):
+        predict(good, store, str(tmp_path / "p.zarr"), aggregate="max", quiet=True)
+    with pytest.raises(MRHError, match="not found"):
+        predict(str(tmp_path / "none.pt"), store, str(tmp_path / "p.zarr"), quiet=True)
+    with pytest.raises(MRHError, match="input store"):
+        predict(good, store, store, quiet=True)
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["format"] = "mrhscale-cohort"
+    with pytest.raises(MRHError, match="not a prediction store"):
+        predict(good, store, str(tmp_path / "other.zarr"), quiet=True)
+    assert not os.path.exists(tmp_path / "p.zarr" / "s01")
+
+
+def test_cli_predict(tmp_path):
+    from mrhscale.cli import main
+
+    store, _ = write_store(tmp_path / "c.zarr", n_subjects=1)
+    # half=2 with --aggregate mean: a 4-voxel halo forces irregular chunks, written regularly
+    good = write_model(tmp_path / "good.pt", [f"c{i:02d}" for i in range(5)], half=2, axis="x")
+    bad = write_model(tmp_path / "bad.pt", ["c00", "zz"])
+    runner = CliRunner()
+    r = runner.invoke(main, ["predict", bad, store, "--out", str(tmp_path / "p.zarr"), "-q"])
+    assert r.exit_code == 2 and "zz" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    if not torch.cuda.is_available():
+        r = runner.invoke(main, ["predict", good, store, "--out", str(tmp_path / "p.zarr"),
+                                 "--device", "cuda", "-q"])
+        assert r.exit_code == 2 and "CUDA" in r.output
+    r = runner.invoke(main, ["predict", good, store, "--out", str(tmp_path / "p.zarr"),
+                             "--nifti", str(tmp_path / "nii"), "--workers", "1",
+                             "--aggregate", "mean", "--batch-size", "100", "-q"])
+    assert r.exit_code == 0, r.output
+    assert os.path.exists(tmp_path / "nii" / "s01_af_virtual.nii.gz")
+    assert zarr.open_group(str(tmp_path / "p.zarr"), mode="r").attrs["aggregate"] == "mean"
+    src = xr.open_zarr(store, group="s01", consolidated=False)
+    _, meta = load_model(good)
+    ref = subject_prediction(src, meta, good, aggregate="mean").compute(scheduler="sync")
+    got = xr.open_zarr(str(tmp_path / "p.zarr"), group="s01", consolidated=False)["af_virtual"].values
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("axis", ["x", "y", "z"])
+def test_inference_patches_equal_training_patches(axis):
+    """The patch of a voxel is the same as mrhscale.patches builds for training."""
+    patches = pytest.importorskip("mrhscale.patches")
+    if not hasattr(patches, "gather_patches"):
+        pytest.skip("mrhscale.patches.gather_patches not available")
+    rng = np.random.default_rng(3)
+    vol = rng.random((9, 8, 10, 4)).astype(np.float32)
+    h = 1
+    ax = "xyz".index(axis)
+    inplane = [a for a in range(3) if a != ax]
+    centres = np.stack([rng.integers(h if a != ax else 0, vol.shape[a] - (h if a != ax else 0), 20)
+                        for a in range(3)], axis=1)
+    train = patches.gather_patches(vol, centres, half=h, axis=axis)
+    blk = np.transpose(vol, (ax, *inplane, 3))
+    mine = block_patches(blk, centres[:, ax], centres[:, inplane[0]] - h, centres[:, inplane[1]] - h, h)
+    np.testing.assert_array_equal(mine, train)
