@@ -23,7 +23,8 @@ def render() -> str:
         "and writes its resolved configuration beside its output.",
         "",
     ]
-    ctx = click.Context(main, info_name="mrhscale", terminal_width=100, max_content_width=100)
+    ctx = click.Context(main, info_name="mrhscale", terminal_width=100, max_content_width=100,
+                        help_option_names=["-h", "--help"])
     parts += ["```", main.get_help(ctx), "```", ""]
     for name in sorted(main.commands):
         cmd = main.commands[name]
