@@ -180,13 +180,16 @@ def predict(model, store, out, nifti_dir, subjects, batch_size, device, aggregat
 @click.option("--label", default=None,
               help="Lesion/condition label for ROC: a bool variable of STORE's subjects (e.g. lesion) "
                    "or a NIfTI path with {subject} in it. Default: 'lesion' if the subjects have it.")
+@click.option("--roi", default=None,
+              help="Restrict the ROC to this region (a label variable or NIfTI path with {subject}), "
+                   "e.g. wm: lesioned vs normal white matter.")
 @click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
 @quiet_option
-def evaluate(pred, store, target, out, label, subjects, quiet):
+def evaluate(pred, store, target, out, label, roi, subjects, quiet):
     """Compare virtual (PRED) with reference histology and single MRI markers (STORE)."""
     from mrhscale.evaluate import evaluate as run
 
-    res = run(pred, store, target, out, label=label, subjects=_subject_list(subjects), quiet=quiet)
+    res = run(pred, store, target, out, label=label, roi=roi, subjects=_subject_list(subjects), quiet=quiet)
     p = res["pooled"]["virtual"]
     click.echo(f"pooled virtual {target}: pearson {p['pearson']:.3f}, spearman {p['spearman']:.3f}, "
                f"MAE {p['mae']:.3g}, PSNR {p['psnr']:.2f} dB, SSIM {p['ssim']:.3f}; report in {out}")

@@ -109,7 +109,8 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, qu
     times["predict"] = time.perf_counter() - t
 
     t = _stage("evaluate: virtual stain vs reference and single MRI markers", quiet)
-    metrics = evaluate(p["pred"], p["store"], cfg.target, p["eval"], subjects=[test_id], quiet=quiet)
+    # lesion ROC within white matter: a demyelination against the normal tissue it occurs in
+    metrics = evaluate(p["pred"], p["store"], cfg.target, p["eval"], subjects=[test_id], roi="wm", quiet=quiet)
     times["evaluate"] = time.perf_counter() - t
 
     t = _stage("importance: contrast groups by permutation", quiet)

@@ -223,7 +223,7 @@ def mean_diffusivity(ds, mask=None) -> tuple[np.ndarray | None, str]:
 
 
 # --------------------------------------------------------------------------- labels
-def load_label(ds, label: str | None, sid: str, shape) -> np.ndarray | None:
+def load_label(ds, label: str | None, sid: str, shape, what: str = "--label") -> np.ndarray | None:
     if label is None:
         return ds["lesion"].transpose(*SPATIAL).values.astype(bool) if "lesion" in ds.data_vars else None
     if label in ds.data_vars:
@@ -232,15 +232,15 @@ def load_label(ds, label: str | None, sid: str, shape) -> np.ndarray | None:
     if "{subject}" in label or low.endswith((".nii", ".nii.gz", ".hdr", ".img")):
         from mrhscale.volumes import open_volume
 
-        vol = open_volume(label.replace("{subject}", sid), what=f"--label for {sid}")
+        vol = open_volume(label.replace("{subject}", sid), what=f"{what} for {sid}")
         arr = np.asarray(vol.proxy)
         if arr.ndim == 4 and arr.shape[-1] == 1:
             arr = arr[..., 0]
         if tuple(arr.shape) != tuple(shape):
-            raise MRHError(f"--label {vol.path}: grid {arr.shape} differs from subject {sid}'s {tuple(shape)}")
+            raise MRHError(f"{what} {vol.path}: grid {arr.shape} differs from subject {sid}'s {tuple(shape)}")
         return arr > 0
     raise MRHError(
-        f"--label {label}: not a variable of subject {sid} (has {', '.join(map(str, ds.data_vars))}) "
+        f"{what} {label}: not a variable of subject {sid} (has {', '.join(map(str, ds.data_vars))}) "
         "and not an image path; give a label variable name or a NIfTI path with {subject}"
     )
 
@@ -265,6 +265,7 @@ def evaluate(
     out_dir: str,
     *,
     label: str | None = None,
+    roi: str | None = None,
     subjects: list[str] | None = None,
     quiet: bool = False,
     max_pool: int = 2_000_000,
@@ -304,6 +305,7 @@ def evaluate(
     notes: list[str] = []
     per_subject: dict[str, Any] = {}
     pool: dict[str, list] = {"ref": [], "lab": []}
+    pool_roc: dict[str, list] = {}
     sums: dict[str, dict[str, float]] = {}
     rng_lo, rng_hi = math.inf, -math.inf
     figures: list[tuple[str, str]] = []
@@ -378,8 +380,16 @@ def evaluate(
             pool.setdefault(name, []).append(s.ravel()[idx].astype(np.float32))
         if lab is not None:
             have_label = True
-            pool["lab"].append(lab.ravel()[idx])
-            res["roc"] = {name: _strip_curve(roc(s[mask], lab[mask])) for name, s in scores.items()}
+            # with a region of interest (e.g. white matter): the label's voxels against the
+            # normal voxels of that region, not against every tissue of the brain
+            rmask = mask & (load_label(ds, roi, sid, ref.shape, "--roi") | lab) if roi else mask
+            ridx = np.flatnonzero(rmask.ravel())
+            if ridx.size > per_subject_pool:
+                ridx = np.sort(rng.choice(ridx, per_subject_pool, replace=False))
+            pool["lab"].append(lab.ravel()[ridx])
+            for name, s in scores.items():
+                pool_roc.setdefault(name, []).append(s.ravel()[ridx].astype(np.float32))
+            res["roc"] = {name: _strip_curve(roc(s[rmask], lab[rmask])) for name, s in scores.items()}
         elif have_label:
             notes.append(f"{sid}: no label; left out of the ROC analysis")
         per_subject[sid] = res
@@ -411,11 +421,8 @@ def evaluate(
     if have_label and pool["lab"]:
         labs = np.concatenate(pool["lab"])
         roc_pooled = {}
-        with_label = [sid for sid in ids if "roc" in per_subject[sid]]
-        sel = [ids.index(s) for s in with_label]
         for name in sums:
-            s = np.concatenate([pool[name][i] for i in sel])
-            roc_pooled[name] = roc(s, labs)
+            roc_pooled[name] = roc(np.concatenate(pool_roc[name]), labs)
         pooled["roc"] = {n: _strip_curve(r) for n, r in roc_pooled.items()}
     figures.append((_scatter(os.path.join(out_dir, "scatter.png"), pool, target), "virtual and markers vs reference"))
     if roc_pooled:
@@ -426,6 +433,7 @@ def evaluate(
         "variable": variable,
         "subjects": ids,
         "label": label or ("lesion" if have_label else None),
+        "roi": roi,
         "pooled": pooled,
         "per_subject": per_subject,
         "notes": sorted(set(notes)),

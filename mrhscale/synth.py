@@ -305,6 +305,7 @@ def _maps(P, pv, lesion, tex) -> dict:
     mask = an["brain"] > 0.5
     out = {"At": At, "Mt": Mt, "Ct": Ct, "t": t, "csf": an["csf"], "brain": an["brain"],
            "mask": mask, "lesion": L, "label": (L > 0.5) & mask,
+           "wm": (ww > 0.5) & (t > 0.5) & mask,  # white matter: where a demyelination can occur
            "axon": At * t, "myelin": Mt * t, "cell": Ct * t}
     # diffusion: compartment fractions and axially symmetric tensors (par, perp), mm^2/s
     q = ww * a_w / np.maximum(ww * a_w + gg * a_g, 1e-6)  # share of axons in the WM population
@@ -384,7 +385,7 @@ class _Subject:
         m = maps
         self.At, self.Mt, self.Ct, self.t, self.csf, self.brain = (
             m["At"], m["Mt"], m["Ct"], m["t"], m["csf"], m["brain"])
-        self.mask, self.label, self.lesion = m["mask"], m["label"], m["lesion"]
+        self.mask, self.label, self.lesion, self.wm = m["mask"], m["label"], m["lesion"], m["wm"]
         self.truth = {"axon": m["axon"], "myelin": m["myelin"], "cell": m["cell"]}
         self.q, self.f_ia, self.f_cell, self.f_ex = m["q"], m["f_ia"], m["f_cell"], m["f_ex"]
         self.n_w = [m["nw0"], m["nw1"], m["nw2"]]
@@ -657,7 +658,7 @@ def make_subject(shape=DEFAULT_SHAPE, seed=0, *, lesion=True, nans=0, targets=TA
         "fa": fa,
         "mask": s.mask,
         "targets": {t: s.target(t) for t in targets},
-        "labels": {"lesion": s.label},
+        "labels": {"lesion": s.label, "wm": s.wm},
         "truth": {**{k: v.astype(np.float32) for k, v in s.truth.items()},
                   "displacement": s.displacement},
         "affine": s.affine,
@@ -745,6 +746,7 @@ def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True
         for t in targets:
             put(t, s.target(t))
         put("lesion", s.label, np.uint8)
+        put("wm", s.wm, np.uint8)
         for k, v in s.truth.items():
             put(f"truth/{k}", v, np.float32)
         put("truth/displacement", s.displacement)
@@ -755,7 +757,7 @@ def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True
             "fa": rel("fa"),
             "mask": {"path": rel("mask"), "inverted": bool(inverted_mask)},
             "targets": {t: rel(t) for t in targets},
-            "labels": {"lesion": rel("lesion")},
+            "labels": {"lesion": rel("lesion"), "wm": rel("wm")},
             "truth": {k: rel(f"truth/{k}") for k in ("axon", "myelin", "cell", "displacement")},
             "notes": {"lesion": has_lesion, "nan_voxels": int(len(s.nan_voxels())), **_params(s)},
         })

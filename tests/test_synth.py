@@ -178,7 +178,7 @@ def test_cohort_files_and_manifest(cohort):
                                       "channels": ["t2", "mt_off", "mt_on"]}
     assert s1["mask"] == {"path": "s01/mask.nii.gz", "inverted": False}
     assert set(s1["targets"]) == {"af", "nf", "mbp"}
-    assert s1["labels"] == {"lesion": "s01/lesion.nii.gz"}
+    assert s1["labels"] == {"lesion": "s01/lesion.nii.gz", "wm": "s01/wm.nii.gz"}
     assert set(s1["truth"]) == {"axon", "myelin", "cell", "displacement"}
     man = load_manifest(cohort)  # the lead's parser accepts it
     assert [s.id for s in man.subjects] == ["s01", "s02"]
@@ -293,3 +293,12 @@ def test_full_size_grid(tmp_path):
                        quiet=True)
     img = nib.load(os.path.join(os.path.dirname(path), "s01", "dwi2000.nii"))
     assert img.shape == (200, 128, 280, 34) and np.allclose(img.header.get_zooms()[:3], 0.06)
+
+
+def test_white_matter_label_for_roi_analysis():
+    from mrhscale.synth import make_subject
+
+    s = make_subject(seed=2)
+    wm, mask = s["labels"]["wm"], s["mask"]
+    assert wm.any() and not (wm & ~mask).any()
+    assert s["fa"][wm].mean() > 1.5 * s["fa"][mask & ~wm].mean()
