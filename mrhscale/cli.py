@@ -96,6 +96,33 @@ workers_option = click.option(
     "--workers", type=int, default=None, help="Worker processes of the embedded LocalCluster (default: cores)."
 )
 
+storage_options_option = click.option(
+    "--storage-options", default=None, metavar="JSON", type=click.UNPROCESSED,
+    help="fsspec options for URL stores (s3://...), a JSON/YAML mapping, e.g. "
+         "'{\"endpoint_url\": \"http://127.0.0.1:9000\", \"key\": \"...\", \"secret\": \"...\"}'; "
+         "a mapping in --config. Local paths ignore it. Credentials and endpoint can instead come "
+         "from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE).",
+)
+
+
+def _storage_options(value) -> dict | None:
+    """--storage-options as a dict: JSON or YAML text, or a mapping already (from --config)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    doc = value
+    if not isinstance(value, dict):
+        import yaml
+
+        try:
+            doc = yaml.safe_load(str(value))  # JSON is YAML
+        except yaml.YAMLError as e:
+            raise MRHError(f"--storage-options: not valid JSON/YAML ({str(e).splitlines()[0]}); "
+                           "expected a mapping like '{\"endpoint_url\": \"http://host:9000\"}'") from None
+    if not isinstance(doc, dict):
+        raise MRHError(f"--storage-options: expected a JSON/YAML mapping of fsspec options, got {value!r}")
+    return {str(k): v for k, v in doc.items()} or None
+
+
 # ---- commands (one block each; keep them thin) ----
 
 
@@ -108,16 +135,19 @@ workers_option = click.option(
 @click.option("--skip-bad", is_flag=True, help="Ingest the good subjects and list the bad ones instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Rewrite subjects already in the store.")
 @click.option("--no-checksums", is_flag=True, help="Skip sha256 of source files (faster on huge cohorts).")
+@storage_options_option
 @scheduler_option
 @workers_option
 @quiet_option
-def ingest(manifest, out, subjects, chunks, compression, skip_bad, overwrite, no_checksums, scheduler, workers, quiet):
+def ingest(manifest, out, subjects, chunks, compression, skip_bad, overwrite, no_checksums, storage_options,
+           scheduler, workers, quiet):
     """Write the subjects of MANIFEST (cohort YAML) into a chunked Zarr cohort store."""
     from mrhscale.ingest import ingest as run
 
     res = run(manifest, out, subjects=_subject_list(subjects), chunks=_ints(chunks, 3, "--chunks"),
               compression=compression, skip_bad=skip_bad, overwrite=overwrite,
-              checksums=not no_checksums, scheduler=scheduler, workers=workers, quiet=quiet)
+              checksums=not no_checksums, scheduler=scheduler, workers=workers, quiet=quiet,
+              storage_options=_storage_options(storage_options))
     if res["skipped"]:
         click.echo(f"already in store, skipped: {', '.join(res['skipped'])}")
     click.echo(f"ingested {len(res['written'])} subject(s) into {res['store']}")
@@ -131,7 +161,8 @@ def ingest(manifest, out, subjects, chunks, compression, skip_bad, overwrite, no
 
 @main.command()
 @click.argument("path")
-def info(path):
+@storage_options_option
+def info(path, storage_options):
     """Describe a cohort/patch/prediction store or a model bundle."""
     import os
 
@@ -142,7 +173,7 @@ def info(path):
     else:
         from mrhscale.store import describe_store
 
-        click.echo(describe_store(path))
+        click.echo(describe_store(path, _storage_options(storage_options)))
 
 
 @main.command()
@@ -156,20 +187,29 @@ def info(path):
 @click.option("--aggregate", type=click.Choice(["centre", "mean"]), default="centre", show_default=True,
               help="centre: the network's centre output per voxel (as the original); "
                    "mean: average of all overlapping PxP outputs.")
+@click.option("--to-native", "to_native", is_flag=False, flag_value="", default=None, metavar="[DIR]",
+              help="Also map each virtual stain back to the subject's native (pre-registration) grid: "
+                   "<--nifti>/<sid>_<target>_virtual_native.nii.gz (needs --nifti). DIR: the --out of "
+                   "`mrhscale register` (default: found beside the registered manifest ingested).")
+@storage_options_option
 @scheduler_option
 @workers_option
 @quiet_option
-def predict(model, store, out, nifti_dir, subjects, batch_size, device, aggregate, scheduler, workers, quiet):
+def predict(model, store, out, nifti_dir, subjects, batch_size, device, aggregate, to_native, storage_options,
+            scheduler, workers, quiet):
     """Virtual histology for every brain voxel of STORE's subjects with MODEL (a bundle)."""
     from mrhscale.predict import predict as run
 
     res = run(model, store, out, nifti_dir=nifti_dir, subjects=_subject_list(subjects),
               scheduler=scheduler, workers=workers, batch_size=batch_size, device=device,
-              aggregate=aggregate, quiet=quiet)
+              aggregate=aggregate, quiet=quiet, to_native=to_native,
+              storage_options=_storage_options(storage_options))
     if res["skipped"]:
         click.echo(f"already predicted, skipped: {', '.join(res['skipped'])}")
     click.echo(f"predicted {len(res['predicted'])} subject(s) into {res['out']} "
                f"({res['brain_voxels']} brain voxels, {res['voxels_per_s']:.0f} voxels/s)")
+    if res.get("native"):
+        click.echo(f"native-space NIfTI: {', '.join(res['native'])}")
 
 
 @main.command()
@@ -183,16 +223,31 @@ def predict(model, store, out, nifti_dir, subjects, batch_size, device, aggregat
 @click.option("--roi", default=None,
               help="Restrict the ROC to this region (a label variable or NIfTI path with {subject}), "
                    "e.g. wm: lesioned vs normal white matter.")
+@click.option("--marker", "markers", multiple=True, metavar="NAME_OR_PATH",
+              help="Extra marker compared like FA/MT ratio/T2/MD (with the reference, the virtual "
+                   "stain and on the label): a contrast/variable of STORE (t2, dwi2000_0, fa) or a "
+                   "NIfTI path with {subject} on the store grid. Repeatable.")
+@click.option("--marker-transforms", default=None, type=click.Path(file_okay=False),
+              help="`mrhscale register` output folder: --marker files are in the subjects' native "
+                   "space and are mapped onto the store grid (needs the register extra).")
 @click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
+@storage_options_option
 @quiet_option
-def evaluate(pred, store, target, out, label, roi, subjects, quiet):
+def evaluate(pred, store, target, out, label, roi, markers, marker_transforms, subjects,
+             storage_options, quiet):
     """Compare virtual (PRED) with reference histology and single MRI markers (STORE)."""
     from mrhscale.evaluate import evaluate as run
 
-    res = run(pred, store, target, out, label=label, roi=roi, subjects=_subject_list(subjects), quiet=quiet)
+    res = run(pred, store, target, out, label=label, roi=roi, subjects=_subject_list(subjects), quiet=quiet,
+              storage_options=_storage_options(storage_options),
+              markers=list(markers) or None, marker_transforms=marker_transforms)
     p = res["pooled"]["virtual"]
     click.echo(f"pooled virtual {target}: pearson {p['pearson']:.3f}, spearman {p['spearman']:.3f}, "
                f"MAE {p['mae']:.3g}, PSNR {p['psnr']:.2f} dB, SSIM {p['ssim']:.3f}; report in {out}")
+    for name in res["markers"]["extra"]:
+        m = res["pooled"][name]
+        click.echo(f"marker {name}: pearson vs reference {m['pearson']:.3f}, "
+                   f"vs virtual {m['pearson_vs_virtual']:.3f}")
 
 
 @main.command()
@@ -203,13 +258,14 @@ def evaluate(pred, store, target, out, label, roi, subjects, quiet):
 @click.option("--repeats", type=int, default=3, show_default=True, help="Permutations per channel/group.")
 @click.option("--max-patches", type=int, default=10000, show_default=True, help="Random subset size.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@storage_options_option
 @quiet_option
-def importance(model, patches, out, split, repeats, max_patches, seed, quiet):
+def importance(model, patches, out, split, repeats, max_patches, seed, storage_options, quiet):
     """Contribution of each contrast group and channel to MODEL, by permutation on PATCHES."""
     from mrhscale.importance import importance as run
 
     res = run(model, patches, out, split=split, repeats=repeats, seed=seed,
-              max_patches=max_patches, quiet=quiet)
+              max_patches=max_patches, quiet=quiet, storage_options=_storage_options(storage_options))
     top = ", ".join(f"{g['name']} {g['increase']:.3g}" for g in res["groups"][:5])
     click.echo(f"baseline MSE {res['baseline_mse']:.4g}; MSE increase by group: {top}; report in {out}")
 
@@ -247,6 +303,7 @@ def _training_options(f):
         click.option("--no-amp", is_flag=True, default=None, help="No bf16 autocast on GPU."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         click.option("--keep-checkpoints", is_flag=True, help="Also keep one checkpoint per epoch."),
+        storage_options_option,
         quiet_option,
     ]
     for o in reversed(opts):
@@ -260,6 +317,7 @@ def _run_training(fn, *args, **kw):
     from mrhscale.train import TrainingInterrupted
 
     kw["amp"] = False if kw.pop("no_amp") else None
+    kw["storage_options"] = _storage_options(kw.pop("storage_options", None))
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     try:
         res = fn(*args, **kw)
@@ -360,12 +418,13 @@ def import_matlab_cmd(mat, out, channels, norm, target_max, target, patch_axis, 
 @click.option("--compress", is_flag=True,
               help="Blosc lz4 on the patch arrays (smaller; MRI floats shrink little, streaming slower).")
 @click.option("--overwrite", is_flag=True, help="Replace a complete patch store at --out.")
+@storage_options_option
 @scheduler_option
 @workers_option
 @quiet_option
 def patches_cmd(store, target, out, half, stride, slices, axis, subjects, min_label_sum,
                 min_label_nonzero, val_fraction, val_subjects, seed, norm, dtype, chunk_size,
-                compress, overwrite, scheduler, workers, quiet):
+                compress, overwrite, storage_options, scheduler, workers, quiet):
     """Extract shuffled training patches of --target from cohort STORE into --out."""
     from mrhscale.patches import extract_patches
 
@@ -375,7 +434,7 @@ def patches_cmd(store, target, out, half, stride, slices, axis, subjects, min_la
         min_label_nonzero=min_label_nonzero, val_fraction=val_fraction,
         val_subjects=_subject_list(val_subjects), seed=seed, norm=norm, dtype=dtype,
         chunk_size=chunk_size, compress=compress, overwrite=overwrite, scheduler=scheduler,
-        workers=workers, quiet=quiet,
+        workers=workers, quiet=quiet, storage_options=_storage_options(storage_options),
     )
 
 
@@ -484,7 +543,7 @@ def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwri
 @click.option("--subjects", type=int, default=5, show_default=True, help="Synthetic subjects (the last lesioned one is held out).")
 @click.option("--shape", default="48,32,64", show_default=True, help="Synthetic grid X,Y,Z.")
 @click.option("--target", default="mbp", show_default=True, type=click.Choice(["af", "nf", "mbp"]), help="Stain to learn (mbp: myelin, the lesion is a demyelination).")
-@click.option("--epochs", type=int, default=24, show_default=True)
+@click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--depth", type=int, default=5, show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny cohort and 2 epochs: checks the chain in about a minute.")
 @workers_option

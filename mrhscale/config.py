@@ -58,10 +58,25 @@ def _plain(v):
     return str(v)
 
 
+_SECRET = ("key", "secret", "token", "password", "credential")
+
+
+def _redact(v):
+    """Credentials never land on disk: secret-looking entries of storage options are masked."""
+    if isinstance(v, dict):
+        return {k: ("***" if any(w in str(k).lower() for w in _SECRET) else _redact(x)) for k, x in v.items()}
+    if isinstance(v, str) and v.lstrip().startswith("{"):
+        try:
+            return _redact(yaml.safe_load(v))
+        except yaml.YAMLError:
+            return "***"
+    return v
+
+
 def resolved_config(command: str, params: dict) -> dict:
     from mrhscale import __version__
 
-    doc = {k: _plain(v) for k, v in params.items() if k != "config"}
+    doc = {k: _plain(_redact(v) if k == "storage_options" else v) for k, v in params.items() if k != "config"}
     return {
         "command": command,
         "mrhscale_version": __version__,

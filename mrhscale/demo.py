@@ -21,10 +21,10 @@ class DemoConfig:
     subjects: int = 5
     shape: tuple[int, int, int] = (48, 32, 64)
     target: str = "mbp"
-    stride: int = 2
+    stride: int = 1  # dense: lesions are small and rare, the network must see them
     depth: int = 5
-    epochs: int = 24
-    drop_period: int = 10
+    epochs: int = 20
+    drop_period: int = 8
     batch_size: int = 128
     lr: float | None = None
     workers: int | None = None

@@ -20,6 +20,13 @@ and pooled over subjects:
   probability that a labelled voxel scores higher than an unlabelled one; a
   score that DROPS in the lesion is flipped and reported as ``max(AUC, 1-AUC)``
   with ``direction: "lower"``. Sensitivity/specificity at Youden's optimum too.
+- Extra markers (``markers=``): any contrast or variable of the store (``t2``,
+  ``dwi2000_0``, ``fa``) or a NIfTI path with ``{subject}`` (a new contrast, on
+  the store grid or mapped there with ``marker_transforms``, the
+  ``mrhscale register`` output) are treated exactly like the built-in ones.
+  Every marker also gets its correlation with the virtual stain
+  (``pearson_vs_virtual``, ``spearman_vs_virtual``): how a contrast relates to
+  the virtual as well as to the real stain.
 
 Pooled Pearson/MAE/PSNR/SSIM are exact (voxel-weighted over subjects); pooled
 Spearman and ROC use a uniform random sample of at most ``max_pool / n_subjects``
@@ -222,6 +229,74 @@ def mean_diffusivity(ds, mask=None) -> tuple[np.ndarray | None, str]:
     return md, ""
 
 
+_IMAGE_EXT = (".nii.gz", ".nii", ".hdr", ".img")
+
+
+def _is_path(source: str) -> bool:
+    s = str(source)
+    return "{subject}" in s or os.sep in s or s.lower().endswith(_IMAGE_EXT)
+
+
+def marker_names(sources: list[str] | None) -> list[str]:
+    """Display names of extra markers: the store name as given, a file's base name without
+    extension and ``{subject}``; made unique against the built-in markers and each other."""
+    out: list[str] = []
+    for i, src in enumerate(sources or []):
+        name = str(src)
+        if _is_path(name):
+            base = os.path.basename(name)
+            for ext in _IMAGE_EXT:
+                if base.lower().endswith(ext):
+                    base = base[: -len(ext)]
+                    break
+            name = base.replace("{subject}", "").strip("_-. ") or f"marker{i + 1}"
+        cand, k = name, 2
+        while cand in out or cand in MARKERS or cand == "virtual":
+            cand, k = f"{name}#{k}", k + 1
+        out.append(cand)
+    return out
+
+
+def load_marker(source: str, ds, sid: str, shape, transforms: str | None = None) -> np.ndarray:
+    """An extra marker on subject ``sid``'s store grid (float64, NaN -> 0).
+
+    A store contrast/variable is read from the open Dataset (honours storage options);
+    a file goes through ``mrhscale.register.marker_from_file`` (antspyx only with transforms).
+    """
+    source = str(source)
+    if not _is_path(source):
+        names = _contrast_names(ds)
+        if source in names:
+            a = ds["mri"].sel(contrast=source).transpose(*SPATIAL).values
+        elif source in ds.data_vars and set(ds[source].dims) == set(SPATIAL):
+            a = ds[source].transpose(*SPATIAL).values
+        else:
+            vars3 = [str(v) for v in ds.data_vars if set(ds[v].dims) == set(SPATIAL)]
+            avail = names + vars3
+            more = f", ... ({len(avail)} in all)" if len(avail) > 20 else ""
+            raise MRHError(f"--marker {source}: not a contrast or variable of subject {sid} "
+                           f"(available: {', '.join(avail[:20])}{more}) and not an image path")
+        return np.nan_to_num(np.asarray(a, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    from mrhscale.register import marker_from_file
+
+    path = source.replace("{subject}", sid)
+    if transforms is None:  # must already be on the store grid: say so with the shapes
+        from mrhscale.volumes import open_volume
+
+        vol = open_volume(path, what=f"--marker for subject {sid}")
+        vshape = tuple(vol.shape[:3]) if len(vol.shape) == 3 or (
+            len(vol.shape) >= 4 and all(n == 1 for n in vol.shape[3:])) else tuple(vol.shape)
+        if vshape != tuple(shape):
+            raise MRHError(f"--marker {path}: grid {vshape} differs from subject {sid}'s store grid "
+                           f"{tuple(shape)}; register it first (mrhscale register) or give "
+                           "--marker-transforms")
+    a = marker_from_file(source, sid, grid=(tuple(shape), np.asarray(ds.attrs["affine"], float)),
+                         transforms=transforms)
+    if tuple(a.shape) != tuple(shape):
+        raise MRHError(f"--marker {path}: grid {a.shape} differs from subject {sid}'s store grid {tuple(shape)}")
+    return np.nan_to_num(np.asarray(a, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
 # --------------------------------------------------------------------------- labels
 def load_label(ds, label: str | None, sid: str, shape, what: str = "--label") -> np.ndarray | None:
     if label is None:
@@ -271,22 +346,32 @@ def evaluate(
     max_pool: int = 2_000_000,
     seed: int = 0,
     montage_subjects: int = 3,
+    storage_options: dict | None = None,
+    markers: list[str] | None = None,
+    marker_transforms: str | None = None,
 ) -> dict[str, Any]:
-    """Metrics of PRED's virtual stain vs STORE's ``target`` and single markers; writes a report."""
+    """Metrics of PRED's virtual stain vs STORE's ``target`` and single markers; writes a report.
+
+    markers: extra markers (store contrast/variable names or NIfTI paths with ``{subject}``),
+    compared like the built-in ones; marker_transforms: ``mrhscale register`` output folder
+    for marker files still in the subjects' native space.
+    """
     import xarray as xr
     import zarr
 
     from mrhscale import __version__
-    from mrhscale.store import list_subjects, open_subject
+    from mrhscale.store import list_subjects, open_subject, url_options
+
+    pred_so = url_options(pred_url, storage_options)  # fsspec options (s3://...); None if local
 
     try:
-        proot = zarr.open_group(str(pred_url), mode="r")
+        proot = zarr.open_group(str(pred_url), mode="r", storage_options=pred_so)
     except Exception:
         raise MRHError(f"{pred_url}: no prediction store here (run `mrhscale predict` first)") from None
     pattrs = dict(proot.attrs)
     pred_ids = list(pattrs.get("subjects", []))
     variable = pattrs.get("variable") or f"{target}_virtual"
-    store_ids = list_subjects(store_url)
+    store_ids = list_subjects(store_url, storage_options)
     if subjects:
         bad = [s for s in subjects if s not in pred_ids or s not in store_ids]
         if bad:
@@ -299,6 +384,11 @@ def evaluate(
         ids = [s for s in pred_ids if s in store_ids]
     if not ids:
         raise MRHError(f"{pred_url}: no predicted subject that is also in {store_url}")
+    extra = list(markers or [])
+    extra_names = marker_names(extra)
+    if marker_transforms is not None and not os.path.isdir(marker_transforms):
+        raise MRHError(f"--marker-transforms {marker_transforms}: no such folder "
+                       "(give the `mrhscale register` output folder)")
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     per_subject_pool = max(10_000, int(max_pool) // len(ids))
@@ -318,13 +408,13 @@ def evaluate(
 
         iterator = tqdm(ids, desc="evaluate", unit="subject")
     for k, sid in enumerate(iterator):
-        ds = open_subject(store_url, sid)
+        ds = open_subject(store_url, sid, storage_options)
         if target not in ds.data_vars:
             raise MRHError(
                 f"{store_url}: subject {sid!r} has no reference {target!r} "
                 f"(targets: {', '.join(ds.attrs.get('targets', [])) or 'none'})"
             )
-        pds = xr.open_zarr(str(pred_url), group=sid, consolidated=False)
+        pds = xr.open_zarr(str(pred_url), group=sid, consolidated=False, storage_options=pred_so)
         if variable not in pds.data_vars:
             raise MRHError(f"{pred_url}: subject {sid!r} has no variable {variable!r}")
         virt = pds[variable].transpose(*SPATIAL).values.astype(np.float64)
@@ -338,6 +428,8 @@ def evaluate(
         mask &= finite
         markers, mnotes = single_markers(ds, mask)
         notes += mnotes
+        for src, mname in zip(extra, extra_names, strict=True):
+            markers[mname] = load_marker(src, ds, sid, ref.shape, marker_transforms)
         lab = load_label(ds, label, sid, ref.shape)
         lo, hi = float(ref[mask].min()) if mask.any() else 0.0, float(ref[mask].max()) if mask.any() else 0.0
         rng_lo, rng_hi = min(rng_lo, lo), max(rng_hi, hi)
@@ -350,6 +442,8 @@ def evaluate(
             r = similarity(cal, ref, mask, dr)
             raw = similarity(m, ref, mask, dr, ssim=False)
             r["pearson"], r["spearman"] = raw["pearson"], raw["spearman"]
+            vv = similarity(m, virt, mask, ssim=False)  # the marker against the virtual stain
+            r["pearson_vs_virtual"], r["spearman_vs_virtual"] = vv["pearson"], vv["spearman"]
             r["calibration"] = {"slope": a, "intercept": b}
             res[name] = r
             scores[name] = m
@@ -358,7 +452,8 @@ def evaluate(
             est = s if name == "virtual" else res[name]["calibration"]["slope"] * s + res[name]["calibration"]["intercept"]
             e, rr = est[mask], ref[mask]
             acc = sums.setdefault(name, dict.fromkeys(
-                ("n", "abs", "sq", "ssim", "ssim_n", "sx", "sy", "sxx", "syy", "sxy"), 0.0))
+                ("n", "abs", "sq", "ssim", "ssim_n", "sx", "sy", "sxx", "syy", "sxy", "sv", "svv", "sxv"),
+                0.0))
             raw = s[mask]
             acc["n"] += e.size
             acc["abs"] += float(np.abs(e - rr).sum())
@@ -371,6 +466,10 @@ def evaluate(
             acc["sxx"] += float((raw * raw).sum())
             acc["syy"] += float((rr * rr).sum())
             acc["sxy"] += float((raw * rr).sum())
+            vm = virt[mask]
+            acc["sv"] += float(vm.sum())
+            acc["svv"] += float((vm * vm).sum())
+            acc["sxv"] += float((raw * vm).sum())
         # pooled sample for Spearman / ROC
         idx = np.flatnonzero(mask.ravel())
         if idx.size > per_subject_pool:
@@ -417,6 +516,12 @@ def evaluate(
             "ssim": acc["ssim"] / acc["ssim_n"] if acc["ssim_n"] else math.nan,
             "data_range": dr,
         }
+        if name != "virtual":  # the marker against the virtual stain
+            covv = acc["sxv"] / n - (acc["sx"] / n) * (acc["sv"] / n)
+            vv = acc["svv"] / n - (acc["sv"] / n) ** 2
+            pooled[name]["pearson_vs_virtual"] = (float(covv / math.sqrt(vx * vv))
+                                                  if vx > 0 and vv > 0 else math.nan)
+            pooled[name]["spearman_vs_virtual"] = _spearman(pool[name], pool["virtual"])
     roc_pooled = None
     if have_label and pool["lab"]:
         labs = np.concatenate(pool["lab"])
@@ -425,6 +530,10 @@ def evaluate(
             roc_pooled[name] = roc(np.concatenate(pool_roc[name]), labs)
         pooled["roc"] = {n: _strip_curve(r) for n, r in roc_pooled.items()}
     figures.append((_scatter(os.path.join(out_dir, "scatter.png"), pool, target), "virtual and markers vs reference"))
+    vpool = {"ref": pool["virtual"], **{n: v for n, v in pool.items() if n not in ("ref", "lab", "virtual")}}
+    if len(vpool) > 1:
+        figures.append((_scatter(os.path.join(out_dir, "scatter_vs_virtual.png"), vpool, target,
+                                 xlabel=f"virtual {target}"), "markers vs the virtual stain"))
     if roc_pooled:
         figures.append((_roc_plot(os.path.join(out_dir, "roc.png"), roc_pooled, label or "lesion"),
                         "ROC: detecting the label from each score (pooled)"))
@@ -434,6 +543,9 @@ def evaluate(
         "subjects": ids,
         "label": label or ("lesion" if have_label else None),
         "roi": roi,
+        "markers": {"builtin": [n for n in MARKERS if n in sums],
+                    "extra": dict(zip(extra_names, map(str, extra), strict=True)),
+                    "transforms": marker_transforms},
         "pooled": pooled,
         "per_subject": per_subject,
         "notes": sorted(set(notes)),
@@ -441,6 +553,8 @@ def evaluate(
             "mask": "store mask AND prediction mask AND finite",
             "markers": "Pearson/Spearman on the raw marker; MAE/PSNR/SSIM after a per-subject "
                        "least-squares linear fit of the marker to the reference",
+            "vs_virtual": "pearson_vs_virtual/spearman_vs_virtual: raw marker against the virtual "
+                          "stain inside the same mask",
             "psnr_peak": "reference range (max - min) inside the mask",
             "ssim": "skimage 3D SSIM (win 7), volumes zeroed outside the mask, mean over the mask",
             "auc": "Mann-Whitney U / (n_pos n_neg), oriented: max(AUC, 1-AUC), direction noted",
@@ -482,7 +596,10 @@ def _spearman(parts: list[np.ndarray], ref_parts: list[np.ndarray]) -> float:
 def summary_tables(m: dict) -> dict:
     """What the HTML report shows: pooled table, per-subject virtual table, AUCs, notes."""
     cols = ("pearson", "spearman", "mae", "psnr", "ssim")
-    pooled = {name: {c: v.get(c) for c in cols} for name, v in m["pooled"].items() if name != "roc"}
+    pooled = {name: {**{c: v.get(c) for c in cols},
+                     "pearson vs virtual": v.get("pearson_vs_virtual"),
+                     "spearman vs virtual": v.get("spearman_vs_virtual")}
+              for name, v in m["pooled"].items() if name != "roc"}
     out = {"Pooled (virtual stain vs single markers)": pooled,
            "Per subject (virtual stain)": {sid: {c: r["virtual"].get(c) for c in cols}
                                            for sid, r in m["per_subject"].items()}}
@@ -546,7 +663,7 @@ def _montage(path, sid, slice_axis, mri_name, mri, ref, virt, mask, lab, target)
     return path
 
 
-def _scatter(path, pool, target, n_max=20000):
+def _scatter(path, pool, target, n_max=20000, xlabel=None):
     plt = _plt()
     ref = np.concatenate(pool["ref"]) if pool["ref"] else np.zeros(0)
     names = [n for n in pool if n not in ("ref", "lab")]
@@ -559,7 +676,7 @@ def _scatter(path, pool, target, n_max=20000):
         if n == "virtual" and ref.size:
             lim = [float(min(ref.min(), v.min())), float(max(ref.max(), v.max()))]
             a.plot(lim, lim, "k--", lw=0.8)
-        a.set_xlabel(f"reference {target}")
+        a.set_xlabel(xlabel or f"reference {target}")
         a.set_ylabel(n)
         a.set_title(n, fontsize=9)
     fig.tight_layout()

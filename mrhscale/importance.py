@@ -51,11 +51,13 @@ def channel_groups(channels: list[str], groups: list[str] | None = None) -> dict
     return out
 
 
-def _open_split(url: str, split: str):
+def _open_split(url: str, split: str, storage_options: dict | None = None):
     import zarr
 
+    from mrhscale.store import url_options
+
     try:
-        root = zarr.open_group(str(url), mode="r")
+        root = zarr.open_group(str(url), mode="r", storage_options=url_options(url, storage_options))
     except Exception:
         raise MRHError(f"{url}: no patch store here (run `mrhscale patches` first)") from None
     attrs = dict(root.attrs)
@@ -85,6 +87,7 @@ def importance(
     groups: list[str] | None = None,
     device: str = "cpu",
     quiet: bool = False,
+    storage_options: dict | None = None,
 ) -> dict[str, Any]:
     """Permutation importance of each contrast group and channel; writes a report."""
     import torch
@@ -99,7 +102,7 @@ def importance(
         raise MRHError(f"--max-patches must be >= 2, got {max_patches}")
     device = check_device(device)
     model, meta = load_model(model_path, device=device)
-    attrs, xa, ta = _open_split(patches_url, split)
+    attrs, xa, ta = _open_split(patches_url, split, storage_options)
     store_ch = [str(c) for c in attrs["channels"]]
     channels = list(meta["channels"])
     check_channels(channels, store_ch, f"{patches_url}")

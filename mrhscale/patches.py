@@ -604,10 +604,13 @@ def extract_patches(
     # ---- output store: refuse a complete one unless overwrite; clear an incomplete one
     import zarr
 
-    if _exists(out_url, storage_options):
+    from mrhscale.store import url_options
+
+    out_so = url_options(out_url, storage_options)  # fsspec options for a URL, None for a path
+    if _exists(out_url, out_so):
         complete = False
         with contextlib.suppress(Exception):
-            complete = bool(zarr.open_group(out_url, mode="r", storage_options=storage_options).attrs.get("complete"))
+            complete = bool(zarr.open_group(out_url, mode="r", storage_options=out_so).attrs.get("complete"))
         if complete and not overwrite:
             raise MRHError(f"{out_url}: a complete patch store exists; pass --overwrite to replace it")
 
@@ -659,18 +662,18 @@ def extract_patches(
         val_mode = "subject" if val_set else ("fraction" if val_fraction > 0 else "none")
         nc = chunk_size or _chunk_rows(n_c, p, in_item)
 
-        _remove(out_url, storage_options)
-        root = zarr.open_group(out_url, mode="w", storage_options=storage_options, zarr_format=3)
+        _remove(out_url, out_so)
+        root = zarr.open_group(out_url, mode="w", storage_options=out_so, zarr_format=3)
         root.attrs["complete"] = False
-        zarr.open_group(_join(out_url, STAGING), mode="w", storage_options=storage_options,
+        zarr.open_group(_join(out_url, STAGING), mode="w", storage_options=out_so,
                         zarr_format=3)
         try:
             summary = _extract_all(
-                env, cohort, sids, ranges, target, out_url, storage_options, half, stride, axis,
+                env, cohort, sids, ranges, target, out_url, out_so, half, stride, axis,
                 min_label_sum, min_label_nonzero, val_mode, val_fraction, val_set, seed, dtype,
                 n_buckets, nc, norm, channels, quiet, say, compress,
             )
-            _remove(_join(out_url, STAGING), storage_options)
+            _remove(_join(out_url, STAGING), out_so)
             prov = {
                 "stage": "patches",
                 "mrhscale": _version(),
@@ -709,7 +712,7 @@ def extract_patches(
             root.attrs["complete"] = True
         except BaseException:
             with contextlib.suppress(Exception):
-                _remove(out_url, storage_options)
+                _remove(out_url, out_so)
             raise
     summary.update({"out": out_url, "seconds": prov["seconds"], "subjects": sids})
     say(f"{summary['n_train']} train + {summary['n_val']} val patches -> {out_url} "

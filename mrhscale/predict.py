@@ -304,8 +304,33 @@ def _jsonable(v):
     return str(v)
 
 
-def nifti_path(nifti_dir: str, sid: str, variable: str) -> str:
-    return os.path.join(nifti_dir, f"{sid}_{variable}.nii.gz")
+def nifti_path(nifti_dir: str, sid: str, variable: str, native: bool = False) -> str:
+    return os.path.join(nifti_dir, f"{sid}_{variable}{'_native' if native else ''}.nii.gz")
+
+
+def native_transforms(to_native: str | bool, ds, sid: str) -> str:
+    """The registration folder of ``sid`` for ``--to-native``: DIR/<sid> when a DIR is given,
+    else the one beside the registered manifest the subject was ingested from."""
+    from mrhscale.register import read_transform_info, transforms_for_subject
+
+    if isinstance(to_native, str) and to_native:
+        d = os.path.join(os.fspath(to_native), sid)
+        if not os.path.isdir(d):
+            raise MRHError(f"--to-native {to_native}: no folder {sid}/ of subject {sid!r} "
+                           "(give the --out folder of mrhscale register)")
+    else:
+        d = transforms_for_subject(ds.attrs.get("manifest"), sid)
+        if d is None:
+            raise MRHError(f"subject {sid!r} was not registered by mrhscale register "
+                           f"(its manifest {ds.attrs.get('manifest')} has no {sid}/transforms beside it); "
+                           "give --to-native DIR (the --out folder of mrhscale register)")
+    info = read_transform_info(d)  # MRHError when the folder holds no registration
+    ref = tuple(int(n) for n in info["reference_grid"]["shape"])
+    have = tuple(int(ds.sizes[a]) for a in SPATIAL)
+    if ref != have:
+        raise MRHError(f"--to-native: subject {sid!r} has grid {have} in the store but its "
+                       f"registration in {d} has reference grid {ref}; wrong registration folder?")
+    return d
 
 
 def _write_nifti(path: str, arr: np.ndarray, attrs: dict) -> str:
@@ -333,11 +358,19 @@ def predict(
     aggregate: str = "centre",
     quiet: bool = False,
     torch_threads: int | None = None,
+    storage_options: dict | None = None,
+    to_native: str | bool | None = None,
 ) -> dict[str, Any]:
     """Predict the bundle's stain for every brain voxel of each subject; returns a summary.
 
     Subjects already listed as complete in ``out_url`` are skipped (resume);
-    their NIfTI is (re)written if ``nifti_dir`` lacks it.
+    their NIfTI is (re)written if ``nifti_dir`` lacks it. ``store_url`` and ``out_url`` may be
+    URLs (s3://...) with fsspec ``storage_options`` (endpoint, credentials), which the workers
+    get inside the task graph; the model bundle and ``nifti_dir`` are local paths.
+    ``to_native``: also map each virtual stain back to the subject's own (pre-registration)
+    grid, ``<nifti_dir>/<sid>_<variable>_native.nii.gz`` (needs ``nifti_dir``); True or ""
+    finds the transforms beside the registered manifest the subject was ingested from, a
+    folder (the ``--out`` of ``mrhscale register``) uses ``DIR/<sid>``.
     """
     import xarray as xr
     import zarr
@@ -345,7 +378,7 @@ def predict(
     from mrhscale import __version__
     from mrhscale.bundle import load_model
     from mrhscale.cluster import dask_client
-    from mrhscale.store import list_subjects, open_subject
+    from mrhscale.store import list_subjects, open_subject, url_options
 
     t0 = time.perf_counter()
     if aggregate not in AGGREGATES:
@@ -357,11 +390,17 @@ def predict(
         device = check_device(device)  # embedded cluster: the workers see this machine's GPUs
     elif device not in ("cpu",) and not (device == "cuda" or device.startswith("cuda:")):
         raise MRHError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if to_native is False:
+        to_native = None
+    if to_native is not None and not nifti_dir:
+        raise MRHError("--to-native needs --nifti DIR: the folder for the native-space NIfTI files")
+    in_so = url_options(store_url, storage_options)
+    out_so = url_options(out_url, storage_options)
     _, meta = load_model(model_path)  # validates the bundle; workers load their own copy
     model_path = os.path.abspath(os.fspath(model_path))
     target = str(meta["target"])
     variable = f"{target}_virtual"
-    available = list_subjects(store_url)
+    available = list_subjects(store_url, in_so)
     if not available:
         raise MRHError(f"{store_url}: store holds no complete subject")
     ids = list(subjects) if subjects else available
@@ -372,10 +411,16 @@ def predict(
             f"(complete subjects: {', '.join(available)})"
         )
     # channel check on every subject before any work
-    datasets = {sid: open_subject(store_url, sid) for sid in ids}
+    datasets = {sid: open_subject(store_url, sid, in_so) for sid in ids}
     for sid, ds in datasets.items():
         check_channels(list(meta["channels"]), [str(c) for c in ds["contrast"].values],
                        f"{store_url}: subject {sid!r}")
+    native_dirs = {}
+    if to_native is not None:
+        from mrhscale.register import _ants
+
+        _ants()  # MRHError naming the optional extra before any work
+        native_dirs = {sid: native_transforms(to_native, ds, sid) for sid, ds in datasets.items()}
 
     model_rec = {
         "path": model_path,
@@ -390,7 +435,7 @@ def predict(
     params = {"aggregate": aggregate, "batch_size": int(batch_size), "device": device}
     if str(out_url).rstrip("/") == str(store_url).rstrip("/"):
         raise MRHError(f"--out {out_url}: is the input store; give a separate prediction store")
-    root = zarr.open_group(str(out_url), mode="a", zarr_format=3)
+    root = zarr.open_group(str(out_url), mode="a", zarr_format=3, storage_options=out_so)
     fmt = root.attrs.get("format")
     if fmt not in (None, FORMAT):
         raise MRHError(f"{out_url}: is a {fmt} store, not a prediction store; give another --out")
@@ -409,7 +454,8 @@ def predict(
     }))
     todo = [s for s in ids if s not in done]
     skipped = [s for s in ids if s in done]
-    nifti = []
+    nifti: list[str] = []
+    native: list[str] = []
     n_vox = 0
     if todo:
         with dask_client(scheduler=scheduler, workers=workers, quiet=quiet) as client:
@@ -449,14 +495,18 @@ def predict(
                 )
                 for v in out.variables:
                     out[v].encoding.pop("chunks", None)
-                out.to_zarr(str(out_url), group=sid, mode="w", consolidated=False, zarr_format=3)
+                out.to_zarr(str(out_url), group=sid, mode="w", consolidated=False, zarr_format=3,
+                            storage_options=out_so)
                 n_vox += int(ds["mask"].sum().compute())
                 # completion marker last: a crash before this line leaves sid unlisted
-                root = zarr.open_group(str(out_url), mode="a", zarr_format=3)
+                root = zarr.open_group(str(out_url), mode="a", zarr_format=3, storage_options=out_so)
                 done = list(root.attrs.get("subjects", [])) + [sid]
                 root.attrs["subjects"] = done
                 if nifti_dir:
-                    nifti.append(_write_nifti_from_store(out_url, sid, variable, nifti_dir))
+                    nifti.append(_write_nifti_from_store(out_url, sid, variable, nifti_dir, out_so))
+                if sid in native_dirs:
+                    native.append(_write_native(out_url, sid, variable, nifti_dir, native_dirs[sid],
+                                                out_so))
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
@@ -465,7 +515,9 @@ def predict(
         for sid in skipped:
             p = nifti_path(nifti_dir, sid, variable)
             if not os.path.exists(p):
-                nifti.append(_write_nifti_from_store(out_url, sid, variable, nifti_dir))
+                nifti.append(_write_nifti_from_store(out_url, sid, variable, nifti_dir, out_so))
+            if sid in native_dirs and not os.path.exists(nifti_path(nifti_dir, sid, variable, True)):
+                native.append(_write_native(out_url, sid, variable, nifti_dir, native_dirs[sid], out_so))
     dt = time.perf_counter() - t0
     return {
         "out": str(out_url),
@@ -476,12 +528,28 @@ def predict(
         "seconds": dt,
         "voxels_per_s": n_vox / dt if dt > 0 and n_vox else 0.0,
         "nifti": nifti,
+        "native": native,
     }
 
 
-def _write_nifti_from_store(out_url: str, sid: str, variable: str, nifti_dir: str) -> str:
+def _write_nifti_from_store(out_url: str, sid: str, variable: str, nifti_dir: str,
+                            storage_options: dict | None = None) -> str:
     import xarray as xr
 
-    ds = xr.open_zarr(str(out_url), group=sid, consolidated=False)
+    ds = xr.open_zarr(str(out_url), group=sid, consolidated=False, storage_options=storage_options)
     arr = ds[variable].transpose(*SPATIAL).values
     return _write_nifti(nifti_path(nifti_dir, sid, variable), arr, dict(ds.attrs))
+
+
+def _write_native(out_url: str, sid: str, variable: str, nifti_dir: str, transforms: str,
+                  storage_options: dict | None = None) -> str:
+    """The subject's virtual stain mapped back to its native grid (inverse registration)."""
+    import xarray as xr
+
+    from mrhscale.register import to_native
+
+    ds = xr.open_zarr(str(out_url), group=sid, consolidated=False, storage_options=storage_options)
+    arr = ds[variable].transpose(*SPATIAL).values.astype(np.float32)
+    path = nifti_path(nifti_dir, sid, variable, native=True)
+    to_native(arr, transforms, interpolator="linear", out=path)  # written atomically
+    return path

@@ -41,7 +41,15 @@ def local_path(url: str) -> str:
     return urlparse(u).path if u.startswith("file://") else u
 
 
+def url_options(url: str, storage_options: dict | None) -> dict | None:
+    """``storage_options`` for a URL: fsspec's (s3://, gs://, memory://...) get them, a local
+    path gets None (zarr refuses options it cannot use). Credentials may also come from the
+    environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL...) with no option."""
+    return None if is_local(url) or not storage_options else dict(storage_options)
+
+
 def open_root(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+    storage_options = url_options(url, storage_options)
     try:
         return zarr.open_group(str(url), mode=mode, storage_options=storage_options, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
@@ -52,6 +60,7 @@ def list_subjects(url: str, storage_options: dict | None = None) -> list[str]:
     """Ids of the complete subjects of a cohort store, in ingest order."""
     if is_local(url) and not os.path.exists(local_path(url)):
         raise MRHError(f"{url}: store does not exist")
+    storage_options = url_options(url, storage_options)
     try:
         root = zarr.open_group(str(url), mode="r", storage_options=storage_options)
     except Exception as e:  # zarr raises several types for "not a group"
@@ -67,6 +76,7 @@ def open_subject(url: str, subject: str, storage_options: dict | None = None, ch
             f"{url}: subject {subject!r} not in store (complete subjects: {', '.join(subjects) or 'none'})"
         )
     kw = {} if chunks == "auto_zarr" else {"chunks": chunks}
+    storage_options = url_options(url, storage_options)
     return xr.open_zarr(str(url), group=subject, consolidated=False, storage_options=storage_options, **kw)
 
 
@@ -92,6 +102,7 @@ def open_cohort(url: str, subjects: list[str] | None = None, storage_options: di
 def describe_store(url: str, storage_options: dict | None = None) -> str:
     """Human summary of any mrhscale Zarr store (cohort, patches, predictions)."""
     ids = list_subjects(url, storage_options)
+    storage_options = url_options(url, storage_options)
     root = zarr.open_group(str(url), mode="r", storage_options=storage_options)
     fmt = root.attrs.get("format", "?")
     lines = [f"store: {url}", f"format: {fmt}"]

@@ -56,8 +56,10 @@ def open_patch_store(url: str, storage_options: dict | None = None):
     """The root group of a complete patch store (MRHError otherwise)."""
     import zarr
 
+    from mrhscale.store import url_options
+
     try:
-        root = zarr.open_group(str(url), mode="r", storage_options=storage_options)
+        root = zarr.open_group(str(url), mode="r", storage_options=url_options(url, storage_options))
     except Exception as e:  # zarr raises several types for "not a group"
         raise MRHError(f"{url}: not a readable patch store ({type(e).__name__}: {e})") from None
     if not root.attrs.get("complete"):

@@ -266,12 +266,12 @@ def read_patch_store_attrs(url: str, storage_options: dict | None = None) -> dic
     """Root attrs of a COMPLETE patch store, or an MRHError saying what is wrong."""
     import zarr
 
-    from mrhscale.store import is_local, local_path
+    from mrhscale.store import is_local, local_path, url_options
 
     if is_local(url) and not os.path.exists(local_path(url)):
         raise MRHError(f"{url}: patch store does not exist (run `mrhscale patches` first)")
     try:
-        root = zarr.open_group(str(url), mode="r", storage_options=storage_options)
+        root = zarr.open_group(str(url), mode="r", storage_options=url_options(url, storage_options))
     except Exception as e:
         raise MRHError(f"{url}: not a readable patch store ({type(e).__name__}: {e})") from None
     attrs = dict(root.attrs)

@@ -40,3 +40,12 @@ def test_config_errors(tmp_path):
     cfg.write_text("[1, 2]\n")
     r = CliRunner().invoke(main, ["ingest", "--config", str(cfg)])
     assert r.exit_code == 2 and "mapping" in r.output
+
+
+def test_resolved_config_masks_credentials():
+    from mrhscale.config import resolved_config
+
+    doc = resolved_config("ingest", {"out": "x", "storage_options": '{"endpoint_url": "http://h:1", "key": "AK", "secret": "S"}'})
+    assert doc["storage_options"] == {"endpoint_url": "http://h:1", "key": "***", "secret": "***"}
+    doc = resolved_config("ingest", {"storage_options": {"client_kwargs": {"aws_secret_access_key": "S"}}})
+    assert doc["storage_options"]["client_kwargs"]["aws_secret_access_key"] == "***"

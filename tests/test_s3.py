@@ -53,3 +53,116 @@ def test_ingest_to_s3_and_read_back(tmp_path, s3):
     np.testing.assert_array_equal(ds.mri.values[..., :5], dwi)
     plain = xr.open_zarr(url, group="s02", consolidated=False, storage_options=s3)
     assert plain.mri.shape == (10, 8, 12, 8)
+
+
+def _stream_all(url, split="train", storage_options=None):
+    from mrhscale.stream import PatchStream
+
+    s = PatchStream(url, split=split, batch_size=16, shuffle=False, drop_last=False,
+                    storage_options=storage_options, with_origin=True)
+    parts = list(s)
+    if not parts:
+        return None
+    return [np.concatenate([p[i].numpy() if hasattr(p[i], "numpy") else np.asarray(p[i]) for p in parts])
+            for i in range(len(parts[0]))]
+
+
+def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
+    """ingest -> patches -> stream -> train -> predict -> evaluate, every store on S3,
+    equal to the same chain on local disk."""
+    import s3fs
+    import zarr
+    from distributed import Client, LocalCluster
+
+    from mrhscale.evaluate import evaluate
+    from mrhscale.importance import importance
+    from mrhscale.ingest import ingest
+    from mrhscale.patches import extract_patches
+    from mrhscale.predict import predict
+    from mrhscale.store import describe_store
+    from mrhscale.train import train
+
+    man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
+    base = "s3://mrh/e2e"
+    cohort, patches, pred = f"{base}/cohort.zarr", f"{base}/patches.zarr", f"{base}/pred.zarr"
+    loc = {k: str(tmp_path / f"{k}.zarr") for k in ("cohort", "patches", "pred")}
+    kw = dict(target="af", half=1, stride=2, min_label_sum=1, min_label_nonzero=1, val_fraction=0.25,
+              seed=3, quiet=True)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
+            Client(cl) as client:
+        for url, so in ((cohort, s3), (loc["cohort"], None)):
+            ingest(man, url, chunks=(4, 4, 4), client=client, quiet=True, storage_options=so)
+        # patches: s3 -> s3 (staging on s3 too) and local -> local
+        s_res = extract_patches(cohort, out_url=patches, storage_options=s3, **kw)
+        l_res = extract_patches(loc["cohort"], out_url=loc["patches"], **kw)
+        assert (s_res["n_train"], s_res["n_val"]) == (l_res["n_train"], l_res["n_val"])
+        assert s_res["n_train"] > 50 and s_res["n_val"] > 0
+        fs = s3fs.S3FileSystem(**s3)
+        fs.invalidate_cache()
+        assert not fs.exists("mrh/e2e/patches.zarr/_staging")  # staging removed on S3
+        root = zarr.open_group(patches, mode="r", storage_options=s3)
+        assert root.attrs["complete"] is True
+        # the stream reads the same patches from S3 as from disk
+        for split in ("train", "val"):
+            got, want = _stream_all(patches, split, s3), _stream_all(loc["patches"], split)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g, w)
+        # a tiny training run that streams from S3
+        run = train(patches, str(tmp_path / "run"), depth=1, width=8, epochs=1, batch_size=32,
+                    lr=1e-3, optimizer="adamw", quiet=True, storage_options=s3,
+                    workers=1)  # a DataLoader worker process reads S3 too
+        model = run["model"]
+        # predict: S3 in, S3 out (workers read and write with the options); resume skips
+        res = predict(model, cohort, pred, scheduler=cl.scheduler_address, quiet=True,
+                      batch_size=256, storage_options=s3, nifti_dir=str(tmp_path / "nii"))
+        assert res["predicted"] == ["s01", "s02"]
+        again = predict(model, cohort, pred, scheduler=cl.scheduler_address, quiet=True,
+                        storage_options=s3)
+        assert again["skipped"] == ["s01", "s02"] and again["predicted"] == []
+        predict(model, loc["cohort"], loc["pred"], scheduler=cl.scheduler_address, quiet=True,
+                batch_size=256)
+    for sid in ("s01", "s02"):
+        got = xr.open_zarr(pred, group=sid, consolidated=False, storage_options=s3)
+        want = xr.open_zarr(loc["pred"], group=sid, consolidated=False)
+        np.testing.assert_allclose(got["af_virtual"].values, want["af_virtual"].values, rtol=1e-5, atol=1e-5)
+        assert np.abs(got["af_virtual"].values).sum() > 0
+        assert os.path.exists(tmp_path / "nii" / f"{sid}_af_virtual.nii.gz")
+    assert zarr.open_group(pred, mode="r", storage_options=s3).attrs["subjects"] == ["s01", "s02"]
+    m = evaluate(pred, cohort, "af", str(tmp_path / "eval"), quiet=True, storage_options=s3)
+    assert np.isfinite(m["pooled"]["virtual"]["pearson"])
+    assert "s01" in describe_store(pred, storage_options=s3)
+    imp = importance(model, patches, str(tmp_path / "imp"), split="val", repeats=1, max_patches=64,
+                     quiet=True, storage_options=s3)
+    assert imp["groups"] and np.isfinite(imp["baseline_mse"])
+
+
+def test_cli_storage_options(tmp_path, s3):
+    """--storage-options on the command line (JSON) and in --config (a YAML mapping)."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from mrhscale.cli import main
+
+    man = write_file_cohort(tmp_path / "files", n_subjects=1, fmt="nii")
+    url = "s3://mrh/cli/cohort.zarr"
+    r = CliRunner().invoke(main, ["ingest", man, "--out", url, "--chunks", "4,4,4", "--workers", "1",
+                                  "-q", "--storage-options", json.dumps(s3)])
+    assert r.exit_code == 0, r.output
+    assert list_subjects(url, storage_options=s3) == ["s01"]
+    cfg = tmp_path / "info.yaml"
+    cfg.write_text(yaml.safe_dump({"storage_options": s3}))
+    r = CliRunner().invoke(main, ["info", url, "--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert "s01: grid 10x8x12" in r.output
+    # no option: endpoint and credentials from the environment (as s3fs/botocore read them)
+    r = CliRunner().invoke(main, ["info", url], env={"AWS_ENDPOINT_URL": s3["endpoint_url"]})
+    assert r.exit_code == 0, r.output
+    assert "s01: grid 10x8x12" in r.output
+    # bad value: one line, exit 2, naming the option
+    r = CliRunner().invoke(main, ["info", url, "--storage-options", "[1, 2"])
+    assert r.exit_code == 2 and "--storage-options" in r.output and "Traceback" not in r.output
+    # a URL with nothing there: one line, exit 2
+    r = CliRunner().invoke(main, ["info", "s3://mrh/cli/nothing.zarr", "--storage-options", json.dumps(s3)])
+    assert r.exit_code == 2 and "nothing.zarr" in r.output and "Traceback" not in r.output
