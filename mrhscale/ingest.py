@@ -148,12 +148,13 @@ def _after_write(_written, nan_counts):
     return nan_counts
 
 
-def _read_slab(parts, shape, z0: int, z1: int) -> np.ndarray:
-    """All contrasts of z-slab [z0, z1) as one contrast-last float32 block.
+def _read_slab(parts, shape, z0: int, z1: int) -> tuple[np.ndarray, int]:
+    """All contrasts of z-slab [z0, z1) as one contrast-last float32 block, NaNs zeroed and counted.
 
     NIfTI/Analyze data are Fortran-ordered, so a slab of full x-y planes is one
     contiguous run per volume: reading slabs (not small 3D chunks, which would be
-    thousands of 256-byte runs) keeps reads sequential.
+    thousands of 256-byte runs) keeps reads sequential. Zeroing and counting NaNs
+    here, while the block is hot in cache, saves two passes over the data.
     """
     sx, sy, _ = shape
     out = np.empty((sx, sy, z1 - z0, sum(n for _, n in parts)), np.float32)
@@ -162,16 +163,28 @@ def _read_slab(parts, shape, z0: int, z1: int) -> np.ndarray:
         blk = np.asarray(proxy[:, :, z0:z1], dtype=np.float32)
         out[..., c:c + n] = blk.reshape(sx, sy, z1 - z0, n)
         c += n
-    return out
+    nans = np.isnan(out)
+    n_nan = int(np.count_nonzero(nans))
+    if n_nan:
+        out[nans] = 0
+    return out, n_nan
 
 
-def lazy_volume(vol: Volume, shape: tuple[int, ...], chunks: tuple[int, ...]) -> da.Array:
-    """A float32 dask array over one file, read in z-slabs (gzip: whole, it has no random access)."""
+def _total(counts) -> int:
+    return int(sum(counts))
+
+
+def lazy_volume(vol: Volume, shape: tuple[int, ...], chunks: tuple[int, ...]):
+    """One file as a float32 dask array (NaNs zeroed) and a lazy count of its NaNs."""
     return lazy_group([(vol, shape[3] if len(shape) == 4 else 1)], shape[:3], chunks[:3], squeeze=len(shape) == 3)
 
 
-def lazy_group(vols: list[tuple[Volume, int]], shape3, chunks3, squeeze: bool = False) -> da.Array:
-    """Volumes of one grid concatenated along contrast, contrast-last, chunked (cx, cy, cz, all)."""
+def lazy_group(vols: list[tuple[Volume, int]], shape3, chunks3, squeeze: bool = False):
+    """Volumes of one grid concatenated along contrast, contrast-last, chunked (cx, cy, cz, all).
+
+    Returns the array (NaNs zeroed) and a Delayed NaN count computed by the same
+    read tasks. gzip has no random access, so a .gz group is read whole once.
+    """
     shape3 = tuple(int(s) for s in shape3)
     spatial = tuple(min(c, s) for c, s in zip(chunks3, shape3))
     n_total = sum(n for _, n in vols)
@@ -181,23 +194,21 @@ def lazy_group(vols: list[tuple[Volume, int]], shape3, chunks3, squeeze: bool = 
     else:
         cz = spatial[2]
         slabs_z = [(z, min(z + cz, shape3[2])) for z in range(0, shape3[2], cz)]
-    blocks = [
-        da.from_delayed(dask.delayed(_read_slab, pure=True)(parts, shape3, z0, z1),
-                        shape=(*shape3[:2], z1 - z0, n_total), dtype=np.float32)
-        for z0, z1 in slabs_z
-    ]
+    reads = [dask.delayed(_read_slab, pure=True, nout=2)(parts, shape3, z0, z1) for z0, z1 in slabs_z]
+    blocks = [da.from_delayed(r[0], shape=(*shape3[:2], z1 - z0, n_total), dtype=np.float32)
+              for r, (z0, z1) in zip(reads, slabs_z)]
     arr = da.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]
     arr = arr.rechunk((*spatial, n_total))
-    return arr[..., 0] if squeeze else arr
+    nan_count = dask.delayed(_total, pure=True)([r[1] for r in reads])
+    return (arr[..., 0] if squeeze else arr), nan_count
 
 
-def subject_dataset(plan: SubjectPlan, chunks=DEFAULT_CHUNKS) -> tuple[xr.Dataset, dict[str, da.Array]]:
+def subject_dataset(plan: SubjectPlan, chunks=DEFAULT_CHUNKS) -> tuple[xr.Dataset, dict]:
     """The subject as a lazy Dataset (NaNs zeroed) and lazy NaN counts per variable."""
     sx, sy, sz = plan.shape
     spatial = tuple(min(c, s) for c, s in zip(chunks, plan.shape))
-    mri = lazy_group([(vol, n) for _, vol, n in plan.mri], plan.shape, spatial)
-    nan_counts = {"mri": da.isnan(mri).sum()}
-    mri = da.where(da.isnan(mri), np.float32(0), mri)
+    mri, n_nan = lazy_group([(vol, n) for _, vol, n in plan.mri], plan.shape, spatial)
+    nan_counts = {"mri": n_nan}
     xyz = ("x", "y", "z")
     data = {
         "mri": (xyz + ("contrast",), mri),
@@ -206,12 +217,11 @@ def subject_dataset(plan: SubjectPlan, chunks=DEFAULT_CHUNKS) -> tuple[xr.Datase
     three = {"fa": plan.fa} if plan.fa is not None else {}
     three.update(plan.targets)
     for name, vol in three.items():
-        a = lazy_volume(vol, plan.shape, spatial)
-        nan_counts[name] = da.isnan(a).sum()
-        data[name] = (xyz, da.where(da.isnan(a), np.float32(0), a))
+        a, nan_counts[name] = lazy_volume(vol, plan.shape, spatial)
+        data[name] = (xyz, a)
     for name, vol in plan.labels.items():
-        a = lazy_volume(vol, plan.shape, spatial)
-        data[name] = (xyz, da.nan_to_num(a) > 0.5)
+        a, _ = lazy_volume(vol, plan.shape, spatial)
+        data[name] = (xyz, a > 0.5)
     coords = {
         "contrast": np.array(plan.channels, dtype=object),
         "group": ("contrast", np.array(plan.groups, dtype=object)),
