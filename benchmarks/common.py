@@ -53,3 +53,128 @@ def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- helpers for the runner / scale run
+def copy_bandwidth_gbs(nbytes: int = 512 << 20, repeats: int = 7) -> dict:
+    """Memory copy bandwidth (numpy copy of a large float32 array): median and all repeats, GB/s.
+
+    GB/s counts the bytes copied (not read + written), the same convention as the patch
+    kernel's bandwidth bound; the untimed warm-up touches both arrays first.
+    """
+    import numpy as np
+
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    med, times = timed(lambda: np.copyto(dst, src), repeats=repeats, warmup=1)
+    return {"median_gbs": nbytes / med / 1e9, "all_gbs": [nbytes / t / 1e9 for t in times],
+            "bytes": nbytes, "repeats": repeats}
+
+
+def machine_info() -> dict:
+    """Cores, memory, CPU model, load averages and free disk of the temporary directory."""
+    import platform
+    import shutil
+    import tempfile
+
+    info = machine()
+    info["cpu"] = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable"):
+                    info["available_mib"] = int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    info["load"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    info["python"] = platform.python_version()
+    info["platform"] = platform.platform()
+    du = shutil.disk_usage(tempfile.gettempdir())
+    info["tmp_free_gib"] = du.free / 2**30
+    return info
+
+
+class RSSPoller:
+    """Poll the resident memory of a set of processes (and their children) in a thread.
+
+    ``peak`` maps each pid given to the highest RSS seen, in bytes, summed over the
+    process and its child processes at each sample (a Dask worker's nanny is not counted:
+    give the worker pids). Use as a context manager; ``reset()`` starts a new stage.
+    """
+
+    def __init__(self, pids, interval: float = 0.05, children: bool = True):
+        import threading
+
+        import psutil
+
+        self.procs = {}
+        for p in pids:
+            try:
+                self.procs[p] = psutil.Process(p)
+            except psutil.Error:
+                pass
+        self.children = children
+        self.interval = interval
+        self.peak = {p: 0 for p in self.procs}
+        self.lost: set[int] = set()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        import psutil
+
+        for pid, p in self.procs.items():
+            try:
+                rss = p.memory_info().rss
+                if self.children:
+                    for c in p.children(recursive=True):
+                        try:
+                            rss += c.memory_info().rss
+                        except psutil.Error:
+                            pass
+                self.peak[pid] = max(self.peak[pid], rss)
+            except psutil.Error:  # a worker that died (restarted) shows up here
+                self.lost.add(pid)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+    def reset(self) -> None:
+        self.peak = {p: 0 for p in self.procs}
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.sample()
+
+
+def fmt_value(v) -> str:
+    """A number for a results table: 4 significant digits, thousands kept readable."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, float)):
+        if v != v:  # NaN
+            return "nan"
+        a = abs(v)
+        if a >= 1e5:
+            return f"{v:,.0f}"
+        if a >= 100:
+            return f"{v:.0f}"
+        return f"{v:.4g}"
+    return str(v)
