@@ -48,14 +48,6 @@ def url_options(url: str, storage_options: dict | None) -> dict | None:
     return None if is_local(url) or not storage_options else dict(storage_options)
 
 
-def open_root(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
-    storage_options = url_options(url, storage_options)
-    try:
-        return zarr.open_group(str(url), mode=mode, storage_options=storage_options, zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-        raise MRHError(f"{url}: no mrhscale store here (run `mrhscale ingest` first)") from None
-
-
 def list_subjects(url: str, storage_options: dict | None = None) -> list[str]:
     """Ids of the complete subjects of a cohort store, in ingest order."""
     if is_local(url) and not os.path.exists(local_path(url)):
