@@ -23,14 +23,13 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import print_rows, row, timed  # noqa: E402
+from benchmarks.common import RSSPoller, print_rows, row, timed  # noqa: E402
 
 C = 67
 PATCH_BYTES = C * 9 * 4
@@ -198,33 +197,6 @@ def kernel_rows(full: bool, repeats: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------ end to end + memory
-class _RSSPoller:
-    def __init__(self, pids):
-        import psutil
-
-        self.procs = [psutil.Process(p) for p in pids]
-        self.peak = {p.pid: 0 for p in self.procs}
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            for p in self.procs:
-                try:
-                    self.peak[p.pid] = max(self.peak[p.pid], p.memory_info().rss)
-                except Exception:  # noqa: BLE001 - a worker that died shows as a restart
-                    pass
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-
 def e2e_rows(full: bool, repeats: int, work: str) -> list[dict]:
     from distributed import Client, LocalCluster
 
@@ -264,7 +236,7 @@ def e2e_rows(full: bool, repeats: int, work: str) -> list[dict]:
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                       memory_limit=limit, silence_logs=40) as cl, Client(cl) as client:
         pids0 = client.run(os.getpid)
-        with _RSSPoller(list(pids0.values())) as poll:
+        with RSSPoller(list(pids0.values()), children=False) as poll:
             t0 = time.perf_counter()
             extract_patches(store, "af", out, quiet=True, overwrite=True)
             dt = time.perf_counter() - t0
