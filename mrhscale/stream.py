@@ -13,9 +13,16 @@ to exactly one (rank, worker) and ranges follow chunk boundaries except at the
 cut points. A worker reads its chunks in order through zarr (local or remote
 store alike) into a bounded shuffle buffer: windows of whole chunks holding
 about ``shuffle_buffer`` patches are permuted and cut into batches (the store
-itself is already globally shuffled; this adds per-epoch variety). Batches are
-normalised in one fused pass and, in DataLoader workers, built in shared memory
-so handing them to the main process copies nothing.
+itself is already globally shuffled; this adds per-epoch variety). zarr decodes
+each window straight into a preallocated buffer (no per-chunk temporaries or
+concatenation). Batches are normalised in one fused pass and, in DataLoader
+workers, built in shared memory so handing them to the main process copies
+nothing. ``read_ahead=True`` reads the next window in a background thread while
+the current one is cut into batches: on a machine with a spare core this
+overlaps I/O and decoding with the consumer without any process hand-off (the
+DataLoader's per-batch inter-process hand-off has a fixed cost that caps its
+rate on few cores: see benchmarks/RESULTS.md). Leave it off where the consumer
+already uses every core (CPU training: torch's threads spin while waiting).
 
 Policies:
 - ``drop_last=True`` (equal steps, for DDP training): every rank gets exactly
@@ -33,6 +40,7 @@ Policies:
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -42,6 +50,7 @@ from mrhscale.errors import MRHError
 from mrhscale.norm import Normalisation
 
 VARS = ("inputs", "targets", "origin")
+_READ_THREADS = 4  # concurrent zarr chunk reads per iterator (they mostly wait on I/O)
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -83,6 +92,7 @@ class PatchStream(IterableDataset):
         drop_last: bool = True,
         storage_options: dict | None = None,
         with_origin: bool = False,
+        read_ahead: bool = False,
     ):
         super().__init__()
         if split not in ("train", "val"):
@@ -97,6 +107,7 @@ class PatchStream(IterableDataset):
         self.drop_last = bool(drop_last)
         self.storage_options = storage_options
         self.with_origin = with_origin
+        self.read_ahead = bool(read_ahead)
         self.epoch = 0
         root = open_patch_store(self.url, storage_options)
         attrs = dict(root.attrs)
@@ -231,31 +242,143 @@ class PatchStream(IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self._in_worker = info is not None
         segs = self.plan(worker, n_workers)
+        if not segs:
+            return
         arrays = self._open()
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 7])
-        b, cap = self.batch_size, self.shuffle_buffer
-        pending: list[tuple] = []
-        n_pend = 0
-        for k, (a, e) in enumerate(segs):
-            pending.append(tuple(arr[a:e] for arr in arrays))
-            n_pend += e - a
-            last = k == len(segs) - 1
-            if n_pend < cap + b and not last:
+        b = self.batch_size
+        plan = _windows(segs, self.shuffle_buffer, b)
+        rows = b + max(n for _, n in plan)  # carry (< b rows) goes in front of the window's rows
+        ahead = bool(self.read_ahead) and len(plan) > 1
+        pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="PatchStream-read")
+        windows = (_read_ahead(arrays, plan, rows, b, pool) if ahead
+                   else _read_inline(arrays, plan, rows, b, pool))
+        carry: list[np.ndarray] | None = None
+        try:
+            for k, (bufs, n_rows, release) in enumerate(windows):
+                k0 = 0 if carry is None else len(carry[0])
+                if k0:
+                    for buf, c in zip(bufs, carry, strict=True):
+                        buf[b - k0:b] = c
+                arrs = [buf[b - k0:b + n_rows] for buf in bufs]
+                n_pend = k0 + n_rows
+                order = rng.permutation(n_pend) if self.shuffle else np.arange(n_pend)
+                full = n_pend // b
+                last = k == len(plan) - 1
+                for i in range(full):
+                    yield self._emit(arrs, order[i * b:(i + 1) * b])
+                rest = order[full * b:]
+                if last:
+                    if len(rest):
+                        yield self._emit(arrs, rest)
+                    release()
+                    return
+                if not self.shuffle:
+                    rest = np.sort(rest)
+                carry = [np.take(x, rest, axis=0) for x in arrs]
+                release()
+        finally:
+            windows.close()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _windows(segs: list[tuple[int, int]], cap: int, b: int) -> list[tuple[list[tuple[int, int]], int]]:
+    """Group a worker's row ranges into shuffle windows: (ranges, rows) each.
+
+    A window closes once it holds >= cap + b patches counting the carry from
+    the previous one (its n % b leftover), or at the end.
+    """
+    out, cur, n_cur, carry = [], [], 0, 0
+    for k, (a, e) in enumerate(segs):
+        cur.append((a, e))
+        n_cur += e - a
+        if carry + n_cur < cap + b and k != len(segs) - 1:
+            continue
+        out.append((cur, n_cur))
+        carry = (carry + n_cur) % b
+        cur, n_cur = [], 0
+    return out
+
+
+def _alloc(arrays, rows: int) -> list[np.ndarray]:
+    return [np.empty((rows, *a.shape[1:]), a.dtype) for a in arrays]
+
+
+def _fill(arrays, bufs, ranges, b: int, pool) -> None:
+    """Read ``ranges`` of every array into rows ``b:`` of ``bufs``.
+
+    zarr decodes straight into the window (no per-chunk temporaries, no
+    concatenation), and the reads run concurrently: one zarr call per chunk
+    waits on its file read, so overlapping them measured ~1.5x faster than a
+    sequential loop (benchmarks/bench_stream.py).
+    """
+    from zarr.core.buffer.cpu import NDBuffer
+
+    jobs = []
+    for arr, buf in zip(arrays, bufs, strict=True):
+        pos = b
+        for a, e in ranges:
+            jobs.append(pool.submit(arr.get_basic_selection, slice(a, e),
+                                    out=NDBuffer.from_numpy_array(buf[pos:pos + e - a])))
+            pos += e - a
+    for j in jobs:
+        j.result()
+
+
+def _read_inline(arrays, plan, rows: int, b: int, pool):
+    bufs = _alloc(arrays, rows)  # one window, reused
+    for ranges, n in plan:
+        _fill(arrays, bufs, ranges, b, pool)
+        yield bufs, n, _noop
+
+
+def _noop():
+    pass
+
+
+def _read_ahead(arrays, plan, rows: int, b: int, pool):
+    """Windows read by a background thread (zarr I/O and decoding release the GIL), two
+    buffers in rotation: the next window is read while this one is cut into batches."""
+    import queue
+    import threading
+
+    free: queue.Queue = queue.Queue()
+    for _ in range(2):
+        free.put(_alloc(arrays, rows))
+    ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def take(q):
+        while not stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
                 continue
-            arrs = [np.concatenate(p) if len(p) > 1 else p[0] for p in zip(*pending, strict=True)]
-            order = rng.permutation(n_pend) if self.shuffle else np.arange(n_pend)
-            full = n_pend // b
-            for i in range(full):
-                yield self._emit(arrs, order[i * b:(i + 1) * b])
-            rest = order[full * b:]
-            if last:
-                if len(rest):
-                    yield self._emit(arrs, rest)
-                return
-            if not self.shuffle:
-                rest = np.sort(rest)
-            pending = [tuple(np.take(x, rest, axis=0) for x in arrs)]
-            n_pend = len(rest)
+        return None
+
+    def run():
+        try:
+            for ranges, n in plan:
+                bufs = take(free)
+                if bufs is None:
+                    return
+                _fill(arrays, bufs, ranges, b, pool)
+                ready.put((bufs, n))
+        except BaseException as e:  # surfaced in the consumer
+            ready.put(e)
+
+    th = threading.Thread(target=run, name="PatchStream-read-ahead", daemon=True)
+    th.start()
+    try:
+        for _ in plan:
+            item = take(ready)
+            if isinstance(item, BaseException):
+                raise item
+            bufs, n = item
+            yield bufs, n, (lambda bufs=bufs: free.put(bufs))
+    finally:
+        stop.set()
+        th.join(timeout=10)
 
 
 try:  # fused gather + normalise (one pass); numpy fallback gives the same values

@@ -409,6 +409,8 @@ def _open_data(url, split, batch, cfg, rank, world, norm, device, workers, stora
         kw["drop_last"] = False
     if cfg.shuffle_buffer and "shuffle_buffer" in params:
         kw["shuffle_buffer"] = cfg.shuffle_buffer
+    if "read_ahead" in params:  # a reader thread only where it cannot stall torch's threads
+        kw["read_ahead"] = workers == 0 and _spare_core(device)
     correction = None
     if norm is not None and "norm" in params:
         kw["norm"] = norm

@@ -152,3 +152,49 @@ def test_plan_partitions_every_configuration(patch_store, drop_last):
             assert n - len(rows) < world * batch
         else:
             assert sorted(rows) == list(range(n))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_read_ahead_yields_the_same_batches_and_stops_its_thread(patch_store, shuffle):
+    """The background reader changes when windows are read, never what is yielded; closing
+    the iterator early (SIGTERM mid-epoch) leaves no reader thread behind."""
+    import threading
+
+    kw = {"batch_size": 7, "shuffle": shuffle, "shuffle_buffer": 50, "seed": 4, "with_origin": True,
+          "drop_last": False}
+    a = PatchStream(patch_store, **kw)
+    b = PatchStream(patch_store, read_ahead=True, **kw)
+    for s in (a, b):
+        s.set_epoch(3)
+    got_a, got_b = list(a), list(b)
+    assert len(got_a) == len(got_b) > 3
+    for x, y in zip(got_a, got_b, strict=True):
+        for u, v in zip(x, y, strict=True):
+            assert torch.equal(u, v)
+    it = iter(b)
+    next(it)
+    assert any(t.name.startswith("PatchStream") for t in threading.enumerate())
+    it.close()
+    assert not any(t.name.startswith("PatchStream") for t in threading.enumerate())
+
+
+def test_windows_are_read_into_reused_buffers(patch_store, monkeypatch):
+    """Guard of the stream's speed: one window buffer per iterator (two with read_ahead),
+    zarr decoding into it with out=, no per-window concatenation of chunk copies."""
+    import mrhscale.stream as st
+
+    allocs = []
+    real = st._alloc
+    monkeypatch.setattr(st, "_alloc", lambda arrays, rows: allocs.append(rows) or real(arrays, rows))
+    reads = []
+    real_get = zarr.Array.get_basic_selection
+    monkeypatch.setattr(zarr.Array, "get_basic_selection",
+                        lambda self, sel, **k: reads.append(k.get("out") is not None) or real_get(self, sel, **k))
+    monkeypatch.setattr(zarr.Array, "__getitem__", lambda self, sel: pytest.fail("a read allocating its own copy"))
+    s = PatchStream(patch_store, batch_size=5, shuffle_buffer=20)
+    n = sum(len(x) for x, _ in s)
+    assert n == s.steps_per_epoch() * 5 and len(allocs) == 1
+    assert reads and all(reads)
+    allocs.clear()
+    list(PatchStream(patch_store, batch_size=5, shuffle_buffer=20, read_ahead=True))
+    assert len(allocs) == 2
