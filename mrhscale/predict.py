@@ -40,6 +40,7 @@ from mrhscale.errors import MRHError
 
 SPATIAL = ("x", "y", "z")
 AGGREGATES = ("centre", "mean")
+BLOCK_BYTES = 96 << 20  # input bytes per prediction block (see subject_prediction)
 FORMAT = "mrhscale-predictions"
 _LOADS = 0  # models loaded by this process (tests check: once per worker, not per chunk)
 
@@ -51,7 +52,9 @@ def _cached_model(path: str, size: int, mtime_ns: int, device: str, threads: int
     import torch
 
     from mrhscale.bundle import load_model
+    from mrhscale.cluster import tune_malloc_for_torch
 
+    tune_malloc_for_torch()  # Dask workers start with a malloc setting that halves torch's speed
     if threads:
         torch.set_num_threads(int(threads))
     model, _ = load_model(path, device=device)
@@ -75,13 +78,48 @@ def block_patches(norm_block: np.ndarray, s: np.ndarray, r: np.ndarray, q: np.nd
 
     ``norm_block`` is ``[S, R, Q, C]`` (slice axis first, contrast last, already
     padded by ``half`` on the two in-plane axes); ``r, q`` index the UNPADDED
-    in-plane positions. One fancy-index gather over a strided window view: no
-    per-voxel Python loop.
+    in-plane positions. The training gather itself (``patches.gather_patches``,
+    compiled, one pass): the same geometry by construction and no per-voxel loop.
     """
-    p = 2 * half + 1
-    win = np.lib.stride_tricks.sliding_window_view(norm_block, (p, p), axis=(1, 2))
-    # win: [S, R-2h, Q-2h, C, P, P]; window (r, q) covers padded rows r..r+2h -> centre r+h
-    return np.ascontiguousarray(win[s, r, q])
+    from mrhscale.patches import gather_patches
+
+    centres = np.stack([s, r + half, q + half], axis=1)
+    return gather_patches(np.ascontiguousarray(norm_block), centres, half, "x")
+
+
+def normalise_block(mri: np.ndarray, order: tuple[int, int, int], offset, inv_scale) -> np.ndarray:
+    """``[S, R, Q, C]`` float32 (axes ``order`` of the x, y, z block, contrast last) of
+    ``(mri - offset) * inv_scale`` with NaN/inf -> 0: one fused pass when numba is there
+    (numpy needs four over the whole halo-padded block)."""
+    from mrhscale.patches import _numba
+
+    if _numba is not None and mri.ndim == 4:
+        src = np.transpose(mri, (*order, 3))
+        out = np.empty(src.shape, np.float32)
+        _normalise_nb(src, np.asarray(offset, np.float32), np.asarray(inv_scale, np.float32), out)
+        return out
+    blk = np.transpose(mri, (*order, 3))
+    blk = (blk.astype(np.float32, copy=False) - offset) * inv_scale
+    np.copyto(blk, 0.0, where=~np.isfinite(blk))  # NaN/inf -> 0 (two passes, not nan_to_num's four)
+    return blk
+
+
+def _normalise_py(src, off, inv, out):
+    n_s, n_r, n_q, n_c = src.shape
+    for i in range(n_s):
+        for j in range(n_r):
+            for k in range(n_q):
+                for c in range(n_c):
+                    v = (np.float32(src[i, j, k, c]) - off[c]) * inv[c]
+                    out[i, j, k, c] = v if np.isfinite(v) else np.float32(0.0)
+
+
+try:
+    from mrhscale.patches import _numba as _nb_mod
+
+    _normalise_nb = _nb_mod.njit(nogil=True, cache=True, boundscheck=False)(_normalise_py) if _nb_mod else None
+except ImportError:  # pragma: no cover
+    _normalise_nb = None
 
 
 def _predict_block(
@@ -108,9 +146,7 @@ def _predict_block(
     order = (slice_axis, *inplane)
     # [S, R, Q, C] contrast-last, normalised; raw zero padding at the volume edge came
     # from map_overlap(boundary=0), so padding is normalised like real voxels.
-    blk = np.transpose(mri, (*order, 3))
-    blk = (blk.astype(np.float32, copy=False) - offset) * inv_scale
-    np.copyto(blk, 0.0, where=~np.isfinite(blk))  # NaN/inf -> 0 (two passes, not nan_to_num's four)
+    blk = normalise_block(mri, order, offset, inv_scale)
     msk = np.transpose(mask[..., 0], order)
     S, R, Q = msk.shape
     depth = halo
@@ -119,6 +155,8 @@ def _predict_block(
     if out.size == 0:
         return np.transpose(out, np.argsort(order))
     model = _worker_model(model_path, device, threads)
+    if threads and torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
     h = half
     # Candidate centres: the interior ('centre', depth h) or the interior plus an h ring
     # ('mean', depth 2h): in both cases padded positions h .. R-h, i.e. index r in this
@@ -207,8 +245,13 @@ def _workers_device_ok(device: str) -> bool:
 
 # --------------------------------------------------------------------------- graph per subject
 def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads=None,
-                       batch_size=4096, aggregate="centre"):
-    """Lazy dask array (x, y, z) of the virtual stain for one subject Dataset."""
+                       batch_size=4096, aggregate="centre", block_bytes=BLOCK_BYTES):
+    """Lazy dask array (x, y, z) of the virtual stain for one subject Dataset.
+
+    Store chunks are merged in-plane into blocks of up to ``block_bytes`` of input:
+    the halo exchange costs dask ~40 tasks per block whatever its size, which on
+    store-sized blocks was a measurable share of the time (benchmarks/bench_predict.py).
+    """
     import dask.array as da
 
     if aggregate not in AGGREGATES:
@@ -234,7 +277,8 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
     depth = h if aggregate == "centre" else 2 * h
     # every chunk must be at least the halo deep; fix the chunking here so the output
     # chunks we declare are the ones map_overlap uses
-    new = list(mri.chunks[:3])
+    new = _merged_inplane(mri.chunks[:3], mri.shape[:3], slice_axis, mri.shape[3] * mri.dtype.itemsize,
+                          block_bytes)
     for a in range(3):
         if a != slice_axis and min(new[a]) < depth:
             new[a] = _even_chunks(mri.shape[a], max(new[a][0], depth), depth)
@@ -270,6 +314,23 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
         aggregate=aggregate,
         halo=depth,
     )
+
+
+def _merged_inplane(chunks, shape, slice_axis: int, voxel_bytes: int, block_bytes: int):
+    """Chunks with runs of whole store chunks merged along the two in-plane axes (the
+    one with more chunks first) while a block stays within ``block_bytes``."""
+    new = [list(c) for c in chunks]
+    size = [max(c) for c in chunks]
+    inplane = [a for a in range(3) if a != slice_axis]
+    while True:
+        cand = [a for a in inplane if size[a] < shape[a]
+                and 2 * size[a] * size[slice_axis] * size[3 - a - slice_axis] * voxel_bytes <= block_bytes]
+        if not cand:
+            break
+        a = max(cand, key=lambda k: len(new[k]))
+        size[a] = min(2 * size[a], shape[a])
+        new[a] = list(_even_chunks(shape[a], size[a], 1))
+    return [tuple(c) for c in new]
 
 
 def _even_chunks(n: int, size: int, minimum: int) -> tuple[int, ...]:

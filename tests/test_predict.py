@@ -285,3 +285,22 @@ def test_inference_patches_equal_training_patches(axis):
     blk = np.transpose(vol, (ax, *inplane, 3))
     mine = block_patches(blk, centres[:, ax], centres[:, inplane[0]] - h, centres[:, inplane[1]] - h, h)
     np.testing.assert_array_equal(mine, train)
+
+
+def test_prediction_blocks_merge_whole_store_chunks_in_plane():
+    """Fewer, larger blocks (halo tasks per block are a fixed cost); only in-plane axes merge,
+    boundaries stay on store-chunk boundaries, and the byte budget holds."""
+    from mrhscale.predict import _merged_inplane
+
+    chunks = ((64, 64, 64, 8), (32, 32, 32, 32), (64, 64, 64, 64, 24))
+    shape = (200, 128, 280)
+    vb = 67 * 4
+    got = _merged_inplane(chunks, shape, 1, vb, 96 << 20)
+    assert got[1] == chunks[1]
+    for a in (0, 2):
+        assert sum(got[a]) == shape[a]
+        edges = set(__import__("itertools").accumulate(chunks[a]))
+        assert set(__import__("itertools").accumulate(got[a])) <= edges
+    assert max(got[0]) * 32 * max(got[2]) * vb <= 96 << 20
+    assert len(got[0]) * len(got[2]) < len(chunks[0]) * len(chunks[2])
+    assert _merged_inplane(chunks, shape, 1, vb, 1) == [tuple(c) for c in chunks]

@@ -1,0 +1,26 @@
+"""The embedded cluster: it must not leak worker settings into the calling process."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from mrhscale.cluster import dask_client, tune_malloc_for_torch
+
+
+def test_embedded_cluster_leaves_the_parent_environment_alone():
+    """distributed's Nanny sets OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_=65536... in the
+    parent before spawning; a torchrun or training process started later inherited them."""
+    before = dict(os.environ)
+    with dask_client(workers=1, quiet=True) as client:
+        in_worker = client.submit(lambda k: __import__("os").environ.get(k), "MALLOC_TRIM_THRESHOLD_", pure=False)
+        assert in_worker.result() is not None  # the workers still get dask's settings
+        assert dict(os.environ) == before
+    assert dict(os.environ) == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_malloc_tuning_applies_on_glibc():
+    assert tune_malloc_for_torch() is True
