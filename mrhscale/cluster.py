@@ -82,23 +82,32 @@ def _local_cluster(LocalCluster, n, threads_per_worker, processes, memory_limit,
     )
 
 
-def tune_malloc_for_torch() -> bool:
-    """Let glibc reuse freed memory in a process that runs torch; True where applied.
+_MALLOC_TUNED: bool | None = None
+
+
+def tune_malloc() -> bool:
+    """Let glibc reuse freed memory in this (worker) process; True where applied.
 
     Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also
-    pins glibc's mmap threshold: every activation buffer over 128 KiB is then
-    mmapped, page-faulted and unmapped per layer, and a batch-4096 MRH-Net
-    forward ran at about half speed. Serving blocks under 32 MiB from the heap and
-    keeping up to 64 MiB of free heap restores it (measured: 14k -> 30k patches/s)
-    for at most ~64 MiB more RSS per worker. No-op outside glibc.
+    pins glibc's mmap threshold at 128 KiB: every numpy temporary and torch
+    activation above that is mmapped, page-faulted and unmapped each time. Measured
+    on 2 cores: a batch-4096 MRH-Net forward ran at half speed (14k vs 30k
+    patches/s) and ingest lost ~20%. Serving blocks under 32 MiB from the heap and
+    keeping up to 64 MiB of free heap restores it for at most ~64 MiB more RSS per
+    worker. Tasks call it on their first run in a process (workers we did not
+    start included); a no-op outside glibc.
     """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED is not None:
+        return _MALLOC_TUNED
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
+        _MALLOC_TUNED = False
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 64 << 20))
+    _MALLOC_TUNED = bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 64 << 20))
+    return _MALLOC_TUNED

@@ -156,6 +156,9 @@ def _read_slab(parts, shape, z0: int, z1: int) -> tuple[np.ndarray, int]:
     thousands of 256-byte runs) keeps reads sequential. Zeroing and counting NaNs
     here, while the block is hot in cache, saves two passes over the data.
     """
+    from mrhscale.cluster import tune_malloc
+
+    tune_malloc()  # Dask's worker malloc setting page-faults every slab-sized buffer
     sx, sy, _ = shape
     out = np.empty((sx, sy, z1 - z0, sum(n for _, n in parts)), np.float32)
     c = 0

@@ -277,6 +277,9 @@ DIMS = {
 # --------------------------------------------------------------------------- pass 1: extract
 def _extract_block(mri_b, tgt_b, mask_b, job: dict) -> dict:
     """Rules over the grid centres this chunk owns; write them sorted by (split, bucket)."""
+    from mrhscale.cluster import tune_malloc
+
+    tune_malloc()  # Dask's worker malloc setting page-faults every chunk-sized buffer
     origin = np.asarray(job["origin"], np.int64)
     lo, hi = job["owned_lo"], job["owned_hi"]
     half, stride, axis = job["half"], job["stride"], job["axis"]

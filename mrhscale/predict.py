@@ -52,9 +52,9 @@ def _cached_model(path: str, size: int, mtime_ns: int, device: str, threads: int
     import torch
 
     from mrhscale.bundle import load_model
-    from mrhscale.cluster import tune_malloc_for_torch
+    from mrhscale.cluster import tune_malloc
 
-    tune_malloc_for_torch()  # Dask workers start with a malloc setting that halves torch's speed
+    tune_malloc()  # Dask workers start with a malloc setting that halves torch's speed
     if threads:
         torch.set_num_threads(int(threads))
     model, _ = load_model(path, device=device)

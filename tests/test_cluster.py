@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mrhscale.cluster import dask_client, tune_malloc_for_torch
+from mrhscale.cluster import dask_client, tune_malloc
 
 
 def test_embedded_cluster_leaves_the_parent_environment_alone():
@@ -23,4 +23,4 @@ def test_embedded_cluster_leaves_the_parent_environment_alone():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_malloc_tuning_applies_on_glibc():
-    assert tune_malloc_for_torch() is True
+    assert tune_malloc() is True
