@@ -98,11 +98,14 @@ def describe_store(url: str, storage_options: dict | None = None) -> str:
     root = zarr.open_group(str(url), mode="r", storage_options=storage_options)
     fmt = root.attrs.get("format", "?")
     lines = [f"store: {url}", f"format: {fmt}"]
-    if not ids and "channels" in root.attrs and "target" in root.attrs:  # a patch store
-        a = root.attrs
+    if "patch" in root.attrs and "channels" in root.attrs and "target" in root.attrs:  # a patch store
+        a = root.attrs  # its "subjects" attr names the SOURCE subjects, not groups
         lines += [
             f"target: {a.get('target')}  patch: {a.get('patch')}",
             f"train patches: {a.get('n_train')}  val patches: {a.get('n_val')}",
+            f"from subjects: {', '.join(a.get('subjects', []))}"
+            f"  (validation subjects: {', '.join(a.get('val_subjects', [])) or 'none, a random fraction'})",
+            f"normalisation: {(a.get('norm') or {}).get('mode', '?')}",
             f"channels ({len(a['channels'])}): {_short(a['channels'])}",
             f"complete: {bool(a.get('complete'))}",
         ]

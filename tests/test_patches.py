@@ -345,3 +345,16 @@ def test_gather_patches_has_no_python_loop_over_patches(backend):
         return events[0]
 
     assert count(10) == count(20_000)
+
+
+def test_cli_info_describes_a_patch_store(mid_store, tmp_path):
+    """`mrhscale info` on a patch store: its own summary, not a cohort lookup of the source
+    subjects named in its attrs (which crashed with a traceback)."""
+    out = str(tmp_path / "p.zarr")
+    summ = extract_patches(mid_store[0], "af", out, stride=2, val_fraction=0.2, min_label_sum=0,
+                           min_label_nonzero=0, scheduler="synchronous", quiet=True)
+    res = CliRunner().invoke(main, ["info", out])
+    assert res.exit_code == 0, res.output
+    assert "target: af" in res.output
+    assert f"train patches: {summ['n_train']}" in res.output
+    assert "complete: True" in res.output
