@@ -17,6 +17,9 @@ No single contrast determines a target (myelin shortens T2 and raises MT; axons
 and fibre orientation shape diffusion; cells lower diffusivity and raise MT),
 while all contrasts together nearly do. Optional lesions (demyelination with
 gliosis, axons mostly kept) give a ground-truth label for sensitivity analyses.
+Every subject also has blobs of vasogenic oedema in normal white matter (free
+water, myelin kept): they move T2, MT ratio, FA and MD as much as a lesion does,
+so no single marker is specific to demyelination, while all contrasts together are.
 
 Everything is vectorised float32 numpy; smooth random fields are separable
 Gaussian radial-basis expansions on a fixed physical grid, so a subject's
@@ -55,7 +58,7 @@ TE_DWI, TE_T2, TE_MT = 30.0, 45.0, 8.0
 # Seeds of the independent random streams of a subject: drawing one never shifts another,
 # so e.g. a subject made with and without its lesion has the same anatomy and noise.
 _STREAMS = ("deform", "texture", "lesion", "stain", "gain", "dwi2000", "dwi5000", "t2MTONOFF",
-            "nans")
+            "nans", "oedema")  # append new streams at the END: earlier ones keep their values
 
 
 def gradient_directions(n: int = N_DIRS) -> np.ndarray:
@@ -219,6 +222,21 @@ _LESION_SITES = [  # template points inside white matter: callosum body, interna
     lambda side, u: (side * 1.3, 2.0 - 0.09 * 1.69 - 0.03 * (u - 1.0) ** 2, u),
     lambda side, u: (side * (1.9 - 0.1 * u), 0.15 - 0.6 * u, 1.1 - 0.9 * u),
 ]
+# oedema spreads along the fibres: relative radii (x, y, z) per site, long axis ~ the tract's
+_OEDEMA_ELONGATION = {"corpus callosum": (1.7, 0.8, 1.1), "internal capsule": (0.9, 1.3, 1.5),
+                      "cerebral peduncle": (0.9, 1.0, 1.7),
+                      "cerebellar white matter": (1.2, 1.0, 1.0)}
+# Oedema sites: template points on white-matter centre curves, u, v in [0, 1].
+_OEDEMA_SITES = {
+    "corpus callosum": lambda side, u, v: (
+        side * (0.3 + 2.9 * u), 2.0 - 0.09 * (0.3 + 2.9 * u) ** 2 - 0.03 * (3.2 * v - 1.4) ** 2,
+        3.2 * v - 0.4),
+    "internal capsule": lambda side, u, v: (side * (2.3 - 0.8 * u), 0.9 - 2.8 * u, 2.4 - 3.6 * u),
+    "cerebral peduncle": lambda side, u, v: (side * (1.5 - 0.9 * u), -1.9 - 0.5 * u,
+                                             -1.2 - 3.8 * u),
+    "cerebellar white matter": lambda side, u, v: (side * 0.9 * u, 0.2 + 0.5 * (v - 0.5),
+                                                   -4.9 + 0.5 * (v - 0.5)),
+}
 
 
 def _anatomy(P, pv):
@@ -278,18 +296,36 @@ def _anatomy(P, pv):
     }
 
 
-def _maps(P, pv, lesion, tex) -> dict:
+def _oedema(P, pv, blobs):
+    """Free-water fraction E (0..1) of vasogenic oedema: the max over soft ellipsoidal blobs of
+    (fraction x profile); the profile's edge is wider than a voxel (oedema is diffuse)."""
+    E = np.zeros_like(P[0])
+    for centre, radii, frac in blobs:
+        d, _ = _ellipsoid(P, centre, radii)
+        np.maximum(E, np.float32(frac) * _soft(d, max(pv, 0.12)), out=E)
+    return E
+
+
+def _maps(P, pv, lesion, tex, oedema=()) -> dict:
     """Microstructure and MR parameters at template points P (any array shape).
 
     Tissue-normalised maps (At, Mt, Ct: per unit of non-CSF tissue) drive the MRI;
     the voxel-level, partial-volume maps (axon, myelin, cell) are the ground truth.
+    Oedema (blobs of (centre, radii, fraction)) moves a fraction E of the tissue into the
+    free-water compartment: myelin per voxel drops by E only, yet every MRI marker moves.
     """
     an = _anatomy(P, pv)
     L = _soft(_ellipsoid(P, *lesion)[0], pv) if lesion else np.zeros_like(P[0])
     t1, t2, t3, t5 = tex["t1"], tex["t2"], tex["t3"], tex["t5"]
     w, g = an["w"], an["g"]
-    t = w + g
-    ww = w / np.maximum(t, 1e-6)
+    t0 = w + g  # tissue before oedema: defines white matter (oedema voxels stay WM negatives)
+    ww = w / np.maximum(t0, 1e-6)
+    # vasogenic oedema spreads in white matter (its extracellular space is compliant), much
+    # less in grey matter: E is the fraction of the tissue volume taken over by free water
+    E = _oedema(P, pv, oedema) * (0.1 + 0.9 * ww) if len(oedema) else np.zeros_like(t0)
+    oed = t0 * E
+    t = t0 - oed
+    csf = an["csf"] + oed
     gg = 1.0 - ww
     a_w = np.clip(an["a_w"] + 0.06 * t1, 0.4, 0.95)
     a_g = np.clip(0.12 + 0.04 * t1 + 0.12 * an["deep"] + 0.06 * an["cortex"]
@@ -303,9 +339,9 @@ def _maps(P, pv, lesion, tex) -> dict:
     Mt = (ww * a_w * r_w + gg * a_g * r_g) * (1.0 - 0.85 * L)
     Ct = np.clip(ww * c_w + gg * c_g + 0.25 * L, 0.0, 1.0)
     mask = an["brain"] > 0.5
-    out = {"At": At, "Mt": Mt, "Ct": Ct, "t": t, "csf": an["csf"], "brain": an["brain"],
-           "mask": mask, "lesion": L, "label": (L > 0.5) & mask,
-           "wm": (ww > 0.5) & (t > 0.5) & mask,  # white matter: where a demyelination can occur
+    out = {"At": At, "Mt": Mt, "Ct": Ct, "t": t, "csf": csf, "brain": an["brain"],
+           "mask": mask, "lesion": L, "label": (L > 0.5) & mask, "oedema": E, "oed": oed,
+           "wm": (ww > 0.5) & (t0 > 0.5) & mask,  # white matter: where a demyelination can occur
            "axon": At * t, "myelin": Mt * t, "cell": Ct * t}
     # diffusion: compartment fractions and axially symmetric tensors (par, perp), mm^2/s
     q = ww * a_w / np.maximum(ww * a_w + gg * a_g, 1e-6)  # share of axons in the WM population
@@ -326,8 +362,13 @@ def _maps(P, pv, lesion, tex) -> dict:
         "r2": 1 / 60 + 0.021 * Mt + 0.006 * Ct,
         "r1": 1 / 1100 + 0.0012 * Mt + 0.0003 * Ct,
         "pd": 0.85 - 0.2 * Mt - 0.06 * Ct,
-        "mtr": 0.08 + 0.42 * Mt + 0.10 * Ct + 0.05 * At,
     })
+    # MT: oedema water exchanges with the tissue's free water slowly on the scale of TE (its own
+    # T2 and diffusion) but fast on the scale of the MT saturation (hundreds of ms): it shares
+    # the saturation and dilutes the bound-pool fraction, MTR x w_t / (w_t + oedema water)
+    w_t = t * out["pd"]
+    out["mtr"] = (0.16 + 0.30 * Mt + 0.10 * Ct + 0.05 * At) * (
+        1.0 - oed / np.maximum(w_t + oed, 1e-6))
     return {k: (v if v.dtype == bool else v.astype(np.float32, copy=False))
             for k, v in out.items()}
 
@@ -336,7 +377,8 @@ class _Subject:
     """One phantom subject: maps are computed at construction, MRI groups on demand,
     so that a writer can hold one 4D group at a time (full size: ~1 GB each)."""
 
-    def __init__(self, shape, seed, *, lesion=True, nans=0, targets=TARGETS, deform=True):
+    def __init__(self, shape, seed, *, lesion=True, nans=0, targets=TARGETS, deform=True,
+                 oedema=True):
         self.shape = tuple(int(s) for s in shape)
         self.vox = voxel_size(self.shape)
         self.affine = affine_for(self.shape)
@@ -345,7 +387,10 @@ class _Subject:
         ss = seed if isinstance(seed, np.random.SeedSequence) else (
             np.random.SeedSequence(int(seed.integers(2**63))) if isinstance(seed, np.random.Generator)
             else np.random.SeedSequence(int(seed)))
-        seqs = dict(zip(_STREAMS, ss.spawn(len(_STREAMS)), strict=True))
+        # the children ss.spawn() would give first, without advancing ss: the same SeedSequence
+        # passed twice gives the same subject
+        seqs = {k: np.random.SeedSequence(ss.entropy, spawn_key=(*ss.spawn_key, i),
+                                          pool_size=ss.pool_size) for i, k in enumerate(_STREAMS)}
         self.seqs = seqs
         self.rngs = {k: np.random.default_rng(c) for k, c in seqs.items()}
         self.stain_seq = seqs["stain"]  # each stain derives its own stream: order-independent
@@ -362,6 +407,9 @@ class _Subject:
         self.stain_field = (1.0 + 0.04 * tex.pop("t4")).astype(np.float32)
         lesion_spec = ((self.lesion_params["centre_mm"], self.lesion_params["radii_mm"])
                        if lesion else None)
+        self.oedema_params["present"] = bool(oedema)
+        oedema_spec = ([(b["centre_mm"], b["radii_mm"], b["fraction"])
+                        for b in self.oedema_params["blobs"]] if oedema else [])
         # Every map is pointwise in the (deformed) template coordinates: compute in slabs of a
         # few x-planes (temporaries stay in cache), in threads (numpy releases the GIL).
         maps = {}
@@ -372,7 +420,7 @@ class _Subject:
             P = [self.axes[0][sl, None, None] + self.displacement[sl, :, :, 0],
                  self.axes[1][None, :, None] + self.displacement[sl, :, :, 1],
                  self.axes[2][None, None, :] + self.displacement[sl, :, :, 2]]
-            res = _maps(P, self.pv, lesion_spec, {k: v[sl] for k, v in tex.items()})
+            res = _maps(P, self.pv, lesion_spec, {k: v[sl] for k, v in tex.items()}, oedema_spec)
             for k, v in res.items():
                 if k not in maps:  # first slab of each map allocates it (dict ops are atomic)
                     maps.setdefault(k, np.empty(self.shape, v.dtype))
@@ -386,7 +434,9 @@ class _Subject:
         self.At, self.Mt, self.Ct, self.t, self.csf, self.brain = (
             m["At"], m["Mt"], m["Ct"], m["t"], m["csf"], m["brain"])
         self.mask, self.label, self.lesion, self.wm = m["mask"], m["label"], m["lesion"], m["wm"]
-        self.truth = {"axon": m["axon"], "myelin": m["myelin"], "cell": m["cell"]}
+        self.oedema, self.oed = m["oedema"], m["oed"]
+        self.truth = {"axon": m["axon"], "myelin": m["myelin"], "cell": m["cell"],
+                      "oedema": m["oed"]}
         self.q, self.f_ia, self.f_cell, self.f_ex = m["q"], m["f_ia"], m["f_cell"], m["f_ex"]
         self.n_w = [m["nw0"], m["nw1"], m["nw2"]]
         self.n_g = [m["ng0"], m["ng1"], m["ng2"]]
@@ -411,6 +461,37 @@ class _Subject:
             "centre_mm": [round(float(c), 4) for c in centre],
             "radii_mm": [round(radius * k, 4) for k in (1.2, 0.8, 1.4)],
         }
+        self.oedema_params = self._draw_oedema()
+
+    def _draw_oedema(self, n_candidates=32):
+        """6-9 vasogenic-oedema blobs on white-matter tracts, clear of the lesion site (drawn
+        whether or not the lesion is present, so both versions of a subject share them). A
+        fixed number of candidates is drawn: the stream's use does not depend on the outcome."""
+        r = self.rngs["oedema"]
+        n = int(r.integers(6, 10))
+        names = list(_OEDEMA_SITES)
+        site = r.choice(len(names), size=n_candidates, p=[0.4, 0.25, 0.15, 0.2])
+        side = r.choice([-1.0, 1.0], size=n_candidates)
+        uv = r.uniform(0.0, 1.0, size=(n_candidates, 2))
+        radius = r.uniform(0.5, 0.9, size=n_candidates)
+        shape = r.uniform(0.8, 1.25, size=(n_candidates, 3))
+        frac = r.uniform(0.15, 0.35, size=n_candidates)
+        lc = np.asarray(self.lesion_params["centre_mm"])
+        lr = max(self.lesion_params["radii_mm"])
+        blobs = []
+        for k in range(n_candidates):
+            c = np.asarray(_OEDEMA_SITES[names[site[k]]](side[k], uv[k, 0], uv[k, 1]))
+            radii = radius[k] * shape[k] * _OEDEMA_ELONGATION[names[site[k]]]
+            if np.linalg.norm(c - lc) < lr + radii.max() + 0.3:
+                continue  # keep oedema apart from the (possible) lesion: clean negatives
+            if any(np.linalg.norm(c - np.asarray(b["centre_mm"])) < 0.5 for b in blobs):
+                continue
+            blobs.append({"site": names[site[k]], "centre_mm": [round(float(x), 4) for x in c],
+                          "radii_mm": [round(float(x), 4) for x in radii],
+                          "fraction": round(float(frac[k]), 4)})
+            if len(blobs) == n:
+                break
+        return {"present": True, "blobs": blobs}
 
     def _displacement(self, deform):
         """Subject -> template displacement (mm): template point = subject point + d.
@@ -529,8 +610,9 @@ class _Subject:
             csf_t2 = self.csf * np.float32(np.exp(-TE_T2 / T2_CSF))
             csf_mt = self.csf * np.float32(np.exp(-TE_MT / T2_CSF)) * sat_csf
             tissue_mt = self.t * self.pd * np.exp(-TE_MT * self.r2) * sat
+            oed_mt = self.oed * np.float32(np.exp(-TE_MT / T2_CSF)) * sat_csf  # within csf_mt
             sig = [self.t * self.pd * np.exp(-TE_T2 * self.r2) + csf_t2,
-                   tissue_mt + csf_mt, tissue_mt * (1.0 - self.mtr) + csf_mt]
+                   tissue_mt + csf_mt, (tissue_mt + oed_mt) * (1.0 - self.mtr) + csf_mt - oed_mt]
             coefs = [{"const": v * amp} for v in sig]
             grads = [None] * 3
         else:
@@ -627,21 +709,24 @@ def _check_shape(shape) -> tuple[int, int, int]:
 
 
 def make_subject(shape=DEFAULT_SHAPE, seed=0, *, lesion=True, nans=0, targets=TARGETS,
-                 deform=True) -> dict:
+                 deform=True, oedema=True) -> dict:
     """One phantom subject in memory (no files).
 
     seed: int, SeedSequence or Generator; same seed -> byte-identical arrays.
     deform=False gives the undeformed template anatomy (still with the subject's
-    textures, gains and noise). Returns a dict:
+    textures, gains and noise); lesion=False / oedema=False the same subject without
+    its lesion / its oedema blobs. Returns a dict:
       mri: {dwi2000: (X,Y,Z,34), dwi5000: (X,Y,Z,30), t2MTONOFF: (X,Y,Z,3)} float32
       bvals, bvecs: {dwi2000, dwi5000} (n,), (n, 3); channels: {group: [names]}
-      fa float32; mask bool; targets: {name: uint8}; labels: {lesion: bool}
-      truth: {axon, myelin, cell: float32 0..1 voxel densities, displacement: (X,Y,Z,3) mm}
+      fa float32; mask bool; targets: {name: uint8}; labels: {lesion, wm: bool}
+      truth: {axon, myelin, cell: float32 0..1 voxel densities, oedema: voxel fraction of
+              oedema water, displacement: (X,Y,Z,3) mm}
       affine (4x4), nan_voxels (k, 4: x, y, z, volume of dwi2000), params (dict).
     """
     shape = _check_shape(shape)
     targets = _check_targets(targets)
-    s = _Subject(shape, seed, lesion=lesion, nans=nans, targets=targets, deform=deform)
+    s = _Subject(shape, seed, lesion=lesion, nans=nans, targets=targets, deform=deform,
+                 oedema=oedema)
     acq = acquisition()
     mri = {}
     for name in GROUPS:
@@ -675,7 +760,8 @@ def channel_names() -> dict[str, list[str]]:
 
 def _params(s: _Subject) -> dict:
     return {"gain": round(s.gain, 6), "group_gain": {k: round(v, 6) for k, v in s.group_gain.items()},
-            "noise": {k: round(v, 6) for k, v in s.noise.items()}, "lesion": s.lesion_params}
+            "noise": {k: round(v, 6) for k, v in s.noise.items()}, "lesion": s.lesion_params,
+            "oedema": s.oedema_params}
 
 
 # ---------------------------------------------------------------- cohort on disk
@@ -758,7 +844,7 @@ def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True
             "mask": {"path": rel("mask"), "inverted": bool(inverted_mask)},
             "targets": {t: rel(t) for t in targets},
             "labels": {"lesion": rel("lesion"), "wm": rel("wm")},
-            "truth": {k: rel(f"truth/{k}") for k in ("axon", "myelin", "cell", "displacement")},
+            "truth": {k: rel(f"truth/{k}") for k in (*s.truth, "displacement")},
             "notes": {"lesion": has_lesion, "nan_voxels": int(len(s.nan_voxels())), **_params(s)},
         })
         del s

@@ -179,7 +179,8 @@ def test_cohort_files_and_manifest(cohort):
     assert s1["mask"] == {"path": "s01/mask.nii.gz", "inverted": False}
     assert set(s1["targets"]) == {"af", "nf", "mbp"}
     assert s1["labels"] == {"lesion": "s01/lesion.nii.gz", "wm": "s01/wm.nii.gz"}
-    assert set(s1["truth"]) == {"axon", "myelin", "cell", "displacement"}
+    assert set(s1["truth"]) == {"axon", "myelin", "cell", "oedema", "displacement"}
+    assert len(s1["notes"]["oedema"]["blobs"]) >= 4  # every subject, recorded in the notes
     man = load_manifest(cohort)  # the lead's parser accepts it
     assert [s.id for s in man.subjects] == ["s01", "s02"]
     for rel in [s1["mri"]["dwi2000"], s1["mri"]["dwi5000"], s1["mri"]["t2MTONOFF"]["path"],
@@ -302,3 +303,95 @@ def test_white_matter_label_for_roi_analysis():
     wm, mask = s["labels"]["wm"], s["mask"]
     assert wm.any() and not (wm & ~mask).any()
     assert s["fa"][wm].mean() > 1.5 * s["fa"][mask & ~wm].mean()
+
+
+# ---------------------------------------------------------------- oedema (non-specific confounder)
+
+
+def _mtr(d):
+    off, on = (d["mri"]["t2MTONOFF"][..., k].astype(np.float64) for k in (1, 2))
+    return np.divide(off - on, off, out=np.zeros_like(off), where=off > 0)
+
+
+def _md(d):
+    dwi = d["mri"]["dwi2000"].astype(np.float64)
+    b0, dw = dwi[..., :4].mean(-1), dwi[..., 4:].mean(-1)
+    return -np.log(np.clip(np.divide(dw, b0, out=np.ones_like(b0), where=b0 > 0), 1e-6, None))
+
+
+@pytest.fixture(scope="module")
+def oedema_pair():
+    """The same subject with and without its oedema (default grid, a lesion too)."""
+    seed = _subject_seed(0, 4)
+    return make_subject(DEFAULT_SHAPE, seed), make_subject(DEFAULT_SHAPE, seed, oedema=False)
+
+
+def test_oedema_blobs_in_every_subject_in_white_matter():
+    from mrhscale.synth import _Subject
+
+    for i in range(4):  # lesion-free subjects get them too
+        s = _Subject(DEFAULT_SHAPE, _subject_seed(0, i), lesion=i % 2 == 0)
+        blobs = s.oedema_params["blobs"]
+        assert s.oedema_params["present"] and 6 <= len(blobs) <= 9, i
+        assert all(0.15 <= b["fraction"] <= 0.35 and len(b["radii_mm"]) == 3 for b in blobs)
+        core = s.oedema > 0.1  # free-water fraction of the tissue
+        assert core.sum() > 150 and s.oedema.max() <= 0.35 + 1e-6
+        assert s.wm[core].mean() > 0.6  # oedema spreads in white matter
+        assert (s.oedema[s.wm] > 0.1).sum() > 300  # ... and is a real share of its negatives
+        assert not (core & s.label).any()  # the lesion label never includes oedema
+        # oedema voxels stay white matter: the normal-myelin negatives of a lesion ROC
+        assert np.array_equal(s.wm, _Subject(DEFAULT_SHAPE, _subject_seed(0, i),
+                                             lesion=i % 2 == 0, oedema=False).wm)
+
+
+def test_oedema_is_free_water_not_demyelination(oedema_pair):
+    with_o, without = oedema_pair
+    assert with_o["params"]["oedema"]["blobs"] == without["params"]["oedema"]["blobs"]
+    assert not without["params"]["oedema"]["present"] and not without["truth"]["oedema"].any()
+    wm = with_o["labels"]["wm"]
+    assert np.array_equal(wm, without["labels"]["wm"])
+    assert np.array_equal(with_o["labels"]["lesion"], without["labels"]["lesion"])
+    my_o, my = with_o["truth"]["myelin"], without["truth"]["myelin"]
+    oed = with_o["truth"]["oedema"]  # voxel fraction of oedema water
+    core = wm & (oed > 0.15)
+    assert core.sum() > 100
+    # histology: myelin per voxel drops by the free-water share only, not like a lesion
+    ratio = my_o[core] / my[core]
+    assert 0.55 < ratio.min() and ratio.max() < 0.9 and 0.65 < ratio.mean() < 0.85
+    mbp = with_o["targets"]["mbp"][core].mean() / without["targets"]["mbp"][core].mean()
+    assert 0.6 < mbp < 0.9
+    # every single MRI marker moves: T2w up, MT ratio down, FA down, MD up
+    t2w = with_o["mri"]["t2MTONOFF"][..., 0]
+    t2 = t2w[core].mean() / without["mri"]["t2MTONOFF"][..., 0][core].mean()
+    mtr = _mtr(with_o)[core].mean() / _mtr(without)[core].mean()
+    fa = with_o["fa"][core].mean() / without["fa"][core].mean()
+    md = _md(with_o)[core].mean() / _md(without)[core].mean()
+    assert t2 > 1.4 and mtr < 0.8 and fa < 0.85 and md > 1.3, (t2, mtr, fa, md)
+    # ... as much as a demyelinating lesion moves them (the lesion drops myelin far more)
+    lab = with_o["labels"]["lesion"] & wm
+    assert t2w[core].mean() > 0.8 * t2w[lab].mean()
+    assert my_o[lab].mean() < 0.6 * my_o[core].mean()
+    # far from the oedema the two versions are the same subject (own random stream)
+    far = ~ndimage.binary_dilation(oed > 0, iterations=1) & with_o["mask"]
+    assert far.sum() > 1000
+    assert np.array_equal(with_o["mri"]["dwi5000"][far], without["mri"]["dwi5000"][far])
+    assert np.array_equal(with_o["targets"]["af"][far], without["targets"]["af"][far])
+
+
+def test_oedema_leaves_earlier_random_streams_alone():
+    """The oedema stream is appended: gains, noise and lesion draws keep their values."""
+    p = make_subject(SMALL, seed=3)["params"]
+    assert p["gain"] == pytest.approx(0.934151, abs=1e-6)
+    assert p["noise"]["t2MTONOFF"] == pytest.approx(0.011619, abs=1e-6)
+    assert p["lesion"]["centre_mm"] == pytest.approx([-1.883, 0.0479, 0.9468], abs=1e-4)
+    a = make_subject(SMALL, seed=3, oedema=False)
+    b = make_subject(SMALL, seed=3)
+    assert a["params"]["oedema"]["blobs"] == b["params"]["oedema"]["blobs"]
+    assert np.array_equal(a["truth"]["displacement"], b["truth"]["displacement"])
+
+
+def test_same_seed_sequence_twice_gives_the_same_subject():
+    ss = _subject_seed(5, 1)
+    a, b = make_subject(SMALL, ss), make_subject(SMALL, ss)
+    assert np.array_equal(a["mri"]["t2MTONOFF"], b["mri"]["t2MTONOFF"])
+    assert a["params"] == b["params"]
