@@ -83,6 +83,19 @@ def _local_cluster(LocalCluster, n, threads_per_worker, processes, memory_limit,
 
 
 _MALLOC_TUNED: bool | None = None
+_MALLOC_MIN_LIMIT = 2 << 30  # worker memory limit below which malloc is left as Dask set it
+
+
+def _worker_memory_limit() -> int | None:
+    """This Dask worker's memory limit in bytes (None: not a worker, or no limit)."""
+    try:
+        from distributed import get_worker
+
+        w = get_worker()
+    except (ImportError, ValueError):
+        return None
+    lim = getattr(getattr(w, "memory_manager", None), "memory_limit", None)
+    return int(lim) if lim else None
 
 
 def tune_malloc() -> bool:
@@ -95,11 +108,18 @@ def tune_malloc() -> bool:
     patches/s) and ingest lost ~20%. Serving blocks under 32 MiB from the heap and
     keeping up to 64 MiB of free heap restores it for at most ~64 MiB more RSS per
     worker. Tasks call it on their first run in a process (workers we did not
-    start included); a no-op outside glibc.
+    start included); a no-op outside glibc and in workers with a memory limit
+    under 2 GiB, where that headroom is not there.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED is not None:
         return _MALLOC_TUNED
+    limit = _worker_memory_limit()
+    if limit is not None and limit < _MALLOC_MIN_LIMIT:
+        # a small worker keeps Dask's setting: 64 MiB of retained heap (plus fragmentation)
+        # pushed a 450 MiB worker past Dask's pause threshold and the stage stalled
+        _MALLOC_TUNED = False
+        return False
     import ctypes
     import ctypes.util
 

@@ -24,3 +24,12 @@ def test_embedded_cluster_leaves_the_parent_environment_alone():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_malloc_tuning_applies_on_glibc():
     assert tune_malloc() is True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+@pytest.mark.parametrize(("limit", "expect"), [("1GiB", False), ("4GiB", True)])
+def test_malloc_tuning_only_in_workers_with_headroom(limit, expect):
+    """A 450 MiB worker with 64 MiB of retained heap crossed Dask's pause threshold and the
+    patch stage stalled: small workers keep Dask's setting."""
+    with dask_client(workers=1, memory_limit=limit, quiet=True) as client:
+        assert client.submit(tune_malloc, pure=False).result() is expect
