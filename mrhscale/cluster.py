@@ -41,7 +41,15 @@ def dask_client(
     n = workers or max(1, os.cpu_count() or 1)
     level = logging.ERROR if quiet else logging.WARNING
     with _parent_environ_kept():
-        cluster = _local_cluster(LocalCluster, n, threads_per_worker, processes, memory_limit, level)
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=threads_per_worker,
+            processes=processes,
+            memory_limit=memory_limit,
+            # a random free port: several clusters (tests, parallel jobs) must not fight over 8787
+            dashboard_address=":0",
+            silence_logs=level,
+        )
     client = Client(cluster)
     try:
         yield client
@@ -68,18 +76,6 @@ def _parent_environ_kept():
         for k in set(os.environ) - set(saved):
             del os.environ[k]
         os.environ.update(saved)
-
-
-def _local_cluster(LocalCluster, n, threads_per_worker, processes, memory_limit, level):
-    return LocalCluster(
-        n_workers=n,
-        threads_per_worker=threads_per_worker,
-        processes=processes,
-        memory_limit=memory_limit,
-        # a random free port: several clusters (tests, parallel jobs) must not fight over 8787
-        dashboard_address=":0",
-        silence_logs=level,
-    )
 
 
 _MALLOC_TUNED: bool | None = None

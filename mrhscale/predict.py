@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.patches import _numba
 
 SPATIAL = ("x", "y", "z")
 AGGREGATES = ("centre", "mean")
@@ -84,16 +85,14 @@ def block_patches(norm_block: np.ndarray, s: np.ndarray, r: np.ndarray, q: np.nd
     from mrhscale.patches import gather_patches
 
     centres = np.stack([s, r + half, q + half], axis=1)
-    return gather_patches(np.ascontiguousarray(norm_block), centres, half, "x")
+    return gather_patches(norm_block, centres, half, "x")
 
 
 def normalise_block(mri: np.ndarray, order: tuple[int, int, int], offset, inv_scale) -> np.ndarray:
     """``[S, R, Q, C]`` float32 (axes ``order`` of the x, y, z block, contrast last) of
     ``(mri - offset) * inv_scale`` with NaN/inf -> 0: one fused pass when numba is there
     (numpy needs four over the whole halo-padded block)."""
-    from mrhscale.patches import _numba
-
-    if _numba is not None and mri.ndim == 4:
+    if _normalise_nb is not None and mri.ndim == 4:
         src = np.transpose(mri, (*order, 3))
         out = np.empty(src.shape, np.float32)
         _normalise_nb(src, np.asarray(offset, np.float32), np.asarray(inv_scale, np.float32), out)
@@ -114,12 +113,8 @@ def _normalise_py(src, off, inv, out):
                     out[i, j, k, c] = v if np.isfinite(v) else np.float32(0.0)
 
 
-try:
-    from mrhscale.patches import _numba as _nb_mod
-
-    _normalise_nb = _nb_mod.njit(nogil=True, cache=True, boundscheck=False)(_normalise_py) if _nb_mod else None
-except ImportError:  # pragma: no cover
-    _normalise_nb = None
+_normalise_nb = (_numba.njit(nogil=True, cache=True, boundscheck=False)(_normalise_py)
+                 if _numba is not None else None)
 
 
 def _predict_block(
@@ -155,8 +150,6 @@ def _predict_block(
     if out.size == 0:
         return np.transpose(out, np.argsort(order))
     model = _worker_model(model_path, device, threads)
-    if threads and torch.get_num_threads() != int(threads):
-        torch.set_num_threads(int(threads))
     h = half
     # Candidate centres: the interior ('centre', depth h) or the interior plus an h ring
     # ('mean', depth 2h): in both cases padded positions h .. R-h, i.e. index r in this
