@@ -7,9 +7,12 @@ network's centre output is written back to that voxel, as the original
 MRH_recon did (``aggregate="mean"`` instead averages every overlapping PxP
 output that covers a voxel). Voxels outside the brain mask are 0.
 
-Distribution: ``dask.array.map_overlap`` over the subject's spatial chunks
-(halo h in-plane, 2h for ``mean``; zero padding of the RAW volume at its
-borders), one batched forward pass per ``batch_size`` patches, and the model
+Distribution: blocks of the subject's store chunks merged in-plane; a block
+spanning whole planes runs under ``dask.array.map_blocks`` (patches are
+in-plane, so it needs no neighbour), others under ``map_overlap`` (halo h
+in-plane, 2h for ``mean``). Either way the RAW volume is zero padded at its
+borders and patches are gathered and normalised batch by batch straight from
+the raw block; one batched forward pass per ``batch_size`` patches, and the model
 loaded once per worker process (``_worker_model`` is an lru_cache keyed by the
 bundle's path, size and mtime: workers must be able to read the bundle path).
 
@@ -59,8 +62,20 @@ def _cached_model(path: str, size: int, mtime_ns: int, device: str, threads: int
     if threads:
         torch.set_num_threads(int(threads))
     model, _ = load_model(path, device=device)
+    _warm_gather()
     _LOADS += 1
     return model
+
+
+def _warm_gather() -> None:
+    """Compile (or load from numba's cache) the float32 block gather once per process,
+    with the model, instead of inside the first block's task."""
+    if _gather_normalised_nb is not None:
+        z = np.zeros(1, np.float32)
+        i = np.zeros(1, np.int64)
+        vol = np.zeros((2, 2, 2, 1), np.float32)
+        for src in (vol, vol.transpose(1, 0, 2, 3)):  # slice axis x (contiguous) or y/z (a view)
+            _gather_normalised_nb(src, i, i, i, 0, z, z, z, np.empty((1, 1, 1, 1), np.float32))
 
 
 def _worker_model(path: str, device: str, threads: int | None):
@@ -113,8 +128,69 @@ def _normalise_py(src, off, inv, out):
                     out[i, j, k, c] = v if np.isfinite(v) else np.float32(0.0)
 
 
-_normalise_nb = (_numba.njit(nogil=True, cache=True, boundscheck=False)(_normalise_py)
-                 if _numba is not None else None)
+def _gather_normalised_py(src, s, r, q, half, off, inv, edge, out):
+    # src [S, R, Q, C] raw (any strides), out [n, C, P, P]; positions outside R x Q
+    # take ``edge`` (raw 0 normalised): the volume's zero padding, never materialised
+    n_r, n_q, n_c = src.shape[1], src.shape[2], src.shape[3]
+    p = 2 * half + 1
+    for i in range(s.shape[0]):
+        si = s[i]
+        for a in range(p):
+            rr = r[i] + a - half
+            for b in range(p):
+                qq = q[i] + b - half
+                if rr >= 0 and rr < n_r and qq >= 0 and qq < n_q:
+                    for c in range(n_c):
+                        v = (np.float32(src[si, rr, qq, c]) - off[c]) * inv[c]
+                        out[i, c, a, b] = v if np.isfinite(v) else np.float32(0.0)
+                else:
+                    for c in range(n_c):
+                        out[i, c, a, b] = edge[c]
+    return out
+
+
+if _numba is not None:
+    _jit = _numba.njit(nogil=True, cache=True, boundscheck=False)
+    _normalise_nb = _jit(_normalise_py)
+    _gather_normalised_nb = _jit(_gather_normalised_py)
+else:
+    _normalise_nb = _gather_normalised_nb = None
+
+
+class _BlockPatches:
+    """Normalised patches of one raw block, gathered batch by batch.
+
+    With numba, each batch is gathered and normalised in one compiled pass
+    straight from the raw block (its slice-first view, no copy): the block is
+    never normalised or padded as a whole, which was a full extra pass and a
+    block-sized allocation per task. Without numba, the block is normalised
+    and zero padded once (numpy) and ``block_patches`` gathers from it.
+    ``centres`` (s, r, q) index the block's own frame; a patch reaching past
+    its in-plane edges gets raw 0 there, normalised like a real voxel (the
+    zero padding of the volume, as ``map_overlap(boundary=0)`` gives inside).
+    """
+
+    def __init__(self, mri: np.ndarray, order, offset, inv_scale, half: int):
+        self.h = half
+        self.off = np.asarray(offset, np.float32)
+        self.inv = np.asarray(inv_scale, np.float32)
+        self.edge = np.nan_to_num((np.float32(0.0) - self.off) * self.inv, nan=0.0, posinf=0.0, neginf=0.0)
+        src = np.transpose(mri, (*order, 3))
+        if _gather_normalised_nb is not None and src.dtype.kind in "fiub":
+            self.src, self.padded = src, None
+        else:
+            blk = normalise_block(mri, order, offset, inv_scale)
+            pad = np.broadcast_to(self.edge, (blk.shape[0], blk.shape[1] + 2 * half,
+                                              blk.shape[2] + 2 * half, blk.shape[3])).copy()
+            pad[:, half : half + blk.shape[1], half : half + blk.shape[2]] = blk
+            self.src, self.padded = None, pad
+
+    def __call__(self, s: np.ndarray, r: np.ndarray, q: np.ndarray) -> np.ndarray:
+        if self.padded is not None:
+            return block_patches(self.padded, s, r, q, self.h)
+        p = 2 * self.h + 1
+        out = np.empty((len(s), self.src.shape[3], p, p), np.float32)
+        return _gather_normalised_nb(self.src, s, r, q, self.h, self.off, self.inv, self.edge, out)
 
 
 def _predict_block(
@@ -134,14 +210,16 @@ def _predict_block(
     aggregate: str,
     halo: int,
 ) -> np.ndarray:
-    """One chunk with its halo -> predicted interior (x, y, z) float32, 0 outside the mask."""
+    """One block with ``halo`` voxels of in-plane context -> its predicted interior
+    (x, y, z) float32, 0 outside the mask.
+
+    ``halo`` is 0 for a block spanning whole planes (nothing beyond it but the
+    volume's zero padding) and the map_overlap depth otherwise.
+    """
     import torch
 
     inplane = [a for a in range(3) if a != slice_axis]
     order = (slice_axis, *inplane)
-    # [S, R, Q, C] contrast-last, normalised; raw zero padding at the volume edge came
-    # from map_overlap(boundary=0), so padding is normalised like real voxels.
-    blk = normalise_block(mri, order, offset, inv_scale)
     msk = np.transpose(mask[..., 0], order)
     S, R, Q = msk.shape
     depth = halo
@@ -149,44 +227,42 @@ def _predict_block(
     out = np.zeros((S, ri, qi), np.float32)
     if out.size == 0:
         return np.transpose(out, np.argsort(order))
-    model = _worker_model(model_path, device, threads)
     h = half
-    # Candidate centres: the interior ('centre', depth h) or the interior plus an h ring
-    # ('mean', depth 2h): in both cases padded positions h .. R-h, i.e. index r in this
-    # frame is padded r + h, whose window in the sliding view starts at r.
-    cm = msk[:, h : R - h, h : Q - h]
+    # Candidate centres: the interior ('centre') or the interior plus an h ring ('mean':
+    # every output covering an interior voxel), clipped to the block: frame lo .. R-lo.
+    lo = max(0, depth - (h if aggregate == "mean" else 0))
+    cm = msk[:, lo : R - lo, lo : Q - lo]
     s, r, q = np.nonzero(cm)
-    wr, wq = r, q
-    win_src = blk
-    if aggregate == "mean":
-        acc = np.zeros((S, ri + 2 * h, qi + 2 * h), np.float64)
-        cnt = np.zeros_like(acc)
+    if not len(s):
+        return np.transpose(out, np.argsort(order))
+    model = _worker_model(model_path, device, threads)
+    patches = _BlockPatches(mri, order, offset, inv_scale, h)
+    rp, qp = r + lo, q + lo  # centres in the block's frame
     preds = []
     with torch.inference_mode():
         for a in range(0, len(s), batch_size):
             b = slice(a, a + batch_size)
-            x = torch.from_numpy(block_patches(win_src, s[b], wr[b], wq[b], h)).to(device)
+            x = torch.from_numpy(patches(s[b], rp[b], qp[b])).to(device)
             y = model(x)
             if aggregate == "centre":
                 preds.append(y[:, h, h].float().cpu().numpy())
             else:
                 preds.append(y.float().cpu().numpy())
-    if len(s):
-        pred = np.concatenate(preds)
-        if aggregate == "centre":
-            out[s, r, q] = pred * t_scale + t_offset
-        else:
-            # acc covers interior +/- h = padded h .. R-h: the same frame as cm.
-            pred = pred * t_scale + t_offset
-            p = 2 * h + 1
-            for i in range(p):  # P*P vectorised scatters, not a per-voxel loop
-                for j in range(p):
-                    rr, qq = r + i - h, q + j - h
-                    ok = (rr >= 0) & (rr < acc.shape[1]) & (qq >= 0) & (qq < acc.shape[2])
-                    acc[s[ok], rr[ok], qq[ok]] += pred[ok, i, j]
-                    cnt[s[ok], rr[ok], qq[ok]] += 1
-            mean = np.divide(acc, cnt, out=np.zeros_like(acc), where=cnt > 0)
-            out[:] = mean[:, h : h + ri, h : h + qi]
+    pred = np.concatenate(preds) * t_scale + t_offset
+    if aggregate == "centre":
+        out[s, r + lo - depth, q + lo - depth] = pred  # lo == depth here
+    else:
+        acc = np.zeros(cm.shape, np.float64)  # frame lo .. R-lo, as cm
+        cnt = np.zeros_like(acc)
+        p = 2 * h + 1
+        for i in range(p):  # P*P vectorised scatters, not a per-voxel loop
+            for j in range(p):
+                rr, qq = r + i - h, q + j - h
+                ok = (rr >= 0) & (rr < acc.shape[1]) & (qq >= 0) & (qq < acc.shape[2])
+                acc[s[ok], rr[ok], qq[ok]] += pred[ok, i, j]
+                cnt[s[ok], rr[ok], qq[ok]] += 1
+        mean = np.divide(acc, cnt, out=np.zeros_like(acc), where=cnt > 0)
+        out[:] = mean[:, depth - lo : depth - lo + ri, depth - lo : depth - lo + qi]
     out *= msk[:, depth : R - depth, depth : Q - depth]
     return np.transpose(out, np.argsort(order))
 
@@ -243,7 +319,8 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
 
     Store chunks are merged in-plane into blocks of up to ``block_bytes`` of input:
     the halo exchange costs dask ~40 tasks per block whatever its size, which on
-    store-sized blocks was a measurable share of the time (benchmarks/bench_predict.py).
+    store-sized blocks was a measurable share of the time (benchmarks/bench_predict.py);
+    blocks that span whole planes skip it.
     """
     import dask.array as da
 
@@ -278,18 +355,9 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
     if new != list(mri.chunks[:3]):
         mri = mri.rechunk((*new, -1))
         mask = mask.rechunk(new)
-    dep = {a: (0 if a in (slice_axis, 3) else depth) for a in range(4)}
     norm = meta["norm"]
     off, inv = norm.input_arrays()
-    return da.map_overlap(
-        _predict_block,
-        mri,
-        mask.astype(bool)[..., None],
-        depth=dep,
-        boundary=0,
-        trim=False,
-        align_arrays=False,
-        allow_rechunk=True,
+    kw = dict(
         drop_axis=3,
         chunks=mri.chunks[:3],
         dtype=np.float32,
@@ -305,8 +373,16 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
         t_scale=float(norm.target_scale),
         batch_size=int(batch_size),
         aggregate=aggregate,
-        halo=depth,
     )
+    msk = mask.astype(bool)[..., None]
+    if all(len(mri.chunks[a]) == 1 for a in range(3) if a != slice_axis):
+        # blocks of whole planes: no neighbour has context to give, and the volume's
+        # zero padding is applied inside the gather, so no halo exchange (its tasks
+        # and a padded copy of every block) at all
+        return da.map_blocks(_predict_block, mri, msk, halo=0, **kw)
+    dep = {a: (0 if a in (slice_axis, 3) else depth) for a in range(4)}
+    return da.map_overlap(_predict_block, mri, msk, depth=dep, boundary=0, trim=False,
+                          align_arrays=False, allow_rechunk=True, halo=depth, **kw)
 
 
 def _merged_inplane(chunks, shape, slice_axis: int, voxel_bytes: int, block_bytes: int):
@@ -426,6 +502,7 @@ def predict(
     finds the transforms beside the registered manifest the subject was ingested from, a
     folder (the ``--out`` of ``mrhscale register``) uses ``DIR/<sid>``.
     """
+    import dask
     import xarray as xr
     import zarr
 
@@ -549,9 +626,10 @@ def predict(
                 )
                 for v in out.variables:
                     out[v].encoding.pop("chunks", None)
-                out.to_zarr(str(out_url), group=sid, mode="w", consolidated=False, zarr_format=3,
-                            storage_options=out_so)
-                n_vox += int(ds["mask"].sum().compute())
+                write = out.to_zarr(str(out_url), group=sid, mode="w", consolidated=False, zarr_format=3,
+                                    storage_options=out_so, compute=False)
+                _, brain = dask.compute(write, out["mask"].data.sum())  # one pass, one round trip
+                n_vox += int(brain)
                 # completion marker last: a crash before this line leaves sid unlisted
                 root = zarr.open_group(str(out_url), mode="a", zarr_format=3, storage_options=out_so)
                 done = list(root.attrs.get("subjects", [])) + [sid]

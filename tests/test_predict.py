@@ -304,3 +304,32 @@ def test_prediction_blocks_merge_whole_store_chunks_in_plane():
     assert max(got[0]) * 32 * max(got[2]) * vb <= 96 << 20
     assert len(got[0]) * len(got[2]) < len(chunks[0]) * len(chunks[2])
     assert _merged_inplane(chunks, shape, 1, vb, 1) == [tuple(c) for c in chunks]
+
+
+@pytest.mark.parametrize("aggregate", ["centre", "mean"])
+@pytest.mark.parametrize("half,axis", [(1, "y"), (2, "x")])
+def test_block_layouts_and_gather_backends_agree(tmp_path, monkeypatch, aggregate, half, axis):
+    """Whole-plane blocks (no halo exchange, zero padding inside the gather), store-chunk
+    blocks with map_overlap halos, and the numpy fallback give the same voxels."""
+    from mrhscale import predict as P
+
+    store, ids = write_store(tmp_path / "c.zarr", n_subjects=1, full_mask=True, nan=True)
+    ds = xr.open_zarr(store, group=ids[0], consolidated=False)
+    mp = write_model(tmp_path / "m.pt", [str(c) for c in ds.contrast.values], half=half, axis=axis)
+    _, meta = load_model(mp)
+
+    def run(block_bytes):
+        arr = subject_prediction(ds, meta, mp, batch_size=29, aggregate=aggregate, block_bytes=block_bytes)
+        names = {str(k[0] if isinstance(k, tuple) else k) for k in dict(arr.__dask_graph__())}
+        return arr.compute(scheduler="sync"), arr.numblocks, any("overlap" in n for n in names)
+
+    whole, nb_whole, halo_whole = run(P.BLOCK_BYTES)
+    ax = "xyz".index(axis)
+    assert all(nb_whole[a] == 1 for a in range(3) if a != ax) and not halo_whole
+    chunked, nb_chunked, halo_chunked = run(1)
+    assert any(nb_chunked[a] > 1 for a in range(3) if a != ax) and halo_chunked
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(P, "_gather_normalised_nb", None)
+    monkeypatch.setattr(P, "_normalise_nb", None)
+    for bb in (P.BLOCK_BYTES, 1):
+        np.testing.assert_allclose(run(bb)[0], whole, rtol=1e-5, atol=1e-5)
