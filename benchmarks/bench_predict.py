@@ -7,9 +7,9 @@ MRH-Net depth 5 / width 64 (the published "5layer" size minus nothing),
 - predict, 1 Dask worker (torch uses all cores) vs the BARE MODEL forward on
   pre-built, pre-normalised patches in memory with the same threads and batch
   size, run inside the same Dask worker process, the two measured alternately
-  after one untimed run of each: the data path (Zarr read, halo exchange,
-  normalisation, patch gather, output write, scheduling) should cost <= 20% on
-  top (ratio >= 0.83).
+  after one untimed run of each, in SESSIONS fresh worker processes (medians):
+  the data path (Zarr read, halo exchange, normalisation, patch gather, output
+  write, scheduling) should cost <= 20% on top (ratio >= 0.83).
 - predict vs a per-voxel loop like the original MRH_testingPrep/MRH_testing:
   every voxel of a slice gets its patch from a Python loop, one forward pass per
   slice, then masked (timed on a few slices, extrapolated to the subject).
@@ -40,6 +40,12 @@ from benchmarks.common import print_rows, row, timed  # noqa: E402
 
 N_CHANNELS = 67
 BATCH = 4096
+# The bare forward in a Dask worker runs in one of two states on the 2-core machine,
+# ~23k or ~29k patches/s, each lasting from seconds to minutes (with OMP_WAIT_POLICY=PASSIVE
+# it stays at the lower: the faster is torch's OpenMP threads spin-waiting between
+# back-to-back forwards), so the predict/bare comparison is repeated in this many fresh
+# worker processes and medians are reported.
+SESSIONS = 3
 
 
 def channel_names() -> list[str]:
@@ -57,6 +63,8 @@ def make_store(path: str, shape, chunks=(64, 32, 64)) -> str:
     import xarray as xr
     import zarr
 
+    from mrhscale.ingest import _encoding
+
     mri = da.random.default_rng(0).gamma(2.0, 50.0, size=(*shape, N_CHANNELS),
                                          chunks=(*chunks, -1)).astype(np.float32)
     mask = ellipsoid_mask(shape)
@@ -70,7 +78,9 @@ def make_store(path: str, shape, chunks=(64, 32, 64)) -> str:
         attrs={"subject": "b01", "affine": np.diag([0.06, 0.06, 0.06, 1.0]).tolist(),
                "targets": [], "labels": []},
     )
-    ds.to_zarr(path, group="b01", mode="w", consolidated=False, zarr_format=3)
+    # encoded as `mrhscale ingest` writes a cohort (Blosc zstd 3 + shuffle), not zarr's default
+    ds.to_zarr(path, group="b01", mode="w", consolidated=False, zarr_format=3,
+               encoding=_encoding(ds, "zstd", 3))
     zarr.open_group(path, mode="a").attrs["subjects"] = ["b01"]
     return path
 
@@ -220,22 +230,29 @@ def run(full: bool = False, repeats: int = 3, scaling: bool | None = None) -> li
         res = {}
         scaling = (not full) if scaling is None else scaling
         configs = [(1, cores)] + ([(1, 1), (2, 1), (2, max(1, cores // 2))] if scaling else [])
+        sessions = []  # (predict, bare) per fresh worker process
         for nw, thr in configs:
             if (nw, thr) in res:
                 continue
-            with LocalCluster(n_workers=nw, threads_per_worker=1, processes=True,
-                              dashboard_address=None) as cl, Client(cl) as client:
-                if (nw, thr) == (1, cores):  # with the bare forward in the same worker process
-                    res[(nw, thr)], fwd, n_brain = predict_vs_bare(client, model, store, work, thr,
-                                                                   max(3, repeats))
-                else:
-                    res[(nw, thr)], n_brain = timed_predict(model, store, work, cl.scheduler_address,
-                                                            thr, repeats, f"{nw}w{thr}t")
+            for _ in range(SESSIONS if (nw, thr) == (1, cores) else 1):
+                with LocalCluster(n_workers=nw, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cl, Client(cl) as client:
+                    if (nw, thr) == (1, cores):  # with the bare forward in the same worker process
+                        p, f, n_brain = predict_vs_bare(client, model, store, work, thr, max(3, repeats))
+                        sessions.append((p, f))
+                    else:
+                        res[(nw, thr)], n_brain = timed_predict(model, store, work, cl.scheduler_address,
+                                                                thr, repeats, f"{nw}w{thr}t")
+            if (nw, thr) == (1, cores):
+                res[(nw, thr)] = statistics.median(p for p, _ in sessions)
+                fwd = statistics.median(f for _, f in sessions)
         loop = per_voxel_loop(model, store, cores, n_slices=2 if full else 3)
         pred = res[(1, cores)]
         rows.append(row(f"predict {grid} ({n_brain} brain voxels), 1 worker x {cores} threads",
                         pred, "voxels/s", "bare model forward on pre-built patches", fwd,
-                        target="data path <= 20% on top (ratio >= 0.83)", met=pred / fwd >= 1 / 1.2))
+                        target="data path <= 20% on top (ratio >= 0.83)", met=pred / fwd >= 1 / 1.2,
+                        note=f"medians of {len(sessions)} fresh worker processes; per process "
+                             "predict/bare: " + ", ".join(f"{p:.0f}/{f:.0f}" for p, f in sessions)))
         rows.append(row("predict vs per-voxel loop like the original", pred, "voxels/s",
                         "per-voxel patch loop, one forward per slice", loop))
         if not scaling:
