@@ -13,6 +13,15 @@ import os
 
 from mrhscale.errors import MRHError
 
+# Set in every embedded worker before it starts (glibc reads it once, at process start):
+# one malloc arena. A task thread otherwise allocates from a secondary arena, whose heaps
+# are at most 64 MiB; a batch-4096 forward (~10 MiB per activation) next to the block and
+# its patches kept creating and unmapping heaps, up to 1.6 M page faults per 157k-voxel
+# forward pass, and the network ran at 22.5k instead of 28.5k patches/s on 2 cores, a
+# state that came and went between runs. For a cluster you start yourself, set it in the
+# workers' environment (docs/scaling.md).
+WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+
 
 @contextlib.contextmanager
 def dask_client(
@@ -23,7 +32,9 @@ def dask_client(
     processes: bool = True,
     quiet: bool = False,
 ):
-    """Yield a ``distributed.Client``; an embedded cluster is closed on exit."""
+    """Yield a ``distributed.Client``; an embedded cluster is closed on exit, and its
+    workers start with ``WORKER_ENV``."""
+    import dask
     from distributed import Client, LocalCluster
 
     if workers is not None and workers < 1:
@@ -40,7 +51,8 @@ def dask_client(
         return
     n = workers or max(1, os.cpu_count() or 1)
     level = logging.ERROR if quiet else logging.WARNING
-    with _parent_environ_kept():
+    spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ENV}
+    with _parent_environ_kept(), dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):
         cluster = LocalCluster(
             n_workers=n,
             threads_per_worker=threads_per_worker,
