@@ -19,8 +19,9 @@ MRH-Net depth 5 / width 64 (the published "5layer" size minus nothing),
 
 Default grid 80x48x112 (all figures); --full: 200x128x280 (the released data's
 grid; the worker-scaling runs only with --scaling, they take long on 2 cores).
-The cluster is started once outside the timed region (predict joins it with
---scheduler), so timings are steady-state throughput, not process start-up.
+The cluster (the library's embedded one, ``mrhscale.cluster.dask_client``) is started
+once outside the timed region (predict joins it with --scheduler), so timings are
+steady-state throughput, not process start-up.
 """
 
 from __future__ import annotations
@@ -40,11 +41,10 @@ from benchmarks.common import print_rows, row, timed  # noqa: E402
 
 N_CHANNELS = 67
 BATCH = 4096
-# The bare forward in a Dask worker runs in one of two states on the 2-core machine,
-# ~23k or ~29k patches/s, each lasting from seconds to minutes (with OMP_WAIT_POLICY=PASSIVE
-# it stays at the lower: the faster is torch's OpenMP threads spin-waiting between
-# back-to-back forwards), so the predict/bare comparison is repeated in this many fresh
-# worker processes and medians are reported.
+# Before mrhscale.cluster.WORKER_ENV (one malloc arena), the bare forward in a Dask worker
+# ran at ~23k or ~29k patches/s from one minute to the next (heap churn in the task thread's
+# malloc arena); the predict/bare comparison is still repeated in this many fresh worker
+# processes and medians are reported.
 SESSIONS = 3
 
 
@@ -197,27 +197,49 @@ def timed_predict(model_path, store, work, address, threads, repeats, tag) -> tu
     return n[-1] / t, n[-1]
 
 
-def predict_vs_bare(client, model_path, store, work, threads, repeats) -> tuple[float, float, int]:
-    """Median predict voxels/s and bare-forward patches/s, measured ALTERNATELY in the same
-    worker after one untimed run of each: this machine's speed drifts by 10-20% over a
-    minute, and two blocks measured a minute apart compared that drift, not the data path."""
+_FWD = {"s": 0.0, "t0": 0.0, "hooked": set()}  # time inside the network's forward (worker)
+
+
+def forward_timer(model_path: str, threads: int) -> float:
+    """Seconds the worker's cached predict model spent in forward calls since the last call
+    (installs the hooks on the first)."""
+    from mrhscale.predict import _worker_model
+
+    model = _worker_model(os.path.abspath(model_path), "cpu", threads)
+    if id(model) not in _FWD["hooked"]:
+        _FWD["hooked"].add(id(model))
+        model.register_forward_pre_hook(lambda m, i: _FWD.__setitem__("t0", time.perf_counter()))
+        model.register_forward_hook(
+            lambda m, i, o: _FWD.__setitem__("s", _FWD["s"] + time.perf_counter() - _FWD["t0"]))
+    s, _FWD["s"] = _FWD["s"], 0.0
+    return s
+
+
+def predict_vs_bare(client, model_path, store, work, threads, repeats) -> tuple[float, float, float, int]:
+    """Median predict voxels/s, bare-forward patches/s and the network's own rate inside
+    predict (its forward calls, timed by hooks), measured ALTERNATELY in the same worker
+    after one untimed run of each: this machine's speed drifts by 10-20% over a minute,
+    and two blocks measured a minute apart compared that drift, not the data path."""
     address = client.scheduler.address
     warm_workers(address, model_path, threads)
     go = predict_once(model_path, store, work, address, threads, "1w")
+    client.submit(forward_timer, model_path, threads, pure=False).result()
     n = go()  # warm-up (also gives the brain voxel count)
     client.submit(bare_forward, model_path, min(n, 200_000), threads, 1, 1, pure=False).result()
-    pred, fwd = [], []
+    pred, fwd, inside = [], [], []
     for _ in range(repeats):
+        client.submit(forward_timer, model_path, threads, pure=False).result()
         t0 = time.perf_counter()
         go()
         pred.append(n / (time.perf_counter() - t0))
+        inside.append(n / client.submit(forward_timer, model_path, threads, pure=False).result())
         fwd.append(client.submit(bare_forward, model_path, min(n, 200_000), threads, 1, 0,
                                  pure=False).result())
-    return statistics.median(pred), statistics.median(fwd), n
+    return statistics.median(pred), statistics.median(fwd), statistics.median(inside), n
 
 
 def run(full: bool = False, repeats: int = 3, scaling: bool | None = None) -> list[dict]:
-    from distributed import Client, LocalCluster
+    from mrhscale.cluster import dask_client
 
     shape = (200, 128, 280) if full else (80, 48, 112)
     cores = os.cpu_count() or 1
@@ -235,24 +257,32 @@ def run(full: bool = False, repeats: int = 3, scaling: bool | None = None) -> li
             if (nw, thr) in res:
                 continue
             for _ in range(SESSIONS if (nw, thr) == (1, cores) else 1):
-                with LocalCluster(n_workers=nw, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cl, Client(cl) as client:
+                # the library's embedded cluster (its worker environment included); predict
+                # joins it with --scheduler
+                with dask_client(workers=nw, threads_per_worker=1, quiet=True) as client:
                     if (nw, thr) == (1, cores):  # with the bare forward in the same worker process
-                        p, f, n_brain = predict_vs_bare(client, model, store, work, thr, max(3, repeats))
-                        sessions.append((p, f))
+                        p, f, i, n_brain = predict_vs_bare(client, model, store, work, thr, max(3, repeats))
+                        sessions.append((p, f, i))
                     else:
-                        res[(nw, thr)], n_brain = timed_predict(model, store, work, cl.scheduler_address,
+                        res[(nw, thr)], n_brain = timed_predict(model, store, work, client.scheduler.address,
                                                                 thr, repeats, f"{nw}w{thr}t")
             if (nw, thr) == (1, cores):
-                res[(nw, thr)] = statistics.median(p for p, _ in sessions)
-                fwd = statistics.median(f for _, f in sessions)
+                res[(nw, thr)] = statistics.median(p for p, _, _ in sessions)
+                fwd = statistics.median(f for _, f, _ in sessions)
+                inside = statistics.median(i for _, _, i in sessions)
         loop = per_voxel_loop(model, store, cores, n_slices=2 if full else 3)
         pred = res[(1, cores)]
         rows.append(row(f"predict {grid} ({n_brain} brain voxels), 1 worker x {cores} threads",
                         pred, "voxels/s", "bare model forward on pre-built patches", fwd,
                         target="data path <= 20% on top (ratio >= 0.83)", met=pred / fwd >= 1 / 1.2,
                         note=f"medians of {len(sessions)} fresh worker processes; per process "
-                             "predict/bare: " + ", ".join(f"{p:.0f}/{f:.0f}" for p, f in sessions)))
+                             "predict/bare: " + ", ".join(f"{p:.0f}/{f:.0f}" for p, f, _ in sessions)))
+        rows.append(row("predict vs its own network time (forward calls inside predict, timed by hooks)",
+                        pred, "voxels/s", "the network's rate inside the same predict runs", inside,
+                        note="per process predict/inside: "
+                             + ", ".join(f"{p:.0f}/{i:.0f}" for p, _, i in sessions)
+                             + "; the bare forward above runs back to back, inside predict other "
+                               "work runs between batches"))
         rows.append(row("predict vs per-voxel loop like the original", pred, "voxels/s",
                         "per-voxel patch loop, one forward per slice", loop))
         if not scaling:
