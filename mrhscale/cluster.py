@@ -13,13 +13,14 @@ import os
 
 from mrhscale.errors import MRHError
 
-# Set in every embedded worker before it starts (glibc reads it once, at process start):
-# one malloc arena. A task thread otherwise allocates from a secondary arena, whose heaps
+# Set in every embedded worker with a memory limit of 2 GiB or more (as tune_malloc)
+# before it starts (glibc reads it once, at process start): one malloc arena. A task thread otherwise allocates from a secondary arena, whose heaps
 # are at most 64 MiB; a batch-4096 forward (~10 MiB per activation) next to the block and
 # its patches kept creating and unmapping heaps, up to 1.6 M page faults per 157k-voxel
 # forward pass, and the network ran at 22.5k instead of 28.5k patches/s on 2 cores, a
-# state that came and went between runs. For a cluster you start yourself, set it in the
-# workers' environment (docs/scaling.md).
+# state that came and went between runs. Small workers, which keep Dask's own malloc
+# settings, ran predict ~25% slower with it. For a cluster you start yourself, set it in
+# the workers' environment (docs/scaling.md).
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
@@ -51,7 +52,9 @@ def dask_client(
         return
     n = workers or max(1, os.cpu_count() or 1)
     level = logging.ERROR if quiet else logging.WARNING
-    spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ENV}
+    spawn_env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    if _tunable(memory_limit, threads_per_worker):
+        spawn_env.update(WORKER_ENV)
     with _parent_environ_kept(), dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):
         cluster = LocalCluster(
             n_workers=n,
@@ -88,6 +91,15 @@ def _parent_environ_kept():
         for k in set(os.environ) - set(saved):
             del os.environ[k]
         os.environ.update(saved)
+
+
+def _tunable(memory_limit, threads_per_worker: int) -> bool:
+    """Whether an embedded worker with this memory limit gets the malloc tuning."""
+    from distributed.worker_memory import parse_memory_limit
+
+    limit = parse_memory_limit(memory_limit, threads_per_worker, total_cores=os.cpu_count() or 1,
+                               logger=logging.getLogger(__name__))
+    return not limit or limit >= _MALLOC_MIN_LIMIT
 
 
 _MALLOC_TUNED: bool | None = None
