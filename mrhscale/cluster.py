@@ -13,14 +13,14 @@ import os
 
 from mrhscale.errors import MRHError
 
-# Set in every embedded worker with a memory limit of 2 GiB or more (as tune_malloc)
-# before it starts (glibc reads it once, at process start): one malloc arena. A task thread otherwise allocates from a secondary arena, whose heaps
-# are at most 64 MiB; a batch-4096 forward (~10 MiB per activation) next to the block and
-# its patches kept creating and unmapping heaps, up to 1.6 M page faults per 157k-voxel
-# forward pass, and the network ran at 22.5k instead of 28.5k patches/s on 2 cores, a
-# state that came and went between runs. Small workers, which keep Dask's own malloc
-# settings, ran predict ~25% slower with it. For a cluster you start yourself, set it in
-# the workers' environment (docs/scaling.md).
+# Set before they start (glibc reads it once, at process start) in every embedded worker
+# with a memory limit of 2 GiB or more, as tune_malloc: one malloc arena. A task thread
+# otherwise allocates from a secondary arena, whose heaps are at most 64 MiB; a batch-4096
+# forward (~10 MiB per activation) next to the block and its patches kept creating and
+# unmapping heaps, up to 1.6 M page faults per 157k-voxel forward pass, and the network
+# ran at 22.5k instead of 28.5k patches/s on 2 cores, a state that came and went between
+# runs. Small workers, which keep Dask's own malloc settings, ran predict ~25% slower with
+# it. For a cluster you start yourself, set it in the workers' environment (docs/scaling.md).
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 

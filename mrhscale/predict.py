@@ -105,27 +105,12 @@ def block_patches(norm_block: np.ndarray, s: np.ndarray, r: np.ndarray, q: np.nd
 
 def normalise_block(mri: np.ndarray, order: tuple[int, int, int], offset, inv_scale) -> np.ndarray:
     """``[S, R, Q, C]`` float32 (axes ``order`` of the x, y, z block, contrast last) of
-    ``(mri - offset) * inv_scale`` with NaN/inf -> 0: one fused pass when numba is there
-    (numpy needs four over the whole halo-padded block)."""
-    if _normalise_nb is not None and mri.ndim == 4:
-        src = np.transpose(mri, (*order, 3))
-        out = np.empty(src.shape, np.float32)
-        _normalise_nb(src, np.asarray(offset, np.float32), np.asarray(inv_scale, np.float32), out)
-        return out
+    ``(mri - offset) * inv_scale`` with NaN/inf -> 0: the numpy fallback of the fused
+    gather below (a whole-block pass the compiled path does not need)."""
     blk = np.transpose(mri, (*order, 3))
     blk = (blk.astype(np.float32, copy=False) - offset) * inv_scale
     np.copyto(blk, 0.0, where=~np.isfinite(blk))  # NaN/inf -> 0 (two passes, not nan_to_num's four)
     return blk
-
-
-def _normalise_py(src, off, inv, out):
-    n_s, n_r, n_q, n_c = src.shape
-    for i in range(n_s):
-        for j in range(n_r):
-            for k in range(n_q):
-                for c in range(n_c):
-                    v = (np.float32(src[i, j, k, c]) - off[c]) * inv[c]
-                    out[i, j, k, c] = v if np.isfinite(v) else np.float32(0.0)
 
 
 def _gather_normalised_py(src, s, r, q, half, off, inv, edge, out):
@@ -149,12 +134,8 @@ def _gather_normalised_py(src, s, r, q, half, off, inv, edge, out):
     return out
 
 
-if _numba is not None:
-    _jit = _numba.njit(nogil=True, cache=True, boundscheck=False)
-    _normalise_nb = _jit(_normalise_py)
-    _gather_normalised_nb = _jit(_gather_normalised_py)
-else:
-    _normalise_nb = _gather_normalised_nb = None
+_gather_normalised_nb = (_numba.njit(nogil=True, cache=True, boundscheck=False)(_gather_normalised_py)
+                         if _numba is not None else None)
 
 
 class _BlockPatches:
@@ -250,7 +231,7 @@ def _predict_block(
                 preds.append(y.float().cpu().numpy())
     pred = np.concatenate(preds) * t_scale + t_offset
     if aggregate == "centre":
-        out[s, r + lo - depth, q + lo - depth] = pred  # lo == depth here
+        out[s, r, q] = pred  # centre: lo == depth, cm's frame is the interior
     else:
         acc = np.zeros(cm.shape, np.float64)  # frame lo .. R-lo, as cm
         cnt = np.zeros_like(acc)

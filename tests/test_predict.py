@@ -330,6 +330,5 @@ def test_block_layouts_and_gather_backends_agree(tmp_path, monkeypatch, aggregat
     assert any(nb_chunked[a] > 1 for a in range(3) if a != ax) and halo_chunked
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(P, "_gather_normalised_nb", None)
-    monkeypatch.setattr(P, "_normalise_nb", None)
     for bb in (P.BLOCK_BYTES, 1):
         np.testing.assert_allclose(run(bb)[0], whole, rtol=1e-5, atol=1e-5)
