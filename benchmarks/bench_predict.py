@@ -252,7 +252,7 @@ def run(full: bool = False, repeats: int = 3, scaling: bool | None = None) -> li
         res = {}
         scaling = (not full) if scaling is None else scaling
         configs = [(1, cores)] + ([(1, 1), (2, 1), (2, max(1, cores // 2))] if scaling else [])
-        sessions = []  # (predict, bare) per fresh worker process
+        sessions = []  # (predict, bare, network inside predict) per fresh worker process
         for nw, thr in configs:
             if (nw, thr) in res:
                 continue
