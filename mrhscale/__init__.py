@@ -14,8 +14,8 @@ _LAZY = {
     "MRHNet": "mrhscale.model",
     "load_model": "mrhscale.bundle",
     "save_bundle": "mrhscale.bundle",
-    "open_subject": "mrhscale.store",
-    "list_subjects": "mrhscale.store",
+    "open_subject": "mrhscale.stores",
+    "list_subjects": "mrhscale.stores",
     "PatchStream": "mrhscale.stream",
 }
 

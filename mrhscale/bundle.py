@@ -8,7 +8,6 @@ source cannot run code.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
@@ -50,19 +49,10 @@ def make_bundle(
 
 def save_bundle(path: str | os.PathLike, model: MRHNet, **meta) -> str:
     """Write a bundle atomically (write aside, then rename)."""
+    from mrhscale.stores import atomic_write
+
     bundle = make_bundle(model, **meta)
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".bundle-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(bundle, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(os.fspath(path), lambda tmp: torch.save(bundle, tmp))
 
 
 def read_bundle(path: str | os.PathLike) -> dict[str, Any]:

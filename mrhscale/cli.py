@@ -24,16 +24,10 @@ class _Command(click.Command):
             return
         from mrhscale.config import load_config
 
-        allowed = {}
-        for p in self.params:
-            if isinstance(p, click.Option) and p.name != "config":
-                allowed[p.name] = p.name
-                allowed.update({o.lstrip("-"): p.name for o in p.opts if o.startswith("--")})
-            elif isinstance(p, click.Argument):
-                allowed[p.name] = p.name
         try:
-            stages = set(ctx.parent.command.commands) if ctx.parent is not None else set()
-            values = load_config(value, self.name, allowed, stages)
+            group = ctx.parent.command.commands if ctx.parent is not None else {}
+            stages = {name: _allowed(cmd) for name, cmd in group.items()}
+            values = load_config(value, self.name, _allowed(self), stages)
         except MRHError as e:
             click.echo(f"mrhscale: error: {e}", err=True)
             sys.exit(2)
@@ -48,6 +42,18 @@ class _Command(click.Command):
 
             write_resolved(str(out), self.name, ctx.params)
         return result
+
+
+def _allowed(cmd: click.Command) -> dict[str, str]:
+    """The keys a --config may give ``cmd``: option names with dashes or underscores."""
+    allowed = {}
+    for p in cmd.params:
+        if isinstance(p, click.Option) and p.name != "config":
+            allowed[p.name] = p.name
+            allowed.update({o.lstrip("-"): p.name for o in p.opts if o.startswith("--")})
+        elif isinstance(p, click.Argument):
+            allowed[p.name] = p.name
+    return allowed
 
 
 class _Group(click.Group):
@@ -83,7 +89,8 @@ def _ints(text: str, n: int, what: str) -> tuple[int, ...]:
 
 
 def _subject_list(values: tuple[str, ...]) -> list[str] | None:
-    out = [s for v in values for s in v.split(",") if s]
+    """--subjects a,b --subjects c (repeats dropped, order kept)."""
+    out = list(dict.fromkeys(s.strip() for v in values for s in v.split(",") if s.strip()))
     return out or None
 
 
@@ -133,7 +140,8 @@ def _storage_options(value) -> dict | None:
 @click.option("--chunks", default="64,32,64", show_default=True, help="Spatial chunk X,Y,Z (all contrasts per chunk).")
 @click.option("--compression", default="zstd", show_default=True, help="Blosc codec: zstd, lz4, lz4hc, zlib, blosclz.")
 @click.option("--skip-bad", is_flag=True, help="Ingest the good subjects and list the bad ones instead of stopping.")
-@click.option("--overwrite", is_flag=True, help="Rewrite subjects already in the store.")
+@click.option("--overwrite", is_flag=True,
+              help="Rewrite subjects already in the store (each kept until its new version is complete).")
 @click.option("--no-checksums", is_flag=True, help="Skip sha256 of source files (faster on huge cohorts).")
 @storage_options_option
 @scheduler_option
@@ -171,7 +179,7 @@ def info(path, storage_options):
 
         click.echo(describe_bundle(path))
     else:
-        from mrhscale.store import describe_store
+        from mrhscale.stores import describe as describe_store
 
         click.echo(describe_store(path, _storage_options(storage_options)))
 
@@ -191,18 +199,21 @@ def info(path, storage_options):
               help="Also map each virtual stain back to the subject's native (pre-registration) grid: "
                    "<--nifti>/<sid>_<target>_virtual_native.nii.gz (needs --nifti). DIR: the --out of "
                    "`mrhscale register` (default: found beside the registered manifest ingested).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace subjects (or a whole store of another model) in --out that were made from "
+                   "something else; the old ones stay until the new ones are complete.")
 @storage_options_option
 @scheduler_option
 @workers_option
 @quiet_option
-def predict(model, store, out, nifti_dir, subjects, batch_size, device, aggregate, to_native, storage_options,
-            scheduler, workers, quiet):
+def predict(model, store, out, nifti_dir, subjects, batch_size, device, aggregate, to_native, overwrite,
+            storage_options, scheduler, workers, quiet):
     """Virtual histology for every brain voxel of STORE's subjects with MODEL (a bundle)."""
     from mrhscale.predict import predict as run
 
     res = run(model, store, out, nifti_dir=nifti_dir, subjects=_subject_list(subjects),
               scheduler=scheduler, workers=workers, batch_size=batch_size, device=device,
-              aggregate=aggregate, quiet=quiet, to_native=to_native,
+              aggregate=aggregate, quiet=quiet, to_native=to_native, overwrite=overwrite,
               storage_options=_storage_options(storage_options))
     if res["skipped"]:
         click.echo(f"already predicted, skipped: {', '.join(res['skipped'])}")
@@ -417,7 +428,9 @@ def import_matlab_cmd(mat, out, channels, norm, target_max, target, patch_axis, 
 @click.option("--chunk-size", type=int, default=None, help="Patches per output chunk (default ~8 MB).")
 @click.option("--compress", is_flag=True,
               help="Blosc lz4 on the patch arrays (smaller; MRI floats shrink little, streaming slower).")
-@click.option("--overwrite", is_flag=True, help="Replace a complete patch store at --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a complete patch store made from other inputs or options (built aside, "
+                   "swapped in when complete). An identical one is reused without it.")
 @storage_options_option
 @scheduler_option
 @workers_option

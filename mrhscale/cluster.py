@@ -66,6 +66,7 @@ def dask_client(
             silence_logs=level,
         )
     client = Client(cluster)
+    client.register_plugin(quiet_task_failures(log_file()), name=QUIET_PLUGIN)
     try:
         yield client
     finally:
@@ -151,3 +152,74 @@ def tune_malloc() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3
     _MALLOC_TUNED = bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 64 << 20))
     return _MALLOC_TUNED
+
+
+# --------------------------------------------------------------------------- task failures
+def log_file() -> str:
+    """Where Dask's worker tracebacks go instead of the terminal (MRHSCALE_LOG_DIR to move it)."""
+    import tempfile
+    import time
+
+    d = os.environ.get("MRHSCALE_LOG_DIR") or os.path.join(tempfile.gettempdir(), "mrhscale-logs")
+    os.makedirs(d, exist_ok=True)
+    return os.path.join(d, f"dask-{time.strftime('%Y%m%d')}-{os.getpid()}.log")
+
+
+class _DropTaskFailures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not msg.startswith(("Compute Failed", "Exception during execution of task"))
+
+
+QUIET_PLUGIN = "mrhscale-quiet-task-failures"
+
+
+def quiet_task_failures(log_path: str):
+    """A worker plugin: a failing task's traceback goes to ``log_path``, not the user's terminal.
+
+    The stage reports the failure as one line (``task_error``); the worker's own
+    'Compute Failed' block (task arguments and traceback) is kept in the log.
+    """
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class QuietTaskFailures(WorkerPlugin):
+        def setup(self, worker):
+            handler = logging.FileHandler(log_path)
+            handler.setLevel(logging.WARNING)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            dist = logging.getLogger("distributed")
+            dist.addHandler(handler)
+            for h in dist.handlers + logging.getLogger().handlers:
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    h.addFilter(_DropTaskFailures())
+
+    return QuietTaskFailures()
+
+
+def task_error(exc: BaseException, what: str) -> MRHError:
+    """A task's failure as the one-line error the user sees, naming ``what`` failed."""
+    import errno
+
+    from distributed.scheduler import KilledWorker
+
+    if isinstance(exc, MRHError):
+        msg = str(exc)
+        return MRHError(msg if msg.startswith(what) else f"{what}: {msg}")
+    if isinstance(exc, KilledWorker):
+        return MRHError(f"{what}: a Dask worker died while running it (out of memory, or killed); "
+                        f"give the workers more memory or fewer threads (log: {log_file()})")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return MRHError(f"{what}: no space left on the device{_where(exc)}; free space or write elsewhere")
+    if isinstance(exc, FileNotFoundError):
+        return MRHError(f"{what}: not found on a Dask worker{_where(exc)}; every path must be visible "
+                        "from the workers (a shared filesystem, or a URL)")
+    if isinstance(exc, PermissionError):
+        return MRHError(f"{what}: permission denied{_where(exc)}")
+    if isinstance(exc, MemoryError):
+        return MRHError(f"{what}: out of memory on a Dask worker; give the workers more memory")
+    return MRHError(f"{what}: failed on a Dask worker ({type(exc).__name__}: {exc}); "
+                    f"worker log: {log_file()}")
+
+
+def _where(exc: OSError) -> str:
+    return f" ({exc.filename})" if getattr(exc, "filename", None) else ""

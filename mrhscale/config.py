@@ -15,15 +15,34 @@ import yaml
 
 from mrhscale.errors import MRHError
 
+META_KEYS = ("command", "mrhscale_version", "written")
 
-def load_config(path: str, command: str, allowed: dict[str, str], stages: set[str] | frozenset = frozenset()) -> dict:
+
+def load_config(path: str, command: str, allowed: dict[str, str],
+                stages: dict[str, dict[str, str]] | None = None) -> dict:
     """Read a YAML mapping and map its keys to parameter names of ``command``.
 
     ``allowed`` maps accepted spellings (option name with dashes, param name) to
     the param name. A file may hold the options at top level or, as a recipe
-    for a whole pipeline, in one block per command (``stages`` names them); a
-    recipe without a block for ``command`` gives it no options.
+    for a whole pipeline, one block per command (``stages`` maps each command to
+    its own ``allowed``); a recipe without a block for ``command`` gives it no
+    options. Every block and key is checked: a misspelt one is an error naming
+    the nearest known name, never silently ignored.
     """
+    doc = _read_mapping(path)
+    stages = stages or {}
+    if any(str(k) in stages and isinstance(v, dict) for k, v in doc.items()):
+        for block, body in doc.items():
+            if str(block) not in stages or not isinstance(body, dict):
+                raise MRHError(f"--config {path}: unknown block {block!r}{_nearest(block, stages)} "
+                               f"(a recipe holds one block per command: {', '.join(sorted(stages))})")
+            _check_keys(path, str(block), body, stages[str(block)])
+        doc = doc.get(command) or {}
+    _check_keys(path, command, doc, allowed)
+    return {allowed[str(k)]: v for k, v in doc.items()}
+
+
+def _read_mapping(path: str) -> dict:
     if not os.path.isfile(path):
         raise MRHError(f"--config {path}: file not found")
     try:
@@ -33,19 +52,23 @@ def load_config(path: str, command: str, allowed: dict[str, str], stages: set[st
         raise MRHError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(doc, dict):
         raise MRHError(f"--config {path}: expected a mapping of option names to values")
-    if isinstance(doc.get(command), dict):
-        doc = doc[command]
-    elif any(isinstance(doc.get(s), dict) for s in stages):
-        doc = {}
-    doc = {k: v for k, v in doc.items() if k not in ("command", "mrhscale_version", "written")}
-    unknown = [k for k in doc if str(k) not in allowed]
+    return {k: v for k, v in doc.items() if k not in META_KEYS}
+
+
+def _check_keys(path: str, command: str, doc: dict, allowed: dict[str, str]) -> None:
+    unknown = [k for k in doc if str(k) not in allowed and str(k) not in META_KEYS]
     if unknown:
         names = sorted({v.replace("_", "-") for v in allowed.values()})
-        raise MRHError(
-            f"--config {path}: unknown option(s) for `{command}`: {', '.join(map(str, unknown))} "
-            f"(known: {', '.join(names)})"
-        )
-    return {allowed[str(k)]: v for k, v in doc.items()}
+        hint = _nearest(unknown[0], allowed)
+        raise MRHError(f"--config {path}: unknown option(s) for `{command}`: "
+                       f"{', '.join(map(str, unknown))}{hint} (known: {', '.join(names)})")
+
+
+def _nearest(name, known) -> str:
+    import difflib
+
+    best = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {best[0]!r}?)" if best else ""
 
 
 def _plain(v):
@@ -58,25 +81,12 @@ def _plain(v):
     return str(v)
 
 
-_SECRET = ("key", "secret", "token", "password", "credential")
-
-
-def _redact(v):
-    """Credentials never land on disk: secret-looking entries of storage options are masked."""
-    if isinstance(v, dict):
-        return {k: ("***" if any(w in str(k).lower() for w in _SECRET) else _redact(x)) for k, x in v.items()}
-    if isinstance(v, str) and v.lstrip().startswith("{"):
-        try:
-            return _redact(yaml.safe_load(v))
-        except yaml.YAMLError:
-            return "***"
-    return v
-
-
 def resolved_config(command: str, params: dict) -> dict:
     from mrhscale import __version__
+    from mrhscale.stores import mask_options
 
-    doc = {k: _plain(_redact(v) if k == "storage_options" else v) for k, v in params.items() if k != "config"}
+    doc = {k: _plain(mask_options(v) if k == "storage_options" else v)
+           for k, v in params.items() if k != "config"}
     return {
         "command": command,
         "mrhscale_version": __version__,
@@ -87,7 +97,7 @@ def resolved_config(command: str, params: dict) -> dict:
 
 def config_path_for(out: str, command: str) -> str | None:
     """Where the resolved config goes: inside an output folder, or beside an output file."""
-    from mrhscale.store import is_local, local_path
+    from mrhscale.stores import is_local, local_path
 
     if not is_local(out):
         return None
@@ -103,8 +113,6 @@ def write_resolved(out: str, command: str, params: dict) -> str | None:
     path = config_path_for(out, command)
     if path is None:
         return None
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        yaml.safe_dump(resolved_config(command, params), fh, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    from mrhscale.stores import write_text
+
+    return write_text(path, yaml.safe_dump(resolved_config(command, params), sort_keys=False))

@@ -52,17 +52,14 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, qu
     from mrhscale.patches import extract_patches
     from mrhscale.predict import predict
     from mrhscale.report import write_report
-    from mrhscale.store import list_subjects
+    from mrhscale.stores import list_subjects
     from mrhscale.synth import make_cohort
     from mrhscale.train import train
 
     cfg = cfg or (QUICK if quick else DemoConfig())
     if cfg.subjects < 3:
         raise MRHError("demo: needs at least 3 subjects (training, validation, held-out)")
-    out = os.path.abspath(out)
-    if os.path.isfile(out):
-        raise MRHError(f"--out {out}: is a file; give a folder")
-    os.makedirs(out, exist_ok=True)
+    out = _demo_folder(out, cfg)
     p = {k: os.path.join(out, v) for k, v in {
         "files": "cohort", "store": "cohort.zarr", "patches": "patches.zarr", "run": "run",
         "pred": "pred.zarr", "nifti": "nifti", "eval": "evaluation", "imp": "importance"}.items()}
@@ -86,10 +83,9 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, qu
         times["ingest"] = time.perf_counter() - t
 
         t = _stage(f"patches: {cfg.target} training samples (train {', '.join(train_ids[:-1])}; val {val_id})", quiet)
-        if not _complete(p["patches"]):  # extract_patches runs on the active client
-            extract_patches(p["store"], cfg.target, p["patches"], stride=cfg.stride,
-                            subjects=train_ids, val_subjects=[val_id], seed=cfg.seed,
-                            quiet=quiet, overwrite=True)
+        # on the active client; an identical store from an earlier run is reused as it is
+        extract_patches(p["store"], cfg.target, p["patches"], stride=cfg.stride, subjects=train_ids,
+                        val_subjects=[val_id], seed=cfg.seed, quiet=quiet)
         times["patches"] = time.perf_counter() - t
 
     t = _stage(f"train: MRH-Net depth {cfg.depth}, {cfg.epochs} epochs on the CPU", quiet)
@@ -105,7 +101,7 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, qu
 
     t = _stage(f"predict: held-out subject {test_id}", quiet)
     predict(model, p["store"], p["pred"], nifti_dir=p["nifti"], subjects=[test_id],
-            workers=cfg.workers, quiet=quiet)
+            workers=cfg.workers, quiet=quiet, overwrite=True)
     times["predict"] = time.perf_counter() - t
 
     t = _stage("evaluate: virtual stain vs reference and single MRI markers", quiet)
@@ -114,11 +110,8 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, qu
     times["evaluate"] = time.perf_counter() - t
 
     t = _stage("importance: contrast groups by permutation", quiet)
-    imp_json = os.path.join(p["imp"], "importance.json")
-    if os.path.exists(imp_json) and os.path.getmtime(imp_json) > os.path.getmtime(model):
-        with open(imp_json) as fh:
-            imp = json.load(fh)
-    else:
+    imp = _importance_of(p["imp"], model)
+    if imp is None:
         imp = importance(model, p["patches"], p["imp"], quiet=quiet, max_patches=cfg.importance_patches,
                          repeats=cfg.importance_repeats)
     times["importance"] = time.perf_counter() - t
@@ -150,18 +143,38 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, qu
     tables["Stage wall times (s)"] = summary["stage_seconds"]
     tables["Where things are"] = p
     summary["report"] = write_report(out, tables, figures, f"mrhscale demo: virtual {cfg.target} on a synthetic cohort")
-    with open(os.path.join(out, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=1, default=str)
+    from mrhscale.stores import write_json
+
+    write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 
-def _complete(url: str) -> bool:
-    try:
-        import zarr
+def _demo_folder(out: str, cfg: DemoConfig) -> str:
+    """The demo's workspace: ours, and made with this configuration (else its stages are stale)."""
+    from mrhscale.stores import Folder
 
-        return bool(zarr.open_group(url, mode="r").attrs.get("complete"))
-    except Exception:
-        return False
+    folder = Folder(out, "mrhscale-demo")
+    if folder.check() and folder.info().get("config") not in (None, _plain(asdict(cfg))):
+        raise MRHError(f"--out {folder.path}: holds a demo run with another configuration; "
+                       "choose another --out (or delete that folder)")
+    folder.mark(config=_plain(asdict(cfg)))
+    return folder.path
+
+
+def _plain(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=list))
+
+
+def _importance_of(folder: str, model: str) -> dict | None:
+    """An earlier importance result of this very model (by checksum), else None."""
+    from mrhscale.stores import sha256_file
+
+    try:
+        with open(os.path.join(folder, "importance.json")) as fh:
+            imp = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return imp if imp.get("provenance", {}).get("model_sha256") == sha256_file(model) else None
 
 
 def _figures_of(res, folder) -> list:

@@ -39,7 +39,6 @@ and ``report.html`` into ``out_dir``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -47,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.stores import write_json
 
 SPATIAL = ("x", "y", "z")
 MARKERS = ("FA", "MT ratio", "T2", "MD")
@@ -356,40 +356,60 @@ def evaluate(
     compared like the built-in ones; marker_transforms: ``mrhscale register`` output folder
     for marker files still in the subjects' native space.
     """
-    import xarray as xr
-    import zarr
+    from mrhscale.stores import Folder, resolve
 
-    from mrhscale import __version__
-    from mrhscale.store import list_subjects, open_subject, url_options
-
-    pred_so = url_options(pred_url, storage_options)  # fsspec options (s3://...); None if local
-
-    try:
-        proot = zarr.open_group(str(pred_url), mode="r", storage_options=pred_so)
-    except Exception:
-        raise MRHError(f"{pred_url}: no prediction store here (run `mrhscale predict` first)") from None
-    pattrs = dict(proot.attrs)
-    pred_ids = list(pattrs.get("subjects", []))
-    variable = pattrs.get("variable") or f"{target}_virtual"
-    store_ids = list_subjects(store_url, storage_options)
-    if subjects:
-        bad = [s for s in subjects if s not in pred_ids or s not in store_ids]
-        if bad:
-            raise MRHError(
-                f"subject(s) {', '.join(bad)} missing from the prediction store {pred_url} "
-                f"(has {', '.join(pred_ids) or 'none'}) or the cohort store {store_url}"
-            )
-        ids = list(subjects)
-    else:
-        ids = [s for s in pred_ids if s in store_ids]
-    if not ids:
-        raise MRHError(f"{pred_url}: no predicted subject that is also in {store_url}")
+    pstore, cstore, ids = _open_inputs(resolve(pred_url), resolve(store_url), target, subjects,
+                                       storage_options)
     extra = list(markers or [])
-    extra_names = marker_names(extra)
     if marker_transforms is not None and not os.path.isdir(marker_transforms):
         raise MRHError(f"--marker-transforms {marker_transforms}: no such folder "
                        "(give the `mrhscale register` output folder)")
-    os.makedirs(out_dir, exist_ok=True)
+    folder = Folder(out_dir, "mrhscale-evaluation")
+    with folder.replace(target=target, pred=pstore.url, store=cstore.url) as work:
+        metrics = _evaluate(pstore, cstore, ids, target, work, label=label, roi=roi, quiet=quiet,
+                            max_pool=max_pool, seed=seed, montage_subjects=montage_subjects,
+                            extra=extra, marker_transforms=marker_transforms, final_dir=folder.path)
+    metrics["out_dir"] = folder.path
+    metrics["report"] = os.path.join(folder.path, os.path.basename(metrics["report"]))
+    return metrics
+
+
+def _open_inputs(pred_url: str, store_url: str, target: str, subjects, storage_options):
+    """The prediction and cohort stores, and the subjects to compare, all cross-checked:
+    the prediction is of ``target``, and each subject was predicted from the store's own."""
+    from mrhscale.stores import CohortStore, PredictionStore
+
+    pstore = PredictionStore.open(pred_url, storage_options)
+    cstore = CohortStore.open(store_url, storage_options)
+    pattrs = pstore.attrs
+    if str(pattrs.get("target")) != str(target):
+        raise MRHError(f"{pstore.name}: holds virtual {pattrs.get('target')} (its model predicts "
+                       f"{pattrs.get('target')!r}); --target {target} would compare it with another "
+                       f"stain: give --target {pattrs.get('target')}")
+    pred_ids, store_ids = pstore.subjects(), cstore.subjects()
+    ids = list(dict.fromkeys(subjects)) if subjects else [s for s in pred_ids if s in store_ids]
+    bad = [s for s in ids if s not in pred_ids or s not in store_ids]
+    if bad:
+        raise MRHError(f"subject(s) {', '.join(bad)} missing from the prediction store {pstore.name} "
+                       f"(has {', '.join(pred_ids) or 'none'}) or the cohort store {cstore.name}")
+    if not ids:
+        raise MRHError(f"{pstore.name}: no predicted subject that is also in {cstore.name}")
+    for sid in ids:
+        source = (pstore.subject_attrs(sid).get("made_by") or {}).get("source")
+        if source is not None and source != cstore.identity(sid)["fingerprint"]:
+            raise MRHError(f"{pstore.name}: subject {sid} was predicted from another input than "
+                           f"{cstore.name}'s {sid}; evaluate it against the store it was predicted from")
+    return pstore, cstore, ids
+
+
+def _evaluate(pstore, cstore, ids, target, out_dir, *, label, roi, quiet, max_pool, seed,
+              montage_subjects, extra, marker_transforms, final_dir) -> dict[str, Any]:
+    """The evaluation proper, writing its files into ``out_dir`` (which becomes ``final_dir``)."""
+    from mrhscale import __version__
+
+    pattrs = pstore.attrs
+    variable = pattrs.get("variable") or f"{target}_virtual"
+    extra_names = marker_names(extra)
     rng = np.random.default_rng(seed)
     per_subject_pool = max(10_000, int(max_pool) // len(ids))
     notes: list[str] = []
@@ -408,15 +428,15 @@ def evaluate(
 
         iterator = tqdm(ids, desc="evaluate", unit="subject")
     for k, sid in enumerate(iterator):
-        ds = open_subject(store_url, sid, storage_options)
+        ds = cstore.open_subject(sid)
         if target not in ds.data_vars:
             raise MRHError(
-                f"{store_url}: subject {sid!r} has no reference {target!r} "
+                f"{cstore.name}: subject {sid!r} has no reference {target!r} "
                 f"(targets: {', '.join(ds.attrs.get('targets', [])) or 'none'})"
             )
-        pds = xr.open_zarr(str(pred_url), group=sid, consolidated=False, storage_options=pred_so)
+        pds = pstore.open_subject(sid)
         if variable not in pds.data_vars:
-            raise MRHError(f"{pred_url}: subject {sid!r} has no variable {variable!r}")
+            raise MRHError(f"{pstore.name}: subject {sid!r} has no variable {variable!r}")
         virt = pds[variable].transpose(*SPATIAL).values.astype(np.float64)
         ref = ds[target].transpose(*SPATIAL).values.astype(np.float64)
         if virt.shape != ref.shape:
@@ -561,18 +581,16 @@ def evaluate(
             "pooled_sample": f"Spearman and ROC pooled over up to {per_subject_pool} random voxels "
                              "per subject",
         },
-        "provenance": {"stage": "evaluate", "mrhscale": __version__, "pred": str(pred_url),
-                       "store": str(store_url), "model": pattrs.get("model", {}).get("sha256")},
+        "provenance": {"stage": "evaluate", "mrhscale": __version__, "pred": pstore.url,
+                       "store": cstore.url, "model": pattrs.get("model", {}).get("sha256")},
     }
     if roc_pooled:
         metrics["roc_curves"] = {n: {"fpr": r["fpr"], "tpr": r["tpr"]} for n, r in roc_pooled.items()
                                  if "fpr" in r}
     metrics["figures"] = [os.path.basename(p) for p, _ in figures]
     metrics["figure_captions"] = {os.path.basename(p): c for p, c in figures}
-    metrics["out_dir"] = os.path.abspath(out_dir)
-    with open(os.path.join(out_dir, "metrics.json.tmp"), "w") as fh:
-        json.dump(_finite(metrics), fh, indent=1)
-    os.replace(os.path.join(out_dir, "metrics.json.tmp"), os.path.join(out_dir, "metrics.json"))
+    metrics["out_dir"] = final_dir
+    write_json(os.path.join(out_dir, "metrics.json"), _finite(metrics))
     from mrhscale.report import write_report
 
     metrics["report"] = write_report(out_dir, summary_tables(metrics), figures,

@@ -19,7 +19,6 @@ and ``report.html`` into ``out_dir``.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from typing import Any
@@ -52,25 +51,13 @@ def channel_groups(channels: list[str], groups: list[str] | None = None) -> dict
 
 
 def _open_split(url: str, split: str, storage_options: dict | None = None):
-    import zarr
+    from mrhscale.stores import PatchStore
 
-    from mrhscale.store import url_options
-
-    try:
-        root = zarr.open_group(str(url), mode="r", storage_options=url_options(url, storage_options))
-    except Exception:
-        raise MRHError(f"{url}: no patch store here (run `mrhscale patches` first)") from None
-    attrs = dict(root.attrs)
-    if "channels" not in attrs:
-        raise MRHError(f"{url}: not a patch store (no channels attr)")
-    if not attrs.get("complete"):
-        raise MRHError(f"{url}: patch store is incomplete (interrupted?); rerun `mrhscale patches`")
-    if f"{split}/inputs" not in root or f"{split}/targets" not in root:
-        raise MRHError(f"{url}: no split {split!r} (use --split train or val)")
-    x, t = root[f"{split}/inputs"], root[f"{split}/targets"]
+    store = PatchStore.open(url, storage_options)
+    x, t = store.split(split)
     if x.shape[0] == 0:
-        raise MRHError(f"{url}: split {split!r} holds no patches; use --split train")
-    return attrs, x, t
+        raise MRHError(f"{store.name}: split {split!r} holds no patches; use --split train")
+    return store.attrs, x, t
 
 
 def importance(
@@ -94,8 +81,12 @@ def importance(
 
     from mrhscale import __version__
     from mrhscale.bundle import load_model
-    from mrhscale.predict import _sha256, check_channels, check_device
+    from mrhscale.predict import check_channels, check_device
+    from mrhscale.stores import Folder, resolve, sha256_file
 
+    model_path, patches_url = resolve(model_path, "model"), resolve(patches_url)
+    folder = Folder(out_dir, "mrhscale-importance")
+    folder.check()  # refused before any work, not after it
     if repeats < 1:
         raise MRHError(f"--repeats must be >= 1, got {repeats}")
     if max_patches < 2:
@@ -103,6 +94,9 @@ def importance(
     device = check_device(device)
     model, meta = load_model(model_path, device=device)
     attrs, xa, ta = _open_split(patches_url, split, storage_options)
+    if str(attrs["target"]) != str(meta["target"]):
+        raise MRHError(f"{patches_url}: patches of stain {attrs['target']!r}, but model {model_path} "
+                       f"predicts {meta['target']!r}; give the patch store of the model's stain")
     store_ch = [str(c) for c in attrs["channels"]]
     channels = list(meta["channels"])
     check_channels(channels, store_ch, f"{patches_url}")
@@ -173,23 +167,21 @@ def importance(
         "repeats": int(repeats),
         "target": meta["target"],
         "provenance": {"stage": "importance", "mrhscale": __version__, "model": os.path.abspath(model_path),
-                       "model_sha256": _sha256(model_path), "patches": str(patches_url), "seed": seed,
+                       "model_sha256": sha256_file(model_path), "patches": str(patches_url), "seed": seed,
                        "max_patches": max_patches},
     }
-    os.makedirs(out_dir, exist_ok=True)
-    res["out_dir"] = os.path.abspath(out_dir)
+    res["out_dir"] = folder.path
     res["figures"] = ["importance.png"]
-    _write_outputs(out_dir, res)
+    with folder.replace(target=meta["target"], model=res["provenance"]["model_sha256"]) as work:
+        _write_outputs(work, res)
     return res
 
 
 def _write_outputs(out_dir: str, res: dict) -> None:
     from mrhscale.report import write_report
+    from mrhscale.stores import write_json
 
-    tmp = os.path.join(out_dir, "importance.json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(res, fh, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "importance.json"))
+    write_json(os.path.join(out_dir, "importance.json"), res)
     with open(os.path.join(out_dir, "importance.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["kind", "rank", "name", "n_channels", "mse_increase", "std", "relative"])

@@ -1,10 +1,12 @@
 """Files -> cohort store: each subject's volumes become one chunked, compressed xarray group.
 
 Reads stay lazy (nibabel proxies sliced per chunk inside Dask tasks) and the
-writes run on the Dask cluster. A subject becomes visible only once complete:
-it is written under ``_staging/<id>`` and renamed into place (local stores),
-and in every case its id is added to the root's ``subjects`` attr last. A
-rerun skips complete subjects and clears any half-written remains.
+writes run on the Dask cluster. The store layer (``mrhscale.stores``) owns the
+store: each subject is claimed, written under this run's own staging folder,
+moved into place when whole and committed by its ``complete`` marker, so
+several ingest processes can fill one store at once. A subject already in the
+store is reused only while its source files are the ones it was made from
+(size and mtime, else sha256); otherwise ingest stops and names the file.
 """
 
 from __future__ import annotations
@@ -12,21 +14,19 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
-import shutil
-import warnings
 from dataclasses import dataclass, field
 
 import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
-import zarr
 from zarr.codecs import BloscCodec
 
 from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.manifest import Manifest, SubjectSpec, load_manifest
-from mrhscale.store import STAGING, SUBJECTS_ATTR, is_local, local_path
+from mrhscale.stores import CohortStore, differences
+from mrhscale.stores.subjects import quiet_zarr
 from mrhscale.volumes import Volume, checksum, open_volume, read_sidecars
 
 DEFAULT_CHUNKS = (64, 32, 64)
@@ -144,33 +144,38 @@ def plan_subject(spec: SubjectSpec) -> SubjectPlan:
     )
 
 
-def _after_write(_written, nan_counts):
-    return nan_counts
+def _after_write(_written, counts):
+    return counts
 
 
 def _read_slab(parts, shape, z0: int, z1: int) -> tuple[np.ndarray, int]:
-    """All contrasts of z-slab [z0, z1) as one contrast-last float32 block, NaNs zeroed and counted.
+    """All contrasts of z-slab [z0, z1) as one contrast-last float32 block, with its
+    non-finite values (NaN, +-inf) zeroed and counted.
 
     NIfTI/Analyze data are Fortran-ordered, so a slab of full x-y planes is one
     contiguous run per volume: reading slabs (not small 3D chunks, which would be
-    thousands of 256-byte runs) keeps reads sequential. Zeroing and counting NaNs
-    here, while the block is hot in cache, saves two passes over the data.
+    thousands of 256-byte runs) keeps reads sequential. Zeroing and counting here,
+    while the block is hot in cache, saves two passes over the data. A file that
+    cannot be read (truncated, damaged, gone) is named in the error.
     """
     from mrhscale.cluster import tune_malloc
 
     tune_malloc()  # Dask's worker malloc setting page-faults every slab-sized buffer
     sx, sy, _ = shape
-    out = np.empty((sx, sy, z1 - z0, sum(n for _, n in parts)), np.float32)
+    out = np.empty((sx, sy, z1 - z0, sum(n for _, _, n in parts)), np.float32)
     c = 0
-    for proxy, n in parts:
-        blk = np.asarray(proxy[:, :, z0:z1], dtype=np.float32)
+    for path, proxy, n in parts:
+        try:
+            blk = np.asarray(proxy[:, :, z0:z1], dtype=np.float32)
+        except Exception as e:
+            raise MRHError(f"{path}: unreadable ({type(e).__name__}: {e}); is the file complete?") from None
         out[..., c:c + n] = blk.reshape(sx, sy, z1 - z0, n)
         c += n
-    nans = np.isnan(out)
-    n_nan = int(np.count_nonzero(nans))
-    if n_nan:
-        out[nans] = 0
-    return out, n_nan
+    bad = ~np.isfinite(out)
+    n_bad = int(np.count_nonzero(bad))
+    if n_bad:
+        out[bad] = 0
+    return out, n_bad
 
 
 def _total(counts) -> int:
@@ -178,20 +183,20 @@ def _total(counts) -> int:
 
 
 def lazy_volume(vol: Volume, shape: tuple[int, ...], chunks: tuple[int, ...]):
-    """One file as a float32 dask array (NaNs zeroed) and a lazy count of its NaNs."""
+    """One file as a float32 dask array (non-finite values zeroed) and a lazy count of them."""
     return lazy_group([(vol, shape[3] if len(shape) == 4 else 1)], shape[:3], chunks[:3], squeeze=len(shape) == 3)
 
 
 def lazy_group(vols: list[tuple[Volume, int]], shape3, chunks3, squeeze: bool = False):
     """Volumes of one grid concatenated along contrast, contrast-last, chunked (cx, cy, cz, all).
 
-    Returns the array (NaNs zeroed) and a Delayed NaN count computed by the same
-    read tasks. gzip has no random access, so a .gz group is read whole once.
+    Returns the array (non-finite values zeroed) and a Delayed count of them computed by
+    the same read tasks. gzip has no random access, so a .gz group is read whole once.
     """
     shape3 = tuple(int(s) for s in shape3)
     spatial = tuple(min(c, s) for c, s in zip(chunks3, shape3))
     n_total = sum(n for _, n in vols)
-    parts = [(v.proxy, n) for v, n in vols]
+    parts = [(v.path, v.proxy, n) for v, n in vols]
     if any(v.path.lower().endswith(".gz") for v, _ in vols):
         slabs_z = [(0, shape3[2])]
     else:
@@ -207,11 +212,11 @@ def lazy_group(vols: list[tuple[Volume, int]], shape3, chunks3, squeeze: bool = 
 
 
 def subject_dataset(plan: SubjectPlan, chunks=DEFAULT_CHUNKS) -> tuple[xr.Dataset, dict]:
-    """The subject as a lazy Dataset (NaNs zeroed) and lazy NaN counts per variable."""
+    """The subject as a lazy Dataset (non-finite values zeroed) and lazy counts of them per variable."""
     sx, sy, sz = plan.shape
     spatial = tuple(min(c, s) for c, s in zip(chunks, plan.shape))
-    mri, n_nan = lazy_group([(vol, n) for _, vol, n in plan.mri], plan.shape, spatial)
-    nan_counts = {"mri": n_nan}
+    mri, n_bad = lazy_group([(vol, n) for _, vol, n in plan.mri], plan.shape, spatial)
+    counts = {"mri": n_bad}
     xyz = ("x", "y", "z")
     data = {
         "mri": (xyz + ("contrast",), mri),
@@ -220,7 +225,7 @@ def subject_dataset(plan: SubjectPlan, chunks=DEFAULT_CHUNKS) -> tuple[xr.Datase
     three = {"fa": plan.fa} if plan.fa is not None else {}
     three.update(plan.targets)
     for name, vol in three.items():
-        a, nan_counts[name] = lazy_volume(vol, plan.shape, spatial)
+        a, counts[name] = lazy_volume(vol, plan.shape, spatial)
         data[name] = (xyz, a)
     for name, vol in plan.labels.items():
         a, _ = lazy_volume(vol, plan.shape, spatial)
@@ -244,7 +249,7 @@ def subject_dataset(plan: SubjectPlan, chunks=DEFAULT_CHUNKS) -> tuple[xr.Datase
         "brain_voxels": int(plan.mask.sum()),
         "mrhscale_version": __version__,
     }
-    return xr.Dataset(data, coords=coords, attrs=attrs), nan_counts
+    return xr.Dataset(data, coords=coords, attrs=attrs), counts
 
 
 def _encoding(ds: xr.Dataset, compression: str, clevel: int) -> dict:
@@ -255,30 +260,102 @@ def _encoding(ds: xr.Dataset, compression: str, clevel: int) -> dict:
     return enc
 
 
-def _remove_group(url: str, path: str, storage_options) -> None:
-    if is_local(url):
-        shutil.rmtree(os.path.join(local_path(url), path), ignore_errors=True)
-    else:
-        root = zarr.open_group(url, mode="a", storage_options=storage_options)
-        if path in root:
-            del root[path]
+def _spec_record(spec: SubjectSpec) -> dict:
+    """What of the manifest entry shapes the stored subject (besides the files' contents)."""
+    return {"mri": [[g.name, g.channels] for g in spec.mri], "mask_inverted": bool(spec.mask_inverted),
+            "roles": sorted(spec.files())}
 
 
-def _check_out(url: str, storage_options) -> zarr.Group:
-    if is_local(url):
-        p = local_path(url)
-        if os.path.isfile(p):
-            raise MRHError(f"--out {url}: is a file; give a directory path for the store (e.g. cohort.zarr)")
-        if os.path.isdir(p) and os.listdir(p) and not os.path.exists(os.path.join(p, "zarr.json")):
-            raise MRHError(f"--out {url}: directory exists and is not a Zarr store; choose a new path")
+def _stat(path: str) -> tuple[int, int] | None:
     try:
-        root = zarr.open_group(url, mode="a", storage_options=storage_options, zarr_format=3)
-    except Exception as e:
-        raise MRHError(f"--out {url}: cannot open as a Zarr v3 store ({type(e).__name__}: {e})") from None
-    fmt = root.attrs.get("format")
-    if fmt not in (None, FORMAT):
-        raise MRHError(f"--out {url}: holds a {fmt!r} store, not a cohort store")
-    return root
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _changed(spec: SubjectSpec, attrs: dict) -> str | None:
+    """Why a complete subject no longer matches its manifest entry (None: it does).
+
+    Files are compared by path, size and mtime first, by sha256 when those differ;
+    a source file that is gone from its recorded path cannot differ and is accepted.
+    """
+    made = attrs.get("made_by") or {}
+    if made.get("manifest") != _spec_record(spec):
+        return "; ".join(differences(made.get("manifest") or {}, _spec_record(spec))[:2])
+    sources = attrs.get("sources") or {}
+    for role, path in spec.files().items():
+        old = sources.get(role) or {}
+        now = _stat(path)
+        if old.get("path") == path and (now is None or list(now) == [old.get("size"), old.get("mtime_ns")]):
+            continue
+        if old.get("checksum") and now is not None and checksum(path) == old["checksum"]:
+            continue
+        return f"{role} {path} is not the file it was made from"
+    return None
+
+
+def _reusable(store: CohortStore, specs: list[SubjectSpec], overwrite: bool, exists: bool):
+    """(subjects to write, subjects already there and still matching their files)."""
+    groups = store.subject_groups() if exists else {}
+    todo, skipped = [], []
+    for spec in specs:
+        attrs = groups.get(spec.id)
+        if attrs is None or attrs.get("complete") is not True or overwrite:
+            todo.append(spec)
+            continue
+        why = _changed(spec, attrs)
+        if why:
+            raise MRHError(f"{store.name}: subject {spec.id} was ingested from other files ({why}); "
+                           "pass --overwrite to re-ingest it or choose another --out")
+        skipped.append(spec.id)
+    return todo, skipped
+
+
+def _plan_all(todo: list[SubjectSpec], channels: list[str] | None, skip_bad: bool):
+    """Plans of the subjects to write, checked against the cohort's channels; bad ones aside."""
+    plans, bad = [], {}
+    for spec in todo:
+        try:
+            plan = plan_subject(spec)
+            ref = channels or (plans[0].channels if plans else None)
+            _check_channels(spec.id, plan.channels, ref)
+            plans.append(plan)
+        except MRHError as e:
+            if not skip_bad:
+                raise
+            bad[spec.id] = str(e)
+    return plans, bad
+
+
+def _check_channels(sid: str, channels: list[str], ref: list[str] | None) -> None:
+    if ref is not None and list(channels) != list(ref):
+        diff = next(((i, a, b) for i, (a, b) in enumerate(zip(channels, ref)) if a != b), None)
+        what = (f"channel {diff[0]} is {diff[1]!r}, expected {diff[2]!r}" if diff
+                else f"{len(channels)} channels, expected {len(ref)}")
+        raise MRHError(f"subject {sid}: channels differ from the rest of the cohort ({what})")
+
+
+def _check_options(chunks, compression: str) -> None:
+    if len(chunks) != 3 or any(int(c) < 1 for c in chunks):
+        raise MRHError(f"--chunks: expected 3 positive integers, got {chunks}")
+    if compression not in ("zstd", "lz4", "lz4hc", "zlib", "blosclz"):
+        raise MRHError(f"--compression {compression!r}: choose zstd, lz4, lz4hc, zlib or blosclz")
+
+
+def _made_by(plan: SubjectPlan, sources: dict) -> dict:
+    return {"stage": "ingest", "manifest": _spec_record(plan.spec), "channels": list(plan.channels),
+            "sources": {role: s.get("checksum") or f"size={s['size']},mtime_ns={s['mtime_ns']}"
+                        for role, s in sources.items()}}
+
+
+def _sources(spec: SubjectSpec, digests: list | None) -> dict:
+    out = {}
+    for k, (role, path) in enumerate(spec.files().items()):
+        size, mtime = _stat(path) or (None, None)
+        out[role] = {"path": path, "size": size, "mtime_ns": mtime,
+                     **({"checksum": digests[k]} if digests else {})}
+    return out
 
 
 def ingest(
@@ -298,107 +375,106 @@ def ingest(
     quiet: bool = False,
     storage_options: dict | None = None,
 ) -> dict:
-    """Write the manifest's subjects into the cohort store at ``out``; returns a summary."""
+    """Write the manifest's subjects into the cohort store at ``out``; returns a summary.
+
+    Subjects already complete and still matching their files are skipped; with
+    ``overwrite`` they are rewritten, the old version kept until the new one is whole.
+    """
+    man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    specs = man.select(list(dict.fromkeys(subjects)) if subjects else None)
+    _check_options(chunks, compression)
+    store = CohortStore(out, storage_options)
+    exists = store.check_output()  # refuses anything but a cohort store
+    todo, skipped = _reusable(store, specs, overwrite, exists)
+    plans, bad = _plan_all(todo, store.channels() if exists else None, skip_bad)
+    result = {"store": store.url, "written": [], "skipped": skipped, "bad": bad}
+    if not plans:
+        return result
+    root = store.prepare({"channels": plans[0].channels, "mrhscale_version": __version__})
+    for plan in plans:  # another process may have created the store meanwhile
+        _check_channels(plan.spec.id, plan.channels, root.get("channels"))
     from mrhscale.cluster import dask_client
 
-    man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    specs = man.select(subjects)
-    if len(chunks) != 3 or any(int(c) < 1 for c in chunks):
-        raise MRHError(f"--chunks: expected 3 positive integers, got {chunks}")
-    if compression not in ("zstd", "lz4", "lz4hc", "zlib", "blosclz"):
-        raise MRHError(f"--compression {compression!r}: choose zstd, lz4, lz4hc, zlib or blosclz")
-    out = str(out)
-    root = _check_out(out, storage_options)
-    done = list(root.attrs.get(SUBJECTS_ATTR, []))
-    store_channels = root.attrs.get("channels")
-    if overwrite:
-        done = [s for s in done if s not in {sp.id for sp in specs}]
-        root.attrs[SUBJECTS_ATTR] = done
-    todo = [s for s in specs if s.id not in done]
-    skipped = [s.id for s in specs if s.id in done]
+    with (dask_client(scheduler, workers, quiet=quiet) if client is None
+          else contextlib.nullcontext(client)) as cl, store.writer() as w:
+        job = _WriteJob(cl, w, man, chunks, _encoder(compression, clevel), checksums, skip_bad, bad)
+        result["written"] = job.run(plans, quiet)
+    return result
 
-    plans, bad = [], {}
-    for spec in todo:
-        try:
-            plan = plan_subject(spec)
-            ref = store_channels or (plans[0].channels if plans else None)
-            if ref is not None and plan.channels != list(ref):
-                diff = next(((i, a, b) for i, (a, b) in enumerate(zip(plan.channels, ref)) if a != b), None)
-                what = f"channel {diff[0]} is {diff[1]!r}, expected {diff[2]!r}" if diff else f"{len(plan.channels)} channels, expected {len(ref)}"
-                raise MRHError(f"subject {spec.id}: channels differ from the rest of the cohort ({what})")
-            plans.append(plan)
-        except MRHError as e:
-            if not skip_bad:
-                raise
-            bad[spec.id] = str(e)
-    if not plans:
-        return {"store": out, "written": [], "skipped": skipped, "bad": bad}
 
-    root.attrs.update({
-        "format": FORMAT,
-        "format_version": 1,
-        "channels": plans[0].channels,
-        "mrhscale_version": __version__,
-    })
-    local = is_local(out)
-    written = []
-    with dask_client(scheduler, workers, quiet=quiet) if client is None else contextlib.nullcontext(client) as cl:
+def _encoder(compression: str, clevel: int):
+    return lambda ds: _encoding(ds, compression, clevel)
+
+
+class _WriteJob:
+    """Subjects written on the cluster, each committed through the store writer as it finishes."""
+
+    def __init__(self, client, writer, man, chunks, encoding, checksums: bool, skip_bad: bool, bad: dict):
+        self.cl, self.w, self.man, self.chunks = client, writer, man, chunks
+        self.encoding, self.checksums, self.skip_bad, self.bad = encoding, checksums, skip_bad, bad
+        self.pending: dict = {}
+
+    def run(self, plans: list[SubjectPlan], quiet: bool) -> list[str]:
         from distributed import as_completed
         from tqdm.auto import tqdm
 
-        futures = {}
-        for plan in plans:
-            sid = plan.spec.id
-            target = f"{STAGING}/{sid}" if local else sid
-            _remove_group(out, target, storage_options)
-            _remove_group(out, sid, storage_options)
-            ds, nans = subject_dataset(plan, chunks)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
-                warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-                write = ds.to_zarr(out, group=target, mode="w", compute=False, consolidated=False,
-                                   zarr_format=3, encoding=_encoding(ds, compression, clevel),
-                                   storage_options=storage_options)
-            sums = [cl.submit(checksum, p, pure=False) for p in plan.spec.files().values()] if checksums else []
-            fut = cl.compute(dask.delayed(_after_write)(write, nans))
-            futures[fut] = (plan, target, sums)
-        bar = tqdm(total=len(futures), desc="ingest", unit="subject", disable=quiet)
-        for fut in as_completed(list(futures)):
-            plan, target, sums = futures[fut]
-            sid = plan.spec.id
-            try:
-                nan_counts = fut.result()
-                digests = cl.gather(sums) if sums else []
-            except MRHError:
-                raise
-            except Exception as e:
-                msg = f"subject {sid}: failed while reading/writing ({type(e).__name__}: {e})"
-                _remove_group(out, target, storage_options)
-                if not skip_bad:
-                    for f in futures:
-                        f.cancel()
-                    raise MRHError(msg) from None
-                bad[sid] = msg
-                bar.update()
-                continue
-            files = plan.spec.files()
-            g = zarr.open_group(out, path=target, mode="a", storage_options=storage_options)
-            g.attrs.update({
-                "nan_counts": {k: int(v) for k, v in nan_counts.items()},
-                "sources": {role: {"path": p, **({"checksum": d} if checksums else {})}
-                            for (role, p), d in zip(files.items(), digests or [None] * len(files))},
-                "ingested": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                "manifest": man.path,
-            })
-            if local:
-                os.replace(os.path.join(local_path(out), target), os.path.join(local_path(out), sid))
-            done.append(sid)
-            order = {s.id: i for i, s in enumerate(man.subjects)}
-            done = sorted(done, key=lambda s: order.get(s, -1))
-            root.attrs[SUBJECTS_ATTR] = done
-            written.append(sid)
-            bar.update()
-        bar.close()
-    if local:
-        shutil.rmtree(os.path.join(local_path(out), STAGING), ignore_errors=True)
-    return {"store": out, "written": written, "skipped": skipped, "bad": bad}
+        written = []
+        try:
+            for plan in plans:
+                self._submit(plan)
+            for fut in tqdm(as_completed(list(self.pending)), total=len(self.pending), desc="ingest",
+                            unit="subject", disable=quiet):
+                sid = self._finish(fut)
+                if sid is not None:
+                    written.append(sid)
+        finally:
+            self._abort_pending()
+        return written
+
+    def _submit(self, plan: SubjectPlan) -> None:
+        sid = plan.spec.id
+        path = self.w.begin(sid)
+        try:
+            ds, counts = subject_dataset(plan, self.chunks)
+            store = self.w.store
+            with quiet_zarr():
+                write = ds.to_zarr(store.url, group=path, mode="w", compute=False, consolidated=False,
+                                   zarr_format=3, encoding=self.encoding(ds),
+                                   storage_options=store.storage_options)
+        except BaseException:
+            self.w.abort(sid, path)
+            raise
+        files = list(plan.spec.files().values())
+        sums = [self.cl.submit(checksum, p, pure=False) for p in files] if self.checksums else []
+        self.pending[self.cl.compute(dask.delayed(_after_write)(write, counts))] = (plan, path, sums)
+
+    def _finish(self, fut) -> str | None:
+        from mrhscale.cluster import task_error
+
+        plan, path, sums = self.pending.pop(fut)
+        sid = plan.spec.id
+        try:
+            counts = fut.result()
+            digests = self.cl.gather(sums) if sums else None
+        except Exception as e:
+            fut.cancel()  # release the erred key: a rerun with the same (pure) keys must recompute
+            self.w.abort(sid, path)
+            err = task_error(e, f"subject {sid}")
+            if not self.skip_bad:
+                raise err from None
+            self.bad[sid] = str(err)
+            return None
+        sources = _sources(plan.spec, digests)
+        self.w.commit(sid, path, _made_by(plan, sources), extra={
+            "nonfinite_counts": {k: int(v) for k, v in counts.items()},
+            "sources": sources,
+            "ingested": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "manifest": self.man.path,
+        })
+        return sid
+
+    def _abort_pending(self) -> None:
+        for fut, (plan, path, _) in list(self.pending.items()):
+            fut.cancel()
+            self.w.abort(plan.spec.id, path)
+        self.pending.clear()

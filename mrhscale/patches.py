@@ -47,8 +47,8 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import math
-import os
 import time
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -218,60 +218,10 @@ def select_samples(mri, target, mask, centres, half: int, axis: str, min_label_s
     return idx, inputs, labels[idx]
 
 
-# --------------------------------------------------------------------------- storage helpers
-def _fs(url: str, storage_options: dict | None):
-    import fsspec
-
-    return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
-
-
-def _exists(url: str, storage_options: dict | None) -> bool:
-    fs, path = _fs(url, storage_options)
-    return fs.exists(path)
-
-
-def _remove(url: str, storage_options: dict | None) -> None:
-    from mrhscale.store import is_local, local_path
-
-    if is_local(url):
-        import shutil
-
-        shutil.rmtree(local_path(url), ignore_errors=True)
-        return
-    fs, path = _fs(url, storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
-def _join(url: str, *parts: str) -> str:
-    return "/".join([str(url).rstrip("/"), *parts])
-
-
-def _open_array(url: str, path: str, storage_options: dict | None, mode: str = "r+"):
-    import zarr
-
-    return zarr.open_array(str(url), path=path, mode=mode, storage_options=storage_options,
-                           zarr_format=3)
-
-
-def _create(url: str, path: str, shape, chunks, dtype, dims, storage_options, compress: bool):
-    import zarr
-    from zarr.codecs import BloscCodec
-
-    comp = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),) if compress else None
-    return zarr.create_array(
-        str(url), name=path, shape=tuple(int(s) for s in shape),
-        chunks=tuple(max(1, int(c)) for c in chunks), dtype=dtype, compressors=comp,
-        dimension_names=dims, storage_options=storage_options, overwrite=True, fill_value=0,
-        chunk_key_encoding={"name": "default", "separator": "."},
-    )
-
-
-DIMS = {
-    "inputs": ["patch", "contrast", "row", "col"],
-    "targets": ["patch", "row", "col"],
-    "origin": ["patch", "coord"],
-}
+# --------------------------------------------------------------------------- storage
+from mrhscale.stores.patches import DIMS  # noqa: E402
+from mrhscale.stores.patches import create_array as _create  # noqa: E402
+from mrhscale.stores.patches import open_array as _open_array  # noqa: E402
 
 
 # --------------------------------------------------------------------------- pass 1: extract
@@ -480,8 +430,16 @@ def _run_inner(env, tasks: list, desc: str, quiet: bool) -> list:
                 if f.status == "error":
                     break
         return obj.gather(futures)
-    except BaseException:
+    except MRHError:
         obj.cancel(futures)  # nothing may keep writing into a store that is being removed
+        raise
+    except Exception as e:
+        obj.cancel(futures)
+        from mrhscale.cluster import task_error
+
+        raise task_error(e, f"patches ({desc})") from None
+    except BaseException:
+        obj.cancel(futures)
         raise
 
 
@@ -504,223 +462,156 @@ def _chunk_rows(n_c: int, p: int, itemsize: int, target_bytes: int = 8 << 20) ->
     return int(min(65536, max(64, 2 ** int(math.log2(max(1, target_bytes // per))))))
 
 
-def extract_patches(
-    store_url: str,
-    target: str,
-    out_url: str,
-    *,
-    half: int = 1,
-    stride: int = 6,
-    slices=None,
-    axis: str = "y",
-    subjects: list[str] | None = None,
-    min_label_sum: float = 30,
-    min_label_nonzero: int = 4,
-    val_fraction: float = 0.0,
-    val_subjects: list[str] | None = None,
-    seed: int = 0,
-    norm: str = "percentile",
-    dtype: str = "float32",
-    scheduler: str | None = None,
-    workers: int | None = None,
-    quiet: bool = False,
-    storage_options: dict | None = None,
-    overwrite: bool = False,
-    chunk_size: int | None = None,
-    bucket_bytes: int | None = None,
-    compress: bool = False,
-) -> dict:
-    """Extract training patches of ``target`` from a cohort store into a shuffled patch store.
+@dataclass
+class PatchOptions:
+    """The sampling rules and the output layout of one extraction (docs/patches.md)."""
 
-    See the module docstring and docs/patches.md for the rules and the store
-    format. ``scheduler``: None (an active distributed client, else an embedded
-    LocalCluster with ``workers`` processes), a scheduler address, or a local
-    Dask scheduler name ("synchronous", "threads"). ``slices``: (A, B) or "A:B",
-    half-open and 0-based along ``axis``; None = per subject, the slices where
-    the target has data. ``compress``: Blosc lz4 on the output (smaller, but
-    MRI floats shrink little and streaming is ~2.5x slower; off by default).
-    Returns a summary dict (also stored as attrs).
-    """
-    from mrhscale.store import open_cohort
+    half: int = 1
+    stride: int = 6
+    slices: tuple | None = None
+    axis: str = "y"
+    min_label_sum: float = 30
+    min_label_nonzero: int = 4
+    val_fraction: float = 0.0
+    val_subjects: list[str] = field(default_factory=list)
+    seed: int = 0
+    norm: str = "percentile"
+    dtype: str = "float32"
+    chunk_size: int | None = None
+    compress: bool = False
 
-    t_start = time.perf_counter()
-    TIMINGS.clear()
-    # ---- options that need no data
-    if norm not in NORM_MODES:
-        raise MRHError(f"--norm must be one of {', '.join(NORM_MODES)}, got {norm!r}")
-    if dtype not in DTYPES:
-        raise MRHError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if not isinstance(half, int | np.integer) or half < 0:
-        raise MRHError(f"--half must be an integer >= 0, got {half!r}")
-    if not isinstance(stride, int | np.integer) or stride < 1:
-        raise MRHError(f"--stride must be an integer >= 1, got {stride!r}")
-    s_ax, r_ax, c_ax = plane_axes(axis)
-    if min_label_nonzero < 0 or min_label_nonzero > (2 * half + 1) ** 2:
-        raise MRHError(f"--min-label-nonzero must be in 0..{(2 * half + 1) ** 2}, got {min_label_nonzero}")
-    if val_subjects and val_fraction:
-        raise MRHError("give either --val-fraction or --val-subjects, not both")
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise MRHError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if chunk_size is not None and chunk_size < 1:
-        raise MRHError(f"chunk_size must be >= 1, got {chunk_size}")
-    sl_req = _parse_slices(slices)
-    out_url = str(out_url).rstrip("/")
-    if os.path.abspath(str(out_url)) == os.path.abspath(str(store_url)).rstrip("/"):
-        raise MRHError("--out must differ from the cohort store")
+    def __post_init__(self):
+        self.slices = _parse_slices(self.slices)
+        self.val_subjects = list(dict.fromkeys(self.val_subjects or []))
 
-    cohort = open_cohort(store_url, subjects, storage_options)  # checks channels agree
+    @property
+    def size(self) -> int:
+        return 2 * self.half + 1
+
+    def validate(self) -> None:
+        if self.norm not in NORM_MODES:
+            raise MRHError(f"--norm must be one of {', '.join(NORM_MODES)}, got {self.norm!r}")
+        if self.dtype not in DTYPES:
+            raise MRHError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.half, int | np.integer) or self.half < 0:
+            raise MRHError(f"--half must be an integer >= 0, got {self.half!r}")
+        if not isinstance(self.stride, int | np.integer) or self.stride < 1:
+            raise MRHError(f"--stride must be an integer >= 1, got {self.stride!r}")
+        plane_axes(self.axis)
+        if self.min_label_nonzero < 0 or self.min_label_nonzero > self.size ** 2:
+            raise MRHError(f"--min-label-nonzero must be in 0..{self.size ** 2}, got {self.min_label_nonzero}")
+        if self.val_subjects and self.val_fraction:
+            raise MRHError("give either --val-fraction or --val-subjects, not both")
+        if not 0.0 <= float(self.val_fraction) < 1.0:
+            raise MRHError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise MRHError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    def record(self) -> dict:
+        d = asdict(self)
+        d["slices"] = None if self.slices is None else list(self.slices)
+        d["val_subjects"] = sorted(self.val_subjects)
+        return d
+
+
+def _check_cohort(cohort: dict, target: str, o: PatchOptions) -> dict:
+    """Every subject has the target and room for a patch; returns {subject: (x, y, z) shape}."""
     sids = list(cohort)
-    if val_subjects:
-        unknown = [s for s in val_subjects if s not in cohort]
-        if unknown:
-            raise MRHError(f"--val-subjects: {', '.join(unknown)} not among the subjects ({', '.join(sids)})")
-        if set(val_subjects) >= set(sids):
-            raise MRHError("--val-subjects: every subject is held out; leave at least one for training")
-    first = cohort[sids[0]]
-    channels = [str(c) for c in first.contrast.values]
-    n_c = len(channels)
-    p = 2 * half + 1
+    unknown = [s for s in o.val_subjects if s not in cohort]
+    if unknown:
+        raise MRHError(f"--val-subjects: {', '.join(unknown)} not among the subjects ({', '.join(sids)})")
+    if o.val_subjects and set(o.val_subjects) >= set(sids):
+        raise MRHError("--val-subjects: every subject is held out; leave at least one for training")
+    s_ax, r_ax, c_ax = plane_axes(o.axis)
     shapes = {}
     for sid, ds in cohort.items():
         if target not in ds.data_vars or target not in ds.attrs.get("targets", [target]):
             avail = ds.attrs.get("targets") or [v for v in ds.data_vars if v not in ("mri", "mask", "fa")]
             raise MRHError(
-                f"subject {sid!r}: unknown target {target!r} (available: {', '.join(map(str, avail)) or 'none'})"
-            )
-        shp = tuple(int(ds.sizes[a]) for a in AXES)
-        shapes[sid] = shp
+                f"subject {sid!r}: unknown target {target!r} (available: {', '.join(map(str, avail)) or 'none'})")
+        shp = shapes[sid] = tuple(int(ds.sizes[a]) for a in AXES)
         for a in (r_ax, c_ax):
-            if shp[a] < p:
-                raise MRHError(
-                    f"subject {sid!r}: patch {p}x{p} (--half {half}) is larger than the volume along "
-                    f"{AXES[a]} ({shp[a]} voxels)"
-                )
-        if sl_req is not None:
-            a0 = 0 if sl_req[0] is None else sl_req[0]
-            b0 = shp[s_ax] if sl_req[1] is None else sl_req[1]
+            if shp[a] < o.size:
+                raise MRHError(f"subject {sid!r}: patch {o.size}x{o.size} (--half {o.half}) is larger than "
+                               f"the volume along {AXES[a]} ({shp[a]} voxels)")
+        if o.slices is not None:
+            a0, b0 = _slice_bounds(o.slices, shp[s_ax])
             if not 0 <= a0 < b0 <= shp[s_ax]:
-                raise MRHError(
-                    f"--slices {a0}:{b0} out of bounds for subject {sid!r}: {AXES[s_ax]} has "
-                    f"{shp[s_ax]} slices (give A:B with 0 <= A < B <= {shp[s_ax]})"
-                )
+                raise MRHError(f"--slices {a0}:{b0} out of bounds for subject {sid!r}: {AXES[s_ax]} has "
+                               f"{shp[s_ax]} slices (give A:B with 0 <= A < B <= {shp[s_ax]})")
+    return shapes
 
-    # ---- output store: refuse a complete one unless overwrite; clear an incomplete one
-    import zarr
 
-    from mrhscale.store import url_options
+def _slice_bounds(slices, n: int) -> tuple[int, int]:
+    return (0 if slices[0] is None else slices[0], n if slices[1] is None else slices[1])
 
-    out_so = url_options(out_url, storage_options)  # fsspec options for a URL, None for a path
-    if _exists(out_url, out_so):
-        complete = False
-        with contextlib.suppress(Exception):
-            complete = bool(zarr.open_group(out_url, mode="r", storage_options=out_so).attrs.get("complete"))
-        if complete and not overwrite:
-            raise MRHError(f"{out_url}: a complete patch store exists; pass --overwrite to replace it")
 
-    def say(msg):
-        if not quiet:
-            print(f"mrhscale patches: {msg}", flush=True)
+def extract_patches(
+    store_url: str,
+    target: str,
+    out_url: str,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    quiet: bool = False,
+    storage_options: dict | None = None,
+    overwrite: bool = False,
+    bucket_bytes: int | None = None,
+    subjects: list[str] | None = None,
+    **options,
+) -> dict:
+    """Extract training patches of ``target`` from a cohort store into a shuffled patch store.
 
-    with _compute_env(scheduler, workers, quiet) as env:
-        import dask
+    ``options`` are the fields of :class:`PatchOptions` (half, stride, slices, axis,
+    min_label_sum, min_label_nonzero, val_fraction, val_subjects, seed, norm, dtype,
+    chunk_size, compress); see the module docstring and docs/patches.md. ``scheduler``:
+    None (an active distributed client, else an embedded LocalCluster with ``workers``
+    processes), a scheduler address, or a local Dask scheduler name ("synchronous",
+    "threads"). A complete store at ``out_url`` made from the same cohort subjects,
+    target and options is reused as it is; one made from anything else is replaced
+    only with ``overwrite`` (built aside, swapped in when complete). Returns a summary.
+    """
+    from mrhscale.stores import CohortStore, resolve
+    from mrhscale.stores.patches import build
 
-        # ---- slice ranges
-        ranges = {}
-        if sl_req is None:
-            todo = []
-            for ds in cohort.values():
-                t = ds[target].data
-                has = ((t != 0) & ~da_isnan(t)).any(axis=(r_ax, c_ax))
-                todo.append(has)
-            res = _run(env, [dask.delayed(np.asarray)(h) for h in todo], "slice ranges", True)
-            for sid, has in zip(sids, res, strict=True):
-                nz = np.flatnonzero(has)
-                ranges[sid] = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else None
-        else:
-            for sid in sids:
-                shp = shapes[sid]
-                ranges[sid] = (0 if sl_req[0] is None else sl_req[0],
-                               shp[s_ax] if sl_req[1] is None else sl_req[1])
-
-        # ---- bucket counts from an upper bound of the candidates
-        in_item = 2 if dtype == "float16" else 4
-        per = n_c * p * p * in_item + p * p * 4 + 16
-        est = [0.0, 0.0]
-        val_set = set(val_subjects or [])
-        for sid in sids:
-            if ranges[sid] is None:
-                continue
-            shp = shapes[sid]
-            nr = len(grid_positions(0, shp[r_ax], shp[r_ax], half, stride))
-            ncol = len(grid_positions(0, shp[c_ax], shp[c_ax], half, stride))
-            cand = nr * ncol * (ranges[sid][1] - ranges[sid][0]) * per
-            if sid in val_set:
-                est[1] += cand
-            else:
-                est[0] += cand * (1 - val_fraction)
-                est[1] += cand * val_fraction
-        if bucket_bytes is None:
-            bucket_bytes = _default_bucket_bytes(env)
-        n_buckets = [max(1, math.ceil(e / bucket_bytes)) for e in est]
-        val_mode = "subject" if val_set else ("fraction" if val_fraction > 0 else "none")
-        nc = chunk_size or _chunk_rows(n_c, p, in_item)
-
-        _remove(out_url, out_so)
-        root = zarr.open_group(out_url, mode="w", storage_options=out_so, zarr_format=3)
-        root.attrs["complete"] = False
-        zarr.open_group(_join(out_url, STAGING), mode="w", storage_options=out_so,
-                        zarr_format=3)
-        try:
-            summary = _extract_all(
-                env, cohort, sids, ranges, target, out_url, out_so, half, stride, axis,
-                min_label_sum, min_label_nonzero, val_mode, val_fraction, val_set, seed, dtype,
-                n_buckets, nc, norm, channels, quiet, say, compress,
-            )
-            _remove(_join(out_url, STAGING), out_so)
-            prov = {
-                "stage": "patches",
-                "mrhscale": _version(),
-                "source": str(store_url),
-                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                "params": {
-                    "half": half, "stride": stride, "axis": axis, "slices": None if sl_req is None else list(sl_req),
-                    "min_label_sum": min_label_sum, "min_label_nonzero": min_label_nonzero,
-                    "val_fraction": val_fraction, "val_subjects": sorted(val_set), "seed": seed,
-                    "norm": norm, "dtype": dtype, "chunk_size": nc, "n_buckets": n_buckets,
-                    "compress": compress,
-                },
-                "numba": _numba is not None,
-                "seconds": round(time.perf_counter() - t_start, 3),
-                "pass_seconds": dict(TIMINGS),
-            }
-            attrs = {
-                "channels": channels,
-                "target": target,
-                "patch": {"half": half, "size": p, "axis": axis},
-                "norm": summary.pop("norm"),
-                "subjects": sids,
-                "val_subjects": sorted(val_set),
-                "n_train": summary["n_train"],
-                "n_val": summary["n_val"],
-                "seed": seed,
-                "rules": {
-                    "stride": stride,
-                    "slices": {sid: (list(r) if r else None) for sid, r in ranges.items()},
-                    "min_label_sum": min_label_sum,
-                    "min_label_nonzero": min_label_nonzero,
-                },
-                "provenance": prov,
-            }
-            root.attrs.update(attrs)
-            root.attrs["complete"] = True
-        except BaseException:
-            with contextlib.suppress(Exception):
-                _remove(out_url, out_so)
-            raise
-    summary.update({"out": out_url, "seconds": prov["seconds"], "subjects": sids})
-    say(f"{summary['n_train']} train + {summary['n_val']} val patches -> {out_url} "
-        f"({summary['seconds']:.1f} s)")
+    t_start = time.perf_counter()
+    TIMINGS.clear()
+    opts = PatchOptions(**options)
+    opts.validate()
+    store_url, out_url = resolve(store_url), resolve(out_url)
+    if store_url == out_url:
+        raise MRHError("--out must differ from the cohort store")
+    source = CohortStore.open(store_url, storage_options)
+    cohort = source.open_cohort(list(dict.fromkeys(subjects)) if subjects else None)
+    shapes = _check_cohort(cohort, target, opts)
+    made_by = {"stage": "patches", "target": target, "options": opts.record(),
+               "subjects": {sid: source.identity(sid)["fingerprint"] for sid in cohort}}
+    with build(out_url, made_by, overwrite=overwrite, storage_options=storage_options) as b:
+        if b is None:
+            return _reused(out_url, storage_options, quiet)
+        with _compute_env(scheduler, workers, quiet) as env:
+            job = _Extraction(env, cohort, shapes, target, opts, b.url, b.storage_options, quiet)
+            summary = job.run(bucket_bytes)
+            b.finish(job.attrs(summary, store_url, t_start), made_by)
+    summary.update({"out": out_url, "seconds": round(time.perf_counter() - t_start, 3),
+                    "subjects": list(cohort), "reused": False})
+    _say(quiet, f"{summary['n_train']} train + {summary['n_val']} val patches -> {out_url} "
+                f"({summary['seconds']:.1f} s)")
     return summary
+
+
+def _say(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(f"mrhscale patches: {msg}", flush=True)
+
+
+def _reused(out_url: str, storage_options, quiet: bool) -> dict:
+    from mrhscale.stores import PatchStore
+
+    a = PatchStore.open(out_url, storage_options).attrs
+    _say(quiet, f"{out_url} is up to date (same cohort subjects, target and options): reused")
+    return {"out": out_url, "n_train": a["n_train"], "n_val": a["n_val"], "subjects": a["subjects"],
+            "seconds": 0.0, "reused": True}
 
 
 def _default_bucket_bytes(env) -> int:
@@ -747,126 +638,206 @@ def _version() -> str:
     return __version__
 
 
-def _extract_all(env, cohort, sids, ranges, target, out_url, so, half, stride, axis, min_label_sum,
-                 min_label_nonzero, val_mode, val_fraction, val_set, seed, dtype, n_buckets, nc,
-                 norm, channels, quiet, say, compress) -> dict:
-    import dask
-    import dask.array as da
+class _Extraction:
+    """The three Dask passes (extract, shuffle, stitch) into a patch store being built."""
 
-    s_ax, r_ax, c_ax = plane_axes(axis)
-    p = 2 * half + 1
-    n_c = len(channels)
-    tasks = []
-    for sidx, sid in enumerate(sids):
-        if ranges[sid] is None:
-            continue
-        ds = cohort[sid]
-        a, b = ranges[sid]
+    def __init__(self, env, cohort, shapes, target, opts: PatchOptions, out_url, so, quiet):
+        self.env, self.cohort, self.shapes, self.target = env, cohort, shapes, target
+        self.o, self.out, self.so, self.quiet = opts, out_url, so, quiet
+        self.sids = list(cohort)
+        self.channels = [str(c) for c in cohort[self.sids[0]].contrast.values]
+        self.val_set = set(opts.val_subjects)
+        self.val_mode = "subject" if self.val_set else ("fraction" if opts.val_fraction > 0 else "none")
+        in_item = 2 if opts.dtype == "float16" else 4
+        self.nc = opts.chunk_size or _chunk_rows(len(self.channels), opts.size, in_item)
+
+    def run(self, bucket_bytes: int | None) -> dict:
+        self.ranges = self.slice_ranges()
+        self.n_buckets = self.plan_buckets(bucket_bytes or _default_bucket_bytes(self.env))
+        pieces, n_cand = self.extract()
+        totals = np.zeros((2, max(self.n_buckets)), np.int64)
+        for _, c in pieces:
+            totals += c
+        n_split = totals.sum(axis=1)
+        self.check_counts(n_split, n_cand)
+        self.create_outputs(n_split)
+        jobs2, res2 = self.shuffle(pieces, totals, n_split)
+        self.stitch(jobs2, res2, n_split)
+        nrm = _norm_stats([r for j, r in zip(jobs2, res2, strict=True) if j["split"] == 0],
+                          self.o.norm, len(self.channels))
+        return {"n_train": int(n_split[0]), "n_val": int(n_split[1]), "n_candidates": n_cand,
+                "norm": nrm.to_dict(), "chunk_size": self.nc, "n_buckets": list(self.n_buckets)}
+
+    def slice_ranges(self) -> dict:
+        """Per subject, the slices to sample: as asked, or where the target has data."""
+        import dask
+
+        s_ax, r_ax, c_ax = plane_axes(self.o.axis)
+        if self.o.slices is not None:
+            return {sid: _slice_bounds(self.o.slices, self.shapes[sid][s_ax]) for sid in self.sids}
+        todo = []
+        for ds in self.cohort.values():
+            t = ds[self.target].data
+            todo.append(dask.delayed(np.asarray)(((t != 0) & ~da_isnan(t)).any(axis=(r_ax, c_ax))))
+        ranges = {}
+        for sid, has in zip(self.sids, _run(self.env, todo, "slice ranges", True), strict=True):
+            nz = np.flatnonzero(has)
+            ranges[sid] = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else None
+        return ranges
+
+    def plan_buckets(self, bucket_bytes: int) -> list[int]:
+        """Shuffle buckets per split, from an upper bound of the sample bytes."""
+        o = self.o
+        s_ax, r_ax, c_ax = plane_axes(o.axis)
+        p = o.size
+        per = len(self.channels) * p * p * (2 if o.dtype == "float16" else 4) + p * p * 4 + 16
+        est = [0.0, 0.0]
+        for sid in self.sids:
+            if self.ranges[sid] is None:
+                continue
+            shp = self.shapes[sid]
+            nr = len(grid_positions(0, shp[r_ax], shp[r_ax], o.half, o.stride))
+            ncol = len(grid_positions(0, shp[c_ax], shp[c_ax], o.half, o.stride))
+            cand = nr * ncol * (self.ranges[sid][1] - self.ranges[sid][0]) * per
+            if sid in self.val_set:
+                est[1] += cand
+            else:
+                est[0] += cand * (1 - o.val_fraction)
+                est[1] += cand * o.val_fraction
+        return [max(1, math.ceil(e / bucket_bytes)) for e in est]
+
+    def extract(self):
+        """Pass 1: one task per chunk of every subject; returns (pieces, candidates)."""
+        tasks = [t for sidx, sid in enumerate(self.sids) if self.ranges[sid] is not None
+                 for t in self._subject_tasks(sidx, sid)]
+        res = _run(self.env, tasks, "extract", self.quiet)
+        pieces = [(r["piece"], r["counts"]) for r in res if r["piece"] is not None]
+        return pieces, int(sum(r["candidates"] for r in res))
+
+    def _subject_tasks(self, sidx: int, sid: str) -> list:
+        import dask
+        import dask.array as da
+
+        o = self.o
+        s_ax, r_ax, c_ax = plane_axes(o.axis)
+        ds = self.cohort[sid]
+        a, b = self.ranges[sid]
         sel = [slice(None)] * 3
         sel[s_ax] = slice(a, b)
         mri = ds["mri"].data
-        if mri.chunks[3] != (n_c,):
+        if mri.chunks[3] != (len(self.channels),):
             mri = mri.rechunk({3: -1})
         mri = mri[(*sel, slice(None))]
         spatial = mri.chunks[:3]
-        tgt = ds[target].data[tuple(sel)].rechunk(spatial)
+        tgt = ds[self.target].data[tuple(sel)].rechunk(spatial)
         mask = ds["mask"].data[tuple(sel)].rechunk(spatial)
-        depth = {r_ax: half, c_ax: half}
-        if half:
-            if any(min(mri.chunks[ax]) < half for ax in (r_ax, c_ax)):
-                raise MRHError(f"subject {sid!r}: store chunks smaller than the patch halo ({half})")
+        if o.half:
+            depth = {r_ax: o.half, c_ax: o.half}
+            if any(min(mri.chunks[ax]) < o.half for ax in (r_ax, c_ax)):
+                raise MRHError(f"subject {sid!r}: store chunks smaller than the patch halo ({o.half})")
             mri = da.overlap.overlap(mri, depth={**depth, 3: 0}, boundary="none")
             tgt = da.overlap.overlap(tgt, depth=depth, boundary="none")
             mask = da.overlap.overlap(mask, depth=depth, boundary="none")
         dm, dt, dk = mri.to_delayed(), tgt.to_delayed(), mask.to_delayed()
         starts = [np.concatenate([[0], np.cumsum(c)]) for c in spatial]
-        shp = tuple(int(ds.sizes[x]) for x in AXES)
+        tasks = []
         for bi in np.ndindex(*dm.shape[:3]):
             lo = [int(starts[ax][bi[ax]]) for ax in range(3)]
             hi = [int(starts[ax][bi[ax] + 1]) for ax in range(3)]
             lo[s_ax] += a
             hi[s_ax] += a
-            org = list(lo)
-            for ax in (r_ax, c_ax):
-                if bi[ax] > 0:
-                    org[ax] -= half
-            job = {
-                "subject": sid, "sidx": sidx, "block": int(np.ravel_multi_index(bi, dm.shape[:3])),
-                "origin": org, "owned_lo": lo, "owned_hi": hi, "size": shp, "half": half,
-                "stride": stride, "axis": axis, "min_label_sum": min_label_sum,
-                "min_label_nonzero": min_label_nonzero, "dtype": dtype, "seed": seed,
-                "val_mode": val_mode, "val_fraction": val_fraction, "is_val": sid in val_set,
-                "n_buckets": n_buckets, "out": out_url, "storage_options": so,
-                "stage_rows": max(256, nc // 8),
-            }
+            org = [lo[ax] - (o.half if ax in (r_ax, c_ax) and bi[ax] > 0 else 0) for ax in range(3)]
+            job = self._block_job(sid, sidx, int(np.ravel_multi_index(bi, dm.shape[:3])), org, lo, hi)
             tasks.append(dask.delayed(_extract_block, pure=False)(dm[(*bi, 0)], dt[bi], dk[bi], job))
-    res = _run(env, tasks, "extract", quiet)
-    pieces = [(r["piece"], r["counts"]) for r in res if r["piece"] is not None]
-    n_cand = int(sum(r["candidates"] for r in res))
-    totals = np.zeros((2, max(n_buckets)), np.int64)
-    for _, c in pieces:
-        totals += c
-    n_split = totals.sum(axis=1)
-    if n_split.sum() == 0:
-        raise MRHError(
-            f"zero samples survive the rules ({n_cand} candidates; min_label_sum={min_label_sum}, "
-            f"min_label_nonzero={min_label_nonzero}, centre in mask, no NaN): check --target, "
-            "--slices, --stride and the thresholds"
-        )
-    if n_split[0] == 0:
-        raise MRHError("no training samples survive the rules (all samples fell in the validation split)")
-    if val_mode != "none" and n_split[1] == 0:
-        raise MRHError("the validation split is empty: raise --val-fraction or choose other --val-subjects")
+        return tasks
 
-    # ---- output arrays
-    in_dtype = np.float16 if dtype == "float16" else np.float32
-    for s, split in enumerate(SPLITS):
-        n = int(n_split[s])
-        _create(out_url, f"{split}/inputs", (n, n_c, p, p), (nc, n_c, p, p), in_dtype, DIMS["inputs"], so, compress)
-        _create(out_url, f"{split}/targets", (n, p, p), (nc, p, p), np.float32, DIMS["targets"], so, compress)
-        _create(out_url, f"{split}/origin", (n, 4), (nc, 4), np.int32, DIMS["origin"], so, compress)
+    def _block_job(self, sid, sidx, block, origin, lo, hi) -> dict:
+        o = self.o
+        return {
+            "subject": sid, "sidx": sidx, "block": block, "origin": origin, "owned_lo": lo,
+            "owned_hi": hi, "size": self.shapes[sid], "half": o.half, "stride": o.stride,
+            "axis": o.axis, "min_label_sum": o.min_label_sum, "min_label_nonzero": o.min_label_nonzero,
+            "dtype": o.dtype, "seed": o.seed, "val_mode": self.val_mode, "val_fraction": o.val_fraction,
+            "is_val": sid in self.val_set, "n_buckets": self.n_buckets, "out": self.out,
+            "storage_options": self.so, "stage_rows": max(256, self.nc // 8),
+        }
 
-    # ---- pass 2
-    width = totals.shape[1]
-    piece_off = []
-    for _, c in pieces:
-        flat = c.ravel()
-        piece_off.append(np.concatenate([[0], np.cumsum(flat)])[:-1].reshape(c.shape))
-    jobs2 = []
-    n_train = int(n_split[0])
-    for s in range(2):
-        g = 0
-        for bkt in range(width):
-            nb = int(totals[s, bkt])
-            if nb == 0:
-                continue
-            segs = [(name, int(off[s, bkt]), int(off[s, bkt] + c[s, bkt]))
-                    for (name, c), off in zip(pieces, piece_off, strict=True) if c[s, bkt]]
-            q = nb if n_train <= STATS_ROWS else int(STATS_ROWS * nb // n_train)
-            jobs2.append({"split": s, "bucket": bkt, "segments": segs, "start": g, "chunk": nc,
-                          "total": int(n_split[s]), "seed": seed, "out": out_url,
-                          "storage_options": so, "stats_rows": q})
-            g += nb
-    res2 = _run(env, [dask.delayed(_shuffle_bucket, pure=False)(j) for j in jobs2], "shuffle", quiet)
+    def check_counts(self, n_split, n_cand: int) -> None:
+        o = self.o
+        if n_split.sum() == 0:
+            raise MRHError(
+                f"zero samples survive the rules ({n_cand} candidates; min_label_sum={o.min_label_sum}, "
+                f"min_label_nonzero={o.min_label_nonzero}, centre in mask, no NaN): check --target, "
+                "--slices, --stride and the thresholds")
+        if n_split[0] == 0:
+            raise MRHError("no training samples survive the rules (all samples fell in the validation split)")
+        if self.val_mode != "none" and n_split[1] == 0:
+            raise MRHError("the validation split is empty: raise --val-fraction or choose other --val-subjects")
 
-    # ---- pass 3
-    jobs3 = []
-    for s in range(2):
-        edges = [e for j, r in zip(jobs2, res2, strict=True) if j["split"] == s for e in r["edges"]]
-        by_chunk: dict[int, list] = {}
-        for e in edges:
-            for cj in range(e["start"] // nc, (e["stop"] - 1) // nc + 1):
-                by_chunk.setdefault(cj, []).append(e)
-        for cj, es in sorted(by_chunk.items()):
-            jobs3.append({"split": s, "lo": cj * nc, "hi": min((cj + 1) * nc, int(n_split[s])),
-                          "edges": es, "out": out_url, "storage_options": so})
-    _run(env, [dask.delayed(_stitch_chunk, pure=False)(j) for j in jobs3], "stitch", quiet)
+    def create_outputs(self, n_split) -> None:
+        n_c, p, nc = len(self.channels), self.o.size, self.nc
+        in_dtype = np.float16 if self.o.dtype == "float16" else np.float32
+        for s, split in enumerate(SPLITS):
+            n = int(n_split[s])
+            for var, shape, dtype in (("inputs", (n, n_c, p, p), in_dtype), ("targets", (n, p, p), np.float32),
+                                      ("origin", (n, 4), np.int32)):
+                _create(self.out, f"{split}/{var}", shape, (nc, *shape[1:]), dtype, DIMS[var], self.so,
+                        self.o.compress)
 
-    # ---- normalisation statistics on the train split
-    train_res = [r for j, r in zip(jobs2, res2, strict=True) if j["split"] == 0]
-    nrm = _norm_stats(train_res, norm, n_c)
-    return {"n_train": int(n_split[0]), "n_val": int(n_split[1]), "n_candidates": n_cand,
-            "norm": nrm.to_dict(), "chunk_size": nc, "n_buckets": list(n_buckets)}
+    def shuffle(self, pieces, totals, n_split):
+        """Pass 2: one task per (split, bucket)."""
+        import dask
+
+        piece_off = [np.concatenate([[0], np.cumsum(c.ravel())])[:-1].reshape(c.shape) for _, c in pieces]
+        jobs, n_train = [], int(n_split[0])
+        for s in range(2):
+            g = 0
+            for bkt in range(totals.shape[1]):
+                nb = int(totals[s, bkt])
+                if nb == 0:
+                    continue
+                segs = [(name, int(off[s, bkt]), int(off[s, bkt] + c[s, bkt]))
+                        for (name, c), off in zip(pieces, piece_off, strict=True) if c[s, bkt]]
+                q = nb if n_train <= STATS_ROWS else int(STATS_ROWS * nb // n_train)
+                jobs.append({"split": s, "bucket": bkt, "segments": segs, "start": g, "chunk": self.nc,
+                             "total": int(n_split[s]), "seed": self.o.seed, "out": self.out,
+                             "storage_options": self.so, "stats_rows": q})
+                g += nb
+        return jobs, _run(self.env, [dask.delayed(_shuffle_bucket, pure=False)(j) for j in jobs],
+                          "shuffle", self.quiet)
+
+    def stitch(self, jobs2, res2, n_split) -> None:
+        """Pass 3: one task per output chunk that straddles buckets."""
+        import dask
+
+        nc, jobs = self.nc, []
+        for s in range(2):
+            by_chunk: dict[int, list] = {}
+            for e in (e for j, r in zip(jobs2, res2, strict=True) if j["split"] == s for e in r["edges"]):
+                for cj in range(e["start"] // nc, (e["stop"] - 1) // nc + 1):
+                    by_chunk.setdefault(cj, []).append(e)
+            jobs += [{"split": s, "lo": cj * nc, "hi": min((cj + 1) * nc, int(n_split[s])), "edges": es,
+                      "out": self.out, "storage_options": self.so} for cj, es in sorted(by_chunk.items())]
+        _run(self.env, [dask.delayed(_stitch_chunk, pure=False)(j) for j in jobs], "stitch", self.quiet)
+
+    def attrs(self, summary: dict, store_url: str, t_start: float) -> dict:
+        """The root attrs of the finished store (docs/stores.md)."""
+        o = self.o
+        prov = {"stage": "patches", "mrhscale": _version(), "source": store_url,
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "params": {**o.record(), "chunk_size": self.nc, "n_buckets": list(self.n_buckets)},
+                "numba": _numba is not None, "seconds": round(time.perf_counter() - t_start, 3),
+                "pass_seconds": dict(TIMINGS)}
+        return {
+            "channels": self.channels, "target": self.target,
+            "patch": {"half": o.half, "size": o.size, "axis": o.axis}, "norm": summary.pop("norm"),
+            "subjects": self.sids, "val_subjects": sorted(self.val_set), "n_train": summary["n_train"],
+            "n_val": summary["n_val"], "seed": o.seed,
+            "rules": {"stride": o.stride,
+                      "slices": {sid: (list(r) if r else None) for sid, r in self.ranges.items()},
+                      "min_label_sum": o.min_label_sum, "min_label_nonzero": o.min_label_nonzero},
+            "provenance": prov,
+        }
 
 
 def _norm_stats(train_res: list, mode: str, n_c: int):

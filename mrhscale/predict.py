@@ -32,7 +32,6 @@ written, so an interrupted run resumes and skips finished subjects.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import time
 from typing import Any
@@ -249,14 +248,6 @@ def _predict_block(
 
 
 # --------------------------------------------------------------------------- checks
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 def check_channels(bundle_channels: list[str], store_channels: list[str], where: str) -> None:
     missing = [c for c in bundle_channels if c not in set(store_channels)]
     if missing:
@@ -444,14 +435,15 @@ def native_transforms(to_native: str | bool, ds, sid: str) -> str:
     return d
 
 
-def _write_nifti(path: str, arr: np.ndarray, attrs: dict) -> str:
+def _write_nifti(path: str, arr: np.ndarray, attrs: dict, descrip: str = "mrhscale") -> str:
     from mrhscale.volumes import write_volume
 
     affine = attrs.get("affine")
     if affine is None:
         vs = attrs.get("voxel_size") or [1.0, 1.0, 1.0]
         affine = np.diag([*map(float, vs), 1.0])
-    return write_volume(path, np.asarray(arr, np.float32), np.asarray(affine, np.float64))
+    return write_volume(path, np.asarray(arr, np.float32), np.asarray(affine, np.float64),
+                        descrip=descrip)
 
 
 # --------------------------------------------------------------------------- main entry
@@ -471,198 +463,265 @@ def predict(
     torch_threads: int | None = None,
     storage_options: dict | None = None,
     to_native: str | bool | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Predict the bundle's stain for every brain voxel of each subject; returns a summary.
 
-    Subjects already listed as complete in ``out_url`` are skipped (resume);
-    their NIfTI is (re)written if ``nifti_dir`` lacks it. ``store_url`` and ``out_url`` may be
-    URLs (s3://...) with fsspec ``storage_options`` (endpoint, credentials), which the workers
-    get inside the task graph; the model bundle and ``nifti_dir`` are local paths.
-    ``to_native``: also map each virtual stain back to the subject's own (pre-registration)
-    grid, ``<nifti_dir>/<sid>_<variable>_native.nii.gz`` (needs ``nifti_dir``); True or ""
+    A subject already in ``out_url`` is reused only if it was predicted by the same model
+    (checksum) and aggregation from the same input subject (its fingerprint); one made
+    from anything else is an error unless ``overwrite`` (then it is replaced, the old
+    version kept until the new one is whole). ``store_url`` and ``out_url`` may be URLs
+    (s3://...) with fsspec ``storage_options``, which the workers get inside the task
+    graph; the model bundle and ``nifti_dir`` are local paths. ``to_native``: also map
+    each virtual stain back to the subject's own (pre-registration) grid,
+    ``<nifti_dir>/<sid>_<variable>_native.nii.gz`` (needs ``nifti_dir``); True or ""
     finds the transforms beside the registered manifest the subject was ingested from, a
     folder (the ``--out`` of ``mrhscale register``) uses ``DIR/<sid>``.
     """
-    import dask
-    import xarray as xr
-    import zarr
-
-    from mrhscale import __version__
-    from mrhscale.bundle import load_model
-    from mrhscale.cluster import dask_client
-    from mrhscale.store import list_subjects, open_subject, url_options
+    from mrhscale.stores import CohortStore, resolve
+    from mrhscale.stores.predictions import output
 
     t0 = time.perf_counter()
-    if aggregate not in AGGREGATES:
-        raise MRHError(f"--aggregate {aggregate}: expected one of {', '.join(AGGREGATES)}")
-    if int(batch_size) < 1:
-        raise MRHError(f"--batch-size must be >= 1, got {batch_size}")
-    device = str(device)
-    if scheduler is None:
-        device = check_device(device)  # embedded cluster: the workers see this machine's GPUs
-    elif device not in ("cpu",) and not (device == "cuda" or device.startswith("cuda:")):
-        raise MRHError(f"--device {device}: expected cpu, cuda or cuda:N")
-    if to_native is False:
-        to_native = None
-    if to_native is not None and not nifti_dir:
-        raise MRHError("--to-native needs --nifti DIR: the folder for the native-space NIfTI files")
-    in_so = url_options(store_url, storage_options)
-    out_so = url_options(out_url, storage_options)
-    _, meta = load_model(model_path)  # validates the bundle; workers load their own copy
-    model_path = os.path.abspath(os.fspath(model_path))
-    target = str(meta["target"])
-    variable = f"{target}_virtual"
-    available = list_subjects(store_url, in_so)
-    if not available:
-        raise MRHError(f"{store_url}: store holds no complete subject")
-    ids = list(subjects) if subjects else available
-    missing = [s for s in ids if s not in available]
-    if missing:
-        raise MRHError(
-            f"{store_url}: subject(s) not in store: {', '.join(missing)} "
-            f"(complete subjects: {', '.join(available)})"
-        )
-    # channel check on every subject before any work
-    datasets = {sid: open_subject(store_url, sid, in_so) for sid in ids}
-    for sid, ds in datasets.items():
-        check_channels(list(meta["channels"]), [str(c) for c in ds["contrast"].values],
-                       f"{store_url}: subject {sid!r}")
-    native_dirs = {}
-    if to_native is not None:
-        from mrhscale.register import _ants
-
-        _ants()  # MRHError naming the optional extra before any work
-        native_dirs = {sid: native_transforms(to_native, ds, sid) for sid, ds in datasets.items()}
-
-    model_rec = {
-        "path": model_path,
-        "sha256": _sha256(model_path),
-        "target": target,
-        "arch": _jsonable(meta.get("arch")),
-        "channels": list(meta["channels"]),
-        "patch": _jsonable(meta.get("patch")),
-        "norm_mode": meta["norm"].mode,
-        "provenance": _jsonable(meta.get("provenance", {})),
-    }
-    params = {"aggregate": aggregate, "batch_size": int(batch_size), "device": device}
-    if str(out_url).rstrip("/") == str(store_url).rstrip("/"):
+    run = _PredictRun(model_path, batch_size, device, aggregate, scheduler, to_native, nifti_dir)
+    store_url, out_url = resolve(store_url), resolve(out_url)
+    if out_url == store_url:
         raise MRHError(f"--out {out_url}: is the input store; give a separate prediction store")
-    root = zarr.open_group(str(out_url), mode="a", zarr_format=3, storage_options=out_so)
-    fmt = root.attrs.get("format")
-    if fmt not in (None, FORMAT):
-        raise MRHError(f"{out_url}: is a {fmt} store, not a prediction store; give another --out")
-    done = list(root.attrs.get("subjects", []))
-    prev = root.attrs.get("model")
-    if done and prev and (prev.get("sha256") != model_rec["sha256"]
-                          or root.attrs.get("aggregate") != aggregate):
-        raise MRHError(
-            f"{out_url}: holds predictions from another model or --aggregate "
-            f"({prev.get('path')}, {root.attrs.get('aggregate')}); use a new --out or delete it"
-        )
-    root.attrs.update(_jsonable({
-        "format": FORMAT, "format_version": 1, "target": target, "variable": variable,
-        "model": model_rec, "source": str(store_url), "aggregate": aggregate, "subjects": done,
-        "provenance": {"stage": "predict", "mrhscale": __version__, **params},
-    }))
-    todo = [s for s in ids if s not in done]
-    skipped = [s for s in ids if s in done]
-    nifti: list[str] = []
-    native: list[str] = []
-    n_vox = 0
-    if todo:
-        with dask_client(scheduler=scheduler, workers=workers, quiet=quiet) as client:
-            if device != "cpu":
-                ok = client.run(_workers_device_ok, device)
-                if not all(ok.values()):
-                    bad = [w for w, v in ok.items() if not v]
-                    raise MRHError(f"--device {device}: no CUDA GPU on worker(s) {', '.join(bad)}; use --device cpu")
-            threads = torch_threads
-            if threads is None and scheduler is None:
-                nw = max(1, len(client.scheduler_info().get("workers", {})) or 1)
-                threads = max(1, (os.cpu_count() or 1) // nw)
-            bar = None
-            if not quiet:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=len(todo), desc="predict", unit="subject")
-            for sid in todo:
-                ds = datasets[sid]
-                pred = subject_prediction(ds, meta, model_path, device=device, threads=threads,
-                                          batch_size=batch_size, aggregate=aggregate)
-                pred = pred.rechunk(_zarr_chunks(pred.chunks))
-                coords = {k: ds.coords[k] for k in SPATIAL if k in ds.coords}
-                attrs = _jsonable(dict(ds.attrs))
-                attrs["lineage"] = _jsonable({
-                    "stage": "predict", "mrhscale": __version__, "model": model_rec,
-                    "source": {"store": str(store_url), "subject": sid}, **params,
-                })
-                out = xr.Dataset(
-                    {
-                        variable: (SPATIAL, pred, {"units": "raw stain units", "target": target,
-                                                   "kind": "virtual histology"}),
-                        "mask": (SPATIAL, ds["mask"].data.rechunk(pred.chunks).astype(bool)),
-                    },
-                    coords=coords,
-                    attrs=attrs,
-                )
-                for v in out.variables:
-                    out[v].encoding.pop("chunks", None)
-                write = out.to_zarr(str(out_url), group=sid, mode="w", consolidated=False, zarr_format=3,
-                                    storage_options=out_so, compute=False)
-                _, brain = dask.compute(write, out["mask"].data.sum())  # one pass, one round trip
-                n_vox += int(brain)
-                # completion marker last: a crash before this line leaves sid unlisted
-                root = zarr.open_group(str(out_url), mode="a", zarr_format=3, storage_options=out_so)
-                done = list(root.attrs.get("subjects", [])) + [sid]
-                root.attrs["subjects"] = done
-                if nifti_dir:
-                    nifti.append(_write_nifti_from_store(out_url, sid, variable, nifti_dir, out_so))
-                if sid in native_dirs:
-                    native.append(_write_native(out_url, sid, variable, nifti_dir, native_dirs[sid],
-                                                out_so))
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-    if nifti_dir:
-        for sid in skipped:
-            p = nifti_path(nifti_dir, sid, variable)
-            if not os.path.exists(p):
-                nifti.append(_write_nifti_from_store(out_url, sid, variable, nifti_dir, out_so))
-            if sid in native_dirs and not os.path.exists(nifti_path(nifti_dir, sid, variable, True)):
-                native.append(_write_native(out_url, sid, variable, nifti_dir, native_dirs[sid], out_so))
+    source = CohortStore.open(store_url, storage_options)
+    ids, datasets = run.inputs(source, subjects)
+    native_dirs = run.native_dirs(datasets)
+    with output(out_url, run.identity(), run.root_attrs(), overwrite=overwrite,
+                storage_options=storage_options) as pstore:
+        todo, skipped = run.sort_out(pstore, source, ids, overwrite)
+        n_vox = run.predict_all(pstore, source, datasets, todo, scheduler, workers, torch_threads, quiet)
+        nifti, native = run.write_nifti(pstore, ids, native_dirs)
     dt = time.perf_counter() - t0
-    return {
-        "out": str(out_url),
-        "variable": variable,
-        "predicted": todo,
-        "skipped": skipped,
-        "brain_voxels": n_vox,
-        "seconds": dt,
-        "voxels_per_s": n_vox / dt if dt > 0 and n_vox else 0.0,
-        "nifti": nifti,
-        "native": native,
-    }
+    return {"out": out_url, "variable": run.variable, "predicted": todo, "skipped": skipped,
+            "brain_voxels": n_vox, "seconds": dt, "voxels_per_s": n_vox / dt if dt > 0 and n_vox else 0.0,
+            "nifti": nifti, "native": native}
 
 
-def _write_nifti_from_store(out_url: str, sid: str, variable: str, nifti_dir: str,
-                            storage_options: dict | None = None) -> str:
-    import xarray as xr
+class _PredictRun:
+    """One predict call: the model, its options, and the steps of the run."""
 
-    ds = xr.open_zarr(str(out_url), group=sid, consolidated=False, storage_options=storage_options)
+    def __init__(self, model_path, batch_size, device, aggregate, scheduler, to_native, nifti_dir):
+        from mrhscale.bundle import load_model
+        from mrhscale.stores import resolve
+
+        if aggregate not in AGGREGATES:
+            raise MRHError(f"--aggregate {aggregate}: expected one of {', '.join(AGGREGATES)}")
+        if int(batch_size) < 1:
+            raise MRHError(f"--batch-size must be >= 1, got {batch_size}")
+        self.device = _check_device_for(str(device), scheduler)
+        self.to_native = None if to_native is False else to_native
+        self.nifti_dir = resolve(nifti_dir, "--nifti") if nifti_dir else None
+        if self.to_native is not None and not self.nifti_dir:
+            raise MRHError("--to-native needs --nifti DIR: the folder for the native-space NIfTI files")
+        self.model_path = resolve(model_path, "model")
+        _, self.meta = load_model(self.model_path)  # validates the bundle; workers load their own copy
+        self.target = str(self.meta["target"])
+        self.variable = f"{self.target}_virtual"
+        self.aggregate, self.batch_size = aggregate, int(batch_size)
+        self.model_rec = _model_record(self.model_path, self.meta)
+        self.params = {"aggregate": aggregate, "batch_size": self.batch_size, "device": self.device}
+
+    def identity(self) -> dict:
+        return {"target": self.target, "variable": self.variable, "aggregate": self.aggregate,
+                "model_sha256": self.model_rec["sha256"]}
+
+    def root_attrs(self) -> dict:
+        from mrhscale import __version__
+
+        return _jsonable({"target": self.target, "variable": self.variable, "model": self.model_rec,
+                          "aggregate": self.aggregate,
+                          "provenance": {"stage": "predict", "mrhscale": __version__, **self.params}})
+
+    def inputs(self, source, subjects):
+        """The subjects to predict (all complete ones by default), channels checked on each."""
+        available = source.subjects()
+        if not available:
+            raise MRHError(f"{source.name}: store holds no complete subject")
+        ids = list(dict.fromkeys(subjects)) if subjects else available
+        missing = [s for s in ids if s not in available]
+        if missing:
+            raise MRHError(f"{source.name}: subject(s) not in store: {', '.join(missing)} "
+                           f"(complete subjects: {', '.join(available)})")
+        datasets = {sid: source.open_subject(sid) for sid in ids}
+        for sid, ds in datasets.items():
+            check_channels(list(self.meta["channels"]), [str(c) for c in ds["contrast"].values],
+                           f"{source.name}: subject {sid!r}")
+        return ids, datasets
+
+    def native_dirs(self, datasets) -> dict:
+        if self.to_native is None:
+            return {}
+        from mrhscale.register import ants_module
+
+        ants_module()  # MRHError naming the optional extra before any work
+        return {sid: native_transforms(self.to_native, ds, sid) for sid, ds in datasets.items()}
+
+    def made_by(self, source, sid: str) -> dict:
+        return {"stage": "predict", "model_sha256": self.model_rec["sha256"], "target": self.target,
+                "aggregate": self.aggregate, "source": source.identity(sid)["fingerprint"]}
+
+    def sort_out(self, pstore, source, ids, overwrite: bool):
+        """(subjects to predict, subjects already predicted from the same input and model)."""
+        from mrhscale.stores.predictions import stale_reason
+
+        todo, skipped = [], []
+        for sid in ids:
+            why = stale_reason(pstore, sid, self.made_by(source, sid))
+            if why is None:
+                skipped.append(sid)
+            elif why == "incomplete" or overwrite:
+                todo.append(sid)
+            else:
+                raise MRHError(f"{pstore.name}: subject {sid} there was predicted from another input "
+                               f"({why}); pass --overwrite to replace it or choose another --out")
+        return todo, skipped
+
+    def predict_all(self, pstore, source, datasets, todo, scheduler, workers, threads, quiet) -> int:
+        if not todo:
+            return 0
+        from tqdm.auto import tqdm
+
+        from mrhscale.cluster import dask_client
+
+        n_vox = 0
+        with dask_client(scheduler=scheduler, workers=workers, quiet=quiet) as client, \
+                pstore.writer() as writer:
+            threads = self._threads(client, scheduler, threads)
+            for sid in tqdm(todo, desc="predict", unit="subject", disable=quiet):
+                n_vox += self._predict_subject(writer, source, datasets[sid], sid, threads)
+        return n_vox
+
+    def _threads(self, client, scheduler, threads):
+        if self.device != "cpu":
+            ok = client.run(_workers_device_ok, self.device)
+            bad = [w for w, v in ok.items() if not v]
+            if bad:
+                raise MRHError(f"--device {self.device}: no CUDA GPU on worker(s) {', '.join(bad)}; "
+                               "use --device cpu")
+        if threads is None and scheduler is None:
+            nw = max(1, len(client.scheduler_info().get("workers", {})) or 1)
+            threads = max(1, (os.cpu_count() or 1) // nw)
+        return threads
+
+    def _predict_subject(self, writer, source, ds, sid: str, threads) -> int:
+        """One subject: graph, write (to its staged place), then commit through the store."""
+        import dask
+
+        from mrhscale.cluster import task_error
+        from mrhscale.stores.subjects import quiet_zarr
+
+        path = writer.begin(sid)
+        try:
+            out = self._dataset(source, ds, sid, threads)
+            with quiet_zarr():
+                write = out.to_zarr(writer.store.url, group=path, mode="w", consolidated=False,
+                                    zarr_format=3, storage_options=writer.store.storage_options,
+                                    compute=False)
+            _, brain = dask.compute(write, out["mask"].data.sum())  # one pass, one round trip
+        except BaseException as e:
+            writer.abort(sid, path)
+            if isinstance(e, Exception):
+                raise task_error(e, f"subject {sid}") from None
+            raise
+        writer.commit(sid, path, self.made_by(source, sid), extra={"lineage": out.attrs["lineage"]})
+        return int(brain)
+
+    def _dataset(self, source, ds, sid: str, threads):
+        import xarray as xr
+
+        from mrhscale import __version__
+
+        pred = subject_prediction(ds, self.meta, self.model_path, device=self.device, threads=threads,
+                                  batch_size=self.batch_size, aggregate=self.aggregate)
+        pred = pred.rechunk(_zarr_chunks(pred.chunks))
+        attrs = {k: v for k, v in _jsonable(dict(ds.attrs)).items()
+                 if k not in ("complete", "made_by", "fingerprint")}
+        attrs["lineage"] = _jsonable({
+            "stage": "predict", "mrhscale": __version__, "model": self.model_rec,
+            "source": {"store": source.url, "subject": sid, **source.identity(sid)}, **self.params})
+        out = xr.Dataset(
+            {self.variable: (SPATIAL, pred, {"units": "raw stain units", "target": self.target,
+                                             "kind": "virtual histology"}),
+             "mask": (SPATIAL, ds["mask"].data.rechunk(pred.chunks).astype(bool))},
+            coords={k: ds.coords[k] for k in SPATIAL if k in ds.coords}, attrs=attrs)
+        for v in out.variables:
+            out[v].encoding.pop("chunks", None)
+        return out
+
+    def write_nifti(self, pstore, ids, native_dirs):
+        """NIfTI of every requested subject, rewritten only when it is not of this prediction."""
+        nifti: list[str] = []
+        native: list[str] = []
+        if not self.nifti_dir:
+            return nifti, native
+        for sid in ids:
+            tag = _nifti_tag(self, pstore, sid)
+            path = nifti_path(self.nifti_dir, sid, self.variable)
+            if not _nifti_current(path, tag):
+                nifti.append(_write_nifti_from_store(pstore, sid, self.variable, path, tag))
+            npath = nifti_path(self.nifti_dir, sid, self.variable, True)
+            if sid in native_dirs and not _nifti_current(npath, tag):
+                native.append(_write_native(pstore, sid, self.variable, npath, native_dirs[sid], tag))
+        return nifti, native
+
+
+def _check_device_for(device: str, scheduler) -> str:
+    if scheduler is None:
+        return check_device(device)  # embedded cluster: the workers see this machine's GPUs
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+        raise MRHError(f"--device {device}: expected cpu, cuda or cuda:N")
+    return device
+
+
+def _model_record(model_path: str, meta: dict) -> dict:
+    from mrhscale.stores import sha256_file
+
+    return {"path": model_path, "sha256": sha256_file(model_path), "target": str(meta["target"]),
+            "arch": _jsonable(meta.get("arch")), "channels": list(meta["channels"]),
+            "patch": _jsonable(meta.get("patch")), "norm_mode": meta["norm"].mode,
+            "provenance": _jsonable(meta.get("provenance", {}))}
+
+
+def _nifti_tag(run, pstore, sid: str) -> str:
+    """What a NIfTI header's descrip says about the prediction it holds (80 chars at most)."""
+    from mrhscale import __version__
+
+    fp = pstore.subject_attrs(sid).get("fingerprint", "")[7:19]
+    return f"mrhscale {__version__} {run.variable} model:{run.model_rec['sha256'][7:15]} fp:{fp}"[:80]
+
+
+def _nifti_current(path: str, tag: str) -> bool:
+    """Whether ``path`` already holds this prediction; refuses a file mrhscale did not write."""
+    if not os.path.exists(path):
+        return False
+    import nibabel as nib
+
+    try:
+        descrip = bytes(nib.load(path).header["descrip"]).decode("ascii", "replace").rstrip("\x00")
+    except Exception:
+        descrip = ""
+    if not descrip.startswith("mrhscale"):
+        raise MRHError(f"--nifti: {path} exists and was not written by mrhscale; "
+                       "move it away or choose another --nifti folder")
+    return descrip == tag
+
+
+def _write_nifti_from_store(pstore, sid: str, variable: str, path: str, tag: str) -> str:
+    ds = pstore.open_subject(sid)
     arr = ds[variable].transpose(*SPATIAL).values
-    return _write_nifti(nifti_path(nifti_dir, sid, variable), arr, dict(ds.attrs))
+    return _write_nifti(path, arr, dict(ds.attrs), tag)
 
 
-def _write_native(out_url: str, sid: str, variable: str, nifti_dir: str, transforms: str,
-                  storage_options: dict | None = None) -> str:
+def _write_native(pstore, sid: str, variable: str, path: str, transforms: str, tag: str) -> str:
     """The subject's virtual stain mapped back to its native grid (inverse registration)."""
-    import xarray as xr
+    from mrhscale.register import Grid, read_transform_info, to_native
+    from mrhscale.volumes import write_volume
 
-    from mrhscale.register import to_native
-
-    ds = xr.open_zarr(str(out_url), group=sid, consolidated=False, storage_options=storage_options)
+    ds = pstore.open_subject(sid)
     arr = ds[variable].transpose(*SPATIAL).values.astype(np.float32)
-    path = nifti_path(nifti_dir, sid, variable, native=True)
-    to_native(arr, transforms, interpolator="linear", out=path)  # written atomically
-    return path
+    native = to_native(arr, transforms, interpolator="linear")
+    affine = Grid.from_dict(read_transform_info(transforms)["native_grid"]).affine
+    return write_volume(path, native, affine, descrip=tag)  # written atomically

@@ -25,17 +25,20 @@ headers and outputs keep the reference's affine exactly.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.stores import Claim, Folder, write_json, write_text
+from mrhscale.stores.base import prune_empty, remove, rename_file, swap_in, temporary_folder
+from mrhscale.stores.locks import run_token
+from mrhscale.stores.urls import inside, resolve
 
 MISSING_EXTRA = 'registration needs the optional extra: pip install "mrhscale[register]"'
 TRANSFORMS = ("rigid", "affine", "syn")
@@ -61,7 +64,7 @@ LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (ITK's physical space)
 # ---------------------------------------------------------------- ANTs access
 
 
-def _ants(threads: int | None = None):
+def ants_module(threads: int | None = None):
     """Import antspyx lazily; the one place a missing extra turns into a clear message."""
     if threads:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(threads))
@@ -260,7 +263,7 @@ def _fsl_flip(affine: np.ndarray) -> np.ndarray:
 
 def linear_part(transform_file: str) -> np.ndarray:
     """3x3 matrix of an ANTs linear transform file (maps reference LPS points to subject LPS)."""
-    ants = _ants()
+    ants = ants_module()
     tx = ants.read_transform(transform_file)
     return np.asarray(tx.parameters[:9], dtype=np.float64).reshape(3, 3)
 
@@ -373,7 +376,7 @@ def _map_volume(volume, info: dict, direction: str, interpolator: str, out: str 
         if arr.ndim == 4 and volume_index is not None:
             arr = arr[..., volume_index]
     files, invert = _files(info, key)
-    ants = _ants()
+    ants = ants_module()
     if arr.ndim == 3:
         res = _apply(ants, arr, src, dst, files, invert, interpolator)
     else:
@@ -443,7 +446,7 @@ def _estimate(ants, fixed, moving, transform: str, workdir: str, *, metric: str,
         mask=fixed_mask, moving_mask=moving_mask,
     )
     affine_file = os.path.join(workdir, "affine.mat")
-    os.replace(lin["fwdtransforms"][0], affine_file)
+    rename_file(lin["fwdtransforms"][0], affine_file)
     out = {"forward": {"files": ["affine.mat"], "invert": [False]},
            "inverse": {"files": ["affine.mat"], "invert": [True]}, "linear": "affine.mat"}
     if transform == "syn":
@@ -455,8 +458,8 @@ def _estimate(ants, fixed, moving, transform: str, workdir: str, *, metric: str,
         )
         warp = [f for f in syn["fwdtransforms"] if f.endswith("Warp.nii.gz")][0]
         inv = [f for f in syn["invtransforms"] if f.endswith("InverseWarp.nii.gz")][0]
-        os.replace(warp, os.path.join(workdir, "warp.nii.gz"))
-        os.replace(inv, os.path.join(workdir, "inverse_warp.nii.gz"))
+        rename_file(warp, os.path.join(workdir, "warp.nii.gz"))
+        rename_file(inv, os.path.join(workdir, "inverse_warp.nii.gz"))
         for f in syn["fwdtransforms"]:  # the re-written initial affine: identical to affine.mat
             if os.path.exists(f) and f.endswith(".mat"):
                 os.remove(f)
@@ -499,9 +502,9 @@ def _register_subject(job: dict, fixed_arr: np.ndarray | None = None,
     spec = job["spec"]
     sid = spec.id
     out_dir = job["out"]
-    ants = _ants(job.get("threads"))
-    stage = os.path.join(out_dir, STAGING, sid)
-    shutil.rmtree(stage, ignore_errors=True)
+    ants = ants_module(job.get("threads"))
+    stage = job["stage"]  # this run's own staging folder for the subject
+    remove(stage)
     tdir = os.path.join(stage, TRANSFORM_DIR)
     os.makedirs(tdir)
     result = {"subject": sid, "status": "failed", "message": "", "metrics": {}, "seconds": None}
@@ -634,14 +637,8 @@ def _register_subject(job: dict, fixed_arr: np.ndarray | None = None,
                            "manifest": job.get("manifest"), "seed": job.get("seed"),
                            "preset_parameters": {k: list(v) for k, v in PRESETS[job["preset"]].items()}},
         }
-        tmp = os.path.join(tdir, TRANSFORM_JSON + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(info, fh, indent=1)
-        os.replace(tmp, os.path.join(tdir, TRANSFORM_JSON))
-        final = os.path.join(out_dir, sid)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(stage, final)
+        write_json(os.path.join(tdir, TRANSFORM_JSON), info)
+        swap_in(stage, os.path.join(out_dir, sid), token=os.path.basename(os.path.dirname(stage)))
         result.update(status="ok", entry=entry, seconds=seconds)
         return result
     except _NotConverged as e:
@@ -653,7 +650,7 @@ def _register_subject(job: dict, fixed_arr: np.ndarray | None = None,
         result["message"] = (f"subject {sid}: registration failed ({type(e).__name__}: {e})"
                              + (f"; Pearson r with the reference before registration {before:.3f}"
                                 if before is not None else ""))
-    shutil.rmtree(stage, ignore_errors=True)
+    remove(stage)
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -717,12 +714,20 @@ def _write_manifest(out_dir: str, man, params: dict) -> str:
         return path
     doc = {"subjects": entries,
            "registration": {**params, "source_manifest": man.path, "mrhscale_version": __version__}}
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write("# mrhscale register: subjects on one reference grid; paths relative to this file\n")
-        yaml.safe_dump(doc, fh, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, "# mrhscale register: subjects on one reference grid; paths relative to "
+                            "this file\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
+
+
+def _output_folder(out_dir: str, man, specs):
+    """The registration folder: ours or new, and never the folder of the files it reads."""
+    folder = Folder(out_dir, "mrhscale-registration")
+    folder.check()  # the user's folder, a synthetic cohort, a store...: refused untouched
+    sources = [man.path] + [f for s in specs for f in s.files().values()]
+    inside_out = [f for f in sources if inside(f, folder.path)]
+    if inside_out:
+        raise MRHError(f"--out {folder.path}: holds the files being registered ({inside_out[0]}); "
+                       "write the registration to another folder")
+    return folder
 
 
 def register_cohort(
@@ -762,7 +767,7 @@ def register_cohort(
     from mrhscale.cluster import dask_client
     from mrhscale.manifest import Manifest, load_manifest
 
-    _ants()  # fail early, before any cluster starts
+    ants_module()  # fail early, before any cluster starts
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     transform = canonical_transform(transform)
     if metric not in METRICS:
@@ -771,10 +776,9 @@ def register_cohort(
         raise MRHError(f"--init {init!r}: choose com (align centres of mass first) or header")
     if preset not in PRESETS:
         raise MRHError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    specs = man.select(subjects)
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.isfile(out_dir):
-        raise MRHError(f"--out {out_dir}: is a file; give a directory")
+    specs = man.select(list(dict.fromkeys(subjects)) if subjects else None)
+    folder = _output_folder(out_dir, man, specs)
+    out_dir = folder.path
     desc, grid, fixed_arr, ref_mask, ref_sid = _reference(man, reference, contrast)
     from mrhscale.ingest import plan_subject
 
@@ -786,7 +790,7 @@ def register_cohort(
                                f"{', '.join(_short_list(names))}")
     params = {"reference": desc, "transform": transform, "contrast": contrast, "metric": metric,
               "init": init, "preset": preset}
-    os.makedirs(out_dir, exist_ok=True)
+    folder.mark()
     todo, skipped = [], []
     for spec in specs:
         info = _complete(out_dir, spec.id)
@@ -802,15 +806,21 @@ def register_cohort(
         todo.append(spec)
     registered, failed, metrics, seconds, timing = [], {}, {}, {}, {}
     if todo:
-        jobs = [{"spec": s, "out": out_dir, "reference": desc, "reference_grid": grid.to_dict(),
+        token = run_token()
+        jobs = [{"spec": s, "out": out_dir, "stage": os.path.join(out_dir, STAGING, token, s.id),
+                 "reference": desc, "reference_grid": grid.to_dict(),
                  "identity": s.id == ref_sid, "threads": threads, "seed": seed,
                  "ext": ".nii.gz" if compress else ".nii",
                  "min_similarity": float(min_similarity), "check": "r", "manifest": man.path, **params}
                 for s in todo]
         import contextlib
 
-        with dask_client(scheduler, workers, quiet=quiet) if client is None \
-                else contextlib.nullcontext(client) as cl:
+        claims = [Claim(os.path.join(out_dir, "_locks", f"{s.id}.lock"), f"subject {s.id} of {out_dir}")
+                  for s in todo]
+        with contextlib.ExitStack() as held, (dask_client(scheduler, workers, quiet=quiet)
+                                               if client is None else contextlib.nullcontext(client)) as cl:
+            for c in claims:
+                held.enter_context(c)
             from distributed import as_completed
             from tqdm.auto import tqdm
 
@@ -825,9 +835,11 @@ def register_cohort(
                 try:
                     res = fut.result()
                 except Exception as e:  # a worker died: report it, keep the others
+                    from mrhscale.cluster import task_error
+
                     sid = owner[fut.key]
                     res = {"subject": sid, "status": "failed", "metrics": {}, "seconds": None,
-                           "message": f"subject {sid}: task failed ({type(e).__name__}: {e})"}
+                           "message": str(task_error(e, f"subject {sid}"))}
                 sid = res["subject"]
                 metrics[sid], seconds[sid] = res["metrics"], res["seconds"]
                 if "timing" in res:
@@ -843,7 +855,8 @@ def register_cohort(
                     tqdm.write(f"  {sid}: {res['status']}, r {m.get('r_before', float('nan')):.3f} -> "
                                f"{m.get('r_after', float('nan')):.3f}{extra}, {res['seconds'] or 0:.1f} s")
             bar.close()
-        shutil.rmtree(os.path.join(out_dir, STAGING), ignore_errors=True)
+        remove(os.path.join(out_dir, STAGING, token))
+        prune_empty(os.path.join(out_dir, STAGING))
     order = {s.id: i for i, s in enumerate(man.subjects)}
     registered.sort(key=order.get)
     manifest_path = _write_manifest(out_dir, man, params)
@@ -884,7 +897,7 @@ def register_histology(
     from mrhscale.volumes import open_volume, stem, write_volume
 
     t0 = time.perf_counter()
-    ants = _ants(threads)
+    ants = ants_module(threads)
     transform = canonical_transform(transform)
     if metric not in METRICS:
         raise MRHError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
@@ -916,11 +929,10 @@ def register_histology(
         raise MRHError(f"{volume}: no overlap with the MRI grid in world coordinates (--init header); "
                        "fix the header or use --init com")
     before = np.asarray(ants.resample_image_to_target(moving, fixed, interp_type="linear").numpy())
-    out = os.fspath(out)
+    out = resolve(out, "--out")
     tdir = stem(out) + "_transforms"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".reg-", dir=os.path.dirname(os.path.abspath(out)) or ".")
-    try:
+    _check_histology_outputs(out, tdir)
+    with temporary_folder(out) as work:
         tx = _estimate(ants, fixed, moving, transform, work, metric=metric, preset=preset, init=init,
                        seed=seed)
         files = [os.path.join(work, f) for f in tx["forward"]["files"]]
@@ -946,22 +958,41 @@ def register_histology(
                                "antspyx_version": getattr(ants, "__version__", "?"),
                                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                                "seed": seed}}
-        with open(os.path.join(work, TRANSFORM_JSON), "w") as fh:
-            json.dump(info, fh, indent=1)
-        write_volume(out, warped, grid.affine, dtype=np.float32)
-        if os.path.exists(tdir):
-            shutil.rmtree(tdir)
-        os.replace(work, tdir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        write_json(os.path.join(work, TRANSFORM_JSON), info)
+        write_volume(out, warped, grid.affine, dtype=np.float32, descrip=HISTOLOGY_DESCRIP)
+        swap_in(work, tdir, token=run_token())
     return {"out": out, "transforms": tdir, "metrics": metrics, "seconds": seconds}
+
+
+HISTOLOGY_DESCRIP = "mrhscale register-histology"
+
+
+def _check_histology_outputs(out: str, tdir: str) -> None:
+    """Overwrite only what an earlier register-histology wrote: never the user's files."""
+    import nibabel as nib
+
+    if os.path.exists(out):
+        try:
+            descrip = bytes(nib.load(out).header["descrip"]).decode("ascii", "replace")
+        except Exception:
+            descrip = ""
+        if not descrip.startswith("mrhscale"):
+            raise MRHError(f"--out {out}: exists and was not written by mrhscale; choose another --out")
+    if os.path.exists(tdir):
+        info = {}
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(tdir, TRANSFORM_JSON)) as fh:
+                info = json.load(fh)
+        if info.get("format") != FORMAT:
+            raise MRHError(f"--out {out}: {tdir} exists and holds no mrhscale registration; "
+                           "move it away or choose another --out")
 
 
 # ---------------------------------------------------------------- markers for evaluation
 
 
 def _store_grid(store: str, subject: str) -> Grid:
-    from mrhscale.store import open_subject
+    from mrhscale.stores import open_subject
 
     ds = open_subject(store, subject)
     shape = tuple(int(ds.sizes[d]) for d in ("x", "y", "z"))
@@ -996,7 +1027,7 @@ def marker_from_file(
     if not is_path:
         if store is None:
             raise MRHError(f"marker {source!r}: a contrast name needs the cohort store (store=...)")
-        from mrhscale.store import open_subject
+        from mrhscale.stores import open_subject
 
         ds = open_subject(store, subject)
         if source in [str(c) for c in ds["contrast"].values]:

@@ -96,13 +96,9 @@ figcaption {{ font-size: 0.85em; color: #555; }}
 {'<h2>Figures</h2>' if imgs else ''}{''.join(imgs)}
 </body></html>
 """
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, filename)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(doc)
-    os.replace(tmp, path)
-    return path
+    from mrhscale.stores import write_text
+
+    return write_text(os.path.join(out_dir, filename), doc)
 
 
 def summary_report(out_dir: str, *, evaluation: dict | None = None, importance: dict | None = None,

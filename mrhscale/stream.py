@@ -63,17 +63,9 @@ def _dist_rank_world() -> tuple[int, int]:
 
 def open_patch_store(url: str, storage_options: dict | None = None):
     """The root group of a complete patch store (MRHError otherwise)."""
-    import zarr
+    from mrhscale.stores import PatchStore
 
-    from mrhscale.store import url_options
-
-    try:
-        root = zarr.open_group(str(url), mode="r", storage_options=url_options(url, storage_options))
-    except Exception as e:  # zarr raises several types for "not a group"
-        raise MRHError(f"{url}: not a readable patch store ({type(e).__name__}: {e})") from None
-    if not root.attrs.get("complete"):
-        raise MRHError(f"{url}: incomplete patch store (no complete attr); rerun `mrhscale patches`")
-    return root
+    return PatchStore.open(url, storage_options).root()
 
 
 class PatchStream(IterableDataset):

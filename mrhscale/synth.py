@@ -29,7 +29,6 @@ anatomy does not depend on the voxel grid it is sampled on. See docs/synthetic.m
 from __future__ import annotations
 
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -776,30 +775,32 @@ def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True
     Subject s01 gets a handful of NaNs outside the brain in dwi2000 (real data have them).
     The manifest is written last, atomically: it is the completion marker.
     """
-    from tqdm.auto import tqdm
-
-    from mrhscale.volumes import write_sidecars, write_volume
-
     if isinstance(subjects, bool) or not isinstance(subjects, (int, np.integer)) or subjects < 1:
         raise MRHError(f"synth: --subjects must be an integer >= 1, got {subjects!r}")
     shape = _check_shape(shape)
     targets = _check_targets(targets)
     if fmt not in FORMATS:
         raise MRHError(f"synth: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    from mrhscale.stores import Folder
+
+    folder = Folder(outdir, "mrhscale-synthetic", what="synth: OUTDIR")
+    if folder.check() and not overwrite:
+        raise MRHError(f"synth: {folder.path} already holds a synthetic cohort; "
+                       "use --overwrite or another directory")
+    with folder.replace(seed=int(seed), subjects=int(subjects), shape=list(shape)) as work:
+        _write_cohort(work, subjects=subjects, shape=shape, seed=seed, lesions=lesions, fmt=fmt,
+                      inverted_mask=inverted_mask, targets=targets, quiet=quiet)
+    return os.path.join(folder.path, "cohort.yaml")
+
+
+def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask, targets, quiet) -> str:
+    """The subjects' files and the manifest, into a fresh folder."""
+    from tqdm.auto import tqdm
+
+    from mrhscale.volumes import write_sidecars, write_volume
+
     ext = FORMATS[fmt]
-    outdir = os.fspath(outdir)
     manifest = os.path.join(outdir, "cohort.yaml")
-    if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise MRHError(f"synth: {outdir} exists and is not a directory; give a new or empty directory")
-    if os.path.exists(manifest):
-        if not overwrite:
-            raise MRHError(f"synth: {outdir} already holds a cohort (cohort.yaml); "
-                           "use --overwrite or another directory")
-        os.remove(manifest)  # no stale manifest may point at half-rewritten files
-    try:
-        os.makedirs(outdir, exist_ok=True)
-    except OSError as e:
-        raise MRHError(f"synth: cannot create {outdir} ({e.strerror})") from None
     acq = acquisition()
     affine = affine_for(shape)
     entries = []
@@ -809,8 +810,6 @@ def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True
         s = _Subject(shape, _subject_seed(seed, i), lesion=has_lesion, nans=5 if i == 0 else 0,
                      targets=targets)
         sdir = os.path.join(outdir, sid)
-        if os.path.isdir(os.path.join(sdir, "truth")) and overwrite:
-            shutil.rmtree(os.path.join(sdir, "truth"))
 
         def rel(name, _sid=sid):
             return f"{_sid}/{name}{ext}"
@@ -858,9 +857,7 @@ def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True
                   "targets": list(targets),
                   "displacement": "mm, subject -> template: template point = subject point + d"},
     }
-    tmp = manifest + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write("# mrhscale synthetic cohort (mrhscale synth); paths relative to this file\n")
-        yaml.safe_dump(doc, fh, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, manifest)
-    return manifest
+    from mrhscale.stores import write_text
+
+    return write_text(manifest, "# mrhscale synthetic cohort (mrhscale synth); paths relative to "
+                                "this file\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))

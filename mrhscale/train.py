@@ -41,7 +41,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -264,24 +263,24 @@ def replica_max_abs_diff(model: nn.Module) -> float:
 
 def read_patch_store_attrs(url: str, storage_options: dict | None = None) -> dict:
     """Root attrs of a COMPLETE patch store, or an MRHError saying what is wrong."""
-    import zarr
+    from mrhscale.stores import PatchStore
 
-    from mrhscale.store import is_local, local_path, url_options
+    store = PatchStore.open(url, storage_options)
+    store.split("train")
+    return store.attrs
 
-    if is_local(url) and not os.path.exists(local_path(url)):
-        raise MRHError(f"{url}: patch store does not exist (run `mrhscale patches` first)")
-    try:
-        root = zarr.open_group(str(url), mode="r", storage_options=url_options(url, storage_options))
-    except Exception as e:
-        raise MRHError(f"{url}: not a readable patch store ({type(e).__name__}: {e})") from None
-    attrs = dict(root.attrs)
-    if not attrs.get("complete"):
-        raise MRHError(f"{url}: patch store is incomplete (interrupted `mrhscale patches`?); "
-                       "rerun it to finish the store")
-    missing = [k for k in ("channels", "target", "patch", "norm") if k not in attrs]
-    if missing or "train" not in root:
-        raise MRHError(f"{url}: not an mrhscale patch store (missing {', '.join(missing) or 'train/'})")
-    return attrs
+
+def check_resume_store(ckpt: dict, store: dict, patches: str, out_dir: str) -> None:
+    """A run resumes only on the patch store it was trained on (it may have moved)."""
+    from mrhscale.stores.patches import identity
+
+    was, now = ckpt.get("patch_store"), identity(store)
+    if was and was.get("fingerprint") != now["fingerprint"]:
+        raise MRHError(
+            f"--resume: {out_dir} was trained on another patch store (target {was.get('target')!r}, "
+            f"{was.get('fingerprint', '?')[:19]}); {patches} holds target {now['target']!r} "
+            f"({now['fingerprint'][:19]}); resume with the run's own patches, or start a new run "
+            "with another --out")
 
 
 def _stream_class():
@@ -432,16 +431,9 @@ def _open_data(url, split, batch, cfg, rank, world, norm, device, workers, stora
 
 
 def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + "-", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from mrhscale.stores import atomic_write
+
+    atomic_write(path, write)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -620,6 +612,10 @@ def _run(cfg: TrainConfig, out_dir: str, *, resume: bool, build_model, stream_no
     if threads:
         torch.set_num_threads(threads)
 
+    from mrhscale.stores import Folder
+    from mrhscale.stores.patches import identity as store_identity
+
+    folder = Folder(out_dir, "mrhscale-run")
     started = init_distributed(world, local_rank, dist_timeout)
     stop = _StopFlag()
     try:
@@ -631,6 +627,7 @@ def _run(cfg: TrainConfig, out_dir: str, *, resume: bool, build_model, stream_no
         start_epoch, start_step, history, partial_loss = 0, 0, [], 0.0
         if resume:
             ck = load_checkpoint(ckpt_path)
+            check_resume_store(ck, store, cfg.patches, out_dir)
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             start_epoch, start_step = int(ck["epoch"]), int(ck["step"])
@@ -643,6 +640,7 @@ def _run(cfg: TrainConfig, out_dir: str, *, resume: bool, build_model, stream_no
                       f"worker(s) with {world} x {workers}: the data order from here on "
                       "differs from the original run's", file=sys.stderr)
         elif main:
+            folder.mark(kind=cfg.kind, patch_store=store_identity(store))
             _write_text(os.path.join(out_dir, "config.json"),
                         json.dumps({**asdict(cfg), "world_size": world}, indent=1))
         net = model
@@ -681,6 +679,7 @@ def _run(cfg: TrainConfig, out_dir: str, *, resume: bool, build_model, stream_no
                 "schedule": {"name": cfg.schedule, "epoch": epoch,
                              "lr_factor": lr_factor(cfg, min(epoch, cfg.epochs - 1))},
                 "rng": _rng_state(), "world_size": world, "workers": workers,
+                "patch_store": store_identity(store),
             }
             _atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
             if keep_checkpoints and step == 0:
@@ -729,8 +728,12 @@ def _run(cfg: TrainConfig, out_dir: str, *, resume: bool, build_model, stream_no
                 if step_delay:
                     time.sleep(step_delay)
                 if done % check_every == 0 or done == steps:
-                    flag = torch.tensor([1.0 if stop.stop else 0.0], device=dev)
-                    if _all_reduce(flag, dist.ReduceOp.MAX if _dist_on() else None).item() > 0:
+                    flag = torch.stack([torch.tensor(1.0 if stop.stop else 0.0, device=dev),
+                                        (~torch.isfinite(loss_sum)).float()])
+                    stopping, diverged = _all_reduce(flag, dist.ReduceOp.MAX if _dist_on() else None).tolist()
+                    if diverged:
+                        raise _diverged(epoch, done, steps, ckpt_path, cfg)
+                    if stopping > 0:
                         interrupted = done < steps
                         if interrupted:
                             break
@@ -782,6 +785,8 @@ def _run(cfg: TrainConfig, out_dir: str, *, resume: bool, build_model, stream_no
             "world_size": world, "replica_max_abs_diff": drift,
         }
         model_path = os.path.join(out_dir, "model.pt")
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise _diverged(cfg.epochs - 1, 0, 0, ckpt_path, cfg)
         if main:
             from mrhscale import __version__
             from mrhscale.bundle import save_bundle
@@ -809,6 +814,30 @@ def _run(cfg: TrainConfig, out_dir: str, *, resume: bool, build_model, stream_no
         stop.restore()
         if started:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def run_folder(out_dir: str):
+    """The run folder, held by this run: anything but a training run is refused untouched,
+    and a second run on the same folder is refused while this one lives (rank 0 holds it)."""
+    from mrhscale.stores import Folder
+
+    folder = Folder(out_dir, "mrhscale-run")
+    folder.check()
+    if dist_env()[0] != 0:
+        yield folder
+        return
+    with folder.claim():
+        yield folder
+
+
+def _diverged(epoch: int, step: int, steps: int, ckpt_path: str, cfg: TrainConfig) -> MRHError:
+    where = f"epoch {epoch + 1}, step {step}/{steps}" if steps else f"after epoch {epoch + 1}"
+    kept = (f"the last good checkpoint ({ckpt_path}) is kept" if os.path.exists(ckpt_path)
+            else "no checkpoint was written")
+    return MRHError(f"training diverged: the loss became non-finite at {where} (lr {cfg.lr:g}); "
+                    f"no model was saved and {kept}; lower --lr or --clip, check the inputs for "
+                    "extreme values, and start again with another --out")
 
 
 # ---------------------------------------------------------------- public API
@@ -856,7 +885,9 @@ def train(patches: str, out_dir: str, *, depth: int | None = None, width: int | 
     ``resume=True``, the checkpointed run's own value. ``batch_size`` is global.
     Raises TrainingInterrupted after checkpointing if SIGTERM arrives.
     """
-    patches = os.fspath(patches)
+    from mrhscale.stores import resolve
+
+    patches, out_dir = resolve(patches, "patches"), resolve(out_dir, "--out")
     given = dict(patches=patches, depth=depth, width=width, epochs=epochs, batch_size=batch_size,
                  lr=lr, optimizer=optimizer, schedule=schedule, loss=loss, clip=clip,
                  weight_decay=weight_decay, momentum=momentum, drop_period=drop_period,
@@ -865,8 +896,15 @@ def train(patches: str, out_dir: str, *, depth: int | None = None, width: int | 
     cfg = TrainConfig(kind="train", **{k: v for k, v in given.items() if v is not None})
     if optimizer == "adamw" and lr is None:
         cfg.lr = 1e-3
+    with run_folder(out_dir):
+        return _train(cfg, out_dir, resume, given, workers=workers, device=device, threads=threads,
+                      quiet=quiet, dist_timeout=dist_timeout, storage_options=storage_options,
+                      keep_checkpoints=keep_checkpoints)
+
+
+def _train(cfg, out_dir, resume, given, **kw) -> dict:
     cfg = _prepare(cfg, out_dir, resume, given)
-    store = read_patch_store_attrs(cfg.patches, storage_options)
+    store = read_patch_store_attrs(cfg.patches, kw["storage_options"])
     norm = Normalisation.from_dict(store["norm"])
     n_ch = len(store["channels"])
 
@@ -876,9 +914,7 @@ def train(patches: str, out_dir: str, *, depth: int | None = None, width: int | 
         return m
 
     return _run(cfg, out_dir, resume=resume, build_model=build, stream_norm=None,
-                bundle_norm=norm, store=store, device=device, workers=workers, threads=threads,
-                quiet=quiet, dist_timeout=dist_timeout, storage_options=storage_options,
-                keep_checkpoints=keep_checkpoints)
+                bundle_norm=norm, store=store, **kw)
 
 
 def check_compatible(meta: dict, store: dict, model_path: str, patches: str) -> None:
@@ -916,9 +952,10 @@ def finetune(model_path: str, patches: str, out_dir: str, *, epochs: int | None 
     with it) and takes the new stain's target scaling from the patch store.
     ``freeze_backbone=True`` trains only the head.
     """
-    from mrhscale.bundle import model_from_bundle, read_bundle
+    from mrhscale.stores import resolve
 
-    model_path, patches = os.fspath(model_path), os.fspath(patches)
+    model_path, patches = resolve(model_path, "model"), resolve(patches, "patches")
+    out_dir = resolve(out_dir, "--out")
     given = dict(patches=patches, epochs=epochs, batch_size=batch_size, lr=lr,
                  head_lr_factor=head_lr_factor, freeze_backbone=freeze_backbone,
                  optimizer=optimizer, schedule=schedule, loss=loss, clip=clip,
@@ -928,10 +965,19 @@ def finetune(model_path: str, patches: str, out_dir: str, *, epochs: int | None 
     defaults = {"lr": 1e-4, "head_lr_factor": 10.0, "freeze_backbone": False}
     cfg = TrainConfig(kind="finetune", **{**defaults,
                                           **{k: v for k, v in given.items() if v is not None}})
+    with run_folder(out_dir):
+        return _finetune(cfg, model_path, out_dir, resume, given, workers=workers, device=device,
+                         threads=threads, quiet=quiet, dist_timeout=dist_timeout,
+                         storage_options=storage_options, keep_checkpoints=keep_checkpoints)
+
+
+def _finetune(cfg, model_path, out_dir, resume, given, **kw) -> dict:
+    from mrhscale.bundle import model_from_bundle, read_bundle
+
     cfg = _prepare(cfg, out_dir, resume, given)
     bundle = read_bundle(cfg.base_model if resume else model_path)
     base_norm = Normalisation.from_dict(bundle["norm"])
-    store = read_patch_store_attrs(cfg.patches, storage_options)
+    store = read_patch_store_attrs(cfg.patches, kw["storage_options"])
     check_compatible(bundle, store, model_path, cfg.patches)
     arch = bundle["arch"]
     cfg.depth, cfg.width = int(arch["depth"]), int(arch.get("width", 64))
@@ -948,6 +994,4 @@ def finetune(model_path: str, patches: str, out_dir: str, *, epochs: int | None 
     prov = {"base_model": {"path": cfg.base_model, "target": bundle.get("target"),
                            "provenance": bundle.get("provenance", {})}}
     return _run(cfg, out_dir, resume=resume, build_model=build, stream_norm=norm,
-                bundle_norm=norm, store=store, device=device, workers=workers, threads=threads,
-                quiet=quiet, dist_timeout=dist_timeout, storage_options=storage_options,
-                keep_checkpoints=keep_checkpoints, extra_provenance=prov)
+                bundle_norm=norm, store=store, extra_provenance=prov, **kw)

@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.stores.base import rename_file, temporary_folder
 
 NIFTI_EXT = (".nii", ".nii.gz")
 ANALYZE_EXT = (".hdr", ".img")
@@ -120,8 +121,11 @@ def write_sidecars(path: str, bvals, bvecs) -> None:
     np.savetxt(s + ".bvec", np.asarray(bvecs, float).reshape(-1, 3).T, fmt="%.6f")
 
 
-def write_volume(path: str, array, affine, *, header=None, dtype=None) -> str:
-    """Write NIfTI or Analyze by extension, atomically (temp name, then rename)."""
+def write_volume(path: str, array, affine, *, header=None, dtype=None, descrip: str | None = None) -> str:
+    """Write NIfTI or Analyze by extension, atomically (temp name, then rename).
+
+    ``descrip`` (NIfTI, 80 characters at most) says what made the file: mrhscale
+    rewrites a NIfTI only when its descrip says mrhscale wrote it."""
     kind = image_kind(path)
     arr = np.asarray(array)
     if dtype is not None:
@@ -136,19 +140,21 @@ def write_volume(path: str, array, affine, *, header=None, dtype=None) -> str:
         if header is None:
             img.set_qform(affine, code=1)
             img.set_sform(affine, code=1)
+        if descrip is not None:
+            img.header["descrip"] = descrip.encode("ascii", "replace")[:80]
         s = str(path)
         ext = ".nii.gz" if s.lower().endswith(".nii.gz") else ".nii"
-        tmp = f"{stem(s)}.tmp-{os.getpid()}{ext}"
-        nib.save(img, tmp)
-        os.replace(tmp, s)
+        with temporary_folder(s) as work:  # same filesystem: the rename is atomic
+            nib.save(img, os.path.join(work, "v" + ext))
+            rename_file(os.path.join(work, "v" + ext), s)
         return s
     img = nib.AnalyzeImage(arr, affine, header=header)
     img.header.set_data_dtype(arr.dtype)
     s = stem(str(path))
-    tmp = f"{s}.tmp-{os.getpid()}"
-    nib.save(img, tmp + ".hdr")
-    os.replace(tmp + ".img", s + ".img")
-    os.replace(tmp + ".hdr", s + ".hdr")
+    with temporary_folder(s) as work:
+        nib.save(img, os.path.join(work, "v.hdr"))
+        rename_file(os.path.join(work, "v.img"), s + ".img")
+        rename_file(os.path.join(work, "v.hdr"), s + ".hdr")
     return s + ".hdr"
 
 

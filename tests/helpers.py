@@ -63,18 +63,21 @@ def subject_dataset(sid: str, shape=(12, 10, 14), n_channels=5, seed=0, chunks=(
 
 def make_cohort_store(path, n_subjects=3, shape=(12, 10, 14), n_channels=5, seed=0,
                       chunks=(8, 8, 8), target_names=("af",), edit=None) -> list[str]:
-    """Write a cohort store following mrhscale.store's contract; returns subject ids.
+    """Write a cohort store through the store layer (as ingest does); returns subject ids.
 
     edit: optional ``f(ds, i) -> ds`` applied to subject i's dataset before writing
     (e.g. to plant NaNs, zero regions or a channel mismatch).
     """
+    from mrhscale.stores import CohortStore
+
+    store = CohortStore(str(path))
+    store.prepare({"channels": channel_names(n_channels)})
     ids = [f"s{i + 1:02d}" for i in range(n_subjects)]
     for i, sid in enumerate(ids):
         ds = subject_dataset(sid, shape, n_channels, seed + i, chunks, target_names)
         if edit is not None:
             ds = edit(ds, i)
-        ds.to_zarr(str(path), group=sid, mode="w", consolidated=False, zarr_format=3)
-    zarr.open_group(str(path), mode="a").attrs["subjects"] = ids
+        store.put(sid, ds, {"stage": "tests.helpers", "seed": seed + i, "shape": list(shape)})
     return ids
 
 
@@ -120,6 +123,7 @@ def make_patch_store(path, n_train=512, n_val=128, n_channels=5, half=1, seed=0,
         g.create_array("origin", data=origin, chunks=(chunk, 4),
                        dimension_names=["patch", "field"])
     root.attrs.update({
+        "format": "mrhscale-patches", "format_version": 1,
         "channels": names, "target": target,
         "patch": {"half": half, "size": p, "axis": "y"},
         "norm": stats.to_dict(), "subjects": ["s01", "s02", "s03"], "val_subjects": ["s03"],

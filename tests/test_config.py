@@ -5,7 +5,7 @@ from click.testing import CliRunner
 from helpers import write_file_cohort
 
 from mrhscale.cli import main
-from mrhscale.store import open_subject
+from mrhscale.stores import open_subject
 
 
 def test_config_supplies_options_flags_override_and_resolved_written(tmp_path):

@@ -10,7 +10,6 @@ import os
 import numpy as np
 import pytest
 import xarray as xr
-import zarr
 from click.testing import CliRunner
 
 from mrhscale.errors import MRHError
@@ -70,16 +69,18 @@ def write_pair(tmp_path, n=2, noise=5.0, offset=0.0, lesion=True, **kw):
     store, pred = str(tmp_path / "c.zarr"), str(tmp_path / "p.zarr")
     ids = [f"s{i + 1:02d}" for i in range(n)]
     rng = np.random.default_rng(9)
+    from mrhscale.stores import CohortStore, PredictionStore
+
+    cstore, pstore = CohortStore(store), PredictionStore(pred)
+    cstore.prepare({})
+    pstore.prepare({"variable": "af_virtual", "target": "af"})
     for i, sid in enumerate(ids):
         ds = subject(sid, i, lesion=lesion, **kw)
-        ds.to_zarr(store, group=sid, mode="w", consolidated=False, zarr_format=3)
+        cstore.put(sid, ds, {"stage": "tests", "index": i})
         v = (ds["af"].values + offset + noise * rng.standard_normal(SHAPE)) * ds["mask"].values
         out = xr.Dataset({"af_virtual": (("x", "y", "z"), v.astype(np.float32)),
                           "mask": ds["mask"]}, attrs=ds.attrs)
-        out.to_zarr(pred, group=sid, mode="w", consolidated=False, zarr_format=3)
-    zarr.open_group(store, mode="a").attrs["subjects"] = ids
-    zarr.open_group(pred, mode="a").attrs.update({"subjects": ids, "variable": "af_virtual",
-                                                   "target": "af"})
+        pstore.put(sid, out, {"stage": "tests", "source": cstore.identity(sid)["fingerprint"]})
     return store, pred, ids
 
 
@@ -174,14 +175,16 @@ def test_evaluate_without_label_and_bad_input(tmp_path):
     store, pred, ids = write_pair(tmp_path, n=1, lesion=False)
     m = evaluate(pred, store, "af", str(tmp_path / "r"), quiet=True)
     assert "roc" not in m["pooled"] and not os.path.exists(tmp_path / "r" / "roc.png")
-    with pytest.raises(MRHError, match="no reference 'nf'"):
+    with pytest.raises(MRHError, match="another stain: give --target af"):
         evaluate(pred, store, "nf", str(tmp_path / "r"), quiet=True)
     with pytest.raises(MRHError, match="s07"):
         evaluate(pred, store, "af", str(tmp_path / "r"), subjects=["s07"], quiet=True)
     with pytest.raises(MRHError, match="--label nope"):
         evaluate(pred, store, "af", str(tmp_path / "r"), label="nope", quiet=True)
-    with pytest.raises(MRHError, match="no prediction store"):
+    with pytest.raises(MRHError, match="none.zarr: does not exist"):
         evaluate(str(tmp_path / "none.zarr"), store, "af", str(tmp_path / "r"), quiet=True)
+    with pytest.raises(MRHError, match="is a cohort store, not a prediction store"):
+        evaluate(store, store, "af", str(tmp_path / "r"), quiet=True)
 
 
 def test_label_from_nifti_and_cli(tmp_path):

@@ -9,14 +9,13 @@ import os
 import numpy as np
 import pytest
 import xarray as xr
-import zarr
 from click.testing import CliRunner
 from helpers import DEFAULT_AFFINE, make_cohort_store
 
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.evaluate import evaluate, marker_names
-from mrhscale.store import open_subject
+from mrhscale.stores import CohortStore, PredictionStore, open_subject
 from mrhscale.volumes import write_volume
 
 SHAPE = (12, 10, 14)
@@ -40,13 +39,15 @@ def pair(tmp_path):
     ids = make_cohort_store(store, n_subjects=2, shape=SHAPE, edit=_lesion)
     rng = np.random.default_rng(3)
     truth = {}
+    cstore, pstore = CohortStore(store), PredictionStore(pred)
+    pstore.prepare({"variable": "af_virtual", "target": "af"})
     for sid in ids:
         ds = open_subject(store, sid).load()
         ref, mask = ds["af"].values.astype(np.float64), ds["mask"].values
         virt = (ref + 10 * rng.standard_normal(SHAPE)) * mask
-        xr.Dataset({"af_virtual": (("x", "y", "z"), virt.astype(np.float32)), "mask": ds["mask"]},
-                   attrs={"subject": sid}).to_zarr(pred, group=sid, mode="w", consolidated=False,
-                                                   zarr_format=3)
+        pstore.put(sid, xr.Dataset({"af_virtual": (("x", "y", "z"), virt.astype(np.float32)),
+                                    "mask": ds["mask"]}, attrs={"subject": sid}),
+                   {"stage": "tests", "source": cstore.identity(sid)["fingerprint"]})
         noisy = ref + NOISE * rng.standard_normal(SHAPE)
         write_volume(str(tmp_path / f"newc_{sid}.nii.gz"), noisy.astype(np.float32), DEFAULT_AFFINE)
         write_volume(str(tmp_path / f"les_{sid}.nii.gz"), ds["lesion"].values.astype(np.float32),
@@ -59,8 +60,6 @@ def pair(tmp_path):
             "virt": np.corrcoef(noisy32[mask], virt.astype(np.float32)[mask])[0, 1],
             "c00": np.corrcoef(ds["mri"].sel(contrast="c00").values[mask], ref[mask])[0, 1],
         }
-    zarr.open_group(pred, mode="a").attrs.update({"subjects": ids, "variable": "af_virtual",
-                                                   "target": "af"})
     return tmp_path, store, pred, ids, truth
 
 

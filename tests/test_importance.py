@@ -33,7 +33,7 @@ def tiny_store(path, n=400, channels=("a", "b", "c"), seed=0):
         g.create_array("targets", data=t, chunks=(64, 3, 3), dimension_names=["patch", "row", "col"])
         g.create_array("origin", data=np.zeros((n, 4), np.int32), chunks=(64, 4),
                        dimension_names=["patch", "field"])
-    root.attrs.update({"channels": list(channels), "target": "af",
+    root.attrs.update({"format": "mrhscale-patches", "channels": list(channels), "target": "af",
                        "patch": {"half": 1, "size": 3, "axis": "y"},
                        "norm": Normalisation("identity", [0.0] * c, [1.0] * c).to_dict(),
                        "n_train": n, "n_val": n, "complete": True})

@@ -14,7 +14,7 @@ from helpers import write_file_cohort
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.ingest import ingest
-from mrhscale.store import list_subjects, open_subject
+from mrhscale.stores import list_subjects, open_subject
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_inverted_mask_and_nans(tmp_path, client):
     ingest(man, out, chunks=(4, 4, 4), client=client, quiet=True)
     ds = open_subject(out, "s01")
     assert ds.mask.values.sum() == 6 * 4 * 8  # the brain, not the outside
-    assert ds.attrs["nan_counts"]["fa"] == 2
+    assert ds.attrs["nonfinite_counts"]["fa"] == 2
     assert not np.isnan(ds.fa.values).any() and ds.fa.values[0, 0, 0] == 0
 
 
@@ -80,17 +80,23 @@ def test_resume_skips_complete_and_clears_half_written(tmp_path, client):
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     out = str(tmp_path / "c.zarr")
     ingest(man, out, subjects=["s01"], chunks=(4, 4, 4), client=client, quiet=True)
-    # a crash mid-way through s02: data present but never committed
-    stale = os.path.join(out, "_staging", "s02")
+    # a crash mid-way through s02: data present in a dead run's staging, never committed
+    import socket
+
+    dead = f"{socket.gethostname().split('.')[0]}-4194000-deadbeef"
+    stale = os.path.join(out, "_staging", dead, "s02")
     os.makedirs(stale)
     open(os.path.join(stale, "junk"), "w").close()
+    live = os.path.join(out, "_staging", f"otherhost-{os.getpid()}-cafecafe")  # another machine's run
+    os.makedirs(live)
     assert list_subjects(out) == ["s01"]
     mtime = os.path.getmtime(os.path.join(out, "s01", "mri", "zarr.json"))
     res = ingest(man, out, chunks=(4, 4, 4), client=client, quiet=True)
     assert res["skipped"] == ["s01"] and res["written"] == ["s02"]
     assert os.path.getmtime(os.path.join(out, "s01", "mri", "zarr.json")) == mtime
     assert list_subjects(out) == ["s01", "s02"]
-    assert not os.path.exists(os.path.join(out, "_staging"))
+    runs = [d for d in os.listdir(os.path.join(out, "_staging")) if d != "zarr.json"]
+    assert runs == [os.path.basename(live)]  # the dead run's staging is gone, no one else's touched
 
 
 def test_failure_mid_write_leaves_no_subject(tmp_path, client):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -198,13 +199,17 @@ def test_val_subjects_and_norm_stats(mid_store, tmp_path):
     assert n2["target_scale"] == pytest.approx(float(lab.max()))
 
 
-def test_complete_store_protected_and_incomplete_replaced(cohort_store, tmp_path):
+def test_complete_store_reused_protected_and_incomplete_replaced(cohort_store, tmp_path):
     url, _ = cohort_store
     out = str(tmp_path / "p.zarr")
     kw = dict(scheduler="synchronous", quiet=True, stride=3)
-    extract_patches(url, "af", out, **kw)
-    with pytest.raises(MRHError, match="overwrite"):
-        extract_patches(url, "af", out, **kw)
+    first = extract_patches(url, "af", out, **kw)
+    stamp = os.path.getmtime(os.path.join(out, "zarr.json"))
+    again = extract_patches(url, "af", out, **kw)  # same inputs and options: reused as it is
+    assert again["reused"] and again["n_train"] == first["n_train"]
+    assert os.path.getmtime(os.path.join(out, "zarr.json")) == stamp
+    with pytest.raises(MRHError, match=r"stride: 3 -> 4.*--overwrite"):
+        extract_patches(url, "af", out, **{**kw, "stride": 4})
     extract_patches(url, "af", out, overwrite=True, **kw)
     zarr.open_group(out, mode="a").attrs["complete"] = False  # as after a crash
     s = extract_patches(url, "af", out, **kw)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from mrhscale.store import list_subjects
+from mrhscale.stores import PredictionStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPE = os.path.join(ROOT, "pipelines")
@@ -47,7 +47,7 @@ def af_model(cohort, tmp_path_factory):
 def test_af_recipe_reduced(af_model):
     work = af_model
     assert os.path.exists(work / "run" / "model.pt")
-    assert list_subjects(str(work / "pred.zarr")) == ["s01", "s02"]
+    assert PredictionStore(str(work / "pred.zarr")).subjects() == ["s01", "s02"]
     resolved = yaml.safe_load(open(work / "patches.zarr" / "mrhscale-patches.yaml"))
     assert resolved["target"] == "af" and resolved["min_label_sum"] == 30 and resolved["stride"] == 2
     tr = yaml.safe_load(open(work / "run" / "mrhscale-train.yaml"))

@@ -131,7 +131,7 @@ def cohort(tmp_path_factory):
     with dask_client(workers=1, quiet=True) as client:
         ingest(res["manifest"], store, client=client, quiet=True, checksums=False)
         ingest(manifest, native_store, client=client, quiet=True, checksums=False)
-    from mrhscale.store import open_subject
+    from mrhscale.stores import open_subject
 
     channels = [str(c) for c in open_subject(store, "s01").contrast.values]
     model = write_model(root / "m.pt", channels)

@@ -165,7 +165,7 @@ def test_registration_raises_dice_and_correlation(registered):
 def test_output_manifest_ingests_as_is(registered, tmp_path):
     from mrhscale.ingest import ingest
     from mrhscale.register import transforms_for_subject
-    from mrhscale.store import open_subject
+    from mrhscale.stores import open_subject
 
     _, _, out, res = registered
     man = yaml.safe_load(open(res["manifest"]))
@@ -425,6 +425,6 @@ def test_missing_extra_message(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "ants", None)  # import ants -> ImportError
     with pytest.raises(MRHError, match=r'pip install "mrhscale\[register\]"'):
-        register._ants()
+        register.ants_module()
     r = CliRunner().invoke(main, ["register", "x.yaml", "--reference", "s01", "--out", "o"])
     assert r.exit_code == 2 and 'mrhscale[register]' in r.output and "Traceback" not in r.output

@@ -5,9 +5,10 @@ import os
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 from helpers import write_file_cohort
 
-from mrhscale.store import list_subjects, open_subject
+from mrhscale.stores import list_subjects, open_subject
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed (pip install 'moto[server]')")
 pytest.importorskip("s3fs", reason="s3fs not installed (pip install 'mrhscale[s3]')")
@@ -79,7 +80,7 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
     from mrhscale.ingest import ingest
     from mrhscale.patches import extract_patches
     from mrhscale.predict import predict
-    from mrhscale.store import describe_store
+    from mrhscale.stores import describe as describe_store
     from mrhscale.train import train
 
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
@@ -166,3 +167,61 @@ def test_cli_storage_options(tmp_path, s3):
     # a URL with nothing there: one line, exit 2
     r = CliRunner().invoke(main, ["info", "s3://mrh/cli/nothing.zarr", "--storage-options", json.dumps(s3)])
     assert r.exit_code == 2 and "nothing.zarr" in r.output and "Traceback" not in r.output
+
+
+def test_concurrent_ingests_into_one_s3_store(tmp_path, s3):
+    """One subject per process, all at once, into one S3 store: the commit markers are
+    per subject, so none is lost; the root index ends up listing them all."""
+    import json
+    import subprocess
+    import sys
+
+    man = write_file_cohort(tmp_path / "files", n_subjects=3, fmt="nii")
+    url = "s3://mrh/conc/cohort.zarr"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    procs = [subprocess.Popen([sys.executable, "-m", "mrhscale", "ingest", man, "--out", url, "--subjects", sid,
+                               "--workers", "1", "--chunks", "4,4,4", "-q", "--storage-options", json.dumps(s3)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for sid in ("s01", "s02", "s03")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert list_subjects(url, storage_options=s3) == ["s01", "s02", "s03"]
+    root = zarr.open_group(url, mode="r", storage_options=s3)
+    assert sorted(root.attrs["subjects"]) == ["s01", "s02", "s03"]
+
+
+def test_s3_outputs_follow_the_store_rules(tmp_path, s3):
+    """On object storage too: a foreign --out is refused untouched, a second writer of a
+    subject is refused, and --overwrite builds aside and swaps."""
+    import s3fs
+    from helpers import make_cohort_store
+
+    from mrhscale.errors import MRHError
+    from mrhscale.patches import extract_patches
+    from mrhscale.stores import CohortStore, PatchStore
+
+    fs = s3fs.S3FileSystem(**s3)
+    fs.pipe("mrh/user/results/notes.txt", b"mine")
+    local = tmp_path / "c.zarr"
+    make_cohort_store(local)
+    kw = dict(scheduler="synchronous", quiet=True, stride=2, storage_options=s3)
+    with pytest.raises(MRHError, match="not made by mrhscale"):
+        extract_patches(str(local), "af", "s3://mrh/user/results", **kw)
+    fs.invalidate_cache()
+    assert fs.cat("mrh/user/results/notes.txt") == b"mine"
+    out = "s3://mrh/rules/p.zarr"
+    extract_patches(str(local), "af", out, **kw)
+    extract_patches(str(local), "af", out, **{**kw, "stride": 3}, overwrite=True)
+    assert PatchStore.open(out, s3).attrs["rules"]["stride"] == 3
+    fs.invalidate_cache()
+    assert not [p for p in fs.ls("mrh/rules") if "mrhscale-" in p]
+    store = CohortStore("s3://mrh/rules/c.zarr", s3)
+    store.prepare({})
+    first = store.writer()
+    first.begin("s01")
+    with pytest.raises(MRHError, match="being written by another"):
+        store.writer().begin("s01")
+    first.close()
+    w = store.writer()
+    w.abort("s01", w.begin("s01"))

@@ -2,7 +2,7 @@ import pytest
 import xarray as xr
 
 from mrhscale.errors import MRHError
-from mrhscale.store import list_subjects, open_cohort, open_subject
+from mrhscale.stores import list_subjects, open_cohort, open_subject
 
 
 def test_helper_store_follows_contract(cohort_store):

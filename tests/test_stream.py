@@ -117,7 +117,7 @@ def test_float16_store_and_remote_memory_store(tmp_path):
 
 
 def test_bad_stores(patch_store, tmp_path):
-    with pytest.raises(MRHError, match="not a readable"):
+    with pytest.raises(MRHError, match="does not exist"):
         PatchStream(str(tmp_path / "nope.zarr"))
     with pytest.raises(MRHError, match="fewer than"):
         PatchStream(patch_store, split="val", batch_size=100_000)
@@ -125,6 +125,9 @@ def test_bad_stores(patch_store, tmp_path):
         PatchStream(patch_store, split="test")
     bad = tmp_path / "inc.zarr"
     zarr.open_group(str(bad), mode="w").attrs["complete"] = False
+    with pytest.raises(MRHError, match="not made by mrhscale, not a patch store"):
+        PatchStream(str(bad))
+    zarr.open_group(str(bad), mode="a").attrs["format"] = "mrhscale-patches"
     with pytest.raises(MRHError, match="incomplete"):
         PatchStream(str(bad))
 

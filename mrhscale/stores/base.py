@@ -1,0 +1,280 @@
+"""What every output shares: ownership, identity, build-aside replace, atomic files.
+
+- Ownership: an existing output is replaced or extended only if mrhscale made it
+  and it is of the expected kind (a Zarr store whose root ``format`` attr names
+  it, or a folder holding ``mrhscale.json``). Anything else is refused untouched.
+- Identity: every output records ``made_by`` (what made it: inputs' fingerprints,
+  model checksum, options) and ``fingerprint`` (its sha256); reuse or resume is
+  allowed only when they match, otherwise the error names the difference.
+- Replace: build beside the output (``.<name>.mrhscale-new-<token>``), then swap
+  in two renames; a failure before the swap leaves the old output as it was, and
+  the next run (holding the output's claim) finishes or discards a swap a crash
+  interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+
+from mrhscale.errors import MRHError
+from mrhscale.stores.secrets import mask_url
+from mrhscale.stores.urls import filesystem, is_local, join, local_path, split
+
+MARKER = "mrhscale.json"  # marks a folder output (run, report, registration...) as ours
+NAMES = {
+    "mrhscale-cohort": "cohort store", "mrhscale-patches": "patch store",
+    "mrhscale-predictions": "prediction store", "mrhscale-run": "training run folder",
+    "mrhscale-evaluation": "evaluation report folder", "mrhscale-importance": "importance report folder",
+    "mrhscale-demo": "demo folder", "mrhscale-registration": "registration folder",
+    "mrhscale-synthetic": "synthetic cohort folder",
+}
+
+
+def kill_point(name: str) -> None:
+    """Test hook: SIGKILL this process at a named point of a write (MRHSCALE_KILL_AT=name)."""
+    if os.environ.get("MRHSCALE_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- identity
+def fingerprint(record) -> str:
+    """sha256 of a record's canonical JSON: equal records, equal fingerprints."""
+    text = json.dumps(record, sort_keys=True, default=str, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def differences(old, new, prefix: str = "") -> list[str]:
+    """Human-readable 'key: old -> new' lines where two records differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    if old == new:
+        return []
+    return [f"{prefix.rstrip('.') or 'value'}: {_short(old)} -> {_short(new)}"]
+
+
+def _short(v) -> str:
+    s = json.dumps(v, default=str) if not isinstance(v, str) else repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def explain_mismatch(what: str, old: dict, new: dict, fix: str) -> MRHError:
+    diff = differences(old, new)
+    shown = "; ".join(diff[:3]) + (f"; ... ({len(diff)} differences)" if len(diff) > 3 else "")
+    return MRHError(f"{what} was made from something else ({shown or 'fingerprint differs'}); {fix}")
+
+
+# --------------------------------------------------------------------------- ownership
+@dataclass
+class Found:
+    """What is at an output location: nothing, one of our outputs, or something else."""
+
+    format: str | None  # our format tag, or None
+    description: str  # for errors: "is a file", "is a folder with 3 entries ...", ...
+    empty: bool = False
+    attrs: dict | None = None
+
+    @property
+    def absent(self) -> bool:
+        return self.format is None and self.empty
+
+
+def inspect(url: str, storage_options: dict | None = None) -> Found:
+    fs, path = filesystem(url, storage_options)
+    if not fs.exists(path):
+        return Found(None, "does not exist", empty=True)
+    if fs.isfile(path):
+        return Found(None, "is a file")
+    entries = fs.ls(path, detail=False)
+    if not entries:
+        return Found(None, "is an empty folder", empty=True)
+    names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
+    if "zarr.json" in names:
+        attrs = _json(fs, f"{path.rstrip('/')}/zarr.json").get("attributes", {}) or {}
+        fmt = attrs.get("format")
+        if fmt in NAMES:
+            return Found(fmt, f"is a {NAMES[fmt]}", attrs=attrs)
+        return Found(None, "is a Zarr store not made by mrhscale" if not fmt else f"is a {fmt!r} Zarr store")
+    if MARKER in names:
+        info = _json(fs, f"{path.rstrip('/')}/{MARKER}")
+        fmt = info.get("format")
+        if fmt in NAMES:
+            return Found(fmt, f"is a {NAMES[fmt]}", attrs=info)
+    return Found(None, f"is a folder with {len(names)} entr{'y' if len(names) == 1 else 'ies'} "
+                       "not made by mrhscale")
+
+
+def _json(fs, path: str) -> dict:
+    try:
+        doc = json.loads(fs.cat_file(path))
+        return doc if isinstance(doc, dict) else {}
+    except Exception:
+        return {}
+
+
+def check_output(url: str, fmt: str, storage_options: dict | None = None, what: str = "--out") -> Found:
+    """Refuse an output location holding anything but an mrhscale output of kind ``fmt``."""
+    found = inspect(url, storage_options)
+    if found.absent or found.format == fmt:
+        return found
+    raise MRHError(f"{what} {mask_url(url)}: {found.description}, not a {NAMES[fmt]}; "
+                   f"mrhscale never replaces what it did not make: choose another {what}")
+
+
+def check_input(url: str, fmt: str, storage_options: dict | None = None, what: str = "") -> Found:
+    found = inspect(url, storage_options)
+    label = f"{what} {mask_url(url)}" if what else mask_url(url)
+    if found.format != fmt:
+        raise MRHError(f"{label}: {found.description}" + ("" if found.absent else f", not a {NAMES[fmt]}"))
+    return found
+
+
+# --------------------------------------------------------------------------- replace
+def aside_url(url: str, tag: str, token: str) -> str:
+    parent, name = split(url)
+    return join(parent, f".{name}.mrhscale-{tag}-{token}") if parent else f".{name}.mrhscale-{tag}-{token}"
+
+
+def _asides(url: str, storage_options) -> list[str]:
+    fs, path = filesystem(url, storage_options)
+    parent, name = split(path)
+    try:
+        entries = fs.ls(parent or ".", detail=False)
+    except FileNotFoundError:
+        return []
+    pre = f".{name}.mrhscale-"
+    return [e for e in entries if e.rstrip("/").rsplit("/", 1)[-1].startswith(pre)]
+
+
+def swap_in(new_url: str, url: str, storage_options=None, token: str = "swap") -> None:
+    """Put the complete output at ``new_url`` in place of ``url`` (which may not exist)."""
+    fs, path = filesystem(url, storage_options)
+    _, new_path = filesystem(new_url, storage_options)
+    if is_local(url):
+        old = local_path(aside_url(url, "old", token))
+        if os.path.lexists(path):
+            os.rename(path, old)
+        kill_point("swap:between-renames")
+        os.rename(new_path, path)
+        if os.path.lexists(old):
+            _remove_local(old)
+        return
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.mv(new_path, path, recursive=True)
+
+
+def recover(url: str, storage_options=None, complete=None) -> None:
+    """Finish or discard what a crashed run left beside ``url``; call holding its claim.
+
+    A complete new build whose swap was cut between the two renames is put in
+    place; anything else beside the output (half builds, old copies) is removed.
+    """
+    fs, path = filesystem(url, storage_options)
+    asides = sorted(_asides(url, storage_options))
+    if not fs.exists(path):
+        for a in asides:
+            if "mrhscale-new-" in a and (complete is None or complete(_as_url(url, a))):
+                fs.mv(a, path, recursive=True)
+                break
+    for a in _asides(url, storage_options):
+        _remove_path(fs, a, is_local(url))
+
+
+def _as_url(url: str, fs_path: str) -> str:
+    return fs_path if is_local(url) else f"{str(url).split('://', 1)[0]}://{fs_path}"
+
+
+def _remove_path(fs, path: str, local: bool) -> None:
+    if local:
+        _remove_local(path)
+    elif fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def remove(url: str, storage_options=None) -> None:
+    """Delete an output mrhscale made (callers check ownership first)."""
+    fs, path = filesystem(url, storage_options)
+    _remove_path(fs, path, is_local(url))
+
+
+def prune_empty(path: str) -> None:
+    """Remove a local folder of ours if nothing is left in it (a staging root after a run)."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _remove_local(path: str) -> None:
+    import shutil
+
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+# --------------------------------------------------------------------------- files
+def sha256_file(path: str, bufsize: int = 1 << 22) -> str:
+    """``sha256:<hex>`` of a file's bytes (model bundles, source images)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def atomic_write(path: str, write) -> str:
+    """``write(tmp_path)`` then rename over ``path``: a reader sees the old file or the new."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + "-", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_text(path: str, text: str) -> str:
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    return atomic_write(path, w)
+
+
+def write_json(path: str, doc, **kw) -> str:
+    return write_text(path, json.dumps(doc, **{"indent": 1, "default": str, **kw}))
+
+
+def rename_file(src: str, dst: str) -> None:
+    """Rename within one filesystem (atomic on POSIX)."""
+    os.replace(src, dst)
+
+
+@contextlib.contextmanager
+def temporary_folder(near: str):
+    """A scratch folder beside ``near`` (same filesystem, so results can be renamed in)."""
+    import shutil
+
+    parent = os.path.dirname(os.path.abspath(near)) or "."
+    os.makedirs(parent, exist_ok=True)
+    d = tempfile.mkdtemp(prefix=".mrhscale-work-", dir=parent)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,96 @@
+"""The cohort store: one xarray group per subject, readable with plain xarray.
+
+Layout (see docs/stores.md)::
+
+    cohort.zarr/              root attrs: format, channels, subjects (an index of the complete ones)
+      <subject>/              an xarray Dataset written with ``to_zarr(group=subject)``
+        mri   float32 (x, y, z, contrast)   chunks (cx, cy, cz, all contrasts)
+        mask  bool    (x, y, z)
+        fa    float32 (x, y, z)
+        <target> float32 (x, y, z)          one per histology stain (af, nf, mbp, ...)
+        <label>  bool (x, y, z)             optional condition/lesion labels
+        attrs: subject, affine, voxel_size, ..., made_by, fingerprint, complete (last)
+"""
+
+from __future__ import annotations
+
+from mrhscale.errors import MRHError
+from mrhscale.stores.subjects import GroupStore
+
+FORMAT = "mrhscale-cohort"
+
+
+class CohortStore(GroupStore):
+    FORMAT = FORMAT
+
+    def channels(self) -> list[str] | None:
+        ch = self.attrs.get("channels")
+        return list(ch) if ch is not None else None
+
+    def open_cohort(self, subjects: list[str] | None = None) -> dict:
+        """Lazy datasets of several subjects, keyed by id; checks that channels agree."""
+        ids = list(dict.fromkeys(subjects)) if subjects else self.subjects()
+        if not ids:
+            raise MRHError(f"{self.name}: store holds no complete subject")
+        out = {sid: self.open_subject(sid) for sid in ids}
+        ref_id = ids[0]
+        ref = list(out[ref_id].contrast.values)
+        for sid, ds in out.items():
+            ch = list(ds.contrast.values)
+            if ch != ref:
+                first = next((a, b) for a, b in zip(ch + [None] * len(ref), ref + [None] * len(ch)) if a != b)
+                raise MRHError(f"{self.name}: subject {sid!r} has channels that differ from {ref_id!r} "
+                               f"({len(ch)} vs {len(ref)} channels; first difference: {first})")
+        return out
+
+    def identity(self, sid: str) -> dict:
+        """What identifies a subject's data: its fingerprint, or store and id if it has none."""
+        a = self.subject_attrs(sid)
+        return {"fingerprint": a.get("fingerprint") or f"{self.url}#{sid}", "subject": sid}
+
+    def describe(self) -> str:
+        ids = self.subjects()
+        lines = [f"store: {self.name}", f"format: {self.FORMAT}",
+                 f"subjects ({len(ids)}): {', '.join(ids) if ids else 'none complete'}"]
+        incomplete = sorted(set(self.subject_groups()) - set(ids))
+        if incomplete:
+            lines.append(f"incomplete (an interrupted or running write): {', '.join(incomplete)}")
+        for sid in ids:
+            lines.append("  " + _subject_line(sid, self.open_subject(sid)))
+        if ids:
+            ds = self.open_subject(ids[0])
+            if "contrast" in ds.coords:
+                lines.append(f"channels ({ds.sizes['contrast']}): {short([str(c) for c in ds.contrast.values])}")
+        return "\n".join(lines)
+
+
+def _subject_line(sid: str, ds) -> str:
+    shape = "x".join(str(ds.sizes[d]) for d in ("x", "y", "z") if d in ds.sizes)
+    extra = [v for v in ds.data_vars if v not in ("mri", "mask", "fa")]
+    vox = "x".join(f"{v:.4g}" for v in ds.attrs.get("voxel_size", []))
+    bad = ds.attrs.get("nonfinite_counts") or {}
+    nonfinite = sum(int(v) for v in bad.values())
+    note = (f", non-finite values zeroed: {nonfinite} ("
+            + ", ".join(f"{k} {v}" for k, v in bad.items() if v) + ")") if nonfinite else ""
+    return (f"{sid}: grid {shape}, {ds.sizes.get('contrast', 0)} contrasts, voxel {vox}, "
+            f"brain voxels {ds.attrs.get('brain_voxels', '?')}, variables: {', '.join(extra) or '-'}{note}")
+
+
+def short(names: list[str], n: int = 8) -> str:
+    names = list(names)
+    return ", ".join(names) if len(names) <= 2 * n else ", ".join(names[:n]) + ", ..., " + ", ".join(names[-n:])
+
+
+# ---- the functional API (mrhscale.list_subjects, mrhscale.open_subject)
+def list_subjects(url: str, storage_options: dict | None = None) -> list[str]:
+    """Ids of the complete subjects of a cohort store."""
+    return CohortStore.open(url, storage_options).subjects()
+
+
+def open_subject(url: str, subject: str, storage_options: dict | None = None, chunks="auto_zarr"):
+    """A subject as a lazy xarray Dataset (dask-backed with the store's chunks)."""
+    return CohortStore.open(url, storage_options).open_subject(subject, chunks)
+
+
+def open_cohort(url: str, subjects: list[str] | None = None, storage_options: dict | None = None) -> dict:
+    return CohortStore.open(url, storage_options).open_cohort(subjects)

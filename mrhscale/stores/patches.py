@@ -1,0 +1,207 @@
+"""The patch store: training samples of one stain, globally shuffled (docs/stores.md).
+
+``PatchStore.open`` is the one way to read a patch store (trainer, PatchStream,
+importance); ``PatchStore.build`` the one way to write one: a new store is built
+in place, a complete one being replaced is rebuilt beside it and swapped in
+only when complete, and an identical rerun reuses what is there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from mrhscale.errors import MRHError
+from mrhscale.stores.base import (
+    aside_url,
+    check_input,
+    check_output,
+    explain_mismatch,
+    fingerprint,
+    kill_point,
+    recover,
+    remove,
+    swap_in,
+)
+from mrhscale.stores.locks import Claim, run_token
+from mrhscale.stores.secrets import mask_url
+from mrhscale.stores.subjects import quiet_zarr
+from mrhscale.stores.urls import join, resolve, split, url_options
+
+FORMAT = "mrhscale-patches"
+STAGING = "_staging"
+DIMS = {
+    "inputs": ["patch", "contrast", "row", "col"],
+    "targets": ["patch", "row", "col"],
+    "origin": ["patch", "coord"],
+}
+REQUIRED = ("channels", "target", "patch", "norm")
+
+
+def create_array(url: str, path: str, shape, chunks, dtype, dims, storage_options, compress: bool):
+    """A new (or replaced) zarr array inside a patch store being built."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    comp = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),) if compress else None
+    return zarr.create_array(
+        str(url), name=path, shape=tuple(int(s) for s in shape),
+        chunks=tuple(max(1, int(c)) for c in chunks), dtype=dtype, compressors=comp,
+        dimension_names=dims, storage_options=storage_options, overwrite=True, fill_value=0,
+        chunk_key_encoding={"name": "default", "separator": "."},
+    )
+
+
+def open_array(url: str, path: str, storage_options, mode: str = "r+"):
+    import zarr
+
+    return zarr.open_array(str(url), path=path, mode=mode, storage_options=storage_options, zarr_format=3)
+
+
+class PatchStore:
+    """A complete patch store, for reading."""
+
+    def __init__(self, url, storage_options: dict | None = None):
+        self.url = resolve(url)
+        self.storage_options = url_options(self.url, storage_options)
+
+    @property
+    def name(self) -> str:
+        return mask_url(self.url)
+
+    @classmethod
+    def open(cls, url, storage_options: dict | None = None) -> PatchStore:
+        store = cls(url, storage_options)
+        found = check_input(store.url, FORMAT, store.storage_options)
+        if not found.attrs.get("complete"):
+            raise MRHError(f"{store.name}: patch store is incomplete (interrupted `mrhscale patches`?); "
+                           "rerun the same command to rebuild it")
+        missing = [k for k in REQUIRED if k not in found.attrs]
+        if missing:
+            raise MRHError(f"{store.name}: not a usable patch store (missing {', '.join(missing)})")
+        store.attrs = dict(found.attrs)
+        return store
+
+    def root(self):
+        import zarr
+
+        with quiet_zarr():
+            return zarr.open_group(self.url, mode="r", storage_options=self.storage_options, zarr_format=3)
+
+    def split(self, split: str):
+        """(inputs, targets) zarr arrays of a split (MRHError when it is absent or empty)."""
+        root = self.root()
+        if f"{split}/inputs" not in root or f"{split}/targets" not in root:
+            raise MRHError(f"{self.name}: no split {split!r} (use train or val)")
+        return root[f"{split}/inputs"], root[f"{split}/targets"]
+
+    def identity(self) -> dict:
+        return identity(self.attrs)
+
+    def describe(self) -> str:
+        a = self.attrs
+        from mrhscale.stores.cohort import short
+
+        return "\n".join([
+            f"store: {self.name}", f"format: {FORMAT}",
+            f"target: {a.get('target')}  patch: {a.get('patch')}",
+            f"train patches: {a.get('n_train')}  val patches: {a.get('n_val')}",
+            f"from subjects: {', '.join(a.get('subjects', []))}"
+            f"  (validation subjects: {', '.join(a.get('val_subjects', [])) or 'none, a random fraction'})",
+            f"normalisation: {(a.get('norm') or {}).get('mode', '?')}",
+            f"channels ({len(a['channels'])}): {short(a['channels'])}",
+            f"complete: {bool(a.get('complete'))}",
+            f"fingerprint: {a.get('fingerprint', '?')}",
+        ])
+
+
+def identity(attrs: dict) -> dict:
+    """What a model trained on a patch store was trained on (compared on resume)."""
+    fp = attrs.get("fingerprint") or fingerprint(
+        {k: attrs.get(k) for k in ("channels", "target", "patch", "norm", "n_train", "n_val", "seed",
+                                   "subjects", "rules")})
+    return {"fingerprint": fp, "target": attrs["target"], "channels": list(attrs["channels"]),
+            "patch": dict(attrs["patch"])}
+
+
+@dataclass
+class Build:
+    """Where a patch store is being built (``url``) and where it goes (``final``)."""
+
+    url: str
+    final: str
+    storage_options: dict | None
+    aside: bool
+    clear: bool = True  # False: nothing of ours is there yet (absent, or an empty folder)
+
+    def staging(self) -> str:
+        return join(self.url, STAGING)
+
+    def start(self) -> None:
+        import zarr
+
+        if self.clear:
+            remove(self.url, self.storage_options)  # ours: an incomplete store or a stale aside
+        with quiet_zarr():
+            root = zarr.open_group(self.url, mode="w", storage_options=self.storage_options, zarr_format=3)
+            root.attrs.update({"format": FORMAT, "format_version": 1, "complete": False})
+            zarr.open_group(self.staging(), mode="w", storage_options=self.storage_options, zarr_format=3)
+
+    def finish(self, attrs: dict, made_by: dict) -> None:
+        """Drop staging, write attrs, mark complete (last), and swap into place if aside."""
+        import zarr
+
+        remove(self.staging(), self.storage_options)
+        kill_point("patches:before-complete")
+        with quiet_zarr():
+            root = zarr.open_group(self.url, mode="r+", storage_options=self.storage_options, zarr_format=3)
+            root.attrs.update({**attrs, "made_by": made_by, "fingerprint": fingerprint(made_by)})
+            root.attrs["complete"] = True
+        if self.aside:
+            swap_in(self.url, self.final, self.storage_options, token=run_token())
+
+    def discard(self) -> None:
+        remove(self.url, self.storage_options)
+
+
+@contextlib.contextmanager
+def build(url, made_by: dict, *, overwrite: bool = False, storage_options: dict | None = None):
+    """Claim the patch store at ``url`` and yield a ``Build`` to fill, or None to reuse it.
+
+    None: a complete store made from the same inputs and options is already there.
+    A complete store made from something else is refused unless ``overwrite``; then
+    the new one is built aside and swapped in by ``Build.finish``. A failure
+    discards the build and leaves the old store as it was.
+    """
+    url = resolve(url)
+    so = url_options(url, storage_options)
+    found = check_output(url, FORMAT, so)
+    parent, name = split(url)
+    with Claim(join(parent, f".{name}.lock"), f"patch store {mask_url(url)}", so):
+        recover(url, so, complete=lambda u: _complete(u, so))
+        found = check_output(url, FORMAT, so)
+        attrs = found.attrs or {}
+        complete = bool(attrs.get("complete"))
+        if complete and not overwrite:
+            if attrs.get("fingerprint") == fingerprint(made_by):
+                yield None
+                return
+            raise explain_mismatch(f"{mask_url(url)}: a complete patch store",
+                                   attrs.get("made_by") or {}, made_by,
+                                   "pass --overwrite to replace it or choose another --out")
+        b = Build(aside_url(url, "new", run_token()) if complete else url, url, so, aside=complete,
+                  clear=complete or found.format == FORMAT)
+        b.start()
+        try:
+            yield b
+        except BaseException:
+            with contextlib.suppress(Exception):
+                b.discard()
+            raise
+
+
+def _complete(url: str, so) -> bool:
+    try:
+        return bool((check_output(url, FORMAT, so).attrs or {}).get("complete"))
+    except MRHError:
+        return False

@@ -1,0 +1,90 @@
+"""The prediction store: one group per subject with its virtual stain (docs/stores.md).
+
+The root records the model (checksum), target and aggregation every subject was
+made with; each subject's ``made_by`` records that plus the fingerprint of the
+input subject it was predicted from. A subject is reused only when both match;
+a store of another model is replaced only with ``overwrite`` (built aside,
+swapped in when the run completes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from mrhscale.errors import MRHError
+from mrhscale.stores.base import aside_url, check_output, differences, recover, remove, swap_in
+from mrhscale.stores.locks import Claim, run_token
+from mrhscale.stores.subjects import GroupStore
+from mrhscale.stores.urls import join, resolve, split, url_options
+
+FORMAT = "mrhscale-predictions"
+IDENTITY = ("target", "variable", "aggregate", "model_sha256")
+
+
+class PredictionStore(GroupStore):
+    FORMAT = FORMAT
+
+    def identity(self) -> dict:
+        a = self.attrs
+        return {k: a.get(k) if k != "model_sha256" else (a.get("model") or {}).get("sha256")
+                for k in IDENTITY}
+
+    def describe(self) -> str:
+        a = self.attrs
+        ids = self.subjects()
+        return "\n".join([
+            f"store: {self.name}", f"format: {FORMAT}",
+            f"virtual stain: {a.get('variable')} (target {a.get('target')}, aggregate {a.get('aggregate')})",
+            f"model: {(a.get('model') or {}).get('path')} ({(a.get('model') or {}).get('sha256', '?')[:19]})",
+            f"subjects ({len(ids)}): {', '.join(ids) or 'none complete'}",
+        ])
+
+
+@contextlib.contextmanager
+def output(url, identity: dict, root_attrs: dict, *, overwrite: bool = False,
+           storage_options: dict | None = None):
+    """The prediction store to write into for a run of one model.
+
+    Same model, target and aggregation (or no store yet): the store itself. A store
+    of another model: refused, or with ``overwrite`` a new store built aside and
+    swapped in when the ``with`` block completes (a failure leaves the old one).
+    """
+    url = resolve(url)
+    so = url_options(url, storage_options)
+    store = PredictionStore(url, so)
+    exists = store.check_output()
+    old = store.identity() if exists else identity
+    if old == identity:
+        store.prepare(root_attrs)
+        yield store
+        return
+    if not overwrite:
+        diff = "; ".join(differences(old, identity)[:3])
+        raise MRHError(f"{store.name}: holds predictions of another model or setting ({diff}); "
+                       "pass --overwrite to replace the store or choose another --out")
+    parent, name = split(url)
+    with Claim(join(parent, f".{name}.lock"), f"prediction store {store.name}", so):
+        recover(url, so)
+        new = PredictionStore(aside_url(url, "new", run_token()), so)
+        new.prepare(root_attrs)
+        try:
+            yield new
+        except BaseException:
+            remove(new.url, so)
+            raise
+        swap_in(new.url, url, so, token=run_token())
+
+
+def stale_reason(store: PredictionStore, sid: str, made_by: dict) -> str | None:
+    """Why a complete subject cannot be reused for ``made_by`` (None: reuse it)."""
+    old = store.subject_groups().get(sid, {})
+    if old.get("complete") is not True:
+        return "incomplete"
+    from mrhscale.stores.base import fingerprint
+
+    if old.get("fingerprint") == fingerprint(made_by):
+        return None
+    return "; ".join(differences(old.get("made_by") or {}, made_by)[:3]) or "fingerprint differs"
+
+
+__all__ = ["FORMAT", "PredictionStore", "output", "stale_reason", "check_output"]

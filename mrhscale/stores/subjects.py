@@ -1,0 +1,312 @@
+"""Stores of one Zarr group per subject (cohort and prediction stores), many writers at once.
+
+A subject is complete when its commit marker ``_commits/<subject>`` exists (a
+zarr group whose attrs hold ``complete: true``, its ``fingerprint`` and
+``made_by``, copied into the subject's own attrs too): written last, one object
+per subject, so several processes can commit different subjects of one store at
+once (a SLURM array, one subject per job) and none loses another's. Kept apart
+from the subject's group, the marker survives a user appending variables to it
+with plain xarray (which rewrites the group's attrs).
+The root's ``subjects`` attr is an index rebuilt from the markers after every
+commit (serialised by a lock on local disk; on an object store it is re-checked
+until it agrees with the markers); readers of mrhscale use the markers.
+
+Each writer stages under ``_staging/<run token>/`` (never shared), claims each
+subject it writes (a second writer of the same subject is refused), and moves a
+subject into place only when it is whole: a replaced subject stays as it was
+until its new version is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+
+from mrhscale.errors import MRHError
+from mrhscale.stores.base import check_input, check_output, fingerprint, kill_point
+from mrhscale.stores.locks import Claim, run_token
+from mrhscale.stores.secrets import mask_url
+from mrhscale.stores.urls import filesystem, is_local, join, local_path, resolve, url_options
+
+STAGING = "_staging"
+LOCKS = "_locks"
+COMMITS = "_commits"
+SUBJECTS_ATTR = "subjects"
+
+
+@contextlib.contextmanager
+def quiet_zarr():
+    """zarr warns about string dtypes and consolidated metadata on every v3 write/open."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")
+        yield
+
+
+class GroupStore:
+    """Common reading and writing of a store of subject groups; see the module docstring."""
+
+    FORMAT = ""
+    FORMAT_VERSION = 1
+
+    def __init__(self, url, storage_options: dict | None = None):
+        self.url = resolve(url)
+        self.storage_options = url_options(self.url, storage_options)
+
+    @property
+    def name(self) -> str:
+        return mask_url(self.url)
+
+    # ---- reading
+    def root(self, mode: str = "r"):
+        import zarr
+
+        with quiet_zarr():
+            return zarr.open_group(self.url, mode=mode, storage_options=self.storage_options,
+                                   zarr_format=3)
+
+    @classmethod
+    def open(cls, url, storage_options: dict | None = None, what: str = ""):
+        """An existing store of this kind (MRHError naming what is there otherwise)."""
+        store = cls(url, storage_options)
+        check_input(store.url, cls.FORMAT, store.storage_options, what)
+        return store
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.root().attrs)
+
+    def subject_groups(self) -> dict[str, dict]:
+        """{subject id: attrs} of every subject group, complete or not; a complete one's
+        attrs include its commit marker (complete, fingerprint, made_by)."""
+        with quiet_zarr():
+            root = self.root()
+            groups = {k: dict(g.attrs) for k, g in root.groups() if not k.startswith(("_", "."))}
+            commits = {k: dict(g.attrs) for k, g in root[COMMITS].groups()} if COMMITS in root else {}
+        for sid, a in groups.items():
+            a.pop("complete", None)  # only the commit marker says so
+            if commits.get(sid, {}).get("complete") is True:
+                a.update(commits[sid])
+        return groups
+
+    def subjects(self) -> list[str]:
+        """Ids of the complete subjects, in natural order (s2 before s10)."""
+        return sorted((k for k, a in self.subject_groups().items() if a.get("complete") is True),
+                      key=natural_key)
+
+    def subject_attrs(self, sid: str) -> dict:
+        groups = self.subject_groups()
+        if groups.get(sid, {}).get("complete") is not True:
+            done = [s for s, a in groups.items() if a.get("complete") is True]
+            raise MRHError(f"{self.name}: subject {sid!r} not in store "
+                           f"(complete subjects: {', '.join(sorted(done)) or 'none'})")
+        return groups[sid]
+
+    def open_subject(self, sid: str, chunks="auto_zarr"):
+        """A complete subject as a lazy xarray Dataset (dask-backed with the store's chunks)."""
+        import xarray as xr
+
+        self.subject_attrs(sid)
+        kw = {} if chunks == "auto_zarr" else {"chunks": chunks}
+        with quiet_zarr():
+            return xr.open_zarr(self.url, group=sid, consolidated=False,
+                                storage_options=self.storage_options, **kw)
+
+    # ---- writing
+    def check_output(self, what: str = "--out") -> bool:
+        """Refuse a foreign location; True when a store of this kind is already there."""
+        return not check_output(self.url, self.FORMAT, self.storage_options, what).absent
+
+    def prepare(self, attrs: dict) -> dict:
+        """Create the root with ``attrs`` if absent; return the root's attrs."""
+        import zarr
+
+        with quiet_zarr():
+            root = zarr.open_group(self.url, mode="a", storage_options=self.storage_options,
+                                   zarr_format=3)
+            have = dict(root.attrs)
+            for sub in (LOCKS, STAGING, COMMITS):  # groups: plain zarr listing the root sees no stray folder
+                if sub not in root:
+                    zarr.open_group(join(self.url, sub), mode="a", storage_options=self.storage_options,
+                                    zarr_format=3)
+            if have.get("format") != self.FORMAT:
+                root.attrs.update({"format": self.FORMAT, "format_version": self.FORMAT_VERSION,
+                                   SUBJECTS_ATTR: [], **attrs})
+                have = dict(root.attrs)
+        return have
+
+    def put(self, sid: str, ds, made_by: dict, encoding: dict | None = None) -> str:
+        """Write a whole in-memory or lazy xarray Dataset as subject ``sid`` and commit it
+        (for notebooks, tests and tools that build subjects themselves)."""
+        with self.writer() as w:
+            path = w.begin(sid)
+            try:
+                with quiet_zarr():
+                    ds.to_zarr(self.url, group=path, mode="w", consolidated=False, zarr_format=3,
+                               storage_options=self.storage_options, encoding=encoding)
+            except BaseException:
+                w.abort(sid, path)
+                raise
+            return w.commit(sid, path, made_by)
+
+    def writer(self) -> SubjectWriter:
+        return SubjectWriter(self)
+
+    def lock_url(self, name: str) -> str:
+        return join(self.url, LOCKS, f"{name}.lock")
+
+    def refresh_index(self) -> list[str]:
+        """Rewrite the root's ``subjects`` index from the markers (they are the truth)."""
+        lock = Claim(self.lock_url("_index"), f"{self.name} index", self.storage_options) \
+            if is_local(self.url) else None
+        for _ in range(6):
+            with _blocking(lock):
+                done = self.subjects()
+                if done != list(self.attrs.get(SUBJECTS_ATTR, [])):
+                    with quiet_zarr():
+                        self.root("r+").attrs[SUBJECTS_ATTR] = done
+            if lock is not None or set(self.attrs.get(SUBJECTS_ATTR, [])) >= set(done):
+                return done
+        return done
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders numbered names by number: s2 < s10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+@contextlib.contextmanager
+def _blocking(claim: Claim | None):
+    """Hold a local lock, waiting for it (the index rewrite takes milliseconds)."""
+    if claim is None:
+        yield
+        return
+    from filelock import FileLock
+
+    path = local_path(claim.url)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with FileLock(path, timeout=120):
+        yield
+
+
+class SubjectWriter:
+    """One run's writes into a subject store: claim, stage, commit, clean up."""
+
+    def __init__(self, store: GroupStore):
+        self.store = store
+        self.token = run_token()
+        self.staging = f"{STAGING}/{self.token}"
+        self._claims: dict[str, Claim] = {}
+        self._clean_dead_staging()
+
+    def begin(self, sid: str) -> str:
+        """Claim ``sid`` and return the group path its new version is written to."""
+        claim = Claim(self.store.lock_url(sid), f"subject {sid} of {self.store.name}",
+                      self.store.storage_options).acquire()
+        self._claims[sid] = claim
+        groups = self.store.subject_groups()
+        complete = groups.get(sid, {}).get("complete") is True
+        if sid in groups and not complete:
+            self._unmark(sid)
+            self._remove(sid)  # half-written remains of a crashed run (ours: we hold the claim)
+        path = f"{self.staging}/{sid}" if (is_local(self.store.url) or complete) else sid
+        self._remove(path)
+        return path
+
+    def commit(self, sid: str, path: str, made_by: dict, extra: dict | None = None) -> str:
+        """Move the whole subject at ``path`` into place, then write its marker, last."""
+        kill_point("subject:before-move")
+        if path != sid:
+            self._unmark(sid)  # the old version stops counting before it is replaced
+            self._move(path, sid)
+        import zarr
+
+        marker = {"made_by": made_by, "fingerprint": fingerprint(made_by)}
+        so = self.store.storage_options
+        with quiet_zarr():
+            g = zarr.open_group(self.store.url, path=sid, mode="r+", storage_options=so, zarr_format=3)
+            g.attrs.update({**(extra or {}), **marker})
+            kill_point("subject:before-marker")
+            zarr.open_group(self.store.url, path=f"{COMMITS}/{sid}", mode="w", storage_options=so,
+                            zarr_format=3, attributes={**marker, "complete": True})
+        self.release(sid)
+        self.store.refresh_index()
+        return sid
+
+    def abort(self, sid: str, path: str | None) -> None:
+        """Drop a failed subject's new version; the old one (if any) is untouched."""
+        if path is not None and (path != sid or not self._complete(sid)):
+            self._remove(path)
+        self.release(sid)
+
+    def release(self, sid: str) -> None:
+        claim = self._claims.pop(sid, None)
+        if claim is not None:
+            claim.release()
+
+    def close(self) -> None:
+        for sid in list(self._claims):
+            self.release(sid)
+        self._remove(self.staging)
+
+    def __enter__(self) -> SubjectWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- helpers
+    def _complete(self, sid: str) -> bool:
+        return self.store.subject_groups().get(sid, {}).get("complete") is True
+
+    def _fs(self):
+        return filesystem(self.store.url, self.store.storage_options)
+
+    def _remove(self, path: str) -> None:
+        from mrhscale.stores.base import remove
+
+        remove(join(self.store.url, path), self.store.storage_options)
+
+    def _move(self, src: str, dst: str) -> None:
+        fs, root = self._fs()
+        a, b = f"{root.rstrip('/')}/{src}", f"{root.rstrip('/')}/{dst}"
+        if is_local(self.store.url):
+            old = f"{root}/{self.staging}/.old-{dst}"
+            if os.path.lexists(b):
+                os.rename(b, old)
+            os.rename(a, b)
+            self._remove(f"{self.staging}/.old-{dst}")
+            return
+        if fs.exists(b):
+            fs.rm(b, recursive=True)
+        fs.copy(a, b, recursive=True)
+        fs.rm(a, recursive=True)
+
+    def _unmark(self, sid: str) -> None:
+        self._remove(f"{COMMITS}/{sid}")
+
+    def _clean_dead_staging(self) -> None:
+        """Remove staging folders of runs that died on this host (local stores only)."""
+        if not is_local(self.store.url):
+            return
+        d = os.path.join(local_path(self.store.url), STAGING)
+        if not os.path.isdir(d):
+            return
+        host = self.token.rsplit("-", 2)[0]
+        for name in os.listdir(d):
+            parts = name.rsplit("-", 2)
+            if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _alive(int(parts[1])):
+                self._remove(f"{STAGING}/{name}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,75 @@
+"""Where stores live: paths and URLs, resolved once where the user typed them.
+
+Dask workers and torchrun ranks run in other working directories (often on
+other machines), so a relative path means something else to them: every path
+becomes absolute at the command line or the API entry, before any task is built.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+from mrhscale.errors import MRHError
+
+
+def is_local(url: str) -> bool:
+    scheme = urlparse(str(url)).scheme
+    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+
+
+def local_path(url: str) -> str:
+    u = str(url)
+    return urlparse(u).path if u.startswith("file://") else u
+
+
+def resolve(url, what: str = "path") -> str:
+    """An absolute local path, or the URL itself without a trailing slash."""
+    if url is None or not str(os.fspath(url)).strip():
+        raise MRHError(f"{what}: empty path")
+    u = str(os.fspath(url)).strip()
+    if is_local(u):
+        return os.path.abspath(os.path.expanduser(local_path(u)))
+    return u.rstrip("/")
+
+
+def url_options(url: str, storage_options: dict | None) -> dict | None:
+    """``storage_options`` for a URL: fsspec's (s3://, gs://, memory://...) get them, a local
+    path gets None (zarr refuses options it cannot use). Credentials may also come from the
+    environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL...) with no option."""
+    from mrhscale.stores.secrets import StorageOptions
+
+    return None if is_local(url) or not storage_options else StorageOptions(storage_options)
+
+
+def filesystem(url: str, storage_options: dict | None = None):
+    """(fsspec filesystem, path inside it) for a store URL or local path."""
+    import fsspec
+
+    if is_local(url):
+        return fsspec.filesystem("file"), local_path(url)
+    return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([str(url).rstrip("/"), *parts])
+
+
+def split(url: str) -> tuple[str, str]:
+    """(parent, name) of a store path or URL."""
+    u = str(url).rstrip("/")
+    if is_local(u):
+        p = local_path(u)
+        return os.path.dirname(p), os.path.basename(p)
+    head, _, name = u.rpartition("/")
+    return head, name
+
+
+def same_place(a: str, b: str) -> bool:
+    return resolve(a) == resolve(b)
+
+
+def inside(child: str, parent: str) -> bool:
+    """Whether ``child`` is ``parent`` or lies under it."""
+    c, p = resolve(child), resolve(parent)
+    return c == p or c.startswith(p.rstrip("/") + "/")

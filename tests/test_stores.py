@@ -1,0 +1,203 @@
+"""One contract, every output kind (in the spirit of zarr-python's testing/store.py):
+each kind of output mrhscale writes is run through the same checks: a foreign --out
+refused untouched (your folder, a file, a store of another kind), an identical rerun
+reused or rebuilt, a different one refused naming the difference, and a failed
+replacement leaving the old output as it was."""
+
+import os
+
+import pytest
+from helpers import make_cohort_store, make_patch_store, write_file_cohort
+
+from mrhscale.errors import MRHError
+
+
+def tree(path) -> dict:
+    out = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, path)] = open(p, "rb").read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Inputs every kind needs, made once: files, a cohort store, patches, a model, predictions."""
+    from distributed import Client, LocalCluster
+    from test_predict import write_model
+
+    from mrhscale.stores import CohortStore
+
+    d = tmp_path_factory.mktemp("contract")
+    cohort = str(d / "cohort.zarr")
+    make_cohort_store(cohort)
+    ch = CohortStore(cohort).open_subject("s01").contrast.values.tolist()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
+            Client(cl) as client:
+        e = {"dir": d, "cohort": cohort, "client": client, "scheduler": cl.scheduler_address,
+             "manifest": write_file_cohort(d / "files", n_subjects=1, fmt="nii"),
+             "patches": make_patch_store(d / "patches.zarr", n_train=256, n_val=64, n_channels=len(ch)),
+             "model": write_model(str(d / "m.pt"), ch), "model2": write_model(str(d / "m2.pt"), ch, seed=1)}
+        from mrhscale.predict import predict
+
+        e["pred"] = str(d / "pred.zarr")
+        predict(e["model"], cohort, e["pred"], scheduler=e["scheduler"], quiet=True)
+        yield e
+
+
+class Contract:
+    what = ""
+
+    def make(self, env, out, variant: int = 0):
+        raise NotImplementedError
+
+    def fail(self, env, out):
+        """A replacement of ``out`` that fails (MRHError)."""
+        raise NotImplementedError
+
+    mismatch_replaces = False  # reports are rebuilt on every run; stores refuse a different one
+
+    def test_refuses_your_folder(self, env, tmp_path):
+        mine = tmp_path / "mine"
+        mine.mkdir()
+        (mine / "notes.txt").write_text("keep")
+        with pytest.raises(MRHError, match="not made by mrhscale"):
+            self.make(env, str(mine))
+        assert tree(mine) == {"notes.txt": b"keep"}
+
+    def test_refuses_a_file(self, env, tmp_path):
+        f = tmp_path / "f"
+        f.write_text("keep")
+        with pytest.raises(MRHError, match="is a file"):
+            self.make(env, str(f))
+        assert f.read_text() == "keep"
+
+    def test_refuses_another_kind(self, env, tmp_path):
+        other = env["patches"] if self.what in ("cohort store", "prediction store") else env["pred"]
+        before = tree(other)
+        with pytest.raises(MRHError, match=f"not a {self.what}"):
+            self.make(env, other)
+        assert tree(other) == before
+
+    def test_rerun_and_mismatch(self, env, tmp_path):
+        out = str(tmp_path / "out")
+        self.make(env, out)
+        self.make(env, out)  # the same again: reused or rebuilt, never an error
+        if self.mismatch_replaces:
+            self.make(env, out, 1)
+            return
+        before = tree(out)
+        with pytest.raises(MRHError, match="--overwrite|--resume|another"):
+            self.make(env, out, 1)
+        assert tree(out) == before
+
+    def test_failed_replacement_keeps_the_old(self, env, tmp_path):
+        out = str(tmp_path / "out")
+        self.make(env, out)
+        before = tree(out)
+        with pytest.raises(MRHError):
+            self.fail(env, out)
+        assert tree(out) == before
+        assert not [p for p in os.listdir(tmp_path) if "mrhscale-" in p]
+
+
+class TestCohortStore(Contract):
+    what = "cohort store"
+
+    def make(self, env, out, variant=0):
+        from mrhscale.ingest import ingest
+
+        man = env["manifest"] if not variant else write_file_cohort(
+            os.path.dirname(out) + "/files2", n_subjects=1, fmt="nii", seed=5)  # other files, same ids
+        return ingest(man, out, client=env["client"], chunks=(4, 4, 4), quiet=True)
+
+    def fail(self, env, out):
+        from mrhscale.ingest import ingest
+
+        d = os.path.dirname(out) + "/broken"
+        man = write_file_cohort(d, n_subjects=1, fmt="nii")
+        f = os.path.join(d, "s01", "dwi.nii")
+        data = open(f, "rb").read()
+        open(f, "wb").write(data[: len(data) // 2])
+        return ingest(man, out, client=env["client"], chunks=(4, 4, 4), quiet=True, overwrite=True)
+
+
+class TestPatchStore(Contract):
+    what = "patch store"
+
+    def make(self, env, out, variant=0):
+        from mrhscale.patches import extract_patches
+
+        return extract_patches(env["cohort"], "af", out, scheduler="synchronous", quiet=True, stride=2 + variant)
+
+    def fail(self, env, out):
+        from mrhscale.patches import extract_patches
+
+        return extract_patches(env["cohort"], "af", out, scheduler="synchronous", quiet=True, stride=2,
+                               overwrite=True, min_label_sum=1e12)
+
+
+class TestPredictionStore(Contract):
+    what = "prediction store"
+
+    def make(self, env, out, variant=0):
+        from mrhscale.predict import predict
+
+        return predict(env["model2" if variant else "model"], env["cohort"], out, scheduler=env["scheduler"],
+                       quiet=True)
+
+    def fail(self, env, out):
+        from mrhscale.predict import predict
+
+        return predict(env["model2"], env["cohort"], out, scheduler=env["scheduler"], quiet=True,
+                       subjects=["s09"], overwrite=True)
+
+
+class TestRunFolder(Contract):
+    what = "training run folder"
+
+    def make(self, env, out, variant=0):
+        from mrhscale.train import train
+
+        resume = os.path.exists(os.path.join(out, "model.pt"))
+        return train(env["patches"], out, depth=1, width=8, epochs=1 + variant, batch_size=64, quiet=True,
+                     resume=resume and not variant, seed=variant)
+
+    def fail(self, env, out):
+        from mrhscale.train import train
+
+        other = make_patch_store(os.path.dirname(out) + "/other.zarr", n_train=128, n_val=32, target="mbp",
+                                 n_channels=5)
+        return train(other, out, epochs=2, resume=True, quiet=True)
+
+
+class TestEvaluationFolder(Contract):
+    what = "evaluation report folder"
+    mismatch_replaces = True
+
+    def make(self, env, out, variant=0):
+        from mrhscale.evaluate import evaluate
+
+        return evaluate(env["pred"], env["cohort"], "af", out, quiet=True, seed=variant)
+
+    def fail(self, env, out):
+        from mrhscale.evaluate import evaluate
+
+        return evaluate(env["pred"], env["cohort"], "af", out, quiet=True, label="nope")
+
+
+class TestImportanceFolder(Contract):
+    what = "importance report folder"
+    mismatch_replaces = True
+
+    def make(self, env, out, variant=0):
+        from mrhscale.importance import importance
+
+        return importance(env["model"], env["patches"], out, max_patches=64, repeats=1, quiet=True,
+                          seed=variant, per_channel=False)
+
+    def fail(self, env, out):
+        from mrhscale.importance import importance
+
+        return importance(env["model"], env["patches"], out, split="test", quiet=True)
