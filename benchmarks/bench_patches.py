@@ -43,13 +43,16 @@ def brain_mask(shape) -> np.ndarray:
 
 
 def make_bench_cohort(path: str, n_subjects: int, shape, chunks, seed: int = 0) -> list[str]:
-    """A cohort store following mrhscale.store's contract, random contents, written lazily."""
+    """A cohort store written through mrhscale.stores (as ingest does), random contents, lazily."""
     import dask.array as da
     import xarray as xr
-    import zarr
+
+    from mrhscale.stores import CohortStore
 
     names = [f"dwi2000_{i}" for i in range(34)] + [f"dwi5000_{i}" for i in range(30)] + ["t2", "mt_off", "mt_on"]
     ids = [f"b{i:02d}" for i in range(n_subjects)]
+    store = CohortStore(path)
+    store.prepare({"channels": names})
     mask = brain_mask(shape)
     for i, sid in enumerate(ids):
         rs = da.random.RandomState(seed + i)
@@ -64,8 +67,7 @@ def make_bench_cohort(path: str, n_subjects: int, shape, chunks, seed: int = 0) 
                    "affine": np.eye(4).tolist(), "voxel_size": [0.06] * 3},
         )
         enc = {v: {"compressors": None} for v in ds.data_vars}
-        ds.to_zarr(path, group=sid, mode="w", consolidated=False, zarr_format=3, encoding=enc)
-    zarr.open_group(path, mode="a").attrs["subjects"] = ids
+        store.put(sid, ds, {"stage": "bench_patches", "seed": seed + i}, encoding=enc)
     return ids
 
 

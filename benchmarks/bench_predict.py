@@ -61,9 +61,9 @@ def ellipsoid_mask(shape) -> np.ndarray:
 def make_store(path: str, shape, chunks=(64, 32, 64)) -> str:
     import dask.array as da
     import xarray as xr
-    import zarr
 
     from mrhscale.ingest import _encoding
+    from mrhscale.stores import CohortStore
 
     mri = da.random.default_rng(0).gamma(2.0, 50.0, size=(*shape, N_CHANNELS),
                                          chunks=(*chunks, -1)).astype(np.float32)
@@ -79,9 +79,9 @@ def make_store(path: str, shape, chunks=(64, 32, 64)) -> str:
                "targets": [], "labels": []},
     )
     # encoded as `mrhscale ingest` writes a cohort (Blosc zstd 3 + shuffle), not zarr's default
-    ds.to_zarr(path, group="b01", mode="w", consolidated=False, zarr_format=3,
-               encoding=_encoding(ds, "zstd", 3))
-    zarr.open_group(path, mode="a").attrs["subjects"] = ["b01"]
+    store = CohortStore(path)
+    store.prepare({"channels": names})
+    store.put("b01", ds, {"stage": "bench_predict"}, encoding=_encoding(ds, "zstd", 3))
     return path
 
 

@@ -56,6 +56,7 @@ def make_patch_store(url: str, n: int, n_c: int = C, seed: int = 0) -> None:
             oi[a:b] = np.arange(a, b, dtype=np.int32)[:, None]
     nrm = Normalisation("percentile", [5.0] * n_c, [990.0] * n_c, 0.0, 250.0)
     root.attrs.update({
+        "format": "mrhscale-patches", "format_version": 1,
         "channels": [f"c{i}" for i in range(n_c)], "target": "af",
         "patch": {"half": 1, "size": 3, "axis": "y"}, "norm": nrm.to_dict(), "subjects": ["s"],
         "val_subjects": [], "n_train": n, "n_val": max(1, n // 64), "seed": seed, "rules": {},

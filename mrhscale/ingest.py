@@ -26,7 +26,6 @@ from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.manifest import Manifest, SubjectSpec, load_manifest
 from mrhscale.stores import CohortStore, differences
-from mrhscale.stores.subjects import quiet_zarr
 from mrhscale.volumes import Volume, checksum, open_volume, read_sidecars
 
 DEFAULT_CHUNKS = (64, 32, 64)
@@ -436,11 +435,7 @@ class _WriteJob:
         path = self.w.begin(sid)
         try:
             ds, counts = subject_dataset(plan, self.chunks)
-            store = self.w.store
-            with quiet_zarr():
-                write = ds.to_zarr(store.url, group=path, mode="w", compute=False, consolidated=False,
-                                   zarr_format=3, encoding=self.encoding(ds),
-                                   storage_options=store.storage_options)
+            write = self.w.lazy_write(path, ds, self.encoding(ds))
         except BaseException:
             self.w.abort(sid, path)
             raise

@@ -611,15 +611,11 @@ class _PredictRun:
         import dask
 
         from mrhscale.cluster import task_error
-        from mrhscale.stores.subjects import quiet_zarr
 
         path = writer.begin(sid)
         try:
             out = self._dataset(source, ds, sid, threads)
-            with quiet_zarr():
-                write = out.to_zarr(writer.store.url, group=path, mode="w", consolidated=False,
-                                    zarr_format=3, storage_options=writer.store.storage_options,
-                                    compute=False)
+            write = writer.lazy_write(path, out)
             _, brain = dask.compute(write, out["mask"].data.sum())  # one pass, one round trip
         except BaseException as e:
             writer.abort(sid, path)

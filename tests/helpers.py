@@ -237,3 +237,16 @@ def write_file_cohort(root, n_subjects=2, shape=(10, 8, 12), fmt="nii.gz", seed=
     with open(path, "w") as fh:
         yaml.safe_dump({"subjects": subjects}, fh, sort_keys=False)
     return path
+
+
+def tree(path) -> dict:
+    """Every file under ``path`` with its bytes: 'left as it was' means equal trees."""
+    import os
+
+    out = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = fh.read()
+    return out

@@ -13,7 +13,7 @@ import pytest
 import yaml
 import zarr
 from click.testing import CliRunner
-from helpers import make_cohort_store, make_patch_store, write_file_cohort
+from helpers import make_cohort_store, make_patch_store, tree, write_file_cohort
 
 from mrhscale.cli import main
 from mrhscale.stores import CohortStore, PatchStore, PredictionStore
@@ -31,16 +31,6 @@ def one_line_error(code, out, *words):
     assert "Traceback" not in out
     for w in words:
         assert w in lines[0], (w, out)
-
-
-def tree(path) -> dict:
-    """Every file under ``path`` with its bytes: 'left as it was' means equal trees."""
-    out = {}
-    for d, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, path)] = open(p, "rb").read()
-    return out
 
 
 def arrays(url, group=None) -> dict:

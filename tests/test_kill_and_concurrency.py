@@ -66,7 +66,8 @@ def reference(files, tmp_path_factory):
     return content(out)
 
 
-@pytest.mark.parametrize("point", ["subject:before-move", "subject:before-marker"])
+@pytest.mark.parametrize("point", [pytest.param("subject:before-move", marks=pytest.mark.slow),
+                                   "subject:before-marker"])
 def test_ingest_killed_then_rerun_equals_uninterrupted(files, reference, tmp_path, point):
     out = tmp_path / "c.zarr"
     r = run("ingest", files, "--out", out, "--workers", "1", "--chunks", "4,4,4", "-q", kill_at=point)
@@ -75,6 +76,47 @@ def test_ingest_killed_then_rerun_equals_uninterrupted(files, reference, tmp_pat
     r = run("ingest", files, "--out", out, "--workers", "1", "--chunks", "4,4,4", "-q")
     assert r.returncode == 0, r.stderr
     assert_same(content(out), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_ingest_killed_at_a_random_moment_then_rerun_equals_uninterrupted(files, reference, tmp_path, seed):
+    """kill -9 at a random moment (with its workers), then a plain rerun."""
+    delay = float(np.random.default_rng(seed).uniform(1.5, 6.0))
+    out = tmp_path / "c.zarr"
+    p = subprocess.Popen([sys.executable, "-m", "mrhscale", "ingest", str(files), "--out", str(out),
+                          "--workers", "1", "--chunks", "4,4,4", "-q"], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    r = run("ingest", files, "--out", out, "--workers", "1", "--chunks", "4,4,4", "-q")
+    assert r.returncode == 0, r.stderr
+    assert_same(content(out), reference)
+
+
+def test_task_failures_become_one_line_errors_naming_what_failed():
+    import errno
+
+    from distributed.scheduler import KilledWorker
+
+    from mrhscale.cluster import task_error
+    from mrhscale.errors import MRHError
+
+    cases = [
+        (KilledWorker("key", None, 3), "subject s01: a Dask worker died"),
+        (OSError(errno.ENOSPC, "No space left on device", "/data/c.zarr/s01/mri/c/0"),
+         "no space left on the device (/data/c.zarr/s01/mri/c/0)"),
+        (FileNotFoundError(errno.ENOENT, "No such file", "/data/s01/dwi.nii"),
+         "not found on a Dask worker (/data/s01/dwi.nii); every path must be visible from the workers"),
+        (PermissionError(errno.EACCES, "denied", "/data/s01/dwi.nii"), "permission denied (/data/s01/dwi.nii)"),
+        (MRHError("/data/s01/dwi.nii: unreadable"), "subject s01: /data/s01/dwi.nii: unreadable"),
+        (ValueError("boom"), "failed on a Dask worker (ValueError: boom)"),
+    ]
+    for exc, want in cases:
+        err = task_error(exc, "subject s01")
+        assert isinstance(err, MRHError) and want in str(err) and "\n" not in str(err), str(err)
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,7 @@ def _stream_all(url, split="train", storage_options=None):
             for i in range(len(parts[0]))]
 
 
+@pytest.mark.slow
 def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
     """ingest -> patches -> stream -> train -> predict -> evaluate, every store on S3,
     equal to the same chain on local disk."""
@@ -225,3 +226,10 @@ def test_s3_outputs_follow_the_store_rules(tmp_path, s3):
     first.close()
     w = store.writer()
     w.abort("s01", w.begin("s01"))
+    from helpers import subject_dataset
+
+    store.put("s02", subject_dataset("s02", seed=1), {"version": 1})
+    new = subject_dataset("s02", seed=3)
+    store.put("s02", new, {"version": 2})  # replaces the complete one: staged, then moved in
+    assert store.subjects() == ["s02"] and store.subject_attrs("s02")["made_by"] == {"version": 2}
+    np.testing.assert_array_equal(store.open_subject("s02")["mri"].values, new["mri"].values)

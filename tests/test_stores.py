@@ -7,18 +7,9 @@ replacement leaving the old output as it was."""
 import os
 
 import pytest
-from helpers import make_cohort_store, make_patch_store, write_file_cohort
+from helpers import make_cohort_store, make_patch_store, tree, write_file_cohort
 
 from mrhscale.errors import MRHError
-
-
-def tree(path) -> dict:
-    out = {}
-    for d, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, path)] = open(p, "rb").read()
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,40 @@ NAMES = {
 }
 
 
+@contextlib.contextmanager
+def quiet_zarr():
+    """zarr warns about string dtypes, consolidated metadata and non-zarr files on every v3
+    write or listing; they say nothing about our stores."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")
+        yield
+
+
+class ZarrLocation:
+    """A Zarr store's place: its resolved URL, the storage options it needs, its root group."""
+
+    def __init__(self, url, storage_options: dict | None = None):
+        from mrhscale.stores.urls import resolve, url_options
+
+        self.url = resolve(url)
+        self.storage_options = url_options(self.url, storage_options)
+
+    @property
+    def name(self) -> str:
+        """The URL as it may be shown (credentials masked)."""
+        return mask_url(self.url)
+
+    def root(self, mode: str = "r"):
+        import zarr
+
+        with quiet_zarr():
+            return zarr.open_group(self.url, mode=mode, storage_options=self.storage_options, zarr_format=3)
+
+
 def kill_point(name: str) -> None:
     """Test hook: SIGKILL this process at a named point of a write (MRHSCALE_KILL_AT=name)."""
     if os.environ.get("MRHSCALE_KILL_AT") == name:
@@ -169,7 +203,7 @@ def swap_in(new_url: str, url: str, storage_options=None, token: str = "swap") -
         return
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    fs.mv(new_path, path, recursive=True)
+    move_tree(fs, new_path, path)
 
 
 def recover(url: str, storage_options=None, complete=None) -> None:
@@ -183,10 +217,20 @@ def recover(url: str, storage_options=None, complete=None) -> None:
     if not fs.exists(path):
         for a in asides:
             if "mrhscale-new-" in a and (complete is None or complete(_as_url(url, a))):
-                fs.mv(a, path, recursive=True)
+                move_tree(fs, a, path)
                 break
     for a in _asides(url, storage_options):
         _remove_path(fs, a, is_local(url))
+
+
+def move_tree(fs, src: str, dst: str) -> None:
+    """Move a folder (a rename on local disk; copy, then delete, on an object store)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        os.rename(src, dst)
+        return
+    fs.copy(src.rstrip("/") + "/", dst.rstrip("/") + "/", recursive=True)  # s3fs's mv trips on prefixes
+    fs.rm(src, recursive=True)
 
 
 def _as_url(url: str, fs_path: str) -> str:

@@ -13,19 +13,20 @@ from dataclasses import dataclass
 
 from mrhscale.errors import MRHError
 from mrhscale.stores.base import (
+    ZarrLocation,
     aside_url,
     check_input,
     check_output,
     explain_mismatch,
     fingerprint,
     kill_point,
+    quiet_zarr,
     recover,
     remove,
     swap_in,
 )
 from mrhscale.stores.locks import Claim, run_token
 from mrhscale.stores.secrets import mask_url
-from mrhscale.stores.subjects import quiet_zarr
 from mrhscale.stores.urls import join, resolve, split, url_options
 
 FORMAT = "mrhscale-patches"
@@ -58,16 +59,8 @@ def open_array(url: str, path: str, storage_options, mode: str = "r+"):
     return zarr.open_array(str(url), path=path, mode=mode, storage_options=storage_options, zarr_format=3)
 
 
-class PatchStore:
+class PatchStore(ZarrLocation):
     """A complete patch store, for reading."""
-
-    def __init__(self, url, storage_options: dict | None = None):
-        self.url = resolve(url)
-        self.storage_options = url_options(self.url, storage_options)
-
-    @property
-    def name(self) -> str:
-        return mask_url(self.url)
 
     @classmethod
     def open(cls, url, storage_options: dict | None = None) -> PatchStore:
@@ -81,12 +74,6 @@ class PatchStore:
             raise MRHError(f"{store.name}: not a usable patch store (missing {', '.join(missing)})")
         store.attrs = dict(found.attrs)
         return store
-
-    def root(self):
-        import zarr
-
-        with quiet_zarr():
-            return zarr.open_group(self.url, mode="r", storage_options=self.storage_options, zarr_format=3)
 
     def split(self, split: str):
         """(inputs, targets) zarr arrays of a split (MRHError when it is absent or empty)."""

@@ -77,8 +77,8 @@ def output(url, identity: dict, root_attrs: dict, *, overwrite: bool = False,
 
 def stale_reason(store: PredictionStore, sid: str, made_by: dict) -> str | None:
     """Why a complete subject cannot be reused for ``made_by`` (None: reuse it)."""
-    old = store.subject_groups().get(sid, {})
-    if old.get("complete") is not True:
+    _, old = store.state(sid)
+    if old is None:
         return "incomplete"
     from mrhscale.stores.base import fingerprint
 

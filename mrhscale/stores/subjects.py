@@ -22,13 +22,20 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import warnings
 
 from mrhscale.errors import MRHError
-from mrhscale.stores.base import check_input, check_output, fingerprint, kill_point
+from mrhscale.stores.base import (
+    ZarrLocation,
+    check_input,
+    check_output,
+    fingerprint,
+    kill_point,
+    move_tree,
+    quiet_zarr,
+)
 from mrhscale.stores.locks import Claim, run_token
 from mrhscale.stores.secrets import mask_url
-from mrhscale.stores.urls import filesystem, is_local, join, local_path, resolve, url_options
+from mrhscale.stores.urls import filesystem, is_local, join, local_path
 
 STAGING = "_staging"
 LOCKS = "_locks"
@@ -36,38 +43,13 @@ COMMITS = "_commits"
 SUBJECTS_ATTR = "subjects"
 
 
-@contextlib.contextmanager
-def quiet_zarr():
-    """zarr warns about string dtypes and consolidated metadata on every v3 write/open."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")
-        yield
-
-
-class GroupStore:
+class GroupStore(ZarrLocation):
     """Common reading and writing of a store of subject groups; see the module docstring."""
 
     FORMAT = ""
     FORMAT_VERSION = 1
 
-    def __init__(self, url, storage_options: dict | None = None):
-        self.url = resolve(url)
-        self.storage_options = url_options(self.url, storage_options)
-
-    @property
-    def name(self) -> str:
-        return mask_url(self.url)
-
     # ---- reading
-    def root(self, mode: str = "r"):
-        import zarr
-
-        with quiet_zarr():
-            return zarr.open_group(self.url, mode=mode, storage_options=self.storage_options,
-                                   zarr_format=3)
-
     @classmethod
     def open(cls, url, storage_options: dict | None = None, what: str = ""):
         """An existing store of this kind (MRHError naming what is there otherwise)."""
@@ -94,16 +76,35 @@ class GroupStore:
 
     def subjects(self) -> list[str]:
         """Ids of the complete subjects, in natural order (s2 before s10)."""
-        return sorted((k for k, a in self.subject_groups().items() if a.get("complete") is True),
-                      key=natural_key)
+        with quiet_zarr():
+            root = self.root()
+            names = {k for k in root.group_keys() if not k.startswith(("_", "."))}
+            done = ({k for k, g in root[COMMITS].groups() if g.attrs.get("complete") is True}
+                    if COMMITS in root else set())
+        return sorted(names & done, key=natural_key)
+
+    def state(self, sid: str) -> tuple[bool, dict | None]:
+        """(whether ``sid`` has a group, its commit marker if it is complete): two reads,
+        whatever the number of subjects."""
+        fs, root = filesystem(self.url, self.storage_options)
+        base = root.rstrip("/")
+        exists = fs.exists(f"{base}/{sid}/zarr.json")
+        marker = _read_json(fs, f"{base}/{COMMITS}/{sid}/zarr.json").get("attributes") or {}
+        return exists, (marker if exists and marker.get("complete") is True else None)
 
     def subject_attrs(self, sid: str) -> dict:
-        groups = self.subject_groups()
-        if groups.get(sid, {}).get("complete") is not True:
-            done = [s for s, a in groups.items() if a.get("complete") is True]
+        """A complete subject's attrs, its commit marker (fingerprint, made_by) included."""
+        import zarr
+
+        _, marker = self.state(sid)
+        if marker is None:
             raise MRHError(f"{self.name}: subject {sid!r} not in store "
-                           f"(complete subjects: {', '.join(sorted(done)) or 'none'})")
-        return groups[sid]
+                           f"(complete subjects: {', '.join(self.subjects()) or 'none'})")
+        with quiet_zarr():
+            attrs = dict(zarr.open_group(self.url, path=sid, mode="r", storage_options=self.storage_options,
+                                         zarr_format=3).attrs)
+        attrs.pop("complete", None)
+        return {**attrs, **marker}
 
     def open_subject(self, sid: str, chunks="auto_zarr"):
         """A complete subject as a lazy xarray Dataset (dask-backed with the store's chunks)."""
@@ -121,21 +122,16 @@ class GroupStore:
         return not check_output(self.url, self.FORMAT, self.storage_options, what).absent
 
     def prepare(self, attrs: dict) -> dict:
-        """Create the root with ``attrs`` if absent; return the root's attrs."""
-        import zarr
+        """Create the root (with ``attrs``) if absent; return the root's attrs.
 
-        with quiet_zarr():
-            root = zarr.open_group(self.url, mode="a", storage_options=self.storage_options,
-                                   zarr_format=3)
-            have = dict(root.attrs)
-            for sub in (LOCKS, STAGING, COMMITS):  # groups: plain zarr listing the root sees no stray folder
-                if sub not in root:
-                    zarr.open_group(join(self.url, sub), mode="a", storage_options=self.storage_options,
-                                    zarr_format=3)
-            if have.get("format") != self.FORMAT:
-                root.attrs.update({"format": self.FORMAT, "format_version": self.FORMAT_VERSION,
-                                   SUBJECTS_ATTR: [], **attrs})
-                have = dict(root.attrs)
+        Several processes may prepare one new store at once: each group is created
+        with its attrs in one write, so nobody sees a root without its ``format``.
+        """
+        root_attrs = {"format": self.FORMAT, "format_version": self.FORMAT_VERSION, SUBJECTS_ATTR: [],
+                      **attrs}
+        have = _ensure_group(self.url, self.storage_options, root_attrs)
+        for sub in (LOCKS, STAGING, COMMITS):  # groups: plain zarr listing the root sees no stray folder
+            _ensure_group(join(self.url, sub), self.storage_options, {})
         return have
 
     def put(self, sid: str, ds, made_by: dict, encoding: dict | None = None) -> str:
@@ -173,6 +169,34 @@ class GroupStore:
         return done
 
 
+def _ensure_group(url: str, storage_options, attrs: dict) -> dict:
+    """Open the group at ``url``, or create it with ``attrs`` in one write; its attrs."""
+    import zarr
+
+    for _ in range(5):
+        with quiet_zarr():
+            try:
+                return dict(zarr.open_group(url, mode="r", storage_options=storage_options, zarr_format=3).attrs)
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+                pass
+            try:
+                zarr.create_group(url, attributes=attrs, storage_options=storage_options, zarr_format=3,
+                                  overwrite=False)
+            except zarr.errors.ContainsGroupError:
+                pass  # another process made it meanwhile: open it
+    raise MRHError(f"{mask_url(url)}: could not be created or opened as a Zarr group")
+
+
+def _read_json(fs, path: str) -> dict:
+    import json
+
+    try:
+        doc = json.loads(fs.cat_file(path))
+    except Exception:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def natural_key(name: str) -> list:
     """Sort key that orders numbered names by number: s2 < s10."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
@@ -207,14 +231,21 @@ class SubjectWriter:
         claim = Claim(self.store.lock_url(sid), f"subject {sid} of {self.store.name}",
                       self.store.storage_options).acquire()
         self._claims[sid] = claim
-        groups = self.store.subject_groups()
-        complete = groups.get(sid, {}).get("complete") is True
-        if sid in groups and not complete:
+        exists, marker = self.store.state(sid)
+        complete = marker is not None
+        if exists and not complete:
             self._unmark(sid)
             self._remove(sid)  # half-written remains of a crashed run (ours: we hold the claim)
         path = f"{self.staging}/{sid}" if (is_local(self.store.url) or complete) else sid
         self._remove(path)
         return path
+
+    def lazy_write(self, path: str, ds, encoding: dict | None = None):
+        """A Delayed that writes ``ds`` (lazy, dask-backed) to ``path`` from ``begin``: the
+        stage computes it on its cluster, then commits."""
+        with quiet_zarr():
+            return ds.to_zarr(self.store.url, group=path, mode="w", compute=False, consolidated=False,
+                              zarr_format=3, encoding=encoding, storage_options=self.store.storage_options)
 
     def commit(self, sid: str, path: str, made_by: dict, extra: dict | None = None) -> str:
         """Move the whole subject at ``path`` into place, then write its marker, last."""
@@ -260,7 +291,7 @@ class SubjectWriter:
 
     # ---- helpers
     def _complete(self, sid: str) -> bool:
-        return self.store.subject_groups().get(sid, {}).get("complete") is True
+        return self.store.state(sid)[1] is not None
 
     def _fs(self):
         return filesystem(self.store.url, self.store.storage_options)
@@ -282,8 +313,7 @@ class SubjectWriter:
             return
         if fs.exists(b):
             fs.rm(b, recursive=True)
-        fs.copy(a, b, recursive=True)
-        fs.rm(a, recursive=True)
+        move_tree(fs, a, b)
 
     def _unmark(self, sid: str) -> None:
         self._remove(f"{COMMITS}/{sid}")

@@ -43,12 +43,17 @@ def url_options(url: str, storage_options: dict | None) -> dict | None:
 
 
 def filesystem(url: str, storage_options: dict | None = None):
-    """(fsspec filesystem, path inside it) for a store URL or local path."""
+    """(fsspec filesystem, path inside it) for a store URL or local path.
+
+    Listings are not cached across calls: zarr and other processes write to the same
+    store, so a cached listing (s3fs keeps one per instance) would be stale."""
     import fsspec
 
     if is_local(url):
         return fsspec.filesystem("file"), local_path(url)
-    return fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    fs.invalidate_cache()
+    return fs, path
 
 
 def join(url: str, *parts: str) -> str:
