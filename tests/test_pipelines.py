@@ -55,7 +55,8 @@ def test_af_recipe_reduced(af_model):
     assert len(os.listdir(work / "nifti")) == 2
 
 
-@pytest.mark.parametrize("recipe", ["mrh-nf.yaml", pytest.param("mrh-mbp.yaml", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["mrh-nf.yaml", "mrh-mbp.yaml"])
 def test_transfer_recipes_reduced(recipe, cohort, af_model, tmp_path):
     _run_recipe(recipe, cohort, tmp_path, "--from-model", str(af_model / "run" / "model.pt"),
                 env_extra={"EXTRA_TRAIN": "--epochs 1 --quiet"})

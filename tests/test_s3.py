@@ -192,6 +192,7 @@ def test_concurrent_ingests_into_one_s3_store(tmp_path, s3):
     assert sorted(root.attrs["subjects"]) == ["s01", "s02", "s03"]
 
 
+@pytest.mark.slow
 def test_s3_outputs_follow_the_store_rules(tmp_path, s3):
     """On object storage too: a foreign --out is refused untouched, a second writer of a
     subject is refused, and --overwrite builds aside and swaps."""
