@@ -280,7 +280,7 @@ def _changed(spec: SubjectSpec, attrs: dict) -> str | None:
     a source file that is gone from its recorded path cannot differ and is accepted.
     """
     made = attrs.get("made_by") or {}
-    if made.get("manifest") != _spec_record(spec):
+    if not made.get("legacy") and made.get("manifest") != _spec_record(spec):
         return "; ".join(differences(made.get("manifest") or {}, _spec_record(spec))[:2])
     sources = attrs.get("sources") or {}
     for role, path in spec.files().items():

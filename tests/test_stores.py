@@ -192,3 +192,28 @@ class TestImportanceFolder(Contract):
         from mrhscale.importance import importance
 
         return importance(env["model"], env["patches"], out, split="test", quiet=True)
+
+
+def test_stores_written_before_commit_markers_keep_their_subjects(tmp_path):
+    """A cohort store of the first release (its root index was the truth) is read as it is,
+    and the first write under the new contract gives its subjects markers: none is lost."""
+    import zarr
+    from helpers import subject_dataset
+
+    from mrhscale.stores import CohortStore
+
+    url = str(tmp_path / "old.zarr")
+    for sid in ("s01", "s02"):
+        ds = subject_dataset(sid)
+        ds.attrs["sources"] = {"mri/dwi": {"path": "/data/dwi.nii", "checksum": f"sha256:{sid}"}}
+        ds.to_zarr(url, group=sid, mode="w", consolidated=False, zarr_format=3)
+    ds.to_zarr(url, group="s03", mode="w", consolidated=False, zarr_format=3)  # never listed: incomplete
+    zarr.open_group(url, mode="a").attrs.update({"format": "mrhscale-cohort", "subjects": ["s01", "s02"]})
+    store = CohortStore(url)
+    assert store.subjects() == ["s01", "s02"]
+    assert store.subject_attrs("s01")["made_by"]["legacy"] is True
+    store.prepare({})
+    w = store.writer()
+    w.abort("s03", w.begin("s03"))  # the incomplete one is cleared, the listed ones stay
+    assert store.subjects() == ["s01", "s02"]
+    assert sorted(k for k, _ in zarr.open_group(url, mode="r")["_commits"].groups()) == ["s01", "s02"]

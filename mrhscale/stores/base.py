@@ -133,7 +133,7 @@ def inspect(url: str, storage_options: dict | None = None) -> Found:
     names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
     if "zarr.json" in names:
         attrs = _json(fs, f"{path.rstrip('/')}/zarr.json").get("attributes", {}) or {}
-        fmt = attrs.get("format")
+        fmt = attrs.get("format") or _legacy_format(attrs)
         if fmt in NAMES:
             return Found(fmt, f"is a {NAMES[fmt]}", attrs=attrs)
         return Found(None, "is a Zarr store not made by mrhscale" if not fmt else f"is a {fmt!r} Zarr store")
@@ -142,8 +142,16 @@ def inspect(url: str, storage_options: dict | None = None) -> Found:
         fmt = info.get("format")
         if fmt in NAMES:
             return Found(fmt, f"is a {NAMES[fmt]}", attrs=info)
+    elif "config.json" in names and names & {"checkpoints", "model.pt"} and \
+            _json(fs, f"{path.rstrip('/')}/config.json").get("kind") in ("train", "finetune"):
+        return Found("mrhscale-run", "is a training run folder")  # made before mrhscale.json
     return Found(None, f"is a folder with {len(names)} entr{'y' if len(names) == 1 else 'ies'} "
                        "not made by mrhscale")
+
+
+def _legacy_format(attrs: dict) -> str | None:
+    """Patch stores made before the ``format`` attr: known by their attrs."""
+    return "mrhscale-patches" if all(k in attrs for k in ("patch", "channels", "target", "norm")) else None
 
 
 def _json(fs, path: str) -> dict:

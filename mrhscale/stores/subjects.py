@@ -67,7 +67,10 @@ class GroupStore(ZarrLocation):
         with quiet_zarr():
             root = self.root()
             groups = {k: dict(g.attrs) for k, g in root.groups() if not k.startswith(("_", "."))}
-            commits = {k: dict(g.attrs) for k, g in root[COMMITS].groups()} if COMMITS in root else {}
+            if COMMITS in root:
+                commits = {k: dict(g.attrs) for k, g in root[COMMITS].groups()}
+            else:  # a store from before commit markers: its index was the truth
+                commits = {k: legacy_marker(groups[k]) for k in root.attrs.get(SUBJECTS_ATTR, []) if k in groups}
         for sid, a in groups.items():
             a.pop("complete", None)  # only the commit marker says so
             if commits.get(sid, {}).get("complete") is True:
@@ -79,8 +82,9 @@ class GroupStore(ZarrLocation):
         with quiet_zarr():
             root = self.root()
             names = {k for k in root.group_keys() if not k.startswith(("_", "."))}
-            done = ({k for k, g in root[COMMITS].groups() if g.attrs.get("complete") is True}
-                    if COMMITS in root else set())
+            if COMMITS not in root:  # written before commit markers: its index was the truth
+                return sorted(names & set(root.attrs.get(SUBJECTS_ATTR, [])), key=natural_key)
+            done = {k for k, g in root[COMMITS].groups() if g.attrs.get("complete") is True}
         return sorted(names & done, key=natural_key)
 
     def state(self, sid: str) -> tuple[bool, dict | None]:
@@ -89,6 +93,10 @@ class GroupStore(ZarrLocation):
         fs, root = filesystem(self.url, self.storage_options)
         base = root.rstrip("/")
         exists = fs.exists(f"{base}/{sid}/zarr.json")
+        if not fs.exists(f"{base}/{COMMITS}/zarr.json"):  # a store from before commit markers
+            index = (_read_json(fs, f"{base}/zarr.json").get("attributes") or {}).get(SUBJECTS_ATTR, [])
+            group = _read_json(fs, f"{base}/{sid}/zarr.json").get("attributes") or {}
+            return exists, (legacy_marker(group) if exists and sid in index else None)
         marker = _read_json(fs, f"{base}/{COMMITS}/{sid}/zarr.json").get("attributes") or {}
         return exists, (marker if exists and marker.get("complete") is True else None)
 
@@ -130,9 +138,25 @@ class GroupStore(ZarrLocation):
         root_attrs = {"format": self.FORMAT, "format_version": self.FORMAT_VERSION, SUBJECTS_ATTR: [],
                       **attrs}
         have = _ensure_group(self.url, self.storage_options, root_attrs)
+        self._migrate()
         for sub in (LOCKS, STAGING, COMMITS):  # groups: plain zarr listing the root sees no stray folder
             _ensure_group(join(self.url, sub), self.storage_options, {})
         return have
+
+    def _migrate(self) -> None:
+        """Give the subjects of a store written before commit markers (listed in its index)
+        their markers, so that the first write under the new contract loses none of them."""
+        import zarr
+
+        with quiet_zarr():
+            root = self.root()
+            if COMMITS in root:
+                return
+            for sid, a in self.subject_groups().items():
+                if a.get("complete") is True:
+                    marker = {k: a[k] for k in ("complete", "made_by", "fingerprint")}
+                    zarr.open_group(self.url, path=f"{COMMITS}/{sid}", mode="w",
+                                    storage_options=self.storage_options, zarr_format=3, attributes=marker)
 
     def put(self, sid: str, ds, made_by: dict, encoding: dict | None = None) -> str:
         """Write a whole in-memory or lazy xarray Dataset as subject ``sid`` and commit it
@@ -185,6 +209,14 @@ def _ensure_group(url: str, storage_options, attrs: dict) -> dict:
             except zarr.errors.ContainsGroupError:
                 pass  # another process made it meanwhile: open it
     raise MRHError(f"{mask_url(url)}: could not be created or opened as a Zarr group")
+
+
+def legacy_marker(group_attrs: dict) -> dict:
+    """The commit marker of a subject committed before markers existed (by the root index):
+    what made it, as far as its attrs tell (its sources' checksums)."""
+    sources = {role: s.get("checksum") or s.get("path") for role, s in (group_attrs.get("sources") or {}).items()}
+    made_by = {"legacy": True, "sources": sources}
+    return {"complete": True, "made_by": made_by, "fingerprint": fingerprint(made_by)}
 
 
 def _read_json(fs, path: str) -> dict:
