@@ -691,15 +691,12 @@ def _nifti_tag(run, pstore, sid: str) -> str:
 
 def _nifti_current(path: str, tag: str) -> bool:
     """Whether ``path`` already holds this prediction; refuses a file mrhscale did not write."""
+    from mrhscale.volumes import mrhscale_descrip
+
     if not os.path.exists(path):
         return False
-    import nibabel as nib
-
-    try:
-        descrip = bytes(nib.load(path).header["descrip"]).decode("ascii", "replace").rstrip("\x00")
-    except Exception:
-        descrip = ""
-    if not descrip.startswith("mrhscale"):
+    descrip = mrhscale_descrip(path)
+    if descrip is None:
         raise MRHError(f"--nifti: {path} exists and was not written by mrhscale; "
                        "move it away or choose another --nifti folder")
     return descrip == tag

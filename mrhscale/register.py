@@ -969,14 +969,10 @@ HISTOLOGY_DESCRIP = "mrhscale register-histology"
 
 def _check_histology_outputs(out: str, tdir: str) -> None:
     """Overwrite only what an earlier register-histology wrote: never the user's files."""
-    import nibabel as nib
+    from mrhscale.volumes import mrhscale_descrip
 
     if os.path.exists(out):
-        try:
-            descrip = bytes(nib.load(out).header["descrip"]).decode("ascii", "replace")
-        except Exception:
-            descrip = ""
-        if not descrip.startswith("mrhscale"):
+        if mrhscale_descrip(out) is None:
             raise MRHError(f"--out {out}: exists and was not written by mrhscale; choose another --out")
     if os.path.exists(tdir):
         info = {}

@@ -53,6 +53,7 @@ from torch import nn
 from mrhscale.errors import MRHError
 from mrhscale.model import MRHNet
 from mrhscale.norm import Normalisation
+from mrhscale.stores import atomic_write, write_text
 
 LOSSES = ("matlab", "mse", "centre-mse")
 OPTIMIZERS = ("sgd", "adamw")
@@ -430,20 +431,6 @@ def _open_data(url, split, batch, cfg, rank, world, norm, device, workers, stora
 # ---------------------------------------------------------------- files
 
 
-def _atomic_write(path: str, write) -> None:
-    from mrhscale.stores import atomic_write
-
-    atomic_write(path, write)
-
-
-def _write_text(path: str, text: str) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    _atomic_write(path, w)
-
-
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     st = {
@@ -488,9 +475,9 @@ def write_metrics(out_dir: str, history: list[dict], summary: dict | None = None
     w = csv.DictWriter(buf, fieldnames=_METRIC_KEYS, extrasaction="ignore")
     w.writeheader()
     w.writerows(history)
-    _write_text(os.path.join(out_dir, "metrics.csv"), buf.getvalue())
+    write_text(os.path.join(out_dir, "metrics.csv"), buf.getvalue())
     doc = {"epochs": history, **({"summary": summary} if summary else {})}
-    _write_text(os.path.join(out_dir, "metrics.json"), json.dumps(doc, indent=1, default=float))
+    write_text(os.path.join(out_dir, "metrics.json"), json.dumps(doc, indent=1, default=float))
 
 
 def plot_curve(out_dir: str, history: list[dict], title: str = "") -> str | None:
@@ -518,7 +505,7 @@ def plot_curve(out_dir: str, history: list[dict], title: str = "") -> str | None
     a2.set_title("validation correlation")
     fig.tight_layout()
     path = os.path.join(out_dir, "curve.png")
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     return path
 
@@ -641,7 +628,7 @@ def _run(cfg: TrainConfig, out_dir: str, *, resume: bool, build_model, stream_no
                       "differs from the original run's", file=sys.stderr)
         elif main:
             folder.mark(kind=cfg.kind, patch_store=store_identity(store))
-            _write_text(os.path.join(out_dir, "config.json"),
+            write_text(os.path.join(out_dir, "config.json"),
                         json.dumps({**asdict(cfg), "world_size": world}, indent=1))
         net = model
         if world > 1:
@@ -681,9 +668,9 @@ def _run(cfg: TrainConfig, out_dir: str, *, resume: bool, build_model, stream_no
                 "rng": _rng_state(), "world_size": world, "workers": workers,
                 "patch_store": store_identity(store),
             }
-            _atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+            atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
             if keep_checkpoints and step == 0:
-                _atomic_write(os.path.join(ckpt_dir, f"epoch-{epoch:04d}.pt"),
+                atomic_write(os.path.join(ckpt_dir, f"epoch-{epoch:04d}.pt"),
                               lambda tmp: torch.save(state, tmp))
 
         stop.install()

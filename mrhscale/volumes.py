@@ -158,6 +158,16 @@ def write_volume(path: str, array, affine, *, header=None, dtype=None, descrip: 
     return s + ".hdr"
 
 
+def mrhscale_descrip(path: str) -> str | None:
+    """The header ``descrip`` of a NIfTI mrhscale wrote (it starts with "mrhscale"), else None:
+    an existing file whose descrip does not is someone else's and is never overwritten."""
+    try:
+        text = bytes(nib.load(path).header["descrip"]).decode("ascii", "replace").rstrip("\x00")
+    except Exception:
+        return None
+    return text if text.startswith("mrhscale") else None
+
+
 def checksum(path: str, algo: str = "sha256", bufsize: int = 1 << 22) -> str:
     """Checksum over all member files of an image (both halves of an Analyze pair)."""
     h = hashlib.new(algo)

@@ -44,8 +44,6 @@ class Folder:
 
     def check(self) -> bool:
         """Refuse anything but an empty place or a folder of this kind; True if one is there."""
-        if os.path.isfile(self.path):
-            raise MRHError(f"{self.what} {self.path}: is a file; give a folder")
         return not check_output(self.path, self.fmt, None, self.what).absent
 
     def info(self) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 
 from mrhscale.errors import MRHError
-from mrhscale.stores.base import aside_url, check_output, differences, recover, remove, swap_in
+from mrhscale.stores.base import aside_url, differences, recover, remove, swap_in
 from mrhscale.stores.locks import Claim, run_token
 from mrhscale.stores.subjects import GroupStore
 from mrhscale.stores.urls import join, resolve, split, url_options
@@ -86,5 +86,3 @@ def stale_reason(store: PredictionStore, sid: str, made_by: dict) -> str | None:
         return None
     return "; ".join(differences(old.get("made_by") or {}, made_by)[:3]) or "fingerprint differs"
 
-
-__all__ = ["FORMAT", "PredictionStore", "output", "stale_reason", "check_output"]

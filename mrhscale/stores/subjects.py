@@ -180,8 +180,7 @@ class GroupStore(ZarrLocation):
 
     def refresh_index(self) -> list[str]:
         """Rewrite the root's ``subjects`` index from the markers (they are the truth)."""
-        lock = Claim(self.lock_url("_index"), f"{self.name} index", self.storage_options) \
-            if is_local(self.url) else None
+        lock = local_path(self.lock_url("_index")) if is_local(self.url) else None
         for _ in range(6):
             with _blocking(lock):
                 done = self.subjects()
@@ -235,14 +234,13 @@ def natural_key(name: str) -> list:
 
 
 @contextlib.contextmanager
-def _blocking(claim: Claim | None):
-    """Hold a local lock, waiting for it (the index rewrite takes milliseconds)."""
-    if claim is None:
+def _blocking(path: str | None):
+    """Hold a local lock file, waiting for it (the index rewrite takes milliseconds)."""
+    if path is None:
         yield
         return
     from filelock import FileLock
 
-    path = local_path(claim.url)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with FileLock(path, timeout=120):
         yield
