@@ -26,7 +26,7 @@ def baseline_ingest(manifest: str, out: str, chunks) -> None:
     import zarr
     from zarr.codecs import BloscCodec
 
-    from mrhscale.manifest import load_manifest
+    from mrhscale.io.manifest import load_manifest
 
     root = zarr.open_group(out, mode="w")
     for s in load_manifest(manifest).subjects:
@@ -49,9 +49,9 @@ def baseline_ingest(manifest: str, out: str, chunks) -> None:
 
 
 def run(full: bool = False, repeats: int = 3) -> list[dict]:
-    from mrhscale.cluster import dask_client
-    from mrhscale.ingest import ingest
-    from mrhscale.synth import make_cohort
+    from mrhscale.parallel.cluster import dask_client
+    from mrhscale.stages.ingest import ingest
+    from mrhscale.synth.phantom import make_cohort
 
     shape = (200, 128, 280) if full else (100, 64, 140)
     n_subjects = 2

@@ -93,7 +93,7 @@ def copy_bandwidth(nbytes=256 << 20) -> float:
 def store_copy_bandwidth(nbytes=256 << 20) -> float | None:
     """Bytes/s of a compiled element-by-element copy loop (ordinary cached stores, like any
     gather kernel's): the copy bound for a kernel whose output is not written by memcpy."""
-    from mrhscale.patches import _numba
+    from mrhscale.stages.patches import _numba
 
     if _numba is None:
         return None
@@ -155,7 +155,7 @@ def torchio_rate(vol, y, repeats, n_max=1500) -> tuple[float | None, str]:
 
 
 def kernel_rows(full: bool, repeats: int) -> list[dict]:
-    from mrhscale.patches import _numba, gather_patches
+    from mrhscale.stages.patches import _numba, gather_patches
 
     ny = 8 if full else 4
     rng = np.random.default_rng(0)
@@ -223,7 +223,7 @@ def kernel_rows(full: bool, repeats: int) -> list[dict]:
         rows.append(row("kernel vs TorchIO", rate, "patches/s", "TorchIO GridSampler", t_rate, None,
                         note=t_note))
     # layout: the same numpy take from contrast-last vs contrast-first volumes
-    from mrhscale.patches import _flat_centres, _offsets
+    from mrhscale.stages.patches import _flat_centres, _offsets
 
     idx = (_flat_centres(cen, vol.shape[:3], 1, "y")[:, None] + _offsets(vol.shape[:3], 1, "y")).ravel()
     flat_last = vol.reshape(-1, C)
@@ -239,7 +239,7 @@ def kernel_rows(full: bool, repeats: int) -> list[dict]:
 def e2e_rows(full: bool, repeats: int, work: str) -> list[dict]:
     from distributed import Client, LocalCluster
 
-    from mrhscale.patches import extract_patches
+    from mrhscale.stages.patches import extract_patches
 
     shape, chunks, n_sub = ((200, 128, 280), (64, 64, 64), 4) if full else ((100, 48, 140), (48, 48, 48), 6)
     store = os.path.join(work, "cohort.zarr")

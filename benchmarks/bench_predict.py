@@ -19,7 +19,7 @@ MRH-Net depth 5 / width 64 (the published "5layer" size minus nothing),
 
 Default grid 80x48x112 (all figures); --full: 200x128x280 (the released data's
 grid; the worker-scaling runs only with --scaling, they take long on 2 cores).
-The cluster (the library's embedded one, ``mrhscale.cluster.dask_client``) is started
+The cluster (the library's embedded one, ``mrhscale.parallel.cluster.dask_client``) is started
 once outside the timed region (predict joins it with --scheduler), so timings are
 steady-state throughput, not process start-up.
 """
@@ -41,7 +41,7 @@ from benchmarks.common import print_rows, row, timed  # noqa: E402
 
 N_CHANNELS = 67
 BATCH = 4096
-# Before mrhscale.cluster.WORKER_ENV (one malloc arena), the bare forward in a Dask worker
+# Before mrhscale.parallel.cluster.WORKER_ENV (one malloc arena), the bare forward in a Dask worker
 # ran at ~23k or ~29k patches/s from one minute to the next (heap churn in the task thread's
 # malloc arena); the predict/bare comparison is still repeated in this many fresh worker
 # processes and medians are reported.
@@ -62,7 +62,7 @@ def make_store(path: str, shape, chunks=(64, 32, 64)) -> str:
     import dask.array as da
     import xarray as xr
 
-    from mrhscale.ingest import _encoding
+    from mrhscale.stages.ingest import _encoding
     from mrhscale.stores import CohortStore
 
     mri = da.random.default_rng(0).gamma(2.0, 50.0, size=(*shape, N_CHANNELS),
@@ -88,9 +88,9 @@ def make_store(path: str, shape, chunks=(64, 32, 64)) -> str:
 def make_model(path: str):
     import torch
 
-    from mrhscale.bundle import save_bundle
-    from mrhscale.model import MRHNet
-    from mrhscale.norm import Normalisation
+    from mrhscale.io.bundle import save_bundle
+    from mrhscale.nn.model import MRHNet
+    from mrhscale.ops.norm import Normalisation
 
     torch.manual_seed(0)
     m = MRHNet(N_CHANNELS, depth=5, width=64)
@@ -107,7 +107,7 @@ def bare_forward(model_path: str, n: int, threads: int, repeats: int, warmup: in
     """Patches/s of the network alone on pre-built normalised patches (no data path)."""
     import torch
 
-    from mrhscale.bundle import load_model
+    from mrhscale.io.bundle import load_model
 
     torch.set_num_threads(threads)
     key = (model_path, n, threads)
@@ -132,7 +132,7 @@ def per_voxel_loop(model_path: str, store: str, threads: int, n_slices: int) -> 
     import torch
     import xarray as xr
 
-    from mrhscale.bundle import load_model
+    from mrhscale.io.bundle import load_model
 
     torch.set_num_threads(threads)
     model, meta = load_model(model_path)
@@ -164,7 +164,7 @@ def per_voxel_loop(model_path: str, store: str, threads: int, n_slices: int) -> 
 
 def predict_once(model_path, store, work, address, threads, tag):
     """A callable: one whole ``predict`` of the store joining the cluster; returns brain voxels."""
-    from mrhscale.predict import predict
+    from mrhscale.stages.predict import predict
 
     k = [0]
 
@@ -183,7 +183,7 @@ def warm_workers(address, model_path, threads):
     """Load the model (and compile the gather) on every worker, outside the timing."""
     from distributed import Client
 
-    from mrhscale.predict import _worker_model
+    from mrhscale.stages.predict import _worker_model
 
     with Client(address) as c:
         c.run(_worker_model, os.path.abspath(model_path), "cpu", threads)
@@ -203,7 +203,7 @@ _FWD = {"s": 0.0, "t0": 0.0, "hooked": set()}  # time inside the network's forwa
 def forward_timer(model_path: str, threads: int) -> float:
     """Seconds the worker's cached predict model spent in forward calls since the last call
     (installs the hooks on the first)."""
-    from mrhscale.predict import _worker_model
+    from mrhscale.stages.predict import _worker_model
 
     model = _worker_model(os.path.abspath(model_path), "cpu", threads)
     if id(model) not in _FWD["hooked"]:
@@ -239,7 +239,7 @@ def predict_vs_bare(client, model_path, store, work, threads, repeats) -> tuple[
 
 
 def run(full: bool = False, repeats: int = 3, scaling: bool | None = None) -> list[dict]:
-    from mrhscale.cluster import dask_client
+    from mrhscale.parallel.cluster import dask_client
 
     shape = (200, 128, 280) if full else (80, 48, 112)
     cores = os.cpu_count() or 1

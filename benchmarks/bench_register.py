@@ -1,6 +1,6 @@
 """Registration throughput: `mrhscale register` (Dask, 1 and 2 workers) vs a serial antspyx script.
 
-Both sides do the same work per subject on a synthetic cohort (mrhscale.synth, smoothly
+Both sides do the same work per subject on a synthetic cohort (mrhscale.synth.phantom, smoothly
 deformed subjects): estimate affine then SyN on FA with the same ANTs parameters (preset
 "default" = ANTs' own iteration schedule), apply it to all 67 MRI channels volume by
 volume, FA, targets (linear), mask and labels (nearest neighbour), write uncompressed
@@ -35,8 +35,8 @@ def baseline_register(manifest: str, reference: str, out: str, transform: str = 
     import ants
     import nibabel as nib
 
-    from mrhscale.manifest import load_manifest
-    from mrhscale.register import PRESETS
+    from mrhscale.io.manifest import load_manifest
+    from mrhscale.stages.register import PRESETS
 
     p = PRESETS[preset]
     man = load_manifest(manifest)
@@ -95,9 +95,9 @@ def _dice(a, b):
 def run(full: bool = False, repeats: int | None = None, transform: str = "syn") -> list[dict]:
     import nibabel as nib
 
-    from mrhscale.cluster import dask_client
-    from mrhscale.register import register_cohort
-    from mrhscale.synth import make_cohort
+    from mrhscale.parallel.cluster import dask_client
+    from mrhscale.stages.register import register_cohort
+    from mrhscale.synth.phantom import make_cohort
 
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     shape = (200, 128, 280) if full else (50, 32, 70)

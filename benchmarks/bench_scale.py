@@ -1,6 +1,6 @@
 """Realistic-scale run: a 10-subject cohort through ingest -> patches -> 1 training epoch -> predict.
 
-Builds 10 synthetic subjects (mrhscale.synth, uncompressed NIfTI, 67 channels), then on
+Builds 10 synthetic subjects (mrhscale.synth.phantom, uncompressed NIfTI, 67 channels), then on
 one embedded Dask cluster of 2 worker processes whose memory limit is set BELOW the
 cohort's size (each worker's limit x 2 < the cohort's float32 MRI bytes):
   ingest (files -> cohort.zarr), extract_patches (stride 6, target af, 5% val),
@@ -87,11 +87,11 @@ def _train(patches: str, out: str, cap_s: float) -> dict:
 def run(full: bool = False, workdir: str | None = None, subjects: int = 10,
         memory_limit: int | None = None, train_cap_s: float = 600.0,
         shape: tuple[int, int, int] | None = None) -> list[dict]:
-    from mrhscale.cluster import dask_client
-    from mrhscale.ingest import ingest
-    from mrhscale.patches import extract_patches
-    from mrhscale.predict import predict
-    from mrhscale.synth import make_cohort
+    from mrhscale.parallel.cluster import dask_client
+    from mrhscale.stages.ingest import ingest
+    from mrhscale.stages.patches import extract_patches
+    from mrhscale.stages.predict import predict
+    from mrhscale.synth.phantom import make_cohort
 
     shape = tuple(shape) if shape else (REAL if full else REDUCED)
     limit = memory_limit or ((3 << 30) if full else (1 << 30))

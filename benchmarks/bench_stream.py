@@ -38,8 +38,8 @@ def make_patch_store(url: str, n: int, n_c: int = C, seed: int = 0) -> None:
     """A complete patch store in the contract's layout with random contents (fast to make)."""
     import zarr
 
-    from mrhscale.norm import Normalisation
-    from mrhscale.patches import _chunk_rows, _create
+    from mrhscale.ops.norm import Normalisation
+    from mrhscale.stages.patches import _chunk_rows, _create
 
     nc = _chunk_rows(n_c, 3, 4)
     rng = np.random.default_rng(seed)
@@ -68,7 +68,7 @@ def make_patch_store(url: str, n: int, n_c: int = C, seed: int = 0) -> None:
 def stream_rate(url: str, batch: int, workers: int, epochs: int, read_ahead: bool = False) -> float:
     from torch.utils.data import DataLoader
 
-    from mrhscale.stream import PatchStream
+    from mrhscale.training.stream import PatchStream
 
     s = PatchStream(url, batch_size=batch, seed=1, read_ahead=read_ahead)
     return _loader_rate(DataLoader(s, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
@@ -135,7 +135,7 @@ def zarr_read_rate(url: str) -> float:
 def trainer_rate(depth: int = 5, batch: int = 128, threads: int = 2) -> float:
     import torch
 
-    from mrhscale.model import MRHNet
+    from mrhscale.nn.model import MRHNet
 
     torch.set_num_threads(threads)
     m = MRHNet(C, depth)

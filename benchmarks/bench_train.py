@@ -28,7 +28,7 @@ from benchmarks.common import print_rows, row  # noqa: E402
 
 BARE = r"""
 import sys, time, torch
-from mrhscale.model import MRHNet
+from mrhscale.nn.model import MRHNet
 torch.set_num_threads(int(sys.argv[1])); depth, batch = int(sys.argv[2]), int(sys.argv[3])
 m = MRHNet(67, depth); x = torch.randn(batch, 67, 3, 3); t = torch.randn(batch, 3, 3)
 def go(n):
@@ -43,7 +43,7 @@ print(sorted(rates)[2])
 
 BARE_DDP = r"""
 import sys, time, torch, torch.distributed as dist
-from mrhscale.model import MRHNet
+from mrhscale.nn.model import MRHNet
 dist.init_process_group("gloo"); torch.set_num_threads(1)
 depth, batch = int(sys.argv[1]), int(sys.argv[2]) // dist.get_world_size()
 m = torch.nn.parallel.DistributedDataParallel(MRHNet(67, depth), gradient_as_bucket_view=True)
@@ -67,7 +67,7 @@ def _env(threads: int) -> dict:
     try:
         import importlib.util
 
-        have_stream = importlib.util.find_spec("mrhscale.stream") is not None
+        have_stream = importlib.util.find_spec("mrhscale.training.stream") is not None
     except Exception:
         have_stream = False
     if not have_stream:

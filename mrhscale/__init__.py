@@ -11,12 +11,12 @@ from mrhscale.errors import MRHError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "MRHNet": "mrhscale.model",
-    "load_model": "mrhscale.bundle",
-    "save_bundle": "mrhscale.bundle",
+    "MRHNet": "mrhscale.nn.model",
+    "load_model": "mrhscale.io.bundle",
+    "save_bundle": "mrhscale.io.bundle",
     "open_subject": "mrhscale.stores",
     "list_subjects": "mrhscale.stores",
-    "PatchStream": "mrhscale.stream",
+    "PatchStream": "mrhscale.training.stream",
 }
 
 __all__ = ["MRHError", "__version__", *_LAZY]

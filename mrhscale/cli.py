@@ -22,14 +22,14 @@ class _Command(click.Command):
     def _load_config(self, ctx, _param, value):
         if not value:
             return
-        from mrhscale.config import load_config
+        from mrhscale.io.config import load_config
 
         try:
             group = ctx.parent.command.commands if ctx.parent is not None else {}
             stages = {name: _allowed(cmd) for name, cmd in group.items()}
             values = load_config(value, self.name, _allowed(self), stages)
         except MRHError as e:
-            click.echo(f"mrhscale: error: {e}", err=True)
+            click.echo(f"mrhscale: error: {one_line(e)}", err=True)
             sys.exit(2)
         ctx.default_map = {**(ctx.default_map or {}), **values}
         ctx.meta["mrhscale_config_file"] = value
@@ -38,10 +38,15 @@ class _Command(click.Command):
         result = super().invoke(ctx)
         out = ctx.params.get("out")
         if out:
-            from mrhscale.config import write_resolved
+            from mrhscale.io.config import write_resolved
 
             write_resolved(str(out), self.name, ctx.params)
         return result
+
+
+def one_line(e: Exception) -> str:
+    """An error as the single line the user sees (a library's message may hold newlines)."""
+    return " ".join(str(e).split())
 
 
 def _allowed(cmd: click.Command) -> dict[str, str]:
@@ -65,7 +70,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MRHError as e:
-            click.echo(f"mrhscale: error: {e}", err=True)
+            click.echo(f"mrhscale: error: {one_line(e)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("mrhscale: interrupted", err=True)
@@ -150,7 +155,7 @@ def _storage_options(value) -> dict | None:
 def ingest(manifest, out, subjects, chunks, compression, skip_bad, overwrite, no_checksums, storage_options,
            scheduler, workers, quiet):
     """Write the subjects of MANIFEST (cohort YAML) into a chunked Zarr cohort store."""
-    from mrhscale.ingest import ingest as run
+    from mrhscale.stages.ingest import ingest as run
 
     res = run(manifest, out, subjects=_subject_list(subjects), chunks=_ints(chunks, 3, "--chunks"),
               compression=compression, skip_bad=skip_bad, overwrite=overwrite,
@@ -175,7 +180,7 @@ def info(path, storage_options):
     import os
 
     if os.path.isfile(path):
-        from mrhscale.bundle import describe_bundle
+        from mrhscale.io.bundle import describe_bundle
 
         click.echo(describe_bundle(path))
     else:
@@ -209,7 +214,7 @@ def info(path, storage_options):
 def predict(model, store, out, nifti_dir, subjects, batch_size, device, aggregate, to_native, overwrite,
             storage_options, scheduler, workers, quiet):
     """Virtual histology for every brain voxel of STORE's subjects with MODEL (a bundle)."""
-    from mrhscale.predict import predict as run
+    from mrhscale.stages.predict import predict as run
 
     res = run(model, store, out, nifti_dir=nifti_dir, subjects=_subject_list(subjects),
               scheduler=scheduler, workers=workers, batch_size=batch_size, device=device,
@@ -247,7 +252,7 @@ def predict(model, store, out, nifti_dir, subjects, batch_size, device, aggregat
 def evaluate(pred, store, target, out, label, roi, markers, marker_transforms, subjects,
              storage_options, quiet):
     """Compare virtual (PRED) with reference histology and single MRI markers (STORE)."""
-    from mrhscale.evaluate import evaluate as run
+    from mrhscale.stages.evaluate import evaluate as run
 
     res = run(pred, store, target, out, label=label, roi=roi, subjects=_subject_list(subjects), quiet=quiet,
               storage_options=_storage_options(storage_options),
@@ -273,7 +278,7 @@ def evaluate(pred, store, target, out, label, roi, markers, marker_transforms, s
 @quiet_option
 def importance(model, patches, out, split, repeats, max_patches, seed, storage_options, quiet):
     """Contribution of each contrast group and channel to MODEL, by permutation on PATCHES."""
-    from mrhscale.importance import importance as run
+    from mrhscale.stages.importance import importance as run
 
     res = run(model, patches, out, split=split, repeats=repeats, seed=seed,
               max_patches=max_patches, quiet=quiet, storage_options=_storage_options(storage_options))
@@ -325,7 +330,7 @@ def _training_options(f):
 def _run_training(fn, *args, **kw):
     import os
 
-    from mrhscale.train import TrainingInterrupted
+    from mrhscale.training.train import TrainingInterrupted
 
     kw["amp"] = False if kw.pop("no_amp") else None
     kw["storage_options"] = _storage_options(kw.pop("storage_options", None))
@@ -348,7 +353,7 @@ def _run_training(fn, *args, **kw):
 @_training_options
 def train(patches, **kw):
     """Train MRH-Net on PATCHES; one process, or under `torchrun --nproc_per_node=N` (DDP)."""
-    from mrhscale.train import train as run
+    from mrhscale.training.train import train as run
 
     _run_training(run, patches, kw.pop("out"), **kw)
 
@@ -361,7 +366,7 @@ def train(patches, **kw):
 @_training_options
 def finetune(model, patches, **kw):
     """Transfer learning from MODEL to a new stain's PATCHES: fresh Conv4/Conv5 (lr x10), base lr 1e-4."""
-    from mrhscale.train import finetune as run
+    from mrhscale.training.train import finetune as run
 
     _run_training(run, model, patches, kw.pop("out"), **kw)
 
@@ -389,7 +394,7 @@ def finetune(model, patches, **kw):
 def import_matlab_cmd(mat, out, channels, norm, target_max, target, patch_axis, allow_renamed,
                       quiet):
     """Import a published MATLAB MRH-Net (DAGNetwork NET.mat) as a model bundle."""
-    from mrhscale.matlab import import_matlab
+    from mrhscale.nn.matlab import import_matlab
 
     s = import_matlab(mat, out, channels=channels, norm=norm, target_max=target_max,
                       target=target, patch_axis=patch_axis, strict_names=not allow_renamed)
@@ -439,7 +444,7 @@ def patches_cmd(store, target, out, half, stride, slices, axis, subjects, min_la
                 min_label_nonzero, val_fraction, val_subjects, seed, norm, dtype, chunk_size,
                 compress, overwrite, storage_options, scheduler, workers, quiet):
     """Extract shuffled training patches of --target from cohort STORE into --out."""
-    from mrhscale.patches import extract_patches
+    from mrhscale.stages.patches import extract_patches
 
     extract_patches(
         store, target, out, half=half, stride=stride, slices=slices, axis=axis,
@@ -479,7 +484,7 @@ def patches_cmd(store, target, out, half, stride, slices, axis, subjects, min_la
 def register(manifest, reference, out, transform, contrast, metric, init, fast, min_similarity, threads,
              compress, subjects, overwrite, scheduler, workers, quiet):
     """Register MANIFEST's subjects onto a reference grid with ANTs (needs mrhscale[register])."""
-    from mrhscale.register import register_cohort
+    from mrhscale.stages.register import register_cohort
 
     res = register_cohort(manifest, reference, out, transform=transform, contrast=contrast,
                           subjects=_subject_list(subjects), scheduler=scheduler, workers=workers,
@@ -514,7 +519,7 @@ def register(manifest, reference, out, transform, contrast, metric, init, fast, 
 @quiet_option
 def register_histology(volume, subject, manifest, out, contrast, transform, init, fast, min_similarity, quiet):
     """Register a 3D stain VOLUME to a subject's MRI (mutual information), for new training targets."""
-    from mrhscale.register import register_histology as run
+    from mrhscale.stages.register import register_histology as run
 
     res = run(volume, subject, out, manifest=manifest, contrast=contrast, transform=transform, init=init,
               preset="fast" if fast else "default", min_similarity=min_similarity)
@@ -539,7 +544,7 @@ def register_histology(volume, subject, manifest, out, contrast, transform, init
 def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwrite, quiet):
     """Write a synthetic phantom cohort (67-channel MRI, FA, mask, af/nf/mbp, lesion labels,
     ground truth) to OUTDIR, with OUTDIR/cohort.yaml for ingest."""
-    from mrhscale.synth import make_cohort
+    from mrhscale.synth.phantom import make_cohort
 
     if subjects < 1:
         raise MRHError(f"--subjects: expected an integer >= 1, got {subjects}")

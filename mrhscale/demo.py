@@ -45,16 +45,16 @@ def _stage(name: str, quiet: bool):
 
 def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, quiet: bool = False) -> dict:
     """Run the chain into ``out``; returns a summary with the report path and headline numbers."""
-    from mrhscale.cluster import dask_client
-    from mrhscale.evaluate import evaluate
-    from mrhscale.importance import importance
-    from mrhscale.ingest import ingest
-    from mrhscale.patches import extract_patches
-    from mrhscale.predict import predict
-    from mrhscale.report import write_report
+    from mrhscale.parallel.cluster import dask_client
+    from mrhscale.report.html import write_report
+    from mrhscale.stages.evaluate import evaluate
+    from mrhscale.stages.importance import importance
+    from mrhscale.stages.ingest import ingest
+    from mrhscale.stages.patches import extract_patches
+    from mrhscale.stages.predict import predict
     from mrhscale.stores import list_subjects
-    from mrhscale.synth import make_cohort
-    from mrhscale.train import train
+    from mrhscale.synth.phantom import make_cohort
+    from mrhscale.training.train import train
 
     cfg = cfg or (QUICK if quick else DemoConfig())
     if cfg.subjects < 3:
@@ -137,7 +137,7 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, qu
     if "roc" in metrics["pooled"]:
         tables["Lesion detection (AUC)"] = {n: {"AUC": r.get("auc"), "direction": r.get("direction")}
                                             for n, r in metrics["pooled"]["roc"].items()}
-    from mrhscale.importance import summary_tables as importance_tables
+    from mrhscale.stages.importance import summary_tables as importance_tables
 
     tables.update({k: v for k, v in importance_tables(imp).items() if not k.startswith("Setup")})
     tables["Stage wall times (s)"] = summary["stage_seconds"]

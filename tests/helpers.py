@@ -89,7 +89,7 @@ def make_patch_store(path, n_train=512, n_val=128, n_channels=5, half=1, seed=0,
     smooth nonlinear function of a few channels in 0..255 stain units, so a
     small MRH-Net can learn it and a single contrast cannot explain all of it.
     """
-    from mrhscale.norm import Normalisation
+    from mrhscale.ops.norm import Normalisation
 
     rng = np.random.default_rng(seed)
     p = 2 * half + 1
@@ -149,7 +149,7 @@ class StandInPatchStream:
         import torch.distributed as dist
 
         from mrhscale.errors import MRHError
-        from mrhscale.norm import Normalisation
+        from mrhscale.ops.norm import Normalisation
 
         try:
             root = zarr.open_group(str(url), mode="r")
@@ -200,7 +200,7 @@ def write_file_cohort(root, n_subjects=2, shape=(10, 8, 12), fmt="nii.gz", seed=
 
     import yaml
 
-    from mrhscale.volumes import write_sidecars, write_volume
+    from mrhscale.io.volumes import write_sidecars, write_volume
 
     rng = np.random.default_rng(seed)
     aff = np.asarray(affine if affine is not None else [[0.06, 0, 0, 1.0], [0, 0.06, 0, 2.0], [0, 0, 0.06, -3.0], [0, 0, 0, 1]])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mrhscale.cluster import dask_client, tune_malloc
+from mrhscale.parallel.cluster import dask_client, tune_malloc
 
 
 def test_embedded_cluster_leaves_the_parent_environment_alone():
@@ -39,7 +39,7 @@ def test_embedded_workers_start_with_one_malloc_arena():
     """A secondary arena's 64 MiB heaps were created and unmapped around every forward pass
     in a worker's task thread (page faults, a 20% slower network); one arena avoids that
     where tune_malloc applies (with Dask's own settings it made predict slower)."""
-    from mrhscale.cluster import WORKER_ENV
+    from mrhscale.parallel.cluster import WORKER_ENV
 
     before = dict(os.environ)
     for limit, expect in (("4GiB", WORKER_ENV), ("1GiB", {k: None for k in WORKER_ENV})):

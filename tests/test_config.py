@@ -43,7 +43,7 @@ def test_config_errors(tmp_path):
 
 
 def test_resolved_config_masks_credentials():
-    from mrhscale.config import resolved_config
+    from mrhscale.io.config import resolved_config
 
     doc = resolved_config("ingest", {"out": "x", "storage_options": '{"endpoint_url": "http://h:1", "key": "AK", "secret": "S"}'})
     assert doc["storage_options"] == {"endpoint_url": "http://h:1", "key": "***", "secret": "***"}

@@ -171,7 +171,7 @@ def test_9_storage_options_never_reach_a_file(tmp_path):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_9_every_form_of_storage_options_is_masked(tmp_path, form):
-    from mrhscale.config import write_resolved
+    from mrhscale.io.config import write_resolved
 
     (tmp_path / "out").mkdir()
     path = write_resolved(str(tmp_path / "out"), "ingest", {"storage_options": form, "out": "x"})
@@ -244,7 +244,7 @@ def test_13_importance_refuses_another_stains_patches(tmp_path):
 
 
 def test_13_register_refuses_the_manifests_own_folder(tmp_path):
-    from mrhscale.synth import make_cohort
+    from mrhscale.synth.phantom import make_cohort
 
     man = make_cohort(str(tmp_path / "cohort"), subjects=2, shape=(12, 10, 14), quiet=True)
     before = tree(tmp_path / "cohort")

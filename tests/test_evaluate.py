@@ -1,4 +1,4 @@
-"""mrhscale.evaluate: metrics on constructed cases with known answers, markers, ROC, report."""
+"""mrhscale.stages.evaluate: metrics on constructed cases with known answers, markers, ROC, report."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import xarray as xr
 from click.testing import CliRunner
 
 from mrhscale.errors import MRHError
-from mrhscale.evaluate import evaluate, mean_diffusivity, roc, similarity, single_markers
+from mrhscale.stages.evaluate import evaluate, mean_diffusivity, roc, similarity, single_markers
 
 SHAPE = (14, 9, 16)
 AFF = [[0.06, 0, 0, 0], [0, 0.06, 0, 0], [0, 0, 0.06, 0], [0, 0, 0, 1]]
@@ -189,7 +189,7 @@ def test_evaluate_without_label_and_bad_input(tmp_path):
 
 def test_label_from_nifti_and_cli(tmp_path):
     from mrhscale.cli import main
-    from mrhscale.volumes import write_volume
+    from mrhscale.io.volumes import write_volume
 
     store, pred, ids = write_pair(tmp_path, n=1, lesion=True)
     les = xr.open_zarr(store, group="s01", consolidated=False)["lesion"].values
@@ -207,7 +207,7 @@ def test_label_from_nifti_and_cli(tmp_path):
 
 
 def test_report_page(tmp_path):
-    from mrhscale.report import summary_report, write_report
+    from mrhscale.report.html import summary_report, write_report
 
     store, pred, ids = write_pair(tmp_path, n=1, lesion=True)
     m = evaluate(pred, store, "af", str(tmp_path / "ev"), quiet=True)

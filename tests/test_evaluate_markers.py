@@ -14,9 +14,9 @@ from helpers import DEFAULT_AFFINE, make_cohort_store
 
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
-from mrhscale.evaluate import evaluate, marker_names
+from mrhscale.io.volumes import write_volume
+from mrhscale.stages.evaluate import evaluate, marker_names
 from mrhscale.stores import CohortStore, PredictionStore, open_subject
-from mrhscale.volumes import write_volume
 
 SHAPE = (12, 10, 14)
 NOISE = 4.0

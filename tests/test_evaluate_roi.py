@@ -7,7 +7,7 @@ import zarr
 from test_evaluate import SHAPE, write_pair
 
 from mrhscale.errors import MRHError
-from mrhscale.evaluate import evaluate
+from mrhscale.stages.evaluate import evaluate
 
 
 def _add_roi(store, pred, ids):

@@ -1,4 +1,4 @@
-"""mrhscale.importance: permutation importance ranks what the target truly depends on."""
+"""mrhscale.stages.importance: permutation importance ranks what the target truly depends on."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import zarr
 from click.testing import CliRunner
 from helpers import make_patch_store
 
-from mrhscale.bundle import save_bundle
 from mrhscale.errors import MRHError
-from mrhscale.importance import channel_groups, contrast_group, importance
-from mrhscale.model import MRHNet
-from mrhscale.norm import Normalisation
+from mrhscale.io.bundle import save_bundle
+from mrhscale.nn.model import MRHNet
+from mrhscale.ops.norm import Normalisation
+from mrhscale.stages.importance import channel_groups, contrast_group, importance
 
 
 def tiny_store(path, n=400, channels=("a", "b", "c"), seed=0):

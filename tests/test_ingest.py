@@ -13,13 +13,13 @@ from helpers import write_file_cohort
 
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
-from mrhscale.ingest import ingest
+from mrhscale.stages.ingest import ingest
 from mrhscale.stores import list_subjects, open_subject
 
 
 @pytest.fixture(scope="module")
 def client():
-    from mrhscale.cluster import dask_client
+    from mrhscale.parallel.cluster import dask_client
 
     with dask_client(workers=2, processes=True, quiet=True) as c:
         yield c
@@ -105,7 +105,7 @@ def test_failure_mid_write_leaves_no_subject(tmp_path, client):
     f = tmp_path / "files" / "s02" / "dwi.nii"
     data = f.read_bytes()
     out = str(tmp_path / "c.zarr")
-    from mrhscale.manifest import load_manifest
+    from mrhscale.io.manifest import load_manifest
 
     m = load_manifest(man)
     f.write_bytes(data[: len(data) // 2])
@@ -144,7 +144,7 @@ def _cli(args):
     ],
 )
 def test_bad_input_one_line_exit_2(tmp_path, case, expect):
-    from mrhscale.volumes import write_volume
+    from mrhscale.io.volumes import write_volume
 
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     s2 = tmp_path / "files" / "s02"

@@ -101,8 +101,8 @@ def test_task_failures_become_one_line_errors_naming_what_failed():
 
     from distributed.scheduler import KilledWorker
 
-    from mrhscale.cluster import task_error
     from mrhscale.errors import MRHError
+    from mrhscale.parallel.cluster import task_error
 
     cases = [
         (KilledWorker("key", None, 3), "subject s01: a Dask worker died"),

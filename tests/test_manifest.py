@@ -3,7 +3,7 @@ import os
 import pytest
 
 from mrhscale.errors import MRHError
-from mrhscale.manifest import load_manifest
+from mrhscale.io.manifest import load_manifest
 
 
 def _write(tmp_path, text):

@@ -17,10 +17,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mrhscale.bundle import load_model, read_bundle
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
-from mrhscale.matlab import (
+from mrhscale.io.bundle import load_model, read_bundle
+from mrhscale.nn.matlab import (
     DEFAULT_CHANNELS_67,
     LayerGraph,
     MatLayer,
@@ -33,7 +33,7 @@ from mrhscale.matlab import (
     read_layer_graph,
     save_layer_graph_mat,
 )
-from mrhscale.model import MRHNet
+from mrhscale.nn.model import MRHNet
 
 REAL_NAME = "net_5layerV3Res_HRJG_allMRIs_Fluo.mat"
 
@@ -573,7 +573,7 @@ def _imported_bundle(tmp_path, channels, *, input_max=300.0, target_max=200.0, s
 
 
 def test_predict_accepts_imported_bundle(tmp_path):
-    pytest.importorskip("mrhscale.predict")
+    pytest.importorskip("mrhscale.stages.predict")
     import xarray as xr
     from helpers import channel_names, make_cohort_store
 
@@ -601,12 +601,12 @@ def test_predict_accepts_imported_bundle(tmp_path):
 def test_finetune_accepts_imported_bundle(tmp_path, monkeypatch):
     import importlib.util
 
-    train_mod = pytest.importorskip("mrhscale.train")
+    train_mod = pytest.importorskip("mrhscale.training.train")
     if not hasattr(train_mod, "finetune"):
-        pytest.skip("mrhscale.train.finetune not written yet")
+        pytest.skip("mrhscale.training.train.finetune not written yet")
     from helpers import channel_names, make_patch_store
 
-    if importlib.util.find_spec("mrhscale.stream") is None:  # until stream.py lands, as test_train
+    if importlib.util.find_spec("mrhscale.training.stream") is None:  # until stream.py lands, as test_train
         monkeypatch.setenv("MRHSCALE_STREAM", "helpers:StandInPatchStream")
 
     patches = make_patch_store(tmp_path / "nf.zarr", n_train=128, n_val=0, target="nf", seed=3)
@@ -638,7 +638,7 @@ def test_finetune_accepts_imported_bundle(tmp_path, monkeypatch):
 @needs_real
 def test_public_mat_io_api_fallback_infers_kinds_from_fields(real_graph, monkeypatch):
     """Without mat-io's subsystem internals (another version), kinds come from layer fields."""
-    import mrhscale.matlab as M
+    import mrhscale.nn.matlab as M
 
     def broken(*a, **k):
         raise AttributeError("internal API changed")
@@ -658,7 +658,7 @@ def test_input_normalisation_layer_is_rejected(graph):
 
 
 def test_decoded_objects_as_normalisation_are_rejected():
-    from mrhscale.matlab import _make_layer
+    from mrhscale.nn.matlab import _make_layer
 
     rec = np.zeros((1, 1), dtype=[("Mean", "O")])
     lay = _make_layer(

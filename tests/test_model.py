@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mrhscale.model import MRHNet
-from mrhscale.train import (
+from mrhscale.nn.model import MRHNet
+from mrhscale.training.train import (
     TrainConfig,
     clip_per_tensor_,
     loss_function,

@@ -23,7 +23,7 @@ REDUCE = {
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from mrhscale.synth import make_cohort
+    from mrhscale.synth.phantom import make_cohort
 
     d = tmp_path_factory.mktemp("pipe")
     return make_cohort(str(d / "files"), subjects=2, shape=(24, 16, 32), seed=3, quiet=True)

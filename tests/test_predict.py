@@ -1,4 +1,4 @@
-"""mrhscale.predict: voxel-exact against the bare model, geometry, mask, resume, bad input."""
+"""mrhscale.stages.predict: voxel-exact against the bare model, geometry, mask, resume, bad input."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import zarr
 from click.testing import CliRunner
 from helpers import subject_dataset
 
-from mrhscale.bundle import load_model, save_bundle
 from mrhscale.errors import MRHError
-from mrhscale.model import MRHNet
-from mrhscale.norm import Normalisation
-from mrhscale.predict import _predict_block, block_patches, predict, subject_prediction
+from mrhscale.io.bundle import load_model, save_bundle
+from mrhscale.nn.model import MRHNet
+from mrhscale.ops.norm import Normalisation
+from mrhscale.stages.predict import _predict_block, block_patches, predict, subject_prediction
 
 SHAPE = (11, 7, 13)
 
@@ -177,7 +177,7 @@ def test_patch_building_has_no_per_voxel_python_loop(tmp_path):
 def test_end_to_end_cluster_nifti_resume_and_model_loaded_once_per_worker(tmp_path):
     from distributed import Client, LocalCluster
 
-    from mrhscale import predict as P
+    from mrhscale.stages import predict as P
 
     store, ids = write_store(tmp_path / "c.zarr", n_subjects=3, chunks=(3, 3, 4))
     mp = write_model(tmp_path / "m.pt", [f"c{i:02d}" for i in range(5)])
@@ -273,10 +273,10 @@ def test_cli_predict(tmp_path):
 
 @pytest.mark.parametrize("axis", ["x", "y", "z"])
 def test_inference_patches_equal_training_patches(axis):
-    """The patch of a voxel is the same as mrhscale.patches builds for training."""
-    patches = pytest.importorskip("mrhscale.patches")
+    """The patch of a voxel is the same as mrhscale.stages.patches builds for training."""
+    patches = pytest.importorskip("mrhscale.stages.patches")
     if not hasattr(patches, "gather_patches"):
-        pytest.skip("mrhscale.patches.gather_patches not available")
+        pytest.skip("mrhscale.stages.patches.gather_patches not available")
     rng = np.random.default_rng(3)
     vol = rng.random((9, 8, 10, 4)).astype(np.float32)
     h = 1
@@ -293,7 +293,7 @@ def test_inference_patches_equal_training_patches(axis):
 def test_prediction_blocks_merge_whole_store_chunks_in_plane():
     """Fewer, larger blocks (halo tasks per block are a fixed cost); only in-plane axes merge,
     boundaries stay on store-chunk boundaries, and the byte budget holds."""
-    from mrhscale.predict import _merged_inplane
+    from mrhscale.stages.predict import _merged_inplane
 
     chunks = ((64, 64, 64, 8), (32, 32, 32, 32), (64, 64, 64, 64, 24))
     shape = (200, 128, 280)
@@ -314,7 +314,7 @@ def test_prediction_blocks_merge_whole_store_chunks_in_plane():
 def test_block_layouts_and_gather_backends_agree(tmp_path, monkeypatch, aggregate, half, axis):
     """Whole-plane blocks (no halo exchange, zero padding inside the gather), store-chunk
     blocks with map_overlap halos, and the numpy fallback give the same voxels."""
-    from mrhscale import predict as P
+    from mrhscale.stages import predict as P
 
     store, ids = write_store(tmp_path / "c.zarr", n_subjects=1, full_mask=True, nan=True)
     ds = xr.open_zarr(store, group=ids[0], consolidated=False)

@@ -19,7 +19,7 @@ pytest.importorskip("ants", reason="needs the optional extra mrhscale[register] 
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 from mrhscale.errors import MRHError  # noqa: E402
-from mrhscale.volumes import write_sidecars, write_volume  # noqa: E402
+from mrhscale.io.volumes import write_sidecars, write_volume  # noqa: E402
 
 SHAPE = (28, 22, 34)
 NSHAPE = (30, 26, 32)  # the moving subject's native grid differs from the reference grid
@@ -87,9 +87,9 @@ def write_subject(root, sid, vols, affine):
 def write_model(path, channels):
     import torch
 
-    from mrhscale.bundle import save_bundle
-    from mrhscale.model import MRHNet
-    from mrhscale.norm import Normalisation
+    from mrhscale.io.bundle import save_bundle
+    from mrhscale.nn.model import MRHNet
+    from mrhscale.ops.norm import Normalisation
 
     torch.manual_seed(0)
     m = MRHNet(len(channels), depth=1, width=8)
@@ -109,8 +109,8 @@ def dice(a, b):
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """Files (s01 = reference, s02 = moved onto another grid), their registration, two stores."""
-    from mrhscale.ingest import ingest
-    from mrhscale.register import register_cohort
+    from mrhscale.stages.ingest import ingest
+    from mrhscale.stages.register import register_cohort
 
     root = tmp_path_factory.mktemp("native")
     files = str(root / "files")
@@ -126,7 +126,7 @@ def cohort(tmp_path_factory):
                           workers=1, quiet=True)
     assert res["registered"] == ["s01", "s02"], res["failed"]
     store, native_store = str(root / "cohort.zarr"), str(root / "native.zarr")
-    from mrhscale.cluster import dask_client
+    from mrhscale.parallel.cluster import dask_client
 
     with dask_client(workers=1, quiet=True) as client:
         ingest(res["manifest"], store, client=client, quiet=True, checksums=False)
@@ -142,7 +142,7 @@ def cohort(tmp_path_factory):
 def test_to_native_on_the_native_grid_and_like_native_prediction(cohort, tmp_path):
     import nibabel as nib
 
-    from mrhscale.predict import predict
+    from mrhscale.stages.predict import predict
 
     c = cohort
     nii = str(tmp_path / "nii")
@@ -171,7 +171,7 @@ def test_to_native_on_the_native_grid_and_like_native_prediction(cohort, tmp_pat
 
 def test_to_native_dir_resume_and_errors(cohort, tmp_path):
     from mrhscale.cli import main
-    from mrhscale.predict import predict
+    from mrhscale.stages.predict import predict
 
     c = cohort
     out, nii = str(tmp_path / "p.zarr"), str(tmp_path / "nii")

@@ -23,7 +23,7 @@ needs_ants = pytest.mark.skipif(importlib.util.find_spec("ants") is None,
 
 from mrhscale.cli import main  # noqa: E402
 from mrhscale.errors import MRHError  # noqa: E402
-from mrhscale.volumes import open_volume, read_sidecars, write_sidecars, write_volume  # noqa: E402
+from mrhscale.io.volumes import open_volume, read_sidecars, write_sidecars, write_volume  # noqa: E402
 
 SHAPE = (32, 24, 40)
 VOX = 0.1
@@ -128,7 +128,7 @@ def read(path, index=None):
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """One affine run of the cohort (s01 is the reference), shared by several tests."""
-    from mrhscale.register import register_cohort
+    from mrhscale.stages.register import register_cohort
 
     root = tmp_path_factory.mktemp("reg")
     manifest, ref = make_cohort(str(root / "files"))
@@ -163,8 +163,8 @@ def test_registration_raises_dice_and_correlation(registered):
 
 @needs_ants
 def test_output_manifest_ingests_as_is(registered, tmp_path):
-    from mrhscale.ingest import ingest
-    from mrhscale.register import transforms_for_subject
+    from mrhscale.stages.ingest import ingest
+    from mrhscale.stages.register import transforms_for_subject
     from mrhscale.stores import open_subject
 
     _, _, out, res = registered
@@ -203,7 +203,7 @@ def test_gradient_directions_rotated_by_the_recovered_rotation(registered):
 @needs_ants
 def test_rotate_bvecs_exact_for_a_pure_rotation():
     """The conversion chain on its own, with the exact ANTs-convention transform."""
-    from mrhscale.register import LPS, rotate_bvecs
+    from mrhscale.stages.register import LPS, rotate_bvecs
 
     q = rotation(30, -20)
     flip = np.diag([-1.0, 1, 1])
@@ -217,7 +217,7 @@ def test_rotate_bvecs_exact_for_a_pure_rotation():
 
 @needs_ants
 def test_to_native_round_trip(registered, tmp_path):
-    from mrhscale.register import read_transform_info, to_native, to_reference
+    from mrhscale.stages.register import read_transform_info, to_native, to_reference
 
     manifest, ref, out, _ = registered
     sid = "s02"
@@ -244,7 +244,7 @@ def test_to_native_round_trip(registered, tmp_path):
 
 @needs_ants
 def test_marker_from_file(registered, tmp_path):
-    from mrhscale.register import marker_from_file, read_transform_info
+    from mrhscale.stages.register import marker_from_file, read_transform_info
 
     manifest, ref, out, _ = registered
     grid = read_transform_info(os.path.join(out, "s02"))["reference_grid"]
@@ -268,7 +268,7 @@ def test_marker_from_file(registered, tmp_path):
 
 @needs_ants
 def test_rerun_skips_complete_subjects(registered):
-    from mrhscale.register import register_cohort
+    from mrhscale.stages.register import register_cohort
 
     manifest, _, out, _ = registered
     mtime = os.path.getmtime(os.path.join(out, "s02", "mask.nii"))
@@ -286,7 +286,7 @@ def test_rerun_skips_complete_subjects(registered):
 def test_template_reference_syn_and_failure_reported(tmp_path):
     """A template file as reference, affine then SyN on a smoothly deformed subject; a subject of
     pure noise does not converge: reported with its metric, the others still finish."""
-    from mrhscale.register import register_cohort
+    from mrhscale.stages.register import register_cohort
 
     ref = phantom()
     template = str(tmp_path / "template_fa.nii.gz")
@@ -324,7 +324,7 @@ def test_template_reference_syn_and_failure_reported(tmp_path):
     man = yaml.safe_load(open(res["manifest"]))
     assert [s["id"] for s in man["subjects"]] == ["s01"]
     # round trip through the SyN warp and its inverse
-    from mrhscale.register import to_native
+    from mrhscale.stages.register import to_native
 
     back = to_native(read(os.path.join(out, "s01", "target_af.nii")), os.path.join(out, "s01"))
     inner = ndi.binary_erosion(vols["mask"] > 0.5, iterations=2)
@@ -335,7 +335,7 @@ def test_template_reference_syn_and_failure_reported(tmp_path):
 def test_register_histology_cross_modal(tmp_path):
     """A stain whose contrast is unlike FA (bright where FA is dark), moved by a known rigid
     transform, lands back on the MRI grid: correlation with the true stain rises."""
-    from mrhscale.register import register_histology
+    from mrhscale.stages.register import register_histology
 
     ref = phantom()
     root = str(tmp_path / "files")
@@ -377,7 +377,7 @@ def test_cli_register_and_bad_inputs(registered, tmp_path):
     assert r.exit_code == 0, r.output
     assert "registered 2 subject(s)" in r.output and os.path.exists(f"{out}/cohort.yaml")
     assert os.path.exists(f"{out}/s02/mri_dwi.nii.gz") and os.path.exists(f"{out}/s02/mri_dwi.bvec")
-    from mrhscale.register import read_transform_info
+    from mrhscale.stages.register import read_transform_info
 
     info = read_transform_info(f"{out}/s02")
     assert info["contrast"] == "dwi_0" and info["metrics"]["dice_after"] > 0.93
@@ -405,7 +405,7 @@ def test_cli_no_overlap_exit_2(registered, tmp_path):
     assert r.exit_code == 2, r.output
     assert "no overlap" in r.output and "s02" in r.output and "Traceback" not in r.output
     # the default (centres of mass aligned first) copes with such headers
-    from mrhscale.register import register_cohort
+    from mrhscale.stages.register import register_cohort
 
     res = register_cohort(manifest, template, str(tmp_path / "o3"), transform="rigid", preset="fast",
                           subjects=["s02"], workers=1, quiet=True)
@@ -421,7 +421,7 @@ def test_cli_register_histology_bad_input(tmp_path):
 
 
 def test_missing_extra_message(monkeypatch):
-    from mrhscale import register
+    from mrhscale.stages import register
 
     monkeypatch.setitem(sys.modules, "ants", None)  # import ants -> ImportError
     with pytest.raises(MRHError, match=r'pip install "mrhscale\[register\]"'):

@@ -38,8 +38,8 @@ def s3():
 
 
 def test_ingest_to_s3_and_read_back(tmp_path, s3):
-    from mrhscale.cluster import dask_client
-    from mrhscale.ingest import ingest
+    from mrhscale.parallel.cluster import dask_client
+    from mrhscale.stages.ingest import ingest
 
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     url = "s3://mrh/cohort.zarr"
@@ -57,7 +57,7 @@ def test_ingest_to_s3_and_read_back(tmp_path, s3):
 
 
 def _stream_all(url, split="train", storage_options=None):
-    from mrhscale.stream import PatchStream
+    from mrhscale.training.stream import PatchStream
 
     s = PatchStream(url, split=split, batch_size=16, shuffle=False, drop_last=False,
                     storage_options=storage_options, with_origin=True)
@@ -76,13 +76,13 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
     import zarr
     from distributed import Client, LocalCluster
 
-    from mrhscale.evaluate import evaluate
-    from mrhscale.importance import importance
-    from mrhscale.ingest import ingest
-    from mrhscale.patches import extract_patches
-    from mrhscale.predict import predict
+    from mrhscale.stages.evaluate import evaluate
+    from mrhscale.stages.importance import importance
+    from mrhscale.stages.ingest import ingest
+    from mrhscale.stages.patches import extract_patches
+    from mrhscale.stages.predict import predict
     from mrhscale.stores import describe as describe_store
-    from mrhscale.train import train
+    from mrhscale.training.train import train
 
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     base = "s3://mrh/e2e"
@@ -200,7 +200,7 @@ def test_s3_outputs_follow_the_store_rules(tmp_path, s3):
     from helpers import make_cohort_store
 
     from mrhscale.errors import MRHError
-    from mrhscale.patches import extract_patches
+    from mrhscale.stages.patches import extract_patches
     from mrhscale.stores import CohortStore, PatchStore
 
     fs = s3fs.S3FileSystem(**s3)

@@ -30,7 +30,7 @@ def env(tmp_path_factory):
              "manifest": write_file_cohort(d / "files", n_subjects=1, fmt="nii"),
              "patches": make_patch_store(d / "patches.zarr", n_train=256, n_val=64, n_channels=len(ch)),
              "model": write_model(str(d / "m.pt"), ch), "model2": write_model(str(d / "m2.pt"), ch, seed=1)}
-        from mrhscale.predict import predict
+        from mrhscale.stages.predict import predict
 
         e["pred"] = str(d / "pred.zarr")
         predict(e["model"], cohort, e["pred"], scheduler=e["scheduler"], quiet=True)
@@ -97,14 +97,14 @@ class TestCohortStore(Contract):
     what = "cohort store"
 
     def make(self, env, out, variant=0):
-        from mrhscale.ingest import ingest
+        from mrhscale.stages.ingest import ingest
 
         man = env["manifest"] if not variant else write_file_cohort(
             os.path.dirname(out) + "/files2", n_subjects=1, fmt="nii", seed=5)  # other files, same ids
         return ingest(man, out, client=env["client"], chunks=(4, 4, 4), quiet=True)
 
     def fail(self, env, out):
-        from mrhscale.ingest import ingest
+        from mrhscale.stages.ingest import ingest
 
         d = os.path.dirname(out) + "/broken"
         man = write_file_cohort(d, n_subjects=1, fmt="nii")
@@ -118,12 +118,12 @@ class TestPatchStore(Contract):
     what = "patch store"
 
     def make(self, env, out, variant=0):
-        from mrhscale.patches import extract_patches
+        from mrhscale.stages.patches import extract_patches
 
         return extract_patches(env["cohort"], "af", out, scheduler="synchronous", quiet=True, stride=2 + variant)
 
     def fail(self, env, out):
-        from mrhscale.patches import extract_patches
+        from mrhscale.stages.patches import extract_patches
 
         return extract_patches(env["cohort"], "af", out, scheduler="synchronous", quiet=True, stride=2,
                                overwrite=True, min_label_sum=1e12)
@@ -133,13 +133,13 @@ class TestPredictionStore(Contract):
     what = "prediction store"
 
     def make(self, env, out, variant=0):
-        from mrhscale.predict import predict
+        from mrhscale.stages.predict import predict
 
         return predict(env["model2" if variant else "model"], env["cohort"], out, scheduler=env["scheduler"],
                        quiet=True)
 
     def fail(self, env, out):
-        from mrhscale.predict import predict
+        from mrhscale.stages.predict import predict
 
         return predict(env["model2"], env["cohort"], out, scheduler=env["scheduler"], quiet=True,
                        subjects=["s09"], overwrite=True)
@@ -149,14 +149,14 @@ class TestRunFolder(Contract):
     what = "training run folder"
 
     def make(self, env, out, variant=0):
-        from mrhscale.train import train
+        from mrhscale.training.train import train
 
         resume = os.path.exists(os.path.join(out, "model.pt"))
         return train(env["patches"], out, depth=1, width=8, epochs=1 + variant, batch_size=64, quiet=True,
                      resume=resume and not variant, seed=variant)
 
     def fail(self, env, out):
-        from mrhscale.train import train
+        from mrhscale.training.train import train
 
         other = make_patch_store(os.path.dirname(out) + "/other.zarr", n_train=128, n_val=32, target="mbp",
                                  n_channels=5)
@@ -168,12 +168,12 @@ class TestEvaluationFolder(Contract):
     mismatch_replaces = True
 
     def make(self, env, out, variant=0):
-        from mrhscale.evaluate import evaluate
+        from mrhscale.stages.evaluate import evaluate
 
         return evaluate(env["pred"], env["cohort"], "af", out, quiet=True, seed=variant)
 
     def fail(self, env, out):
-        from mrhscale.evaluate import evaluate
+        from mrhscale.stages.evaluate import evaluate
 
         return evaluate(env["pred"], env["cohort"], "af", out, quiet=True, label="nope")
 
@@ -183,13 +183,13 @@ class TestImportanceFolder(Contract):
     mismatch_replaces = True
 
     def make(self, env, out, variant=0):
-        from mrhscale.importance import importance
+        from mrhscale.stages.importance import importance
 
         return importance(env["model"], env["patches"], out, max_patches=64, repeats=1, quiet=True,
                           seed=variant, per_channel=False)
 
     def fail(self, env, out):
-        from mrhscale.importance import importance
+        from mrhscale.stages.importance import importance
 
         return importance(env["model"], env["patches"], out, split="test", quiet=True)
 

@@ -10,8 +10,8 @@ from helpers import make_cohort_store
 from torch.utils.data import DataLoader
 
 from mrhscale.errors import MRHError
-from mrhscale.patches import extract_patches
-from mrhscale.stream import PatchStream
+from mrhscale.stages.patches import extract_patches
+from mrhscale.training.stream import PatchStream
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_read_ahead_yields_the_same_batches_and_stops_its_thread(patch_store, sh
 def test_windows_are_read_into_reused_buffers(patch_store, monkeypatch):
     """Guard of the stream's speed: one window buffer per iterator (two with read_ahead),
     zarr decoding into it with out=, no per-window concatenation of chunk copies."""
-    import mrhscale.stream as st
+    import mrhscale.training.stream as st
 
     allocs = []
     real = st._alloc

@@ -14,14 +14,14 @@ from scipy import ndimage
 
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
-from mrhscale.synth import (
+from mrhscale.io.volumes import read_sidecars
+from mrhscale.synth.phantom import (
     DEFAULT_SHAPE,
     _subject_seed,
     acquisition,
     make_cohort,
     make_subject,
 )
-from mrhscale.volumes import read_sidecars
 
 SMALL = (24, 16, 32)
 
@@ -80,7 +80,7 @@ def test_deterministic_and_seed_dependent():
 
 
 def test_mri_groups_do_not_depend_on_threads():
-    from mrhscale.synth import _Subject
+    from mrhscale.synth.phantom import _Subject
 
     s = _Subject(SMALL, 5)
     assert np.array_equal(s.group("dwi5000", threads=1), s.group("dwi5000", threads=3))
@@ -166,7 +166,7 @@ def test_diffusion_depends_on_gradient_direction(subj):
 
 
 def test_cohort_files_and_manifest(cohort):
-    from mrhscale.manifest import load_manifest
+    from mrhscale.io.manifest import load_manifest
 
     base = os.path.dirname(cohort)
     with open(cohort) as fh:
@@ -297,7 +297,7 @@ def test_full_size_grid(tmp_path):
 
 
 def test_white_matter_label_for_roi_analysis():
-    from mrhscale.synth import make_subject
+    from mrhscale.synth.phantom import make_subject
 
     s = make_subject(seed=2)
     wm, mask = s["labels"]["wm"], s["mask"]
@@ -327,7 +327,7 @@ def oedema_pair():
 
 
 def test_oedema_blobs_in_every_subject_in_white_matter():
-    from mrhscale.synth import _Subject
+    from mrhscale.synth.phantom import _Subject
 
     for i in range(4):  # lesion-free subjects get them too
         s = _Subject(DEFAULT_SHAPE, _subject_seed(0, i), lesion=i % 2 == 0)

@@ -17,16 +17,16 @@ import zarr
 from click.testing import CliRunner
 from helpers import StandInPatchStream, make_patch_store
 
-from mrhscale.bundle import describe_bundle, load_model, read_bundle
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
-from mrhscale.norm import Normalisation
-from mrhscale.train import TrainingInterrupted, _open_data, finetune, train
+from mrhscale.io.bundle import describe_bundle, load_model, read_bundle
+from mrhscale.ops.norm import Normalisation
+from mrhscale.training.train import TrainingInterrupted, _open_data, finetune, train
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
-HAVE_STREAM = importlib.util.find_spec("mrhscale.stream") is not None
-# Until mrhscale/stream.py exists the trainer is exercised with the stand-in from helpers.
+HAVE_STREAM = importlib.util.find_spec("mrhscale.training.stream") is not None
+# Until mrhscale/training/stream.py exists the trainer is exercised with the stand-in from helpers.
 STREAM_ENV = {} if HAVE_STREAM else {"MRHSCALE_STREAM": "helpers:StandInPatchStream"}
 
 # one small recipe shared by the reference run and the killed/resumed runs
@@ -216,7 +216,7 @@ class NoNormStream(StandInPatchStream):
 
 def test_model_normalisation_applied_with_or_without_stream_override(reference, nf_store,
                                                                      monkeypatch):
-    from mrhscale.train import TrainConfig
+    from mrhscale.training.train import TrainConfig
 
     model_norm = load_model(reference["model"])[1]["norm"]
     cfg = TrainConfig(patches=nf_store, seed=0)
@@ -225,7 +225,7 @@ def test_model_normalisation_applied_with_or_without_stream_override(reference, 
     want = torch.from_numpy(model_norm.apply_inputs(raw, channel_axis=1))
     store_norm = Normalisation.from_dict(zarr.open_group(nf_store, mode="r").attrs["norm"])
     assert store_norm.offset != model_norm.offset  # so a missing correction would show
-    real = "mrhscale.stream:PatchStream" if HAVE_STREAM else "helpers:StandInPatchStream"
+    real = "mrhscale.training.stream:PatchStream" if HAVE_STREAM else "helpers:StandInPatchStream"
     for cls in (real, "helpers:StandInPatchStream", "test_train:NoNormStream"):
         monkeypatch.setenv("MRHSCALE_STREAM", cls)
         data = _open_data(nf_store, "val", 512, cfg, 0, 1, model_norm, dev, 0, None)

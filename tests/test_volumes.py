@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from mrhscale.errors import MRHError
-from mrhscale.volumes import checksum, open_volume, read_sidecars, write_sidecars, write_volume
+from mrhscale.io.volumes import checksum, open_volume, read_sidecars, write_sidecars, write_volume
 
 
 @pytest.mark.parametrize("ext", [".nii", ".nii.gz", ".hdr"])

@@ -80,8 +80,8 @@ def importance(
     import torch
 
     from mrhscale import __version__
-    from mrhscale.bundle import load_model
-    from mrhscale.predict import check_channels, check_device
+    from mrhscale.io.bundle import load_model
+    from mrhscale.stages.predict import check_channels, check_device
     from mrhscale.stores import Folder, resolve, sha256_file
 
     model_path, patches_url = resolve(model_path, "model"), resolve(patches_url)
@@ -178,7 +178,7 @@ def importance(
 
 
 def _write_outputs(out_dir: str, res: dict) -> None:
-    from mrhscale.report import write_report
+    from mrhscale.report.html import write_report
     from mrhscale.stores import write_json
 
     write_json(os.path.join(out_dir, "importance.json"), res)

@@ -68,11 +68,13 @@ def dask_client(
     client = Client(cluster)
     client.register_plugin(quiet_task_failures(log_file()), name=QUIET_PLUGIN)
     try:
-        yield client
+        with _tracebacks_to_log():
+            yield client
     finally:
-        client.close()
-        with _parent_environ_kept():  # a nanny restarting a worker while closing sets them again
-            cluster.close()
+        with _tracebacks_to_log():
+            client.close()
+            with _parent_environ_kept():  # a nanny restarting a worker while closing sets them again
+                cluster.close()
 
 
 @contextlib.contextmanager
@@ -166,12 +168,41 @@ def log_file() -> str:
 
 
 class _DropTaskFailures(logging.Filter):
+    """Keeps tracebacks off the terminal: a failing task's block, and the comm errors
+    workers log while the cluster shuts down after a stage has failed."""
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("distributed"):
+            return True  # only Dask's own records: a user's logging is theirs
         msg = str(record.msg)
-        return not msg.startswith(("Compute Failed", "Exception during execution of task"))
+        if msg.startswith(("Compute Failed", "Exception during execution of task")):
+            return False
+        return record.exc_info is None and "Traceback" not in record.getMessage()
 
 
 QUIET_PLUGIN = "mrhscale-quiet-task-failures"
+
+
+@contextlib.contextmanager
+def _tracebacks_to_log():
+    """In this process too (scheduler, nannies, client), Dask's tracebacks go to the log
+    file while the embedded cluster lives: the user sees the stage's one line."""
+    handler = logging.FileHandler(log_file())
+    handler.setLevel(logging.WARNING)
+    dist = logging.getLogger("distributed")
+    streams = [h for h in dist.handlers + logging.getLogger().handlers
+               if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    drop = _DropTaskFailures()
+    dist.addHandler(handler)
+    for h in streams:
+        h.addFilter(drop)
+    try:
+        yield
+    finally:
+        for h in streams:
+            h.removeFilter(drop)
+        dist.removeHandler(handler)
+        handler.close()
 
 
 def quiet_task_failures(log_path: str):

@@ -24,9 +24,9 @@ from zarr.codecs import BloscCodec
 
 from mrhscale import __version__
 from mrhscale.errors import MRHError
-from mrhscale.manifest import Manifest, SubjectSpec, load_manifest
+from mrhscale.io.manifest import Manifest, SubjectSpec, load_manifest
+from mrhscale.io.volumes import Volume, checksum, open_volume, read_sidecars
 from mrhscale.stores import CohortStore, differences
-from mrhscale.volumes import Volume, checksum, open_volume, read_sidecars
 
 DEFAULT_CHUNKS = (64, 32, 64)
 FORMAT = "mrhscale-cohort"
@@ -157,7 +157,7 @@ def _read_slab(parts, shape, z0: int, z1: int) -> tuple[np.ndarray, int]:
     while the block is hot in cache, saves two passes over the data. A file that
     cannot be read (truncated, damaged, gone) is named in the error.
     """
-    from mrhscale.cluster import tune_malloc
+    from mrhscale.parallel.cluster import tune_malloc
 
     tune_malloc()  # Dask's worker malloc setting page-faults every slab-sized buffer
     sx, sy, _ = shape
@@ -392,7 +392,7 @@ def ingest(
     root = store.prepare({"channels": plans[0].channels, "mrhscale_version": __version__})
     for plan in plans:  # another process may have created the store meanwhile
         _check_channels(plan.spec.id, plan.channels, root.get("channels"))
-    from mrhscale.cluster import dask_client
+    from mrhscale.parallel.cluster import dask_client
 
     with (dask_client(scheduler, workers, quiet=quiet) if client is None
           else contextlib.nullcontext(client)) as cl, store.writer() as w:
@@ -444,7 +444,7 @@ class _WriteJob:
         self.pending[self.cl.compute(dask.delayed(_after_write)(write, counts))] = (plan, path, sums)
 
     def _finish(self, fut) -> str | None:
-        from mrhscale.cluster import task_error
+        from mrhscale.parallel.cluster import task_error
 
         plan, path, sums = self.pending.pop(fut)
         sid = plan.spec.id

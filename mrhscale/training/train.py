@@ -19,7 +19,7 @@ Run directory::
     RUNDIR/checkpoints/last.pt  model, optimiser, schedule position, RNG, history (atomic)
     RUNDIR/metrics.csv|json    one row per epoch
     RUNDIR/curve.png           training curve
-    RUNDIR/model.pt            the model bundle (mrhscale.bundle)
+    RUNDIR/model.pt            the model bundle (mrhscale.io.bundle)
 
 A checkpoint is written after every epoch and on SIGTERM (after the current
 step, then the process exits non-zero so a batch scheduler can requeue it);
@@ -51,8 +51,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mrhscale.errors import MRHError
-from mrhscale.model import MRHNet
-from mrhscale.norm import Normalisation
+from mrhscale.nn.model import MRHNet
+from mrhscale.ops.norm import Normalisation
 from mrhscale.stores import atomic_write, write_text
 
 LOSSES = ("matlab", "mse", "centre-mse")
@@ -292,7 +292,7 @@ def _stream_class():
 
         mod, _, name = spec.partition(":")
         return getattr(importlib.import_module(mod), name or "PatchStream")
-    from mrhscale.stream import PatchStream
+    from mrhscale.training.stream import PatchStream
 
     return PatchStream
 
@@ -776,7 +776,7 @@ def _run(cfg: TrainConfig, out_dir: str, *, resume: bool, build_model, stream_no
             raise _diverged(cfg.epochs - 1, 0, 0, ckpt_path, cfg)
         if main:
             from mrhscale import __version__
-            from mrhscale.bundle import save_bundle
+            from mrhscale.io.bundle import save_bundle
 
             prov = {
                 "stage": cfg.kind, "mrhscale_version": __version__, "torch_version": torch.__version__,
@@ -959,7 +959,7 @@ def finetune(model_path: str, patches: str, out_dir: str, *, epochs: int | None 
 
 
 def _finetune(cfg, model_path, out_dir, resume, given, **kw) -> dict:
-    from mrhscale.bundle import model_from_bundle, read_bundle
+    from mrhscale.io.bundle import model_from_bundle, read_bundle
 
     cfg = _prepare(cfg, out_dir, resume, given)
     bundle = read_bundle(cfg.base_model if resume else model_path)

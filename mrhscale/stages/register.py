@@ -200,7 +200,7 @@ def contrast_names(plan) -> dict[str, tuple[str, int | None]]:
 
 
 def _contrast_array(plan, name: str) -> np.ndarray:
-    from mrhscale.volumes import open_volume
+    from mrhscale.io.volumes import open_volume
 
     table = contrast_names(plan)
     if name not in table:
@@ -353,7 +353,7 @@ BLOCK = 8  # volumes per time-series call: bounds a worker's memory on full-size
 
 def _map_volume(volume, info: dict, direction: str, interpolator: str, out: str | None,
                 volume_index: int | None) -> np.ndarray:
-    from mrhscale.volumes import open_volume, write_volume
+    from mrhscale.io.volumes import open_volume, write_volume
 
     ref, nat = Grid.from_dict(info["reference_grid"]), Grid.from_dict(info["native_grid"])
     src, dst, key = (ref, nat, "inverse") if direction == "native" else (nat, ref, "forward")
@@ -495,8 +495,8 @@ def _register_subject(job: dict, fixed_arr: np.ndarray | None = None,
     Returns {"subject", "status": "ok"|"failed", "message", "metrics", "seconds", "entry"}.
     """
     from mrhscale import __version__
-    from mrhscale.ingest import plan_subject
-    from mrhscale.volumes import open_volume, read_sidecars, write_sidecars, write_volume
+    from mrhscale.io.volumes import open_volume, read_sidecars, write_sidecars, write_volume
+    from mrhscale.stages.ingest import plan_subject
 
     t0 = time.perf_counter()
     spec = job["spec"]
@@ -664,8 +664,8 @@ def _zooms(grid: Grid) -> np.ndarray:
 
 def _reference(man, reference: str, contrast: str):
     """(description, grid, fixed array, mask or None, reference subject id or None)."""
-    from mrhscale.ingest import plan_subject
-    from mrhscale.volumes import open_volume
+    from mrhscale.io.volumes import open_volume
+    from mrhscale.stages.ingest import plan_subject
 
     ids = {s.id: s for s in man.subjects}
     if reference in ids:
@@ -764,8 +764,8 @@ def register_cohort(
     and memory-maps in ingest; .nii.gz is smaller).
     Returns {"out", "manifest", "registered", "skipped", "failed", "metrics", "seconds"}.
     """
-    from mrhscale.cluster import dask_client
-    from mrhscale.manifest import Manifest, load_manifest
+    from mrhscale.io.manifest import Manifest, load_manifest
+    from mrhscale.parallel.cluster import dask_client
 
     ants_module()  # fail early, before any cluster starts
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
@@ -780,7 +780,7 @@ def register_cohort(
     folder = _output_folder(out_dir, man, specs)
     out_dir = folder.path
     desc, grid, fixed_arr, ref_mask, ref_sid = _reference(man, reference, contrast)
-    from mrhscale.ingest import plan_subject
+    from mrhscale.stages.ingest import plan_subject
 
     for spec in specs:  # headers only (and the mask): bad names fail before any work
         if spec.id != ref_sid:
@@ -835,7 +835,7 @@ def register_cohort(
                 try:
                     res = fut.result()
                 except Exception as e:  # a worker died: report it, keep the others
-                    from mrhscale.cluster import task_error
+                    from mrhscale.parallel.cluster import task_error
 
                     sid = owner[fut.key]
                     res = {"subject": sid, "status": "failed", "metrics": {}, "seconds": None,
@@ -892,9 +892,9 @@ def register_histology(
     registration >= min_similarity. Returns {"out", "transforms", "metrics", "seconds"}.
     """
     from mrhscale import __version__
-    from mrhscale.ingest import plan_subject
-    from mrhscale.manifest import Manifest, load_manifest
-    from mrhscale.volumes import open_volume, stem, write_volume
+    from mrhscale.io.manifest import Manifest, load_manifest
+    from mrhscale.io.volumes import open_volume, stem, write_volume
+    from mrhscale.stages.ingest import plan_subject
 
     t0 = time.perf_counter()
     ants = ants_module(threads)
@@ -969,7 +969,7 @@ HISTOLOGY_DESCRIP = "mrhscale register-histology"
 
 def _check_histology_outputs(out: str, tdir: str) -> None:
     """Overwrite only what an earlier register-histology wrote: never the user's files."""
-    from mrhscale.volumes import mrhscale_descrip
+    from mrhscale.io.volumes import mrhscale_descrip
 
     if os.path.exists(out):
         if mrhscale_descrip(out) is None:
@@ -1016,7 +1016,7 @@ def marker_from_file(
     volume: index of the volume in a 4D file (required for 4D).
     The store grid comes from ``store`` (attrs affine + x/y/z sizes) or ``grid`` = (shape, affine).
     """
-    from mrhscale.volumes import open_volume
+    from mrhscale.io.volumes import open_volume
 
     is_path = any(str(source).lower().endswith(e) for e in (".nii", ".nii.gz", ".hdr", ".img")) \
         or os.sep in str(source)

@@ -113,13 +113,13 @@ def summary_report(out_dir: str, *, evaluation: dict | None = None, importance: 
     all_tables = dict(tables or {})
     figs = _figure_list(figures)
     if evaluation:
-        from mrhscale.evaluate import summary_tables as ev_tables
+        from mrhscale.stages.evaluate import summary_tables as ev_tables
 
         all_tables.update(ev_tables(evaluation))
         caps = evaluation.get("figure_captions", {})
         figs += [(os.path.join(evaluation["out_dir"], f), caps.get(f, f)) for f in evaluation.get("figures", [])]
     if importance:
-        from mrhscale.importance import summary_tables as imp_tables
+        from mrhscale.stages.importance import summary_tables as imp_tables
 
         all_tables.update({f"Importance: {k}": v for k, v in imp_tables(importance).items()})
         figs += [(os.path.join(importance["out_dir"], f), "contrast importance (permutation)")

@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mrhscale.errors import MRHError
-from mrhscale.norm import Normalisation
+from mrhscale.ops.norm import Normalisation
 
 VARS = ("inputs", "targets", "origin")
 _READ_THREADS = 4  # concurrent zarr chunk reads per iterator (they mostly wait on I/O)

@@ -261,7 +261,7 @@ def load_marker(source: str, ds, sid: str, shape, transforms: str | None = None)
     """An extra marker on subject ``sid``'s store grid (float64, NaN -> 0).
 
     A store contrast/variable is read from the open Dataset (honours storage options);
-    a file goes through ``mrhscale.register.marker_from_file`` (antspyx only with transforms).
+    a file goes through ``mrhscale.stages.register.marker_from_file`` (antspyx only with transforms).
     """
     source = str(source)
     if not _is_path(source):
@@ -277,11 +277,11 @@ def load_marker(source: str, ds, sid: str, shape, transforms: str | None = None)
             raise MRHError(f"--marker {source}: not a contrast or variable of subject {sid} "
                            f"(available: {', '.join(avail[:20])}{more}) and not an image path")
         return np.nan_to_num(np.asarray(a, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    from mrhscale.register import marker_from_file
+    from mrhscale.stages.register import marker_from_file
 
     path = source.replace("{subject}", sid)
     if transforms is None:  # must already be on the store grid: say so with the shapes
-        from mrhscale.volumes import open_volume
+        from mrhscale.io.volumes import open_volume
 
         vol = open_volume(path, what=f"--marker for subject {sid}")
         vshape = tuple(vol.shape[:3]) if len(vol.shape) == 3 or (
@@ -305,7 +305,7 @@ def load_label(ds, label: str | None, sid: str, shape, what: str = "--label") ->
         return ds[label].transpose(*SPATIAL).values.astype(bool)
     low = label.lower()
     if "{subject}" in label or low.endswith((".nii", ".nii.gz", ".hdr", ".img")):
-        from mrhscale.volumes import open_volume
+        from mrhscale.io.volumes import open_volume
 
         vol = open_volume(label.replace("{subject}", sid), what=f"{what} for {sid}")
         arr = np.asarray(vol.proxy)
@@ -591,7 +591,7 @@ def _evaluate(pstore, cstore, ids, target, out_dir, *, label, roi, quiet, max_po
     metrics["figure_captions"] = {os.path.basename(p): c for p, c in figures}
     metrics["out_dir"] = final_dir
     write_json(os.path.join(out_dir, "metrics.json"), _finite(metrics))
-    from mrhscale.report import write_report
+    from mrhscale.report.html import write_report
 
     metrics["report"] = write_report(out_dir, summary_tables(metrics), figures,
                                      f"mrhscale evaluation: virtual {target}")

@@ -797,7 +797,7 @@ def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask,
     """The subjects' files and the manifest, into a fresh folder."""
     from tqdm.auto import tqdm
 
-    from mrhscale.volumes import write_sidecars, write_volume
+    from mrhscale.io.volumes import write_sidecars, write_volume
 
     ext = FORMATS[fmt]
     manifest = os.path.join(outdir, "cohort.yaml")

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from mrhscale.errors import MRHError
-from mrhscale.model import MRHNet
-from mrhscale.norm import Normalisation
+from mrhscale.nn.model import MRHNet
+from mrhscale.ops.norm import Normalisation
 
 FORMAT = "mrhscale-model"
 FORMAT_VERSION = 1

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from mrhscale.errors import MRHError
-from mrhscale.patches import _numba
+from mrhscale.stages.patches import _numba
 
 SPATIAL = ("x", "y", "z")
 AGGREGATES = ("centre", "mean")
@@ -54,8 +54,8 @@ def _cached_model(path: str, size: int, mtime_ns: int, device: str, threads: int
     global _LOADS
     import torch
 
-    from mrhscale.bundle import load_model
-    from mrhscale.cluster import tune_malloc
+    from mrhscale.io.bundle import load_model
+    from mrhscale.parallel.cluster import tune_malloc
 
     tune_malloc()  # Dask workers start with a malloc setting that halves torch's speed
     if threads:
@@ -96,7 +96,7 @@ def block_patches(norm_block: np.ndarray, s: np.ndarray, r: np.ndarray, q: np.nd
     in-plane positions. The training gather itself (``patches.gather_patches``,
     compiled, one pass): the same geometry by construction and no per-voxel loop.
     """
-    from mrhscale.patches import gather_patches
+    from mrhscale.stages.patches import gather_patches
 
     centres = np.stack([s, r + half, q + half], axis=1)
     return gather_patches(norm_block, centres, half, "x")
@@ -413,7 +413,7 @@ def nifti_path(nifti_dir: str, sid: str, variable: str, native: bool = False) ->
 def native_transforms(to_native: str | bool, ds, sid: str) -> str:
     """The registration folder of ``sid`` for ``--to-native``: DIR/<sid> when a DIR is given,
     else the one beside the registered manifest the subject was ingested from."""
-    from mrhscale.register import read_transform_info, transforms_for_subject
+    from mrhscale.stages.register import read_transform_info, transforms_for_subject
 
     if isinstance(to_native, str) and to_native:
         d = os.path.join(os.fspath(to_native), sid)
@@ -436,7 +436,7 @@ def native_transforms(to_native: str | bool, ds, sid: str) -> str:
 
 
 def _write_nifti(path: str, arr: np.ndarray, attrs: dict, descrip: str = "mrhscale") -> str:
-    from mrhscale.volumes import write_volume
+    from mrhscale.io.volumes import write_volume
 
     affine = attrs.get("affine")
     if affine is None:
@@ -504,7 +504,7 @@ class _PredictRun:
     """One predict call: the model, its options, and the steps of the run."""
 
     def __init__(self, model_path, batch_size, device, aggregate, scheduler, to_native, nifti_dir):
-        from mrhscale.bundle import load_model
+        from mrhscale.io.bundle import load_model
         from mrhscale.stores import resolve
 
         if aggregate not in AGGREGATES:
@@ -554,7 +554,7 @@ class _PredictRun:
     def native_dirs(self, datasets) -> dict:
         if self.to_native is None:
             return {}
-        from mrhscale.register import ants_module
+        from mrhscale.stages.register import ants_module
 
         ants_module()  # MRHError naming the optional extra before any work
         return {sid: native_transforms(self.to_native, ds, sid) for sid, ds in datasets.items()}
@@ -584,7 +584,7 @@ class _PredictRun:
             return 0
         from tqdm.auto import tqdm
 
-        from mrhscale.cluster import dask_client
+        from mrhscale.parallel.cluster import dask_client
 
         n_vox = 0
         with dask_client(scheduler=scheduler, workers=workers, quiet=quiet) as client, \
@@ -610,7 +610,7 @@ class _PredictRun:
         """One subject: graph, write (to its staged place), then commit through the store."""
         import dask
 
-        from mrhscale.cluster import task_error
+        from mrhscale.parallel.cluster import task_error
 
         path = writer.begin(sid)
         try:
@@ -691,7 +691,7 @@ def _nifti_tag(run, pstore, sid: str) -> str:
 
 def _nifti_current(path: str, tag: str) -> bool:
     """Whether ``path`` already holds this prediction; refuses a file mrhscale did not write."""
-    from mrhscale.volumes import mrhscale_descrip
+    from mrhscale.io.volumes import mrhscale_descrip
 
     if not os.path.exists(path):
         return False
@@ -710,8 +710,8 @@ def _write_nifti_from_store(pstore, sid: str, variable: str, path: str, tag: str
 
 def _write_native(pstore, sid: str, variable: str, path: str, transforms: str, tag: str) -> str:
     """The subject's virtual stain mapped back to its native grid (inverse registration)."""
-    from mrhscale.register import Grid, read_transform_info, to_native
-    from mrhscale.volumes import write_volume
+    from mrhscale.io.volumes import write_volume
+    from mrhscale.stages.register import Grid, read_transform_info, to_native
 
     ds = pstore.open_subject(sid)
     arr = ds[variable].transpose(*SPATIAL).values.astype(np.float32)

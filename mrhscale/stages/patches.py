@@ -227,7 +227,7 @@ from mrhscale.stores.patches import open_array as _open_array  # noqa: E402
 # --------------------------------------------------------------------------- pass 1: extract
 def _extract_block(mri_b, tgt_b, mask_b, job: dict) -> dict:
     """Rules over the grid centres this chunk owns; write them sorted by (split, bucket)."""
-    from mrhscale.cluster import tune_malloc
+    from mrhscale.parallel.cluster import tune_malloc
 
     tune_malloc()  # Dask's worker malloc setting page-faults every chunk-sized buffer
     origin = np.asarray(job["origin"], np.int64)
@@ -388,7 +388,7 @@ def _compute_env(scheduler, workers, quiet):
         if client is not None:
             yield ("client", client)
             return
-    from mrhscale.cluster import dask_client
+    from mrhscale.parallel.cluster import dask_client
 
     with dask_client(scheduler=scheduler, workers=workers, quiet=quiet) as client:
         yield ("client", client)
@@ -435,7 +435,7 @@ def _run_inner(env, tasks: list, desc: str, quiet: bool) -> list:
         raise
     except Exception as e:
         obj.cancel(futures)
-        from mrhscale.cluster import task_error
+        from mrhscale.parallel.cluster import task_error
 
         raise task_error(e, f"patches ({desc})") from None
     except BaseException:
@@ -841,7 +841,7 @@ class _Extraction:
 
 
 def _norm_stats(train_res: list, mode: str, n_c: int):
-    from mrhscale.norm import Normalisation
+    from mrhscale.ops.norm import Normalisation
 
     if mode == "global-max":
         in_max = max(r["input_max"] for r in train_res)

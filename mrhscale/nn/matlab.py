@@ -10,7 +10,7 @@ Two layers, so each can be checked on its own:
     docs/matlab.md, :func:`save_layer_graph_mat`) is read with scipy alone.
 (b) ``layer_graph_to_model``: walk the graph along its edges, check that it is the MRH-Net
     graph (names, edges, kinds, shapes) and convert each convolution to the matching
-    :class:`~mrhscale.model.MRHNet` parameters.
+    :class:`~mrhscale.nn.model.MRHNet` parameters.
 
 :func:`mrhnet_to_layer_graph` is the inverse of (b), for round trips and exports.
 The file holds no channel names and no input scaling: :func:`import_matlab` takes them
@@ -441,7 +441,7 @@ def layer_graph_to_model(graph: LayerGraph, *, strict_names: bool = True):
     """
     import torch
 
-    from mrhscale.model import MRHNet
+    from mrhscale.nn.model import MRHNet
 
     m = check_mrhnet_graph(graph, strict_names=strict_names)
     model = MRHNet(m.in_channels, m.depth, m.width)
@@ -1045,8 +1045,8 @@ def import_matlab(
     Returns a summary (depth, channels, parameters, where each setting came from).
     """
     from mrhscale import __version__
-    from mrhscale.bundle import save_bundle
-    from mrhscale.norm import Normalisation
+    from mrhscale.io.bundle import save_bundle
+    from mrhscale.ops.norm import Normalisation
 
     mat_path = os.fspath(mat_path)
     # cheap option checks first, so a bad option does not wait for the file
