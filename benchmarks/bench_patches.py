@@ -93,12 +93,12 @@ def copy_bandwidth(nbytes=256 << 20) -> float:
 def store_copy_bandwidth(nbytes=256 << 20) -> float | None:
     """Bytes/s of a compiled element-by-element copy loop (ordinary cached stores, like any
     gather kernel's): the copy bound for a kernel whose output is not written by memcpy."""
-    from mrhscale.stages.patches import _numba
+    from mrhscale.ops.patches import NUMBA
 
-    if _numba is None:
+    if NUMBA is None:
         return None
 
-    @_numba.njit(nogil=True, boundscheck=False)
+    @NUMBA.njit(nogil=True, boundscheck=False)
     def copy_loop(src, dst):
         for i in range(src.shape[0]):
             dst[i] = src[i]
@@ -155,7 +155,7 @@ def torchio_rate(vol, y, repeats, n_max=1500) -> tuple[float | None, str]:
 
 
 def kernel_rows(full: bool, repeats: int) -> list[dict]:
-    from mrhscale.stages.patches import _numba, gather_patches
+    from mrhscale.ops.patches import NUMBA, gather_patches
 
     ny = 8 if full else 4
     rng = np.random.default_rng(0)
@@ -188,7 +188,7 @@ def kernel_rows(full: bool, repeats: int) -> list[dict]:
     rows = [
         row("kernel gather_patches (1 thread)", rate, "patches/s", "per-voxel Python loop (original)",
             rate_loop, ">= 3 M/s and >= 15x loop", rate >= 3e6 and rate >= 15 * rate_loop,
-            note=f"{n} patches 3x3x67, numba={'yes' if _numba else 'no'}{why}"),
+            note=f"{n} patches 3x3x67, numba={'yes' if NUMBA else 'no'}{why}"),
         row("kernel vs memory-bandwidth bound", rate, "patches/s", "copy-bandwidth bound (memcpy)", bound,
             ">= 0.5 of bound", rate >= 0.5 * bound,
             note=f"np.copyto {bw / 1e9:.1f} GB/s (streaming stores), {PATCH_BYTES} B/patch"),
@@ -204,7 +204,7 @@ def kernel_rows(full: bool, repeats: int) -> list[dict]:
         row("kernel allocating its output", n / t_fresh, "patches/s", "into a reused buffer", rate,
             note="page faults of a fresh output array"),
     ]
-    if _numba is not None:
+    if NUMBA is not None:
         gather_patches(vol, cen[:10], 1, "y", threads=2)
         t2, _ = timed(lambda: gather_patches(vol, cen, 1, "y", threads=2, out=buf), repeats=repeats)
         rows.append(row("kernel gather_patches (2 threads)", n / t2, "patches/s",
@@ -223,9 +223,9 @@ def kernel_rows(full: bool, repeats: int) -> list[dict]:
         rows.append(row("kernel vs TorchIO", rate, "patches/s", "TorchIO GridSampler", t_rate, None,
                         note=t_note))
     # layout: the same numpy take from contrast-last vs contrast-first volumes
-    from mrhscale.stages.patches import _flat_centres, _offsets
+    from mrhscale.ops.patches import flat_centres, patch_offsets
 
-    idx = (_flat_centres(cen, vol.shape[:3], 1, "y")[:, None] + _offsets(vol.shape[:3], 1, "y")).ravel()
+    idx = (flat_centres(cen, vol.shape[:3], 1, "y")[:, None] + patch_offsets(vol.shape[:3], 1, "y")).ravel()
     flat_last = vol.reshape(-1, C)
     flat_first = np.ascontiguousarray(flat_last.T)
     t_last, _ = timed(lambda: np.take(flat_last, idx, axis=0), repeats=repeats)

@@ -39,16 +39,17 @@ def make_patch_store(url: str, n: int, n_c: int = C, seed: int = 0) -> None:
     import zarr
 
     from mrhscale.ops.norm import Normalisation
-    from mrhscale.stages.patches import _chunk_rows, _create
+    from mrhscale.stages.patches import chunk_rows
+    from mrhscale.stores.patches import create_array
 
-    nc = _chunk_rows(n_c, 3, 4)
+    nc = chunk_rows(n_c, 3, 4)
     rng = np.random.default_rng(seed)
     root = zarr.open_group(url, mode="w", zarr_format=3)
     for split, m in (("train", n), ("val", max(1, n // 64))):
-        xi = _create(url, f"{split}/inputs", (m, n_c, 3, 3), (nc, n_c, 3, 3), np.float32,
+        xi = create_array(url, f"{split}/inputs", (m, n_c, 3, 3), (nc, n_c, 3, 3), np.float32,
                      ["patch", "contrast", "row", "col"], None, False)
-        ti = _create(url, f"{split}/targets", (m, 3, 3), (nc, 3, 3), np.float32, ["patch", "row", "col"], None, False)
-        oi = _create(url, f"{split}/origin", (m, 4), (nc, 4), np.int32, ["patch", "coord"], None, False)
+        ti = create_array(url, f"{split}/targets", (m, 3, 3), (nc, 3, 3), np.float32, ["patch", "row", "col"], None, False)
+        oi = create_array(url, f"{split}/origin", (m, 4), (nc, 4), np.int32, ["patch", "coord"], None, False)
         for a in range(0, m, nc):
             b = min(m, a + nc)
             xi[a:b] = rng.random((b - a, n_c, 3, 3), dtype=np.float32) * 1000

@@ -14,7 +14,8 @@ from helpers import make_cohort_store
 
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
-from mrhscale.stages.patches import extract_patches, gather_patches
+from mrhscale.ops.patches import gather_patches
+from mrhscale.stages.patches import extract_patches
 
 AXES = ("x", "y", "z")
 

@@ -17,8 +17,9 @@ from helpers import subject_dataset
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import load_model, save_bundle
 from mrhscale.nn.model import MRHNet
+from mrhscale.ops.blocks import block_patches
 from mrhscale.ops.norm import Normalisation
-from mrhscale.stages.predict import _predict_block, block_patches, predict, subject_prediction
+from mrhscale.stages.predict import _predict_block, predict, subject_prediction
 
 SHAPE = (11, 7, 13)
 
@@ -273,10 +274,9 @@ def test_cli_predict(tmp_path):
 
 @pytest.mark.parametrize("axis", ["x", "y", "z"])
 def test_inference_patches_equal_training_patches(axis):
-    """The patch of a voxel is the same as mrhscale.stages.patches builds for training."""
-    patches = pytest.importorskip("mrhscale.stages.patches")
-    if not hasattr(patches, "gather_patches"):
-        pytest.skip("mrhscale.stages.patches.gather_patches not available")
+    """The patch of a voxel is the same as extraction builds for training."""
+    from mrhscale.ops import patches
+
     rng = np.random.default_rng(3)
     vol = rng.random((9, 8, 10, 4)).astype(np.float32)
     h = 1
@@ -314,6 +314,7 @@ def test_prediction_blocks_merge_whole_store_chunks_in_plane():
 def test_block_layouts_and_gather_backends_agree(tmp_path, monkeypatch, aggregate, half, axis):
     """Whole-plane blocks (no halo exchange, zero padding inside the gather), store-chunk
     blocks with map_overlap halos, and the numpy fallback give the same voxels."""
+    from mrhscale.ops import blocks
     from mrhscale.stages import predict as P
 
     store, ids = write_store(tmp_path / "c.zarr", n_subjects=1, full_mask=True, nan=True)
@@ -332,6 +333,6 @@ def test_block_layouts_and_gather_backends_agree(tmp_path, monkeypatch, aggregat
     chunked, nb_chunked, halo_chunked = run(1)
     assert any(nb_chunked[a] > 1 for a in range(3) if a != ax) and halo_chunked
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(P, "_gather_normalised_nb", None)
+    monkeypatch.setattr(blocks, "gather_normalised_nb", None)
     for bb in (P.BLOCK_BYTES, 1):
         np.testing.assert_allclose(run(bb)[0], whole, rtol=1e-5, atol=1e-5)

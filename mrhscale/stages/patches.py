@@ -37,9 +37,8 @@ Out-of-core extraction and global shuffle (three Dask passes)
 Every zarr chunk is written by exactly one task, so no locks are needed and the
 same code runs on a LocalCluster, a remote cluster or the local schedulers.
 
-The in-memory kernel :func:`gather_patches` (also for inference) builds
-``[n, C, P, P]`` patches from a contrast-last volume without a Python loop
-over patches (numba when installed, else numpy ``take`` + transpose).
+The in-memory kernel is ``mrhscale.ops.patches.gather_patches`` (also used for
+inference).
 """
 
 from __future__ import annotations
@@ -53,8 +52,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.ops.patches import AXES, NUMBA, grid_positions, plane_axes, select_samples
+from mrhscale.stores.patches import DIMS, create_array, open_array
 
-AXES = ("x", "y", "z")
 SPLITS = ("train", "val")
 STAGING = "_staging"
 LOCAL_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading", "processes")
@@ -62,167 +62,6 @@ NORM_MODES = ("percentile", "global-max")
 DTYPES = ("float32", "float16")
 PERCENTILES = (0.5, 99.5)
 STATS_ROWS = 32768  # percentiles are computed on a seeded subsample of this many train patches
-
-try:  # optional accelerator: the numpy path below gives identical results
-    import numba as _numba
-except ImportError:  # pragma: no cover - exercised where numba is absent
-    _numba = None
-
-
-# --------------------------------------------------------------------------- geometry
-def plane_axes(axis: str) -> tuple[int, int, int]:
-    """(slice axis, row axis, col axis) as indices into (x, y, z)."""
-    if axis not in AXES:
-        raise MRHError(f"--axis must be one of x, y, z, got {axis!r}")
-    s = AXES.index(axis)
-    r, c = (a for a in range(3) if a != s)
-    return s, r, c
-
-
-def _offsets(shape_xyz, half: int, axis: str) -> np.ndarray:
-    """Flat voxel offsets of the P*P patch positions (row-major) in a C-order (x,y,z) grid."""
-    _, ra, ca = plane_axes(axis)
-    strides = (shape_xyz[1] * shape_xyz[2], shape_xyz[2], 1)
-    d = np.arange(-half, half + 1, dtype=np.int64)
-    return (d[:, None] * strides[ra] + d[None, :] * strides[ca]).ravel()
-
-
-def _flat_centres(centres: np.ndarray, shape_xyz, half: int, axis: str) -> np.ndarray:
-    centres = np.asarray(centres)
-    if centres.ndim != 2 or centres.shape[1] != 3:
-        raise MRHError(f"centres must be an [n, 3] integer array of (x, y, z), got shape {centres.shape}")
-    c = centres.astype(np.int64, copy=False)
-    if len(c):
-        _, ra, ca = plane_axes(axis)
-        lo = np.zeros(3, np.int64)
-        hi = np.asarray(shape_xyz, np.int64) - 1
-        lo[[ra, ca]] += half
-        hi[[ra, ca]] -= half
-        if (c < lo).any() or (c > hi).any():
-            raise MRHError(
-                f"patch out of bounds: centres must lie in {lo.tolist()}..{hi.tolist()} "
-                f"for half={half}, axis={axis!r} in a volume of shape {tuple(shape_xyz)}"
-            )
-    return (c[:, 0] * shape_xyz[1] + c[:, 1]) * shape_xyz[2] + c[:, 2]
-
-
-if _numba is not None:
-
-    @_numba.njit(nogil=True, cache=True, boundscheck=False)
-    def _gather_nb(v, base, offs, out):  # v [V, C], out [n, C, Q]
-        n = base.shape[0]
-        q = offs.shape[0]
-        c_n = v.shape[1]
-        for i in range(n):
-            b = base[i]
-            for j in range(q):
-                src = b + offs[j]
-                for c in range(c_n):
-                    out[i, c, j] = v[src, c]
-        return out
-
-    @_numba.njit(nogil=True, parallel=True, cache=True, boundscheck=False)
-    def _gather_nb_par(v, base, offs, out):
-        n = base.shape[0]
-        q = offs.shape[0]
-        c_n = v.shape[1]
-        for i in _numba.prange(n):
-            b = base[i]
-            for j in range(q):
-                src = b + offs[j]
-                for c in range(c_n):
-                    out[i, c, j] = v[src, c]
-        return out
-
-
-def gather_patches(vol, centres, half: int = 1, axis: str = "y", *, out=None, threads: int = 1,
-                   backend: str = "auto") -> np.ndarray:
-    """In-plane patches of a contrast-last volume, as the model takes them.
-
-    vol: ``[X, Y, Z, C]`` array (contrast fastest, as in the cohort store; a
-    ``[X, Y, Z]`` volume gives ``[n, P, P]``). centres: ``[n, 3]`` integer
-    (x, y, z) voxel indices of patch centres; every patch must lie inside
-    ``vol`` (MRHError otherwise). Returns ``[n, C, P, P]`` (P = 2*half+1) of
-    ``vol``'s dtype with ``out[i, c, r, k] = vol[..centre_i + (r-half) along
-    the row axis + (k-half) along the col axis.., c]``; rows/cols are the two
-    non-slice axes in (x, y, z) order (axis="y": rows x, cols z).
-
-    Vectorised: no Python loop over patches. ``backend``: "numba" (one pass,
-    used when installed), "numpy" (``take`` then transpose, ~3x slower), or
-    "auto". ``threads > 1`` uses numba's parallel loop (keep 1 inside Dask
-    workers, which already use every core).
-    """
-    v = np.asarray(vol)
-    scalar = v.ndim == 3
-    if scalar:
-        v = v[..., None]
-    if v.ndim != 4:
-        raise MRHError(f"gather_patches: volume must be [X, Y, Z, C] or [X, Y, Z], got shape {v.shape}")
-    if half < 0:
-        raise MRHError(f"--half must be >= 0, got {half}")
-    p = 2 * half + 1
-    shape = v.shape[:3]
-    n_c = v.shape[3]
-    base = _flat_centres(centres, shape, half, axis)
-    offs = _offsets(shape, half, axis)
-    if not v.flags.c_contiguous:
-        v = np.ascontiguousarray(v)
-    flat = v.reshape(-1, n_c)
-    n = len(base)
-    if out is None:
-        out = np.empty((n, n_c, p, p), v.dtype)
-    elif out.shape != (n, n_c, p, p) or out.dtype != v.dtype or not out.flags.c_contiguous:
-        raise MRHError(f"gather_patches: out must be a C-contiguous {v.dtype} array of shape {(n, n_c, p, p)}")
-    use_numba = backend == "numba" or (backend == "auto" and _numba is not None)
-    if backend == "numba" and _numba is None:
-        raise MRHError("gather_patches: backend='numba' but numba is not installed")
-    if use_numba and n:
-        kern = _gather_nb_par if threads > 1 else _gather_nb
-        kern(flat, base, offs, out.reshape(n, n_c, p * p))
-    elif n:
-        g = np.take(flat, (base[:, None] + offs[None, :]).ravel(), axis=0).reshape(n, p * p, n_c)
-        out.reshape(n, n_c, p * p)[...] = g.transpose(0, 2, 1)
-    return out[:, 0] if scalar else out
-
-
-def grid_positions(lo: int, hi: int, size: int, half: int, stride: int) -> np.ndarray:
-    """Global in-plane grid positions ``half + k*stride <= size-1-half`` that fall in [lo, hi)."""
-    lo = max(lo, half)
-    hi = min(hi, size - half)
-    if hi <= lo:
-        return np.zeros(0, np.int64)
-    first = half + (-(-(lo - half) // stride)) * stride
-    return np.arange(first, hi, stride, dtype=np.int64)
-
-
-def select_samples(mri, target, mask, centres, half: int, axis: str, min_label_sum: float,
-                   min_label_nonzero: int):
-    """Apply the sampling rules to candidate centres of an in-memory block.
-
-    mri [X,Y,Z,C], target/mask [X,Y,Z] (block-local), centres [n,3] block-local.
-    Returns (keep_index, inputs [k,C,P,P], labels [k,P,P]) for the kept candidates.
-    """
-    labels = gather_patches(target, centres, half, axis)
-    lab = labels.reshape(len(labels), -1)
-    with np.errstate(invalid="ignore"):
-        ok = (lab.sum(axis=1, dtype=np.float64) >= min_label_sum)
-    ok &= np.count_nonzero(lab, axis=1) >= min_label_nonzero  # NaN labels: dropped next line
-    ok &= ~np.isnan(lab).any(axis=1)
-    c = centres
-    ok &= np.asarray(mask)[c[:, 0], c[:, 1], c[:, 2]].astype(bool)
-    idx = np.flatnonzero(ok)
-    inputs = gather_patches(mri, centres[idx], half, axis)
-    finite = ~np.isnan(inputs).any(axis=(1, 2, 3))
-    if not finite.all():
-        idx, inputs = idx[finite], inputs[finite]
-    return idx, inputs, labels[idx]
-
-
-# --------------------------------------------------------------------------- storage
-from mrhscale.stores.patches import DIMS  # noqa: E402
-from mrhscale.stores.patches import create_array as _create  # noqa: E402
-from mrhscale.stores.patches import open_array as _open_array  # noqa: E402
-
 
 # --------------------------------------------------------------------------- pass 1: extract
 def _extract_block(mri_b, tgt_b, mask_b, job: dict) -> dict:
@@ -279,7 +118,7 @@ def _extract_block(mri_b, tgt_b, mask_b, job: dict) -> dict:
     name = f"{STAGING}/p{job['sidx']}_{job['block']}"
     rows = max(1, min(n, job["stage_rows"]))
     for var, data in (("inputs", inputs), ("targets", labels.astype(np.float32)), ("origin", org)):
-        arr = _create(url, f"{name}_{var}", data.shape, (rows, *data.shape[1:]), data.dtype,
+        arr = create_array(url, f"{name}_{var}", data.shape, (rows, *data.shape[1:]), data.dtype,
                       DIMS[var], so, compress=False)
         arr[...] = data[order]
     return {"piece": name, "counts": counts, "candidates": len(cent)}
@@ -287,7 +126,7 @@ def _extract_block(mri_b, tgt_b, mask_b, job: dict) -> dict:
 
 # --------------------------------------------------------------------------- pass 2: shuffle
 def _read_rows(url, name, so, start, stop):
-    return tuple(_open_array(url, f"{name}_{v}", so, "r")[start:stop] for v in ("inputs", "targets", "origin"))
+    return tuple(open_array(url, f"{name}_{v}", so, "r")[start:stop] for v in ("inputs", "targets", "origin"))
 
 
 def _shuffle_bucket(job: dict) -> dict:
@@ -312,7 +151,7 @@ def _shuffle_bucket(job: dict) -> dict:
     g1 = g0 + n
     split = SPLITS[job["split"]]
     names = ("inputs", "targets", "origin")
-    arrs = {v: _open_array(url, f"{split}/{v}", so) for v in names}
+    arrs = {v: open_array(url, f"{split}/{v}", so) for v in names}
     first_full = -(-g0 // nc) * nc
     j0 = first_full
     while j0 < g1:
@@ -332,7 +171,7 @@ def _shuffle_bucket(job: dict) -> dict:
         name = f"{STAGING}/e{job['split']}_{job['bucket']}"
         for var, x in zip(names, data, strict=True):
             d = x[sel]
-            arr = _create(url, f"{name}_{var}", d.shape, (max(1, len(d)), *d.shape[1:]), d.dtype,
+            arr = create_array(url, f"{name}_{var}", d.shape, (max(1, len(d)), *d.shape[1:]), d.dtype,
                           DIMS[var], so, compress=False)
             arr[...] = d
         off = 0
@@ -364,7 +203,7 @@ def _stitch_chunk(job: dict) -> int:
                 bufs[var] = np.empty((j1 - j0, *data.shape[1:]), data.dtype)
             bufs[var][a - j0:b - j0] = data
     for var, data in bufs.items():
-        _open_array(url, f"{split}/{var}", so)[j0:j1] = data
+        open_array(url, f"{split}/{var}", so)[j0:j1] = data
     return j1 - j0
 
 
@@ -457,7 +296,7 @@ def _parse_slices(slices):
     return (None if a is None else int(a), None if b is None else int(b))
 
 
-def _chunk_rows(n_c: int, p: int, itemsize: int, target_bytes: int = 8 << 20) -> int:
+def chunk_rows(n_c: int, p: int, itemsize: int, target_bytes: int = 8 << 20) -> int:
     per = n_c * p * p * itemsize
     return int(min(65536, max(64, 2 ** int(math.log2(max(1, target_bytes // per))))))
 
@@ -649,7 +488,7 @@ class _Extraction:
         self.val_set = set(opts.val_subjects)
         self.val_mode = "subject" if self.val_set else ("fraction" if opts.val_fraction > 0 else "none")
         in_item = 2 if opts.dtype == "float16" else 4
-        self.nc = opts.chunk_size or _chunk_rows(len(self.channels), opts.size, in_item)
+        self.nc = opts.chunk_size or chunk_rows(len(self.channels), opts.size, in_item)
 
     def run(self, bucket_bytes: int | None) -> dict:
         self.ranges = self.slice_ranges()
@@ -781,7 +620,7 @@ class _Extraction:
             n = int(n_split[s])
             for var, shape, dtype in (("inputs", (n, n_c, p, p), in_dtype), ("targets", (n, p, p), np.float32),
                                       ("origin", (n, 4), np.int32)):
-                _create(self.out, f"{split}/{var}", shape, (nc, *shape[1:]), dtype, DIMS[var], self.so,
+                create_array(self.out, f"{split}/{var}", shape, (nc, *shape[1:]), dtype, DIMS[var], self.so,
                         self.o.compress)
 
     def shuffle(self, pieces, totals, n_split):
@@ -826,7 +665,7 @@ class _Extraction:
         prov = {"stage": "patches", "mrhscale": _version(), "source": store_url,
                 "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "params": {**o.record(), "chunk_size": self.nc, "n_buckets": list(self.n_buckets)},
-                "numba": _numba is not None, "seconds": round(time.perf_counter() - t_start, 3),
+                "numba": NUMBA is not None, "seconds": round(time.perf_counter() - t_start, 3),
                 "pass_seconds": dict(TIMINGS)}
         return {
             "channels": self.channels, "target": self.target,
