@@ -137,7 +137,7 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, qu
     if "roc" in metrics["pooled"]:
         tables["Lesion detection (AUC)"] = {n: {"AUC": r.get("auc"), "direction": r.get("direction")}
                                             for n, r in metrics["pooled"]["roc"].items()}
-    from mrhscale.stages.importance import summary_tables as importance_tables
+    from mrhscale.report.tables import importance_tables
 
     tables.update({k: v for k, v in importance_tables(imp).items() if not k.startswith("Setup")})
     tables["Stage wall times (s)"] = summary["stage_seconds"]

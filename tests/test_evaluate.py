@@ -13,7 +13,8 @@ import xarray as xr
 from click.testing import CliRunner
 
 from mrhscale.errors import MRHError
-from mrhscale.stages.evaluate import evaluate, mean_diffusivity, roc, similarity, single_markers
+from mrhscale.ops.metrics import roc, similarity
+from mrhscale.stages.evaluate import evaluate, mean_diffusivity, single_markers
 
 SHAPE = (14, 9, 16)
 AFF = [[0.06, 0, 0, 0], [0, 0.06, 0, 0], [0, 0, 0.06, 0], [0, 0, 0, 1]]

@@ -12,6 +12,8 @@ import math
 import os
 from datetime import UTC, datetime
 
+from mrhscale.report.tables import evaluation_tables, importance_tables
+
 
 def _fmt(v) -> str:
     if v is None:
@@ -113,15 +115,11 @@ def summary_report(out_dir: str, *, evaluation: dict | None = None, importance: 
     all_tables = dict(tables or {})
     figs = _figure_list(figures)
     if evaluation:
-        from mrhscale.stages.evaluate import summary_tables as ev_tables
-
-        all_tables.update(ev_tables(evaluation))
+        all_tables.update(evaluation_tables(evaluation))
         caps = evaluation.get("figure_captions", {})
         figs += [(os.path.join(evaluation["out_dir"], f), caps.get(f, f)) for f in evaluation.get("figures", [])]
     if importance:
-        from mrhscale.stages.importance import summary_tables as imp_tables
-
-        all_tables.update({f"Importance: {k}": v for k, v in imp_tables(importance).items()})
+        all_tables.update({f"Importance: {k}": v for k, v in importance_tables(importance).items()})
         figs += [(os.path.join(importance["out_dir"], f), "contrast importance (permutation)")
                  for f in importance.get("figures", [])]
     return write_report(out_dir, all_tables, figs, title, filename=filename)

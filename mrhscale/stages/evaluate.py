@@ -46,104 +46,14 @@ from typing import Any
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.ops.metrics import PooledMoments, linear_fit, roc, similarity, spearman
+from mrhscale.report import figures
+from mrhscale.report.html import write_report
+from mrhscale.report.tables import evaluation_tables
 from mrhscale.stores import write_json
 
 SPATIAL = ("x", "y", "z")
 MARKERS = ("FA", "MT ratio", "T2", "MD")
-
-
-# --------------------------------------------------------------------------- metrics
-def similarity(est: np.ndarray, ref: np.ndarray, mask: np.ndarray, data_range: float | None = None,
-               ssim: bool = True) -> dict[str, float]:
-    """Pearson, Spearman, MAE, PSNR, SSIM of ``est`` vs ``ref`` inside ``mask`` (3D arrays)."""
-    from scipy import stats
-
-    mask = np.asarray(mask, bool)
-    e = np.asarray(est, np.float64)[mask]
-    r = np.asarray(ref, np.float64)[mask]
-    n = int(mask.sum())
-    out: dict[str, float] = {"n": n}
-    if n < 2:
-        return {**out, "pearson": math.nan, "spearman": math.nan, "mae": math.nan,
-                "rmse": math.nan, "psnr": math.nan, "ssim": math.nan, "data_range": math.nan}
-    if data_range is None:
-        data_range = float(r.max() - r.min()) or 1.0
-    const = np.ptp(e) == 0 or np.ptp(r) == 0
-    out["pearson"] = math.nan if const else float(stats.pearsonr(e, r).statistic)
-    out["spearman"] = math.nan if const else float(stats.spearmanr(e, r).statistic)
-    err = e - r
-    out["mae"] = float(np.abs(err).mean())
-    mse = float((err**2).mean())
-    out["rmse"] = math.sqrt(mse)
-    out["psnr"] = math.inf if mse == 0 else float(10 * np.log10(data_range**2 / mse))
-    out["data_range"] = float(data_range)
-    out["ssim"] = ssim_in_mask(est, ref, mask, data_range) if ssim else math.nan
-    return out
-
-
-def ssim_in_mask(est, ref, mask, data_range: float) -> float:
-    """Mean of skimage's SSIM map over the mask (volumes zeroed outside it)."""
-    from skimage.metrics import structural_similarity
-
-    mask = np.asarray(mask, bool)
-    a = np.where(mask, np.asarray(est, np.float64), 0.0)
-    b = np.where(mask, np.asarray(ref, np.float64), 0.0)
-    small = min(a.shape)
-    win = min(7, small if small % 2 else small - 1)
-    if win < 3:
-        return math.nan
-    _, smap = structural_similarity(a, b, data_range=float(data_range), win_size=win, full=True)
-    return float(smap[mask].mean())
-
-
-def linear_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least-squares y ~ a*x + b (a=0 for a constant x)."""
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    vx = x.var()
-    if vx == 0 or not np.isfinite(vx):
-        return 0.0, float(y.mean()) if y.size else 0.0
-    a = float(((x - x.mean()) * (y - y.mean())).mean() / vx)
-    return a, float(y.mean() - a * x.mean())
-
-
-def roc(scores: np.ndarray, labels: np.ndarray, max_points: int = 512) -> dict[str, Any]:
-    """ROC of detecting ``labels`` (bool) from ``scores``: AUC (oriented), curve, Youden point."""
-    from scipy.stats import mannwhitneyu
-
-    s = np.asarray(scores, np.float64).ravel()
-    y = np.asarray(labels, bool).ravel()
-    ok = np.isfinite(s)
-    s, y = s[ok], y[ok]
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
-        return {"auc": math.nan, "auc_raw": math.nan, "direction": None, "n_pos": n1, "n_neg": n0,
-                "note": "label has only one class inside the mask"}
-    u = mannwhitneyu(s[y], s[~y], alternative="two-sided").statistic
-    auc_raw = float(u / (n1 * n0))
-    direction = "higher" if auc_raw >= 0.5 else "lower"
-    so = s if direction == "higher" else -s
-    order = np.argsort(-so, kind="mergesort")
-    ss, yy = so[order], y[order]
-    tp = np.cumsum(yy)
-    fp = np.cumsum(~yy)
-    last = np.r_[np.nonzero(np.diff(ss))[0], len(ss) - 1]  # last index of each threshold
-    tpr = np.r_[0.0, tp[last] / n1]
-    fpr = np.r_[0.0, fp[last] / n0]
-    thr = np.r_[np.inf, ss[last]]
-    j = int(np.argmax(tpr - fpr))
-    if len(fpr) > max_points:  # keep the curve's shape, drop redundant points
-        keep = np.unique(np.r_[0, np.linspace(0, len(fpr) - 1, max_points).astype(int), j, len(fpr) - 1])
-        fpr_c, tpr_c = fpr[keep], tpr[keep]
-    else:
-        fpr_c, tpr_c = fpr, tpr
-    thr_j = float(thr[j]) if direction == "higher" else float(-thr[j])
-    return {
-        "auc": max(auc_raw, 1 - auc_raw), "auc_raw": auc_raw, "direction": direction,
-        "n_pos": n1, "n_neg": n0,
-        "youden": {"sensitivity": float(tpr[j]), "specificity": float(1 - fpr[j]), "threshold": thr_j},
-        "fpr": fpr_c.tolist(), "tpr": tpr_c.tolist(),
-    }
 
 
 # --------------------------------------------------------------------------- markers
@@ -405,241 +315,209 @@ def _open_inputs(pred_url: str, store_url: str, target: str, subjects, storage_o
 def _evaluate(pstore, cstore, ids, target, out_dir, *, label, roi, quiet, max_pool, seed,
               montage_subjects, extra, marker_transforms, final_dir) -> dict[str, Any]:
     """The evaluation proper, writing its files into ``out_dir`` (which becomes ``final_dir``)."""
-    from mrhscale import __version__
+    from tqdm.auto import tqdm
 
-    pattrs = pstore.attrs
-    variable = pattrs.get("variable") or f"{target}_virtual"
-    extra_names = marker_names(extra)
-    rng = np.random.default_rng(seed)
-    per_subject_pool = max(10_000, int(max_pool) // len(ids))
-    notes: list[str] = []
-    per_subject: dict[str, Any] = {}
-    pool: dict[str, list] = {"ref": [], "lab": []}
-    pool_roc: dict[str, list] = {}
-    sums: dict[str, dict[str, float]] = {}
-    rng_lo, rng_hi = math.inf, -math.inf
-    figures: list[tuple[str, str]] = []
-    slice_axis = str((pattrs.get("model") or {}).get("patch", {}).get("axis", "y"))
-    have_label = False
+    ev = _Evaluation(pstore, cstore, target, out_dir, label=label, roi=roi, seed=seed, extra=extra,
+                     marker_transforms=marker_transforms,
+                     per_subject_pool=max(10_000, int(max_pool) // len(ids)))
+    for k, sid in enumerate(tqdm(ids, desc="evaluate", unit="subject", disable=quiet)):
+        ev.add_subject(sid, montage=k < montage_subjects)
+    return ev.finish(ids, final_dir)
 
-    iterator = ids
-    if not quiet:
-        from tqdm.auto import tqdm
 
-        iterator = tqdm(ids, desc="evaluate", unit="subject")
-    for k, sid in enumerate(iterator):
-        ds = cstore.open_subject(sid)
-        if target not in ds.data_vars:
-            raise MRHError(
-                f"{cstore.name}: subject {sid!r} has no reference {target!r} "
-                f"(targets: {', '.join(ds.attrs.get('targets', [])) or 'none'})"
-            )
-        pds = pstore.open_subject(sid)
-        if variable not in pds.data_vars:
-            raise MRHError(f"{pstore.name}: subject {sid!r} has no variable {variable!r}")
-        virt = pds[variable].transpose(*SPATIAL).values.astype(np.float64)
-        ref = ds[target].transpose(*SPATIAL).values.astype(np.float64)
+class _Subject:
+    """One subject's volumes on the store grid, inside the evaluation mask."""
+
+    def __init__(self, sid, ds, virt, ref, mask, markers, label):
+        self.sid, self.ds, self.virt, self.ref, self.mask = sid, ds, virt, ref, mask
+        self.markers, self.label = markers, label
+
+
+class _Evaluation:
+    """Accumulates subjects (per-subject metrics, pooled moments, a voxel sample for
+    Spearman and ROC, montages), then aggregates once (MONAI's Cumulative pattern)."""
+
+    def __init__(self, pstore, cstore, target, out_dir, *, label, roi, seed, extra, marker_transforms,
+                 per_subject_pool):
+        self.pstore, self.cstore, self.target, self.out_dir = pstore, cstore, target, out_dir
+        self.label, self.roi, self.extra, self.transforms = label, roi, extra, marker_transforms
+        self.extra_names = marker_names(extra)
+        self.variable = pstore.attrs.get("variable") or f"{target}_virtual"
+        self.slice_axis = str((pstore.attrs.get("model") or {}).get("patch", {}).get("axis", "y"))
+        self.rng, self.per_subject_pool = np.random.default_rng(seed), per_subject_pool
+        self.notes: list[str] = []
+        self.per_subject: dict[str, Any] = {}
+        self.pool: dict[str, list] = {"ref": [], "lab": []}
+        self.pool_roc: dict[str, list] = {}
+        self.moments: dict[str, PooledMoments] = {}
+        self.ref_range = [math.inf, -math.inf]
+        self.figures: list[tuple[str, str]] = []
+        self.have_label = False
+
+    def add_subject(self, sid: str, montage: bool) -> None:
+        d = self._load(sid)
+        res, scores = self._metrics(d)
+        self._pool(d, res, scores)
+        if d.label is not None:
+            self.have_label = True
+            res["roc"] = self._roc(d, scores)
+        elif self.have_label:
+            self.notes.append(f"{sid}: no label; left out of the ROC analysis")
+        self.per_subject[sid] = res
+        if montage:
+            self._montage(d)
+
+    def _load(self, sid: str) -> _Subject:
+        ds = self.cstore.open_subject(sid)
+        if self.target not in ds.data_vars:
+            raise MRHError(f"{self.cstore.name}: subject {sid!r} has no reference {self.target!r} "
+                           f"(targets: {', '.join(ds.attrs.get('targets', [])) or 'none'})")
+        pds = self.pstore.open_subject(sid)
+        if self.variable not in pds.data_vars:
+            raise MRHError(f"{self.pstore.name}: subject {sid!r} has no variable {self.variable!r}")
+        virt = pds[self.variable].transpose(*SPATIAL).values.astype(np.float64)
+        ref = ds[self.target].transpose(*SPATIAL).values.astype(np.float64)
         if virt.shape != ref.shape:
             raise MRHError(f"subject {sid!r}: prediction grid {virt.shape} differs from the store's {ref.shape}")
         mask = ds["mask"].transpose(*SPATIAL).values.astype(bool)
         if "mask" in pds.data_vars:
             mask &= pds["mask"].transpose(*SPATIAL).values.astype(bool)
-        finite = np.isfinite(ref) & np.isfinite(virt)
-        mask &= finite
-        markers, mnotes = single_markers(ds, mask)
-        notes += mnotes
-        for src, mname in zip(extra, extra_names, strict=True):
-            markers[mname] = load_marker(src, ds, sid, ref.shape, marker_transforms)
-        lab = load_label(ds, label, sid, ref.shape)
-        lo, hi = float(ref[mask].min()) if mask.any() else 0.0, float(ref[mask].max()) if mask.any() else 0.0
-        rng_lo, rng_hi = min(rng_lo, lo), max(rng_hi, hi)
+        mask &= np.isfinite(ref) & np.isfinite(virt)
+        markers, notes = single_markers(ds, mask)
+        self.notes += notes
+        for src, name in zip(self.extra, self.extra_names, strict=True):
+            markers[name] = load_marker(src, ds, sid, ref.shape, self.transforms)
+        return _Subject(sid, ds, virt, ref, mask, markers, load_label(ds, self.label, sid, ref.shape))
+
+    def _metrics(self, d: _Subject):
+        """Per-subject similarity of the virtual stain and of each marker (fitted linearly)."""
+        lo = float(d.ref[d.mask].min()) if d.mask.any() else 0.0
+        hi = float(d.ref[d.mask].max()) if d.mask.any() else 0.0
+        self.ref_range = [min(self.ref_range[0], lo), max(self.ref_range[1], hi)]
         dr = (hi - lo) or 1.0
-        scores = {"virtual": virt}
-        res = {"virtual": similarity(virt, ref, mask, dr)}
-        for name, m in markers.items():
-            a, b = linear_fit(m[mask], ref[mask])
-            cal = a * m + b
-            r = similarity(cal, ref, mask, dr)
-            raw = similarity(m, ref, mask, dr, ssim=False)
+        scores = {"virtual": d.virt}
+        res = {"virtual": similarity(d.virt, d.ref, d.mask, dr)}
+        for name, m in d.markers.items():
+            a, b = linear_fit(m[d.mask], d.ref[d.mask])
+            r = similarity(a * m + b, d.ref, d.mask, dr)
+            raw = similarity(m, d.ref, d.mask, dr, ssim=False)
             r["pearson"], r["spearman"] = raw["pearson"], raw["spearman"]
-            vv = similarity(m, virt, mask, ssim=False)  # the marker against the virtual stain
+            vv = similarity(m, d.virt, d.mask, ssim=False)  # the marker against the virtual stain
             r["pearson_vs_virtual"], r["spearman_vs_virtual"] = vv["pearson"], vv["spearman"]
             r["calibration"] = {"slope": a, "intercept": b}
-            res[name] = r
-            scores[name] = m
-        # pooled accumulators (exact): n, sum|err|, sum err^2, sum ssim*n, pearson moments
+            res[name], scores[name] = r, m
+        return res, scores
+
+    def _pool(self, d: _Subject, res: dict, scores: dict) -> None:
+        """Exact pooled moments, and a random voxel sample for Spearman."""
         for name, s in scores.items():
-            est = s if name == "virtual" else res[name]["calibration"]["slope"] * s + res[name]["calibration"]["intercept"]
-            e, rr = est[mask], ref[mask]
-            acc = sums.setdefault(name, dict.fromkeys(
-                ("n", "abs", "sq", "ssim", "ssim_n", "sx", "sy", "sxx", "syy", "sxy", "sv", "svv", "sxv"),
-                0.0))
-            raw = s[mask]
-            acc["n"] += e.size
-            acc["abs"] += float(np.abs(e - rr).sum())
-            acc["sq"] += float(((e - rr) ** 2).sum())
-            if math.isfinite(res[name]["ssim"]):
-                acc["ssim"] += res[name]["ssim"] * e.size
-                acc["ssim_n"] += e.size
-            acc["sx"] += float(raw.sum())
-            acc["sy"] += float(rr.sum())
-            acc["sxx"] += float((raw * raw).sum())
-            acc["syy"] += float((rr * rr).sum())
-            acc["sxy"] += float((raw * rr).sum())
-            vm = virt[mask]
-            acc["sv"] += float(vm.sum())
-            acc["svv"] += float((vm * vm).sum())
-            acc["sxv"] += float((raw * vm).sum())
-        # pooled sample for Spearman / ROC
+            cal = res[name].get("calibration")
+            est = s if cal is None else cal["slope"] * s + cal["intercept"]
+            self.moments.setdefault(name, PooledMoments()).update(
+                est[d.mask], d.ref[d.mask], s[d.mask], d.virt[d.mask], res[name]["ssim"])
+        idx = self._sample(d.mask)
+        self.pool["ref"].append(d.ref.ravel()[idx].astype(np.float32))
+        for name, s in scores.items():
+            self.pool.setdefault(name, []).append(s.ravel()[idx].astype(np.float32))
+
+    def _sample(self, mask: np.ndarray) -> np.ndarray:
         idx = np.flatnonzero(mask.ravel())
-        if idx.size > per_subject_pool:
-            idx = np.sort(rng.choice(idx, per_subject_pool, replace=False))
-        pool["ref"].append(ref.ravel()[idx].astype(np.float32))
+        if idx.size > self.per_subject_pool:
+            idx = np.sort(self.rng.choice(idx, self.per_subject_pool, replace=False))
+        return idx
+
+    def _roc(self, d: _Subject, scores: dict) -> dict:
+        """Per-subject ROC of the label; with a region of interest (e.g. white matter), the
+        label's voxels against the normal voxels of that region, not every tissue."""
+        rmask = d.mask & (load_label(d.ds, self.roi, d.sid, d.ref.shape, "--roi") | d.label) if self.roi \
+            else d.mask
+        ridx = self._sample(rmask)
+        self.pool["lab"].append(d.label.ravel()[ridx])
         for name, s in scores.items():
-            pool.setdefault(name, []).append(s.ravel()[idx].astype(np.float32))
-        if lab is not None:
-            have_label = True
-            # with a region of interest (e.g. white matter): the label's voxels against the
-            # normal voxels of that region, not against every tissue of the brain
-            rmask = mask & (load_label(ds, roi, sid, ref.shape, "--roi") | lab) if roi else mask
-            ridx = np.flatnonzero(rmask.ravel())
-            if ridx.size > per_subject_pool:
-                ridx = np.sort(rng.choice(ridx, per_subject_pool, replace=False))
-            pool["lab"].append(lab.ravel()[ridx])
-            for name, s in scores.items():
-                pool_roc.setdefault(name, []).append(s.ravel()[ridx].astype(np.float32))
-            res["roc"] = {name: _strip_curve(roc(s[rmask], lab[rmask])) for name, s in scores.items()}
-        elif have_label:
-            notes.append(f"{sid}: no label; left out of the ROC analysis")
-        per_subject[sid] = res
-        if k < montage_subjects:
-            mri_name, mri_img = _montage_mri(ds)
-            path = os.path.join(out_dir, f"montage_{sid}.png")
-            _montage(path, sid, slice_axis, mri_name, mri_img, ref, virt, mask, lab, target)
-            figures.append((path, f"{sid}: MRI ({mri_name}), reference {target}, virtual, error"))
+            self.pool_roc.setdefault(name, []).append(s.ravel()[ridx].astype(np.float32))
+        return {name: _strip_curve(roc(s[rmask], d.label[rmask])) for name, s in scores.items()}
 
-    pooled = {}
-    for name, acc in sums.items():
-        n = acc["n"]
-        mse = acc["sq"] / n if n else math.nan
-        dr = (rng_hi - rng_lo) or 1.0
-        cov = acc["sxy"] / n - (acc["sx"] / n) * (acc["sy"] / n)
-        vx = acc["sxx"] / n - (acc["sx"] / n) ** 2
-        vy = acc["syy"] / n - (acc["sy"] / n) ** 2
-        pooled[name] = {
-            "n": int(n),
-            "pearson": float(cov / math.sqrt(vx * vy)) if vx > 0 and vy > 0 else math.nan,
-            "spearman": _spearman(pool[name], pool["ref"]),
-            "mae": acc["abs"] / n if n else math.nan,
-            "rmse": math.sqrt(mse) if n else math.nan,
-            "psnr": math.inf if mse == 0 else float(10 * np.log10(dr**2 / mse)),
-            "ssim": acc["ssim"] / acc["ssim_n"] if acc["ssim_n"] else math.nan,
-            "data_range": dr,
+    def _montage(self, d: _Subject) -> None:
+        mri_name, mri_img = _montage_mri(d.ds)
+        path = os.path.join(self.out_dir, f"montage_{d.sid}.png")
+        figures.montage(path, d.sid, self.slice_axis, mri_name, mri_img, d.ref, d.virt, d.mask, d.label,
+                        self.target)
+        self.figures.append((path, f"{d.sid}: MRI ({mri_name}), reference {self.target}, virtual, error"))
+
+    def pooled(self) -> tuple[dict, dict | None]:
+        dr = (self.ref_range[1] - self.ref_range[0]) or 1.0
+        out = {}
+        for name, mom in self.moments.items():
+            out[name] = mom.aggregate(dr, with_virtual=name != "virtual")
+            out[name]["spearman"] = spearman(self.pool[name], self.pool["ref"])
+            if name != "virtual":
+                out[name]["spearman_vs_virtual"] = spearman(self.pool[name], self.pool["virtual"])
+        roc_pooled = None
+        if self.have_label and self.pool["lab"]:
+            labs = np.concatenate(self.pool["lab"])
+            roc_pooled = {name: roc(np.concatenate(self.pool_roc[name]), labs) for name in self.moments}
+            out["roc"] = {n: _strip_curve(r) for n, r in roc_pooled.items()}
+        return out, roc_pooled
+
+    def pooled_figures(self, roc_pooled) -> None:
+        pool, target, out = self.pool, self.target, self.out_dir
+        self.figures.append((figures.scatter(os.path.join(out, "scatter.png"), pool, target),
+                             "virtual and markers vs reference"))
+        vpool = {"ref": pool["virtual"], **{n: v for n, v in pool.items() if n not in ("ref", "lab", "virtual")}}
+        if len(vpool) > 1:
+            self.figures.append((figures.scatter(os.path.join(out, "scatter_vs_virtual.png"), vpool, target,
+                                                 xlabel=f"virtual {target}"), "markers vs the virtual stain"))
+        if roc_pooled:
+            self.figures.append((figures.roc_plot(os.path.join(out, "roc.png"), roc_pooled,
+                                                  self.label or "lesion"),
+                                 "ROC: detecting the label from each score (pooled)"))
+
+    def finish(self, ids: list[str], final_dir: str) -> dict[str, Any]:
+        pooled, roc_pooled = self.pooled()
+        self.pooled_figures(roc_pooled)
+        metrics = self.document(ids, pooled)
+        if roc_pooled:
+            metrics["roc_curves"] = {n: {"fpr": r["fpr"], "tpr": r["tpr"]} for n, r in roc_pooled.items()
+                                     if "fpr" in r}
+        metrics["figures"] = [os.path.basename(p) for p, _ in self.figures]
+        metrics["figure_captions"] = {os.path.basename(p): c for p, c in self.figures}
+        metrics["out_dir"] = final_dir
+        write_json(os.path.join(self.out_dir, "metrics.json"), _finite(metrics))
+        metrics["report"] = write_report(self.out_dir, evaluation_tables(metrics), self.figures,
+                                         f"mrhscale evaluation: virtual {self.target}")
+        return metrics
+
+    def document(self, ids: list[str], pooled: dict) -> dict:
+        from mrhscale import __version__
+
+        return {
+            "target": self.target, "variable": self.variable, "subjects": ids,
+            "label": self.label or ("lesion" if self.have_label else None), "roi": self.roi,
+            "markers": {"builtin": [n for n in MARKERS if n in self.moments],
+                        "extra": dict(zip(self.extra_names, map(str, self.extra), strict=True)),
+                        "transforms": self.transforms},
+            "pooled": pooled, "per_subject": self.per_subject, "notes": sorted(set(self.notes)),
+            "methods": METHODS | {"pooled_sample": f"Spearman and ROC pooled over up to "
+                                                   f"{self.per_subject_pool} random voxels per subject"},
+            "provenance": {"stage": "evaluate", "mrhscale": __version__, "pred": self.pstore.url,
+                           "store": self.cstore.url, "model": self.pstore.attrs.get("model", {}).get("sha256")},
         }
-        if name != "virtual":  # the marker against the virtual stain
-            covv = acc["sxv"] / n - (acc["sx"] / n) * (acc["sv"] / n)
-            vv = acc["svv"] / n - (acc["sv"] / n) ** 2
-            pooled[name]["pearson_vs_virtual"] = (float(covv / math.sqrt(vx * vv))
-                                                  if vx > 0 and vv > 0 else math.nan)
-            pooled[name]["spearman_vs_virtual"] = _spearman(pool[name], pool["virtual"])
-    roc_pooled = None
-    if have_label and pool["lab"]:
-        labs = np.concatenate(pool["lab"])
-        roc_pooled = {}
-        for name in sums:
-            roc_pooled[name] = roc(np.concatenate(pool_roc[name]), labs)
-        pooled["roc"] = {n: _strip_curve(r) for n, r in roc_pooled.items()}
-    figures.append((_scatter(os.path.join(out_dir, "scatter.png"), pool, target), "virtual and markers vs reference"))
-    vpool = {"ref": pool["virtual"], **{n: v for n, v in pool.items() if n not in ("ref", "lab", "virtual")}}
-    if len(vpool) > 1:
-        figures.append((_scatter(os.path.join(out_dir, "scatter_vs_virtual.png"), vpool, target,
-                                 xlabel=f"virtual {target}"), "markers vs the virtual stain"))
-    if roc_pooled:
-        figures.append((_roc_plot(os.path.join(out_dir, "roc.png"), roc_pooled, label or "lesion"),
-                        "ROC: detecting the label from each score (pooled)"))
-    metrics = {
-        "target": target,
-        "variable": variable,
-        "subjects": ids,
-        "label": label or ("lesion" if have_label else None),
-        "roi": roi,
-        "markers": {"builtin": [n for n in MARKERS if n in sums],
-                    "extra": dict(zip(extra_names, map(str, extra), strict=True)),
-                    "transforms": marker_transforms},
-        "pooled": pooled,
-        "per_subject": per_subject,
-        "notes": sorted(set(notes)),
-        "methods": {
-            "mask": "store mask AND prediction mask AND finite",
-            "markers": "Pearson/Spearman on the raw marker; MAE/PSNR/SSIM after a per-subject "
-                       "least-squares linear fit of the marker to the reference",
-            "vs_virtual": "pearson_vs_virtual/spearman_vs_virtual: raw marker against the virtual "
-                          "stain inside the same mask",
-            "psnr_peak": "reference range (max - min) inside the mask",
-            "ssim": "skimage 3D SSIM (win 7), volumes zeroed outside the mask, mean over the mask",
-            "auc": "Mann-Whitney U / (n_pos n_neg), oriented: max(AUC, 1-AUC), direction noted",
-            "pooled_sample": f"Spearman and ROC pooled over up to {per_subject_pool} random voxels "
-                             "per subject",
-        },
-        "provenance": {"stage": "evaluate", "mrhscale": __version__, "pred": pstore.url,
-                       "store": cstore.url, "model": pattrs.get("model", {}).get("sha256")},
-    }
-    if roc_pooled:
-        metrics["roc_curves"] = {n: {"fpr": r["fpr"], "tpr": r["tpr"]} for n, r in roc_pooled.items()
-                                 if "fpr" in r}
-    metrics["figures"] = [os.path.basename(p) for p, _ in figures]
-    metrics["figure_captions"] = {os.path.basename(p): c for p, c in figures}
-    metrics["out_dir"] = final_dir
-    write_json(os.path.join(out_dir, "metrics.json"), _finite(metrics))
-    from mrhscale.report.html import write_report
 
-    metrics["report"] = write_report(out_dir, summary_tables(metrics), figures,
-                                     f"mrhscale evaluation: virtual {target}")
-    return metrics
+
+METHODS = {
+    "mask": "store mask AND prediction mask AND finite",
+    "markers": "Pearson/Spearman on the raw marker; MAE/PSNR/SSIM after a per-subject "
+               "least-squares linear fit of the marker to the reference",
+    "vs_virtual": "pearson_vs_virtual/spearman_vs_virtual: raw marker against the virtual "
+                  "stain inside the same mask",
+    "psnr_peak": "reference range (max - min) inside the mask",
+    "ssim": "skimage 3D SSIM (win 7), volumes zeroed outside the mask, mean over the mask",
+    "auc": "Mann-Whitney U / (n_pos n_neg), oriented: max(AUC, 1-AUC), direction noted",
+}
 
 
 def _strip_curve(r: dict) -> dict:
     return {k: v for k, v in r.items() if k not in ("fpr", "tpr")}
-
-
-def _spearman(parts: list[np.ndarray], ref_parts: list[np.ndarray]) -> float:
-    from scipy import stats
-
-    a, b = np.concatenate(parts), np.concatenate(ref_parts)
-    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return math.nan
-    return float(stats.spearmanr(a, b).statistic)
-
-
-def summary_tables(m: dict) -> dict:
-    """What the HTML report shows: pooled table, per-subject virtual table, AUCs, notes."""
-    cols = ("pearson", "spearman", "mae", "psnr", "ssim")
-    pooled = {name: {**{c: v.get(c) for c in cols},
-                     "pearson vs virtual": v.get("pearson_vs_virtual"),
-                     "spearman vs virtual": v.get("spearman_vs_virtual")}
-              for name, v in m["pooled"].items() if name != "roc"}
-    out = {"Pooled (virtual stain vs single markers)": pooled,
-           "Per subject (virtual stain)": {sid: {c: r["virtual"].get(c) for c in cols}
-                                           for sid, r in m["per_subject"].items()}}
-    if "roc" in m["pooled"]:
-        out[f"Detecting '{m['label']}' (pooled)"] = {
-            n: {"AUC": r.get("auc"), "direction": r.get("direction"),
-                "sensitivity": (r.get("youden") or {}).get("sensitivity"),
-                "specificity": (r.get("youden") or {}).get("specificity")}
-            for n, r in m["pooled"]["roc"].items()}
-    if m["notes"]:
-        out["Notes"] = m["notes"]
-    return out
-
-
-# --------------------------------------------------------------------------- figures
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _montage_mri(ds):
@@ -648,75 +526,3 @@ def _montage_mri(ds):
     if name is None:
         return "fa", ds["fa"].transpose(*SPATIAL).values
     return name, ds["mri"].sel(contrast=name).transpose(*SPATIAL).values
-
-
-def _take(vol, axis: int, k: int):
-    return np.take(vol, k, axis=axis)
-
-
-def _montage(path, sid, slice_axis, mri_name, mri, ref, virt, mask, lab, target):
-    plt = _plt()
-    ax = SPATIAL.index(slice_axis) if slice_axis in SPATIAL else 1
-    counts = mask.sum(axis=tuple(a for a in range(3) if a != ax))
-    k = int(np.argmax(counts))
-    err = np.where(mask, virt - ref, 0.0)
-    vmax = float(np.percentile(ref[mask], 99.5)) if mask.any() else 1.0
-    emax = float(np.percentile(np.abs(err[mask]), 99)) if mask.any() else 1.0
-    panels = [(f"MRI ({mri_name})", mri, "gray", None, None),
-              (f"reference {target}", ref, "magma", 0, vmax),
-              (f"virtual {target}", np.where(mask, virt, 0), "magma", 0, vmax),
-              ("virtual - reference", err, "RdBu_r", -emax or -1, emax or 1)]
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
-    for a, (title, vol, cmap, lo, hi) in zip(axes, panels, strict=True):
-        im = a.imshow(_take(vol, ax, k), cmap=cmap, vmin=lo, vmax=hi, origin="lower")
-        if lab is not None and title.startswith("reference") and _take(lab, ax, k).any():
-            a.contour(_take(lab, ax, k).astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
-        a.set_title(title, fontsize=9)
-        a.axis("off")
-        fig.colorbar(im, ax=a, fraction=0.046)
-    fig.suptitle(f"{sid}, slice {slice_axis}={k}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def _scatter(path, pool, target, n_max=20000, xlabel=None):
-    plt = _plt()
-    ref = np.concatenate(pool["ref"]) if pool["ref"] else np.zeros(0)
-    names = [n for n in pool if n not in ("ref", "lab")]
-    rng = np.random.default_rng(0)
-    idx = rng.choice(ref.size, min(ref.size, n_max), replace=False) if ref.size else np.zeros(0, int)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.2), squeeze=False)
-    for a, n in zip(axes[0], names, strict=True):
-        v = np.concatenate(pool[n])[idx]
-        a.scatter(ref[idx], v, s=2, alpha=0.3, lw=0)
-        if n == "virtual" and ref.size:
-            lim = [float(min(ref.min(), v.min())), float(max(ref.max(), v.max()))]
-            a.plot(lim, lim, "k--", lw=0.8)
-        a.set_xlabel(xlabel or f"reference {target}")
-        a.set_ylabel(n)
-        a.set_title(n, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def _roc_plot(path, rocs, label):
-    plt = _plt()
-    fig, a = plt.subplots(figsize=(4.2, 4))
-    for n, r in rocs.items():
-        if "fpr" in r:
-            sign = "" if r["direction"] == "higher" else " (lower)"
-            a.plot(r["fpr"], r["tpr"], label=f"{n}{sign}: AUC {r['auc']:.3f}",
-                   lw=2 if n == "virtual" else 1)
-    a.plot([0, 1], [0, 1], "k:", lw=0.8)
-    a.set_xlabel("1 - specificity")
-    a.set_ylabel("sensitivity")
-    a.set_title(f"detecting {label}", fontsize=10)
-    a.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.report.figures import importance_bars
+from mrhscale.report.tables import importance_tables
 
 
 def contrast_group(name: str) -> str:
@@ -189,47 +191,6 @@ def _write_outputs(out_dir: str, res: dict) -> None:
             for r in res[kind]:
                 w.writerow([kind[:-1], r["rank"], r["name"], len(r["channels"]),
                             f"{r['increase']:.6g}", f"{r['std']:.6g}", f"{r['relative']:.6g}"])
-    fig = _bars(os.path.join(out_dir, "importance.png"), res)
-    write_report(out_dir, summary_tables(res), [(fig, "permutation importance: groups and channels")],
+    fig = importance_bars(os.path.join(out_dir, "importance.png"), res)
+    write_report(out_dir, importance_tables(res), [(fig, "permutation importance: groups and channels")],
                  f"mrhscale contrast importance: {res['target']}")
-
-
-def summary_tables(res: dict) -> dict:
-    """The tables the HTML reports show for an importance result."""
-    tables = {
-        "Setup": {"target": res["target"], "split": res["split"], "patches": res["n_patches"],
-                  "repeats": res["repeats"], "baseline MSE": res["baseline_mse"]},
-        "Contrast groups (MSE increase when shuffled)": {
-            r["name"]: {"rank": r["rank"], "channels": len(r["channels"]), "MSE increase": r["increase"],
-                        "std": r["std"], "relative": r["relative"]} for r in res["groups"]},
-    }
-    if res["channels"]:
-        tables["Channels (top 20)"] = {
-            r["name"]: {"rank": r["rank"], "MSE increase": r["increase"], "std": r["std"],
-                        "relative": r["relative"]} for r in res["channels"][:20]}
-    return tables
-
-
-def _bars(path: str, res: dict, top: int = 30) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    panels = [("contrast groups", res["groups"])]
-    if res["channels"]:
-        panels.append((f"channels (top {min(top, len(res['channels']))})", res["channels"][:top]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.5 + 0.28 * max(
-        len(p[1]) for p in panels) + 1), squeeze=False)
-    for a, (title, rows) in zip(axes[0], panels, strict=True):
-        names = [r["name"] for r in rows][::-1]
-        vals = [r["increase"] for r in rows][::-1]
-        errs = [r["std"] for r in rows][::-1]
-        a.barh(names, vals, xerr=errs, color="tab:blue")
-        a.set_xlabel("MSE increase when shuffled (stain units$^2$)")
-        a.set_title(title, fontsize=10)
-        a.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path

@@ -53,6 +53,7 @@ from torch import nn
 from mrhscale.errors import MRHError
 from mrhscale.nn.model import MRHNet
 from mrhscale.ops.norm import Normalisation
+from mrhscale.report.figures import training_curve
 from mrhscale.stores import atomic_write, write_text
 
 LOSSES = ("matlab", "mse", "centre-mse")
@@ -480,36 +481,6 @@ def write_metrics(out_dir: str, history: list[dict], summary: dict | None = None
     write_text(os.path.join(out_dir, "metrics.json"), json.dumps(doc, indent=1, default=float))
 
 
-def plot_curve(out_dir: str, history: list[dict], title: str = "") -> str | None:
-    """Training curve PNG (loss per epoch, log scale; validation r on a second panel)."""
-    if not history:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a1.plot(ep, [h["train_loss"] for h in history], "o-", ms=3, label="train")
-    if any(math.isfinite(h["val_loss"]) for h in history):
-        a1.plot(ep, [h["val_loss"] for h in history], "s-", ms=3, label="validation")
-    a1.set_yscale("log")
-    a1.set_xlabel("epoch")
-    a1.set_ylabel("loss")
-    a1.legend()
-    a1.set_title(title or "loss")
-    a2.plot(ep, [h["val_r"] for h in history], "s-", ms=3, color="C2")
-    a2.set_xlabel("epoch")
-    a2.set_ylabel("validation r (centre voxel)")
-    a2.set_title("validation correlation")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "curve.png")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
-    return path
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -793,7 +764,7 @@ def _run(cfg: TrainConfig, out_dir: str, *, resume: bool, build_model, stream_no
                         norm=bundle_norm, target=store["target"], patch=dict(store["patch"]),
                         provenance=json.loads(json.dumps(prov, default=str)))
             write_metrics(out_dir, history, summary)
-            plot_curve(out_dir, history, f"{cfg.kind}: {store['target']} (depth {model.depth})")
+            training_curve(out_dir, history, f"{cfg.kind}: {store['target']} (depth {model.depth})")
         _barrier()
         return {"out_dir": out_dir, "model": model_path, "checkpoint": ckpt_path,
                 "history": history, "config": asdict(cfg), **summary}

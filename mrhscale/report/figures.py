@@ -1,0 +1,141 @@
+"""The report's figures (matplotlib, Agg): evaluation montages, scatter plots, ROC curves,
+importance bars and the training curve."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from mrhscale.stores import atomic_write
+
+SPATIAL = ("x", "y", "z")
+
+
+def plt_agg():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _take(vol, axis: int, k: int):
+    return np.take(vol, k, axis=axis)
+
+
+def montage(path, sid, slice_axis, mri_name, mri, ref, virt, mask, lab, target):
+    plt = plt_agg()
+    ax = SPATIAL.index(slice_axis) if slice_axis in SPATIAL else 1
+    counts = mask.sum(axis=tuple(a for a in range(3) if a != ax))
+    k = int(np.argmax(counts))
+    err = np.where(mask, virt - ref, 0.0)
+    vmax = float(np.percentile(ref[mask], 99.5)) if mask.any() else 1.0
+    emax = float(np.percentile(np.abs(err[mask]), 99)) if mask.any() else 1.0
+    panels = [(f"MRI ({mri_name})", mri, "gray", None, None),
+              (f"reference {target}", ref, "magma", 0, vmax),
+              (f"virtual {target}", np.where(mask, virt, 0), "magma", 0, vmax),
+              ("virtual - reference", err, "RdBu_r", -emax or -1, emax or 1)]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+    for a, (title, vol, cmap, lo, hi) in zip(axes, panels, strict=True):
+        im = a.imshow(_take(vol, ax, k), cmap=cmap, vmin=lo, vmax=hi, origin="lower")
+        if lab is not None and title.startswith("reference") and _take(lab, ax, k).any():
+            a.contour(_take(lab, ax, k).astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+        a.set_title(title, fontsize=9)
+        a.axis("off")
+        fig.colorbar(im, ax=a, fraction=0.046)
+    fig.suptitle(f"{sid}, slice {slice_axis}={k}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def scatter(path, pool, target, n_max=20000, xlabel=None):
+    plt = plt_agg()
+    ref = np.concatenate(pool["ref"]) if pool["ref"] else np.zeros(0)
+    names = [n for n in pool if n not in ("ref", "lab")]
+    rng = np.random.default_rng(0)
+    idx = rng.choice(ref.size, min(ref.size, n_max), replace=False) if ref.size else np.zeros(0, int)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.2), squeeze=False)
+    for a, n in zip(axes[0], names, strict=True):
+        v = np.concatenate(pool[n])[idx]
+        a.scatter(ref[idx], v, s=2, alpha=0.3, lw=0)
+        if n == "virtual" and ref.size:
+            lim = [float(min(ref.min(), v.min())), float(max(ref.max(), v.max()))]
+            a.plot(lim, lim, "k--", lw=0.8)
+        a.set_xlabel(xlabel or f"reference {target}")
+        a.set_ylabel(n)
+        a.set_title(n, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def roc_plot(path, rocs, label):
+    plt = plt_agg()
+    fig, a = plt.subplots(figsize=(4.2, 4))
+    for n, r in rocs.items():
+        if "fpr" in r:
+            sign = "" if r["direction"] == "higher" else " (lower)"
+            a.plot(r["fpr"], r["tpr"], label=f"{n}{sign}: AUC {r['auc']:.3f}",
+                   lw=2 if n == "virtual" else 1)
+    a.plot([0, 1], [0, 1], "k:", lw=0.8)
+    a.set_xlabel("1 - specificity")
+    a.set_ylabel("sensitivity")
+    a.set_title(f"detecting {label}", fontsize=10)
+    a.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def importance_bars(path: str, res: dict, top: int = 30) -> str:
+    plt = plt_agg()
+    panels = [("contrast groups", res["groups"])]
+    if res["channels"]:
+        panels.append((f"channels (top {min(top, len(res['channels']))})", res["channels"][:top]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.5 + 0.28 * max(
+        len(p[1]) for p in panels) + 1), squeeze=False)
+    for a, (title, rows) in zip(axes[0], panels, strict=True):
+        names = [r["name"] for r in rows][::-1]
+        vals = [r["increase"] for r in rows][::-1]
+        errs = [r["std"] for r in rows][::-1]
+        a.barh(names, vals, xerr=errs, color="tab:blue")
+        a.set_xlabel("MSE increase when shuffled (stain units$^2$)")
+        a.set_title(title, fontsize=10)
+        a.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def training_curve(out_dir: str, history: list[dict], title: str = "") -> str | None:
+    """Training curve PNG (loss per epoch, log scale; validation r on a second panel)."""
+    if not history:
+        return None
+    plt = plt_agg()
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a1.plot(ep, [h["train_loss"] for h in history], "o-", ms=3, label="train")
+    if any(math.isfinite(h["val_loss"]) for h in history):
+        a1.plot(ep, [h["val_loss"] for h in history], "s-", ms=3, label="validation")
+    a1.set_yscale("log")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("loss")
+    a1.legend()
+    a1.set_title(title or "loss")
+    a2.plot(ep, [h["val_r"] for h in history], "s-", ms=3, color="C2")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("validation r (centre voxel)")
+    a2.set_title("validation correlation")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "curve.png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+    return path
