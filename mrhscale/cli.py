@@ -330,7 +330,7 @@ def _training_options(f):
 def _run_training(fn, *args, **kw):
     import os
 
-    from mrhscale.training.train import TrainingInterrupted
+    from mrhscale.training import TrainingInterrupted
 
     kw["amp"] = False if kw.pop("no_amp") else None
     kw["storage_options"] = _storage_options(kw.pop("storage_options", None))
@@ -353,7 +353,7 @@ def _run_training(fn, *args, **kw):
 @_training_options
 def train(patches, **kw):
     """Train MRH-Net on PATCHES; one process, or under `torchrun --nproc_per_node=N` (DDP)."""
-    from mrhscale.training.train import train as run
+    from mrhscale.training import train as run
 
     _run_training(run, patches, kw.pop("out"), **kw)
 
@@ -366,7 +366,7 @@ def train(patches, **kw):
 @_training_options
 def finetune(model, patches, **kw):
     """Transfer learning from MODEL to a new stain's PATCHES: fresh Conv4/Conv5 (lr x10), base lr 1e-4."""
-    from mrhscale.training.train import finetune as run
+    from mrhscale.training import finetune as run
 
     _run_training(run, model, patches, kw.pop("out"), **kw)
 

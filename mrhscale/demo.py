@@ -54,7 +54,7 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, qu
     from mrhscale.stages.predict import predict
     from mrhscale.stores import list_subjects
     from mrhscale.synth.phantom import make_cohort
-    from mrhscale.training.train import train
+    from mrhscale.training import train
 
     cfg = cfg or (QUICK if quick else DemoConfig())
     if cfg.subjects < 3:

@@ -599,15 +599,8 @@ def test_predict_accepts_imported_bundle(tmp_path):
 
 
 def test_finetune_accepts_imported_bundle(tmp_path, monkeypatch):
-    import importlib.util
 
-    train_mod = pytest.importorskip("mrhscale.training.train")
-    if not hasattr(train_mod, "finetune"):
-        pytest.skip("mrhscale.training.train.finetune not written yet")
     from helpers import channel_names, make_patch_store
-
-    if importlib.util.find_spec("mrhscale.training.stream") is None:  # until stream.py lands, as test_train
-        monkeypatch.setenv("MRHSCALE_STREAM", "helpers:StandInPatchStream")
 
     patches = make_patch_store(tmp_path / "nf.zarr", n_train=128, n_val=0, target="nf", seed=3)
     mp, _ = _imported_bundle(tmp_path, channel_names(5))

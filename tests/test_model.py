@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mrhscale.nn.model import MRHNet
-from mrhscale.training.train import (
-    TrainConfig,
+from mrhscale.training import TrainConfig
+from mrhscale.training.optim import (
     clip_per_tensor_,
     loss_function,
     lr_factor,

@@ -82,7 +82,7 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
     from mrhscale.stages.patches import extract_patches
     from mrhscale.stages.predict import predict
     from mrhscale.stores import describe as describe_store
-    from mrhscale.training.train import train
+    from mrhscale.training import train
 
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     base = "s3://mrh/e2e"

@@ -149,14 +149,14 @@ class TestRunFolder(Contract):
     what = "training run folder"
 
     def make(self, env, out, variant=0):
-        from mrhscale.training.train import train
+        from mrhscale.training import train
 
         resume = os.path.exists(os.path.join(out, "model.pt"))
         return train(env["patches"], out, depth=1, width=8, epochs=1 + variant, batch_size=64, quiet=True,
                      resume=resume and not variant, seed=variant)
 
     def fail(self, env, out):
-        from mrhscale.training.train import train
+        from mrhscale.training import train
 
         other = make_patch_store(os.path.dirname(out) + "/other.zarr", n_train=128, n_val=32, target="mbp",
                                  n_channels=5)

@@ -21,7 +21,8 @@ from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import describe_bundle, load_model, read_bundle
 from mrhscale.ops.norm import Normalisation
-from mrhscale.training.train import TrainingInterrupted, _open_data, finetune, train
+from mrhscale.training import TrainingInterrupted, finetune, train
+from mrhscale.training.data import open_data
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
@@ -216,7 +217,7 @@ class NoNormStream(StandInPatchStream):
 
 def test_model_normalisation_applied_with_or_without_stream_override(reference, nf_store,
                                                                      monkeypatch):
-    from mrhscale.training.train import TrainConfig
+    from mrhscale.training import TrainConfig
 
     model_norm = load_model(reference["model"])[1]["norm"]
     cfg = TrainConfig(patches=nf_store, seed=0)
@@ -228,7 +229,7 @@ def test_model_normalisation_applied_with_or_without_stream_override(reference, 
     real = "mrhscale.training.stream:PatchStream" if HAVE_STREAM else "helpers:StandInPatchStream"
     for cls in (real, "helpers:StandInPatchStream", "test_train:NoNormStream"):
         monkeypatch.setenv("MRHSCALE_STREAM", cls)
-        data = _open_data(nf_store, "val", 512, cfg, 0, 1, model_norm, dev, 0, None)
+        data = open_data(nf_store, "val", 512, cfg, 0, 1, model_norm, dev, 0, None)
         # a stream taking a norm= override gets it; otherwise the trainer corrects affinely
         assert (data.a is None) == ("norm" in inspect.signature(data.stream.__class__).parameters)
         got = torch.cat([x for x, _ in data.batches(0)])

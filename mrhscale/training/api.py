@@ -1,0 +1,131 @@
+"""``train`` and ``finetune``: a TrainConfig (what to learn) and a Runtime (how to run) in,
+a model bundle out. The CLI builds both from its options."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from torch import nn
+
+from mrhscale.errors import MRHError
+from mrhscale.nn.model import MRHNet
+from mrhscale.ops.norm import Normalisation
+from mrhscale.stores import resolve
+from mrhscale.training.config import TrainConfig, reconcile
+from mrhscale.training.data import read_patch_store_attrs
+from mrhscale.training.loop import Runtime, Trainer, run_folder
+from mrhscale.training.optim import init_weights
+
+CONFIG_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+RUNTIME_FIELDS = frozenset(f.name for f in fields(Runtime))
+FINETUNE_DEFAULTS = {"lr": 1e-4, "head_lr_factor": 10.0, "freeze_backbone": False}
+
+
+def split_options(kind: str, config, options: dict, runtime: Runtime | None):
+    """(TrainConfig, the options given explicitly, Runtime) from a config or a patch store
+    path plus keyword options (TrainConfig or Runtime fields; None = not given)."""
+    unknown = set(options) - CONFIG_FIELDS - RUNTIME_FIELDS
+    if unknown:
+        raise TypeError(f"{kind}() got unknown option(s): {', '.join(sorted(unknown))}")
+    rt = runtime or Runtime()
+    for k in RUNTIME_FIELDS & set(options):
+        if options[k] is not None:
+            setattr(rt, k, options[k])
+    if isinstance(config, TrainConfig):
+        given = {f: getattr(config, f) for f in CONFIG_FIELDS}
+    else:
+        given = {"patches": config, **{k: v for k, v in options.items() if k in CONFIG_FIELDS}}
+    given["patches"] = resolve(given["patches"], "patches")
+    given = {k: v for k, v in given.items() if k != "kind"}
+    defaults = FINETUNE_DEFAULTS if kind == "finetune" else {}
+    cfg = TrainConfig(kind=kind, **{**defaults, **{k: v for k, v in given.items() if v is not None}})
+    if kind == "train" and given.get("optimizer") == "adamw" and given.get("lr") is None:
+        cfg.lr = 1e-3
+    return cfg, given, rt
+
+
+def train(config: TrainConfig | str, out_dir: str, *, resume: bool = False,
+          runtime: Runtime | None = None, **options) -> dict:
+    """Train MRH-Net; returns a summary (paths, per-epoch history, config).
+
+    ``config``: a TrainConfig, or the patch store path with TrainConfig fields as keyword
+    options (unset ones take the paper's recipe, or with ``resume`` the checkpointed
+    run's own values). Runtime fields (device, workers, threads, quiet, ...) may also be
+    given as keywords. ``batch_size`` is global. Raises TrainingInterrupted after
+    checkpointing if SIGTERM arrives.
+    """
+    cfg, given, rt = split_options("train", config, options, runtime)
+    out_dir = resolve(out_dir, "--out")
+    with run_folder(out_dir):
+        cfg = reconcile(cfg, out_dir, resume, given)
+        store = read_patch_store_attrs(cfg.patches, rt.storage_options)
+        n_ch = len(store["channels"])
+
+        def build():
+            m = MRHNet(n_ch, cfg.depth, cfg.width)
+            init_weights([mod for mod in m.modules() if isinstance(mod, nn.Conv2d)], cfg.init)
+            return m
+
+        norm = Normalisation.from_dict(store["norm"])
+        return Trainer(cfg, out_dir, rt, store=store, build_model=build, stream_norm=None,
+                       bundle_norm=norm).run(resume)
+
+
+def finetune(model_path: str, config: TrainConfig | str, out_dir: str, *, resume: bool = False,
+             runtime: Runtime | None = None, **options) -> dict:
+    """Transfer learning (MRH_training_Trans): fresh Conv4/Conv5 with lr factor 10, base lr 1e-4.
+
+    The new bundle keeps the MODEL's input normalisation (the backbone was trained
+    with it) and takes the new stain's target scaling from the patch store.
+    ``freeze_backbone=True`` trains only the head.
+    """
+    from mrhscale.io.bundle import read_bundle
+
+    model_path = resolve(model_path, "model")
+    cfg, given, rt = split_options("finetune", config, options, runtime)
+    given["base_model"] = cfg.base_model = model_path
+    out_dir = resolve(out_dir, "--out")
+    with run_folder(out_dir):
+        cfg = reconcile(cfg, out_dir, resume, given)
+        bundle = read_bundle(cfg.base_model if resume else model_path)
+        store = read_patch_store_attrs(cfg.patches, rt.storage_options)
+        check_compatible(bundle, store, model_path, cfg.patches)
+        return _finetune_run(cfg, bundle, store, out_dir, rt, resume)
+
+
+def _finetune_run(cfg: TrainConfig, bundle: dict, store: dict, out_dir: str, rt: Runtime, resume: bool):
+    from mrhscale.io.bundle import model_from_bundle
+
+    arch = bundle["arch"]
+    cfg.depth, cfg.width = int(arch["depth"]), int(arch.get("width", 64))
+    base, new = Normalisation.from_dict(bundle["norm"]), Normalisation.from_dict(store["norm"])
+    norm = Normalisation(base.mode, list(base.offset), list(base.scale), new.target_offset,
+                         new.target_scale, {**base.meta, "target_from": cfg.patches})
+
+    def build():
+        m = model_from_bundle(bundle)
+        init_weights([m.conv4, m.conv5], cfg.init)  # fresh head, seeded
+        return m
+
+    prov = {"base_model": {"path": cfg.base_model, "target": bundle.get("target"),
+                           "provenance": bundle.get("provenance", {})}}
+    return Trainer(cfg, out_dir, rt, store=store, build_model=build, stream_norm=norm, bundle_norm=norm,
+                   extra_provenance=prov).run(resume)
+
+
+def check_compatible(meta: dict, store: dict, model_path: str, patches: str) -> None:
+    """The data must feed the model the channels, in the order, and the patch it was trained on."""
+    mch, sch = list(meta["channels"]), list(store["channels"])
+    if mch != sch:
+        missing = [c for c in mch if c not in sch]
+        extra = [c for c in sch if c not in mch]
+        what = (f"missing {missing[:5]}" if missing else "") + \
+               (f"{'; ' if missing else ''}unexpected {extra[:5]}" if extra else "")
+        raise MRHError(f"{patches}: channels do not match model {model_path} "
+                       f"({len(sch)} vs {len(mch)} channels; {what or 'same names, different order'}); "
+                       "extract patches with the model's contrasts")
+    mp, sp = meta["patch"], store["patch"]
+    for k in ("half", "size", "axis"):
+        if k in mp and k in sp and mp[k] != sp[k]:
+            raise MRHError(f"{patches}: patch {k}={sp[k]!r} but model {model_path} was trained "
+                           f"with {k}={mp[k]!r}; extract patches with the model's patch spec")

@@ -1,0 +1,118 @@
+"""What a training run is: the recipe (TrainConfig), validated, and how a resumed run keeps it."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+
+from mrhscale.errors import MRHError
+
+LOSSES = ("matlab", "mse", "centre-mse")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("piecewise", "cosine")
+INITS = ("glorot", "torch")
+
+CHECKPOINT = "last.pt"
+STOP_CHECK_EVERY_CUDA = 8  # CPU checks every step: a 1-element gloo all-reduce is ~0.1 ms
+
+
+class TrainingInterrupted(Exception):
+    """The run stopped on SIGTERM after writing a checkpoint; rerun with resume to continue."""
+
+    def __init__(self, message: str, checkpoint: str):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines the result of a run (saved in config.json and checkpoints)."""
+
+    kind: str = "train"  # train | finetune
+    patches: str = ""
+    depth: int = 5
+    width: int = 64
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "piecewise"
+    drop_period: int = 10
+    drop_factor: float = 0.1
+    clip: float = 0.01
+    loss: str = "matlab"
+    init: str = "glorot"
+    seed: int = 0
+    amp: bool = True
+    base_model: str | None = None
+    head_lr_factor: float = 1.0
+    freeze_backbone: bool = False
+    shuffle_buffer: int | None = None
+
+    def validate(self) -> None:
+        def bad(opt, val, want):
+            raise MRHError(f"--{opt} {val!r}: {want}")
+
+        if self.loss not in LOSSES:
+            bad("loss", self.loss, f"choose one of {', '.join(LOSSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", self.optimizer, f"choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", self.schedule, f"choose one of {', '.join(SCHEDULES)}")
+        if self.init not in INITS:
+            bad("init", self.init, f"choose one of {', '.join(INITS)}")
+        if self.epochs < 1:
+            bad("epochs", self.epochs, "must be at least 1")
+        if self.batch_size < 1:
+            bad("batch-size", self.batch_size, "must be at least 1")
+        if self.depth < 0 or self.width < 1:
+            bad("depth", self.depth, "depth must be >= 0 and width >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", self.lr, "must be a positive number")
+        if not (math.isfinite(self.clip) and self.clip >= 0):
+            bad("clip", self.clip, "must be >= 0 (0 disables clipping)")
+        if self.weight_decay < 0 or not (0 <= self.momentum < 1):
+            bad("weight-decay", self.weight_decay, "weight decay must be >= 0 and momentum in [0, 1)")
+        if self.drop_period < 1 or not (0 < self.drop_factor <= 1):
+            bad("drop-period", self.drop_period, "drop period >= 1 and drop factor in (0, 1]")
+        if self.head_lr_factor <= 0:
+            bad("head-lr-factor", self.head_lr_factor, "must be positive")
+
+
+# Settings a resumed run may change; everything else must match the checkpoint.
+RESUMABLE_CHANGES = {"epochs", "patches"}
+
+
+def reconcile(cfg: TrainConfig, out_dir: str, resume: bool, given: dict) -> TrainConfig:
+    """New run: check the directory is free. Resume: take the checkpoint's config."""
+    ckpt_path = os.path.join(os.fspath(out_dir), "checkpoints", CHECKPOINT)
+    if not resume:
+        if os.path.exists(ckpt_path) or os.path.exists(os.path.join(os.fspath(out_dir), "model.pt")):
+            raise MRHError(f"{out_dir}: already holds a training run; pass --resume to continue it "
+                           "or choose another --out")
+        cfg.validate()
+        return cfg
+    if not os.path.exists(ckpt_path):
+        raise MRHError(f"--resume: no checkpoint at {ckpt_path}; start the run without --resume")
+    saved = _checkpoint_config(ckpt_path)
+    names = {f.name for f in fields(TrainConfig)}
+    old = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    for k, v in given.items():
+        if v is None or k not in names:
+            continue
+        if k in RESUMABLE_CHANGES:
+            setattr(old, k, v)
+        elif getattr(old, k) != v:
+            raise MRHError(f"--resume: {k}={v!r} differs from the checkpointed run's "
+                           f"{getattr(old, k)!r}; a resumed run keeps its own settings")
+    old.validate()
+    return old
+
+
+def _checkpoint_config(path: str) -> dict:
+    from mrhscale.training.checkpoint import load_checkpoint
+
+    return load_checkpoint(path).get("config", {})

@@ -1,0 +1,441 @@
+"""The training loop: one process (one rank under torchrun) from a fresh or restored state to
+the model bundle, with a checkpoint after every epoch and on SIGTERM.
+
+Every rank runs the same number of batches (DDP needs it); the ranks agree every
+step on CPU (every 8 on CUDA) whether to stop (SIGTERM) and whether the loss is
+still finite. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mrhscale.errors import MRHError
+from mrhscale.io.bundle import save_bundle
+from mrhscale.report.figures import training_curve
+from mrhscale.stores import Folder, atomic_write, write_text
+from mrhscale.stores.patches import identity as store_identity
+from mrhscale.training.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    seed_all,
+    set_rng_state,
+    write_metrics,
+)
+from mrhscale.training.config import (
+    CHECKPOINT,
+    STOP_CHECK_EVERY_CUDA,
+    TrainConfig,
+    TrainingInterrupted,
+)
+from mrhscale.training.data import Batches, check_resume_store, open_data
+from mrhscale.training.distributed import (
+    all_reduce,
+    barrier,
+    dist_env,
+    dist_on,
+    init_distributed,
+    replica_max_abs_diff,
+)
+from mrhscale.training.optim import clip_per_tensor_, loss_function, lr_factor, make_optimizer
+
+
+class StopFlag:
+    """SIGTERM (what SLURM and Kubernetes send before a kill) as a flag the loop polls."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = None
+
+    def install(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.stop = True
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+@torch.no_grad()
+def validate(model: nn.Module, data: Batches, loss_fn, half: int, target_scale: float,
+             amp_ctx) -> dict:
+    """Loss, centre-voxel RMSE (target units) and Pearson r over the (sharded) split."""
+    model.eval()
+    acc = torch.zeros(7, dtype=torch.float64, device=data.device)  # n, loss*n, sp, st, spp, stt, spt
+    for x, t in data.batches(0):
+        with amp_ctx():
+            p = model(x)
+        p = p.float()
+        n = x.shape[0]
+        pc, tc = p[:, half, half].double(), t[:, half, half].double()
+        acc += torch.stack([
+            torch.tensor(float(n), dtype=torch.float64, device=acc.device),
+            loss_fn(p, t).double() * n, pc.sum(), tc.sum(), (pc * pc).sum(), (tc * tc).sum(),
+            (pc * tc).sum()])
+    model.train()
+    acc = all_reduce(acc).cpu().tolist()
+    n, ls, sp, st, spp, stt, spt = acc
+    if n == 0:
+        return {"val_loss": float("nan"), "val_rmse": float("nan"), "val_r": float("nan")}
+    mse = max((spp - 2 * spt + stt) / n, 0.0)
+    cov = spt / n - sp * st / n**2
+    var_p, var_t = spp / n - (sp / n) ** 2, stt / n - (st / n) ** 2
+    r = cov / math.sqrt(var_p * var_t) if var_p > 0 and var_t > 0 else float("nan")
+    return {"val_loss": ls / n, "val_rmse": math.sqrt(mse) * target_scale, "val_r": r}
+
+
+def resolve_device(device, local_rank: int) -> torch.device:
+    if device is None:
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MRHError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def progress(total, desc, quiet):
+    if quiet:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def run_folder(out_dir: str):
+    """The run folder, held by this run: anything but a training run is refused untouched,
+    and a second run on the same folder is refused while this one lives (rank 0 holds it)."""
+    from mrhscale.stores import Folder
+
+    folder = Folder(out_dir, "mrhscale-run")
+    folder.check()
+    if dist_env()[0] != 0:
+        yield folder
+        return
+    with folder.claim():
+        yield folder
+
+
+def _diverged(epoch: int, step: int, steps: int, ckpt_path: str, cfg: TrainConfig) -> MRHError:
+    where = f"epoch {epoch + 1}, step {step}/{steps}" if steps else f"after epoch {epoch + 1}"
+    kept = (f"the last good checkpoint ({ckpt_path}) is kept" if os.path.exists(ckpt_path)
+            else "no checkpoint was written")
+    return MRHError(f"training diverged: the loss became non-finite at {where} (lr {cfg.lr:g}); "
+                    f"no model was saved and {kept}; lower --lr or --clip, check the inputs for "
+                    "extreme values, and start again with another --out")
+
+
+@dataclass
+class Runtime:
+    """How a run uses this machine (not part of what it learns): device, threads, loaders..."""
+
+    device: str | None = None
+    workers: int = 0
+    threads: int | None = None
+    quiet: bool = False
+    dist_timeout: float | None = None
+    storage_options: dict | None = None
+    keep_checkpoints: bool = False
+
+    def validate(self) -> None:
+        if self.workers < 0:
+            raise MRHError(f"--workers {self.workers}: must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise MRHError(f"--threads {self.threads}: must be >= 1")
+
+
+NAN_METRICS = {"val_loss": float("nan"), "val_rmse": float("nan"), "val_r": float("nan")}
+
+
+class Trainer:
+    """One training run in this process (one rank under torchrun): build, restore, the
+    epochs, the bundle. ``build_model`` makes the (seeded) network; ``stream_norm`` the
+    normalisation the batches are given in (None: the patch store's); ``bundle_norm``
+    the one saved with the model."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: str, runtime: Runtime, *, store: dict, build_model,
+                 stream_norm, bundle_norm, extra_provenance: dict | None = None):
+        self.cfg, self.out_dir, self.rt, self.store = cfg, os.fspath(out_dir), runtime, store
+        self.build_model, self.stream_norm, self.bundle_norm = build_model, stream_norm, bundle_norm
+        self.extra_provenance = extra_provenance or {}
+        self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
+        self.ckpt_path = os.path.join(self.ckpt_dir, CHECKPOINT)
+        self.folder = Folder(self.out_dir, "mrhscale-run")
+        self.stop = StopFlag()
+
+    def run(self, resume: bool) -> dict:
+        self._setup_process()
+        started = init_distributed(self.world, self.local_rank, self.dist_timeout)
+        try:
+            self._build(resume)
+            self.stop.install()
+            self.net.train()
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                self._epoch(epoch)
+            return self._finish()
+        finally:
+            self.stop.restore()
+            if started:
+                dist.destroy_process_group()
+
+    # ---- set-up
+    def _setup_process(self) -> None:
+        self.rt.validate()
+        self.rank, self.world, self.local_rank = dist_env()
+        self.main = self.rank == 0
+        if self.cfg.batch_size % self.world:
+            raise MRHError(f"--batch-size {self.cfg.batch_size} (global) is not divisible by the "
+                           f"{self.world} processes; choose a multiple of {self.world}")
+        self.dist_timeout = self.rt.dist_timeout or float(os.environ.get("MRHSCALE_DIST_TIMEOUT", "1800"))
+        self.dev = resolve_device(self.rt.device, self.local_rank)
+        if self.rt.threads:
+            torch.set_num_threads(self.rt.threads)
+        self.step_delay = float(os.environ.get("MRHSCALE_DEBUG_STEP_DELAY", "0") or 0)
+        self.fail_after = int(os.environ.get("MRHSCALE_DEBUG_KILL_AFTER_EPOCH", "0") or 0)
+
+    def _build(self, resume: bool) -> None:
+        cfg = self.cfg
+        seed_all(cfg.seed)
+        self.model = self.build_model().to(self.dev)
+        self.opt = make_optimizer(cfg, self.model)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.start_epoch, self.start_step, self.history, self.partial_loss = 0, 0, [], 0.0
+        if resume:
+            self._restore()
+        elif self.main:
+            self.folder.mark(kind=cfg.kind, patch_store=store_identity(self.store))
+            write_text(os.path.join(self.out_dir, "config.json"),
+                       json.dumps({**asdict(cfg), "world_size": self.world}, indent=1))
+        self.net = self.model if self.world == 1 else nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
+            gradient_as_bucket_view=True)
+        self._open_data()
+        self.amp = cfg.amp and self.dev.type == "cuda"
+        self.check_every = STOP_CHECK_EVERY_CUDA if self.dev.type == "cuda" else 1
+
+    def _restore(self) -> None:
+        ck = load_checkpoint(self.ckpt_path)
+        check_resume_store(ck, self.store, self.cfg.patches, self.out_dir)
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.start_epoch, self.start_step = int(ck["epoch"]), int(ck["step"])
+        self.history = list(ck["history"])
+        self.partial_loss = float(ck.get("partial_loss_sum", 0.0)) if self.main else 0.0
+        set_rng_state(ck["rng"])
+        was = (int(ck.get("world_size", self.world)), int(ck.get("workers", self.rt.workers)))
+        if was != (self.world, self.rt.workers) and self.main and not self.rt.quiet:
+            print(f"mrhscale: resuming a run of {was[0]} process(es) x {was[1]} loader "
+                  f"worker(s) with {self.world} x {self.rt.workers}: the data order from here on "
+                  "differs from the original run's", file=sys.stderr)
+
+    def _open_data(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        self.half = int(self.store["patch"]["half"])
+        self.loss_fn = loss_function(cfg.loss, self.half)
+        self.per_rank = cfg.batch_size // self.world
+        self.train_data = open_data(cfg.patches, "train", self.per_rank, cfg, self.rank, self.world,
+                                    self.stream_norm, self.dev, rt.workers, rt.storage_options)
+        self.val_data = None
+        if int(self.store.get("n_val", 1)) > 0:
+            self.val_data = open_data(cfg.patches, "val", max(self.per_rank, 256), cfg, self.rank,
+                                      self.world, self.stream_norm, self.dev, 0, rt.storage_options)
+
+    def amp_ctx(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+
+    # ---- an epoch
+    def _epoch(self, epoch: int) -> None:
+        cfg = self.cfg
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(cfg, epoch)
+        steps = self._steps()
+        first = self.start_step if epoch == self.start_epoch else 0
+        t0 = time.perf_counter()
+        done, loss_sum, interrupted = self._train_steps(epoch, first, steps)
+        train_s = time.perf_counter() - t0
+        total = all_reduce(loss_sum.clone()).item() + self.partial_loss
+        self.partial_loss = 0.0
+        if interrupted:
+            self.save_checkpoint(epoch, done, total if self.main else 0.0)
+            barrier()
+            raise TrainingInterrupted(
+                f"stopped by SIGTERM at epoch {epoch + 1}, step {done}/{steps}; checkpoint "
+                f"{self.ckpt_path}: rerun with --resume to continue", self.ckpt_path)
+        row = self._epoch_row(epoch, steps, done - first, total, train_s, t0)
+        self.history.append(row)
+        if self.main:
+            self.save_checkpoint(epoch + 1, 0, 0.0)
+            write_metrics(self.out_dir, self.history)
+            self._log(row)
+        barrier()
+        if self.fail_after and epoch + 1 == self.fail_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: a real crash after epoch k
+        if self._stopping() and epoch + 1 < cfg.epochs:  # after the last epoch: just finish
+            raise TrainingInterrupted(
+                f"stopped by SIGTERM after epoch {epoch + 1}; checkpoint {self.ckpt_path}: "
+                "rerun with --resume to continue", self.ckpt_path)
+
+    def _steps(self) -> int:
+        """Batches every rank runs this epoch: the same on all (or DDP hangs)."""
+        steps_t = torch.tensor([self.train_data.stream.steps_per_epoch()], dtype=torch.int64, device=self.dev)
+        steps = int(all_reduce(steps_t, dist.ReduceOp.MIN if dist_on() else None).item())
+        if steps < 1:
+            raise MRHError(f"{self.cfg.patches}: too few training patches for one batch of "
+                           f"{self.per_rank} per process; lower --batch-size")
+        return steps
+
+    def _train_steps(self, epoch: int, first: int, steps: int):
+        """The optimisation steps of an epoch: (steps done, loss sum, interrupted)."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.dev)
+        bar = progress(steps, f"epoch {epoch + 1}/{self.cfg.epochs}", self.rt.quiet or not self.main)
+        if bar is not None and first:
+            bar.update(first)
+        it = self.train_data.batches(epoch)
+        for _ in range(first):  # mid-epoch resume: same order, skip what was done
+            next(it)
+        done, interrupted = first, False
+        try:
+            for step in range(first, steps):
+                self._step(it, step, steps, loss_sum)
+                done = step + 1
+                if bar is not None:
+                    bar.update(1)
+                if self.step_delay:
+                    time.sleep(self.step_delay)
+                if (done % self.check_every == 0 or done == steps) and self._check(epoch, done, steps, loss_sum):
+                    interrupted = done < steps
+                    if interrupted:
+                        break
+        finally:
+            it.close()
+            if bar is not None:
+                bar.close()
+        return done, loss_sum, interrupted
+
+    def _step(self, it, step: int, steps: int, loss_sum) -> None:
+        try:
+            x, t = next(it)
+        except StopIteration:
+            raise RuntimeError(f"rank {self.rank}: the patch stream ended after {step} of "
+                               f"{steps} batches (equal-steps contract broken)") from None
+        with self.amp_ctx():
+            pred = self.net(x)
+        loss = self.loss_fn(pred, t)
+        loss.backward()
+        clip_per_tensor_(self.trainable, self.cfg.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+
+    def _check(self, epoch: int, done: int, steps: int, loss_sum) -> bool:
+        """All ranks agree: stop on SIGTERM (True), or fail on a non-finite loss."""
+        flag = torch.stack([torch.tensor(1.0 if self.stop.stop else 0.0, device=self.dev),
+                            (~torch.isfinite(loss_sum)).float()])
+        stopping, diverged = all_reduce(flag, dist.ReduceOp.MAX if dist_on() else None).tolist()
+        if diverged:
+            raise diverged_error(epoch, done, steps, self.ckpt_path, self.cfg)
+        return stopping > 0
+
+    def _stopping(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop.stop else 0.0], device=self.dev)
+        return all_reduce(flag, dist.ReduceOp.MAX if dist_on() else None).item() > 0
+
+    def _epoch_row(self, epoch, steps, steps_done, total, train_s, t0) -> dict:
+        vm = (validate(self.model, self.val_data, self.loss_fn, self.half,
+                       float(self.bundle_norm.target_scale), self.amp_ctx)
+              if self.val_data is not None else dict(NAN_METRICS))
+        n_patches = steps_done * self.cfg.batch_size
+        return {"epoch": epoch + 1, "lr": self.cfg.lr * lr_factor(self.cfg, epoch),
+                "train_loss": total / (steps * self.world), **vm, "steps": steps,
+                "train_patches": n_patches,
+                "train_patches_per_s": n_patches / train_s if train_s > 0 else float("nan"),
+                "epoch_s": time.perf_counter() - t0}
+
+    def _log(self, row: dict) -> None:
+        if not self.rt.quiet:
+            print(f"epoch {row['epoch']:3d}/{self.cfg.epochs}  lr {row['lr']:.2e}  "
+                  f"train {row['train_loss']:.4g}  val {row['val_loss']:.4g}  "
+                  f"rmse {row['val_rmse']:.4g}  r {row['val_r']:.3f}  "
+                  f"{row['train_patches_per_s']:.0f} patches/s", file=sys.stderr)
+
+    def save_checkpoint(self, epoch: int, step: int, loss_sum: float) -> None:
+        if not self.main:
+            return
+        cfg = self.cfg
+        state = {
+            "format": "mrhscale-checkpoint", "config": asdict(cfg), "epoch": epoch, "step": step,
+            "partial_loss_sum": loss_sum, "history": self.history, "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "schedule": {"name": cfg.schedule, "epoch": epoch,
+                         "lr_factor": lr_factor(cfg, min(epoch, cfg.epochs - 1))},
+            "rng": rng_state(), "world_size": self.world, "workers": self.rt.workers,
+            "patch_store": store_identity(self.store),
+        }
+        atomic_write(self.ckpt_path, lambda tmp: torch.save(state, tmp))
+        if self.rt.keep_checkpoints and step == 0:
+            atomic_write(os.path.join(self.ckpt_dir, f"epoch-{epoch:04d}.pt"),
+                         lambda tmp: torch.save(state, tmp))
+
+    # ---- the end
+    def _finish(self) -> dict:
+        drift = replica_max_abs_diff(self.model)
+        h = self.history
+        summary = {"epochs": self.cfg.epochs, "final": h[-1] if h else {},
+                   "best_val_loss": min((r["val_loss"] for r in h if math.isfinite(r["val_loss"])),
+                                        default=float("nan")),
+                   "world_size": self.world, "replica_max_abs_diff": drift}
+        model_path = os.path.join(self.out_dir, "model.pt")
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise diverged_error(self.cfg.epochs - 1, 0, 0, self.ckpt_path, self.cfg)
+        if self.main:
+            self._save_bundle(model_path, summary, drift)
+            write_metrics(self.out_dir, h, summary)
+            training_curve(self.out_dir, h, f"{self.cfg.kind}: {self.store['target']} "
+                                            f"(depth {self.model.depth})")
+        barrier()
+        return {"out_dir": self.out_dir, "model": model_path, "checkpoint": self.ckpt_path,
+                "history": h, "config": asdict(self.cfg), **summary}
+
+    def _save_bundle(self, model_path: str, summary: dict, drift: float) -> None:
+        from mrhscale import __version__
+
+        cfg, store = self.cfg, self.store
+        prov = {
+            "stage": cfg.kind, "mrhscale_version": __version__, "torch_version": torch.__version__,
+            "config": asdict(cfg), "patches": cfg.patches,
+            "patch_store": {k: store.get(k) for k in ("n_train", "n_val", "subjects", "val_subjects",
+                                                       "seed", "rules", "provenance")},
+            "world_size": self.world, "device": self.dev.type, "final_metrics": summary["final"],
+            "replica_max_abs_diff": drift,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), **self.extra_provenance,
+        }
+        save_bundle(model_path, self.model, channels=list(store["channels"]), norm=self.bundle_norm,
+                    target=store["target"], patch=dict(store["patch"]),
+                    provenance=json.loads(json.dumps(prov, default=str)))
+
+
+def diverged_error(epoch: int, step: int, steps: int, ckpt_path: str, cfg: TrainConfig) -> MRHError:
+    where = f"epoch {epoch + 1}, step {step}/{steps}" if steps else f"after epoch {epoch + 1}"
+    kept = (f"the last good checkpoint ({ckpt_path}) is kept" if os.path.exists(ckpt_path)
+            else "no checkpoint was written")
+    return MRHError(f"training diverged: the loss became non-finite at {where} (lr {cfg.lr:g}); "
+                    f"no model was saved and {kept}; lower --lr or --clip, check the inputs for "
+                    "extreme values, and start again with another --out")

@@ -1,0 +1,85 @@
+"""The recipe's parts: loss, initialisation, parameter groups, optimiser, schedule, clipping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mrhscale.errors import MRHError
+from mrhscale.nn.model import MRHNet
+from mrhscale.training.config import LOSSES, TrainConfig
+
+
+def loss_function(name: str, half: int = 1):
+    """``loss(pred[B,P,P], target[B,P,P]) -> scalar`` (computed in float32)."""
+    if name == "matlab":
+        # MATLAB regressionLayer: 0.5 * sum of squared errors over the outputs, mean over the batch.
+        return lambda p, t: 0.5 * (p.float() - t).square().flatten(1).sum(1).mean()
+    if name == "mse":
+        return lambda p, t: nn.functional.mse_loss(p.float(), t)
+    if name == "centre-mse":
+        return lambda p, t: nn.functional.mse_loss(p[:, half, half].float(), t[:, half, half])
+    raise MRHError(f"--loss {name!r}: choose one of {', '.join(LOSSES)}")
+
+
+def init_weights(modules, how: str = "glorot") -> None:
+    """MATLAB's convolution2dLayer defaults: Glorot-uniform weights, zero biases."""
+    if how == "torch":
+        for m in modules:
+            m.reset_parameters()
+        return
+    for m in modules:
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def param_groups(model: MRHNet, lr: float, weight_decay: float, head_lr_factor: float = 1.0,
+                 freeze_backbone: bool = False) -> list[dict]:
+    """Weights get L2 decay, biases none (MATLAB BiasL2Factor 0); the head may get an lr factor."""
+    head = {id(p) for p in model.head_parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        is_head = id(p) in head
+        if freeze_backbone and not is_head:
+            p.requires_grad_(False)
+            continue
+        groups.setdefault((is_head, name.endswith("bias")), []).append(p)
+    out = []
+    for (is_head, is_bias), params in sorted(groups.items()):
+        factor = head_lr_factor if is_head else 1.0
+        out.append({
+            "params": params, "lr": lr * factor, "base_lr": lr * factor,
+            "weight_decay": 0.0 if is_bias else weight_decay,
+            "name": f"{'head' if is_head else 'backbone'}.{'bias' if is_bias else 'weight'}",
+        })
+    return out
+
+
+def make_optimizer(cfg: TrainConfig, model: MRHNet) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.head_lr_factor, cfg.freeze_backbone)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
+
+
+def lr_factor(cfg: TrainConfig, epoch: int) -> float:
+    """Learning-rate multiplier of (0-based) ``epoch``: a pure function, so resume is exact."""
+    if cfg.schedule == "piecewise":
+        return cfg.drop_factor ** (epoch // cfg.drop_period)
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+
+
+def clip_per_tensor_(params, max_norm: float) -> None:
+    """Scale each gradient tensor whose L2 norm exceeds ``max_norm`` down to it.
+
+    MATLAB's GradientThresholdMethod 'l2norm' clips every learnable parameter
+    separately (unlike torch's clip_grad_norm_, which uses one global norm).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or max_norm <= 0:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    coef = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-30), torch.ones_like(norms))
+    torch._foreach_mul_(grads, list(coef.unbind()))
