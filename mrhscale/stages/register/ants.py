@@ -1,0 +1,61 @@
+"""ANTs (the optional ``antspyx`` extra): access, seeding, and the names of transforms, metrics and presets."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from mrhscale.errors import MRHError
+
+MISSING_EXTRA = 'registration needs the optional extra: pip install "mrhscale[register]"'
+TRANSFORMS = ("rigid", "affine", "syn")
+ALIASES = {"affine+syn": "syn", "rigid+affine+syn": "syn", "syn": "syn", "rigid": "rigid",
+            "affine": "affine"}
+METRICS = ("mattes", "cc", "meansquares")
+INITS = ("com", "header")
+PRESETS = {
+    # ANTs' own defaults (antsRegistration via antspyx): multi-resolution linear stage, then SyN.
+    "default": {"aff_iterations": (2100, 1200, 1200, 10), "aff_shrink_factors": (6, 4, 2, 1),
+                "aff_smoothing_sigmas": (3, 2, 1, 0), "reg_iterations": (40, 20, 0)},
+    # Small grids and tests: fewer iterations, coarsest level 4x.
+    "fast": {"aff_iterations": (300, 150, 50), "aff_shrink_factors": (4, 2, 1),
+             "aff_smoothing_sigmas": (2, 1, 0), "reg_iterations": (30, 15, 0)},
+}
+TRANSFORM_DIR = "transforms"
+TRANSFORM_JSON = "transform.json"
+STAGING = "_staging"
+FORMAT = "mrhscale-registration"
+LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (ITK's physical space)
+
+
+
+
+def ants_module(threads: int | None = None):
+    """Import antspyx lazily; the one place a missing extra turns into a clear message."""
+    if threads:
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(threads))
+    try:
+        import ants
+    except ImportError:
+        raise MRHError(MISSING_EXTRA) from None
+    except OSError as e:  # a wheel built for another platform
+        raise MRHError(f"{MISSING_EXTRA} (antspyx is installed but cannot load: {e})") from None
+    return ants
+
+
+def set_seed(ants, seed: int | None) -> None:
+    # antspyx passes --random-seed only through this module attribute (set_ants_deterministic
+    # also forbids non-"Repro" transform types, which we do not want). ANTs takes seed 0 as
+    # "seed from the clock": 0/None give runs that differ; any other value repeats exactly.
+    try:
+        ants.config._random_seed = None if seed is None else int(seed)
+    except AttributeError:  # pragma: no cover - older antspyx
+        pass
+
+
+def canonical_transform(transform: str) -> str:
+    t = ALIASES.get(str(transform).lower())
+    if t is None:
+        raise MRHError(f"--transform {transform!r}: choose rigid, affine or syn (= affine then SyN)")
+    return t

@@ -1,0 +1,279 @@
+"""A manifest onto one reference grid, subjects in parallel, with a new manifest for ingest."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+import numpy as np
+
+from mrhscale.errors import MRHError
+from mrhscale.stages.register.ants import (
+    INITS,
+    METRICS,
+    PRESETS,
+    STAGING,
+    TRANSFORM_DIR,
+    TRANSFORM_JSON,
+    ants_module,
+    canonical_transform,
+)
+from mrhscale.stages.register.geometry import (
+    Grid,
+    contrast_array,
+    contrast_names,
+    grid_of,
+    n_volumes,
+    read3,
+    short_list,
+)
+from mrhscale.stages.register.subject import register_subject
+from mrhscale.stores import Claim, Folder, write_text
+from mrhscale.stores.base import prune_empty, remove
+from mrhscale.stores.locks import run_token
+from mrhscale.stores.urls import inside
+
+
+def _reference(man, reference: str, contrast: str):
+    """(description, grid, fixed array, mask or None, reference subject id or None)."""
+    from mrhscale.io.volumes import open_volume
+    from mrhscale.stages.ingest import plan_subject
+
+    ids = {s.id: s for s in man.subjects}
+    if reference in ids:
+        plan = plan_subject(ids[reference])
+        arr = contrast_array(plan, contrast)
+        if not np.any(arr):
+            raise MRHError(f"--reference {reference}: contrast {contrast!r} is all zero; choose another --contrast")
+        return ({"kind": "subject", "subject": reference, "contrast": contrast},
+                Grid(plan.shape, plan.affine), arr, plan.mask.copy(), reference)
+    if not os.path.exists(reference):
+        raise MRHError(f"--reference {reference!r}: neither a subject id of {man.path} "
+                       f"(known: {', '.join(short_list(ids))}) nor an existing NIfTI file")
+    vol = open_volume(reference, what="--reference")
+    if n_volumes(vol) > 1:
+        raise MRHError(f"--reference {reference}: a 4D image ({vol.shape}); give a 3D template "
+                       "of the --contrast used for registration")
+    arr = read3(vol)
+    if not np.any(arr) or float(arr.std()) == 0:
+        raise MRHError(f"--reference {reference}: the template is empty/constant; nothing to register to")
+    return ({"kind": "file", "path": os.path.abspath(reference)}, grid_of(vol), arr, None, None)
+
+
+def _complete(out_dir: str, sid: str) -> dict | None:
+    p = os.path.join(out_dir, sid, TRANSFORM_DIR, TRANSFORM_JSON)
+    if not os.path.exists(p):
+        return None
+    try:
+        with open(p) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_manifest(out_dir: str, man, params: dict) -> str:
+    import yaml
+
+    from mrhscale import __version__
+
+    entries = []
+    for s in man.subjects:
+        info = _complete(out_dir, s.id)
+        if info is not None:
+            entries.append(info["manifest_entry"])
+    path = os.path.join(out_dir, "cohort.yaml")
+    if not entries:
+        return path
+    doc = {"subjects": entries,
+           "registration": {**params, "source_manifest": man.path, "mrhscale_version": __version__}}
+    return write_text(path, "# mrhscale register: subjects on one reference grid; paths relative to "
+                            "this file\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
+
+
+def _output_folder(out_dir: str, man, specs):
+    """The registration folder: ours or new, and never the folder of the files it reads."""
+    folder = Folder(out_dir, "mrhscale-registration")
+    folder.check()  # the user's folder, a synthetic cohort, a store...: refused untouched
+    sources = [man.path] + [f for s in specs for f in s.files().values()]
+    inside_out = [f for f in sources if inside(f, folder.path)]
+    if inside_out:
+        raise MRHError(f"--out {folder.path}: holds the files being registered ({inside_out[0]}); "
+                       "write the registration to another folder")
+    return folder
+
+
+def register_cohort(
+    manifest,
+    reference: str,
+    out_dir: str,
+    *,
+    transform: str = "affine+syn",
+    contrast: str = "fa",
+    subjects: list[str] | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    client=None,
+    metric: str = "mattes",
+    init: str = "com",
+    preset: str = "default",
+    min_similarity: float = 0.4,
+    threads: int = 1,
+    seed: int | None = 1,
+    compress: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """Register the manifest's subjects onto ``reference`` (a subject id of the manifest, or a
+    3D template NIfTI of the same contrast) and write them, with a new manifest, under out_dir.
+
+    transform: rigid | affine | syn (= affine+syn: affine stage, then SyN, as the original's
+    rigid+affine+LDDMM chain). contrast: what drives the registration (fa, a channel name such as
+    dwi2000_0, t2, or mask). A subject whose registered contrast correlates with the reference by
+    less than ``min_similarity`` (|Pearson r| over the reference's brain) is reported as not
+    converged; the others still finish. Subjects already complete in out_dir with the same
+    parameters are skipped. seed: ANTs' sampling seed (same seed, same result; 0/None: from the
+    clock). compress: write .nii.gz instead of .nii (.nii is several times faster to write
+    and memory-maps in ingest; .nii.gz is smaller).
+    Returns {"out", "manifest", "registered", "skipped", "failed", "metrics", "seconds"}.
+    """
+    from mrhscale.io.manifest import Manifest, load_manifest
+
+    ants_module()  # fail early, before any cluster starts
+    man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    params = _check_options(transform, metric, init, preset, contrast)
+    specs = man.select(list(dict.fromkeys(subjects)) if subjects else None)
+    folder = _output_folder(out_dir, man, specs)
+    desc, grid, fixed_arr, ref_mask, ref_sid = _reference(man, reference, contrast)
+    _check_contrast(specs, contrast, ref_sid)
+    params["reference"] = desc
+    folder.mark()
+    todo, skipped = _sort_out(folder.path, specs, params, overwrite)
+    run = _CohortRun(folder.path, man, params, grid, ref_sid, threads=threads, seed=seed, compress=compress,
+                     min_similarity=min_similarity, quiet=quiet)
+    if todo:
+        run.register(todo, fixed_arr, ref_mask, scheduler, workers, client)
+    order = {s.id: i for i, s in enumerate(man.subjects)}
+    run.registered.sort(key=order.get)
+    manifest_path = _write_manifest(folder.path, man, params)
+    return {"out": folder.path, "manifest": manifest_path if (run.registered or skipped) else None,
+            "registered": run.registered, "skipped": skipped, "failed": run.failed,
+            "metrics": run.metrics, "seconds": run.seconds, "timing": run.timing}
+
+
+def _check_options(transform: str, metric: str, init: str, preset: str, contrast: str) -> dict:
+    transform = canonical_transform(transform)
+    if metric not in METRICS:
+        raise MRHError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+    if init not in INITS:
+        raise MRHError(f"--init {init!r}: choose com (align centres of mass first) or header")
+    if preset not in PRESETS:
+        raise MRHError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    return {"transform": transform, "contrast": contrast, "metric": metric, "init": init, "preset": preset}
+
+
+def _check_contrast(specs, contrast: str, ref_sid) -> None:
+    """Headers only (and the mask): a bad contrast name fails before any work."""
+    from mrhscale.stages.ingest import plan_subject
+
+    for spec in specs:
+        if spec.id != ref_sid:
+            names = contrast_names(plan_subject(spec))
+            if contrast not in names:
+                raise MRHError(f"subject {spec.id}: --contrast {contrast!r} does not exist; available: "
+                               f"{', '.join(short_list(names))}")
+
+
+def _sort_out(out_dir: str, specs, params: dict, overwrite: bool):
+    """(subjects to register, subjects already complete with the same parameters)."""
+    todo, skipped = [], []
+    for spec in specs:
+        info = _complete(out_dir, spec.id)
+        if info is None or overwrite:
+            todo.append(spec)
+        elif all(info.get(k) == v for k, v in params.items()):
+            skipped.append(spec.id)
+        else:
+            raise MRHError(f"--out {out_dir}: subject {spec.id} was registered with other parameters "
+                           f"({info.get('transform')}, contrast {info.get('contrast')}, reference "
+                           f"{info.get('reference')}); use --overwrite or another --out")
+    return todo, skipped
+
+
+class _CohortRun:
+    """The subjects' registrations on the cluster, each claimed, reported as it finishes."""
+
+    def __init__(self, out_dir, man, params, grid, ref_sid, *, threads, seed, compress, min_similarity, quiet):
+        self.out_dir, self.man, self.params, self.grid, self.ref_sid = out_dir, man, params, grid, ref_sid
+        self.threads, self.seed, self.quiet = threads, seed, quiet
+        self.ext, self.min_similarity = ".nii.gz" if compress else ".nii", float(min_similarity)
+        self.registered: list[str] = []
+        self.failed: dict = {}
+        self.metrics: dict = {}
+        self.seconds: dict = {}
+        self.timing: dict = {}
+
+    def job(self, spec, token: str) -> dict:
+        return {"spec": spec, "out": self.out_dir, "stage": os.path.join(self.out_dir, STAGING, token, spec.id),
+                "reference_grid": self.grid.to_dict(), "identity": spec.id == self.ref_sid,
+                "threads": self.threads, "seed": self.seed, "ext": self.ext,
+                "min_similarity": self.min_similarity, "check": "r", "manifest": self.man.path,
+                **self.params}
+
+    def register(self, todo, fixed_arr, ref_mask, scheduler, workers, client) -> None:
+        from mrhscale.parallel.cluster import dask_client
+
+        token = run_token()
+        jobs = [self.job(s, token) for s in todo]
+        claims = [Claim(os.path.join(self.out_dir, "_locks", f"{s.id}.lock"), f"subject {s.id} of {self.out_dir}")
+                  for s in todo]
+        with contextlib.ExitStack() as held, (dask_client(scheduler, workers, quiet=self.quiet)
+                                               if client is None else contextlib.nullcontext(client)) as cl:
+            for c in claims:
+                held.enter_context(c)
+            self._run_jobs(cl, jobs, fixed_arr, ref_mask)
+        remove(os.path.join(self.out_dir, STAGING, token))
+        prune_empty(os.path.join(self.out_dir, STAGING))
+
+    def _run_jobs(self, cl, jobs, fixed_arr, ref_mask) -> None:
+        from distributed import as_completed
+        from tqdm.auto import tqdm
+
+        fixed_f = cl.scatter(fixed_arr, broadcast=True)
+        mask_f = cl.scatter(ref_mask, broadcast=True) if ref_mask is not None else None
+        futures = [cl.submit(register_subject, j, fixed_f, mask_f, pure=False,
+                             key=f"register-{j['spec'].id}-{os.getpid()}-{time.time_ns()}") for j in jobs]
+        owner = {f.key: j["spec"].id for j, f in zip(jobs, futures, strict=True)}
+        bar = tqdm(total=len(futures), desc="register", unit="subject", disable=self.quiet)
+        for fut in as_completed(futures):
+            self._record(self._result(fut, owner[fut.key]))
+            bar.update()
+        bar.close()
+
+    @staticmethod
+    def _result(fut, sid: str) -> dict:
+        try:
+            return fut.result()
+        except Exception as e:  # a worker died: report it, keep the others
+            from mrhscale.parallel.cluster import task_error
+
+            return {"subject": sid, "status": "failed", "metrics": {}, "seconds": None,
+                    "message": str(task_error(e, f"subject {sid}"))}
+
+    def _record(self, res: dict) -> None:
+        sid = res["subject"]
+        self.metrics[sid], self.seconds[sid] = res["metrics"], res["seconds"]
+        if "timing" in res:
+            self.timing[sid] = res["timing"]
+        if res["status"] == "ok":
+            self.registered.append(sid)
+        else:
+            self.failed[sid] = res["message"]
+        if not self.quiet:
+            from tqdm.auto import tqdm
+
+            m = res["metrics"]
+            extra = f", dice {m['dice_after']:.3f}" if "dice_after" in m else ""
+            tqdm.write(f"  {sid}: {res['status']}, r {m.get('r_before', float('nan')):.3f} -> "
+                       f"{m.get('r_after', float('nan')):.3f}{extra}, {res['seconds'] or 0:.1f} s")

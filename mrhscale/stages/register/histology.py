@@ -1,0 +1,153 @@
+"""A 3D stain volume onto a subject's MRI (mutual information): new training targets."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import time
+
+import numpy as np
+
+from mrhscale.errors import MRHError
+from mrhscale.stages.register.ants import (
+    FORMAT,
+    INITS,
+    METRICS,
+    TRANSFORM_JSON,
+    ants_module,
+    canonical_transform,
+)
+from mrhscale.stages.register.geometry import (
+    Grid,
+    contrast_array,
+    grid_of,
+    n_volumes,
+    nmi,
+    overlap_fraction,
+    pearson,
+    read3,
+    to_ants,
+)
+from mrhscale.stages.register.transforms import apply, estimate
+from mrhscale.stores import write_json
+from mrhscale.stores.base import swap_in, temporary_folder
+from mrhscale.stores.locks import run_token
+from mrhscale.stores.urls import resolve
+
+
+def register_histology(
+    volume: str,
+    subject: str,
+    out: str,
+    *,
+    manifest=None,
+    contrast: str = "fa",
+    transform: str = "affine+syn",
+    metric: str = "mattes",
+    init: str = "com",
+    preset: str = "default",
+    min_similarity: float = 0.1,
+    threads: int | None = None,
+    seed: int | None = 1,
+) -> dict:
+    """Register a 3D stain volume onto a subject's MRI (cross-modal: Mattes mutual information)
+    and write it, resampled on the subject's grid, to ``out`` (a new training target).
+
+    subject: a subject id of ``manifest`` (its ``contrast`` is the fixed image) or an MRI NIfTI.
+    Transforms go to ``<out stem>_transforms/`` so other stains of the same block can follow
+    with :func:`to_reference`. Convergence check: normalised mutual information after
+    registration >= min_similarity. Returns {"out", "transforms", "metrics", "seconds"}.
+    """
+    from mrhscale import __version__
+    from mrhscale.io.manifest import Manifest, load_manifest
+    from mrhscale.io.volumes import open_volume, stem, write_volume
+    from mrhscale.stages.ingest import plan_subject
+
+    t0 = time.perf_counter()
+    ants = ants_module(threads)
+    transform = canonical_transform(transform)
+    if metric not in METRICS:
+        raise MRHError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+    if init not in INITS:
+        raise MRHError(f"--init {init!r}: choose com or header")
+    stain = open_volume(os.fspath(volume), what="histology")
+    if n_volumes(stain) > 1:
+        raise MRHError(f"{volume}: a 4D image {stain.shape}; give one 3D stain volume")
+    if manifest is not None:
+        man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+        plan = plan_subject(man.select([subject])[0])
+        fixed_arr, grid, region = contrast_array(plan, contrast), Grid(plan.shape, plan.affine), plan.mask
+        ref_desc = {"kind": "subject", "subject": subject, "contrast": contrast, "manifest": man.path}
+    elif os.path.exists(subject):
+        mri = open_volume(subject, what="--subject")
+        fixed_arr, grid = read3(mri, 0 if n_volumes(mri) > 1 else None), grid_of(mri)
+        region = fixed_arr != 0
+        ref_desc = {"kind": "file", "path": os.path.abspath(subject)}
+    else:
+        raise MRHError(f"--subject {subject!r}: give --manifest with that subject id, or an MRI NIfTI path")
+    if not region.any():
+        region = np.ones(grid.shape, bool)
+    stain_arr = read3(stain)
+    if not np.any(stain_arr):
+        raise MRHError(f"{volume}: the stain volume is all zero")
+    native = grid_of(stain)
+    fixed, moving = to_ants(ants, fixed_arr, grid.affine), to_ants(ants, stain_arr, native.affine)
+    if init == "header" and overlap_fraction(native, grid) <= 0:
+        raise MRHError(f"{volume}: no overlap with the MRI grid in world coordinates (--init header); "
+                       "fix the header or use --init com")
+    before = np.asarray(ants.resample_image_to_target(moving, fixed, interp_type="linear").numpy())
+    out = resolve(out, "--out")
+    tdir = stem(out) + "_transforms"
+    _check_histology_outputs(out, tdir)
+    with temporary_folder(out) as work:
+        tx = estimate(ants, fixed, moving, transform, work, metric=metric, preset=preset, init=init,
+                       seed=seed)
+        files = [os.path.join(work, f) for f in tx["forward"]["files"]]
+        warped = apply(ants, stain_arr, native, grid, files, tx["forward"]["invert"], "linear")
+        metrics = {"nmi_before": round(nmi(fixed_arr, before, region), 4),
+                   "nmi_after": round(nmi(fixed_arr, warped, region), 4),
+                   "r_before": round(pearson(fixed_arr, before, region), 4),
+                   "r_after": round(pearson(fixed_arr, warped, region), 4)}
+        if not np.any(warped[region]):
+            raise MRHError(f"{volume}: no overlap: the registered stain lies outside the MRI's brain")
+        if metrics["nmi_after"] < min_similarity:
+            raise MRHError(f"{volume}: registration did not converge: final NMI with the MRI "
+                           f"{metrics['nmi_after']:.3f} < --min-similarity {min_similarity:g} "
+                           f"(before {metrics['nmi_before']:.3f})")
+        seconds = time.perf_counter() - t0
+        info = {"format": FORMAT, "format_version": 1, "subject": subject, "kind": "histology",
+                "transform": transform, "contrast": contrast, "metric": metric, "preset": preset,
+                "init": init, "identity": False, "reference": ref_desc,
+                "reference_grid": grid.to_dict(), "native_grid": native.to_dict(),
+                "forward": tx["forward"], "inverse": tx["inverse"], "linear": tx["linear"],
+                "metrics": metrics, "seconds": round(seconds, 3), "sources": {"histology": os.path.abspath(volume)},
+                "provenance": {"mrhscale_version": __version__,
+                               "antspyx_version": getattr(ants, "__version__", "?"),
+                               "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                               "seed": seed}}
+        write_json(os.path.join(work, TRANSFORM_JSON), info)
+        write_volume(out, warped, grid.affine, dtype=np.float32, descrip=HISTOLOGY_DESCRIP)
+        swap_in(work, tdir, token=run_token())
+    return {"out": out, "transforms": tdir, "metrics": metrics, "seconds": seconds}
+
+
+HISTOLOGY_DESCRIP = "mrhscale register-histology"
+
+
+def _check_histology_outputs(out: str, tdir: str) -> None:
+    """Overwrite only what an earlier register-histology wrote: never the user's files."""
+    from mrhscale.io.volumes import mrhscale_descrip
+
+    if os.path.exists(out):
+        if mrhscale_descrip(out) is None:
+            raise MRHError(f"--out {out}: exists and was not written by mrhscale; choose another --out")
+    if os.path.exists(tdir):
+        info = {}
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(tdir, TRANSFORM_JSON)) as fh:
+                info = json.load(fh)
+        if info.get("format") != FORMAT:
+            raise MRHError(f"--out {out}: {tdir} exists and holds no mrhscale registration; "
+                           "move it away or choose another --out")
