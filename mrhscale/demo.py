@@ -8,6 +8,7 @@ any stage by hand; a rerun resumes (finished stages are reused).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -37,99 +38,142 @@ QUICK = DemoConfig(subjects=3, shape=(24, 16, 32), stride=2, depth=2, epochs=2, 
                    importance_patches=500, importance_repeats=1)
 
 
-def _stage(name: str, quiet: bool):
-    if not quiet:
-        print(f"[demo] {name} ...", flush=True)
-    return time.perf_counter()
-
-
 def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, quiet: bool = False) -> dict:
     """Run the chain into ``out``; returns a summary with the report path and headline numbers."""
-    from mrhscale.parallel.cluster import dask_client
-    from mrhscale.report.html import write_report
-    from mrhscale.stages.evaluate import evaluate
-    from mrhscale.stages.importance import importance
-    from mrhscale.stages.ingest import ingest
-    from mrhscale.stages.patches import extract_patches
-    from mrhscale.stages.predict import predict
-    from mrhscale.stores import list_subjects
-    from mrhscale.synth.phantom import make_cohort
-    from mrhscale.training import train
-
     cfg = cfg or (QUICK if quick else DemoConfig())
     if cfg.subjects < 3:
         raise MRHError("demo: needs at least 3 subjects (training, validation, held-out)")
-    out = _demo_folder(out, cfg)
-    p = {k: os.path.join(out, v) for k, v in {
-        "files": "cohort", "store": "cohort.zarr", "patches": "patches.zarr", "run": "run",
-        "pred": "pred.zarr", "nifti": "nifti", "eval": "evaluation", "imp": "importance"}.items()}
-    times = {}
-    ids = [f"s{i + 1:02d}" for i in range(cfg.subjects)]
-    # the last odd-numbered subject has a lesion in synth: hold it out for testing
-    test_id = ids[-1] if cfg.subjects % 2 == 1 else ids[-2]
-    train_ids = [s for s in ids if s != test_id]
-    val_id = train_ids[-1]
+    demo = _Demo(_demo_folder(out, cfg), cfg, quiet)
+    demo.synth()
+    demo.ingest_and_patches()
+    demo.train()
+    demo.predict()
+    metrics = demo.evaluate()
+    imp = demo.importance()
+    return demo.report(metrics, imp)
 
-    t = _stage("synth: phantom cohort", quiet)
-    manifest = os.path.join(p["files"], "cohort.yaml")
-    if not os.path.exists(manifest):
-        make_cohort(p["files"], subjects=cfg.subjects, shape=tuple(cfg.shape), seed=cfg.seed,
-                    fmt="nii.gz", quiet=quiet)
-    times["synth"] = time.perf_counter() - t
 
-    with dask_client(workers=cfg.workers, quiet=quiet) as client:
-        t = _stage("ingest: files -> cohort.zarr (Dask)", quiet)
-        ingest(manifest, p["store"], chunks=(32, 16, 32), client=client, quiet=quiet)
-        times["ingest"] = time.perf_counter() - t
+class _Demo:
+    """The stages of the demo, each timed; every output stays in the demo folder."""
 
-        t = _stage(f"patches: {cfg.target} training samples (train {', '.join(train_ids[:-1])}; val {val_id})", quiet)
-        # on the active client; an identical store from an earlier run is reused as it is
-        extract_patches(p["store"], cfg.target, p["patches"], stride=cfg.stride, subjects=train_ids,
-                        val_subjects=[val_id], seed=cfg.seed, quiet=quiet)
-        times["patches"] = time.perf_counter() - t
+    PATHS = {"files": "cohort", "store": "cohort.zarr", "patches": "patches.zarr", "run": "run",
+             "pred": "pred.zarr", "nifti": "nifti", "eval": "evaluation", "imp": "importance"}
 
-    t = _stage(f"train: MRH-Net depth {cfg.depth}, {cfg.epochs} epochs on the CPU", quiet)
-    model = os.path.join(p["run"], "model.pt")
-    if not os.path.exists(model):
-        kw = dict(depth=cfg.depth, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-                  drop_period=cfg.drop_period, quiet=quiet)
-        if cfg.lr is not None:
-            kw["lr"] = cfg.lr
-        resume = os.path.exists(os.path.join(p["run"], "checkpoints", "last.pt"))
-        train(p["patches"], p["run"], resume=resume, **kw)
-    times["train"] = time.perf_counter() - t
+    def __init__(self, out: str, cfg: DemoConfig, quiet: bool):
+        self.out, self.cfg, self.quiet = out, cfg, quiet
+        self.p = {k: os.path.join(out, v) for k, v in self.PATHS.items()}
+        self.times: dict[str, float] = {}
+        ids = [f"s{i + 1:02d}" for i in range(cfg.subjects)]
+        # the last odd-numbered subject has a lesion in synth: hold it out for testing
+        self.test_id = ids[-1] if cfg.subjects % 2 == 1 else ids[-2]
+        self.train_ids = [s for s in ids if s != self.test_id]
+        self.val_id = self.train_ids[-1]
+        self.manifest = os.path.join(self.p["files"], "cohort.yaml")
+        self.model = os.path.join(self.p["run"], "model.pt")
 
-    t = _stage(f"predict: held-out subject {test_id}", quiet)
-    predict(model, p["store"], p["pred"], nifti_dir=p["nifti"], subjects=[test_id],
-            workers=cfg.workers, quiet=quiet, overwrite=True)
-    times["predict"] = time.perf_counter() - t
+    @contextlib.contextmanager
+    def stage(self, key: str, what: str):
+        if not self.quiet:
+            print(f"[demo] {what} ...", flush=True)
+        t = time.perf_counter()
+        yield
+        self.times[key] = time.perf_counter() - t
 
-    t = _stage("evaluate: virtual stain vs reference and single MRI markers", quiet)
-    # lesion ROC within white matter: a demyelination against the normal tissue it occurs in
-    metrics = evaluate(p["pred"], p["store"], cfg.target, p["eval"], subjects=[test_id], roi="wm", quiet=quiet)
-    times["evaluate"] = time.perf_counter() - t
+    def synth(self) -> None:
+        from mrhscale.synth.phantom import make_cohort
 
-    t = _stage("importance: contrast groups by permutation", quiet)
-    imp = _importance_of(p["imp"], model)
-    if imp is None:
-        imp = importance(model, p["patches"], p["imp"], quiet=quiet, max_patches=cfg.importance_patches,
-                         repeats=cfg.importance_repeats)
-    times["importance"] = time.perf_counter() - t
+        with self.stage("synth", "synth: phantom cohort"):
+            if not os.path.exists(self.manifest):
+                make_cohort(self.p["files"], subjects=self.cfg.subjects, shape=tuple(self.cfg.shape),
+                            seed=self.cfg.seed, fmt="nii.gz", quiet=self.quiet)
 
-    summary = _headline(metrics, test_id, cfg)
-    summary.update({
-        "held_out": test_id, "train_subjects": train_ids[:-1], "val_subject": val_id,
-        "stage_seconds": {k: round(v, 1) for k, v in times.items()},
-        "config": asdict(cfg), "paths": p, "subjects_in_store": list_subjects(p["store"]),
-    })
-    figures = [(os.path.join(p["eval"], f), c) for f, c in metrics.get("figure_captions", {}).items()]
-    figures += _figures_of(imp, p["imp"])
-    curve = os.path.join(p["run"], "curve.png")
-    if os.path.exists(curve):
-        figures.insert(0, (curve, "training and validation loss per epoch"))
+    def ingest_and_patches(self) -> None:
+        from mrhscale.parallel.cluster import dask_client
+        from mrhscale.stages.ingest import ingest
+        from mrhscale.stages.patches import extract_patches
+
+        cfg, p = self.cfg, self.p
+        with dask_client(workers=cfg.workers, quiet=self.quiet) as client:
+            with self.stage("ingest", "ingest: files -> cohort.zarr (Dask)"):
+                ingest(self.manifest, p["store"], chunks=(32, 16, 32), client=client, quiet=self.quiet)
+            with self.stage("patches", f"patches: {cfg.target} training samples (train "
+                                       f"{', '.join(self.train_ids[:-1])}; val {self.val_id})"):
+                # on the active client; an identical store from an earlier run is reused as it is
+                extract_patches(p["store"], cfg.target, p["patches"], stride=cfg.stride,
+                                subjects=self.train_ids, val_subjects=[self.val_id], seed=cfg.seed,
+                                quiet=self.quiet)
+
+    def train(self) -> None:
+        from mrhscale.training import train
+
+        cfg = self.cfg
+        with self.stage("train", f"train: MRH-Net depth {cfg.depth}, {cfg.epochs} epochs on the CPU"):
+            if not os.path.exists(self.model):
+                kw = dict(depth=cfg.depth, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                          drop_period=cfg.drop_period, quiet=self.quiet)
+                if cfg.lr is not None:
+                    kw["lr"] = cfg.lr
+                resume = os.path.exists(os.path.join(self.p["run"], "checkpoints", "last.pt"))
+                train(self.p["patches"], self.p["run"], resume=resume, **kw)
+
+    def predict(self) -> None:
+        from mrhscale.stages.predict import predict
+
+        with self.stage("predict", f"predict: held-out subject {self.test_id}"):
+            predict(self.model, self.p["store"], self.p["pred"], nifti_dir=self.p["nifti"],
+                    subjects=[self.test_id], workers=self.cfg.workers, quiet=self.quiet, overwrite=True)
+
+    def evaluate(self) -> dict:
+        from mrhscale.stages.evaluate import evaluate
+
+        with self.stage("evaluate", "evaluate: virtual stain vs reference and single MRI markers"):
+            # lesion ROC within white matter: a demyelination against the normal tissue it occurs in
+            return evaluate(self.p["pred"], self.p["store"], self.cfg.target, self.p["eval"],
+                            subjects=[self.test_id], roi="wm", quiet=self.quiet)
+
+    def importance(self) -> dict:
+        from mrhscale.stages.importance import importance
+
+        with self.stage("importance", "importance: contrast groups by permutation"):
+            imp = _importance_of(self.p["imp"], self.model)
+            if imp is None:
+                imp = importance(self.model, self.p["patches"], self.p["imp"], quiet=self.quiet,
+                                 max_patches=self.cfg.importance_patches, repeats=self.cfg.importance_repeats)
+        return imp
+
+    def report(self, metrics: dict, imp: dict) -> dict:
+        from mrhscale.report.html import write_report
+        from mrhscale.stores import list_subjects, write_json
+
+        summary = _headline(metrics, self.test_id, self.cfg)
+        summary.update({
+            "held_out": self.test_id, "train_subjects": self.train_ids[:-1], "val_subject": self.val_id,
+            "stage_seconds": {k: round(v, 1) for k, v in self.times.items()},
+            "config": asdict(self.cfg), "paths": self.p, "subjects_in_store": list_subjects(self.p["store"]),
+        })
+        summary["report"] = write_report(self.out, _tables(summary, metrics, imp, self.p),
+                                         self._figures(metrics, imp),
+                                         f"mrhscale demo: virtual {self.cfg.target} on a synthetic cohort")
+        write_json(os.path.join(self.out, "summary.json"), summary)
+        return summary
+
+    def _figures(self, metrics: dict, imp: dict) -> list:
+        p = self.p
+        figures = [(os.path.join(p["eval"], f), c) for f, c in metrics.get("figure_captions", {}).items()]
+        figures += _figures_of(imp, p["imp"])
+        curve = os.path.join(p["run"], "curve.png")
+        if os.path.exists(curve):
+            figures.insert(0, (curve, "training and validation loss per epoch"))
+        return figures
+
+
+def _tables(summary: dict, metrics: dict, imp: dict, paths: dict) -> dict:
+    from mrhscale.report.tables import importance_tables
+
+    headline = ("virtual_pearson", "best_marker", "best_marker_pearson", "virtual_auc", "best_marker_auc",
+                "beats_every_marker")
     tables = {
-        "Headline": {k: v for k, v in summary.items() if k in ("virtual_pearson", "best_marker", "best_marker_pearson",
-                                                              "virtual_auc", "best_marker_auc", "beats_every_marker")},
+        "Headline": {k: v for k, v in summary.items() if k in headline},
         "Pooled similarity to the reference stain (held-out subject)": {
             n: {c: m.get(c) for c in ("pearson", "spearman", "mae", "psnr", "ssim")}
             for n, m in metrics["pooled"].items() if n != "roc"},
@@ -137,16 +181,10 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, qu
     if "roc" in metrics["pooled"]:
         tables["Lesion detection (AUC)"] = {n: {"AUC": r.get("auc"), "direction": r.get("direction")}
                                             for n, r in metrics["pooled"]["roc"].items()}
-    from mrhscale.report.tables import importance_tables
-
     tables.update({k: v for k, v in importance_tables(imp).items() if not k.startswith("Setup")})
     tables["Stage wall times (s)"] = summary["stage_seconds"]
-    tables["Where things are"] = p
-    summary["report"] = write_report(out, tables, figures, f"mrhscale demo: virtual {cfg.target} on a synthetic cohort")
-    from mrhscale.stores import write_json
-
-    write_json(os.path.join(out, "summary.json"), summary)
-    return summary
+    tables["Where things are"] = paths
+    return tables
 
 
 def _demo_folder(out: str, cfg: DemoConfig) -> str:

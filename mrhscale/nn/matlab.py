@@ -1020,6 +1020,50 @@ def _file_facts(path: str) -> dict:
     }
 
 
+def _check_import_options(mat_path: str, out_path, target, target_max, patch_axis) -> tuple[str, str]:
+    """The options that need no file; returns (target, where it came from)."""
+    if not (isinstance(target_max, int | float) and math.isfinite(target_max) and target_max > 0):
+        raise MRHError(f"--target-max: must be a positive number, got {target_max}")
+    if patch_axis not in ("x", "y", "z"):
+        raise MRHError(f"--patch-axis: must be x, y or z, got {patch_axis!r}")
+    target_source = "user"
+    if target is None:
+        target, target_source = infer_target(mat_path), "file name"
+        if target is None:
+            raise MRHError(f"{mat_path}: cannot tell the stain from the file name; give --target (e.g. af, nf, mbp)")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", target):
+        raise MRHError(f"--target: {target!r} is not a valid variable name")
+    if os.path.isfile(out_path) and os.path.isfile(mat_path) and os.path.samefile(out_path, mat_path):
+        raise MRHError(f"--out {out_path}: would overwrite the .mat file being imported")
+    return target, target_source
+
+
+def _import_norm(mode: str, value, in_channels: int, target_max: float):
+    """The original's scaling as the bundle's normalisation: one global maximum, or none."""
+    from mrhscale.ops.norm import Normalisation
+
+    if mode == "global-max":
+        nrm = Normalisation.global_max(in_channels, value, float(target_max))
+    else:
+        nrm = Normalisation("identity", [0.0] * in_channels, [1.0] * in_channels, 0.0, float(target_max))
+    nrm.meta.update({"source": "user", "note": "MATLAB network: inputs / one global maximum, as the original"})
+    return nrm
+
+
+def _import_provenance(mat_path: str, graph, match, n_params: int) -> dict:
+    from mrhscale import __version__
+
+    return {
+        "stage": "import-matlab", "mrhscale_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": {**_file_facts(mat_path), "variable": graph.meta.get("variable"),
+                   "reader": graph.meta.get("reader")},
+        "matlab_layers": [lay.name for lay in graph.layers], "layer_roles": match.roles,
+        "renamed_layers": match.renamed, "kinds_from": graph.meta.get("kinds_from"),
+        "depth": match.depth, "parameters": n_params,
+    }
+
+
 def import_matlab(
     mat_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -1044,34 +1088,12 @@ def import_matlab(
     target: stain name; default inferred from the file name (Fluo/AF, NF, MBP, Nissl).
     Returns a summary (depth, channels, parameters, where each setting came from).
     """
-    from mrhscale import __version__
     from mrhscale.io.bundle import save_bundle
-    from mrhscale.ops.norm import Normalisation
 
     mat_path = os.fspath(mat_path)
     # cheap option checks first, so a bad option does not wait for the file
     mode, value = parse_norm(norm, input_max)
-    if not (isinstance(target_max, int | float) and math.isfinite(target_max) and target_max > 0):
-        raise MRHError(f"--target-max: must be a positive number, got {target_max}")
-    if patch_axis not in ("x", "y", "z"):
-        raise MRHError(f"--patch-axis: must be x, y or z, got {patch_axis!r}")
-    target_source = "user"
-    if target is None:
-        target, target_source = infer_target(mat_path), "file name"
-        if target is None:
-            raise MRHError(
-                f"{mat_path}: cannot tell the stain from the file name; "
-                "give --target (e.g. af, nf, mbp)"
-            )
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", target):
-        raise MRHError(f"--target: {target!r} is not a valid variable name")
-
-    if (
-        os.path.isfile(out_path)
-        and os.path.isfile(mat_path)
-        and os.path.samefile(out_path, mat_path)
-    ):
-        raise MRHError(f"--out {out_path}: would overwrite the .mat file being imported")
+    target, target_source = _check_import_options(mat_path, out_path, target, target_max, patch_axis)
     graph = read_layer_graph(mat_path)
     try:
         model, match = layer_graph_to_model(graph, strict_names=strict_names)
@@ -1083,36 +1105,12 @@ def import_matlab(
         raise MRHError(
             f"{mat_path}: {count_parameters(graph)} values in the file, {n_params} in the model"
         )
-    if mode == "global-max":
-        nrm = Normalisation.global_max(match.in_channels, value, float(target_max))
-    else:
-        nrm = Normalisation(
-            "identity", [0.0] * match.in_channels, [1.0] * match.in_channels, 0.0, float(target_max)
-        )
-    nrm.meta.update(
-        {"source": "user", "note": "MATLAB network: inputs / one global maximum, as the original"}
-    )
-    facts = _file_facts(mat_path)
+    nrm = _import_norm(mode, value, match.in_channels, target_max)
     provenance = {
-        "stage": "import-matlab",
-        "mrhscale_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": {
-            **facts,
-            "variable": graph.meta.get("variable"),
-            "reader": graph.meta.get("reader"),
-        },
-        "matlab_layers": [lay.name for lay in graph.layers],
-        "layer_roles": match.roles,
-        "renamed_layers": match.renamed,
-        "kinds_from": graph.meta.get("kinds_from"),
-        "depth": match.depth,
-        "parameters": n_params,
+        **_import_provenance(mat_path, graph, match, n_params),
         "channels_from": channels_source,
         "norm_from": f"user ({mode}{'' if value is None else f'={value:g}'})",
-        "target_max": float(target_max),
-        "target_from": target_source,
-        "patch_axis": patch_axis,
+        "target_max": float(target_max), "target_from": target_source, "patch_axis": patch_axis,
     }
     patch = {"half": (match.patch_size - 1) // 2, "size": match.patch_size, "axis": patch_axis}
     out = save_bundle(

@@ -79,11 +79,9 @@ def importance(
     storage_options: dict | None = None,
 ) -> dict[str, Any]:
     """Permutation importance of each contrast group and channel; writes a report."""
-    import torch
-
     from mrhscale import __version__
     from mrhscale.io.bundle import load_model
-    from mrhscale.stages.predict import check_channels, check_device
+    from mrhscale.stages.predict import check_device
     from mrhscale.stores import Folder, resolve, sha256_file
 
     model_path, patches_url = resolve(model_path, "model"), resolve(patches_url)
@@ -96,6 +94,30 @@ def importance(
     device = check_device(device)
     model, meta = load_model(model_path, device=device)
     attrs, xa, ta = _open_split(patches_url, split, storage_options)
+    sel = _check_model_and_store(model_path, meta, patches_url, attrs, xa)
+    rng = np.random.default_rng(seed)
+    x, t = _sample(xa, ta, sel, meta["norm"], rng, max_patches)
+    scorer = _Scorer(model, meta["norm"], t, batch_size, device)
+    gmap = channel_groups(list(meta["channels"]), _groups(groups, attrs, sel))
+    rows, base = _permute_all(scorer, x, gmap, list(meta["channels"]), per_channel, repeats, rng, quiet)
+    res = {
+        "baseline_mse": base, "groups": rows["group"], "channels": rows["channel"],
+        "n_patches": int(len(x)), "split": split, "repeats": int(repeats), "target": meta["target"],
+        "provenance": {"stage": "importance", "mrhscale": __version__, "model": os.path.abspath(model_path),
+                       "model_sha256": sha256_file(model_path), "patches": str(patches_url), "seed": seed,
+                       "max_patches": max_patches},
+        "out_dir": folder.path, "figures": ["importance.png"],
+    }
+    with folder.replace(target=meta["target"], model=res["provenance"]["model_sha256"]) as work:
+        _write_outputs(work, res)
+    return res
+
+
+def _check_model_and_store(model_path, meta: dict, patches_url, attrs: dict, xa) -> list[int]:
+    """The model's stain, channels and patch size must be the store's; returns the store
+    indices of the model's channels, in the model's order."""
+    from mrhscale.stages.predict import check_channels
+
     if str(attrs["target"]) != str(meta["target"]):
         raise MRHError(f"{patches_url}: patches of stain {attrs['target']!r}, but model {model_path} "
                        f"predicts {meta['target']!r}; give the patch store of the model's stain")
@@ -107,76 +129,78 @@ def importance(
     if p_store != p_model:
         raise MRHError(f"{patches_url}: patches are {p_store}x{p_store}, the model was trained on "
                        f"{p_model}x{p_model}")
-    rng = np.random.default_rng(seed)
+    return [store_ch.index(c) for c in channels]
+
+
+def _sample(xa, ta, sel: list[int], norm, rng, max_patches: int):
+    """A random subset of the split: normalised inputs (model's channels) and raw targets."""
     n_all = int(xa.shape[0])
     idx = np.sort(rng.choice(n_all, min(n_all, max_patches), replace=False))
-    sel = [store_ch.index(c) for c in channels]
     x = np.asarray(xa.get_orthogonal_selection((idx,)), np.float32)[:, sel]
     t = np.asarray(ta.get_orthogonal_selection((idx,)), np.float64)
-    norm = meta["norm"]
     x = norm.apply_inputs(x, channel_axis=1)
     np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return x, t
+
+
+def _groups(groups, attrs: dict, sel: list[int]):
+    """Group names per model channel: given, else the store's ``groups`` attr, else None."""
     if groups is None and attrs.get("groups"):
         g_attr = [str(g) for g in attrs["groups"]]
-        groups = [g_attr[i] for i in sel] if len(g_attr) == len(store_ch) else None
-    gmap = channel_groups(channels, groups)
+        return [g_attr[i] for i in sel] if len(g_attr) == len(attrs["channels"]) else None
+    return groups
 
-    def mse(xx: np.ndarray) -> float:
+
+class _Scorer:
+    """The network's mean squared error (raw stain units, all PxP outputs) on patches."""
+
+    def __init__(self, model, norm, targets: np.ndarray, batch_size: int, device: str):
+        self.model, self.norm, self.t, self.bs, self.device = model, norm, targets, batch_size, device
+
+    def __call__(self, x: np.ndarray) -> float:
+        import torch
+
         tot = 0.0
         with torch.inference_mode():
-            for a in range(0, len(xx), batch_size):
-                y = model(torch.from_numpy(xx[a : a + batch_size]).to(device)).double().cpu().numpy()
-                tot += float(((norm.invert_target(y) - t[a : a + batch_size]) ** 2).sum())
-        return tot / t.size
+            for a in range(0, len(x), self.bs):
+                y = self.model(torch.from_numpy(x[a : a + self.bs]).to(self.device)).double().cpu().numpy()
+                tot += float(((self.norm.invert_target(y) - self.t[a : a + self.bs]) ** 2).sum())
+        return tot / self.t.size
 
-    base = mse(x)
+
+def _permute_all(scorer, x, gmap: dict, channels: list[str], per_channel: bool, repeats: int, rng,
+                 quiet: bool):
+    """MSE increase when each group (then each channel) is shuffled across patches."""
+    from tqdm.auto import tqdm
+
+    base = scorer(x)
     units = [("group", g, ix) for g, ix in gmap.items()]
     if per_channel:
         units += [("channel", c, [i]) for i, c in enumerate(channels)]
-    bar = None
-    if not quiet:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(units) * repeats, desc="importance", unit="perm")
     rows: dict[str, list[dict]] = {"group": [], "channel": []}
-    for kind, name, ix in units:
-        vals = []
-        saved = x[:, ix].copy()
-        for _ in range(repeats):
-            perm = rng.permutation(len(x))
-            x[:, ix] = saved[perm]
-            vals.append(mse(x) - base)
-            if bar is not None:
-                bar.update(1)
-        x[:, ix] = saved
-        rows[kind].append({
-            "name": name, "channels": [channels[i] for i in ix],
-            "increase": float(np.mean(vals)), "std": float(np.std(vals)),
-            "relative": float(np.mean(vals) / base) if base > 0 else float("nan"),
-        })
-    if bar is not None:
-        bar.close()
+    with tqdm(total=len(units) * repeats, desc="importance", unit="perm", disable=quiet) as bar:
+        for kind, name, ix in units:
+            vals = _permute(scorer, x, ix, repeats, rng, base, bar)
+            rows[kind].append({"name": name, "channels": [channels[i] for i in ix],
+                               "increase": float(np.mean(vals)), "std": float(np.std(vals)),
+                               "relative": float(np.mean(vals) / base) if base > 0 else float("nan")})
     for kind in rows:
         rows[kind].sort(key=lambda r: -r["increase"])
         for k, r in enumerate(rows[kind]):
             r["rank"] = k + 1
-    res = {
-        "baseline_mse": base,
-        "groups": rows["group"],
-        "channels": rows["channel"],
-        "n_patches": int(len(x)),
-        "split": split,
-        "repeats": int(repeats),
-        "target": meta["target"],
-        "provenance": {"stage": "importance", "mrhscale": __version__, "model": os.path.abspath(model_path),
-                       "model_sha256": sha256_file(model_path), "patches": str(patches_url), "seed": seed,
-                       "max_patches": max_patches},
-    }
-    res["out_dir"] = folder.path
-    res["figures"] = ["importance.png"]
-    with folder.replace(target=meta["target"], model=res["provenance"]["model_sha256"]) as work:
-        _write_outputs(work, res)
-    return res
+    return rows, base
+
+
+def _permute(scorer, x, ix, repeats: int, rng, base: float, bar) -> list[float]:
+    """One permutation shared by the unit's channels (their correlations survive), repeated."""
+    vals = []
+    saved = x[:, ix].copy()
+    for _ in range(repeats):
+        x[:, ix] = saved[rng.permutation(len(x))]
+        vals.append(scorer(x) - base)
+        bar.update(1)
+    x[:, ix] = saved
+    return vals
 
 
 def _write_outputs(out_dir: str, res: dict) -> None:
