@@ -11,7 +11,6 @@ store is reused only while its source files are the ones it was made from
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import os
 from dataclasses import dataclass, field
@@ -392,10 +391,9 @@ def ingest(
     root = store.prepare({"channels": plans[0].channels, "mrhscale_version": __version__})
     for plan in plans:  # another process may have created the store meanwhile
         _check_channels(plan.spec.id, plan.channels, root.get("channels"))
-    from mrhscale.parallel.cluster import dask_client
+    from mrhscale.parallel.runner import use_client
 
-    with (dask_client(scheduler, workers, quiet=quiet) if client is None
-          else contextlib.nullcontext(client)) as cl, store.writer() as w:
+    with use_client(client, scheduler, workers, quiet) as cl, store.writer() as w:
         job = _WriteJob(cl, w, man, chunks, _encoder(compression, clevel), checksums, skip_bad, bad)
         result["written"] = job.run(plans, quiet)
     return result
@@ -414,15 +412,13 @@ class _WriteJob:
         self.pending: dict = {}
 
     def run(self, plans: list[SubjectPlan], quiet: bool) -> list[str]:
-        from distributed import as_completed
-        from tqdm.auto import tqdm
+        from mrhscale.parallel.runner import completed
 
         written = []
         try:
             for plan in plans:
                 self._submit(plan)
-            for fut in tqdm(as_completed(list(self.pending)), total=len(self.pending), desc="ingest",
-                            unit="subject", disable=quiet):
+            for fut in completed(list(self.pending), "ingest", quiet, fail_fast=False, unit="subject"):
                 sid = self._finish(fut)
                 if sid is not None:
                     written.append(sid)

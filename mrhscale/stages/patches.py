@@ -52,12 +52,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.log import note
 from mrhscale.ops.patches import AXES, NUMBA, grid_positions, plane_axes, select_samples
+from mrhscale.parallel.runner import run_tasks, use_client
 from mrhscale.stores.patches import DIMS, create_array, open_array
 
 SPLITS = ("train", "val")
 STAGING = "_staging"
-LOCAL_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading", "processes")
 NORM_MODES = ("percentile", "global-max")
 DTYPES = ("float32", "float16")
 PERCENTILES = (0.5, 99.5)
@@ -208,78 +209,16 @@ def _stitch_chunk(job: dict) -> int:
 
 
 # --------------------------------------------------------------------------- running
-def _active_client():
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
-@contextlib.contextmanager
-def _compute_env(scheduler, workers, quiet):
-    if scheduler in LOCAL_SCHEDULERS:
-        yield ("local", scheduler)
-        return
-    if scheduler is None and workers is None:
-        client = _active_client()
-        if client is not None:
-            yield ("client", client)
-            return
-    from mrhscale.parallel.cluster import dask_client
-
-    with dask_client(scheduler=scheduler, workers=workers, quiet=quiet) as client:
-        yield ("client", client)
-
-
 TIMINGS: dict = {}  # seconds per pass of the last extract_patches call (also in provenance)
 
 
 def _run(env, tasks: list, desc: str, quiet: bool) -> list:
+    """The pass's tasks on the client (or local scheduler), timed for the provenance."""
     t0 = time.perf_counter()
     try:
-        return _run_inner(env, tasks, desc, quiet)
+        return run_tasks(env, tasks, desc, quiet=quiet, what=f"patches ({desc})")
     finally:
         TIMINGS[desc] = round(time.perf_counter() - t0, 3)
-
-
-def _run_inner(env, tasks: list, desc: str, quiet: bool) -> list:
-    import dask
-
-    if not tasks:
-        return []
-    kind, obj = env
-    if kind == "local":
-        if quiet:
-            return list(dask.compute(*tasks, scheduler=obj))
-        from dask.diagnostics import ProgressBar
-
-        print(f"mrhscale patches: {desc}", flush=True)
-        with ProgressBar():
-            return list(dask.compute(*tasks, scheduler=obj))
-    from distributed import as_completed
-
-    futures = obj.compute(tasks)
-    try:
-        if not quiet:
-            from tqdm.auto import tqdm
-
-            for f in tqdm(as_completed(futures), total=len(futures), desc=desc, leave=False):
-                if f.status == "error":
-                    break
-        return obj.gather(futures)
-    except MRHError:
-        obj.cancel(futures)  # nothing may keep writing into a store that is being removed
-        raise
-    except Exception as e:
-        obj.cancel(futures)
-        from mrhscale.parallel.cluster import task_error
-
-        raise task_error(e, f"patches ({desc})") from None
-    except BaseException:
-        obj.cancel(futures)
-        raise
 
 
 # --------------------------------------------------------------------------- the stage
@@ -390,6 +329,7 @@ def extract_patches(
     target: str,
     out_url: str,
     *,
+    client=None,
     scheduler: str | None = None,
     workers: int | None = None,
     quiet: bool = False,
@@ -403,10 +343,10 @@ def extract_patches(
 
     ``options`` are the fields of :class:`PatchOptions` (half, stride, slices, axis,
     min_label_sum, min_label_nonzero, val_fraction, val_subjects, seed, norm, dtype,
-    chunk_size, compress); see the module docstring and docs/patches.md. ``scheduler``:
-    None (an active distributed client, else an embedded LocalCluster with ``workers``
-    processes), a scheduler address, or a local Dask scheduler name ("synchronous",
-    "threads"). A complete store at ``out_url`` made from the same cohort subjects,
+    chunk_size, compress); see the module docstring and docs/patches.md. Runs on
+    ``client``, else ``scheduler`` (an address, or a local Dask scheduler name such as
+    "synchronous"), else the active client, else an embedded LocalCluster with ``workers``
+    processes (``mrhscale.parallel.runner.use_client``). A complete store at ``out_url`` made from the same cohort subjects,
     target and options is reused as it is; one made from anything else is replaced
     only with ``overwrite`` (built aside, swapped in when complete). Returns a summary.
     """
@@ -428,7 +368,7 @@ def extract_patches(
     with build(out_url, made_by, overwrite=overwrite, storage_options=storage_options) as b:
         if b is None:
             return _reused(out_url, storage_options, quiet)
-        with _compute_env(scheduler, workers, quiet) as env:
+        with use_client(client, scheduler, workers, quiet) as env:
             job = _Extraction(env, cohort, shapes, target, opts, b.url, b.storage_options, quiet)
             summary = job.run(bucket_bytes)
             b.finish(job.attrs(summary, store_url, t_start), made_by)
@@ -440,8 +380,7 @@ def extract_patches(
 
 
 def _say(quiet: bool, msg: str) -> None:
-    if not quiet:
-        print(f"mrhscale patches: {msg}", flush=True)
+    note(f"mrhscale patches: {msg}", quiet)
 
 
 def _reused(out_url: str, storage_options, quiet: bool) -> dict:
@@ -456,9 +395,9 @@ def _reused(out_url: str, storage_options, quiet: bool) -> dict:
 def _default_bucket_bytes(env) -> int:
     """64 MiB, or a quarter of the smallest worker's memory limit if that is less."""
     b = 64 << 20
-    if env[0] == "client":
+    if not isinstance(env, str):
         with contextlib.suppress(Exception):
-            lims = [w.get("memory_limit") or 0 for w in env[1].scheduler_info()["workers"].values()]
+            lims = [w.get("memory_limit") or 0 for w in env.scheduler_info()["workers"].values()]
             lims = [x for x in lims if x]
             if lims:
                 b = min(b, max(4 << 20, min(lims) // 4))

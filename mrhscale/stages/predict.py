@@ -367,6 +367,7 @@ def predict(
     storage_options: dict | None = None,
     to_native: str | bool | None = None,
     overwrite: bool = False,
+    client=None,
 ) -> dict[str, Any]:
     """Predict the bundle's stain for every brain voxel of each subject; returns a summary.
 
@@ -395,7 +396,7 @@ def predict(
     with output(out_url, run.identity(), run.root_attrs(), overwrite=overwrite,
                 storage_options=storage_options) as pstore:
         todo, skipped = run.sort_out(pstore, source, ids, overwrite)
-        n_vox = run.predict_all(pstore, source, datasets, todo, scheduler, workers, torch_threads, quiet)
+        n_vox = run.predict_all(pstore, source, datasets, todo, client, scheduler, workers, torch_threads, quiet)
         nifti, native = run.write_nifti(pstore, ids, native_dirs)
     dt = time.perf_counter() - t0
     return {"out": out_url, "variable": run.variable, "predicted": todo, "skipped": skipped,
@@ -482,19 +483,17 @@ class _PredictRun:
                                f"({why}); pass --overwrite to replace it or choose another --out")
         return todo, skipped
 
-    def predict_all(self, pstore, source, datasets, todo, scheduler, workers, threads, quiet) -> int:
+    def predict_all(self, pstore, source, datasets, todo, client, scheduler, workers, threads, quiet) -> int:
         if not todo:
             return 0
-        from tqdm.auto import tqdm
-
-        from mrhscale.parallel.cluster import dask_client
+        from mrhscale.log import progress
+        from mrhscale.parallel.runner import use_client
 
         n_vox = 0
-        with dask_client(scheduler=scheduler, workers=workers, quiet=quiet) as client, \
-                pstore.writer() as writer:
+        with use_client(client, scheduler, workers, quiet) as client, pstore.writer() as writer:
             threads = self._threads(client, scheduler, threads)
-            for sid in tqdm(todo, desc="predict", unit="subject", disable=quiet):
-                n_vox += self._predict_subject(writer, source, datasets[sid], sid, threads)
+            for sid in progress(todo, desc="predict", unit="subject", quiet=quiet):
+                n_vox += self._predict_subject(client, writer, source, datasets[sid], sid, threads)
         return n_vox
 
     def _threads(self, client, scheduler, threads):
@@ -509,7 +508,7 @@ class _PredictRun:
             threads = max(1, (os.cpu_count() or 1) // nw)
         return threads
 
-    def _predict_subject(self, writer, source, ds, sid: str, threads) -> int:
+    def _predict_subject(self, client, writer, source, ds, sid: str, threads) -> int:
         """One subject: graph, write (to its staged place), then commit through the store."""
         import dask
 
@@ -519,7 +518,7 @@ class _PredictRun:
         try:
             out = self._dataset(source, ds, sid, threads)
             write = writer.lazy_write(path, out)
-            _, brain = dask.compute(write, out["mask"].data.sum())  # one pass, one round trip
+            _, brain = dask.compute(write, out["mask"].data.sum(), scheduler=client)  # one pass, one round trip
         except BaseException as e:
             writer.abort(sid, path)
             if isinstance(e, Exception):

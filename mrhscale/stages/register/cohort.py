@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.log import note
 from mrhscale.stages.register.ants import (
     INITS,
     METRICS,
@@ -222,14 +223,13 @@ class _CohortRun:
                 **self.params}
 
     def register(self, todo, fixed_arr, ref_mask, scheduler, workers, client) -> None:
-        from mrhscale.parallel.cluster import dask_client
+        from mrhscale.parallel.runner import use_client
 
         token = run_token()
         jobs = [self.job(s, token) for s in todo]
         claims = [Claim(os.path.join(self.out_dir, "_locks", f"{s.id}.lock"), f"subject {s.id} of {self.out_dir}")
                   for s in todo]
-        with contextlib.ExitStack() as held, (dask_client(scheduler, workers, quiet=self.quiet)
-                                               if client is None else contextlib.nullcontext(client)) as cl:
+        with contextlib.ExitStack() as held, use_client(client, scheduler, workers, self.quiet) as cl:
             for c in claims:
                 held.enter_context(c)
             self._run_jobs(cl, jobs, fixed_arr, ref_mask)
@@ -237,19 +237,15 @@ class _CohortRun:
         prune_empty(os.path.join(self.out_dir, STAGING))
 
     def _run_jobs(self, cl, jobs, fixed_arr, ref_mask) -> None:
-        from distributed import as_completed
-        from tqdm.auto import tqdm
+        from mrhscale.parallel.runner import completed
 
         fixed_f = cl.scatter(fixed_arr, broadcast=True)
         mask_f = cl.scatter(ref_mask, broadcast=True) if ref_mask is not None else None
         futures = [cl.submit(register_subject, j, fixed_f, mask_f, pure=False,
                              key=f"register-{j['spec'].id}-{os.getpid()}-{time.time_ns()}") for j in jobs]
         owner = {f.key: j["spec"].id for j, f in zip(jobs, futures, strict=True)}
-        bar = tqdm(total=len(futures), desc="register", unit="subject", disable=self.quiet)
-        for fut in as_completed(futures):
+        for fut in completed(futures, "register", self.quiet, fail_fast=False, unit="subject"):
             self._record(self._result(fut, owner[fut.key]))
-            bar.update()
-        bar.close()
 
     @staticmethod
     def _result(fut, sid: str) -> dict:
@@ -270,10 +266,7 @@ class _CohortRun:
             self.registered.append(sid)
         else:
             self.failed[sid] = res["message"]
-        if not self.quiet:
-            from tqdm.auto import tqdm
-
-            m = res["metrics"]
-            extra = f", dice {m['dice_after']:.3f}" if "dice_after" in m else ""
-            tqdm.write(f"  {sid}: {res['status']}, r {m.get('r_before', float('nan')):.3f} -> "
-                       f"{m.get('r_after', float('nan')):.3f}{extra}, {res['seconds'] or 0:.1f} s")
+        m = res["metrics"]
+        extra = f", dice {m['dice_after']:.3f}" if "dice_after" in m else ""
+        note(f"  {sid}: {res['status']}, r {m.get('r_before', float('nan')):.3f} -> "
+             f"{m.get('r_after', float('nan')):.3f}{extra}, {res['seconds'] or 0:.1f} s", self.quiet)

@@ -1,0 +1,92 @@
+"""One convention for every Dask stage: which client it runs on, and one loop that runs tasks.
+
+``use_client``: the client given (``client=``); else a scheduler address
+(``--scheduler``); else the active client (a notebook's, so it is reused); else
+an embedded LocalCluster (``--workers`` processes). ``run_tasks`` and
+``completed`` submit, show progress, cancel everything on the first failure (no
+task may go on writing into an output being abandoned) and turn a worker-side
+failure into the one-line error the user sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from mrhscale.errors import MRHError
+from mrhscale.log import note, progress
+
+LOCAL_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading", "processes")
+
+
+def active_client():
+    """The distributed client this process is using already, if any."""
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def use_client(client=None, scheduler: str | None = None, workers: int | None = None, quiet: bool = False):
+    """The client a stage runs on; see the module docstring. A local Dask scheduler name
+    (``synchronous``, ``threads``...) as ``scheduler`` yields that name instead of a client."""
+    if client is not None:
+        yield client
+        return
+    if scheduler in LOCAL_SCHEDULERS:
+        yield scheduler
+        return
+    if scheduler is None and workers is None:
+        active = active_client()
+        if active is not None:
+            yield active
+            return
+    from mrhscale.parallel.cluster import dask_client
+
+    with dask_client(scheduler=scheduler, workers=workers, quiet=quiet) as c:
+        if scheduler is None:
+            note(f"Dask dashboard: {c.dashboard_link}", quiet)
+        yield c
+
+
+def run_tasks(env, tasks: list, desc: str, *, quiet: bool = False, what: str | None = None) -> list:
+    """Compute Dask delayed ``tasks`` on ``env`` (a client or a local scheduler name); their
+    results in order. A failure cancels the rest and is raised as an MRHError naming ``what``."""
+    import dask
+
+    if not tasks:
+        return []
+    if isinstance(env, str):
+        return list(dask.compute(*tasks, scheduler=env))
+    futures = env.compute(tasks)
+    try:
+        for _ in completed(futures, desc, quiet):
+            pass
+        return env.gather(futures)
+    finally:
+        env.cancel([f for f in futures if f.status != "finished"])
+
+
+def completed(futures, desc: str, quiet: bool = False, what=None, fail_fast: bool = True, unit: str = "task"):
+    """Futures as they finish, with progress. With ``fail_fast`` the first failure cancels
+    the others and is raised as one line (``what(future)`` names what failed, default
+    ``desc``); without it every future is yielded and the caller handles failures."""
+    from distributed import as_completed
+
+    from mrhscale.parallel.cluster import task_error
+
+    futures = list(futures)
+    with progress(total=len(futures), desc=desc, unit=unit, quiet=quiet, leave=False) as bar:
+        for f in as_completed(futures):
+            if f.status == "error" and fail_fast:
+                for other in futures:
+                    other.cancel()
+                exc = f.exception()
+                f.cancel()
+                if isinstance(exc, MRHError) and what is None:
+                    raise exc
+                raise task_error(exc, what(f) if what else desc) from None
+            bar.update(1)
+            yield f
