@@ -18,6 +18,12 @@ class _Command(click.Command):
             ["--config"], is_eager=True, expose_value=False, callback=self._load_config,
             type=click.Path(dir_okay=False), help="YAML file of this command's options (flags override it).",
         ))
+        self.params.append(click.Option(
+            ["--verbose", "-v"], count=True, expose_value=False, callback=_keep("verbose"),
+            help="More messages (debug records too)."))
+        self.params.append(click.Option(
+            ["--log-file"], default=None, expose_value=False, callback=_keep("log_file"),
+            type=click.Path(dir_okay=False), help="Also write every message, with times, to this file."))
 
     def _load_config(self, ctx, _param, value):
         if not value:
@@ -35,6 +41,10 @@ class _Command(click.Command):
         ctx.meta["mrhscale_config_file"] = value
 
     def invoke(self, ctx):
+        from mrhscale import log
+
+        log.setup(quiet=bool(ctx.params.get("quiet")), verbose=ctx.meta.get("mrhscale_verbose", 0),
+                  log_file=ctx.meta.get("mrhscale_log_file"))
         result = super().invoke(ctx)
         out = ctx.params.get("out")
         if out:
@@ -42,6 +52,15 @@ class _Command(click.Command):
 
             write_resolved(str(out), self.name, ctx.params)
         return result
+
+
+def _keep(name: str):
+    """A callback that keeps an option for the logging set-up, out of the command's arguments."""
+
+    def keep(ctx, _param, value):
+        ctx.meta[f"mrhscale_{name}"] = value
+
+    return keep
 
 
 def one_line(e: Exception) -> str:
@@ -53,7 +72,7 @@ def _allowed(cmd: click.Command) -> dict[str, str]:
     """The keys a --config may give ``cmd``: option names with dashes or underscores."""
     allowed = {}
     for p in cmd.params:
-        if isinstance(p, click.Option) and p.name != "config":
+        if isinstance(p, click.Option) and p.name not in ("config", "verbose", "log_file"):
             allowed[p.name] = p.name
             allowed.update({o.lstrip("-"): p.name for o in p.opts if o.startswith("--")})
         elif isinstance(p, click.Argument):

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from mrhscale.errors import MRHError
+from mrhscale.log import note
 
 
 @dataclass
@@ -73,8 +74,7 @@ class _Demo:
 
     @contextlib.contextmanager
     def stage(self, key: str, what: str):
-        if not self.quiet:
-            print(f"[demo] {what} ...", flush=True)
+        note(f"[demo] {what} ...", self.quiet)
         t = time.perf_counter()
         yield
         self.times[key] = time.perf_counter() - t

@@ -32,8 +32,6 @@ import numpy as np
 
 from mrhscale.errors import MRHError
 
-INSTALL_HINT = 'pip install "mrhscale[matlab]"'
-
 # MATLAB layer classes MRH-Net is built from, by kind.
 _CLASS_KINDS = {
     "ImageInputLayer": "input",
@@ -785,13 +783,9 @@ def _load_with_matio(path: str):
     If that internal route is unavailable (another mat-io version), the public loader
     is used and kinds come from the layers' fields.
     """
-    try:
-        import matio
-    except ImportError:
-        raise MRHError(
-            f"{path}: the network is stored as MATLAB class (MCOS) data; reading it needs the "
-            f"optional 'mat-io' package: {INSTALL_HINT}"
-        ) from None
+    from mrhscale._optional import get_matio
+
+    matio = get_matio(f"{path}: the network is stored as MATLAB class (MCOS) data; reading it")
     try:
         found = _matio_with_classes(path)
         if found is not None:

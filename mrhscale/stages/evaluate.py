@@ -315,12 +315,12 @@ def _open_inputs(pred_url: str, store_url: str, target: str, subjects, storage_o
 def _evaluate(pstore, cstore, ids, target, out_dir, *, label, roi, quiet, max_pool, seed,
               montage_subjects, extra, marker_transforms, final_dir) -> dict[str, Any]:
     """The evaluation proper, writing its files into ``out_dir`` (which becomes ``final_dir``)."""
-    from tqdm.auto import tqdm
+    from mrhscale.log import progress
 
     ev = _Evaluation(pstore, cstore, target, out_dir, label=label, roi=roi, seed=seed, extra=extra,
                      marker_transforms=marker_transforms,
                      per_subject_pool=max(10_000, int(max_pool) // len(ids)))
-    for k, sid in enumerate(tqdm(ids, desc="evaluate", unit="subject", disable=quiet)):
+    for k, sid in enumerate(progress(ids, desc="evaluate", unit="subject", quiet=quiet)):
         ev.add_subject(sid, montage=k < montage_subjects)
     return ev.finish(ids, final_dir)
 

@@ -171,14 +171,14 @@ class _Scorer:
 def _permute_all(scorer, x, gmap: dict, channels: list[str], per_channel: bool, repeats: int, rng,
                  quiet: bool):
     """MSE increase when each group (then each channel) is shuffled across patches."""
-    from tqdm.auto import tqdm
+    from mrhscale.log import progress
 
     base = scorer(x)
     units = [("group", g, ix) for g, ix in gmap.items()]
     if per_channel:
         units += [("channel", c, [i]) for i, c in enumerate(channels)]
     rows: dict[str, list[dict]] = {"group": [], "channel": []}
-    with tqdm(total=len(units) * repeats, desc="importance", unit="perm", disable=quiet) as bar:
+    with progress(total=len(units) * repeats, desc="importance", unit="perm", quiet=quiet) as bar:
         for kind, name, ix in units:
             vals = _permute(scorer, x, ix, repeats, rng, base, bar)
             rows[kind].append({"name": name, "channels": [channels[i] for i in ix],

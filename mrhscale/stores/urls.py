@@ -51,6 +51,9 @@ def filesystem(url: str, storage_options: dict | None = None):
 
     if is_local(url):
         return fsspec.filesystem("file"), local_path(url)
+    from mrhscale._optional import check_url_extra
+
+    check_url_extra(url)
     fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
     fs.invalidate_cache()
     return fs, path

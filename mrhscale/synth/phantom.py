@@ -795,9 +795,8 @@ def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True
 
 def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask, targets, quiet) -> str:
     """The subjects' files and the manifest, into a fresh folder."""
-    from tqdm.auto import tqdm
-
     from mrhscale.io.volumes import write_sidecars, write_volume
+    from mrhscale.log import progress
 
     ext = FORMATS[fmt]
     manifest = os.path.join(outdir, "cohort.yaml")
@@ -805,7 +804,7 @@ def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask,
     affine = affine_for(shape)
     entries = []
     ids = [f"s{i + 1:02d}" for i in range(subjects)]
-    for i, sid in enumerate(tqdm(ids, desc="synth", unit="subject", disable=quiet)):
+    for i, sid in enumerate(progress(ids, desc="synth", unit="subject", quiet=quiet)):
         has_lesion = bool(lesions) and i % 2 == 0
         s = _Subject(shape, _subject_seed(seed, i), lesion=has_lesion, nans=5 if i == 0 else 0,
                      targets=targets)

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,6 +23,8 @@ from torch import nn
 
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import save_bundle
+from mrhscale.log import logger, note
+from mrhscale.log import progress as log_progress
 from mrhscale.report.figures import training_curve
 from mrhscale.stores import Folder, atomic_write, write_text
 from mrhscale.stores.patches import identity as store_identity
@@ -114,9 +115,7 @@ def resolve_device(device, local_rank: int) -> torch.device:
 def progress(total, desc, quiet):
     if quiet:
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, file=sys.stderr)
+    return log_progress(total=total, desc=desc, unit="batch", leave=False)
 
 
 @contextlib.contextmanager
@@ -242,9 +241,9 @@ class Trainer:
         set_rng_state(ck["rng"])
         was = (int(ck.get("world_size", self.world)), int(ck.get("workers", self.rt.workers)))
         if was != (self.world, self.rt.workers) and self.main and not self.rt.quiet:
-            print(f"mrhscale: resuming a run of {was[0]} process(es) x {was[1]} loader "
-                  f"worker(s) with {self.world} x {self.rt.workers}: the data order from here on "
-                  "differs from the original run's", file=sys.stderr)
+            logger.warning(f"mrhscale: resuming a run of {was[0]} process(es) x {was[1]} loader "
+                           f"worker(s) with {self.world} x {self.rt.workers}: the data order from here "
+                           "on differs from the original run's")
 
     def _open_data(self) -> None:
         cfg, rt = self.cfg, self.rt
@@ -370,11 +369,10 @@ class Trainer:
                 "epoch_s": time.perf_counter() - t0}
 
     def _log(self, row: dict) -> None:
-        if not self.rt.quiet:
-            print(f"epoch {row['epoch']:3d}/{self.cfg.epochs}  lr {row['lr']:.2e}  "
-                  f"train {row['train_loss']:.4g}  val {row['val_loss']:.4g}  "
-                  f"rmse {row['val_rmse']:.4g}  r {row['val_r']:.3f}  "
-                  f"{row['train_patches_per_s']:.0f} patches/s", file=sys.stderr)
+        note(f"epoch {row['epoch']:3d}/{self.cfg.epochs}  lr {row['lr']:.2e}  "
+             f"train {row['train_loss']:.4g}  val {row['val_loss']:.4g}  "
+             f"rmse {row['val_rmse']:.4g}  r {row['val_r']:.3f}  "
+             f"{row['train_patches_per_s']:.0f} patches/s", self.rt.quiet)
 
     def save_checkpoint(self, epoch: int, step: int, loss_sum: float) -> None:
         if not self.main:

@@ -8,7 +8,7 @@ import numpy as np
 
 from mrhscale.errors import MRHError
 
-MISSING_EXTRA = 'registration needs the optional extra: pip install "mrhscale[register]"'
+MISSING_EXTRA = 'registration needs the optional extra: pip install "mrhscale[register]" (antspyx)'
 TRANSFORMS = ("rigid", "affine", "syn")
 ALIASES = {"affine+syn": "syn", "rigid+affine+syn": "syn", "syn": "syn", "rigid": "rigid",
             "affine": "affine"}
@@ -35,13 +35,9 @@ def ants_module(threads: int | None = None):
     """Import antspyx lazily; the one place a missing extra turns into a clear message."""
     if threads:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(threads))
-    try:
-        import ants
-    except ImportError:
-        raise MRHError(MISSING_EXTRA) from None
-    except OSError as e:  # a wheel built for another platform
-        raise MRHError(f"{MISSING_EXTRA} (antspyx is installed but cannot load: {e})") from None
-    return ants
+    from mrhscale._optional import get_ants
+
+    return get_ants()
 
 
 def set_seed(ants, seed: int | None) -> None:
