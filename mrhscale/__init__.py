@@ -1,7 +1,9 @@
 """mrhscale: virtual histology from multi-contrast mouse-brain MRI, at cohort scale.
 
-Heavy dependencies (torch, dask, zarr) are imported lazily so that
-``import mrhscale`` stays cheap and the model is usable without Dask or Zarr.
+The public API: every command of the CLI is one of these functions, and each stage
+returns a small result dataclass (``mrhscale.results``). Heavy dependencies (torch,
+dask, zarr) are imported lazily, on first use of a name, so ``import mrhscale``
+stays cheap and the model is usable without Dask or Zarr.
 """
 
 from importlib import import_module
@@ -11,12 +13,40 @@ from mrhscale.errors import MRHError
 __version__ = "0.1.0"
 
 _LAZY = {
+    # stages, in data-flow order
+    "make_cohort": "mrhscale.synth.phantom",
+    "register_cohort": "mrhscale.stages.register",
+    "register_histology": "mrhscale.stages.register",
+    "ingest": "mrhscale.stages.ingest",
+    "extract_patches": "mrhscale.stages.patches",
+    "train": "mrhscale.training",
+    "finetune": "mrhscale.training",
+    "predict": "mrhscale.stages.predict",
+    "evaluate": "mrhscale.stages.evaluate",
+    "importance": "mrhscale.stages.importance",
+    "import_matlab": "mrhscale.nn.matlab",
+    "run_demo": "mrhscale.demo",
+    # configuration and results
+    "TrainConfig": "mrhscale.training",
+    "Runtime": "mrhscale.training",
+    "PatchOptions": "mrhscale.stages.patches",
+    "IngestResult": "mrhscale.results",
+    "PatchesResult": "mrhscale.results",
+    "TrainResult": "mrhscale.results",
+    "PredictResult": "mrhscale.results",
+    "EvaluationResult": "mrhscale.results",
+    "ImportanceResult": "mrhscale.results",
+    "RegisterResult": "mrhscale.results",
+    # data and model
+    "open_subject": "mrhscale.stores",
+    "list_subjects": "mrhscale.stores",
+    "CohortStore": "mrhscale.stores",
+    "PatchStore": "mrhscale.stores",
+    "PredictionStore": "mrhscale.stores",
+    "PatchStream": "mrhscale.training.stream",
     "MRHNet": "mrhscale.nn.model",
     "load_model": "mrhscale.io.bundle",
     "save_bundle": "mrhscale.io.bundle",
-    "open_subject": "mrhscale.stores",
-    "list_subjects": "mrhscale.stores",
-    "PatchStream": "mrhscale.training.stream",
 }
 
 __all__ = ["MRHError", "__version__", *_LAZY]
@@ -26,3 +56,7 @@ def __getattr__(name):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mrhscale' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -50,6 +50,7 @@ from mrhscale.ops.metrics import PooledMoments, linear_fit, roc, similarity, spe
 from mrhscale.report import figures
 from mrhscale.report.html import write_report
 from mrhscale.report.tables import evaluation_tables
+from mrhscale.results import EvaluationResult
 from mrhscale.stores import write_json
 
 SPATIAL = ("x", "y", "z")
@@ -259,7 +260,7 @@ def evaluate(
     storage_options: dict | None = None,
     markers: list[str] | None = None,
     marker_transforms: str | None = None,
-) -> dict[str, Any]:
+) -> EvaluationResult:
     """Metrics of PRED's virtual stain vs STORE's ``target`` and single markers; writes a report.
 
     markers: extra markers (store contrast/variable names or NIfTI paths with ``{subject}``),
@@ -279,9 +280,10 @@ def evaluate(
         metrics = _evaluate(pstore, cstore, ids, target, work, label=label, roi=roi, quiet=quiet,
                             max_pool=max_pool, seed=seed, montage_subjects=montage_subjects,
                             extra=extra, marker_transforms=marker_transforms, final_dir=folder.path)
-    metrics["out_dir"] = folder.path
-    metrics["report"] = os.path.join(folder.path, os.path.basename(metrics["report"]))
-    return metrics
+    res = EvaluationResult(**metrics)
+    res.out_dir = folder.path
+    res.report = os.path.join(folder.path, os.path.basename(metrics["report"]))
+    return res
 
 
 def _open_inputs(pred_url: str, store_url: str, target: str, subjects, storage_options):

@@ -28,6 +28,7 @@ import numpy as np
 from mrhscale.errors import MRHError
 from mrhscale.report.figures import importance_bars
 from mrhscale.report.tables import importance_tables
+from mrhscale.results import ImportanceResult
 
 
 def contrast_group(name: str) -> str:
@@ -110,7 +111,7 @@ def importance(
     }
     with folder.replace(target=meta["target"], model=res["provenance"]["model_sha256"]) as work:
         _write_outputs(work, res)
-    return res
+    return ImportanceResult(**res)
 
 
 def _check_model_and_store(model_path, meta: dict, patches_url, attrs: dict, xa) -> list[int]:

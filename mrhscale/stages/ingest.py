@@ -25,6 +25,7 @@ from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.io.manifest import Manifest, SubjectSpec, load_manifest
 from mrhscale.io.volumes import Volume, checksum, open_volume, read_sidecars
+from mrhscale.results import IngestResult
 from mrhscale.stores import CohortStore, differences
 
 DEFAULT_CHUNKS = (64, 32, 64)
@@ -372,8 +373,8 @@ def ingest(
     checksums: bool = True,
     quiet: bool = False,
     storage_options: dict | None = None,
-) -> dict:
-    """Write the manifest's subjects into the cohort store at ``out``; returns a summary.
+) -> IngestResult:
+    """Write the manifest's subjects into the cohort store at ``out``; returns what was written.
 
     Subjects already complete and still matching their files are skipped; with
     ``overwrite`` they are rewritten, the old version kept until the new one is whole.
@@ -385,7 +386,7 @@ def ingest(
     exists = store.check_output()  # refuses anything but a cohort store
     todo, skipped = _reusable(store, specs, overwrite, exists)
     plans, bad = _plan_all(todo, store.channels() if exists else None, skip_bad)
-    result = {"store": store.url, "written": [], "skipped": skipped, "bad": bad}
+    result = IngestResult(store.url, [], skipped, bad)
     if not plans:
         return result
     root = store.prepare({"channels": plans[0].channels, "mrhscale_version": __version__})
@@ -395,7 +396,7 @@ def ingest(
 
     with use_client(client, scheduler, workers, quiet) as cl, store.writer() as w:
         job = _WriteJob(cl, w, man, chunks, _encoder(compression, clevel), checksums, skip_bad, bad)
-        result["written"] = job.run(plans, quiet)
+        result.written = job.run(plans, quiet)
     return result
 
 

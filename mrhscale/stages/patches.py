@@ -55,6 +55,7 @@ from mrhscale.errors import MRHError
 from mrhscale.log import note
 from mrhscale.ops.patches import AXES, NUMBA, grid_positions, plane_axes, select_samples
 from mrhscale.parallel.runner import run_tasks, use_client
+from mrhscale.results import PatchesResult
 from mrhscale.stores.patches import DIMS, create_array, open_array
 
 SPLITS = ("train", "val")
@@ -372,11 +373,10 @@ def extract_patches(
             job = _Extraction(env, cohort, shapes, target, opts, b.url, b.storage_options, quiet)
             summary = job.run(bucket_bytes)
             b.finish(job.attrs(summary, store_url, t_start), made_by)
-    summary.update({"out": out_url, "seconds": round(time.perf_counter() - t_start, 3),
-                    "subjects": list(cohort), "reused": False})
-    _say(quiet, f"{summary['n_train']} train + {summary['n_val']} val patches -> {out_url} "
-                f"({summary['seconds']:.1f} s)")
-    return summary
+    res = PatchesResult(out=out_url, seconds=round(time.perf_counter() - t_start, 3), subjects=list(cohort),
+                        reused=False, **summary)
+    _say(quiet, f"{res.n_train} train + {res.n_val} val patches -> {out_url} ({res.seconds:.1f} s)")
+    return res
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -388,8 +388,8 @@ def _reused(out_url: str, storage_options, quiet: bool) -> dict:
 
     a = PatchStore.open(out_url, storage_options).attrs
     _say(quiet, f"{out_url} is up to date (same cohort subjects, target and options): reused")
-    return {"out": out_url, "n_train": a["n_train"], "n_val": a["n_val"], "subjects": a["subjects"],
-            "seconds": 0.0, "reused": True}
+    return PatchesResult(out=out_url, n_train=a["n_train"], n_val=a["n_val"], subjects=a["subjects"],
+                         seconds=0.0, reused=True)
 
 
 def _default_bucket_bytes(env) -> int:

@@ -34,12 +34,12 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any
 
 import numpy as np
 
 from mrhscale.errors import MRHError
 from mrhscale.ops.blocks import BlockPatches, warm_gather
+from mrhscale.results import PredictResult
 
 SPATIAL = ("x", "y", "z")
 AGGREGATES = ("centre", "mean")
@@ -368,7 +368,7 @@ def predict(
     to_native: str | bool | None = None,
     overwrite: bool = False,
     client=None,
-) -> dict[str, Any]:
+) -> PredictResult:
     """Predict the bundle's stain for every brain voxel of each subject; returns a summary.
 
     A subject already in ``out_url`` is reused only if it was predicted by the same model
@@ -399,9 +399,9 @@ def predict(
         n_vox = run.predict_all(pstore, source, datasets, todo, client, scheduler, workers, torch_threads, quiet)
         nifti, native = run.write_nifti(pstore, ids, native_dirs)
     dt = time.perf_counter() - t0
-    return {"out": out_url, "variable": run.variable, "predicted": todo, "skipped": skipped,
-            "brain_voxels": n_vox, "seconds": dt, "voxels_per_s": n_vox / dt if dt > 0 and n_vox else 0.0,
-            "nifti": nifti, "native": native}
+    return PredictResult(out=out_url, variable=run.variable, predicted=todo, skipped=skipped, brain_voxels=n_vox,
+                         seconds=dt, voxels_per_s=n_vox / dt if dt > 0 and n_vox else 0.0, nifti=nifti,
+                         native=native)
 
 
 class _PredictRun:

@@ -26,6 +26,7 @@ from mrhscale.io.bundle import save_bundle
 from mrhscale.log import logger, note
 from mrhscale.log import progress as log_progress
 from mrhscale.report.figures import training_curve
+from mrhscale.results import TrainResult
 from mrhscale.stores import Folder, atomic_write, write_text
 from mrhscale.stores.patches import identity as store_identity
 from mrhscale.training.checkpoint import (
@@ -180,7 +181,7 @@ class Trainer:
         self.folder = Folder(self.out_dir, "mrhscale-run")
         self.stop = StopFlag()
 
-    def run(self, resume: bool) -> dict:
+    def run(self, resume: bool) -> TrainResult:
         self._setup_process()
         started = init_distributed(self.world, self.local_rank, self.dist_timeout)
         try:
@@ -393,7 +394,7 @@ class Trainer:
                          lambda tmp: torch.save(state, tmp))
 
     # ---- the end
-    def _finish(self) -> dict:
+    def _finish(self) -> TrainResult:
         drift = replica_max_abs_diff(self.model)
         h = self.history
         summary = {"epochs": self.cfg.epochs, "final": h[-1] if h else {},
@@ -409,8 +410,8 @@ class Trainer:
             training_curve(self.out_dir, h, f"{self.cfg.kind}: {self.store['target']} "
                                             f"(depth {self.model.depth})")
         barrier()
-        return {"out_dir": self.out_dir, "model": model_path, "checkpoint": self.ckpt_path,
-                "history": h, "config": asdict(self.cfg), **summary}
+        return TrainResult(out_dir=self.out_dir, model=model_path, checkpoint=self.ckpt_path, history=h,
+                           config=asdict(self.cfg), **summary)
 
     def _save_bundle(self, model_path: str, summary: dict, drift: float) -> None:
         from mrhscale import __version__

@@ -11,6 +11,7 @@ import numpy as np
 
 from mrhscale.errors import MRHError
 from mrhscale.log import note
+from mrhscale.results import RegisterResult
 from mrhscale.stages.register.ants import (
     INITS,
     METRICS,
@@ -158,9 +159,9 @@ def register_cohort(
     order = {s.id: i for i, s in enumerate(man.subjects)}
     run.registered.sort(key=order.get)
     manifest_path = _write_manifest(folder.path, man, params)
-    return {"out": folder.path, "manifest": manifest_path if (run.registered or skipped) else None,
-            "registered": run.registered, "skipped": skipped, "failed": run.failed,
-            "metrics": run.metrics, "seconds": run.seconds, "timing": run.timing}
+    return RegisterResult(out=folder.path, manifest=manifest_path if (run.registered or skipped) else None,
+                          registered=run.registered, skipped=skipped, failed=run.failed, metrics=run.metrics,
+                          seconds=run.seconds, timing=run.timing)
 
 
 def _check_options(transform: str, metric: str, init: str, preset: str, contrast: str) -> dict:

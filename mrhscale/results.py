@@ -1,0 +1,129 @@
+"""What each stage returns: small dataclasses (attribute access; ``to_dict()`` for JSON).
+
+They also answer ``result["field"]`` and ``.get``, as the plain dicts of the first
+release did, so scripts written against it keep working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+class _Result:
+    def __getitem__(self, key: str):
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def __contains__(self, key: str) -> bool:
+        return key in {f.name for f in fields(self)} and getattr(self, key) is not None
+
+    def get(self, key: str, default=None):
+        return getattr(self, key, default)
+
+    def keys(self):
+        return [f.name for f in fields(self)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class IngestResult(_Result):
+    store: str
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bad: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PatchesResult(_Result):
+    out: str
+    n_train: int
+    n_val: int
+    subjects: list[str]
+    seconds: float
+    reused: bool = False
+    n_candidates: int | None = None
+    chunk_size: int | None = None
+    n_buckets: list[int] | None = None
+
+
+@dataclass
+class PredictResult(_Result):
+    out: str
+    variable: str
+    predicted: list[str]
+    skipped: list[str]
+    brain_voxels: int
+    seconds: float
+    voxels_per_s: float
+    nifti: list[str] = field(default_factory=list)
+    native: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult(_Result):
+    out_dir: str
+    model: str
+    checkpoint: str
+    history: list[dict]
+    config: dict
+    epochs: int
+    final: dict
+    best_val_loss: float
+    world_size: int
+    replica_max_abs_diff: float
+
+
+@dataclass
+class EvaluationResult(_Result):
+    target: str
+    variable: str
+    subjects: list[str]
+    label: str | None
+    roi: str | None
+    markers: dict
+    pooled: dict
+    per_subject: dict
+    notes: list[str]
+    methods: dict
+    provenance: dict
+    figures: list[str] = field(default_factory=list)
+    figure_captions: dict = field(default_factory=dict)
+    out_dir: str = ""
+    report: str = ""
+    roc_curves: dict | None = None
+
+
+@dataclass
+class ImportanceResult(_Result):
+    baseline_mse: float
+    groups: list[dict]
+    channels: list[dict]
+    n_patches: int
+    split: str
+    repeats: int
+    target: str
+    provenance: dict
+    out_dir: str
+    figures: list[str]
+
+
+@dataclass
+class RegisterResult(_Result):
+    out: str
+    manifest: str | None
+    registered: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+    metrics: dict
+    seconds: dict
+    timing: dict
+
+
+def result(cls, d: dict[str, Any]):
+    """A result from a dict (unknown keys are an error: the dataclass is the contract)."""
+    return cls(**d)
