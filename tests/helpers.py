@@ -250,3 +250,142 @@ def tree(path) -> dict:
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, path)] = fh.read()
     return out
+
+
+def write_model(path, channels, half=1, axis="y", seed=0, depth=1, width=8, target="af"):
+    """A small random MRH-Net bundle with visible output variation (so prediction tests bite)."""
+    import torch
+
+    from mrhscale.io.bundle import save_bundle
+    from mrhscale.nn.model import MRHNet
+    from mrhscale.ops.norm import Normalisation
+
+    torch.manual_seed(seed)
+    m = MRHNet(len(channels), depth=depth, width=width)
+    with torch.no_grad():  # larger output variation than default init, so tests bite
+        m.conv5.weight.mul_(5.0)
+    c = len(channels)
+    norm = Normalisation("percentile", list(np.linspace(5, 30, c)), list(np.linspace(80, 150, c)),
+                         7.0, 60.0)
+    save_bundle(path, m, channels=list(channels), norm=norm, target=target,
+                patch={"half": half, "size": 2 * half + 1, "axis": axis},
+                provenance={"test": True})
+    return str(path)
+
+
+# ---- evaluation pairs: a cohort store and a prediction store of known similarity
+EVAL_SHAPE = (14, 9, 16)
+EVAL_AFF = [[0.06, 0, 0, 0], [0, 0.06, 0, 0], [0, 0, 0.06, 0], [0, 0, 0, 1]]
+MD_TRUE = 0.0007
+
+
+def protocol(bvals_known=True, b0_named=True):
+    names = ([f"dwi2000_b0_{i}" if b0_named else f"dwi2000_{i}" for i in range(2)]
+             + [f"dwi2000_dir{i:02d}" if b0_named else f"dwi2000_{i + 2}" for i in range(4)]
+             + ["dwi5000_0", "dwi5000_1", "t2", "mt_off", "mt_on"])
+    groups = ["dwi2000"] * 6 + ["dwi5000"] * 2 + ["t2MTONOFF"] * 3
+    bval = np.array([0, 0, 2000, 2000, 2000, 2000, 5000, 5000, np.nan, np.nan, np.nan], float)
+    if not bvals_known:
+        bval[:] = np.nan
+    return names, groups, bval
+
+
+def subject(sid, seed, lesion=True, **kw):
+    """A subject whose reference stain drops in a lesion where MT ratio also drops (weakly)."""
+    rng = np.random.default_rng(seed)
+    names, groups, bval = protocol(**kw)
+    mask = np.zeros(EVAL_SHAPE, bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    les = np.zeros(EVAL_SHAPE, bool)
+    les[4:9, 2:6, 5:11] = True
+    ref = (100 + 40 * rng.random(EVAL_SHAPE)) * mask
+    ref[les] -= 50
+    mri = np.zeros((*EVAL_SHAPE, len(names)), np.float32)
+    b0 = 1000 + 100 * rng.random(EVAL_SHAPE)
+    mri[..., 0:2] = b0[..., None]
+    mri[..., 2:6] = (b0 * np.exp(-2000 * MD_TRUE))[..., None]
+    mri[..., 6:8] = rng.random((*EVAL_SHAPE, 2)) * 100
+    mri[..., 8] = 50 + ref * 0.3 + 5 * rng.standard_normal(EVAL_SHAPE)  # t2 tracks the stain, noisy
+    mri[..., 9] = 200.0
+    mtr = 0.4 - 0.05 * les + 0.05 * rng.standard_normal(EVAL_SHAPE)
+    mri[..., 10] = 200.0 * (1 - mtr)
+    ds = xr.Dataset(
+        {
+            "mri": (("x", "y", "z", "contrast"), mri),
+            "mask": (("x", "y", "z"), mask),
+            "fa": (("x", "y", "z"), rng.random(EVAL_SHAPE).astype(np.float32)),
+            "af": (("x", "y", "z"), ref.astype(np.float32)),
+        },
+        coords={"contrast": names, "group": ("contrast", groups), "bval": ("contrast", bval)},
+        attrs={"subject": sid, "affine": EVAL_AFF, "targets": ["af"], "labels": ["lesion"] if lesion else []},
+    )
+    if lesion:
+        ds["lesion"] = (("x", "y", "z"), les)
+    return ds
+
+
+def write_pair(tmp_path, n=2, noise=5.0, offset=0.0, lesion=True, **kw):
+    store, pred = str(tmp_path / "c.zarr"), str(tmp_path / "p.zarr")
+    ids = [f"s{i + 1:02d}" for i in range(n)]
+    rng = np.random.default_rng(9)
+    from mrhscale.stores import CohortStore, PredictionStore
+
+    cstore, pstore = CohortStore(store), PredictionStore(pred)
+    cstore.prepare({})
+    pstore.prepare({"variable": "af_virtual", "target": "af"})
+    for i, sid in enumerate(ids):
+        ds = subject(sid, i, lesion=lesion, **kw)
+        cstore.put(sid, ds, {"stage": "tests", "index": i})
+        v = (ds["af"].values + offset + noise * rng.standard_normal(EVAL_SHAPE)) * ds["mask"].values
+        out = xr.Dataset({"af_virtual": (("x", "y", "z"), v.astype(np.float32)),
+                          "mask": ds["mask"]}, attrs=ds.attrs)
+        pstore.put(sid, out, {"stage": "tests", "source": cstore.identity(sid)["fingerprint"]})
+    return store, pred, ids
+
+
+# ---- importance: a patch store whose target depends on one channel, and a known model
+def tiny_store(path, n=400, channels=("a", "b", "c"), seed=0):
+    """Patch store (CONTRACTS.md layout) whose target depends on channel 'a' only."""
+    from mrhscale.ops.norm import Normalisation
+
+    rng = np.random.default_rng(seed)
+    c = len(channels)
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for split in ("train", "val"):
+        x = rng.gamma(2.0, 1.0, size=(n, c, 3, 3)).astype(np.float32)
+        t = (10.0 * x[:, list(channels).index("a")]).astype(np.float32)
+        g = root.create_group(split)
+        g.create_array("inputs", data=x, chunks=(64, c, 3, 3),
+                       dimension_names=["patch", "contrast", "row", "col"])
+        g.create_array("targets", data=t, chunks=(64, 3, 3), dimension_names=["patch", "row", "col"])
+        g.create_array("origin", data=np.zeros((n, 4), np.int32), chunks=(64, 4),
+                       dimension_names=["patch", "field"])
+    root.attrs.update({"format": "mrhscale-patches", "channels": list(channels), "target": "af",
+                       "patch": {"half": 1, "size": 3, "axis": "y"},
+                       "norm": Normalisation("identity", [0.0] * c, [1.0] * c).to_dict(),
+                       "n_train": n, "n_val": n, "complete": True})
+    return str(path)
+
+
+def known_model(path, channels=("a", "b", "c")):
+    """Weights built by hand: output = 10 * relu(a + 0.1 b); c unused."""
+    import torch
+
+    from mrhscale.io.bundle import save_bundle
+    from mrhscale.nn.model import MRHNet
+    from mrhscale.ops.norm import Normalisation
+
+    m = MRHNet(len(channels), depth=0, width=4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.conv1.weight[0, 0, 1, 1] = 1.0  # feature 0 <- a
+        m.conv1.weight[1, 1, 1, 1] = 1.0  # feature 1 <- b
+        m.conv2.weight[0, 0, 1, 1] = 1.0
+        m.conv2.weight[0, 1, 1, 1] = 0.1
+        m.conv4.weight[0, 0, 1, 1] = 1.0
+        m.conv5.weight[0, 0, 1, 1] = 1.0
+    norm = Normalisation("identity", [0.0] * len(channels), [1.0] * len(channels), 0.0, 10.0)
+    save_bundle(path, m, channels=list(channels), norm=norm, target="af",
+                patch={"half": 1, "size": 3, "axis": "y"})
+    return str(path)

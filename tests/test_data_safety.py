@@ -94,7 +94,7 @@ def test_3_failed_reingest_keeps_the_old_subject(tmp_path):
 
 
 def test_5_predict_never_reuses_another_cohorts_subject(tmp_path):
-    from test_predict import write_model
+    from helpers import write_model
 
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
     make_cohort_store(a, n_subjects=1, seed=0)
@@ -113,7 +113,7 @@ def test_5_predict_never_reuses_another_cohorts_subject(tmp_path):
 
 
 def test_6_evaluate_refuses_another_stain(tmp_path):
-    from test_evaluate import write_pair
+    from helpers import write_pair
 
     store, pred, _ = write_pair(tmp_path, n=1)
     code, msg = cli("evaluate", pred, store, "--target", "mbp", "--out", tmp_path / "r", "-q")
@@ -234,7 +234,7 @@ def test_13_ingest_reuses_a_subject_only_while_its_files_are_the_same(tmp_path):
 
 
 def test_13_importance_refuses_another_stains_patches(tmp_path):
-    from test_importance import known_model, tiny_store
+    from helpers import known_model, tiny_store
 
     model = known_model(str(tmp_path / "m.pt"))
     store = tiny_store(tmp_path / "p.zarr")

@@ -10,52 +10,13 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from helpers import make_patch_store
+from helpers import known_model, make_patch_store, tiny_store
 
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import save_bundle
 from mrhscale.nn.model import MRHNet
 from mrhscale.ops.norm import Normalisation
 from mrhscale.stages.importance import channel_groups, contrast_group, importance
-
-
-def tiny_store(path, n=400, channels=("a", "b", "c"), seed=0):
-    """Patch store (CONTRACTS.md layout) whose target depends on channel 'a' only."""
-    rng = np.random.default_rng(seed)
-    c = len(channels)
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    for split in ("train", "val"):
-        x = rng.gamma(2.0, 1.0, size=(n, c, 3, 3)).astype(np.float32)
-        t = (10.0 * x[:, list(channels).index("a")]).astype(np.float32)
-        g = root.create_group(split)
-        g.create_array("inputs", data=x, chunks=(64, c, 3, 3),
-                       dimension_names=["patch", "contrast", "row", "col"])
-        g.create_array("targets", data=t, chunks=(64, 3, 3), dimension_names=["patch", "row", "col"])
-        g.create_array("origin", data=np.zeros((n, 4), np.int32), chunks=(64, 4),
-                       dimension_names=["patch", "field"])
-    root.attrs.update({"format": "mrhscale-patches", "channels": list(channels), "target": "af",
-                       "patch": {"half": 1, "size": 3, "axis": "y"},
-                       "norm": Normalisation("identity", [0.0] * c, [1.0] * c).to_dict(),
-                       "n_train": n, "n_val": n, "complete": True})
-    return str(path)
-
-
-def known_model(path, channels=("a", "b", "c")):
-    """Weights built by hand: output = 10 * relu(a + 0.1 b); c unused."""
-    m = MRHNet(len(channels), depth=0, width=4)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.zero_()
-        m.conv1.weight[0, 0, 1, 1] = 1.0  # feature 0 <- a
-        m.conv1.weight[1, 1, 1, 1] = 1.0  # feature 1 <- b
-        m.conv2.weight[0, 0, 1, 1] = 1.0
-        m.conv2.weight[0, 1, 1, 1] = 0.1
-        m.conv4.weight[0, 0, 1, 1] = 1.0
-        m.conv5.weight[0, 0, 1, 1] = 1.0
-    norm = Normalisation("identity", [0.0] * len(channels), [1.0] * len(channels), 0.0, 10.0)
-    save_bundle(path, m, channels=list(channels), norm=norm, target="af",
-                patch={"half": 1, "size": 3, "axis": "y"})
-    return str(path)
 
 
 def test_groups_from_names():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -11,120 +10,11 @@ import numpy as np
 import pytest
 import xarray as xr
 from click.testing import CliRunner
+from helpers import EVAL_AFF as AFF
+from helpers import MD_TRUE, subject, write_pair
 
 from mrhscale.errors import MRHError
-from mrhscale.ops.metrics import roc, similarity
 from mrhscale.stages.evaluate import evaluate, mean_diffusivity, single_markers
-
-SHAPE = (14, 9, 16)
-AFF = [[0.06, 0, 0, 0], [0, 0.06, 0, 0], [0, 0, 0.06, 0], [0, 0, 0, 1]]
-MD_TRUE = 0.0007
-
-
-def protocol(bvals_known=True, b0_named=True):
-    names = ([f"dwi2000_b0_{i}" if b0_named else f"dwi2000_{i}" for i in range(2)]
-             + [f"dwi2000_dir{i:02d}" if b0_named else f"dwi2000_{i + 2}" for i in range(4)]
-             + ["dwi5000_0", "dwi5000_1", "t2", "mt_off", "mt_on"])
-    groups = ["dwi2000"] * 6 + ["dwi5000"] * 2 + ["t2MTONOFF"] * 3
-    bval = np.array([0, 0, 2000, 2000, 2000, 2000, 5000, 5000, np.nan, np.nan, np.nan], float)
-    if not bvals_known:
-        bval[:] = np.nan
-    return names, groups, bval
-
-
-def subject(sid, seed, lesion=True, **kw):
-    """A subject whose reference stain drops in a lesion where MT ratio also drops (weakly)."""
-    rng = np.random.default_rng(seed)
-    names, groups, bval = protocol(**kw)
-    mask = np.zeros(SHAPE, bool)
-    mask[1:-1, 1:-1, 1:-1] = True
-    les = np.zeros(SHAPE, bool)
-    les[4:9, 2:6, 5:11] = True
-    ref = (100 + 40 * rng.random(SHAPE)) * mask
-    ref[les] -= 50
-    mri = np.zeros((*SHAPE, len(names)), np.float32)
-    b0 = 1000 + 100 * rng.random(SHAPE)
-    mri[..., 0:2] = b0[..., None]
-    mri[..., 2:6] = (b0 * np.exp(-2000 * MD_TRUE))[..., None]
-    mri[..., 6:8] = rng.random((*SHAPE, 2)) * 100
-    mri[..., 8] = 50 + ref * 0.3 + 5 * rng.standard_normal(SHAPE)  # t2 tracks the stain, noisy
-    mri[..., 9] = 200.0
-    mtr = 0.4 - 0.05 * les + 0.05 * rng.standard_normal(SHAPE)
-    mri[..., 10] = 200.0 * (1 - mtr)
-    ds = xr.Dataset(
-        {
-            "mri": (("x", "y", "z", "contrast"), mri),
-            "mask": (("x", "y", "z"), mask),
-            "fa": (("x", "y", "z"), rng.random(SHAPE).astype(np.float32)),
-            "af": (("x", "y", "z"), ref.astype(np.float32)),
-        },
-        coords={"contrast": names, "group": ("contrast", groups), "bval": ("contrast", bval)},
-        attrs={"subject": sid, "affine": AFF, "targets": ["af"], "labels": ["lesion"] if lesion else []},
-    )
-    if lesion:
-        ds["lesion"] = (("x", "y", "z"), les)
-    return ds
-
-
-def write_pair(tmp_path, n=2, noise=5.0, offset=0.0, lesion=True, **kw):
-    store, pred = str(tmp_path / "c.zarr"), str(tmp_path / "p.zarr")
-    ids = [f"s{i + 1:02d}" for i in range(n)]
-    rng = np.random.default_rng(9)
-    from mrhscale.stores import CohortStore, PredictionStore
-
-    cstore, pstore = CohortStore(store), PredictionStore(pred)
-    cstore.prepare({})
-    pstore.prepare({"variable": "af_virtual", "target": "af"})
-    for i, sid in enumerate(ids):
-        ds = subject(sid, i, lesion=lesion, **kw)
-        cstore.put(sid, ds, {"stage": "tests", "index": i})
-        v = (ds["af"].values + offset + noise * rng.standard_normal(SHAPE)) * ds["mask"].values
-        out = xr.Dataset({"af_virtual": (("x", "y", "z"), v.astype(np.float32)),
-                          "mask": ds["mask"]}, attrs=ds.attrs)
-        pstore.put(sid, out, {"stage": "tests", "source": cstore.identity(sid)["fingerprint"]})
-    return store, pred, ids
-
-
-def test_similarity_known_answers():
-    rng = np.random.default_rng(0)
-    ref = rng.random((10, 9, 11)) * 200
-    mask = np.zeros(ref.shape, bool)
-    mask[2:8, 2:7, 2:9] = True
-    same = similarity(ref, ref, mask)
-    assert same["pearson"] == pytest.approx(1) and same["spearman"] == pytest.approx(1)
-    assert same["mae"] == 0 and same["psnr"] == math.inf and same["ssim"] == pytest.approx(1)
-    shifted = similarity(ref + 3.0, ref, mask, data_range=200.0)
-    assert shifted["mae"] == pytest.approx(3.0) and shifted["pearson"] == pytest.approx(1)
-    assert shifted["psnr"] == pytest.approx(20 * np.log10(200 / 3.0))
-    assert shifted["ssim"] < 1
-    neg = similarity(-ref, ref, mask)
-    assert neg["pearson"] == pytest.approx(-1) and neg["spearman"] == pytest.approx(-1)
-    mono = similarity(np.exp(ref / 50), ref, mask)  # monotone, nonlinear: Spearman 1, Pearson < 1
-    assert mono["spearman"] == pytest.approx(1) and mono["pearson"] < 0.99
-    # values outside the mask do not count
-    wild = ref.copy()
-    wild[~mask] = 1e6
-    assert similarity(wild, ref, mask)["mae"] == 0
-
-
-def test_roc_auc_matches_pair_count_and_orientation():
-    rng = np.random.default_rng(1)
-    s = rng.standard_normal(60)
-    y = rng.random(60) < 0.3
-    s[y] += 0.8
-    s[:5] = s[5]  # ties
-    pairs = [(a > b) + 0.5 * (a == b) for a, b in itertools.product(s[y], s[~y])]
-    r = roc(s, y)
-    assert r["auc_raw"] == pytest.approx(np.mean(pairs)) and r["direction"] == "higher"
-    flipped = roc(-s, y)
-    assert flipped["direction"] == "lower" and flipped["auc"] == pytest.approx(r["auc"])
-    assert flipped["auc_raw"] == pytest.approx(1 - r["auc"])
-    perfect = roc(np.r_[np.zeros(10), np.ones(5)], np.r_[np.zeros(10, bool), np.ones(5, bool)])
-    assert perfect["auc"] == 1 and perfect["youden"]["sensitivity"] == 1
-    assert perfect["youden"]["specificity"] == 1
-    assert perfect["fpr"][0] == 0 and perfect["tpr"][-1] == 1
-    assert roc(np.ones(8), np.r_[np.zeros(4, bool), np.ones(4, bool)])["auc"] == 0.5
-    assert math.isnan(roc(s, np.zeros(60, bool))["auc"])
 
 
 @pytest.mark.parametrize("kw", [{}, {"bvals_known": False}, {"bvals_known": False, "b0_named": False}])

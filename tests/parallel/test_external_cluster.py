@@ -56,7 +56,7 @@ def cli(cwd, *args):
 
 
 def test_relative_paths_on_an_external_cluster_equal_the_embedded_run(cluster, tmp_path):
-    from test_predict import write_model
+    from helpers import write_model
 
     addr, elsewhere = cluster
     user = tmp_path / "user"

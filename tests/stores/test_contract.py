@@ -16,7 +16,7 @@ from mrhscale.errors import MRHError
 def env(tmp_path_factory):
     """Inputs every kind needs, made once: files, a cohort store, patches, a model, predictions."""
     from distributed import Client, LocalCluster
-    from test_predict import write_model
+    from helpers import write_model
 
     from mrhscale.stores import CohortStore
 

@@ -12,13 +12,11 @@ import torch
 import xarray as xr
 import zarr
 from click.testing import CliRunner
-from helpers import subject_dataset
+from helpers import subject_dataset, write_model
 
 from mrhscale.errors import MRHError
-from mrhscale.io.bundle import load_model, save_bundle
-from mrhscale.nn.model import MRHNet
+from mrhscale.io.bundle import load_model
 from mrhscale.ops.blocks import block_patches
-from mrhscale.ops.norm import Normalisation
 from mrhscale.stages.predict import _predict_block, predict, subject_prediction
 
 SHAPE = (11, 7, 13)
@@ -52,20 +50,6 @@ def write_store(path, n_subjects=2, shape=SHAPE, n_channels=5, chunks=(4, 3, 5),
             ds[v].encoding.pop("chunks", None)
         store.put(sid, ds, {"stage": "tests", "seed": seed + i})
     return str(path), ids
-
-
-def write_model(path, channels, half=1, axis="y", seed=0, depth=1, width=8, target="af"):
-    torch.manual_seed(seed)
-    m = MRHNet(len(channels), depth=depth, width=width)
-    with torch.no_grad():  # larger output variation than default init, so tests bite
-        m.conv5.weight.mul_(5.0)
-    c = len(channels)
-    norm = Normalisation("percentile", list(np.linspace(5, 30, c)), list(np.linspace(80, 150, c)),
-                         7.0, 60.0)
-    save_bundle(path, m, channels=list(channels), norm=norm, target=target,
-                patch={"half": half, "size": 2 * half + 1, "axis": axis},
-                provenance={"test": True})
-    return str(path)
 
 
 def reference_patch(mri, channels_idx, norm, centre, half, axis):

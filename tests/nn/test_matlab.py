@@ -42,7 +42,7 @@ def _mrhnet_dir() -> Path:
     env = os.environ.get("MRHSCALE_MRHNET_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "mrhnet"
+    return Path(__file__).resolve().parents[2].parent / "shared" / "mrhnet"
 
 
 REAL = _mrhnet_dir() / REAL_NAME

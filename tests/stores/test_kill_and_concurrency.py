@@ -152,7 +152,7 @@ def test_swap_killed_between_renames_is_finished_by_the_next_run(cohort, tmp_pat
 
 @pytest.mark.slow
 def test_predict_killed_then_rerun_equals_uninterrupted(cohort, tmp_path):
-    from test_predict import write_model
+    from helpers import write_model
 
     ch = CohortStore(cohort).open_subject("s01").contrast.values.tolist()
     model = write_model(str(tmp_path / "m.pt"), ch)

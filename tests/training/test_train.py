@@ -24,7 +24,7 @@ from mrhscale.ops.norm import Normalisation
 from mrhscale.training import TrainingInterrupted, finetune, train
 from mrhscale.training.data import open_data
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where helpers.py is
 BIN = os.path.dirname(sys.executable)
 HAVE_STREAM = importlib.util.find_spec("mrhscale.training.stream") is not None
 # Until mrhscale/training/stream.py exists the trainer is exercised with the stand-in from helpers.

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from test_evaluate import SHAPE, write_pair
+from helpers import EVAL_SHAPE as SHAPE
+from helpers import write_pair
 
 from mrhscale.errors import MRHError
 from mrhscale.stages.evaluate import evaluate
