@@ -134,15 +134,6 @@ def run_folder(out_dir: str):
         yield folder
 
 
-def _diverged(epoch: int, step: int, steps: int, ckpt_path: str, cfg: TrainConfig) -> MRHError:
-    where = f"epoch {epoch + 1}, step {step}/{steps}" if steps else f"after epoch {epoch + 1}"
-    kept = (f"the last good checkpoint ({ckpt_path}) is kept" if os.path.exists(ckpt_path)
-            else "no checkpoint was written")
-    return MRHError(f"training diverged: the loss became non-finite at {where} (lr {cfg.lr:g}); "
-                    f"no model was saved and {kept}; lower --lr or --clip, check the inputs for "
-                    "extreme values, and start again with another --out")
-
-
 @dataclass
 class Runtime:
     """How a run uses this machine (not part of what it learns): device, threads, loaders..."""
