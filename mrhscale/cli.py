@@ -45,7 +45,10 @@ class _Command(click.Command):
 
         log.setup(quiet=bool(ctx.params.get("quiet")), verbose=ctx.meta.get("mrhscale_verbose", 0),
                   log_file=ctx.meta.get("mrhscale_log_file"))
-        result = super().invoke(ctx)
+        try:
+            result = super().invoke(ctx)
+        finally:
+            log.reset()
         out = ctx.params.get("out")
         if out:
             from mrhscale.io.config import write_resolved

@@ -39,6 +39,16 @@ def setup(*, quiet: bool = False, verbose: int = 0, log_file: str | None = None)
     logger.propagate = False
 
 
+def reset() -> None:
+    """Remove what ``setup`` added (after a command: library use keeps the host's logging)."""
+    for h in _HANDLERS:
+        logger.removeHandler(h)
+        h.close()
+    _HANDLERS.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
 def on_terminal() -> bool:
     try:
         return sys.stderr.isatty()
@@ -55,6 +65,7 @@ class _LineProgress:
         self.n, self.t0 = 0, time.monotonic()
         self.every = float(os.environ.get("MRHSCALE_PROGRESS_EVERY", "30"))
         self.last = self.t0
+        self.said = False  # a short job says nothing; a long one ends with a "done" line
 
     def __iter__(self):
         for item in self.iterable:
@@ -67,6 +78,7 @@ class _LineProgress:
         now = time.monotonic()
         if now - self.last >= self.every:
             self.last = now
+            self.said = True
             self._say()
 
     def _say(self, done: bool = False) -> None:
@@ -78,9 +90,9 @@ class _LineProgress:
                     f"({rate:.3g} {self.unit}/s)")
 
     def close(self) -> None:
-        if self.n and self.last != -1.0:
+        if self.n and self.said:
             self._say(done=True)
-        self.last = -1.0
+        self.said = False
 
     def write(self, text: str) -> None:
         if not self.quiet:
