@@ -62,7 +62,7 @@ def run_tasks(env, tasks: list, desc: str, *, quiet: bool = False, what: str | N
         return list(dask.compute(*tasks, scheduler=env))
     futures = env.compute(tasks)
     try:
-        for _ in completed(futures, desc, quiet):
+        for _ in completed(futures, desc, quiet, what=(lambda _f: what) if what else None):
             pass
         return env.gather(futures)
     finally:
@@ -81,10 +81,9 @@ def completed(futures, desc: str, quiet: bool = False, what=None, fail_fast: boo
     with progress(total=len(futures), desc=desc, unit=unit, quiet=quiet, leave=False) as bar:
         for f in as_completed(futures):
             if f.status == "error" and fail_fast:
+                exc = f.exception()  # read before cancelling, which forgets it
                 for other in futures:
                     other.cancel()
-                exc = f.exception()
-                f.cancel()
                 if isinstance(exc, MRHError) and what is None:
                     raise exc
                 raise task_error(exc, what(f) if what else desc) from None
