@@ -165,7 +165,7 @@ def test_9_storage_options_never_reach_a_file(tmp_path):
     out = tmp_path / "c.zarr"
     code, msg = cli("ingest", man, "--out", out, "--workers", "1", "--storage-options", FORMS[0], "-q")
     assert code == 0, msg
-    saved = (out / "mrhscale-ingest.yaml").read_text()
+    saved = (out / "_config" / "mrhscale-ingest.yaml").read_text()
     assert "***" in saved and not any(s in saved or s in msg for s in SECRETS)
 
 

@@ -96,14 +96,15 @@ def resolved_config(command: str, params: dict) -> dict:
 
 
 def config_path_for(out: str, command: str) -> str | None:
-    """Where the resolved config goes: inside an output folder, or beside an output file."""
-    from mrhscale.stores import is_local, local_path
+    """Where the resolved config goes: inside an output folder (a Zarr store: its ``_config``
+    group), or beside an output file."""
+    from mrhscale.stores import config_file, is_local, local_path
 
     if not is_local(out):
         return None
     p = local_path(out)
     if os.path.isdir(p):
-        return os.path.join(p, f"mrhscale-{command}.yaml")
+        return config_file(p, command)
     if os.path.isfile(p):
         return f"{p}.{command}.yaml"
     return None

@@ -25,6 +25,7 @@ from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.io.manifest import Manifest, SubjectSpec, load_manifest
 from mrhscale.io.volumes import Volume, checksum, open_volume, read_sidecars
+from mrhscale.ops.space import header_space
 from mrhscale.results import IngestResult
 from mrhscale.stores import CohortStore, differences
 
@@ -50,6 +51,7 @@ class SubjectPlan:
     fa: Volume | None
     targets: dict[str, Volume] = field(default_factory=dict)
     labels: dict[str, Volume] = field(default_factory=dict)
+    space: dict = field(default_factory=dict)  # source unit, qform/sform (ops.space.header_space)
 
 
 def _spatial(vol: Volume, sid: str, role: str) -> tuple[int, int, int]:
@@ -67,12 +69,14 @@ def _spatial(vol: Volume, sid: str, role: str) -> tuple[int, int, int]:
     return shape
 
 
-def plan_subject(spec: SubjectSpec) -> SubjectPlan:
-    """Open every file of a subject (headers only, plus the mask) and check they agree."""
+def plan_subject(spec: SubjectSpec, opened: dict[str, Volume] | None = None) -> SubjectPlan:
+    """Open every file of a subject (headers only, plus the mask) and check they agree;
+    ``opened``: volumes given already, by role (in-memory images of ``predict_volume``)."""
     sid = spec.id
-    opened: dict[str, Volume] = {}
+    opened = dict(opened or {})
     for role, path in spec.files().items():
-        opened[role] = open_volume(path, what=f"subject {sid}: {role}")
+        if role not in opened:
+            opened[role] = open_volume(path, what=f"subject {sid}: {role}")
     ref_role = f"mri/{spec.mri[0].name}"
     ref = opened[ref_role]
     ref_shape = _spatial(ref, sid, ref_role)[:3]
@@ -140,6 +144,7 @@ def plan_subject(spec: SubjectSpec) -> SubjectPlan:
         fa=opened.get("fa"),
         targets={k: opened[f"targets/{k}"] for k in spec.targets},
         labels={k: opened[f"labels/{k}"] for k in spec.labels},
+        space=header_space(ref.header),
     )
 
 
@@ -239,6 +244,8 @@ def subject_dataset(plan: SubjectPlan, chunks=DEFAULT_CHUNKS) -> tuple[xr.Datase
         "subject": plan.spec.id,
         "affine": plan.affine.tolist(),
         "voxel_size": [float(z) for z in plan.zooms],
+        "voxel_size_units": plan.space.get("space_units", "mm"),
+        **plan.space,
         "orientation": plan.orientation,
         "shape": list(plan.shape),
         "targets": list(plan.targets),
@@ -415,6 +422,8 @@ class _WriteJob:
     def run(self, plans: list[SubjectPlan], quiet: bool) -> list[str]:
         from mrhscale.parallel.runner import completed
 
+        if isinstance(self.cl, str):
+            return self._run_local(plans, quiet)
         written = []
         try:
             for plan in plans:
@@ -425,6 +434,25 @@ class _WriteJob:
                     written.append(sid)
         finally:
             self._abort_pending()
+        return written
+
+    def _run_local(self, plans: list[SubjectPlan], quiet: bool) -> list[str]:
+        """On a local Dask scheduler (``synchronous``, ``threads``): one subject after another."""
+        from mrhscale.log import progress
+
+        written = []
+        for plan in progress(plans, desc="ingest", unit="subject", quiet=quiet):
+            sid, path = plan.spec.id, self.w.begin(plan.spec.id)
+            try:
+                ds, counts = subject_dataset(plan, self.chunks)
+                write = self.w.lazy_write(path, ds, self.encoding(ds))
+                (counts,) = dask.compute(dask.delayed(_after_write)(write, counts), scheduler=self.cl)
+                digests = [checksum(f) for f in plan.spec.files().values()] if self.checksums else None
+            except Exception as e:
+                if self._failed(sid, path, e):
+                    continue
+            self._commit(plan, path, counts, digests)
+            written.append(sid)
         return written
 
     def _submit(self, plan: SubjectPlan) -> None:
@@ -441,8 +469,6 @@ class _WriteJob:
         self.pending[self.cl.compute(dask.delayed(_after_write)(write, counts))] = (plan, path, sums)
 
     def _finish(self, fut) -> str | None:
-        from mrhscale.parallel.cluster import task_error
-
         plan, path, sums = self.pending.pop(fut)
         sid = plan.spec.id
         try:
@@ -450,12 +476,24 @@ class _WriteJob:
             digests = self.cl.gather(sums) if sums else None
         except Exception as e:
             fut.cancel()  # release the erred key: a rerun with the same (pure) keys must recompute
-            self.w.abort(sid, path)
-            err = task_error(e, f"subject {sid}")
-            if not self.skip_bad:
-                raise err from None
-            self.bad[sid] = str(err)
+            self._failed(sid, path, e)
             return None
+        self._commit(plan, path, counts, digests)
+        return sid
+
+    def _failed(self, sid: str, path: str, e: Exception) -> bool:
+        """Abort a subject; True when skipped (``skip_bad``), else raises the one-line error."""
+        from mrhscale.parallel.cluster import task_error
+
+        self.w.abort(sid, path)
+        err = task_error(e, f"subject {sid}")
+        if not self.skip_bad:
+            raise err from None
+        self.bad[sid] = str(err)
+        return True
+
+    def _commit(self, plan: SubjectPlan, path: str, counts: dict, digests) -> None:
+        sid = plan.spec.id
         sources = _sources(plan.spec, digests)
         self.w.commit(sid, path, _made_by(plan, sources), extra={
             "nonfinite_counts": {k: int(v) for k, v in counts.items()},
@@ -463,7 +501,6 @@ class _WriteJob:
             "ingested": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "manifest": self.man.path,
         })
-        return sid
 
     def _abort_pending(self) -> None:
         for fut, (plan, path, _) in list(self.pending.items()):

@@ -33,6 +33,7 @@ NAMES = {
     "mrhscale-evaluation": "evaluation report folder", "mrhscale-importance": "importance report folder",
     "mrhscale-demo": "demo folder", "mrhscale-registration": "registration folder",
     "mrhscale-synthetic": "synthetic cohort folder",
+    "mrhscale-ome-zarr": "viewer image (OME-Zarr)",
 }
 
 
@@ -133,7 +134,7 @@ def inspect(url: str, storage_options: dict | None = None) -> Found:
     names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
     if "zarr.json" in names:
         attrs = _json(fs, f"{path.rstrip('/')}/zarr.json").get("attributes", {}) or {}
-        fmt = attrs.get("format") or _legacy_format(attrs)
+        fmt = attrs.get("format") or _nested_format(attrs) or _legacy_format(attrs)
         if fmt in NAMES:
             return Found(fmt, f"is a {NAMES[fmt]}", attrs=attrs)
         return Found(None, "is a Zarr store not made by mrhscale" if not fmt else f"is a {fmt!r} Zarr store")
@@ -147,6 +148,12 @@ def inspect(url: str, storage_options: dict | None = None) -> Found:
         return Found("mrhscale-run", "is a training run folder")  # made before mrhscale.json
     return Found(None, f"is a folder with {len(names)} entr{'y' if len(names) == 1 else 'ies'} "
                        "not made by mrhscale")
+
+
+def _nested_format(attrs: dict) -> str | None:
+    """OME-Zarr images keep ours under an ``mrhscale`` key, beside the NGFF ``ome`` key."""
+    own = attrs.get("mrhscale")
+    return own.get("format") if isinstance(own, dict) else None
 
 
 def _legacy_format(attrs: dict) -> str | None:
@@ -294,11 +301,18 @@ def atomic_write(path: str, write) -> str:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a plain open() would not
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str, text: str) -> str:
@@ -330,3 +344,19 @@ def temporary_folder(near: str):
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+CONFIG_GROUP = "_config"
+
+
+def config_file(folder: str, command: str) -> str:
+    """Where a command's resolved config goes in a local output folder. A Zarr store keeps it
+    in its ``_config`` group, so that a plain zarr listing of the store meets no stray file."""
+    if not os.path.exists(os.path.join(folder, "zarr.json")):
+        return os.path.join(folder, f"mrhscale-{command}.yaml")
+    group = os.path.join(folder, CONFIG_GROUP)
+    if not os.path.exists(os.path.join(group, "zarr.json")):
+        write_json(os.path.join(group, "zarr.json"), {
+            "zarr_format": 3, "node_type": "group",
+            "attributes": {"about": "the resolved options of the mrhscale commands that wrote this store"}})
+    return os.path.join(group, f"mrhscale-{command}.yaml")

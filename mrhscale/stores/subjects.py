@@ -24,6 +24,7 @@ import os
 import re
 
 from mrhscale.errors import MRHError
+from mrhscale.ops.space import with_space
 from mrhscale.stores.base import (
     ZarrLocation,
     check_input,
@@ -121,8 +122,9 @@ class GroupStore(ZarrLocation):
         self.subject_attrs(sid)
         kw = {} if chunks == "auto_zarr" else {"chunks": chunks}
         with quiet_zarr():
-            return xr.open_zarr(self.url, group=sid, consolidated=False,
-                                storage_options=self.storage_options, **kw)
+            ds = xr.open_zarr(self.url, group=sid, consolidated=False,
+                              storage_options=self.storage_options, **kw)
+        return with_space(ds)  # a store written before coordinates gets them on read
 
     # ---- writing
     def check_output(self, what: str = "--out") -> bool:
@@ -165,8 +167,8 @@ class GroupStore(ZarrLocation):
             path = w.begin(sid)
             try:
                 with quiet_zarr():
-                    ds.to_zarr(self.url, group=path, mode="w", consolidated=False, zarr_format=3,
-                               storage_options=self.storage_options, encoding=encoding)
+                    portable(ds).to_zarr(self.url, group=path, mode="w", consolidated=False, zarr_format=3,
+                                         storage_options=self.storage_options, encoding=encoding)
             except BaseException:
                 w.abort(sid, path)
                 raise
@@ -190,6 +192,16 @@ class GroupStore(ZarrLocation):
             if lock is not None or set(self.attrs.get(SUBJECTS_ATTR, [])) >= set(done):
                 return done
         return done
+
+
+def portable(ds):
+    """What a subject group holds on disk: physical coordinates, and strings as variable-length
+    UTF-8 (zarr v3's ``string``, readable by other Zarr v3 libraries; numpy's fixed-width
+    unicode becomes ``fixed_length_utf32``, which has no specification)."""
+    ds = with_space(ds)
+    fix = {k: v.astype(object) for k, v in ds.variables.items() if v.dtype.kind in "US"}
+    coords = {k: v for k, v in fix.items() if k in ds.coords}
+    return ds.assign_coords(coords).assign({k: v for k, v in fix.items() if k not in coords})
 
 
 def _ensure_group(url: str, storage_options, attrs: dict) -> dict:
@@ -274,8 +286,9 @@ class SubjectWriter:
         """A Delayed that writes ``ds`` (lazy, dask-backed) to ``path`` from ``begin``: the
         stage computes it on its cluster, then commits."""
         with quiet_zarr():
-            return ds.to_zarr(self.store.url, group=path, mode="w", compute=False, consolidated=False,
-                              zarr_format=3, encoding=encoding, storage_options=self.store.storage_options)
+            return portable(ds).to_zarr(self.store.url, group=path, mode="w", compute=False, consolidated=False,
+                                        zarr_format=3, encoding=encoding,
+                                        storage_options=self.store.storage_options)
 
     def commit(self, sid: str, path: str, made_by: dict, extra: dict | None = None) -> str:
         """Move the whole subject at ``path`` into place, then write its marker, last."""

@@ -21,12 +21,12 @@ def test_config_supplies_options_flags_override_and_resolved_written(tmp_path):
     assert r.exit_code == 0, r.output
     ds = open_subject(str(out), "s01")
     assert ds.mri.data.chunksize[:3] == (5, 5, 5)  # flag beat the file
-    resolved = yaml.safe_load((out / "mrhscale-ingest.yaml").read_text())
+    resolved = yaml.safe_load((out / "_config" / "mrhscale-ingest.yaml").read_text())
     assert resolved["command"] == "ingest" and resolved["chunks"] == "5,5,5"
     assert resolved["no_checksums"] is True and resolved["workers"] == 1
     assert "sources" not in ds.attrs or all("checksum" not in v for v in ds.attrs["sources"].values())
     # the resolved file reruns the stage as it is
-    r = CliRunner().invoke(main, ["ingest", "--config", str(out / "mrhscale-ingest.yaml")])
+    r = CliRunner().invoke(main, ["ingest", "--config", str(out / "_config" / "mrhscale-ingest.yaml")])
     assert r.exit_code == 0 and "skipped: s01" in r.output
 
 
