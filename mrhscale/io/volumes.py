@@ -89,6 +89,17 @@ def open_volume(path: str, *, what: str = "") -> Volume:
     return Volume(str(path), shape, dtype, affine, zooms, img.dataobj, img.header)
 
 
+def image_volume(img, name: str) -> Volume:
+    """An in-memory nibabel image as a Volume (``name`` stands for its path in messages)."""
+    if not hasattr(img, "dataobj") or not hasattr(img, "affine"):
+        raise MRHError(f"{name}: expected a file path or a nibabel image, got {type(img).__name__}")
+    if img.affine is None:
+        raise MRHError(f"{name}: the image has no affine")
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return Volume(name, tuple(int(s) for s in img.shape), np.dtype(img.get_data_dtype()),
+                  np.asarray(img.affine, np.float64), zooms, img.dataobj, img.header)
+
+
 def read_block(proxy, index) -> np.ndarray:
     """One block of a proxy as float32 (scaling applied, NaNs kept for counting)."""
     return np.asarray(proxy[index], dtype=np.float32)
@@ -121,12 +132,14 @@ def write_sidecars(path: str, bvals, bvecs) -> None:
     np.savetxt(s + ".bvec", np.asarray(bvecs, float).reshape(-1, 3).T, fmt="%.6f")
 
 
-def write_volume(path: str, array, affine, *, header=None, dtype=None, descrip: str | None = None) -> str:
+def write_volume(path: str, array, affine, *, header=None, dtype=None, descrip: str | None = None,
+                 space: dict | None = None, xform: str | None = None) -> str:
     """Write NIfTI or Analyze by extension, atomically (temp name, then rename).
 
-    ``descrip`` (NIfTI, 80 characters at most) says what made the file: mrhscale
+    ``space`` (a store subject's attrs, or ``ops.space.header_space``) keeps the source's
+    qform/sform codes and unit; ``xform`` ("aligned", "template") says the grid is another
+    image's. ``descrip`` (NIfTI, 80 characters at most) says what made the file: mrhscale
     rewrites a NIfTI only when its descrip says mrhscale wrote it."""
-    kind = image_kind(path)
     arr = np.asarray(array)
     if dtype is not None:
         arr = arr.astype(dtype, copy=False)
@@ -134,20 +147,42 @@ def write_volume(path: str, array, affine, *, header=None, dtype=None, descrip: 
         arr = arr.astype(np.uint8)
     affine = np.asarray(affine, dtype=np.float64)
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    if kind == "nifti":
-        img = nib.Nifti1Image(arr, affine, header=header)
-        img.header.set_data_dtype(arr.dtype)
-        if header is None:
-            img.set_qform(affine, code=1)
-            img.set_sform(affine, code=1)
-        if descrip is not None:
-            img.header["descrip"] = descrip.encode("ascii", "replace")[:80]
-        s = str(path)
-        ext = ".nii.gz" if s.lower().endswith(".nii.gz") else ".nii"
-        with temporary_folder(s) as work:  # same filesystem: the rename is atomic
-            nib.save(img, os.path.join(work, "v" + ext))
-            rename_file(os.path.join(work, "v" + ext), s)
-        return s
+    if image_kind(path) == "analyze":
+        return _write_analyze(path, arr, affine, header)
+    img = nib.Nifti1Image(arr, affine, header=header)
+    img.header.set_data_dtype(arr.dtype)
+    if header is None:
+        set_space(img, affine, space, xform)
+    if descrip is not None:
+        img.header["descrip"] = descrip.encode("ascii", "replace")[:80]
+    s = str(path)
+    ext = ".nii.gz" if s.lower().endswith(".nii.gz") else ".nii"
+    with temporary_folder(s) as work:  # same filesystem: the rename is atomic
+        nib.save(img, os.path.join(work, "v" + ext))
+        rename_file(os.path.join(work, "v" + ext), s)
+    return s
+
+
+def set_space(img, affine, space: dict | None, xform: str | None = None) -> None:
+    """qform/sform as the source had them (``affine`` is what nibabel read from it: its sform
+    when coded, else its qform); scanner space when the source said nothing; unit in xyzt_units."""
+    space = space or {}
+    qcode, scode = int(space.get("qform_code") or 0), int(space.get("sform_code") or 0)
+    if xform is not None:  # resampled onto another image's grid: both forms say so
+        code = nib.nifti1.xform_codes[xform]
+        img.set_sform(affine, code=code)
+        img.set_qform(affine, code=code)
+    elif scode == 0 and qcode == 0:
+        img.set_sform(affine, code=1)
+        img.set_qform(affine, code=1)
+    else:
+        img.set_sform(affine if scode else None, code=scode)
+        qform = space.get("qform") if scode else affine
+        img.set_qform(np.asarray(qform, float) if qcode and qform is not None else None, code=qcode)
+    img.header.set_xyzt_units(xyz=space.get("space_units", "mm"), t=None)
+
+
+def _write_analyze(path: str, arr, affine, header) -> str:
     img = nib.AnalyzeImage(arr, affine, header=header)
     img.header.set_data_dtype(arr.dtype)
     s = stem(str(path))

@@ -128,7 +128,8 @@ def register_histology(
                                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                                "seed": seed}}
         write_json(os.path.join(work, TRANSFORM_JSON), info)
-        write_volume(out, warped, grid.affine, dtype=np.float32, descrip=HISTOLOGY_DESCRIP)
+        write_volume(out, warped, grid.affine, dtype=np.float32, descrip=HISTOLOGY_DESCRIP,
+                     xform="template" if ref_desc["kind"] == "file" else "aligned")
         swap_in(work, tdir, token=run_token())
     return {"out": out, "transforms": tdir, "metrics": metrics, "seconds": seconds}
 

@@ -179,11 +179,12 @@ class _Registration:
         """Every file of the subject on the reference grid; returns its manifest entry."""
         ext, sid = self.job.get("ext", ".nii"), self.sid
         files_out: dict = {"mri": {g.name: self._apply_group(g, ext) for g in self.spec.mri}}
-        write_volume(os.path.join(self.stage, f"mask{ext}"), self.mask_reg.astype(np.uint8), self.ref.affine)
+        write_volume(os.path.join(self.stage, f"mask{ext}"), self.mask_reg.astype(np.uint8), self.ref.affine,
+                     xform=self.xform)
         files_out["mask"] = {"path": f"{sid}/mask{ext}", "inverted": False}
         if self.plan.fa is not None:
             write_volume(os.path.join(self.stage, f"fa{ext}"), self.warp(read3(self.plan.fa)),
-                         self.ref.affine, dtype=np.float32)
+                         self.ref.affine, dtype=np.float32, xform=self.xform)
             files_out["fa"] = f"{sid}/fa{ext}"
         for kind, vols, interp in (("targets", self.plan.targets, "linear"),
                                    ("labels", self.plan.labels, "nearestNeighbor")):
@@ -194,6 +195,11 @@ class _Registration:
         if "notes" in self.spec.extra:
             entry["notes"] = self.spec.extra["notes"]
         return entry
+
+    @property
+    def xform(self) -> str:
+        """The NIfTI code of a registered file: another subject's grid, or a template's."""
+        return "template" if self.job["reference"].get("kind") == "file" else "aligned"
 
     def _apply_group(self, g, ext: str):
         """An MRI group (4D files in blocks of volumes); gradient directions rotated."""
@@ -209,7 +215,7 @@ class _Registration:
                 block = np.stack([read3(vol, k) for k in range(i, min(n, i + BLOCK))], axis=-1)
                 arr[..., i:i + block.shape[3]] = block if self.identity else apply4(
                     self.ants, block, self.native, self.ref, files, self.tx["forward"]["invert"], "linear")
-        write_volume(path, arr, self.ref.affine, dtype=np.float32)
+        write_volume(path, arr, self.ref.affine, dtype=np.float32, xform=self.xform)
         del arr
         side = read_sidecars(g.path)
         if side is not None:
@@ -223,7 +229,7 @@ class _Registration:
         a = self.warp(read3(vol), interp)
         fname = f"{kind[:-1]}_{name}{ext}"
         write_volume(os.path.join(self.stage, fname), (a > 0.5).astype(np.uint8) if kind == "labels"
-                     else a.astype(np.float32), self.ref.affine)
+                     else a.astype(np.float32), self.ref.affine, xform=self.xform)
         return f"{self.sid}/{fname}"
 
     def _info(self, entry: dict, seconds: float) -> dict:

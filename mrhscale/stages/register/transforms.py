@@ -154,8 +154,8 @@ def map_volume(volume, info: dict, direction: str, interpolator: str, out: str |
     else:
         res = np.concatenate([apply4(ants, arr[..., i:i + BLOCK], src, dst, files, invert, interpolator)
                               for i in range(0, arr.shape[3], BLOCK)], axis=-1)
-    if out:
-        write_volume(out, res, dst.affine)
+    if out:  # on the reference grid: registered (aligned); back on the native grid: scanner
+        write_volume(out, res, dst.affine, xform="aligned" if direction == "reference" else "scanner")
     return res
 
 
