@@ -1,6 +1,7 @@
 """Run every mrhscale benchmark and write one results file.
 
     python -m benchmarks [--full] [--only NAME,...] [--repeats N] [--out benchmarks/RESULTS.md]
+    python -m benchmarks --gpu-check        # the GPU machine check (benchmarks/gpu_check.py)
 
 Each module (benchmarks/bench_<name>.py) runs in its own Python process, so that a
 crash, a leaked thread pool or a module's memory cannot touch the next one, and so that
@@ -251,7 +252,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write all rows and metadata as JSON here")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds per module before it is reported as failed (default: none)")
+    ap.add_argument("--gpu-check", action="store_true",
+                    help="instead: the GPU machine check (torchrun nccl+bf16, predict --device cuda)")
+    ap.add_argument("--cpu", action="store_true", help="with --gpu-check: the same steps on the CPU")
     a = ap.parse_args(argv)
+    if a.gpu_check:
+        from benchmarks.gpu_check import main as gpu_check
+
+        return gpu_check(cpu=a.cpu, small=a.cpu)
     names = MODULES if not a.only else [n.strip().removeprefix("bench_") for n in a.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODULES]
     if unknown:

@@ -12,6 +12,13 @@ EXTRAS = {
     "matio": ("matlab", "mat-io"),
     "s3fs": ("s3", "s3fs"),
     "dask_jobqueue": ("slurm", "dask-jobqueue"),
+    "onnx": ("onnx", "onnx"),
+    "onnxruntime": ("onnx", "onnxruntime"),
+    "onnxscript": ("onnx", "onnxscript"),
+    "ome_zarr": ("ome", "ome-zarr"),
+    "bids": ("bids", "pybids"),
+    "nbclient": ("notebooks", "nbclient"),
+    "dask_cuda": ("gpu", "dask-cuda"),
 }
 
 

@@ -62,6 +62,7 @@ class PredictResult(_Result):
     voxels_per_s: float
     nifti: list[str] = field(default_factory=list)
     native: list[str] = field(default_factory=list)
+    ome_zarr: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -122,6 +123,33 @@ class RegisterResult(_Result):
     metrics: dict
     seconds: dict
     timing: dict
+
+
+@dataclass
+class ExportImageResult(_Result):
+    out: str
+    subject: str
+    variable: str
+    contrast: str | None
+    shapes: list[list[int]]  # per level, axes (z, y, x)
+    scales: list[list[float]]  # per level, mm, axes (z, y, x)
+    reused: bool = False
+    exact_affine: bool = True  # False: the affine has rotations or flips NGFF cannot hold
+    seconds: float = 0.0
+
+
+@dataclass
+class ExportResult(_Result):
+    """What ``export_model`` wrote and how closely the exported graph matches torch."""
+
+    out: str
+    sidecar: str
+    format: str
+    exporter: str
+    max_abs_diff: float
+    dynamic: list[str]
+    opset: int | None = None
+    metadata: dict = field(default_factory=dict)
 
 
 def result(cls, d: dict[str, Any]):

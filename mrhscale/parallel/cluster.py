@@ -32,9 +32,10 @@ def dask_client(
     memory_limit: str | int | None = "auto",
     processes: bool = True,
     quiet: bool = False,
+    device: str = "cpu",
 ):
     """Yield a ``distributed.Client``; an embedded cluster is closed on exit, and its
-    workers start with ``WORKER_ENV``."""
+    workers start with ``WORKER_ENV``. ``device="cuda"``: one worker per GPU (gpu_workers)."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -50,8 +51,12 @@ def dask_client(
         finally:
             client.close()
         return
-    n = workers or max(1, os.cpu_count() or 1)
     level = logging.ERROR if quiet else logging.WARNING
+    if device == "cuda":
+        with gpu_client(workers, level) as client:
+            yield client
+        return
+    n = workers or max(1, os.cpu_count() or 1)
     spawn_env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     if _tunable(memory_limit, threads_per_worker):
         spawn_env.update(WORKER_ENV)
@@ -75,6 +80,77 @@ def dask_client(
             client.close()
             with _parent_environ_kept():  # a nanny restarting a worker while closing sets them again
                 cluster.close()
+
+
+GPU_ENV = "MRHSCALE_WORKER_GPU"
+
+
+@contextlib.contextmanager
+def gpu_client(workers: int | None, level: int):
+    """A client of one worker process per visible GPU (``workers`` caps it). dask-cuda's
+    LocalCUDACluster when installed (each worker sees only its own device); else a
+    LocalCluster whose worker ``i`` takes GPU ``i`` (``PinGPU``, read by ``worker_device``).
+    Without either, every worker would load the model on GPU 0."""
+    import torch
+    from distributed import Client, LocalCluster
+
+    n_gpus = torch.cuda.device_count()
+    if n_gpus < 1:
+        raise MRHError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
+    n = min(workers or n_gpus, n_gpus)
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        LocalCUDACluster = None
+    with _parent_environ_kept():
+        if LocalCUDACluster is not None:
+            cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=list(range(n)), threads_per_worker=1,
+                                       dashboard_address=":0", silence_logs=level)
+        else:
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                   dashboard_address=":0", silence_logs=level)
+    client = Client(cluster)
+    try:
+        if LocalCUDACluster is None:
+            client.register_plugin(PinGPU(n_gpus))
+        client.register_plugin(quiet_task_failures(log_file()), name=QUIET_PLUGIN)
+        yield client
+    finally:
+        client.close()
+        with _parent_environ_kept():
+            cluster.close()
+
+
+def _pin_gpu_plugin():
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class _PinGPU(WorkerPlugin):
+        """Worker ``i`` of an embedded GPU cluster uses GPU ``i mod n``."""
+
+        name = "mrhscale-pin-gpu"
+
+        def __init__(self, n_gpus: int):
+            self.n_gpus = n_gpus
+
+        def setup(self, worker):
+            try:
+                index = int(worker.name)
+            except (TypeError, ValueError):
+                index = abs(hash(worker.name))
+            os.environ[GPU_ENV] = str(index % self.n_gpus)
+
+    return _PinGPU
+
+
+def PinGPU(n_gpus: int):  # noqa: N802 (a class made on first use: distributed is imported lazily)
+    return _pin_gpu_plugin()(n_gpus)
+
+
+def worker_device(device: str) -> str:
+    """The torch device for ``device`` in this process: plain ``cuda`` is this worker's own GPU
+    when the embedded GPU cluster pinned one."""
+    pinned = os.environ.get(GPU_ENV)
+    return f"cuda:{pinned}" if device == "cuda" and pinned is not None else device
 
 
 @contextlib.contextmanager

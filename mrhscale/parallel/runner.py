@@ -29,9 +29,11 @@ def active_client():
 
 
 @contextlib.contextmanager
-def use_client(client=None, scheduler: str | None = None, workers: int | None = None, quiet: bool = False):
+def use_client(client=None, scheduler: str | None = None, workers: int | None = None, quiet: bool = False,
+               device: str = "cpu"):
     """The client a stage runs on; see the module docstring. A local Dask scheduler name
-    (``synchronous``, ``threads``...) as ``scheduler`` yields that name instead of a client."""
+    (``synchronous``, ``threads``...) as ``scheduler`` yields that name instead of a client;
+    ``device="cuda"`` makes an embedded cluster one worker per GPU."""
     if client is not None:
         yield client
         return
@@ -45,7 +47,7 @@ def use_client(client=None, scheduler: str | None = None, workers: int | None = 
             return
     from mrhscale.parallel.cluster import dask_client
 
-    with dask_client(scheduler=scheduler, workers=workers, quiet=quiet) as c:
+    with dask_client(scheduler=scheduler, workers=workers, quiet=quiet, device=device) as c:
         if scheduler is None:
             note(f"Dask dashboard: {c.dashboard_link}", quiet)
         yield c

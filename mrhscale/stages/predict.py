@@ -67,9 +67,12 @@ def _cached_model(path: str, size: int, mtime_ns: int, device: str, threads: int
 
 
 def _worker_model(path: str, device: str, threads: int | None):
-    """The bundle's model, loaded once per process (re-loaded only if the file changes)."""
+    """The bundle's model, loaded once per process (re-loaded only if the file changes), on
+    this worker's own GPU for ``cuda`` in an embedded GPU cluster."""
+    from mrhscale.parallel.cluster import worker_device
+
     st = os.stat(path)
-    return _cached_model(os.path.abspath(path), st.st_size, st.st_mtime_ns, device, threads)
+    return _cached_model(os.path.abspath(path), st.st_size, st.st_mtime_ns, worker_device(device), threads)
 
 
 def load_count() -> int:
@@ -346,7 +349,7 @@ def _write_nifti(path: str, arr: np.ndarray, attrs: dict, descrip: str = "mrhsca
         vs = attrs.get("voxel_size") or [1.0, 1.0, 1.0]
         affine = np.diag([*map(float, vs), 1.0])
     return write_volume(path, np.asarray(arr, np.float32), np.asarray(affine, np.float64),
-                        descrip=descrip)
+                        descrip=descrip, space=attrs)
 
 
 # --------------------------------------------------------------------------- main entry
@@ -368,6 +371,7 @@ def predict(
     to_native: str | bool | None = None,
     overwrite: bool = False,
     client=None,
+    ome_zarr: str | None = None,
 ) -> PredictResult:
     """Predict the bundle's stain for every brain voxel of each subject; returns a summary.
 
@@ -380,31 +384,36 @@ def predict(
     each virtual stain back to the subject's own (pre-registration) grid,
     ``<nifti_dir>/<sid>_<variable>_native.nii.gz`` (needs ``nifti_dir``); True or ""
     finds the transforms beside the registered manifest the subject was ingested from, a
-    folder (the ``--out`` of ``mrhscale register``) uses ``DIR/<sid>``.
+    folder (the ``--out`` of ``mrhscale register``) uses ``DIR/<sid>``. ``ome_zarr``: also
+    write each subject's virtual stain as ``<ome_zarr>/<sid>.ome.zarr`` for viewers
+    (``mrhscale.stages.export_image``; rewritten only when it does not hold this prediction).
     """
+    from mrhscale.stages.export_image import export_predictions, image_paths
     from mrhscale.stores import CohortStore, resolve
     from mrhscale.stores.predictions import output
 
     t0 = time.perf_counter()
-    run = _PredictRun(model_path, batch_size, device, aggregate, scheduler, to_native, nifti_dir)
+    run = PredictRun(model_path, batch_size, device, aggregate, scheduler, to_native, nifti_dir)
     store_url, out_url = resolve(store_url), resolve(out_url)
     if out_url == store_url:
         raise MRHError(f"--out {out_url}: is the input store; give a separate prediction store")
     source = CohortStore.open(store_url, storage_options)
     ids, datasets = run.inputs(source, subjects)
     native_dirs = run.native_dirs(datasets)
+    images = image_paths(ome_zarr, ids, storage_options) if ome_zarr else {}
     with output(out_url, run.identity(), run.root_attrs(), overwrite=overwrite,
                 storage_options=storage_options) as pstore:
         todo, skipped = run.sort_out(pstore, source, ids, overwrite)
         n_vox = run.predict_all(pstore, source, datasets, todo, client, scheduler, workers, torch_threads, quiet)
         nifti, native = run.write_nifti(pstore, ids, native_dirs)
     dt = time.perf_counter() - t0
+    ome = export_predictions(out_url, images, run.variable, storage_options) if images else []
     return PredictResult(out=out_url, variable=run.variable, predicted=todo, skipped=skipped, brain_voxels=n_vox,
                          seconds=dt, voxels_per_s=n_vox / dt if dt > 0 and n_vox else 0.0, nifti=nifti,
-                         native=native)
+                         native=native, ome_zarr=ome)
 
 
-class _PredictRun:
+class PredictRun:
     """One predict call: the model, its options, and the steps of the run."""
 
     def __init__(self, model_path, batch_size, device, aggregate, scheduler, to_native, nifti_dir):
@@ -490,7 +499,8 @@ class _PredictRun:
         from mrhscale.parallel.runner import use_client
 
         n_vox = 0
-        with use_client(client, scheduler, workers, quiet) as client, pstore.writer() as writer:
+        with use_client(client, scheduler, workers, quiet, device=self.device) as client, \
+                pstore.writer() as writer:
             threads = self._threads(client, scheduler, threads)
             for sid in progress(todo, desc="predict", unit="subject", quiet=quiet):
                 n_vox += self._predict_subject(client, writer, source, datasets[sid], sid, threads)

@@ -17,6 +17,7 @@ from mrhscale.stores.base import (
     atomic_write,
     check_input,
     check_output,
+    config_file,
     differences,
     explain_mismatch,
     fingerprint,
@@ -35,7 +36,7 @@ from mrhscale.stores.secrets import StorageOptions, mask_options, mask_text, mas
 from mrhscale.stores.urls import is_local, local_path, resolve, url_options
 
 __all__ = [
-    "Claim", "CohortStore", "Folder", "PatchStore", "PredictionStore", "StorageOptions",
+    "Claim", "CohortStore", "config_file", "Folder", "PatchStore", "PredictionStore", "StorageOptions",
     "atomic_write", "check_input", "check_output", "differences", "explain_mismatch", "fingerprint",
     "describe", "inspect", "is_local", "kill_point", "list_subjects", "local_path", "mask_options", "mask_text",
     "mask_url", "open_cohort", "open_subject", "resolve", "sha256_file", "url_options", "write_json", "write_text",
@@ -43,7 +44,7 @@ __all__ = [
 
 
 def describe(url: str, storage_options: dict | None = None) -> str:
-    """Human summary of any mrhscale store (cohort, patches, predictions)."""
+    """Human summary of any mrhscale store (cohort, patches, predictions, OME-Zarr image)."""
     from mrhscale.errors import MRHError
 
     found = inspect(resolve(url), url_options(resolve(url), storage_options))
@@ -51,6 +52,10 @@ def describe(url: str, storage_options: dict | None = None) -> str:
              "mrhscale-predictions": PredictionStore}
     if found.format in ("mrhscale-cohort", "mrhscale-predictions"):
         return kinds[found.format](url, storage_options).describe()
+    if found.format == "mrhscale-ome-zarr":
+        from mrhscale.stores.omezarr import describe as describe_image
+
+        return describe_image(url, storage_options)
     if found.format == "mrhscale-patches":
         if not (found.attrs or {}).get("complete"):
             return f"store: {mask_url(url)}\nformat: mrhscale-patches\nincomplete (being built, or interrupted)"

@@ -1,0 +1,99 @@
+"""Prediction from Python, for notebooks: one brain in memory or in files, one map back.
+
+``predict_volume(model, data)`` runs the graph ``mrhscale predict`` runs
+(``subject_prediction``: the same patches, normalisation, batches and aggregation), on
+the Dask client given or active, else in this process, and returns an ``xr.DataArray``
+with x/y/z coordinates in mm. ``data`` may be
+
+- an xarray Dataset shaped like a cohort subject (``mri`` (x, y, z, contrast) and
+  ``mask``; e.g. ``mrhscale.open_subject(store, "s01")``), or
+- one subject of a manifest as a mapping: ``{"mri": {"dwi": "dwi.nii.gz", ...},
+  "mask": "mask.nii.gz"}`` or, flat, ``{"dwi": ..., "t2MTONOFF": ..., "mask": ...}``,
+  whose values are paths or nibabel images; files are read exactly as ``ingest`` reads
+  them (channel names, NaN/inf zeroed).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from mrhscale.errors import MRHError
+from mrhscale.ops.space import with_space
+
+SUBJECT_KEYS = ("mask", "fa", "targets", "labels")
+
+
+def predict_volume(model, data, *, client=None, scheduler: str | None = None, device: str = "cpu",
+                   batch_size: int = 4096, aggregate: str = "centre"):
+    """The virtual stain of one brain as an ``xr.DataArray`` (x, y, z), 0 outside the mask;
+    see the module docstring. ``scheduler``: a Dask scheduler address or local name."""
+    import xarray as xr
+
+    from mrhscale.parallel.runner import active_client, use_client
+    from mrhscale.stages.predict import PredictRun, subject_prediction
+
+    run = PredictRun(os.fspath(model), batch_size, device, aggregate, scheduler, None, None)
+    ds = with_space(data if isinstance(data, xr.Dataset) else subject_from_files(data))
+    _check_subject(ds)
+    if client is None and scheduler is None and active_client() is None:
+        scheduler = "synchronous"  # no cluster around: this process, torch's own threads
+    graph = subject_prediction(ds, run.meta, run.model_path, device=run.device, batch_size=run.batch_size,
+                               aggregate=aggregate)
+    with use_client(client, scheduler) as env:
+        values = graph.compute(scheduler=env)
+    attrs = {"target": run.target, "kind": "virtual histology", "units": "raw stain units",
+             "model_sha256": run.model_rec["sha256"], "aggregate": aggregate}
+    attrs.update({k: ds.attrs[k] for k in ("affine", "voxel_size", "voxel_size_units", "subject") if k in ds.attrs})
+    coords = {k: ds.coords[k] for k in ("x", "y", "z") if k in ds.coords}
+    return xr.DataArray(values, dims=("x", "y", "z"), coords=coords, name=run.variable, attrs=attrs)
+
+
+def subject_from_files(data: Mapping, subject: str = "subject"):
+    """One subject's files (paths or nibabel images) as the lazy Dataset ``ingest`` would store."""
+    from mrhscale.io.manifest import parse_subject
+    from mrhscale.io.volumes import image_volume
+    from mrhscale.stages.ingest import plan_subject, subject_dataset
+
+    if not isinstance(data, Mapping):
+        raise MRHError(f"data: expected an xarray Dataset or a mapping of images, got {type(data).__name__}")
+    raw = dict(data) if "mri" in data else {
+        "mri": {k: v for k, v in data.items() if k not in SUBJECT_KEYS},
+        **{k: data[k] for k in SUBJECT_KEYS if k in data}}
+    raw.setdefault("id", subject)
+    images: dict = {}
+    raw = _placeholders(raw, images)
+    spec = parse_subject(raw, os.getcwd(), "data")
+    opened = {role: image_volume(img, f"data: {role} (nibabel image)") for role, img in images.items()}
+    ds, _ = subject_dataset(plan_subject(spec, opened))
+    return ds
+
+
+def _placeholders(raw: dict, images: dict) -> dict:
+    """``raw`` with every nibabel image replaced by a placeholder path (collected by role)."""
+    out = dict(raw)
+    for key in ("mri", "targets", "labels"):
+        if isinstance(raw.get(key), Mapping):
+            out[key] = {name: _placeholder(v, f"{key}/{name}", images) for name, v in raw[key].items()}
+    for key in ("mask", "fa"):
+        if key in raw:
+            out[key] = _placeholder(raw[key], key, images)
+    return out
+
+
+def _placeholder(v, role: str, images: dict):
+    if isinstance(v, (str, os.PathLike)):
+        return os.fspath(v)
+    if isinstance(v, Mapping) and "path" in v:
+        return {**v, "path": _placeholder(v["path"], role, images)}
+    images[role] = v
+    return f"/<{role} image>"
+
+
+def _check_subject(ds) -> None:
+    missing = [v for v in ("mri", "mask") if v not in ds]
+    if missing:
+        raise MRHError(f"data: the Dataset has no {' or '.join(missing)}; expected a cohort subject "
+                       "(mri (x, y, z, contrast) and mask), e.g. mrhscale.open_subject(store, id)")
+    if not bool(ds["mask"].any()):
+        raise MRHError("data: empty mask, no brain voxel to predict")
