@@ -48,7 +48,7 @@ def test_af_recipe_reduced(af_model):
     work = af_model
     assert os.path.exists(work / "run" / "model.pt")
     assert PredictionStore(str(work / "pred.zarr")).subjects() == ["s01", "s02"]
-    resolved = yaml.safe_load(open(work / "patches.zarr" / "mrhscale-patches.yaml"))
+    resolved = yaml.safe_load(open(work / "patches.zarr" / "_config" / "mrhscale-patches.yaml"))
     assert resolved["target"] == "af" and resolved["min_label_sum"] == 30 and resolved["stride"] == 2
     tr = yaml.safe_load(open(work / "run" / "mrhscale-train.yaml"))
     assert tr["lr"] == 0.1 and tr["loss"] == "matlab" and tr["clip"] == 0.01 and tr["depth"] == 1
@@ -96,6 +96,15 @@ def test_slurm_launchers():
     assert subprocess.run(["bash", "-n", os.path.join(PIPE, "slurm", "train.sbatch")]).returncode == 0
     text = open(os.path.join(PIPE, "slurm", "train.sbatch")).read()
     assert "torchrun" in text and "-m mrhscale train" in text and "rdzv_backend=c10d" in text
+    r = subprocess.run([sys.executable, os.path.join(PIPE, "slurm", "dask_cluster.py"), "--dry-run",
+                        "--interface", "lo", "--cores", "8", "--processes", "4", "--memory", "32GB",
+                        "--gpus-per-job", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--gres=gpu:1" in r.stdout and "--nworkers" not in r.stdout  # one worker per GPU job
+    gpu = os.path.join(PIPE, "slurm", "predict_gpu.sbatch")
+    assert subprocess.run(["bash", "-n", gpu]).returncode == 0
+    text = open(gpu).read()
+    assert "--requeue" in text and "--device cuda" in text and "--signal=TERM" in text
 
 
 def test_kubernetes_manifest():

@@ -9,6 +9,16 @@ address of the new cluster. ``--dry-run`` prints the sbatch script dask-jobqueue
 would submit, without submitting anything. Each SLURM job runs one Dask worker
 process per ``--processes`` with ``--cores / --processes`` threads; keep one
 thread per process for MRH-Net inference on CPU nodes and let torch use it.
+
+GPU nodes: ``--gpus-per-job 1`` makes each SLURM job ONE worker process holding one
+GPU (``--gres=gpu:1``), so that no two workers share a device; scale with ``--jobs``
+and pass ``--device cuda`` to predict:
+
+    python pipelines/slurm/dask_cluster.py --jobs 4 --gpus-per-job 1 --cores 8 \
+        --memory 64GB --partition gpu -- predict run/model.pt cohort.zarr --out pred.zarr --device cuda
+
+A job preempted or lost is replaced by dask-jobqueue's adaptive scaling; what was
+predicted is committed per subject, so rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -21,15 +31,20 @@ import sys
 def make_cluster(a):
     from dask_jobqueue import SLURMCluster
 
+    extra = list(a.job_extra or [])
+    processes = a.processes
+    if a.gpus_per_job:
+        extra.append(f"--gres=gpu:{a.gpus_per_job}")
+        processes = 1  # one worker per job: workers of one job would all share its first GPU
     return SLURMCluster(
         cores=a.cores,
-        processes=a.processes,
+        processes=processes,
         memory=a.memory,
         queue=a.partition,
         account=a.account,
         walltime=a.walltime,
         local_directory=a.local_directory,
-        job_extra_directives=a.job_extra or [],
+        job_extra_directives=extra,
         job_script_prologue=a.prologue or [],
         interface=a.interface,
     )
@@ -48,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--job-extra", action="append", help="Extra #SBATCH directive, e.g. --job-extra='--exclusive'.")
     ap.add_argument("--prologue", action="append", help="Shell line run before the worker, e.g. 'source venv/bin/activate'.")
     ap.add_argument("--interface", default=None, help="Network interface of scheduler and workers (e.g. ib0).")
+    ap.add_argument("--gpus-per-job", type=int, default=0,
+                    help="GPUs per SLURM job (--gres); the job then runs one worker process.")
     ap.add_argument("--dry-run", action="store_true", help="Print the job script and exit.")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- then an mrhscale command and its arguments")
     a = ap.parse_args(argv)
