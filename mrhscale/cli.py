@@ -50,11 +50,16 @@ class _Command(click.Command):
         finally:
             log.reset()
         out = ctx.params.get("out")
-        if out:
+        if out and self.name not in SELF_DESCRIBING:
             from mrhscale.io.config import write_resolved
 
             write_resolved(str(out), self.name, ctx.params)
         return result
+
+
+#: commands whose output records its own options (a manifest's generated_by, an export's
+#: sidecar): no resolved-config file beside it
+SELF_DESCRIBING = {"manifest", "export"}
 
 
 def _keep(name: str):
@@ -194,6 +199,27 @@ def ingest(manifest, out, subjects, chunks, compression, skip_bad, overwrite, no
             sys.exit(2)
 
 
+@main.command("manifest")
+@click.argument("folder", metavar="DIR")
+@click.option("--out", "-o", required=True, metavar="FILE.yaml",
+              help="Cohort manifest to write (paths in it relative to it).")
+@click.option("--bids", is_flag=True, help="DIR is a BIDS dataset (needs pip install \"mrhscale[bids]\").")
+@click.option("--channels-from", default=None, metavar="FILE",
+              help="YAML/JSON mapping MRI group -> channel names for every subject, e.g. "
+                   "'{t2MTONOFF: [t2, mt_off, mt_on]}' (a <group>.json sidecar's \"channels\" wins).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it is a cohort manifest (never any other file).")
+@quiet_option
+def manifest_cmd(folder, out, bids, channels_from, overwrite, quiet):
+    """Write a cohort manifest for DIR: a folder per subject, or a BIDS dataset (naming rules: README)."""
+    from mrhscale.io.manifest_scan import write_manifest
+
+    res = write_manifest(folder, out, bids=bids, channel_names=channels_from, overwrite=overwrite)
+    if not quiet:
+        extra = "".join(f"; {k} {', '.join(res[k])}" for k in ("targets", "labels") if res[k])
+        click.echo(f"{res['manifest']}: {len(res['subjects'])} subject(s), MRI groups "
+                   f"{', '.join(res['groups'])}{extra}")
+
+
 @main.command()
 @click.argument("path")
 @storage_options_option
@@ -216,6 +242,9 @@ def info(path, storage_options):
 @click.argument("store")
 @click.option("--out", "-o", required=True, help="Prediction store (Zarr) to create or resume.")
 @click.option("--nifti", "nifti_dir", default=None, help="Also write one NIfTI per subject into this folder.")
+@click.option("--ome-zarr", "ome_zarr", default=None, metavar="DIR",
+              help="Also write DIR/<subject>.ome.zarr per subject: OME-Zarr (NGFF 0.5) multiscale images "
+                   "for napari, Neuroglancer and other viewers.")
 @click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
 @click.option("--batch-size", type=int, default=4096, show_default=True, help="Patches per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (on the workers).")
@@ -233,21 +262,51 @@ def info(path, storage_options):
 @scheduler_option
 @workers_option
 @quiet_option
-def predict(model, store, out, nifti_dir, subjects, batch_size, device, aggregate, to_native, overwrite,
-            storage_options, scheduler, workers, quiet):
+def predict(model, store, out, nifti_dir, ome_zarr, subjects, batch_size, device, aggregate, to_native,
+            overwrite, storage_options, scheduler, workers, quiet):
     """Virtual histology for every brain voxel of STORE's subjects with MODEL (a bundle)."""
     from mrhscale.stages.predict import predict as run
 
     res = run(model, store, out, nifti_dir=nifti_dir, subjects=_subject_list(subjects),
               scheduler=scheduler, workers=workers, batch_size=batch_size, device=device,
               aggregate=aggregate, quiet=quiet, to_native=to_native, overwrite=overwrite,
-              storage_options=_storage_options(storage_options))
+              storage_options=_storage_options(storage_options), ome_zarr=ome_zarr)
     if res["skipped"]:
         click.echo(f"already predicted, skipped: {', '.join(res['skipped'])}")
     click.echo(f"predicted {len(res['predicted'])} subject(s) into {res['out']} "
                f"({res['brain_voxels']} brain voxels, {res['voxels_per_s']:.0f} voxels/s)")
     if res.get("native"):
         click.echo(f"native-space NIfTI: {', '.join(res['native'])}")
+    if res.get("ome_zarr"):
+        click.echo(f"OME-Zarr images: {', '.join(res['ome_zarr'])}")
+
+
+@main.command("export-image")
+@click.argument("store")
+@click.option("--subject", required=True, help="Subject id in STORE.")
+@click.option("--var", "var", required=True,
+              help="Variable: mri (with --contrast), mask, fa, a target (af, ...) or label of a cohort "
+                   "store; <target>_virtual or mask of a prediction store.")
+@click.option("--contrast", default=None, help="Contrast of --var mri (e.g. t2).")
+@click.option("--out", "-o", required=True, metavar="X.ome.zarr", help="OME-Zarr image to write.")
+@click.option("--levels", type=int, default=3, show_default=True,
+              help="Resolution levels; each halves every axis (block mean; masks: block majority).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an OME-Zarr image mrhscale wrote at --out (built aside, swapped in when complete).")
+@storage_options_option
+@quiet_option
+def export_image_cmd(store, subject, var, contrast, out, levels, overwrite, storage_options, quiet):
+    """Write one volume of STORE (cohort or prediction store) as an OME-Zarr image for viewers."""
+    from mrhscale.stages.export_image import export_image
+
+    res = export_image(store, subject, var, out, contrast=contrast, levels=levels, overwrite=overwrite,
+                       storage_options=_storage_options(storage_options))
+    if not quiet:
+        shapes = ", ".join("x".join(map(str, s)) for s in res.shapes)
+        click.echo(f"{res.out}: {'up to date, kept' if res.reused else 'written'}; "
+                   f"{len(res.shapes)} level(s) (z, y, x: {shapes})"
+                   + ("" if res.exact_affine else "; the affine's rotation/flips are not representable in "
+                      "OME-NGFF and were dropped"))
 
 
 @main.command()
@@ -309,10 +368,13 @@ def importance(model, patches, out, split, repeats, max_patches, seed, storage_o
 
 
 def _training_options(f):
-    """Options shared by `train` and `finetune`; unset ones take the paper's recipe
-    (or, with --resume, the checkpointed run's own values)."""
+    """Options shared by `train` and `finetune`; unset ones take the --recipe's values
+    (or, with --resume, the checkpointed run's own values); [x] in a help: the paper's."""
     opts = [
         click.option("--out", "-o", required=True, help="Run directory (checkpoints, metrics, curve.png, model.pt)."),
+        click.option("--recipe", default=None, metavar="NAME",
+                     help="Preset of optimiser, schedule, lr, batch, epochs: paper (MRH_training.m) "
+                          "or fast (AdamW + cosine, tuned for CPUs); explicit options override it [paper]."),
         click.option("--epochs", type=int, default=None, help="Epochs [train 30, finetune 30]."),
         click.option("--batch-size", type=int, default=None,
                      help="GLOBAL mini-batch, split over torchrun processes [128]."),
@@ -333,6 +395,9 @@ def _training_options(f):
         click.option("--init", type=click.Choice(["glorot", "torch"]), default=None,
                      help="Weight init of new layers [glorot, as MATLAB]."),
         click.option("--seed", type=int, default=None, help="Seed of init and data order [0]."),
+        click.option("--val-patches", type=int, default=None,
+                     help="Validate on this fixed subset each epoch; the last epoch always on the "
+                          "whole val split [all]."),
         click.option("--workers", type=int, default=0, show_default=True,
                      help="Data-loading processes per training process."),
         click.option("--threads", type=int, default=None,
@@ -428,6 +493,25 @@ def import_matlab_cmd(mat, out, channels, norm, target_max, target, patch_axis, 
             + (f" {s['input_max']:g}" if s["input_max"] is not None else "")
             + (f", {len(s['renamed_layers'])} layers renamed" if s["renamed_layers"] else "")
         )
+
+
+@main.command("export")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "pt2"]), default="onnx", show_default=True,
+              help="onnx (onnxruntime and other runtimes) or pt2 (torch.export.load).")
+@click.option("--out", "-o", required=True, metavar="FILE",
+              help="File to write; its metadata also goes to FILE.json.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier mrhscale export at FILE.")
+@quiet_option
+def export_cmd(model, fmt, out, opset, overwrite, quiet):
+    """Export MODEL (a bundle) for other runtimes: raw MRI patches in, raw stain units out."""
+    from mrhscale.stages.export import export_model
+
+    res = export_model(model, out, fmt, overwrite=overwrite, opset=opset)
+    if not quiet:
+        click.echo(f"{res.out}: {res.format} via {res.exporter}, dynamic {', '.join(res.dynamic)}, "
+                   f"max |export - torch| {res.max_abs_diff:.2g}; metadata in {res.sidecar}")
 
 
 @main.command("patches")
@@ -583,21 +667,24 @@ def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwri
 @click.option("--subjects", type=int, default=5, show_default=True, help="Synthetic subjects (the last lesioned one is held out).")
 @click.option("--shape", default="48,32,64", show_default=True, help="Synthetic grid X,Y,Z.")
 @click.option("--target", default="mbp", show_default=True, type=click.Choice(["af", "nf", "mbp"]), help="Stain to learn (mbp: myelin, the lesion is a demyelination).")
-@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--recipe", default="fast", show_default=True, metavar="NAME",
+              help="Training recipe (see `mrhscale train --help`): fast, or paper (30 epochs: about 5x the training time).")
+@click.option("--epochs", type=int, default=None, help="Training epochs [the recipe's].")
 @click.option("--depth", type=int, default=5, show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny cohort and 2 epochs: checks the chain in about a minute.")
 @workers_option
 @quiet_option
-def demo(out, subjects, shape, target, epochs, depth, quick, workers, quiet):
+def demo(out, subjects, shape, target, recipe, epochs, depth, quick, workers, quiet):
     """The whole chain on a synthetic cohort: synth, ingest, patches, train, predict, evaluate, report."""
+    from dataclasses import replace
+
     from mrhscale.demo import QUICK, DemoConfig, run_demo
 
     if quick:
-        cfg = QUICK
-        cfg.workers = workers
+        cfg = replace(QUICK, workers=workers)
     else:
         cfg = DemoConfig(subjects=subjects, shape=_ints(shape, 3, "--shape"), target=target,
-                         epochs=epochs, depth=depth, workers=workers)
+                         recipe=recipe, epochs=epochs, depth=depth, workers=workers)
     res = run_demo(out, cfg, quiet=quiet)
     click.echo(f"virtual {res['target']}: Pearson r {res['virtual_pearson']:.3f} on held-out {res['held_out']} "
                f"(best single marker {res['best_marker']}: {res['best_marker_pearson']:.3f})")

@@ -11,7 +11,7 @@ from mrhscale.errors import MRHError
 from mrhscale.nn.model import MRHNet
 from mrhscale.ops.norm import Normalisation
 from mrhscale.stores import resolve
-from mrhscale.training.config import TrainConfig, reconcile
+from mrhscale.training.config import TrainConfig, recipe_config, reconcile
 from mrhscale.training.data import read_patch_store_attrs
 from mrhscale.training.loop import Runtime, Trainer, run_folder
 from mrhscale.training.optim import init_weights
@@ -37,10 +37,7 @@ def split_options(kind: str, config, options: dict, runtime: Runtime | None):
         given = {"patches": config, **{k: v for k, v in options.items() if k in CONFIG_FIELDS}}
     given["patches"] = resolve(given["patches"], "patches")
     given = {k: v for k, v in given.items() if k != "kind"}
-    defaults = FINETUNE_DEFAULTS if kind == "finetune" else {}
-    cfg = TrainConfig(kind=kind, **{**defaults, **{k: v for k, v in given.items() if v is not None}})
-    if kind == "train" and given.get("optimizer") == "adamw" and given.get("lr") is None:
-        cfg.lr = 1e-3
+    cfg = recipe_config(kind, given, FINETUNE_DEFAULTS if kind == "finetune" else None)
     return cfg, given, rt
 
 
@@ -49,9 +46,9 @@ def train(config: TrainConfig | str, out_dir: str, *, resume: bool = False,
     """Train MRH-Net; returns a summary (paths, per-epoch history, config).
 
     ``config``: a TrainConfig, or the patch store path with TrainConfig fields as keyword
-    options (unset ones take the paper's recipe, or with ``resume`` the checkpointed
-    run's own values). Runtime fields (device, workers, threads, quiet, ...) may also be
-    given as keywords. ``batch_size`` is global. Raises TrainingInterrupted after
+    options (unset ones take the ``recipe``'s values, "paper" by default, or with
+    ``resume`` the checkpointed run's own values). Runtime fields (device, workers,
+    threads, quiet, ...) may also be given as keywords. ``batch_size`` is global. Raises TrainingInterrupted after
     checkpointing if SIGTERM arrives.
     """
     cfg, given, rt = split_options("train", config, options, runtime)

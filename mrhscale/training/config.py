@@ -1,4 +1,5 @@
-"""What a training run is: the recipe (TrainConfig), validated, and how a resumed run keeps it."""
+"""What a training run is: its settings (TrainConfig) from a named recipe under the explicit
+options, validated, and how a resumed run keeps them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,23 @@ LOSSES = ("matlab", "mse", "centre-mse")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("piecewise", "cosine")
 INITS = ("glorot", "torch")
+
+DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}  # an optimiser chosen without --lr starts here
+
+# Named presets of the settings that decide speed and convergence; explicit options
+# override them. "paper" is MRH_training.m (and TrainConfig's defaults); "fast" is
+# tuned for CPUs (see docs/training.md, "Recipes", for the measurements behind it).
+RECIPES: dict[str, dict] = {
+    "paper": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
+              "schedule": "piecewise", "drop_period": 10, "drop_factor": 0.1, "batch_size": 128,
+              "epochs": 30, "clip": 0.01, "loss": "matlab", "init": "glorot", "val_patches": None},
+    # Adam's per-parameter step sizes make clipping unnecessary; per-epoch validation on
+    # a fixed 8192-patch subset (the last epoch: the whole split)
+    "fast": {"optimizer": "adamw", "lr": 2e-3, "momentum": 0.9, "weight_decay": 1e-4,
+             "schedule": "cosine", "drop_period": 10, "drop_factor": 0.1, "batch_size": 256,
+             "epochs": 6, "clip": 0.0, "loss": "matlab", "init": "glorot", "val_patches": 8192},
+}
+DEFAULT_RECIPE = "paper"
 
 CHECKPOINT = "last.pt"
 STOP_CHECK_EVERY_CUDA = 8  # CPU checks every step: a 1-element gloo all-reduce is ~0.1 ms
@@ -31,6 +49,7 @@ class TrainConfig:
 
     kind: str = "train"  # train | finetune
     patches: str = ""
+    recipe: str = DEFAULT_RECIPE  # the preset the unset options below came from
     depth: int = 5
     width: int = 64
     epochs: int = 30
@@ -51,6 +70,7 @@ class TrainConfig:
     head_lr_factor: float = 1.0
     freeze_backbone: bool = False
     shuffle_buffer: int | None = None
+    val_patches: int | None = None  # per-epoch validation on this fixed subset; the last epoch: all
 
     def validate(self) -> None:
         def bad(opt, val, want):
@@ -80,10 +100,30 @@ class TrainConfig:
             bad("drop-period", self.drop_period, "drop period >= 1 and drop factor in (0, 1]")
         if self.head_lr_factor <= 0:
             bad("head-lr-factor", self.head_lr_factor, "must be positive")
+        if self.val_patches is not None and self.val_patches < 1:
+            bad("val-patches", self.val_patches, "must be at least 1 (unset: the whole val split)")
+
+
+def recipe_config(kind: str, given: dict, kind_defaults: dict | None = None) -> TrainConfig:
+    """The config of a new run: ``given`` (explicit options; None = unset) over the
+    ``kind``'s defaults (finetune: its lr and head factor) over the named recipe.
+
+    An optimiser given without an lr starts at that optimiser's default lr (a train
+    run only: finetune keeps its own), since one optimiser's lr is meaningless for another.
+    """
+    explicit = {k: v for k, v in given.items() if v is not None and k != "kind"}
+    name = explicit.setdefault("recipe", DEFAULT_RECIPE)
+    if name not in RECIPES:
+        raise MRHError(f"--recipe {name!r}: choose one of {', '.join(RECIPES)}")
+    values = {**RECIPES[name], **(kind_defaults or {}), **explicit}
+    opt = explicit.get("optimizer")
+    if kind == "train" and opt and opt != RECIPES[name]["optimizer"] and "lr" not in explicit:
+        values["lr"] = DEFAULT_LR.get(opt, values["lr"])
+    return TrainConfig(kind=kind, **values)
 
 
 # Settings a resumed run may change; everything else must match the checkpoint.
-RESUMABLE_CHANGES = {"epochs", "patches"}
+RESUMABLE_CHANGES = {"epochs", "patches", "val_patches"}  # val_patches: what is measured, not learned
 
 
 def reconcile(cfg: TrainConfig, out_dir: str, resume: bool, given: dict) -> TrainConfig:

@@ -76,32 +76,44 @@ class StopFlag:
             self._old = None
 
 
+NAN_METRICS = {"val_loss": float("nan"), "val_rmse": float("nan"), "val_r": float("nan"), "val_patches": 0}
+
+
 @torch.no_grad()
 def validate(model: nn.Module, data: Batches, loss_fn, half: int, target_scale: float,
-             amp_ctx) -> dict:
-    """Loss, centre-voxel RMSE (target units) and Pearson r over the (sharded) split."""
+             amp_ctx, limit: int | None = None) -> dict:
+    """Loss, centre-voxel RMSE (target units) and Pearson r over the (sharded) split, or
+    over its first ``limit`` patches per rank (the store is shuffled: a fixed random subset)."""
     model.eval()
     acc = torch.zeros(7, dtype=torch.float64, device=data.device)  # n, loss*n, sp, st, spp, stt, spt
-    for x, t in data.batches(0):
-        with amp_ctx():
-            p = model(x)
-        p = p.float()
-        n = x.shape[0]
-        pc, tc = p[:, half, half].double(), t[:, half, half].double()
-        acc += torch.stack([
-            torch.tensor(float(n), dtype=torch.float64, device=acc.device),
-            loss_fn(p, t).double() * n, pc.sum(), tc.sum(), (pc * pc).sum(), (tc * tc).sum(),
-            (pc * tc).sum()])
+    seen = 0
+    with contextlib.closing(data.batches(0)) as batches:  # a subset stops early: end the reader
+        for x, t in batches:
+            if limit is not None:
+                x, t = x[: limit - seen], t[: limit - seen]
+            with amp_ctx():
+                p = model(x)
+            p = p.float()
+            n = x.shape[0]
+            pc, tc = p[:, half, half].double(), t[:, half, half].double()
+            acc += torch.stack([
+                torch.tensor(float(n), dtype=torch.float64, device=acc.device),
+                loss_fn(p, t).double() * n, pc.sum(), tc.sum(), (pc * pc).sum(), (tc * tc).sum(),
+                (pc * tc).sum()])
+            seen += n
+            if limit is not None and seen >= limit:
+                break
     model.train()
     acc = all_reduce(acc).cpu().tolist()
     n, ls, sp, st, spp, stt, spt = acc
     if n == 0:
-        return {"val_loss": float("nan"), "val_rmse": float("nan"), "val_r": float("nan")}
+        return dict(NAN_METRICS)
     mse = max((spp - 2 * spt + stt) / n, 0.0)
     cov = spt / n - sp * st / n**2
     var_p, var_t = spp / n - (sp / n) ** 2, stt / n - (st / n) ** 2
     r = cov / math.sqrt(var_p * var_t) if var_p > 0 and var_t > 0 else float("nan")
-    return {"val_loss": ls / n, "val_rmse": math.sqrt(mse) * target_scale, "val_r": r}
+    return {"val_loss": ls / n, "val_rmse": math.sqrt(mse) * target_scale, "val_r": r,
+            "val_patches": int(n)}
 
 
 def resolve_device(device, local_rank: int) -> torch.device:
@@ -153,7 +165,6 @@ class Runtime:
             raise MRHError(f"--threads {self.threads}: must be >= 1")
 
 
-NAN_METRICS = {"val_loss": float("nan"), "val_rmse": float("nan"), "val_r": float("nan")}
 
 
 class Trainer:
@@ -351,7 +362,7 @@ class Trainer:
 
     def _epoch_row(self, epoch, steps, steps_done, total, train_s, t0) -> dict:
         vm = (validate(self.model, self.val_data, self.loss_fn, self.half,
-                       float(self.bundle_norm.target_scale), self.amp_ctx)
+                       float(self.bundle_norm.target_scale), self.amp_ctx, self._val_limit(epoch))
               if self.val_data is not None else dict(NAN_METRICS))
         n_patches = steps_done * self.cfg.batch_size
         return {"epoch": epoch + 1, "lr": self.cfg.lr * lr_factor(self.cfg, epoch),
@@ -359,6 +370,13 @@ class Trainer:
                 "train_patches": n_patches,
                 "train_patches_per_s": n_patches / train_s if train_s > 0 else float("nan"),
                 "epoch_s": time.perf_counter() - t0}
+
+    def _val_limit(self, epoch: int) -> int | None:
+        """Patches per rank to validate on: the recipe's subset, but all on the last epoch
+        (the run's reported numbers are always on the whole val split)."""
+        if self.cfg.val_patches is None or epoch + 1 >= self.cfg.epochs:
+            return None
+        return -(-self.cfg.val_patches // self.world)
 
     def _log(self, row: dict) -> None:
         note(f"epoch {row['epoch']:3d}/{self.cfg.epochs}  lr {row['lr']:.2e}  "
