@@ -237,6 +237,23 @@ def info(path, storage_options):
         click.echo(describe_store(path, _storage_options(storage_options)))
 
 
+_NUMERICS = [
+    click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+                 help="Arithmetic of the network: auto = bf16 where the CPU/GPU has bf16 matrix units "
+                      "(training: where measured faster), else fp32 [auto, or $MRHSCALE_PRECISION]. "
+                      "See docs/precision.md."),
+    click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default=None,
+                 help="torch.compile the network: auto = where a working compiler is found "
+                      "(training: where measured faster) [auto, or $MRHSCALE_COMPILE]."),
+]
+
+
+def numerics_options(f):
+    for o in reversed(_NUMERICS):
+        f = o(f)
+    return f
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("store")
@@ -258,19 +275,21 @@ def info(path, storage_options):
 @click.option("--overwrite", is_flag=True,
               help="Replace subjects (or a whole store of another model) in --out that were made from "
                    "something else; the old ones stay until the new ones are complete.")
+@numerics_options
 @storage_options_option
 @scheduler_option
 @workers_option
 @quiet_option
 def predict(model, store, out, nifti_dir, ome_zarr, subjects, batch_size, device, aggregate, to_native,
-            overwrite, storage_options, scheduler, workers, quiet):
+            overwrite, precision, compile_mode, storage_options, scheduler, workers, quiet):
     """Virtual histology for every brain voxel of STORE's subjects with MODEL (a bundle)."""
     from mrhscale.stages.predict import predict as run
 
     res = run(model, store, out, nifti_dir=nifti_dir, subjects=_subject_list(subjects),
               scheduler=scheduler, workers=workers, batch_size=batch_size, device=device,
               aggregate=aggregate, quiet=quiet, to_native=to_native, overwrite=overwrite,
-              storage_options=_storage_options(storage_options), ome_zarr=ome_zarr)
+              storage_options=_storage_options(storage_options), ome_zarr=ome_zarr,
+              precision=precision, compile=compile_mode)
     if res["skipped"]:
         click.echo(f"already predicted, skipped: {', '.join(res['skipped'])}")
     click.echo(f"predicted {len(res['predicted'])} subject(s) into {res['out']} "
@@ -355,14 +374,17 @@ def evaluate(pred, store, target, out, label, roi, markers, marker_transforms, s
 @click.option("--repeats", type=int, default=3, show_default=True, help="Permutations per channel/group.")
 @click.option("--max-patches", type=int, default=10000, show_default=True, help="Random subset size.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@numerics_options
 @storage_options_option
 @quiet_option
-def importance(model, patches, out, split, repeats, max_patches, seed, storage_options, quiet):
+def importance(model, patches, out, split, repeats, max_patches, seed, precision, compile_mode,
+               storage_options, quiet):
     """Contribution of each contrast group and channel to MODEL, by permutation on PATCHES."""
     from mrhscale.stages.importance import importance as run
 
-    res = run(model, patches, out, split=split, repeats=repeats, seed=seed,
-              max_patches=max_patches, quiet=quiet, storage_options=_storage_options(storage_options))
+    res = run(model, patches, out, split=split, repeats=repeats, seed=seed, precision=precision,
+              compile=compile_mode, max_patches=max_patches, quiet=quiet,
+              storage_options=_storage_options(storage_options))
     top = ", ".join(f"{g['name']} {g['increase']:.3g}" for g in res["groups"][:5])
     click.echo(f"baseline MSE {res['baseline_mse']:.4g}; MSE increase by group: {top}; report in {out}")
 
@@ -403,7 +425,9 @@ def _training_options(f):
         click.option("--threads", type=int, default=None,
                      help="Torch CPU threads per process (default: torch's; torchrun sets 1)."),
         click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available)."),
-        click.option("--no-amp", is_flag=True, default=None, help="No bf16 autocast on GPU."),
+        click.option("--no-amp", is_flag=True, default=None,
+                     help="Old spelling of --precision fp32 (when --precision is auto)."),
+        *_NUMERICS,
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
         click.option("--keep-checkpoints", is_flag=True, help="Also keep one checkpoint per epoch."),
         storage_options_option,
@@ -420,6 +444,7 @@ def _run_training(fn, *args, **kw):
     from mrhscale.training import TrainingInterrupted
 
     kw["amp"] = False if kw.pop("no_amp") else None
+    kw["compile"] = kw.pop("compile_mode")
     kw["storage_options"] = _storage_options(kw.pop("storage_options", None))
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     try:

@@ -78,8 +78,11 @@ def importance(
     device: str = "cpu",
     quiet: bool = False,
     storage_options: dict | None = None,
+    precision: str | None = None,
+    compile: str | bool | None = None,
 ) -> dict[str, Any]:
-    """Permutation importance of each contrast group and channel; writes a report."""
+    """Permutation importance of each contrast group and channel; writes a report.
+    ``precision``/``compile`` as ``predict`` (docs/precision.md); recorded in the provenance."""
     from mrhscale import __version__
     from mrhscale.io.bundle import load_model
     from mrhscale.stages.predict import check_device
@@ -98,7 +101,8 @@ def importance(
     sel = _check_model_and_store(model_path, meta, patches_url, attrs, xa)
     rng = np.random.default_rng(seed)
     x, t = _sample(xa, ta, sel, meta["norm"], rng, max_patches)
-    scorer = _Scorer(model, meta["norm"], t, batch_size, device)
+    runner = _runner(model, meta, device, min(batch_size, len(x)), precision, compile)
+    scorer = _Scorer(runner, meta["norm"], t, batch_size, device)
     gmap = channel_groups(list(meta["channels"]), _groups(groups, attrs, sel))
     rows, base = _permute_all(scorer, x, gmap, list(meta["channels"]), per_channel, repeats, rng, quiet)
     res = {
@@ -106,12 +110,22 @@ def importance(
         "n_patches": int(len(x)), "split": split, "repeats": int(repeats), "target": meta["target"],
         "provenance": {"stage": "importance", "mrhscale": __version__, "model": os.path.abspath(model_path),
                        "model_sha256": sha256_file(model_path), "patches": str(patches_url), "seed": seed,
-                       "max_patches": max_patches},
+                       "max_patches": max_patches, "numerics": runner.accel.record()},
         "out_dir": folder.path, "figures": ["importance.png"],
     }
     with folder.replace(target=meta["target"], model=res["provenance"]["model_sha256"]) as work:
         _write_outputs(work, res)
     return ImportanceResult(**res)
+
+
+def _runner(model, meta: dict, device: str, batch_size: int, precision, compile):
+    """The model as inference runs it in the requested numerics, compiled now."""
+    from mrhscale.nn.accel import InferenceModel, requested, resolve
+    from mrhscale.stages.predict import patch_size
+
+    accel = resolve(precision, compile, device)
+    runner = InferenceModel(model, accel, device, batch_size, example=(len(meta["channels"]), patch_size(meta)))
+    return runner.warm_up(strict=requested(precision, compile)[1] == "on")
 
 
 def _check_model_and_store(model_path, meta: dict, patches_url, attrs: dict, xa) -> list[int]:

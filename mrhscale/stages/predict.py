@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.log import logger
 from mrhscale.ops.blocks import BlockPatches, warm_gather
 from mrhscale.results import PredictResult
 
@@ -49,30 +51,61 @@ _LOADS = 0  # models loaded by this process (tests check: once per worker, not p
 
 
 # --------------------------------------------------------------------------- model on workers
-@functools.lru_cache(maxsize=4)
-def _cached_model(path: str, size: int, mtime_ns: int, device: str, threads: int | None):
+_LOAD_LOCK = threading.Lock()  # lru_cache may build twice when two threads miss at once
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_model(path: str, size: int, mtime_ns: int, device: str, threads: int | None,
+                  mode: tuple[str, bool], batch_size: int):
     global _LOADS
     import torch
 
     from mrhscale.io.bundle import load_model
+    from mrhscale.nn.accel import Acceleration, InferenceModel
     from mrhscale.parallel.cluster import tune_malloc
 
     tune_malloc()  # Dask workers start with a malloc setting that halves torch's speed
     if threads:
         torch.set_num_threads(int(threads))
-    model, _ = load_model(path, device=device)
+    model, meta = load_model(path, device=device)
+    runner = InferenceModel(model, Acceleration(*mode), device, batch_size, example=(len(meta["channels"]),
+                                                                                     patch_size(meta)))
     warm_gather()
     _LOADS += 1
-    return model
+    return runner
 
 
-def _worker_model(path: str, device: str, threads: int | None):
-    """The bundle's model, loaded once per process (re-loaded only if the file changes), on
-    this worker's own GPU for ``cuda`` in an embedded GPU cluster."""
+def _worker_model(path: str, device: str, threads: int | None, mode=("fp32", False), batch_size: int = 4096,
+                  strict: bool = False):
+    """The bundle's model as this process runs it (``mode``: precision, compiled), loaded and
+    compiled once per process (again only if the file changes), on this worker's own GPU
+    for ``cuda`` in an embedded GPU cluster."""
     from mrhscale.parallel.cluster import worker_device
 
     st = os.stat(path)
-    return _cached_model(os.path.abspath(path), st.st_size, st.st_mtime_ns, worker_device(device), threads)
+    with _LOAD_LOCK:
+        runner = _cached_model(os.path.abspath(path), st.st_size, st.st_mtime_ns, worker_device(device),
+                               threads, tuple(mode), int(batch_size) if mode[1] else 0)  # eager: any batch
+    return runner.warm_up(strict=strict)
+
+
+def prepare_worker(path: str, device: str, threads: int | None, precision: str, compile: str,
+                   batch_size: int, strict: bool = False) -> dict:
+    """Resolve the request for this worker's device, then load and compile the model now
+    (before any block); returns the mode it will run: ``key`` (what blocks pass to
+    ``_worker_model``) and ``used`` (the numerics, after any fall-back)."""
+    from mrhscale.nn.accel import resolve
+    from mrhscale.parallel.cluster import worker_device
+
+    accel = resolve(precision, compile, worker_device(device))
+    key = (accel.precision, accel.compile)
+    runner = _worker_model(path, device, threads, key, batch_size, strict=strict)
+    return {"key": list(key), "used": runner.accel.record()}
+
+
+def patch_size(meta: dict) -> int:
+    patch = meta.get("patch") or {}
+    return int(patch.get("size", 2 * int(patch.get("half", 1)) + 1))
 
 
 def load_count() -> int:
@@ -95,6 +128,7 @@ def _predict_block(
     batch_size: int,
     aggregate: str,
     halo: int,
+    mode: tuple = ("fp32", False),
 ) -> np.ndarray:
     """One block with ``halo`` voxels of in-plane context -> its predicted interior
     (x, y, z) float32, 0 outside the mask.
@@ -121,7 +155,7 @@ def _predict_block(
     s, r, q = np.nonzero(cm)
     if not len(s):
         return np.transpose(out, np.argsort(order))
-    model = _worker_model(model_path, device, threads)
+    model = _worker_model(model_path, device, threads, mode, batch_size)
     patches = BlockPatches(mri, order, offset, inv_scale, h)
     rp, qp = r + lo, q + lo  # centres in the block's frame
     preds = []
@@ -192,8 +226,9 @@ def _workers_device_ok(device: str) -> bool:
 
 # --------------------------------------------------------------------------- graph per subject
 def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads=None,
-                       batch_size=4096, aggregate="centre", block_bytes=BLOCK_BYTES):
-    """Lazy dask array (x, y, z) of the virtual stain for one subject Dataset.
+                       batch_size=4096, aggregate="centre", block_bytes=BLOCK_BYTES, mode=("fp32", False)):
+    """Lazy dask array (x, y, z) of the virtual stain for one subject Dataset; ``mode``
+    (precision, compiled) as ``prepare_worker`` resolved it (default: eager fp32).
 
     Store chunks are merged in-plane into blocks of up to ``block_bytes`` of input:
     the halo exchange costs dask ~40 tasks per block whatever its size, which on
@@ -251,6 +286,7 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
         t_scale=float(norm.target_scale),
         batch_size=int(batch_size),
         aggregate=aggregate,
+        mode=tuple(mode),
     )
     msk = mask.astype(bool)[..., None]
     if all(len(mri.chunks[a]) == 1 for a in range(3) if a != slice_axis):
@@ -372,6 +408,8 @@ def predict(
     overwrite: bool = False,
     client=None,
     ome_zarr: str | None = None,
+    precision: str | None = None,
+    compile: str | bool | None = None,
 ) -> PredictResult:
     """Predict the bundle's stain for every brain voxel of each subject; returns a summary.
 
@@ -387,13 +425,17 @@ def predict(
     folder (the ``--out`` of ``mrhscale register``) uses ``DIR/<sid>``. ``ome_zarr``: also
     write each subject's virtual stain as ``<ome_zarr>/<sid>.ome.zarr`` for viewers
     (``mrhscale.stages.export_image``; rewritten only when it does not hold this prediction).
+    ``precision`` (auto|fp32|bf16) and ``compile`` (auto|on|off): see docs/precision.md;
+    the mode used is part of what made each subject (eager fp32 records nothing new).
     """
+    from mrhscale.parallel.runner import use_client
     from mrhscale.stages.export_image import export_predictions, image_paths
     from mrhscale.stores import CohortStore, resolve
     from mrhscale.stores.predictions import output
 
     t0 = time.perf_counter()
-    run = PredictRun(model_path, batch_size, device, aggregate, scheduler, to_native, nifti_dir)
+    run = PredictRun(model_path, batch_size, device, aggregate, scheduler, to_native, nifti_dir,
+                     precision, compile)
     store_url, out_url = resolve(store_url), resolve(out_url)
     if out_url == store_url:
         raise MRHError(f"--out {out_url}: is the input store; give a separate prediction store")
@@ -401,11 +443,13 @@ def predict(
     ids, datasets = run.inputs(source, subjects)
     native_dirs = run.native_dirs(datasets)
     images = image_paths(ome_zarr, ids, storage_options) if ome_zarr else {}
-    with output(out_url, run.identity(), run.root_attrs(), overwrite=overwrite,
-                storage_options=storage_options) as pstore:
-        todo, skipped = run.sort_out(pstore, source, ids, overwrite)
-        n_vox = run.predict_all(pstore, source, datasets, todo, client, scheduler, workers, torch_threads, quiet)
-        nifti, native = run.write_nifti(pstore, ids, native_dirs)
+    with use_client(client, scheduler, workers, quiet, device=run.device) as env:
+        run.resolve(env, scheduler, torch_threads)
+        with output(out_url, run.identity(), run.root_attrs(), overwrite=overwrite,
+                    storage_options=storage_options) as pstore:
+            todo, skipped = run.sort_out(pstore, source, ids, overwrite)
+            n_vox = run.predict_all(pstore, source, datasets, todo, env, quiet)
+            nifti, native = run.write_nifti(pstore, ids, native_dirs)
     dt = time.perf_counter() - t0
     ome = export_predictions(out_url, images, run.variable, storage_options) if images else []
     return PredictResult(out=out_url, variable=run.variable, predicted=todo, skipped=skipped, brain_voxels=n_vox,
@@ -416,8 +460,10 @@ def predict(
 class PredictRun:
     """One predict call: the model, its options, and the steps of the run."""
 
-    def __init__(self, model_path, batch_size, device, aggregate, scheduler, to_native, nifti_dir):
+    def __init__(self, model_path, batch_size, device, aggregate, scheduler, to_native, nifti_dir,
+                 precision=None, compile=None):
         from mrhscale.io.bundle import load_model
+        from mrhscale.nn.accel import Acceleration, requested
         from mrhscale.stores import resolve
 
         if aggregate not in AGGREGATES:
@@ -436,6 +482,9 @@ class PredictRun:
         self.aggregate, self.batch_size = aggregate, int(batch_size)
         self.model_rec = _model_record(self.model_path, self.meta)
         self.params = {"aggregate": aggregate, "batch_size": self.batch_size, "device": self.device}
+        self.request = requested(precision, compile)
+        self.accel, self.mode = Acceleration(why="not resolved"), ("fp32", False)
+        self.threads: int | None = None
 
     def identity(self) -> dict:
         return {"target": self.target, "variable": self.variable, "aggregate": self.aggregate,
@@ -473,8 +522,11 @@ class PredictRun:
         return {sid: native_transforms(self.to_native, ds, sid) for sid, ds in datasets.items()}
 
     def made_by(self, source, sid: str) -> dict:
-        return {"stage": "predict", "model_sha256": self.model_rec["sha256"], "target": self.target,
+        made = {"stage": "predict", "model_sha256": self.model_rec["sha256"], "target": self.target,
                 "aggregate": self.aggregate, "source": source.identity(sid)["fingerprint"]}
+        if not self.accel.eager_fp32:  # eager fp32 keeps the fingerprints of earlier versions
+            made["numerics"] = self.accel.label
+        return made
 
     def sort_out(self, pstore, source, ids, overwrite: bool):
         """(subjects to predict, subjects already predicted from the same input and model)."""
@@ -492,19 +544,51 @@ class PredictRun:
                                f"({why}); pass --overwrite to replace it or choose another --out")
         return todo, skipped
 
-    def predict_all(self, pstore, source, datasets, todo, client, scheduler, workers, threads, quiet) -> int:
+    def predict_all(self, pstore, source, datasets, todo, env, quiet) -> int:
         if not todo:
             return 0
         from mrhscale.log import progress
-        from mrhscale.parallel.runner import use_client
 
+        self.prepare(env)
         n_vox = 0
-        with use_client(client, scheduler, workers, quiet, device=self.device) as client, \
-                pstore.writer() as writer:
-            threads = self._threads(client, scheduler, threads)
+        with pstore.writer() as writer:
             for sid in progress(todo, desc="predict", unit="subject", quiet=quiet):
-                n_vox += self._predict_subject(client, writer, source, datasets[sid], sid, threads)
+                n_vox += self._predict_subject(env, writer, source, datasets[sid], sid, self.threads)
         return n_vox
+
+    def resolve(self, env, scheduler, threads) -> None:
+        """Workers' device and threads checked, ``auto`` resolved for them (cheap: nothing
+        is loaded). Workers that resolve differently all run eager fp32."""
+        from mrhscale.nn.accel import Acceleration, resolve
+
+        if not isinstance(env, str):
+            self.threads = self._threads(env, scheduler, threads)
+            got = env.run(_resolve_on_worker, self.device, *self.request)
+        else:
+            self.threads = threads
+            got = {"local": resolve(*self.request, device=self.device).record()}
+        modes = {(r["precision"], r["compile"]) for r in got.values()}
+        if len(modes) > 1:
+            self.accel = Acceleration(why=f"workers differ ({sorted(modes)}): eager fp32 on all")
+            logger.warning(f"mrhscale: {self.accel.why}")
+        else:
+            self.accel = Acceleration(**next(iter(got.values())))
+        self.mode = (self.accel.precision, self.accel.compile)
+        self.params["numerics"] = self.accel.record()
+
+    def prepare(self, env) -> None:
+        """Load and compile the model on every worker now, outside the first block's task;
+        if compiling fails on any of them, every worker runs eager."""
+        if self.accel.eager_fp32 or env in ("processes",):
+            return
+        args = (self.model_path, self.device, self.threads, self.accel.precision,
+                "on" if self.accel.compile else "off", self.batch_size, self.request[1] == "on")
+        got = ({"local": prepare_worker(*args)} if isinstance(env, str) else env.run(prepare_worker, *args))
+        used = [r["used"] for r in got.values()]
+        if any(u["compile"] != self.accel.compile for u in used):
+            self.accel = self.accel.without_compile(next(u["why"] for u in used if not u["compile"]))
+            self.mode = (self.accel.precision, False)
+            self.params["numerics"] = self.accel.record()
 
     def _threads(self, client, scheduler, threads):
         if self.device != "cpu":
@@ -543,7 +627,7 @@ class PredictRun:
         from mrhscale import __version__
 
         pred = subject_prediction(ds, self.meta, self.model_path, device=self.device, threads=threads,
-                                  batch_size=self.batch_size, aggregate=self.aggregate)
+                                  batch_size=self.batch_size, aggregate=self.aggregate, mode=self.mode)
         pred = pred.rechunk(_zarr_chunks(pred.chunks))
         attrs = {k: v for k, v in _jsonable(dict(ds.attrs)).items()
                  if k not in ("complete", "made_by", "fingerprint")}
@@ -574,6 +658,13 @@ class PredictRun:
             if sid in native_dirs and not _nifti_current(npath, tag):
                 native.append(_write_native(pstore, sid, self.variable, npath, native_dirs[sid], tag))
         return nifti, native
+
+
+def _resolve_on_worker(device: str, precision: str, compile: str) -> dict:
+    from mrhscale.nn.accel import resolve
+    from mrhscale.parallel.cluster import worker_device
+
+    return resolve(precision, compile, worker_device(device)).record()
 
 
 def _check_device_for(device: str, scheduler) -> str:

@@ -25,25 +25,30 @@ SUBJECT_KEYS = ("mask", "fa", "targets", "labels")
 
 
 def predict_volume(model, data, *, client=None, scheduler: str | None = None, device: str = "cpu",
-                   batch_size: int = 4096, aggregate: str = "centre"):
+                   batch_size: int = 4096, aggregate: str = "centre", precision: str | None = None,
+                   compile: str | bool | None = None):
     """The virtual stain of one brain as an ``xr.DataArray`` (x, y, z), 0 outside the mask;
-    see the module docstring. ``scheduler``: a Dask scheduler address or local name."""
+    see the module docstring. ``scheduler``: a Dask scheduler address or local name;
+    ``precision``/``compile``: as ``mrhscale predict`` (docs/precision.md), the mode used
+    in ``attrs["numerics"]``."""
     import xarray as xr
 
     from mrhscale.parallel.runner import active_client, use_client
     from mrhscale.stages.predict import PredictRun, subject_prediction
 
-    run = PredictRun(os.fspath(model), batch_size, device, aggregate, scheduler, None, None)
+    run = PredictRun(os.fspath(model), batch_size, device, aggregate, scheduler, None, None, precision, compile)
     ds = with_space(data if isinstance(data, xr.Dataset) else subject_from_files(data))
     _check_subject(ds)
     if client is None and scheduler is None and active_client() is None:
         scheduler = "synchronous"  # no cluster around: this process, torch's own threads
-    graph = subject_prediction(ds, run.meta, run.model_path, device=run.device, batch_size=run.batch_size,
-                               aggregate=aggregate)
     with use_client(client, scheduler) as env:
+        run.resolve(env, scheduler, None)
+        run.prepare(env)
+        graph = subject_prediction(ds, run.meta, run.model_path, device=run.device, threads=run.threads,
+                                   batch_size=run.batch_size, aggregate=aggregate, mode=run.mode)
         values = graph.compute(scheduler=env)
     attrs = {"target": run.target, "kind": "virtual histology", "units": "raw stain units",
-             "model_sha256": run.model_rec["sha256"], "aggregate": aggregate}
+             "model_sha256": run.model_rec["sha256"], "aggregate": aggregate, "numerics": run.accel.label}
     attrs.update({k: ds.attrs[k] for k in ("affine", "voxel_size", "voxel_size_units", "subject") if k in ds.attrs})
     coords = {k: ds.coords[k] for k in ("x", "y", "z") if k in ds.coords}
     return xr.DataArray(values, dims=("x", "y", "z"), coords=coords, name=run.variable, attrs=attrs)

@@ -25,10 +25,14 @@ from mrhscale.errors import MRHError
 from mrhscale.io.bundle import save_bundle
 from mrhscale.log import logger, note
 from mrhscale.log import progress as log_progress
+from mrhscale.nn.accel import compiled, one_line
 from mrhscale.report.figures import training_curve
 from mrhscale.results import TrainResult
 from mrhscale.stores import Folder, atomic_write, write_text
 from mrhscale.stores.patches import identity as store_identity
+from mrhscale.training.accel import choose as choose_numerics
+from mrhscale.training.accel import from_checkpoint
+from mrhscale.training.accel import requested as numerics_request
 from mrhscale.training.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -157,6 +161,8 @@ class Runtime:
     dist_timeout: float | None = None
     storage_options: dict | None = None
     keep_checkpoints: bool = False
+    precision: str | None = None  # auto | fp32 | bf16 (None: $MRHSCALE_PRECISION, else auto)
+    compile: str | bool | None = None  # auto | on | off (None: $MRHSCALE_COMPILE, else auto)
 
     def validate(self) -> None:
         if self.workers < 0:
@@ -230,7 +236,9 @@ class Trainer:
             self.model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
             gradient_as_bucket_view=True)
         self._open_data()
-        self.amp = cfg.amp and self.dev.type == "cuda"
+        self.accel = self._numerics(resume)
+        if self.accel.compile:
+            self.net = self._compiled_net()
         self.check_every = STOP_CHECK_EVERY_CUDA if self.dev.type == "cuda" else 1
 
     def _restore(self) -> None:
@@ -240,6 +248,7 @@ class Trainer:
         self.opt.load_state_dict(ck["optimizer"])
         self.start_epoch, self.start_step = int(ck["epoch"]), int(ck["step"])
         self.history = list(ck["history"])
+        self.ckpt_numerics = ck.get("numerics")
         self.partial_loss = float(ck.get("partial_loss_sum", 0.0)) if self.main else 0.0
         set_rng_state(ck["rng"])
         was = (int(ck.get("world_size", self.world)), int(ck.get("workers", self.rt.workers)))
@@ -261,7 +270,42 @@ class Trainer:
                                       self.world, self.stream_norm, self.dev, 0, rt.storage_options)
 
     def amp_ctx(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        return self.accel.autocast(self.dev.type)
+
+    def _numerics(self, resume: bool):
+        """The precision and compilation this run uses (training.accel): a resumed run
+        keeps its checkpoint's unless asked otherwise; else the only, cached or measured fastest."""
+        req = numerics_request(self.rt.precision, self.rt.compile, self.cfg.amp)
+        kept = from_checkpoint(getattr(self, "ckpt_numerics", None), req) if resume else None
+        if kept is not None:
+            return kept
+        shape = (self.per_rank, len(self.store["channels"]), 2 * self.half + 1, 2 * self.half + 1)
+        return choose_numerics(req, self.dev, self.model, lambda m: make_optimizer(self.cfg, m), self.loss_fn,
+                               shape, describe=(self.cfg.optimizer, self.cfg.loss, self.cfg.freeze_backbone),
+                               rank=self.rank, quiet=self.rt.quiet)
+
+    def _compiled_net(self):
+        """The (DDP-wrapped, as torch documents) network compiled, tried on a zero batch
+        (gradients cleared after); a failure falls back to eager, or is an error with --compile on."""
+        net = compiled(self.net, inference=False)
+        x = torch.zeros((self.per_rank, len(self.store["channels"]), 2 * self.half + 1, 2 * self.half + 1),
+                        device=self.dev)
+        try:
+            with self.amp_ctx():
+                y = net(x)
+            y.float().sum().backward()
+            failed = 0.0
+        except Exception as e:  # inductor raises many kinds
+            if numerics_request(self.rt.precision, self.rt.compile, self.cfg.amp)[1] == "on":
+                raise MRHError(f"--compile on: torch.compile failed ({one_line(e)})") from None
+            logger.warning(f"mrhscale: torch.compile failed ({one_line(e)}); training eager")
+            failed = 1.0
+        self.opt.zero_grad(set_to_none=True)
+        flag = all_reduce(torch.tensor([failed], device=self.dev), dist.ReduceOp.MAX if dist_on() else None)
+        if flag.item() > 0:
+            self.accel = self.accel.without_compile("eager: torch.compile failed")
+            return self.net
+        return net
 
     # ---- an epoch
     def _epoch(self, epoch: int) -> None:
@@ -395,6 +439,7 @@ class Trainer:
             "schedule": {"name": cfg.schedule, "epoch": epoch,
                          "lr_factor": lr_factor(cfg, min(epoch, cfg.epochs - 1))},
             "rng": rng_state(), "world_size": self.world, "workers": self.rt.workers,
+            "numerics": self.accel.record(),
             "patch_store": store_identity(self.store),
         }
         atomic_write(self.ckpt_path, lambda tmp: torch.save(state, tmp))
@@ -431,7 +476,8 @@ class Trainer:
             "config": asdict(cfg), "patches": cfg.patches,
             "patch_store": {k: store.get(k) for k in ("n_train", "n_val", "subjects", "val_subjects",
                                                        "seed", "rules", "provenance")},
-            "world_size": self.world, "device": self.dev.type, "final_metrics": summary["final"],
+            "world_size": self.world, "device": self.dev.type, "numerics": self.accel.record(),
+            "final_metrics": summary["final"],
             "replica_max_abs_diff": drift,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), **self.extra_provenance,
         }
