@@ -171,8 +171,8 @@ def predict_once(model_path, store, work, address, threads, tag):
     def go():
         k[0] += 1
         out = os.path.join(work, f"pred-{tag}-{k[0]}.zarr")
-        r = predict(model_path, store, out, scheduler=address, batch_size=BATCH,
-                    quiet=True, torch_threads=threads)
+        r = predict(model_path, store, out, scheduler=address, batch_size=BATCH,  # eager fp32, as
+                    quiet=True, torch_threads=threads, precision="fp32", compile="off")  # the bare forward
         shutil.rmtree(out, ignore_errors=True)
         return r["brain_voxels"]
 
@@ -205,7 +205,7 @@ def forward_timer(model_path: str, threads: int) -> float:
     (installs the hooks on the first)."""
     from mrhscale.stages.predict import _worker_model
 
-    model = _worker_model(os.path.abspath(model_path), "cpu", threads)
+    model = _worker_model(os.path.abspath(model_path), "cpu", threads).model
     if id(model) not in _FWD["hooked"]:
         _FWD["hooked"].add(id(model))
         model.register_forward_pre_hook(lambda m, i: _FWD.__setitem__("t0", time.perf_counter()))

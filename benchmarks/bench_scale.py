@@ -46,7 +46,7 @@ def _train_cmd(patches: str, out: str, threads: int) -> list[str]:
     exe = os.path.join(os.path.dirname(sys.executable), "mrhscale")
     cli = [exe] if os.path.exists(exe) else [sys.executable, "-m", "mrhscale"]
     return [*cli, "train", patches, "--out", out, "--depth", "5", "--epochs", "1",
-            "--threads", str(threads), "-q"]
+            "--threads", str(threads), "--precision", "fp32", "--compile", "off", "-q"]  # as before #19
 
 
 def _train(patches: str, out: str, cap_s: float) -> dict:
@@ -151,7 +151,7 @@ def run(full: bool = False, workdir: str | None = None, subjects: int = 10,
             first = "s01"
             pres, t_pred, p_pred = stage("predict", lambda: predict(
                 model, cohort, preds, subjects=[first], scheduler=client.scheduler.address,
-                quiet=True)) if os.path.exists(model) else (None, float("nan"), {})
+                quiet=True, precision="fp32", compile="off")) if os.path.exists(model) else (None, float("nan"), {})
 
         mb = cohort_bytes / 1e6
         lim_mib = limit / MiB

@@ -105,7 +105,8 @@ def trainer(store: str, out: str, procs: int, threads: int, depth: int, batch: i
             epochs: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     cli = [os.path.join(os.path.dirname(sys.executable), "mrhscale"), "train", store, "--out", out,
-           "--depth", str(depth), "--epochs", str(epochs), "--batch-size", str(batch), "-q"]
+           "--depth", str(depth), "--epochs", str(epochs), "--batch-size", str(batch),
+           "--precision", "fp32", "--compile", "off", "-q"]  # eager, as the bare baseline (see bench_precision)
     if procs == 1:
         cmd = [*cli, "--threads", str(threads)]
     else:

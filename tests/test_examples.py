@@ -21,7 +21,8 @@ def test_there_are_notebooks_stored_without_outputs():
         assert code and not any(c.outputs or c.execution_count for c in code), f"{name}: clear its outputs"
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("02") else n
+                                  for n in NOTEBOOKS])  # 02 (16 s) runs predict_volume, tested directly
 def test_notebook_runs(name, tmp_path):
     import nbformat
     from nbclient import NotebookClient

@@ -26,6 +26,7 @@ from mrhscale.errors import MRHError
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("auto", "on", "off")
 ENV_PRECISION, ENV_COMPILE = "MRHSCALE_PRECISION", "MRHSCALE_COMPILE"
+AUTO_COMPILE_MIN_PATCHES = 300_000
 logger = logging.getLogger("mrhscale")
 _COMPILE_LOCK = threading.Lock()  # dynamo compiles one graph at a time per process
 
@@ -94,6 +95,18 @@ def resolve(precision: str | None = None, compile: str | bool | None = None, dev
     if c == "auto":
         why.append(f"eager: {missing}" if missing else "compiled: compiler found")
     return Acceleration("bf16" if use_bf16 else "fp32", use_compile, "; ".join(why))
+
+
+def worth_compiling(accel: Acceleration, compile_request: str, patches: int) -> Acceleration:
+    """``--compile auto`` compiles an inference job only when it is large enough to pay for
+    the compile (5-25 s per process): at least ``$MRHSCALE_COMPILE_MIN_PATCHES`` patches
+    (default 300,000, about two mouse brains; docs/precision.md)."""
+    least = int(os.environ.get("MRHSCALE_COMPILE_MIN_PATCHES") or AUTO_COMPILE_MIN_PATCHES)
+    if compile_request != "auto" or not accel.compile or patches >= least:
+        return accel
+    why = accel.why.replace("compiled: compiler found", f"eager: {patches} patches, under the {least} "
+                            "a compile pays for")
+    return dataclasses.replace(accel, compile=False, why=why)
 
 
 def bf16_units(device: torch.device) -> str | None:

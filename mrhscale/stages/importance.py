@@ -101,9 +101,10 @@ def importance(
     sel = _check_model_and_store(model_path, meta, patches_url, attrs, xa)
     rng = np.random.default_rng(seed)
     x, t = _sample(xa, ta, sel, meta["norm"], rng, max_patches)
-    runner = _runner(model, meta, device, min(batch_size, len(x)), precision, compile)
-    scorer = _Scorer(runner, meta["norm"], t, batch_size, device)
     gmap = channel_groups(list(meta["channels"]), _groups(groups, attrs, sel))
+    n_forward = len(x) * (1 + repeats * (len(gmap) + (len(sel) if per_channel else 0)))
+    runner = _runner(model, meta, device, min(batch_size, len(x)), precision, compile, n_forward)
+    scorer = _Scorer(runner, meta["norm"], t, batch_size, device)
     rows, base = _permute_all(scorer, x, gmap, list(meta["channels"]), per_channel, repeats, rng, quiet)
     res = {
         "baseline_mse": base, "groups": rows["group"], "channels": rows["channel"],
@@ -118,12 +119,13 @@ def importance(
     return ImportanceResult(**res)
 
 
-def _runner(model, meta: dict, device: str, batch_size: int, precision, compile):
-    """The model as inference runs it in the requested numerics, compiled now."""
-    from mrhscale.nn.accel import InferenceModel, requested, resolve
+def _runner(model, meta: dict, device: str, batch_size: int, precision, compile, n_forward: int):
+    """The model as inference runs it in the requested numerics (``n_forward`` patches in
+    all: what ``auto`` weighs a compile against), compiled now."""
+    from mrhscale.nn.accel import InferenceModel, requested, resolve, worth_compiling
     from mrhscale.stages.predict import patch_size
 
-    accel = resolve(precision, compile, device)
+    accel = worth_compiling(resolve(precision, compile, device), requested(precision, compile)[1], n_forward)
     runner = InferenceModel(model, accel, device, batch_size, example=(len(meta["channels"]), patch_size(meta)))
     return runner.warm_up(strict=requested(precision, compile)[1] == "on")
 

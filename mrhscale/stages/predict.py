@@ -444,7 +444,7 @@ def predict(
     native_dirs = run.native_dirs(datasets)
     images = image_paths(ome_zarr, ids, storage_options) if ome_zarr else {}
     with use_client(client, scheduler, workers, quiet, device=run.device) as env:
-        run.resolve(env, scheduler, torch_threads)
+        run.resolve(env, scheduler, torch_threads, brain_voxels(datasets.values()))
         with output(out_url, run.identity(), run.root_attrs(), overwrite=overwrite,
                     storage_options=storage_options) as pstore:
             todo, skipped = run.sort_out(pstore, source, ids, overwrite)
@@ -556,10 +556,11 @@ class PredictRun:
                 n_vox += self._predict_subject(env, writer, source, datasets[sid], sid, self.threads)
         return n_vox
 
-    def resolve(self, env, scheduler, threads) -> None:
+    def resolve(self, env, scheduler, threads, work: int) -> None:
         """Workers' device and threads checked, ``auto`` resolved for them (cheap: nothing
-        is loaded). Workers that resolve differently all run eager fp32."""
-        from mrhscale.nn.accel import Acceleration, resolve
+        is loaded) and for ``work`` (brain voxels to predict). Workers that resolve
+        differently all run eager fp32."""
+        from mrhscale.nn.accel import Acceleration, resolve, worth_compiling
 
         if not isinstance(env, str):
             self.threads = self._threads(env, scheduler, threads)
@@ -572,7 +573,8 @@ class PredictRun:
             self.accel = Acceleration(why=f"workers differ ({sorted(modes)}): eager fp32 on all")
             logger.warning(f"mrhscale: {self.accel.why}")
         else:
-            self.accel = Acceleration(**next(iter(got.values())))
+            self.accel = worth_compiling(Acceleration(**next(iter(got.values()))), self.request[1], work)
+        logger.info(f"mrhscale predict: {self.accel.label} ({self.accel.why})")
         self.mode = (self.accel.precision, self.accel.compile)
         self.params["numerics"] = self.accel.record()
 
@@ -658,6 +660,11 @@ class PredictRun:
             if sid in native_dirs and not _nifti_current(npath, tag):
                 native.append(_write_native(pstore, sid, self.variable, npath, native_dirs[sid], tag))
         return nifti, native
+
+
+def brain_voxels(datasets) -> int:
+    """Brain voxels of subjects (ingest records them; else their whole grids)."""
+    return sum(int(ds.attrs.get("brain_voxels") or np.prod([ds.sizes[a] for a in SPATIAL])) for ds in datasets)
 
 
 def _resolve_on_worker(device: str, precision: str, compile: str) -> dict:

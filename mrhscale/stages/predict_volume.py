@@ -34,7 +34,7 @@ def predict_volume(model, data, *, client=None, scheduler: str | None = None, de
     import xarray as xr
 
     from mrhscale.parallel.runner import active_client, use_client
-    from mrhscale.stages.predict import PredictRun, subject_prediction
+    from mrhscale.stages.predict import PredictRun, brain_voxels, subject_prediction
 
     run = PredictRun(os.fspath(model), batch_size, device, aggregate, scheduler, None, None, precision, compile)
     ds = with_space(data if isinstance(data, xr.Dataset) else subject_from_files(data))
@@ -42,7 +42,7 @@ def predict_volume(model, data, *, client=None, scheduler: str | None = None, de
     if client is None and scheduler is None and active_client() is None:
         scheduler = "synchronous"  # no cluster around: this process, torch's own threads
     with use_client(client, scheduler) as env:
-        run.resolve(env, scheduler, None)
+        run.resolve(env, scheduler, None, brain_voxels([ds]))
         run.prepare(env)
         graph = subject_prediction(ds, run.meta, run.model_path, device=run.device, threads=run.threads,
                                    batch_size=run.batch_size, aggregate=aggregate, mode=run.mode)

@@ -33,7 +33,10 @@ def trained(tmp_path_factory):
 def test_compiled_bf16_prediction_matches_fp32(trained):
     d, store, model = trained
     maps, rs = {}, {}
-    for name, precision, comp in (("fp32", "fp32", "off"), ("bf16", "bf16", "auto")):
+    from mrhscale.nn.accel import compiler_missing
+
+    compiled = "off" if compiler_missing("cpu") else "on"
+    for name, precision, comp in (("fp32", "fp32", "off"), ("bf16", "bf16", compiled)):
         out = str(d / f"pred_{name}.zarr")
         predict(model, store, out, subjects=["s03"], scheduler="synchronous", quiet=True,
                 precision=precision, compile=comp, batch_size=1024)
@@ -41,7 +44,7 @@ def test_compiled_bf16_prediction_matches_fp32(trained):
         maps[name] = ds["mbp_virtual"].values[ds["mask"].values]
         if name == "bf16":
             assert ds.attrs["lineage"]["numerics"]["precision"] == "bf16"
-            assert ds.attrs["made_by"]["numerics"].startswith("bf16")
+            assert ds.attrs["made_by"]["numerics"] == f"bf16 {'compiled' if compiled == 'on' else 'eager'}"
         else:  # eager fp32 records nothing new in what made it: earlier stores stay current
             assert "numerics" not in ds.attrs["made_by"]
         ev = evaluate(out, store, "mbp", str(d / f"eval_{name}"), subjects=["s03"], quiet=True)
@@ -67,3 +70,24 @@ def test_eager_fp32_request_gives_the_default_result(trained, monkeypatch):
     got = xr.open_zarr(out, group="s03", consolidated=False)
     assert np.array_equal(got["mbp_virtual"].values, ref)
     assert got.attrs["lineage"]["numerics"]["why"].startswith("fp32: no bf16 matrix units")
+
+
+def test_auto_compiles_only_jobs_that_pay_for_it(trained, monkeypatch):
+    """A small job in auto mode runs eager (a compile costs more than it saves); above
+    MRHSCALE_COMPILE_MIN_PATCHES it compiles."""
+    from mrhscale.nn import accel
+
+    d, store, model = trained
+    monkeypatch.setattr(accel, "compiler_missing", lambda kind: None)
+    monkeypatch.setattr(accel, "cpu_bf16_units", lambda: None)
+    out = str(d / "pred_auto_small.zarr")
+    predict(model, store, out, subjects=["s03"], scheduler="synchronous", quiet=True,
+            precision="auto", compile="auto")
+    why = xr.open_zarr(out, group="s03", consolidated=False).attrs["lineage"]["numerics"]
+    assert not why["compile"] and "under the 300000 a compile pays for" in why["why"]
+    monkeypatch.setenv("MRHSCALE_COMPILE_MIN_PATCHES", "100")
+    out = str(d / "pred_auto_large.zarr")
+    predict(model, store, out, subjects=["s03"], scheduler="synchronous", quiet=True,
+            precision="auto", compile="auto", batch_size=1024)
+    why = xr.open_zarr(out, group="s03", consolidated=False).attrs["lineage"]["numerics"]
+    assert why["compile"] and why["precision"] == "fp32"

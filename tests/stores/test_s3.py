@@ -170,6 +170,7 @@ def test_cli_storage_options(tmp_path, s3):
     assert r.exit_code == 2 and "nothing.zarr" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.slow  # 17 s; the same store-layer race is tested locally in test_kill_and_concurrency
 def test_concurrent_ingests_into_one_s3_store(tmp_path, s3):
     """One subject per process, all at once, into one S3 store: the commit markers are
     per subject, so none is lost; the root index ends up listing them all."""
