@@ -275,13 +275,16 @@ def numerics_options(f):
 @click.option("--overwrite", is_flag=True,
               help="Replace subjects (or a whole store of another model) in --out that were made from "
                    "something else; the old ones stay until the new ones are complete.")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: average the network over each patch's 8 in-plane flips and "
+                   "quarter turns (8x the compute).")
 @numerics_options
 @storage_options_option
 @scheduler_option
 @workers_option
 @quiet_option
 def predict(model, store, out, nifti_dir, ome_zarr, subjects, batch_size, device, aggregate, to_native,
-            overwrite, precision, compile_mode, storage_options, scheduler, workers, quiet):
+            overwrite, tta, precision, compile_mode, storage_options, scheduler, workers, quiet):
     """Virtual histology for every brain voxel of STORE's subjects with MODEL (a bundle)."""
     from mrhscale.stages.predict import predict as run
 
@@ -289,7 +292,7 @@ def predict(model, store, out, nifti_dir, ome_zarr, subjects, batch_size, device
               scheduler=scheduler, workers=workers, batch_size=batch_size, device=device,
               aggregate=aggregate, quiet=quiet, to_native=to_native, overwrite=overwrite,
               storage_options=_storage_options(storage_options), ome_zarr=ome_zarr,
-              precision=precision, compile=compile_mode)
+              precision=precision, compile=compile_mode, tta=tta)
     if res["skipped"]:
         click.echo(f"already predicted, skipped: {', '.join(res['skipped'])}")
     click.echo(f"predicted {len(res['predicted'])} subject(s) into {res['out']} "
@@ -417,6 +420,9 @@ def _training_options(f):
         click.option("--init", type=click.Choice(["glorot", "torch"]), default=None,
                      help="Weight init of new layers [glorot, as MATLAB]."),
         click.option("--seed", type=int, default=None, help="Seed of init and data order [0]."),
+        click.option("--augment", default=None, metavar="LIST",
+                     help="Training-time augmentation, comma-separated: gain, offset, bias, noise, flip, "
+                          "or all (docs/training.md) [none]."),
         click.option("--val-patches", type=int, default=None,
                      help="Validate on this fixed subset each epoch; the last epoch always on the "
                           "whole val split [all]."),
@@ -671,8 +677,12 @@ def register_histology(volume, subject, manifest, out, contrast, transform, init
 @click.option("--no-lesions", is_flag=True, help="No demyelinating lesions (default: every other subject).")
 @click.option("--inverted-mask", is_flag=True, help="Write masks as the original does: 1 OUTSIDE the brain.")
 @click.option("--overwrite", is_flag=True, help="Replace a cohort already in OUTDIR.")
+@click.option("--scanner-variation", "scanner_variation", default=None, metavar="all|ID,...",
+              help="Scan these subjects (or all) on their own scanner: per-volume gains, a coil field, "
+                   "SNR, b-value and echo-time shifts; the ground truth does not change "
+                   "(docs/synthetic.md).")
 @quiet_option
-def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwrite, quiet):
+def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwrite, scanner_variation, quiet):
     """Write a synthetic phantom cohort (67-channel MRI, FA, mask, af/nf/mbp, lesion labels,
     ground truth) to OUTDIR, with OUTDIR/cohort.yaml for ingest."""
     from mrhscale.synth.phantom import make_cohort
@@ -683,7 +693,9 @@ def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwri
     if min(dims) < 8:
         raise MRHError(f"--shape: each size must be >= 8, got {shape!r}")
     path = make_cohort(outdir, subjects=subjects, shape=dims, seed=seed, lesions=not no_lesions,
-                       fmt=fmt, inverted_mask=inverted_mask, overwrite=overwrite, quiet=quiet)
+                       fmt=fmt, inverted_mask=inverted_mask, overwrite=overwrite, quiet=quiet,
+                       scanner_variation=(scanner_variation if scanner_variation in (None, "all")
+                                          else _subject_list((scanner_variation,))))
     click.echo(path)
 
 

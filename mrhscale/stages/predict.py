@@ -129,6 +129,7 @@ def _predict_block(
     aggregate: str,
     halo: int,
     mode: tuple = ("fp32", False),
+    tta: bool = False,
 ) -> np.ndarray:
     """One block with ``halo`` voxels of in-plane context -> its predicted interior
     (x, y, z) float32, 0 outside the mask.
@@ -137,6 +138,8 @@ def _predict_block(
     volume's zero padding) and the map_overlap depth otherwise.
     """
     import torch
+
+    from mrhscale.ops.symmetry import symmetric_mean
 
     inplane = [a for a in range(3) if a != slice_axis]
     order = (slice_axis, *inplane)
@@ -163,7 +166,7 @@ def _predict_block(
         for a in range(0, len(s), batch_size):
             b = slice(a, a + batch_size)
             x = torch.from_numpy(patches(s[b], rp[b], qp[b])).to(device)
-            y = model(x)
+            y = symmetric_mean(model, x) if tta else model(x)
             if aggregate == "centre":
                 preds.append(y[:, h, h].float().cpu().numpy())
             else:
@@ -226,9 +229,11 @@ def _workers_device_ok(device: str) -> bool:
 
 # --------------------------------------------------------------------------- graph per subject
 def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads=None,
-                       batch_size=4096, aggregate="centre", block_bytes=BLOCK_BYTES, mode=("fp32", False)):
+                       batch_size=4096, aggregate="centre", block_bytes=BLOCK_BYTES, mode=("fp32", False),
+                       tta=False):
     """Lazy dask array (x, y, z) of the virtual stain for one subject Dataset; ``mode``
-    (precision, compiled) as ``prepare_worker`` resolved it (default: eager fp32).
+    (precision, compiled) as ``prepare_worker`` resolved it (default: eager fp32);
+    ``tta``: the mean over the patch's 8 in-plane symmetries (8x the forward passes).
 
     Store chunks are merged in-plane into blocks of up to ``block_bytes`` of input:
     the halo exchange costs dask ~40 tasks per block whatever its size, which on
@@ -287,6 +292,7 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
         batch_size=int(batch_size),
         aggregate=aggregate,
         mode=tuple(mode),
+        tta=bool(tta),
     )
     msk = mask.astype(bool)[..., None]
     if all(len(mri.chunks[a]) == 1 for a in range(3) if a != slice_axis):
@@ -410,6 +416,7 @@ def predict(
     ome_zarr: str | None = None,
     precision: str | None = None,
     compile: str | bool | None = None,
+    tta: bool = False,
 ) -> PredictResult:
     """Predict the bundle's stain for every brain voxel of each subject; returns a summary.
 
@@ -427,6 +434,7 @@ def predict(
     (``mrhscale.stages.export_image``; rewritten only when it does not hold this prediction).
     ``precision`` (auto|fp32|bf16) and ``compile`` (auto|on|off): see docs/precision.md;
     the mode used is part of what made each subject (eager fp32 records nothing new).
+    ``tta``: test-time augmentation, the mean over each patch's 8 in-plane symmetries.
     """
     from mrhscale.parallel.runner import use_client
     from mrhscale.stages.export_image import export_predictions, image_paths
@@ -435,7 +443,7 @@ def predict(
 
     t0 = time.perf_counter()
     run = PredictRun(model_path, batch_size, device, aggregate, scheduler, to_native, nifti_dir,
-                     precision, compile)
+                     precision, compile, tta)
     store_url, out_url = resolve(store_url), resolve(out_url)
     if out_url == store_url:
         raise MRHError(f"--out {out_url}: is the input store; give a separate prediction store")
@@ -461,7 +469,7 @@ class PredictRun:
     """One predict call: the model, its options, and the steps of the run."""
 
     def __init__(self, model_path, batch_size, device, aggregate, scheduler, to_native, nifti_dir,
-                 precision=None, compile=None):
+                 precision=None, compile=None, tta=False):
         from mrhscale.io.bundle import load_model
         from mrhscale.nn.accel import Acceleration, requested
         from mrhscale.stores import resolve
@@ -481,7 +489,9 @@ class PredictRun:
         self.variable = f"{self.target}_virtual"
         self.aggregate, self.batch_size = aggregate, int(batch_size)
         self.model_rec = _model_record(self.model_path, self.meta)
-        self.params = {"aggregate": aggregate, "batch_size": self.batch_size, "device": self.device}
+        self.params = {"aggregate": aggregate, "batch_size": self.batch_size, "device": self.device,
+                       "tta": bool(tta)}
+        self.tta = bool(tta)
         self.request = requested(precision, compile)
         self.accel, self.mode = Acceleration(why="not resolved"), ("fp32", False)
         self.threads: int | None = None
@@ -526,6 +536,8 @@ class PredictRun:
                 "aggregate": self.aggregate, "source": source.identity(sid)["fingerprint"]}
         if not self.accel.eager_fp32:  # eager fp32 keeps the fingerprints of earlier versions
             made["numerics"] = self.accel.label
+        if self.tta:  # absent without TTA, so earlier fingerprints still hold
+            made["tta"] = True
         return made
 
     def sort_out(self, pstore, source, ids, overwrite: bool):
@@ -573,7 +585,8 @@ class PredictRun:
             self.accel = Acceleration(why=f"workers differ ({sorted(modes)}): eager fp32 on all")
             logger.warning(f"mrhscale: {self.accel.why}")
         else:
-            self.accel = worth_compiling(Acceleration(**next(iter(got.values()))), self.request[1], work)
+            self.accel = worth_compiling(Acceleration(**next(iter(got.values()))), self.request[1],
+                                         work * (8 if self.tta else 1))
         logger.info(f"mrhscale predict: {self.accel.label} ({self.accel.why})")
         self.mode = (self.accel.precision, self.accel.compile)
         self.params["numerics"] = self.accel.record()
@@ -629,7 +642,8 @@ class PredictRun:
         from mrhscale import __version__
 
         pred = subject_prediction(ds, self.meta, self.model_path, device=self.device, threads=threads,
-                                  batch_size=self.batch_size, aggregate=self.aggregate, mode=self.mode)
+                                  batch_size=self.batch_size, aggregate=self.aggregate, mode=self.mode,
+                                  tta=self.tta)
         pred = pred.rechunk(_zarr_chunks(pred.chunks))
         attrs = {k: v for k, v in _jsonable(dict(ds.attrs)).items()
                  if k not in ("complete", "made_by", "fingerprint")}
@@ -663,8 +677,8 @@ class PredictRun:
 
 
 def brain_voxels(datasets) -> int:
-    """Brain voxels of subjects (ingest records them; else their whole grids)."""
-    return sum(int(ds.attrs.get("brain_voxels") or np.prod([ds.sizes[a] for a in SPATIAL])) for ds in datasets)
+    """Brain voxels of subjects: ingest records them, else their masks are counted."""
+    return sum(int(ds.attrs.get("brain_voxels") or int(ds["mask"].sum())) for ds in datasets)
 
 
 def _resolve_on_worker(device: str, precision: str, compile: str) -> dict:

@@ -26,17 +26,18 @@ SUBJECT_KEYS = ("mask", "fa", "targets", "labels")
 
 def predict_volume(model, data, *, client=None, scheduler: str | None = None, device: str = "cpu",
                    batch_size: int = 4096, aggregate: str = "centre", precision: str | None = None,
-                   compile: str | bool | None = None):
+                   compile: str | bool | None = None, tta: bool = False):
     """The virtual stain of one brain as an ``xr.DataArray`` (x, y, z), 0 outside the mask;
     see the module docstring. ``scheduler``: a Dask scheduler address or local name;
     ``precision``/``compile``: as ``mrhscale predict`` (docs/precision.md), the mode used
-    in ``attrs["numerics"]``."""
+    in ``attrs["numerics"]``; ``tta``: the mean over each patch's 8 in-plane symmetries."""
     import xarray as xr
 
     from mrhscale.parallel.runner import active_client, use_client
     from mrhscale.stages.predict import PredictRun, brain_voxels, subject_prediction
 
-    run = PredictRun(os.fspath(model), batch_size, device, aggregate, scheduler, None, None, precision, compile)
+    run = PredictRun(os.fspath(model), batch_size, device, aggregate, scheduler, None, None, precision, compile,
+                     tta)
     ds = with_space(data if isinstance(data, xr.Dataset) else subject_from_files(data))
     _check_subject(ds)
     if client is None and scheduler is None and active_client() is None:
@@ -45,7 +46,7 @@ def predict_volume(model, data, *, client=None, scheduler: str | None = None, de
         run.resolve(env, scheduler, None, brain_voxels([ds]))
         run.prepare(env)
         graph = subject_prediction(ds, run.meta, run.model_path, device=run.device, threads=run.threads,
-                                   batch_size=run.batch_size, aggregate=aggregate, mode=run.mode)
+                                   batch_size=run.batch_size, aggregate=aggregate, mode=run.mode, tta=tta)
         values = graph.compute(scheduler=env)
     attrs = {"target": run.target, "kind": "virtual histology", "units": "raw stain units",
              "model_sha256": run.model_rec["sha256"], "aggregate": aggregate, "numerics": run.accel.label}

@@ -57,7 +57,7 @@ TE_DWI, TE_T2, TE_MT = 30.0, 45.0, 8.0
 # Seeds of the independent random streams of a subject: drawing one never shifts another,
 # so e.g. a subject made with and without its lesion has the same anatomy and noise.
 _STREAMS = ("deform", "texture", "lesion", "stain", "gain", "dwi2000", "dwi5000", "t2MTONOFF",
-            "nans", "oedema")  # append new streams at the END: earlier ones keep their values
+            "nans", "oedema", "scanner")  # append new streams at the END: earlier ones keep their values
 
 
 def gradient_directions(n: int = N_DIRS) -> np.ndarray:
@@ -377,7 +377,7 @@ class _Subject:
     so that a writer can hold one 4D group at a time (full size: ~1 GB each)."""
 
     def __init__(self, shape, seed, *, lesion=True, nans=0, targets=TARGETS, deform=True,
-                 oedema=True):
+                 oedema=True, scanner=None):
         self.shape = tuple(int(s) for s in shape)
         self.vox = voxel_size(self.shape)
         self.affine = affine_for(self.shape)
@@ -399,6 +399,9 @@ class _Subject:
         self.axes = [((np.arange(n) - (n - 1) / 2.0) * v).astype(np.float32)
                      for n, v in zip(self.shape, self.vox, strict=True)]
         self.displacement = self._displacement(deform)
+        self.scanner = self._scanner(scanner)
+        ts = self.scanner.te_scale if self.scanner else 1.0
+        self.te = {"dwi": TE_DWI * ts, "t2": TE_T2 * ts, "mt": TE_MT * ts}
         tex = dict(zip(("t1", "t2", "t3", "t4", "t5"),
                        _smooth_fields(self.rngs["texture"], self.axes, 0.35, 5), strict=True))
         (bias,) = _smooth_fields(self.rngs["texture"], self.axes, 3.0, 1)
@@ -461,6 +464,17 @@ class _Subject:
             "radii_mm": [round(radius * k, 4) for k in (1.2, 0.8, 1.4)],
         }
         self.oedema_params = self._draw_oedema()
+
+    def _scanner(self, scanner):
+        """None (the cohort's scanner), a given Scanner, or (True) one drawn from this
+        subject's own stream (synth/scanner.py)."""
+        from mrhscale.synth.scanner import Scanner, draw_scanner
+
+        if isinstance(scanner, Scanner) or not scanner:
+            return scanner or None
+        volumes = {g: len(v) for g, v in channel_names().items()}
+        return draw_scanner(self.rngs["scanner"], volumes,
+                            lambda rng, spacing: _smooth_fields(rng, self.axes, spacing, 1)[0])
 
     def _draw_oedema(self, n_candidates=32):
         """6-9 vasogenic-oedema blobs on white-matter tracts, clear of the lesion site (drawn
@@ -540,15 +554,16 @@ class _Subject:
 
     # ------------------------------------------------------------ MRI
     def _amplitude(self, group):
-        return np.float32(2500.0 * self.gain * self.group_gain[group]) * self.bias
+        amp = np.float32(2500.0 * self.gain * self.group_gain[group]) * self.bias
+        return amp * self.scanner.bias if self.scanner and self.scanner.bias is not None else amp
 
     def _dwi_coefficients(self, b, amp):
         """Per-voxel terms of the multi-compartment model at one b-value (amplitude folded in):
         sticks of the WM and GM axon populations (dispersion via kappa), hindered
         extracellular water aligned with the WM fibres, restricted cells, free water."""
         b = np.float32(b)
-        s0t = self.t * self.pd * np.exp(-TE_DWI * self.r2) * amp
-        s0c = self.csf * np.float32(np.exp(-TE_DWI / T2_CSF)) * amp
+        s0t = self.t * self.pd * np.exp(-self.te["dwi"] * self.r2) * amp
+        s0c = self.csf * np.float32(np.exp(-self.te["dwi"] / T2_CSF)) * amp
         if b == 0:
             return {"const": s0t + s0c}
         return {
@@ -601,22 +616,25 @@ class _Subject:
         the result does not depend on the number of threads.
         """
         amp = self._amplitude(name)
-        sigma = np.float32(self.noise[name] * 2500.0 * self.gain * self.group_gain[name] * 0.4)
+        sigma = np.float32(self.noise[name] * 2500.0 * self.gain * self.group_gain[name] * 0.4
+                           * (self.scanner.noise_scale if self.scanner else 1.0))
+        te_t2, te_mt = self.te["t2"], self.te["mt"]
         seq = self.seqs[name]
         if name == "t2MTONOFF":
             sat = 1.0 - np.exp(-500.0 * self.r1)
             sat_csf = np.float32(1.0 - np.exp(-500.0 / 3000.0))
-            csf_t2 = self.csf * np.float32(np.exp(-TE_T2 / T2_CSF))
-            csf_mt = self.csf * np.float32(np.exp(-TE_MT / T2_CSF)) * sat_csf
-            tissue_mt = self.t * self.pd * np.exp(-TE_MT * self.r2) * sat
-            oed_mt = self.oed * np.float32(np.exp(-TE_MT / T2_CSF)) * sat_csf  # within csf_mt
-            sig = [self.t * self.pd * np.exp(-TE_T2 * self.r2) + csf_t2,
+            csf_t2 = self.csf * np.float32(np.exp(-te_t2 / T2_CSF))
+            csf_mt = self.csf * np.float32(np.exp(-te_mt / T2_CSF)) * sat_csf
+            tissue_mt = self.t * self.pd * np.exp(-te_mt * self.r2) * sat
+            oed_mt = self.oed * np.float32(np.exp(-te_mt / T2_CSF)) * sat_csf  # within csf_mt
+            sig = [self.t * self.pd * np.exp(-te_t2 * self.r2) + csf_t2,
                    tissue_mt + csf_mt, (tissue_mt + oed_mt) * (1.0 - self.mtr) + csf_mt - oed_mt]
             coefs = [{"const": v * amp} for v in sig]
             grads = [None] * 3
         else:
             bvals, grads = acquisition()[name]
-            cache = {b: self._dwi_coefficients(b, amp) for b in sorted(set(bvals.tolist()))}
+            b_scale = self.scanner.b_scale if self.scanner else 1.0  # files keep the nominal b
+            cache = {b: self._dwi_coefficients(b * b_scale, amp) for b in sorted(set(bvals.tolist()))}
             coefs = [cache[b] for b in bvals.tolist()]
         out = np.empty((*self.shape, len(coefs)), np.float32, order="F")
         slab = max(1, (1 << 18) // (self.shape[1] * self.shape[2]))
@@ -627,6 +645,8 @@ class _Subject:
             for x0 in range(0, self.shape[0], slab):
                 sl = slice(x0, x0 + slab)
                 out[sl, :, :, k] = self._noisy(self._dwi_slab(coefs[k], grads[k], sl), sigma, rng)
+            if self.scanner and name in self.scanner.volume_gain:  # a receiver gain: after the noise
+                out[..., k] *= self.scanner.volume_gain[name][k]
 
         threads = threads or min(4, os.cpu_count() or 1)
         if threads <= 1:
@@ -708,13 +728,15 @@ def _check_shape(shape) -> tuple[int, int, int]:
 
 
 def make_subject(shape=DEFAULT_SHAPE, seed=0, *, lesion=True, nans=0, targets=TARGETS,
-                 deform=True, oedema=True) -> dict:
+                 deform=True, oedema=True, scanner=None) -> dict:
     """One phantom subject in memory (no files).
 
     seed: int, SeedSequence or Generator; same seed -> byte-identical arrays.
     deform=False gives the undeformed template anatomy (still with the subject's
     textures, gains and noise); lesion=False / oedema=False the same subject without
-    its lesion / its oedema blobs. Returns a dict:
+    its lesion / its oedema blobs. scanner=True draws this subject its own scanner (gains,
+    coil field, SNR, b-value and echo-time shifts: synth/scanner.py; the ground truth does
+    not change); a ``Scanner`` gives one. Returns a dict:
       mri: {dwi2000: (X,Y,Z,34), dwi5000: (X,Y,Z,30), t2MTONOFF: (X,Y,Z,3)} float32
       bvals, bvecs: {dwi2000, dwi5000} (n,), (n, 3); channels: {group: [names]}
       fa float32; mask bool; targets: {name: uint8}; labels: {lesion, wm: bool}
@@ -725,7 +747,7 @@ def make_subject(shape=DEFAULT_SHAPE, seed=0, *, lesion=True, nans=0, targets=TA
     shape = _check_shape(shape)
     targets = _check_targets(targets)
     s = _Subject(shape, seed, lesion=lesion, nans=nans, targets=targets, deform=deform,
-                 oedema=oedema)
+                 oedema=oedema, scanner=scanner)
     acq = acquisition()
     mri = {}
     for name in GROUPS:
@@ -758,17 +780,24 @@ def channel_names() -> dict[str, list[str]]:
 
 
 def _params(s: _Subject) -> dict:
-    return {"gain": round(s.gain, 6), "group_gain": {k: round(v, 6) for k, v in s.group_gain.items()},
-            "noise": {k: round(v, 6) for k, v in s.noise.items()}, "lesion": s.lesion_params,
-            "oedema": s.oedema_params}
+    p = {"gain": round(s.gain, 6), "group_gain": {k: round(v, 6) for k, v in s.group_gain.items()},
+         "noise": {k: round(v, 6) for k, v in s.noise.items()}, "lesion": s.lesion_params,
+         "oedema": s.oedema_params}
+    if s.scanner:
+        p["scanner"] = s.scanner.params()
+    return p
 
 
 # ---------------------------------------------------------------- cohort on disk
 
 
 def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True, fmt="nii.gz",
-                inverted_mask=False, targets=TARGETS, overwrite=False, quiet=False) -> str:
+                inverted_mask=False, targets=TARGETS, overwrite=False, quiet=False,
+                scanner_variation=None) -> str:
     """Write a synthetic cohort (per-subject files + OUTDIR/cohort.yaml); returns the manifest path.
+
+    scanner_variation: subject ids (or "all") scanned on their own scanner
+    (synth/scanner.py, docs/synthetic.md); the others share the cohort's.
 
     Lesions go to every other subject (s01, s03, ...) when `lesions`; every subject
     still gets a (possibly empty) lesion label so that evaluation has negatives.
@@ -779,6 +808,7 @@ def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True
         raise MRHError(f"synth: --subjects must be an integer >= 1, got {subjects!r}")
     shape = _check_shape(shape)
     targets = _check_targets(targets)
+    varied = _varied(scanner_variation, subjects)
     if fmt not in FORMATS:
         raise MRHError(f"synth: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     from mrhscale.stores import Folder
@@ -789,11 +819,26 @@ def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True
                        "use --overwrite or another directory")
     with folder.replace(seed=int(seed), subjects=int(subjects), shape=list(shape)) as work:
         _write_cohort(work, subjects=subjects, shape=shape, seed=seed, lesions=lesions, fmt=fmt,
-                      inverted_mask=inverted_mask, targets=targets, quiet=quiet)
+                      inverted_mask=inverted_mask, targets=targets, quiet=quiet, varied=varied)
     return os.path.join(folder.path, "cohort.yaml")
 
 
-def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask, targets, quiet) -> str:
+def _varied(spec, subjects: int) -> set[str]:
+    """The subject ids of ``scanner_variation`` (None, "all"/True, or ids), checked."""
+    ids = [f"s{i + 1:02d}" for i in range(subjects)]
+    if not spec:
+        return set()
+    if spec is True or spec == "all":
+        return set(ids)
+    wanted = [spec] if isinstance(spec, str) else list(spec)
+    bad = [w for w in wanted if w not in ids]
+    if bad:
+        raise MRHError(f"synth: --scanner-variation: no subject {', '.join(bad)} (subjects: {ids[0]}..{ids[-1]})")
+    return set(wanted)
+
+
+def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask, targets, quiet,
+                  varied=frozenset()) -> str:
     """The subjects' files and the manifest, into a fresh folder."""
     from mrhscale.io.volumes import write_sidecars, write_volume
     from mrhscale.log import progress
@@ -807,7 +852,7 @@ def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask,
     for i, sid in enumerate(progress(ids, desc="synth", unit="subject", quiet=quiet)):
         has_lesion = bool(lesions) and i % 2 == 0
         s = _Subject(shape, _subject_seed(seed, i), lesion=has_lesion, nans=5 if i == 0 else 0,
-                     targets=targets)
+                     targets=targets, scanner=sid in varied)
         sdir = os.path.join(outdir, sid)
 
         def rel(name, _sid=sid):
@@ -853,7 +898,7 @@ def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask,
         "synth": {"version": __version__, "seed": int(seed), "subjects": int(subjects),
                   "shape": list(shape), "voxel_size_mm": [float(v) for v in voxel_size(shape)],
                   "format": fmt, "lesions": bool(lesions), "inverted_mask": bool(inverted_mask),
-                  "targets": list(targets),
+                  "targets": list(targets), "scanner_variation": sorted(varied),
                   "displacement": "mm, subject -> template: template point = subject point + d"},
     }
     from mrhscale.stores import write_text

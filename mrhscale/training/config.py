@@ -71,6 +71,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     shuffle_buffer: int | None = None
     val_patches: int | None = None  # per-epoch validation on this fixed subset; the last epoch: all
+    augment: str = ""  # training-time augmentations (training/augment.py), e.g. "gain,bias,flip"
 
     def validate(self) -> None:
         def bad(opt, val, want):
@@ -100,6 +101,9 @@ class TrainConfig:
             bad("drop-period", self.drop_period, "drop period >= 1 and drop factor in (0, 1]")
         if self.head_lr_factor <= 0:
             bad("head-lr-factor", self.head_lr_factor, "must be positive")
+        from mrhscale.training.augment import parse
+
+        self.augment = ",".join(parse(self.augment))
         if self.val_patches is not None and self.val_patches < 1:
             bad("val-patches", self.val_patches, "must be at least 1 (unset: the whole val split)")
 

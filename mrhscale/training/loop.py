@@ -33,6 +33,8 @@ from mrhscale.stores.patches import identity as store_identity
 from mrhscale.training.accel import choose as choose_numerics
 from mrhscale.training.accel import from_checkpoint
 from mrhscale.training.accel import requested as numerics_request
+from mrhscale.training.augment import Augment
+from mrhscale.training.augment import parse as parse_augment
 from mrhscale.training.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -236,6 +238,7 @@ class Trainer:
             self.model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
             gradient_as_bucket_view=True)
         self._open_data()
+        self.augment = Augment(parse_augment(cfg.augment), cfg.seed, self.rank)
         self.accel = self._numerics(resume)
         if self.accel.compile:
             self.net = self._compiled_net()
@@ -360,7 +363,7 @@ class Trainer:
         done, interrupted = first, False
         try:
             for step in range(first, steps):
-                self._step(it, step, steps, loss_sum)
+                self._step(it, epoch, step, steps, loss_sum)
                 done = step + 1
                 if bar is not None:
                     bar.update(1)
@@ -376,12 +379,14 @@ class Trainer:
                 bar.close()
         return done, loss_sum, interrupted
 
-    def _step(self, it, step: int, steps: int, loss_sum) -> None:
+    def _step(self, it, epoch: int, step: int, steps: int, loss_sum) -> None:
         try:
             x, t = next(it)
         except StopIteration:
             raise RuntimeError(f"rank {self.rank}: the patch stream ended after {step} of "
                                f"{steps} batches (equal-steps contract broken)") from None
+        if self.augment:
+            x, t = self.augment(x, t, epoch, step)
         with self.amp_ctx():
             pred = self.net(x)
         loss = self.loss_fn(pred, t)
