@@ -392,6 +392,40 @@ def importance(model, patches, out, split, repeats, max_patches, seed, precision
     click.echo(f"baseline MSE {res['baseline_mse']:.4g}; MSE increase by group: {top}; report in {out}")
 
 
+@main.command("crossval")
+@click.argument("store")
+@click.option("--target", required=True, help="Reference stain in STORE (e.g. mbp).")
+@click.option("--out", "-o", required=True, help="Folder: one fold-<subject>/ per fold, crossval.csv/.json/.png.")
+@click.option("--folds", default="leave-one-subject-out", show_default=True, metavar="leave-one-subject-out|K",
+              help="Hold out each subject in turn, or split the subjects into K folds.")
+@click.option("--recipe", default=None, metavar="NAME|FILE.yaml",
+              help="A training recipe (paper, fast) or a YAML mapping of training options (as `train`) "
+                   "and patch options (as `patches`), e.g. {recipe: fast, epochs: 4, stride: 2} [paper].")
+@click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
+@click.option("--fold-workers", type=int, default=None,
+              help="Run folds side by side, one per Dask worker process (default: one after another).")
+@click.option("--device", default=None, help="Training device (cpu, cuda, cuda:N).")
+@click.option("--threads", type=int, default=None, help="Torch threads per fold.")
+@scheduler_option
+@workers_option
+@quiet_option
+def crossval_cmd(store, target, out, folds, recipe, subjects, fold_workers, device, threads, scheduler, workers,
+                 quiet):
+    """Cross-validate a training recipe by held-out subject: per fold patches, train, predict and
+    evaluate the held-out brain; a table of r, MAE and SSIM. Under `torchrun --nproc_per_node=N`
+    each process runs its own folds."""
+    from mrhscale.stages.crossval import crossval
+
+    res = crossval(store, target, out, folds=folds, recipe=recipe, subjects=_subject_list(subjects),
+                   fold_workers=fold_workers, device=device, threads=threads, scheduler=scheduler,
+                   workers=workers, quiet=quiet)
+    if res is not None:
+        s = res["summary"]
+        click.echo(f"held-out Pearson r {s['pearson']['mean']:.3f} +- {s['pearson']['sd']:.3f}, MAE "
+                   f"{s['mae']['mean']:.3g}, SSIM {s['ssim']['mean']:.3f} over {len(res['rows'])} subject(s); "
+                   f"table {res['table']}")
+
+
 def _training_options(f):
     """Options shared by `train` and `finetune`; unset ones take the --recipe's values
     (or, with --resume, the checkpointed run's own values); [x] in a help: the paper's."""

@@ -155,3 +155,15 @@ class ExportResult(_Result):
 def result(cls, d: dict[str, Any]):
     """A result from a dict (unknown keys are an error: the dataclass is the contract)."""
     return cls(**d)
+
+
+@dataclass
+class CrossvalResult(_Result):
+    target: str
+    scheme: str
+    rows: list[dict]  # per held-out subject: subject, fold, pearson, mae, ssim, rmse
+    summary: dict  # per metric: mean, sd
+    recipe: dict  # train and patch options
+    seconds: float
+    out_dir: str
+    table: str

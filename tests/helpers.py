@@ -389,3 +389,14 @@ def known_model(path, channels=("a", "b", "c")):
     save_bundle(path, m, channels=list(channels), norm=norm, target="af",
                 patch={"half": 1, "size": 3, "axis": "y"})
     return str(path)
+
+
+def synth_store(d, subjects=2, shape=(24, 16, 32), seed=4) -> str:
+    """A synthetic phantom cohort ingested into d/c.zarr (local threads, no cluster)."""
+    from mrhscale.stages.ingest import ingest
+    from mrhscale.synth.phantom import make_cohort
+
+    manifest = make_cohort(str(d / "files"), subjects=subjects, shape=shape, seed=seed, quiet=True)
+    store = str(d / "c.zarr")
+    ingest(manifest, store, scheduler="threads", quiet=True)
+    return store

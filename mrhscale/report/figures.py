@@ -139,3 +139,23 @@ def training_curve(out_dir: str, history: list[dict], title: str = "") -> str | 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     return path
+
+
+def crossval_bars(path: str, rows: list[dict], target: str) -> str:
+    """Held-out Pearson r per subject (cross-validation), with the mean as a line."""
+    plt = plt_agg()
+    names = [r["subject"] for r in rows]
+    vals = [r["pearson"] if r["pearson"] is not None else float("nan") for r in rows]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(rows), 3.2))
+    ax.bar(names, vals, color="tab:blue")
+    finite = [v for v in vals if math.isfinite(v)]
+    if finite:
+        ax.axhline(float(np.mean(finite)), color="k", lw=1, ls="--", label=f"mean {np.mean(finite):.3f}")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(min(0.0, min(finite, default=0.0)), 1.0)
+    ax.set_ylabel("held-out Pearson r")
+    ax.set_title(f"virtual {target}: cross-validation", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+    return path

@@ -32,7 +32,7 @@ NAMES = {
     "mrhscale-predictions": "prediction store", "mrhscale-run": "training run folder",
     "mrhscale-evaluation": "evaluation report folder", "mrhscale-importance": "importance report folder",
     "mrhscale-demo": "demo folder", "mrhscale-registration": "registration folder",
-    "mrhscale-synthetic": "synthetic cohort folder",
+    "mrhscale-synthetic": "synthetic cohort folder", "mrhscale-crossval": "cross-validation folder",
     "mrhscale-ome-zarr": "viewer image (OME-Zarr)",
 }
 

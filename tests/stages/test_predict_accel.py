@@ -14,15 +14,13 @@ from mrhscale.stages.predict import predict
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """synth (3 brains) -> ingest -> patches (s01 train, s02 val) -> a small MRH-Net (fast recipe)."""
-    from mrhscale.stages.ingest import ingest
+    from helpers import synth_store
+
     from mrhscale.stages.patches import extract_patches
-    from mrhscale.synth.phantom import make_cohort
     from mrhscale.training import train
 
     d = tmp_path_factory.mktemp("guard")
-    manifest = make_cohort(str(d / "files"), subjects=3, shape=(32, 20, 40), seed=1, quiet=True)
-    store = str(d / "c.zarr")
-    ingest(manifest, store, scheduler="threads", quiet=True)
+    store = synth_store(d, subjects=3, shape=(32, 20, 40), seed=1)
     patches = str(d / "p.zarr")
     extract_patches(store, "mbp", patches, stride=1, subjects=["s01", "s02"], val_subjects=["s02"],
                     scheduler="threads", quiet=True)
