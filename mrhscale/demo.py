@@ -36,6 +36,8 @@ class DemoConfig:
     # enough for a stable group ranking (the groups differ by far more than their spread)
     importance_patches: int = 2000
     importance_repeats: int = 2
+    # the held-out brain on its own scanner (synth/scanner.py): transfer, not a same-scanner retest
+    scanner_variation: bool = True
 
 
 QUICK = DemoConfig(subjects=3, shape=(24, 16, 32), stride=2, depth=2, epochs=2, batch_size=128,
@@ -92,7 +94,8 @@ class _Demo:
         with self.stage("synth", "synth: phantom cohort"):
             if not os.path.exists(self.manifest):
                 make_cohort(self.p["files"], subjects=self.cfg.subjects, shape=tuple(self.cfg.shape),
-                            seed=self.cfg.seed, fmt="nii.gz", quiet=self.quiet)
+                            seed=self.cfg.seed, fmt="nii.gz", quiet=self.quiet,
+                            scanner_variation=[self.test_id] if self.cfg.scanner_variation else None)
 
     def ingest_and_patches(self) -> None:
         from mrhscale.parallel.cluster import dask_client
