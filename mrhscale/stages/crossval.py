@@ -275,14 +275,17 @@ def run_fold(plan: dict, fold: dict, ctx: dict) -> dict:
     return res
 
 
+def _on(env) -> dict:
+    """A stage's keyword for ``env``: a Dask client, or a local scheduler name."""
+    return {"scheduler": env} if isinstance(env, str) else {"client": env}
+
+
 def _fold_patches(plan, fold, ctx, d) -> str:
     from mrhscale.stages.patches import extract_patches
 
     out = os.path.join(d, "patches.zarr")
-    env = ctx["env"]
-    kw = {"client": env} if not isinstance(env, str) else {"scheduler": env}
     extract_patches(ctx["store"], plan["target"], out, subjects=fold["train"] + fold["val"],
-                    val_subjects=fold["val"], quiet=ctx["quiet"], **kw, **plan["patches"])
+                    val_subjects=fold["val"], quiet=ctx["quiet"], **_on(ctx["env"]), **plan["patches"])
     return out
 
 
@@ -303,10 +306,9 @@ def _fold_evaluation(plan, fold, model, ctx, d) -> list[dict]:
     from mrhscale.stages.evaluate import evaluate
     from mrhscale.stages.predict import predict
 
-    env = ctx["env"]
-    kw = {"client": env} if not isinstance(env, str) else {"scheduler": env}
     pred = os.path.join(d, "pred.zarr")
-    predict(model, ctx["store"], pred, subjects=fold["held_out"], quiet=ctx["quiet"], overwrite=True, **kw)
+    predict(model, ctx["store"], pred, subjects=fold["held_out"], quiet=ctx["quiet"], overwrite=True,
+            **_on(ctx["env"]))
     ev = evaluate(pred, ctx["store"], plan["target"], os.path.join(d, "eval"), subjects=fold["held_out"],
                   quiet=ctx["quiet"], montage_subjects=1)
     return [{"subject": s, "fold": fold["name"], **{m: ev["per_subject"][s]["virtual"].get(m) for m in METRICS}}

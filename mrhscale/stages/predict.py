@@ -31,6 +31,7 @@ written, so an interrupted run resumes and skips finished subjects.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -451,11 +452,19 @@ def predict(
     ids, datasets = run.inputs(source, subjects)
     native_dirs = run.native_dirs(datasets)
     images = image_paths(ome_zarr, ids, storage_options) if ome_zarr else {}
-    with use_client(client, scheduler, workers, quiet, device=run.device) as env:
-        run.resolve(env, scheduler, torch_threads, brain_voxels(datasets.values()))
+    with contextlib.ExitStack() as stack:
+        # an embedded cluster starts only if there is something to predict; its workers
+        # are this machine's, so auto resolves here (a given or joined cluster: on its workers)
+        embedded = embedded_cluster(client, scheduler, workers)
+        env = None if embedded else stack.enter_context(use_client(client, scheduler, workers, quiet,
+                                                                   device=run.device))
+        run.resolve(env or "local", scheduler, torch_threads, brain_voxels(datasets.values()))
         with output(out_url, run.identity(), run.root_attrs(), overwrite=overwrite,
                     storage_options=storage_options) as pstore:
             todo, skipped = run.sort_out(pstore, source, ids, overwrite)
+            if todo and env is None:
+                env = stack.enter_context(use_client(None, None, workers, quiet, device=run.device))
+                run.threads = run._threads(env, None, torch_threads)
             n_vox = run.predict_all(pstore, source, datasets, todo, env, quiet)
             nifti, native = run.write_nifti(pstore, ids, native_dirs)
     dt = time.perf_counter() - t0
@@ -674,6 +683,13 @@ class PredictRun:
             if sid in native_dirs and not _nifti_current(npath, tag):
                 native.append(_write_native(pstore, sid, self.variable, npath, native_dirs[sid], tag))
         return nifti, native
+
+
+def embedded_cluster(client, scheduler, workers) -> bool:
+    """Whether ``use_client`` would start an embedded LocalCluster for these arguments."""
+    from mrhscale.parallel.runner import active_client
+
+    return client is None and scheduler is None and (workers is not None or active_client() is None)
 
 
 def brain_voxels(datasets) -> int:
