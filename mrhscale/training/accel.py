@@ -34,6 +34,7 @@ from mrhscale.nn.accel import (
     one_line,
 )
 from mrhscale.nn.accel import requested as requested_mode
+from mrhscale.stores import write_json
 
 logger = logging.getLogger("mrhscale")
 PROBE_STEPS, PROBE_REPEATS, MIN_GAIN = 4, 3, 1.05
@@ -157,12 +158,9 @@ def _store(key: str, best: Acceleration, rates: dict) -> None:
         table = {}
     table[key] = {**best.record(), "rates": {o.label: r for o, r in rates.items()},
                   "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w") as f:
-            json.dump(table, f, indent=1)
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json(path, table)
     except OSError as e:
         logger.debug(f"mrhscale: could not cache the training mode ({e})")
 
