@@ -81,9 +81,7 @@ def resolve(precision: str | None = None, compile: str | bool | None = None, dev
     p, c = requested(precision, compile)
     dev = torch.device(device)
     units = bf16_units(dev)
-    missing = compiler_missing(dev.type) if c != "off" else None
-    if c == "on" and missing:
-        raise MRHError(f"--compile on: {missing}; use --compile auto or off")
+    missing = compiler_check(c, dev.type)
     if p == "bf16" and not units:
         logger.warning(f"mrhscale: --precision bf16 on {dev.type} without bf16 matrix units: "
                        "emulated, likely slower than fp32")
@@ -133,6 +131,15 @@ def cpu_bf16_units() -> str | None:
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return None
     return next((u for u in ("amx_bf16", "avx512_bf16") if u in flags), None)
+
+
+def compiler_check(compile: str, device_type: str) -> str | None:
+    """Why the request cannot compile here (None: it may, or ``off``); an explicit ``on``
+    without a compiler is the user's error."""
+    missing = compiler_missing(device_type) if compile != "off" else None
+    if compile == "on" and missing:
+        raise MRHError(f"--compile on: {missing}; use --compile auto or off")
+    return missing
 
 
 def compiler_missing(device_type: str) -> str | None:

@@ -24,13 +24,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from mrhscale.errors import MRHError
 from mrhscale.nn.accel import (
     Acceleration,
     bf16_units,
     cache_dir,
     compiled,
-    compiler_missing,
+    compiler_check,
     one_line,
 )
 from mrhscale.nn.accel import requested as requested_mode
@@ -42,9 +41,7 @@ PROBE_STEPS, PROBE_REPEATS, MIN_GAIN = 4, 3, 1.05
 
 def candidates(precision: str, compile: str, dev: torch.device) -> list[Acceleration]:
     """The modes a request allows on ``dev``, eager fp32 first when allowed."""
-    units, missing = bf16_units(dev), compiler_missing(dev.type) if compile != "off" else "off"
-    if compile == "on" and missing:
-        raise MRHError(f"--compile on: {missing}; use --compile auto or off")
+    units, missing = bf16_units(dev), compiler_check(compile, dev.type)
     precs = {"fp32": ["fp32"], "bf16": ["bf16"], "auto": ["fp32", "bf16"] if units else ["fp32"]}[precision]
     comps = {"off": [False], "on": [True], "auto": [False, True] if not missing else [False]}[compile]
     if dev.type == "cuda" and units:  # tensor cores: no need to measure what is known

@@ -33,7 +33,7 @@ def modes(options):
 
 def test_candidates_follow_request_units_and_compiler(monkeypatch):
     monkeypatch.setattr(TA, "bf16_units", lambda dev: "avx512_bf16")
-    monkeypatch.setattr(TA, "compiler_missing", lambda kind: None)
+    monkeypatch.setattr(NA, "compiler_missing", lambda kind: None)
     assert modes(TA.candidates("auto", "auto", CPU)) == [("fp32", False), ("fp32", True),
                                                           ("bf16", False), ("bf16", True)]
     assert modes(TA.candidates("fp32", "auto", CPU)) == [("fp32", False), ("fp32", True)]
@@ -41,7 +41,7 @@ def test_candidates_follow_request_units_and_compiler(monkeypatch):
     # a GPU with bf16 tensor cores: bf16 compiled, nothing to measure
     assert modes(TA.candidates("auto", "auto", torch.device("cuda"))) == [("bf16", True)]
     monkeypatch.setattr(TA, "bf16_units", lambda dev: None)
-    monkeypatch.setattr(TA, "compiler_missing", lambda kind: "no C++ compiler (test)")
+    monkeypatch.setattr(NA, "compiler_missing", lambda kind: "no C++ compiler (test)")
     assert modes(TA.candidates("auto", "auto", CPU)) == [("fp32", False)]
     with pytest.raises(MRHError, match="--compile on: no C\\+\\+ compiler"):
         TA.candidates("auto", "on", CPU)
@@ -57,7 +57,7 @@ def test_fastest_keeps_eager_fp32_unless_clearly_beaten():
 def test_choice_is_measured_once_then_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("MRHSCALE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(TA, "bf16_units", lambda dev: "avx512_bf16")
-    monkeypatch.setattr(TA, "compiler_missing", lambda kind: None)
+    monkeypatch.setattr(NA, "compiler_missing", lambda kind: None)
     calls = []
 
     def fake_measure(mode, *a):
