@@ -400,7 +400,8 @@ def importance(model, patches, out, split, repeats, max_patches, seed, precision
               help="Hold out each subject in turn, or split the subjects into K folds.")
 @click.option("--recipe", default=None, metavar="NAME|FILE.yaml",
               help="A training recipe (paper, fast) or a YAML mapping of training options (as `train`) "
-                   "and patch options (as `patches`), e.g. {recipe: fast, epochs: 4, stride: 2} [paper].")
+                   "and patch options (as `patches`), plus `tta: true` to predict with test-time augmentation, "
+                   "e.g. {recipe: fast, epochs: 4, stride: 2} [paper].")
 @click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
 @click.option("--fold-workers", type=int, default=None,
               help="Run folds side by side, one per Dask worker process (default: one after another).")
@@ -502,6 +503,10 @@ def _run_training(fn, *args, **kw):
 @main.command()
 @click.argument("patches")
 @click.option("--depth", type=int, default=None, help="Residual blocks [5]; the paper's AF net: 29-30.")
+@click.option("--norm", type=click.Choice(["global", "subject-percentile", "subject-max"]), default=None,
+              help="Input scaling: the patch store's statistics (global), or each brain's own inside its mask: "
+                   "0.5-99.5th percentiles per contrast, or one maximum (the original's test-time scaling); "
+                   "kept in the model, applied by predict [global].")
 @_training_options
 def train(patches, **kw):
     """Train MRH-Net on PATCHES; one process, or under `torchrun --nproc_per_node=N` (DDP)."""

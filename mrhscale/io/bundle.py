@@ -86,6 +86,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     return model, meta
 
 
+def _norm_line(norm: Normalisation) -> str:
+    target = f"target' = (t - {norm.target_offset:.4g}) / {norm.target_scale:.4g}"
+    if norm.per_subject:
+        how = ("(x - p0.5[c]) / (p99.5[c] - p0.5[c])" if norm.mode == "subject-percentile" else "x / max")
+        return f"normalisation  {norm.mode}: x' = {how} of each brain's own voxels inside its mask; {target}"
+    return (f"normalisation  {norm.mode}: x' = (x - offset[c]) / scale[c]; offset "
+            f"{min(norm.offset):.4g}..{max(norm.offset):.4g}, scale {min(norm.scale):.4g}..{max(norm.scale):.4g}; "
+            f"{target}")
+
+
 def describe_bundle(path: str | os.PathLike) -> str:
     """Human-readable summary of a bundle: architecture, inputs, normalisation, target, provenance."""
     import json
@@ -111,9 +121,7 @@ def describe_bundle(path: str | os.PathLike) -> str:
         f"in the plane across slice axis {p.get('axis')!r}",
         f"channels       {len(ch)}: " + ", ".join(f"{g} x{n}" for g, n in groups.items()),
         f"               {shown}",
-        f"normalisation  {norm.mode}: x' = (x - offset[c]) / scale[c]; offset "
-        f"{min(norm.offset):.4g}..{max(norm.offset):.4g}, scale {min(norm.scale):.4g}..{max(norm.scale):.4g}; "
-        f"target' = (t - {norm.target_offset:.4g}) / {norm.target_scale:.4g}",
+        _norm_line(norm),
     ]
     if prov:
         cfg = prov.get("config", {}) or {}

@@ -5,6 +5,16 @@ scaled differently gave a different answer. Here the statistics are computed
 once on the training split and travel with the model, so inference is
 reproducible: ``x_norm = (x - offset[c]) / scale[c]`` per channel and
 ``t_norm = (t - target_offset) / target_scale`` for the stain.
+
+The per-subject modes instead scale every brain by its OWN statistics, inside
+its mask, before the network sees it: ``subject-percentile`` maps each contrast's
+0.5th..99.5th percentile to 0..1 (robust to a scanner's gain per contrast),
+``subject-max`` divides every contrast by the brain's one maximum (the original's
+test-time scaling). The statistics of every patch-store subject are stored with
+the store (``subject_norm``) and a new brain's are computed at prediction, by the
+same function (:func:`subject_stats`), so a training brain gets the same numbers
+both times. The record then only names the mode; :meth:`Normalisation.for_subject`
+makes the concrete one.
 """
 
 from __future__ import annotations
@@ -15,7 +25,10 @@ import numpy as np
 
 from mrhscale.errors import MRHError
 
-MODES = ("percentile", "global-max", "identity")
+SUBJECT_MODES = ("subject-percentile", "subject-max")
+MODES = ("percentile", "global-max", "identity", *SUBJECT_MODES)
+PERCENTILES = (0.5, 99.5)  # robust range of a contrast: the global and the per-subject percentile modes
+STAT_VOXELS = 1 << 20  # per-subject percentiles from at most about this many grid points (a lattice)
 
 
 @dataclass
@@ -41,8 +54,40 @@ class Normalisation:
     def n_channels(self) -> int:
         return len(self.scale)
 
+    @property
+    def per_subject(self) -> bool:
+        """True for a per-subject mode not yet made concrete for one subject."""
+        return self.mode in SUBJECT_MODES and "subject" not in self.meta
+
+    @classmethod
+    def subject_mode(cls, mode: str, n_channels: int, target_offset: float, target_scale: float):
+        """A per-subject record: the subject's own scaling, then nothing more."""
+        if mode not in SUBJECT_MODES:
+            raise MRHError(f"unknown per-subject normalisation {mode!r}; choose one of {', '.join(SUBJECT_MODES)}")
+        return cls(mode, [0.0] * n_channels, [1.0] * n_channels, target_offset, target_scale,
+                   meta={"percentiles": list(PERCENTILES), "within": "brain mask",
+                         "statistics": "per subject (patch store attr subject_norm; at prediction "
+                                       "computed from the subject)"})
+
+    def for_subject(self, stats: dict) -> Normalisation:
+        """The concrete normalisation of one subject from its :func:`subject_stats`
+        (this record unchanged when it is not per subject)."""
+        if not self.per_subject:
+            return self
+        got = stats.get(self.mode)
+        if not got or len(got.get("scale", ())) != self.n_channels:
+            raise MRHError(f"{self.mode} normalisation: the subject's statistics are missing or have "
+                           f"another number of contrasts than the model's {self.n_channels}")
+        o_s, s_s = np.asarray(got["offset"], np.float64), np.asarray(got["scale"], np.float64)
+        off = o_s + s_s * np.asarray(self.offset, np.float64)
+        scale = s_s * np.asarray(self.scale, np.float64)
+        return Normalisation(self.mode, off.tolist(), scale.tolist(), self.target_offset, self.target_scale,
+                             meta={**self.meta, "subject": got})
+
     def input_arrays(self, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """(offset, 1/scale) as arrays, for a fused ``(x - o) * s`` in hot paths."""
+        if self.per_subject:
+            raise MRHError(f"{self.mode} normalisation needs the subject's own statistics (for_subject)")
         return np.asarray(self.offset, dtype), (1.0 / np.asarray(self.scale, np.float64)).astype(dtype)
 
     def apply_inputs(self, x: np.ndarray, channel_axis: int = -1) -> np.ndarray:
@@ -84,3 +129,49 @@ class Normalisation:
     def global_max(cls, n_channels: int, input_max: float, target_max: float = 1.0) -> Normalisation:
         """The original MRH-Net scaling: every input divided by one global maximum."""
         return cls("global-max", [0.0] * n_channels, [float(input_max)] * n_channels, 0.0, float(target_max))
+
+
+# --------------------------------------------------------------------------- per-subject statistics
+def lattice_step(shape) -> int:
+    """The grid step that leaves at most about STAT_VOXELS points of a volume."""
+    n = int(np.prod(shape))
+    return max(1, int(np.ceil((n / STAT_VOXELS) ** (1 / 3))))
+
+
+def subject_stats_graph(mri, mask):
+    """Delayed :func:`subject_stats` of dask arrays ``mri`` (x, y, z, contrast) and ``mask``:
+    the percentiles from a lattice of the brain, the maximum from every brain voxel."""
+    import dask
+    import dask.array as da
+
+    k = lattice_step(mri.shape[:3])
+    brain = mask.astype(bool)
+    top = da.nanmax(da.where(brain[..., None], mri, -np.inf))
+    return dask.delayed(stats_from)(mri[::k, ::k, ::k, :], brain[::k, ::k, ::k], top)
+
+
+def subject_stats(mri, mask) -> dict:
+    """One subject's own input statistics inside its brain mask (numpy arrays)."""
+    k = lattice_step(mri.shape[:3])
+    brain = np.asarray(mask).astype(bool)
+    inside = np.asarray(mri)[brain]
+    top = float(np.nanmax(inside)) if np.isfinite(inside).any() else -np.inf
+    return stats_from(np.asarray(mri)[::k, ::k, ::k, :], brain[::k, ::k, ::k], top)
+
+
+def stats_from(lattice: np.ndarray, brain: np.ndarray, top: float) -> dict:
+    """{mode: {offset, scale}} for the per-subject modes, from the brain's lattice points."""
+    v = np.asarray(lattice, np.float64)[np.asarray(brain, bool)]
+    if not len(v):
+        raise MRHError("per-subject normalisation: the brain mask is empty")
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.nanpercentile(v, PERCENTILES, axis=0)
+    lo = np.where(np.isfinite(lo), lo, 0.0)
+    scale = hi - lo
+    bad = ~(np.isfinite(scale) & (scale > 0))
+    scale[bad] = np.maximum(np.abs(lo[bad]), 1.0)
+    top = float(top) if np.isfinite(top) and top > 0 else 1.0
+    n_c = v.shape[1]
+    return {"subject-percentile": {"offset": lo.tolist(), "scale": scale.tolist()},
+            "subject-max": {"offset": [0.0] * n_c, "scale": [top] * n_c},
+            "voxels": int(len(v))}

@@ -87,7 +87,8 @@ def roc_plot(path, rocs, label):
     a.set_xlabel("1 - specificity")
     a.set_ylabel("sensitivity")
     a.set_title(f"detecting {label}", fontsize=10)
-    a.legend(fontsize=7, loc="lower right")
+    if a.get_legend_handles_labels()[0]:  # a subject without the lesion has no curve to name
+        a.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

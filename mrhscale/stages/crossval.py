@@ -90,8 +90,12 @@ def recipe_options(recipe) -> dict:
     return doc
 
 
+PREDICT_KEYS = ("tta",)  # prediction options a recipe may hold
+
+
 def split_recipe(options: dict) -> tuple[dict, dict]:
-    """(training options, patch options) by name; anything else is an error."""
+    """(training options, patch options) by name; prediction options (``tta``) are taken
+    out first by :func:`make_plan`; anything else is an error."""
     from mrhscale.stages.patches import PatchOptions
     from mrhscale.training.config import TrainConfig
 
@@ -108,6 +112,8 @@ def split_recipe(options: dict) -> tuple[dict, dict]:
 def make_plan(cohort, target: str, folds, options: dict, subjects) -> dict:
     """The folds: held-out subjects, training subjects, a validation subject when there
     are enough (else a validation fraction of the training patches)."""
+    options = dict(options)
+    predict_opts = {k: options.pop(k) for k in PREDICT_KEYS if k in options}
     train_opts, patch_opts = split_recipe(options)
     ids = _subjects_with(cohort, target, subjects)
     groups = _fold_groups(ids, folds)
@@ -119,8 +125,11 @@ def make_plan(cohort, target: str, folds, options: dict, subjects) -> dict:
                            "val": val})
     if not patch_opts.get("val_fraction") and any(not f["val"] for f in plan_folds):
         patch_opts["val_fraction"] = 0.2  # too few subjects to hold one out for validation
-    return {"format": "mrhscale-crossval-plan", "target": target, "scheme": str(folds), "folds": plan_folds,
+    plan = {"format": "mrhscale-crossval-plan", "target": target, "scheme": str(folds), "folds": plan_folds,
             "train": train_opts, "patches": patch_opts, "cohort": cohort.url}
+    if predict_opts:  # absent when unset, so plans written before it still match
+        plan["predict"] = {k: bool(v) for k, v in predict_opts.items()}
+    return plan
 
 
 def _subjects_with(cohort, target: str, subjects) -> list[str]:
@@ -308,7 +317,7 @@ def _fold_evaluation(plan, fold, model, ctx, d) -> list[dict]:
 
     pred = os.path.join(d, "pred.zarr")
     predict(model, ctx["store"], pred, subjects=fold["held_out"], quiet=ctx["quiet"], overwrite=True,
-            **_on(ctx["env"]))
+            **plan.get("predict", {}), **_on(ctx["env"]))
     ev = evaluate(pred, ctx["store"], plan["target"], os.path.join(d, "eval"), subjects=fold["held_out"],
                   quiet=ctx["quiet"], montage_subjects=1)
     return [{"subject": s, "fold": fold["name"], **{m: ev["per_subject"][s]["virtual"].get(m) for m in METRICS}}
@@ -329,7 +338,8 @@ def write_table(out: str, plan: dict, results: list[dict], seconds: float):
     write_text(os.path.join(out, "crossval.csv"), "\n".join(lines) + "\n")
     doc = {"target": plan["target"], "scheme": plan["scheme"], "rows": rows,
            "summary": {m: {"mean": v[0], "sd": v[1]} for m, v in summary.items()},
-           "recipe": {"train": plan["train"], "patches": plan["patches"]}, "seconds": round(seconds, 1)}
+           "recipe": {"train": plan["train"], "patches": plan["patches"], "predict": plan.get("predict", {})},
+           "seconds": round(seconds, 1)}
     write_json(os.path.join(out, "crossval.json"), doc)
     _figure(os.path.join(out, "crossval.png"), rows, plan["target"])
     from mrhscale.results import CrossvalResult

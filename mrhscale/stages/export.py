@@ -66,6 +66,9 @@ def export_model(model_path, out, fmt: str = "onnx", *, overwrite: bool = False,
     fmt = _check_format(fmt, opset)
     model_path, out = resolve(model_path, "model"), _local_out(out)
     net, meta = load_model(model_path)
+    if meta["norm"].per_subject:
+        raise MRHError(f"{model_path}: the model scales each brain by its own statistics ({meta['norm'].mode}), "
+                       "which a patch-wise exported graph cannot compute; train with --norm global to export")
     check_out(out, overwrite)
     graph = InferenceGraph(net, meta["norm"]).eval()
     size = int(meta["patch"].get("size") or 2 * int(meta["patch"]["half"]) + 1)

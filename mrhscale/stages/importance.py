@@ -100,7 +100,8 @@ def importance(
     attrs, xa, ta = _open_split(patches_url, split, storage_options)
     sel = _check_model_and_store(model_path, meta, patches_url, attrs, xa)
     rng = np.random.default_rng(seed)
-    x, t = _sample(xa, ta, sel, meta["norm"], rng, max_patches)
+    x, t = _sample(xa, ta, sel, _row_norms(meta["norm"], patches_url, attrs, split, sel, storage_options),
+                   rng, max_patches)
     gmap = channel_groups(list(meta["channels"]), _groups(groups, attrs, sel))
     n_forward = len(x) * (1 + repeats * (len(gmap) + (len(sel) if per_channel else 0)))
     runner = _runner(model, meta, device, min(batch_size, len(x)), precision, compile, n_forward)
@@ -149,13 +150,36 @@ def _check_model_and_store(model_path, meta: dict, patches_url, attrs: dict, xa)
     return [store_ch.index(c) for c in channels]
 
 
-def _sample(xa, ta, sel: list[int], norm, rng, max_patches: int):
+def _row_norms(norm, url: str, attrs: dict, split: str, sel: list[int], storage_options):
+    """``normalise(x, rows)``: the model's normalisation of store rows, per subject where it is."""
+    if not norm.per_subject:
+        return lambda x, idx: norm.apply_inputs(x, channel_axis=1)
+    from mrhscale.stores import PatchStore
+    from mrhscale.training.stream import subject_tables
+
+    off, inv = subject_tables(norm, {**attrs, "subject_norm": _stats_of(attrs, sel, url)}, url)
+    origin = PatchStore.open(url, storage_options).root()[f"{split}/origin"]
+
+    def normalise(x, idx):
+        who = np.asarray(origin.get_orthogonal_selection((idx, 0)))
+        return (x - off[who][:, :, None, None]) * inv[who][:, :, None, None]
+    return normalise
+
+
+def _stats_of(attrs: dict, sel: list[int], url: str) -> dict:
+    """The store's per-subject statistics restricted to the model's channels, in its order."""
+    stats = attrs.get("subject_norm") or {}
+    return {sid: {m: {k: [v[k][i] for i in sel] for k in ("offset", "scale")}
+                  for m, v in st.items() if isinstance(v, dict)} for sid, st in stats.items()}
+
+
+def _sample(xa, ta, sel: list[int], normalise, rng, max_patches: int):
     """A random subset of the split: normalised inputs (model's channels) and raw targets."""
     n_all = int(xa.shape[0])
     idx = np.sort(rng.choice(n_all, min(n_all, max_patches), replace=False))
     x = np.asarray(xa.get_orthogonal_selection((idx,)), np.float32)[:, sel]
     t = np.asarray(ta.get_orthogonal_selection((idx,)), np.float64)
-    x = norm.apply_inputs(x, channel_axis=1)
+    x = normalise(x, idx).astype(np.float32, copy=False)
     np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     return x, t
 

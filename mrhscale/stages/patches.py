@@ -53,6 +53,7 @@ import numpy as np
 
 from mrhscale.errors import MRHError
 from mrhscale.log import note
+from mrhscale.ops.norm import PERCENTILES
 from mrhscale.ops.patches import AXES, NUMBA, grid_positions, plane_axes, select_samples
 from mrhscale.parallel.runner import run_tasks, use_client
 from mrhscale.results import PatchesResult
@@ -62,7 +63,6 @@ SPLITS = ("train", "val")
 STAGING = "_staging"
 NORM_MODES = ("percentile", "global-max")
 DTYPES = ("float32", "float16")
-PERCENTILES = (0.5, 99.5)
 STATS_ROWS = 32768  # percentiles are computed on a seeded subsample of this many train patches
 
 # --------------------------------------------------------------------------- pass 1: extract
@@ -444,7 +444,7 @@ class _Extraction:
         nrm = _norm_stats([r for j, r in zip(jobs2, res2, strict=True) if j["split"] == 0],
                           self.o.norm, len(self.channels))
         return {"n_train": int(n_split[0]), "n_val": int(n_split[1]), "n_candidates": n_cand,
-                "norm": nrm.to_dict(), "chunk_size": self.nc, "n_buckets": list(self.n_buckets)}
+                "norm": nrm.to_dict(), "subject_norm": self.subject_norm(), "chunk_size": self.nc, "n_buckets": list(self.n_buckets)}
 
     def slice_ranges(self) -> dict:
         """Per subject, the slices to sample: as asked, or where the target has data."""
@@ -462,6 +462,14 @@ class _Extraction:
             nz = np.flatnonzero(has)
             ranges[sid] = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else None
         return ranges
+
+    def subject_norm(self) -> dict:
+        """Every subject's own input statistics inside its mask, for the per-subject
+        normalisation modes (``train --norm``); ops/norm.py computes a new brain's the same way."""
+        from mrhscale.ops.norm import subject_stats_graph
+
+        tasks = [subject_stats_graph(ds["mri"].data, ds["mask"].data) for ds in self.cohort.values()]
+        return dict(zip(self.sids, _run(self.env, tasks, "subject statistics", True), strict=True))
 
     def plan_buckets(self, bucket_bytes: int) -> list[int]:
         """Shuffle buckets per split, from an upper bound of the sample bytes."""
@@ -609,7 +617,8 @@ class _Extraction:
         return {
             "channels": self.channels, "target": self.target,
             "patch": {"half": o.half, "size": o.size, "axis": o.axis}, "norm": summary.pop("norm"),
-            "subjects": self.sids, "val_subjects": sorted(self.val_set), "n_train": summary["n_train"],
+            "subject_norm": summary.pop("subject_norm"), "subjects": self.sids,
+            "val_subjects": sorted(self.val_set), "n_train": summary["n_train"],
             "n_val": summary["n_val"], "seed": o.seed,
             "rules": {"stride": o.stride,
                       "slices": {sid: (list(r) if r else None) for sid, r in self.ranges.items()},

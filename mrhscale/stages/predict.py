@@ -231,10 +231,12 @@ def _workers_device_ok(device: str) -> bool:
 # --------------------------------------------------------------------------- graph per subject
 def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads=None,
                        batch_size=4096, aggregate="centre", block_bytes=BLOCK_BYTES, mode=("fp32", False),
-                       tta=False):
+                       tta=False, norm=None):
     """Lazy dask array (x, y, z) of the virtual stain for one subject Dataset; ``mode``
     (precision, compiled) as ``prepare_worker`` resolved it (default: eager fp32);
-    ``tta``: the mean over the patch's 8 in-plane symmetries (8x the forward passes).
+    ``tta``: the mean over the patch's 8 in-plane symmetries (8x the forward passes);
+    ``norm``: this subject's concrete normalisation (default: the bundle's, which must
+    then not be per subject: see :func:`subject_normalisation`).
 
     Store chunks are merged in-plane into blocks of up to ``block_bytes`` of input:
     the halo exchange costs dask ~40 tasks per block whatever its size, which on
@@ -274,7 +276,7 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
     if new != list(mri.chunks[:3]):
         mri = mri.rechunk((*new, -1))
         mask = mask.rechunk(new)
-    norm = meta["norm"]
+    norm = meta["norm"] if norm is None else norm
     off, inv = norm.input_arrays()
     kw = dict(
         drop_axis=3,
@@ -304,6 +306,27 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
     dep = {a: (0 if a in (slice_axis, 3) else depth) for a in range(4)}
     return da.map_overlap(_predict_block, mri, msk, depth=dep, boundary=0, trim=False,
                           align_arrays=False, allow_rechunk=True, halo=depth, **kw)
+
+
+def subject_normalisation(meta: dict, ds, scheduler=None):
+    """The bundle's normalisation made concrete for subject ``ds``: a per-subject mode takes
+    the brain's own statistics inside its mask (computed on ``scheduler``), as at training."""
+    import dask
+
+    from mrhscale.ops.norm import subject_stats_graph
+
+    norm = meta["norm"]
+    if not norm.per_subject:
+        return norm
+    channels = list(meta["channels"])
+    mri = ds["mri"].sel(contrast=channels).data
+    mask = ds["mask"].data
+    if not hasattr(mri, "dask"):
+        import dask.array as da
+
+        mri, mask = da.from_array(mri, chunks=(64, 64, 64, -1)), da.from_array(mask, chunks=(64, 64, 64))
+    (stats,) = dask.compute(subject_stats_graph(mri, mask), scheduler=scheduler)
+    return norm.for_subject(stats)
 
 
 def _merged_inplane(chunks, shape, slice_axis: int, voxel_bytes: int, block_bytes: int):
@@ -634,7 +657,7 @@ class PredictRun:
 
         path = writer.begin(sid)
         try:
-            out = self._dataset(source, ds, sid, threads)
+            out = self._dataset(source, ds, sid, threads, client)
             write = writer.lazy_write(path, out)
             _, brain = dask.compute(write, out["mask"].data.sum(), scheduler=client)  # one pass, one round trip
         except BaseException as e:
@@ -645,20 +668,22 @@ class PredictRun:
         writer.commit(sid, path, self.made_by(source, sid), extra={"lineage": out.attrs["lineage"]})
         return int(brain)
 
-    def _dataset(self, source, ds, sid: str, threads):
+    def _dataset(self, source, ds, sid: str, threads, client=None):
         import xarray as xr
 
         from mrhscale import __version__
 
+        norm = subject_normalisation(self.meta, ds, client)
         pred = subject_prediction(ds, self.meta, self.model_path, device=self.device, threads=threads,
                                   batch_size=self.batch_size, aggregate=self.aggregate, mode=self.mode,
-                                  tta=self.tta)
+                                  tta=self.tta, norm=norm)
         pred = pred.rechunk(_zarr_chunks(pred.chunks))
         attrs = {k: v for k, v in _jsonable(dict(ds.attrs)).items()
                  if k not in ("complete", "made_by", "fingerprint")}
         attrs["lineage"] = _jsonable({
             "stage": "predict", "mrhscale": __version__, "model": self.model_rec,
-            "source": {"store": source.url, "subject": sid, **source.identity(sid)}, **self.params})
+            "source": {"store": source.url, "subject": sid, **source.identity(sid)}, **self.params,
+            **({"subject_norm": norm.meta["subject"]} if "subject" in norm.meta else {})})
         out = xr.Dataset(
             {self.variable: (SPATIAL, pred, {"units": "raw stain units", "target": self.target,
                                              "kind": "virtual histology"}),

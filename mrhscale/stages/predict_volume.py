@@ -34,7 +34,12 @@ def predict_volume(model, data, *, client=None, scheduler: str | None = None, de
     import xarray as xr
 
     from mrhscale.parallel.runner import active_client, use_client
-    from mrhscale.stages.predict import PredictRun, brain_voxels, subject_prediction
+    from mrhscale.stages.predict import (
+        PredictRun,
+        brain_voxels,
+        subject_normalisation,
+        subject_prediction,
+    )
 
     run = PredictRun(os.fspath(model), batch_size, device, aggregate, scheduler, None, None, precision, compile,
                      tta)
@@ -45,8 +50,10 @@ def predict_volume(model, data, *, client=None, scheduler: str | None = None, de
     with use_client(client, scheduler) as env:
         run.resolve(env, scheduler, None, brain_voxels([ds]))
         run.prepare(env)
+        norm = subject_normalisation(run.meta, ds, env)
         graph = subject_prediction(ds, run.meta, run.model_path, device=run.device, threads=run.threads,
-                                   batch_size=run.batch_size, aggregate=aggregate, mode=run.mode, tta=tta)
+                                   batch_size=run.batch_size, aggregate=aggregate, mode=run.mode, tta=tta,
+                                   norm=norm)
         values = graph.compute(scheduler=env)
     attrs = {"target": run.target, "kind": "virtual histology", "units": "raw stain units",
              "model_sha256": run.model_rec["sha256"], "aggregate": aggregate, "numerics": run.accel.label}

@@ -63,9 +63,21 @@ def train(config: TrainConfig | str, out_dir: str, *, resume: bool = False,
             init_weights([mod for mod in m.modules() if isinstance(mod, nn.Conv2d)], cfg.init)
             return m
 
-        norm = Normalisation.from_dict(store["norm"])
-        return Trainer(cfg, out_dir, rt, store=store, build_model=build, stream_norm=None,
-                       bundle_norm=norm).run(resume)
+        norm = input_normalisation(cfg.norm, store, cfg.patches)
+        return Trainer(cfg, out_dir, rt, store=store, build_model=build,
+                       stream_norm=norm if norm.per_subject else None, bundle_norm=norm).run(resume)
+
+
+def input_normalisation(mode: str, store: dict, patches: str) -> Normalisation:
+    """The bundle's normalisation: the store's global statistics, or a per-subject mode
+    (each brain scaled by its own statistics, the stain by the store's)."""
+    norm = Normalisation.from_dict(store["norm"])
+    if mode == "global":
+        return norm
+    if not store.get("subject_norm"):
+        raise MRHError(f"--norm {mode}: {patches} has no per-subject statistics (made by an older "
+                       "mrhscale); remake it with `mrhscale patches --overwrite`")
+    return Normalisation.subject_mode(mode, len(store["channels"]), norm.target_offset, norm.target_scale)
 
 
 def finetune(model_path: str, config: TrainConfig | str, out_dir: str, *, resume: bool = False,

@@ -13,6 +13,7 @@ LOSSES = ("matlab", "mse", "centre-mse")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("piecewise", "cosine")
 INITS = ("glorot", "torch")
+NORMS = ("global", "subject-percentile", "subject-max")  # ops/norm.py
 
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}  # an optimiser chosen without --lr starts here
 
@@ -72,6 +73,7 @@ class TrainConfig:
     shuffle_buffer: int | None = None
     val_patches: int | None = None  # per-epoch validation on this fixed subset; the last epoch: all
     augment: str = ""  # training-time augmentations (training/augment.py), e.g. "gain,bias,flip"
+    norm: str = "global"  # input scaling: the patch store's statistics, or each brain's own (ops/norm.py)
 
     def validate(self) -> None:
         def bad(opt, val, want):
@@ -104,6 +106,8 @@ class TrainConfig:
         from mrhscale.training.augment import parse
 
         self.augment = ",".join(parse(self.augment))
+        if self.norm not in NORMS:
+            bad("norm", self.norm, f"choose one of {', '.join(NORMS)}")
         if self.val_patches is not None and self.val_patches < 1:
             bad("val-patches", self.val_patches, "must be at least 1 (unset: the whole val split)")
 

@@ -85,6 +85,7 @@ class PatchStream(IterableDataset):
         storage_options: dict | None = None,
         with_origin: bool = False,
         read_ahead: bool = False,
+        norm: Normalisation | None = None,
     ):
         super().__init__()
         if split not in ("train", "val"):
@@ -107,7 +108,7 @@ class PatchStream(IterableDataset):
         self.channels = list(attrs["channels"])
         self.patch = dict(attrs["patch"])
         self.target = attrs["target"]
-        self.norm = Normalisation.from_dict(attrs["norm"])
+        self.norm = Normalisation.from_dict(attrs["norm"]) if norm is None else norm
         arr = root[f"{split}/inputs"]
         self.num_samples = int(arr.shape[0])
         self.chunk_rows = int(arr.chunks[0])
@@ -126,11 +127,12 @@ class PatchStream(IterableDataset):
                 f"{url}: {split} split has {self.num_samples} patches, fewer than world_size x batch_size "
                 f"= {self.world_size * self.batch_size}; lower the batch size or use drop_last=False"
             )
-        self._off, self._inv = self.norm.input_arrays(np.float32)
+        self._off, self._inv = subject_tables(self.norm, attrs, url)  # [S, C]: a row per subject
         q = int(self.patch["size"]) ** 2  # per (contrast, voxel) copies for the fused kernel
-        self._offx, self._invx = np.repeat(self._off, q), np.repeat(self._inv, q)
-        self._off = self._off.reshape(1, -1, 1, 1)
-        self._inv = self._inv.reshape(1, -1, 1, 1)
+        self._offx, self._invx = np.repeat(self._off, q, axis=1), np.repeat(self._inv, q, axis=1)
+        self._off = self._off[:, :, None, None]
+        self._inv = self._inv[:, :, None, None]
+        self._by_subject = len(self._off) > 1
         self._arrays = None
         self._in_worker = False
 
@@ -192,7 +194,7 @@ class PatchStream(IterableDataset):
     def _open(self):
         if self._arrays is None:
             root = open_patch_store(self.url, self.storage_options)
-            names = VARS if self.with_origin else VARS[:2]
+            names = VARS if self.with_origin or self._by_subject else VARS[:2]
             self._arrays = [root[f"{self.split}/{v}"] for v in names]
         return self._arrays
 
@@ -208,16 +210,18 @@ class PatchStream(IterableDataset):
             flat = torch.empty(nx + nt, dtype=torch.float32)
         xt, tt = flat[:nx].view(shape), flat[nx:].view(t_shape)
         x, t = xt.numpy(), tt.numpy()
+        who = (np.take(arrs[2][:, 0], idx) if self._by_subject  # each row's subject: its own statistics
+               else np.zeros(len(idx), np.int64))
         if _nb_norm is not None and arrs[0].dtype == np.float32:  # numba has no float16
-            _nb_norm(arrs[0].reshape(len(arrs[0]), -1), idx, self._offx, self._invx,
+            _nb_norm(arrs[0].reshape(len(arrs[0]), -1), idx, who, self._offx, self._invx,
                      x.reshape(len(idx), -1))
         else:
             if arrs[0].dtype == np.float32:
                 np.take(arrs[0], idx, axis=0, out=x)
             else:
                 np.copyto(x, np.take(arrs[0], idx, axis=0))
-            np.subtract(x, self._off, out=x)
-            np.multiply(x, self._inv, out=x)
+            np.subtract(x, self._off[who], out=x)
+            np.multiply(x, self._inv[who], out=x)
         np.take(arrs[1], idx, axis=0, out=t)
         if self.norm.target_offset:
             np.subtract(t, np.float32(self.norm.target_offset), out=t)
@@ -328,6 +332,20 @@ def _noop():
     pass
 
 
+def subject_tables(norm: Normalisation, attrs: dict, url: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, 1/scale) per subject of the store ``[S, C]`` for a per-subject ``norm``
+    (rows indexed like ``origin[:, 0]``), else one row for every patch."""
+    if not norm.per_subject:
+        off, inv = norm.input_arrays(np.float32)
+        return off[None], inv[None]
+    stats = attrs.get("subject_norm")
+    if not stats:
+        raise MRHError(f"{url}: this patch store has no per-subject statistics (made before "
+                       f"{norm.mode} normalisation existed); remake it with `mrhscale patches --overwrite`")
+    rows = [norm.for_subject(stats[sid]).input_arrays(np.float32) for sid in attrs["subjects"]]
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+
 def _read_ahead(arrays, plan, rows: int, b: int, pool):
     """Windows read by a background thread (zarr I/O and decoding release the GIL), two
     buffers in rotation: the next window is read while this one is cut into batches."""
@@ -377,12 +395,12 @@ try:  # fused gather + normalise (one pass); numpy fallback gives the same value
     import numba as _numba
 
     @_numba.njit(nogil=True, cache=True, boundscheck=False)
-    def _nb_norm(src, idx, off, inv, out):  # src [N, M], out [n, M], off/inv [M]
+    def _nb_norm(src, idx, who, off, inv, out):  # src [N, M], out [n, M], off/inv [S, M], who [n]
         m = src.shape[1]
         for i in range(idx.shape[0]):
-            r = idx[i]
+            r, s = idx[i], who[i]
             for k in range(m):
-                out[i, k] = (src[r, k] - off[k]) * inv[k]
+                out[i, k] = (src[r, k] - off[s, k]) * inv[s, k]
         return out
 except ImportError:  # pragma: no cover
     _nb_norm = None
