@@ -105,8 +105,15 @@ def split_recipe(options: dict) -> tuple[dict, dict]:
     if bad:
         raise MRHError(f"--recipe: unknown option(s) {', '.join(bad)} (training options as `mrhscale "
                        "train`, patch options as `mrhscale patches`, with _ for -)")
-    return ({k: v for k, v in options.items() if k in train_keys},
-            {k: v for k, v in options.items() if k in patch_keys})
+    train_opts = {k: v for k, v in options.items() if k in train_keys}
+    patch_opts = {k: v for k, v in options.items() if k in patch_keys}
+    # `norm` names both the patch store's global statistics (percentile, global-max) and
+    # train's choice (global, subject-...): the value says which, the two sets are disjoint
+    if "norm" in options:
+        from mrhscale.stages.patches import NORM_MODES
+
+        (patch_opts if options["norm"] not in NORM_MODES else train_opts).pop("norm", None)
+    return train_opts, patch_opts
 
 
 def make_plan(cohort, target: str, folds, options: dict, subjects) -> dict:

@@ -83,3 +83,20 @@ def test_unknown_recipe_option_and_missing_stain(cohort, tmp_path):
         crossval(cohort, "mbp", str(tmp_path / "a"), recipe={"colour": 1})
     with pytest.raises(MRHError, match="at least 2 subjects with stain 'xyz'"):
         crossval(cohort, "xyz", str(tmp_path / "b"))
+
+
+def test_a_recipe_carries_tta_to_predict_and_norm_to_train(cohort, tmp_path):
+    import xarray as xr
+
+    from mrhscale.io.bundle import read_bundle
+
+    out = str(tmp_path / "cv")
+    res = crossval(cohort, "mbp", out, recipe={**RECIPE, "tta": True, "norm": "subject-percentile"},
+                   scheduler="synchronous", quiet=True, threads=1)
+    plan = json.load(open(os.path.join(out, "plan.json")))
+    assert plan["predict"] == {"tta": True} and plan["train"]["norm"] == "subject-percentile"
+    assert res["recipe"]["predict"] == {"tta": True}
+    fold = os.path.join(out, "fold-s01")
+    assert read_bundle(os.path.join(fold, "run", "model.pt"))["norm"]["mode"] == "subject-percentile"
+    lineage = xr.open_zarr(os.path.join(fold, "pred.zarr"), group="s01", consolidated=False).attrs["lineage"]
+    assert lineage["tta"] is True and len(lineage["subject_norm"]["scale"]) == 67
