@@ -108,8 +108,10 @@ def make_patch_store(path, n_train=512, n_val=128, n_channels=5, half=1, seed=0,
 
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     stats = None
+    per_subject = {}
     for name, n in (("train", n_train), ("val", n_val)):
         x, t, origin = split(n)
+        per_subject.update(_subject_norm(x, origin, per_subject))
         if name == "train":
             lo = np.percentile(x, 1, axis=(0, 2, 3))
             hi = np.percentile(x, 99, axis=(0, 2, 3))
@@ -126,7 +128,8 @@ def make_patch_store(path, n_train=512, n_val=128, n_channels=5, half=1, seed=0,
         "format": "mrhscale-patches", "format_version": 1,
         "channels": names, "target": target,
         "patch": {"half": half, "size": p, "axis": "y"},
-        "norm": stats.to_dict(), "subjects": ["s01", "s02", "s03"], "val_subjects": ["s03"],
+        "norm": stats.to_dict(), "subject_norm": per_subject, "subjects": ["s01", "s02", "s03"],
+        "val_subjects": ["s03"],
         "n_train": n_train, "n_val": n_val, "seed": seed,
         "rules": {"stride": 2, "slices": None, "min_label_sum": 30, "min_label_nonzero": 4},
         "provenance": {"maker": "tests.helpers.make_patch_store"},
@@ -134,6 +137,19 @@ def make_patch_store(path, n_train=512, n_val=128, n_channels=5, half=1, seed=0,
     if complete:
         root.attrs["complete"] = True
     return str(path)
+
+
+def _subject_norm(x, origin, done: dict) -> dict:
+    """Per-subject statistics (as ``patches`` stores them) from each subject's patches."""
+    from mrhscale.ops.norm import stats_from
+
+    out = {}
+    for k in np.unique(origin[:, 0]):
+        sid = f"s{k + 1:02d}"
+        if sid not in done:
+            v = x[origin[:, 0] == k].astype(np.float32).transpose(0, 2, 3, 1)
+            out[sid] = stats_from(v, np.ones(v.shape[:3], bool), float(v.max()))
+    return out
 
 
 class StandInPatchStream:
