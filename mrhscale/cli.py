@@ -705,6 +705,11 @@ def register_histology(volume, subject, manifest, out, contrast, transform, init
                    f"{res['seconds']:.1f} s); transforms in {res['transforms']}")
 
 
+def _some_subjects(spec):
+    """None, "all", or a list of subject ids (comma-separated)."""
+    return spec if spec in (None, "all") else _subject_list((spec,))
+
+
 @main.command("synth")
 @click.argument("outdir", type=click.Path(file_okay=True, dir_okay=True))
 @click.option("--subjects", "-n", type=int, default=4, show_default=True, help="Number of subjects.")
@@ -720,8 +725,12 @@ def register_histology(volume, subject, manifest, out, contrast, transform, init
               help="Scan these subjects (or all) on their own scanner: per-volume gains, a coil field, "
                    "SNR, b-value and echo-time shifts; the ground truth does not change "
                    "(docs/synthetic.md).")
+@click.option("--artefact", default=None, metavar="all|ID,...",
+              help="Give these subjects (or all) a field-of-view artefact: a region whose contrasts are "
+                   "unlike any tissue, stains unchanged, marked by an `artefact` label (docs/synthetic.md).")
 @quiet_option
-def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwrite, scanner_variation, quiet):
+def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwrite, scanner_variation, artefact,
+          quiet):
     """Write a synthetic phantom cohort (67-channel MRI, FA, mask, af/nf/mbp, lesion labels,
     ground truth) to OUTDIR, with OUTDIR/cohort.yaml for ingest."""
     from mrhscale.synth.phantom import make_cohort
@@ -733,8 +742,8 @@ def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwri
         raise MRHError(f"--shape: each size must be >= 8, got {shape!r}")
     path = make_cohort(outdir, subjects=subjects, shape=dims, seed=seed, lesions=not no_lesions,
                        fmt=fmt, inverted_mask=inverted_mask, overwrite=overwrite, quiet=quiet,
-                       scanner_variation=(scanner_variation if scanner_variation in (None, "all")
-                                          else _subject_list((scanner_variation,))))
+                       scanner_variation=_some_subjects(scanner_variation),
+                       artefact=_some_subjects(artefact))
     click.echo(path)
 
 

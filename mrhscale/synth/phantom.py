@@ -57,7 +57,7 @@ TE_DWI, TE_T2, TE_MT = 30.0, 45.0, 8.0
 # Seeds of the independent random streams of a subject: drawing one never shifts another,
 # so e.g. a subject made with and without its lesion has the same anatomy and noise.
 _STREAMS = ("deform", "texture", "lesion", "stain", "gain", "dwi2000", "dwi5000", "t2MTONOFF",
-            "nans", "oedema", "scanner")  # append new streams at the END: earlier ones keep their values
+            "nans", "oedema", "scanner", "artefact")  # append new streams at the END: earlier ones keep their values
 
 
 def gradient_directions(n: int = N_DIRS) -> np.ndarray:
@@ -377,7 +377,7 @@ class _Subject:
     so that a writer can hold one 4D group at a time (full size: ~1 GB each)."""
 
     def __init__(self, shape, seed, *, lesion=True, nans=0, targets=TARGETS, deform=True,
-                 oedema=True, scanner=None):
+                 oedema=True, scanner=None, artefact=False):
         self.shape = tuple(int(s) for s in shape)
         self.vox = voxel_size(self.shape)
         self.affine = affine_for(self.shape)
@@ -444,6 +444,7 @@ class _Subject:
         self.n_g = [m["ng0"], m["ng1"], m["ng2"]]
         self.lw, self.lg, self.le = ((m[f"{k}_par"], m[f"{k}_perp"]) for k in ("lw", "lg", "le"))
         self.r2, self.r1, self.pd, self.mtr = m["r2"], m["r1"], m["pd"], m["mtr"]
+        self.artefact = self._artefact() if artefact else None
 
     # ------------------------------------------------------------ random draws
     def _draw_globals(self, lesion):
@@ -475,6 +476,13 @@ class _Subject:
         volumes = {g: len(v) for g, v in channel_names().items()}
         return draw_scanner(self.rngs["scanner"], volumes,
                             lambda rng, spacing: _smooth_fields(rng, self.axes, spacing, 1)[0])
+
+    def _artefact(self):
+        """A field-of-view artefact drawn from this subject's own stream (synth/artefact.py)."""
+        from mrhscale.synth.artefact import draw_artefact
+
+        volumes = {g: len(v) for g, v in channel_names().items()}
+        return draw_artefact(self.rngs["artefact"], self.axes, self.mask, volumes)
 
     def _draw_oedema(self, n_candidates=32):
         """6-9 vasogenic-oedema blobs on white-matter tracts, clear of the lesion site (drawn
@@ -647,6 +655,9 @@ class _Subject:
                 out[sl, :, :, k] = self._noisy(self._dwi_slab(coefs[k], grads[k], sl), sigma, rng)
             if self.scanner and name in self.scanner.volume_gain:  # a receiver gain: after the noise
                 out[..., k] *= self.scanner.volume_gain[name][k]
+            if self.artefact is not None:
+                vol = out[..., k]
+                self.artefact.apply(vol, name, k, float(np.median(vol[self.mask])))
 
         threads = threads or min(4, os.cpu_count() or 1)
         if threads <= 1:
@@ -728,7 +739,7 @@ def _check_shape(shape) -> tuple[int, int, int]:
 
 
 def make_subject(shape=DEFAULT_SHAPE, seed=0, *, lesion=True, nans=0, targets=TARGETS,
-                 deform=True, oedema=True, scanner=None) -> dict:
+                 deform=True, oedema=True, scanner=None, artefact=False) -> dict:
     """One phantom subject in memory (no files).
 
     seed: int, SeedSequence or Generator; same seed -> byte-identical arrays.
@@ -736,7 +747,8 @@ def make_subject(shape=DEFAULT_SHAPE, seed=0, *, lesion=True, nans=0, targets=TA
     textures, gains and noise); lesion=False / oedema=False the same subject without
     its lesion / its oedema blobs. scanner=True draws this subject its own scanner (gains,
     coil field, SNR, b-value and echo-time shifts: synth/scanner.py; the ground truth does
-    not change); a ``Scanner`` gives one. Returns a dict:
+    not change); a ``Scanner`` gives one. artefact=True adds a field-of-view artefact
+    (synth/artefact.py) and its ``artefact`` label. Returns a dict:
       mri: {dwi2000: (X,Y,Z,34), dwi5000: (X,Y,Z,30), t2MTONOFF: (X,Y,Z,3)} float32
       bvals, bvecs: {dwi2000, dwi5000} (n,), (n, 3); channels: {group: [names]}
       fa float32; mask bool; targets: {name: uint8}; labels: {lesion, wm: bool}
@@ -747,7 +759,7 @@ def make_subject(shape=DEFAULT_SHAPE, seed=0, *, lesion=True, nans=0, targets=TA
     shape = _check_shape(shape)
     targets = _check_targets(targets)
     s = _Subject(shape, seed, lesion=lesion, nans=nans, targets=targets, deform=deform,
-                 oedema=oedema, scanner=scanner)
+                 oedema=oedema, scanner=scanner, artefact=artefact)
     acq = acquisition()
     mri = {}
     for name in GROUPS:
@@ -764,7 +776,8 @@ def make_subject(shape=DEFAULT_SHAPE, seed=0, *, lesion=True, nans=0, targets=TA
         "fa": fa,
         "mask": s.mask,
         "targets": {t: s.target(t) for t in targets},
-        "labels": {"lesion": s.label, "wm": s.wm},
+        "labels": {"lesion": s.label, "wm": s.wm,
+                   **({"artefact": s.artefact.label(s.mask)} if s.artefact is not None else {})},
         "truth": {**{k: v.astype(np.float32) for k, v in s.truth.items()},
                   "displacement": s.displacement},
         "affine": s.affine,
@@ -785,6 +798,8 @@ def _params(s: _Subject) -> dict:
          "oedema": s.oedema_params}
     if s.scanner:
         p["scanner"] = s.scanner.params()
+    if s.artefact is not None:
+        p["artefact"] = s.artefact.params()
     return p
 
 
@@ -793,11 +808,13 @@ def _params(s: _Subject) -> dict:
 
 def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True, fmt="nii.gz",
                 inverted_mask=False, targets=TARGETS, overwrite=False, quiet=False,
-                scanner_variation=None) -> str:
+                scanner_variation=None, artefact=None) -> str:
     """Write a synthetic cohort (per-subject files + OUTDIR/cohort.yaml); returns the manifest path.
 
     scanner_variation: subject ids (or "all") scanned on their own scanner
     (synth/scanner.py, docs/synthetic.md); the others share the cohort's.
+    artefact: subject ids (or "all") with a field-of-view artefact (synth/artefact.py);
+    then every subject gets an ``artefact`` label (empty without one).
 
     Lesions go to every other subject (s01, s03, ...) when `lesions`; every subject
     still gets a (possibly empty) lesion label so that evaluation has negatives.
@@ -809,6 +826,7 @@ def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True
     shape = _check_shape(shape)
     targets = _check_targets(targets)
     varied = _varied(scanner_variation, subjects)
+    artefacts = _varied(artefact, subjects, "--artefact")
     if fmt not in FORMATS:
         raise MRHError(f"synth: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     from mrhscale.stores import Folder
@@ -819,12 +837,13 @@ def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True
                        "use --overwrite or another directory")
     with folder.replace(seed=int(seed), subjects=int(subjects), shape=list(shape)) as work:
         _write_cohort(work, subjects=subjects, shape=shape, seed=seed, lesions=lesions, fmt=fmt,
-                      inverted_mask=inverted_mask, targets=targets, quiet=quiet, varied=varied)
+                      inverted_mask=inverted_mask, targets=targets, quiet=quiet, varied=varied,
+                      artefacts=artefacts)
     return os.path.join(folder.path, "cohort.yaml")
 
 
-def _varied(spec, subjects: int) -> set[str]:
-    """The subject ids of ``scanner_variation`` (None, "all"/True, or ids), checked."""
+def _varied(spec, subjects: int, option: str = "--scanner-variation") -> set[str]:
+    """The subject ids of a per-subject option (None, "all"/True, or ids), checked."""
     ids = [f"s{i + 1:02d}" for i in range(subjects)]
     if not spec:
         return set()
@@ -833,12 +852,12 @@ def _varied(spec, subjects: int) -> set[str]:
     wanted = [spec] if isinstance(spec, str) else list(spec)
     bad = [w for w in wanted if w not in ids]
     if bad:
-        raise MRHError(f"synth: --scanner-variation: no subject {', '.join(bad)} (subjects: {ids[0]}..{ids[-1]})")
+        raise MRHError(f"synth: {option}: no subject {', '.join(bad)} (subjects: {ids[0]}..{ids[-1]})")
     return set(wanted)
 
 
 def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask, targets, quiet,
-                  varied=frozenset()) -> str:
+                  varied=frozenset(), artefacts=frozenset()) -> str:
     """The subjects' files and the manifest, into a fresh folder."""
     from mrhscale.io.volumes import write_sidecars, write_volume
     from mrhscale.log import progress
@@ -852,7 +871,7 @@ def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask,
     for i, sid in enumerate(progress(ids, desc="synth", unit="subject", quiet=quiet)):
         has_lesion = bool(lesions) and i % 2 == 0
         s = _Subject(shape, _subject_seed(seed, i), lesion=has_lesion, nans=5 if i == 0 else 0,
-                     targets=targets, scanner=sid in varied)
+                     targets=targets, scanner=sid in varied, artefact=sid in artefacts)
         sdir = os.path.join(outdir, sid)
 
         def rel(name, _sid=sid):
@@ -876,6 +895,10 @@ def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask,
             put(t, s.target(t))
         put("lesion", s.label, np.uint8)
         put("wm", s.wm, np.uint8)
+        labels = {"lesion": rel("lesion"), "wm": rel("wm")}
+        if artefacts:  # every subject, so that evaluation has negatives
+            put("artefact", s.artefact.label(s.mask) if s.artefact else np.zeros(shape, bool), np.uint8)
+            labels["artefact"] = rel("artefact")
         for k, v in s.truth.items():
             put(f"truth/{k}", v, np.float32)
         put("truth/displacement", s.displacement)
@@ -886,7 +909,7 @@ def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask,
             "fa": rel("fa"),
             "mask": {"path": rel("mask"), "inverted": bool(inverted_mask)},
             "targets": {t: rel(t) for t in targets},
-            "labels": {"lesion": rel("lesion"), "wm": rel("wm")},
+            "labels": labels,
             "truth": {k: rel(f"truth/{k}") for k in (*s.truth, "displacement")},
             "notes": {"lesion": has_lesion, "nan_voxels": int(len(s.nan_voxels())), **_params(s)},
         })
@@ -899,6 +922,7 @@ def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask,
                   "shape": list(shape), "voxel_size_mm": [float(v) for v in voxel_size(shape)],
                   "format": fmt, "lesions": bool(lesions), "inverted_mask": bool(inverted_mask),
                   "targets": list(targets), "scanner_variation": sorted(varied),
+                  **({"artefact": sorted(artefacts)} if artefacts else {}),
                   "displacement": "mm, subject -> template: template point = subject point + d"},
     }
     from mrhscale.stores import write_text
