@@ -399,9 +399,9 @@ def importance(model, patches, out, split, repeats, max_patches, seed, precision
 @click.option("--folds", default="leave-one-subject-out", show_default=True, metavar="leave-one-subject-out|K",
               help="Hold out each subject in turn, or split the subjects into K folds.")
 @click.option("--recipe", default=None, metavar="NAME|FILE.yaml",
-              help="A training recipe (paper, fast) or a YAML mapping of training options (as `train`) "
+              help="A training recipe (robust, paper, fast) or a YAML mapping of training options (as `train`) "
                    "and patch options (as `patches`), plus `tta: true` to predict with test-time augmentation, "
-                   "e.g. {recipe: fast, epochs: 4, stride: 2} [paper].")
+                   "e.g. {recipe: fast, epochs: 4, stride: 2} [robust].")
 @click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
 @click.option("--fold-workers", type=int, default=None,
               help="Run folds side by side, one per Dask worker process (default: one after another).")
@@ -429,35 +429,40 @@ def crossval_cmd(store, target, out, folds, recipe, subjects, fold_workers, devi
 
 def _training_options(f):
     """Options shared by `train` and `finetune`; unset ones take the --recipe's values
-    (or, with --resume, the checkpointed run's own values); [x] in a help: the paper's."""
+    (or, with --resume, the checkpointed run's own values); [x] in a help: the default
+    recipe's (robust) and, where it differs, the paper's."""
     opts = [
         click.option("--out", "-o", required=True, help="Run directory (checkpoints, metrics, curve.png, model.pt)."),
         click.option("--recipe", default=None, metavar="NAME",
-                     help="Preset of optimiser, schedule, lr, batch, epochs: paper (MRH_training.m) "
-                          "or fast (AdamW + cosine, tuned for CPUs); explicit options override it [paper]."),
+                     help="Preset of optimiser, schedule, lr, batch, epochs, normalisation, augmentation: "
+                          "robust (AdamW + cosine on each brain scaled by its own range, in-plane flips: "
+                          "transfers best to a new scanner, docs/recipes.md), paper (MRH_training.m exactly) "
+                          "or fast (AdamW + cosine in 6 epochs, robust's normalisation, tuned for CPUs); "
+                          "explicit options override it [robust]."),
         click.option("--epochs", type=int, default=None, help="Epochs [train 30, finetune 30]."),
         click.option("--batch-size", type=int, default=None,
                      help="GLOBAL mini-batch, split over torchrun processes [128]."),
         click.option("--lr", type=float, default=None,
-                     help="Initial learning rate [train: 0.1 (sgd) / 1e-3 (adamw); finetune 1e-4]."),
+                     help="Initial learning rate [train: robust 2e-3, paper 0.1; another optimiser without "
+                          "--lr: 0.1 (sgd) / 1e-3 (adamw); finetune 1e-4]."),
         click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=None,
-                     help="[sgd, momentum 0.9]."),
+                     help="[adamw; paper: sgd, momentum 0.9]."),
         click.option("--schedule", type=click.Choice(["piecewise", "cosine"]), default=None,
-                     help="piecewise: x drop-factor every drop-period epochs [piecewise]."),
+                     help="piecewise: x drop-factor every drop-period epochs [cosine; paper: piecewise]."),
         click.option("--drop-period", type=int, default=None, help="Piecewise schedule period [10]."),
         click.option("--drop-factor", type=float, default=None, help="Piecewise schedule factor [0.1]."),
         click.option("--loss", type=click.Choice(["matlab", "mse", "centre-mse"]), default=None,
                      help="matlab: 0.5*sum of squared errors over the PxP outputs, batch mean "
                           "(the scale lr 0.1 and clip 0.01 were tuned for) [matlab]."),
         click.option("--clip", type=float, default=None,
-                     help="Gradient L2-norm threshold per parameter tensor; 0 = off [0.01]."),
+                     help="Gradient L2-norm threshold per parameter tensor; 0 = off [0; paper: 0.01]."),
         click.option("--weight-decay", type=float, default=None, help="L2 on weights, not biases [1e-4]."),
         click.option("--init", type=click.Choice(["glorot", "torch"]), default=None,
                      help="Weight init of new layers [glorot, as MATLAB]."),
         click.option("--seed", type=int, default=None, help="Seed of init and data order [0]."),
         click.option("--augment", default=None, metavar="LIST",
                      help="Training-time augmentation, comma-separated: gain, offset, bias, noise, flip, "
-                          "or all (docs/training.md) [none]."),
+                          "or all (docs/training.md) [robust: flip; paper: none]."),
         click.option("--val-patches", type=int, default=None,
                      help="Validate on this fixed subset each epoch; the last epoch always on the "
                           "whole val split [all]."),
@@ -506,7 +511,7 @@ def _run_training(fn, *args, **kw):
 @click.option("--norm", type=click.Choice(["global", "subject-percentile", "subject-max"]), default=None,
               help="Input scaling: the patch store's statistics (global), or each brain's own inside its mask: "
                    "0.5-99.5th percentiles per contrast, or one maximum (the original's test-time scaling); "
-                   "kept in the model, applied by predict [global].")
+                   "kept in the model, applied by predict [robust: subject-percentile; paper: global].")
 @_training_options
 def train(patches, **kw):
     """Train MRH-Net on PATCHES; one process, or under `torchrun --nproc_per_node=N` (DDP)."""
@@ -753,7 +758,8 @@ def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwri
 @click.option("--shape", default="48,32,64", show_default=True, help="Synthetic grid X,Y,Z.")
 @click.option("--target", default="mbp", show_default=True, type=click.Choice(["af", "nf", "mbp"]), help="Stain to learn (mbp: myelin, the lesion is a demyelination).")
 @click.option("--recipe", default="fast", show_default=True, metavar="NAME",
-              help="Training recipe (see `mrhscale train --help`): fast, or paper (30 epochs: about 5x the training time).")
+              help="Training recipe (see `mrhscale train --help`): fast, or robust / paper (30 epochs: about 5x "
+                   "the training time).")
 @click.option("--epochs", type=int, default=None, help="Training epochs [the recipe's].")
 @click.option("--depth", type=int, default=5, show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny cohort and 2 epochs: checks the chain in about a minute.")

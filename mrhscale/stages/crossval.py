@@ -68,7 +68,7 @@ def crossval(store: str, target: str, out_dir: str, *, folds: str | int = LOSO, 
 
 # --------------------------------------------------------------------------- plan
 def recipe_options(recipe) -> dict:
-    """A recipe: a mapping, a YAML file of one, or a named training recipe (paper, fast)."""
+    """A recipe: a mapping, a YAML file of one, or a named training recipe (robust, paper, fast)."""
     if recipe is None:
         return {}
     if isinstance(recipe, dict):
@@ -119,9 +119,12 @@ def split_recipe(options: dict) -> tuple[dict, dict]:
 def make_plan(cohort, target: str, folds, options: dict, subjects) -> dict:
     """The folds: held-out subjects, training subjects, a validation subject when there
     are enough (else a validation fraction of the training patches)."""
+    from mrhscale.training.config import DEFAULT_RECIPE
+
     options = dict(options)
     predict_opts = {k: options.pop(k) for k in PREDICT_KEYS if k in options}
     train_opts, patch_opts = split_recipe(options)
+    train_opts.setdefault("recipe", DEFAULT_RECIPE)  # named, so a new default never reuses old folds
     ids = _subjects_with(cohort, target, subjects)
     groups = _fold_groups(ids, folds)
     plan_folds = []

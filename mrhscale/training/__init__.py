@@ -1,11 +1,14 @@
 """Training and transfer learning for MRH-Net: one process, torchrun/DDP, or multi-node.
 
-The default recipe is the paper's (MRH_training.m): SGD momentum 0.9, lr 0.1,
+The paper recipe (``recipe="paper"``, MRH_training.m exactly): SGD momentum 0.9, lr 0.1,
 x0.1 every 10 epochs, L2 1e-4 on weights (not biases), gradient L2-norm clip 0.01
 applied to each parameter tensor separately, mini-batch 128, Glorot init, and
 MATLAB's regression loss (half the sum of squared errors over the PxP outputs,
 averaged over the batch). The loss scale is part of the recipe: with torch's
-element-mean MSE the same lr and clip threshold mean 9x smaller gradients.
+element-mean MSE the same lr and clip threshold mean 9x smaller gradients. The
+default recipe, "robust", trains the same way on each brain scaled by its own robust
+range (``norm="subject-percentile"``), which the recipe study found transfers best to a
+brain from another scanner (docs/recipes.md).
 
 Distributed: launched under ``torchrun`` (RANK/WORLD_SIZE in the environment) the
 trainer joins a process group (nccl on CUDA, gloo on CPU), wraps the model in

@@ -46,7 +46,7 @@ def train(config: TrainConfig | str, out_dir: str, *, resume: bool = False,
     """Train MRH-Net; returns a summary (paths, per-epoch history, config).
 
     ``config``: a TrainConfig, or the patch store path with TrainConfig fields as keyword
-    options (unset ones take the ``recipe``'s values, "paper" by default, or with
+    options (unset ones take the ``recipe``'s values, "robust" by default, or with
     ``resume`` the checkpointed run's own values). Runtime fields (device, workers,
     threads, quiet, ...) may also be given as keywords. ``batch_size`` is global. Raises TrainingInterrupted after
     checkpointing if SIGTERM arrives.
@@ -76,7 +76,8 @@ def input_normalisation(mode: str, store: dict, patches: str) -> Normalisation:
         return norm
     if not store.get("subject_norm"):
         raise MRHError(f"--norm {mode}: {patches} has no per-subject statistics (made by an older "
-                       "mrhscale); remake it with `mrhscale patches --overwrite`")
+                       "mrhscale); remake it with `mrhscale patches --overwrite`, or train with "
+                       "--norm global (the paper's scaling)")
     return Normalisation.subject_mode(mode, len(store["channels"]), norm.target_offset, norm.target_scale)
 
 

@@ -1,5 +1,5 @@
-"""The recipe study's table (docs/recipes.md) from crossval folders: one column per held-out
-subject, the mean +- sd and the difference from a baseline recipe.
+"""The recipe study's table (docs/recipes.md) from crossval folders: held-out Pearson r per
+subject, its mean +- sd and difference from a baseline recipe, mean MAE and SSIM.
 
     python pipelines/study/table.py STUDY_DIR [--baseline paper]
 
@@ -19,7 +19,8 @@ def load(study: pathlib.Path) -> dict[str, dict]:
     for f in sorted(study.glob("cv-*/crossval.json")):
         doc = json.loads(f.read_text())
         out[f.parent.name[3:]] = ({r["subject"]: r["pearson"] for r in doc["rows"]}
-                                  | {"_s": doc["seconds"], "_steps": patch_steps(f.parent)})
+                                  | {"_s": doc["seconds"], "_steps": patch_steps(f.parent),
+                                     "_mae": doc["summary"]["mae"]["mean"], "_ssim": doc["summary"]["ssim"]["mean"]})
     return out
 
 
@@ -36,7 +37,7 @@ def patch_steps(cv: pathlib.Path) -> float:
 def table(res: dict[str, dict], baseline: str) -> str:
     subjects = sorted(k for k in res[baseline] if not k.startswith("_"))
     base = res[baseline]
-    head = ["recipe", *subjects, "mean +- sd", "vs " + baseline, "worst subject vs " + baseline, "patch-steps", "wall s"]
+    head = ["recipe", *subjects, "mean +- sd", "vs " + baseline, "worst subject vs " + baseline, "MAE", "SSIM", "patch-steps", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     order = sorted(res, key=lambda n: (n != baseline, -statistics.mean(res[n][s] for s in subjects)))
     for name in order:
@@ -44,7 +45,7 @@ def table(res: dict[str, dict], baseline: str) -> str:
         diff = [a - base[s] for a, s in zip(r, subjects, strict=True)]
         lines.append("| " + " | ".join([
             name, *(f"{v:.3f}" for v in r), f"{statistics.mean(r):.3f} +- {statistics.stdev(r):.3f}",
-            f"{statistics.mean(diff):+.3f}", f"{min(diff):+.3f}", f"{res[name]['_steps'] / 1e3:.0f}k", f"{res[name]['_s']:.0f}"]) + " |")
+            f"{statistics.mean(diff):+.3f}", f"{min(diff):+.3f}", f"{res[name]['_mae']:.1f}", f"{res[name]['_ssim']:.3f}", f"{res[name]['_steps'] / 1e3:.0f}k", f"{res[name]['_s']:.0f}"]) + " |")
     return "\n".join(lines)
 
 

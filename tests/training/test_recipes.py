@@ -31,7 +31,17 @@ def test_paper_recipe_is_the_default_config():
     plain = asdict(TrainConfig())
     assert plain["recipe"] == "paper"
     assert {k: plain[k] for k in RECIPES["paper"]} == RECIPES["paper"]
-    assert set(RECIPES["fast"]) == set(RECIPES["paper"])  # every recipe sets the same fields
+    assert all(set(r) == set(RECIPES["paper"]) for r in RECIPES.values())  # every recipe sets the same fields
+    assert (plain["norm"], plain["augment"]) == ("global", "")  # the paper: global statistics, nothing added
+
+
+def test_default_recipe_is_adamw_cosine_flips_on_each_brains_own_range_at_the_papers_budget(store):
+    cfg = cfg_of("train", store)
+    assert (cfg.recipe, cfg.norm, cfg.optimizer, cfg.schedule, cfg.clip, cfg.augment) == (
+        "robust", "subject-percentile", "adamw", "cosine", 0.0, "flip")
+    same = ("batch_size", "epochs", "loss", "init", "weight_decay")  # the paper's budget and loss
+    assert {k: RECIPES["robust"][k] for k in same} == {k: RECIPES["paper"][k] for k in same}
+    assert cfg_of("train", store, recipe="paper").norm == "global"
 
 
 def test_recipe_values_apply_and_explicit_options_override(store):
@@ -40,11 +50,13 @@ def test_recipe_values_apply_and_explicit_options_override(store):
     assert {k: getattr(cfg, k) for k in fast} == fast and cfg.recipe == "fast"
     cfg = cfg_of("train", store, recipe="fast", epochs=1, batch_size=64, lr=None)
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.optimizer) == (1, 64, fast["lr"], "adamw")
-    assert cfg_of("train", store).lr == 0.1 and cfg_of("train", store).recipe == "paper"
+    assert cfg_of("train", store).lr == 2e-3 and cfg_of("train", store).recipe == "robust"
+    assert cfg_of("train", store, recipe="paper").lr == 0.1
 
 
 def test_other_optimiser_without_lr_takes_its_own_lr(store):
-    assert cfg_of("train", store, optimizer="adamw").lr == 1e-3  # paper recipe, adamw
+    assert cfg_of("train", store, recipe="paper", optimizer="adamw").lr == 1e-3
+    assert cfg_of("train", store, optimizer="sgd").lr == 0.1  # robust's adamw lr means nothing to sgd
     assert cfg_of("train", store, recipe="fast", optimizer="sgd").lr == 0.1
     assert cfg_of("train", store, recipe="fast", optimizer="sgd", lr=0.05).lr == 0.05
     ft = cfg_of("finetune", store, recipe="fast")  # transfer learning keeps its lr and head factor
@@ -54,7 +66,7 @@ def test_other_optimiser_without_lr_takes_its_own_lr(store):
 def test_unknown_recipe_is_one_line_exit_2(store, tmp_path):
     r = CliRunner().invoke(main, ["train", store, "--out", str(tmp_path / "r"), "--recipe", "turbo", *TINY])
     assert r.exit_code == 2
-    assert r.output.strip().splitlines() == ["mrhscale: error: --recipe 'turbo': choose one of paper, fast"]
+    assert r.output.strip().splitlines() == ["mrhscale: error: --recipe 'turbo': choose one of paper, robust, fast"]
     assert not os.path.exists(tmp_path / "r" / "config.json")
     r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--recipe", "turbo", "-q"])
     assert r.exit_code == 2 and "--recipe 'turbo'" in r.output

@@ -92,7 +92,8 @@ def test_train_writes_run_dir_and_bundle(store, reference):
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
     assert np.isfinite(hist[-1]["val_loss"]) and hist[-1]["val_r"] > 0.5
     cfg = json.load(open(os.path.join(out, "config.json")))
-    assert cfg["loss"] == "matlab" and cfg["lr"] == 0.1 and cfg["clip"] == 0.01
+    assert (cfg["recipe"], cfg["loss"], cfg["optimizer"], cfg["lr"], cfg["norm"]) == (
+        "robust", "matlab", "adamw", 2e-3, "subject-percentile")  # the default recipe
     with open(os.path.join(out, "metrics.csv")) as f:
         assert len(f.read().strip().splitlines()) == 4
     model, meta = load_model(reference["model"])
@@ -219,12 +220,13 @@ def test_model_normalisation_applied_with_or_without_stream_override(reference, 
                                                                      monkeypatch):
     from mrhscale.training import TrainConfig
 
-    model_norm = load_model(reference["model"])[1]["norm"]
+    store_norm = Normalisation.from_dict(zarr.open_group(nf_store, mode="r").attrs["norm"])
+    model_norm = Normalisation("percentile", [o + 3.0 for o in store_norm.offset],  # another model's
+                               [v * 1.5 for v in store_norm.scale], 0.0, store_norm.target_scale)
     cfg = TrainConfig(patches=nf_store, seed=0)
     dev = torch.device("cpu")
     raw = zarr.open_group(nf_store, mode="r")["val/inputs"][...]
     want = torch.from_numpy(model_norm.apply_inputs(raw, channel_axis=1))
-    store_norm = Normalisation.from_dict(zarr.open_group(nf_store, mode="r").attrs["norm"])
     assert store_norm.offset != model_norm.offset  # so a missing correction would show
     real = "mrhscale.training.stream:PatchStream" if HAVE_STREAM else "helpers:StandInPatchStream"
     for cls in (real, "helpers:StandInPatchStream", "test_train:NoNormStream"):
