@@ -95,7 +95,8 @@ class PatchStore(ZarrLocation):
             f"train patches: {a.get('n_train')}  val patches: {a.get('n_val')}",
             f"from subjects: {', '.join(a.get('subjects', []))}"
             f"  (validation subjects: {', '.join(a.get('val_subjects', [])) or 'none, a random fraction'})",
-            f"normalisation: {(a.get('norm') or {}).get('mode', '?')}",
+            f"normalisation: {(a.get('norm') or {}).get('mode', '?')}; per-subject statistics: "
+            f"{'yes' if a.get('subject_norm') else 'no (train --norm subject-... needs them: remake the store)'}",
             f"channels ({len(a['channels'])}): {short(a['channels'])}",
             f"complete: {bool(a.get('complete'))}",
             f"fingerprint: {a.get('fingerprint', '?')}",

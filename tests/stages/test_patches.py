@@ -311,3 +311,4 @@ def test_cli_info_describes_a_patch_store(mid_store, tmp_path):
     assert "target: af" in res.output
     assert f"train patches: {summ['n_train']}" in res.output
     assert "complete: True" in res.output
+    assert "per-subject statistics: yes" in res.output
