@@ -8,7 +8,8 @@ in the same run):
   batch 128, 2 threads) and against a plain single-process zarr read of the same arrays.
 - the DataLoader hand-off bound: 2 workers that only allocate and fill shared-memory
   batches of the same shape (no reading): the most any worker-based stream can deliver.
-- PatchStream with no workers (in the consuming process), with and without read_ahead.
+- PatchStream with no workers (in the consuming process), with and without read_ahead,
+  and with per-subject normalisation (train --norm subject-...) against global statistics.
 Default: 131,072 patches of 67x3x3 (0.3 GiB); --full: 1,048,576 (2.4 GiB).
 Run under `flock /tmp/bench.lock` on shared machines.
 """
@@ -34,6 +35,9 @@ from benchmarks.common import print_rows, row, timed  # noqa: E402
 C = 67
 
 
+SUBJECTS = ["s1", "s2", "s3", "s4"]
+
+
 def make_patch_store(url: str, n: int, n_c: int = C, seed: int = 0) -> None:
     """A complete patch store in the contract's layout with random contents (fast to make)."""
     import zarr
@@ -55,23 +59,28 @@ def make_patch_store(url: str, n: int, n_c: int = C, seed: int = 0) -> None:
             xi[a:b] = rng.random((b - a, n_c, 3, 3), dtype=np.float32) * 1000
             ti[a:b] = rng.random((b - a, 3, 3), dtype=np.float32) * 255
             oi[a:b] = np.arange(a, b, dtype=np.int32)[:, None]
+            oi[a:b, 0] = np.arange(a, b, dtype=np.int32) % len(SUBJECTS)  # each row's subject
     nrm = Normalisation("percentile", [5.0] * n_c, [990.0] * n_c, 0.0, 250.0)
+    per_subject = {sid: {"subject-percentile": {"offset": [5.0 + k] * n_c, "scale": [990.0 - k] * n_c}}
+                   for k, sid in enumerate(SUBJECTS)}
     root.attrs.update({
         "format": "mrhscale-patches", "format_version": 1,
         "channels": [f"c{i}" for i in range(n_c)], "target": "af",
-        "patch": {"half": 1, "size": 3, "axis": "y"}, "norm": nrm.to_dict(), "subjects": ["s"],
+        "patch": {"half": 1, "size": 3, "axis": "y"}, "norm": nrm.to_dict(), "subjects": SUBJECTS,
+        "subject_norm": per_subject,
         "val_subjects": [], "n_train": n, "n_val": max(1, n // 64), "seed": seed, "rules": {},
         "provenance": {"stage": "bench_stream synthetic"},
     })
     root.attrs["complete"] = True
 
 
-def stream_rate(url: str, batch: int, workers: int, epochs: int, read_ahead: bool = False) -> float:
+def stream_rate(url: str, batch: int, workers: int, epochs: int, read_ahead: bool = False,
+                norm=None) -> float:
     from torch.utils.data import DataLoader
 
     from mrhscale.training.stream import PatchStream
 
-    s = PatchStream(url, batch_size=batch, seed=1, read_ahead=read_ahead)
+    s = PatchStream(url, batch_size=batch, seed=1, read_ahead=read_ahead, norm=norm)
     return _loader_rate(DataLoader(s, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                    prefetch_factor=4 if workers else None), epochs)
 
@@ -169,6 +178,11 @@ def run(full: bool = False) -> list[dict]:
         r0 = stream_rate(url, 1024, 0, 3)
         r0a = stream_rate(url, 1024, 0, 3, read_ahead=True)
         r0_128 = stream_rate(url, 128, 0, 3)
+        from mrhscale.ops.norm import Normalisation
+
+        per = Normalisation.subject_mode("subject-percentile", C, 0.0, 250.0)
+        r0s = stream_rate(url, 1024, 0, 3, norm=per)
+        r0g = stream_rate(url, 1024, 0, 3)  # the global baseline again, beside it
     finally:
         shutil.rmtree(work, ignore_errors=True)
     note = f"{n} patches 67x3x3, 2 DataLoader workers, shuffle buffer on, normalised float32"
@@ -195,6 +209,9 @@ def run(full: bool = False) -> list[dict]:
             r0_128 >= 20 * train),
         row("best in-process PatchStream, batch 1024", best, "patches/s",
             "2 DataLoader workers, batch 1024", r1024),
+        row("PatchStream batch 1024, no workers, per-subject normalisation", r0s, "patches/s",
+            "the same with the store's global statistics", r0g,
+            note=f"{len(SUBJECTS)} subjects: each row's origin read and its own (offset, scale) row"),
     ]
 
 

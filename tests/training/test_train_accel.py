@@ -118,9 +118,10 @@ def test_resume_is_exact_in_compiled_bf16(store, tmp_path, monkeypatch):
     weights as 3 epochs straight (the paper recipe's lr does not depend on the epoch count)."""
     monkeypatch.setenv(NA.ENV_PRECISION, "auto")
     monkeypatch.setenv(NA.ENV_COMPILE, "auto")
-    straight = train(store, str(tmp_path / "straight"), epochs=3, precision="bf16", compile="on", **RUN)
+    straight = train(store, str(tmp_path / "straight"), epochs=3, precision="bf16", compile="on", recipe="paper",
+                     **RUN)
     out = str(tmp_path / "resumed")
-    train(store, out, epochs=2, precision="bf16", compile="on", **RUN)
+    train(store, out, epochs=2, precision="bf16", compile="on", recipe="paper", **RUN)
     ck = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
     assert ck["numerics"]["precision"] == "bf16" and ck["numerics"]["compile"]
     res = train(store, out, resume=True, epochs=3, quiet=True, threads=1)
