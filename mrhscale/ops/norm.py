@@ -19,6 +19,7 @@ makes the concrete one.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -132,6 +133,19 @@ class Normalisation:
 
 
 # --------------------------------------------------------------------------- per-subject statistics
+def robust_range(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, scale) per channel: the PERCENTILES range of ``values`` along ``axis`` (NaN
+    ignored); a range that is empty or not finite falls back to a scale of max(|offset|, 1)."""
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN channel
+        lo, hi = np.nanpercentile(values, PERCENTILES, axis=axis)
+    lo = np.where(np.isfinite(lo), lo, 0.0)
+    scale = hi - lo
+    bad = ~(np.isfinite(scale) & (scale > 0))
+    scale[bad] = np.maximum(np.abs(lo[bad]), 1.0)
+    return lo, scale
+
+
 def lattice_step(shape) -> int:
     """The grid step that leaves at most about STAT_VOXELS points of a volume."""
     n = int(np.prod(shape))
@@ -151,12 +165,13 @@ def subject_stats_graph(mri, mask):
 
 
 def subject_stats(mri, mask) -> dict:
-    """One subject's own input statistics inside its brain mask (numpy arrays)."""
-    k = lattice_step(mri.shape[:3])
-    brain = np.asarray(mask).astype(bool)
-    inside = np.asarray(mri)[brain]
-    top = float(np.nanmax(inside)) if np.isfinite(inside).any() else -np.inf
-    return stats_from(np.asarray(mri)[::k, ::k, ::k, :], brain[::k, ::k, ::k], top)
+    """One subject's own input statistics inside its brain mask (numpy arrays), computed
+    here by the same graph as :func:`subject_stats_graph`."""
+    import dask.array as da
+
+    graph = subject_stats_graph(da.from_array(np.asarray(mri), chunks=(64, 64, 64, -1)),
+                                da.from_array(np.asarray(mask), chunks=(64, 64, 64)))
+    return graph.compute(scheduler="synchronous")
 
 
 def stats_from(lattice: np.ndarray, brain: np.ndarray, top: float) -> dict:
@@ -164,12 +179,7 @@ def stats_from(lattice: np.ndarray, brain: np.ndarray, top: float) -> dict:
     v = np.asarray(lattice, np.float64)[np.asarray(brain, bool)]
     if not len(v):
         raise MRHError("per-subject normalisation: the brain mask is empty")
-    with np.errstate(invalid="ignore"):
-        lo, hi = np.nanpercentile(v, PERCENTILES, axis=0)
-    lo = np.where(np.isfinite(lo), lo, 0.0)
-    scale = hi - lo
-    bad = ~(np.isfinite(scale) & (scale > 0))
-    scale[bad] = np.maximum(np.abs(lo[bad]), 1.0)
+    lo, scale = robust_range(v, axis=0)
     top = float(top) if np.isfinite(top) and top > 0 else 1.0
     n_c = v.shape[1]
     return {"subject-percentile": {"offset": lo.tolist(), "scale": scale.tolist()},

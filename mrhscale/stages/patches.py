@@ -628,7 +628,7 @@ class _Extraction:
 
 
 def _norm_stats(train_res: list, mode: str, n_c: int):
-    from mrhscale.ops.norm import Normalisation
+    from mrhscale.ops.norm import Normalisation, robust_range
 
     if mode == "global-max":
         in_max = max(r["input_max"] for r in train_res)
@@ -636,11 +636,7 @@ def _norm_stats(train_res: list, mode: str, n_c: int):
         return Normalisation.global_max(n_c, in_max if in_max > 0 else 1.0, t_max if t_max > 0 else 1.0)
     x = np.concatenate([r["sample_inputs"] for r in train_res])
     t = np.concatenate([r["sample_targets"] for r in train_res])
-    per_c = x.transpose(1, 0, 2, 3).reshape(n_c, -1)
-    lo, hi = np.percentile(per_c, PERCENTILES, axis=1)
-    scale = hi - lo
-    bad = ~(np.isfinite(scale) & (scale > 0))
-    scale[bad] = np.maximum(np.abs(lo[bad]), 1.0)
+    lo, scale = robust_range(x.transpose(1, 0, 2, 3).reshape(n_c, -1), axis=1)
     t_hi = float(np.percentile(t, PERCENTILES[1])) if t.size else 1.0
     if not t_hi > 0:
         t_hi = float(t.max()) if t.size and t.max() > 0 else 1.0
