@@ -20,10 +20,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_predict import BATCH, make_model, make_store  # noqa: E402
+from benchmarks.common import predict_rates as common_predict_rates  # noqa: E402
 from benchmarks.common import print_rows, row  # noqa: E402
 
 SHAPE = (56, 40, 80)
@@ -66,32 +66,11 @@ def subject_model(path: str, plain: str) -> str:
 
 
 def predict_rates(repeats: int, work: str) -> tuple[dict, int]:
-    from mrhscale.parallel.cluster import dask_client
-    from mrhscale.stages.predict import predict
-
     store = make_store(os.path.join(work, "cohort.zarr"), SHAPE)
     plain = make_model(os.path.join(work, "model.pt"))
-    cases = {"plain": (plain, False), "tta": (plain, True),
-             "norm subject-percentile": (subject_model(os.path.join(work, "subject.pt"), plain), False)}
-    rates: dict = {k: [] for k in cases}
-    n = 0
-    with dask_client(workers=1, threads_per_worker=1, quiet=True) as client:
-        def go(name, k):
-            model, tta = cases[name]
-            out = os.path.join(work, f"pred-{k}.zarr")
-            t0 = time.perf_counter()
-            r = predict(model, store, out, scheduler=client.scheduler.address, batch_size=BATCH, quiet=True,
-                        torch_threads=os.cpu_count() or 1, precision="fp32", compile="off", tta=tta)
-            dt = time.perf_counter() - t0
-            shutil.rmtree(out, ignore_errors=True)
-            return r["brain_voxels"], dt
-
-        for name in cases:  # untimed: loads each model on the worker
-            n, _ = go(name, 0)
-        for k in range(repeats):
-            for name in cases:
-                rates[name].append(n / go(name, k + 1)[1])
-    return {k: statistics.median(v) for k, v in rates.items()}, n
+    cases = {"plain": {"model": plain}, "tta": {"model": plain, "tta": True},
+             "norm subject-percentile": {"model": subject_model(os.path.join(work, "subject.pt"), plain)}}
+    return common_predict_rates(cases, store, work, repeats, BATCH)
 
 
 def run(full: bool = False, repeats: int = 3) -> list[dict]:

@@ -178,3 +178,33 @@ def fmt_value(v) -> str:
             return f"{v:.0f}"
         return f"{v:.4g}"
     return str(v)
+
+
+def predict_rates(cases: dict[str, dict], store: str, work: str, repeats: int, batch_size: int) -> tuple[dict, int]:
+    """Voxels/s of ``mrhscale predict`` for each case (name -> predict keywords, ``model``
+    included) on one embedded Dask worker x all cores, eager fp32, cases alternated after
+    an untimed run each (it loads the model on the worker); medians, and the brain voxels."""
+    import shutil
+
+    from mrhscale.parallel.cluster import dask_client
+    from mrhscale.stages.predict import predict
+
+    rates: dict = {k: [] for k in cases}
+    n = 0
+    with dask_client(workers=1, threads_per_worker=1, quiet=True) as client:
+        def go(name, k):
+            out = os.path.join(work, f"pred-{k}.zarr")
+            kw = dict(cases[name])
+            t0 = time.perf_counter()
+            r = predict(kw.pop("model"), store, out, scheduler=client.scheduler.address, batch_size=batch_size,
+                        quiet=True, torch_threads=os.cpu_count() or 1, precision="fp32", compile="off", **kw)
+            dt = time.perf_counter() - t0
+            shutil.rmtree(out, ignore_errors=True)
+            return r["brain_voxels"], dt
+
+        for name in cases:
+            n, _ = go(name, 0)
+        for k in range(repeats):
+            for name in cases:
+                rates[name].append(n / go(name, k + 1)[1])
+    return {k: statistics.median(v) for k, v in rates.items()}, n

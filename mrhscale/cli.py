@@ -296,7 +296,8 @@ def predict(model, store, out, nifti_dir, ome_zarr, subjects, batch_size, device
     if res["skipped"]:
         click.echo(f"already predicted, skipped: {', '.join(res['skipped'])}")
     click.echo(f"predicted {len(res['predicted'])} subject(s) into {res['out']} "
-               f"({res['brain_voxels']} brain voxels, {res['voxels_per_s']:.0f} voxels/s)")
+               f"({res['brain_voxels']} brain voxels, {res['voxels_per_s']:.0f} voxels/s)"
+               + (f"; {res['variable']} with its {res['uncertainty']}" if res.get("uncertainty") else ""))
     if res.get("native"):
         click.echo(f"native-space NIfTI: {', '.join(res['native'])}")
     if res.get("ome_zarr"):
@@ -363,6 +364,12 @@ def evaluate(pred, store, target, out, label, roi, markers, marker_transforms, s
     p = res["pooled"]["virtual"]
     click.echo(f"pooled virtual {target}: pearson {p['pearson']:.3f}, spearman {p['spearman']:.3f}, "
                f"MAE {p['mae']:.3g}, PSNR {p['psnr']:.2f} dB, SSIM {p['ssim']:.3f}; report in {out}")
+    if res.get("uncertainty"):
+        u = res["uncertainty"]["pooled"]
+        click.echo(f"uncertainty {res['uncertainty']['variable']}: Spearman with |error| "
+                   f"{u['spearman_abs_error']:.3f}, 95% interval coverage {u['coverage_95']:.3f}, "
+                   f"retention area {u['retention']['area']:.3g} (random {u['retention']['random_area']:.3g}, "
+                   f"oracle {u['retention']['oracle_area']:.3g})")
     for name in res["markers"]["extra"]:
         m = res["pooled"][name]
         click.echo(f"marker {name}: pearson vs reference {m['pearson']:.3f}, "
@@ -502,7 +509,8 @@ def _run_training(fn, *args, **kw):
     f = res["final"]
     if rank0 and not kw.get("quiet"):
         click.echo(f"model {res['model']}: {res['epochs']} epochs, train loss {f.get('train_loss', float('nan')):.4g}, "
-                   f"val loss {f.get('val_loss', float('nan')):.4g}, val r {f.get('val_r', float('nan')):.3f}")
+                   f"val loss {f.get('val_loss', float('nan')):.4g}, val r {f.get('val_r', float('nan')):.3f}"
+                   + (f" (ensemble of {len(res['members'])}: mean of the members)" if res.get("members") else ""))
 
 
 @main.command()
@@ -512,6 +520,10 @@ def _run_training(fn, *args, **kw):
               help="Input scaling: the patch store's statistics (global), or each brain's own inside its mask: "
                    "0.5-99.5th percentiles per contrast, or one maximum (the original's test-time scaling); "
                    "kept in the model, applied by predict [robust: subject-percentile; paper: global].")
+@click.option("--members", type=int, default=None,
+              help="Train a deep ensemble of this many networks (seeds SEED..SEED+K-1, one after another; "
+                   "K times the time): predict then writes their mean and a calibrated per-voxel "
+                   "<stain>_uncertainty (docs/uncertainty.md) [1].")
 @_training_options
 def train(patches, **kw):
     """Train MRH-Net on PATCHES; one process, or under `torchrun --nproc_per_node=N` (DDP)."""
@@ -762,10 +774,13 @@ def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwri
                    "the training time).")
 @click.option("--epochs", type=int, default=None, help="Training epochs [the recipe's].")
 @click.option("--depth", type=int, default=5, show_default=True)
+@click.option("--members", type=int, default=3, show_default=True,
+              help="Networks in the ensemble (their spread is the uncertainty map); 1: a single network, "
+                   "no uncertainty, a third of the training time.")
 @click.option("--quick", is_flag=True, help="Tiny cohort and 2 epochs: checks the chain in about a minute.")
 @workers_option
 @quiet_option
-def demo(out, subjects, shape, target, recipe, epochs, depth, quick, workers, quiet):
+def demo(out, subjects, shape, target, recipe, epochs, depth, members, quick, workers, quiet):
     """The whole chain on a synthetic cohort: synth, ingest, patches, train, predict, evaluate, report."""
     from dataclasses import replace
 
@@ -775,10 +790,16 @@ def demo(out, subjects, shape, target, recipe, epochs, depth, quick, workers, qu
         cfg = replace(QUICK, workers=workers)
     else:
         cfg = DemoConfig(subjects=subjects, shape=_ints(shape, 3, "--shape"), target=target,
-                         recipe=recipe, epochs=epochs, depth=depth, workers=workers)
+                         recipe=recipe, epochs=epochs, depth=depth, workers=workers, members=members)
     res = run_demo(out, cfg, quiet=quiet)
     click.echo(f"virtual {res['target']}: Pearson r {res['virtual_pearson']:.3f} on held-out {res['held_out']} "
                f"(best single marker {res['best_marker']}: {res['best_marker_pearson']:.3f})")
     if "virtual_auc" in res:
         click.echo(f"lesion AUC: virtual {res['virtual_auc']:.3f}, best single marker {res['best_marker_auc']}")
+    if res.get("uncertainty_spearman") is not None:
+        ratio = res.get("artefact_uncertainty_ratio")
+        click.echo(f"uncertainty: Spearman with |error| {res['uncertainty_spearman']:.3f}, 95% interval "
+                   f"coverage {res['uncertainty_coverage_95']:.3f}, retention area "
+                   f"{res['uncertainty_retention_area']:.3g} (random order {res['error_random_order_area']:.3g})"
+                   + (f", {ratio:.2f}x higher in the artefact than in the rest of the brain" if ratio else ""))
     click.echo(f"report: {res['report']}")

@@ -1,7 +1,8 @@
 """The whole chain on a synthetic cohort, on the embedded LocalCluster.
 
-synth -> ingest -> patches -> train (depth 5) -> predict a held-out subject ->
-evaluate (vs every single MRI marker, lesion ROC) -> importance -> report.html.
+synth -> ingest -> patches -> train (a deep ensemble of depth-5 nets) -> predict a
+held-out subject with its uncertainty -> evaluate (vs every single MRI marker, lesion
+ROC, whether the uncertainty flags the errors and the artefact) -> importance -> report.html.
 Each stage's output stays in ``out`` so a user can open every store and rerun
 any stage by hand; a rerun resumes (finished stages are reused).
 """
@@ -38,10 +39,13 @@ class DemoConfig:
     importance_repeats: int = 2
     # the held-out brain on its own scanner (synth/scanner.py): transfer, not a same-scanner retest
     scanner_variation: bool = True
+    # ... with a field-of-view artefact (synth/artefact.py): something its uncertainty must flag
+    artefact: bool = True
+    members: int = 3  # a deep ensemble: the virtual stain is their mean, the uncertainty their spread
 
 
 QUICK = DemoConfig(subjects=3, shape=(24, 16, 32), stride=2, depth=2, epochs=2, batch_size=128,
-                   importance_patches=500, importance_repeats=1)
+                   importance_patches=500, importance_repeats=1, members=2)
 
 
 def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, quiet: bool = False) -> dict:
@@ -95,7 +99,8 @@ class _Demo:
             if not os.path.exists(self.manifest):
                 make_cohort(self.p["files"], subjects=self.cfg.subjects, shape=tuple(self.cfg.shape),
                             seed=self.cfg.seed, fmt="nii.gz", quiet=self.quiet,
-                            scanner_variation=[self.test_id] if self.cfg.scanner_variation else None)
+                            scanner_variation=[self.test_id] if self.cfg.scanner_variation else None,
+                            artefact=[self.test_id] if self.cfg.artefact else None)
 
     def ingest_and_patches(self) -> None:
         from mrhscale.parallel.cluster import dask_client
@@ -119,12 +124,13 @@ class _Demo:
 
         cfg = self.cfg
         epochs = cfg.epochs or RECIPES.get(cfg.recipe, {}).get("epochs")
-        with self.stage("train", f"train: MRH-Net depth {cfg.depth}, recipe {cfg.recipe} "
+        nets = f"{cfg.members} MRH-Nets" if cfg.members > 1 else "MRH-Net"
+        with self.stage("train", f"train: {nets} depth {cfg.depth}, recipe {cfg.recipe} "
                                  f"({epochs} epochs) on the CPU"):
             if not os.path.exists(self.model):
                 kw = dict(recipe=cfg.recipe, depth=cfg.depth, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                          lr=cfg.lr, seed=cfg.seed, quiet=self.quiet)
-                resume = os.path.exists(os.path.join(self.p["run"], "checkpoints", "last.pt"))
+                          lr=cfg.lr, seed=cfg.seed, quiet=self.quiet, members=cfg.members)
+                resume = any(os.path.exists(os.path.join(self.p["run"], d)) for d in ("checkpoints", "members"))
                 train(self.p["patches"], self.p["run"], resume=resume, **kw)
 
     def predict(self) -> None:
@@ -182,7 +188,7 @@ def _tables(summary: dict, metrics: dict, imp: dict, paths: dict) -> dict:
     from mrhscale.report.tables import importance_tables
 
     headline = ("virtual_pearson", "best_marker", "best_marker_pearson", "virtual_auc", "best_marker_auc",
-                "beats_every_marker")
+                "beats_every_marker", *UNCERTAINTY_HEADLINE)
     tables = {
         "Headline": {k: v for k, v in summary.items() if k in headline},
         "Pooled similarity to the reference stain (held-out subject)": {
@@ -192,6 +198,10 @@ def _tables(summary: dict, metrics: dict, imp: dict, paths: dict) -> dict:
     if "roc" in metrics["pooled"]:
         tables["Lesion detection (AUC)"] = {n: {"AUC": r.get("auc"), "direction": r.get("direction")}
                                             for n, r in metrics["pooled"]["roc"].items()}
+    if metrics.get("uncertainty"):
+        from mrhscale.report.tables import uncertainty_tables
+
+        tables.update(uncertainty_tables(metrics["uncertainty"], metrics["per_subject"]))
     tables.update({k: v for k, v in importance_tables(imp).items() if not k.startswith("Setup")})
     tables["Stage wall times (s)"] = summary["stage_seconds"]
     tables["Where things are"] = paths
@@ -259,4 +269,20 @@ def _headline(metrics: dict, test_id: str, cfg: DemoConfig) -> dict:
         out["best_marker_auc"] = f"{best_auc}: {m_auc[best_auc]:.3f}" if best_auc else None
         beats = beats and all((out["virtual_auc"] or 0) > (a or 0) for a in m_auc.values())
     out["beats_every_marker"] = bool(beats)
+    out.update(_uncertainty_headline(metrics, test_id))
     return out
+
+
+UNCERTAINTY_HEADLINE = ("uncertainty_spearman", "uncertainty_coverage_95", "uncertainty_retention_area",
+                        "error_random_order_area", "artefact_uncertainty_ratio")
+
+
+def _uncertainty_headline(metrics: dict, test_id: str) -> dict:
+    """Does the held-out map say how sure it is: ranks errors, covers them, flags the artefact."""
+    u = (metrics.get("uncertainty") or {}).get("pooled")
+    if not u:
+        return {}
+    by_label = (metrics["per_subject"].get(test_id, {}).get("uncertainty") or {}).get("by_label", {})
+    return dict(zip(UNCERTAINTY_HEADLINE, (
+        u["spearman_abs_error"], u["coverage_95"], u["retention"]["area"], u["retention"]["random_area"],
+        (by_label.get("artefact") or {}).get("ratio")), strict=True))

@@ -63,6 +63,7 @@ class PredictResult(_Result):
     nifti: list[str] = field(default_factory=list)
     native: list[str] = field(default_factory=list)
     ome_zarr: list[str] = field(default_factory=list)
+    uncertainty: str | None = None  # the uncertainty variable (an ensemble's), else None
 
 
 @dataclass
@@ -77,6 +78,8 @@ class TrainResult(_Result):
     best_val_loss: float
     world_size: int
     replica_max_abs_diff: float
+    members: list[dict] = field(default_factory=list)  # each member's final metrics (an ensemble)
+    uncertainty: dict | None = None  # an ensemble's calibration (training/ensemble.py)
 
 
 @dataclass
@@ -97,6 +100,7 @@ class EvaluationResult(_Result):
     out_dir: str = ""
     report: str = ""
     roc_curves: dict | None = None
+    uncertainty: dict | None = None  # when the prediction has an uncertainty (stages/evaluate.py)
 
 
 @dataclass

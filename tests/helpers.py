@@ -289,6 +289,19 @@ def write_model(path, channels, half=1, axis="y", seed=0, depth=1, width=8, targ
     return str(path)
 
 
+def write_ensemble(path, channels, members=3, factor=1.5, **kw):
+    """An ensemble bundle of ``members`` random nets (seeds 0..K-1, as write_model), calibration
+    ``factor``; also each member alone as ``<path>.m<k>`` (single bundles), for comparisons."""
+    from mrhscale.io.bundle import ensemble_bundle, read_bundle, write_bundle
+
+    singles = [write_model(f"{path}.m{k}", channels, seed=k, **kw) for k in range(members)]
+    bundles = [read_bundle(p) for p in singles]
+    unc = {"method": "ensemble", "members": members, "seeds": list(range(members)),
+           "calibration": {"factor": factor, "fitted_on": "val", "n": 100}}
+    write_bundle(path, ensemble_bundle(bundles, unc, {"test": True}))
+    return str(path), singles
+
+
 # ---- evaluation pairs: a cohort store and a prediction store of known similarity
 EVAL_SHAPE = (14, 9, 16)
 EVAL_AFF = [[0.06, 0, 0, 0], [0, 0.06, 0, 0], [0, 0, 0.06, 0], [0, 0, 0, 1]]
@@ -340,7 +353,9 @@ def subject(sid, seed, lesion=True, **kw):
     return ds
 
 
-def write_pair(tmp_path, n=2, noise=5.0, offset=0.0, lesion=True, **kw):
+def write_pair(tmp_path, n=2, noise=5.0, offset=0.0, lesion=True, uncertainty=False, **kw):
+    """A cohort and a prediction store; ``uncertainty``: the error's sd is 4x higher in the
+    lesion and varies by voxel, and the prediction holds that sd as ``af_uncertainty``."""
     store, pred = str(tmp_path / "c.zarr"), str(tmp_path / "p.zarr")
     ids = [f"s{i + 1:02d}" for i in range(n)]
     rng = np.random.default_rng(9)
@@ -348,13 +363,19 @@ def write_pair(tmp_path, n=2, noise=5.0, offset=0.0, lesion=True, **kw):
 
     cstore, pstore = CohortStore(store), PredictionStore(pred)
     cstore.prepare({})
-    pstore.prepare({"variable": "af_virtual", "target": "af"})
+    unc_attrs = {"uncertainty": "af_uncertainty",
+                 "model": {"members": 3, "uncertainty": {"calibration": {"factor": 2.0, "fitted_on": "val"}}}}
+    pstore.prepare({"variable": "af_virtual", "target": "af", **(unc_attrs if uncertainty else {})})
     for i, sid in enumerate(ids):
         ds = subject(sid, i, lesion=lesion, **kw)
         cstore.put(sid, ds, {"stage": "tests", "index": i})
-        v = (ds["af"].values + offset + noise * rng.standard_normal(EVAL_SHAPE)) * ds["mask"].values
+        sd = (noise * rng.uniform(0.5, 1.5, EVAL_SHAPE) * (1 + 3 * ds["lesion"].values if lesion else 1)
+              if uncertainty else noise)
+        v = (ds["af"].values + offset + sd * rng.standard_normal(EVAL_SHAPE)) * ds["mask"].values
         out = xr.Dataset({"af_virtual": (("x", "y", "z"), v.astype(np.float32)),
                           "mask": ds["mask"]}, attrs=ds.attrs)
+        if uncertainty:
+            out["af_uncertainty"] = (("x", "y", "z"), (sd * ds["mask"].values).astype(np.float32))
         pstore.put(sid, out, {"stage": "tests", "source": cstore.identity(sid)["fingerprint"]})
     return store, pred, ids
 

@@ -3,6 +3,11 @@
 A bundle is a ``torch.save`` of plain types only (loadable with
 ``weights_only=True``): no pickled classes, so a bundle from an untrusted
 source cannot run code.
+
+A deep ensemble (``train --members K``, format version 2) keeps member 0 as
+``state_dict`` (so anything that needs one network, e.g. ``finetune``, has one) and
+members 1..K-1 in ``member_state_dicts``; ``uncertainty`` records how its spread is
+turned into a calibrated standard deviation. Single-network bundles stay version 1.
 """
 
 from __future__ import annotations
@@ -13,11 +18,11 @@ from typing import Any
 import torch
 
 from mrhscale.errors import MRHError
-from mrhscale.nn.model import MRHNet
+from mrhscale.nn.model import MRHEnsemble, MRHNet
 from mrhscale.ops.norm import Normalisation
 
 FORMAT = "mrhscale-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: deep ensembles; a single network is still written as 1
 
 
 def make_bundle(
@@ -33,26 +38,52 @@ def make_bundle(
         raise MRHError(f"bundle: {len(channels)} channel names for a model with {model.in_channels} inputs")
     if norm.n_channels != model.in_channels:
         raise MRHError(f"bundle: normalisation has {norm.n_channels} channels, model {model.in_channels}")
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {
+    bundle = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,
         "arch": {"name": "MRHNet", **model.config},
-        "state_dict": state,
+        "state_dict": _state(model),
         "channels": [str(c) for c in channels],
         "norm": norm.to_dict(),
         "target": str(target),
         "patch": dict(patch),
         "provenance": dict(provenance or {}),
     }
+    return bundle
+
+
+SHARED = ("arch", "channels", "norm", "target", "patch")  # what every member of an ensemble must agree on
+
+
+def ensemble_bundle(members: list[dict[str, Any]], uncertainty: dict, provenance: dict) -> dict[str, Any]:
+    """One bundle of K member bundles (the first keeps its place as ``state_dict``)."""
+    first = members[0]
+    for k, b in enumerate(members[1:], 1):
+        bad = [key for key in SHARED if b.get(key) != first.get(key)]
+        if bad:
+            raise MRHError(f"ensemble: member {k} differs from member 0 in {', '.join(bad)}")
+    return {**first, "format_version": 2, "member_state_dicts": [b["state_dict"] for b in members[1:]],
+            "uncertainty": dict(uncertainty), "provenance": dict(provenance)}
+
+
+def write_bundle(path: str | os.PathLike, bundle: dict[str, Any]) -> str:
+    from mrhscale.stores import atomic_write
+
+    return atomic_write(os.fspath(path), lambda tmp: torch.save(bundle, tmp))
+
+
+def _state(model: MRHNet) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def n_members(b: dict[str, Any]) -> int:
+    """How many networks a bundle (or its metadata) holds: 1, or K for an ensemble."""
+    return 1 + len(b.get("member_state_dicts") or ()) if "member_state_dicts" in b else int(b.get("members", 1))
 
 
 def save_bundle(path: str | os.PathLike, model: MRHNet, **meta) -> str:
     """Write a bundle atomically (write aside, then rename)."""
-    from mrhscale.stores import atomic_write
-
-    bundle = make_bundle(model, **meta)
-    return atomic_write(os.fspath(path), lambda tmp: torch.save(bundle, tmp))
+    return write_bundle(path, make_bundle(model, **meta))
 
 
 def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
@@ -70,18 +101,30 @@ def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
     return b
 
 
-def model_from_bundle(b: dict[str, Any]) -> MRHNet:
+def model_from_bundle(b: dict[str, Any], state: dict | None = None) -> MRHNet:
+    """The bundle's network (member 0 of an ensemble), or its architecture with ``state``."""
     arch = b["arch"]
     model = MRHNet(arch["in_channels"], arch["depth"], arch.get("width", 64))
-    model.load_state_dict(b["state_dict"])
+    model.load_state_dict(b["state_dict"] if state is None else state)
     return model
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MRHNet, dict[str, Any]]:
-    """Model (eval mode, on ``device``) and its metadata (everything but the weights)."""
+def predictor_from_bundle(b: dict[str, Any]) -> MRHNet | MRHEnsemble:
+    """What predicts with a bundle: its network, or all members of an ensemble side by side."""
+    if not b.get("member_state_dicts"):
+        return model_from_bundle(b)
+    return MRHEnsemble([model_from_bundle(b), *(model_from_bundle(b, s) for s in b["member_state_dicts"])])
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               ensemble: bool = False) -> tuple[MRHNet | MRHEnsemble, dict[str, Any]]:
+    """Model (eval mode, on ``device``) and its metadata (everything but the weights);
+    ``ensemble``: every member of an ensemble bundle (else member 0). ``meta["members"]``
+    is K (1 for a single network)."""
     b = read_bundle(path)
-    model = model_from_bundle(b).to(device).eval()
-    meta = {k: v for k, v in b.items() if k != "state_dict"}
+    model = (predictor_from_bundle(b) if ensemble else model_from_bundle(b)).to(device).eval()
+    meta = {k: v for k, v in b.items() if k not in ("state_dict", "member_state_dicts")}
+    meta["members"] = n_members(b)
     meta["norm"] = Normalisation.from_dict(b["norm"])
     return model, meta
 
@@ -115,8 +158,9 @@ def describe_bundle(path: str | os.PathLike) -> str:
     lines = [
         f"model bundle   {os.fspath(path)}",
         f"architecture   {arch.get('name', 'MRHNet')} depth={arch['depth']} width={arch.get('width', 64)} "
-        f"in_channels={arch['in_channels']}  ({n_params:,} parameters)",
+        f"in_channels={arch['in_channels']}  ({n_params:,} parameters{' per member' if n_members(b) > 1 else ''})",
         f"target         {b['target']}",
+        *_ensemble_lines(b),
         f"patch          {p.get('size')}x{p.get('size')} (half {p.get('half')}), "
         f"in the plane across slice axis {p.get('axis')!r}",
         f"channels       {len(ch)}: " + ", ".join(f"{g} x{n}" for g, n in groups.items()),
@@ -148,3 +192,15 @@ def describe_bundle(path: str | os.PathLike) -> str:
         for k in other:
             lines.append(f"               {k}={json.dumps(prov[k], default=str)[:200]}")
     return "\n".join(lines)
+
+
+def _ensemble_lines(b: dict) -> list[str]:
+    k = n_members(b)
+    if k == 1:
+        return []
+    u = b.get("uncertainty") or {}
+    cal = u.get("calibration") or {}
+    fitted = (f"calibration factor {cal['factor']:.4g} fitted on {cal.get('n', '?')} {cal.get('fitted_on')} "
+              f"patches (95% coverage before {cal.get('coverage_before', float('nan')):.3f})"
+              if cal.get("fitted_on") else "uncalibrated (factor 1: no validation split)")
+    return [f"ensemble       {k} members (seeds {u.get('seeds', '?')}); uncertainty = spread x {fitted}"]

@@ -53,6 +53,62 @@ def montage(path, sid, slice_axis, mri_name, mri, ref, virt, mask, lab, target):
     return path
 
 
+def uncertainty_montage(path, sid, slice_axis, virt, ref, unc, mask, regions: dict, target):
+    """The virtual stain, its absolute error and its 95% half-width (1.96 x uncertainty) on
+    one slice (the one with most labelled voxels, else most brain), the two last on one
+    colour scale, labels outlined: does the map flag where it is wrong?"""
+    plt = plt_agg()
+    ax = SPATIAL.index(slice_axis) if slice_axis in SPATIAL else 1
+    other = tuple(a for a in range(3) if a != ax)
+    marked = sum((lab & mask for lab in regions.values()), np.zeros_like(mask))
+    k = int(np.argmax(marked.sum(axis=other) if marked.any() else mask.sum(axis=other)))
+    err = np.where(mask, np.abs(virt - ref), 0.0)
+    half = np.where(mask, 1.96 * unc, 0.0)
+    vmax = float(np.percentile(ref[mask], 99.5)) if mask.any() else 1.0
+    emax = float(np.percentile(np.r_[err[mask], half[mask]], 99)) if mask.any() else 1.0
+    panels = [(f"virtual {target}", np.where(mask, virt, 0), "magma", vmax),
+              ("|virtual - reference|", err, "viridis", emax or 1),
+              ("1.96 x uncertainty", half, "viridis", emax or 1)]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    colours = ["cyan", "white", "red", "lime"]
+    for a, (title, vol, cmap, hi) in zip(axes, panels, strict=True):
+        im = a.imshow(_take(vol, ax, k), cmap=cmap, vmin=0, vmax=hi, origin="lower")
+        for lab, c in zip(regions.values(), colours * 4):
+            if _take(lab, ax, k).any():
+                a.contour(_take(lab, ax, k).astype(float), levels=[0.5], colors=c, linewidths=0.8)
+        a.set_title(title, fontsize=9)
+        a.axis("off")
+        fig.colorbar(im, ax=a, fraction=0.046)
+    names = ", ".join(f"{n} ({c})" for n, c in zip(regions, colours * 4) if _take(regions[n], ax, k).any())
+    fig.suptitle(f"{sid}, slice {slice_axis}={k}" + (f"; outlined: {names}" if names else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def retention_plot(path, curves: dict, target):
+    """Error-retention curves: MAE of the most confident fraction of voxels, per subject and
+    pooled, with the oracle's (ordered by the error itself) dashed; flat = uninformative."""
+    plt = plt_agg()
+    fig, a = plt.subplots(figsize=(4.8, 3.8))
+    for i, (name, c) in enumerate(curves.items()):
+        pooled = name == "pooled"
+        colour = "k" if pooled else f"C{i % 10}"
+        a.plot(c["fractions"], c["mae"], color=colour, lw=2 if pooled else 1,
+               label=f"{name}: area {c['area']:.3g} (random {c['random_area']:.3g})")
+        if pooled:
+            a.plot(c["fractions"], c["oracle_mae"], "k--", lw=0.8, label=f"oracle: {c['oracle_area']:.3g}")
+    a.set_xlabel("fraction of voxels kept (most confident first)")
+    a.set_ylabel(f"MAE of virtual {target}")
+    a.set_title("error retention", fontsize=10)
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def scatter(path, pool, target, n_max=20000, xlabel=None):
     plt = plt_agg()
     ref = np.concatenate(pool["ref"]) if pool["ref"] else np.zeros(0)

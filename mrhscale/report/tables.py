@@ -19,8 +19,33 @@ def evaluation_tables(m: dict) -> dict:
                 "sensitivity": (r.get("youden") or {}).get("sensitivity"),
                 "specificity": (r.get("youden") or {}).get("specificity")}
             for n, r in m["pooled"]["roc"].items()}
+    if m.get("uncertainty"):
+        out.update(uncertainty_tables(m["uncertainty"], m["per_subject"]))
     if m["notes"]:
         out["Notes"] = m["notes"]
+    return out
+
+
+def uncertainty_tables(u: dict, per_subject: dict) -> dict:
+    """Does the uncertainty rank and size the errors (per subject and pooled), and where is it high."""
+    def row(x):
+        r = x.get("retention") or {}
+        return {"Spearman(unc, |err|)": x.get("spearman_abs_error"), "95% coverage": x.get("coverage_95"),
+                "mean uncertainty": x.get("mean_uncertainty"), "retention area": r.get("area"),
+                "oracle": r.get("oracle_area"), "random": r.get("random_area")}
+
+    rows = {sid: row(r["uncertainty"]) for sid, r in per_subject.items() if "uncertainty" in r}
+    rows["pooled"] = row(u["pooled"])
+    out = {"Uncertainty vs error": rows}
+    labels = {f"{sid}: {name}": {"voxels": v["voxels"], "mean inside": v["mean_inside"],
+                                 "mean rest": v["mean_rest"], "ratio": v["ratio"]}
+              for sid, r in per_subject.items() for name, v in (r.get("uncertainty") or {}).get("by_label", {}).items()}
+    if labels:
+        out["Uncertainty inside labels vs the rest of the brain"] = labels
+    cal = u.get("calibration") or {}
+    if cal:
+        out["Calibration (fitted at training)"] = {k: cal.get(k) for k in (
+            "factor", "fitted_on", "n", "held_out_subjects", "coverage_before", "coverage_after")}
     return out
 
 

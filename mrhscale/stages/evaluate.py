@@ -33,8 +33,16 @@ Spearman and ROC use a uniform random sample of at most ``max_pool / n_subjects`
 (at least 10,000) voxels per subject: exact for small brains, bounded memory
 for large cohorts.
 
-Writes ``metrics.json``, PNG figures (slice montage per subject, scatter, ROC)
-and ``report.html`` into ``out_dir``.
+With a per-voxel uncertainty in the prediction (an ensemble's ``<stain>_uncertainty``),
+per subject and pooled (``uncertainty``): its Spearman correlation with the absolute
+error, the coverage of the virtual stain +- 1.96 x uncertainty (the calibrated 95%
+interval), the error-retention curve (MAE of the most confident fraction of voxels)
+with its area beside an oracle's and random order's, and its mean inside each label
+of the subject (``lesion``, ``artefact``, ...) against the rest of the brain.
+
+Writes ``metrics.json``, PNG figures (slice montage per subject, scatter, ROC, and for
+an uncertainty its slice beside the error's and the retention curves) and
+``report.html`` into ``out_dir``.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import numpy as np
 
 from mrhscale.errors import MRHError
 from mrhscale.ops.metrics import PooledMoments, linear_fit, roc, similarity, spearman
+from mrhscale.ops.uncertainty import uncertainty_metrics
 from mrhscale.report import figures
 from mrhscale.report.html import write_report
 from mrhscale.report.tables import evaluation_tables
@@ -330,9 +339,14 @@ def _evaluate(pstore, cstore, ids, target, out_dir, *, label, roi, quiet, max_po
 class _Subject:
     """One subject's volumes on the store grid, inside the evaluation mask."""
 
-    def __init__(self, sid, ds, virt, ref, mask, markers, label):
+    def __init__(self, sid, ds, virt, ref, mask, markers, label, unc=None):
         self.sid, self.ds, self.virt, self.ref, self.mask = sid, ds, virt, ref, mask
-        self.markers, self.label = markers, label
+        self.markers, self.label, self.unc = markers, label, unc
+
+    def regions(self) -> dict[str, np.ndarray]:
+        """The subject's labels (lesion, artefact, ...) as bool volumes."""
+        names = list(self.ds.attrs.get("labels") or [])
+        return {n: self.ds[n].transpose(*SPATIAL).values.astype(bool) for n in names if n in self.ds.data_vars}
 
 
 class _Evaluation:
@@ -345,6 +359,9 @@ class _Evaluation:
         self.label, self.roi, self.extra, self.transforms = label, roi, extra, marker_transforms
         self.extra_names = marker_names(extra)
         self.variable = pstore.attrs.get("variable") or f"{target}_virtual"
+        self.unc_variable = pstore.attrs.get("uncertainty")  # an ensemble's prediction
+        self.unc_curves: dict[str, dict] = {}
+        self.unc_pooled: dict | None = None
         self.slice_axis = str((pstore.attrs.get("model") or {}).get("patch", {}).get("axis", "y"))
         self.rng, self.per_subject_pool = np.random.default_rng(seed), per_subject_pool
         self.notes: list[str] = []
@@ -360,6 +377,8 @@ class _Evaluation:
         d = self._load(sid)
         res, scores = self._metrics(d)
         self._pool(d, res, scores)
+        if d.unc is not None:
+            res["uncertainty"] = self._uncertainty(d)
         if d.label is not None:
             self.have_label = True
             res["roc"] = self._roc(d, scores)
@@ -385,11 +404,15 @@ class _Evaluation:
         if "mask" in pds.data_vars:
             mask &= pds["mask"].transpose(*SPATIAL).values.astype(bool)
         mask &= np.isfinite(ref) & np.isfinite(virt)
+        unc = None
+        if self.unc_variable and self.unc_variable in pds.data_vars:
+            unc = pds[self.unc_variable].transpose(*SPATIAL).values.astype(np.float64)
+            mask &= np.isfinite(unc)
         markers, notes = single_markers(ds, mask)
         self.notes += notes
         for src, name in zip(self.extra, self.extra_names, strict=True):
             markers[name] = load_marker(src, ds, sid, ref.shape, self.transforms)
-        return _Subject(sid, ds, virt, ref, mask, markers, load_label(ds, self.label, sid, ref.shape))
+        return _Subject(sid, ds, virt, ref, mask, markers, load_label(ds, self.label, sid, ref.shape), unc)
 
     def _metrics(self, d: _Subject):
         """Per-subject similarity of the virtual stain and of each marker (fitted linearly)."""
@@ -421,6 +444,23 @@ class _Evaluation:
         self.pool["ref"].append(d.ref.ravel()[idx].astype(np.float32))
         for name, s in scores.items():
             self.pool.setdefault(name, []).append(s.ravel()[idx].astype(np.float32))
+        if d.unc is not None:
+            self.pool.setdefault("uncertainty", []).append(d.unc.ravel()[idx].astype(np.float32))
+
+    def _uncertainty(self, d: _Subject) -> dict:
+        """How the subject's uncertainty relates to its error, and its mean in each label."""
+        m = d.mask
+        out = uncertainty_metrics(d.virt[m], d.ref[m], d.unc[m])
+        self.unc_curves[d.sid] = out["retention"]
+        out["retention"] = _strip_retention(out["retention"])
+        out["by_label"] = {}
+        for name, lab in d.regions().items():
+            inside, rest = m & lab, m & ~lab
+            if inside.any() and rest.any():
+                a, b = float(d.unc[inside].mean()), float(d.unc[rest].mean())
+                out["by_label"][name] = {"voxels": int(inside.sum()), "mean_inside": a, "mean_rest": b,
+                                         "ratio": a / b if b > 0 else math.nan}
+        return out
 
     def _sample(self, mask: np.ndarray) -> np.ndarray:
         idx = np.flatnonzero(mask.ravel())
@@ -445,10 +485,21 @@ class _Evaluation:
         figures.montage(path, d.sid, self.slice_axis, mri_name, mri_img, d.ref, d.virt, d.mask, d.label,
                         self.target)
         self.figures.append((path, f"{d.sid}: MRI ({mri_name}), reference {self.target}, virtual, error"))
+        if d.unc is not None:
+            path = os.path.join(self.out_dir, f"uncertainty_{d.sid}.png")
+            figures.uncertainty_montage(path, d.sid, self.slice_axis, d.virt, d.ref, d.unc, d.mask, d.regions(),
+                                        self.target)
+            self.figures.append((path, f"{d.sid}: virtual {self.target}, its absolute error and its 95% "
+                                       "half-width (1.96 x uncertainty), on one colour scale"))
 
     def pooled(self) -> tuple[dict, dict | None]:
         dr = (self.ref_range[1] - self.ref_range[0]) or 1.0
         out = {}
+        if self.pool.get("uncertainty"):
+            est, ref, unc = (np.concatenate(self.pool[k]) for k in ("virtual", "ref", "uncertainty"))
+            self.unc_pooled = uncertainty_metrics(est, ref, unc)
+            self.unc_curves["pooled"] = self.unc_pooled["retention"]
+            self.unc_pooled["retention"] = _strip_retention(self.unc_pooled["retention"])
         for name, mom in self.moments.items():
             out[name] = mom.aggregate(dr, with_virtual=name != "virtual")
             out[name]["spearman"] = spearman(self.pool[name], self.pool["ref"])
@@ -461,6 +512,11 @@ class _Evaluation:
             out["roc"] = {n: _strip_curve(r) for n, r in roc_pooled.items()}
         return out, roc_pooled
 
+    def calibration(self) -> dict:
+        """The bundle's calibration (fitted on its validation split) as predict recorded it."""
+        u = (self.pstore.attrs.get("model") or {}).get("uncertainty") or {}
+        return dict(u.get("calibration") or {})
+
     def pooled_figures(self, roc_pooled) -> None:
         pool, target, out = self.pool, self.target, self.out_dir
         self.figures.append((figures.scatter(os.path.join(out, "scatter.png"), pool, target),
@@ -469,6 +525,11 @@ class _Evaluation:
         if len(vpool) > 1:
             self.figures.append((figures.scatter(os.path.join(out, "scatter_vs_virtual.png"), vpool, target,
                                                  xlabel=f"virtual {target}"), "markers vs the virtual stain"))
+        if self.unc_curves:
+            self.figures.append((figures.retention_plot(os.path.join(out, "retention.png"), self.unc_curves,
+                                                        target),
+                                 "error retention: MAE of the most confident fraction of voxels (lower is "
+                                 "better; dashed: an oracle that knew the errors)"))
         if roc_pooled:
             self.figures.append((figures.roc_plot(os.path.join(out, "roc.png"), roc_pooled,
                                                   self.label or "lesion"),
@@ -481,6 +542,9 @@ class _Evaluation:
         if roc_pooled:
             metrics["roc_curves"] = {n: {"fpr": r["fpr"], "tpr": r["tpr"]} for n, r in roc_pooled.items()
                                      if "fpr" in r}
+        if self.unc_pooled is not None:
+            metrics["uncertainty"] = {"variable": self.unc_variable, "pooled": self.unc_pooled,
+                                      "calibration": self.calibration(), "retention_curves": self.unc_curves}
         metrics["figures"] = [os.path.basename(p) for p, _ in self.figures]
         metrics["figure_captions"] = {os.path.basename(p): c for p, c in self.figures}
         metrics["out_dir"] = final_dir
@@ -515,7 +579,15 @@ METHODS = {
     "psnr_peak": "reference range (max - min) inside the mask",
     "ssim": "skimage 3D SSIM (win 7), volumes zeroed outside the mask, mean over the mask",
     "auc": "Mann-Whitney U / (n_pos n_neg), oriented: max(AUC, 1-AUC), direction noted",
+    "uncertainty": "Spearman of uncertainty with |virtual - reference|; coverage_95: share of voxels with "
+                   "|error| <= 1.96 x uncertainty; retention: MAE of the most confident fraction f of the "
+                   "voxels, f = 0.01 .. 1, area = its mean (oracle: ordered by the error itself; random: the "
+                   "MAE); by_label: mean uncertainty inside each label against the rest of the mask",
 }
+
+
+def _strip_retention(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k not in ("fractions", "mae", "oracle_mae")}
 
 
 def _strip_curve(r: dict) -> dict:

@@ -66,6 +66,11 @@ def export_model(model_path, out, fmt: str = "onnx", *, overwrite: bool = False,
     fmt = _check_format(fmt, opset)
     model_path, out = resolve(model_path, "model"), _local_out(out)
     net, meta = load_model(model_path)
+    if meta["members"] > 1:
+        raise MRHError(f"{model_path}: is an ensemble of {meta['members']} networks (train --members); export "
+                       "writes one network, and a patch-wise graph would lose the uncertainty: export a "
+                       "network trained without --members, or one member's run folder model "
+                       "(OUT/members/m00/model.pt)")
     if meta["norm"].per_subject:
         raise MRHError(f"{model_path}: the model scales each brain by its own statistics ({meta['norm'].mode}), "
                        "which a patch-wise exported graph cannot compute; train with --norm global to export")

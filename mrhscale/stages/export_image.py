@@ -244,8 +244,9 @@ def omero(name: str, lo: float, hi: float) -> dict:
 
 
 # --------------------------------------------------------------------------- predict --ome-zarr
-def image_paths(out_dir, ids: list[str], storage_options: dict | None = None) -> dict[str, str]:
-    """``DIR/<subject>.ome.zarr`` for each subject, checked before any prediction: a place
+def image_paths(out_dir, ids: list[str], storage_options: dict | None = None,
+                suffix: str = "") -> dict[str, str]:
+    """``DIR/<subject><suffix>.ome.zarr`` for each subject, checked before any prediction: a place
     holding anything mrhscale did not make is refused then, not after the work."""
     import os
 
@@ -257,7 +258,7 @@ def image_paths(out_dir, ids: list[str], storage_options: dict | None = None) ->
     base = resolve(out_dir, "--ome-zarr")
     if is_local(base) and os.path.exists(local_path(base)) and not os.path.isdir(local_path(base)):
         raise MRHError(f"--ome-zarr {base}: is a file, not a folder")
-    paths = {sid: join(base, f"{sid}.ome.zarr") for sid in ids}
+    paths = {sid: join(base, f"{sid}{suffix}.ome.zarr") for sid in ids}
     for p in paths.values():
         own_attrs(p, url_options(p, storage_options), what="--ome-zarr")
     return paths

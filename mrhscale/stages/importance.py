@@ -96,7 +96,11 @@ def importance(
     if max_patches < 2:
         raise MRHError(f"--max-patches must be >= 2, got {max_patches}")
     device = check_device(device)
-    model, meta = load_model(model_path, device=device)
+    model, meta = load_model(model_path, device=device, ensemble=True)
+    if meta["members"] > 1:  # an ensemble's map is its members' mean: shuffle what drives that
+        from mrhscale.nn.model import MemberMean
+
+        model = MemberMean(model)
     attrs, xa, ta = _open_split(patches_url, split, storage_options)
     sel = _check_model_and_store(model_path, meta, patches_url, attrs, xa)
     rng = np.random.default_rng(seed)

@@ -68,7 +68,7 @@ def _cached_model(path: str, size: int, mtime_ns: int, device: str, threads: int
     tune_malloc()  # Dask workers start with a malloc setting that halves torch's speed
     if threads:
         torch.set_num_threads(int(threads))
-    model, meta = load_model(path, device=device)
+    model, meta = load_model(path, device=device, ensemble=True)
     runner = InferenceModel(model, Acceleration(*mode), device, batch_size, example=(len(meta["channels"]),
                                                                                      patch_size(meta)))
     warm_gather()
@@ -131,64 +131,82 @@ def _predict_block(
     halo: int,
     mode: tuple = ("fp32", False),
     tta: bool = False,
+    spread_scale: float | None = None,
 ) -> np.ndarray:
     """One block with ``halo`` voxels of in-plane context -> its predicted interior
-    (x, y, z) float32, 0 outside the mask.
+    (x, y, z) float32, 0 outside the mask; for an ensemble (``spread_scale``: the
+    target scale times the bundle's calibration factor) (x, y, z, 2): the members' mean
+    and their calibrated spread.
 
     ``halo`` is 0 for a block spanning whole planes (nothing beyond it but the
     volume's zero padding) and the map_overlap depth otherwise.
     """
-    import torch
-
-    from mrhscale.ops.symmetry import symmetric_mean
-
     inplane = [a for a in range(3) if a != slice_axis]
     order = (slice_axis, *inplane)
     msk = np.transpose(mask[..., 0], order)
     S, R, Q = msk.shape
     depth = halo
     ri, qi = R - 2 * depth, Q - 2 * depth  # interior size
-    out = np.zeros((S, ri, qi), np.float32)
-    if out.size == 0:
-        return np.transpose(out, np.argsort(order))
-    h = half
+    n_out = 1 if spread_scale is None else 2
+    out = np.zeros((S, ri, qi, n_out), np.float32)
     # Candidate centres: the interior ('centre') or the interior plus an h ring ('mean':
     # every output covering an interior voxel), clipped to the block: frame lo .. R-lo.
-    lo = max(0, depth - (h if aggregate == "mean" else 0))
+    lo = max(0, depth - (half if aggregate == "mean" else 0))
     cm = msk[:, lo : R - lo, lo : Q - lo]
-    s, r, q = np.nonzero(cm)
-    if not len(s):
-        return np.transpose(out, np.argsort(order))
-    model = _worker_model(model_path, device, threads, mode, batch_size)
-    patches = BlockPatches(mri, order, offset, inv_scale, h)
-    rp, qp = r + lo, q + lo  # centres in the block's frame
+    s, r, q = np.nonzero(cm) if out.size else (np.zeros(0, int),) * 3
+    if len(s):
+        model = _worker_model(model_path, device, threads, mode, batch_size)
+        patches = BlockPatches(mri, order, offset, inv_scale, half)
+        pred = _network_outputs(model, patches, (s, r + lo, q + lo), device, batch_size, half,
+                                aggregate == "centre", tta)
+        pred[:, 0] = pred[:, 0] * t_scale + t_offset
+        if n_out == 2:
+            pred[:, 1] *= spread_scale
+        if aggregate == "centre":
+            out[s, r, q] = pred  # centre: lo == depth, cm's frame is the interior
+        else:
+            mean = _overlap_mean(pred, (s, r, q), cm.shape, half)
+            out[:] = mean[:, depth - lo : depth - lo + ri, depth - lo : depth - lo + qi]
+        out *= msk[:, depth : R - depth, depth : Q - depth, None]
+    out = np.transpose(out, (*np.argsort(order), 3))
+    return out if n_out == 2 else out[..., 0]
+
+
+def _network_outputs(model, patches, centres, device, batch_size: int, h: int, centre: bool,
+                     tta: bool) -> np.ndarray:
+    """The network (normalised units) at ``centres`` (s, r, q in the block's frame): [N, V]
+    (``centre``) or [N, V, P, P] (the whole outputs); V = 1, or 2 for an ensemble (its
+    members' mean and standard deviation)."""
+    import torch
+
+    from mrhscale.nn.model import mean_and_spread
+    from mrhscale.ops.symmetry import symmetric_mean
+
+    s, rp, qp = centres
     preds = []
     with torch.inference_mode():
         for a in range(0, len(s), batch_size):
             b = slice(a, a + batch_size)
             x = torch.from_numpy(patches(s[b], rp[b], qp[b])).to(device)
-            y = symmetric_mean(model, x) if tta else model(x)
-            if aggregate == "centre":
-                preds.append(y[:, h, h].float().cpu().numpy())
-            else:
-                preds.append(y.float().cpu().numpy())
-    pred = np.concatenate(preds) * t_scale + t_offset
-    if aggregate == "centre":
-        out[s, r, q] = pred  # centre: lo == depth, cm's frame is the interior
-    else:
-        acc = np.zeros(cm.shape, np.float64)  # frame lo .. R-lo, as cm
-        cnt = np.zeros_like(acc)
-        p = 2 * h + 1
-        for i in range(p):  # P*P vectorised scatters, not a per-voxel loop
-            for j in range(p):
-                rr, qq = r + i - h, q + j - h
-                ok = (rr >= 0) & (rr < acc.shape[1]) & (qq >= 0) & (qq < acc.shape[2])
-                acc[s[ok], rr[ok], qq[ok]] += pred[ok, i, j]
-                cnt[s[ok], rr[ok], qq[ok]] += 1
-        mean = np.divide(acc, cnt, out=np.zeros_like(acc), where=cnt > 0)
-        out[:] = mean[:, depth - lo : depth - lo + ri, depth - lo : depth - lo + qi]
-    out *= msk[:, depth : R - depth, depth : Q - depth]
-    return np.transpose(out, np.argsort(order))
+            y = (symmetric_mean(model, x) if tta else model(x)).float()
+            y = torch.stack(mean_and_spread(y), 1) if y.dim() == 4 else y[:, None]
+            preds.append((y[:, :, h, h] if centre else y).cpu().numpy())
+    return np.concatenate(preds)
+
+
+def _overlap_mean(pred: np.ndarray, centres, shape, h: int) -> np.ndarray:
+    """Every output [N, V, P, P] laid at its centre (s, r, q) and averaged where they
+    overlap: [S, R, Q, V] on a frame of ``shape`` (P*P vectorised scatters, not a loop per voxel)."""
+    s, r, q = centres
+    acc = np.zeros((*shape, pred.shape[1]), np.float64)
+    cnt = np.zeros(shape, np.float64)
+    for i in range(2 * h + 1):
+        for j in range(2 * h + 1):
+            rr, qq = r + i - h, q + j - h
+            ok = (rr >= 0) & (rr < shape[1]) & (qq >= 0) & (qq < shape[2])
+            acc[s[ok], rr[ok], qq[ok]] += pred[ok, :, i, j]
+            cnt[s[ok], rr[ok], qq[ok]] += 1
+    return np.divide(acc, cnt[..., None], out=np.zeros_like(acc), where=cnt[..., None] > 0)
 
 
 # --------------------------------------------------------------------------- checks
@@ -232,7 +250,8 @@ def _workers_device_ok(device: str) -> bool:
 def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads=None,
                        batch_size=4096, aggregate="centre", block_bytes=BLOCK_BYTES, mode=("fp32", False),
                        tta=False, norm=None):
-    """Lazy dask array (x, y, z) of the virtual stain for one subject Dataset; ``mode``
+    """Lazy dask array (x, y, z) of the virtual stain for one subject Dataset (an ensemble
+    bundle: (x, y, z, 2), the members' mean and calibrated spread, see :func:`uncertainty_scale`); ``mode``
     (precision, compiled) as ``prepare_worker`` resolved it (default: eager fp32);
     ``tta``: the mean over the patch's 8 in-plane symmetries (8x the forward passes);
     ``norm``: this subject's concrete normalisation (default: the bundle's, which must
@@ -278,11 +297,11 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
         mask = mask.rechunk(new)
     norm = meta["norm"] if norm is None else norm
     off, inv = norm.input_arrays()
+    spread = uncertainty_scale(meta, norm)
     kw = dict(
-        drop_axis=3,
-        chunks=mri.chunks[:3],
+        **({"drop_axis": 3, "chunks": mri.chunks[:3]} if spread is None else {"chunks": (*mri.chunks[:3], (2,))}),
         dtype=np.float32,
-        meta=np.empty((0, 0, 0), np.float32),
+        meta=np.empty((0,) * (3 if spread is None else 4), np.float32),
         model_path=os.path.abspath(model_path),
         device=device,
         threads=threads,
@@ -296,6 +315,7 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
         aggregate=aggregate,
         mode=tuple(mode),
         tta=bool(tta),
+        spread_scale=spread,
     )
     msk = mask.astype(bool)[..., None]
     if all(len(mri.chunks[a]) == 1 for a in range(3) if a != slice_axis):
@@ -306,6 +326,15 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
     dep = {a: (0 if a in (slice_axis, 3) else depth) for a in range(4)}
     return da.map_overlap(_predict_block, mri, msk, depth=dep, boundary=0, trim=False,
                           align_arrays=False, allow_rechunk=True, halo=depth, **kw)
+
+
+def uncertainty_scale(meta: dict, norm) -> float | None:
+    """Stain units per unit of an ensemble's spread (the target scale times the calibration
+    factor fitted on the validation split at training), or None for a single network."""
+    if int(meta.get("members", 1)) < 2:
+        return None
+    cal = (meta.get("uncertainty") or {}).get("calibration") or {}
+    return float(norm.target_scale) * float(cal.get("factor", 1.0))
 
 
 def subject_normalisation(meta: dict, ds, scheduler=None):
@@ -474,7 +503,8 @@ def predict(
     source = CohortStore.open(store_url, storage_options)
     ids, datasets = run.inputs(source, subjects)
     native_dirs = run.native_dirs(datasets)
-    images = image_paths(ome_zarr, ids, storage_options) if ome_zarr else {}
+    images = {var: image_paths(ome_zarr, ids, storage_options, "" if var == run.variable else f".{var}")
+              for var in run.variables} if ome_zarr else {}
     with contextlib.ExitStack() as stack:
         # an embedded cluster starts only if there is something to predict; its workers
         # are this machine's, so auto resolves here (a given or joined cluster: on its workers)
@@ -491,10 +521,10 @@ def predict(
             n_vox = run.predict_all(pstore, source, datasets, todo, env, quiet)
             nifti, native = run.write_nifti(pstore, ids, native_dirs)
     dt = time.perf_counter() - t0
-    ome = export_predictions(out_url, images, run.variable, storage_options) if images else []
+    ome = [p for var, paths in images.items() for p in export_predictions(out_url, paths, var, storage_options)]
     return PredictResult(out=out_url, variable=run.variable, predicted=todo, skipped=skipped, brain_voxels=n_vox,
                          seconds=dt, voxels_per_s=n_vox / dt if dt > 0 and n_vox else 0.0, nifti=nifti,
-                         native=native, ome_zarr=ome)
+                         native=native, ome_zarr=ome, uncertainty=run.uncertainty)
 
 
 class PredictRun:
@@ -519,6 +549,8 @@ class PredictRun:
         _, self.meta = load_model(self.model_path)  # validates the bundle; workers load their own copy
         self.target = str(self.meta["target"])
         self.variable = f"{self.target}_virtual"
+        self.members = int(self.meta.get("members", 1))
+        self.uncertainty = f"{self.target}_uncertainty" if self.members > 1 else None
         self.aggregate, self.batch_size = aggregate, int(batch_size)
         self.model_rec = _model_record(self.model_path, self.meta)
         self.params = {"aggregate": aggregate, "batch_size": self.batch_size, "device": self.device,
@@ -536,6 +568,7 @@ class PredictRun:
         from mrhscale import __version__
 
         return _jsonable({"target": self.target, "variable": self.variable, "model": self.model_rec,
+                          **({"uncertainty": self.uncertainty} if self.uncertainty else {}),
                           "aggregate": self.aggregate,
                           "provenance": {"stage": "predict", "mrhscale": __version__, **self.params}})
 
@@ -677,6 +710,10 @@ class PredictRun:
         pred = subject_prediction(ds, self.meta, self.model_path, device=self.device, threads=threads,
                                   batch_size=self.batch_size, aggregate=self.aggregate, mode=self.mode,
                                   tta=self.tta, norm=norm)
+        unc = None
+        if pred.ndim == 4:
+            pred, unc = pred[..., 0], pred[..., 1]
+            unc = unc.rechunk(_zarr_chunks(unc.chunks))
         pred = pred.rechunk(_zarr_chunks(pred.chunks))
         attrs = {k: v for k, v in _jsonable(dict(ds.attrs)).items()
                  if k not in ("complete", "made_by", "fingerprint")}
@@ -689,9 +726,26 @@ class PredictRun:
                                              "kind": "virtual histology"}),
              "mask": (SPATIAL, ds["mask"].data.rechunk(pred.chunks).astype(bool))},
             coords={k: ds.coords[k] for k in SPATIAL if k in ds.coords}, attrs=attrs)
+        if unc is not None:
+            out[self.uncertainty] = (SPATIAL, unc, self.uncertainty_attrs())
         for v in out.variables:
             out[v].encoding.pop("chunks", None)
         return out
+
+    def uncertainty_attrs(self) -> dict:
+        u = self.meta.get("uncertainty") or {}
+        cal = u.get("calibration") or {}
+        return _jsonable({
+            "units": "raw stain units", "target": self.target, "kind": "uncertainty",
+            "estimator": f"deep ensemble of {self.members} networks: their standard deviation "
+                         "(ddof 1) times the calibration factor",
+            "calibration_factor": float(cal.get("factor", 1.0)), "calibrated_on": cal.get("fitted_on"),
+            "interval": f"{self.variable} +- 1.96 x {self.uncertainty}: the 95% interval"})
+
+    @property
+    def variables(self) -> list[str]:
+        """The maps a subject gets: the virtual stain, and an ensemble's uncertainty."""
+        return [self.variable, *([self.uncertainty] if self.uncertainty else [])]
 
     def write_nifti(self, pstore, ids, native_dirs):
         """NIfTI of every requested subject, rewritten only when it is not of this prediction."""
@@ -700,13 +754,14 @@ class PredictRun:
         if not self.nifti_dir:
             return nifti, native
         for sid in ids:
-            tag = _nifti_tag(self, pstore, sid)
-            path = nifti_path(self.nifti_dir, sid, self.variable)
-            if not _nifti_current(path, tag):
-                nifti.append(_write_nifti_from_store(pstore, sid, self.variable, path, tag))
-            npath = nifti_path(self.nifti_dir, sid, self.variable, True)
-            if sid in native_dirs and not _nifti_current(npath, tag):
-                native.append(_write_native(pstore, sid, self.variable, npath, native_dirs[sid], tag))
+            for var in self.variables:
+                tag = _nifti_tag(self, pstore, sid, var)
+                path = nifti_path(self.nifti_dir, sid, var)
+                if not _nifti_current(path, tag):
+                    nifti.append(_write_nifti_from_store(pstore, sid, var, path, tag))
+                npath = nifti_path(self.nifti_dir, sid, var, True)
+                if sid in native_dirs and not _nifti_current(npath, tag):
+                    native.append(_write_native(pstore, sid, var, npath, native_dirs[sid], tag))
         return nifti, native
 
 
@@ -743,15 +798,17 @@ def _model_record(model_path: str, meta: dict) -> dict:
     return {"path": model_path, "sha256": sha256_file(model_path), "target": str(meta["target"]),
             "arch": _jsonable(meta.get("arch")), "channels": list(meta["channels"]),
             "patch": _jsonable(meta.get("patch")), "norm_mode": meta["norm"].mode,
-            "provenance": _jsonable(meta.get("provenance", {}))}
+            "provenance": _jsonable(meta.get("provenance", {})),
+            **({"members": int(meta["members"]), "uncertainty": _jsonable(meta.get("uncertainty") or {})}
+               if int(meta.get("members", 1)) > 1 else {})}
 
 
-def _nifti_tag(run, pstore, sid: str) -> str:
+def _nifti_tag(run, pstore, sid: str, variable: str) -> str:
     """What a NIfTI header's descrip says about the prediction it holds (80 chars at most)."""
     from mrhscale import __version__
 
     fp = pstore.subject_attrs(sid).get("fingerprint", "")[7:19]
-    return f"mrhscale {__version__} {run.variable} model:{run.model_rec['sha256'][7:15]} fp:{fp}"[:80]
+    return f"mrhscale {__version__} {variable} model:{run.model_rec['sha256'][7:15]} fp:{fp}"[:80]
 
 
 def _nifti_current(path: str, tag: str) -> bool:

@@ -13,6 +13,7 @@ from mrhscale.ops.norm import Normalisation
 from mrhscale.stores import resolve
 from mrhscale.training.config import TrainConfig, recipe_config, reconcile
 from mrhscale.training.data import read_patch_store_attrs
+from mrhscale.training.ensemble import train_ensemble
 from mrhscale.training.loop import Runtime, Trainer, run_folder
 from mrhscale.training.optim import init_weights
 
@@ -47,7 +48,7 @@ def train(config: TrainConfig | str, out_dir: str, *, resume: bool = False,
 
     ``config``: a TrainConfig, or the patch store path with TrainConfig fields as keyword
     options (unset ones take the ``recipe``'s values, "robust" by default, or with
-    ``resume`` the checkpointed run's own values). Runtime fields (device, workers,
+    ``resume`` the checkpointed run's own values); ``members=K`` trains a deep ensemble. Runtime fields (device, workers,
     threads, quiet, ...) may also be given as keywords. ``batch_size`` is global. Raises TrainingInterrupted after
     checkpointing if SIGTERM arrives.
     """
@@ -64,8 +65,10 @@ def train(config: TrainConfig | str, out_dir: str, *, resume: bool = False,
             return m
 
         norm = input_normalisation(cfg.norm, store, cfg.patches)
-        return Trainer(cfg, out_dir, rt, store=store, build_model=build,
-                       stream_norm=norm if norm.per_subject else None, bundle_norm=norm).run(resume)
+        how = dict(store=store, build_model=build, stream_norm=norm if norm.per_subject else None, bundle_norm=norm)
+        if cfg.members > 1:
+            return train_ensemble(cfg, out_dir, rt, resume=resume, **how)
+        return Trainer(cfg, out_dir, rt, **how).run(resume)
 
 
 def input_normalisation(mode: str, store: dict, patches: str) -> Normalisation:

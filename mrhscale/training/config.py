@@ -43,6 +43,7 @@ RECIPES: dict[str, dict] = {
 DEFAULT_RECIPE = "robust"
 
 CHECKPOINT = "last.pt"
+MAX_MEMBERS = 32
 STOP_CHECK_EVERY_CUDA = 8  # CPU checks every step: a 1-element gloo all-reduce is ~0.1 ms
 
 
@@ -84,6 +85,7 @@ class TrainConfig:
     val_patches: int | None = None  # per-epoch validation on this fixed subset; the last epoch: all
     augment: str = ""  # training-time augmentations (training/augment.py), e.g. "gain,bias,flip"
     norm: str = "global"  # input scaling: the patch store's statistics, or each brain's own (ops/norm.py)
+    members: int = 1  # > 1: a deep ensemble of this many networks (training/ensemble.py)
 
     def validate(self) -> None:
         def bad(opt, val, want):
@@ -118,6 +120,10 @@ class TrainConfig:
         self.augment = ",".join(parse(self.augment))
         if self.norm not in NORMS:
             bad("norm", self.norm, f"choose one of {', '.join(NORMS)}")
+        if not 1 <= self.members <= MAX_MEMBERS:
+            bad("members", self.members, f"must be 1 (one network) to {MAX_MEMBERS} (an ensemble)")
+        if self.members > 1 and self.kind == "finetune":
+            bad("members", self.members, "finetune trains one network (from an ensemble: its member 0)")
         if self.val_patches is not None and self.val_patches < 1:
             bad("val-patches", self.val_patches, "must be at least 1 (unset: the whole val split)")
 
@@ -148,14 +154,12 @@ def reconcile(cfg: TrainConfig, out_dir: str, resume: bool, given: dict) -> Trai
     """New run: check the directory is free. Resume: take the checkpoint's config."""
     ckpt_path = os.path.join(os.fspath(out_dir), "checkpoints", CHECKPOINT)
     if not resume:
-        if os.path.exists(ckpt_path) or os.path.exists(os.path.join(os.fspath(out_dir), "model.pt")):
+        if any(os.path.exists(os.path.join(os.fspath(out_dir), p)) for p in ("checkpoints", "model.pt", "members")):
             raise MRHError(f"{out_dir}: already holds a training run; pass --resume to continue it "
                            "or choose another --out")
         cfg.validate()
         return cfg
-    if not os.path.exists(ckpt_path):
-        raise MRHError(f"--resume: no checkpoint at {ckpt_path}; start the run without --resume")
-    saved = _checkpoint_config(ckpt_path)
+    saved = _saved_config(out_dir, ckpt_path)
     names = {f.name for f in fields(TrainConfig)}
     old = TrainConfig(**{k: v for k, v in saved.items() if k in names})
     for k, v in given.items():
@@ -168,6 +172,23 @@ def reconcile(cfg: TrainConfig, out_dir: str, resume: bool, given: dict) -> Trai
                            f"{getattr(old, k)!r}; a resumed run keeps its own settings")
     old.validate()
     return old
+
+
+def _saved_config(out_dir: str, ckpt_path: str) -> dict:
+    """The settings of the run in ``out_dir``: its checkpoint's, or an ensemble's config.json
+    (each member keeps its own checkpoint)."""
+    import json
+
+    if os.path.exists(ckpt_path):
+        return _checkpoint_config(ckpt_path)
+    try:
+        with open(os.path.join(os.fspath(out_dir), "config.json")) as fh:
+            saved = json.load(fh)
+    except (OSError, ValueError):
+        saved = {}
+    if int(saved.get("members", 1)) > 1:
+        return saved
+    raise MRHError(f"--resume: no checkpoint at {ckpt_path}; start the run without --resume")
 
 
 def _checkpoint_config(path: str) -> dict:

@@ -1,0 +1,183 @@
+"""``train --members K``: a deep ensemble, K networks from different seeds (so different
+initial weights and data orders), each an ordinary training run in ``OUT/members/mNN``
+(its own checkpoints: an interrupted ensemble resumes inside the member it was in, and
+finished members are kept), then one bundle holding all K and the calibration of their
+spread, fitted on the validation split.
+
+Members train one after another, each on every process of the run (DDP under torchrun),
+so a member takes as long as a single network and the ensemble K times as long.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+
+from mrhscale.errors import MRHError
+from mrhscale.log import logger, note
+from mrhscale.ops.uncertainty import Z95, calibration_factor, coverage
+from mrhscale.results import TrainResult
+from mrhscale.stores import Folder, write_text
+from mrhscale.stores.patches import identity as store_identity
+from mrhscale.training.config import CHECKPOINT, TrainConfig
+from mrhscale.training.data import open_data
+from mrhscale.training.distributed import barrier, dist_env, init_distributed
+
+MEMBERS_DIR = "members"
+CALIBRATION_PATCHES = 200_000  # a fixed random subset of a larger validation split (the store is shuffled)
+
+
+def member_dir(out_dir: str, k: int) -> str:
+    return os.path.join(out_dir, MEMBERS_DIR, f"m{k:02d}")
+
+
+def member_config(cfg: TrainConfig, k: int) -> TrainConfig:
+    """Member k: the ensemble's settings with seed + k (its own init and data order)."""
+    return replace(cfg, seed=cfg.seed + k, members=1)
+
+
+def train_ensemble(cfg: TrainConfig, out_dir: str, rt, *, store: dict, build_model, stream_norm,
+                   bundle_norm, resume: bool) -> TrainResult:
+    """Train (or finish) every member, then write ``OUT/model.pt`` with all of them."""
+    from mrhscale.training.loop import Trainer
+
+    rank, world, local_rank = dist_env()
+    started = init_distributed(world, local_rank, rt.dist_timeout or float(os.environ.get(
+        "MRHSCALE_DIST_TIMEOUT", "1800")))
+    try:
+        if rank == 0 and not resume:
+            Folder(out_dir, "mrhscale-run").mark(kind=cfg.kind, members=cfg.members,
+                                                 patch_store=store_identity(store))
+            write_text(os.path.join(out_dir, "config.json"), json.dumps({**asdict(cfg), "world_size": world},
+                                                                        indent=1))
+        results = []
+        for k in range(cfg.members):
+            mdir = member_dir(out_dir, k)
+            done = _finished(mdir, member_config(cfg, k))
+            if done is not None:
+                results.append(done)
+                continue
+            note(f"ensemble member {k + 1}/{cfg.members} (seed {cfg.seed + k})", rt.quiet or rank != 0)
+            again = os.path.exists(os.path.join(mdir, "checkpoints", CHECKPOINT))
+            results.append(Trainer(member_config(cfg, k), mdir, rt, store=store, build_model=build_model,
+                                   stream_norm=stream_norm, bundle_norm=bundle_norm).run(again))
+        summary = _assemble(cfg, out_dir, rt, store, stream_norm, results) if rank == 0 else {}
+        barrier()
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+    return _result(cfg, out_dir, results, summary, world)
+
+
+def _finished(mdir: str, cfg: TrainConfig) -> TrainResult | None:
+    """A member that finished all ``cfg.epochs`` earlier: its summary, from its checkpoint;
+    None for one to train or resume."""
+    from mrhscale.training.checkpoint import load_checkpoint
+
+    ckpt = os.path.join(mdir, "checkpoints", CHECKPOINT)
+    if not (os.path.exists(os.path.join(mdir, "model.pt")) and os.path.exists(ckpt)):
+        return None
+    ck = load_checkpoint(ckpt)
+    if int(ck["epoch"]) < cfg.epochs:
+        return None
+    if ck.get("config", {}).get("seed") != cfg.seed:
+        raise MRHError(f"{mdir}: holds a member of another run (seed {ck.get('config', {}).get('seed')}, "
+                       f"expected {cfg.seed}); choose another --out")
+    h = list(ck["history"])
+    return TrainResult(out_dir=mdir, model=os.path.join(mdir, "model.pt"), checkpoint=mdir, history=h,
+                       config=ck["config"], epochs=cfg.epochs, final=h[-1] if h else {},
+                       best_val_loss=min((r["val_loss"] for r in h), default=math.nan),
+                       world_size=int(ck.get("world_size", 1)), replica_max_abs_diff=0.0)
+
+
+def _assemble(cfg, out_dir, rt, store, stream_norm, results) -> dict:
+    """Rank 0: the members' bundles as one, with the spread calibrated on the validation split."""
+    from mrhscale.io.bundle import ensemble_bundle, predictor_from_bundle, read_bundle, write_bundle
+
+    bundles = [read_bundle(r.model) for r in results]
+    dev = torch.device(rt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ensemble = predictor_from_bundle({**bundles[0], "member_state_dicts": [b["state_dict"] for b in bundles[1:]]})
+    cal = calibrate(ensemble.to(dev).eval(), cfg, store, stream_norm, dev, rt.storage_options)
+    uncertainty = {"method": "ensemble", "members": cfg.members, "seeds": [cfg.seed + k for k in range(cfg.members)],
+                   "spread": "standard deviation over members (ddof 1), target units", "calibration": cal}
+    prov = {**bundles[0]["provenance"], "config": asdict(cfg),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "final_metrics": {k: cal[k] for k in ("val_r", "val_rmse") if k in cal},
+            "members": [{"seed": cfg.seed + k, "final": r.final} for k, r in enumerate(results)]}
+    write_bundle(os.path.join(out_dir, "model.pt"), ensemble_bundle(bundles, uncertainty, json.loads(
+        json.dumps(prov, default=str))))
+    summary = {"uncertainty": uncertainty, "members": prov["members"]}
+    write_text(os.path.join(out_dir, "metrics.json"), json.dumps(summary, indent=1, default=float))
+    _say(cal, cfg.members, rt.quiet)
+    return summary
+
+
+@torch.no_grad()
+def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, storage_options) -> dict:
+    """The members' centre outputs on (up to CALIBRATION_PATCHES of) the validation split:
+    the ensemble mean's r and RMSE, and the factor that makes mean +- 1.96 x factor x spread
+    cover 95% of the patches. No validation split: factor 1, and a warning."""
+    from mrhscale.nn.model import mean_and_spread
+
+    if int(store.get("n_val", 0)) == 0:
+        logger.warning("mrhscale: the patch store has no validation split; the ensemble's uncertainty is "
+                       "its raw spread (uncalibrated): make patches with --val-subjects to calibrate it")
+        return {"factor": 1.0, "fitted_on": None}
+    half = int(store["patch"]["half"])
+    data = open_data(cfg.patches, "val", 1024, cfg, 0, 1, stream_norm, dev, 0, storage_options)
+    mean, spread, target = [], [], []
+    for x, t in data.batches(0):
+        m, s = mean_and_spread(ensemble(x))
+        mean.append(m[:, half, half].cpu().numpy())
+        spread.append(s[:, half, half].cpu().numpy())
+        target.append(t[:, half, half].float().cpu().numpy())
+        if sum(map(len, mean)) >= CALIBRATION_PATCHES:
+            break
+    return _fit(*(np.concatenate(a).astype(np.float64) for a in (mean, spread, target)), store)
+
+
+def _fit(mean: np.ndarray, spread: np.ndarray, target: np.ndarray, store: dict) -> dict:
+    from scipy import stats
+
+    err = mean - target
+    scale = float(store["norm"]["target_scale"])
+    factor = calibration_factor(err, spread)
+    held_out = store.get("val_mode") == "subject" or bool(store.get("val_subjects"))
+    if not held_out:
+        logger.warning("mrhscale: the validation split holds patches of the training brains, so the "
+                       "calibration is fitted on data like the training data: intervals on a new brain "
+                       "will be too narrow; make patches with --val-subjects to hold a brain out")
+    r = float(np.corrcoef(mean, target)[0, 1]) if np.ptp(mean) > 0 and np.ptp(target) > 0 else math.nan
+    rho = stats.spearmanr(spread, np.abs(err)).statistic if np.ptp(spread) > 0 else math.nan
+    return {"factor": factor, "fitted_on": "val", "held_out_subjects": held_out, "n": int(err.size),
+            "quantile": 0.95, "coverage_before": coverage(err, spread), "coverage_after": coverage(err, factor * spread),
+            "spearman_abs_error": float(rho), "val_r": r, "val_rmse": float(np.sqrt((err ** 2).mean())) * scale,
+            "mean_spread": float(spread.mean()) * scale}
+
+
+def _say(cal: dict, k: int, quiet: bool) -> None:
+    if not cal.get("fitted_on"):
+        return
+    note(f"ensemble of {k}: val r {cal['val_r']:.3f}, rmse {cal['val_rmse']:.4g}; spread x {cal['factor']:.3g} "
+         f"covers 95% of {cal['n']} validation patches (raw spread covered {cal['coverage_before']:.1%} "
+         f"within {Z95:.2f} sd); Spearman(spread, |error|) {cal['spearman_abs_error']:.3f}", quiet)
+
+
+def _result(cfg, out_dir, results, summary, world) -> TrainResult:
+    cal = (summary.get("uncertainty") or {}).get("calibration") or {}
+    finals = [r.final for r in results]
+    final = {k: float(np.mean([f[k] for f in finals if k in f])) for k in ("train_loss", "val_loss")
+             if any(k in f for f in finals)}
+    final.update({k: cal[k] for k in ("val_r", "val_rmse") if k in cal})
+    return TrainResult(out_dir=out_dir, model=os.path.join(out_dir, "model.pt"),
+                       checkpoint=os.path.join(out_dir, MEMBERS_DIR), history=results[0].history,
+                       config=asdict(cfg), epochs=cfg.epochs, final=final,
+                       best_val_loss=min(r.best_val_loss for r in results), world_size=world,
+                       replica_max_abs_diff=max(r.replica_max_abs_diff for r in results),
+                       members=[r.final for r in results], uncertainty=summary.get("uncertainty"))
