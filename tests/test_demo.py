@@ -23,6 +23,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert summary["held_out"] not in summary["train_subjects"]
     assert -1 <= summary["virtual_pearson"] <= 1
     assert os.listdir(out / "nifti")
+    # an ensemble of 2 (quick): the held-out map comes with its uncertainty, checked
+    assert "uncertainty: Spearman with |error|" in r.output and "Uncertainty vs error" in html
+    assert 0 <= summary["uncertainty_coverage_95"] <= 1 and summary["artefact_uncertainty_ratio"] > 0
+    assert (out / "nifti" / f"{summary['held_out']}_mbp_uncertainty.nii.gz").exists()
     # a rerun reuses every finished stage
     r2 = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--quiet", "--workers", "1"])
     assert r2.exit_code == 0, r2.output

@@ -55,13 +55,14 @@ def montage(path, sid, slice_axis, mri_name, mri, ref, virt, mask, lab, target):
 
 def uncertainty_montage(path, sid, slice_axis, virt, ref, unc, mask, regions: dict, target):
     """The virtual stain, its absolute error and its 95% half-width (1.96 x uncertainty) on
-    one slice (the one with most labelled voxels, else most brain), the two last on one
-    colour scale, labels outlined: does the map flag where it is wrong?"""
+    one slice (the one with most artefact, else lesion, else brain voxels), the two last
+    on one colour scale, labels outlined: does the map flag where it is wrong?"""
     plt = plt_agg()
     ax = SPATIAL.index(slice_axis) if slice_axis in SPATIAL else 1
     other = tuple(a for a in range(3) if a != ax)
-    marked = sum((lab & mask for lab in regions.values()), np.zeros_like(mask))
-    k = int(np.argmax(marked.sum(axis=other) if marked.any() else mask.sum(axis=other)))
+    focus = next((regions[n] & mask for n in ("artefact", "lesion") if n in regions and (regions[n] & mask).any()),
+                 mask)
+    k = int(np.argmax(focus.sum(axis=other)))
     err = np.where(mask, np.abs(virt - ref), 0.0)
     half = np.where(mask, 1.96 * unc, 0.0)
     vmax = float(np.percentile(ref[mask], 99.5)) if mask.any() else 1.0

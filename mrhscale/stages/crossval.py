@@ -315,7 +315,7 @@ def _fold_model(plan, patches, ctx, d) -> str:
     model = os.path.join(run, "model.pt")
     if os.path.exists(model):
         return model
-    resume = os.path.exists(os.path.join(run, "checkpoints", "last.pt"))
+    resume = any(os.path.exists(os.path.join(run, p)) for p in ("checkpoints", "members"))  # members: an ensemble
     opts = {} if resume else dict(plan["train"])
     train(patches, run, resume=resume, device=ctx["device"], threads=ctx["threads"], quiet=ctx["quiet"], **opts)
     return model
@@ -330,8 +330,16 @@ def _fold_evaluation(plan, fold, model, ctx, d) -> list[dict]:
             **plan.get("predict", {}), **_on(ctx["env"]))
     ev = evaluate(pred, ctx["store"], plan["target"], os.path.join(d, "eval"), subjects=fold["held_out"],
                   quiet=ctx["quiet"], montage_subjects=1)
-    return [{"subject": s, "fold": fold["name"], **{m: ev["per_subject"][s]["virtual"].get(m) for m in METRICS}}
-            for s in fold["held_out"]]
+    return [{"subject": s, "fold": fold["name"], **{m: ev["per_subject"][s]["virtual"].get(m) for m in METRICS},
+             **_uncertainty_row(ev["per_subject"][s].get("uncertainty"))} for s in fold["held_out"]]
+
+
+UNCERTAINTY_METRICS = ("unc_spearman", "coverage_95")  # columns of an ensemble's folds
+
+
+def _uncertainty_row(u: dict | None) -> dict:
+    """A held-out subject's uncertainty figures (an ensemble recipe, ``members: K``)."""
+    return {} if not u else {"unc_spearman": u["spearman_abs_error"], "coverage_95": u["coverage_95"]}
 
 
 # --------------------------------------------------------------------------- the table
@@ -340,11 +348,12 @@ def write_table(out: str, plan: dict, results: list[dict], seconds: float):
     from mrhscale.stores import write_json, write_text
 
     rows = [r for res in results for r in res["rows"]]
-    summary = {m: _mean_sd([r[m] for r in rows if r[m] is not None]) for m in METRICS}
-    lines = ["subject,fold," + ",".join(METRICS)]
-    lines += [f"{r['subject']},{r['fold']}," + ",".join(_fmt(r[m]) for m in METRICS) for r in rows]
-    lines += ["mean,," + ",".join(_fmt(summary[m][0]) for m in METRICS),
-              "sd,," + ",".join(_fmt(summary[m][1]) for m in METRICS)]
+    cols = METRICS + tuple(m for m in UNCERTAINTY_METRICS if any(m in r for r in rows))
+    summary = {m: _mean_sd([r[m] for r in rows if r.get(m) is not None]) for m in cols}
+    lines = ["subject,fold," + ",".join(cols)]
+    lines += [f"{r['subject']},{r['fold']}," + ",".join(_fmt(r.get(m)) for m in cols) for r in rows]
+    lines += ["mean,," + ",".join(_fmt(summary[m][0]) for m in cols),
+              "sd,," + ",".join(_fmt(summary[m][1]) for m in cols)]
     write_text(os.path.join(out, "crossval.csv"), "\n".join(lines) + "\n")
     doc = {"target": plan["target"], "scheme": plan["scheme"], "rows": rows,
            "summary": {m: {"mean": v[0], "sd": v[1]} for m, v in summary.items()},

@@ -26,7 +26,7 @@ import numpy as np
 RADIUS_MM = 0.9
 EDGE_MM = 0.5
 DROP = (0.2, 0.9)
-GHOST = (0.0, 1.0)
+GHOST = (0.0, 0.5)
 
 
 @dataclass

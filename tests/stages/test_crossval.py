@@ -100,3 +100,14 @@ def test_a_recipe_carries_tta_to_predict_and_norm_to_train(cohort, tmp_path):
     assert read_bundle(os.path.join(fold, "run", "model.pt"))["norm"]["mode"] == "subject-percentile"
     lineage = xr.open_zarr(os.path.join(fold, "pred.zarr"), group="s01", consolidated=False).attrs["lineage"]
     assert lineage["tta"] is True and len(lineage["subject_norm"]["scale"]) == 67
+
+
+def test_an_ensemble_recipe_reports_its_uncertainty_per_fold(cohort, tmp_path):
+    res = crossval(cohort, "mbp", str(tmp_path / "cv"), recipe={**RECIPE, "members": 2}, folds=2,
+                   scheduler="synchronous", quiet=True, threads=1)
+    assert res["recipe"]["train"]["members"] == 2
+    for row in res["rows"]:
+        assert -1 <= row["unc_spearman"] <= 1 and 0 <= row["coverage_95"] <= 1
+    header = open(res["table"]).readline().strip().split(",")
+    assert header[-2:] == ["unc_spearman", "coverage_95"]
+    assert res["summary"]["coverage_95"]["mean"] is not None
