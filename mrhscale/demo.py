@@ -120,7 +120,7 @@ class _Demo:
 
     def train(self) -> None:
         from mrhscale.training import train
-        from mrhscale.training.config import RECIPES
+        from mrhscale.training.config import RECIPES, run_started
 
         cfg = self.cfg
         epochs = cfg.epochs or RECIPES.get(cfg.recipe, {}).get("epochs")
@@ -130,7 +130,7 @@ class _Demo:
             if not os.path.exists(self.model):
                 kw = dict(recipe=cfg.recipe, depth=cfg.depth, epochs=cfg.epochs, batch_size=cfg.batch_size,
                           lr=cfg.lr, seed=cfg.seed, quiet=self.quiet, members=cfg.members)
-                resume = any(os.path.exists(os.path.join(self.p["run"], d)) for d in ("checkpoints", "members"))
+                resume = run_started(self.p["run"])
                 train(self.p["patches"], self.p["run"], resume=resume, **kw)
 
     def predict(self) -> None:

@@ -310,12 +310,13 @@ def _fold_patches(plan, fold, ctx, d) -> str:
 
 def _fold_model(plan, patches, ctx, d) -> str:
     from mrhscale.training import train
+    from mrhscale.training.config import run_started
 
     run = os.path.join(d, "run")
     model = os.path.join(run, "model.pt")
     if os.path.exists(model):
         return model
-    resume = any(os.path.exists(os.path.join(run, p)) for p in ("checkpoints", "members"))  # members: an ensemble
+    resume = run_started(run)
     opts = {} if resume else dict(plan["train"])
     train(patches, run, resume=resume, device=ctx["device"], threads=ctx["threads"], quiet=ctx["quiet"], **opts)
     return model

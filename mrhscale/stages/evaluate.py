@@ -47,6 +47,7 @@ an uncertainty its slice beside the error's and the retention curves) and
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -343,8 +344,9 @@ class _Subject:
         self.sid, self.ds, self.virt, self.ref, self.mask = sid, ds, virt, ref, mask
         self.markers, self.label, self.unc = markers, label, unc
 
+    @functools.cached_property
     def regions(self) -> dict[str, np.ndarray]:
-        """The subject's labels (lesion, artefact, ...) as bool volumes."""
+        """The subject's labels (lesion, artefact, ...) as bool volumes (read once)."""
         names = list(self.ds.attrs.get("labels") or [])
         return {n: self.ds[n].transpose(*SPATIAL).values.astype(bool) for n in names if n in self.ds.data_vars}
 
@@ -454,7 +456,7 @@ class _Evaluation:
         self.unc_curves[d.sid] = out["retention"]
         out["retention"] = _strip_retention(out["retention"])
         out["by_label"] = {}
-        for name, lab in d.regions().items():
+        for name, lab in d.regions.items():
             inside, rest = m & lab, m & ~lab
             if inside.any() and rest.any():
                 a, b = float(d.unc[inside].mean()), float(d.unc[rest].mean())
@@ -487,7 +489,7 @@ class _Evaluation:
         self.figures.append((path, f"{d.sid}: MRI ({mri_name}), reference {self.target}, virtual, error"))
         if d.unc is not None:
             path = os.path.join(self.out_dir, f"uncertainty_{d.sid}.png")
-            figures.uncertainty_montage(path, d.sid, self.slice_axis, d.virt, d.ref, d.unc, d.mask, d.regions(),
+            figures.uncertainty_montage(path, d.sid, self.slice_axis, d.virt, d.ref, d.unc, d.mask, d.regions,
                                         self.target)
             self.figures.append((path, f"{d.sid}: virtual {self.target}, its absolute error and its 95% "
                                        "half-width (1.96 x uncertainty), on one colour scale"))

@@ -150,11 +150,17 @@ def recipe_config(kind: str, given: dict, kind_defaults: dict | None = None) -> 
 RESUMABLE_CHANGES = {"epochs", "patches", "val_patches"}  # val_patches: what is measured, not learned
 
 
+def run_started(out_dir: str) -> bool:
+    """Whether ``out_dir`` holds a run that ``resume`` continues (a network's checkpoints, or
+    an ensemble's members)."""
+    return any(os.path.exists(os.path.join(os.fspath(out_dir), p)) for p in ("checkpoints", "members"))
+
+
 def reconcile(cfg: TrainConfig, out_dir: str, resume: bool, given: dict) -> TrainConfig:
     """New run: check the directory is free. Resume: take the checkpoint's config."""
     ckpt_path = os.path.join(os.fspath(out_dir), "checkpoints", CHECKPOINT)
     if not resume:
-        if any(os.path.exists(os.path.join(os.fspath(out_dir), p)) for p in ("checkpoints", "model.pt", "members")):
+        if run_started(out_dir) or os.path.exists(os.path.join(os.fspath(out_dir), "model.pt")):
             raise MRHError(f"{out_dir}: already holds a training run; pass --resume to continue it "
                            "or choose another --out")
         cfg.validate()

@@ -48,8 +48,7 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, rt, *, store: dict, build_mod
     from mrhscale.training.loop import Trainer
 
     rank, world, local_rank = dist_env()
-    started = init_distributed(world, local_rank, rt.dist_timeout or float(os.environ.get(
-        "MRHSCALE_DIST_TIMEOUT", "1800")))
+    started = init_distributed(world, local_rank, rt.timeout_s())
     try:
         if rank == 0 and not resume:
             Folder(out_dir, "mrhscale-run").mark(kind=cfg.kind, members=cfg.members,
@@ -101,17 +100,18 @@ def _assemble(cfg, out_dir, rt, store, stream_norm, results) -> dict:
     from mrhscale.io.bundle import ensemble_bundle, predictor_from_bundle, read_bundle, write_bundle
 
     bundles = [read_bundle(r.model) for r in results]
+    bundle = ensemble_bundle(bundles, {}, bundles[0]["provenance"])
     dev = torch.device(rt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ensemble = predictor_from_bundle({**bundles[0], "member_state_dicts": [b["state_dict"] for b in bundles[1:]]})
-    cal = calibrate(ensemble.to(dev).eval(), cfg, store, stream_norm, dev, rt.storage_options)
+    cal = calibrate(predictor_from_bundle(bundle).to(dev).eval(), cfg, store, stream_norm, dev, rt.storage_options)
     uncertainty = {"method": "ensemble", "members": cfg.members, "seeds": [cfg.seed + k for k in range(cfg.members)],
-                   "spread": "standard deviation over members (ddof 1), target units", "calibration": cal}
-    prov = {**bundles[0]["provenance"], "config": asdict(cfg),
+                   "spread": "standard deviation over members (ddof 1) pooled over the output patch, target units",
+                   "calibration": cal}
+    prov = {**bundle["provenance"], "config": asdict(cfg),
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "final_metrics": {k: cal[k] for k in ("val_r", "val_rmse") if k in cal},
             "members": [{"seed": cfg.seed + k, "final": r.final} for k, r in enumerate(results)]}
-    write_bundle(os.path.join(out_dir, "model.pt"), ensemble_bundle(bundles, uncertainty, json.loads(
-        json.dumps(prov, default=str))))
+    bundle.update(uncertainty=uncertainty, provenance=json.loads(json.dumps(prov, default=str)))
+    write_bundle(os.path.join(out_dir, "model.pt"), bundle)
     summary = {"uncertainty": uncertainty, "members": prov["members"]}
     write_text(os.path.join(out_dir, "metrics.json"), json.dumps(summary, indent=1, default=float))
     _say(cal, cfg.members, rt.quiet)
@@ -120,9 +120,10 @@ def _assemble(cfg, out_dir, rt, store, stream_norm, results) -> dict:
 
 @torch.no_grad()
 def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, storage_options) -> dict:
-    """The members' centre outputs on (up to CALIBRATION_PATCHES of) the validation split:
-    the ensemble mean's r and RMSE, and the factor that makes mean +- 1.96 x factor x spread
-    cover 95% of the patches. No validation split: factor 1, and a warning."""
+    """The members on (up to CALIBRATION_PATCHES of) the validation split, at each patch's
+    centre: the mean's r and RMSE, and the factor that makes mean +- 1.96 x factor x spread
+    (the spread as predict computes it) cover 95% of the patches. No validation split:
+    factor 1, and a warning."""
     from mrhscale.nn.model import mean_and_spread
 
     if int(store.get("n_val", 0)) == 0:

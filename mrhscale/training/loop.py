@@ -166,6 +166,10 @@ class Runtime:
     precision: str | None = None  # auto | fp32 | bf16 (None: $MRHSCALE_PRECISION, else auto)
     compile: str | bool | None = None  # auto | on | off (None: $MRHSCALE_COMPILE, else auto)
 
+    def timeout_s(self) -> float:
+        """Seconds a rank waits for the others (--dist-timeout, $MRHSCALE_DIST_TIMEOUT, 1800)."""
+        return self.dist_timeout or float(os.environ.get("MRHSCALE_DIST_TIMEOUT", "1800"))
+
     def validate(self) -> None:
         if self.workers < 0:
             raise MRHError(f"--workers {self.workers}: must be >= 0")
@@ -214,7 +218,7 @@ class Trainer:
         if self.cfg.batch_size % self.world:
             raise MRHError(f"--batch-size {self.cfg.batch_size} (global) is not divisible by the "
                            f"{self.world} processes; choose a multiple of {self.world}")
-        self.dist_timeout = self.rt.dist_timeout or float(os.environ.get("MRHSCALE_DIST_TIMEOUT", "1800"))
+        self.dist_timeout = self.rt.timeout_s()
         self.dev = resolve_device(self.rt.device, self.local_rank)
         if self.rt.threads:
             torch.set_num_threads(self.rt.threads)
