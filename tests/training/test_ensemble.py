@@ -165,3 +165,26 @@ def test_torchrun_two_gloo_ranks_train_an_ensemble(store, tmp_path):
     for k in range(2):
         summary = json.load(open(os.path.join(out, "members", f"m{k:02d}", "metrics.json")))["summary"]
         assert summary["world_size"] == 2 and summary["replica_max_abs_diff"] == 0.0
+
+
+def test_killed_inside_a_member_resumes_to_the_uninterrupted_ensemble(store, tmp_path):
+    """SIGKILL after member 0's first epoch (a real process death), then --resume: member 0
+    finishes from its checkpoint, member 1 trains, and every weight equals the run that
+    was never interrupted."""
+    import signal
+
+    opts = dict(members=2, seed=5, depth=1, epochs=2, batch_size=64, threads=1, quiet=True)
+    reference = train(store, str(tmp_path / "ref"), **opts)
+    out = str(tmp_path / "run")
+    args = [os.path.join(BIN, "mrhscale"), "train", store, "--out", out, "--members", "2", "--seed", "5",
+            "--depth", "1", "--epochs", "2", "--batch-size", "64", "--threads", "1", "-q"]
+    e = dict(os.environ, OMP_NUM_THREADS="1", MRHSCALE_DEBUG_KILL_AFTER_EPOCH="1")
+    p = subprocess.run(args, env=e, capture_output=True, text=True, timeout=180)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert not os.path.exists(os.path.join(out, "model.pt"))
+    assert not os.path.exists(os.path.join(out, "members", "m01"))
+    r = CliRunner().invoke(main, ["train", store, "--out", out, "--resume", "--threads", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    for k in range(2):
+        for key, v in states(os.path.join(out, "model.pt"))[k].items():
+            torch.testing.assert_close(v, states(reference.model)[k][key], atol=1e-6, rtol=0)
