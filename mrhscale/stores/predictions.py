@@ -32,10 +32,16 @@ class PredictionStore(GroupStore):
     def describe(self) -> str:
         a = self.attrs
         ids = self.subjects()
+        model = a.get("model") or {}
+        factor = ((model.get("uncertainty") or {}).get("calibration") or {}).get("factor")
+        unc = ([f"uncertainty: {a['uncertainty']} (ensemble of {model.get('members', '?')}; spread x "
+                f"{factor:.4g}, calibrated at training)" if factor else f"uncertainty: {a['uncertainty']}"]
+               if a.get("uncertainty") else [])
         return "\n".join([
             f"store: {self.name}", f"format: {FORMAT}",
             f"virtual stain: {a.get('variable')} (target {a.get('target')}, aggregate {a.get('aggregate')})",
-            f"model: {(a.get('model') or {}).get('path')} ({(a.get('model') or {}).get('sha256', '?')[:19]})",
+            *unc,
+            f"model: {model.get('path')} ({model.get('sha256', '?')[:19]})",
             f"subjects ({len(ids)}): {', '.join(ids) or 'none complete'}",
         ])
 

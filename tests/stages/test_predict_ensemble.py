@@ -79,6 +79,8 @@ def test_rerun_reuses_and_root_names_the_uncertainty(setup, tmp_path):
     attrs = dict(zarr.open_group(out, mode="r").attrs)
     assert attrs["uncertainty"] == "af_uncertainty" and attrs["model"]["members"] == 3
     assert attrs["model"]["uncertainty"]["calibration"]["factor"] == 1.5
+    r = CliRunner().invoke(main, ["info", out])
+    assert r.exit_code == 0 and "uncertainty: af_uncertainty (ensemble of 3; spread x 1.5" in r.output
 
 
 def test_predict_volume_gives_a_dataset_for_an_ensemble(setup):
