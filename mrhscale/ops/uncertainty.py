@@ -56,7 +56,8 @@ def retention_curve(err: np.ndarray, unc: np.ndarray, points: int = RETENTION_PO
 
 def uncertainty_metrics(est: np.ndarray, ref: np.ndarray, unc: np.ndarray) -> dict:
     """Spearman(uncertainty, |error|), 95% coverage and the retention curve of one set of
-    voxels (1-D arrays inside the evaluation mask)."""
+    voxels (1-D arrays inside the evaluation mask); ``factor_for_95``: what the uncertainty
+    would have to be multiplied by to cover 95% of these voxels (1: calibrated here)."""
     from scipy import stats
 
     err = np.abs(np.asarray(est, np.float64) - np.asarray(ref, np.float64))
@@ -65,4 +66,5 @@ def uncertainty_metrics(est: np.ndarray, ref: np.ndarray, unc: np.ndarray) -> di
     const = n < 2 or np.ptp(unc) == 0 or np.ptp(err) == 0
     return {"n": int(n), "spearman_abs_error": math.nan if const else float(stats.spearmanr(unc, err).statistic),
             "coverage_95": coverage(err, unc), "mean_uncertainty": float(unc.mean()) if n else math.nan,
+            "factor_for_95": calibration_factor(err, unc) if n else math.nan,
             "retention": retention_curve(err, unc)}

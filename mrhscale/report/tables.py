@@ -31,6 +31,7 @@ def uncertainty_tables(u: dict, per_subject: dict) -> dict:
     def row(x):
         r = x.get("retention") or {}
         return {"Spearman(unc, |err|)": x.get("spearman_abs_error"), "95% coverage": x.get("coverage_95"),
+                "x for 95%": x.get("factor_for_95"),
                 "mean uncertainty": x.get("mean_uncertainty"), "retention area": r.get("area"),
                 "oracle": r.get("oracle_area"), "random": r.get("random_area")}
 

@@ -584,7 +584,8 @@ METHODS = {
     "uncertainty": "Spearman of uncertainty with |virtual - reference|; coverage_95: share of voxels with "
                    "|error| <= 1.96 x uncertainty; retention: MAE of the most confident fraction f of the "
                    "voxels, f = 0.01 .. 1, area = its mean (oracle: ordered by the error itself; random: the "
-                   "MAE); by_label: mean uncertainty inside each label against the rest of the mask",
+                   "MAE); factor_for_95: the factor the uncertainty would need to cover 95% of these voxels; "
+                   "by_label: mean uncertainty inside each label against the rest of the mask",
 }
 
 

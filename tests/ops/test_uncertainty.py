@@ -46,6 +46,8 @@ def test_metrics_of_an_informative_and_an_empty_uncertainty():
     ref = np.zeros_like(err)
     m = uncertainty_metrics(err, ref, sigma)
     assert m["spearman_abs_error"] > 0.3 and m["coverage_95"] == pytest.approx(0.95, abs=0.01)
+    assert m["factor_for_95"] == pytest.approx(1.0, abs=0.03)  # the true sd: calibrated already
+    assert uncertainty_metrics(err, ref, sigma / 2)["factor_for_95"] == pytest.approx(2.0, rel=0.03)
     const = uncertainty_metrics(err, ref, np.ones_like(err))
     assert math.isnan(const["spearman_abs_error"])
     empty = uncertainty_metrics(np.zeros(0), np.zeros(0), np.zeros(0))
