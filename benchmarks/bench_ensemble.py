@@ -14,7 +14,6 @@ K times one member measured in the same run, runs alternated, medians of repeats
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -26,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_predict import BATCH, make_model, make_store  # noqa: E402
 from benchmarks.common import predict_rates as common_predict_rates  # noqa: E402
-from benchmarks.common import print_rows, row  # noqa: E402
+from benchmarks.common import repeats_main, row  # noqa: E402
 
 SHAPE = (56, 40, 80)
 K = 3
@@ -103,10 +102,7 @@ def run(full: bool = False, repeats: int = 3) -> list[dict]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    a = ap.parse_args()
-    print_rows(run(repeats=a.repeats))
+    repeats_main(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -208,3 +208,12 @@ def predict_rates(cases: dict[str, dict], store: str, work: str, repeats: int, b
             for name in cases:
                 rates[name].append(n / go(name, k + 1)[1])
     return {k: statistics.median(v) for k, v in rates.items()}, n
+
+
+def repeats_main(run, doc: str) -> None:
+    """A benchmark module's command line: ``--repeats N``, then its rows printed."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    print_rows(run(repeats=ap.parse_args().repeats))

@@ -738,7 +738,7 @@ class PredictRun:
         return _jsonable({
             "units": "raw stain units", "target": self.target, "kind": "uncertainty",
             "estimator": f"deep ensemble of {self.members} networks: their standard deviation "
-                         "(ddof 1) times the calibration factor",
+                         "(ddof 1) pooled over each voxel's output patch, times the calibration factor",
             "calibration_factor": float(cal.get("factor", 1.0)), "calibrated_on": cal.get("fitted_on"),
             "interval": f"{self.variable} +- 1.96 x {self.uncertainty}: the 95% interval"})
 
