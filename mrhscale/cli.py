@@ -384,19 +384,22 @@ def evaluate(pred, store, target, out, label, roi, markers, marker_transforms, s
 @click.option("--repeats", type=int, default=3, show_default=True, help="Permutations per channel/group.")
 @click.option("--max-patches", type=int, default=10000, show_default=True, help="Random subset size.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stain", default=None,
+              help="For a network of several stains: the stain scored (default: its first that PATCHES has).")
 @numerics_options
 @storage_options_option
 @quiet_option
-def importance(model, patches, out, split, repeats, max_patches, seed, precision, compile_mode,
+def importance(model, patches, out, split, repeats, max_patches, seed, stain, precision, compile_mode,
                storage_options, quiet):
     """Contribution of each contrast group and channel to MODEL, by permutation on PATCHES."""
     from mrhscale.stages.importance import importance as run
 
     res = run(model, patches, out, split=split, repeats=repeats, seed=seed, precision=precision,
-              compile=compile_mode, max_patches=max_patches, quiet=quiet,
+              compile=compile_mode, max_patches=max_patches, quiet=quiet, stain=stain,
               storage_options=_storage_options(storage_options))
     top = ", ".join(f"{g['name']} {g['increase']:.3g}" for g in res["groups"][:5])
-    click.echo(f"baseline MSE {res['baseline_mse']:.4g}; MSE increase by group: {top}; report in {out}")
+    click.echo(f"{res['target']}: baseline MSE {res['baseline_mse']:.4g}; MSE increase by group: {top}; "
+               f"report in {out}")
 
 
 @main.command("crossval")
@@ -537,6 +540,9 @@ def train(patches, **kw):
 @click.argument("patches")
 @click.option("--freeze-backbone", is_flag=True, default=None, help="Train only the new Conv4/Conv5.")
 @click.option("--head-lr-factor", type=float, default=None, help="Learning-rate factor of Conv4/Conv5 [10].")
+@click.option("--add-stain", is_flag=True, default=None,
+              help="Keep MODEL's heads and add a head for each new stain of PATCHES: one network predicts "
+                   "them all (needs --freeze-backbone unless PATCHES has MODEL's stains too).")
 @_training_options
 def finetune(model, patches, **kw):
     """Transfer learning from MODEL to a new stain's PATCHES: fresh Conv4/Conv5 (lr x10), base lr 1e-4."""
@@ -603,7 +609,9 @@ def export_cmd(model, fmt, out, opset, overwrite, quiet):
 
 @main.command("patches")
 @click.argument("store")
-@click.option("--target", required=True, help="Histology target variable (e.g. af, nf, mbp).")
+@click.option("--target", required=True,
+              help="Histology target variable (e.g. af, nf, mbp), or several comma-separated (nf,mbp): one "
+                   "network then learns them all, a head per stain.")
 @click.option("--out", "out", required=True, metavar="PATCHES", help="Output patch store (Zarr URL).")
 @click.option("--half", type=int, default=1, show_default=True, help="Patch is (2H+1)x(2H+1) in-plane.")
 @click.option("--stride", type=int, default=6, show_default=True, help="In-plane grid stride.")
@@ -768,7 +776,9 @@ def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwri
 @click.option("--out", "-o", default="demo-out", show_default=True, help="Folder for every stage's output and report.html.")
 @click.option("--subjects", type=int, default=5, show_default=True, help="Synthetic subjects (the last lesioned one is held out).")
 @click.option("--shape", default="48,32,64", show_default=True, help="Synthetic grid X,Y,Z.")
-@click.option("--target", default="mbp", show_default=True, type=click.Choice(["af", "nf", "mbp"]), help="Stain to learn (mbp: myelin, the lesion is a demyelination).")
+@click.option("--target", default="mbp,nf", show_default=True,
+              help="Stain(s) to learn, one network with a head each: af, nf, mbp or a comma list (the first is "
+                   "the headline; mbp: myelin, the lesion is a demyelination).")
 @click.option("--recipe", default="fast", show_default=True, metavar="NAME",
               help="Training recipe (see `mrhscale train --help`): fast, or robust / paper (30 epochs: about 5x "
                    "the training time).")
@@ -792,8 +802,12 @@ def demo(out, subjects, shape, target, recipe, epochs, depth, members, quick, wo
         cfg = DemoConfig(subjects=subjects, shape=_ints(shape, 3, "--shape"), target=target,
                          recipe=recipe, epochs=epochs, depth=depth, workers=workers, members=members)
     res = run_demo(out, cfg, quiet=quiet)
-    click.echo(f"virtual {res['target']}: Pearson r {res['virtual_pearson']:.3f} on held-out {res['held_out']} "
+    click.echo(f"virtual {res['stain']}: Pearson r {res['virtual_pearson']:.3f} on held-out {res['held_out']} "
                f"(best single marker {res['best_marker']}: {res['best_marker_pearson']:.3f})")
+    for stain, r in (res.get("other_stains") or {}).items():
+        click.echo(f"virtual {stain} (same network): Pearson r {r['pearson']:.3f} on held-out {res['held_out']}"
+                   + (f"; uncertainty Spearman {r['uncertainty_spearman']:.3f}, coverage "
+                      f"{r['uncertainty_coverage_95']:.3f}" if r.get("uncertainty_spearman") is not None else ""))
     if "virtual_auc" in res:
         click.echo(f"lesion AUC: virtual {res['virtual_auc']:.3f}, best single marker {res['best_marker_auc']}")
     if res.get("uncertainty_spearman") is not None:

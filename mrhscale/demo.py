@@ -1,6 +1,7 @@
 """The whole chain on a synthetic cohort, on the embedded LocalCluster.
 
-synth -> ingest -> patches -> train (a deep ensemble of depth-5 nets) -> predict a
+synth -> ingest -> patches -> train (a deep ensemble of depth-5 nets, each learning
+mbp and nf with one head per stain) -> predict a
 held-out subject with its uncertainty -> evaluate (vs every single MRI marker, lesion
 ROC, whether the uncertainty flags the errors and the artefact) -> importance -> report.html.
 Each stage's output stays in ``out`` so a user can open every store and rerun
@@ -25,7 +26,7 @@ class DemoConfig:
 
     subjects: int = 5
     shape: tuple[int, int, int] = (48, 32, 64)
-    target: str = "mbp"
+    target: str = "mbp,nf"  # one network, a head per stain; the first stain is the headline
     stride: int = 1  # dense: lesions are small and rare, the network must see them
     depth: int = 5
     recipe: str = "fast"  # ~2.5 min of training on 2 CPU cores, same conclusion as "paper" (~8)
@@ -53,6 +54,11 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, qu
     cfg = cfg or (QUICK if quick else DemoConfig())
     if cfg.subjects < 3:
         raise MRHError("demo: needs at least 3 subjects (training, validation, held-out)")
+    from mrhscale.ops.stains import parse_stains
+
+    bad = [t for t in parse_stains(cfg.target) if t not in ("af", "nf", "mbp")]
+    if bad:
+        raise MRHError(f"--target: synth makes af, nf and mbp, not {', '.join(bad)}")
     from mrhscale.training.config import RECIPES
 
     if cfg.recipe not in RECIPES:  # before minutes of synth/ingest, not after
@@ -141,11 +147,18 @@ class _Demo:
                     subjects=[self.test_id], workers=self.cfg.workers, quiet=self.quiet, overwrite=True)
 
     def evaluate(self) -> dict:
+        """Each stain against its reference (the first in ``evaluation``, others in
+        ``evaluation_<stain>``); returns the first's metrics, the others' in ``other_stains``."""
+        from mrhscale.ops.stains import parse_stains
         from mrhscale.stages.evaluate import evaluate
 
-        with self.stage("evaluate", "evaluate: virtual stain vs reference and single MRI markers"):
+        first, *others = parse_stains(self.cfg.target)
+        with self.stage("evaluate", "evaluate: virtual stains vs reference and single MRI markers"):
             # lesion ROC within white matter: a demyelination against the normal tissue it occurs in
-            return evaluate(self.p["pred"], self.p["store"], self.cfg.target, self.p["eval"],
+            self.other_stains = {t: evaluate(self.p["pred"], self.p["store"], t, f"{self.p['eval']}_{t}",
+                                             subjects=[self.test_id], roi="wm", quiet=self.quiet,
+                                             montage_subjects=0) for t in others}
+            return evaluate(self.p["pred"], self.p["store"], first, self.p["eval"],
                             subjects=[self.test_id], roi="wm", quiet=self.quiet)
 
     def importance(self) -> dict:
@@ -163,6 +176,7 @@ class _Demo:
         from mrhscale.stores import list_subjects, write_json
 
         summary = _headline(metrics, self.test_id, self.cfg)
+        summary["other_stains"] = {t: _stain_line(m, self.test_id) for t, m in self.other_stains.items()}
         summary.update({
             "held_out": self.test_id, "train_subjects": self.train_ids[:-1], "val_subject": self.val_id,
             "stage_seconds": {k: round(v, 1) for k, v in self.times.items()},
@@ -170,7 +184,7 @@ class _Demo:
         })
         summary["report"] = write_report(self.out, _tables(summary, metrics, imp, self.p),
                                          self._figures(metrics, imp),
-                                         f"mrhscale demo: virtual {self.cfg.target} on a synthetic cohort")
+                                         f"mrhscale demo: virtual {self.cfg.target.replace(',', ' and ')} on a synthetic cohort")
         write_json(os.path.join(self.out, "summary.json"), summary)
         return summary
 
@@ -195,6 +209,8 @@ def _tables(summary: dict, metrics: dict, imp: dict, paths: dict) -> dict:
             n: {c: m.get(c) for c in ("pearson", "spearman", "mae", "psnr", "ssim")}
             for n, m in metrics["pooled"].items() if n != "roc"},
     }
+    if summary.get("other_stains"):
+        tables["The network's other stains (held-out subject)"] = summary["other_stains"]
     if "roc" in metrics["pooled"]:
         tables["Lesion detection (AUC)"] = {n: {"AUC": r.get("auc"), "direction": r.get("direction")}
                                             for n, r in metrics["pooled"]["roc"].items()}
@@ -256,6 +272,7 @@ def _headline(metrics: dict, test_id: str, cfg: DemoConfig) -> dict:
     best = max(markers, key=lambda k: abs(markers[k].get("pearson") or 0), default=None)
     out = {
         "target": cfg.target,
+        "stain": cfg.target.split(",")[0],
         "virtual_pearson": virtual.get("pearson"),
         "best_marker": best,
         "best_marker_pearson": markers[best].get("pearson") if best else None,
@@ -271,6 +288,14 @@ def _headline(metrics: dict, test_id: str, cfg: DemoConfig) -> dict:
     out["beats_every_marker"] = bool(beats)
     out.update(_uncertainty_headline(metrics, test_id))
     return out
+
+
+def _stain_line(metrics: dict, test_id: str) -> dict:
+    """Another stain of the same network on the held-out brain: its map and uncertainty figures."""
+    v = metrics["pooled"].get("virtual", {})
+    return {"pearson": v.get("pearson"), "spearman": v.get("spearman"), "mae": v.get("mae"),
+            **{k: u for k, u in _uncertainty_headline(metrics, test_id).items()
+               if k in ("uncertainty_spearman", "uncertainty_coverage_95", "artefact_uncertainty_ratio")}}
 
 
 UNCERTAINTY_HEADLINE = ("uncertainty_spearman", "uncertainty_coverage_95", "uncertainty_retention_area",

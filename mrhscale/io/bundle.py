@@ -20,6 +20,7 @@ import torch
 from mrhscale.errors import MRHError
 from mrhscale.nn.model import MRHEnsemble, MRHNet
 from mrhscale.ops.norm import Normalisation
+from mrhscale.ops.stains import stain_record, stains_of
 
 FORMAT = "mrhscale-model"
 FORMAT_VERSION = 2  # 2: deep ensembles; a single network is still written as 1
@@ -38,6 +39,9 @@ def make_bundle(
         raise MRHError(f"bundle: {len(channels)} channel names for a model with {model.in_channels} inputs")
     if norm.n_channels != model.in_channels:
         raise MRHError(f"bundle: normalisation has {norm.n_channels} channels, model {model.in_channels}")
+    if norm.n_stains != model.n_stains:
+        raise MRHError(f"bundle: normalisation has target statistics of {norm.n_stains} stains, "
+                       f"the model {model.n_stains} heads")
     bundle = {
         "format": FORMAT,
         "format_version": 1,
@@ -45,7 +49,7 @@ def make_bundle(
         "state_dict": _state(model),
         "channels": [str(c) for c in channels],
         "norm": norm.to_dict(),
-        "target": str(target),
+        **stain_record(model.stains or [str(target)]),
         "patch": dict(patch),
         "provenance": dict(provenance or {}),
     }
@@ -104,7 +108,7 @@ def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
 def model_from_bundle(b: dict[str, Any], state: dict | None = None) -> MRHNet:
     """The bundle's network (member 0 of an ensemble), or its architecture with ``state``."""
     arch = b["arch"]
-    model = MRHNet(arch["in_channels"], arch["depth"], arch.get("width", 64))
+    model = MRHNet(arch["in_channels"], arch["depth"], arch.get("width", 64), stains=arch.get("stains"))
     model.load_state_dict(b["state_dict"] if state is None else state)
     return model
 
@@ -130,7 +134,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def _norm_line(norm: Normalisation) -> str:
-    target = f"target' = (t - {norm.target_offset:.4g}) / {norm.target_scale:.4g}"
+    off, scale = norm.target_arrays(float)
+    target = "; ".join(f"target' = (t - {o:.4g}) / {s:.4g}" for o, s in zip(off, scale, strict=True))
     if norm.per_subject:
         how = ("(x - p0.5[c]) / (p99.5[c] - p0.5[c])" if norm.mode == "subject-percentile" else "x / max")
         return f"normalisation  {norm.mode}: x' = {how} of each brain's own voxels inside its mask; {target}"
@@ -159,7 +164,8 @@ def describe_bundle(path: str | os.PathLike) -> str:
         f"model bundle   {os.fspath(path)}",
         f"architecture   {arch.get('name', 'MRHNet')} depth={arch['depth']} width={arch.get('width', 64)} "
         f"in_channels={arch['in_channels']}  ({n_params:,} parameters{' per member' if n_members(b) > 1 else ''})",
-        f"target         {b['target']}",
+        f"target         {b['target']}"
+        + (f"  ({len(stains_of(b))} stains, one Conv4/Conv5 head each)" if b.get("stains") else ""),
         *_ensemble_lines(b),
         f"patch          {p.get('size')}x{p.get('size')} (half {p.get('half')}), "
         f"in the plane across slice axis {p.get('axis')!r}",

@@ -30,60 +30,116 @@ class ResidualBlock(nn.Module):
         return self.conv_b(torch.relu(self.conv_a(a))) + a
 
 
+class StainHead(nn.Module):
+    """Conv4 -> ReLU -> Conv5: the layers the original replaced to learn a new stain."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv4 = _conv(width, width)
+        self.conv5 = _conv(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv5(torch.relu(self.conv4(x)))
+
+
 class MRHNet(nn.Module):
     """MRH-Net on (2h+1)x(2h+1) patches: ``[B, C, P, P] -> [B, P, P]``.
 
     ``depth`` is the number of residual blocks. The published MATLAB files
     named "5layer", "10layer", "30layer" hold depth 4, 9 and 29 respectively.
+
+    ``stains``: several stains share the backbone, each with its own Conv4/Conv5 head
+    (``heads[k]``, the original's transfer learning run side by side): ``[B, C, P, P] ->
+    [B, T, P, P]`` in ``stains`` order. One stain (the default) keeps the original graph,
+    its ``conv4``/``conv5`` names and its ``[B, P, P]`` output, so MATLAB imports and
+    earlier bundles load unchanged.
     """
 
-    def __init__(self, in_channels: int, depth: int = 5, width: int = 64):
+    def __init__(self, in_channels: int, depth: int = 5, width: int = 64, stains: list[str] | None = None):
         super().__init__()
         if in_channels < 1 or depth < 0 or width < 1:
             raise ValueError(f"bad MRHNet config: in_channels={in_channels}, depth={depth}, width={width}")
         self.in_channels, self.depth, self.width = int(in_channels), int(depth), int(width)
+        self.stains = [str(s) for s in stains] if stains and len(stains) > 1 else None
         self.conv1 = _conv(in_channels, width)
         self.conv2 = _conv(width, width)
         self.conv3 = _conv(width, width)
         self.conv3_1 = _conv(width, width)
         self.blocks = nn.ModuleList(ResidualBlock(width) for _ in range(depth))
-        self.conv4 = _conv(width, width)
-        self.conv5 = _conv(width, 1)
+        if self.stains:
+            self.heads = nn.ModuleList(StainHead(width) for _ in self.stains)
+        else:
+            self.conv4 = _conv(width, width)
+            self.conv5 = _conv(width, 1)
 
     @property
     def config(self) -> dict:
-        return {"in_channels": self.in_channels, "depth": self.depth, "width": self.width}
+        return {"in_channels": self.in_channels, "depth": self.depth, "width": self.width,
+                **({"stains": list(self.stains)} if self.stains else {})}
+
+    @property
+    def n_stains(self) -> int:
+        return len(self.stains) if self.stains else 1
+
+    def head_modules(self) -> list[nn.Conv2d]:
+        """Every head's Conv4 and Conv5."""
+        if not self.stains:
+            return [self.conv4, self.conv5]
+        return [c for h in self.heads for c in (h.conv4, h.conv5)]
 
     def head_parameters(self):
-        """Conv4 and Conv5: the layers transfer learning replaces."""
-        return [*self.conv4.parameters(), *self.conv5.parameters()]
+        """Conv4 and Conv5 (of every stain): the layers transfer learning replaces."""
+        return [p for m in self.head_modules() for p in m.parameters()]
 
     def reset_head(self) -> None:
-        self.conv4.reset_parameters()
-        self.conv5.reset_parameters()
+        for m in self.head_modules():
+            m.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def backbone(self, x: torch.Tensor) -> torch.Tensor:
         r2 = torch.relu(self.conv2(torch.relu(self.conv1(x))))
         x = self.conv3_1(torch.relu(self.conv3(r2))) + r2
         for block in self.blocks:
             x = block(x)
-        x = self.conv5(torch.relu(self.conv4(torch.relu(x))))
-        return x[:, 0]
+        return torch.relu(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.backbone(x)
+        if self.stains:
+            return torch.cat([h(x) for h in self.heads], 1)
+        return self.conv5(torch.relu(self.conv4(x)))[:, 0]
+
+
+class StainOutput(nn.Module):
+    """One stain of a network of several (or of an ensemble's mean): ``[B, P, P]``."""
+
+    def __init__(self, model: nn.Module, k: int):
+        super().__init__()
+        self.model, self.k, self.in_channels = model, int(k), model.in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[:, self.k]
+
+
+def per_stain(y: torch.Tensor, n_stains: int) -> torch.Tensor:
+    """A network's output with its stain axis made explicit: ``[B, (K,) P, P]`` of a
+    one-stain network -> ``[B, (K,) 1, P, P]``; several stains already have it."""
+    return y.unsqueeze(-3) if n_stains == 1 else y
 
 
 class MRHEnsemble(nn.Module):
     """K MRH-Nets trained from different seeds and data orders, run side by side:
-    ``[B, C, P, P] -> [B, K, P, P]``. Their mean is the prediction, their spread the
+    ``[B, C, P, P] -> [B, K, P, P]`` (several stains: ``[B, K, T, P, P]``). Their mean is the prediction, their spread the
     uncertainty (a deep ensemble); training keeps each member a plain MRHNet."""
 
     def __init__(self, members: list[MRHNet]):
         super().__init__()
         if len(members) < 2:
             raise ValueError("an ensemble needs at least 2 members")
-        if len({tuple(m.config.items()) for m in members}) != 1:
+        if any(m.config != members[0].config for m in members):
             raise ValueError("ensemble members must share one architecture")
         self.members = nn.ModuleList(members)
         self.in_channels, self.depth, self.width = members[0].in_channels, members[0].depth, members[0].width
+        self.stains, self.n_stains = members[0].stains, members[0].n_stains
 
     @property
     def config(self) -> dict:
@@ -94,18 +150,19 @@ class MRHEnsemble(nn.Module):
 
 
 class MemberMean(nn.Module):
-    """An ensemble as one network: the members' mean ``[B, P, P]`` (what its map is)."""
+    """An ensemble as one network: the members' mean ``[B, (T,) P, P]`` (what its map is)."""
 
     def __init__(self, ensemble: MRHEnsemble):
         super().__init__()
         self.ensemble, self.in_channels = ensemble, ensemble.in_channels
+        self.stains, self.n_stains = ensemble.stains, ensemble.n_stains
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ensemble(x).mean(1)
 
 
 def mean_and_spread(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An ensemble's output ``[B, K, P, P]`` -> (the members' mean ``[B, P, P]``, their spread).
+    """An ensemble's output ``[B, K, (T,) P, P]`` -> (the members' mean ``[B, (T,) P, P]``, their spread).
 
     The spread is the members' standard deviation (ddof 1) pooled over the whole output
     patch, the same at each of its P x P positions: the members' disagreement about the
@@ -115,4 +172,5 @@ def mean_and_spread(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     y = y.float()
     var = y.var(1, correction=1).mean((-2, -1), keepdim=True)
-    return y.mean(1), var.sqrt().expand(-1, *y.shape[-2:])
+    mean = y.mean(1)
+    return mean, var.sqrt().expand_as(mean)

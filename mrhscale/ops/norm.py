@@ -4,7 +4,8 @@ The original divided test inputs by the test data's own maximum, so one brain
 scaled differently gave a different answer. Here the statistics are computed
 once on the training split and travel with the model, so inference is
 reproducible: ``x_norm = (x - offset[c]) / scale[c]`` per channel and
-``t_norm = (t - target_offset) / target_scale`` for the stain.
+``t_norm = (t - target_offset) / target_scale`` for the stain (for a network of
+several stains, ``target_offset``/``target_scale`` are lists, one per stain).
 
 The per-subject modes instead scale every brain by its OWN statistics, inside
 its mask, before the network sees it: ``subject-percentile`` maps each contrast's
@@ -46,14 +47,38 @@ class Normalisation:
             raise MRHError(f"unknown normalisation mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if len(self.offset) != len(self.scale):
             raise MRHError("normalisation offset and scale have different lengths")
+        t_off, t_scale = np.atleast_1d(self.target_offset), np.atleast_1d(self.target_scale)
         if any(not np.isfinite(s) or s <= 0 for s in self.scale) or not (
-            np.isfinite(self.target_scale) and self.target_scale > 0
+            np.isfinite(t_scale).all() and (t_scale > 0).all()
         ):
             raise MRHError("normalisation scales must be finite and positive")
+        if len(t_off) != len(t_scale) or not len(t_scale):
+            raise MRHError("normalisation target offset and scale have different lengths")
 
     @property
     def n_channels(self) -> int:
         return len(self.scale)
+
+    @property
+    def n_stains(self) -> int:
+        """How many stains the target statistics are of (lists: one per stain)."""
+        return len(np.atleast_1d(self.target_scale))
+
+    def target_arrays(self, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """(target offset, target scale), one entry per stain."""
+        return (np.atleast_1d(np.asarray(self.target_offset, dtype)),
+                np.atleast_1d(np.asarray(self.target_scale, dtype)))
+
+    def stain(self, k: int) -> Normalisation:
+        """This record with the target statistics of stain ``k`` alone."""
+        return self if self.n_stains == 1 else self.select_stains([k])
+
+    def select_stains(self, idx: list[int]) -> Normalisation:
+        """This record with the target statistics of stains ``idx`` (in that order)."""
+        off, scale = (a[idx].astype(float).tolist() for a in self.target_arrays(np.float64))
+        one = len(idx) == 1
+        return Normalisation(self.mode, list(self.offset), list(self.scale), off[0] if one else off,
+                             scale[0] if one else scale, dict(self.meta))
 
     @property
     def per_subject(self) -> bool:
@@ -98,18 +123,32 @@ class Normalisation:
         shape[channel_axis] = -1
         return (np.asarray(x, np.float32) - off.reshape(shape)) * inv.reshape(shape)
 
-    def apply_target(self, t):
-        return (t - self.target_offset) / self.target_scale
+    def apply_target(self, t, stain_axis: int = 1):
+        """Stain units -> the network's; several stains lie along ``stain_axis``."""
+        off, scale = self._target_shaped(t, stain_axis)
+        return (t - off) / scale
 
-    def invert_target(self, t):
-        return t * self.target_scale + self.target_offset
+    def invert_target(self, t, stain_axis: int = 1):
+        """The network's units -> stain units; several stains lie along ``stain_axis``."""
+        off, scale = self._target_shaped(t, stain_axis)
+        return t * scale + off
+
+    def _target_shaped(self, t, stain_axis: int):
+        if self.n_stains == 1:
+            return float(np.atleast_1d(self.target_offset)[0]), float(np.atleast_1d(self.target_scale)[0])
+        off, scale = self.target_arrays(np.float64)
+        shape = [1] * t.ndim
+        shape[stain_axis] = -1
+        if hasattr(t, "new_tensor"):  # torch
+            return t.new_tensor(off).reshape(shape), t.new_tensor(scale).reshape(shape)
+        return off.reshape(shape), scale.reshape(shape)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["offset"] = [float(v) for v in self.offset]
         d["scale"] = [float(v) for v in self.scale]
-        d["target_offset"] = float(self.target_offset)
-        d["target_scale"] = float(self.target_scale)
+        d["target_offset"] = _floats(self.target_offset)
+        d["target_scale"] = _floats(self.target_scale)
         return d
 
     @classmethod
@@ -119,8 +158,8 @@ class Normalisation:
                 mode=d["mode"],
                 offset=list(d["offset"]),
                 scale=list(d["scale"]),
-                target_offset=float(d.get("target_offset", 0.0)),
-                target_scale=float(d.get("target_scale", 1.0)),
+                target_offset=_floats(d.get("target_offset", 0.0)),
+                target_scale=_floats(d.get("target_scale", 1.0)),
                 meta=dict(d.get("meta", {})),
             )
         except (KeyError, TypeError) as e:
@@ -130,6 +169,11 @@ class Normalisation:
     def global_max(cls, n_channels: int, input_max: float, target_max: float = 1.0) -> Normalisation:
         """The original MRH-Net scaling: every input divided by one global maximum."""
         return cls("global-max", [0.0] * n_channels, [float(input_max)] * n_channels, 0.0, float(target_max))
+
+
+def _floats(v):
+    """A float, or a list of floats (one per stain)."""
+    return [float(x) for x in v] if isinstance(v, list | tuple | np.ndarray) else float(v)
 
 
 # --------------------------------------------------------------------------- per-subject statistics

@@ -152,13 +152,17 @@ def select_samples(mri, target, mask, centres, half: int, axis: str, min_label_s
 
     mri [X,Y,Z,C], target/mask [X,Y,Z] (block-local), centres [n,3] block-local.
     Returns (keep_index, inputs [k,C,P,P], labels [k,P,P]) for the kept candidates.
+    Several stains (target [X,Y,Z,T]): a candidate is kept when ANY stain passes the
+    label rules there; labels [k,T,P,P] hold NaN for a stain whose patch has any NaN
+    (a stain the subject lacks, or outside its section): that is the loss's mask.
     """
     labels = gather_patches(target, centres, half, axis)
-    lab = labels.reshape(len(labels), -1)
+    lab = labels.reshape(len(labels), -1, (2 * half + 1) ** 2)  # [n, T, P*P]
     with np.errstate(invalid="ignore"):
-        ok = (lab.sum(axis=1, dtype=np.float64) >= min_label_sum)
-    ok &= np.count_nonzero(lab, axis=1) >= min_label_nonzero  # NaN labels: dropped next line
-    ok &= ~np.isnan(lab).any(axis=1)
+        ok = (lab.sum(axis=2, dtype=np.float64) >= min_label_sum)
+    ok &= np.count_nonzero(lab, axis=2) >= min_label_nonzero  # NaN labels: dropped next line
+    present = ~np.isnan(lab).any(axis=2)
+    ok = (ok & present).any(axis=1)
     c = centres
     ok &= np.asarray(mask)[c[:, 0], c[:, 1], c[:, 2]].astype(bool)
     idx = np.flatnonzero(ok)
@@ -166,4 +170,7 @@ def select_samples(mri, target, mask, centres, half: int, axis: str, min_label_s
     finite = ~np.isnan(inputs).any(axis=(1, 2, 3))
     if not finite.all():
         idx, inputs = idx[finite], inputs[finite]
-    return idx, inputs, labels[idx]
+    labels = labels[idx]
+    if labels.ndim == 4:
+        labels[~present[idx]] = np.nan
+    return idx, inputs, labels

@@ -43,8 +43,11 @@ def crossval(store: str, target: str, out_dir: str, *, folds: str | int = LOSO, 
              threads: int | None = None, quiet: bool = False):
     """Cross-validate ``recipe`` (training options, patch options, or a named recipe) on
     the subjects of ``store`` with stain ``target``; returns the table and its summary."""
+    from mrhscale.ops.stains import parse_stains
     from mrhscale.stores import CohortStore, Folder, resolve, write_json
 
+    if len(parse_stains(target)) > 1:
+        raise MRHError(f"--target {target}: crossval scores one stain at a time; run it per stain")
     store = resolve(store)
     plan = make_plan(CohortStore.open(store), target, folds, recipe_options(recipe), subjects)
     folder = Folder(out_dir, "mrhscale-crossval")

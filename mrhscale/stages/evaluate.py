@@ -56,6 +56,7 @@ import numpy as np
 
 from mrhscale.errors import MRHError
 from mrhscale.ops.metrics import PooledMoments, linear_fit, roc, similarity, spearman
+from mrhscale.ops.stains import stains_of
 from mrhscale.ops.uncertainty import uncertainty_metrics
 from mrhscale.report import figures
 from mrhscale.report.html import write_report
@@ -304,10 +305,11 @@ def _open_inputs(pred_url: str, store_url: str, target: str, subjects, storage_o
     pstore = PredictionStore.open(pred_url, storage_options)
     cstore = CohortStore.open(store_url, storage_options)
     pattrs = pstore.attrs
-    if str(pattrs.get("target")) != str(target):
-        raise MRHError(f"{pstore.name}: holds virtual {pattrs.get('target')} (its model predicts "
+    stains = stains_of(pattrs)
+    if str(target) not in stains:
+        raise MRHError(f"{pstore.name}: holds virtual {', '.join(stains)} (its model predicts "
                        f"{pattrs.get('target')!r}); --target {target} would compare it with another "
-                       f"stain: give --target {pattrs.get('target')}")
+                       f"stain: give --target {' or '.join(stains)}")
     pred_ids, store_ids = pstore.subjects(), cstore.subjects()
     ids = list(dict.fromkeys(subjects)) if subjects else [s for s in pred_ids if s in store_ids]
     bad = [s for s in ids if s not in pred_ids or s not in store_ids]
@@ -360,8 +362,10 @@ class _Evaluation:
         self.pstore, self.cstore, self.target, self.out_dir = pstore, cstore, target, out_dir
         self.label, self.roi, self.extra, self.transforms = label, roi, extra, marker_transforms
         self.extra_names = marker_names(extra)
-        self.variable = pstore.attrs.get("variable") or f"{target}_virtual"
-        self.unc_variable = pstore.attrs.get("uncertainty")  # an ensemble's prediction
+        one = len(stains_of(pstore.attrs)) == 1  # else: the prediction of several stains, this one's maps
+        self.variable = (pstore.attrs.get("variable") if one else None) or f"{target}_virtual"
+        self.unc_variable = ((pstore.attrs["uncertainty"] if one else f"{target}_uncertainty")
+                             if pstore.attrs.get("uncertainty") else None)  # an ensemble's prediction
         self.unc_curves: dict[str, dict] = {}
         self.unc_pooled: dict | None = None
         self.slice_axis = str((pstore.attrs.get("model") or {}).get("patch", {}).get("axis", "y"))
@@ -517,7 +521,8 @@ class _Evaluation:
     def calibration(self) -> dict:
         """The bundle's calibration (fitted on its validation split) as predict recorded it."""
         u = (self.pstore.attrs.get("model") or {}).get("uncertainty") or {}
-        return dict(u.get("calibration") or {})
+        cal = dict(u.get("calibration") or {})
+        return dict((cal.get("stains") or {}).get(self.target) or cal)  # several stains: this one's
 
     def pooled_figures(self, roc_pooled) -> None:
         pool, target, out = self.pool, self.target, self.out_dir

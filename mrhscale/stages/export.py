@@ -34,6 +34,7 @@ import os
 import warnings
 import zipfile
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -169,12 +170,30 @@ class InferenceGraph(nn.Module):
         off, inv = norm.input_arrays()
         self.register_buffer("offset", torch.from_numpy(off).reshape(1, -1, 1, 1))
         self.register_buffer("inv_scale", torch.from_numpy(inv).reshape(1, -1, 1, 1))
-        self.t_scale, self.t_offset = float(norm.target_scale), float(norm.target_offset)
+        if norm.n_stains == 1:  # python floats: the graph of a one-stain network as before
+            self.t_scale, self.t_offset = float(norm.target_scale), float(norm.target_offset)
+        else:  # several stains: [B, T, P, P], each stain its own scaling
+            t_off, t_scale = norm.target_arrays(np.float32)
+            self.register_buffer("t_scale", torch.from_numpy(t_scale).reshape(1, -1, 1, 1))
+            self.register_buffer("t_offset", torch.from_numpy(t_off).reshape(1, -1, 1, 1))
 
     def forward(self, mri: torch.Tensor) -> torch.Tensor:
         x = (mri - self.offset) * self.inv_scale
         x = torch.where(torch.isfinite(x), x, 0.0)
         return self.net(x) * self.t_scale + self.t_offset
+
+
+def _output_record(meta: dict, dims: list, h, p) -> dict:
+    """The graph's output: ``[N, H, W]`` of one stain, ``[N, T, H, W]`` of several."""
+    stains = meta.get("stains")
+    if not stains:
+        return {"name": OUTPUT, "layout": "NHW", "shape": [dims[0], *dims[2:]], "dtype": "float32",
+                "meaning": f"virtual {meta['target']} in raw stain units; on a {p}x{p} patch, "
+                           f"[:, {h}, {h}] is what `mrhscale predict` writes for its centre voxel"}
+    return {"name": OUTPUT, "layout": "NTHW", "shape": [dims[0], len(stains), *dims[2:]], "dtype": "float32",
+            "stains": list(stains),
+            "meaning": f"virtual {', '.join(stains)} (in that order along T) in raw stain units; on a {p}x{p} "
+                       f"patch, [:, k, {h}, {h}] is what `mrhscale predict` writes as <stain k>_virtual"}
 
 
 def metadata(model_path: str, meta: dict, fmt: str, dynamic: list[str]) -> dict:
@@ -193,9 +212,7 @@ def metadata(model_path: str, meta: dict, fmt: str, dynamic: list[str]) -> dict:
         "input": {"name": INPUT, "layout": "NCHW", "shape": dims, "dtype": "float32",
                   "meaning": "raw MRI intensities (not normalised), channels in `channels` order, "
                              "in the plane across the slice axis patch.axis"},
-        "output": {"name": OUTPUT, "layout": "NHW", "shape": [dims[0], *dims[2:]], "dtype": "float32",
-                   "meaning": f"virtual {meta['target']} in raw stain units; on a {p}x{p} patch, "
-                              f"[:, {h}, {h}] is what `mrhscale predict` writes for its centre voxel"},
+        "output": _output_record(meta, dims, h, p),
         "dynamic": list(dynamic),
         "model": {"file": os.path.basename(model_path), "sha256": sha256_file(model_path),
                   "arch": dict(meta.get("arch") or {})},

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.ops.stains import stains_of
 from mrhscale.report.figures import importance_bars
 from mrhscale.report.tables import importance_tables
 from mrhscale.results import ImportanceResult
@@ -80,9 +81,12 @@ def importance(
     storage_options: dict | None = None,
     precision: str | None = None,
     compile: str | bool | None = None,
+    stain: str | None = None,
 ) -> dict[str, Any]:
     """Permutation importance of each contrast group and channel; writes a report.
-    ``precision``/``compile`` as ``predict`` (docs/precision.md); recorded in the provenance."""
+    ``precision``/``compile`` as ``predict`` (docs/precision.md); recorded in the provenance.
+    ``stain``: for a network of several stains, the head scored (default: its first stain
+    the patch store has); patches without that stain are left out."""
     from mrhscale import __version__
     from mrhscale.io.bundle import load_model
     from mrhscale.stages.predict import check_device
@@ -103,23 +107,28 @@ def importance(
         model = MemberMean(model)
     attrs, xa, ta = _open_split(patches_url, split, storage_options)
     sel = _check_model_and_store(model_path, meta, patches_url, attrs, xa)
+    stain, k_model, k_store = _stain(stain, meta, attrs, model_path, patches_url)
+    if len(stains_of(meta)) > 1:
+        from mrhscale.nn.model import StainOutput
+
+        model = StainOutput(model, k_model)
     rng = np.random.default_rng(seed)
     x, t = _sample(xa, ta, sel, _row_norms(meta["norm"], patches_url, attrs, split, sel, storage_options),
-                   rng, max_patches)
+                   rng, max_patches, k_store)
     gmap = channel_groups(list(meta["channels"]), _groups(groups, attrs, sel))
     n_forward = len(x) * (1 + repeats * (len(gmap) + (len(sel) if per_channel else 0)))
     runner = _runner(model, meta, device, min(batch_size, len(x)), precision, compile, n_forward)
-    scorer = _Scorer(runner, meta["norm"], t, batch_size, device)
+    scorer = _Scorer(runner, meta["norm"].stain(k_model), t, batch_size, device)
     rows, base = _permute_all(scorer, x, gmap, list(meta["channels"]), per_channel, repeats, rng, quiet)
     res = {
         "baseline_mse": base, "groups": rows["group"], "channels": rows["channel"],
-        "n_patches": int(len(x)), "split": split, "repeats": int(repeats), "target": meta["target"],
+        "n_patches": int(len(x)), "split": split, "repeats": int(repeats), "target": stain,
         "provenance": {"stage": "importance", "mrhscale": __version__, "model": os.path.abspath(model_path),
                        "model_sha256": sha256_file(model_path), "patches": str(patches_url), "seed": seed,
                        "max_patches": max_patches, "numerics": runner.accel.record()},
         "out_dir": folder.path, "figures": ["importance.png"],
     }
-    with folder.replace(target=meta["target"], model=res["provenance"]["model_sha256"]) as work:
+    with folder.replace(target=stain, model=res["provenance"]["model_sha256"]) as work:
         _write_outputs(work, res)
     return ImportanceResult(**res)
 
@@ -140,7 +149,7 @@ def _check_model_and_store(model_path, meta: dict, patches_url, attrs: dict, xa)
     indices of the model's channels, in the model's order."""
     from mrhscale.stages.predict import check_channels
 
-    if str(attrs["target"]) != str(meta["target"]):
+    if not set(stains_of(attrs)) & set(stains_of(meta)):
         raise MRHError(f"{patches_url}: patches of stain {attrs['target']!r}, but model {model_path} "
                        f"predicts {meta['target']!r}; give the patch store of the model's stain")
     store_ch = [str(c) for c in attrs["channels"]]
@@ -152,6 +161,16 @@ def _check_model_and_store(model_path, meta: dict, patches_url, attrs: dict, xa)
         raise MRHError(f"{patches_url}: patches are {p_store}x{p_store}, the model was trained on "
                        f"{p_model}x{p_model}")
     return [store_ch.index(c) for c in channels]
+
+
+def _stain(stain, meta: dict, attrs: dict, model_path, patches_url) -> tuple[str, int, int]:
+    """The stain scored, its head in the model and its place in the store's targets."""
+    m, s = stains_of(meta), stains_of(attrs)
+    stain = stain or next(t for t in m if t in s)
+    if stain not in m or stain not in s:
+        raise MRHError(f"--stain {stain}: model {model_path} predicts {', '.join(m)} and {patches_url} "
+                       f"holds {', '.join(s)}; give a stain of both")
+    return stain, m.index(stain), s.index(stain)
 
 
 def _row_norms(norm, url: str, attrs: dict, split: str, sel: list[int], storage_options):
@@ -177,12 +196,19 @@ def _stats_of(attrs: dict, sel: list[int], url: str) -> dict:
                   for m, v in st.items() if isinstance(v, dict)} for sid, st in stats.items()}
 
 
-def _sample(xa, ta, sel: list[int], normalise, rng, max_patches: int):
-    """A random subset of the split: normalised inputs (model's channels) and raw targets."""
+def _sample(xa, ta, sel: list[int], normalise, rng, max_patches: int, k_store: int = 0):
+    """A random subset of the split: normalised inputs (model's channels) and raw targets
+    (of store stain ``k_store``; patches without it are left out)."""
     n_all = int(xa.shape[0])
     idx = np.sort(rng.choice(n_all, min(n_all, max_patches), replace=False))
-    x = np.asarray(xa.get_orthogonal_selection((idx,)), np.float32)[:, sel]
     t = np.asarray(ta.get_orthogonal_selection((idx,)), np.float64)
+    if t.ndim == 4:
+        t = t[:, k_store]
+        keep = ~np.isnan(t).any(axis=(1, 2))
+        if keep.sum() < 2:
+            raise MRHError("importance: fewer than 2 sampled patches have the stain; raise --max-patches")
+        idx, t = idx[keep], t[keep]
+    x = np.asarray(xa.get_orthogonal_selection((idx,)), np.float32)[:, sel]
     x = normalise(x, idx).astype(np.float32, copy=False)
     np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     return x, t

@@ -10,7 +10,9 @@ Candidate centres lie on a global grid: in-plane positions ``H + k*stride`` up t
 ``size - 1 - H`` (so the whole patch is inside the volume), every slice in the
 slice range. A candidate is kept when the label patch sums to >= min_label_sum,
 has >= min_label_nonzero nonzero voxels, neither patch holds a NaN, and the
-centre voxel is in the mask.
+centre voxel is in the mask. Several stains (``--target nf,mbp``): a candidate is kept
+when any stain passes the label rules; ``targets`` is then ``[N, T, P, P]`` with NaN for a
+stain the sample lacks (docs/patches.md, "Several stains").
 
 Out-of-core extraction and global shuffle (three Dask passes)
 -------------------------------------------------------------
@@ -45,7 +47,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import math
+import operator
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -55,9 +59,10 @@ from mrhscale.errors import MRHError
 from mrhscale.log import note
 from mrhscale.ops.norm import PERCENTILES
 from mrhscale.ops.patches import AXES, NUMBA, grid_positions, plane_axes, select_samples
+from mrhscale.ops.stains import parse_stains, stain_record, target_name
 from mrhscale.parallel.runner import run_tasks, use_client
 from mrhscale.results import PatchesResult
-from mrhscale.stores.patches import DIMS, create_array, open_array
+from mrhscale.stores.patches import create_array, dims_of, open_array
 
 SPLITS = ("train", "val")
 STAGING = "_staging"
@@ -121,7 +126,7 @@ def _extract_block(mri_b, tgt_b, mask_b, job: dict) -> dict:
     rows = max(1, min(n, job["stage_rows"]))
     for var, data in (("inputs", inputs), ("targets", labels.astype(np.float32)), ("origin", org)):
         arr = create_array(url, f"{name}_{var}", data.shape, (rows, *data.shape[1:]), data.dtype,
-                      DIMS[var], so, compress=False)
+                           dims_of(var, data.ndim), so, compress=False)
         arr[...] = data[order]
     return {"piece": name, "counts": counts, "candidates": len(cent)}
 
@@ -174,7 +179,7 @@ def _shuffle_bucket(job: dict) -> dict:
         for var, x in zip(names, data, strict=True):
             d = x[sel]
             arr = create_array(url, f"{name}_{var}", d.shape, (max(1, len(d)), *d.shape[1:]), d.dtype,
-                          DIMS[var], so, compress=False)
+                               dims_of(var, d.ndim), so, compress=False)
             arr[...] = d
         off = 0
         for a, b in keep:
@@ -186,8 +191,17 @@ def _shuffle_bucket(job: dict) -> dict:
         res["sample_inputs"] = data[0][rows].astype(np.float32)
         res["sample_targets"] = data[1][rows]
         res["input_max"] = float(data[0].max()) if n else -np.inf
-        res["target_max"] = float(data[1].max()) if n else -np.inf
+        res["target_max"] = _stain_max(data[1]) if n else -np.inf
     return res
+
+
+def _stain_max(t: np.ndarray):
+    """The largest target value: per stain (NaN = absent ignored) when there are several."""
+    if t.ndim == 3:
+        return float(t.max())
+    with np.errstate(invalid="ignore"):
+        m = np.nanmax(np.where(np.isnan(t), -np.inf, t), axis=(0, 2, 3))
+    return m.astype(float).tolist()
 
 
 # --------------------------------------------------------------------------- pass 3: stitch
@@ -293,8 +307,9 @@ class PatchOptions:
         return d
 
 
-def _check_cohort(cohort: dict, target: str, o: PatchOptions) -> dict:
-    """Every subject has the target and room for a patch; returns {subject: (x, y, z) shape}."""
+def _check_cohort(cohort: dict, stains: list[str], o: PatchOptions) -> dict:
+    """Every subject has room for a patch and the stain (with several: at least one of them,
+    and each stain is in some subject); returns {subject: (x, y, z) shape}."""
     sids = list(cohort)
     unknown = [s for s in o.val_subjects if s not in cohort]
     if unknown:
@@ -304,10 +319,11 @@ def _check_cohort(cohort: dict, target: str, o: PatchOptions) -> dict:
     s_ax, r_ax, c_ax = plane_axes(o.axis)
     shapes = {}
     for sid, ds in cohort.items():
-        if target not in ds.data_vars or target not in ds.attrs.get("targets", [target]):
+        have = [t for t in stains if has_stain(ds, t)]
+        if len(have) < (1 if len(stains) > 1 else len(stains)):
             avail = ds.attrs.get("targets") or [v for v in ds.data_vars if v not in ("mri", "mask", "fa")]
-            raise MRHError(
-                f"subject {sid!r}: unknown target {target!r} (available: {', '.join(map(str, avail)) or 'none'})")
+            raise MRHError(f"subject {sid!r}: unknown target {target_name(stains)!r} "
+                           f"(available: {', '.join(map(str, avail)) or 'none'})")
         shp = shapes[sid] = tuple(int(ds.sizes[a]) for a in AXES)
         for a in (r_ax, c_ax):
             if shp[a] < o.size:
@@ -318,7 +334,14 @@ def _check_cohort(cohort: dict, target: str, o: PatchOptions) -> dict:
             if not 0 <= a0 < b0 <= shp[s_ax]:
                 raise MRHError(f"--slices {a0}:{b0} out of bounds for subject {sid!r}: {AXES[s_ax]} has "
                                f"{shp[s_ax]} slices (give A:B with 0 <= A < B <= {shp[s_ax]})")
+    nowhere = [t for t in stains if not any(has_stain(ds, t) for ds in cohort.values())]
+    if nowhere:
+        raise MRHError(f"--target: no subject has {', '.join(nowhere)}")
     return shapes
+
+
+def has_stain(ds, stain: str) -> bool:
+    return stain in ds.data_vars and stain in ds.attrs.get("targets", [stain])
 
 
 def _slice_bounds(slices, n: int) -> tuple[int, int]:
@@ -340,7 +363,8 @@ def extract_patches(
     subjects: list[str] | None = None,
     **options,
 ) -> dict:
-    """Extract training patches of ``target`` from a cohort store into a shuffled patch store.
+    """Extract training patches of ``target`` (a stain, or several: ``"nf,mbp"``) from a
+    cohort store into a shuffled patch store.
 
     ``options`` are the fields of :class:`PatchOptions` (half, stride, slices, axis,
     min_label_sum, min_label_nonzero, val_fraction, val_subjects, seed, norm, dtype,
@@ -358,19 +382,20 @@ def extract_patches(
     TIMINGS.clear()
     opts = PatchOptions(**options)
     opts.validate()
+    stains = parse_stains(target)
     store_url, out_url = resolve(store_url), resolve(out_url)
     if store_url == out_url:
         raise MRHError("--out must differ from the cohort store")
     source = CohortStore.open(store_url, storage_options)
     cohort = source.open_cohort(list(dict.fromkeys(subjects)) if subjects else None)
-    shapes = _check_cohort(cohort, target, opts)
-    made_by = {"stage": "patches", "target": target, "options": opts.record(),
+    shapes = _check_cohort(cohort, stains, opts)
+    made_by = {"stage": "patches", "target": target_name(stains), "options": opts.record(),
                "subjects": {sid: source.identity(sid)["fingerprint"] for sid in cohort}}
     with build(out_url, made_by, overwrite=overwrite, storage_options=storage_options) as b:
         if b is None:
             return _reused(out_url, storage_options, quiet)
         with use_client(client, scheduler, workers, quiet) as env:
-            job = _Extraction(env, cohort, shapes, target, opts, b.url, b.storage_options, quiet)
+            job = _Extraction(env, cohort, shapes, stains, opts, b.url, b.storage_options, quiet)
             summary = job.run(bucket_bytes)
             b.finish(job.attrs(summary, store_url, t_start), made_by)
     res = PatchesResult(out=out_url, seconds=round(time.perf_counter() - t_start, 3), subjects=list(cohort),
@@ -419,8 +444,8 @@ def _version() -> str:
 class _Extraction:
     """The three Dask passes (extract, shuffle, stitch) into a patch store being built."""
 
-    def __init__(self, env, cohort, shapes, target, opts: PatchOptions, out_url, so, quiet):
-        self.env, self.cohort, self.shapes, self.target = env, cohort, shapes, target
+    def __init__(self, env, cohort, shapes, stains, opts: PatchOptions, out_url, so, quiet):
+        self.env, self.cohort, self.shapes, self.stains = env, cohort, shapes, stains
         self.o, self.out, self.so, self.quiet = opts, out_url, so, quiet
         self.sids = list(cohort)
         self.channels = [str(c) for c in cohort[self.sids[0]].contrast.values]
@@ -442,7 +467,7 @@ class _Extraction:
         jobs2, res2 = self.shuffle(pieces, totals, n_split)
         self.stitch(jobs2, res2, n_split)
         nrm = _norm_stats([r for j, r in zip(jobs2, res2, strict=True) if j["split"] == 0],
-                          self.o.norm, len(self.channels))
+                          self.o.norm, len(self.channels), len(self.stains))
         return {"n_train": int(n_split[0]), "n_val": int(n_split[1]), "n_candidates": n_cand,
                 "norm": nrm.to_dict(), "subject_norm": self.subject_norm(), "chunk_size": self.nc, "n_buckets": list(self.n_buckets)}
 
@@ -455,8 +480,9 @@ class _Extraction:
             return {sid: _slice_bounds(self.o.slices, self.shapes[sid][s_ax]) for sid in self.sids}
         todo = []
         for ds in self.cohort.values():
-            t = ds[self.target].data
-            todo.append(dask.delayed(np.asarray)(((t != 0) & ~da_isnan(t)).any(axis=(r_ax, c_ax))))
+            has = [((t != 0) & ~da_isnan(t)).any(axis=(r_ax, c_ax))
+                   for t in (ds[s].data for s in self.stains if has_stain(ds, s))]
+            todo.append(dask.delayed(np.asarray)(functools.reduce(operator.or_, has)))
         ranges = {}
         for sid, has in zip(self.sids, _run(self.env, todo, "slice ranges", True), strict=True):
             nz = np.flatnonzero(has)
@@ -476,7 +502,7 @@ class _Extraction:
         o = self.o
         s_ax, r_ax, c_ax = plane_axes(o.axis)
         p = o.size
-        per = len(self.channels) * p * p * (2 if o.dtype == "float16" else 4) + p * p * 4 + 16
+        per = len(self.channels) * p * p * (2 if o.dtype == "float16" else 4) + len(self.stains) * p * p * 4 + 16
         est = [0.0, 0.0]
         for sid in self.sids:
             if self.ranges[sid] is None:
@@ -515,14 +541,14 @@ class _Extraction:
             mri = mri.rechunk({3: -1})
         mri = mri[(*sel, slice(None))]
         spatial = mri.chunks[:3]
-        tgt = ds[self.target].data[tuple(sel)].rechunk(spatial)
+        tgt = self._target_volume(ds, tuple(sel), spatial)
         mask = ds["mask"].data[tuple(sel)].rechunk(spatial)
         if o.half:
             depth = {r_ax: o.half, c_ax: o.half}
             if any(min(mri.chunks[ax]) < o.half for ax in (r_ax, c_ax)):
                 raise MRHError(f"subject {sid!r}: store chunks smaller than the patch halo ({o.half})")
             mri = da.overlap.overlap(mri, depth={**depth, 3: 0}, boundary="none")
-            tgt = da.overlap.overlap(tgt, depth=depth, boundary="none")
+            tgt = da.overlap.overlap(tgt, depth={**depth, **({3: 0} if tgt.ndim == 4 else {})}, boundary="none")
             mask = da.overlap.overlap(mask, depth=depth, boundary="none")
         dm, dt, dk = mri.to_delayed(), tgt.to_delayed(), mask.to_delayed()
         starts = [np.concatenate([[0], np.cumsum(c)]) for c in spatial]
@@ -534,8 +560,21 @@ class _Extraction:
             hi[s_ax] += a
             org = [lo[ax] - (o.half if ax in (r_ax, c_ax) and bi[ax] > 0 else 0) for ax in range(3)]
             job = self._block_job(sid, sidx, int(np.ravel_multi_index(bi, dm.shape[:3])), org, lo, hi)
-            tasks.append(dask.delayed(_extract_block, pure=False)(dm[(*bi, 0)], dt[bi], dk[bi], job))
+            tb = dt[(*bi, 0)] if dt.ndim == 4 else dt[bi]
+            tasks.append(dask.delayed(_extract_block, pure=False)(dm[(*bi, 0)], tb, dk[bi], job))
         return tasks
+
+    def _target_volume(self, ds, sel: tuple, spatial):
+        """The stain (x, y, z), or the stains stacked (x, y, z, stain) with NaN for one the
+        subject lacks (the loss's mask)."""
+        import dask.array as da
+
+        if len(self.stains) == 1:
+            return ds[self.stains[0]].data[sel].rechunk(spatial)
+        shape = tuple(sum(c) for c in spatial)
+        vols = [ds[s].data[sel].rechunk(spatial).astype(np.float32) if has_stain(ds, s)
+                else da.full(shape, np.nan, dtype=np.float32, chunks=spatial) for s in self.stains]
+        return da.stack(vols, axis=-1).rechunk((*spatial, -1))
 
     def _block_job(self, sid, sidx, block, origin, lo, hi) -> dict:
         o = self.o
@@ -565,10 +604,11 @@ class _Extraction:
         in_dtype = np.float16 if self.o.dtype == "float16" else np.float32
         for s, split in enumerate(SPLITS):
             n = int(n_split[s])
-            for var, shape, dtype in (("inputs", (n, n_c, p, p), in_dtype), ("targets", (n, p, p), np.float32),
+            t_shape = (n, p, p) if len(self.stains) == 1 else (n, len(self.stains), p, p)
+            for var, shape, dtype in (("inputs", (n, n_c, p, p), in_dtype), ("targets", t_shape, np.float32),
                                       ("origin", (n, 4), np.int32)):
-                create_array(self.out, f"{split}/{var}", shape, (nc, *shape[1:]), dtype, DIMS[var], self.so,
-                        self.o.compress)
+                create_array(self.out, f"{split}/{var}", shape, (nc, *shape[1:]), dtype, dims_of(var, len(shape)),
+                             self.so, self.o.compress)
 
     def shuffle(self, pieces, totals, n_split):
         """Pass 2: one task per (split, bucket)."""
@@ -615,7 +655,7 @@ class _Extraction:
                 "numba": NUMBA is not None, "seconds": round(time.perf_counter() - t_start, 3),
                 "pass_seconds": dict(TIMINGS)}
         return {
-            "channels": self.channels, "target": self.target,
+            "channels": self.channels, **stain_record(self.stains),
             "patch": {"half": o.half, "size": o.size, "axis": o.axis}, "norm": summary.pop("norm"),
             "subject_norm": summary.pop("subject_norm"), "subjects": self.sids,
             "val_subjects": sorted(self.val_set), "n_train": summary["n_train"],
@@ -627,21 +667,32 @@ class _Extraction:
         }
 
 
-def _norm_stats(train_res: list, mode: str, n_c: int):
+def _norm_stats(train_res: list, mode: str, n_c: int, n_stains: int = 1):
+    """The store's normalisation: inputs per channel, targets per stain (a list for several)."""
     from mrhscale.ops.norm import Normalisation, robust_range
 
     if mode == "global-max":
         in_max = max(r["input_max"] for r in train_res)
-        t_max = max(r["target_max"] for r in train_res)
-        return Normalisation.global_max(n_c, in_max if in_max > 0 else 1.0, t_max if t_max > 0 else 1.0)
+        t_max = np.max([np.atleast_1d(r["target_max"]) for r in train_res], axis=0)
+        t_max = [float(v) if v > 0 else 1.0 for v in t_max]
+        return Normalisation.global_max(n_c, in_max if in_max > 0 else 1.0, t_max[0] if n_stains == 1 else t_max)
     x = np.concatenate([r["sample_inputs"] for r in train_res])
     t = np.concatenate([r["sample_targets"] for r in train_res])
     lo, scale = robust_range(x.transpose(1, 0, 2, 3).reshape(n_c, -1), axis=1)
-    t_hi = float(np.percentile(t, PERCENTILES[1])) if t.size else 1.0
-    if not t_hi > 0:
-        t_hi = float(t.max()) if t.size and t.max() > 0 else 1.0
+    t_hi = [_target_high(t if n_stains == 1 else t[:, k]) for k in range(n_stains)]
     return Normalisation(
-        "percentile", lo.astype(float).tolist(), scale.astype(float).tolist(), 0.0, t_hi,
+        "percentile", lo.astype(float).tolist(), scale.astype(float).tolist(),
+        0.0 if n_stains == 1 else [0.0] * n_stains, t_hi[0] if n_stains == 1 else t_hi,
         meta={"percentiles": list(PERCENTILES), "rows_sampled": int(len(x)), "split": "train",
-              "target": f"offset 0, scale = {PERCENTILES[1]}th percentile of train target values"},
+              "target": f"offset 0, scale = {PERCENTILES[1]}th percentile of train target values"
+                        + (" (per stain, where present)" if n_stains > 1 else "")},
     )
+
+
+def _target_high(t: np.ndarray) -> float:
+    """The target scale: its 99.5th percentile (NaN = absent ignored), else its max, else 1."""
+    t = t[~np.isnan(t)]
+    hi = float(np.percentile(t, PERCENTILES[1])) if t.size else 1.0
+    if not hi > 0:
+        hi = float(t.max()) if t.size and t.max() > 0 else 1.0
+    return hi

@@ -42,6 +42,7 @@ import numpy as np
 from mrhscale.errors import MRHError
 from mrhscale.log import logger
 from mrhscale.ops.blocks import BlockPatches, warm_gather
+from mrhscale.ops.stains import stains_of
 from mrhscale.results import PredictResult
 
 SPATIAL = ("x", "y", "z")
@@ -124,19 +125,21 @@ def _predict_block(
     slice_axis: int,
     offset: np.ndarray,
     inv_scale: np.ndarray,
-    t_offset: float,
-    t_scale: float,
+    t_offset,
+    t_scale,
     batch_size: int,
     aggregate: str,
     halo: int,
     mode: tuple = ("fp32", False),
     tta: bool = False,
-    spread_scale: float | None = None,
+    spread_scale=None,
+    members: int = 1,
 ) -> np.ndarray:
     """One block with ``halo`` voxels of in-plane context -> its predicted interior
-    (x, y, z) float32, 0 outside the mask; for an ensemble (``spread_scale``: the
-    target scale times the bundle's calibration factor) (x, y, z, 2): the members' mean
-    and their calibrated spread.
+    (x, y, z) float32, 0 outside the mask. Several stains (``t_offset``/``t_scale`` one
+    per stain) or an ensemble (``spread_scale``: per stain, the target scale times the
+    bundle's calibration factor) give (x, y, z, V): the T stains (the members' mean), then
+    for an ensemble their T calibrated spreads.
 
     ``halo`` is 0 for a block spanning whole planes (nothing beyond it but the
     volume's zero padding) and the map_overlap depth otherwise.
@@ -147,7 +150,9 @@ def _predict_block(
     S, R, Q = msk.shape
     depth = halo
     ri, qi = R - 2 * depth, Q - 2 * depth  # interior size
-    n_out = 1 if spread_scale is None else 2
+    t_offset, t_scale = np.atleast_1d(t_offset), np.atleast_1d(t_scale)
+    n_t = len(t_scale)
+    n_out = n_t if spread_scale is None else 2 * n_t
     out = np.zeros((S, ri, qi, n_out), np.float32)
     # Candidate centres: the interior ('centre') or the interior plus an h ring ('mean':
     # every output covering an interior voxel), clipped to the block: frame lo .. R-lo.
@@ -158,10 +163,11 @@ def _predict_block(
         model = _worker_model(model_path, device, threads, mode, batch_size)
         patches = BlockPatches(mri, order, offset, inv_scale, half)
         pred = _network_outputs(model, patches, (s, r + lo, q + lo), device, batch_size, half,
-                                aggregate == "centre", tta)
-        pred[:, 0] = pred[:, 0] * t_scale + t_offset
-        if n_out == 2:
-            pred[:, 1] *= spread_scale
+                                aggregate == "centre", tta, (members, n_t))
+        ax = (slice(None), *([None] * (pred.ndim - 2)))  # the per-stain factors along pred's axis 1
+        pred[:, :n_t] = pred[:, :n_t] * t_scale[ax] + t_offset[ax]
+        if spread_scale is not None:
+            pred[:, n_t:] *= np.atleast_1d(spread_scale)[ax]
         if aggregate == "centre":
             out[s, r, q] = pred  # centre: lo == depth, cm's frame is the interior
         else:
@@ -169,18 +175,20 @@ def _predict_block(
             out[:] = mean[:, depth - lo : depth - lo + ri, depth - lo : depth - lo + qi]
         out *= msk[:, depth : R - depth, depth : Q - depth, None]
     out = np.transpose(out, (*np.argsort(order), 3))
-    return out if n_out == 2 else out[..., 0]
+    return out if n_out > 1 else out[..., 0]
 
 
 def _network_outputs(model, patches, centres, device, batch_size: int, h: int, centre: bool,
-                     tta: bool) -> np.ndarray:
+                     tta: bool, layout: tuple[int, int] = (1, 1)) -> np.ndarray:
     """The network (normalised units) at ``centres`` (s, r, q in the block's frame): [N, V]
-    (``centre``) or [N, V, P, P] (the whole outputs); V = 1, or 2 for an ensemble (its
-    members' mean and standard deviation)."""
+    (``centre``) or [N, V, P, P] (the whole outputs); ``layout`` (members K, stains T):
+    V = T, or 2T for an ensemble (its members' means, then their standard deviations)."""
     import torch
 
-    from mrhscale.nn.model import mean_and_spread
+    from mrhscale.nn.model import mean_and_spread, per_stain
     from mrhscale.ops.symmetry import symmetric_mean
+
+    k, n_t = layout
 
     s, rp, qp = centres
     preds = []
@@ -188,8 +196,8 @@ def _network_outputs(model, patches, centres, device, batch_size: int, h: int, c
         for a in range(0, len(s), batch_size):
             b = slice(a, a + batch_size)
             x = torch.from_numpy(patches(s[b], rp[b], qp[b])).to(device)
-            y = (symmetric_mean(model, x) if tta else model(x)).float()
-            y = torch.stack(mean_and_spread(y), 1) if y.dim() == 4 else y[:, None]
+            y = per_stain((symmetric_mean(model, x) if tta else model(x)).float(), n_t)
+            y = torch.cat(mean_and_spread(y), 1) if k > 1 else y
             preds.append((y[:, :, h, h] if centre else y).cpu().numpy())
     return np.concatenate(preds)
 
@@ -298,10 +306,12 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
     norm = meta["norm"] if norm is None else norm
     off, inv = norm.input_arrays()
     spread = uncertainty_scale(meta, norm)
+    t_off, t_scale = norm.target_arrays(np.float32)  # float32: what the map is computed in
+    n_out = len(t_scale) * (1 if spread is None else 2)
     kw = dict(
-        **({"drop_axis": 3, "chunks": mri.chunks[:3]} if spread is None else {"chunks": (*mri.chunks[:3], (2,))}),
+        **({"drop_axis": 3, "chunks": mri.chunks[:3]} if n_out == 1 else {"chunks": (*mri.chunks[:3], (n_out,))}),
         dtype=np.float32,
-        meta=np.empty((0,) * (3 if spread is None else 4), np.float32),
+        meta=np.empty((0,) * (3 if n_out == 1 else 4), np.float32),
         model_path=os.path.abspath(model_path),
         device=device,
         threads=threads,
@@ -309,13 +319,14 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
         slice_axis=slice_axis,
         offset=off,
         inv_scale=inv,
-        t_offset=float(norm.target_offset),
-        t_scale=float(norm.target_scale),
+        t_offset=t_off,
+        t_scale=t_scale,
         batch_size=int(batch_size),
         aggregate=aggregate,
         mode=tuple(mode),
         tta=bool(tta),
         spread_scale=spread,
+        members=int(meta.get("members", 1)),
     )
     msk = mask.astype(bool)[..., None]
     if all(len(mri.chunks[a]) == 1 for a in range(3) if a != slice_axis):
@@ -328,13 +339,20 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
                           align_arrays=False, allow_rechunk=True, halo=depth, **kw)
 
 
-def uncertainty_scale(meta: dict, norm) -> float | None:
-    """Stain units per unit of an ensemble's spread (the target scale times the calibration
-    factor fitted on the validation split at training), or None for a single network."""
+def uncertainty_scale(meta: dict, norm) -> np.ndarray | None:
+    """Per stain, stain units per unit of an ensemble's spread (the target scale times the
+    calibration factor fitted on the validation split at training), or None for a single
+    network."""
     if int(meta.get("members", 1)) < 2:
         return None
+    scale = norm.target_arrays(np.float64)[1]
+    return (scale * calibration_factors(meta, len(scale))).astype(np.float32)
+
+
+def calibration_factors(meta: dict, n_stains: int) -> np.ndarray:
+    """An ensemble bundle's calibration factor of each stain (1 where none was fitted)."""
     cal = (meta.get("uncertainty") or {}).get("calibration") or {}
-    return float(norm.target_scale) * float(cal.get("factor", 1.0))
+    return np.broadcast_to(np.atleast_1d(np.asarray(cal.get("factor", 1.0), np.float64)), (n_stains,)).copy()
 
 
 def subject_normalisation(meta: dict, ds, scheduler=None):
@@ -548,9 +566,12 @@ class PredictRun:
         self.model_path = resolve(model_path, "model")
         _, self.meta = load_model(self.model_path)  # validates the bundle; workers load their own copy
         self.target = str(self.meta["target"])
-        self.variable = f"{self.target}_virtual"
+        self.stains = stains_of(self.meta)
+        self.virtuals = [f"{t}_virtual" for t in self.stains]
         self.members = int(self.meta.get("members", 1))
-        self.uncertainty = f"{self.target}_uncertainty" if self.members > 1 else None
+        self.uncertainties = [f"{t}_uncertainty" for t in self.stains] if self.members > 1 else []
+        self.variable = ",".join(self.virtuals)  # the one map, or the list (as target)
+        self.uncertainty = ",".join(self.uncertainties) or None
         self.aggregate, self.batch_size = aggregate, int(batch_size)
         self.model_rec = _model_record(self.model_path, self.meta)
         self.params = {"aggregate": aggregate, "batch_size": self.batch_size, "device": self.device,
@@ -568,6 +589,7 @@ class PredictRun:
         from mrhscale import __version__
 
         return _jsonable({"target": self.target, "variable": self.variable, "model": self.model_rec,
+                          **({"stains": self.stains} if len(self.stains) > 1 else {}),
                           **({"uncertainty": self.uncertainty} if self.uncertainty else {}),
                           "aggregate": self.aggregate,
                           "provenance": {"stage": "predict", "mrhscale": __version__, **self.params}})
@@ -710,11 +732,9 @@ class PredictRun:
         pred = subject_prediction(ds, self.meta, self.model_path, device=self.device, threads=threads,
                                   batch_size=self.batch_size, aggregate=self.aggregate, mode=self.mode,
                                   tta=self.tta, norm=norm)
-        unc = None
-        if pred.ndim == 4:
-            pred, unc = pred[..., 0], pred[..., 1]
-            unc = unc.rechunk(_zarr_chunks(unc.chunks))
-        pred = pred.rechunk(_zarr_chunks(pred.chunks))
+        maps = [pred] if pred.ndim == 3 else [pred[..., v] for v in range(pred.shape[3])]
+        maps = [m.rechunk(_zarr_chunks(m.chunks)) for m in maps]
+        n_t = len(self.stains)
         attrs = {k: v for k, v in _jsonable(dict(ds.attrs)).items()
                  if k not in ("complete", "made_by", "fingerprint")}
         attrs["lineage"] = _jsonable({
@@ -722,30 +742,31 @@ class PredictRun:
             "source": {"store": source.url, "subject": sid, **source.identity(sid)}, **self.params,
             **({"subject_norm": norm.meta["subject"]} if "subject" in norm.meta else {})})
         out = xr.Dataset(
-            {self.variable: (SPATIAL, pred, {"units": "raw stain units", "target": self.target,
-                                             "kind": "virtual histology"}),
-             "mask": (SPATIAL, ds["mask"].data.rechunk(pred.chunks).astype(bool))},
+            {**{v: (SPATIAL, m, {"units": "raw stain units", "target": t, "kind": "virtual histology"})
+                for v, t, m in zip(self.virtuals, self.stains, maps[:n_t], strict=True)},
+             "mask": (SPATIAL, ds["mask"].data.rechunk(maps[0].chunks).astype(bool))},
             coords={k: ds.coords[k] for k in SPATIAL if k in ds.coords}, attrs=attrs)
-        if unc is not None:
-            out[self.uncertainty] = (SPATIAL, unc, self.uncertainty_attrs())
+        for k, (v, m) in enumerate(zip(self.uncertainties, maps[n_t:], strict=True)):
+            out[v] = (SPATIAL, m, self.uncertainty_attrs(k))
         for v in out.variables:
             out[v].encoding.pop("chunks", None)
         return out
 
-    def uncertainty_attrs(self) -> dict:
-        u = self.meta.get("uncertainty") or {}
-        cal = u.get("calibration") or {}
+    def uncertainty_attrs(self, k: int = 0) -> dict:
+        """The attrs of stain ``k``'s uncertainty map."""
+        cal = (self.meta.get("uncertainty") or {}).get("calibration") or {}
         return _jsonable({
-            "units": "raw stain units", "target": self.target, "kind": "uncertainty",
+            "units": "raw stain units", "target": self.stains[k], "kind": "uncertainty",
             "estimator": f"deep ensemble of {self.members} networks: their standard deviation "
                          "(ddof 1) pooled over each voxel's output patch, times the calibration factor",
-            "calibration_factor": float(cal.get("factor", 1.0)), "calibrated_on": cal.get("fitted_on"),
-            "interval": f"{self.variable} +- 1.96 x {self.uncertainty}: the 95% interval"})
+            "calibration_factor": float(calibration_factors(self.meta, len(self.stains))[k]),
+            "calibrated_on": cal.get("fitted_on"),
+            "interval": f"{self.virtuals[k]} +- 1.96 x {self.uncertainties[k]}: the 95% interval"})
 
     @property
     def variables(self) -> list[str]:
-        """The maps a subject gets: the virtual stain, and an ensemble's uncertainty."""
-        return [self.variable, *([self.uncertainty] if self.uncertainty else [])]
+        """The maps a subject gets: the virtual stain(s), and an ensemble's uncertainty of each."""
+        return [*self.virtuals, *self.uncertainties]
 
     def write_nifti(self, pstore, ids, native_dirs):
         """NIfTI of every requested subject, rewritten only when it is not of this prediction."""

@@ -28,8 +28,9 @@ def predict_volume(model, data, *, client=None, scheduler: str | None = None, de
                    batch_size: int = 4096, aggregate: str = "centre", precision: str | None = None,
                    compile: str | bool | None = None, tta: bool = False):
     """The virtual stain of one brain as an ``xr.DataArray`` (x, y, z), 0 outside the mask;
-    see the module docstring. An ensemble bundle gives an ``xr.Dataset`` of the stain
-    (``<stain>_virtual``, the members' mean) and its ``<stain>_uncertainty``. ``scheduler``: a Dask scheduler address or local name;
+    see the module docstring. A bundle of several stains, or an ensemble, gives an
+    ``xr.Dataset``: ``<stain>_virtual`` of each stain (an ensemble's: the members' mean)
+    and an ensemble's ``<stain>_uncertainty``. ``scheduler``: a Dask scheduler address or local name;
     ``precision``/``compile``: as ``mrhscale predict`` (docs/precision.md), the mode used
     in ``attrs["numerics"]``; ``tta``: the mean over each patch's 8 in-plane symmetries."""
     import xarray as xr
@@ -61,9 +62,12 @@ def predict_volume(model, data, *, client=None, scheduler: str | None = None, de
     attrs.update({k: ds.attrs[k] for k in ("affine", "voxel_size", "voxel_size_units", "subject") if k in ds.attrs})
     coords = {k: ds.coords[k] for k in ("x", "y", "z") if k in ds.coords}
     if values.ndim == 4:
-        return xr.Dataset({run.variable: (("x", "y", "z"), values[..., 0], attrs),
-                           run.uncertainty: (("x", "y", "z"), values[..., 1], run.uncertainty_attrs())},
-                          coords=coords)
+        n_t = len(run.stains)
+        maps = {v: (("x", "y", "z"), values[..., k], {**attrs, "target": run.stains[k]})
+                for k, v in enumerate(run.virtuals)}
+        maps.update({v: (("x", "y", "z"), values[..., n_t + k], run.uncertainty_attrs(k))
+                     for k, v in enumerate(run.uncertainties)})
+        return xr.Dataset(maps, coords=coords)
     return xr.DataArray(values, dims=("x", "y", "z"), coords=coords, name=run.variable, attrs=attrs)
 
 

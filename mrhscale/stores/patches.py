@@ -1,4 +1,4 @@
-"""The patch store: training samples of one stain, globally shuffled (docs/stores.md).
+"""The patch store: training samples of one stain (or several), globally shuffled (docs/stores.md).
 
 ``PatchStore.open`` is the one way to read a patch store (trainer, PatchStream,
 importance); ``PatchStore.build`` the one way to write one: a new store is built
@@ -37,6 +37,13 @@ DIMS = {
     "origin": ["patch", "coord"],
 }
 REQUIRED = ("channels", "target", "patch", "norm")
+
+
+def dims_of(var: str, ndim: int) -> list[str]:
+    """An array's dimension names; several stains give ``targets`` a stain axis."""
+    if var == "targets" and ndim == 4:
+        return ["patch", "stain", "row", "col"]
+    return DIMS[var]
 
 
 def create_array(url: str, path: str, shape, chunks, dtype, dims, storage_options, compress: bool):
@@ -91,7 +98,8 @@ class PatchStore(ZarrLocation):
 
         return "\n".join([
             f"store: {self.name}", f"format: {FORMAT}",
-            f"target: {a.get('target')}  patch: {a.get('patch')}",
+            f"target: {a.get('target')}{' (one head per stain)' if a.get('stains') else ''}  "
+            f"patch: {a.get('patch')}",
             f"train patches: {a.get('n_train')}  val patches: {a.get('n_val')}",
             f"from subjects: {', '.join(a.get('subjects', []))}"
             f"  (validation subjects: {', '.join(a.get('val_subjects', [])) or 'none, a random fraction'})",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
+
 from mrhscale.errors import MRHError
 from mrhscale.stores.base import aside_url, differences, recover, remove, swap_in
 from mrhscale.stores.locks import Claim, run_token
@@ -34,8 +36,9 @@ class PredictionStore(GroupStore):
         ids = self.subjects()
         model = a.get("model") or {}
         factor = ((model.get("uncertainty") or {}).get("calibration") or {}).get("factor")
+        shown = ", ".join(f"{f:.4g}" for f in np.atleast_1d(factor)) if factor else ""
         unc = ([f"uncertainty: {a['uncertainty']} (ensemble of {model.get('members', '?')}; spread x "
-                f"{factor:.4g}, calibrated at training)" if factor else f"uncertainty: {a['uncertainty']}"]
+                f"{shown}, calibrated at training)" if factor else f"uncertainty: {a['uncertainty']}"]
                if a.get("uncertainty") else [])
         return "\n".join([
             f"store: {self.name}", f"format: {FORMAT}",

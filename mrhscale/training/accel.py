@@ -88,7 +88,8 @@ def measure(mode: Acceleration, dev, model, make_optimizer, loss_fn, batch_shape
     fn = compiled(net, inference=False) if mode.compile else net
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_shape, generator=g).to(dev)
-    t = torch.randn((batch_shape[0], *batch_shape[2:]), generator=g).to(dev)
+    n_stains = getattr(model, "n_stains", 1)
+    t = torch.randn((batch_shape[0], *([n_stains] if n_stains > 1 else []), *batch_shape[2:]), generator=g).to(dev)
 
     def steps(n):
         for _ in range(n):

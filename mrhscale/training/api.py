@@ -10,6 +10,7 @@ from torch import nn
 from mrhscale.errors import MRHError
 from mrhscale.nn.model import MRHNet
 from mrhscale.ops.norm import Normalisation
+from mrhscale.ops.stains import stains_of
 from mrhscale.stores import resolve
 from mrhscale.training.config import TrainConfig, recipe_config, reconcile
 from mrhscale.training.data import read_patch_store_attrs
@@ -60,7 +61,7 @@ def train(config: TrainConfig | str, out_dir: str, *, resume: bool = False,
         n_ch = len(store["channels"])
 
         def build():
-            m = MRHNet(n_ch, cfg.depth, cfg.width)
+            m = MRHNet(n_ch, cfg.depth, cfg.width, stains=stains_of(store))
             init_weights([mod for mod in m.modules() if isinstance(mod, nn.Conv2d)], cfg.init)
             return m
 
@@ -86,7 +87,9 @@ def input_normalisation(mode: str, store: dict, patches: str) -> Normalisation:
 
 def finetune(model_path: str, config: TrainConfig | str, out_dir: str, *, resume: bool = False,
              runtime: Runtime | None = None, **options) -> dict:
-    """Transfer learning (MRH_training_Trans): fresh Conv4/Conv5 with lr factor 10, base lr 1e-4.
+    """Transfer learning (MRH_training_Trans): fresh Conv4/Conv5 with lr factor 10, base lr 1e-4;
+    ``add_stain=True`` keeps the model's heads and adds one per new stain (see
+    :func:`finetune_stains`).
 
     The new bundle keeps the MODEL's input normalisation (the backbone was trained
     with it) and takes the new stain's target scaling from the patch store.
@@ -111,19 +114,79 @@ def _finetune_run(cfg: TrainConfig, bundle: dict, store: dict, out_dir: str, rt:
 
     arch = bundle["arch"]
     cfg.depth, cfg.width = int(arch["depth"]), int(arch.get("width", 64))
-    base, new = Normalisation.from_dict(bundle["norm"]), Normalisation.from_dict(store["norm"])
-    norm = Normalisation(base.mode, list(base.offset), list(base.scale), new.target_offset,
-                         new.target_scale, {**base.meta, "target_from": cfg.patches})
+    stains, kept = finetune_stains(cfg, stains_of(bundle), stains_of(store))
+    norm = _finetune_norm(cfg, bundle, store, stains, kept)
 
     def build():
-        m = model_from_bundle(bundle)
-        init_weights([m.conv4, m.conv5], cfg.init)  # fresh head, seeded
+        base = model_from_bundle(bundle)
+        m = with_stains(base, stains, kept)
+        fresh = [c for t, h in zip(stains, _heads(m), strict=True) if t not in kept for c in h]
+        init_weights(fresh, cfg.init)  # fresh heads, seeded
+        for t, h in zip(stains, _heads(m), strict=True):
+            if t in kept and t not in stains_of(store):  # no data for it: it stays exactly as it was
+                for c in h:
+                    c.requires_grad_(False)
         return m
 
     prov = {"base_model": {"path": cfg.base_model, "target": bundle.get("target"),
-                           "provenance": bundle.get("provenance", {})}}
-    return Trainer(cfg, out_dir, rt, store=store, build_model=build, stream_norm=norm, bundle_norm=norm,
-                   extra_provenance=prov).run(resume)
+                           "provenance": bundle.get("provenance", {})},
+            **({"kept_heads": kept} if kept else {})}
+    fed = norm.select_stains([stains.index(t) for t in stains_of(store)])  # the store's targets, scaled
+    return Trainer(cfg, out_dir, rt, store=store, build_model=build, stream_norm=fed, bundle_norm=norm,
+                   extra_provenance=prov, stains=stains).run(resume)
+
+
+def finetune_stains(cfg: TrainConfig, base: list[str], new: list[str]) -> tuple[list[str], list[str]]:
+    """(the finetuned network's stains, those whose heads it keeps from the base).
+
+    Transfer learning (the default) gives the patch store's stains fresh heads on the base's
+    backbone; ``add_stain`` keeps every head of the base and adds one per new stain. A kept
+    head of a stain the store lacks cannot learn, so the backbone under it must stay frozen.
+    """
+    if not cfg.add_stain:
+        return list(new), []
+    added = [t for t in new if t not in base]
+    if not added:
+        raise MRHError(f"--add-stain: the model already predicts {', '.join(new)}; "
+                       "finetune without --add-stain to retrain its head")
+    lacking = [t for t in base if t not in new]
+    if lacking and not cfg.freeze_backbone:
+        raise MRHError(f"--add-stain: {cfg.patches} has no {', '.join(lacking)}, so training the backbone "
+                       f"would change the model's {', '.join(lacking)} map unchecked; add --freeze-backbone "
+                       f"(or make patches of {','.join(base + added)})")
+    return [*base, *added], list(base)
+
+
+def with_stains(base: MRHNet, stains: list[str], kept: list[str]) -> MRHNet:
+    """A network of ``stains`` on ``base``'s backbone, with the heads of ``kept`` copied from it."""
+    m = MRHNet(base.in_channels, base.depth, base.width, stains=stains)
+    heads = ("conv4.", "conv5.", "heads.")
+    m.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith(heads)}, strict=False)
+    base_heads = dict(zip(base.stains or kept[:1], _heads(base), strict=False))
+    for t, h in zip(stains, _heads(m), strict=True):
+        if t in kept:
+            for dst, src in zip(h, base_heads[t], strict=True):
+                dst.load_state_dict(src.state_dict())
+    return m
+
+
+def _heads(m: MRHNet) -> list[list[nn.Conv2d]]:
+    """Each stain's [Conv4, Conv5], in the network's stain order."""
+    mods = m.head_modules()
+    return [mods[i:i + 2] for i in range(0, len(mods), 2)]
+
+
+def _finetune_norm(cfg: TrainConfig, bundle: dict, store: dict, stains: list[str], kept: list[str]):
+    """The base's input normalisation (the backbone was trained with it); each stain's target
+    scaling from where its head learned it: the base's for kept heads the store lacks, else the store's."""
+    base, new = Normalisation.from_dict(bundle["norm"]), Normalisation.from_dict(store["norm"])
+    b_st, n_st = stains_of(bundle), stains_of(store)
+    pairs = [new.stain(n_st.index(t)) if t in n_st else base.stain(b_st.index(t)) for t in stains]
+    off = [float(p.target_offset) for p in pairs]
+    scale = [float(p.target_scale) for p in pairs]
+    one = len(stains) == 1
+    return Normalisation(base.mode, list(base.offset), list(base.scale), off[0] if one else off,
+                         scale[0] if one else scale, {**base.meta, "target_from": cfg.patches})
 
 
 def check_compatible(meta: dict, store: dict, model_path: str, patches: str) -> None:

@@ -81,6 +81,7 @@ class TrainConfig:
     base_model: str | None = None
     head_lr_factor: float = 1.0
     freeze_backbone: bool = False
+    add_stain: bool = False  # finetune: keep the model's heads and add the patch store's new stains
     shuffle_buffer: int | None = None
     val_patches: int | None = None  # per-epoch validation on this fixed subset; the last epoch: all
     augment: str = ""  # training-time augmentations (training/augment.py), e.g. "gain,bias,flip"
@@ -124,6 +125,8 @@ class TrainConfig:
             bad("members", self.members, f"must be 1 (one network) to {MAX_MEMBERS} (an ensemble)")
         if self.members > 1 and self.kind == "finetune":
             bad("members", self.members, "finetune trains one network (from an ensemble: its member 0)")
+        if self.add_stain and self.kind != "finetune":
+            bad("add-stain", self.add_stain, "is a finetune option (a new head on a trained network)")
         if self.val_patches is not None and self.val_patches < 1:
             bad("val-patches", self.val_patches, "must be at least 1 (unset: the whole val split)")
 

@@ -21,6 +21,7 @@ import torch
 
 from mrhscale.errors import MRHError
 from mrhscale.log import logger, note
+from mrhscale.ops.stains import stains_of
 from mrhscale.ops.uncertainty import Z95, calibration_factor, coverage
 from mrhscale.results import TrainResult
 from mrhscale.stores import Folder, write_text
@@ -124,7 +125,7 @@ def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, storage
     centre: the mean's r and RMSE, and the factor that makes mean +- 1.96 x factor x spread
     (the spread as predict computes it) cover 95% of the patches. No validation split:
     factor 1, and a warning."""
-    from mrhscale.nn.model import mean_and_spread
+    from mrhscale.nn.model import mean_and_spread, per_stain
 
     if int(store.get("n_val", 0)) == 0:
         logger.warning("mrhscale: the patch store has no validation split; the ensemble's uncertainty is "
@@ -133,21 +134,31 @@ def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, storage
     half = int(store["patch"]["half"])
     data = open_data(cfg.patches, "val", 1024, cfg, 0, 1, stream_norm, dev, 0, storage_options)
     mean, spread, target = [], [], []
+    stains = stains_of(store)
     for x, t in data.batches(0):
-        m, s = mean_and_spread(ensemble(x))
-        mean.append(m[:, half, half].cpu().numpy())
-        spread.append(s[:, half, half].cpu().numpy())
-        target.append(t[:, half, half].float().cpu().numpy())
+        m, s = mean_and_spread(per_stain(ensemble(x), len(stains)))
+        mean.append(m[..., half, half].cpu().numpy())
+        spread.append(s[..., half, half].cpu().numpy())
+        target.append(per_stain(t, len(stains))[..., half, half].float().cpu().numpy())
         if sum(map(len, mean)) >= CALIBRATION_PATCHES:
             break
-    return _fit(*(np.concatenate(a).astype(np.float64) for a in (mean, spread, target)), store)
+    mean, spread, target = (np.concatenate(a).astype(np.float64) for a in (mean, spread, target))
+    scales = np.atleast_1d(np.asarray(store["norm"]["target_scale"], np.float64))
+    fits = [_fit(mean[ok, k], spread[ok, k], target[ok, k], scales[k], store)
+            for k in range(len(stains)) for ok in [~np.isnan(target[:, k])]]
+    if len(stains) == 1:
+        return fits[0]
+    return {"factor": [f["factor"] for f in fits], "fitted_on": "val", "n": max(f["n"] for f in fits),
+            "val_r": float(np.nanmean([f["val_r"] for f in fits])), "stains": dict(zip(stains, fits, strict=True))}
 
 
-def _fit(mean: np.ndarray, spread: np.ndarray, target: np.ndarray, store: dict) -> dict:
+def _fit(mean: np.ndarray, spread: np.ndarray, target: np.ndarray, scale: float, store: dict) -> dict:
+    """One stain's calibration factor and how the spread ranks its errors (centre voxels)."""
     from scipy import stats
 
-    err = mean - target
-    scale = float(store["norm"]["target_scale"])
+    if not len(mean):
+        return {"factor": 1.0, "fitted_on": None, "n": 0, "val_r": math.nan}
+    err, scale = mean - target, float(scale)
     factor = calibration_factor(err, spread)
     held_out = store.get("val_mode") == "subject" or bool(store.get("val_subjects"))
     if not held_out:
@@ -162,10 +173,12 @@ def _fit(mean: np.ndarray, spread: np.ndarray, target: np.ndarray, store: dict) 
             "mean_spread": float(spread.mean()) * scale}
 
 
-def _say(cal: dict, k: int, quiet: bool) -> None:
-    if not cal.get("fitted_on"):
+def _say(cal: dict, k: int, quiet: bool, label: str = "") -> None:
+    for stain, c in (cal.get("stains") or {}).items():
+        _say(c, k, quiet, f" ({stain})")
+    if not cal.get("fitted_on") or cal.get("stains"):
         return
-    note(f"ensemble of {k}: val r {cal['val_r']:.3f}, rmse {cal['val_rmse']:.4g}; spread x {cal['factor']:.3g} "
+    note(f"ensemble of {k}{label}: val r {cal['val_r']:.3f}, rmse {cal['val_rmse']:.4g}; spread x {cal['factor']:.3g} "
          f"covers 95% of {cal['n']} validation patches (raw spread covered {cal['coverage_before']:.1%} "
          f"within {Z95:.2f} sd); Spearman(spread, |error|) {cal['spearman_abs_error']:.3f}", quiet)
 

@@ -17,6 +17,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -26,6 +27,7 @@ from mrhscale.io.bundle import save_bundle
 from mrhscale.log import logger, note
 from mrhscale.log import progress as log_progress
 from mrhscale.nn.accel import compiled, one_line
+from mrhscale.ops.stains import stains_of
 from mrhscale.report.figures import training_curve
 from mrhscale.results import TrainResult
 from mrhscale.stores import Folder, atomic_write, write_text
@@ -86,12 +88,16 @@ NAN_METRICS = {"val_loss": float("nan"), "val_rmse": float("nan"), "val_r": floa
 
 
 @torch.no_grad()
-def validate(model: nn.Module, data: Batches, loss_fn, half: int, target_scale: float,
-             amp_ctx, limit: int | None = None) -> dict:
+def validate(model: nn.Module, data: Batches, loss_fn, half: int, target_scale,
+             amp_ctx, limit: int | None = None, stains: list[str] | None = None, pick=None) -> dict:
     """Loss, centre-voxel RMSE (target units) and Pearson r over the (sharded) split, or
-    over its first ``limit`` patches per rank (the store is shuffled: a fixed random subset)."""
+    over its first ``limit`` patches per rank (the store is shuffled: a fixed random subset).
+    Several ``stains``: RMSE and r per stain (``val_r_<stain>``, over the patches that have
+    it); ``val_r``/``val_rmse`` are then their means."""
     model.eval()
-    acc = torch.zeros(7, dtype=torch.float64, device=data.device)  # n, loss*n, sp, st, spp, stt, spt
+    n_t = len(stains) if stains else 1
+    acc = torch.zeros(n_t + 1, 6, dtype=torch.float64, device=data.device)  # per stain: n, sp, st, spp, stt, spt
+    # the last row: patches, loss * patches
     seen = 0
     with contextlib.closing(data.batches(0)) as batches:  # a subset stops early: end the reader
         for x, t in batches:
@@ -99,27 +105,64 @@ def validate(model: nn.Module, data: Batches, loss_fn, half: int, target_scale: 
                 x, t = x[: limit - seen], t[: limit - seen]
             with amp_ctx():
                 p = model(x)
-            p = p.float()
+            p = (p if pick is None else pick(p)).float()
             n = x.shape[0]
-            pc, tc = p[:, half, half].double(), t[:, half, half].double()
-            acc += torch.stack([
-                torch.tensor(float(n), dtype=torch.float64, device=acc.device),
-                loss_fn(p, t).double() * n, pc.sum(), tc.sum(), (pc * pc).sum(), (tc * tc).sum(),
-                (pc * tc).sum()])
+            acc[:n_t] += _moments(p, t, half)
+            acc[n_t, :2] += torch.stack([torch.tensor(float(n), dtype=torch.float64, device=acc.device),
+                                         loss_fn(p, t).double() * n])
             seen += n
             if limit is not None and seen >= limit:
                 break
     model.train()
     acc = all_reduce(acc).cpu().tolist()
-    n, ls, sp, st, spp, stt, spt = acc
+    n, loss = acc[n_t][:2]
     if n == 0:
         return dict(NAN_METRICS)
+    rows = [_centre_metrics(a, s) for a, s in zip(acc[:n_t], np.atleast_1d(target_scale), strict=True)]
+    if not stains:
+        return {"val_loss": loss / n, **rows[0], "val_patches": int(n)}
+    out = {"val_loss": loss / n, "val_rmse": _mean([r["val_rmse"] for r in rows]),
+           "val_r": _mean([r["val_r"] for r in rows]), "val_patches": int(n)}
+    for stain, r in zip(stains, rows, strict=True):
+        out.update({f"val_rmse_{stain}": r["val_rmse"], f"val_r_{stain}": r["val_r"]})
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    """The mean over the stains that had validation patches (NaN if none had)."""
+    ok = [v for v in values if math.isfinite(v)]
+    return float(np.mean(ok)) if ok else float("nan")
+
+
+def _moments(p: torch.Tensor, t: torch.Tensor, half: int) -> torch.Tensor:
+    """[T, 6] sums of one batch at the patch centres, per stain over the samples that have it."""
+    pc, tc = p[..., half, half].double(), t[..., half, half].double()
+    if pc.dim() == 1:
+        pc, tc = pc[:, None], tc[:, None]
+    ok = ~torch.isnan(tc)
+    pc, tc = torch.where(ok, pc, 0.0), torch.where(ok, tc, 0.0)
+    return torch.stack([ok.double().sum(0), pc.sum(0), tc.sum(0), (pc * pc).sum(0), (tc * tc).sum(0),
+                        (pc * tc).sum(0)], 1)
+
+
+def _centre_metrics(acc: list[float], target_scale: float) -> dict:
+    n, sp, st, spp, stt, spt = acc
+    if n == 0:
+        return {"val_rmse": float("nan"), "val_r": float("nan")}
     mse = max((spp - 2 * spt + stt) / n, 0.0)
     cov = spt / n - sp * st / n**2
     var_p, var_t = spp / n - (sp / n) ** 2, stt / n - (st / n) ** 2
     r = cov / math.sqrt(var_p * var_t) if var_p > 0 and var_t > 0 else float("nan")
-    return {"val_loss": ls / n, "val_rmse": math.sqrt(mse) * target_scale, "val_r": r,
-            "val_patches": int(n)}
+    return {"val_rmse": math.sqrt(mse) * float(target_scale), "val_r": r}
+
+
+def output_picker(model_stains: list[str], store_stains: list[str]):
+    """The network's outputs the patch store has targets for, in the store's order (a
+    finetuned network may keep heads of stains the store lacks: they are not trained)."""
+    if model_stains == store_stains:
+        return lambda y: y
+    idx = [model_stains.index(t) for t in store_stains]
+    return (lambda y: y[:, idx[0]]) if len(idx) == 1 else (lambda y: y[:, idx])
 
 
 def resolve_device(device, local_rank: int) -> torch.device:
@@ -186,8 +229,10 @@ class Trainer:
     the one saved with the model."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str, runtime: Runtime, *, store: dict, build_model,
-                 stream_norm, bundle_norm, extra_provenance: dict | None = None):
+                 stream_norm, bundle_norm, extra_provenance: dict | None = None, stains: list[str] | None = None):
         self.cfg, self.out_dir, self.rt, self.store = cfg, os.fspath(out_dir), runtime, store
+        self.stains = stains or stains_of(store)  # the network's, in its order (finetune may add some)
+        self.pick = output_picker(self.stains, stains_of(store))
         self.build_model, self.stream_norm, self.bundle_norm = build_model, stream_norm, bundle_norm
         self.extra_provenance = extra_provenance or {}
         self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
@@ -392,7 +437,7 @@ class Trainer:
         if self.augment:
             x, t = self.augment(x, t, epoch, step)
         with self.amp_ctx():
-            pred = self.net(x)
+            pred = self.pick(self.net(x))
         loss = self.loss_fn(pred, t)
         loss.backward()
         clip_per_tensor_(self.trainable, self.cfg.clip)
@@ -414,8 +459,10 @@ class Trainer:
         return all_reduce(flag, dist.ReduceOp.MAX if dist_on() else None).item() > 0
 
     def _epoch_row(self, epoch, steps, steps_done, total, train_s, t0) -> dict:
-        vm = (validate(self.model, self.val_data, self.loss_fn, self.half,
-                       float(self.bundle_norm.target_scale), self.amp_ctx, self._val_limit(epoch))
+        store_stains = stains_of(self.store)
+        scales = self.bundle_norm.target_arrays(np.float64)[1][[self.stains.index(t) for t in store_stains]]
+        vm = (validate(self.model, self.val_data, self.loss_fn, self.half, scales, self.amp_ctx,
+                       self._val_limit(epoch), store_stains if len(store_stains) > 1 else None, self.pick)
               if self.val_data is not None else dict(NAN_METRICS))
         n_patches = steps_done * self.cfg.batch_size
         return {"epoch": epoch + 1, "lr": self.cfg.lr * lr_factor(self.cfg, epoch),

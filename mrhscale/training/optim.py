@@ -13,15 +13,34 @@ from mrhscale.training.config import LOSSES, TrainConfig
 
 
 def loss_function(name: str, half: int = 1):
-    """``loss(pred[B,P,P], target[B,P,P]) -> scalar`` (computed in float32)."""
-    if name == "matlab":
-        # MATLAB regressionLayer: 0.5 * sum of squared errors over the outputs, mean over the batch.
-        return lambda p, t: 0.5 * (p.float() - t).square().flatten(1).sum(1).mean()
-    if name == "mse":
-        return lambda p, t: nn.functional.mse_loss(p.float(), t)
-    if name == "centre-mse":
-        return lambda p, t: nn.functional.mse_loss(p[:, half, half].float(), t[:, half, half])
-    raise MRHError(f"--loss {name!r}: choose one of {', '.join(LOSSES)}")
+    """``loss(pred[B,P,P], target[B,P,P]) -> scalar`` (computed in float32).
+
+    Several stains (``[B, T, P, P]``, NaN where a sample lacks a stain): the sum over
+    stains of each stain's loss over the samples that have it, so one stain's loss is
+    what a one-stain network of it minimises and a missing stain adds nothing.
+    """
+    if name not in LOSSES:
+        raise MRHError(f"--loss {name!r}: choose one of {', '.join(LOSSES)}")
+    per_sample = _PER_SAMPLE[name]
+
+    def loss(p, t):
+        p = p.float()
+        if p.dim() == 3:
+            return per_sample(p, t, half).mean()
+        present = ~torch.isnan(t).flatten(2).any(2)  # [B, T]
+        each = per_sample(p, torch.where(present[..., None, None], t, p.detach()), half)
+        each = torch.where(present, each, torch.zeros_like(each))
+        return (each.sum(0) / present.sum(0).clamp_min(1)).sum()
+
+    return loss
+
+
+_PER_SAMPLE = {  # [..., P, P] -> [...]: one sample's loss
+    # MATLAB regressionLayer: 0.5 * sum of squared errors over the outputs, mean over the batch.
+    "matlab": lambda p, t, h: 0.5 * (p - t).square().flatten(-2).sum(-1),
+    "mse": lambda p, t, h: (p - t).square().flatten(-2).mean(-1),
+    "centre-mse": lambda p, t, h: (p[..., h, h] - t[..., h, h]).square(),
+}
 
 
 def init_weights(modules, how: str = "glorot") -> None:

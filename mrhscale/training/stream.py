@@ -2,7 +2,8 @@
 
 Use with ``DataLoader(stream, batch_size=None, num_workers=W)``: the dataset
 yields whole batches ``(inputs [B, C, P, P], targets [B, P, P])`` as float32
-tensors, normalised with the statistics stored in the patch store (so the
+tensors (a store of several stains: targets ``[B, T, P, P]``, NaN where a stain is
+absent), normalised with the statistics stored in the patch store (so the
 trainer and the model bundle use exactly those).
 
 Epoch plan. The store is already globally shuffled. Each epoch the chunk order
@@ -48,6 +49,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mrhscale.errors import MRHError
 from mrhscale.ops.norm import Normalisation
+from mrhscale.ops.stains import stains_of
 
 VARS = ("inputs", "targets", "origin")
 _READ_THREADS = 4  # concurrent zarr chunk reads per iterator (they mostly wait on I/O)
@@ -108,6 +110,7 @@ class PatchStream(IterableDataset):
         self.channels = list(attrs["channels"])
         self.patch = dict(attrs["patch"])
         self.target = attrs["target"]
+        self.stains = stains_of(attrs)
         self.norm = Normalisation.from_dict(attrs["norm"]) if norm is None else norm
         arr = root[f"{split}/inputs"]
         self.num_samples = int(arr.shape[0])
@@ -223,9 +226,11 @@ class PatchStream(IterableDataset):
             np.subtract(x, self._off[who], out=x)
             np.multiply(x, self._inv[who], out=x)
         np.take(arrs[1], idx, axis=0, out=t)
-        if self.norm.target_offset:
-            np.subtract(t, np.float32(self.norm.target_offset), out=t)
-        np.multiply(t, np.float32(1.0 / self.norm.target_scale), out=t)
+        t_off, t_scale = self.norm.target_arrays(np.float64)
+        shape = (-1, 1, 1) if t.ndim == 4 else (1, 1)  # several stains: [B, T, P, P], NaN = absent
+        if t_off.any():
+            np.subtract(t, t_off.astype(np.float32).reshape(shape), out=t)
+        np.multiply(t, (1.0 / t_scale).astype(np.float32).reshape(shape), out=t)
         out = (xt, tt)
         if self.with_origin:
             out = (*out, torch.from_numpy(np.take(arrs[2], idx, axis=0)))
