@@ -33,8 +33,8 @@ if ROOT not in sys.path:
 from benchmarks.common import copy_bandwidth_gbs, fmt_value, machine_info  # noqa: E402
 
 # Run order: the pipeline's stages, then the cohort-scale run, then registration (ANTs, optional).
-MODULES = ["ingest", "patches", "stream", "train", "predict", "precision", "options", "ensemble", "scale",
-           "register"]
+MODULES = ["ingest", "patches", "stream", "train", "predict", "precision", "options", "ensemble", "stains",
+           "scale", "register"]
 
 # Keyword arguments for run() at the default size: reduced repeats where the module's own
 # default would push the whole run past ~15 minutes on 2 cores (times measured 2026-11-24).
@@ -47,6 +47,7 @@ DEFAULT_PLAN: dict[str, dict] = {
     "precision": {"repeats": 3},
     "options": {"repeats": 2},
     "ensemble": {"repeats": 2},
+    "stains": {"repeats": 1},  # ~10 min: three demo-sized trainings; accuracy is deterministic
     "register": {"repeats": 2},
     "scale": {},
 }

@@ -27,6 +27,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "uncertainty: Spearman with |error|" in r.output and "Uncertainty vs error" in html
     assert 0 <= summary["uncertainty_coverage_95"] <= 1 and summary["artefact_uncertainty_ratio"] > 0
     assert (out / "nifti" / f"{summary['held_out']}_mbp_uncertainty.nii.gz").exists()
+    # one network of mbp and nf (a head each): both maps, both uncertainties, both evaluated
+    assert (out / "nifti" / f"{summary['held_out']}_nf_uncertainty.nii.gz").exists()
+    assert "virtual nf (same network): Pearson r" in r.output and "other stains" in html
+    assert -1 <= summary["other_stains"]["nf"]["pearson"] <= 1 and (out / "evaluation_nf" / "metrics.json").exists()
     # a rerun reuses every finished stage
     r2 = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--quiet", "--workers", "1"])
     assert r2.exit_code == 0, r2.output

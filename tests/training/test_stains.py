@@ -225,3 +225,29 @@ def test_export_of_several_stains_gives_each_stain_its_scaling(cohort, joint, tm
     with torch.no_grad():
         want = model(torch.from_numpy(meta["norm"].apply_inputs(x, channel_axis=1))).numpy()
     np.testing.assert_allclose(got, meta["norm"].invert_target(want), rtol=1e-4, atol=1e-3)
+
+
+def test_torchrun_two_gloo_ranks_train_several_stains(cohort, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    _, _, stores = cohort
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+           os.path.join(os.path.dirname(sys.executable), "mrhscale"), "train", stores["af,mbp"], "--out", out,
+           "--depth", "1", "--epochs", "1", "--batch-size", "64", "--threads", "1", "--norm", "global"]
+    e = dict(os.environ, OMP_NUM_THREADS="1", MRHSCALE_DIST_TIMEOUT="60")
+    p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["summary"]["world_size"] == 2 and m["summary"]["replica_max_abs_diff"] == 0.0
+    assert {"val_r_af", "val_r_mbp"} <= set(m["summary"]["final"])
+    assert read_bundle(os.path.join(out, "model.pt"))["stains"] == ["af", "mbp"]
+
+
+def test_crossval_scores_one_stain_at_a_time(cohort, tmp_path):
+    _, store, _ = cohort
+    r = CliRunner().invoke(main, ["crossval", store, "--target", "af,mbp", "--out", str(tmp_path / "cv"), "-q"])
+    assert r.exit_code == 2 and "one stain at a time" in r.output
