@@ -87,6 +87,11 @@ class MRHNet(nn.Module):
             return [self.conv4, self.conv5]
         return [c for h in self.heads for c in (h.conv4, h.conv5)]
 
+    def stain_heads(self) -> list[tuple[nn.Conv2d, nn.Conv2d]]:
+        """Each stain's (Conv4, Conv5), in the network's stain order."""
+        m = self.head_modules()
+        return [(m[i], m[i + 1]) for i in range(0, len(m), 2)]
+
     def head_parameters(self):
         """Conv4 and Conv5 (of every stain): the layers transfer learning replaces."""
         return [p for m in self.head_modules() for p in m.parameters()]
@@ -107,6 +112,20 @@ class MRHNet(nn.Module):
         if self.stains:
             return torch.cat([h(x) for h in self.heads], 1)
         return self.conv5(torch.relu(self.conv4(x)))[:, 0]
+
+
+def with_stains(base: MRHNet, base_stains: list[str], stains: list[str], kept: list[str]) -> MRHNet:
+    """A network of ``stains`` on ``base``'s backbone (of ``base_stains``), with the heads of
+    the stains in ``kept`` copied from it and the others as built (to be initialised)."""
+    m = MRHNet(base.in_channels, base.depth, base.width, stains=stains)
+    heads = ("conv4.", "conv5.", "heads.")
+    m.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith(heads)}, strict=False)
+    old = dict(zip(base_stains, base.stain_heads(), strict=True))
+    for t, head in zip(stains, m.stain_heads(), strict=True):
+        if t in kept:
+            for dst, src in zip(head, old[t], strict=True):
+                dst.load_state_dict(src.state_dict())
+    return m
 
 
 class StainOutput(nn.Module):

@@ -8,7 +8,7 @@ from dataclasses import fields
 from torch import nn
 
 from mrhscale.errors import MRHError
-from mrhscale.nn.model import MRHNet
+from mrhscale.nn.model import MRHNet, with_stains
 from mrhscale.ops.norm import Normalisation
 from mrhscale.ops.stains import stains_of
 from mrhscale.stores import resolve
@@ -118,14 +118,13 @@ def _finetune_run(cfg: TrainConfig, bundle: dict, store: dict, out_dir: str, rt:
     norm = _finetune_norm(cfg, bundle, store, stains, kept)
 
     def build():
-        base = model_from_bundle(bundle)
-        m = with_stains(base, stains, kept)
-        fresh = [c for t, h in zip(stains, _heads(m), strict=True) if t not in kept for c in h]
-        init_weights(fresh, cfg.init)  # fresh heads, seeded
-        for t, h in zip(stains, _heads(m), strict=True):
-            if t in kept and t not in stains_of(store):  # no data for it: it stays exactly as it was
-                for c in h:
-                    c.requires_grad_(False)
+        m = with_stains(model_from_bundle(bundle), stains_of(bundle), stains, kept)
+        for t, head in zip(stains, m.stain_heads(), strict=True):
+            if t not in kept:
+                init_weights(head, cfg.init)  # fresh heads, seeded
+            elif t not in stains_of(store):  # no data for it: it stays exactly as it was
+                for conv in head:
+                    conv.requires_grad_(False)
         return m
 
     prov = {"base_model": {"path": cfg.base_model, "target": bundle.get("target"),
@@ -155,25 +154,6 @@ def finetune_stains(cfg: TrainConfig, base: list[str], new: list[str]) -> tuple[
                        f"would change the model's {', '.join(lacking)} map unchecked; add --freeze-backbone "
                        f"(or make patches of {','.join(base + added)})")
     return [*base, *added], list(base)
-
-
-def with_stains(base: MRHNet, stains: list[str], kept: list[str]) -> MRHNet:
-    """A network of ``stains`` on ``base``'s backbone, with the heads of ``kept`` copied from it."""
-    m = MRHNet(base.in_channels, base.depth, base.width, stains=stains)
-    heads = ("conv4.", "conv5.", "heads.")
-    m.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith(heads)}, strict=False)
-    base_heads = dict(zip(base.stains or kept[:1], _heads(base), strict=False))
-    for t, h in zip(stains, _heads(m), strict=True):
-        if t in kept:
-            for dst, src in zip(h, base_heads[t], strict=True):
-                dst.load_state_dict(src.state_dict())
-    return m
-
-
-def _heads(m: MRHNet) -> list[list[nn.Conv2d]]:
-    """Each stain's [Conv4, Conv5], in the network's stain order."""
-    mods = m.head_modules()
-    return [mods[i:i + 2] for i in range(0, len(mods), 2)]
 
 
 def _finetune_norm(cfg: TrainConfig, bundle: dict, store: dict, stains: list[str], kept: list[str]):
