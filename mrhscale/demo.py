@@ -38,7 +38,9 @@ class DemoConfig:
     # enough for a stable group ranking (the groups differ by far more than their spread)
     importance_patches: int = 2000
     importance_repeats: int = 2
-    # the held-out brain on its own scanner (synth/scanner.py): transfer, not a same-scanner retest
+    # the held-out brain on its own scanner (synth/scanner.py): transfer, not a same-scanner retest;
+    # the validation brain (what the ensemble's uncertainty is calibrated on) on a third one, so
+    # the calibration sees what a new scanner does to the errors (docs/uncertainty.md)
     scanner_variation: bool = True
     # ... with a field-of-view artefact (synth/artefact.py): something its uncertainty must flag
     artefact: bool = True
@@ -105,7 +107,7 @@ class _Demo:
             if not os.path.exists(self.manifest):
                 make_cohort(self.p["files"], subjects=self.cfg.subjects, shape=tuple(self.cfg.shape),
                             seed=self.cfg.seed, fmt="nii.gz", quiet=self.quiet,
-                            scanner_variation=[self.test_id] if self.cfg.scanner_variation else None,
+                            scanner_variation=[self.val_id, self.test_id] if self.cfg.scanner_variation else None,
                             artefact=[self.test_id] if self.cfg.artefact else None)
 
     def ingest_and_patches(self) -> None:
