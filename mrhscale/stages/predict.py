@@ -133,7 +133,6 @@ def _predict_block(
     mode: tuple = ("fp32", False),
     tta: bool = False,
     spread_scale=None,
-    members: int = 1,
 ) -> np.ndarray:
     """One block with ``halo`` voxels of in-plane context -> its predicted interior
     (x, y, z) float32, 0 outside the mask. Several stains (``t_offset``/``t_scale`` one
@@ -163,7 +162,7 @@ def _predict_block(
         model = _worker_model(model_path, device, threads, mode, batch_size)
         patches = BlockPatches(mri, order, offset, inv_scale, half)
         pred = _network_outputs(model, patches, (s, r + lo, q + lo), device, batch_size, half,
-                                aggregate == "centre", tta, (members, n_t))
+                                aggregate == "centre", tta, (spread_scale is not None, n_t))
         ax = (slice(None), *([None] * (pred.ndim - 2)))  # the per-stain factors along pred's axis 1
         pred[:, :n_t] = pred[:, :n_t] * t_scale[ax] + t_offset[ax]
         if spread_scale is not None:
@@ -179,17 +178,16 @@ def _predict_block(
 
 
 def _network_outputs(model, patches, centres, device, batch_size: int, h: int, centre: bool,
-                     tta: bool, layout: tuple[int, int] = (1, 1)) -> np.ndarray:
+                     tta: bool, layout: tuple[bool, int] = (False, 1)) -> np.ndarray:
     """The network (normalised units) at ``centres`` (s, r, q in the block's frame): [N, V]
-    (``centre``) or [N, V, P, P] (the whole outputs); ``layout`` (members K, stains T):
+    (``centre``) or [N, V, P, P] (the whole outputs); ``layout`` (an ensemble?, stains T):
     V = T, or 2T for an ensemble (its members' means, then their standard deviations)."""
     import torch
 
     from mrhscale.nn.model import mean_and_spread, per_stain
     from mrhscale.ops.symmetry import symmetric_mean
 
-    k, n_t = layout
-
+    ensemble, n_t = layout
     s, rp, qp = centres
     preds = []
     with torch.inference_mode():
@@ -197,7 +195,7 @@ def _network_outputs(model, patches, centres, device, batch_size: int, h: int, c
             b = slice(a, a + batch_size)
             x = torch.from_numpy(patches(s[b], rp[b], qp[b])).to(device)
             y = per_stain((symmetric_mean(model, x) if tta else model(x)).float(), n_t)
-            y = torch.cat(mean_and_spread(y), 1) if k > 1 else y
+            y = torch.cat(mean_and_spread(y), 1) if ensemble else y
             preds.append((y[:, :, h, h] if centre else y).cpu().numpy())
     return np.concatenate(preds)
 
@@ -326,7 +324,6 @@ def subject_prediction(ds, meta: dict, model_path: str, *, device="cpu", threads
         mode=tuple(mode),
         tta=bool(tta),
         spread_scale=spread,
-        members=int(meta.get("members", 1)),
     )
     msk = mask.astype(bool)[..., None]
     if all(len(mri.chunks[a]) == 1 for a in range(3) if a != slice_axis):
