@@ -206,7 +206,15 @@ def _ensemble_lines(b: dict) -> list[str]:
         return []
     u = b.get("uncertainty") or {}
     cal = u.get("calibration") or {}
-    fitted = (f"calibration factor {cal['factor']:.4g} fitted on {cal.get('n', '?')} {cal.get('fitted_on')} "
-              f"patches (95% coverage before {cal.get('coverage_before', float('nan')):.3f})"
-              if cal.get("fitted_on") else "uncalibrated (factor 1: no validation split)")
-    return [f"ensemble       {k} members (seeds {u.get('seeds', '?')}); uncertainty = spread x {fitted}"]
+    per = cal.get("stains") or {}  # several stains: a calibration each
+    head = f"ensemble       {k} members (seeds {u.get('seeds', '?')}); uncertainty = spread x "
+    if not per:
+        return [head + _fitted(cal)]
+    return [head + "a factor per stain:", *(f"               {t}: {_fitted(c)}" for t, c in per.items())]
+
+
+def _fitted(cal: dict) -> str:
+    if not cal.get("fitted_on"):
+        return "uncalibrated (factor 1: no validation split)"
+    return (f"calibration factor {cal['factor']:.4g} fitted on {cal.get('n', '?')} {cal.get('fitted_on')} "
+            f"patches (95% coverage before {cal.get('coverage_before', float('nan')):.3f})")

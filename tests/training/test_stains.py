@@ -181,6 +181,8 @@ def test_ensemble_of_several_stains_calibrates_each(cohort, tmp_path):
     cal = res.uncertainty["calibration"]
     assert len(cal["factor"]) == 2 and set(cal["stains"]) == {"af", "mbp"}
     assert all(cal["stains"][t]["coverage_after"] == pytest.approx(0.95, abs=0.02) for t in ("af", "mbp"))
+    r = CliRunner().invoke(main, ["info", res.model])
+    assert r.exit_code == 0 and "a factor per stain" in r.output and "  mbp: calibration factor" in r.output
     out = str(tmp_path / "p.zarr")
     predict(res.model, store, out, subjects=["s01"], scheduler="synchronous", quiet=True)
     ds = xr.open_zarr(out, group="s01", consolidated=False)
