@@ -319,8 +319,7 @@ def _check_cohort(cohort: dict, stains: list[str], o: PatchOptions) -> dict:
     s_ax, r_ax, c_ax = plane_axes(o.axis)
     shapes = {}
     for sid, ds in cohort.items():
-        have = [t for t in stains if has_stain(ds, t)]
-        if len(have) < (1 if len(stains) > 1 else len(stains)):
+        if not any(has_stain(ds, t) for t in stains):
             avail = ds.attrs.get("targets") or [v for v in ds.data_vars if v not in ("mri", "mask", "fa")]
             raise MRHError(f"subject {sid!r}: unknown target {target_name(stains)!r} "
                            f"(available: {', '.join(map(str, avail)) or 'none'})")
