@@ -254,3 +254,12 @@ def test_crossval_scores_one_stain_at_a_time(cohort, tmp_path):
     _, store, _ = cohort
     r = CliRunner().invoke(main, ["crossval", store, "--target", "af,mbp", "--out", str(tmp_path / "cv"), "-q"])
     assert r.exit_code == 2 and "one stain at a time" in r.output
+
+
+def test_resume_extends_a_network_of_several_stains(cohort, tmp_path):
+    _, _, stores = cohort
+    out = str(tmp_path / "run")
+    train(stores["af,mbp"], out, **{**TRAIN, "epochs": 1})
+    res = train(stores["af,mbp"], out, resume=True, **{**TRAIN, "epochs": 2})
+    assert [r["epoch"] for r in res.history] == [1, 2] and "val_r_mbp" in res.history[-1]
+    assert read_bundle(res.model)["stains"] == ["af", "mbp"]
