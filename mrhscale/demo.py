@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 from mrhscale.errors import MRHError
 from mrhscale.log import note
+from mrhscale.ops.stains import parse_stains
 
 
 @dataclass
@@ -56,8 +57,6 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, qu
     cfg = cfg or (QUICK if quick else DemoConfig())
     if cfg.subjects < 3:
         raise MRHError("demo: needs at least 3 subjects (training, validation, held-out)")
-    from mrhscale.ops.stains import parse_stains
-
     bad = [t for t in parse_stains(cfg.target) if t not in ("af", "nf", "mbp")]
     if bad:
         raise MRHError(f"--target: synth makes af, nf and mbp, not {', '.join(bad)}")
@@ -151,7 +150,6 @@ class _Demo:
     def evaluate(self) -> dict:
         """Each stain against its reference (the first in ``evaluation``, others in
         ``evaluation_<stain>``); returns the first's metrics, the others' in ``other_stains``."""
-        from mrhscale.ops.stains import parse_stains
         from mrhscale.stages.evaluate import evaluate
 
         first, *others = parse_stains(self.cfg.target)
@@ -274,7 +272,7 @@ def _headline(metrics: dict, test_id: str, cfg: DemoConfig) -> dict:
     best = max(markers, key=lambda k: abs(markers[k].get("pearson") or 0), default=None)
     out = {
         "target": cfg.target,
-        "stain": cfg.target.split(",")[0],
+        "stain": parse_stains(cfg.target)[0],
         "virtual_pearson": virtual.get("pearson"),
         "best_marker": best,
         "best_marker_pearson": markers[best].get("pearson") if best else None,
