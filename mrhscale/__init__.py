@@ -31,6 +31,7 @@ _LAZY = {
     "export_model": "mrhscale.stages.export",
     "run_demo": "mrhscale.demo",
     # configuration and results
+    "Context": "mrhscale.parallel.context",
     "TrainConfig": "mrhscale.training",
     "Runtime": "mrhscale.training",
     "PatchOptions": "mrhscale.stages.patches",

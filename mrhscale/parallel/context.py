@@ -1,0 +1,137 @@
+"""The execution context: where a stage's data lives and where its work runs, in one object.
+
+A stage takes its domain arguments (stores, subjects, options) and one ``ctx``;
+how to reach object storage, which Dask cluster to use, which device, how
+chatty to be, are the caller's choice, made once at the boundary (the CLI, or
+``Context()``'s defaults in Python) instead of threaded through every function.
+
+``Context.runner()`` opens what the stage runs on and hands back a ``Runner``
+that treats a local Dask scheduler ("synchronous", "threads"...) and a
+distributed ``Client`` alike, so no stage branches on which it got.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import dask
+
+from mrhscale.errors import MRHError
+from mrhscale.log import note
+from mrhscale.parallel.runner import LOCAL_SCHEDULERS, active_client, completed, run_tasks
+from mrhscale.stores.urls import url_options
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where data lives and where work runs (see the module docstring).
+
+    storage_options: fsspec options for URL stores (s3://...); local paths ignore them.
+    scheduler: a Dask scheduler address (tcp://host:8786) or a local scheduler name
+        (synchronous, threads, processes); None: the active client, else an embedded
+        LocalCluster of ``dask_workers`` processes.
+    client: a ``distributed.Client`` to use as it is (wins over ``scheduler``).
+    device: where networks run (cpu, cuda, cuda:N); an embedded cluster for ``cuda`` has
+        one worker per GPU.
+    quiet: no progress bars or notes (warnings still show).
+    """
+
+    storage_options: Mapping[str, Any] | None = None
+    scheduler: str | None = None
+    client: Any = field(default=None, compare=False)
+    dask_workers: int | None = None
+    device: str = "cpu"
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.dask_workers is not None and self.dask_workers < 1:
+            raise MRHError(f"--dask-workers must be >= 1, got {self.dask_workers}")
+
+    def options_for(self, url: str) -> Mapping[str, Any] | None:
+        """The storage options that open ``url``: None for a local path (zarr refuses them)."""
+        return url_options(url, dict(self.storage_options) if self.storage_options else None)
+
+    def but(self, **changes) -> Context:
+        """This context with some fields changed (``ctx.but(quiet=True)`` for an inner step)."""
+        return replace(self, **changes)
+
+    @property
+    def local(self) -> bool:
+        """Whether work runs in this process by a local scheduler name (no cluster)."""
+        return self.client is None and self.scheduler in LOCAL_SCHEDULERS
+
+    @contextlib.contextmanager
+    def runner(self, device: str | None = None) -> Iterator[Runner]:
+        """The Runner of this context: the given client, a local scheduler, the active client
+        (a notebook's), else an embedded cluster closed on exit (``device`` overrides
+        ``self.device`` for its shape)."""
+        if self.client is not None:
+            yield Runner(self.client, self.quiet)
+        elif self.local:
+            yield Runner(self.scheduler, self.quiet)
+        elif self.scheduler is None and self.dask_workers is None and active_client() is not None:
+            yield Runner(active_client(), self.quiet)
+        else:
+            yield from self._embedded(device or self.device)
+
+    def _embedded(self, device: str) -> Iterator[Runner]:
+        from mrhscale.parallel.cluster import dask_client  # starts processes: only when needed
+
+        with dask_client(scheduler=self.scheduler, workers=self.dask_workers, quiet=self.quiet,
+                         device=device) as client:
+            if self.scheduler is None:
+                note(f"Dask dashboard: {client.dashboard_link}", self.quiet)
+            yield Runner(client, self.quiet)
+
+
+class Runner:
+    """Runs Dask work on a local scheduler (by name) or a distributed Client alike."""
+
+    def __init__(self, env, quiet: bool = False):
+        self.env, self.quiet = env, quiet
+
+    @property
+    def client(self):
+        """The distributed Client, or None on a local scheduler."""
+        return None if isinstance(self.env, str) else self.env
+
+    @property
+    def scheduler_name(self) -> str | None:
+        """The local scheduler's name, or None on a Client."""
+        return self.env if isinstance(self.env, str) else None
+
+    def compute(self, tasks: list, desc: str, *, what: str | None = None, quiet: bool | None = None) -> list:
+        """Results of Dask delayed ``tasks``, in order; the first failure cancels the rest and is
+        raised as one line naming ``what``."""
+        quiet = self.quiet if quiet is None else quiet
+        if isinstance(self.env, str):
+            return list(dask.compute(*tasks, scheduler=self.env)) if tasks else []
+        return run_tasks(self.env, tasks, desc, quiet=quiet, what=what)
+
+    def on_workers(self, fn: Callable, *args) -> dict[str, Any]:
+        """``fn(*args)`` once in every worker process (here only, on a local scheduler):
+        {worker: result}."""
+        return {"local": fn(*args)} if self.client is None else self.client.run(fn, *args)
+
+    def n_workers(self) -> int:
+        """Worker processes (1 on a local scheduler)."""
+        if self.client is None:
+            return 1
+        return max(1, len(self.client.scheduler_info().get("workers", {})))
+
+    def worker_memory_limits(self) -> list[int]:
+        """Each worker's memory limit in bytes (0: none; empty on a local scheduler)."""
+        if self.client is None:
+            return []
+        return [w.get("memory_limit") or 0 for w in self.client.scheduler_info()["workers"].values()]
+
+    def submit_each(self, fn: Callable, items: list, desc: str, *args, unit: str = "task") -> list:
+        """``fn(item, *args)`` for each item, one task each (side by side on a Client), in order."""
+        if self.client is None:
+            return [fn(item, *args) for item in items]
+        futures = [self.client.submit(fn, item, *args, pure=False) for item in items]
+        list(completed(futures, desc, self.quiet, unit=unit))
+        return self.client.gather(futures)

@@ -1,0 +1,67 @@
+"""Context: one object for where data lives and where work runs; Runner treats a local
+scheduler and a distributed Client alike."""
+
+import dask
+import pytest
+from distributed import Client, LocalCluster
+
+from mrhscale.errors import MRHError
+from mrhscale.parallel.context import Context, Runner
+
+
+def _double(x):
+    return 2 * x
+
+
+def test_local_scheduler_runs_in_this_process():
+    ctx = Context(scheduler="synchronous", quiet=True)
+    assert ctx.local
+    with ctx.runner() as r:
+        assert r.client is None and r.scheduler_name == "synchronous"
+        assert r.compute([dask.delayed(_double)(i) for i in range(3)], "double") == [0, 2, 4]
+        assert r.on_workers(_double, 5) == {"local": 10}
+        assert r.submit_each(_double, [1, 2], "double") == [2, 4]
+        assert r.n_workers() == 1 and r.worker_memory_limits() == []
+
+
+def test_a_given_client_is_used_as_it_is_and_left_open():
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        ctx = Context(client=client, quiet=True)
+        assert not ctx.local
+        with ctx.runner() as r:
+            assert r.client is client
+            assert r.compute([dask.delayed(_double)(i) for i in range(3)], "double") == [0, 2, 4]
+            assert list(r.on_workers(_double, 5).values()) == [10]
+            assert r.submit_each(_double, [1, 2], "double") == [2, 4]
+            assert r.n_workers() == 1
+        assert client.status == "running"
+
+
+def test_storage_options_reach_urls_only():
+    ctx = Context(storage_options={"endpoint_url": "http://127.0.0.1:9"})
+    assert ctx.options_for("/data/cohort.zarr") is None
+    assert dict(ctx.options_for("s3://bucket/cohort.zarr")) == {"endpoint_url": "http://127.0.0.1:9"}
+    assert Context().options_for("s3://bucket/x") is None
+
+
+def test_but_changes_fields_and_keeps_the_rest():
+    ctx = Context(scheduler="threads", dask_workers=2)
+    inner = ctx.but(quiet=True)
+    assert inner.quiet and inner.scheduler == "threads" and inner.dask_workers == 2 and not ctx.quiet
+
+
+def test_bad_worker_count_is_a_user_error():
+    with pytest.raises(MRHError, match="--dask-workers must be >= 1"):
+        Context(dask_workers=0)
+
+
+def test_runner_failure_is_one_line():
+    def boom():
+        raise ValueError("bad block")
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client, Context(client=client, quiet=True).runner() as r:
+        with pytest.raises(MRHError, match="blocks: failed on a Dask worker"):
+            r.compute([dask.delayed(boom)()], "blocks", what="blocks")
+    assert isinstance(Runner("threads").compute([], "nothing"), list)
