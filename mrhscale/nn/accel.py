@@ -1,7 +1,8 @@
 """Precision and compilation: the network in bf16 on the machine's matrix units, compiled by
 ``torch.compile``, where the device does that well; eager fp32 (the reference) otherwise.
 
-``resolve`` turns a request (``auto|fp32|bf16`` and ``auto|on|off``, or the
+``request`` parses a ``Numerics`` once at the boundary; ``plan`` is what a job on a
+device runs, an ``Acceleration``. ``resolve`` turns a request (``auto|fp32|bf16`` and ``auto|on|off``, or the
 ``MRHSCALE_PRECISION`` / ``MRHSCALE_COMPILE`` defaults) into the ``Acceleration`` a
 device gets; ``InferenceModel`` applies it to inference (static batch, frozen weights,
 warmed up once at load) and ``training.accel`` to training. What cannot compile falls
@@ -22,9 +23,8 @@ import threading
 import torch
 
 from mrhscale.errors import MRHError
+from mrhscale.options import COMPILE_MODES, PRECISIONS, Numerics
 
-PRECISIONS = ("auto", "fp32", "bf16")
-COMPILE_MODES = ("auto", "on", "off")
 ENV_PRECISION, ENV_COMPILE = "MRHSCALE_PRECISION", "MRHSCALE_COMPILE"
 AUTO_COMPILE_MIN_PATCHES = 300_000
 logger = logging.getLogger("mrhscale")
@@ -72,6 +72,20 @@ def requested(precision: str | None = None, compile: str | bool | None = None) -
     if c not in COMPILE_MODES:
         raise MRHError(f"--compile {c}: choose one of {', '.join(COMPILE_MODES)}")
     return p, c
+
+
+def request(numerics: Numerics | None = None) -> Numerics:
+    """The request parsed once, at the boundary: ``auto`` takes ``$MRHSCALE_PRECISION`` /
+    ``$MRHSCALE_COMPILE`` where set, a bool compile is on/off; bad values are the user's error."""
+    n = numerics or Numerics()
+    p, c = requested(None if n.precision == "auto" else n.precision, None if n.compile == "auto" else n.compile)
+    return Numerics(p, c)
+
+
+def plan(numerics: Numerics, device, patches: int) -> Acceleration:
+    """What a job of ``patches`` forward passes runs on ``device``: the parsed request resolved
+    for the device's hardware, compiled only where a compile pays for itself."""
+    return worth_compiling(resolve(numerics.precision, numerics.compile, device), numerics.compile, patches)
 
 
 def resolve(precision: str | None = None, compile: str | bool | None = None, device="cpu") -> Acceleration:

@@ -103,3 +103,18 @@ def test_a_failing_compile_falls_back_with_one_line(monkeypatch, caplog):
     strict = A.InferenceModel(net, A.Acceleration("fp32", True), "cpu", 8, example=(5, 3))
     with pytest.raises(MRHError, match="--compile on: torch.compile failed"):
         strict.warm_up(strict=True)
+
+
+def test_a_numerics_request_is_parsed_once_and_planned_per_job(monkeypatch):
+    from mrhscale.options import Numerics
+
+    monkeypatch.setenv(A.ENV_PRECISION, "bf16")
+    monkeypatch.delenv(A.ENV_COMPILE, raising=False)
+    assert A.request() == Numerics("bf16", "auto")  # the environment overrides auto
+    assert A.request(Numerics("fp32", True)) == Numerics("fp32", "on")
+    with pytest.raises(MRHError, match="--compile maybe"):
+        A.request(Numerics(compile="maybe"))
+    monkeypatch.setattr(A, "cpu_bf16_units", lambda: None)
+    monkeypatch.setattr(A, "compiler_missing", lambda kind: None)
+    small, large = (A.plan(Numerics("fp32", "auto"), "cpu", n) for n in (10, 10**6))
+    assert not small.compile and "under the 300000" in small.why and large.compile
