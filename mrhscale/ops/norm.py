@@ -218,6 +218,21 @@ def subject_stats(mri, mask) -> dict:
     return graph.compute(scheduler="synchronous")
 
 
+def subject_normalisation(norm: Normalisation, mri, mask, compute=None) -> Normalisation:
+    """``norm`` made concrete for one brain, ``mri`` (x, y, z, contrast: the model's channels,
+    in its order) and ``mask``, dask or numpy: a per-subject mode takes the brain's own
+    statistics inside its mask, as at training. ``compute`` runs the delayed statistics
+    (a Runner's, on the cluster; default: here)."""
+    if not norm.per_subject:
+        return norm
+    import dask.array as da  # here, not at the top: bundles (io.bundle) load without Dask
+
+    if not hasattr(mri, "dask"):
+        mri, mask = da.from_array(mri, chunks=(64, 64, 64, -1)), da.from_array(mask, chunks=(64, 64, 64))
+    graph = subject_stats_graph(mri, mask)
+    return norm.for_subject(compute(graph) if compute else graph.compute(scheduler="synchronous"))
+
+
 def stats_from(lattice: np.ndarray, brain: np.ndarray, top: float) -> dict:
     """{mode: {offset, scale}} for the per-subject modes, from the brain's lattice points."""
     v = np.asarray(lattice, np.float64)[np.asarray(brain, bool)]

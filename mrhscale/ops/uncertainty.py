@@ -68,3 +68,19 @@ def uncertainty_metrics(est: np.ndarray, ref: np.ndarray, unc: np.ndarray) -> di
             "coverage_95": coverage(err, unc), "mean_uncertainty": float(unc.mean()) if n else math.nan,
             "factor_for_95": calibration_factor(err, unc) if n else math.nan,
             "retention": retention_curve(err, unc)}
+
+
+def calibration_factors(meta: dict, n_stains: int) -> np.ndarray:
+    """An ensemble bundle's calibration factor of each stain (1 where none was fitted)."""
+    cal = (meta.get("uncertainty") or {}).get("calibration") or {}
+    return np.broadcast_to(np.atleast_1d(np.asarray(cal.get("factor", 1.0), np.float64)), (n_stains,)).copy()
+
+
+def spread_scale(meta: dict, norm) -> np.ndarray | None:
+    """Per stain, stain units per unit of an ensemble's spread (the target scale of ``norm``
+    times the calibration factor fitted on the validation split at training), or None for
+    a single network."""
+    if int(meta.get("members", 1)) < 2:
+        return None
+    scale = norm.target_arrays(np.float64)[1]
+    return (scale * calibration_factors(meta, len(scale))).astype(np.float32)
