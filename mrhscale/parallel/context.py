@@ -63,6 +63,13 @@ class Context:
         """Whether work runs in this process by a local scheduler name (no cluster)."""
         return self.client is None and self.scheduler in LOCAL_SCHEDULERS
 
+    @property
+    def embedded(self) -> bool:
+        """Whether ``runner()`` starts a LocalCluster here (no client, scheduler or active client
+        to use): a stage can then put off starting it until it has work."""
+        return self.client is None and self.scheduler is None and (
+            self.dask_workers is not None or active_client() is None)
+
     @contextlib.contextmanager
     def runner(self, device: str | None = None) -> Iterator[Runner]:
         """The Runner of this context: the given client, a local scheduler, the active client

@@ -65,3 +65,12 @@ def test_runner_failure_is_one_line():
         with pytest.raises(MRHError, match="blocks: failed on a Dask worker"):
             r.compute([dask.delayed(boom)()], "blocks", what="blocks")
     assert isinstance(Runner("threads").compute([], "nothing"), list)
+
+
+def test_embedded_says_whether_runner_would_start_a_cluster_here():
+    assert Context().embedded and Context(dask_workers=2).embedded
+    assert not Context(scheduler="threads").embedded and not Context(scheduler="tcp://127.0.0.1:1").embedded
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        assert not Context().embedded  # the active client is used
+        assert Context(dask_workers=1).embedded and not Context(client=client).embedded
