@@ -286,22 +286,25 @@ def numerics_options(f):
 def predict(model, store, out, nifti_dir, ome_zarr, subjects, batch_size, device, aggregate, to_native,
             overwrite, tta, precision, compile_mode, storage_options, scheduler, workers, quiet):
     """Virtual histology for every brain voxel of STORE's subjects with MODEL (a bundle)."""
+    from mrhscale.options import Numerics, PredictOptions
+    from mrhscale.parallel.context import Context
     from mrhscale.stages.predict import predict as run
 
-    res = run(model, store, out, nifti_dir=nifti_dir, subjects=_subject_list(subjects),
-              scheduler=scheduler, workers=workers, batch_size=batch_size, device=device,
-              aggregate=aggregate, quiet=quiet, to_native=to_native, overwrite=overwrite,
-              storage_options=_storage_options(storage_options), ome_zarr=ome_zarr,
-              precision=precision, compile=compile_mode, tta=tta)
-    if res["skipped"]:
-        click.echo(f"already predicted, skipped: {', '.join(res['skipped'])}")
-    click.echo(f"predicted {len(res['predicted'])} subject(s) into {res['out']} "
-               f"({res['brain_voxels']} brain voxels, {res['voxels_per_s']:.0f} voxels/s)"
-               + (f"; {res['variable']} with its {res['uncertainty']}" if res.get("uncertainty") else ""))
-    if res.get("native"):
-        click.echo(f"native-space NIfTI: {', '.join(res['native'])}")
-    if res.get("ome_zarr"):
-        click.echo(f"OME-Zarr images: {', '.join(res['ome_zarr'])}")
+    ctx = Context(storage_options=_storage_options(storage_options), scheduler=scheduler, dask_workers=workers,
+                  device=device, quiet=quiet)
+    options = PredictOptions(batch_size=batch_size, aggregate=aggregate, tta=tta,
+                             numerics=Numerics(precision or "auto", compile_mode or "auto"))
+    res = run(model, store, out, nifti_dir=nifti_dir, subjects=_subject_list(subjects), to_native=to_native,
+              overwrite=overwrite, ome_zarr=ome_zarr, options=options, ctx=ctx)
+    if res.skipped:
+        click.echo(f"already predicted, skipped: {', '.join(res.skipped)}")
+    click.echo(f"predicted {len(res.predicted)} subject(s) into {res.out} "
+               f"({res.brain_voxels} brain voxels, {res.voxels_per_s:.0f} voxels/s)"
+               + (f"; {res.variable} with its {res.uncertainty}" if res.uncertainty else ""))
+    if res.native:
+        click.echo(f"native-space NIfTI: {', '.join(res.native)}")
+    if res.ome_zarr:
+        click.echo(f"OME-Zarr images: {', '.join(res.ome_zarr)}")
 
 
 @main.command("export-image")
@@ -392,14 +395,16 @@ def evaluate(pred, store, target, out, label, roi, markers, marker_transforms, s
 def importance(model, patches, out, split, repeats, max_patches, seed, stain, precision, compile_mode,
                storage_options, quiet):
     """Contribution of each contrast group and channel to MODEL, by permutation on PATCHES."""
+    from mrhscale.options import Numerics, PredictOptions
+    from mrhscale.parallel.context import Context
     from mrhscale.stages.importance import importance as run
 
-    res = run(model, patches, out, split=split, repeats=repeats, seed=seed, precision=precision,
-              compile=compile_mode, max_patches=max_patches, quiet=quiet, stain=stain,
-              storage_options=_storage_options(storage_options))
-    top = ", ".join(f"{g['name']} {g['increase']:.3g}" for g in res["groups"][:5])
-    click.echo(f"{res['target']}: baseline MSE {res['baseline_mse']:.4g}; MSE increase by group: {top}; "
-               f"report in {out}")
+    ctx = Context(storage_options=_storage_options(storage_options), quiet=quiet)
+    options = PredictOptions(numerics=Numerics(precision or "auto", compile_mode or "auto"))
+    res = run(model, patches, out, split=split, repeats=repeats, seed=seed, max_patches=max_patches, stain=stain,
+              options=options, ctx=ctx)
+    top = ", ".join(f"{g['name']} {g['increase']:.3g}" for g in res.groups[:5])
+    click.echo(f"{res.target}: baseline MSE {res.baseline_mse:.4g}; MSE increase by group: {top}; report in {out}")
 
 
 @main.command("crossval")

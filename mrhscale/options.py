@@ -101,3 +101,16 @@ class RegistrationOptions:
     @property
     def preset(self) -> str:
         return "fast" if self.fast else "default"
+
+
+# ---- importance ----
+@dataclass(frozen=True)
+class ImportanceOptions:
+    """Which patches importance permutes and how often (the network's numerics and batch: PredictOptions)."""
+
+    split: str = option("val", "Patch split to permute (val or train).")
+    repeats: int = option(3, "Permutations per channel/group.")
+    seed: int = option(0, "Seed of the sample and the permutations.")
+    max_patches: int = option(10000, "Random subset size.")
+    stain: str | None = option(None, "For a network of several stains: the stain scored (default: its first that "
+                                     "PATCHES has).")

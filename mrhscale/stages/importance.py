@@ -21,15 +21,29 @@ from __future__ import annotations
 import csv
 import os
 import re
-from typing import Any
 
 import numpy as np
+import torch
 
+from mrhscale import __version__
 from mrhscale.errors import MRHError
+from mrhscale.io.bundle import load_model
+from mrhscale.log import progress
+from mrhscale.nn.accel import plan, request
+from mrhscale.nn.model import MemberMean, StainOutput
+from mrhscale.nn.worker import check_device, inference_model, patch_size
 from mrhscale.ops.stains import stains_of
+from mrhscale.options import ImportanceOptions, PredictOptions
+from mrhscale.parallel.context import Context
 from mrhscale.report.figures import importance_bars
+from mrhscale.report.html import write_report
 from mrhscale.report.tables import importance_tables
 from mrhscale.results import ImportanceResult
+from mrhscale.stages.predict_graph import check_channels
+from mrhscale.stores import Folder, PatchStore, resolve, sha256_file, write_json
+from mrhscale.training.stream import subject_tables
+
+_DEFAULT = ImportanceOptions()
 
 
 def contrast_group(name: str) -> str:
@@ -55,8 +69,6 @@ def channel_groups(channels: list[str], groups: list[str] | None = None) -> dict
 
 
 def _open_split(url: str, split: str, storage_options: dict | None = None):
-    from mrhscale.stores import PatchStore
-
     store = PatchStore.open(url, storage_options)
     x, t = store.split(split)
     if x.shape[0] == 0:
@@ -64,34 +76,16 @@ def _open_split(url: str, split: str, storage_options: dict | None = None):
     return store.attrs, x, t
 
 
-def importance(
-    model_path: str,
-    patches_url: str,
-    out_dir: str,
-    *,
-    split: str = "val",
-    repeats: int = 3,
-    seed: int = 0,
-    max_patches: int = 10000,
-    batch_size: int = 4096,
-    per_channel: bool = True,
-    groups: list[str] | None = None,
-    device: str = "cpu",
-    quiet: bool = False,
-    storage_options: dict | None = None,
-    precision: str | None = None,
-    compile: str | bool | None = None,
-    stain: str | None = None,
-) -> dict[str, Any]:
+def importance(model_path: str, patches_url: str, out_dir: str, *, split: str = _DEFAULT.split,
+               repeats: int = _DEFAULT.repeats, seed: int = _DEFAULT.seed, max_patches: int = _DEFAULT.max_patches,
+               stain: str | None = _DEFAULT.stain, options: PredictOptions | None = None,
+               ctx: Context | None = None) -> ImportanceResult:
     """Permutation importance of each contrast group and channel; writes a report.
-    ``precision``/``compile`` as ``predict`` (docs/precision.md); recorded in the provenance.
     ``stain``: for a network of several stains, the head scored (default: its first stain
-    the patch store has); patches without that stain are left out."""
-    from mrhscale import __version__
-    from mrhscale.io.bundle import load_model
-    from mrhscale.stages.predict import check_device
-    from mrhscale.stores import Folder, resolve, sha256_file
-
+    the patch store has); patches without that stain are left out. ``options``: the batch
+    and numerics (docs/precision.md; recorded in the provenance); ``ctx``: the device,
+    storage options and quiet (it runs in this process)."""
+    ctx, options = ctx or Context(), options or PredictOptions()
     model_path, patches_url = resolve(model_path, "model"), resolve(patches_url)
     folder = Folder(out_dir, "mrhscale-importance")
     folder.check()  # refused before any work, not after it
@@ -99,27 +93,26 @@ def importance(
         raise MRHError(f"--repeats must be >= 1, got {repeats}")
     if max_patches < 2:
         raise MRHError(f"--max-patches must be >= 2, got {max_patches}")
-    device = check_device(device)
+    numerics, device = request(options.numerics), check_device(ctx.device)
     model, meta = load_model(model_path, device=device, ensemble=True)
     if meta["members"] > 1:  # an ensemble's map is its members' mean: shuffle what drives that
-        from mrhscale.nn.model import MemberMean
-
         model = MemberMean(model)
+    storage_options = ctx.options_for(patches_url)
     attrs, xa, ta = _open_split(patches_url, split, storage_options)
     sel = _check_model_and_store(model_path, meta, patches_url, attrs, xa)
     stain, k_model, k_store = _stain(stain, meta, attrs, model_path, patches_url)
     if len(stains_of(meta)) > 1:
-        from mrhscale.nn.model import StainOutput
-
         model = StainOutput(model, k_model)
     rng = np.random.default_rng(seed)
     x, t = _sample(xa, ta, sel, _row_norms(meta["norm"], patches_url, attrs, split, sel, storage_options),
                    rng, max_patches, k_store)
-    gmap = channel_groups(list(meta["channels"]), _groups(groups, attrs, sel))
-    n_forward = len(x) * (1 + repeats * (len(gmap) + (len(sel) if per_channel else 0)))
-    runner = _runner(model, meta, device, min(batch_size, len(x)), precision, compile, n_forward)
+    gmap = channel_groups(list(meta["channels"]), _groups(attrs, sel))
+    n_forward = len(x) * (1 + repeats * (len(gmap) + len(sel)))
+    batch_size = options.batch_size
+    runner = inference_model(model, meta, plan(numerics, device, n_forward), device, min(batch_size, len(x)))
+    runner.warm_up(strict=numerics.compile == "on")
     scorer = _Scorer(runner, meta["norm"].stain(k_model), t, batch_size, device)
-    rows, base = _permute_all(scorer, x, gmap, list(meta["channels"]), per_channel, repeats, rng, quiet)
+    rows, base = _permute_all(scorer, x, gmap, list(meta["channels"]), repeats, rng, ctx.quiet)
     res = {
         "baseline_mse": base, "groups": rows["group"], "channels": rows["channel"],
         "n_patches": int(len(x)), "split": split, "repeats": int(repeats), "target": stain,
@@ -133,22 +126,9 @@ def importance(
     return ImportanceResult(**res)
 
 
-def _runner(model, meta: dict, device: str, batch_size: int, precision, compile, n_forward: int):
-    """The model as inference runs it in the requested numerics (``n_forward`` patches in
-    all: what ``auto`` weighs a compile against), compiled now."""
-    from mrhscale.nn.accel import InferenceModel, requested, resolve, worth_compiling
-    from mrhscale.stages.predict import patch_size
-
-    accel = worth_compiling(resolve(precision, compile, device), requested(precision, compile)[1], n_forward)
-    runner = InferenceModel(model, accel, device, batch_size, example=(len(meta["channels"]), patch_size(meta)))
-    return runner.warm_up(strict=requested(precision, compile)[1] == "on")
-
-
 def _check_model_and_store(model_path, meta: dict, patches_url, attrs: dict, xa) -> list[int]:
     """The model's stain, channels and patch size must be the store's; returns the store
     indices of the model's channels, in the model's order."""
-    from mrhscale.stages.predict import check_channels
-
     if not set(stains_of(attrs)) & set(stains_of(meta)):
         raise MRHError(f"{patches_url}: patches of stain {attrs['target']!r}, but model {model_path} "
                        f"predicts {meta['target']!r}; give the patch store of the model's stain")
@@ -156,7 +136,7 @@ def _check_model_and_store(model_path, meta: dict, patches_url, attrs: dict, xa)
     channels = list(meta["channels"])
     check_channels(channels, store_ch, f"{patches_url}")
     p_store = int(xa.shape[-1])
-    p_model = int((meta.get("patch") or {}).get("size", 2 * int(meta["patch"].get("half", 1)) + 1))
+    p_model = patch_size(meta)
     if p_store != p_model:
         raise MRHError(f"{patches_url}: patches are {p_store}x{p_store}, the model was trained on "
                        f"{p_model}x{p_model}")
@@ -177,9 +157,6 @@ def _row_norms(norm, url: str, attrs: dict, split: str, sel: list[int], storage_
     """``normalise(x, rows)``: the model's normalisation of store rows, per subject where it is."""
     if not norm.per_subject:
         return lambda x, idx: norm.apply_inputs(x, channel_axis=1)
-    from mrhscale.stores import PatchStore
-    from mrhscale.training.stream import subject_tables
-
     off, inv = subject_tables(norm, {**attrs, "subject_norm": _stats_of(attrs, sel, url)}, url)
     origin = PatchStore.open(url, storage_options).root()[f"{split}/origin"]
 
@@ -214,12 +191,12 @@ def _sample(xa, ta, sel: list[int], normalise, rng, max_patches: int, k_store: i
     return x, t
 
 
-def _groups(groups, attrs: dict, sel: list[int]):
-    """Group names per model channel: given, else the store's ``groups`` attr, else None."""
-    if groups is None and attrs.get("groups"):
+def _groups(attrs: dict, sel: list[int]):
+    """Group names per model channel: the store's ``groups`` attr, else None (from the names)."""
+    if attrs.get("groups"):
         g_attr = [str(g) for g in attrs["groups"]]
         return [g_attr[i] for i in sel] if len(g_attr) == len(attrs["channels"]) else None
-    return groups
+    return None
 
 
 class _Scorer:
@@ -229,8 +206,6 @@ class _Scorer:
         self.model, self.norm, self.t, self.bs, self.device = model, norm, targets, batch_size, device
 
     def __call__(self, x: np.ndarray) -> float:
-        import torch
-
         tot = 0.0
         with torch.inference_mode():
             for a in range(0, len(x), self.bs):
@@ -239,15 +214,10 @@ class _Scorer:
         return tot / self.t.size
 
 
-def _permute_all(scorer, x, gmap: dict, channels: list[str], per_channel: bool, repeats: int, rng,
-                 quiet: bool):
+def _permute_all(scorer, x, gmap: dict, channels: list[str], repeats: int, rng, quiet: bool):
     """MSE increase when each group (then each channel) is shuffled across patches."""
-    from mrhscale.log import progress
-
     base = scorer(x)
-    units = [("group", g, ix) for g, ix in gmap.items()]
-    if per_channel:
-        units += [("channel", c, [i]) for i, c in enumerate(channels)]
+    units = [("group", g, ix) for g, ix in gmap.items()] + [("channel", c, [i]) for i, c in enumerate(channels)]
     rows: dict[str, list[dict]] = {"group": [], "channel": []}
     with progress(total=len(units) * repeats, desc="importance", unit="perm", quiet=quiet) as bar:
         for kind, name, ix in units:
@@ -275,9 +245,6 @@ def _permute(scorer, x, ix, repeats: int, rng, base: float, bar) -> list[float]:
 
 
 def _write_outputs(out_dir: str, res: dict) -> None:
-    from mrhscale.report.html import write_report
-    from mrhscale.stores import write_json
-
     write_json(os.path.join(out_dir, "importance.json"), res)
     with open(os.path.join(out_dir, "importance.csv"), "w", newline="") as fh:
         w = csv.writer(fh)

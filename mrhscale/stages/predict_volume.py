@@ -2,8 +2,8 @@
 
 ``predict_volume(model, data)`` runs the graph ``mrhscale predict`` runs
 (``subject_prediction``: the same patches, normalisation, batches and aggregation), on
-the Dask client given or active, else in this process, and returns an ``xr.DataArray``
-with x/y/z coordinates in mm. ``data`` may be
+the context's client or scheduler, else the active client, else in this process, and
+returns an ``xr.DataArray`` with x/y/z coordinates in mm. ``data`` may be
 
 - an xarray Dataset shaped like a cohort subject (``mri`` (x, y, z, contrast) and
   ``mask``; e.g. ``mrhscale.open_subject(store, "s01")``), or
@@ -18,65 +18,62 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import xarray as xr
+
 from mrhscale.errors import MRHError
+from mrhscale.io.manifest import parse_subject
+from mrhscale.io.volumes import image_volume
 from mrhscale.ops.space import with_space
+from mrhscale.options import PredictOptions
+from mrhscale.parallel.context import Context
+from mrhscale.parallel.runner import active_client
+from mrhscale.stages.ingest import plan_subject, subject_dataset
+from mrhscale.stages.predict_graph import subject_prediction
+from mrhscale.stages.predict_plan import PredictPlan, brain_voxels, checked_device
 
 SUBJECT_KEYS = ("mask", "fa", "targets", "labels")
 
 
-def predict_volume(model, data, *, client=None, scheduler: str | None = None, device: str = "cpu",
-                   batch_size: int = 4096, aggregate: str = "centre", precision: str | None = None,
-                   compile: str | bool | None = None, tta: bool = False):
+def predict_volume(model, data, *, options: PredictOptions | None = None, ctx: Context | None = None):
     """The virtual stain of one brain as an ``xr.DataArray`` (x, y, z), 0 outside the mask;
     see the module docstring. A bundle of several stains, or an ensemble, gives an
     ``xr.Dataset``: ``<stain>_virtual`` of each stain (an ensemble's: the members' mean)
-    and an ensemble's ``<stain>_uncertainty``. ``scheduler``: a Dask scheduler address or local name;
-    ``precision``/``compile``: as ``mrhscale predict`` (docs/precision.md), the mode used
-    in ``attrs["numerics"]``; ``tta``: the mean over each patch's 8 in-plane symmetries."""
-    import xarray as xr
-
-    from mrhscale.parallel.runner import active_client, use_client
-    from mrhscale.stages.predict import (
-        PredictRun,
-        brain_voxels,
-        subject_normalisation,
-        subject_prediction,
-    )
-
-    run = PredictRun(os.fspath(model), batch_size, device, aggregate, scheduler, None, None, precision, compile,
-                     tta)
+    and an ensemble's ``<stain>_uncertainty``. ``options``: as ``mrhscale predict`` (batch,
+    aggregation, TTA, numerics: docs/precision.md; the mode used in ``attrs["numerics"]``);
+    ``ctx``: its client or scheduler (default: the active client, else this process)."""
+    ctx, options = ctx or Context(), options or PredictOptions()
+    plan = PredictPlan(os.fspath(model), options, checked_device(ctx))
     ds = with_space(data if isinstance(data, xr.Dataset) else subject_from_files(data))
     _check_subject(ds)
-    if client is None and scheduler is None and active_client() is None:
-        scheduler = "synchronous"  # no cluster around: this process, torch's own threads
-    with use_client(client, scheduler) as env:
-        run.resolve(env, scheduler, None, brain_voxels([ds]))
-        run.prepare(env)
-        norm = subject_normalisation(run.meta, ds, env)
-        graph = subject_prediction(ds, run.meta, run.model_path, device=run.device, threads=run.threads,
-                                   batch_size=run.batch_size, aggregate=aggregate, mode=run.mode, tta=tta,
-                                   norm=norm)
-        values = graph.compute(scheduler=env)
-    attrs = {"target": run.target, "kind": "virtual histology", "units": "raw stain units",
-             "model_sha256": run.model_rec["sha256"], "aggregate": aggregate, "numerics": run.accel.label}
+    if ctx.client is None and ctx.scheduler is None and ctx.dask_workers is None and active_client() is None:
+        ctx = ctx.but(scheduler="synchronous")  # no cluster around: this process, torch's own threads
+    with ctx.runner() as runner:
+        plan.use_threads(runner, ctx)
+        plan.plan_numerics(runner, brain_voxels([ds]))
+        plan.prepare_workers(runner)
+        graph = subject_prediction(ds, plan.meta, plan.spec, aggregate=plan.aggregate, tta=plan.tta,
+                                   norm=plan.normalisation(ds, runner))
+        (values,) = runner.compute([graph], "predict_volume", quiet=True)
+    return _volume(plan, ds, values)
+
+
+def _volume(plan: PredictPlan, ds, values):
+    """The map(s) of ``values`` (x, y, z[, V]) on the subject's grid, with their attrs."""
+    attrs = {"target": plan.target, "kind": "virtual histology", "units": "raw stain units",
+             "model_sha256": plan.model_rec["sha256"], "aggregate": plan.aggregate, "numerics": plan.accel.label}
     attrs.update({k: ds.attrs[k] for k in ("affine", "voxel_size", "voxel_size_units", "subject") if k in ds.attrs})
     coords = {k: ds.coords[k] for k in ("x", "y", "z") if k in ds.coords}
     if values.ndim == 4:
-        n_t = len(run.stains)
-        maps = {v: (("x", "y", "z"), values[..., k], {**attrs, "target": run.stains[k]})
-                for k, v in enumerate(run.virtuals)}
-        maps.update({v: (("x", "y", "z"), values[..., n_t + k], run.uncertainty_attrs(k))
-                     for k, v in enumerate(run.uncertainties)})
+        n_t = len(plan.stains)
+        maps = {v: (("x", "y", "z"), values[..., k], plan.map_attrs(k, attrs)) for k, v in enumerate(plan.virtuals)}
+        maps.update({v: (("x", "y", "z"), values[..., n_t + k], plan.uncertainty_attrs(k))
+                     for k, v in enumerate(plan.uncertainties)})
         return xr.Dataset(maps, coords=coords)
-    return xr.DataArray(values, dims=("x", "y", "z"), coords=coords, name=run.variable, attrs=attrs)
+    return xr.DataArray(values, dims=("x", "y", "z"), coords=coords, name=plan.variable, attrs=attrs)
 
 
 def subject_from_files(data: Mapping, subject: str = "subject"):
     """One subject's files (paths or nibabel images) as the lazy Dataset ``ingest`` would store."""
-    from mrhscale.io.manifest import parse_subject
-    from mrhscale.io.volumes import image_volume
-    from mrhscale.stages.ingest import plan_subject, subject_dataset
-
     if not isinstance(data, Mapping):
         raise MRHError(f"data: expected an xarray Dataset or a mapping of images, got {type(data).__name__}")
     raw = dict(data) if "mri" in data else {

@@ -16,6 +16,7 @@ from mrhscale.errors import MRHError
 from mrhscale.io.bundle import save_bundle
 from mrhscale.nn.model import MRHNet
 from mrhscale.ops.norm import Normalisation
+from mrhscale.parallel.context import Context
 from mrhscale.stages.importance import channel_groups, contrast_group, importance
 
 
@@ -31,7 +32,7 @@ def test_ranks_true_dependence_first_with_constructed_weights(tmp_path):
     store = tiny_store(tmp_path / "p.zarr", channels=("c", "b", "a"))  # store order differs
     model = known_model(tmp_path / "m.pt")
     out = str(tmp_path / "imp")
-    res = importance(model, store, out, repeats=2, quiet=True)
+    res = importance(model, store, out, repeats=2, ctx=Context(quiet=True))
     ch = {r["name"]: r for r in res["channels"]}
     assert res["channels"][0]["name"] == "a"
     # b enters the model but not the target: shuffling it only reshuffles an error of the
@@ -63,7 +64,7 @@ def test_ranks_true_dependence_after_training(tmp_path):
     path = tmp_path / "m.pt"
     save_bundle(path, m, channels=list(root.attrs["channels"]), norm=norm, target="af",
                 patch=dict(root.attrs["patch"]))
-    res = importance(str(path), store, str(tmp_path / "imp"), repeats=2, quiet=True)
+    res = importance(str(path), store, str(tmp_path / "imp"), repeats=2, ctx=Context(quiet=True))
     ch = {r["name"]: r["increase"] for r in res["channels"]}
     names = list(root.attrs["channels"])
     assert ch[names[0]] > 5 * max(ch[names[3]], ch[names[4]])
@@ -74,13 +75,13 @@ def test_bad_input(tmp_path):
     store = tiny_store(tmp_path / "p.zarr", channels=("a", "b"))
     model = known_model(tmp_path / "m.pt")
     with pytest.raises(MRHError, match="channels the store does not have: c"):
-        importance(model, store, str(tmp_path / "o"), quiet=True)
+        importance(model, store, str(tmp_path / "o"), ctx=Context(quiet=True))
     store3 = tiny_store(tmp_path / "p3.zarr")
     with pytest.raises(MRHError, match="no split 'test'"):
-        importance(model, store3, str(tmp_path / "o"), split="test", quiet=True)
+        importance(model, store3, str(tmp_path / "o"), split="test", ctx=Context(quiet=True))
     zarr.open_group(store3, mode="a").attrs["complete"] = False
     with pytest.raises(MRHError, match="incomplete"):
-        importance(model, store3, str(tmp_path / "o"), quiet=True)
+        importance(model, store3, str(tmp_path / "o"), ctx=Context(quiet=True))
     runner = CliRunner()
     from mrhscale.cli import main
 

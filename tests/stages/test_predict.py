@@ -16,10 +16,15 @@ from helpers import subject_dataset, write_model
 
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import load_model
+from mrhscale.nn.worker import NetworkSpec
 from mrhscale.ops.blocks import block_patches
-from mrhscale.stages.predict import _predict_block, predict, subject_prediction
+from mrhscale.options import PredictOptions
+from mrhscale.parallel.context import Context
+from mrhscale.stages.predict import predict
+from mrhscale.stages.predict_graph import BlockJob, predict_block, subject_prediction
 
 SHAPE = (11, 7, 13)
+QUIET = Context(quiet=True)
 
 
 def write_store(path, n_subjects=2, shape=SHAPE, n_channels=5, chunks=(4, 3, 5), full_mask=False,
@@ -81,7 +86,7 @@ def test_voxels_equal_direct_model_on_their_patch(tmp_path, half, axis):
     bundle_channels = names[::-1][:4]  # reordered subset: selection must go by NAME
     mp = write_model(tmp_path / "m.pt", bundle_channels, half=half, axis=axis)
     model, meta = load_model(mp)
-    pred = subject_prediction(ds, meta, mp, batch_size=37).compute(scheduler="sync")
+    pred = subject_prediction(ds, meta, NetworkSpec(mp, batch_size=37)).compute(scheduler="sync")
     assert pred.shape == SHAPE and pred.dtype == np.float32
     mri = ds["mri"].values
     cidx = [names.index(c) for c in bundle_channels]
@@ -102,8 +107,8 @@ def test_outside_mask_is_zero_and_mean_aggregate_differs(tmp_path):
     ds = xr.open_zarr(store, group=ids[0], consolidated=False)
     mp = write_model(tmp_path / "m.pt", [str(c) for c in ds.contrast.values])
     model, meta = load_model(mp)
-    centre = subject_prediction(ds, meta, mp).compute(scheduler="sync")
-    mean = subject_prediction(ds, meta, mp, aggregate="mean").compute(scheduler="sync")
+    centre = subject_prediction(ds, meta, NetworkSpec(mp)).compute(scheduler="sync")
+    mean = subject_prediction(ds, meta, NetworkSpec(mp), aggregate="mean").compute(scheduler="sync")
     mask = ds["mask"].values
     assert np.all(centre[~mask] == 0) and np.all(mean[~mask] == 0)
     assert np.all(centre[mask] != 0)
@@ -142,9 +147,9 @@ def test_patch_building_has_no_per_voxel_python_loop(tmp_path):
 
         sys.setprofile(prof)
         try:
-            out = _predict_block(mri, mask, model_path=mp, device="cpu", threads=None, half=1,
-                                 slice_axis=1, offset=off, inv_scale=inv, t_offset=0.0, t_scale=1.0,
-                                 batch_size=10**6, aggregate="centre", halo=1)
+            job = BlockJob(NetworkSpec(mp, batch_size=10**6), half=1, slice_axis=1, offset=off, inv_scale=inv,
+                           t_offset=0.0, t_scale=1.0)
+            out = predict_block(mri, mask, job, halo=1)
         finally:
             sys.setprofile(None)
         assert out.shape == (n, 4, n)
@@ -162,24 +167,24 @@ def test_patch_building_has_no_per_voxel_python_loop(tmp_path):
 def test_end_to_end_cluster_nifti_resume_and_model_loaded_once_per_worker(tmp_path):
     from distributed import Client, LocalCluster
 
-    from mrhscale.stages import predict as P
+    from mrhscale.nn import worker
 
     store, ids = write_store(tmp_path / "c.zarr", n_subjects=3, chunks=(3, 3, 4))
     mp = write_model(tmp_path / "m.pt", [f"c{i:02d}" for i in range(5)])
     out, nii = str(tmp_path / "p.zarr"), str(tmp_path / "nii")
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
-        r1 = predict(mp, store, out, subjects=["s02"], scheduler=cluster.scheduler_address,
-                     quiet=True, batch_size=64)
+        on_cluster = Context(scheduler=cluster.scheduler_address, quiet=True)
+        r1 = predict(mp, store, out, subjects=["s02"], ctx=on_cluster, options=PredictOptions(batch_size=64))
         assert r1["predicted"] == ["s02"]
         assert zarr.open_group(out, mode="r").attrs["subjects"] == ["s02"]
         # an interrupted run: s01's group half-written but not listed -> redone
         zarr.open_group(out, mode="a").create_group("s01")
         mtime = os.path.getmtime(os.path.join(out, "s02", "af_virtual", "zarr.json"))
-        r2 = predict(mp, store, out, nifti_dir=nii, scheduler=cluster.scheduler_address, quiet=True)
+        r2 = predict(mp, store, out, nifti_dir=nii, ctx=on_cluster)
         assert r2["skipped"] == ["s02"] and r2["predicted"] == ["s01", "s03"]
         assert os.path.getmtime(os.path.join(out, "s02", "af_virtual", "zarr.json")) == mtime
-        loads = client.run(P.load_count)
+        loads = client.run(worker.load_count)
         assert list(loads.values()) == [1]  # many chunks, 2 runs, one load per worker
     root = zarr.open_group(out, mode="r")
     assert root.attrs["subjects"] == ["s01", "s02", "s03"]  # an index of the complete ones, natural order
@@ -188,7 +193,7 @@ def test_end_to_end_cluster_nifti_resume_and_model_loaded_once_per_worker(tmp_pa
     for sid in ids:
         src = xr.open_zarr(store, group=sid, consolidated=False)
         got = xr.open_zarr(out, group=sid, consolidated=False)
-        ref = subject_prediction(src, meta, mp).compute(scheduler="sync")
+        ref = subject_prediction(src, meta, NetworkSpec(mp)).compute(scheduler="sync")
         np.testing.assert_allclose(got["af_virtual"].values, ref, rtol=1e-5, atol=1e-4)
         assert got["af_virtual"].dims == ("x", "y", "z")
         assert got.attrs["affine"] == src.attrs["affine"]
@@ -202,29 +207,29 @@ def test_end_to_end_cluster_nifti_resume_and_model_loaded_once_per_worker(tmp_pa
     # a different model into the same output is refused rather than mixed
     mp2 = write_model(tmp_path / "m2.pt", [f"c{i:02d}" for i in range(5)], seed=3)
     with pytest.raises(MRHError, match="another model"):
-        predict(mp2, store, out, quiet=True)
+        predict(mp2, store, out, ctx=QUIET)
 
 
 def test_bad_input_errors(tmp_path):
     store, _ = write_store(tmp_path / "c.zarr", n_subjects=1)
     bad = write_model(tmp_path / "bad.pt", ["c00", "c01", "t2", "mt_on"])
     with pytest.raises(MRHError, match="t2, mt_on"):
-        predict(bad, store, str(tmp_path / "p.zarr"), quiet=True)
+        predict(bad, store, str(tmp_path / "p.zarr"), ctx=QUIET)
     good = write_model(tmp_path / "good.pt", [f"c{i:02d}" for i in range(5)])
     with pytest.raises(MRHError, match="s09"):
-        predict(good, store, str(tmp_path / "p.zarr"), subjects=["s09"], quiet=True)
+        predict(good, store, str(tmp_path / "p.zarr"), subjects=["s09"], ctx=QUIET)
     if not torch.cuda.is_available():
         with pytest.raises(MRHError, match="no CUDA GPU"):
-            predict(good, store, str(tmp_path / "p.zarr"), device="cuda", quiet=True)
+            predict(good, store, str(tmp_path / "p.zarr"), ctx=Context(device="cuda", quiet=True))
     with pytest.raises(MRHError, match="aggregate"):
-        predict(good, store, str(tmp_path / "p.zarr"), aggregate="max", quiet=True)
+        predict(good, store, str(tmp_path / "p.zarr"), options=PredictOptions(aggregate="max"), ctx=QUIET)
     with pytest.raises(MRHError, match="not found"):
-        predict(str(tmp_path / "none.pt"), store, str(tmp_path / "p.zarr"), quiet=True)
+        predict(str(tmp_path / "none.pt"), store, str(tmp_path / "p.zarr"), ctx=QUIET)
     with pytest.raises(MRHError, match="input store"):
-        predict(good, store, store, quiet=True)
+        predict(good, store, store, ctx=QUIET)
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["format"] = "mrhscale-cohort"
     with pytest.raises(MRHError, match="not a prediction store"):
-        predict(good, store, str(tmp_path / "other.zarr"), quiet=True)
+        predict(good, store, str(tmp_path / "other.zarr"), ctx=QUIET)
     assert not os.path.exists(tmp_path / "p.zarr" / "s01")
 
 
@@ -251,7 +256,7 @@ def test_cli_predict(tmp_path):
     assert zarr.open_group(str(tmp_path / "p.zarr"), mode="r").attrs["aggregate"] == "mean"
     src = xr.open_zarr(store, group="s01", consolidated=False)
     _, meta = load_model(good)
-    ref = subject_prediction(src, meta, good, aggregate="mean").compute(scheduler="sync")
+    ref = subject_prediction(src, meta, NetworkSpec(good), aggregate="mean").compute(scheduler="sync")
     got = xr.open_zarr(str(tmp_path / "p.zarr"), group="s01", consolidated=False)["af_virtual"].values
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
 
@@ -277,12 +282,12 @@ def test_inference_patches_equal_training_patches(axis):
 def test_prediction_blocks_merge_whole_store_chunks_in_plane():
     """Fewer, larger blocks (halo tasks per block are a fixed cost); only in-plane axes merge,
     boundaries stay on store-chunk boundaries, and the byte budget holds."""
-    from mrhscale.stages.predict import _merged_inplane
+    from mrhscale.stages.predict_graph import merged_inplane
 
     chunks = ((64, 64, 64, 8), (32, 32, 32, 32), (64, 64, 64, 64, 24))
     shape = (200, 128, 280)
     vb = 67 * 4
-    got = _merged_inplane(chunks, shape, 1, vb, 96 << 20)
+    got = merged_inplane(chunks, shape, 1, vb, 96 << 20)
     assert got[1] == chunks[1]
     for a in (0, 2):
         assert sum(got[a]) == shape[a]
@@ -290,7 +295,7 @@ def test_prediction_blocks_merge_whole_store_chunks_in_plane():
         assert set(__import__("itertools").accumulate(got[a])) <= edges
     assert max(got[0]) * 32 * max(got[2]) * vb <= 96 << 20
     assert len(got[0]) * len(got[2]) < len(chunks[0]) * len(chunks[2])
-    assert _merged_inplane(chunks, shape, 1, vb, 1) == [tuple(c) for c in chunks]
+    assert merged_inplane(chunks, shape, 1, vb, 1) == [tuple(c) for c in chunks]
 
 
 @pytest.mark.parametrize("aggregate", ["centre", "mean"])
@@ -299,7 +304,7 @@ def test_block_layouts_and_gather_backends_agree(tmp_path, monkeypatch, aggregat
     """Whole-plane blocks (no halo exchange, zero padding inside the gather), store-chunk
     blocks with map_overlap halos, and the numpy fallback give the same voxels."""
     from mrhscale.ops import blocks
-    from mrhscale.stages import predict as P
+    from mrhscale.stages import predict_graph as P
 
     store, ids = write_store(tmp_path / "c.zarr", n_subjects=1, full_mask=True, nan=True)
     ds = xr.open_zarr(store, group=ids[0], consolidated=False)
@@ -307,7 +312,8 @@ def test_block_layouts_and_gather_backends_agree(tmp_path, monkeypatch, aggregat
     _, meta = load_model(mp)
 
     def run(block_bytes):
-        arr = subject_prediction(ds, meta, mp, batch_size=29, aggregate=aggregate, block_bytes=block_bytes)
+        arr = subject_prediction(ds, meta, NetworkSpec(mp, batch_size=29), aggregate=aggregate,
+                                 block_bytes=block_bytes)
         names = {str(k[0] if isinstance(k, tuple) else k) for k in dict(arr.__dask_graph__())}
         return arr.compute(scheduler="sync"), arr.numblocks, any("overlap" in n for n in names)
 

@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from mrhscale.options import Numerics, PredictOptions
+from mrhscale.parallel.context import Context
 from mrhscale.stages.evaluate import evaluate
 from mrhscale.stages.predict import predict
+
+SYNC = Context(scheduler="synchronous", quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +40,8 @@ def test_compiled_bf16_prediction_matches_fp32(trained):
     compiled = "off" if compiler_missing("cpu") else "on"
     for name, precision, comp in (("fp32", "fp32", "off"), ("bf16", "bf16", compiled)):
         out = str(d / f"pred_{name}.zarr")
-        predict(model, store, out, subjects=["s03"], scheduler="synchronous", quiet=True,
-                precision=precision, compile=comp, batch_size=1024)
+        predict(model, store, out, subjects=["s03"], ctx=SYNC,
+                options=PredictOptions(batch_size=1024, numerics=Numerics(precision, comp)))
         ds = xr.open_zarr(out, group="s03", consolidated=False)
         maps[name] = ds["mbp_virtual"].values[ds["mask"].values]
         if name == "bf16":
@@ -54,6 +58,14 @@ def test_compiled_bf16_prediction_matches_fp32(trained):
     assert rs["fp32"] > 0.5  # a network that learned something: the guard means something
 
 
+def _auto_not_pinned(monkeypatch):
+    """auto takes $MRHSCALE_PRECISION/$MRHSCALE_COMPILE where set (conftest pins fp32, off)."""
+    from mrhscale.nn import accel
+
+    monkeypatch.delenv(accel.ENV_PRECISION, raising=False)
+    monkeypatch.delenv(accel.ENV_COMPILE, raising=False)
+
+
 def test_eager_fp32_request_gives_the_default_result(trained, monkeypatch):
     """--precision fp32 --compile off is the reference path, bit for bit (and auto falls back to it)."""
     d, store, model = trained
@@ -61,9 +73,10 @@ def test_eager_fp32_request_gives_the_default_result(trained, monkeypatch):
 
     monkeypatch.setattr(accel, "cpu_bf16_units", lambda: None)
     monkeypatch.setattr(accel, "compiler_missing", lambda kind: "no C++ compiler (test)")
+    _auto_not_pinned(monkeypatch)
     out = str(d / "pred_auto_fallback.zarr")
-    predict(model, store, out, subjects=["s03"], scheduler="synchronous", quiet=True,
-            precision="auto", compile="auto")
+    predict(model, store, out, subjects=["s03"], options=PredictOptions(numerics=Numerics("auto", "auto")),
+            ctx=SYNC)
     ref = xr.open_zarr(str(d / "pred_fp32.zarr"), group="s03", consolidated=False)["mbp_virtual"].values
     got = xr.open_zarr(out, group="s03", consolidated=False)
     assert np.array_equal(got["mbp_virtual"].values, ref)
@@ -78,14 +91,15 @@ def test_auto_compiles_only_jobs_that_pay_for_it(trained, monkeypatch):
     d, store, model = trained
     monkeypatch.setattr(accel, "compiler_missing", lambda kind: None)
     monkeypatch.setattr(accel, "cpu_bf16_units", lambda: None)
+    _auto_not_pinned(monkeypatch)
     out = str(d / "pred_auto_small.zarr")
-    predict(model, store, out, subjects=["s03"], scheduler="synchronous", quiet=True,
-            precision="auto", compile="auto")
+    predict(model, store, out, subjects=["s03"], options=PredictOptions(numerics=Numerics("auto", "auto")),
+            ctx=SYNC)
     why = xr.open_zarr(out, group="s03", consolidated=False).attrs["lineage"]["numerics"]
     assert not why["compile"] and "under the 300000 a compile pays for" in why["why"]
     monkeypatch.setenv("MRHSCALE_COMPILE_MIN_PATCHES", "100")
     out = str(d / "pred_auto_large.zarr")
-    predict(model, store, out, subjects=["s03"], scheduler="synchronous", quiet=True,
-            precision="auto", compile="auto", batch_size=1024)
+    predict(model, store, out, subjects=["s03"], ctx=SYNC,
+            options=PredictOptions(batch_size=1024, numerics=Numerics("auto", "auto")))
     why = xr.open_zarr(out, group="s03", consolidated=False).attrs["lineage"]["numerics"]
     assert why["compile"] and why["precision"] == "fp32"

@@ -16,7 +16,11 @@ from test_predict import reference_patch, write_store
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import load_model
+from mrhscale.options import PredictOptions
+from mrhscale.parallel.context import Context
 from mrhscale.stages.predict import predict
+
+SYNC = Context(scheduler="synchronous", quiet=True)
 
 HAVE_OME = importlib.util.find_spec("ome_zarr") is not None or importlib.util.find_spec("ngff_zarr") is not None
 
@@ -37,11 +41,11 @@ def _map(pred_url, sid, var):
 @pytest.mark.parametrize("aggregate", ["centre", "mean"])
 def test_mean_and_calibrated_spread_of_the_members(setup, tmp_path, aggregate):
     d, store, ids, model, singles = setup
-    res = predict(model, store, str(tmp_path / "p.zarr"), subjects=ids[:1], scheduler="synchronous",
-                  aggregate=aggregate, quiet=True, nifti_dir=str(tmp_path / "nii"))
+    res = predict(model, store, str(tmp_path / "p.zarr"), subjects=ids[:1], nifti_dir=str(tmp_path / "nii"),
+                  options=PredictOptions(aggregate=aggregate), ctx=SYNC)
     assert res.uncertainty == "af_uncertainty" and res.variable == "af_virtual"
-    each = np.stack([_map(predict(m, store, str(tmp_path / f"m{k}.zarr"), subjects=ids[:1],
-                                  scheduler="synchronous", aggregate=aggregate, quiet=True).out, ids[0], "af_virtual")
+    each = np.stack([_map(predict(m, store, str(tmp_path / f"m{k}.zarr"), subjects=ids[:1], ctx=SYNC,
+                                  options=PredictOptions(aggregate=aggregate)).out, ids[0], "af_virtual")
                      for k, m in enumerate(singles)])
     virt, unc = _map(res.out, ids[0], "af_virtual"), _map(res.out, ids[0], "af_uncertainty")
     mask = _map(res.out, ids[0], "mask")
@@ -73,8 +77,8 @@ def test_rerun_reuses_and_root_names_the_uncertainty(setup, tmp_path):
 
     d, store, ids, model, _ = setup
     out = str(tmp_path / "p.zarr")
-    predict(model, store, out, scheduler="synchronous", quiet=True)
-    again = predict(model, store, out, scheduler="synchronous", quiet=True)
+    predict(model, store, out, ctx=SYNC)
+    again = predict(model, store, out, ctx=SYNC)
     assert again.skipped == ids and not again.predicted
     attrs = dict(zarr.open_group(out, mode="r").attrs)
     assert attrs["uncertainty"] == "af_uncertainty" and attrs["model"]["members"] == 3
@@ -92,15 +96,15 @@ def test_predict_volume_gives_a_dataset_for_an_ensemble(setup):
     assert isinstance(got, xr.Dataset) and set(got.data_vars) == {"af_virtual", "af_uncertainty"}
     np.testing.assert_allclose(got["af_virtual"].values,
                                _map(predict(model, store, os.path.join(d, "pv.zarr"), subjects=ids[:1],
-                                            scheduler="synchronous", quiet=True).out, ids[0], "af_virtual"),
+                                            ctx=SYNC).out, ids[0], "af_virtual"),
                                atol=1e-5)
 
 
 @pytest.mark.skipif(not HAVE_OME, reason="ome extra not installed")
 def test_ome_zarr_images_of_both_maps(setup, tmp_path):
     d, store, ids, model, _ = setup
-    res = predict(model, store, str(tmp_path / "p.zarr"), subjects=ids[:1], scheduler="synchronous", quiet=True,
-                  ome_zarr=str(tmp_path / "ome"))
+    res = predict(model, store, str(tmp_path / "p.zarr"), subjects=ids[:1], ome_zarr=str(tmp_path / "ome"),
+                  ctx=SYNC)
     names = sorted(os.path.basename(p) for p in res.ome_zarr)
     assert names == [f"{ids[0]}.af_uncertainty.ome.zarr", f"{ids[0]}.ome.zarr"]
 
@@ -134,5 +138,5 @@ def test_export_refuses_an_ensemble_and_importance_uses_the_mean(setup, tmp_path
 
     g = zarr.open_group(p, mode="r+")
     g.attrs["channels"] = channels
-    res = importance(model, p, str(tmp_path / "imp"), max_patches=64, repeats=1, quiet=True)
+    res = importance(model, p, str(tmp_path / "imp"), max_patches=64, repeats=1, ctx=Context(quiet=True))
     assert np.isfinite(res["baseline_mse"]) and len(res["groups"]) >= 1

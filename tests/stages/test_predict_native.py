@@ -20,6 +20,8 @@ os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 from mrhscale.errors import MRHError  # noqa: E402
 from mrhscale.io.volumes import write_sidecars, write_volume  # noqa: E402
+from mrhscale.options import PredictOptions
+from mrhscale.parallel.context import Context
 
 SHAPE = (28, 22, 34)
 NSHAPE = (30, 26, 32)  # the moving subject's native grid differs from the reference grid
@@ -147,15 +149,15 @@ def test_to_native_on_the_native_grid_and_like_native_prediction(cohort, tmp_pat
     c = cohort
     nii = str(tmp_path / "nii")
     res = predict(c["model"], c["store"], str(tmp_path / "p.zarr"), nifti_dir=nii, to_native=True,
-                  workers=1, quiet=True, batch_size=2048)
+                  options=PredictOptions(batch_size=2048), ctx=Context(dask_workers=1, quiet=True))
     assert res["native"] == [os.path.join(nii, f"{s}_af_virtual_native.nii.gz") for s in ("s01", "s02")]
     img = nib.load(os.path.join(nii, "s02_af_virtual_native.nii.gz"))
     assert img.shape == NSHAPE
     np.testing.assert_allclose(img.affine, NAFFINE, atol=1e-5)
     got = np.asarray(img.dataobj, np.float32)
     # the same model run directly on the native subject
-    direct = predict(c["model"], c["native_store"], str(tmp_path / "n.zarr"), nifti_dir=nii,
-                     subjects=["s02"], workers=1, quiet=True, batch_size=2048)
+    direct = predict(c["model"], c["native_store"], str(tmp_path / "n.zarr"), nifti_dir=nii, subjects=["s02"],
+                     options=PredictOptions(batch_size=2048), ctx=Context(dask_workers=1, quiet=True))
     assert direct["predicted"] == ["s02"]
     want = np.asarray(nib.load(os.path.join(nii, "s02_af_virtual.nii.gz")).dataobj, np.float32)
     mask = c["moved"]["mask"] > 0.5
@@ -176,14 +178,14 @@ def test_to_native_dir_resume_and_errors(cohort, tmp_path):
     c = cohort
     out, nii = str(tmp_path / "p.zarr"), str(tmp_path / "nii")
     with pytest.raises(MRHError, match="needs --nifti"):
-        predict(c["model"], c["store"], out, to_native=True, quiet=True)
+        predict(c["model"], c["store"], out, to_native=True, ctx=Context(quiet=True))
     # a store ingested from the native files: never registered -> names the subject and the fix
     with pytest.raises(MRHError, match="'s02' was not registered.*--to-native DIR"):
         predict(c["model"], c["native_store"], out, nifti_dir=nii, to_native=True, subjects=["s02"],
-                quiet=True)
+                ctx=Context(quiet=True))
     with pytest.raises(MRHError, match="no folder s02/"):
         predict(c["model"], c["store"], out, nifti_dir=nii, to_native=str(tmp_path), subjects=["s02"],
-                quiet=True)
+                ctx=Context(quiet=True))
     assert not os.path.exists(out)  # errors come before any work
     # CLI: explicit DIR, one subject
     r = CliRunner().invoke(main, ["predict", c["model"], c["store"], "--out", out, "--nifti", nii,

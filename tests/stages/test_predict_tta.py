@@ -12,6 +12,8 @@ from mrhscale.cli import main
 from mrhscale.io.bundle import read_bundle, save_bundle
 from mrhscale.nn.model import MRHNet
 from mrhscale.ops.norm import Normalisation
+from mrhscale.options import PredictOptions
+from mrhscale.parallel.context import Context
 from mrhscale.stages.predict import predict
 
 
@@ -38,9 +40,9 @@ def values(out, sid):
 def test_tta_of_an_equivariant_network_changes_nothing(cohort_store, tmp_path):
     store, ids = cohort_store
     model = symmetric_model(tmp_path / "sym.pt", channel_names(5))
-    kw = dict(subjects=[ids[0]], scheduler="synchronous", quiet=True)
+    kw = dict(subjects=[ids[0]], ctx=Context(scheduler="synchronous", quiet=True))
     predict(model, store, str(tmp_path / "plain.zarr"), **kw)
-    predict(model, store, str(tmp_path / "tta.zarr"), tta=True, **kw)
+    predict(model, store, str(tmp_path / "tta.zarr"), options=PredictOptions(tta=True), **kw)
     a, _ = values(str(tmp_path / "plain.zarr"), ids[0])
     b, attrs = values(str(tmp_path / "tta.zarr"), ids[0])
     assert np.abs(a).max() > 0 and np.allclose(a, b, atol=1e-4 * np.abs(a).max())
@@ -51,12 +53,14 @@ def test_tta_differs_for_a_plain_network_and_is_not_reused_for_a_plain_request(c
     store, ids = cohort_store
     model = write_model(tmp_path / "m.pt", channel_names(5))
     out = str(tmp_path / "p.zarr")
-    predict(model, store, out, subjects=[ids[0]], scheduler="synchronous", quiet=True, tta=True)
+    predict(model, store, out, subjects=[ids[0]], options=PredictOptions(tta=True),
+            ctx=Context(scheduler="synchronous", quiet=True))
     b, _ = values(out, ids[0])
     r = CliRunner().invoke(main, ["predict", model, store, "--out", out, "--subjects", ids[0],
                                   "--scheduler", "synchronous", "-q"])
     assert r.exit_code == 2 and "tta" in r.output  # made with TTA: not silently reused
-    predict(model, store, str(tmp_path / "q.zarr"), subjects=[ids[0]], scheduler="synchronous", quiet=True)
+    predict(model, store, str(tmp_path / "q.zarr"), subjects=[ids[0]],
+            ctx=Context(scheduler="synchronous", quiet=True))
     a, attrs = values(str(tmp_path / "q.zarr"), ids[0])
     assert "tta" not in attrs["made_by"] and not np.allclose(a, b)
     assert read_bundle(model)["arch"]["depth"] == 1

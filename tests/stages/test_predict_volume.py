@@ -12,6 +12,7 @@ from helpers import write_file_cohort, write_model
 
 import mrhscale
 from mrhscale.errors import MRHError
+from mrhscale.parallel.context import Context
 
 CHANNELS = ["dwi_0", "dwi_1", "dwi_2", "dwi_3", "dwi_4", "t2", "mt_off", "mt_on"]
 
@@ -23,7 +24,7 @@ def predicted(tmp_path_factory):
     cohort, pred = str(root / "cohort.zarr"), str(root / "pred.zarr")
     mrhscale.ingest(man, cohort, scheduler="synchronous", quiet=True)
     model = write_model(root / "m.pt", CHANNELS, half=2)
-    mrhscale.predict(model, cohort, pred, scheduler="synchronous", quiet=True)
+    mrhscale.predict(model, cohort, pred, ctx=Context(scheduler="synchronous", quiet=True))
     want = mrhscale.PredictionStore.open(pred).open_subject("s01")["af_virtual"].load()
     return {"root": root / "files" / "s01", "cohort": cohort, "model": model, "want": want}
 
@@ -52,7 +53,7 @@ def test_on_a_dask_client(predicted):
 
     with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cl, Client(cl) as client:
         got = mrhscale.predict_volume(predicted["model"], mrhscale.open_subject(predicted["cohort"], "s01"),
-                                      client=client)
+                                      ctx=Context(client=client))
     np.testing.assert_array_equal(got.values, predicted["want"].values)
 
 

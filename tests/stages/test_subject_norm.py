@@ -11,9 +11,11 @@ from click.testing import CliRunner
 from helpers import channel_names, make_cohort_store, subject_dataset
 
 from mrhscale.cli import main
-from mrhscale.ops.norm import Normalisation
+from mrhscale.ops.norm import Normalisation, subject_normalisation
+from mrhscale.parallel.context import Context
 from mrhscale.stages.patches import extract_patches
-from mrhscale.stages.predict import predict, subject_normalisation
+from mrhscale.stages.predict import predict
+from mrhscale.stages.predict_graph import subject_arrays
 from mrhscale.stores import CohortStore
 from mrhscale.training.stream import PatchStream
 
@@ -51,7 +53,8 @@ def test_patch_store_holds_each_subjects_statistics_as_predict_computes_them(coh
     assert sorted(stats) == ["s01", "s02", "s03"]
     meta = {"norm": Normalisation.subject_mode("subject-percentile", 5, 0.0, 1.0), "channels": channel_names(5)}
     for sid in stats:
-        got = subject_normalisation(meta, CohortStore.open(store).open_subject(sid), "synchronous")
+        ds = CohortStore.open(store).open_subject(sid)
+        got = subject_normalisation(meta["norm"], *subject_arrays(ds, meta["channels"]))
         assert got.meta["subject"] == stats[sid]["subject-percentile"]
     s1, s2 = (np.asarray(stats[s]["subject-percentile"]["scale"]) for s in ("s01", "s02"))
     assert np.allclose(s2 / s1, GAINS, rtol=1e-5)
@@ -86,7 +89,7 @@ def test_a_model_with_per_subject_norm_gives_the_same_map_whatever_the_gain(coho
         assert r.exit_code == 0, r.output
         out = d / f"pred-{norm}.zarr"
         predict(str(d / f"run-{norm}" / "model.pt"), store, str(out), subjects=["s01", "s02"],
-                scheduler="synchronous", quiet=True)
+                ctx=Context(scheduler="synchronous", quiet=True))
         a, b = (xr.open_zarr(out, group=s, consolidated=False)["af_virtual"].values for s in ("s01", "s02"))
         same = np.allclose(a, b, atol=1e-3 * np.abs(a).max())
         assert same == (norm != "global")  # the global statistics see the gain, the subject's cancel it
@@ -107,7 +110,7 @@ def test_importance_predict_volume_and_export_of_a_per_subject_model(cohort):
     from mrhscale.stages.predict_volume import predict_volume
 
     ds = CohortStore.open(store).open_subject("s02")
-    vol = predict_volume(model, ds, scheduler="synchronous")
+    vol = predict_volume(model, ds, ctx=Context(scheduler="synchronous"))
     ref = xr.open_zarr(d / "pred-subject-percentile.zarr", group="s02", consolidated=False)["af_virtual"].values
     assert np.allclose(vol.values, ref, atol=1e-5 * np.abs(ref).max())
     r = run("export", model, "--out", d / "m.onnx")

@@ -10,6 +10,7 @@ import pytest
 from helpers import make_cohort_store, make_patch_store, tree, write_file_cohort
 
 from mrhscale.errors import MRHError
+from mrhscale.parallel.context import Context
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def env(tmp_path_factory):
         from mrhscale.stages.predict import predict
 
         e["pred"] = str(d / "pred.zarr")
-        predict(e["model"], cohort, e["pred"], scheduler=e["scheduler"], quiet=True)
+        predict(e["model"], cohort, e["pred"], ctx=Context(scheduler=e["scheduler"], quiet=True))
         yield e
 
 
@@ -135,14 +136,14 @@ class TestPredictionStore(Contract):
     def make(self, env, out, variant=0):
         from mrhscale.stages.predict import predict
 
-        return predict(env["model2" if variant else "model"], env["cohort"], out, scheduler=env["scheduler"],
-                       quiet=True)
+        return predict(env["model2" if variant else "model"], env["cohort"], out,
+                       ctx=Context(scheduler=env["scheduler"], quiet=True))
 
     def fail(self, env, out):
         from mrhscale.stages.predict import predict
 
-        return predict(env["model2"], env["cohort"], out, scheduler=env["scheduler"], quiet=True,
-                       subjects=["s09"], overwrite=True)
+        return predict(env["model2"], env["cohort"], out, subjects=["s09"], overwrite=True,
+                       ctx=Context(scheduler=env["scheduler"], quiet=True))
 
 
 class TestRunFolder(Contract):
@@ -185,13 +186,13 @@ class TestImportanceFolder(Contract):
     def make(self, env, out, variant=0):
         from mrhscale.stages.importance import importance
 
-        return importance(env["model"], env["patches"], out, max_patches=64, repeats=1, quiet=True,
-                          seed=variant, per_channel=False)
+        return importance(env["model"], env["patches"], out, max_patches=64, repeats=1, seed=variant,
+                          ctx=Context(quiet=True))
 
     def fail(self, env, out):
         from mrhscale.stages.importance import importance
 
-        return importance(env["model"], env["patches"], out, split="test", quiet=True)
+        return importance(env["model"], env["patches"], out, split="test", ctx=Context(quiet=True))
 
 
 def test_stores_written_before_commit_markers_keep_their_subjects(tmp_path):

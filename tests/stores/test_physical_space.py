@@ -15,6 +15,7 @@ import zarr
 from helpers import make_patch_store, write_file_cohort, write_model
 
 from mrhscale.ops.space import header_space, is_axis_aligned, spatial_coords
+from mrhscale.parallel.context import Context
 from mrhscale.stages.export_image import export_image
 from mrhscale.stages.ingest import ingest
 from mrhscale.stages.predict import predict
@@ -72,7 +73,8 @@ def stores(tmp_path):
     ingest(man, cohort, scheduler="synchronous", quiet=True)
     model = write_model(tmp_path / "m.pt", ["dwi_0", "dwi_1", "dwi_2", "dwi_3", "dwi_4", "t2", "mt_off", "mt_on"])
     pred = str(tmp_path / "pred.zarr")
-    predict(model, cohort, pred, nifti_dir=str(tmp_path / "nifti"), scheduler="synchronous", quiet=True)
+    predict(model, cohort, pred, nifti_dir=str(tmp_path / "nifti"),
+            ctx=Context(scheduler="synchronous", quiet=True))
     patches = str(tmp_path / "patches.zarr")
     make_patch_store(patches, n_train=64, n_val=16)
     return {"cohort": cohort, "pred": pred, "patches": patches, "nifti": tmp_path / "nifti", "qform": qform,

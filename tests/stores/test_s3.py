@@ -8,6 +8,8 @@ import xarray as xr
 import zarr
 from helpers import write_file_cohort
 
+from mrhscale.options import PredictOptions
+from mrhscale.parallel.context import Context
 from mrhscale.stores import list_subjects, open_subject
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed (pip install 'moto[server]')")
@@ -115,14 +117,14 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
                     workers=1)  # a DataLoader worker process reads S3 too
         model = run["model"]
         # predict: S3 in, S3 out (workers read and write with the options); resume skips
-        res = predict(model, cohort, pred, scheduler=cl.scheduler_address, quiet=True,
-                      batch_size=256, storage_options=s3, nifti_dir=str(tmp_path / "nii"))
+        on_s3 = Context(scheduler=cl.scheduler_address, quiet=True, storage_options=s3)
+        res = predict(model, cohort, pred, nifti_dir=str(tmp_path / "nii"), options=PredictOptions(batch_size=256),
+                      ctx=on_s3)
         assert res["predicted"] == ["s01", "s02"]
-        again = predict(model, cohort, pred, scheduler=cl.scheduler_address, quiet=True,
-                        storage_options=s3)
+        again = predict(model, cohort, pred, ctx=on_s3)
         assert again["skipped"] == ["s01", "s02"] and again["predicted"] == []
-        predict(model, loc["cohort"], loc["pred"], scheduler=cl.scheduler_address, quiet=True,
-                batch_size=256)
+        predict(model, loc["cohort"], loc["pred"], options=PredictOptions(batch_size=256),
+                ctx=Context(scheduler=cl.scheduler_address, quiet=True))
     for sid in ("s01", "s02"):
         got = xr.open_zarr(pred, group=sid, consolidated=False, storage_options=s3)
         want = xr.open_zarr(loc["pred"], group=sid, consolidated=False)
@@ -134,7 +136,7 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
     assert np.isfinite(m["pooled"]["virtual"]["pearson"])
     assert "s01" in describe_store(pred, storage_options=s3)
     imp = importance(model, patches, str(tmp_path / "imp"), split="val", repeats=1, max_patches=64,
-                     quiet=True, storage_options=s3)
+                     ctx=Context(quiet=True, storage_options=s3))
     assert imp["groups"] and np.isfinite(imp["baseline_mse"])
 
 

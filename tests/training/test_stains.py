@@ -14,10 +14,13 @@ from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import load_model, read_bundle, save_bundle
 from mrhscale.nn.model import MRHNet
+from mrhscale.parallel.context import Context
 from mrhscale.stages.patches import extract_patches
 from mrhscale.stores import PatchStore
 from mrhscale.training import finetune, train
 from mrhscale.training.optim import loss_function
+
+SYNC = Context(scheduler="synchronous", quiet=True)
 
 KW = dict(scheduler="synchronous", quiet=True, stride=2, val_subjects=["s02"])
 TRAIN = dict(epochs=3, depth=1, width=8, batch_size=64, quiet=True, lr=3e-3, recipe="fast", norm="global")
@@ -140,13 +143,13 @@ def test_predict_writes_each_stain_as_its_head_alone(cohort, joint, tmp_path):
     from mrhscale.stages.predict import predict
 
     _, store, _ = cohort
-    res = predict(joint.model, store, str(tmp_path / "p.zarr"), subjects=["s01"], scheduler="synchronous",
-                  quiet=True, nifti_dir=str(tmp_path / "nii"))
+    res = predict(joint.model, store, str(tmp_path / "p.zarr"), subjects=["s01"], ctx=SYNC,
+                  nifti_dir=str(tmp_path / "nii"))
     assert res.variable == "af_virtual,mbp_virtual" and res.uncertainty is None
     assert sorted(p.rsplit("/", 1)[1] for p in res.nifti) == ["s01_af_virtual.nii.gz", "s01_mbp_virtual.nii.gz"]
     for k, t in enumerate(("af", "mbp")):
         one = _head_alone(joint.model, k, str(tmp_path / f"{t}.pt"))
-        predict(one, store, str(tmp_path / f"p-{t}.zarr"), subjects=["s01"], scheduler="synchronous", quiet=True)
+        predict(one, store, str(tmp_path / f"p-{t}.zarr"), subjects=["s01"], ctx=SYNC)
         got = _map(tmp_path / "p.zarr", "s01", f"{t}_virtual")
         assert np.ptp(got) > 0
         np.testing.assert_array_equal(got, _map(tmp_path / f"p-{t}.zarr", "s01", f"{t}_virtual"))
@@ -159,7 +162,7 @@ def test_evaluate_and_importance_per_stain(cohort, joint, tmp_path):
 
     _, store, stores = cohort
     pred = str(tmp_path / "p.zarr")
-    predict(joint.model, store, pred, subjects=["s01", "s02"], scheduler="synchronous", quiet=True)
+    predict(joint.model, store, pred, subjects=["s01", "s02"], ctx=SYNC)
     ev = {t: evaluate(pred, store, t, str(tmp_path / f"ev-{t}"), subjects=["s02"], quiet=True)
           for t in ("af", "mbp")}
     assert ev["af"].pooled["virtual"]["pearson"] != ev["mbp"].pooled["virtual"]["pearson"]
@@ -167,10 +170,10 @@ def test_evaluate_and_importance_per_stain(cohort, joint, tmp_path):
                                   str(tmp_path / "ev-nf"), "-q"])
     assert r.exit_code == 2 and "give --target af or mbp" in r.output
     imp = {t: importance(joint.model, stores["af,mbp"], str(tmp_path / f"imp-{t}"), stain=t, repeats=1,
-                         quiet=True) for t in ("af", "mbp")}
+                         ctx=Context(quiet=True)) for t in ("af", "mbp")}
     assert imp["af"]["target"] == "af" and imp["mbp"]["n_patches"] < imp["af"]["n_patches"] + 1
     with pytest.raises(MRHError, match="give a stain of both"):
-        importance(joint.model, stores["af"], str(tmp_path / "imp-x"), stain="mbp", quiet=True)
+        importance(joint.model, stores["af"], str(tmp_path / "imp-x"), stain="mbp", ctx=Context(quiet=True))
 
 
 def test_ensemble_of_several_stains_calibrates_each(cohort, tmp_path):
@@ -184,7 +187,7 @@ def test_ensemble_of_several_stains_calibrates_each(cohort, tmp_path):
     r = CliRunner().invoke(main, ["info", res.model])
     assert r.exit_code == 0 and "a factor per stain" in r.output and "  mbp: calibration factor" in r.output
     out = str(tmp_path / "p.zarr")
-    predict(res.model, store, out, subjects=["s01"], scheduler="synchronous", quiet=True)
+    predict(res.model, store, out, subjects=["s01"], ctx=SYNC)
     ds = xr.open_zarr(out, group="s01", consolidated=False)
     for k, t in enumerate(("af", "mbp")):
         assert ds[f"{t}_uncertainty"].attrs["calibration_factor"] == pytest.approx(cal["factor"][k])

@@ -1,0 +1,192 @@
+"""One subject's prediction as a lazy Dask graph: the hot path of predict and predict_volume.
+
+Each voxel gets the (2h+1)x(2h+1) patch of all bundle channels in the plane of the
+two non-slice axes, built exactly as for training (channels selected by NAME in the
+bundle's order, the bundle's normalisation, NaN -> 0). Blocks are the subject's store
+chunks merged in-plane (``BLOCK_BYTES`` of input at most); a block spanning whole planes
+runs under ``dask.array.map_blocks`` (patches are in-plane, so it needs no neighbour),
+others under ``map_overlap`` (halo h in-plane, 2h for ``mean``). Either way the RAW
+volume is zero padded at its borders, and each block task gathers and normalises its
+patches batch by batch straight from the raw block (``ops.blocks``), runs the network
+(``nn.worker``: loaded once per worker process) and merges its outputs (``ops.merge``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import dask.array as da
+import numpy as np
+
+from mrhscale.errors import MRHError
+from mrhscale.nn.worker import NetworkSpec, forward, network
+from mrhscale.ops.blocks import BlockPatches
+from mrhscale.ops.merge import BlockMerger, to_stain_units
+from mrhscale.ops.uncertainty import spread_scale
+from mrhscale.options import AGGREGATES
+
+SPATIAL = ("x", "y", "z")
+BLOCK_BYTES = 96 << 20  # input bytes per prediction block (see subject_prediction)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockJob:
+    """What every block task of one subject needs besides its arrays: the network, the patch
+    geometry, the normalisation (input offset and 1/scale; target offset and scale per
+    stain), an ensemble's spread scale per stain (None: one network) and the aggregation."""
+
+    spec: NetworkSpec
+    half: int
+    slice_axis: int
+    offset: np.ndarray
+    inv_scale: np.ndarray
+    t_offset: np.ndarray
+    t_scale: np.ndarray
+    spread_scale: np.ndarray | None = None
+    aggregate: str = "centre"
+    tta: bool = False
+
+
+def predict_block(mri: np.ndarray, mask: np.ndarray, job: BlockJob, halo: int) -> np.ndarray:
+    """One block (x, y, z, contrast) with ``halo`` voxels of in-plane context -> its interior
+    (x, y, z) float32, 0 outside the mask; several stains or an ensemble give (x, y, z, V):
+    the T stains (an ensemble's: the members' mean), then an ensemble's T calibrated spreads.
+    ``halo`` is 0 for a block spanning whole planes and the map_overlap depth otherwise."""
+    order = (job.slice_axis, *(a for a in range(3) if a != job.slice_axis))
+    n_t = np.atleast_1d(job.t_scale).size
+    n_out = n_t if job.spread_scale is None else 2 * n_t
+    merger = BlockMerger(np.transpose(mask[..., 0], order), halo, job.half, job.aggregate, n_out)
+    s, r, q = merger.centres()
+    if len(s):
+        pred = forward(network(job.spec), BlockPatches(mri, order, job.offset, job.inv_scale, job.half), (s, r, q),
+                       batch_size=job.spec.batch_size, half=job.half, centre=job.aggregate == "centre",
+                       tta=job.tta, stains=n_t, ensemble=job.spread_scale is not None)
+        merger.aggregate(to_stain_units(pred, job.t_offset, job.t_scale, job.spread_scale))
+    out = np.transpose(merger.finalize(), (*np.argsort(order), 3))
+    return out if n_out > 1 else out[..., 0]
+
+
+def subject_arrays(ds, channels: list[str]):
+    """The subject's ``mri`` of ``channels`` (in that order, contrast in one chunk) and its
+    ``mask``, as dask arrays chunked alike."""
+    mri = ds["mri"].sel(contrast=channels).data
+    if not isinstance(mri, da.Array):
+        mri = da.from_array(mri, chunks=(64, 64, 64, -1))
+    mri = mri.rechunk({3: -1})
+    mask = ds["mask"].data
+    mask = (da.from_array(mask, chunks=mri.chunks[:3]) if not isinstance(mask, da.Array)
+            else mask.rechunk(mri.chunks[:3]))
+    return mri, mask
+
+
+def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = "centre", tta: bool = False,
+                       norm=None, block_bytes: int = BLOCK_BYTES):
+    """Lazy dask array (x, y, z) of the virtual stain for one subject Dataset; several stains
+    or an ensemble bundle: (x, y, z, V) as ``predict_block``. ``spec``: the network and its
+    planned numerics; ``tta``: the mean over the patch's 8 in-plane symmetries; ``norm``: this
+    subject's concrete normalisation (default: the bundle's, which must then not be per
+    subject: see ``ops.norm.subject_normalisation``).
+
+    Store chunks are merged in-plane into blocks of up to ``block_bytes`` of input: the
+    halo exchange costs dask ~40 tasks per block whatever its size, which on store-sized
+    blocks was a measurable share of the time (benchmarks/bench_predict.py); blocks that
+    span whole planes skip it.
+    """
+    if aggregate not in AGGREGATES:
+        raise MRHError(f"--aggregate {aggregate}: expected one of {', '.join(AGGREGATES)}")
+    h, slice_axis = _patch_geometry(meta)
+    dims = ds["mri"].dims
+    if tuple(dims) != (*SPATIAL, "contrast"):
+        raise MRHError(f"subject {ds.attrs.get('subject')}: mri dims {dims}, expected (x, y, z, contrast)")
+    channels = list(meta["channels"])
+    check_channels(channels, [str(c) for c in ds["contrast"].values], f"subject {ds.attrs.get('subject')!r}")
+    mri, mask = subject_arrays(ds, channels)
+    depth = h if aggregate == "centre" else 2 * h
+    mri, mask = _blocks(mri, mask, slice_axis, depth, block_bytes)
+    norm = meta["norm"] if norm is None else norm
+    t_off, t_scale = norm.target_arrays(np.float32)  # float32: what the map is computed in
+    job = BlockJob(spec, h, slice_axis, *norm.input_arrays(), t_off, t_scale, spread_scale(meta, norm), aggregate,
+                   bool(tta))
+    n_out = len(job.t_scale) * (1 if job.spread_scale is None else 2)
+    kw = dict(**({"drop_axis": 3, "chunks": mri.chunks[:3]} if n_out == 1 else {"chunks": (*mri.chunks[:3], (n_out,))}),
+              dtype=np.float32, meta=np.empty((0,) * (3 if n_out == 1 else 4), np.float32), job=job)
+    msk = mask.astype(bool)[..., None]
+    if all(len(mri.chunks[a]) == 1 for a in range(3) if a != slice_axis):
+        # blocks of whole planes: no neighbour has context to give, and the volume's zero
+        # padding is applied inside the gather, so no halo exchange (its tasks and a padded
+        # copy of every block) at all
+        return da.map_blocks(predict_block, mri, msk, halo=0, **kw)
+    dep = {a: (0 if a in (slice_axis, 3) else depth) for a in range(4)}
+    return da.map_overlap(predict_block, mri, msk, depth=dep, boundary=0, trim=False,
+                          align_arrays=False, allow_rechunk=True, halo=depth, **kw)
+
+
+def check_channels(bundle_channels: list[str], store_channels: list[str], where: str) -> None:
+    """The user's error when the data lacks a channel the model needs."""
+    missing = [c for c in bundle_channels if c not in set(store_channels)]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        raise MRHError(
+            f"{where}: the model needs channels the store does not have: {shown}; "
+            "use a model trained on this protocol or ingest the missing contrasts"
+        )
+
+
+def _patch_geometry(meta: dict) -> tuple[int, int]:
+    """(half, slice axis) of the bundle's patches."""
+    patch = meta.get("patch") or {}
+    h = int(patch.get("half", (int(patch.get("size", 3)) - 1) // 2))
+    axis = str(patch.get("axis", "y"))
+    if axis not in SPATIAL:
+        raise MRHError(f"model bundle: patch axis {axis!r} is not one of x, y, z")
+    return h, SPATIAL.index(axis)
+
+
+def _blocks(mri, mask, slice_axis: int, depth: int, block_bytes: int):
+    """``mri`` and ``mask`` rechunked into prediction blocks: store chunks merged in-plane,
+    every block at least the halo deep (fixed here, so the output chunks declared are the
+    ones map_overlap uses)."""
+    new = merged_inplane(mri.chunks[:3], mri.shape[:3], slice_axis, mri.shape[3] * mri.dtype.itemsize,
+                         block_bytes)
+    for a in range(3):
+        if a != slice_axis and min(new[a]) < depth:
+            new[a] = even_chunks(mri.shape[a], max(new[a][0], depth), depth)
+    if new != list(mri.chunks[:3]):
+        mri = mri.rechunk((*new, -1))
+        mask = mask.rechunk(new)
+    return mri, mask
+
+
+def merged_inplane(chunks, shape, slice_axis: int, voxel_bytes: int, block_bytes: int):
+    """Chunks with runs of whole store chunks merged along the two in-plane axes (the
+    one with more chunks first) while a block stays within ``block_bytes``."""
+    new = [list(c) for c in chunks]
+    size = [max(c) for c in chunks]
+    inplane = [a for a in range(3) if a != slice_axis]
+    while True:
+        cand = [a for a in inplane if size[a] < shape[a]
+                and 2 * size[a] * size[slice_axis] * size[3 - a - slice_axis] * voxel_bytes <= block_bytes]
+        if not cand:
+            break
+        a = max(cand, key=lambda k: len(new[k]))
+        size[a] = min(2 * size[a], shape[a])
+        new[a] = list(even_chunks(shape[a], size[a], 1))
+    return [tuple(c) for c in new]
+
+
+def even_chunks(n: int, size: int, minimum: int) -> tuple[int, ...]:
+    """Chunks of ``size`` along a length ``n`` axis, the remainder merged if below ``minimum``."""
+    ch = [size] * (n // size)
+    rest = n - size * len(ch)
+    if rest:
+        if ch and rest < minimum:
+            ch[-1] += rest
+        else:
+            ch.append(rest)
+    return tuple(ch)
+
+
+def zarr_chunks(chunks: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
+    """Chunks Zarr can store (uniform but the last); a halo-driven merge can break that."""
+    ok = all(all(c == ch[0] for c in ch[:-1]) and ch[-1] <= ch[0] for ch in chunks)
+    return chunks if ok else tuple(ch[0] for ch in chunks)

@@ -1,0 +1,223 @@
+"""What one predict run is before any work: the bundle checked and named, the maps it
+writes and their attrs, its numerics, and the records that say what made each output
+(shared by ``predict`` and ``predict_volume``).
+
+Numerics take one round trip to the workers at most. Where they are this machine's (an
+embedded cluster, a local scheduler) the request is planned here, and the workers
+(only if there is work, and only to compile) load the network and report fall-backs;
+on a cluster joined or given, each worker plans for its own hardware while it loads,
+and the driver takes their common plan (eager fp32 on all where they differ).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from mrhscale import __version__
+from mrhscale.errors import MRHError
+from mrhscale.io.bundle import load_model
+from mrhscale.log import logger
+from mrhscale.nn.accel import Acceleration, plan, request
+from mrhscale.nn.worker import NetworkSpec, check_device, prepare
+from mrhscale.ops.norm import subject_normalisation
+from mrhscale.ops.stains import stains_of
+from mrhscale.ops.uncertainty import calibration_factors
+from mrhscale.options import AGGREGATES, PredictOptions
+from mrhscale.stages.predict_graph import check_channels, subject_arrays
+from mrhscale.stores import resolve, sha256_file
+
+
+class PredictPlan:
+    """One predict run's model, options and records; ``spec`` is the network its tasks run."""
+
+    def __init__(self, model_path, options: PredictOptions, device: str = "cpu"):
+        if options.aggregate not in AGGREGATES:
+            raise MRHError(f"--aggregate {options.aggregate}: expected one of {', '.join(AGGREGATES)}")
+        if int(options.batch_size) < 1:
+            raise MRHError(f"--batch-size must be >= 1, got {options.batch_size}")
+        self.request = request(options.numerics)
+        self.device, self.aggregate, self.tta = device, options.aggregate, bool(options.tta)
+        self.batch_size, self.threads = int(options.batch_size), options.torch_threads
+        self.model_path = resolve(model_path, "model")
+        _, self.meta = load_model(self.model_path)  # validates the bundle; workers load their own copy
+        self.target, self.stains = str(self.meta["target"]), stains_of(self.meta)
+        self.members = int(self.meta.get("members", 1))
+        self.virtuals = [f"{t}_virtual" for t in self.stains]
+        self.uncertainties = [f"{t}_uncertainty" for t in self.stains] if self.members > 1 else []
+        self.variable = ",".join(self.virtuals)  # the one map, or the list (as target)
+        self.uncertainty = ",".join(self.uncertainties) or None
+        self.model_rec = model_record(self.model_path, self.meta)
+        self.params = {"aggregate": self.aggregate, "batch_size": self.batch_size, "device": self.device,
+                       "tta": self.tta}
+        self.accel, self.prepared = Acceleration(why="not resolved"), False
+
+    @property
+    def spec(self) -> NetworkSpec:
+        return NetworkSpec(self.model_path, self.device, self.threads, self.batch_size).planned(self.accel)
+
+    @property
+    def variables(self) -> list[str]:
+        """The maps a subject gets: the virtual stain(s), and an ensemble's uncertainty of each."""
+        return [*self.virtuals, *self.uncertainties]
+
+    def use_threads(self, runner, ctx) -> None:
+        """Torch threads per worker: the option, else on a cluster not joined by address (an
+        embedded one, a client given or active) the cores each worker gets."""
+        if self.threads is None and runner is not None and runner.client is not None and ctx.scheduler is None:
+            self.threads = max(1, (os.cpu_count() or 1) // runner.n_workers())
+
+    # ---- numerics
+    def plan_numerics(self, runner, work: int) -> None:
+        """The numerics of ``work`` brain voxels: planned here (``runner`` None: an embedded
+        cluster not started yet, or a local scheduler), or by the workers of a cluster while
+        they load the network (the one round trip)."""
+        patches = work * (8 if self.tta else 1)
+        if runner is None or runner.client is None:
+            self._use(plan(self.request, self.device, patches))
+        else:
+            self._merge(runner.on_workers(prepare, self.spec, self.request, patches, self.strict))
+            self.prepared = True
+        logger.info(f"mrhscale predict: {self.accel.label} ({self.accel.why})")
+
+    def prepare_workers(self, runner) -> None:
+        """Load and compile the planned network on every worker now, outside the first
+        block's task; where compiling fails on any of them, every worker runs eager."""
+        if self.prepared or self.accel.eager_fp32 or runner.scheduler_name == "processes":
+            return
+        self._fall_backs(runner.on_workers(prepare, self.spec, None, 0, self.strict))
+        self.prepared = True
+
+    @property
+    def strict(self) -> bool:
+        return self.request.compile == "on"
+
+    def _merge(self, got: dict) -> None:
+        bad = [w for w, r in got.items() if not r["device"]]
+        if bad:
+            raise MRHError(f"--device {self.device}: no CUDA GPU on worker(s) {', '.join(bad)}; use --device cpu")
+        modes = {(r["planned"]["precision"], r["planned"]["compile"]) for r in got.values()}
+        if len(modes) > 1:
+            self._use(Acceleration(why=f"workers differ ({sorted(modes)}): eager fp32 on all"))
+            logger.warning(f"mrhscale: {self.accel.why}")
+            return
+        self._use(Acceleration(**next(iter(got.values()))["planned"]))
+        self._fall_backs(got)
+
+    def _fall_backs(self, got: dict) -> None:
+        used = [r["used"] for r in got.values()]
+        if any(u["compile"] != self.accel.compile for u in used):
+            self._use(self.accel.without_compile(next(u["why"] for u in used if not u["compile"])))
+
+    def _use(self, accel: Acceleration) -> None:
+        self.accel = accel
+        self.params["numerics"] = accel.record()
+
+    def normalisation(self, ds, runner):
+        """The bundle's normalisation made concrete for subject ``ds``: a per-subject mode takes
+        the brain's own statistics inside its mask (computed on ``runner``), as at training."""
+        norm = self.meta["norm"]
+        if not norm.per_subject:
+            return norm
+        return subject_normalisation(norm, *subject_arrays(ds, list(self.meta["channels"])),
+                                     compute=lambda graph: runner.compute([graph], "statistics", quiet=True)[0])
+
+    # ---- records
+    def identity(self) -> dict:
+        return {"target": self.target, "variable": self.variable, "aggregate": self.aggregate,
+                "model_sha256": self.model_rec["sha256"]}
+
+    def root_attrs(self) -> dict:
+        return jsonable({"target": self.target, "variable": self.variable, "model": self.model_rec,
+                         **({"stains": self.stains} if len(self.stains) > 1 else {}),
+                         **({"uncertainty": self.uncertainty} if self.uncertainty else {}),
+                         "aggregate": self.aggregate,
+                         "provenance": {"stage": "predict", "mrhscale": __version__, **self.params}})
+
+    def made_by(self, fingerprint: str) -> dict:
+        """What made a subject predicted from the input subject of ``fingerprint``."""
+        made = {"stage": "predict", "model_sha256": self.model_rec["sha256"], "target": self.target,
+                "aggregate": self.aggregate, "source": fingerprint}
+        if not self.accel.eager_fp32:  # eager fp32 keeps the fingerprints of earlier versions
+            made["numerics"] = self.accel.label
+        if self.tta:  # absent without TTA, so earlier fingerprints still hold
+            made["tta"] = True
+        return made
+
+    def lineage(self, source, sid: str, norm) -> dict:
+        return jsonable({
+            "stage": "predict", "mrhscale": __version__, "model": self.model_rec,
+            "source": {"store": source.url, "subject": sid, **source.identity(sid)}, **self.params,
+            **({"subject_norm": norm.meta["subject"]} if "subject" in norm.meta else {})})
+
+    def map_attrs(self, k: int, attrs: dict | None = None) -> dict:
+        """The attrs of stain ``k``'s virtual map (``attrs``: more of them)."""
+        return {**(attrs or {}), "units": "raw stain units", "target": self.stains[k], "kind": "virtual histology"}
+
+    def uncertainty_attrs(self, k: int = 0) -> dict:
+        """The attrs of stain ``k``'s uncertainty map."""
+        cal = (self.meta.get("uncertainty") or {}).get("calibration") or {}
+        return jsonable({
+            "units": "raw stain units", "target": self.stains[k], "kind": "uncertainty",
+            "estimator": f"deep ensemble of {self.members} networks: their standard deviation "
+                         "(ddof 1) pooled over each voxel's output patch, times the calibration factor",
+            "calibration_factor": float(calibration_factors(self.meta, len(self.stains))[k]),
+            "calibrated_on": cal.get("fitted_on"),
+            "interval": f"{self.virtuals[k]} +- 1.96 x {self.uncertainties[k]}: the 95% interval"})
+
+    # ---- inputs
+    def inputs(self, source, subjects) -> tuple[list[str], dict]:
+        """The subjects to predict (all complete ones by default), channels checked on each."""
+        available = source.subjects()
+        if not available:
+            raise MRHError(f"{source.name}: store holds no complete subject")
+        ids = list(dict.fromkeys(subjects)) if subjects else available
+        missing = [s for s in ids if s not in available]
+        if missing:
+            raise MRHError(f"{source.name}: subject(s) not in store: {', '.join(missing)} "
+                           f"(complete subjects: {', '.join(available)})")
+        datasets = {sid: source.open_subject(sid) for sid in ids}
+        for sid, ds in datasets.items():
+            check_channels(list(self.meta["channels"]), [str(c) for c in ds["contrast"].values],
+                           f"{source.name}: subject {sid!r}")
+        return ids, datasets
+
+
+def checked_device(ctx) -> str:
+    """The context's device, checked here where this machine's GPUs are the workers' (an
+    embedded cluster, a local scheduler); on a cluster joined, each worker checks its own."""
+    device = str(ctx.device)
+    if ctx.scheduler is None or ctx.local:
+        return check_device(device)
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+        raise MRHError(f"--device {device}: expected cpu, cuda or cuda:N")
+    return device
+
+
+def brain_voxels(datasets) -> int:
+    """Brain voxels of subjects: ingest records them, else their masks are counted."""
+    return sum(int(ds.attrs.get("brain_voxels") or int(ds["mask"].sum())) for ds in datasets)
+
+
+def model_record(model_path: str, meta: dict) -> dict:
+    return {"path": model_path, "sha256": sha256_file(model_path), "target": str(meta["target"]),
+            "arch": jsonable(meta.get("arch")), "channels": list(meta["channels"]),
+            "patch": jsonable(meta.get("patch")), "norm_mode": meta["norm"].mode,
+            "provenance": jsonable(meta.get("provenance", {})),
+            **({"members": int(meta["members"]), "uncertainty": jsonable(meta.get("uncertainty") or {})}
+               if int(meta.get("members", 1)) > 1 else {})}
+
+
+def jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return jsonable(v.tolist())
+    if isinstance(v, np.generic):
+        return v.item()
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return str(v)
