@@ -45,7 +45,9 @@ def predict_modes(repeats: int, work: str) -> tuple[dict, dict, dict, int]:
     """Median voxels/s per mode, accuracy vs eager fp32 per mode, the mode auto chose, brain voxels."""
     import xarray as xr
 
+    from mrhscale.options import Numerics, PredictOptions
     from mrhscale.parallel.cluster import dask_client
+    from mrhscale.parallel.context import Context
     from mrhscale.stages.predict import predict
 
     store = make_store(os.path.join(work, "cohort.zarr"), SHAPE)
@@ -57,15 +59,15 @@ def predict_modes(repeats: int, work: str) -> tuple[dict, dict, dict, int]:
         def go(m, k):
             out = os.path.join(work, f"pred-{m[0]}-{m[1]}-{k}.zarr")
             t0 = time.perf_counter()
-            r = predict(model, store, out, scheduler=client.scheduler.address, batch_size=BATCH, quiet=True,
-                        torch_threads=cores, precision=m[0], compile=m[1])
+            r = predict(model, store, out, ctx=Context(scheduler=client.scheduler.address, quiet=True),
+                        options=PredictOptions(batch_size=BATCH, torch_threads=cores, numerics=Numerics(*m)))
             dt = time.perf_counter() - t0
             ds = xr.open_zarr(out, group="b01", consolidated=False)
             if k == 0:
                 maps[m] = ds["af_virtual"].values[ds["mask"].values]
                 chosen[m] = ds.attrs["lineage"]["numerics"]
             shutil.rmtree(out, ignore_errors=True)
-            return r["brain_voxels"], dt
+            return r.brain_voxels, dt
 
         for m in MODES:  # untimed: loads and compiles each mode's model on the worker
             n, _ = go(m, 0)

@@ -164,17 +164,21 @@ def per_voxel_loop(model_path: str, store: str, threads: int, n_slices: int) -> 
 
 def predict_once(model_path, store, work, address, threads, tag):
     """A callable: one whole ``predict`` of the store joining the cluster; returns brain voxels."""
+    from mrhscale.options import Numerics, PredictOptions
+    from mrhscale.parallel.context import Context
     from mrhscale.stages.predict import predict
 
     k = [0]
+    options = PredictOptions(batch_size=BATCH, torch_threads=threads,
+                             numerics=Numerics("fp32", "off"))  # eager fp32, as the bare forward
+    ctx = Context(scheduler=address, quiet=True)
 
     def go():
         k[0] += 1
         out = os.path.join(work, f"pred-{tag}-{k[0]}.zarr")
-        r = predict(model_path, store, out, scheduler=address, batch_size=BATCH,  # eager fp32, as
-                    quiet=True, torch_threads=threads, precision="fp32", compile="off")  # the bare forward
+        r = predict(model_path, store, out, options=options, ctx=ctx)
         shutil.rmtree(out, ignore_errors=True)
-        return r["brain_voxels"]
+        return r.brain_voxels
 
     return go
 
@@ -183,10 +187,10 @@ def warm_workers(address, model_path, threads):
     """Load the model (and compile the gather) on every worker, outside the timing."""
     from distributed import Client
 
-    from mrhscale.stages.predict import _worker_model
+    from mrhscale.nn.worker import NetworkSpec, network
 
     with Client(address) as c:
-        c.run(_worker_model, os.path.abspath(model_path), "cpu", threads)
+        c.run(network, NetworkSpec(os.path.abspath(model_path), "cpu", threads, BATCH))
 
 
 def timed_predict(model_path, store, work, address, threads, repeats, tag) -> tuple[float, int]:
@@ -203,9 +207,9 @@ _FWD = {"s": 0.0, "t0": 0.0, "hooked": set()}  # time inside the network's forwa
 def forward_timer(model_path: str, threads: int) -> float:
     """Seconds the worker's cached predict model spent in forward calls since the last call
     (installs the hooks on the first)."""
-    from mrhscale.stages.predict import _worker_model
+    from mrhscale.nn.worker import NetworkSpec, network
 
-    model = _worker_model(os.path.abspath(model_path), "cpu", threads).model
+    model = network(NetworkSpec(os.path.abspath(model_path), "cpu", threads, BATCH)).model
     if id(model) not in _FWD["hooked"]:
         _FWD["hooked"].add(id(model))
         model.register_forward_pre_hook(lambda m, i: _FWD.__setitem__("t0", time.perf_counter()))

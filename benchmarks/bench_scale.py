@@ -87,7 +87,9 @@ def _train(patches: str, out: str, cap_s: float) -> dict:
 def run(full: bool = False, workdir: str | None = None, subjects: int = 10,
         memory_limit: int | None = None, train_cap_s: float = 600.0,
         shape: tuple[int, int, int] | None = None) -> list[dict]:
+    from mrhscale.options import Numerics, PredictOptions
     from mrhscale.parallel.cluster import dask_client
+    from mrhscale.parallel.context import Context
     from mrhscale.stages.ingest import ingest
     from mrhscale.stages.patches import extract_patches
     from mrhscale.stages.predict import predict
@@ -150,8 +152,9 @@ def run(full: bool = False, workdir: str | None = None, subjects: int = 10,
             model = os.path.join(run_dir, "model.pt")
             first = "s01"
             pres, t_pred, p_pred = stage("predict", lambda: predict(
-                model, cohort, preds, subjects=[first], scheduler=client.scheduler.address,
-                quiet=True, precision="fp32", compile="off")) if os.path.exists(model) else (None, float("nan"), {})
+                model, cohort, preds, subjects=[first], options=PredictOptions(numerics=Numerics("fp32", "off")),
+                ctx=Context(scheduler=client.scheduler.address, quiet=True))
+            ) if os.path.exists(model) else (None, float("nan"), {})
 
         mb = cohort_bytes / 1e6
         lim_mib = limit / MiB
@@ -187,7 +190,7 @@ def run(full: bool = False, workdir: str | None = None, subjects: int = 10,
         rows.append(row("train: peak RSS of the training process (+children)", tr["peak"] / MiB, "MiB",
                         note="torch, not a Dask worker: no Dask limit applies"))
         if pres is not None:
-            nb = pres.get("brain_voxels", float("nan")) if isinstance(pres, dict) else float("nan")
+            nb = pres.brain_voxels  # a PredictResult (the dict test here read NaN since results became classes)
             rows.append(row(f"predict 1 subject ({first}): wall time", t_pred, "s",
                             note=f"{nb} brain voxels, joins the same cluster"))
             rows.append(row("predict: throughput", nb / t_pred, "voxels/s"))

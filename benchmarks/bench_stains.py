@@ -68,12 +68,14 @@ def _train(patches: str, out: str) -> float:
 
 
 def _predict(model: str, store: str, out: str, client) -> float:
+    from mrhscale.options import Numerics, PredictOptions
+    from mrhscale.parallel.context import Context
     from mrhscale.stages.predict import predict
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    predict(model, store, out, subjects=[HELD_OUT], scheduler=client.scheduler.address, quiet=True,
-            torch_threads=os.cpu_count() or 1, precision="fp32", compile="off")
+    predict(model, store, out, subjects=[HELD_OUT], ctx=Context(scheduler=client.scheduler.address, quiet=True),
+            options=PredictOptions(torch_threads=os.cpu_count() or 1, numerics=Numerics("fp32", "off")))
     return time.perf_counter() - t0
 
 

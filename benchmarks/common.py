@@ -186,7 +186,9 @@ def predict_rates(cases: dict[str, dict], store: str, work: str, repeats: int, b
     an untimed run each (it loads the model on the worker); medians, and the brain voxels."""
     import shutil
 
+    from mrhscale.options import Numerics, PredictOptions
     from mrhscale.parallel.cluster import dask_client
+    from mrhscale.parallel.context import Context
     from mrhscale.stages.predict import predict
 
     rates: dict = {k: [] for k in cases}
@@ -195,12 +197,14 @@ def predict_rates(cases: dict[str, dict], store: str, work: str, repeats: int, b
         def go(name, k):
             out = os.path.join(work, f"pred-{k}.zarr")
             kw = dict(cases[name])
+            model = kw.pop("model")
+            options = PredictOptions(batch_size=batch_size, torch_threads=os.cpu_count() or 1,
+                                     numerics=Numerics("fp32", "off"), **kw)  # tta...
             t0 = time.perf_counter()
-            r = predict(kw.pop("model"), store, out, scheduler=client.scheduler.address, batch_size=batch_size,
-                        quiet=True, torch_threads=os.cpu_count() or 1, precision="fp32", compile="off", **kw)
+            r = predict(model, store, out, options=options, ctx=Context(scheduler=client.scheduler.address, quiet=True))
             dt = time.perf_counter() - t0
             shutil.rmtree(out, ignore_errors=True)
-            return r["brain_voxels"], dt
+            return r.brain_voxels, dt
 
         for name in cases:
             n, _ = go(name, 0)

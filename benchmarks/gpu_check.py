@@ -112,7 +112,7 @@ def _predict(work: str, device: str, sizes: dict) -> list:
     cohort = os.path.join(work, "cohort.zarr")
     make_cohort_store(cohort, n_subjects=1, shape=sizes["shape"], n_channels=CHANNELS, chunks=(64, 32, 64))
     model = os.path.join(work, "run", "model.pt")
-    res = mrhscale.predict(model, cohort, os.path.join(work, "pred.zarr"), device=device, quiet=True)
+    res = mrhscale.predict(model, cohort, os.path.join(work, "pred.zarr"), ctx=mrhscale.Context(device=device, quiet=True))
     got = mrhscale.PredictionStore.open(res.out).open_subject("s01")[res.variable].values
     ref = mrhscale.predict_volume(model, mrhscale.open_subject(cohort, "s01"))  # this process, CPU
     diff = float(np.max(np.abs(got - ref.values)))
