@@ -11,6 +11,7 @@ from mrhscale.errors import MRHError
 from mrhscale.nn.model import MRHNet, with_stains
 from mrhscale.ops.norm import Normalisation
 from mrhscale.ops.stains import stains_of
+from mrhscale.options import FINETUNE_DEFAULTS
 from mrhscale.stores import resolve
 from mrhscale.training.config import TrainConfig, recipe_config, reconcile
 from mrhscale.training.data import read_patch_store_attrs
@@ -20,7 +21,6 @@ from mrhscale.training.optim import init_weights
 
 CONFIG_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 RUNTIME_FIELDS = frozenset(f.name for f in fields(Runtime))
-FINETUNE_DEFAULTS = {"lr": 1e-4, "head_lr_factor": 10.0, "freeze_backbone": False}
 
 
 def split_options(kind: str, config, options: dict, runtime: Runtime | None):

@@ -8,39 +8,20 @@ import os
 from dataclasses import dataclass, fields
 
 from mrhscale.errors import MRHError
+from mrhscale.options import (
+    DEFAULT_LR,
+    DEFAULT_RECIPE,
+    INITS,
+    INPUT_NORMS,
+    LOSSES,
+    OPTIMIZERS,
+    RECIPES,
+    SCHEDULES,
+)
 
-LOSSES = ("matlab", "mse", "centre-mse")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("piecewise", "cosine")
-INITS = ("glorot", "torch")
-NORMS = ("global", "subject-percentile", "subject-max")  # ops/norm.py
-
-DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}  # an optimiser chosen without --lr starts here
-
-# Named presets of the settings that decide speed, convergence and transfer to a new brain;
-# explicit options override them. "paper" is MRH_training.m exactly (and TrainConfig's
-# defaults); "robust", the default, is what the recipe study found transfers best to a
-# brain from another scanner (docs/recipes.md); "fast" is tuned for CPUs (docs/training.md).
-RECIPES: dict[str, dict] = {
-    "paper": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
-              "schedule": "piecewise", "drop_period": 10, "drop_factor": 0.1, "batch_size": 128,
-              "epochs": 30, "clip": 0.01, "loss": "matlab", "init": "glorot", "val_patches": None,
-              "augment": "", "norm": "global"},
-    # each brain scaled by its own robust range, AdamW + cosine, in-plane flips: +0.092 mean
-    # held-out Pearson r over "paper" on a scanner-varied cohort at the paper's budget,
-    # every subject better by 0.066 or more (docs/recipes.md)
-    "robust": {"optimizer": "adamw", "lr": 2e-3, "momentum": 0.9, "weight_decay": 1e-4,
-               "schedule": "cosine", "drop_period": 10, "drop_factor": 0.1, "batch_size": 128,
-               "epochs": 30, "clip": 0.0, "loss": "matlab", "init": "glorot", "val_patches": None,
-               "augment": "flip", "norm": "subject-percentile"},
-    # Adam's per-parameter step sizes make clipping unnecessary; per-epoch validation on
-    # a fixed 8192-patch subset (the last epoch: the whole split); robust's normalisation
-    "fast": {"optimizer": "adamw", "lr": 2e-3, "momentum": 0.9, "weight_decay": 1e-4,
-             "schedule": "cosine", "drop_period": 10, "drop_factor": 0.1, "batch_size": 256,
-             "epochs": 6, "clip": 0.0, "loss": "matlab", "init": "glorot", "val_patches": 8192,
-             "augment": "", "norm": "subject-percentile"},
-}
-DEFAULT_RECIPE = "robust"
+# the recipes and vocabularies are options (mrhscale/options.py); re-exported for the training code
+__all__ = ["DEFAULT_LR", "DEFAULT_RECIPE", "LOSSES", "RECIPES", "TrainConfig", "recipe_config", "reconcile",
+           "run_started"]
 
 CHECKPOINT = "last.pt"
 MAX_MEMBERS = 32
@@ -119,8 +100,8 @@ class TrainConfig:
         from mrhscale.training.augment import parse
 
         self.augment = ",".join(parse(self.augment))
-        if self.norm not in NORMS:
-            bad("norm", self.norm, f"choose one of {', '.join(NORMS)}")
+        if self.norm not in INPUT_NORMS:
+            bad("norm", self.norm, f"choose one of {', '.join(INPUT_NORMS)}")
         if not 1 <= self.members <= MAX_MEMBERS:
             bad("members", self.members, f"must be 1 (one network) to {MAX_MEMBERS} (an ensemble)")
         if self.members > 1 and self.kind == "finetune":
