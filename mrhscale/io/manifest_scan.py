@@ -44,9 +44,11 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.io.manifest import parse_subject
 from mrhscale.io.volumes import open_volume, read_block, stem
+from mrhscale.stores import write_text
 
 logger = logging.getLogger("mrhscale")
 
@@ -430,8 +432,6 @@ def write_manifest(root, out, *, bids: bool = False, channel_names=None, overwri
     _check_out(out, overwrite)
     scan = scan_bids if bids else scan_folder
     doc = scan(root, base=os.path.dirname(out), channel_names=channel_names)
-    from mrhscale import __version__
-    from mrhscale.stores import write_text
 
     doc = {"generated_by": {"command": "mrhscale manifest", "version": __version__,
                             "source": os.path.abspath(os.fspath(root)), "bids": bool(bids)}, **doc}

@@ -8,6 +8,7 @@ from dataclasses import fields
 from torch import nn
 
 from mrhscale.errors import MRHError
+from mrhscale.io.bundle import model_from_bundle, read_bundle
 from mrhscale.nn.model import MRHNet, with_stains
 from mrhscale.ops.norm import Normalisation
 from mrhscale.ops.stains import stains_of
@@ -95,7 +96,6 @@ def finetune(model_path: str, config: TrainConfig | str, out_dir: str, *, resume
     with it) and takes the new stain's target scaling from the patch store.
     ``freeze_backbone=True`` trains only the head.
     """
-    from mrhscale.io.bundle import read_bundle
 
     model_path = resolve(model_path, "model")
     cfg, given, rt = split_options("finetune", config, options, runtime)
@@ -110,7 +110,6 @@ def finetune(model_path: str, config: TrainConfig | str, out_dir: str, *, resume
 
 
 def _finetune_run(cfg: TrainConfig, bundle: dict, store: dict, out_dir: str, rt: Runtime, resume: bool):
-    from mrhscale.io.bundle import model_from_bundle
 
     arch = bundle["arch"]
     cfg.depth, cfg.width = int(arch["depth"]), int(arch.get("width", 64))
