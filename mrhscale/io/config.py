@@ -68,7 +68,6 @@ def _check_keys(path: str, command: str, doc: dict, allowed: dict[str, str]) -> 
 
 
 def _nearest(name, known) -> str:
-
     best = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
     return f" (did you mean {best[0]!r}?)" if best else ""
 
@@ -84,7 +83,6 @@ def _plain(v):
 
 
 def resolved_config(command: str, params: dict) -> dict:
-
     doc = {k: _plain(mask_options(v) if k == "storage_options" else v)
            for k, v in params.items() if k != "config"}
     return {

@@ -109,7 +109,6 @@ def roc(scores: np.ndarray, labels: np.ndarray, max_points: int = 512) -> dict[s
 
 
 def spearman(parts: list[np.ndarray], ref_parts: list[np.ndarray]) -> float:
-
     a, b = np.concatenate(parts), np.concatenate(ref_parts)
     if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan

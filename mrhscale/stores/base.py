@@ -24,8 +24,6 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 
-import zarr
-
 from mrhscale.errors import MRHError
 from mrhscale.stores.secrets import mask_url
 from mrhscale.stores.urls import filesystem, is_local, join, local_path, resolve, split, url_options
@@ -57,7 +55,6 @@ class ZarrLocation:
     """A Zarr store's place: its resolved URL, the storage options it needs, its root group."""
 
     def __init__(self, url, storage_options: dict | None = None):
-
         self.url = resolve(url)
         self.storage_options = url_options(self.url, storage_options)
 
@@ -67,6 +64,7 @@ class ZarrLocation:
         return mask_url(self.url)
 
     def root(self, mode: str = "r"):
+        import zarr  # 0.6 s: base also serves the CLI's config files, which must not pay for it
 
         with quiet_zarr():
             return zarr.open_group(self.url, mode=mode, storage_options=self.storage_options, zarr_format=3)
@@ -275,7 +273,6 @@ def prune_empty(path: str) -> None:
 
 
 def _remove_local(path: str) -> None:
-
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):

@@ -68,7 +68,6 @@ class Claim:
 
     # ---- local: an OS lock, released by the kernel on death
     def _acquire_file_lock(self) -> None:
-
         path = local_path(self.url)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         lock = FileLock(path, timeout=0)

@@ -42,7 +42,6 @@ class ImageBuild:
         self.url, self.final, self.storage_options = url, final, storage_options
 
     def group(self, mode: str = "r+"):
-
         with quiet_zarr():
             return zarr.open_group(self.url, mode=mode, storage_options=self.storage_options, zarr_format=3)
 
@@ -109,7 +108,6 @@ def _reusable(url: str, so, made_by: dict, overwrite: bool, refresh: bool, what:
 
 
 def _record(made_by: dict, record: dict | None) -> dict:
-
     return {**(record or {}), "format": FORMAT, "format_version": 1, "mrhscale_version": __version__,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "made_by": made_by, "fingerprint": fingerprint(made_by), "complete": False}

@@ -63,7 +63,6 @@ def create_array(url: str, path: str, shape, chunks, dtype, dims, storage_option
 
 
 def open_array(url: str, path: str, storage_options, mode: str = "r+"):
-
     return zarr.open_array(str(url), path=path, mode=mode, storage_options=storage_options, zarr_format=3)
 
 
@@ -134,7 +133,6 @@ class Build:
         return join(self.url, STAGING)
 
     def start(self) -> None:
-
         if self.clear:
             remove(self.url, self.storage_options)  # ours: an incomplete store or a stale aside
         with quiet_zarr():

@@ -51,7 +51,6 @@ def _mask_entry(key: str, v):
 
 
 def _parse(text: str):
-
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

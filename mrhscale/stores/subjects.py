@@ -233,7 +233,6 @@ def legacy_marker(group_attrs: dict) -> dict:
 
 
 def _read_json(fs, path: str) -> dict:
-
     try:
         doc = json.loads(fs.cat_file(path))
     except Exception:
@@ -339,7 +338,6 @@ class SubjectWriter:
         return filesystem(self.store.url, self.store.storage_options)
 
     def _remove(self, path: str) -> None:
-
         remove(join(self.store.url, path), self.store.storage_options)
 
     def _move(self, src: str, dst: str) -> None:

@@ -110,7 +110,6 @@ def finetune(model_path: str, config: TrainConfig | str, out_dir: str, *, resume
 
 
 def _finetune_run(cfg: TrainConfig, bundle: dict, store: dict, out_dir: str, rt: Runtime, resume: bool):
-
     arch = bundle["arch"]
     cfg.depth, cfg.width = int(arch["depth"]), int(arch.get("width", 64))
     stains, kept = finetune_stains(cfg, stains_of(bundle), stains_of(store))
