@@ -551,6 +551,12 @@ def finetune(model, patches, **kw):
     _run_training(run, model, patches, kw.pop("out"), **kw)
 
 
+def _norm_renamed(_ctx, _param, value):
+    """The old spelling of --input-scale: a one-line error naming the new one."""
+    if value is not None:
+        raise MRHError(f"--norm was renamed --input-scale (give --input-scale {value})")
+
+
 @main.command("import-matlab")
 @click.argument("mat", metavar="NET.mat")
 @click.option("--out", "-o", required=True, metavar="MODEL", help="Model bundle to write.")
@@ -558,9 +564,10 @@ def finetune(model, patches, **kw):
               help="Input channel names in training order: a file (one per line) or "
                    "comma-separated. Default for 67 channels: the original's order "
                    "(dwi2000 x34, dwi5000 x30, t2, mt_off, mt_on).")
-@click.option("--norm", default=None, metavar="global-max=VALUE|identity",
+@click.option("--input-scale", default=None, metavar="global-max=VALUE|identity",
               help="Input scaling the network was trained with (the file does not hold it): "
                    "the original divided every input by one global maximum VALUE. Required.")
+@click.option("--norm", hidden=True, expose_value=False, callback=_norm_renamed)
 @click.option("--target-max", type=float, default=1.0, show_default=True,
               help="Global maximum the training labels were divided by; outputs x this = raw "
                    "stain units (1: keep the network's own units).")
@@ -571,20 +578,20 @@ def finetune(model, patches, **kw):
 @click.option("--allow-renamed", is_flag=True,
               help="Accept the MRH-Net structure under other layer names.")
 @quiet_option
-def import_matlab_cmd(mat, out, channels, norm, target_max, target, patch_axis, allow_renamed,
+def import_matlab_cmd(mat, out, channels, input_scale, target_max, target, patch_axis, allow_renamed,
                       quiet):
     """Import a published MATLAB MRH-Net (DAGNetwork NET.mat) as a model bundle."""
-    from mrhscale.nn.matlab import import_matlab
+    from mrhscale.stages.import_matlab import import_matlab
 
-    s = import_matlab(mat, out, channels=channels, norm=norm, target_max=target_max,
+    s = import_matlab(mat, out, channels=channels, input_scale=input_scale, target_max=target_max,
                       target=target, patch_axis=patch_axis, strict_names=not allow_renamed)
     if not quiet:
         click.echo(
-            f"{s['out']}: MRH-Net depth {s['depth']}, {s['in_channels']} channels "
-            f"({s['channels_from']}), {s['parameters']:,} parameters, target {s['target']} "
-            f"({s['target_from']}), norm {s['norm']}"
-            + (f" {s['input_max']:g}" if s["input_max"] is not None else "")
-            + (f", {len(s['renamed_layers'])} layers renamed" if s["renamed_layers"] else "")
+            f"{s.out}: MRH-Net depth {s.depth}, {s.in_channels} channels "
+            f"({s.channels_from}), {s.parameters:,} parameters, target {s.target} "
+            f"({s.target_from}), input scale {s.input_scale}"
+            + (f" {s.input_max:g}" if s.input_max is not None else "")
+            + (f", {len(s.renamed_layers)} layers renamed" if s.renamed_layers else "")
         )
 
 

@@ -20,19 +20,15 @@ from click.testing import CliRunner
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import load_model, read_bundle
+from mrhscale.io.matlab import read_layer_graph, save_layer_graph_mat
 from mrhscale.nn.matlab import (
     DEFAULT_CHANNELS_67,
-    LayerGraph,
-    MatLayer,
     check_mrhnet_graph,
-    count_parameters,
-    import_matlab,
-    infer_target,
     layer_graph_to_model,
     mrhnet_to_layer_graph,
-    read_layer_graph,
-    save_layer_graph_mat,
 )
+from mrhscale.ops.layer_graph import LayerGraph, MatLayer, count_parameters
+from mrhscale.stages.import_matlab import import_matlab, infer_target
 from mrhscale.nn.model import MRHNet
 
 REAL_NAME = "net_5layerV3Res_HRJG_allMRIs_Fluo.mat"
@@ -190,7 +186,7 @@ def test_cli_imports_real_file(tmp_path):
             str(REAL),
             "--out",
             str(out),
-            "--norm",
+            "--input-scale",
             "global-max=4095",
             "--target-max",
             "255",
@@ -216,7 +212,7 @@ def test_missing_extra_gives_install_hint(monkeypatch, tmp_path):
     with pytest.raises(MRHError, match=r'pip install "mrhscale\[matlab\]"'):
         read_layer_graph(REAL)
     r = CliRunner().invoke(
-        main, ["import-matlab", str(REAL), "-o", str(tmp_path / "m.pt"), "--norm", "identity"]
+        main, ["import-matlab", str(REAL), "-o", str(tmp_path / "m.pt"), "--input-scale", "identity"]
     )
     assert r.exit_code == 2 and "mrhscale[matlab]" in r.output and "Traceback" not in r.output
 
@@ -226,7 +222,7 @@ def test_truncated_real_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "net_Fluo.mat"
     bad.write_bytes(REAL.read_bytes()[:1_000_000])
     r = CliRunner().invoke(
-        main, ["import-matlab", str(bad), "-o", str(tmp_path / "m.pt"), "--norm", "global-max=1"]
+        main, ["import-matlab", str(bad), "-o", str(tmp_path / "m.pt"), "--input-scale", "global-max=1"]
     )
     assert r.exit_code == 2, r.output
     assert r.output.count("\n") == 1 and "net_Fluo.mat" in r.output and "Traceback" not in r.output
@@ -281,7 +277,7 @@ def test_round_trip_through_mat_file_and_cli(tmp_path):
             str(out),
             "--channels",
             str(chans),
-            "--norm",
+            "--input-scale",
             "global-max=300",
             "--patch-axis",
             "z",
@@ -313,7 +309,7 @@ def test_library_options_and_identity_norm(tmp_path):
         mat,
         tmp_path / "m.pt",
         channels=["a", "b", "c"],
-        norm="identity",
+        input_scale="identity",
         target="mbp",
         target_max=180.0,
     )
@@ -326,7 +322,7 @@ def test_library_options_and_identity_norm(tmp_path):
     )
     s = import_matlab(mat, tmp_path / "m2.pt", channels="a,b,c", input_max=12.5, target="nf")
     assert (
-        s["norm"] == "global-max" and read_bundle(tmp_path / "m2.pt")["norm"]["scale"] == [12.5] * 3
+        s.input_scale == "global-max" and read_bundle(tmp_path / "m2.pt")["norm"]["scale"] == [12.5] * 3
     )
 
 
@@ -467,7 +463,7 @@ def test_not_a_mat_file(tmp_path):
     bad = tmp_path / "junk_Fluo.mat"
     bad.write_bytes(os.urandom(4096))
     _assert_one_line_error(
-        *_cli([str(bad), "-o", str(tmp_path / "m.pt"), "--norm", "global-max=1"]), "junk_Fluo.mat"
+        *_cli([str(bad), "-o", str(tmp_path / "m.pt"), "--input-scale", "global-max=1"]), "junk_Fluo.mat"
     )
     assert not (tmp_path / "m.pt").exists()
 
@@ -478,7 +474,7 @@ def test_mat_without_network(tmp_path):
     p = tmp_path / "data_Fluo.mat"
     scipy.io.savemat(p, {"mri": np.zeros((3, 3)), "labels": np.ones(4)})
     _assert_one_line_error(
-        *_cli([str(p), "-o", str(tmp_path / "m.pt"), "--norm", "identity"]),
+        *_cli([str(p), "-o", str(tmp_path / "m.pt"), "--input-scale", "identity"]),
         "holds no MATLAB network",
         "mri",
     )
@@ -491,7 +487,7 @@ def test_non_mrh_network_file(tmp_path):
     p = save_layer_graph_mat(g, tmp_path / "other_NF.mat")
     _assert_one_line_error(
         *_cli(
-            [str(p), "-o", str(tmp_path / "m.pt"), "--norm", "identity", "--channels", "a,b,c,d"]
+            [str(p), "-o", str(tmp_path / "m.pt"), "--input-scale", "identity", "--channels", "a,b,c,d"]
         ),
         "not the MRH-Net graph",
         "ReLU2",
@@ -501,7 +497,7 @@ def test_non_mrh_network_file(tmp_path):
 
 def test_missing_file(tmp_path):
     _assert_one_line_error(
-        *_cli([str(tmp_path / "nope_AF.mat"), "-o", "m.pt", "--norm", "identity"]), "file not found"
+        *_cli([str(tmp_path / "nope_AF.mat"), "-o", "m.pt", "--input-scale", "identity"]), "file not found"
     )
 
 
@@ -526,19 +522,19 @@ def small_mat(tmp_path):
 )
 def test_bad_channels(small_mat, tmp_path, args, words):
     _assert_one_line_error(
-        *_cli([small_mat, "-o", str(tmp_path / "m.pt"), "--norm", "identity", *args]), *words
+        *_cli([small_mat, "-o", str(tmp_path / "m.pt"), "--input-scale", "identity", *args]), *words
     )
 
 
 @pytest.mark.parametrize(
     "args, words",
     [
-        ([], ["--norm global-max=VALUE"]),
-        (["--norm", "max=3"], ["--norm", "max=3"]),
-        (["--norm", "global-max=abc"], ["--norm", "abc"]),
-        (["--norm", "global-max=-2"], ["--norm", "positive"]),
-        (["--norm", "identity", "--target-max", "0"], ["--target-max"]),
-        (["--norm", "identity", "--target", "a b"], ["--target"]),
+        ([], ["--input-scale global-max=VALUE"]),
+        (["--input-scale", "max=3"], ["--input-scale", "max=3"]),
+        (["--input-scale", "global-max=abc"], ["--input-scale", "abc"]),
+        (["--input-scale", "global-max=-2"], ["--input-scale", "positive"]),
+        (["--input-scale", "identity", "--target-max", "0"], ["--target-max"]),
+        (["--input-scale", "identity", "--target", "a b"], ["--target"]),
     ],
 )
 def test_bad_options(small_mat, tmp_path, args, words):
@@ -553,7 +549,7 @@ def test_target_required_when_not_in_name(tmp_path):
         tmp_path / "mynet.mat",
     )
     _assert_one_line_error(
-        *_cli([str(p), "-o", str(tmp_path / "m.pt"), "--norm", "identity", "--channels", "a,b"]),
+        *_cli([str(p), "-o", str(tmp_path / "m.pt"), "--input-scale", "identity", "--channels", "a,b"]),
         "--target",
     )
 
@@ -631,7 +627,7 @@ def test_finetune_accepts_imported_bundle(tmp_path, monkeypatch):
 @needs_real
 def test_public_mat_io_api_fallback_infers_kinds_from_fields(real_graph, monkeypatch):
     """Without mat-io's subsystem internals (another version), kinds come from layer fields."""
-    import mrhscale.nn.matlab as M
+    import mrhscale.io.matlab as M
 
     def broken(*a, **k):
         raise AttributeError("internal API changed")
@@ -651,7 +647,7 @@ def test_input_normalisation_layer_is_rejected(graph):
 
 
 def test_decoded_objects_as_normalisation_are_rejected():
-    from mrhscale.nn.matlab import _make_layer
+    from mrhscale.io.matlab import _make_layer
 
     rec = np.zeros((1, 1), dtype=[("Mean", "O")])
     lay = _make_layer(
@@ -669,7 +665,7 @@ def test_cli_allow_renamed(tmp_path):
         (s.replace("Conv5", "Conv5_MBP"), d.replace("Conv5", "Conv5_MBP")) for s, d in g.connections
     ]
     mat = save_layer_graph_mat(g, tmp_path / "trans_MBP.mat")
-    args = [str(mat), "-o", str(tmp_path / "m.pt"), "--norm", "identity", "--channels", "a,b"]
+    args = [str(mat), "-o", str(tmp_path / "m.pt"), "--input-scale", "identity", "--channels", "a,b"]
     _assert_one_line_error(*_cli(args), "'Conv5_MBP' where the published graph has 'Conv5'")
     code, out = _cli([*args, "--allow-renamed"])
     assert code == 0 and "1 layers renamed" in out and "target mbp" in out, out
