@@ -75,16 +75,12 @@ def _object_fields(obj) -> dict:
 
 
 def _text(v) -> str | None:
+    """A MATLAB char array or string as str (None if it is neither)."""
     v = _unwrap(v)
-    if isinstance(v, str):
-        return v
-    if isinstance(v, bytes):
-        return v.decode(errors="replace")
-    if isinstance(v, np.ndarray):
-        if v.size == 0:
-            return ""
-        if v.dtype.kind == "U":
-            return "".join(v.reshape(-1).tolist())
+    if isinstance(v, str | bytes):
+        return v if isinstance(v, str) else v.decode(errors="replace")
+    if isinstance(v, np.ndarray) and (v.size == 0 or v.dtype.kind == "U"):
+        return "".join(v.reshape(-1).tolist())
     return None
 
 
@@ -95,14 +91,9 @@ def _plain(v):
         return t
     v = _unwrap(v)
     if isinstance(v, np.ndarray) and v.dtype.kind in "biuf":
-        flat = v.reshape(-1, order="F").tolist()
-        if v.size == 1:
-            x = flat[0]
-            return int(x) if float(x).is_integer() else x
-        return [int(x) if float(x).is_integer() else x for x in flat]
-    if isinstance(v, int | float):
-        return v
-    return None
+        flat = [int(x) if float(x).is_integer() else x for x in v.reshape(-1, order="F").tolist()]
+        return flat[0] if v.size == 1 else flat
+    return v if isinstance(v, int | float) else None
 
 
 def _value(v, what: str):
@@ -151,31 +142,28 @@ def _make_layer(f: dict, cls: str | None, where: str) -> MatLayer:
         attrs["Normalization"] = f"<{type(_unwrap(f['Normalization'])).__name__} object>"
     if cls:
         attrs["class"] = cls
-    return MatLayer(
-        name=name,
-        kind=kind,
-        weights=_value(f["Weights"], f"layer {name!r} weights") if "Weights" in f else None,
-        bias=_value(f["Bias"], f"layer {name!r} bias") if "Bias" in f else None,
-        attrs=attrs,
-    )
+    weights = _value(f["Weights"], f"layer {name!r} weights") if "Weights" in f else None
+    bias = _value(f["Bias"], f"layer {name!r} bias") if "Bias" in f else None
+    return MatLayer(name=name, kind=kind, weights=weights, bias=bias, attrs=attrs)
 
 
-def _connections(c, where: str) -> list[tuple[str, str]]:
-    """(source, destination) pairs from a MATLAB table (pandas), a struct or an N x 2 cell."""
-    c = _unwrap(c)
+def _source_destination(c, where: str):
+    """The Source and Destination columns of a MATLAB table (pandas), struct or N x 2 cell."""
     if hasattr(c, "columns") and hasattr(c, "__getitem__"):  # pandas.DataFrame from mat-io
-        src, dst = list(c["Source"]), list(c["Destination"])
-    elif isinstance(c, np.ndarray) and c.dtype.names or isinstance(c, dict):
+        return list(c["Source"]), list(c["Destination"])
+    if isinstance(c, np.ndarray) and c.dtype.names or isinstance(c, dict):
         f = _fields(c)
         if "Source" not in f or "Destination" not in f:
             raise MRHError(f"{where}: Connections has no Source/Destination")
-        src, dst = [
-            np.asarray(_unwrap(f[k]), dtype=object).reshape(-1) for k in ("Source", "Destination")
-        ]
-    elif isinstance(c, np.ndarray) and c.ndim == 2 and c.shape[1] == 2:
-        src, dst = c[:, 0], c[:, 1]
-    else:
-        raise MRHError(f"{where}: cannot read the network's Connections ({type(c).__name__})")
+        return [np.asarray(_unwrap(f[k]), dtype=object).reshape(-1) for k in ("Source", "Destination")]
+    if isinstance(c, np.ndarray) and c.ndim == 2 and c.shape[1] == 2:
+        return c[:, 0], c[:, 1]
+    raise MRHError(f"{where}: cannot read the network's Connections ({type(c).__name__})")
+
+
+def _connections(c, where: str) -> list[tuple[str, str]]:
+    """(source, destination) layer names, destinations with their port (``add11/in2``)."""
+    src, dst = _source_destination(_unwrap(c), where)
     pairs = [(_text(s), _text(d)) for s, d in zip(src, dst, strict=True)]
     if any(not s or not d for s, d in pairs):
         raise MRHError(f"{where}: Connections hold entries that are not layer names")
@@ -207,10 +195,8 @@ def _read_layer(item, classes, where: str) -> MatLayer:
 
 def _graph_from_net(fields: dict, classes, where: str, meta: dict) -> LayerGraph:
     if "Layers" not in fields or "Connections" not in fields:
-        raise MRHError(
-            f"{where}: the network has no Layers/Connections "
-            "(a SeriesNetwork or other object is not MRH-Net)"
-        )
+        raise MRHError(f"{where}: the network has no Layers/Connections "
+                       "(a SeriesNetwork or other object is not MRH-Net)")
     layers = []
     for i, item in enumerate(_layer_items(fields["Layers"])):
         try:
@@ -218,12 +204,8 @@ def _graph_from_net(fields: dict, classes, where: str, meta: dict) -> LayerGraph
         except MRHError:
             raise
         except Exception as e:  # malformed layer record
-            raise MRHError(
-                f"{where}: layer {i + 1} cannot be read ({type(e).__name__}: {e})"
-            ) from None
-    meta["kinds_from"] = (
-        "class" if all("class" in lay.attrs for lay in layers) else "field signature"
-    )
+            raise MRHError(f"{where}: layer {i + 1} cannot be read ({type(e).__name__}: {e})") from None
+    meta["kinds_from"] = "class" if all("class" in lay.attrs for lay in layers) else "field signature"
     return LayerGraph(layers, _connections(fields["Connections"], where), meta)
 
 
@@ -233,14 +215,11 @@ def _graph_from_net(fields: dict, classes, where: str, meta: dict) -> LayerGraph
 
 
 def _find_plain_net(variables: dict):
+    """(name, fields) of the first variable that is a struct with Layers and Connections."""
     for name, v in variables.items():
-        if name.startswith("__"):
+        if name.startswith("__") or not isinstance(v, np.ndarray) or not v.dtype.names:
             continue
-        if (
-            isinstance(v, np.ndarray)
-            and v.dtype.names
-            and {"Layers", "Connections"} <= set(v.dtype.names)
-        ):
+        if {"Layers", "Connections"} <= set(v.dtype.names):
             return name, _fields(v)
     return None
 
@@ -262,17 +241,12 @@ def _check_holds_dag_network(path: str, variables: dict) -> None:
     """Stop early, with what the file holds, when scipy already shows there is no DAGNetwork."""
     objects = _mcos_names(variables)
     if not objects and "__function_workspace__" not in variables:
-        names = [k for k in variables if not k.startswith("__")]
-        raise MRHError(
-            f"{path}: holds no MATLAB network (variables: {', '.join(names) or 'none'}); "
-            "expected a DAGNetwork saved from MATLAB (e.g. the published MRH-Net 'net')"
-        )
-    others = [o for o in objects if o[1] != "DAGNetwork"]
-    if objects and len(others) == len(objects):
-        raise MRHError(
-            f"{path}: holds {', '.join(f'{n} ({c})' for n, c in objects)}, no DAGNetwork; "
-            "MRH-Net is saved as a DAGNetwork"
-        )
+        names = ", ".join(k for k in variables if not k.startswith("__")) or "none"
+        raise MRHError(f"{path}: holds no MATLAB network (variables: {names}); "
+                       "expected a DAGNetwork saved from MATLAB (e.g. the published MRH-Net 'net')")
+    if objects and all(c != "DAGNetwork" for _, c in objects):
+        raise MRHError(f"{path}: holds {', '.join(f'{n} ({c})' for n, c in objects)}, no DAGNetwork; "
+                       "MRH-Net is saved as a DAGNetwork")
 
 
 def _unreadable_unless_matio(path: str, error: Exception) -> None:
@@ -280,10 +254,12 @@ def _unreadable_unless_matio(path: str, error: Exception) -> None:
     try:
         get_matio()
     except MRHError:
-        raise MRHError(
-            f"{path}: not a readable MAT-file (truncated or corrupted? "
-            f"{type(error).__name__}: {error})"
-        ) from None
+        raise _unreadable(path, error) from None
+
+
+def _unreadable(path: str, error: Exception) -> MRHError:
+    return MRHError(f"{path}: not a readable MAT-file "
+                    f"(truncated or corrupted? {type(error).__name__}: {error})")
 
 
 def _read_with_scipy(path: str) -> LayerGraph | None:
@@ -325,9 +301,7 @@ def _matio_with_classes(path: str):
         ss = read_subsystem(fh, offset, order, raw_data=False, add_table_attrs=False)
         variables = MatFile5Reader(fh, byte_order=order, subsystem=ss).get_variables(None)
     meta = np.asarray(ss.object_id_metadata).reshape(-1, 6)
-    by_obj = {
-        id(obj): ss.get_classname(int(meta[oid, 0])) for oid, obj in ss.mcos_object_cache.items()
-    }
+    by_obj = {id(obj): ss.get_classname(int(meta[oid, 0])) for oid, obj in ss.mcos_object_cache.items()}
     return variables, (lambda o: by_obj.get(id(o))), "mat-io"
 
 
@@ -352,33 +326,20 @@ def _load_with_matio(path: str):
             warnings.simplefilter("ignore")
             variables = matio.load_from_mat(path)
     except Exception as e:
-        raise MRHError(
-            f"{path}: not a readable MAT-file (truncated or corrupted? {type(e).__name__}: {e})"
-        ) from None
+        raise _unreadable(path, e) from None
     return variables, _no_classes, "mat-io (public API)"
 
 
 def _one_dag_network(path: str, variables: dict):
     """(name, object) of the file's only DAGNetwork."""
-    found = [
-        (k, v)
-        for k, v in variables.items()
-        if not k.startswith("__") and getattr(v, "classname", None) == "DAGNetwork"
-    ]
+    user = {k: v for k, v in variables.items() if not k.startswith("__")}
+    found = [(k, v) for k, v in user.items() if getattr(v, "classname", None) == "DAGNetwork"]
     if not found:
-        desc = ", ".join(
-            f"{k} ({getattr(v, 'classname', type(v).__name__)})"
-            for k, v in variables.items()
-            if not k.startswith("__")
-        )
-        raise MRHError(
-            f"{path}: holds no DAGNetwork (variables: {desc or 'none'}); MRH-Net is saved as one"
-        )
+        desc = ", ".join(f"{k} ({getattr(v, 'classname', type(v).__name__)})" for k, v in user.items())
+        raise MRHError(f"{path}: holds no DAGNetwork (variables: {desc or 'none'}); MRH-Net is saved as one")
     if len(found) > 1:
-        raise MRHError(
-            f"{path}: holds several DAGNetworks ({', '.join(k for k, _ in found)}); "
-            "save one per file"
-        )
+        names = ", ".join(k for k, _ in found)
+        raise MRHError(f"{path}: holds several DAGNetworks ({names}); save one per file")
     return found[0]
 
 
@@ -391,9 +352,8 @@ def _read_with_matio(path: str) -> LayerGraph:
     except MRHError:
         raise
     except Exception as e:
-        raise MRHError(
-            f"{path}: the DAGNetwork {name!r} cannot be decoded ({type(e).__name__}: {e})"
-        ) from None
+        why = f"{type(e).__name__}: {e}"
+        raise MRHError(f"{path}: the DAGNetwork {name!r} cannot be decoded ({why})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -462,9 +422,5 @@ def mat_file_facts(path: str) -> dict:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     text = head.decode("latin-1", errors="replace").rstrip("\x00 ").strip()
-    return {
-        "file": os.path.basename(path),
-        "sha256": h.hexdigest(),
-        "bytes": os.path.getsize(path),
-        "header": text if text.startswith("MATLAB") else None,
-    }
+    return {"file": os.path.basename(path), "sha256": h.hexdigest(), "bytes": os.path.getsize(path),
+            "header": text if text.startswith("MATLAB") else None}

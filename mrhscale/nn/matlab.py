@@ -53,6 +53,14 @@ class GraphMatch:
 # Names of the published graph
 # ---------------------------------------------------------------------------
 
+_STEM_NAMES = {"input": "InputLayer", "conv1": "Conv1", "relu1": "ReLU1", "conv2": "Conv2",
+               "relu2": "ReLU2", "conv3": "Conv3", "relu3": "ReLU3", "conv3_1": "Conv3_1",
+               "add0": "add11"}
+_BLOCK_NAMES = {"relu_a": "ReLU_L1", "conv_a": "Conv_loop1", "relu_b": "ReLU_L2",
+                "conv_b": "Conv_loop2", "add": "add_loop"}  # + the block's number, from 1
+_HEAD_NAMES = {"relu_head": "ReLU3_5", "conv4": "Conv4", "relu4": "ReLU4", "conv5": "Conv5",
+               "regression": "FinalRegressionLayer"}
+
 
 def expected_names(depth: int) -> dict[str, str]:
     """Role -> layer name in the published MRH-Net files (``net_5layerV3Res_*``).
@@ -60,38 +68,10 @@ def expected_names(depth: int) -> dict[str, str]:
     Residual block k (1-based) is ReLU_L1k, Conv_loop1k, ReLU_L2k, Conv_loop2k, add_loopk,
     as the original's training script names them.
     """
-    names = {
-        "input": "InputLayer",
-        "conv1": "Conv1",
-        "relu1": "ReLU1",
-        "conv2": "Conv2",
-        "relu2": "ReLU2",
-        "conv3": "Conv3",
-        "relu3": "ReLU3",
-        "conv3_1": "Conv3_1",
-        "add0": "add11",
-    }
+    names = dict(_STEM_NAMES)
     for k in range(depth):
-        b, n = f"blocks.{k}", k + 1
-        names.update(
-            {
-                f"{b}.relu_a": f"ReLU_L1{n}",
-                f"{b}.conv_a": f"Conv_loop1{n}",
-                f"{b}.relu_b": f"ReLU_L2{n}",
-                f"{b}.conv_b": f"Conv_loop2{n}",
-                f"{b}.add": f"add_loop{n}",
-            }
-        )
-    names.update(
-        {
-            "relu_head": "ReLU3_5",
-            "conv4": "Conv4",
-            "relu4": "ReLU4",
-            "conv5": "Conv5",
-            "regression": "FinalRegressionLayer",
-        }
-    )
-    return names
+        names.update({f"blocks.{k}.{part}": f"{name}{k + 1}" for part, name in _BLOCK_NAMES.items()})
+    return {**names, **_HEAD_NAMES}
 
 
 def _conv_roles(depth: int) -> list[str]:
@@ -129,9 +109,7 @@ class _Walk:
         layers: dict[str, MatLayer] = {}
         for lay in graph.layers:
             if lay.name in layers:
-                raise MRHError(
-                    f"two layers are named {lay.name!r}; a MATLAB layer graph has unique names"
-                )
+                raise MRHError(f"two layers are named {lay.name!r}; a MATLAB layer graph has unique names")
             layers[lay.name] = lay
         return layers
 
@@ -140,9 +118,7 @@ class _Walk:
         d, _, port = dst.partition("/")
         for n in (s, d):
             if n not in self.layers:
-                raise MRHError(
-                    f"connection {src} -> {dst} names layer {n!r}, which the network does not have"
-                )
+                raise MRHError(f"connection {src} -> {dst} names layer {n!r}, which the network does not have")
         self.succ[s].append((d, port))
         self.pred[d].append((s, port))
         self.file_edges.add((s, d))
@@ -155,14 +131,10 @@ class _Walk:
     def take(self, role: str, name: str, kind: str) -> str:
         lay = self.layers[name]
         if lay.kind != kind:
-            raise MRHError(
-                f"layer {name!r} is {_describe(lay)} where MRH-Net has {_KIND_WORDS[kind]} ({role})"
-            )
+            raise MRHError(f"layer {name!r} is {_describe(lay)} where MRH-Net has {_KIND_WORDS[kind]} ({role})")
         if name in self.seen:
-            raise MRHError(
-                f"layer {name!r} is reached twice: the graph has a loop or a connection "
-                "MRH-Net does not have"
-            )
+            raise MRHError(f"layer {name!r} is reached twice: the graph has a loop or a connection "
+                           "MRH-Net does not have")
         self.seen.add(name)
         self.roles[role] = name
         return name
@@ -170,10 +142,8 @@ class _Walk:
     def next(self, name: str, role: str, kind: str) -> str:
         out = self.succ.get(name, [])
         if len(out) != 1:
-            raise MRHError(
-                f"layer {name!r} feeds {self._list(out)}; in MRH-Net it feeds only "
-                f"{_KIND_WORDS[kind]} ({role})"
-            )
+            raise MRHError(f"layer {name!r} feeds {self._list(out)}; in MRH-Net it feeds only "
+                           f"{_KIND_WORDS[kind]} ({role})")
         dst = out[0][0]
         self.take(role, dst, kind)
         self.edges.add((name, dst))
@@ -186,10 +156,8 @@ class _Walk:
     def fork(self, name: str, conv_role: str, add_role: str) -> tuple[str, str]:
         out = self.succ.get(name, [])
         if not self.forks(name):
-            raise MRHError(
-                f"layer {name!r} feeds {self._list(out)}; in MRH-Net it feeds a convolution "
-                f"({conv_role}) and the skip input of an addition ({add_role})"
-            )
+            raise MRHError(f"layer {name!r} feeds {self._list(out)}; in MRH-Net it feeds a convolution "
+                           f"({conv_role}) and the skip input of an addition ({add_role})")
         conv = next(d for d, _ in out if self.layers[d].kind == "conv")
         add = next(d for d, _ in out if self.layers[d].kind == "add")
         self.take(conv_role, conv, "conv")
@@ -199,10 +167,8 @@ class _Walk:
     def join(self, conv: str, add: str, skip: str, add_role: str) -> None:
         out = self.succ.get(conv, [])
         if [d for d, _ in out] != [add]:
-            raise MRHError(
-                f"layer {conv!r} feeds {self._list(out)}; in MRH-Net it feeds only the addition "
-                f"{add!r} ({add_role}) that also receives {skip!r}"
-            )
+            raise MRHError(f"layer {conv!r} feeds {self._list(out)}; in MRH-Net it feeds only the addition "
+                           f"{add!r} ({add_role}) that also receives {skip!r}")
         self.take(add_role, add, "add")
         self._check_addition(add, conv, skip)
         self.edges |= {(conv, add), (skip, add)}
@@ -211,9 +177,7 @@ class _Walk:
         inputs = self.pred.get(add, [])
         if sorted(s for s, _ in inputs) != sorted([conv, skip]):
             got = ", ".join(repr(s) for s, _ in inputs) or "nothing"
-            raise MRHError(
-                f"addition {add!r} receives {got}; in MRH-Net it adds {conv!r} and {skip!r}"
-            )
+            raise MRHError(f"addition {add!r} receives {got}; in MRH-Net it adds {conv!r} and {skip!r}")
         if len({p for _, p in inputs}) != 2:
             raise MRHError(f"addition {add!r} receives both inputs on the same port")
         n_in = self.layers[add].attrs.get("NumInputs")
@@ -224,10 +188,8 @@ class _Walk:
 def _walk_input(w: _Walk) -> str:
     inputs = [name for name, lay in w.layers.items() if lay.kind == "input"]
     if len(inputs) != 1:
-        raise MRHError(
-            f"the network has {len(inputs)} image input layers "
-            f"({', '.join(inputs) or 'none'}); MRH-Net has one"
-        )
+        raise MRHError(f"the network has {len(inputs)} image input layers "
+                       f"({', '.join(inputs) or 'none'}); MRH-Net has one")
     inp = w.take("input", inputs[0], "input")
     if w.pred.get(inp):
         raise MRHError(f"input layer {inp!r} receives a connection; MRH-Net's input has none")
@@ -269,10 +231,8 @@ def _walk_head(w: _Walk, relu_head: str) -> None:
     c5 = w.next(r4, "conv5", "conv")
     reg = w.next(c5, "regression", "regression")
     if w.succ.get(reg):
-        raise MRHError(
-            f"regression layer {reg!r} feeds {w._list(w.succ[reg])}; "
-            "in MRH-Net it is the last layer"
-        )
+        raise MRHError(f"regression layer {reg!r} feeds {w._list(w.succ[reg])}; "
+                       "in MRH-Net it is the last layer")
 
 
 def _check_nothing_else(w: _Walk) -> None:
@@ -282,24 +242,19 @@ def _check_nothing_else(w: _Walk) -> None:
         raise MRHError(f"layers that are not part of the MRH-Net graph: {listed}")
     extra_edges = sorted(w.file_edges - w.edges)
     if extra_edges:
-        raise MRHError(
-            "connections MRH-Net does not have: " + ", ".join(f"{s} -> {d}" for s, d in extra_edges)
-        )
+        listed = ", ".join(f"{s} -> {d}" for s, d in extra_edges)
+        raise MRHError(f"connections MRH-Net does not have: {listed}")
 
 
 def _renamed(roles: dict[str, str], depth: int, strict_names: bool) -> dict[str, str]:
     """Layers named otherwise than in the published graph; an error when ``strict_names``."""
     renamed = {roles[r]: n for r, n in expected_names(depth).items() if roles[r] != n}
     if renamed and strict_names:
-        diffs = ", ".join(
-            f"{got!r} where the published graph has {want!r}"
-            for got, want in list(renamed.items())[:6]
-        )
+        shown = list(renamed.items())[:6]
+        diffs = ", ".join(f"{got!r} where the published graph has {want!r}" for got, want in shown)
         more = f" (and {len(renamed) - 6} more)" if len(renamed) > 6 else ""
-        raise MRHError(
-            f"the graph has MRH-Net's structure but other layer names: {diffs}{more}; "
-            "use --allow-renamed (strict_names=False) to import it anyway"
-        )
+        raise MRHError(f"the graph has MRH-Net's structure but other layer names: {diffs}{more}; "
+                       "use --allow-renamed (strict_names=False) to import it anyway")
     return renamed
 
 
@@ -323,24 +278,18 @@ def check_mrhnet_graph(graph: LayerGraph, *, strict_names: bool = True) -> Graph
 
 
 def _check_input(lay: MatLayer) -> tuple[int, int]:
+    """(channels, patch size) of the input layer, which must take square odd patches unnormalised."""
     size = lay.attrs.get("InputSize")
     if not isinstance(size, list) or len(size) != 3:
-        raise MRHError(
-            f"input layer {lay.name!r} has InputSize {size}; MRH-Net takes P x P x C patches"
-        )
+        raise MRHError(f"input layer {lay.name!r} has InputSize {size}; MRH-Net takes P x P x C patches")
     p, q, c = (int(v) for v in size)
     if p != q or p < 1 or p % 2 == 0 or c < 1:
-        raise MRHError(
-            f"input layer {lay.name!r} takes {p} x {q} x {c}; "
-            "MRH-Net takes square odd patches (3 x 3 x C)"
-        )
+        raise MRHError(f"input layer {lay.name!r} takes {p} x {q} x {c}; "
+                       "MRH-Net takes square odd patches (3 x 3 x C)")
     norm = lay.attrs.get("Normalization")
     if norm not in (None, "", "none"):
-        raise MRHError(
-            f"input layer {lay.name!r} normalises its input ({norm!r}); "
-            "MRH-Net's input layer does not "
-            "(mrhscale keeps normalisation in the bundle)"
-        )
+        raise MRHError(f"input layer {lay.name!r} normalises its input ({norm!r}); "
+                       "MRH-Net's input layer does not (mrhscale keeps normalisation in the bundle)")
     return c, p
 
 
@@ -367,9 +316,7 @@ def _check_conv_settings(lay: MatLayer) -> None:
             raise MRHError(f"convolution {lay.name!r} has {key} {got}; MRH-Net uses {want}")
     mode, pad = a.get("PaddingMode"), a.get("PaddingSize")
     if mode not in (None, "same") and (pad is None or [int(v) for v in pad] != [1, 1, 1, 1]):
-        raise MRHError(
-            f"convolution {lay.name!r} pads {mode!r} {pad}; MRH-Net uses 'same' (1 on each side)"
-        )
+        raise MRHError(f"convolution {lay.name!r} pads {mode!r} {pad}; MRH-Net uses 'same' (1 on each side)")
 
 
 def _conv_weight(lay: MatLayer, cin: int, cout: int) -> np.ndarray:
@@ -380,10 +327,8 @@ def _conv_weight(lay: MatLayer, cin: int, cout: int) -> np.ndarray:
     if wt.ndim == 3 and cout == 1:
         wt = wt[..., None]  # MATLAB drops the trailing 1 of Conv5's 3x3x64x1
     if wt.shape != (3, 3, cin, cout):
-        raise MRHError(
-            f"convolution {lay.name!r} has weights {' x '.join(map(str, np.shape(lay.weights)))}; "
-            f"MRH-Net needs 3 x 3 x {cin} x {cout}"
-        )
+        raise MRHError(f"convolution {lay.name!r} has weights {' x '.join(map(str, np.shape(lay.weights)))}; "
+                       f"MRH-Net needs 3 x 3 x {cin} x {cout}")
     if not np.issubdtype(wt.dtype, np.floating) or not np.all(np.isfinite(wt)):
         raise MRHError(f"convolution {lay.name!r}: weights are not finite floating-point numbers")
     return wt
@@ -394,10 +339,8 @@ def _conv_bias(lay: MatLayer, cout: int) -> np.ndarray:
         raise MRHError(f"convolution {lay.name!r} has no bias")
     b = np.asarray(lay.bias)
     if b.size != cout or sum(s > 1 for s in b.shape) > 1:
-        raise MRHError(
-            f"convolution {lay.name!r} has bias {' x '.join(map(str, b.shape))}; "
-            f"MRH-Net needs 1 x 1 x {cout}"
-        )
+        raise MRHError(f"convolution {lay.name!r} has bias {' x '.join(map(str, b.shape))}; "
+                       f"MRH-Net needs 1 x 1 x {cout}")
     if not np.issubdtype(b.dtype, np.floating) or not np.all(np.isfinite(b)):
         raise MRHError(f"convolution {lay.name!r}: bias is not finite floating-point numbers")
     return b.reshape(cout)
@@ -434,15 +377,8 @@ def _set_matlab_conv(lay: MatLayer, weight: np.ndarray, bias: np.ndarray) -> Non
     cout = wt.shape[3]
     lay.weights = wt[..., 0].copy() if cout == 1 else wt.copy()  # MATLAB drops a trailing 1
     lay.bias = bias.reshape(1, 1, cout) if cout > 1 else bias.reshape(1, 1)
-    lay.attrs.update(
-        FilterSize=[3, 3],
-        NumChannels=wt.shape[2],
-        NumFilters=cout,
-        Stride=[1, 1],
-        DilationFactor=[1, 1],
-        PaddingMode="same",
-        PaddingSize=[1, 1, 1, 1],
-    )
+    lay.attrs.update(FilterSize=[3, 3], NumChannels=wt.shape[2], NumFilters=cout, Stride=[1, 1],
+                     DilationFactor=[1, 1], PaddingMode="same", PaddingSize=[1, 1, 1, 1])
 
 
 class _GraphBuilder:

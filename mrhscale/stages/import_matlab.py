@@ -35,6 +35,8 @@ _TARGET_TOKENS = {
 }
 
 
+_DEFAULT_CHANNELS_SOURCE = "default: original MRH-Net order (dwi2000 x34, dwi5000 x30, t2, mt_off, mt_on)"
+
 # ---------------------------------------------------------------------------
 # options
 # ---------------------------------------------------------------------------
@@ -59,21 +61,15 @@ def parse_channels(channels, n_channels: int) -> tuple[list[str], str]:
     """
     if channels is None:
         if n_channels == len(DEFAULT_CHANNELS_67):
-            return list(
-                DEFAULT_CHANNELS_67
-            ), "default: original MRH-Net order (dwi2000 x34, dwi5000 x30, t2, mt_off, mt_on)"
-        raise MRHError(
-            f"the network takes {n_channels} input channels and the .mat file holds no "
-            "channel names: give them with --channels FILE|NAMES (one per line, or "
-            "comma-separated), in the training order"
-        )
+            return list(DEFAULT_CHANNELS_67), _DEFAULT_CHANNELS_SOURCE
+        raise MRHError(f"the network takes {n_channels} input channels and the .mat file holds no "
+                       "channel names: give them with --channels FILE|NAMES (one per line, or "
+                       "comma-separated), in the training order")
     names, source = _channel_names(channels)
     if len(names) != n_channels:
-        raise MRHError(
-            f"--channels: {len(names)} names given, "
-            f"but the network takes {n_channels} input channels"
-            + ("" if len(names) > 1 or "," in str(channels) else " (a file of names must exist)")
-        )
+        hint = "" if len(names) > 1 or "," in str(channels) else " (a file of names must exist)"
+        raise MRHError(f"--channels: {len(names)} names given, "
+                       f"but the network takes {n_channels} input channels{hint}")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise MRHError(f"--channels: repeated names {', '.join(dup)}")
@@ -100,17 +96,13 @@ def parse_input_scale(
     a wrong value would make every prediction wrong by an arbitrary factor.
     """
     if input_scale is not None and input_max is not None:
-        raise MRHError(
-            "give the input scaling once: --input-scale global-max=VALUE or input_max, not both"
-        )
+        raise MRHError("give the input scaling once: --input-scale global-max=VALUE or input_max, not both")
     if input_max is not None:
         v = float(input_max)
     elif input_scale is None:
-        raise MRHError(
-            "the .mat file holds no input scaling: give --input-scale global-max=VALUE (the "
-            "maximum of the original's training inputs, which it divided every input by), "
-            "or --input-scale identity if your inputs are already scaled that way"
-        )
+        raise MRHError("the .mat file holds no input scaling: give --input-scale global-max=VALUE (the "
+                       "maximum of the original's training inputs, which it divided every input by), "
+                       "or --input-scale identity if your inputs are already scaled that way")
     elif input_scale.strip() == "identity":
         return "identity", None
     else:
@@ -133,9 +125,7 @@ def _resolve_target(mat: str, target: str | None) -> tuple[str, str]:
     if target is None:
         target, target_source = infer_target(mat), "file name"
         if target is None:
-            raise MRHError(
-                f"{mat}: cannot tell the stain from the file name; give --target (e.g. af, nf, mbp)"
-            )
+            raise MRHError(f"{mat}: cannot tell the stain from the file name; give --target (e.g. af, nf, mbp)")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", target):
         raise MRHError(f"--target: {target!r} is not a valid variable name")
     return target, target_source
@@ -223,16 +213,12 @@ def import_matlab(
     graph = read_layer_graph(mat)
     model, match, n_params = _convert(mat, graph, strict_names)
     names, channels_source = parse_channels(channels, match.in_channels)
-    provenance = {
-        **_import_provenance(mat, graph, match, n_params),
-        "channels_from": channels_source,
-        "norm_from": f"user ({mode}{'' if value is None else f'={value:g}'})",
-        "target_max": float(target_max), "target_from": target_source, "patch_axis": patch_axis,
-    }
+    provenance = {**_import_provenance(mat, graph, match, n_params), "channels_from": channels_source,
+                  "norm_from": f"user ({mode}{'' if value is None else f'={value:g}'})",
+                  "target_max": float(target_max), "target_from": target_source, "patch_axis": patch_axis}
     patch = {"half": (match.patch_size - 1) // 2, "size": match.patch_size, "axis": patch_axis}
     nrm = _import_norm(mode, value, match.in_channels, target_max)
-    written = save_bundle(out, model, channels=names, norm=nrm, target=target, patch=patch,
-                          provenance=provenance)
+    written = save_bundle(out, model, channels=names, norm=nrm, target=target, patch=patch, provenance=provenance)
     return ImportMatlabResult(
         out=written, depth=match.depth, in_channels=match.in_channels,
         channels_from=channels_source, parameters=n_params, target=target,
