@@ -27,7 +27,7 @@ _LAZY = {
     "importance": "mrhscale.stages.importance",
     "crossval": "mrhscale.stages.crossval",
     "export_image": "mrhscale.stages.export_image",
-    "import_matlab": "mrhscale.nn.matlab",
+    "import_matlab": "mrhscale.stages.import_matlab",
     "export_model": "mrhscale.stages.export",
     "run_demo": "mrhscale.demo",
     # configuration and results
@@ -45,6 +45,7 @@ _LAZY = {
     "RegisterResult": "mrhscale.results",
     "ExportResult": "mrhscale.results",
     "ExportImageResult": "mrhscale.results",
+    "ImportMatlabResult": "mrhscale.results",
     # data and model
     "open_subject": "mrhscale.stores",
     "subject_from_files": "mrhscale.stages.predict_volume",

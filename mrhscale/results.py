@@ -156,6 +156,27 @@ class ExportResult(_Result):
     metadata: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ImportMatlabResult(_Result):
+    """What ``import_matlab`` wrote, and where each setting the file does not hold came from."""
+
+    out: str
+    depth: int
+    in_channels: int
+    channels_from: str
+    parameters: int
+    target: str
+    target_from: str
+    input_scale: str  # the bundle's normalisation mode: global-max or identity
+    input_max: float | None  # the global maximum inputs are divided by (None: identity)
+    renamed_layers: dict[str, str]  # layer name in the file -> name in the published graph
+    source: str
+    reader: str | None
+    layers: int
+    width: int
+    target_max: float
+
+
 def result(cls, d: dict[str, Any]):
     """A result from a dict (unknown keys are an error: the dataclass is the contract)."""
     return cls(**d)

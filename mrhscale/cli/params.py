@@ -87,7 +87,8 @@ def renamed_option(old: str, new: str) -> click.Option:
 
     def refuse(_ctx, _param, value):
         if value not in (None, (), False):
-            raise MRHError(f"{old} was renamed {new}; use {new}")
+            given = "" if isinstance(value, bool) else f" {value}"
+            raise MRHError(f"{old} was renamed {new}; use {new}{given}")
 
     return click.Option([old], hidden=True, expose_value=False, callback=refuse, is_eager=False,
                         type=click.UNPROCESSED, default=None)
