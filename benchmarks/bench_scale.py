@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from mrhscale.parallel.context import Context
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import RSSPoller, print_rows, row  # noqa: E402
@@ -137,7 +139,7 @@ def run(full: bool = False, workdir: str | None = None, subjects: int = 10,
                       f"{' (WORKER RESTARTED)' if restarts[name] else ''}", flush=True)
                 return out, dt, poll.peak
 
-            _, t_ing, p_ing = stage("ingest", lambda: ingest(manifest, cohort, client=client, quiet=True))
+            _, t_ing, p_ing = stage("ingest", lambda: ingest(manifest, cohort, ctx=Context(client=client, quiet=True)))
             summ, t_pat, p_pat = stage("patches", lambda: extract_patches(
                 cohort, "af", patches, stride=6, val_fraction=0.05, seed=0, quiet=True))
             n_pat = summ["n_train"] + summ["n_val"]

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from mrhscale.parallel.context import Context
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import repeats_main, row  # noqa: E402
 
@@ -40,7 +42,7 @@ def cohort(work: str) -> str:
     manifest = make_cohort(os.path.join(work, "files"), subjects=5, shape=(48, 32, 64), seed=0, fmt="nii.gz",
                            quiet=True, scanner_variation=[HELD_OUT], artefact=[HELD_OUT])
     store = os.path.join(work, "cohort.zarr")
-    ingest(manifest, store, chunks=(32, 16, 32), scheduler="threads", quiet=True)
+    ingest(manifest, store, chunks=(32, 16, 32), ctx=Context(scheduler="threads", quiet=True))
     return store
 
 

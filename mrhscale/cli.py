@@ -162,6 +162,14 @@ def _storage_options(value) -> dict | None:
     return {str(k): v for k, v in doc.items()} or None
 
 
+def _context(storage_options=None, scheduler=None, workers=None, quiet=False, device="cpu"):
+    """The execution context of a command's --storage-options, --scheduler, --workers, --quiet."""
+    from mrhscale.parallel.context import Context  # imports dask: not at the CLI's start-up
+
+    return Context(storage_options=_storage_options(storage_options), scheduler=scheduler,
+                   dask_workers=workers, device=device, quiet=quiet)
+
+
 # ---- commands (one block each; keep them thin) ----
 
 
@@ -185,9 +193,8 @@ def ingest(manifest, out, subjects, chunks, compression, skip_bad, overwrite, no
     from mrhscale.stages.ingest import ingest as run
 
     res = run(manifest, out, subjects=_subject_list(subjects), chunks=_ints(chunks, 3, "--chunks"),
-              compression=compression, skip_bad=skip_bad, overwrite=overwrite,
-              checksums=not no_checksums, scheduler=scheduler, workers=workers, quiet=quiet,
-              storage_options=_storage_options(storage_options))
+              compression=compression, skip_bad=skip_bad, overwrite=overwrite, checksums=not no_checksums,
+              ctx=_context(storage_options, scheduler, workers, quiet))
     if res["skipped"]:
         click.echo(f"already in store, skipped: {', '.join(res['skipped'])}")
     click.echo(f"ingested {len(res['written'])} subject(s) into {res['store']}")

@@ -6,6 +6,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from mrhscale.parallel.context import Context
+
 DEFAULT_AFFINE = [[0.06, 0, 0, 0], [0, 0.06, 0, 0], [0, 0, 0.06, 0], [0, 0, 0, 1]]
 
 
@@ -435,5 +437,5 @@ def synth_store(d, subjects=2, shape=(24, 16, 32), seed=4) -> str:
 
     manifest = make_cohort(str(d / "files"), subjects=subjects, shape=shape, seed=seed, quiet=True)
     store = str(d / "c.zarr")
-    ingest(manifest, store, scheduler="threads", quiet=True)
+    ingest(manifest, store, ctx=Context(scheduler="threads", quiet=True))
     return store

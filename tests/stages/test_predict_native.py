@@ -15,6 +15,8 @@ import yaml
 from click.testing import CliRunner
 from scipy import ndimage as ndi
 
+from mrhscale.parallel.context import Context
+
 pytest.importorskip("ants", reason="needs the optional extra mrhscale[register] (antspyx)")
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
@@ -129,8 +131,8 @@ def cohort(tmp_path_factory):
     from mrhscale.parallel.cluster import dask_client
 
     with dask_client(workers=1, quiet=True) as client:
-        ingest(res["manifest"], store, client=client, quiet=True, checksums=False)
-        ingest(manifest, native_store, client=client, quiet=True, checksums=False)
+        ingest(res["manifest"], store, ctx=Context(client=client, quiet=True), checksums=False)
+        ingest(manifest, native_store, ctx=Context(client=client, quiet=True), checksums=False)
     from mrhscale.stores import open_subject
 
     channels = [str(c) for c in open_subject(store, "s01").contrast.values]

@@ -17,6 +17,8 @@ import yaml
 from click.testing import CliRunner
 from scipy import ndimage as ndi
 
+from mrhscale.parallel.context import Context
+
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 needs_ants = pytest.mark.skipif(importlib.util.find_spec("ants") is None,
                                 reason="needs the optional extra mrhscale[register] (antspyx)")
@@ -171,7 +173,7 @@ def test_output_manifest_ingests_as_is(registered, tmp_path):
     man = yaml.safe_load(open(res["manifest"]))
     assert [s["id"] for s in man["subjects"]] == ["s01", "s02", "s03"]
     store = str(tmp_path / "cohort.zarr")
-    r = ingest(res["manifest"], store, workers=1, quiet=True, checksums=False)
+    r = ingest(res["manifest"], store, ctx=Context(dask_workers=1, quiet=True), checksums=False)
     assert r["written"] == ["s01", "s02", "s03"]
     ds = open_subject(store, "s02")
     assert ds["mri"].shape == (*SHAPE, 8) and "af" in ds

@@ -10,6 +10,7 @@ import pytest
 from helpers import make_cohort_store, make_patch_store, tree, write_file_cohort
 
 from mrhscale.errors import MRHError
+from mrhscale.parallel.context import Context
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ class TestCohortStore(Contract):
 
         man = env["manifest"] if not variant else write_file_cohort(
             os.path.dirname(out) + "/files2", n_subjects=1, fmt="nii", seed=5)  # other files, same ids
-        return ingest(man, out, client=env["client"], chunks=(4, 4, 4), quiet=True)
+        return ingest(man, out, ctx=Context(client=env["client"], quiet=True), chunks=(4, 4, 4))
 
     def fail(self, env, out):
         from mrhscale.stages.ingest import ingest
@@ -111,7 +112,7 @@ class TestCohortStore(Contract):
         f = os.path.join(d, "s01", "dwi.nii")
         data = open(f, "rb").read()
         open(f, "wb").write(data[: len(data) // 2])
-        return ingest(man, out, client=env["client"], chunks=(4, 4, 4), quiet=True, overwrite=True)
+        return ingest(man, out, ctx=Context(client=env["client"], quiet=True), chunks=(4, 4, 4), overwrite=True)
 
 
 class TestPatchStore(Contract):

@@ -8,6 +8,7 @@ import xarray as xr
 import zarr
 from helpers import write_file_cohort
 
+from mrhscale.parallel.context import Context
 from mrhscale.stores import list_subjects, open_subject
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed (pip install 'moto[server]')")
@@ -44,7 +45,7 @@ def test_ingest_to_s3_and_read_back(tmp_path, s3):
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     url = "s3://mrh/cohort.zarr"
     with dask_client(workers=2, quiet=True) as client:
-        res = ingest(man, url, chunks=(4, 4, 4), client=client, quiet=True, storage_options=s3)
+        res = ingest(man, url, chunks=(4, 4, 4), ctx=Context(client=client, quiet=True, storage_options=s3))
     assert res["written"] == ["s01", "s02"]
     assert list_subjects(url, storage_options=s3) == ["s01", "s02"]
     ds = open_subject(url, "s01", storage_options=s3)
@@ -93,7 +94,7 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
             Client(cl) as client:
         for url, so in ((cohort, s3), (loc["cohort"], None)):
-            ingest(man, url, chunks=(4, 4, 4), client=client, quiet=True, storage_options=so)
+            ingest(man, url, chunks=(4, 4, 4), ctx=Context(client=client, quiet=True, storage_options=so))
         # patches: s3 -> s3 (staging on s3 too) and local -> local
         s_res = extract_patches(cohort, out_url=patches, storage_options=s3, **kw)
         l_res = extract_patches(loc["cohort"], out_url=loc["patches"], **kw)
