@@ -75,7 +75,7 @@ def run(full: bool = False, repeats: int = 3) -> list[dict]:
             with dask_client(workers=w, quiet=True) as client:
                 def ours():
                     shutil.rmtree(out, ignore_errors=True)
-                    ingest(manifest, out, chunks=chunks, ctx=Context(client=client, quiet=True), checksums=False)
+                    ingest(manifest, out, chunks=chunks, checksums=False, ctx=Context(client=client, quiet=True))
 
                 t, _ = timed(ours, repeats, warmup=1)
             rows.append(row(f"ingest MB/s, {w} worker(s)", mb / t, "MB/s", "nibabel+zarr single process",

@@ -27,6 +27,9 @@ import time
 
 import numpy as np
 
+from mrhscale.options import PatchOptions
+from mrhscale.parallel.context import Context
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import RSSPoller, print_rows, row, timed  # noqa: E402
@@ -257,8 +260,8 @@ def e2e_rows(full: bool, repeats: int, work: str) -> list[dict]:
             ts = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                summary = extract_patches(store, "af", out, quiet=True, overwrite=True, seed=0,
-                                          val_fraction=0.05)
+                summary = extract_patches(store, "af", out, ctx=Context(quiet=True), overwrite=True,
+                                          options=PatchOptions(seed=0, val_fraction=0.05))
                 ts.append(time.perf_counter() - t0)
             rates[nw] = (summary["n_train"] + summary["n_val"]) / statistics.median(ts)
     n_samples = summary["n_train"] + summary["n_val"]
@@ -277,7 +280,7 @@ def e2e_rows(full: bool, repeats: int, work: str) -> list[dict]:
         pids0 = client.run(os.getpid)
         with RSSPoller(list(pids0.values()), children=False) as poll:
             t0 = time.perf_counter()
-            extract_patches(store, "af", out, quiet=True, overwrite=True)
+            extract_patches(store, "af", out, ctx=Context(quiet=True), overwrite=True)
             dt = time.perf_counter() - t0
         pids1 = client.run(os.getpid)
     peak = max(poll.peak.values())

@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from mrhscale.options import PatchOptions
 from mrhscale.parallel.context import Context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,9 +140,11 @@ def run(full: bool = False, workdir: str | None = None, subjects: int = 10,
                       f"{' (WORKER RESTARTED)' if restarts[name] else ''}", flush=True)
                 return out, dt, poll.peak
 
-            _, t_ing, p_ing = stage("ingest", lambda: ingest(manifest, cohort, ctx=Context(client=client, quiet=True)))
+            _, t_ing, p_ing = stage("ingest", lambda: ingest(manifest, cohort,
+                                                             ctx=Context(client=client, quiet=True)))
             summ, t_pat, p_pat = stage("patches", lambda: extract_patches(
-                cohort, "af", patches, stride=6, val_fraction=0.05, seed=0, quiet=True))
+                cohort, "af", patches, options=PatchOptions(stride=6, val_fraction=0.05, seed=0),
+                ctx=Context(quiet=True)))
             n_pat = summ["n_train"] + summ["n_val"]
 
             # training: its own process (torch on all cores); the idle workers keep their memory

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 
+from mrhscale.options import PatchOptions
 from mrhscale.parallel.context import Context
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,8 +54,9 @@ def patch_stores(store: str, work: str) -> dict[str, str]:
     out = {}
     for target in (*STAINS, ",".join(STAINS)):
         out[target] = os.path.join(work, f"p-{target.replace(',', '+')}.zarr")
-        extract_patches(store, target, out[target], stride=1, subjects=[*TRAIN, VAL], val_subjects=[VAL],
-                        scheduler="threads", quiet=True)
+        extract_patches(store, target, out[target], subjects=[*TRAIN, VAL],
+                        ctx=Context(scheduler="threads", quiet=True),
+                        options=PatchOptions(stride=1, val_subjects=[VAL]))
     return out
 
 

@@ -652,16 +652,15 @@ def patches_cmd(store, target, out, half, stride, slices, axis, subjects, min_la
                 min_label_nonzero, val_fraction, val_subjects, seed, norm, dtype, chunk_size,
                 compress, overwrite, storage_options, scheduler, workers, quiet):
     """Extract shuffled training patches of --target from cohort STORE into --out."""
+    from mrhscale.options import PatchOptions
     from mrhscale.stages.patches import extract_patches
 
-    extract_patches(
-        store, target, out, half=half, stride=stride, slices=slices, axis=axis,
-        subjects=_subject_list(subjects), min_label_sum=min_label_sum,
-        min_label_nonzero=min_label_nonzero, val_fraction=val_fraction,
-        val_subjects=_subject_list(val_subjects), seed=seed, norm=norm, dtype=dtype,
-        chunk_size=chunk_size, compress=compress, overwrite=overwrite, scheduler=scheduler,
-        workers=workers, quiet=quiet, storage_options=_storage_options(storage_options),
-    )
+    options = PatchOptions(half=half, stride=stride, slices=slices, axis=axis, min_label_sum=min_label_sum,
+                           min_label_nonzero=min_label_nonzero, val_fraction=val_fraction,
+                           val_subjects=_subject_list(val_subjects), seed=seed, stats=norm, dtype=dtype,
+                           chunk_size=chunk_size, compress=compress)
+    extract_patches(store, target, out, subjects=_subject_list(subjects), overwrite=overwrite, options=options,
+                    ctx=_context(storage_options, scheduler, workers, quiet))
 
 
 @main.command()

@@ -32,6 +32,8 @@ from dataclasses import fields
 
 from mrhscale.errors import MRHError
 from mrhscale.log import note
+from mrhscale.options import PatchOptions
+from mrhscale.training.config import TrainConfig
 
 LOSO = "leave-one-subject-out"
 METRICS = ("pearson", "mae", "ssim", "rmse")
@@ -97,26 +99,16 @@ PREDICT_KEYS = ("tta",)  # prediction options a recipe may hold
 
 
 def split_recipe(options: dict) -> tuple[dict, dict]:
-    """(training options, patch options) by name; prediction options (``tta``) are taken
-    out first by :func:`make_plan`; anything else is an error."""
-    from mrhscale.stages.patches import PatchOptions
-    from mrhscale.training.config import TrainConfig
-
+    """(training options, patch options) by name (the patch store's ``stats``, training's ``norm``);
+    prediction options (``tta``) are taken out first by :func:`make_plan`; anything else is an error."""
     train_keys = {f.name for f in fields(TrainConfig)} - {"kind", "patches", "base_model"}
     patch_keys = {f.name for f in fields(PatchOptions)} - {"val_subjects"}
     bad = sorted(set(options) - train_keys - patch_keys)
     if bad:
         raise MRHError(f"--recipe: unknown option(s) {', '.join(bad)} (training options as `mrhscale "
                        "train`, patch options as `mrhscale patches`, with _ for -)")
-    train_opts = {k: v for k, v in options.items() if k in train_keys}
-    patch_opts = {k: v for k, v in options.items() if k in patch_keys}
-    # `norm` names both the patch store's global statistics (percentile, global-max) and
-    # train's choice (global, subject-...): the value says which, the two sets are disjoint
-    if "norm" in options:
-        from mrhscale.stages.patches import NORM_MODES
-
-        (patch_opts if options["norm"] not in NORM_MODES else train_opts).pop("norm", None)
-    return train_opts, patch_opts
+    return ({k: v for k, v in options.items() if k in train_keys},
+            {k: v for k, v in options.items() if k in patch_keys})
 
 
 def make_plan(cohort, target: str, folds, options: dict, subjects) -> dict:

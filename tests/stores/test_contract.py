@@ -10,6 +10,7 @@ import pytest
 from helpers import make_cohort_store, make_patch_store, tree, write_file_cohort
 
 from mrhscale.errors import MRHError
+from mrhscale.options import PatchOptions
 from mrhscale.parallel.context import Context
 
 
@@ -121,13 +122,14 @@ class TestPatchStore(Contract):
     def make(self, env, out, variant=0):
         from mrhscale.stages.patches import extract_patches
 
-        return extract_patches(env["cohort"], "af", out, scheduler="synchronous", quiet=True, stride=2 + variant)
+        return extract_patches(env["cohort"], "af", out, ctx=Context(scheduler="synchronous", quiet=True),
+                               options=PatchOptions(stride=2 + variant))
 
     def fail(self, env, out):
         from mrhscale.stages.patches import extract_patches
 
-        return extract_patches(env["cohort"], "af", out, scheduler="synchronous", quiet=True, stride=2,
-                               overwrite=True, min_label_sum=1e12)
+        return extract_patches(env["cohort"], "af", out, ctx=Context(scheduler="synchronous", quiet=True),
+                               options=PatchOptions(stride=2, min_label_sum=1e12), overwrite=True)
 
 
 class TestPredictionStore(Contract):

@@ -8,6 +8,7 @@ import xarray as xr
 import zarr
 from helpers import write_file_cohort
 
+from mrhscale.options import PatchOptions
 from mrhscale.parallel.context import Context
 from mrhscale.stores import list_subjects, open_subject
 
@@ -89,15 +90,15 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
     base = "s3://mrh/e2e"
     cohort, patches, pred = f"{base}/cohort.zarr", f"{base}/patches.zarr", f"{base}/pred.zarr"
     loc = {k: str(tmp_path / f"{k}.zarr") for k in ("cohort", "patches", "pred")}
-    kw = dict(target="af", half=1, stride=2, min_label_sum=1, min_label_nonzero=1, val_fraction=0.25,
-              seed=3, quiet=True)
+    kw = dict(target="af", options=PatchOptions(half=1, stride=2, min_label_sum=1, min_label_nonzero=1,
+                                                val_fraction=0.25, seed=3))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
             Client(cl) as client:
         for url, so in ((cohort, s3), (loc["cohort"], None)):
             ingest(man, url, chunks=(4, 4, 4), ctx=Context(client=client, quiet=True, storage_options=so))
         # patches: s3 -> s3 (staging on s3 too) and local -> local
-        s_res = extract_patches(cohort, out_url=patches, storage_options=s3, **kw)
-        l_res = extract_patches(loc["cohort"], out_url=loc["patches"], **kw)
+        s_res = extract_patches(cohort, out_url=patches, ctx=Context(storage_options=s3, quiet=True), **kw)
+        l_res = extract_patches(loc["cohort"], out_url=loc["patches"], ctx=Context(quiet=True), **kw)
         assert (s_res["n_train"], s_res["n_val"]) == (l_res["n_train"], l_res["n_val"])
         assert s_res["n_train"] > 50 and s_res["n_val"] > 0
         fs = s3fs.S3FileSystem(**s3)
@@ -209,14 +210,14 @@ def test_s3_outputs_follow_the_store_rules(tmp_path, s3):
     fs.pipe("mrh/user/results/notes.txt", b"mine")
     local = tmp_path / "c.zarr"
     make_cohort_store(local)
-    kw = dict(scheduler="synchronous", quiet=True, stride=2, storage_options=s3)
+    kw = dict(ctx=Context(scheduler="synchronous", quiet=True, storage_options=s3), options=PatchOptions(stride=2))
     with pytest.raises(MRHError, match="not made by mrhscale"):
         extract_patches(str(local), "af", "s3://mrh/user/results", **kw)
     fs.invalidate_cache()
     assert fs.cat("mrh/user/results/notes.txt") == b"mine"
     out = "s3://mrh/rules/p.zarr"
     extract_patches(str(local), "af", out, **kw)
-    extract_patches(str(local), "af", out, **{**kw, "stride": 3}, overwrite=True)
+    extract_patches(str(local), "af", out, **{**kw, "options": PatchOptions(stride=3)}, overwrite=True)
     assert PatchStore.open(out, s3).attrs["rules"]["stride"] == 3
     fs.invalidate_cache()
     assert not [p for p in fs.ls("mrh/rules") if "mrhscale-" in p]

@@ -14,12 +14,14 @@ from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import load_model, read_bundle, save_bundle
 from mrhscale.nn.model import MRHNet
+from mrhscale.options import PatchOptions
+from mrhscale.parallel.context import Context
 from mrhscale.stages.patches import extract_patches
 from mrhscale.stores import PatchStore
 from mrhscale.training import finetune, train
 from mrhscale.training.optim import loss_function
 
-KW = dict(scheduler="synchronous", quiet=True, stride=2, val_subjects=["s02"])
+KW = dict(ctx=Context(scheduler="synchronous", quiet=True), options=PatchOptions(stride=2, val_subjects=["s02"]))
 TRAIN = dict(epochs=3, depth=1, width=8, batch_size=64, quiet=True, lr=3e-3, recipe="fast", norm="global")
 
 

@@ -10,6 +10,8 @@ from helpers import make_cohort_store
 from torch.utils.data import DataLoader
 
 from mrhscale.errors import MRHError
+from mrhscale.options import PatchOptions
+from mrhscale.parallel.context import Context
 from mrhscale.stages.patches import extract_patches
 from mrhscale.training.stream import PatchStream
 
@@ -19,8 +21,9 @@ def patch_store(tmp_path_factory):
     d = tmp_path_factory.mktemp("stream")
     make_cohort_store(d / "c.zarr", n_subjects=3, shape=(16, 10, 18), n_channels=5)
     out = str(d / "p.zarr")
-    extract_patches(str(d / "c.zarr"), "af", out, stride=1, val_fraction=0.2, min_label_sum=0,
-                    min_label_nonzero=0, scheduler="synchronous", quiet=True, chunk_size=100)
+    extract_patches(str(d / "c.zarr"), "af", out, ctx=Context(scheduler="synchronous", quiet=True),
+                    options=PatchOptions(stride=1, val_fraction=0.2, min_label_sum=0, min_label_nonzero=0,
+                                         chunk_size=100))
     return out
 
 
@@ -101,8 +104,8 @@ def test_float16_store_and_remote_memory_store(tmp_path):
     """A store on an fsspec URL (memory://) reads the same; float16 inputs come out float32."""
     make_cohort_store(tmp_path / "c.zarr", n_subjects=2)
     url = "memory://mrhscale-test/p.zarr"
-    extract_patches(str(tmp_path / "c.zarr"), "af", url, stride=1, dtype="float16",
-                    scheduler="synchronous", quiet=True, min_label_sum=0, min_label_nonzero=0)
+    extract_patches(str(tmp_path / "c.zarr"), "af", url, ctx=Context(scheduler="synchronous", quiet=True),
+                    options=PatchOptions(stride=1, dtype="float16", min_label_sum=0, min_label_nonzero=0))
     raw_x, _, index, attrs = _raw(url)
     assert raw_x.dtype == np.float16
     s = PatchStream(url, batch_size=16, drop_last=False, with_origin=True)
