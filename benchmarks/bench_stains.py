@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from mrhscale.options import PatchOptions
+from mrhscale.options import EvaluateOptions, PatchOptions
 from mrhscale.parallel.context import Context
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,7 +86,8 @@ def held_out_r(pred: str, store: str, stain: str, work: str) -> float:
 
     out = os.path.join(work, f"ev-{os.path.basename(pred)}-{stain}")
     shutil.rmtree(out, ignore_errors=True)
-    ev = evaluate(pred, store, stain, out, subjects=[HELD_OUT], quiet=True, montage_subjects=0)
+    ev = evaluate(pred, store, stain, out, subjects=[HELD_OUT], ctx=Context(quiet=True),
+                  options=EvaluateOptions(montage_subjects=0))
     return float(ev["pooled"]["virtual"]["pearson"])
 
 

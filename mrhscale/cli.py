@@ -365,9 +365,9 @@ def evaluate(pred, store, target, out, label, roi, markers, marker_transforms, s
     """Compare virtual (PRED) with reference histology and single MRI markers (STORE)."""
     from mrhscale.stages.evaluate import evaluate as run
 
-    res = run(pred, store, target, out, label=label, roi=roi, subjects=_subject_list(subjects), quiet=quiet,
-              storage_options=_storage_options(storage_options),
-              markers=list(markers) or None, marker_transforms=marker_transforms)
+    res = run(pred, store, target, out, label=label, roi=roi, subjects=_subject_list(subjects),
+              markers=list(markers) or None, marker_transforms=marker_transforms,
+              ctx=_context(storage_options, quiet=quiet))
     p = res["pooled"]["virtual"]
     click.echo(f"pooled virtual {target}: pearson {p['pearson']:.3f}, spearman {p['spearman']:.3f}, "
                f"MAE {p['mae']:.3g}, PSNR {p['psnr']:.2f} dB, SSIM {p['ssim']:.3f}; report in {out}")

@@ -10,7 +10,7 @@ import pytest
 from helpers import make_cohort_store, make_patch_store, tree, write_file_cohort
 
 from mrhscale.errors import MRHError
-from mrhscale.options import PatchOptions
+from mrhscale.options import EvaluateOptions, PatchOptions
 from mrhscale.parallel.context import Context
 
 
@@ -173,12 +173,13 @@ class TestEvaluationFolder(Contract):
     def make(self, env, out, variant=0):
         from mrhscale.stages.evaluate import evaluate
 
-        return evaluate(env["pred"], env["cohort"], "af", out, quiet=True, seed=variant)
+        return evaluate(env["pred"], env["cohort"], "af", out, ctx=Context(quiet=True),
+                        options=EvaluateOptions(seed=variant))
 
     def fail(self, env, out):
         from mrhscale.stages.evaluate import evaluate
 
-        return evaluate(env["pred"], env["cohort"], "af", out, quiet=True, label="nope")
+        return evaluate(env["pred"], env["cohort"], "af", out, ctx=Context(quiet=True), label="nope")
 
 
 class TestImportanceFolder(Contract):

@@ -162,7 +162,7 @@ def test_evaluate_and_importance_per_stain(cohort, joint, tmp_path):
     _, store, stores = cohort
     pred = str(tmp_path / "p.zarr")
     predict(joint.model, store, pred, subjects=["s01", "s02"], scheduler="synchronous", quiet=True)
-    ev = {t: evaluate(pred, store, t, str(tmp_path / f"ev-{t}"), subjects=["s02"], quiet=True)
+    ev = {t: evaluate(pred, store, t, str(tmp_path / f"ev-{t}"), subjects=["s02"], ctx=Context(quiet=True))
           for t in ("af", "mbp")}
     assert ev["af"].pooled["virtual"]["pearson"] != ev["mbp"].pooled["virtual"]["pearson"]
     r = CliRunner().invoke(main, ["evaluate", pred, store, "--target", "nf", "--out",
