@@ -330,7 +330,7 @@ def export_image_cmd(store, subject, var, contrast, out, levels, overwrite, stor
     from mrhscale.stages.export_image import export_image
 
     res = export_image(store, subject, var, out, contrast=contrast, levels=levels, overwrite=overwrite,
-                       storage_options=_storage_options(storage_options))
+                       ctx=_context(storage_options, quiet=quiet))
     if not quiet:
         shapes = ", ".join("x".join(map(str, s)) for s in res.shapes)
         click.echo(f"{res.out}: {'up to date, kept' if res.reused else 'written'}; "
