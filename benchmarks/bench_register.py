@@ -25,6 +25,9 @@ import time
 
 import numpy as np
 
+from mrhscale.options import RegistrationOptions
+from mrhscale.parallel.context import Context
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import print_rows, row, timed  # noqa: E402
 
@@ -121,8 +124,9 @@ def run(full: bool = False, repeats: int | None = None, transform: str = "syn") 
                 nonlocal res
                 shutil.rmtree(out, ignore_errors=True)
                 t0 = time.perf_counter()
-                res = register_cohort(manifest, "s01", out, transform=transform, subjects=moving,
-                                      client=clients[w], threads=1, quiet=True)
+                res = register_cohort(manifest, "s01", out, subjects=moving,
+                                      options=RegistrationOptions(transform=transform, threads=1),
+                                      ctx=Context(client=clients[w], quiet=True))
                 if res["failed"]:
                     raise RuntimeError(f"registration failed: {res['failed']}")
                 return time.perf_counter() - t0

@@ -691,13 +691,14 @@ def patches_cmd(store, target, out, half, stride, slices, axis, subjects, min_la
 def register(manifest, reference, out, transform, contrast, metric, init, fast, min_similarity, threads,
              compress, subjects, overwrite, scheduler, workers, quiet):
     """Register MANIFEST's subjects onto a reference grid with ANTs (needs mrhscale[register])."""
+    from mrhscale.options import RegistrationOptions
     from mrhscale.stages.register import register_cohort
 
-    res = register_cohort(manifest, reference, out, transform=transform, contrast=contrast,
-                          subjects=_subject_list(subjects), scheduler=scheduler, workers=workers,
-                          metric=metric, init=init, preset="fast" if fast else "default",
-                          min_similarity=min_similarity, threads=threads, compress=compress,
-                          overwrite=overwrite, quiet=quiet)
+    options = RegistrationOptions(transform=transform, contrast=contrast, metric=metric, init=init, fast=fast,
+                                  threads=threads)
+    res = register_cohort(manifest, reference, out, subjects=_subject_list(subjects), options=options,
+                          min_similarity=min_similarity, compress=compress, overwrite=overwrite,
+                          ctx=_context(scheduler=scheduler, workers=workers, quiet=quiet))
     if res["skipped"]:
         click.echo(f"already registered, skipped: {', '.join(res['skipped'])}")
     click.echo(f"registered {len(res['registered'])} subject(s) into {res['out']}"
@@ -726,10 +727,11 @@ def register(manifest, reference, out, transform, contrast, metric, init, fast, 
 @quiet_option
 def register_histology(volume, subject, manifest, out, contrast, transform, init, fast, min_similarity, quiet):
     """Register a 3D stain VOLUME to a subject's MRI (mutual information), for new training targets."""
+    from mrhscale.options import RegistrationOptions
     from mrhscale.stages.register import register_histology as run
 
-    res = run(volume, subject, out, manifest=manifest, contrast=contrast, transform=transform, init=init,
-              preset="fast" if fast else "default", min_similarity=min_similarity)
+    options = RegistrationOptions(contrast=contrast, transform=transform, init=init, fast=fast)
+    res = run(volume, subject, out, manifest=manifest, options=options, min_similarity=min_similarity)
     m = res["metrics"]
     if not quiet:
         click.echo(f"registered {volume} -> {res['out']} (NMI {m['nmi_before']:.3f} -> {m['nmi_after']:.3f}, "

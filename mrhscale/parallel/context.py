@@ -146,6 +146,11 @@ class Runner:
         finally:
             self.client.cancel([f for f in futures if f.status != "finished"])
 
+    def share(self, value):
+        """``value`` for this runner's tasks (an argument of their delayed calls): on a Client
+        scattered once to every worker, so no task's graph carries a copy; as it is here."""
+        return value if self.client is None else self.client.scatter(value, broadcast=True)
+
     def on_workers(self, fn: Callable, *args) -> dict[str, Any]:
         """``fn(*args)`` once in every worker process (here only, on a local scheduler):
         {worker: result}."""

@@ -97,3 +97,26 @@ def test_an_embedded_cluster_is_handed_on_by_the_runners_context():
         with inner.runner() as again:
             assert again.client is r.client  # the same cluster, not a second one
             assert again.compute([dask.delayed(_double)(2)], "double") == [4]
+
+
+def _total(a, k):
+    return float(a.sum()) * k
+
+
+@pytest.mark.parametrize("where", ["local", "client"])
+def test_a_shared_value_reaches_every_task(where):
+    import numpy as np
+
+    big = np.ones(100_000)
+    if where == "local":
+        with Context(scheduler="synchronous", quiet=True).runner() as r:
+            shared = r.share(big)
+            assert shared is big
+            got = r.compute([dask.delayed(_total, pure=False)(shared, k) for k in (1, 2)], "total")
+    else:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+                Client(cluster) as client, Context(client=client, quiet=True).runner() as r:
+            shared = r.share(big)
+            got = [res for _, res, _ in sorted(r.each_finished(
+                [dask.delayed(_total, pure=False)(shared, k) for k in (1, 2)], "total"), key=lambda t: t[0])]
+    assert got == [1e5, 2e5]

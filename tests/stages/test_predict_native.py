@@ -15,6 +15,7 @@ import yaml
 from click.testing import CliRunner
 from scipy import ndimage as ndi
 
+from mrhscale.options import RegistrationOptions
 from mrhscale.parallel.context import Context
 
 pytest.importorskip("ants", reason="needs the optional extra mrhscale[register] (antspyx)")
@@ -124,8 +125,9 @@ def cohort(tmp_path_factory):
     with open(manifest, "w") as fh:
         yaml.safe_dump({"subjects": entries}, fh)
     reg = str(root / "reg")
-    res = register_cohort(manifest, "s01", reg, transform="affine", contrast="fa", preset="fast",
-                          workers=1, quiet=True)
+    res = register_cohort(manifest, "s01", reg,
+                          options=RegistrationOptions(transform="affine", contrast="fa", fast=True),
+                          ctx=Context(dask_workers=1, quiet=True))
     assert res["registered"] == ["s01", "s02"], res["failed"]
     store, native_store = str(root / "cohort.zarr"), str(root / "native.zarr")
     from mrhscale.parallel.cluster import dask_client
