@@ -16,8 +16,6 @@ import tempfile
 
 import numpy as np
 
-from mrhscale.parallel.context import Context
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import print_rows, row, timed  # noqa: E402
 
@@ -52,6 +50,7 @@ def baseline_ingest(manifest: str, out: str, chunks) -> None:
 
 def run(full: bool = False, repeats: int = 3) -> list[dict]:
     from mrhscale.parallel.cluster import dask_client
+    from mrhscale.parallel.context import Context
     from mrhscale.stages.ingest import ingest
     from mrhscale.synth.phantom import make_cohort
 

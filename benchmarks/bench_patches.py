@@ -27,7 +27,6 @@ import time
 
 import numpy as np
 
-from mrhscale.options import PatchOptions
 from mrhscale.parallel.context import Context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,6 +241,7 @@ def kernel_rows(full: bool, repeats: int) -> list[dict]:
 def e2e_rows(full: bool, repeats: int, work: str) -> list[dict]:
     from distributed import Client, LocalCluster
 
+    from mrhscale.options import PatchOptions
     from mrhscale.stages.patches import extract_patches
 
     shape, chunks, n_sub = ((200, 128, 280), (64, 64, 64), 4) if full else ((100, 48, 140), (48, 48, 48), 6)

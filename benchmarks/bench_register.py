@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 
-from mrhscale.options import RegistrationOptions
 from mrhscale.parallel.context import Context
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -98,6 +97,7 @@ def _dice(a, b):
 def run(full: bool = False, repeats: int | None = None, transform: str = "syn") -> list[dict]:
     import nibabel as nib
 
+    from mrhscale.options import RegistrationOptions
     from mrhscale.parallel.cluster import dask_client
     from mrhscale.stages.register import register_cohort
     from mrhscale.synth.phantom import make_cohort

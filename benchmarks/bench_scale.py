@@ -32,7 +32,6 @@ import time
 
 import numpy as np
 
-from mrhscale.options import PatchOptions
 from mrhscale.parallel.context import Context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +89,7 @@ def _train(patches: str, out: str, cap_s: float) -> dict:
 def run(full: bool = False, workdir: str | None = None, subjects: int = 10,
         memory_limit: int | None = None, train_cap_s: float = 600.0,
         shape: tuple[int, int, int] | None = None) -> list[dict]:
+    from mrhscale.options import PatchOptions
     from mrhscale.parallel.cluster import dask_client
     from mrhscale.stages.ingest import ingest
     from mrhscale.stages.patches import extract_patches

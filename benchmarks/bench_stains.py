@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 
-from mrhscale.options import EvaluateOptions, PatchOptions
 from mrhscale.parallel.context import Context
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,6 +48,7 @@ def cohort(work: str) -> str:
 
 def patch_stores(store: str, work: str) -> dict[str, str]:
     """A patch store per single stain and one of them all."""
+    from mrhscale.options import PatchOptions
     from mrhscale.stages.patches import extract_patches
 
     out = {}
@@ -82,6 +82,7 @@ def _predict(model: str, store: str, out: str, client) -> float:
 
 
 def held_out_r(pred: str, store: str, stain: str, work: str) -> float:
+    from mrhscale.options import EvaluateOptions
     from mrhscale.stages.evaluate import evaluate
 
     out = os.path.join(work, f"ev-{os.path.basename(pred)}-{stain}")

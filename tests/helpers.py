@@ -161,9 +161,8 @@ class StandInPatchStream:
     every rank yields the same number of batches (drop_last).
     """
 
-    def __init__(self, url, split="train", batch_size=128, shuffle=True, shuffle_buffer=None,
-                 seed=0, rank=None, world_size=None, drop_last=True, storage_options=None,
-                 norm=None):
+    def __init__(self, url, split="train", batch_size=128, shuffle=True, *, seed=0, rank=None,
+                 world_size=None, drop_last=True, norm=None, options=None, ctx=None):
         import torch.distributed as dist
 
         from mrhscale.errors import MRHError

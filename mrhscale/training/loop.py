@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -22,12 +23,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import save_bundle
 from mrhscale.log import logger, note
 from mrhscale.log import progress as log_progress
 from mrhscale.nn.accel import compiled, one_line
 from mrhscale.ops.stains import stains_of
+from mrhscale.parallel.context import Context
 from mrhscale.report.figures import training_curve
 from mrhscale.results import TrainResult
 from mrhscale.stores import Folder, atomic_write, write_text
@@ -70,8 +73,6 @@ class StopFlag:
         self._old = None
 
     def install(self):
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGTERM, self._handle)
 
@@ -184,8 +185,6 @@ def progress(total, desc, quiet):
 def run_folder(out_dir: str):
     """The run folder, held by this run: anything but a training run is refused untouched,
     and a second run on the same folder is refused while this one lives (rank 0 holds it)."""
-    from mrhscale.stores import Folder
-
     folder = Folder(out_dir, "mrhscale-run")
     folder.check()
     if dist_env()[0] != 0:
@@ -208,6 +207,10 @@ class Runtime:
     keep_checkpoints: bool = False
     precision: str | None = None  # auto | fp32 | bf16 (None: $MRHSCALE_PRECISION, else auto)
     compile: str | bool | None = None  # auto | on | off (None: $MRHSCALE_COMPILE, else auto)
+
+    def context(self) -> Context:
+        """Where the run's data lives (its patch store's storage options), as a Context."""
+        return Context(storage_options=self.storage_options, quiet=self.quiet)
 
     def timeout_s(self) -> float:
         """Seconds a rank waits for the others (--dist-timeout, $MRHSCALE_DIST_TIMEOUT, 1800)."""
@@ -314,12 +317,11 @@ class Trainer:
         self.half = int(self.store["patch"]["half"])
         self.loss_fn = loss_function(cfg.loss, self.half)
         self.per_rank = cfg.batch_size // self.world
-        self.train_data = open_data(cfg.patches, "train", self.per_rank, cfg, self.rank, self.world,
-                                    self.stream_norm, self.dev, rt.workers, rt.storage_options)
+        shard = {"rank": self.rank, "world": self.world, "norm": self.stream_norm}
+        self.train_data = open_data(cfg, rt, "train", self.per_rank, self.dev, workers=rt.workers, **shard)
         self.val_data = None
         if int(self.store.get("n_val", 1)) > 0:
-            self.val_data = open_data(cfg.patches, "val", max(self.per_rank, 256), cfg, self.rank,
-                                      self.world, self.stream_norm, self.dev, 0, rt.storage_options)
+            self.val_data = open_data(cfg, rt, "val", max(self.per_rank, 256), self.dev, **shard)
 
     def amp_ctx(self):
         return self.accel.autocast(self.dev.type)
@@ -524,8 +526,6 @@ class Trainer:
                            config=asdict(self.cfg), **summary)
 
     def _save_bundle(self, model_path: str, summary: dict, drift: float) -> None:
-        from mrhscale import __version__
-
         cfg, store = self.cfg, self.store
         prov = {
             "stage": cfg.kind, "mrhscale_version": __version__, "torch_version": torch.__version__,

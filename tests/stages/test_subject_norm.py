@@ -17,7 +17,7 @@ from mrhscale.parallel.context import Context
 from mrhscale.stages.patches import extract_patches
 from mrhscale.stages.predict import predict, subject_normalisation
 from mrhscale.stores import CohortStore
-from mrhscale.training.stream import PatchStream
+from mrhscale.training.stream import PatchStream, StreamOptions
 
 GAINS = np.array([0.6, 1.4, 0.9, 2.0, 1.2], np.float32)
 SHAPE = (12, 10, 14)
@@ -68,7 +68,8 @@ def test_stream_normalises_each_row_by_its_own_subject(cohort, dtype, tmp_path):
                         options=PatchOptions(stride=1, min_label_sum=0, min_label_nonzero=0, val_subjects=["s03"],
                                              dtype="float16"))
     rec = Normalisation.subject_mode("subject-percentile", 5, 0.0, 1.0)
-    s = PatchStream(patches, batch_size=64, shuffle=False, drop_last=False, norm=rec, with_origin=True)
+    s = PatchStream(patches, batch_size=64, shuffle=False, drop_last=False, norm=rec,
+                    options=StreamOptions(with_origin=True))
     x, _, origin = (np.concatenate([b[k].numpy() for b in s]) for k in range(3))
     root = zarr.open_group(patches, mode="r")
     raw, stats = root["train/inputs"][:].astype(np.float32), root.attrs["subject_norm"]

@@ -11,6 +11,7 @@ from helpers import write_file_cohort
 from mrhscale.options import PatchOptions
 from mrhscale.parallel.context import Context
 from mrhscale.stores import list_subjects, open_subject
+from mrhscale.training.stream import StreamOptions
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed (pip install 'moto[server]')")
 pytest.importorskip("s3fs", reason="s3fs not installed (pip install 'mrhscale[s3]')")
@@ -62,7 +63,7 @@ def _stream_all(url, split="train", storage_options=None):
     from mrhscale.training.stream import PatchStream
 
     s = PatchStream(url, split=split, batch_size=16, shuffle=False, drop_last=False,
-                    storage_options=storage_options, with_origin=True)
+                    ctx=Context(storage_options=storage_options), options=StreamOptions(with_origin=True))
     parts = list(s)
     if not parts:
         return None
