@@ -59,7 +59,7 @@ def run(full: bool = False, repeats: int = 3) -> list[dict]:
     chunks = (64, 32, 64)
     work = tempfile.mkdtemp(prefix="mrh-bench-ingest-")
     try:
-        manifest = make_cohort(os.path.join(work, "files"), subjects=n_subjects, shape=shape, seed=1,
+        manifest = make_cohort(os.path.join(work, "files"), n_subjects=n_subjects, shape=shape, seed=1,
                                fmt="nii", quiet=True)
         mb = n_subjects * np.prod(shape) * 67 * 4 / 1e6
         out = os.path.join(work, "out.zarr")

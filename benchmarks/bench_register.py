@@ -108,7 +108,7 @@ def run(full: bool = False, repeats: int | None = None, transform: str = "syn") 
     n_moving = 2 if full else 4
     work = tempfile.mkdtemp(prefix="mrh-bench-register-")
     try:
-        manifest = make_cohort(os.path.join(work, "files"), subjects=n_moving + 1, shape=shape, seed=3,
+        manifest = make_cohort(os.path.join(work, "files"), n_subjects=n_moving + 1, shape=shape, seed=3,
                                fmt="nii", quiet=True)
         moving = [f"s{i + 2:02d}" for i in range(n_moving)]
         out = os.path.join(work, "out")

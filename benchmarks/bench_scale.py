@@ -115,7 +115,7 @@ def run(full: bool = False, workdir: str | None = None, subjects: int = 10,
     rows = []
     try:
         t0 = time.perf_counter()
-        manifest = make_cohort(os.path.join(work, "files"), subjects=subjects, shape=shape, seed=7,
+        manifest = make_cohort(os.path.join(work, "files"), n_subjects=subjects, shape=shape, seed=7,
                                fmt="nii", quiet=True)
         t_setup = time.perf_counter() - t0
         print(f"setup: {subjects} synthetic subjects {grid} written in {t_setup:.0f} s", flush=True)

@@ -36,11 +36,13 @@ HELD_OUT, VAL, TRAIN = "s05", "s04", ["s01", "s02", "s03"]
 
 def cohort(work: str) -> str:
     """The demo's synthetic cohort, ingested."""
+    from mrhscale.options import SynthVariation
     from mrhscale.stages.ingest import ingest
     from mrhscale.synth.phantom import make_cohort
 
-    manifest = make_cohort(os.path.join(work, "files"), subjects=5, shape=(48, 32, 64), seed=0, fmt="nii.gz",
-                           quiet=True, scanner_variation=[HELD_OUT], artefact=[HELD_OUT])
+    manifest = make_cohort(os.path.join(work, "files"), n_subjects=5, shape=(48, 32, 64), seed=0, fmt="nii.gz",
+                           quiet=True,
+                           variation=SynthVariation(scanner_variation=[HELD_OUT], artefact=[HELD_OUT]))
     store = os.path.join(work, "cohort.zarr")
     ingest(manifest, store, chunks=(32, 16, 32), ctx=Context(scheduler="threads", quiet=True))
     return store

@@ -766,6 +766,7 @@ def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwri
           quiet):
     """Write a synthetic phantom cohort (67-channel MRI, FA, mask, af/nf/mbp, lesion labels,
     ground truth) to OUTDIR, with OUTDIR/cohort.yaml for ingest."""
+    from mrhscale.options import SynthVariation
     from mrhscale.synth.phantom import make_cohort
 
     if subjects < 1:
@@ -773,10 +774,10 @@ def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwri
     dims = _ints(shape, 3, "--shape")
     if min(dims) < 8:
         raise MRHError(f"--shape: each size must be >= 8, got {shape!r}")
-    path = make_cohort(outdir, subjects=subjects, shape=dims, seed=seed, lesions=not no_lesions,
-                       fmt=fmt, inverted_mask=inverted_mask, overwrite=overwrite, quiet=quiet,
-                       scanner_variation=_some_subjects(scanner_variation),
-                       artefact=_some_subjects(artefact))
+    variation = SynthVariation(lesions=not no_lesions, scanner_variation=_some_subjects(scanner_variation),
+                               artefact=_some_subjects(artefact))
+    path = make_cohort(outdir, n_subjects=subjects, shape=dims, seed=seed, fmt=fmt, inverted_mask=inverted_mask,
+                       variation=variation, overwrite=overwrite, quiet=quiet)
     click.echo(path)
 
 

@@ -434,7 +434,7 @@ def synth_store(d, subjects=2, shape=(24, 16, 32), seed=4) -> str:
     from mrhscale.stages.ingest import ingest
     from mrhscale.synth.phantom import make_cohort
 
-    manifest = make_cohort(str(d / "files"), subjects=subjects, shape=shape, seed=seed, quiet=True)
+    manifest = make_cohort(str(d / "files"), n_subjects=subjects, shape=shape, seed=seed, quiet=True)
     store = str(d / "c.zarr")
     ingest(manifest, store, ctx=Context(scheduler="threads", quiet=True))
     return store

@@ -35,7 +35,7 @@ def client():
 def synth(tmp_path_factory):
     from mrhscale.synth.phantom import make_cohort
 
-    return make_cohort(tmp_path_factory.mktemp("synth") / "cohort", subjects=2, shape=(16, 12, 20),
+    return make_cohort(tmp_path_factory.mktemp("synth") / "cohort", n_subjects=2, shape=(16, 12, 20),
                        seed=3, quiet=True)
 
 
