@@ -435,8 +435,8 @@ def crossval_cmd(store, target, out, folds, recipe, subjects, fold_workers, devi
     from mrhscale.stages.crossval import crossval
 
     res = crossval(store, target, out, folds=folds, recipe=recipe, subjects=_subject_list(subjects),
-                   fold_workers=fold_workers, device=device, threads=threads, scheduler=scheduler,
-                   workers=workers, quiet=quiet)
+                   fold_workers=fold_workers, threads=threads,
+                   ctx=_context(scheduler=scheduler, workers=workers, quiet=quiet, device=device or "cpu"))
     if res is not None:
         s = res["summary"]
         click.echo(f"held-out Pearson r {s['pearson']['mean']:.3f} +- {s['pearson']['sd']:.3f}, MAE "
