@@ -801,16 +801,14 @@ def synth(outdir, subjects, shape, seed, fmt, no_lesions, inverted_mask, overwri
 @quiet_option
 def demo(out, subjects, shape, target, recipe, epochs, depth, members, quick, workers, quiet):
     """The whole chain on a synthetic cohort: synth, ingest, patches, train, predict, evaluate, report."""
-    from dataclasses import replace
-
     from mrhscale.demo import QUICK, DemoConfig, run_demo
 
     if quick:
-        cfg = replace(QUICK, workers=workers)
+        cfg = QUICK
     else:
         cfg = DemoConfig(subjects=subjects, shape=_ints(shape, 3, "--shape"), target=target,
-                         recipe=recipe, epochs=epochs, depth=depth, workers=workers, members=members)
-    res = run_demo(out, cfg, quiet=quiet)
+                         recipe=recipe, epochs=epochs, depth=depth, members=members)
+    res = run_demo(out, cfg, ctx=_context(workers=workers, quiet=quiet))
     click.echo(f"virtual {res['stain']}: Pearson r {res['virtual_pearson']:.3f} on held-out {res['held_out']} "
                f"(best single marker {res['best_marker']}: {res['best_marker_pearson']:.3f})")
     for stain, r in (res.get("other_stains") or {}).items():
