@@ -284,7 +284,7 @@ def evaluate(
     with folder.replace(target=target, pred=pstore.url, store=cstore.url) as work:
         ev = _Evaluation(pstore, cstore, target, work, label=label, roi=roi, extra=list(markers or []),
                          marker_transforms=marker_transforms, options=options, n_subjects=len(ids))
-        metrics = _evaluate(ev, ids, options.montage_subjects, ctx.quiet, final_dir=folder.path)
+        metrics = _evaluate(ev, ids, options.montage_subjects, ctx, final_dir=folder.path)
     res = EvaluationResult(**metrics)
     res.out_dir = folder.path
     res.report = os.path.join(folder.path, os.path.basename(metrics["report"]))
@@ -318,11 +318,11 @@ def _open_inputs(pred_url: str, store_url: str, target: str, subjects, ctx: Cont
     return pstore, cstore, ids
 
 
-def _evaluate(ev: _Evaluation, ids: list[str], montage_subjects: int, quiet: bool, *,
+def _evaluate(ev: _Evaluation, ids: list[str], montage_subjects: int, ctx: Context, *,
               final_dir: str) -> dict[str, Any]:
     """The evaluation proper: every subject, then the pooled figures and files (written into
     ``ev.out_dir``, which becomes ``final_dir``)."""
-    for k, sid in enumerate(progress(ids, desc="evaluate", unit="subject", quiet=quiet)):
+    for k, sid in enumerate(progress(ids, desc="evaluate", unit="subject", quiet=ctx.quiet)):
         ev.add_subject(sid, montage=k < montage_subjects)
     return ev.finish(ids, final_dir)
 

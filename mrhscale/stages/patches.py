@@ -227,11 +227,12 @@ def _stitch_chunk(job: dict) -> int:
 TIMINGS: dict = {}  # seconds per pass of the last extract_patches call (also in provenance)
 
 
-def _run(runner: Runner, tasks: list, desc: str, quiet: bool | None = None) -> list:
-    """The pass's tasks on the runner, timed for the provenance."""
+def _run(runner: Runner, tasks: list, desc: str, bar: bool = True) -> list:
+    """The pass's tasks on the runner (a progress bar unless ``bar`` is False or the runner is
+    quiet), timed for the provenance."""
     t0 = time.perf_counter()
     try:
-        return runner.compute(tasks, desc, what=f"patches ({desc})", quiet=quiet)
+        return runner.compute(tasks, desc, what=f"patches ({desc})", quiet=None if bar else True)
     finally:
         TIMINGS[desc] = round(time.perf_counter() - t0, 3)
 
@@ -346,17 +347,17 @@ def extract_patches(
             b.finish(job.attrs(summary, store_url, t_start), made_by)
     res = PatchesResult(out=out_url, seconds=round(time.perf_counter() - t_start, 3), subjects=list(cohort),
                         reused=False, **summary)
-    _say(ctx.quiet, f"{res.n_train} train + {res.n_val} val patches -> {out_url} ({res.seconds:.1f} s)")
+    _say(ctx, f"{res.n_train} train + {res.n_val} val patches -> {out_url} ({res.seconds:.1f} s)")
     return res
 
 
-def _say(quiet: bool, msg: str) -> None:
-    note(f"mrhscale patches: {msg}", quiet)
+def _say(ctx: Context, msg: str) -> None:
+    note(f"mrhscale patches: {msg}", ctx.quiet)
 
 
 def _reused(out_url: str, ctx: Context) -> PatchesResult:
     a = PatchStore.open(out_url, ctx.storage_options).attrs
-    _say(ctx.quiet, f"{out_url} is up to date (same cohort subjects, target and options): reused")
+    _say(ctx, f"{out_url} is up to date (same cohort subjects, target and options): reused")
     return PatchesResult(out=out_url, n_train=a["n_train"], n_val=a["n_val"], subjects=a["subjects"],
                          seconds=0.0, reused=True)
 
@@ -408,7 +409,7 @@ class _Extraction:
                    for t in (ds[s].data for s in self.stains if has_stain(ds, s))]
             todo.append(dask.delayed(np.asarray)(functools.reduce(operator.or_, has)))
         ranges = {}
-        for sid, has in zip(self.sids, _run(self.runner, todo, "slice ranges", True), strict=True):
+        for sid, has in zip(self.sids, _run(self.runner, todo, "slice ranges", bar=False), strict=True):
             nz = np.flatnonzero(has)
             ranges[sid] = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else None
         return ranges
@@ -417,7 +418,7 @@ class _Extraction:
         """Every subject's own input statistics inside its mask, for the per-subject
         normalisation modes (``train --norm``); ops/norm.py computes a new brain's the same way."""
         tasks = [subject_stats_graph(ds["mri"].data, ds["mask"].data) for ds in self.cohort.values()]
-        return dict(zip(self.sids, _run(self.runner, tasks, "subject statistics", True), strict=True))
+        return dict(zip(self.sids, _run(self.runner, tasks, "subject statistics", bar=False), strict=True))
 
     def plan_buckets(self, bucket_bytes: int) -> list[int]:
         """Shuffle buckets per split, from an upper bound of the sample bytes."""

@@ -143,9 +143,9 @@ def register_cohort(
     folder.mark()
     todo, skipped = _sort_out(folder.path, specs, params, overwrite)
     run = _CohortRun(folder.path, man, params, grid, ref_sid, options=options, compress=compress,
-                     min_similarity=min_similarity, quiet=ctx.quiet)
+                     min_similarity=min_similarity, ctx=ctx)
     if todo:
-        run.register(todo, fixed_arr, ref_mask, ctx)
+        run.register(todo, fixed_arr, ref_mask)
     order = {s.id: i for i, s in enumerate(man.subjects)}
     run.registered.sort(key=order.get)
     manifest_path = _write_manifest(folder.path, man, params)
@@ -184,9 +184,9 @@ class _CohortRun:
     """The subjects' registrations on the cluster, each claimed, reported as it finishes."""
 
     def __init__(self, out_dir, man, params, grid, ref_sid, *, options: RegistrationOptions, compress: bool,
-                 min_similarity: float, quiet: bool):
+                 min_similarity: float, ctx: Context):
         self.out_dir, self.man, self.params, self.grid, self.ref_sid = out_dir, man, params, grid, ref_sid
-        self.threads, self.seed, self.quiet = options.threads or 1, options.seed, quiet
+        self.threads, self.seed, self.ctx = options.threads or 1, options.seed, ctx
         self.ext, self.min_similarity = ".nii.gz" if compress else ".nii", float(min_similarity)
         self.registered: list[str] = []
         self.failed: dict = {}
@@ -201,12 +201,12 @@ class _CohortRun:
                 "min_similarity": self.min_similarity, "check": "r", "manifest": self.man.path,
                 **self.params}
 
-    def register(self, todo, fixed_arr, ref_mask, ctx: Context) -> None:
+    def register(self, todo, fixed_arr, ref_mask) -> None:
         token = run_token()
         jobs = [self.job(s, token) for s in todo]
         claims = [Claim(os.path.join(self.out_dir, "_locks", f"{s.id}.lock"), f"subject {s.id} of {self.out_dir}")
                   for s in todo]
-        with contextlib.ExitStack() as held, ctx.runner() as runner:
+        with contextlib.ExitStack() as held, self.ctx.runner() as runner:
             for c in claims:
                 held.enter_context(c)
             self._run_jobs(runner, jobs, fixed_arr, ref_mask)
@@ -240,4 +240,4 @@ class _CohortRun:
         m = res["metrics"]
         extra = f", dice {m['dice_after']:.3f}" if "dice_after" in m else ""
         note(f"  {sid}: {res['status']}, r {m.get('r_before', float('nan')):.3f} -> "
-             f"{m.get('r_after', float('nan')):.3f}{extra}, {res['seconds'] or 0:.1f} s", self.quiet)
+             f"{m.get('r_after', float('nan')):.3f}{extra}, {res['seconds'] or 0:.1f} s", self.ctx.quiet)
