@@ -95,8 +95,7 @@ class Runner:
 
     def __init__(self, env, quiet: bool = False, context: Context | None = None):
         self.env, self.quiet = env, quiet
-        self.context = context if context is not None else Context(
-            quiet=quiet, **({"scheduler": env} if isinstance(env, str) else {"client": env}))
+        self.context = context or Context(scheduler=self.scheduler_name, client=self.client, quiet=quiet)
 
     @property
     def client(self):
