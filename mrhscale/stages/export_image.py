@@ -223,7 +223,7 @@ def write(group, pyr: list, transforms: list[list[dict]], name: str, labels: boo
     how = {"method": "block majority (masks)" if labels else "block mean", "factor": 2, "by": "mrhscale"}
     with warnings.catch_warnings():  # its Scaler, and coordinate_transformations: the one argument
         warnings.simplefilter("ignore", DeprecationWarning)  # that takes translations, are deprecated
-        from ome_zarr.format import FormatV05
+        from ome_zarr.format import FormatV05  # the optional ome extra (checked by _ome_zarr first)
         from ome_zarr.writer import add_metadata, write_multiscale
 
         delayed = write_multiscale(pyr, group, fmt=FormatV05(), axes=[dict(a) for a in AXES],
