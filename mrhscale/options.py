@@ -12,8 +12,10 @@ with one line naming the new one.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
+
+from mrhscale.errors import MRHError
 
 # ---- vocabularies (one tuple each; the library validates against these) ----
 AXES = ("x", "y", "z")
@@ -95,7 +97,8 @@ class RegistrationOptions:
     init: str = option("com", "com: align centres of mass first; header: trust the headers' world coordinates.",
                        choices=REGISTRATION_INITS)
     fast: bool = option(False, "Fewer iterations (small grids, previews).")
-    threads: int = option(1, "ITK threads per subject task.")
+    threads: int | None = option(None, "ITK threads per subject task (default: 1 per subject of a cohort, "
+                                       "ITK's own (every core) for one histology volume).")
     seed: int | None = option(1, "Seed of ANTs' sampling (None: ANTs' own, not reproducible).", cli=False)
 
     @property
@@ -120,7 +123,7 @@ class IngestOptions:
 # ---- synth ----
 @dataclass(frozen=True)
 class CohortOptions:
-    """A synthetic cohort's size and what it contains (docs/synthetic.md)."""
+    """A synthetic cohort's size and format (what differs between its subjects: SynthVariation)."""
 
     n_subjects: int = option(4, "Number of subjects.", short="-n", renamed=("--subjects",))
     shape: tuple[int, int, int] = option((48, 32, 64), "Grid size (each >= 8); 200,128,280 is the real data's "
@@ -128,37 +131,7 @@ class CohortOptions:
     seed: int = option(0, "Same seed, same cohort.")
     fmt: str = option("nii.gz", "File format (nii is fastest at full size).", flag="--format",
                       choices=SYNTH_FORMATS)
-    lesions: bool = option(True, "Demyelinating lesions in every other subject (--no-lesions: none).",
-                           flag="--lesions/--no-lesions")
     inverted_mask: bool = option(False, "Write masks as the original does: 1 OUTSIDE the brain.")
-    scanner_variation: str | None = option(
-        None, "Scan these subjects (or all) on their own scanner: per-volume gains, a coil field, SNR, b-value "
-        "and echo-time shifts; the ground truth does not change (docs/synthetic.md).", metavar="all|ID,...")
-    artefact: str | None = option(
-        None, "Give these subjects (or all) a field-of-view artefact: a region whose contrasts are unlike any "
-        "tissue, stains unchanged, marked by an `artefact` label (docs/synthetic.md).", metavar="all|ID,...")
-
-
-# ---- evaluate ----
-@dataclass(frozen=True)
-class EvaluateOptions:
-    """What evaluate compares and how much of it it pools."""
-
-    label: str | None = option(None, "Lesion/condition label for ROC: a bool variable of STORE's subjects "
-                               "(e.g. lesion) or a NIfTI path with {subject} in it. Default: 'lesion' if the "
-                               "subjects have it.")
-    roi: str | None = option(None, "Restrict the ROC to this region (a label variable or NIfTI path with "
-                             "{subject}), e.g. wm: lesioned vs normal white matter.")
-    markers: tuple[str, ...] = option(
-        (), "Extra marker compared like FA/MT ratio/T2/MD (with the reference, the virtual stain and on the "
-        "label): a contrast/variable of STORE (t2, dwi2000_0, fa) or a NIfTI path with {subject} on the store "
-        "grid. Repeatable.", flag="--marker", metavar="NAME_OR_PATH")
-    marker_transforms: str | None = option(
-        None, "`mrhscale register` output folder: --marker files are in the subjects' native space and are "
-        "mapped onto the store grid (needs the register extra).")
-    max_pool: int = option(2_000_000, "Voxels pooled over all subjects for the pooled figures.", cli=False)
-    seed: int = option(0, "Seed of the pooled sample.", cli=False)
-    montage_subjects: int = option(3, "Subjects shown in the figures.", cli=False)
 
 
 # ---- importance ----
@@ -355,25 +328,82 @@ class DemoOptions:
     quick: bool = option(False, "Tiny cohort and 2 epochs: checks the chain in about a minute.")
 
 
-# ---- patches (TEMP until the context-stages merge) ----
+# ---- patches ----
+def parse_slices(slices) -> tuple[int | None, int | None] | None:
+    """--slices A:B (half-open, 0-based; either end may be left out) as a pair, None for all."""
+    if slices is None or slices == "" or slices == "auto":
+        return None
+    if isinstance(slices, str):
+        try:
+            a, b = slices.split(":")
+            return (int(a) if a.strip() else None, int(b) if b.strip() else None)
+        except ValueError:
+            raise MRHError(f"--slices: expected A:B (half-open, 0-based), got {slices!r}") from None
+    a, b = slices
+    return (None if a is None else int(a), None if b is None else int(b))
+
+
 @dataclass
 class PatchOptions:
     """The sampling rules and the output layout of one extraction (docs/patches.md)."""
 
     half: int = option(1, "Patch is (2H+1)x(2H+1) in-plane.")
     stride: int = option(6, "In-plane grid stride.")
-    slices: Any = option(None, "Half-open 0-based slice range along --axis (default: slices where the target "
-                         "has data).", metavar="A:B")
+    slices: tuple | None = option(None, "Half-open 0-based slice range along --axis (default: slices where the "
+                                        "target has data).", metavar="A:B")
     axis: str = option("y", "Slice axis; patches lie in the plane of the two others.", choices=AXES)
     min_label_sum: float = option(30, "Keep a sample only if its label patch sums to at least this (raw target "
                                       "units).")
     min_label_nonzero: int = option(4, "Keep a sample only if at least this many label voxels are nonzero.")
     val_fraction: float = option(0.0, "Random fraction of samples held out for validation.")
-    val_subjects: tuple[str, ...] = option((), "Subjects held out whole for validation.")
+    val_subjects: list[str] = option(help="Subjects held out whole for validation.", default_factory=list)
     seed: int = option(0, "Seed of split and shuffle.")
     stats: str = option("percentile", "Input statistics stored with the patches (global-max = original).",
                         choices=PATCH_STATS, renamed=("--norm",))
-    dtype: str = option("float32", "Patch dtype.", choices=PATCH_DTYPES)
+    dtype: str = option("float32", "Data type of the stored input patches.", choices=PATCH_DTYPES)
     chunk_size: int | None = option(None, "Patches per output chunk (default ~8 MB).")
     compress: bool = option(False, "Blosc lz4 on the patch arrays (smaller; MRI floats shrink little, "
                                    "streaming slower).")
+
+    def __post_init__(self):
+        self.slices = parse_slices(self.slices)
+        self.val_subjects = list(dict.fromkeys(self.val_subjects or []))
+
+    @property
+    def size(self) -> int:
+        return 2 * self.half + 1
+
+    def record(self) -> dict:
+        """The options as the patch store records them (``made_by``, provenance). ``stats`` keeps
+        the key it had before its rename, ``norm``: stores made before are recognised as the same."""
+        d = asdict(self)
+        d["norm"] = d.pop("stats")
+        d["slices"] = None if self.slices is None else list(self.slices)
+        d["val_subjects"] = sorted(self.val_subjects)
+        return d
+
+
+# ---- evaluate ----
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """The evaluation's sampling and figures (rarely changed)."""
+
+    max_pool: int = option(2_000_000, "Voxels pooled over all subjects for Spearman and ROC (a uniform sample, "
+                                      "at least 10,000 per subject).", cli=False)
+    seed: int = option(0, "Seed of the pooled voxel sample.", cli=False)
+    montage_subjects: int = option(3, "Subjects shown as slice montages.", cli=False)
+
+
+# ---- synth ----
+@dataclass(frozen=True)
+class SynthVariation:
+    """What differs between the synthetic subjects besides their anatomy (docs/synthetic.md)."""
+
+    lesions: bool = option(True, "Demyelinating lesions in every other subject (s01, s03, ...); every subject "
+                                 "still gets a (possibly empty) lesion label.", flag="--lesions/--no-lesions")
+    scanner_variation: Any = option(
+        None, "Scan these subjects (or all) on their own scanner: per-volume gains, a coil field, SNR, b-value "
+              "and echo-time shifts; the ground truth does not change.", metavar="all|ID,...")
+    artefact: Any = option(
+        None, "Give these subjects (or all) a field-of-view artefact: a region whose contrasts are unlike any "
+              "tissue, stains unchanged, marked by an `artefact` label.", metavar="all|ID,...")

@@ -246,7 +246,7 @@ def test_13_importance_refuses_another_stains_patches(tmp_path):
 def test_13_register_refuses_the_manifests_own_folder(tmp_path):
     from mrhscale.synth.phantom import make_cohort
 
-    man = make_cohort(str(tmp_path / "cohort"), subjects=2, shape=(12, 10, 14), quiet=True)
+    man = make_cohort(str(tmp_path / "cohort"), n_subjects=2, shape=(12, 10, 14), quiet=True)
     before = tree(tmp_path / "cohort")
     code, msg = cli("register", man, "--reference", "s01", "--out", tmp_path / "cohort", "--workers", "1", "-q")
     assert code == 2 and "Traceback" not in msg, msg

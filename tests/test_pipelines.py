@@ -26,7 +26,7 @@ def cohort(tmp_path_factory):
     from mrhscale.synth.phantom import make_cohort
 
     d = tmp_path_factory.mktemp("pipe")
-    return make_cohort(str(d / "files"), subjects=2, shape=(24, 16, 32), seed=3, quiet=True)
+    return make_cohort(str(d / "files"), n_subjects=2, shape=(24, 16, 32), seed=3, quiet=True)
 
 
 def _run_recipe(recipe, manifest, work, *extra, env_extra=None):

@@ -8,14 +8,12 @@ from mrhscale.cli.base import main
 from mrhscale.cli.params import (
     context_from,
     context_options,
-    ints,
     subject_list,
     take,
     with_options,
 )
 from mrhscale.options import (
     DemoOptions,
-    EvaluateOptions,
     ExportOptions,
     ImportanceOptions,
     MatlabImportOptions,
@@ -65,15 +63,27 @@ def predict(model, store, out, nifti_dir, ome_zarr, to_native, subjects, overwri
 @click.argument("store")
 @click.option("--target", required=True, help="Reference histology variable in STORE (e.g. af).")
 @click.option("--out", "-o", required=True, help="Report folder: metrics.json, PNG figures, report.html.")
-@with_options(EvaluateOptions)
+@click.option("--label", default=None,
+              help="Lesion/condition label for ROC: a bool variable of STORE's subjects (e.g. lesion) "
+                   "or a NIfTI path with {subject} in it. Default: 'lesion' if the subjects have it.")
+@click.option("--roi", default=None,
+              help="Restrict the ROC to this region (a label variable or NIfTI path with {subject}), "
+                   "e.g. wm: lesioned vs normal white matter.")
+@click.option("--marker", "markers", multiple=True, metavar="NAME_OR_PATH",
+              help="Extra marker compared like FA/MT ratio/T2/MD (with the reference, the virtual "
+                   "stain and on the label): a contrast/variable of STORE (t2, dwi2000_0, fa) or a "
+                   "NIfTI path with {subject} on the store grid. Repeatable.")
+@click.option("--marker-transforms", default=None, type=click.Path(file_okay=False),
+              help="`mrhscale register` output folder: --marker files are in the subjects' native "
+                   "space and are mapped onto the store grid (needs the register extra).")
 @click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
 @context_options(storage=True)
-def evaluate(pred, store, target, out, subjects, **kw):
+def evaluate(pred, store, target, out, label, roi, markers, marker_transforms, subjects, **kw):
     """Compare virtual (PRED) with reference histology and single MRI markers (STORE)."""
     from mrhscale.stages.evaluate import evaluate as run
 
-    res = run(pred, store, target, out, subjects=subject_list(subjects), options=take(EvaluateOptions, kw),
-              ctx=context_from(kw))
+    res = run(pred, store, target, out, label=label, roi=roi, subjects=subject_list(subjects),
+              markers=list(markers) or None, marker_transforms=marker_transforms, ctx=context_from(kw))
     p = res.pooled["virtual"]
     click.echo(f"pooled virtual {target}: pearson {p['pearson']:.3f}, spearman {p['spearman']:.3f}, "
                f"MAE {p['mae']:.3g}, PSNR {p['psnr']:.2f} dB, SSIM {p['ssim']:.3f}; report in {out}")
@@ -149,19 +159,12 @@ def export_cmd(model, out, overwrite, quiet, **kw):
 @context_options(dask=True)
 def demo(out, **kw):
     """The whole chain on a synthetic cohort: synth, ingest, patches, train, predict, evaluate, report."""
-    from dataclasses import replace
-
     from mrhscale.demo import QUICK, DemoConfig, run_demo
 
     o = take(DemoOptions, kw)
-    ctx = context_from(kw)
-    if o.quick:
-        cfg = replace(QUICK, workers=ctx.dask_workers)
-    else:
-        cfg = DemoConfig(subjects=o.n_subjects, shape=ints(o.shape, 3, "--shape"), target=o.target,
-                         recipe=o.recipe, epochs=o.epochs, depth=o.depth, workers=ctx.dask_workers,
-                         members=o.members)
-    _print_demo(run_demo(out, cfg, quiet=ctx.quiet))
+    cfg = QUICK if o.quick else DemoConfig(subjects=o.n_subjects, shape=o.shape, target=o.target,
+                                           recipe=o.recipe, epochs=o.epochs, depth=o.depth, members=o.members)
+    _print_demo(run_demo(out, cfg, ctx=context_from(kw)))
 
 
 def _print_demo(res) -> None:

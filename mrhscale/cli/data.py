@@ -11,7 +11,13 @@ import click
 from mrhscale.cli.base import main
 from mrhscale.cli.params import context_from, context_options, subject_list, take, with_options
 from mrhscale.errors import MRHError
-from mrhscale.options import CohortOptions, ImageOptions, IngestOptions, RegistrationOptions
+from mrhscale.options import (
+    CohortOptions,
+    ImageOptions,
+    IngestOptions,
+    RegistrationOptions,
+    SynthVariation,
+)
 
 subjects_option = click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
 
@@ -23,7 +29,7 @@ def some_subjects(spec):
 
 @main.command("synth")
 @click.argument("outdir", type=click.Path(file_okay=True, dir_okay=True))
-@with_options(CohortOptions)
+@with_options(CohortOptions, SynthVariation)
 @click.option("--overwrite", is_flag=True, help="Replace a cohort already in OUTDIR.")
 @context_options()
 def synth(outdir, overwrite, **kw):
@@ -36,9 +42,11 @@ def synth(outdir, overwrite, **kw):
         raise MRHError(f"--n-subjects: expected an integer >= 1, got {opts.n_subjects}")
     if min(opts.shape) < 8:
         raise MRHError(f"--shape: each size must be >= 8, got {','.join(map(str, opts.shape))!r}")
-    opts = dataclasses.replace(opts, scanner_variation=some_subjects(opts.scanner_variation),
-                               artefact=some_subjects(opts.artefact))
-    click.echo(make_cohort(outdir, options=opts, overwrite=overwrite, quiet=kw["quiet"]))
+    variation = take(SynthVariation, kw)
+    variation = dataclasses.replace(variation, scanner_variation=some_subjects(variation.scanner_variation),
+                                    artefact=some_subjects(variation.artefact))
+    click.echo(make_cohort(outdir, **dataclasses.asdict(opts), variation=variation, overwrite=overwrite,
+                           quiet=kw["quiet"]))
 
 
 @main.command("manifest")
@@ -75,7 +83,7 @@ def ingest(manifest, out, subjects, overwrite, **kw):
     from mrhscale.stages.ingest import ingest as run
 
     opts = take(IngestOptions, kw)
-    res = run(manifest, out, subjects=subject_list(subjects), options=opts, overwrite=overwrite,
+    res = run(manifest, out, subjects=subject_list(subjects), **dataclasses.asdict(opts), overwrite=overwrite,
               ctx=context_from(kw))
     if res.skipped:
         click.echo(f"already in store, skipped: {', '.join(res.skipped)}")

@@ -72,7 +72,7 @@ def _run_training(fn, *args, **kw):
     numerics = take(Numerics, kw)
     given = {k: v for k, v in kw.items()}
     try:
-        res = fn(*args, **given, workers=rt.loader_workers, threads=rt.threads, device=rt.device,
+        res = fn(*args, **given, loader_workers=rt.loader_workers, threads=rt.threads, device=rt.device,
                  resume=rt.resume, keep_checkpoints=rt.keep_checkpoints, precision=numerics.precision,
                  compile=numerics.compile, quiet=ctx.quiet, storage_options=ctx.storage_options)
     except TrainingInterrupted as e:

@@ -504,6 +504,7 @@ def predict(
     the mode used is part of what made each subject (eager fp32 records nothing new).
     ``tta``: test-time augmentation, the mean over each patch's 8 in-plane symmetries.
     """
+    from mrhscale.parallel.context import Context
     from mrhscale.parallel.runner import use_client
     from mrhscale.stages.export_image import export_predictions, image_paths
     from mrhscale.stores import CohortStore, resolve
@@ -518,7 +519,8 @@ def predict(
     source = CohortStore.open(store_url, storage_options)
     ids, datasets = run.inputs(source, subjects)
     native_dirs = run.native_dirs(datasets)
-    images = {var: image_paths(ome_zarr, ids, storage_options, "" if var == run.variable else f".{var}")
+    stores = Context(storage_options=storage_options)  # the export_image helpers take a Context
+    images = {var: image_paths(ome_zarr, ids, stores, "" if var == run.variable else f".{var}")
               for var in run.variables} if ome_zarr else {}
     with contextlib.ExitStack() as stack:
         # an embedded cluster starts only if there is something to predict; its workers
@@ -536,7 +538,7 @@ def predict(
             n_vox = run.predict_all(pstore, source, datasets, todo, env, quiet)
             nifti, native = run.write_nifti(pstore, ids, native_dirs)
     dt = time.perf_counter() - t0
-    ome = [p for var, paths in images.items() for p in export_predictions(out_url, paths, var, storage_options)]
+    ome = [p for var, paths in images.items() for p in export_predictions(out_url, paths, var, stores)]
     return PredictResult(out=out_url, variable=run.variable, predicted=todo, skipped=skipped, brain_voxels=n_vox,
                          seconds=dt, voxels_per_s=n_vox / dt if dt > 0 and n_vox else 0.0, nifti=nifti,
                          native=native, ome_zarr=ome, uncertainty=run.uncertainty)

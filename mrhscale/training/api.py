@@ -58,7 +58,7 @@ def train(config: TrainConfig | str, out_dir: str, *, resume: bool = False,
     out_dir = resolve(out_dir, "--out")
     with run_folder(out_dir):
         cfg = reconcile(cfg, out_dir, resume, given)
-        store = read_patch_store_attrs(cfg.patches, rt.storage_options)
+        store = read_patch_store_attrs(cfg.patches, rt.context())
         n_ch = len(store["channels"])
 
         def build():
@@ -96,7 +96,6 @@ def finetune(model_path: str, config: TrainConfig | str, out_dir: str, *, resume
     with it) and takes the new stain's target scaling from the patch store.
     ``freeze_backbone=True`` trains only the head.
     """
-
     model_path = resolve(model_path, "model")
     cfg, given, rt = split_options("finetune", config, options, runtime)
     given["base_model"] = cfg.base_model = model_path
@@ -104,7 +103,7 @@ def finetune(model_path: str, config: TrainConfig | str, out_dir: str, *, resume
     with run_folder(out_dir):
         cfg = reconcile(cfg, out_dir, resume, given)
         bundle = read_bundle(cfg.base_model if resume else model_path)
-        store = read_patch_store_attrs(cfg.patches, rt.storage_options)
+        store = read_patch_store_attrs(cfg.patches, rt.context())
         check_compatible(bundle, store, model_path, cfg.patches)
         return _finetune_run(cfg, bundle, store, out_dir, rt, resume)
 

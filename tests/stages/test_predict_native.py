@@ -15,6 +15,9 @@ import yaml
 from click.testing import CliRunner
 from scipy import ndimage as ndi
 
+from mrhscale.options import RegistrationOptions
+from mrhscale.parallel.context import Context
+
 pytest.importorskip("ants", reason="needs the optional extra mrhscale[register] (antspyx)")
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
@@ -122,15 +125,16 @@ def cohort(tmp_path_factory):
     with open(manifest, "w") as fh:
         yaml.safe_dump({"subjects": entries}, fh)
     reg = str(root / "reg")
-    res = register_cohort(manifest, "s01", reg, transform="affine", contrast="fa", preset="fast",
-                          workers=1, quiet=True)
+    res = register_cohort(manifest, "s01", reg,
+                          options=RegistrationOptions(transform="affine", contrast="fa", fast=True),
+                          ctx=Context(dask_workers=1, quiet=True))
     assert res["registered"] == ["s01", "s02"], res["failed"]
     store, native_store = str(root / "cohort.zarr"), str(root / "native.zarr")
     from mrhscale.parallel.cluster import dask_client
 
     with dask_client(workers=1, quiet=True) as client:
-        ingest(res["manifest"], store, client=client, quiet=True, checksums=False)
-        ingest(manifest, native_store, client=client, quiet=True, checksums=False)
+        ingest(res["manifest"], store, ctx=Context(client=client, quiet=True), checksums=False)
+        ingest(manifest, native_store, ctx=Context(client=client, quiet=True), checksums=False)
     from mrhscale.stores import open_subject
 
     channels = [str(c) for c in open_subject(store, "s01").contrast.values]

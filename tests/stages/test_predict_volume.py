@@ -12,6 +12,7 @@ from helpers import write_file_cohort, write_model
 
 import mrhscale
 from mrhscale.errors import MRHError
+from mrhscale.parallel.context import Context
 
 CHANNELS = ["dwi_0", "dwi_1", "dwi_2", "dwi_3", "dwi_4", "t2", "mt_off", "mt_on"]
 
@@ -21,7 +22,7 @@ def predicted(tmp_path_factory):
     root = tmp_path_factory.mktemp("pv")
     man = write_file_cohort(root / "files", n_subjects=1)
     cohort, pred = str(root / "cohort.zarr"), str(root / "pred.zarr")
-    mrhscale.ingest(man, cohort, scheduler="synchronous", quiet=True)
+    mrhscale.ingest(man, cohort, ctx=Context(scheduler="synchronous", quiet=True))
     model = write_model(root / "m.pt", CHANNELS, half=2)
     mrhscale.predict(model, cohort, pred, scheduler="synchronous", quiet=True)
     want = mrhscale.PredictionStore.open(pred).open_subject("s01")["af_virtual"].load()

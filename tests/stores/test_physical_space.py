@@ -15,6 +15,7 @@ import zarr
 from helpers import make_patch_store, write_file_cohort, write_model
 
 from mrhscale.ops.space import header_space, is_axis_aligned, spatial_coords
+from mrhscale.parallel.context import Context
 from mrhscale.stages.export_image import export_image
 from mrhscale.stages.ingest import ingest
 from mrhscale.stages.predict import predict
@@ -69,7 +70,7 @@ def _source_with_codes(root):
 def stores(tmp_path):
     man, qform = _source_with_codes(tmp_path / "files")
     cohort = str(tmp_path / "cohort.zarr")
-    ingest(man, cohort, scheduler="synchronous", quiet=True)
+    ingest(man, cohort, ctx=Context(scheduler="synchronous", quiet=True))
     model = write_model(tmp_path / "m.pt", ["dwi_0", "dwi_1", "dwi_2", "dwi_3", "dwi_4", "t2", "mt_off", "mt_on"])
     pred = str(tmp_path / "pred.zarr")
     predict(model, cohort, pred, nifti_dir=str(tmp_path / "nifti"), scheduler="synchronous", quiet=True)

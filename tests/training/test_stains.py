@@ -14,12 +14,14 @@ from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import load_model, read_bundle, save_bundle
 from mrhscale.nn.model import MRHNet
+from mrhscale.options import PatchOptions
+from mrhscale.parallel.context import Context
 from mrhscale.stages.patches import extract_patches
 from mrhscale.stores import PatchStore
 from mrhscale.training import finetune, train
 from mrhscale.training.optim import loss_function
 
-KW = dict(scheduler="synchronous", quiet=True, stride=2, val_subjects=["s02"])
+KW = dict(ctx=Context(scheduler="synchronous", quiet=True), options=PatchOptions(stride=2, val_subjects=["s02"]))
 TRAIN = dict(epochs=3, depth=1, width=8, batch_size=64, quiet=True, lr=3e-3, recipe="fast", norm="global")
 
 
@@ -160,7 +162,7 @@ def test_evaluate_and_importance_per_stain(cohort, joint, tmp_path):
     _, store, stores = cohort
     pred = str(tmp_path / "p.zarr")
     predict(joint.model, store, pred, subjects=["s01", "s02"], scheduler="synchronous", quiet=True)
-    ev = {t: evaluate(pred, store, t, str(tmp_path / f"ev-{t}"), subjects=["s02"], quiet=True)
+    ev = {t: evaluate(pred, store, t, str(tmp_path / f"ev-{t}"), subjects=["s02"], ctx=Context(quiet=True))
           for t in ("af", "mbp")}
     assert ev["af"].pooled["virtual"]["pearson"] != ev["mbp"].pooled["virtual"]["pearson"]
     r = CliRunner().invoke(main, ["evaluate", pred, store, "--target", "nf", "--out",
