@@ -14,10 +14,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPE = os.path.join(ROOT, "pipelines")
 MRH = os.path.join(os.path.dirname(sys.executable), "mrhscale")
 REDUCE = {
-    "EXTRA_INGEST": "--workers 1 --quiet --chunks 16,16,16",
-    "EXTRA_PATCHES": "--workers 1 --quiet --stride 2 --val-fraction 0.2",
+    "EXTRA_INGEST": "--dask-workers 1 --quiet --chunks 16,16,16",
+    "EXTRA_PATCHES": "--dask-workers 1 --quiet --stride 2 --val-fraction 0.2",
     "EXTRA_TRAIN": "--depth 1 --epochs 1 --quiet",
-    "EXTRA_PREDICT": "--workers 1 --quiet",
+    "EXTRA_PREDICT": "--dask-workers 1 --quiet",
 }
 
 

@@ -41,11 +41,11 @@ def subject_list(values) -> list[str] | None:
 
 
 def _kind(f: dataclasses.Field) -> str:
-    """'bool', 'int', 'float', 'ints' (a tuple of ints), 'many' (a tuple of str) or 'str'."""
+    """'bool', 'int', 'float', 'ints' (a tuple of ints), 'many' (names: repeat or comma-separate) or 'str'."""
     t = str(f.type)
-    for name in ("bool", "tuple[int", "tuple[str", "int", "float"):
+    for name in ("bool", "tuple[int", "tuple[str", "list[str", "int", "float"):
         if t.startswith(name):
-            return {"tuple[int": "ints", "tuple[str": "many"}.get(name, name)
+            return {"tuple[int": "ints", "tuple[str": "many", "list[str": "many"}.get(name, name)
     return "str"
 
 
@@ -127,7 +127,7 @@ def _parsed(f: dataclasses.Field, value):
         n = str(f.type).count("int")
         return ints(value, n, f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
     if kind == "many":
-        return tuple(value or ())
+        return subject_list(value) or []
     return value
 
 

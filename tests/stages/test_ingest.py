@@ -169,7 +169,7 @@ def test_bad_input_one_line_exit_2(tmp_path, case, expect):
     elif case == "no_subjects":
         open(man, "w").write("subjects: []\n")
     out = tmp_path / "c.zarr"
-    code, output = _cli(["ingest", man, "--out", str(out), "--quiet", "--workers", "1"])
+    code, output = _cli(["ingest", man, "--out", str(out), "--quiet", "--dask-workers", "1"])
     assert code == 2, output
     lines = [ln for ln in output.strip().splitlines() if ln]
     assert len(lines) == 1 and expect in lines[0], output
@@ -183,7 +183,7 @@ def test_skip_bad_ingests_the_good(tmp_path):
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     os.remove(tmp_path / "files" / "s01" / "af.nii")
     out = tmp_path / "c.zarr"
-    code, output = _cli(["ingest", man, "--out", str(out), "--skip-bad", "--quiet", "--workers", "1", "--chunks", "4,4,4"])
+    code, output = _cli(["ingest", man, "--out", str(out), "--skip-bad", "--quiet", "--dask-workers", "1", "--chunks", "4,4,4"])
     assert code == 0, output
     assert "s01" in output and "file not found" in output
     assert list_subjects(str(out)) == ["s02"]

@@ -306,7 +306,7 @@ def test_cli_end_to_end_local_cluster(cohort_store, tmp_path):
     url, ids = cohort_store
     out = tmp_path / "p.zarr"
     res = CliRunner().invoke(main, ["patches", url, "--target", "af", "--out", str(out), "--stride",
-                                    "2", "--val-subjects", ids[0], "--workers", "2", "-q"])
+                                    "2", "--val-subjects", ids[0], "--dask-workers", "2", "-q"])
     assert res.exit_code == 0, res.output
     g = zarr.open_group(str(out), mode="r")
     assert g.attrs["complete"] is True and g.attrs["n_train"] == g["train/inputs"].shape[0] > 0

@@ -191,14 +191,14 @@ def test_to_native_dir_resume_and_errors(cohort, tmp_path):
     assert not os.path.exists(out)  # errors come before any work
     # CLI: explicit DIR, one subject
     r = CliRunner().invoke(main, ["predict", c["model"], c["store"], "--out", out, "--nifti", nii,
-                                  "--subjects", "s02", "--to-native", c["reg"], "--workers", "1", "-q"])
+                                  "--subjects", "s02", "--to-native", c["reg"], "--dask-workers", "1", "-q"])
     assert r.exit_code == 0, r.output
     p = os.path.join(nii, "s02_af_virtual_native.nii.gz")
     assert os.path.exists(p)
     # resume: the subject is skipped, a missing native file is written again; bare flag form
     os.remove(p)
     r = CliRunner().invoke(main, ["predict", c["model"], c["store"], "--out", out, "--nifti", nii,
-                                  "--subjects", "s02", "--to-native", "--workers", "1", "-q"])
+                                  "--subjects", "s02", "--to-native", "--dask-workers", "1", "-q"])
     assert r.exit_code == 0, r.output
     assert "already predicted, skipped: s02" in r.output and os.path.exists(p)
     r = CliRunner().invoke(main, ["predict", c["model"], c["store"], "--out", out, "--to-native", "-q"])

@@ -391,7 +391,7 @@ def test_cli_register_and_bad_inputs(registered, tmp_path):
     runner = CliRunner()
     out = str(tmp_path / "out")
     r = runner.invoke(main, ["register", manifest, "--reference", "s01", "--out", out, "--transform",
-                             "rigid", "--fast", "--subjects", "s01,s02", "--workers", "1", "-q",
+                             "rigid", "--fast", "--subjects", "s01,s02", "--dask-workers", "1", "-q",
                              "--compress", "--contrast", "dwi_0"])  # a b0 drives it
     assert r.exit_code == 0, r.output
     assert "registered 2 subject(s)" in r.output and os.path.exists(f"{out}/cohort.yaml")
@@ -420,7 +420,7 @@ def test_cli_no_overlap_exit_2(registered, tmp_path):
     write_volume(template, ref["fa"], far)
     r = CliRunner().invoke(main, ["register", manifest, "--reference", template, "--out",
                                   str(tmp_path / "o"), "--init", "header", "--fast", "--transform",
-                                  "rigid", "--subjects", "s02", "--workers", "1", "-q"])
+                                  "rigid", "--subjects", "s02", "--dask-workers", "1", "-q"])
     assert r.exit_code == 2, r.output
     assert "no overlap" in r.output and "s02" in r.output and "Traceback" not in r.output
     # the default (centres of mass aligned first) copes with such headers

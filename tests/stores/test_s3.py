@@ -152,7 +152,7 @@ def test_cli_storage_options(tmp_path, s3):
 
     man = write_file_cohort(tmp_path / "files", n_subjects=1, fmt="nii")
     url = "s3://mrh/cli/cohort.zarr"
-    r = CliRunner().invoke(main, ["ingest", man, "--out", url, "--chunks", "4,4,4", "--workers", "1",
+    r = CliRunner().invoke(main, ["ingest", man, "--out", url, "--chunks", "4,4,4", "--dask-workers", "1",
                                   "-q", "--storage-options", json.dumps(s3)])
     assert r.exit_code == 0, r.output
     assert list_subjects(url, storage_options=s3) == ["s01"]
@@ -185,7 +185,7 @@ def test_concurrent_ingests_into_one_s3_store(tmp_path, s3):
     url = "s3://mrh/conc/cohort.zarr"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
     procs = [subprocess.Popen([sys.executable, "-m", "mrhscale", "ingest", man, "--out", url, "--subjects", sid,
-                               "--workers", "1", "--chunks", "4,4,4", "-q", "--storage-options", json.dumps(s3)],
+                               "--dask-workers", "1", "--chunks", "4,4,4", "-q", "--storage-options", json.dumps(s3)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for sid in ("s01", "s02", "s03")]
     for p in procs:

@@ -253,7 +253,7 @@ def test_library_bad_inputs(tmp_path, kw):
 
 def test_cli_synth(tmp_path):
     out = tmp_path / "c"
-    r = CliRunner().invoke(main, ["synth", str(out), "--subjects", "1", "--shape", "16,12,20",
+    r = CliRunner().invoke(main, ["synth", str(out), "--n-subjects", "1", "--shape", "16,12,20",
                                   "--seed", "2", "--format", "nii", "--quiet"])
     assert r.exit_code == 0, r.output
     assert r.output.strip() == str(out / "cohort.yaml")
