@@ -106,6 +106,12 @@ class RegistrationOptions:
         return "fast" if self.fast else "default"
 
 
+# below these a registration counts as not converged: |Pearson r| of the registered contrast
+# with a cohort's reference; normalised mutual information of a stain with its MRI
+COHORT_MIN_SIMILARITY = 0.4
+HISTOLOGY_MIN_SIMILARITY = 0.1
+
+
 # ---- ingest ----
 @dataclass(frozen=True)
 class IngestOptions:

@@ -12,6 +12,8 @@ from mrhscale.cli.base import main
 from mrhscale.cli.params import context_from, context_options, subject_list, take, with_options
 from mrhscale.errors import MRHError
 from mrhscale.options import (
+    COHORT_MIN_SIMILARITY,
+    HISTOLOGY_MIN_SIMILARITY,
     CohortOptions,
     ImageOptions,
     IngestOptions,
@@ -146,7 +148,7 @@ def export_image_cmd(store, subject, var, out, overwrite, **kw):
                    "subjects are brought onto.")
 @click.option("--out", "-o", required=True, help="Folder: <sid>/*.nii.gz, <sid>/transforms/, cohort.yaml.")
 @with_options(RegistrationOptions)
-@click.option("--min-similarity", type=float, default=0.4, show_default=True,
+@click.option("--min-similarity", type=float, default=COHORT_MIN_SIMILARITY, show_default=True,
               help="A subject whose registered contrast has |Pearson r| with the reference below "
                    "this is reported as not converged.")
 @click.option("--compress", is_flag=True, help="Write .nii.gz instead of .nii (smaller, several times slower).")
@@ -179,7 +181,7 @@ def register(manifest, reference, out, min_similarity, compress, subjects, overw
               help="Cohort manifest holding --subject.")
 @click.option("--out", "-o", required=True, help="Registered stain NIfTI (on the subject's MRI grid).")
 @with_options(RegistrationOptions, exclude=("threads",))
-@click.option("--min-similarity", type=float, default=0.1, show_default=True,
+@click.option("--min-similarity", type=float, default=HISTOLOGY_MIN_SIMILARITY, show_default=True,
               help="Normalised mutual information below which the registration counts as failed.")
 @context_options()
 def register_histology(volume, subject, manifest, out, min_similarity, quiet, **kw):

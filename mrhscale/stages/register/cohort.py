@@ -16,7 +16,7 @@ from mrhscale.errors import MRHError
 from mrhscale.io.manifest import Manifest, load_manifest
 from mrhscale.io.volumes import open_volume
 from mrhscale.log import note
-from mrhscale.options import RegistrationOptions
+from mrhscale.options import COHORT_MIN_SIMILARITY, RegistrationOptions
 from mrhscale.parallel.cluster import task_error
 from mrhscale.parallel.context import Context, Runner
 from mrhscale.results import RegisterResult
@@ -112,7 +112,7 @@ def register_cohort(
     *,
     subjects: list[str] | None = None,
     options: RegistrationOptions | None = None,
-    min_similarity: float = 0.4,
+    min_similarity: float = COHORT_MIN_SIMILARITY,
     compress: bool = False,
     overwrite: bool = False,
     ctx: Context | None = None,

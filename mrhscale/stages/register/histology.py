@@ -14,7 +14,7 @@ from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.io.manifest import Manifest, load_manifest
 from mrhscale.io.volumes import mrhscale_descrip, open_volume, stem, write_volume
-from mrhscale.options import RegistrationOptions
+from mrhscale.options import HISTOLOGY_MIN_SIMILARITY, RegistrationOptions
 from mrhscale.results import HistologyResult
 from mrhscale.stages.ingest import plan_subject
 from mrhscale.stages.register.ants import (
@@ -48,7 +48,7 @@ def register_histology(
     *,
     manifest=None,
     options: RegistrationOptions | None = None,
-    min_similarity: float = 0.1,
+    min_similarity: float = HISTOLOGY_MIN_SIMILARITY,
 ) -> HistologyResult:
     """Register a 3D stain volume onto a subject's MRI (cross-modal: Mattes mutual information)
     and write it, resampled on the subject's grid, to ``out`` (a new training target).
