@@ -3,6 +3,7 @@ options, validated, and how a resumed run keeps them."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, fields
@@ -18,6 +19,8 @@ from mrhscale.options import (
     RECIPES,
     SCHEDULES,
 )
+from mrhscale.training.augment import parse
+from mrhscale.training.checkpoint import load_checkpoint
 
 # the recipes and vocabularies are options (mrhscale/options.py); re-exported for the training code
 __all__ = ["DEFAULT_LR", "DEFAULT_RECIPE", "LOSSES", "RECIPES", "TrainConfig", "recipe_config", "reconcile",
@@ -97,7 +100,6 @@ class TrainConfig:
             bad("drop-period", self.drop_period, "drop period >= 1 and drop factor in (0, 1]")
         if self.head_lr_factor <= 0:
             bad("head-lr-factor", self.head_lr_factor, "must be positive")
-        from mrhscale.training.augment import parse
 
         self.augment = ",".join(parse(self.augment))
         if self.norm not in INPUT_NORMS:
@@ -167,7 +169,6 @@ def reconcile(cfg: TrainConfig, out_dir: str, resume: bool, given: dict) -> Trai
 def _saved_config(out_dir: str, ckpt_path: str) -> dict:
     """The settings of the run in ``out_dir``: its checkpoint's, or an ensemble's config.json
     (each member keeps its own checkpoint)."""
-    import json
 
     if os.path.exists(ckpt_path):
         return _checkpoint_config(ckpt_path)
@@ -182,6 +183,4 @@ def _saved_config(out_dir: str, ckpt_path: str) -> dict:
 
 
 def _checkpoint_config(path: str) -> dict:
-    from mrhscale.training.checkpoint import load_checkpoint
-
     return load_checkpoint(path).get("config", {})
