@@ -50,6 +50,7 @@ def baseline_ingest(manifest: str, out: str, chunks) -> None:
 
 def run(full: bool = False, repeats: int = 3) -> list[dict]:
     from mrhscale.parallel.cluster import dask_client
+    from mrhscale.parallel.context import Context
     from mrhscale.stages.ingest import ingest
     from mrhscale.synth.phantom import make_cohort
 
@@ -58,7 +59,7 @@ def run(full: bool = False, repeats: int = 3) -> list[dict]:
     chunks = (64, 32, 64)
     work = tempfile.mkdtemp(prefix="mrh-bench-ingest-")
     try:
-        manifest = make_cohort(os.path.join(work, "files"), subjects=n_subjects, shape=shape, seed=1,
+        manifest = make_cohort(os.path.join(work, "files"), n_subjects=n_subjects, shape=shape, seed=1,
                                fmt="nii", quiet=True)
         mb = n_subjects * np.prod(shape) * 67 * 4 / 1e6
         out = os.path.join(work, "out.zarr")
@@ -73,7 +74,7 @@ def run(full: bool = False, repeats: int = 3) -> list[dict]:
             with dask_client(workers=w, quiet=True) as client:
                 def ours():
                     shutil.rmtree(out, ignore_errors=True)
-                    ingest(manifest, out, chunks=chunks, client=client, quiet=True, checksums=False)
+                    ingest(manifest, out, chunks=chunks, checksums=False, ctx=Context(client=client, quiet=True))
 
                 t, _ = timed(ours, repeats, warmup=1)
             rows.append(row(f"ingest MB/s, {w} worker(s)", mb / t, "MB/s", "nibabel+zarr single process",

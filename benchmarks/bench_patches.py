@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from mrhscale.parallel.context import Context
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import RSSPoller, print_rows, row, timed  # noqa: E402
@@ -239,6 +241,7 @@ def kernel_rows(full: bool, repeats: int) -> list[dict]:
 def e2e_rows(full: bool, repeats: int, work: str) -> list[dict]:
     from distributed import Client, LocalCluster
 
+    from mrhscale.options import PatchOptions
     from mrhscale.stages.patches import extract_patches
 
     shape, chunks, n_sub = ((200, 128, 280), (64, 64, 64), 4) if full else ((100, 48, 140), (48, 48, 48), 6)
@@ -257,8 +260,8 @@ def e2e_rows(full: bool, repeats: int, work: str) -> list[dict]:
             ts = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                summary = extract_patches(store, "af", out, quiet=True, overwrite=True, seed=0,
-                                          val_fraction=0.05)
+                summary = extract_patches(store, "af", out, ctx=Context(quiet=True), overwrite=True,
+                                          options=PatchOptions(seed=0, val_fraction=0.05))
                 ts.append(time.perf_counter() - t0)
             rates[nw] = (summary["n_train"] + summary["n_val"]) / statistics.median(ts)
     n_samples = summary["n_train"] + summary["n_val"]
@@ -277,7 +280,7 @@ def e2e_rows(full: bool, repeats: int, work: str) -> list[dict]:
         pids0 = client.run(os.getpid)
         with RSSPoller(list(pids0.values()), children=False) as poll:
             t0 = time.perf_counter()
-            extract_patches(store, "af", out, quiet=True, overwrite=True)
+            extract_patches(store, "af", out, ctx=Context(quiet=True), overwrite=True)
             dt = time.perf_counter() - t0
         pids1 = client.run(os.getpid)
     peak = max(poll.peak.values())

@@ -187,10 +187,11 @@ def warm_workers(address, model_path, threads):
     """Load the model (and compile the gather) on every worker, outside the timing."""
     from distributed import Client
 
+    from mrhscale.io.bundle import load_model
     from mrhscale.nn.worker import NetworkSpec, network
 
     with Client(address) as c:
-        c.run(network, NetworkSpec(os.path.abspath(model_path), "cpu", threads, BATCH))
+        c.run(network, NetworkSpec(os.path.abspath(model_path), load_model, "cpu", threads, BATCH))
 
 
 def timed_predict(model_path, store, work, address, threads, repeats, tag) -> tuple[float, int]:
@@ -207,9 +208,10 @@ _FWD = {"s": 0.0, "t0": 0.0, "hooked": set()}  # time inside the network's forwa
 def forward_timer(model_path: str, threads: int) -> float:
     """Seconds the worker's cached predict model spent in forward calls since the last call
     (installs the hooks on the first)."""
+    from mrhscale.io.bundle import load_model
     from mrhscale.nn.worker import NetworkSpec, network
 
-    model = network(NetworkSpec(os.path.abspath(model_path), "cpu", threads, BATCH)).model
+    model = network(NetworkSpec(os.path.abspath(model_path), load_model, "cpu", threads, BATCH)).model
     if id(model) not in _FWD["hooked"]:
         _FWD["hooked"].add(id(model))
         model.register_forward_pre_hook(lambda m, i: _FWD.__setitem__("t0", time.perf_counter()))

@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from mrhscale.parallel.context import Context
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import print_rows, row, timed  # noqa: E402
 
@@ -95,6 +97,7 @@ def _dice(a, b):
 def run(full: bool = False, repeats: int | None = None, transform: str = "syn") -> list[dict]:
     import nibabel as nib
 
+    from mrhscale.options import RegistrationOptions
     from mrhscale.parallel.cluster import dask_client
     from mrhscale.stages.register import register_cohort
     from mrhscale.synth.phantom import make_cohort
@@ -105,7 +108,7 @@ def run(full: bool = False, repeats: int | None = None, transform: str = "syn") 
     n_moving = 2 if full else 4
     work = tempfile.mkdtemp(prefix="mrh-bench-register-")
     try:
-        manifest = make_cohort(os.path.join(work, "files"), subjects=n_moving + 1, shape=shape, seed=3,
+        manifest = make_cohort(os.path.join(work, "files"), n_subjects=n_moving + 1, shape=shape, seed=3,
                                fmt="nii", quiet=True)
         moving = [f"s{i + 2:02d}" for i in range(n_moving)]
         out = os.path.join(work, "out")
@@ -121,8 +124,9 @@ def run(full: bool = False, repeats: int | None = None, transform: str = "syn") 
                 nonlocal res
                 shutil.rmtree(out, ignore_errors=True)
                 t0 = time.perf_counter()
-                res = register_cohort(manifest, "s01", out, transform=transform, subjects=moving,
-                                      client=clients[w], threads=1, quiet=True)
+                res = register_cohort(manifest, "s01", out, subjects=moving,
+                                      options=RegistrationOptions(transform=transform, threads=1),
+                                      ctx=Context(client=clients[w], quiet=True))
                 if res["failed"]:
                     raise RuntimeError(f"registration failed: {res['failed']}")
                 return time.perf_counter() - t0

@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from mrhscale.parallel.context import Context
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import RSSPoller, print_rows, row  # noqa: E402
@@ -87,9 +89,8 @@ def _train(patches: str, out: str, cap_s: float) -> dict:
 def run(full: bool = False, workdir: str | None = None, subjects: int = 10,
         memory_limit: int | None = None, train_cap_s: float = 600.0,
         shape: tuple[int, int, int] | None = None) -> list[dict]:
-    from mrhscale.options import Numerics, PredictOptions
+    from mrhscale.options import Numerics, PatchOptions, PredictOptions
     from mrhscale.parallel.cluster import dask_client
-    from mrhscale.parallel.context import Context
     from mrhscale.stages.ingest import ingest
     from mrhscale.stages.patches import extract_patches
     from mrhscale.stages.predict import predict
@@ -114,7 +115,7 @@ def run(full: bool = False, workdir: str | None = None, subjects: int = 10,
     rows = []
     try:
         t0 = time.perf_counter()
-        manifest = make_cohort(os.path.join(work, "files"), subjects=subjects, shape=shape, seed=7,
+        manifest = make_cohort(os.path.join(work, "files"), n_subjects=subjects, shape=shape, seed=7,
                                fmt="nii", quiet=True)
         t_setup = time.perf_counter() - t0
         print(f"setup: {subjects} synthetic subjects {grid} written in {t_setup:.0f} s", flush=True)
@@ -139,9 +140,11 @@ def run(full: bool = False, workdir: str | None = None, subjects: int = 10,
                       f"{' (WORKER RESTARTED)' if restarts[name] else ''}", flush=True)
                 return out, dt, poll.peak
 
-            _, t_ing, p_ing = stage("ingest", lambda: ingest(manifest, cohort, client=client, quiet=True))
+            _, t_ing, p_ing = stage("ingest", lambda: ingest(manifest, cohort,
+                                                             ctx=Context(client=client, quiet=True)))
             summ, t_pat, p_pat = stage("patches", lambda: extract_patches(
-                cohort, "af", patches, stride=6, val_fraction=0.05, seed=0, quiet=True))
+                cohort, "af", patches, options=PatchOptions(stride=6, val_fraction=0.05, seed=0),
+                ctx=Context(quiet=True)))
             n_pat = summ["n_train"] + summ["n_val"]
 
             # training: its own process (torch on all cores); the idle workers keep their memory

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from mrhscale.parallel.context import Context
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import repeats_main, row  # noqa: E402
 
@@ -34,25 +36,29 @@ HELD_OUT, VAL, TRAIN = "s05", "s04", ["s01", "s02", "s03"]
 
 def cohort(work: str) -> str:
     """The demo's synthetic cohort, ingested."""
+    from mrhscale.options import SynthVariation
     from mrhscale.stages.ingest import ingest
     from mrhscale.synth.phantom import make_cohort
 
-    manifest = make_cohort(os.path.join(work, "files"), subjects=5, shape=(48, 32, 64), seed=0, fmt="nii.gz",
-                           quiet=True, scanner_variation=[HELD_OUT], artefact=[HELD_OUT])
+    manifest = make_cohort(os.path.join(work, "files"), n_subjects=5, shape=(48, 32, 64), seed=0, fmt="nii.gz",
+                           quiet=True,
+                           variation=SynthVariation(scanner_variation=[HELD_OUT], artefact=[HELD_OUT]))
     store = os.path.join(work, "cohort.zarr")
-    ingest(manifest, store, chunks=(32, 16, 32), scheduler="threads", quiet=True)
+    ingest(manifest, store, chunks=(32, 16, 32), ctx=Context(scheduler="threads", quiet=True))
     return store
 
 
 def patch_stores(store: str, work: str) -> dict[str, str]:
     """A patch store per single stain and one of them all."""
+    from mrhscale.options import PatchOptions
     from mrhscale.stages.patches import extract_patches
 
     out = {}
     for target in (*STAINS, ",".join(STAINS)):
         out[target] = os.path.join(work, f"p-{target.replace(',', '+')}.zarr")
-        extract_patches(store, target, out[target], stride=1, subjects=[*TRAIN, VAL], val_subjects=[VAL],
-                        scheduler="threads", quiet=True)
+        extract_patches(store, target, out[target], subjects=[*TRAIN, VAL],
+                        ctx=Context(scheduler="threads", quiet=True),
+                        options=PatchOptions(stride=1, val_subjects=[VAL]))
     return out
 
 
@@ -80,11 +86,13 @@ def _predict(model: str, store: str, out: str, client) -> float:
 
 
 def held_out_r(pred: str, store: str, stain: str, work: str) -> float:
+    from mrhscale.options import EvaluateOptions
     from mrhscale.stages.evaluate import evaluate
 
     out = os.path.join(work, f"ev-{os.path.basename(pred)}-{stain}")
     shutil.rmtree(out, ignore_errors=True)
-    ev = evaluate(pred, store, stain, out, subjects=[HELD_OUT], quiet=True, montage_subjects=0)
+    ev = evaluate(pred, store, stain, out, subjects=[HELD_OUT], ctx=Context(quiet=True),
+                  options=EvaluateOptions(montage_subjects=0))
     return float(ev["pooled"]["virtual"]["pearson"])
 
 

@@ -78,9 +78,9 @@ def stream_rate(url: str, batch: int, workers: int, epochs: int, read_ahead: boo
                 norm=None) -> float:
     from torch.utils.data import DataLoader
 
-    from mrhscale.training.stream import PatchStream
+    from mrhscale.training.stream import PatchStream, StreamOptions
 
-    s = PatchStream(url, batch_size=batch, seed=1, read_ahead=read_ahead, norm=norm)
+    s = PatchStream(url, batch_size=batch, seed=1, options=StreamOptions(read_ahead=read_ahead), norm=norm)
     return _loader_rate(DataLoader(s, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                    prefetch_factor=4 if workers else None), epochs)
 

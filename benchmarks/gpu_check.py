@@ -69,7 +69,7 @@ def _train(work: str, n_dev: int, device: str, sizes: dict) -> list:
     run = os.path.join(work, "run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_dev}",
            "-m", "mrhscale", "train", store, "--out", run, "--epochs", "1", "--depth", str(DEPTH),
-           "--batch-size", str(sizes["batch"] * n_dev), "--workers", "2" if device == "cuda" else "0", "-q"]
+           "--batch-size", str(sizes["batch"] * n_dev), "--loader-workers", "2" if device == "cuda" else "0", "-q"]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=work)
     wall = time.perf_counter() - t0

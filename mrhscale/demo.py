@@ -19,22 +19,43 @@ from dataclasses import asdict, dataclass
 from mrhscale.errors import MRHError
 from mrhscale.log import note
 from mrhscale.ops.stains import parse_stains
+from mrhscale.options import (
+    DemoOptions,
+    EvaluateOptions,
+    PatchOptions,
+    PredictOptions,
+    SynthVariation,
+)
+from mrhscale.parallel.context import Context
+from mrhscale.report.html import write_report
+from mrhscale.report.tables import importance_tables, uncertainty_tables
+from mrhscale.results import DemoResult
+from mrhscale.stages.evaluate import evaluate
+from mrhscale.stages.importance import importance
+from mrhscale.stages.ingest import ingest
+from mrhscale.stages.patches import extract_patches
+from mrhscale.stages.predict import predict
+from mrhscale.stores import Folder, list_subjects, sha256_file, write_json
+from mrhscale.synth.phantom import make_cohort
+from mrhscale.training import train
+from mrhscale.training.config import RECIPES, run_started
+
+DEMO = DemoOptions()  # the options table states each default once
 
 
 @dataclass
 class DemoConfig:
     """The demo's sizes and recipe; None = the training recipe's own value."""
 
-    subjects: int = 5
-    shape: tuple[int, int, int] = (48, 32, 64)
-    target: str = "mbp,nf"  # one network, a head per stain; the first stain is the headline
+    subjects: int = DEMO.n_subjects
+    shape: tuple[int, int, int] = DEMO.shape
+    target: str = DEMO.target  # one network, a head per stain; the first stain is the headline
     stride: int = 1  # dense: lesions are small and rare, the network must see them
-    depth: int = 5
-    recipe: str = "fast"  # ~2.5 min of training on 2 CPU cores, same conclusion as "paper" (~8)
+    depth: int = DEMO.depth
+    recipe: str = DEMO.recipe  # ~2.5 min of training on 2 CPU cores, same conclusion as "paper" (~8)
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
-    workers: int | None = None
     seed: int = 0
     # enough for a stable group ranking (the groups differ by far more than their spread)
     importance_patches: int = 2000
@@ -45,26 +66,26 @@ class DemoConfig:
     scanner_variation: bool = True
     # ... with a field-of-view artefact (synth/artefact.py): something its uncertainty must flag
     artefact: bool = True
-    members: int = 3  # a deep ensemble: the virtual stain is their mean, the uncertainty their spread
+    members: int = DEMO.members  # a deep ensemble: the virtual stain is their mean, the uncertainty their spread
 
 
 QUICK = DemoConfig(subjects=3, shape=(24, 16, 32), stride=2, depth=2, epochs=2, batch_size=128,
                    importance_patches=500, importance_repeats=1, members=2)
 
 
-def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False, quiet: bool = False) -> dict:
-    """Run the chain into ``out``; returns a summary with the report path and headline numbers."""
+def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False,
+             ctx: Context | None = None) -> DemoResult:
+    """Run the chain into ``out``; returns a summary with the report path and headline numbers.
+    ``ctx``: where every stage runs (an embedded LocalCluster by default), quiet."""
     cfg = cfg or (QUICK if quick else DemoConfig())
     if cfg.subjects < 3:
         raise MRHError("demo: needs at least 3 subjects (training, validation, held-out)")
     bad = [t for t in parse_stains(cfg.target) if t not in ("af", "nf", "mbp")]
     if bad:
         raise MRHError(f"--target: synth makes af, nf and mbp, not {', '.join(bad)}")
-    from mrhscale.training.config import RECIPES
-
     if cfg.recipe not in RECIPES:  # before minutes of synth/ingest, not after
         raise MRHError(f"--recipe {cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
-    demo = _Demo(_demo_folder(out, cfg), cfg, quiet)
+    demo = _Demo(_demo_folder(out, cfg), cfg, ctx or Context())
     demo.synth()
     demo.ingest_and_patches()
     demo.train()
@@ -80,8 +101,8 @@ class _Demo:
     PATHS = {"files": "cohort", "store": "cohort.zarr", "patches": "patches.zarr", "run": "run",
              "pred": "pred.zarr", "nifti": "nifti", "eval": "evaluation", "imp": "importance"}
 
-    def __init__(self, out: str, cfg: DemoConfig, quiet: bool):
-        self.out, self.cfg, self.quiet = out, cfg, quiet
+    def __init__(self, out: str, cfg: DemoConfig, ctx: Context):
+        self.out, self.cfg, self.ctx, self.quiet = out, cfg, ctx, ctx.quiet
         self.p = {k: os.path.join(out, v) for k, v in self.PATHS.items()}
         self.times: dict[str, float] = {}
         ids = [f"s{i + 1:02d}" for i in range(cfg.subjects)]
@@ -100,35 +121,26 @@ class _Demo:
         self.times[key] = time.perf_counter() - t
 
     def synth(self) -> None:
-        from mrhscale.synth.phantom import make_cohort
-
+        cfg = self.cfg
+        variation = SynthVariation(scanner_variation=[self.val_id, self.test_id] if cfg.scanner_variation else None,
+                                   artefact=[self.test_id] if cfg.artefact else None)
         with self.stage("synth", "synth: phantom cohort"):
             if not os.path.exists(self.manifest):
-                make_cohort(self.p["files"], subjects=self.cfg.subjects, shape=tuple(self.cfg.shape),
-                            seed=self.cfg.seed, fmt="nii.gz", quiet=self.quiet,
-                            scanner_variation=[self.val_id, self.test_id] if self.cfg.scanner_variation else None,
-                            artefact=[self.test_id] if self.cfg.artefact else None)
+                make_cohort(self.p["files"], n_subjects=cfg.subjects, shape=tuple(cfg.shape), seed=cfg.seed,
+                            fmt="nii.gz", variation=variation, quiet=self.quiet)
 
     def ingest_and_patches(self) -> None:
-        from mrhscale.parallel.cluster import dask_client
-        from mrhscale.stages.ingest import ingest
-        from mrhscale.stages.patches import extract_patches
-
         cfg, p = self.cfg, self.p
-        with dask_client(workers=cfg.workers, quiet=self.quiet) as client:
+        with self.ctx.runner() as runner:  # one cluster for both stages
             with self.stage("ingest", "ingest: files -> cohort.zarr (Dask)"):
-                ingest(self.manifest, p["store"], chunks=(32, 16, 32), client=client, quiet=self.quiet)
+                ingest(self.manifest, p["store"], chunks=(32, 16, 32), ctx=runner.context)
             with self.stage("patches", f"patches: {cfg.target} training samples (train "
                                        f"{', '.join(self.train_ids[:-1])}; val {self.val_id})"):
-                # on the active client; an identical store from an earlier run is reused as it is
-                extract_patches(p["store"], cfg.target, p["patches"], stride=cfg.stride,
-                                subjects=self.train_ids, val_subjects=[self.val_id], seed=cfg.seed,
-                                quiet=self.quiet)
+                # an identical store from an earlier run is reused as it is
+                extract_patches(p["store"], cfg.target, p["patches"], subjects=self.train_ids, ctx=runner.context,
+                                options=PatchOptions(stride=cfg.stride, val_subjects=[self.val_id], seed=cfg.seed))
 
     def train(self) -> None:
-        from mrhscale.training import train
-        from mrhscale.training.config import RECIPES, run_started
-
         cfg = self.cfg
         epochs = cfg.epochs or RECIPES.get(cfg.recipe, {}).get("epochs")
         nets = f"{cfg.members} MRH-Nets" if cfg.members > 1 else "MRH-Net"
@@ -141,52 +153,44 @@ class _Demo:
                 train(self.p["patches"], self.p["run"], resume=resume, **kw)
 
     def predict(self) -> None:
-        from mrhscale.stages.predict import predict
-
         with self.stage("predict", f"predict: held-out subject {self.test_id}"):
             predict(self.model, self.p["store"], self.p["pred"], nifti_dir=self.p["nifti"],
-                    subjects=[self.test_id], workers=self.cfg.workers, quiet=self.quiet, overwrite=True)
+                    subjects=[self.test_id], overwrite=True, options=PredictOptions(), ctx=self.ctx)
 
     def evaluate(self) -> dict:
         """Each stain against its reference (the first in ``evaluation``, others in
         ``evaluation_<stain>``); returns the first's metrics, the others' in ``other_stains``."""
-        from mrhscale.stages.evaluate import evaluate
-
         first, *others = parse_stains(self.cfg.target)
         with self.stage("evaluate", "evaluate: virtual stains vs reference and single MRI markers"):
             # lesion ROC within white matter: a demyelination against the normal tissue it occurs in
             self.other_stains = {t: evaluate(self.p["pred"], self.p["store"], t, f"{self.p['eval']}_{t}",
-                                             subjects=[self.test_id], roi="wm", quiet=self.quiet,
-                                             montage_subjects=0) for t in others}
+                                             subjects=[self.test_id], roi="wm", ctx=self.ctx,
+                                             options=EvaluateOptions(montage_subjects=0)) for t in others}
             return evaluate(self.p["pred"], self.p["store"], first, self.p["eval"],
-                            subjects=[self.test_id], roi="wm", quiet=self.quiet)
+                            subjects=[self.test_id], roi="wm", ctx=self.ctx)
 
     def importance(self) -> dict:
-        from mrhscale.stages.importance import importance
-
         with self.stage("importance", "importance: contrast groups by permutation"):
             imp = _importance_of(self.p["imp"], self.model)
             if imp is None:
-                imp = importance(self.model, self.p["patches"], self.p["imp"], quiet=self.quiet,
-                                 max_patches=self.cfg.importance_patches, repeats=self.cfg.importance_repeats)
+                imp = importance(self.model, self.p["patches"], self.p["imp"], max_patches=self.cfg.importance_patches,
+                                 repeats=self.cfg.importance_repeats, ctx=self.ctx)
         return imp
 
-    def report(self, metrics: dict, imp: dict) -> dict:
-        from mrhscale.report.html import write_report
-        from mrhscale.stores import list_subjects, write_json
-
+    def report(self, metrics: dict, imp: dict) -> DemoResult:
         summary = _headline(metrics, self.test_id, self.cfg)
         summary["other_stains"] = {t: _stain_line(m, self.test_id) for t, m in self.other_stains.items()}
         summary.update({
             "held_out": self.test_id, "train_subjects": self.train_ids[:-1], "val_subject": self.val_id,
             "stage_seconds": {k: round(v, 1) for k, v in self.times.items()},
-            "config": asdict(self.cfg), "paths": self.p, "subjects_in_store": list_subjects(self.p["store"]),
+            "config": asdict(self.cfg), "paths": self.p,
+            "subjects_in_store": list_subjects(self.p["store"], self.ctx.storage_options),
         })
         summary["report"] = write_report(self.out, _tables(summary, metrics, imp, self.p),
                                          self._figures(metrics, imp),
                                          f"mrhscale demo: virtual {self.cfg.target.replace(',', ' and ')} on a synthetic cohort")
         write_json(os.path.join(self.out, "summary.json"), summary)
-        return summary
+        return DemoResult(**summary)
 
     def _figures(self, metrics: dict, imp: dict) -> list:
         p = self.p
@@ -199,8 +203,6 @@ class _Demo:
 
 
 def _tables(summary: dict, metrics: dict, imp: dict, paths: dict) -> dict:
-    from mrhscale.report.tables import importance_tables
-
     headline = ("virtual_pearson", "best_marker", "best_marker_pearson", "virtual_auc", "best_marker_auc",
                 "beats_every_marker", *UNCERTAINTY_HEADLINE)
     tables = {
@@ -215,8 +217,6 @@ def _tables(summary: dict, metrics: dict, imp: dict, paths: dict) -> dict:
         tables["Lesion detection (AUC)"] = {n: {"AUC": r.get("auc"), "direction": r.get("direction")}
                                             for n, r in metrics["pooled"]["roc"].items()}
     if metrics.get("uncertainty"):
-        from mrhscale.report.tables import uncertainty_tables
-
         tables.update(uncertainty_tables(metrics["uncertainty"], metrics["per_subject"]))
     tables.update({k: v for k, v in importance_tables(imp).items() if not k.startswith("Setup")})
     tables["Stage wall times (s)"] = summary["stage_seconds"]
@@ -226,8 +226,6 @@ def _tables(summary: dict, metrics: dict, imp: dict, paths: dict) -> dict:
 
 def _demo_folder(out: str, cfg: DemoConfig) -> str:
     """The demo's workspace: ours, and made with this configuration (else its stages are stale)."""
-    from mrhscale.stores import Folder
-
     folder = Folder(out, "mrhscale-demo")
     if folder.check() and folder.info().get("config") not in (None, _plain(asdict(cfg))):
         raise MRHError(f"--out {folder.path}: holds a demo run with another configuration (other options, "
@@ -243,8 +241,6 @@ def _plain(d: dict) -> dict:
 
 def _importance_of(folder: str, model: str) -> dict | None:
     """An earlier importance result of this very model (by checksum), else None."""
-    from mrhscale.stores import sha256_file
-
     try:
         with open(os.path.join(folder, "importance.json")) as fh:
             imp = json.load(fh)

@@ -130,6 +130,27 @@ class RegisterResult(_Result):
 
 
 @dataclass
+class HistologyResult(_Result):
+    """What ``register_histology`` wrote: the stain on the MRI grid and its transforms."""
+
+    out: str
+    transforms: str
+    metrics: dict
+    seconds: float
+
+
+@dataclass
+class ManifestResult(_Result):
+    """What ``write_manifest`` found and wrote."""
+
+    manifest: str
+    subjects: list[str]
+    groups: list[str]
+    targets: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ExportImageResult(_Result):
     out: str
     subject: str
@@ -156,6 +177,27 @@ class ExportResult(_Result):
     metadata: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ImportMatlabResult(_Result):
+    """What ``import_matlab`` wrote, and where each setting the file does not hold came from."""
+
+    out: str
+    depth: int
+    in_channels: int
+    channels_from: str
+    parameters: int
+    target: str
+    target_from: str
+    input_scale: str  # the bundle's normalisation mode: global-max or identity
+    input_max: float | None  # the global maximum inputs are divided by (None: identity)
+    renamed_layers: dict[str, str]  # layer name in the file -> name in the published graph
+    source: str
+    reader: str | None
+    layers: int
+    width: int
+    target_max: float
+
+
 def result(cls, d: dict[str, Any]):
     """A result from a dict (unknown keys are an error: the dataclass is the contract)."""
     return cls(**d)
@@ -171,3 +213,31 @@ class CrossvalResult(_Result):
     seconds: float
     out_dir: str
     table: str
+
+
+@dataclass
+class DemoResult(_Result):
+    """The demo's summary (also its summary.json): headline numbers, stage times, where things are."""
+
+    target: str
+    stain: str
+    virtual_pearson: float | None
+    best_marker: str | None
+    best_marker_pearson: float | None
+    beats_every_marker: bool
+    held_out: str
+    train_subjects: list[str]
+    val_subject: str
+    stage_seconds: dict
+    config: dict
+    paths: dict
+    subjects_in_store: list[str]
+    report: str
+    other_stains: dict = field(default_factory=dict)
+    virtual_auc: float | None = None  # with a lesion label
+    best_marker_auc: str | None = None
+    uncertainty_spearman: float | None = None  # an ensemble's
+    uncertainty_coverage_95: float | None = None
+    uncertainty_retention_area: float | None = None
+    error_random_order_area: float | None = None
+    artefact_uncertainty_ratio: float | None = None

@@ -6,6 +6,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from mrhscale.parallel.context import Context
+
 DEFAULT_AFFINE = [[0.06, 0, 0, 0], [0, 0.06, 0, 0], [0, 0, 0.06, 0], [0, 0, 0, 1]]
 
 
@@ -159,9 +161,8 @@ class StandInPatchStream:
     every rank yields the same number of batches (drop_last).
     """
 
-    def __init__(self, url, split="train", batch_size=128, shuffle=True, shuffle_buffer=None,
-                 seed=0, rank=None, world_size=None, drop_last=True, storage_options=None,
-                 norm=None):
+    def __init__(self, url, split="train", batch_size=128, shuffle=True, *, seed=0, rank=None,
+                 world_size=None, drop_last=True, norm=None, options=None, ctx=None):
         import torch.distributed as dist
 
         from mrhscale.errors import MRHError
@@ -433,7 +434,7 @@ def synth_store(d, subjects=2, shape=(24, 16, 32), seed=4) -> str:
     from mrhscale.stages.ingest import ingest
     from mrhscale.synth.phantom import make_cohort
 
-    manifest = make_cohort(str(d / "files"), subjects=subjects, shape=shape, seed=seed, quiet=True)
+    manifest = make_cohort(str(d / "files"), n_subjects=subjects, shape=shape, seed=seed, quiet=True)
     store = str(d / "c.zarr")
-    ingest(manifest, store, scheduler="threads", quiet=True)
+    ingest(manifest, store, ctx=Context(scheduler="threads", quiet=True))
     return store

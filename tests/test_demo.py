@@ -10,7 +10,7 @@ from mrhscale.cli import main
 
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--quiet", "--workers", "1"])
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--quiet", "--dask-workers", "1"])
     assert r.exit_code == 0, r.output
     assert "report:" in r.output and "Pearson r" in r.output
     summary = json.load(open(out / "summary.json"))
@@ -32,7 +32,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "virtual nf (same network): Pearson r" in r.output and "other stains" in html
     assert -1 <= summary["other_stains"]["nf"]["pearson"] <= 1 and (out / "evaluation_nf" / "metrics.json").exists()
     # a rerun reuses every finished stage
-    r2 = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--quiet", "--workers", "1"])
+    r2 = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--quiet", "--dask-workers", "1"])
     assert r2.exit_code == 0, r2.output
     s2 = json.load(open(out / "summary.json"))
     assert s2["stage_seconds"]["train"] < summary["stage_seconds"]["train"] + 1
@@ -44,5 +44,5 @@ def test_demo_bad_options(tmp_path):
     f.write_text("x")
     r = CliRunner().invoke(main, ["demo", "--out", str(f), "--quiet"])
     assert r.exit_code == 2 and "is a file" in r.output
-    r = CliRunner().invoke(main, ["demo", "--subjects", "2", "--out", str(tmp_path / "d"), "--quiet"])
+    r = CliRunner().invoke(main, ["demo", "--n-subjects", "2", "--out", str(tmp_path / "d"), "--quiet"])
     assert r.exit_code == 2 and "at least 3" in r.output

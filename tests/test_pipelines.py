@@ -14,10 +14,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPE = os.path.join(ROOT, "pipelines")
 MRH = os.path.join(os.path.dirname(sys.executable), "mrhscale")
 REDUCE = {
-    "EXTRA_INGEST": "--workers 1 --quiet --chunks 16,16,16",
-    "EXTRA_PATCHES": "--workers 1 --quiet --stride 2 --val-fraction 0.2",
+    "EXTRA_INGEST": "--dask-workers 1 --quiet --chunks 16,16,16",
+    "EXTRA_PATCHES": "--dask-workers 1 --quiet --stride 2 --val-fraction 0.2",
     "EXTRA_TRAIN": "--depth 1 --epochs 1 --quiet",
-    "EXTRA_PREDICT": "--workers 1 --quiet",
+    "EXTRA_PREDICT": "--dask-workers 1 --quiet",
 }
 
 
@@ -26,7 +26,7 @@ def cohort(tmp_path_factory):
     from mrhscale.synth.phantom import make_cohort
 
     d = tmp_path_factory.mktemp("pipe")
-    return make_cohort(str(d / "files"), subjects=2, shape=(24, 16, 32), seed=3, quiet=True)
+    return make_cohort(str(d / "files"), n_subjects=2, shape=(24, 16, 32), seed=3, quiet=True)
 
 
 def _run_recipe(recipe, manifest, work, *extra, env_extra=None):

@@ -4,7 +4,7 @@
 
 Counts, over every module of ``mrhscale/``: functions with a ``storage_options``
 parameter; functions with 12 or more parameters (self/cls excluded, * and ** counted);
-imports inside function bodies; module-level import cycles between subpackages; the
+imports inside function bodies; import cycles between subpackages (module- or function-level imports); the
 line count of ``stages/predict.py``; functions over 80 lines of body.
 """
 from __future__ import annotations
@@ -51,22 +51,24 @@ def local_imports(fn) -> list[ast.AST]:
     return found
 
 
-def top_imports(name: str, tree: ast.Module) -> set[str]:
-    """Modules of mrhscale imported at module level (under TYPE_CHECKING excluded)."""
+def imports_of(name: str, tree: ast.Module) -> set[str]:
+    """Modules of mrhscale that ``name`` imports, at module level or inside functions
+    (imports under ``if TYPE_CHECKING`` excluded): a cycle hidden in a function is still one."""
+    skip = {id(n) for node in tree.body if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)}
     out = set()
-    for node in tree.body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+    for sub in ast.walk(tree):
+        if id(sub) in skip:
             continue
-        for sub in ast.walk(node) if isinstance(node, ast.Try | ast.If) else [node]:
-            if isinstance(sub, ast.ImportFrom):
-                base = sub.module or ""
-                if sub.level:
-                    pkg = name.split(".")[: len(name.split(".")) - sub.level + (name in PACKAGES)]
-                    base = ".".join(pkg + ([sub.module] if sub.module else []))
-                if base.startswith("mrhscale"):
-                    out.add(base)
-            elif isinstance(sub, ast.Import):
-                out |= {a.name for a in sub.names if a.name.startswith("mrhscale")}
+        if isinstance(sub, ast.ImportFrom):
+            base = sub.module or ""
+            if sub.level:
+                pkg = name.split(".")[: len(name.split(".")) - sub.level + (name in PACKAGES)]
+                base = ".".join(pkg + ([sub.module] if sub.module else []))
+            if base.startswith("mrhscale"):
+                out.add(base)
+        elif isinstance(sub, ast.Import):
+            out |= {a.name for a in sub.names if a.name.startswith("mrhscale")}
     return out
 
 
@@ -79,10 +81,10 @@ def subpackage(mod: str) -> str:
 
 
 def package_cycles(mods: dict[str, ast.Module]) -> list[tuple[str, str]]:
-    """Pairs of subpackages that import each other at module level."""
+    """Pairs of subpackages that import each other (anywhere in their modules)."""
     edges = defaultdict(set)
     for name, tree in mods.items():
-        for target in top_imports(name, tree):
+        for target in imports_of(name, tree):
             a, b = subpackage(name), subpackage(target)
             if a != b and a != "mrhscale" and b != "mrhscale":
                 edges[a].add(b)

@@ -12,6 +12,7 @@ turned into a calibrated standard deviation. Single-network bundles stay version
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -21,6 +22,7 @@ from mrhscale.errors import MRHError
 from mrhscale.nn.model import MRHEnsemble, MRHNet
 from mrhscale.ops.norm import Normalisation
 from mrhscale.ops.stains import stain_record, stains_of
+from mrhscale.stores import atomic_write
 
 FORMAT = "mrhscale-model"
 FORMAT_VERSION = 2  # 2: deep ensembles; a single network is still written as 1
@@ -71,8 +73,6 @@ def ensemble_bundle(members: list[dict[str, Any]], uncertainty: dict, provenance
 
 
 def write_bundle(path: str | os.PathLike, bundle: dict[str, Any]) -> str:
-    from mrhscale.stores import atomic_write
-
     return atomic_write(os.fspath(path), lambda tmp: torch.save(bundle, tmp))
 
 
@@ -146,7 +146,6 @@ def _norm_line(norm: Normalisation) -> str:
 
 def describe_bundle(path: str | os.PathLike) -> str:
     """Human-readable summary of a bundle: architecture, inputs, normalisation, target, provenance."""
-    import json
 
     b = read_bundle(path)
     arch = b["arch"]

@@ -9,11 +9,14 @@ can be rerun exactly (``mrhscale <cmd> --config <out>/mrhscale-<cmd>.yaml``).
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import os
 
 import yaml
 
+from mrhscale import __version__
 from mrhscale.errors import MRHError
+from mrhscale.stores import config_file, is_local, local_path, mask_options, write_text
 
 META_KEYS = ("command", "mrhscale_version", "written")
 
@@ -65,8 +68,6 @@ def _check_keys(path: str, command: str, doc: dict, allowed: dict[str, str]) -> 
 
 
 def _nearest(name, known) -> str:
-    import difflib
-
     best = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
     return f" (did you mean {best[0]!r}?)" if best else ""
 
@@ -82,9 +83,6 @@ def _plain(v):
 
 
 def resolved_config(command: str, params: dict) -> dict:
-    from mrhscale import __version__
-    from mrhscale.stores import mask_options
-
     doc = {k: _plain(mask_options(v) if k == "storage_options" else v)
            for k, v in params.items() if k != "config"}
     return {
@@ -98,7 +96,6 @@ def resolved_config(command: str, params: dict) -> dict:
 def config_path_for(out: str, command: str) -> str | None:
     """Where the resolved config goes: inside an output folder (a Zarr store: its ``_config``
     group), or beside an output file."""
-    from mrhscale.stores import config_file, is_local, local_path
 
     if not is_local(out):
         return None
@@ -114,6 +111,5 @@ def write_resolved(out: str, command: str, params: dict) -> str | None:
     path = config_path_for(out, command)
     if path is None:
         return None
-    from mrhscale.stores import write_text
 
     return write_text(path, yaml.safe_dump(resolved_config(command, params), sort_keys=False))

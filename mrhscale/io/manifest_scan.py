@@ -44,9 +44,13 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from mrhscale import __version__
+from mrhscale._optional import load
 from mrhscale.errors import MRHError
 from mrhscale.io.manifest import parse_subject
 from mrhscale.io.volumes import open_volume, read_block, stem
+from mrhscale.results import ManifestResult
+from mrhscale.stores import write_text
 
 logger = logging.getLogger("mrhscale")
 
@@ -322,8 +326,6 @@ def scan_bids(root, *, base=None, channel_names=None) -> dict:
 
 
 def _layout(root: str):
-    from mrhscale._optional import load
-
     bids = load("bids", "mrhscale manifest --bids")
     try:
         with warnings.catch_warnings():
@@ -420,7 +422,7 @@ def _require_bval(path: str) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def write_manifest(root, out, *, bids: bool = False, channel_names=None, overwrite: bool = False) -> dict:
+def write_manifest(root, out, *, bids: bool = False, channel_names=None, overwrite: bool = False) -> ManifestResult:
     """Scan ``root`` and write its manifest to ``out`` atomically (paths relative to ``out``).
 
     An existing ``out`` is replaced only with ``overwrite`` and only when it is a
@@ -430,17 +432,14 @@ def write_manifest(root, out, *, bids: bool = False, channel_names=None, overwri
     _check_out(out, overwrite)
     scan = scan_bids if bids else scan_folder
     doc = scan(root, base=os.path.dirname(out), channel_names=channel_names)
-    from mrhscale import __version__
-    from mrhscale.stores import write_text
-
     doc = {"generated_by": {"command": "mrhscale manifest", "version": __version__,
                             "source": os.path.abspath(os.fspath(root)), "bids": bool(bids)}, **doc}
     write_text(out, "# mrhscale cohort manifest (mrhscale manifest); paths relative to this file\n"
                + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False))
     subjects = doc["subjects"]
-    return {"manifest": out, "subjects": [s["id"] for s in subjects], "groups": list(subjects[0]["mri"]),
-            "targets": list(dict.fromkeys(t for s in subjects for t in s.get("targets", {}))),
-            "labels": list(dict.fromkeys(t for s in subjects for t in s.get("labels", {})))}
+    return ManifestResult(manifest=out, subjects=[s["id"] for s in subjects], groups=list(subjects[0]["mri"]),
+                          targets=list(dict.fromkeys(t for s in subjects for t in s.get("targets", {}))),
+                          labels=list(dict.fromkeys(t for s in subjects for t in s.get("labels", {}))))
 
 
 class _Dumper(yaml.SafeDumper):

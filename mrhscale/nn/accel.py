@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import logging
 import os
 import shutil
@@ -160,7 +161,6 @@ def compiler_missing(device_type: str) -> str | None:
     """Why torch.compile cannot work here (None: it may): a C++ compiler for CPU code
     (inductor's ``CXX``), Triton for CUDA. Cheap on purpose (no dynamo import, ~2.5 s):
     anything else that breaks a compile is caught by the warm-up, which falls back."""
-    import importlib.util
 
     if device_type == "cuda":
         return None if importlib.util.find_spec("triton") else "Triton is not installed for this GPU"

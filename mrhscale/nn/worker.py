@@ -2,8 +2,9 @@
 warmed up once per process, and run over the patches of a block.
 
 A Dask task asks ``network(spec)`` for a ready network. ``spec`` (a ``NetworkSpec``)
-names the bundle, the device, torch threads, the batch and the numerics the driver
-planned; the process keeps the network (an lru_cache keyed by the bundle's path, size
+names the bundle and how to read it (``io.bundle.load_model``: nn does not import io,
+which builds nn's networks), the device, torch threads, the batch and the numerics the
+driver planned; the process keeps the network (an lru_cache keyed by the bundle's path, size
 and mtime: workers must be able to read that path, and a changed file loads again), on
 the worker's own GPU in an embedded GPU cluster. ``prepare`` loads it before the first
 block and reports what the worker runs after any fall-back (a compile that fails runs
@@ -17,6 +18,7 @@ import dataclasses
 import functools
 import os
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -36,9 +38,12 @@ _LOAD_LOCK = threading.Lock()  # lru_cache may build twice when two threads miss
 @dataclasses.dataclass(frozen=True)
 class NetworkSpec:
     """Which network a task runs and how: small, picklable, hashable (the cache's key).
-    ``precision``/``compile``: the numerics planned (default: eager fp32, the reference)."""
+    ``load(path, device=, ensemble=True) -> (network, metadata)`` reads the bundle (a
+    module-level function: tasks pickle it by name); ``precision``/``compile``: the
+    numerics planned (default: eager fp32, the reference)."""
 
     path: str
+    load: Callable
     device: str = "cpu"
     threads: int | None = None
     batch_size: int = 4096
@@ -59,22 +64,20 @@ def network(spec: NetworkSpec, strict: bool = False) -> InferenceModel:
     st = os.stat(spec.path)
     key = (spec.precision, spec.compile)
     with _LOAD_LOCK:
-        model = _cached(os.path.abspath(spec.path), st.st_size, st.st_mtime_ns, worker_device(spec.device),
-                        spec.threads, key, spec.batch_size if spec.compile else 0)  # eager: any batch
+        model = _cached(spec.load, os.path.abspath(spec.path), st.st_size, st.st_mtime_ns,
+                        worker_device(spec.device), spec.threads, key,
+                        spec.batch_size if spec.compile else 0)  # eager: any batch
     return model.warm_up(strict=strict)
 
 
 @functools.lru_cache(maxsize=8)
-def _cached(path: str, size: int, mtime_ns: int, device: str, threads: int | None, mode: tuple[str, bool],
-            batch_size: int) -> InferenceModel:
-    # io.bundle builds nn.model's networks: importing it at the top would make io <-> nn a cycle
-    from mrhscale.io.bundle import load_model
-
+def _cached(load: Callable, path: str, size: int, mtime_ns: int, device: str, threads: int | None,
+            mode: tuple[str, bool], batch_size: int) -> InferenceModel:
     global _LOADS
     tune_malloc()  # Dask workers start with a malloc setting that halves torch's speed
     if threads:
         torch.set_num_threads(int(threads))
-    model, meta = load_model(path, device=device, ensemble=True)
+    model, meta = load(path, device=device, ensemble=True)
     runner = inference_model(model, meta, Acceleration(*mode), device, batch_size)
     warm_gather()
     _LOADS += 1

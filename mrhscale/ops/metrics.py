@@ -11,12 +11,14 @@ import math
 from typing import Any
 
 import numpy as np
+from scipy import stats
+from scipy.stats import mannwhitneyu
+from skimage.metrics import structural_similarity
 
 
 def similarity(est: np.ndarray, ref: np.ndarray, mask: np.ndarray, data_range: float | None = None,
                ssim: bool = True) -> dict[str, float]:
     """Pearson, Spearman, MAE, PSNR, SSIM of ``est`` vs ``ref`` inside ``mask`` (3D arrays)."""
-    from scipy import stats
 
     mask = np.asarray(mask, bool)
     e = np.asarray(est, np.float64)[mask]
@@ -43,7 +45,6 @@ def similarity(est: np.ndarray, ref: np.ndarray, mask: np.ndarray, data_range: f
 
 def ssim_in_mask(est, ref, mask, data_range: float) -> float:
     """Mean of skimage's SSIM map over the mask (volumes zeroed outside it)."""
-    from skimage.metrics import structural_similarity
 
     mask = np.asarray(mask, bool)
     a = np.where(mask, np.asarray(est, np.float64), 0.0)
@@ -69,7 +70,6 @@ def linear_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 def roc(scores: np.ndarray, labels: np.ndarray, max_points: int = 512) -> dict[str, Any]:
     """ROC of detecting ``labels`` (bool) from ``scores``: AUC (oriented), curve, Youden point."""
-    from scipy.stats import mannwhitneyu
 
     s = np.asarray(scores, np.float64).ravel()
     y = np.asarray(labels, bool).ravel()
@@ -109,8 +109,6 @@ def roc(scores: np.ndarray, labels: np.ndarray, max_points: int = 512) -> dict[s
 
 
 def spearman(parts: list[np.ndarray], ref_parts: list[np.ndarray]) -> float:
-    from scipy import stats
-
     a, b = np.concatenate(parts), np.concatenate(ref_parts)
     if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import stats
 
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile
 TINY = 1e-12
@@ -58,7 +59,6 @@ def uncertainty_metrics(est: np.ndarray, ref: np.ndarray, unc: np.ndarray) -> di
     """Spearman(uncertainty, |error|), 95% coverage and the retention curve of one set of
     voxels (1-D arrays inside the evaluation mask); ``factor_for_95``: what the uncertainty
     would have to be multiplied by to cover 95% of these voxels (1: calibrated here)."""
-    from scipy import stats
 
     err = np.abs(np.asarray(est, np.float64) - np.asarray(ref, np.float64))
     unc = np.asarray(unc, np.float64)

@@ -20,7 +20,7 @@ from typing import Any
 import dask
 
 from mrhscale.errors import MRHError
-from mrhscale.log import note
+from mrhscale.log import note, progress
 from mrhscale.parallel.runner import LOCAL_SCHEDULERS, active_client, completed, run_tasks
 from mrhscale.stores.urls import url_options
 
@@ -76,11 +76,11 @@ class Context:
         (a notebook's), else an embedded cluster closed on exit (``device`` overrides
         ``self.device`` for its shape)."""
         if self.client is not None:
-            yield Runner(self.client, self.quiet)
+            yield Runner(self.client, self.quiet, self)
         elif self.local:
-            yield Runner(self.scheduler, self.quiet)
+            yield Runner(self.scheduler, self.quiet, self)
         elif self.scheduler is None and self.dask_workers is None and active_client() is not None:
-            yield Runner(active_client(), self.quiet)
+            yield Runner(active_client(), self.quiet, self.but(client=active_client()))
         else:
             yield from self._embedded(device or self.device)
 
@@ -91,14 +91,18 @@ class Context:
                          device=device) as client:
             if self.scheduler is None:
                 note(f"Dask dashboard: {client.dashboard_link}", self.quiet)
-            yield Runner(client, self.quiet)
+            yield Runner(client, self.quiet, self.but(client=client))
 
 
 class Runner:
-    """Runs Dask work on a local scheduler (by name) or a distributed Client alike."""
+    """Runs Dask work on a local scheduler (by name) or a distributed Client alike.
 
-    def __init__(self, env, quiet: bool = False):
+    ``context``: the Context of the work on this runner, its client given: an inner stage
+    run with it reuses this cluster instead of starting its own."""
+
+    def __init__(self, env, quiet: bool = False, context: Context | None = None):
         self.env, self.quiet = env, quiet
+        self.context = context or Context(scheduler=self.scheduler_name, client=self.client, quiet=quiet)
 
     @property
     def client(self):
@@ -117,6 +121,41 @@ class Runner:
         if isinstance(self.env, str):
             return list(dask.compute(*tasks, scheduler=self.env)) if tasks else []
         return run_tasks(self.env, tasks, desc, quiet=quiet, what=what)
+
+    def each_finished(self, tasks: list, desc: str, *, unit: str = "task") -> Iterator[tuple[int, Any, Exception | None]]:
+        """Dask delayed ``tasks`` run side by side (one after another on a local scheduler):
+        ``(index, result, None)`` or ``(index, None, error)`` for each as it finishes, with
+        progress. A failure does not stop the others; those not finished when the caller
+        stops iterating are cancelled."""
+        if self.client is None:
+            with progress(total=len(tasks), desc=desc, unit=unit, quiet=self.quiet, leave=False) as bar:
+                for i, task in enumerate(tasks):
+                    try:
+                        (res,) = dask.compute(task, scheduler=self.env)
+                    except Exception as e:
+                        yield i, None, e
+                    else:
+                        yield i, res, None
+                    bar.update(1)
+            return
+        futures = self.client.compute(tasks) if tasks else []
+        index = {id(f): i for i, f in enumerate(futures)}
+        try:
+            for f in completed(futures, desc, self.quiet, fail_fast=False, unit=unit):
+                try:
+                    res = f.result()
+                except Exception as e:
+                    f.cancel()  # release the erred key: a rerun with the same (pure) keys must recompute
+                    yield index[id(f)], None, e
+                else:
+                    yield index[id(f)], res, None
+        finally:
+            self.client.cancel([f for f in futures if f.status != "finished"])
+
+    def share(self, value):
+        """``value`` for this runner's tasks (an argument of their delayed calls): on a Client
+        scattered once to every worker, so no task's graph carries a copy; as it is here."""
+        return value if self.client is None else self.client.scatter(value, broadcast=True)
 
     def on_workers(self, fn: Callable, *args) -> dict[str, Any]:
         """``fn(*args)`` once in every worker process (here only, on a local scheduler):

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 
+import dask
+
 from mrhscale.errors import MRHError
 from mrhscale.log import note, progress
+from mrhscale.parallel.cluster import dask_client, task_error
 
 LOCAL_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading", "processes")
 
@@ -45,7 +48,6 @@ def use_client(client=None, scheduler: str | None = None, workers: int | None = 
         if active is not None:
             yield active
             return
-    from mrhscale.parallel.cluster import dask_client
 
     with dask_client(scheduler=scheduler, workers=workers, quiet=quiet, device=device) as c:
         if scheduler is None:
@@ -56,7 +58,6 @@ def use_client(client=None, scheduler: str | None = None, workers: int | None = 
 def run_tasks(env, tasks: list, desc: str, *, quiet: bool = False, what: str | None = None) -> list:
     """Compute Dask delayed ``tasks`` on ``env`` (a client or a local scheduler name); their
     results in order. A failure cancels the rest and is raised as an MRHError naming ``what``."""
-    import dask
 
     if not tasks:
         return []
@@ -77,7 +78,6 @@ def completed(futures, desc: str, quiet: bool = False, what=None, fail_fast: boo
     ``desc``); without it every future is yielded and the caller handles failures."""
     from distributed import as_completed
 
-    from mrhscale.parallel.cluster import task_error
 
     futures = list(futures)
     with progress(total=len(futures), desc=desc, unit=unit, quiet=quiet, leave=False) as bar:

@@ -13,6 +13,7 @@ import os
 from datetime import UTC, datetime
 
 from mrhscale.report.tables import evaluation_tables, importance_tables
+from mrhscale.stores import write_text
 
 
 def _fmt(v) -> str:
@@ -98,7 +99,6 @@ figcaption {{ font-size: 0.85em; color: #555; }}
 {'<h2>Figures</h2>' if imgs else ''}{''.join(imgs)}
 </body></html>
 """
-    from mrhscale.stores import write_text
 
     return write_text(os.path.join(out_dir, filename), doc)
 

@@ -25,31 +25,50 @@ Output (``--out DIR``, a folder mrhscale made)::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import statistics
 import time
 from dataclasses import fields
 
+import yaml
+
 from mrhscale.errors import MRHError
 from mrhscale.log import note
+from mrhscale.ops.stains import parse_stains
+from mrhscale.options import EvaluateOptions, PatchOptions, PredictOptions
+from mrhscale.parallel.context import Context
+from mrhscale.report.figures import crossval_bars
+from mrhscale.results import CrossvalResult
+from mrhscale.stages.evaluate import evaluate
+from mrhscale.stages.patches import extract_patches
+from mrhscale.stages.predict import predict
+from mrhscale.stores import CohortStore, Folder, resolve, write_json, write_text
+from mrhscale.training import train
+from mrhscale.training.config import DEFAULT_RECIPE, RECIPES, TrainConfig, run_started
+from mrhscale.training.distributed import dist_env
 
 LOSO = "leave-one-subject-out"
 METRICS = ("pearson", "mae", "ssim", "rmse")
 
 
 def crossval(store: str, target: str, out_dir: str, *, folds: str | int = LOSO, recipe: dict | str | None = None,
-             subjects: list[str] | None = None, client=None, scheduler: str | None = None,
-             workers: int | None = None, fold_workers: int | None = None, device: str | None = None,
-             threads: int | None = None, quiet: bool = False):
+             subjects: list[str] | None = None, fold_workers: int | None = None, threads: int | None = None,
+             ctx: Context | None = None) -> CrossvalResult | None:
     """Cross-validate ``recipe`` (training options, patch options, or a named recipe) on
-    the subjects of ``store`` with stain ``target``; returns the table and its summary."""
-    from mrhscale.ops.stains import parse_stains
-    from mrhscale.stores import CohortStore, Folder, resolve, write_json
+    the subjects of ``store`` with stain ``target``; returns the table and its summary
+    (None on the ranks but 0 under torchrun).
 
+    ``ctx``: the stages' Dask cluster, the device folds train and predict on, quiet.
+    ``fold_workers``: folds side by side, one per Dask worker process of ``ctx``'s cluster
+    (an embedded one of ``fold_workers`` processes), each running its stages in its worker;
+    ``threads``: torch threads per fold."""
+    ctx = ctx or Context()
     if len(parse_stains(target)) > 1:
         raise MRHError(f"--target {target}: crossval scores one stain at a time; run it per stain")
     store = resolve(store)
-    plan = make_plan(CohortStore.open(store), target, folds, recipe_options(recipe), subjects)
+    plan = make_plan(CohortStore.open(store, ctx.storage_options), target, folds, recipe_options(recipe),
+                     subjects)
     folder = Folder(out_dir, "mrhscale-crossval")
     _check_plan(folder, plan)
     rank, world = _rank_world()
@@ -57,13 +76,13 @@ def crossval(store: str, target: str, out_dir: str, *, folds: str | int = LOSO, 
         folder.create(target=target)
         write_json(os.path.join(folder.path, "plan.json"), plan)
     t0 = time.perf_counter()
-    ctx = dict(store=store, out=folder.path, device=device, threads=threads, quiet=quiet)
+    job = {"store": store, "out": folder.path, "threads": threads}
     if world > 1:
         _wait_plan(folder.path, plan)
-        results = _by_rank(plan, ctx, rank, world)
+        results = _by_rank(plan, job, ctx, rank, world)
     else:
         with folder.claim():
-            results = _on_dask(plan, ctx, client, scheduler, workers, fold_workers)
+            results = _on_dask(plan, job, ctx, fold_workers)
     if rank != 0:
         return None  # rank 0 writes and returns the table
     return write_table(folder.path, plan, results, time.perf_counter() - t0)
@@ -76,12 +95,8 @@ def recipe_options(recipe) -> dict:
         return {}
     if isinstance(recipe, dict):
         return dict(recipe)
-    from mrhscale.training.config import RECIPES
-
     if recipe in RECIPES:
         return {"recipe": recipe}
-    import yaml
-
     try:
         with open(recipe) as f:
             doc = yaml.safe_load(f) or {}
@@ -97,33 +112,21 @@ PREDICT_KEYS = ("tta",)  # prediction options a recipe may hold
 
 
 def split_recipe(options: dict) -> tuple[dict, dict]:
-    """(training options, patch options) by name; prediction options (``tta``) are taken
-    out first by :func:`make_plan`; anything else is an error."""
-    from mrhscale.stages.patches import PatchOptions
-    from mrhscale.training.config import TrainConfig
-
+    """(training options, patch options) by name (the patch store's ``stats``, training's ``norm``);
+    prediction options (``tta``) are taken out first by :func:`make_plan`; anything else is an error."""
     train_keys = {f.name for f in fields(TrainConfig)} - {"kind", "patches", "base_model"}
     patch_keys = {f.name for f in fields(PatchOptions)} - {"val_subjects"}
     bad = sorted(set(options) - train_keys - patch_keys)
     if bad:
         raise MRHError(f"--recipe: unknown option(s) {', '.join(bad)} (training options as `mrhscale "
                        "train`, patch options as `mrhscale patches`, with _ for -)")
-    train_opts = {k: v for k, v in options.items() if k in train_keys}
-    patch_opts = {k: v for k, v in options.items() if k in patch_keys}
-    # `norm` names both the patch store's global statistics (percentile, global-max) and
-    # train's choice (global, subject-...): the value says which, the two sets are disjoint
-    if "norm" in options:
-        from mrhscale.stages.patches import NORM_MODES
-
-        (patch_opts if options["norm"] not in NORM_MODES else train_opts).pop("norm", None)
-    return train_opts, patch_opts
+    return ({k: v for k, v in options.items() if k in train_keys},
+            {k: v for k, v in options.items() if k in patch_keys})
 
 
 def make_plan(cohort, target: str, folds, options: dict, subjects) -> dict:
     """The folds: held-out subjects, training subjects, a validation subject when there
     are enough (else a validation fraction of the training patches)."""
-    from mrhscale.training.config import DEFAULT_RECIPE
-
     options = dict(options)
     predict_opts = {k: options.pop(k) for k in PREDICT_KEYS if k in options}
     train_opts, patch_opts = split_recipe(options)
@@ -172,8 +175,6 @@ def _fold_groups(ids: list[str], folds) -> list[list[str]]:
 
 def _check_plan(folder, plan: dict) -> None:
     """A folder made with another plan is refused (its folds would not be this one's)."""
-    import json
-
     if not folder.check():
         return
     try:
@@ -187,45 +188,38 @@ def _check_plan(folder, plan: dict) -> None:
 
 
 def json_plain(doc):
-    import json
-
     return json.loads(json.dumps(doc, default=str))
 
 
 # --------------------------------------------------------------------------- running folds
 def _rank_world() -> tuple[int, int]:
-    from mrhscale.training.distributed import dist_env
-
     rank, world, _ = dist_env()
     return rank, world
 
 
-def _on_dask(plan, ctx, client, scheduler, workers, fold_workers) -> list[dict]:
-    from mrhscale.parallel.runner import completed, use_client
-
+def _on_dask(plan, job: dict, ctx: Context, fold_workers) -> list[dict]:
+    """The folds one after another here (each stage on ``ctx``'s cluster, started once for all),
+    or with ``fold_workers`` one per Dask worker, each fold's stages inside its worker."""
     if not fold_workers:
-        with use_client(client, scheduler, workers, ctx["quiet"]) as env:
-            return [run_fold(plan, f, {**ctx, "env": env}) for f in plan["folds"]]
-    with use_client(client, scheduler, fold_workers, ctx["quiet"]) as env:
-        if isinstance(env, str):
-            return [run_fold(plan, f, {**ctx, "env": env}) for f in plan["folds"]]
-        n = max(1, len(env.scheduler_info().get("workers", {})))
-        threads = ctx["threads"] or max(1, (os.cpu_count() or 1) // n)
-        sub = {**ctx, "env": "synchronous", "threads": threads, "quiet": True}
-        futures = [env.submit(run_fold, plan, f, sub, pure=False) for f in plan["folds"]]
-        list(completed(futures, "crossval folds", ctx["quiet"], unit="fold"))
-        return env.gather(futures)
+        with ctx.runner() as runner:
+            return [run_fold(f, plan, job, runner.context) for f in plan["folds"]]
+    with ctx.but(dask_workers=fold_workers).runner() as runner:
+        threads = job["threads"] or max(1, (os.cpu_count() or 1) // runner.n_workers())
+        inside = ctx.but(client=None, scheduler="synchronous", dask_workers=None, quiet=True)
+        return runner.submit_each(run_fold, plan["folds"], "crossval folds", plan, {**job, "threads": threads},
+                                  inside, unit="fold")
 
 
-def _by_rank(plan, ctx, rank: int, world: int) -> list[dict]:
+def _by_rank(plan, job: dict, ctx: Context, rank: int, world: int) -> list[dict]:
     """torchrun: this rank's folds, each trained alone; rank 0 then waits for the others'."""
     mine = plan["folds"][rank::world]
+    inside = ctx.but(client=None, scheduler="synchronous", quiet=ctx.quiet or rank > 0)
     with single_process():
         for f in mine:
-            run_fold(plan, f, {**ctx, "env": "synchronous", "quiet": ctx["quiet"] or rank > 0})
+            run_fold(f, plan, job, inside)
     if rank != 0:
         return []
-    return [_wait_result(ctx["out"], f) for f in plan["folds"]]
+    return [_wait_result(job["out"], f) for f in plan["folds"]]
 
 
 @contextlib.contextmanager
@@ -241,8 +235,6 @@ def single_process():
 
 def _wait_plan(out: str, plan: dict) -> None:
     """Other ranks start once rank 0 has made the folder and written the plan."""
-    import json
-
     t0 = time.monotonic()
     while time.monotonic() - t0 < 120:
         try:
@@ -269,8 +261,6 @@ def _wait_result(out: str, fold: dict) -> dict:
 
 
 def _result(path: str, fold: dict) -> dict | None:
-    import json
-
     try:
         with open(path) as f:
             res = json.load(f)
@@ -279,61 +269,49 @@ def _result(path: str, fold: dict) -> dict | None:
     return res if res.get("fold") == json_plain(fold) else None
 
 
-def run_fold(plan: dict, fold: dict, ctx: dict) -> dict:
-    """One fold, each step reused when already done: patches, train, predict, evaluate."""
-    from mrhscale.stores import write_json
-
-    d = os.path.join(ctx["out"], f"fold-{fold['name']}")
+def run_fold(fold: dict, plan: dict, job: dict, ctx: Context) -> dict:
+    """One fold, each step reused when already done: patches, train, predict, evaluate.
+    ``job``: the cohort store, the crossval folder and torch threads; ``ctx``: where its
+    stages run."""
+    d = os.path.join(job["out"], f"fold-{fold['name']}")
     done = _result(os.path.join(d, "result.json"), fold)
     if done is not None:
         return done
     os.makedirs(d, exist_ok=True)
-    note(f"crossval: fold {fold['name']} (held out {', '.join(fold['held_out'])})", ctx["quiet"])
-    patches = _fold_patches(plan, fold, ctx, d)
-    model = _fold_model(plan, patches, ctx, d)
-    rows = _fold_evaluation(plan, fold, model, ctx, d)
+    note(f"crossval: fold {fold['name']} (held out {', '.join(fold['held_out'])})", ctx.quiet)
+    patches = _fold_patches(plan, fold, job, ctx, d)
+    model = _fold_model(plan, patches, job, ctx, d)
+    rows = _fold_evaluation(plan, fold, model, job, ctx, d)
     res = {"fold": fold, "rows": rows, "model": model}
     write_json(os.path.join(d, "result.json"), res)
     return res
 
 
-def _on(env) -> dict:
-    """A stage's keyword for ``env``: a Dask client, or a local scheduler name."""
-    return {"scheduler": env} if isinstance(env, str) else {"client": env}
-
-
-def _fold_patches(plan, fold, ctx, d) -> str:
-    from mrhscale.stages.patches import extract_patches
-
+def _fold_patches(plan, fold, job, ctx, d) -> str:
     out = os.path.join(d, "patches.zarr")
-    extract_patches(ctx["store"], plan["target"], out, subjects=fold["train"] + fold["val"],
-                    val_subjects=fold["val"], quiet=ctx["quiet"], **_on(ctx["env"]), **plan["patches"])
+    options = PatchOptions(**plan["patches"], val_subjects=fold["val"])
+    extract_patches(job["store"], plan["target"], out, subjects=fold["train"] + fold["val"], options=options,
+                    ctx=ctx)
     return out
 
 
-def _fold_model(plan, patches, ctx, d) -> str:
-    from mrhscale.training import train
-    from mrhscale.training.config import run_started
-
+def _fold_model(plan, patches, job, ctx, d) -> str:
     run = os.path.join(d, "run")
     model = os.path.join(run, "model.pt")
     if os.path.exists(model):
         return model
     resume = run_started(run)
     opts = {} if resume else dict(plan["train"])
-    train(patches, run, resume=resume, device=ctx["device"], threads=ctx["threads"], quiet=ctx["quiet"], **opts)
+    train(patches, run, resume=resume, device=ctx.device, threads=job["threads"], quiet=ctx.quiet, **opts)
     return model
 
 
-def _fold_evaluation(plan, fold, model, ctx, d) -> list[dict]:
-    from mrhscale.stages.evaluate import evaluate
-    from mrhscale.stages.predict import predict
-
+def _fold_evaluation(plan, fold, model, job, ctx, d) -> list[dict]:
     pred = os.path.join(d, "pred.zarr")
-    predict(model, ctx["store"], pred, subjects=fold["held_out"], quiet=ctx["quiet"], overwrite=True,
-            **plan.get("predict", {}), **_on(ctx["env"]))
-    ev = evaluate(pred, ctx["store"], plan["target"], os.path.join(d, "eval"), subjects=fold["held_out"],
-                  quiet=ctx["quiet"], montage_subjects=1)
+    options = PredictOptions(**plan.get("predict", {}))
+    predict(model, job["store"], pred, subjects=fold["held_out"], overwrite=True, options=options, ctx=ctx)
+    ev = evaluate(pred, job["store"], plan["target"], os.path.join(d, "eval"), subjects=fold["held_out"],
+                  options=EvaluateOptions(montage_subjects=1), ctx=ctx)
     return [{"subject": s, "fold": fold["name"], **{m: ev["per_subject"][s]["virtual"].get(m) for m in METRICS},
              **_uncertainty_row(ev["per_subject"][s].get("uncertainty"))} for s in fold["held_out"]]
 
@@ -347,10 +325,8 @@ def _uncertainty_row(u: dict | None) -> dict:
 
 
 # --------------------------------------------------------------------------- the table
-def write_table(out: str, plan: dict, results: list[dict], seconds: float):
+def write_table(out: str, plan: dict, results: list[dict], seconds: float) -> CrossvalResult:
     """crossval.csv (a row per held-out subject, then mean and sd), crossval.json, crossval.png."""
-    from mrhscale.stores import write_json, write_text
-
     rows = [r for res in results for r in res["rows"]]
     cols = METRICS + tuple(m for m in UNCERTAINTY_METRICS if any(m in r for r in rows))
     summary = {m: _mean_sd([r[m] for r in rows if r.get(m) is not None]) for m in cols}
@@ -364,9 +340,7 @@ def write_table(out: str, plan: dict, results: list[dict], seconds: float):
            "recipe": {"train": plan["train"], "patches": plan["patches"], "predict": plan.get("predict", {})},
            "seconds": round(seconds, 1)}
     write_json(os.path.join(out, "crossval.json"), doc)
-    _figure(os.path.join(out, "crossval.png"), rows, plan["target"])
-    from mrhscale.results import CrossvalResult
-
+    crossval_bars(os.path.join(out, "crossval.png"), rows, plan["target"])
     return CrossvalResult(**doc, out_dir=out, table=os.path.join(out, "crossval.csv"))
 
 
@@ -378,10 +352,3 @@ def _mean_sd(values) -> tuple[float | None, float | None]:
 
 def _fmt(v) -> str:
     return "" if v is None else f"{v:.6g}"
-
-
-def _figure(path: str, rows: list[dict], target: str) -> None:
-    from mrhscale.report.figures import crossval_bars
-
-    crossval_bars(path, rows, target)
-

@@ -53,16 +53,23 @@ import os
 from typing import Any
 
 import numpy as np
+import xarray as xr
 
+from mrhscale import __version__
 from mrhscale.errors import MRHError
+from mrhscale.io.volumes import open_volume
+from mrhscale.log import progress
 from mrhscale.ops.metrics import PooledMoments, linear_fit, roc, similarity, spearman
 from mrhscale.ops.stains import stains_of
 from mrhscale.ops.uncertainty import uncertainty_metrics
+from mrhscale.options import EvaluateOptions
+from mrhscale.parallel.context import Context
 from mrhscale.report import figures
 from mrhscale.report.html import write_report
 from mrhscale.report.tables import evaluation_tables
 from mrhscale.results import EvaluationResult
-from mrhscale.stores import write_json
+from mrhscale.stages.register import marker_from_file
+from mrhscale.stores import CohortStore, Folder, PredictionStore, resolve, write_json
 
 SPATIAL = ("x", "y", "z")
 MARKERS = ("FA", "MT ratio", "T2", "MD")
@@ -128,8 +135,6 @@ def mean_diffusivity(ds, mask=None) -> tuple[np.ndarray | None, str]:
     else:  # unknown b-values: b0 images are much brighter than diffusion-weighted ones
         mri = ds["mri"].isel(contrast=idx)
         if mask is not None:
-            import xarray as xr
-
             m = xr.DataArray(np.asarray(mask, bool), dims=SPATIAL)
             means = np.asarray(mri.where(m).mean(SPATIAL).values, np.float64)
         else:
@@ -199,12 +204,8 @@ def load_marker(source: str, ds, sid: str, shape, transforms: str | None = None)
             raise MRHError(f"--marker {source}: not a contrast or variable of subject {sid} "
                            f"(available: {', '.join(avail[:20])}{more}) and not an image path")
         return np.nan_to_num(np.asarray(a, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    from mrhscale.stages.register import marker_from_file
-
     path = source.replace("{subject}", sid)
     if transforms is None:  # must already be on the store grid: say so with the shapes
-        from mrhscale.io.volumes import open_volume
-
         vol = open_volume(path, what=f"--marker for subject {sid}")
         vshape = tuple(vol.shape[:3]) if len(vol.shape) == 3 or (
             len(vol.shape) >= 4 and all(n == 1 for n in vol.shape[3:])) else tuple(vol.shape)
@@ -227,8 +228,6 @@ def load_label(ds, label: str | None, sid: str, shape, what: str = "--label") ->
         return ds[label].transpose(*SPATIAL).values.astype(bool)
     low = label.lower()
     if "{subject}" in label or low.endswith((".nii", ".nii.gz", ".hdr", ".img")):
-        from mrhscale.io.volumes import open_volume
-
         vol = open_volume(label.replace("{subject}", sid), what=f"{what} for {sid}")
         arr = np.asarray(vol.proxy)
         if arr.ndim == 4 and arr.shape[-1] == 1:
@@ -264,46 +263,39 @@ def evaluate(
     label: str | None = None,
     roi: str | None = None,
     subjects: list[str] | None = None,
-    quiet: bool = False,
-    max_pool: int = 2_000_000,
-    seed: int = 0,
-    montage_subjects: int = 3,
-    storage_options: dict | None = None,
     markers: list[str] | None = None,
     marker_transforms: str | None = None,
+    options: EvaluateOptions | None = None,
+    ctx: Context | None = None,
 ) -> EvaluationResult:
     """Metrics of PRED's virtual stain vs STORE's ``target`` and single markers; writes a report.
 
     markers: extra markers (store contrast/variable names or NIfTI paths with ``{subject}``),
     compared like the built-in ones; marker_transforms: ``mrhscale register`` output folder
-    for marker files still in the subjects' native space.
+    for marker files still in the subjects' native space. options: the pooled sample and
+    montages (:class:`mrhscale.options.EvaluateOptions`); ctx: the stores' storage options, quiet.
     """
-    from mrhscale.stores import Folder, resolve
-
-    pstore, cstore, ids = _open_inputs(resolve(pred_url), resolve(store_url), target, subjects,
-                                       storage_options)
-    extra = list(markers or [])
+    ctx, options = ctx or Context(), options or EvaluateOptions()
+    pstore, cstore, ids = _open_inputs(resolve(pred_url), resolve(store_url), target, subjects, ctx)
     if marker_transforms is not None and not os.path.isdir(marker_transforms):
         raise MRHError(f"--marker-transforms {marker_transforms}: no such folder "
                        "(give the `mrhscale register` output folder)")
     folder = Folder(out_dir, "mrhscale-evaluation")
     with folder.replace(target=target, pred=pstore.url, store=cstore.url) as work:
-        metrics = _evaluate(pstore, cstore, ids, target, work, label=label, roi=roi, quiet=quiet,
-                            max_pool=max_pool, seed=seed, montage_subjects=montage_subjects,
-                            extra=extra, marker_transforms=marker_transforms, final_dir=folder.path)
+        ev = _Evaluation(pstore, cstore, target, work, label=label, roi=roi, extra=list(markers or []),
+                         marker_transforms=marker_transforms, options=options, n_subjects=len(ids))
+        metrics = _evaluate(ev, ids, options.montage_subjects, ctx, final_dir=folder.path)
     res = EvaluationResult(**metrics)
     res.out_dir = folder.path
     res.report = os.path.join(folder.path, os.path.basename(metrics["report"]))
     return res
 
 
-def _open_inputs(pred_url: str, store_url: str, target: str, subjects, storage_options):
+def _open_inputs(pred_url: str, store_url: str, target: str, subjects, ctx: Context):
     """The prediction and cohort stores, and the subjects to compare, all cross-checked:
     the prediction is of ``target``, and each subject was predicted from the store's own."""
-    from mrhscale.stores import CohortStore, PredictionStore
-
-    pstore = PredictionStore.open(pred_url, storage_options)
-    cstore = CohortStore.open(store_url, storage_options)
+    pstore = PredictionStore.open(pred_url, ctx.storage_options)
+    cstore = CohortStore.open(store_url, ctx.storage_options)
     pattrs = pstore.attrs
     stains = stains_of(pattrs)
     if str(target) not in stains:
@@ -326,15 +318,11 @@ def _open_inputs(pred_url: str, store_url: str, target: str, subjects, storage_o
     return pstore, cstore, ids
 
 
-def _evaluate(pstore, cstore, ids, target, out_dir, *, label, roi, quiet, max_pool, seed,
-              montage_subjects, extra, marker_transforms, final_dir) -> dict[str, Any]:
-    """The evaluation proper, writing its files into ``out_dir`` (which becomes ``final_dir``)."""
-    from mrhscale.log import progress
-
-    ev = _Evaluation(pstore, cstore, target, out_dir, label=label, roi=roi, seed=seed, extra=extra,
-                     marker_transforms=marker_transforms,
-                     per_subject_pool=max(10_000, int(max_pool) // len(ids)))
-    for k, sid in enumerate(progress(ids, desc="evaluate", unit="subject", quiet=quiet)):
+def _evaluate(ev: _Evaluation, ids: list[str], montage_subjects: int, ctx: Context, *,
+              final_dir: str) -> dict[str, Any]:
+    """The evaluation proper: every subject, then the pooled figures and files (written into
+    ``ev.out_dir``, which becomes ``final_dir``)."""
+    for k, sid in enumerate(progress(ids, desc="evaluate", unit="subject", quiet=ctx.quiet)):
         ev.add_subject(sid, montage=k < montage_subjects)
     return ev.finish(ids, final_dir)
 
@@ -357,8 +345,8 @@ class _Evaluation:
     """Accumulates subjects (per-subject metrics, pooled moments, a voxel sample for
     Spearman and ROC, montages), then aggregates once (MONAI's Cumulative pattern)."""
 
-    def __init__(self, pstore, cstore, target, out_dir, *, label, roi, seed, extra, marker_transforms,
-                 per_subject_pool):
+    def __init__(self, pstore, cstore, target, out_dir, *, label, roi, extra, marker_transforms,
+                 options: EvaluateOptions, n_subjects: int):
         self.pstore, self.cstore, self.target, self.out_dir = pstore, cstore, target, out_dir
         self.label, self.roi, self.extra, self.transforms = label, roi, extra, marker_transforms
         self.extra_names = marker_names(extra)
@@ -369,7 +357,8 @@ class _Evaluation:
         self.unc_curves: dict[str, dict] = {}
         self.unc_pooled: dict | None = None
         self.slice_axis = str((pstore.attrs.get("model") or {}).get("patch", {}).get("axis", "y"))
-        self.rng, self.per_subject_pool = np.random.default_rng(seed), per_subject_pool
+        self.rng = np.random.default_rng(options.seed)
+        self.per_subject_pool = max(10_000, int(options.max_pool) // n_subjects)
         self.notes: list[str] = []
         self.per_subject: dict[str, Any] = {}
         self.pool: dict[str, list] = {"ref": [], "lab": []}
@@ -561,8 +550,6 @@ class _Evaluation:
         return metrics
 
     def document(self, ids: list[str], pooled: dict) -> dict:
-        from mrhscale import __version__
-
         return {
             "target": self.target, "variable": self.variable, "subjects": ids,
             "label": self.label or ("lesion" if self.have_label else None), "roi": self.roi,

@@ -37,10 +37,14 @@ import zipfile
 import numpy as np
 import torch
 from torch import nn
+from torch.export import Dim
 
+from mrhscale import __version__
 from mrhscale._optional import load as load_extra
 from mrhscale.errors import MRHError
+from mrhscale.io.bundle import load_model
 from mrhscale.results import ExportResult
+from mrhscale.stores import atomic_write, is_local, resolve, sha256_file, write_json
 
 FORMAT = "mrhscale-export"
 FORMAT_VERSION = 1
@@ -61,8 +65,6 @@ def export_model(model_path, out, fmt: str = "onnx", *, overwrite: bool = False,
     an existing export only with ``overwrite``; fails, writing nothing, if the exported
     graph differs from torch by more than ``TOLERANCE``.
     """
-    from mrhscale.io.bundle import load_model
-    from mrhscale.stores import resolve
 
     fmt = _check_format(fmt, opset)
     model_path, out = resolve(model_path, "model"), _local_out(out)
@@ -104,8 +106,6 @@ def _check_format(fmt: str, opset) -> str:
 
 
 def _local_out(out) -> str:
-    from mrhscale.stores import is_local, resolve
-
     if out is None or not str(out).strip() or not is_local(str(out)):
         raise MRHError(f"--out {out}: expected a local file path")
     return resolve(out, "--out")
@@ -198,8 +198,6 @@ def _output_record(meta: dict, dims: list, h, p) -> dict:
 
 def metadata(model_path: str, meta: dict, fmt: str, dynamic: list[str]) -> dict:
     """The record written into the file and its sidecar: all a runtime needs to feed the graph."""
-    from mrhscale import __version__
-    from mrhscale.stores import sha256_file
 
     ch, patch = list(meta["channels"]), dict(meta["patch"])
     h, p = patch.get("half"), patch.get("size")
@@ -229,8 +227,6 @@ def _raw(norm_arrays, n: int, size: int, seed: int) -> torch.Tensor:
 
 
 def _dynamic_shapes(spatial: bool) -> dict:
-    from torch.export import Dim
-
     dims = {0: Dim("batch", min=1, max=1 << 30)}
     if spatial:
         dims.update({i: Dim(DIMS[i], min=1, max=1 << 20) for i in (2, 3)})
@@ -367,7 +363,6 @@ def _pt2_runner(data: bytes):
 # --------------------------------------------------------------------------- commit
 def commit(out: str, data: bytes, doc: dict, diff: float) -> str:
     """The file, then its sidecar (the record plus the file's sha256 and the check), each atomic."""
-    from mrhscale.stores import atomic_write, write_json
 
     def write(tmp):
         with open(tmp, "wb") as fh:

@@ -21,14 +21,32 @@ run and commit (built aside and swapped in by ``mrhscale.stores.omezarr``).
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass
 
+import dask
+import dask.array as da
 import numpy as np
 
+from mrhscale._optional import load
 from mrhscale.errors import MRHError
+from mrhscale.parallel.context import Context
 from mrhscale.results import ExportImageResult
+from mrhscale.stores import (
+    CohortStore,
+    PredictionStore,
+    inspect,
+    is_local,
+    local_path,
+    mask_url,
+    omezarr,
+    resolve,
+)
+from mrhscale.stores.cohort import short
+from mrhscale.stores.omezarr import own_attrs
+from mrhscale.stores.urls import join
 
 SPATIAL = ("x", "y", "z")
 AXES = [{"name": a, "type": "space", "unit": "millimeter"} for a in ("z", "y", "x")]
@@ -36,22 +54,22 @@ CHUNK = 64  # chunk edge (voxels): viewers fetch 64^3 blocks well; even, so bloc
 
 
 def export_image(store, subject: str, var: str, out, *, contrast: str | None = None, levels: int = 3,
-                 overwrite: bool = False, refresh: bool = False,
-                 storage_options: dict | None = None) -> ExportImageResult:
+                 overwrite: bool = False, refresh: bool = False, ctx: Context | None = None) -> ExportImageResult:
     """Write ``var`` (its ``contrast`` for ``mri``) of ``subject`` in ``store`` to ``out`` as an
     OME-Zarr image of ``levels`` resolutions (fewer when the volume cannot halve further).
 
     An image made from the same source subject, variable and options is reused; one
     made from anything else is refused unless ``overwrite`` (``refresh``: replace it only
     when stale, as ``predict --ome-zarr`` does); a folder mrhscale did not make, always.
+    ``ctx``: the storage options of ``store`` and ``out`` (the pyramid is computed on local threads).
     """
-    from mrhscale.stores import omezarr, resolve
-
+    ctx = ctx or Context()
     t0 = time.perf_counter()
     _ome_zarr("export-image")
     if int(levels) < 1:
         raise MRHError(f"--levels must be >= 1, got {levels}")
-    source, attrs, vol = select(store, subject, var, contrast, storage_options)
+    source = open_source(store, ctx)
+    attrs, vol = select(source, subject, var, contrast)
     geo = Geometry.from_attrs(attrs, f"subject {subject!r}")
     labels = vol.dtype == bool
     pyr, factors = pyramid(vol.astype(np.uint8 if labels else np.float32), int(levels), labels)
@@ -59,7 +77,7 @@ def export_image(store, subject: str, var: str, out, *, contrast: str | None = N
     name = " ".join([subject, var, *([contrast] if contrast else [])])
     transforms = geo.transforms(factors)
     with omezarr.build(out, made_by, _record(source, subject, geo), overwrite=overwrite, refresh=refresh,
-                       storage_options=storage_options) as b:
+                       storage_options=ctx.storage_options) as b:
         if b is not None:
             write(b.group(), pyr, transforms, name, labels)
     return ExportImageResult(
@@ -70,37 +88,24 @@ def export_image(store, subject: str, var: str, out, *, contrast: str | None = N
 
 def _ome_zarr(what: str):
     """ome-zarr-py, or the one-line error naming the extra that brings it."""
-    from mrhscale._optional import load
-
     return load("ome_zarr", what)
 
 
 # --------------------------------------------------------------------------- validate
-def open_source(store, storage_options: dict | None = None):
+def open_source(store, ctx: Context):
     """The cohort or prediction store at ``store`` (MRHError naming what is there otherwise)."""
-    from mrhscale.stores import (
-        CohortStore,
-        PredictionStore,
-        inspect,
-        mask_url,
-        resolve,
-        url_options,
-    )
-
     url = resolve(store, "STORE")
-    found = inspect(url, url_options(url, storage_options))
+    found = inspect(url, ctx.options_for(url))
     kinds = {CohortStore.FORMAT: CohortStore, PredictionStore.FORMAT: PredictionStore}
     if found.format not in kinds:
         raise MRHError(f"STORE {mask_url(url)}: {found.description}"
                        + ("" if found.absent else ", not a cohort or prediction store"))
-    return kinds[found.format](url, storage_options)
+    return kinds[found.format](url, ctx.storage_options)
 
 
-def select(store, subject: str, var: str, contrast: str | None, storage_options: dict | None = None):
-    """(source store, the subject's attrs, its lazy ``var`` volume with axes (z, y, x))."""
-    import dask.array as da
-
-    source = open_source(store, storage_options)
+def select(source, subject: str, var: str, contrast: str | None):
+    """(the subject's attrs, its lazy ``var`` volume with axes (z, y, x)) in ``source``, a cohort
+    or prediction store."""
     attrs = source.subject_attrs(subject)  # MRHError naming the complete subjects
     ds = source.open_subject(subject)
     if var not in ds.data_vars:
@@ -110,12 +115,10 @@ def select(store, subject: str, var: str, contrast: str | None, storage_options:
     if arr.ndim != 3 or set(arr.dims) != set(SPATIAL):
         raise MRHError(f"--var {var}: dims {tuple(arr.dims)}, expected a 3-D (x, y, z) volume")
     data = arr.transpose(*SPATIAL[::-1]).data
-    return source, attrs, data if isinstance(data, da.Array) else da.from_array(data)
+    return attrs, data if isinstance(data, da.Array) else da.from_array(data)
 
 
 def _one_contrast(arr, var: str, contrast: str | None):
-    from mrhscale.stores.cohort import short
-
     if "contrast" not in arr.dims:
         if contrast is not None:
             raise MRHError(f"--contrast {contrast}: --var {var} has no contrast axis (only mri has)")
@@ -141,8 +144,6 @@ def _made_by(source, subject: str, var: str, contrast, attrs: dict, n_levels: in
 
 def _record(source, subject: str, geo: Geometry) -> dict:
     """Where the image came from and how its axes map (kept beside ``made_by``, not compared)."""
-    from mrhscale.stores import mask_url
-
     return {"source": {"store": mask_url(source.url), "kind": source.FORMAT, "subject": subject},
             "affine": geo.affine, "exact_affine": geo.exact,
             "axes": "image[k, j, i] = volume[i, j, k]; world = origin + voxel size * index, "
@@ -219,12 +220,10 @@ def _block_reduce(block: np.ndarray, step: tuple[int, ...], labels: bool) -> np.
 def write(group, pyr: list, transforms: list[list[dict]], name: str, labels: bool) -> None:
     """The pyramid and its NGFF metadata into ``group`` with ome-zarr-py, in one pass over the
     source (the display window is computed with the writes), on local threads."""
-    import dask
-
     how = {"method": "block majority (masks)" if labels else "block mean", "factor": 2, "by": "mrhscale"}
     with warnings.catch_warnings():  # its Scaler, and coordinate_transformations: the one argument
         warnings.simplefilter("ignore", DeprecationWarning)  # that takes translations, are deprecated
-        from ome_zarr.format import FormatV05
+        from ome_zarr.format import FormatV05  # the optional ome extra (checked by _ome_zarr first)
         from ome_zarr.writer import add_metadata, write_multiscale
 
         delayed = write_multiscale(pyr, group, fmt=FormatV05(), axes=[dict(a) for a in AXES],
@@ -244,33 +243,25 @@ def omero(name: str, lo: float, hi: float) -> dict:
 
 
 # --------------------------------------------------------------------------- predict --ome-zarr
-def image_paths(out_dir, ids: list[str], storage_options: dict | None = None,
-                suffix: str = "") -> dict[str, str]:
+def image_paths(out_dir, ids: list[str], ctx: Context, suffix: str = "") -> dict[str, str]:
     """``DIR/<subject><suffix>.ome.zarr`` for each subject, checked before any prediction: a place
     holding anything mrhscale did not make is refused then, not after the work."""
-    import os
-
-    from mrhscale.stores import is_local, local_path, resolve, url_options
-    from mrhscale.stores.omezarr import own_attrs
-    from mrhscale.stores.urls import join
-
     _ome_zarr("predict --ome-zarr")
     base = resolve(out_dir, "--ome-zarr")
     if is_local(base) and os.path.exists(local_path(base)) and not os.path.isdir(local_path(base)):
         raise MRHError(f"--ome-zarr {base}: is a file, not a folder")
     paths = {sid: join(base, f"{sid}{suffix}.ome.zarr") for sid in ids}
     for p in paths.values():
-        own_attrs(p, url_options(p, storage_options), what="--ome-zarr")
+        own_attrs(p, ctx.options_for(p), what="--ome-zarr")
     return paths
 
 
-def export_predictions(pred_url, paths: dict[str, str], variable: str,
-                       storage_options: dict | None = None) -> list[str]:
+def export_predictions(pred_url, paths: dict[str, str], variable: str, ctx: Context) -> list[str]:
     """Each subject's virtual stain as ``paths[subject]``, rewritten only when it does not
     already hold this prediction (as the --nifti files); the images written."""
     written = []
     for sid, path in paths.items():
-        r = export_image(pred_url, sid, variable, path, refresh=True, storage_options=storage_options)
+        r = export_image(pred_url, sid, variable, path, refresh=True, ctx=ctx)
         if not r.reused:
             written.append(r.out)
     return written

@@ -26,10 +26,14 @@ from mrhscale.errors import MRHError
 from mrhscale.io.manifest import Manifest, SubjectSpec, load_manifest
 from mrhscale.io.volumes import Volume, checksum, open_volume, read_sidecars
 from mrhscale.ops.space import header_space
+from mrhscale.options import COMPRESSIONS, IngestOptions
+from mrhscale.parallel.cluster import task_error, tune_malloc
+from mrhscale.parallel.context import Context, Runner
 from mrhscale.results import IngestResult
 from mrhscale.stores import CohortStore, differences
 
-DEFAULT_CHUNKS = (64, 32, 64)
+DEFAULTS = IngestOptions()  # the options table states each default once
+DEFAULT_CHUNKS = DEFAULTS.chunks
 FORMAT = "mrhscale-cohort"
 
 
@@ -148,10 +152,6 @@ def plan_subject(spec: SubjectSpec, opened: dict[str, Volume] | None = None) -> 
     )
 
 
-def _after_write(_written, counts):
-    return counts
-
-
 def _read_slab(parts, shape, z0: int, z1: int) -> tuple[np.ndarray, int]:
     """All contrasts of z-slab [z0, z1) as one contrast-last float32 block, with its
     non-finite values (NaN, +-inf) zeroed and counted.
@@ -162,8 +162,6 @@ def _read_slab(parts, shape, z0: int, z1: int) -> tuple[np.ndarray, int]:
     while the block is hot in cache, saves two passes over the data. A file that
     cannot be read (truncated, damaged, gone) is named in the error.
     """
-    from mrhscale.parallel.cluster import tune_malloc
-
     tune_malloc()  # Dask's worker malloc setting page-faults every slab-sized buffer
     sx, sy, _ = shape
     out = np.empty((sx, sy, z1 - z0, sum(n for _, _, n in parts)), np.float32)
@@ -345,8 +343,8 @@ def _check_channels(sid: str, channels: list[str], ref: list[str] | None) -> Non
 def _check_options(chunks, compression: str) -> None:
     if len(chunks) != 3 or any(int(c) < 1 for c in chunks):
         raise MRHError(f"--chunks: expected 3 positive integers, got {chunks}")
-    if compression not in ("zstd", "lz4", "lz4hc", "zlib", "blosclz"):
-        raise MRHError(f"--compression {compression!r}: choose zstd, lz4, lz4hc, zlib or blosclz")
+    if compression not in COMPRESSIONS:
+        raise MRHError(f"--compression {compression!r}: choose {', '.join(COMPRESSIONS[:-1])} or {COMPRESSIONS[-1]}")
 
 
 def _made_by(plan: SubjectPlan, sources: dict) -> dict:
@@ -369,27 +367,25 @@ def ingest(
     out: str,
     *,
     subjects: list[str] | None = None,
-    chunks: tuple[int, int, int] = DEFAULT_CHUNKS,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    client=None,
-    skip_bad: bool = False,
+    chunks: tuple[int, int, int] = DEFAULTS.chunks,
+    compression: str = DEFAULTS.compression,
+    clevel: int = DEFAULTS.clevel,
+    skip_bad: bool = DEFAULTS.skip_bad,
     overwrite: bool = False,
-    compression: str = "zstd",
-    clevel: int = 3,
-    checksums: bool = True,
-    quiet: bool = False,
-    storage_options: dict | None = None,
+    checksums: bool = DEFAULTS.checksums,
+    ctx: Context | None = None,
 ) -> IngestResult:
     """Write the manifest's subjects into the cohort store at ``out``; returns what was written.
 
     Subjects already complete and still matching their files are skipped; with
     ``overwrite`` they are rewritten, the old version kept until the new one is whole.
+    Runs on ``ctx``'s Dask cluster (``Context()``: the active client, else an embedded one).
     """
+    ctx = ctx or Context()
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     specs = man.select(list(dict.fromkeys(subjects)) if subjects else None)
     _check_options(chunks, compression)
-    store = CohortStore(out, storage_options)
+    store = CohortStore(out, ctx.storage_options)
     exists = store.check_output()  # refuses anything but a cohort store
     todo, skipped = _reusable(store, specs, overwrite, exists)
     plans, bad = _plan_all(todo, store.channels() if exists else None, skip_bad)
@@ -399,11 +395,9 @@ def ingest(
     root = store.prepare({"channels": plans[0].channels, "mrhscale_version": __version__})
     for plan in plans:  # another process may have created the store meanwhile
         _check_channels(plan.spec.id, plan.channels, root.get("channels"))
-    from mrhscale.parallel.runner import use_client
-
-    with use_client(client, scheduler, workers, quiet) as cl, store.writer() as w:
-        job = _WriteJob(cl, w, man, chunks, _encoder(compression, clevel), checksums, skip_bad, bad)
-        result.written = job.run(plans, quiet)
+    with ctx.runner() as runner, store.writer() as w:
+        job = _WriteJob(w, man, chunks, _encoder(compression, clevel), checksums, skip_bad, bad)
+        result.written = job.run(runner, plans)
     return result
 
 
@@ -411,86 +405,55 @@ def _encoder(compression: str, clevel: int):
     return lambda ds: _encoding(ds, compression, clevel)
 
 
+def _written(_write, counts, digests):
+    """A subject's write done: its non-finite counts and its files' checksums (None: not asked)."""
+    return counts, digests
+
+
 class _WriteJob:
-    """Subjects written on the cluster, each committed through the store writer as it finishes."""
+    """Subjects written side by side on the runner, each committed through the store writer as
+    it finishes (a failed one is aborted, and with ``skip_bad`` listed instead of raised)."""
 
-    def __init__(self, client, writer, man, chunks, encoding, checksums: bool, skip_bad: bool, bad: dict):
-        self.cl, self.w, self.man, self.chunks = client, writer, man, chunks
+    def __init__(self, writer, man, chunks, encoding, checksums: bool, skip_bad: bool, bad: dict):
+        self.w, self.man, self.chunks = writer, man, chunks
         self.encoding, self.checksums, self.skip_bad, self.bad = encoding, checksums, skip_bad, bad
-        self.pending: dict = {}
 
-    def run(self, plans: list[SubjectPlan], quiet: bool) -> list[str]:
-        from mrhscale.parallel.runner import completed
-
-        if isinstance(self.cl, str):
-            return self._run_local(plans, quiet)
+    def run(self, runner: Runner, plans: list[SubjectPlan]) -> list[str]:
+        pending, tasks = {}, []
         written = []
         try:
             for plan in plans:
-                self._submit(plan)
-            for fut in completed(list(self.pending), "ingest", quiet, fail_fast=False, unit="subject"):
-                sid = self._finish(fut)
-                if sid is not None:
-                    written.append(sid)
-        finally:
-            self._abort_pending()
-        return written
-
-    def _run_local(self, plans: list[SubjectPlan], quiet: bool) -> list[str]:
-        """On a local Dask scheduler (``synchronous``, ``threads``): one subject after another."""
-        from mrhscale.log import progress
-
-        written = []
-        for plan in progress(plans, desc="ingest", unit="subject", quiet=quiet):
-            sid, path = plan.spec.id, self.w.begin(plan.spec.id)
-            try:
-                ds, counts = subject_dataset(plan, self.chunks)
-                write = self.w.lazy_write(path, ds, self.encoding(ds))
-                (counts,) = dask.compute(dask.delayed(_after_write)(write, counts), scheduler=self.cl)
-                digests = [checksum(f) for f in plan.spec.files().values()] if self.checksums else None
-            except Exception as e:
-                if self._failed(sid, path, e):
+                path = self.w.begin(plan.spec.id)
+                pending[len(tasks)] = (plan, path)
+                tasks.append(self._task(plan, path))
+            for i, res, err in runner.each_finished(tasks, "ingest", unit="subject"):
+                plan, path = pending.pop(i)
+                if err is not None:
+                    self._failed(plan.spec.id, path, err)
                     continue
-            self._commit(plan, path, counts, digests)
-            written.append(sid)
-        return written
+                self._commit(plan, path, *res)
+                written.append(plan.spec.id)
+        finally:
+            for plan, path in pending.values():
+                self.w.abort(plan.spec.id, path)
+        order = {p.spec.id: i for i, p in enumerate(plans)}
+        return sorted(written, key=order.get)  # manifest order, whichever finished first
 
-    def _submit(self, plan: SubjectPlan) -> None:
-        sid = plan.spec.id
-        path = self.w.begin(sid)
-        try:
-            ds, counts = subject_dataset(plan, self.chunks)
-            write = self.w.lazy_write(path, ds, self.encoding(ds))
-        except BaseException:
-            self.w.abort(sid, path)
-            raise
-        files = list(plan.spec.files().values())
-        sums = [self.cl.submit(checksum, p, pure=False) for p in files] if self.checksums else []
-        self.pending[self.cl.compute(dask.delayed(_after_write)(write, counts))] = (plan, path, sums)
+    def _task(self, plan: SubjectPlan, path: str):
+        """The subject's lazy write, with its files' checksums computed beside it."""
+        ds, counts = subject_dataset(plan, self.chunks)
+        write = self.w.lazy_write(path, ds, self.encoding(ds))
+        sums = ([dask.delayed(checksum, pure=False)(p) for p in plan.spec.files().values()]
+                if self.checksums else None)
+        return dask.delayed(_written)(write, counts, sums)
 
-    def _finish(self, fut) -> str | None:
-        plan, path, sums = self.pending.pop(fut)
-        sid = plan.spec.id
-        try:
-            counts = fut.result()
-            digests = self.cl.gather(sums) if sums else None
-        except Exception as e:
-            fut.cancel()  # release the erred key: a rerun with the same (pure) keys must recompute
-            self._failed(sid, path, e)
-            return None
-        self._commit(plan, path, counts, digests)
-        return sid
-
-    def _failed(self, sid: str, path: str, e: Exception) -> bool:
-        """Abort a subject; True when skipped (``skip_bad``), else raises the one-line error."""
-        from mrhscale.parallel.cluster import task_error
-
+    def _failed(self, sid: str, path: str, e: Exception) -> None:
+        """Abort a subject; with ``skip_bad`` it is listed as bad, else the one-line error is raised."""
         self.w.abort(sid, path)
         err = task_error(e, f"subject {sid}")
         if not self.skip_bad:
             raise err from None
         self.bad[sid] = str(err)
-        return True
 
     def _commit(self, plan: SubjectPlan, path: str, counts: dict, digests) -> None:
         sid = plan.spec.id
@@ -501,9 +464,3 @@ class _WriteJob:
             "ingested": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "manifest": self.man.path,
         })
-
-    def _abort_pending(self) -> None:
-        for fut, (plan, path, _) in list(self.pending.items()):
-            fut.cancel()
-            self.w.abort(plan.spec.id, path)
-        self.pending.clear()

@@ -45,36 +45,36 @@ inference).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import functools
 import math
 import operator
 import time
-from dataclasses import asdict, dataclass, field
 
+import dask
+import dask.array as da
 import numpy as np
 
+from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.log import note
-from mrhscale.ops.norm import PERCENTILES
+from mrhscale.ops.norm import PERCENTILES, Normalisation, robust_range, subject_stats_graph
 from mrhscale.ops.patches import AXES, NUMBA, grid_positions, plane_axes, select_samples
 from mrhscale.ops.stains import parse_stains, stain_record, target_name
-from mrhscale.parallel.runner import run_tasks, use_client
+from mrhscale.options import PATCH_DTYPES, PATCH_STATS, PatchOptions
+from mrhscale.parallel.cluster import tune_malloc
+from mrhscale.parallel.context import Context, Runner
 from mrhscale.results import PatchesResult
-from mrhscale.stores.patches import create_array, dims_of, open_array
+from mrhscale.stores import CohortStore, PatchStore, resolve
+from mrhscale.stores.patches import build, create_array, dims_of, open_array
 
 SPLITS = ("train", "val")
 STAGING = "_staging"
-NORM_MODES = ("percentile", "global-max")
-DTYPES = ("float32", "float16")
 STATS_ROWS = 32768  # percentiles are computed on a seeded subsample of this many train patches
 
 # --------------------------------------------------------------------------- pass 1: extract
 def _extract_block(mri_b, tgt_b, mask_b, job: dict) -> dict:
     """Rules over the grid centres this chunk owns; write them sorted by (split, bucket)."""
-    from mrhscale.parallel.cluster import tune_malloc
-
     tune_malloc()  # Dask's worker malloc setting page-faults every chunk-sized buffer
     origin = np.asarray(job["origin"], np.int64)
     lo, hi = job["owned_lo"], job["owned_hi"]
@@ -227,84 +227,41 @@ def _stitch_chunk(job: dict) -> int:
 TIMINGS: dict = {}  # seconds per pass of the last extract_patches call (also in provenance)
 
 
-def _run(env, tasks: list, desc: str, quiet: bool) -> list:
-    """The pass's tasks on the client (or local scheduler), timed for the provenance."""
+def _run(runner: Runner, tasks: list, desc: str, bar: bool = True) -> list:
+    """The pass's tasks on the runner (a progress bar unless ``bar`` is False or the runner is
+    quiet), timed for the provenance."""
     t0 = time.perf_counter()
     try:
-        return run_tasks(env, tasks, desc, quiet=quiet, what=f"patches ({desc})")
+        return runner.compute(tasks, desc, what=f"patches ({desc})", quiet=None if bar else True)
     finally:
         TIMINGS[desc] = round(time.perf_counter() - t0, 3)
 
 
 # --------------------------------------------------------------------------- the stage
-def _parse_slices(slices):
-    if slices is None or slices == "" or slices == "auto":
-        return None
-    if isinstance(slices, str):
-        try:
-            a, b = slices.split(":")
-            return (int(a) if a.strip() else None, int(b) if b.strip() else None)
-        except ValueError:
-            raise MRHError(f"--slices: expected A:B (half-open, 0-based), got {slices!r}") from None
-    a, b = slices
-    return (None if a is None else int(a), None if b is None else int(b))
-
-
 def chunk_rows(n_c: int, p: int, itemsize: int, target_bytes: int = 8 << 20) -> int:
     per = n_c * p * p * itemsize
     return int(min(65536, max(64, 2 ** int(math.log2(max(1, target_bytes // per))))))
 
 
-@dataclass
-class PatchOptions:
-    """The sampling rules and the output layout of one extraction (docs/patches.md)."""
-
-    half: int = 1
-    stride: int = 6
-    slices: tuple | None = None
-    axis: str = "y"
-    min_label_sum: float = 30
-    min_label_nonzero: int = 4
-    val_fraction: float = 0.0
-    val_subjects: list[str] = field(default_factory=list)
-    seed: int = 0
-    norm: str = "percentile"
-    dtype: str = "float32"
-    chunk_size: int | None = None
-    compress: bool = False
-
-    def __post_init__(self):
-        self.slices = _parse_slices(self.slices)
-        self.val_subjects = list(dict.fromkeys(self.val_subjects or []))
-
-    @property
-    def size(self) -> int:
-        return 2 * self.half + 1
-
-    def validate(self) -> None:
-        if self.norm not in NORM_MODES:
-            raise MRHError(f"--norm must be one of {', '.join(NORM_MODES)}, got {self.norm!r}")
-        if self.dtype not in DTYPES:
-            raise MRHError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not isinstance(self.half, int | np.integer) or self.half < 0:
-            raise MRHError(f"--half must be an integer >= 0, got {self.half!r}")
-        if not isinstance(self.stride, int | np.integer) or self.stride < 1:
-            raise MRHError(f"--stride must be an integer >= 1, got {self.stride!r}")
-        plane_axes(self.axis)
-        if self.min_label_nonzero < 0 or self.min_label_nonzero > self.size ** 2:
-            raise MRHError(f"--min-label-nonzero must be in 0..{self.size ** 2}, got {self.min_label_nonzero}")
-        if self.val_subjects and self.val_fraction:
-            raise MRHError("give either --val-fraction or --val-subjects, not both")
-        if not 0.0 <= float(self.val_fraction) < 1.0:
-            raise MRHError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise MRHError(f"chunk_size must be >= 1, got {self.chunk_size}")
-
-    def record(self) -> dict:
-        d = asdict(self)
-        d["slices"] = None if self.slices is None else list(self.slices)
-        d["val_subjects"] = sorted(self.val_subjects)
-        return d
+def check_options(o: PatchOptions) -> None:
+    """The options' values, each named by its flag when wrong."""
+    if o.stats not in PATCH_STATS:
+        raise MRHError(f"--stats must be one of {', '.join(PATCH_STATS)}, got {o.stats!r}")
+    if o.dtype not in PATCH_DTYPES:
+        raise MRHError(f"--dtype must be one of {', '.join(PATCH_DTYPES)}, got {o.dtype!r}")
+    if not isinstance(o.half, int | np.integer) or o.half < 0:
+        raise MRHError(f"--half must be an integer >= 0, got {o.half!r}")
+    if not isinstance(o.stride, int | np.integer) or o.stride < 1:
+        raise MRHError(f"--stride must be an integer >= 1, got {o.stride!r}")
+    plane_axes(o.axis)
+    if o.min_label_nonzero < 0 or o.min_label_nonzero > o.size ** 2:
+        raise MRHError(f"--min-label-nonzero must be in 0..{o.size ** 2}, got {o.min_label_nonzero}")
+    if o.val_subjects and o.val_fraction:
+        raise MRHError("give either --val-fraction or --val-subjects, not both")
+    if not 0.0 <= float(o.val_fraction) < 1.0:
+        raise MRHError(f"--val-fraction must be in [0, 1), got {o.val_fraction}")
+    if o.chunk_size is not None and o.chunk_size < 1:
+        raise MRHError(f"chunk_size must be >= 1, got {o.chunk_size}")
 
 
 def _check_cohort(cohort: dict, stains: list[str], o: PatchOptions) -> dict:
@@ -352,100 +309,71 @@ def extract_patches(
     target: str,
     out_url: str,
     *,
-    client=None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    quiet: bool = False,
-    storage_options: dict | None = None,
-    overwrite: bool = False,
-    bucket_bytes: int | None = None,
     subjects: list[str] | None = None,
-    **options,
-) -> dict:
+    overwrite: bool = False,
+    options: PatchOptions | None = None,
+    ctx: Context | None = None,
+    bucket_bytes: int | None = None,
+) -> PatchesResult:
     """Extract training patches of ``target`` (a stain, or several: ``"nf,mbp"``) from a
     cohort store into a shuffled patch store.
 
-    ``options`` are the fields of :class:`PatchOptions` (half, stride, slices, axis,
-    min_label_sum, min_label_nonzero, val_fraction, val_subjects, seed, norm, dtype,
-    chunk_size, compress); see the module docstring and docs/patches.md. Runs on
-    ``client``, else ``scheduler`` (an address, or a local Dask scheduler name such as
-    "synchronous"), else the active client, else an embedded LocalCluster with ``workers``
-    processes (``mrhscale.parallel.runner.use_client``). A complete store at ``out_url`` made from the same cohort subjects,
+    ``options``: the sampling rules and output layout (:class:`mrhscale.options.PatchOptions`;
+    see the module docstring and docs/patches.md). Runs on ``ctx``'s Dask cluster or local
+    scheduler. A complete store at ``out_url`` made from the same cohort subjects,
     target and options is reused as it is; one made from anything else is replaced
     only with ``overwrite`` (built aside, swapped in when complete). Returns a summary.
     """
-    from mrhscale.stores import CohortStore, resolve
-    from mrhscale.stores.patches import build
-
+    ctx = ctx or Context()
     t_start = time.perf_counter()
     TIMINGS.clear()
-    opts = PatchOptions(**options)
-    opts.validate()
+    opts = options or PatchOptions()
+    check_options(opts)
     stains = parse_stains(target)
     store_url, out_url = resolve(store_url), resolve(out_url)
     if store_url == out_url:
         raise MRHError("--out must differ from the cohort store")
-    source = CohortStore.open(store_url, storage_options)
+    source = CohortStore.open(store_url, ctx.storage_options)
     cohort = source.open_cohort(list(dict.fromkeys(subjects)) if subjects else None)
     shapes = _check_cohort(cohort, stains, opts)
     made_by = {"stage": "patches", "target": target_name(stains), "options": opts.record(),
                "subjects": {sid: source.identity(sid)["fingerprint"] for sid in cohort}}
-    with build(out_url, made_by, overwrite=overwrite, storage_options=storage_options) as b:
+    with build(out_url, made_by, overwrite=overwrite, storage_options=ctx.storage_options) as b:
         if b is None:
-            return _reused(out_url, storage_options, quiet)
-        with use_client(client, scheduler, workers, quiet) as env:
-            job = _Extraction(env, cohort, shapes, stains, opts, b.url, b.storage_options, quiet)
+            return _reused(out_url, ctx)
+        with ctx.runner() as runner:
+            job = _Extraction(runner, cohort, shapes, stains, opts, b.url, b.storage_options)
             summary = job.run(bucket_bytes)
             b.finish(job.attrs(summary, store_url, t_start), made_by)
     res = PatchesResult(out=out_url, seconds=round(time.perf_counter() - t_start, 3), subjects=list(cohort),
                         reused=False, **summary)
-    _say(quiet, f"{res.n_train} train + {res.n_val} val patches -> {out_url} ({res.seconds:.1f} s)")
+    _say(ctx, f"{res.n_train} train + {res.n_val} val patches -> {out_url} ({res.seconds:.1f} s)")
     return res
 
 
-def _say(quiet: bool, msg: str) -> None:
-    note(f"mrhscale patches: {msg}", quiet)
+def _say(ctx: Context, msg: str) -> None:
+    note(f"mrhscale patches: {msg}", ctx.quiet)
 
 
-def _reused(out_url: str, storage_options, quiet: bool) -> dict:
-    from mrhscale.stores import PatchStore
-
-    a = PatchStore.open(out_url, storage_options).attrs
-    _say(quiet, f"{out_url} is up to date (same cohort subjects, target and options): reused")
+def _reused(out_url: str, ctx: Context) -> PatchesResult:
+    a = PatchStore.open(out_url, ctx.storage_options).attrs
+    _say(ctx, f"{out_url} is up to date (same cohort subjects, target and options): reused")
     return PatchesResult(out=out_url, n_train=a["n_train"], n_val=a["n_val"], subjects=a["subjects"],
                          seconds=0.0, reused=True)
 
 
-def _default_bucket_bytes(env) -> int:
+def _default_bucket_bytes(runner: Runner) -> int:
     """64 MiB, or a quarter of the smallest worker's memory limit if that is less."""
-    b = 64 << 20
-    if not isinstance(env, str):
-        with contextlib.suppress(Exception):
-            lims = [w.get("memory_limit") or 0 for w in env.scheduler_info()["workers"].values()]
-            lims = [x for x in lims if x]
-            if lims:
-                b = min(b, max(4 << 20, min(lims) // 4))
-    return int(b)
-
-
-def da_isnan(x):
-    import dask.array as da
-
-    return da.isnan(x)
-
-
-def _version() -> str:
-    from mrhscale import __version__
-
-    return __version__
+    lims = [x for x in runner.worker_memory_limits() if x]
+    return int(min(64 << 20, max(4 << 20, min(lims) // 4))) if lims else 64 << 20
 
 
 class _Extraction:
     """The three Dask passes (extract, shuffle, stitch) into a patch store being built."""
 
-    def __init__(self, env, cohort, shapes, stains, opts: PatchOptions, out_url, so, quiet):
-        self.env, self.cohort, self.shapes, self.stains = env, cohort, shapes, stains
-        self.o, self.out, self.so, self.quiet = opts, out_url, so, quiet
+    def __init__(self, runner: Runner, cohort, shapes, stains, opts: PatchOptions, out_url, so):
+        self.runner, self.cohort, self.shapes, self.stains = runner, cohort, shapes, stains
+        self.o, self.out, self.so = opts, out_url, so
         self.sids = list(cohort)
         self.channels = [str(c) for c in cohort[self.sids[0]].contrast.values]
         self.val_set = set(opts.val_subjects)
@@ -455,7 +383,7 @@ class _Extraction:
 
     def run(self, bucket_bytes: int | None) -> dict:
         self.ranges = self.slice_ranges()
-        self.n_buckets = self.plan_buckets(bucket_bytes or _default_bucket_bytes(self.env))
+        self.n_buckets = self.plan_buckets(bucket_bytes or _default_bucket_bytes(self.runner))
         pieces, n_cand = self.extract()
         totals = np.zeros((2, max(self.n_buckets)), np.int64)
         for _, c in pieces:
@@ -466,24 +394,22 @@ class _Extraction:
         jobs2, res2 = self.shuffle(pieces, totals, n_split)
         self.stitch(jobs2, res2, n_split)
         nrm = _norm_stats([r for j, r in zip(jobs2, res2, strict=True) if j["split"] == 0],
-                          self.o.norm, len(self.channels), len(self.stains))
+                          self.o.stats, len(self.channels), len(self.stains))
         return {"n_train": int(n_split[0]), "n_val": int(n_split[1]), "n_candidates": n_cand,
                 "norm": nrm.to_dict(), "subject_norm": self.subject_norm(), "chunk_size": self.nc, "n_buckets": list(self.n_buckets)}
 
     def slice_ranges(self) -> dict:
         """Per subject, the slices to sample: as asked, or where the target has data."""
-        import dask
-
         s_ax, r_ax, c_ax = plane_axes(self.o.axis)
         if self.o.slices is not None:
             return {sid: _slice_bounds(self.o.slices, self.shapes[sid][s_ax]) for sid in self.sids}
         todo = []
         for ds in self.cohort.values():
-            has = [((t != 0) & ~da_isnan(t)).any(axis=(r_ax, c_ax))
+            has = [((t != 0) & ~da.isnan(t)).any(axis=(r_ax, c_ax))
                    for t in (ds[s].data for s in self.stains if has_stain(ds, s))]
             todo.append(dask.delayed(np.asarray)(functools.reduce(operator.or_, has)))
         ranges = {}
-        for sid, has in zip(self.sids, _run(self.env, todo, "slice ranges", True), strict=True):
+        for sid, has in zip(self.sids, _run(self.runner, todo, "slice ranges", bar=False), strict=True):
             nz = np.flatnonzero(has)
             ranges[sid] = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else None
         return ranges
@@ -491,10 +417,8 @@ class _Extraction:
     def subject_norm(self) -> dict:
         """Every subject's own input statistics inside its mask, for the per-subject
         normalisation modes (``train --norm``); ops/norm.py computes a new brain's the same way."""
-        from mrhscale.ops.norm import subject_stats_graph
-
         tasks = [subject_stats_graph(ds["mri"].data, ds["mask"].data) for ds in self.cohort.values()]
-        return dict(zip(self.sids, _run(self.env, tasks, "subject statistics", True), strict=True))
+        return dict(zip(self.sids, _run(self.runner, tasks, "subject statistics", bar=False), strict=True))
 
     def plan_buckets(self, bucket_bytes: int) -> list[int]:
         """Shuffle buckets per split, from an upper bound of the sample bytes."""
@@ -521,14 +445,11 @@ class _Extraction:
         """Pass 1: one task per chunk of every subject; returns (pieces, candidates)."""
         tasks = [t for sidx, sid in enumerate(self.sids) if self.ranges[sid] is not None
                  for t in self._subject_tasks(sidx, sid)]
-        res = _run(self.env, tasks, "extract", self.quiet)
+        res = _run(self.runner, tasks, "extract")
         pieces = [(r["piece"], r["counts"]) for r in res if r["piece"] is not None]
         return pieces, int(sum(r["candidates"] for r in res))
 
     def _subject_tasks(self, sidx: int, sid: str) -> list:
-        import dask
-        import dask.array as da
-
         o = self.o
         s_ax, r_ax, c_ax = plane_axes(o.axis)
         ds = self.cohort[sid]
@@ -566,8 +487,6 @@ class _Extraction:
     def _target_volume(self, ds, sel: tuple, spatial):
         """The stain (x, y, z), or the stains stacked (x, y, z, stain) with NaN for one the
         subject lacks (the loss's mask)."""
-        import dask.array as da
-
         if len(self.stains) == 1:
             return ds[self.stains[0]].data[sel].rechunk(spatial)
         shape = tuple(sum(c) for c in spatial)
@@ -611,8 +530,6 @@ class _Extraction:
 
     def shuffle(self, pieces, totals, n_split):
         """Pass 2: one task per (split, bucket)."""
-        import dask
-
         piece_off = [np.concatenate([[0], np.cumsum(c.ravel())])[:-1].reshape(c.shape) for _, c in pieces]
         jobs, n_train = [], int(n_split[0])
         for s in range(2):
@@ -628,13 +545,10 @@ class _Extraction:
                              "total": int(n_split[s]), "seed": self.o.seed, "out": self.out,
                              "storage_options": self.so, "stats_rows": q})
                 g += nb
-        return jobs, _run(self.env, [dask.delayed(_shuffle_bucket, pure=False)(j) for j in jobs],
-                          "shuffle", self.quiet)
+        return jobs, _run(self.runner, [dask.delayed(_shuffle_bucket, pure=False)(j) for j in jobs], "shuffle")
 
     def stitch(self, jobs2, res2, n_split) -> None:
         """Pass 3: one task per output chunk that straddles buckets."""
-        import dask
-
         nc, jobs = self.nc, []
         for s in range(2):
             by_chunk: dict[int, list] = {}
@@ -643,12 +557,12 @@ class _Extraction:
                     by_chunk.setdefault(cj, []).append(e)
             jobs += [{"split": s, "lo": cj * nc, "hi": min((cj + 1) * nc, int(n_split[s])), "edges": es,
                       "out": self.out, "storage_options": self.so} for cj, es in sorted(by_chunk.items())]
-        _run(self.env, [dask.delayed(_stitch_chunk, pure=False)(j) for j in jobs], "stitch", self.quiet)
+        _run(self.runner, [dask.delayed(_stitch_chunk, pure=False)(j) for j in jobs], "stitch")
 
     def attrs(self, summary: dict, store_url: str, t_start: float) -> dict:
         """The root attrs of the finished store (docs/stores.md)."""
         o = self.o
-        prov = {"stage": "patches", "mrhscale": _version(), "source": store_url,
+        prov = {"stage": "patches", "mrhscale": __version__, "source": store_url,
                 "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "params": {**o.record(), "chunk_size": self.nc, "n_buckets": list(self.n_buckets)},
                 "numba": NUMBA is not None, "seconds": round(time.perf_counter() - t_start, 3),
@@ -668,8 +582,6 @@ class _Extraction:
 
 def _norm_stats(train_res: list, mode: str, n_c: int, n_stains: int = 1):
     """The store's normalisation: inputs per channel, targets per stain (a list for several)."""
-    from mrhscale.ops.norm import Normalisation, robust_range
-
     if mode == "global-max":
         in_max = max(r["input_max"] for r in train_res)
         t_max = np.max([np.atleast_1d(r["target_max"]) for r in train_res], axis=0)

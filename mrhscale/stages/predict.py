@@ -76,7 +76,7 @@ def predict(model_path: str, store_url: str, out_url: str, *, subjects: list[str
     source = CohortStore.open(store_url, ctx.options_for(store_url))
     ids, datasets = plan.inputs(source, subjects)
     files = _file_sinks(nifti_dir, to_native, datasets)
-    ome = OmeZarrSink(ome_zarr, ids, plan, ctx.options_for(resolve(ome_zarr))) if ome_zarr else None
+    ome = OmeZarrSink(ome_zarr, ids, plan, ctx) if ome_zarr else None
     sink = ZarrSink(out_url, plan, overwrite=overwrite, storage_options=ctx.options_for(out_url))
     with contextlib.ExitStack() as stack:
         # an embedded cluster starts only if there is something to predict; its workers are

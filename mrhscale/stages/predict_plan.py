@@ -55,7 +55,8 @@ class PredictPlan:
 
     @property
     def spec(self) -> NetworkSpec:
-        return NetworkSpec(self.model_path, self.device, self.threads, self.batch_size).planned(self.accel)
+        spec = NetworkSpec(self.model_path, load_model, self.device, self.threads, self.batch_size)
+        return spec.planned(self.accel)
 
     @property
     def variables(self) -> list[str]:

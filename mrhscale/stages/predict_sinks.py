@@ -20,6 +20,7 @@ from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.io.volumes import mrhscale_descrip, write_volume
 from mrhscale.parallel.cluster import task_error
+from mrhscale.parallel.context import Context
 from mrhscale.stages.export_image import export_predictions, image_paths
 from mrhscale.stages.predict_graph import SPATIAL, zarr_chunks
 from mrhscale.stages.predict_plan import jsonable
@@ -150,15 +151,15 @@ class OmeZarrSink:
     """``<dir>/<sid>.ome.zarr`` (the virtual stain; other maps ``<sid>.<variable>.ome.zarr``),
     each place checked when the sink is made, before any prediction."""
 
-    def __init__(self, out_dir: str, ids: list[str], plan, storage_options=None):
-        self.storage_options = storage_options
-        self.images = {var: image_paths(out_dir, ids, storage_options, "" if var == plan.variable else f".{var}")
+    def __init__(self, out_dir: str, ids: list[str], plan, ctx: Context):
+        self.ctx = ctx
+        self.images = {var: image_paths(out_dir, ids, ctx, "" if var == plan.variable else f".{var}")
                        for var in plan.variables}
 
     def write(self, pred_url: str) -> list[str]:
         """Every subject's images from the prediction store; the ones (re)written."""
         return [p for var, paths in self.images.items()
-                for p in export_predictions(pred_url, paths, var, self.storage_options)]
+                for p in export_predictions(pred_url, paths, var, self.ctx)]
 
 
 def nifti_tag(pstore, sid: str, variable: str, model_sha256: str) -> str:

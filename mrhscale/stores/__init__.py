@@ -11,54 +11,53 @@ Its rules (docs/stores.md), each tested in tests/stores/:
   second writer of the same unit is refused;
 - paths are resolved to absolute URLs where the user typed them;
 - storage options never reach a file or a log unmasked.
+
+Its names load on first use: ``mrhscale.stores.urls`` (paths, used by every command
+line) must not pull zarr and xarray into a ``--help``.
 """
 
-from mrhscale.stores.base import (
-    atomic_write,
-    check_input,
-    check_output,
-    config_file,
-    differences,
-    explain_mismatch,
-    fingerprint,
-    inspect,
-    kill_point,
-    sha256_file,
-    write_json,
-    write_text,
-)
-from mrhscale.stores.cohort import CohortStore, list_subjects, open_cohort, open_subject
-from mrhscale.stores.folders import Folder
-from mrhscale.stores.locks import Claim
-from mrhscale.stores.patches import PatchStore
-from mrhscale.stores.predictions import PredictionStore
-from mrhscale.stores.secrets import StorageOptions, mask_options, mask_text, mask_url
-from mrhscale.stores.urls import is_local, local_path, resolve, url_options
+from importlib import import_module
 
-__all__ = [
-    "Claim", "CohortStore", "config_file", "Folder", "PatchStore", "PredictionStore", "StorageOptions",
-    "atomic_write", "check_input", "check_output", "differences", "explain_mismatch", "fingerprint",
-    "describe", "inspect", "is_local", "kill_point", "list_subjects", "local_path", "mask_options", "mask_text",
-    "mask_url", "open_cohort", "open_subject", "resolve", "sha256_file", "url_options", "write_json", "write_text",
-]
+_LAZY = {
+    "atomic_write": "mrhscale.stores.base",
+    "check_input": "mrhscale.stores.base",
+    "check_output": "mrhscale.stores.base",
+    "config_file": "mrhscale.stores.base",
+    "differences": "mrhscale.stores.base",
+    "explain_mismatch": "mrhscale.stores.base",
+    "fingerprint": "mrhscale.stores.base",
+    "inspect": "mrhscale.stores.base",
+    "kill_point": "mrhscale.stores.base",
+    "sha256_file": "mrhscale.stores.base",
+    "write_json": "mrhscale.stores.base",
+    "write_text": "mrhscale.stores.base",
+    "CohortStore": "mrhscale.stores.cohort",
+    "list_subjects": "mrhscale.stores.cohort",
+    "open_cohort": "mrhscale.stores.cohort",
+    "open_subject": "mrhscale.stores.cohort",
+    "Folder": "mrhscale.stores.folders",
+    "Claim": "mrhscale.stores.locks",
+    "PatchStore": "mrhscale.stores.patches",
+    "PredictionStore": "mrhscale.stores.predictions",
+    "StorageOptions": "mrhscale.stores.secrets",
+    "mask_options": "mrhscale.stores.secrets",
+    "mask_text": "mrhscale.stores.secrets",
+    "mask_url": "mrhscale.stores.secrets",
+    "is_local": "mrhscale.stores.urls",
+    "local_path": "mrhscale.stores.urls",
+    "resolve": "mrhscale.stores.urls",
+    "url_options": "mrhscale.stores.urls",
+    "describe": "mrhscale.stores.summary",
+}
+
+__all__ = sorted(_LAZY)
 
 
-def describe(url: str, storage_options: dict | None = None) -> str:
-    """Human summary of any mrhscale store (cohort, patches, predictions, OME-Zarr image)."""
-    from mrhscale.errors import MRHError
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mrhscale.stores' has no attribute {name!r}")
 
-    found = inspect(resolve(url), url_options(resolve(url), storage_options))
-    kinds = {"mrhscale-cohort": CohortStore, "mrhscale-patches": PatchStore,
-             "mrhscale-predictions": PredictionStore}
-    if found.format in ("mrhscale-cohort", "mrhscale-predictions"):
-        return kinds[found.format](url, storage_options).describe()
-    if found.format == "mrhscale-ome-zarr":
-        from mrhscale.stores.omezarr import describe as describe_image
 
-        return describe_image(url, storage_options)
-    if found.format == "mrhscale-patches":
-        if not (found.attrs or {}).get("complete"):
-            return f"store: {mask_url(url)}\nformat: mrhscale-patches\nincomplete (being built, or interrupted)"
-        return PatchStore.open(url, storage_options).describe()
-    raise MRHError(f"{mask_url(url)}: {found.description}"
-                   + ("" if found.absent else ", not an mrhscale store"))
+def __dir__():
+    return __all__

@@ -18,13 +18,15 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 from mrhscale.errors import MRHError
 from mrhscale.stores.secrets import mask_url
-from mrhscale.stores.urls import filesystem, is_local, join, local_path, split
+from mrhscale.stores.urls import filesystem, is_local, join, local_path, resolve, split, url_options
 
 MARKER = "mrhscale.json"  # marks a folder output (run, report, registration...) as ours
 NAMES = {
@@ -41,7 +43,6 @@ NAMES = {
 def quiet_zarr():
     """zarr warns about string dtypes, consolidated metadata and non-zarr files on every v3
     write or listing; they say nothing about our stores."""
-    import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
@@ -54,8 +55,6 @@ class ZarrLocation:
     """A Zarr store's place: its resolved URL, the storage options it needs, its root group."""
 
     def __init__(self, url, storage_options: dict | None = None):
-        from mrhscale.stores.urls import resolve, url_options
-
         self.url = resolve(url)
         self.storage_options = url_options(self.url, storage_options)
 
@@ -65,7 +64,7 @@ class ZarrLocation:
         return mask_url(self.url)
 
     def root(self, mode: str = "r"):
-        import zarr
+        import zarr  # 0.6 s: base also serves the CLI's config files, which must not pay for it
 
         with quiet_zarr():
             return zarr.open_group(self.url, mode=mode, storage_options=self.storage_options, zarr_format=3)
@@ -274,8 +273,6 @@ def prune_empty(path: str) -> None:
 
 
 def _remove_local(path: str) -> None:
-    import shutil
-
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
@@ -335,7 +332,6 @@ def rename_file(src: str, dst: str) -> None:
 @contextlib.contextmanager
 def temporary_folder(near: str):
     """A scratch folder beside ``near`` (same filesystem, so results can be renamed in)."""
-    import shutil
 
     parent = os.path.dirname(os.path.abspath(near)) or "."
     os.makedirs(parent, exist_ok=True)

@@ -20,6 +20,7 @@ from mrhscale.stores.base import (
     aside_url,
     check_output,
     recover,
+    remove,
     swap_in,
     write_json,
 )
@@ -78,7 +79,6 @@ class Folder:
             try:
                 yield new
             except BaseException:
-                from mrhscale.stores.base import remove
 
                 remove(new)
                 raise

@@ -18,6 +18,8 @@ import threading
 import time
 import uuid
 
+from filelock import FileLock, Timeout
+
 from mrhscale.errors import MRHError
 from mrhscale.stores.urls import filesystem, is_local, local_path
 
@@ -66,8 +68,6 @@ class Claim:
 
     # ---- local: an OS lock, released by the kernel on death
     def _acquire_file_lock(self) -> None:
-        from filelock import FileLock, Timeout
-
         path = local_path(self.url)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         lock = FileLock(path, timeout=0)

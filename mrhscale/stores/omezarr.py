@@ -13,6 +13,9 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 
+import zarr
+
+from mrhscale import __version__
 from mrhscale.stores.base import (
     NAMES,
     aside_url,
@@ -39,8 +42,6 @@ class ImageBuild:
         self.url, self.final, self.storage_options = url, final, storage_options
 
     def group(self, mode: str = "r+"):
-        import zarr
-
         with quiet_zarr():
             return zarr.open_group(self.url, mode=mode, storage_options=self.storage_options, zarr_format=3)
 
@@ -107,8 +108,6 @@ def _reusable(url: str, so, made_by: dict, overwrite: bool, refresh: bool, what:
 
 
 def _record(made_by: dict, record: dict | None) -> dict:
-    from mrhscale import __version__
-
     return {**(record or {}), "format": FORMAT, "format_version": 1, "mrhscale_version": __version__,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "made_by": made_by, "fingerprint": fingerprint(made_by), "complete": False}
@@ -118,7 +117,6 @@ def describe(url, storage_options: dict | None = None) -> str:
     """Human summary of an image (``mrhscale info X.ome.zarr``)."""
     url = resolve(url)
     so = url_options(url, storage_options)
-    import zarr
 
     with quiet_zarr():
         attrs = dict(zarr.open_group(url, mode="r", storage_options=so, zarr_format=3).attrs)

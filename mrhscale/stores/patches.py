@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import zarr
+from zarr.codecs import BloscCodec
+
 from mrhscale.errors import MRHError
 from mrhscale.stores.base import (
     ZarrLocation,
@@ -25,6 +28,7 @@ from mrhscale.stores.base import (
     remove,
     swap_in,
 )
+from mrhscale.stores.cohort import short
 from mrhscale.stores.locks import Claim, run_token
 from mrhscale.stores.secrets import mask_url
 from mrhscale.stores.urls import join, resolve, split, url_options
@@ -48,8 +52,6 @@ def dims_of(var: str, ndim: int) -> list[str]:
 
 def create_array(url: str, path: str, shape, chunks, dtype, dims, storage_options, compress: bool):
     """A new (or replaced) zarr array inside a patch store being built."""
-    import zarr
-    from zarr.codecs import BloscCodec
 
     comp = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),) if compress else None
     return zarr.create_array(
@@ -61,8 +63,6 @@ def create_array(url: str, path: str, shape, chunks, dtype, dims, storage_option
 
 
 def open_array(url: str, path: str, storage_options, mode: str = "r+"):
-    import zarr
-
     return zarr.open_array(str(url), path=path, mode=mode, storage_options=storage_options, zarr_format=3)
 
 
@@ -94,7 +94,6 @@ class PatchStore(ZarrLocation):
 
     def describe(self) -> str:
         a = self.attrs
-        from mrhscale.stores.cohort import short
 
         return "\n".join([
             f"store: {self.name}", f"format: {FORMAT}",
@@ -134,8 +133,6 @@ class Build:
         return join(self.url, STAGING)
 
     def start(self) -> None:
-        import zarr
-
         if self.clear:
             remove(self.url, self.storage_options)  # ours: an incomplete store or a stale aside
         with quiet_zarr():
@@ -145,7 +142,6 @@ class Build:
 
     def finish(self, attrs: dict, made_by: dict) -> None:
         """Drop staging, write attrs, mark complete (last), and swap into place if aside."""
-        import zarr
 
         remove(self.staging(), self.storage_options)
         kill_point("patches:before-complete")

@@ -14,7 +14,7 @@ import contextlib
 import numpy as np
 
 from mrhscale.errors import MRHError
-from mrhscale.stores.base import aside_url, differences, recover, remove, swap_in
+from mrhscale.stores.base import aside_url, differences, fingerprint, recover, remove, swap_in
 from mrhscale.stores.locks import Claim, run_token
 from mrhscale.stores.subjects import GroupStore
 from mrhscale.stores.urls import join, resolve, split, url_options
@@ -89,7 +89,6 @@ def stale_reason(store: PredictionStore, sid: str, made_by: dict) -> str | None:
     _, old = store.state(sid)
     if old is None:
         return "incomplete"
-    from mrhscale.stores.base import fingerprint
 
     if old.get("fingerprint") == fingerprint(made_by):
         return None

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+import yaml
+
 MASK = "***"
 SAFE = frozenset({
     "endpoint_url", "region_name", "region", "anon", "use_ssl", "requester_pays", "profile",
@@ -49,8 +51,6 @@ def _mask_entry(key: str, v):
 
 
 def _parse(text: str):
-    import yaml
-
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

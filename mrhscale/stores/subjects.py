@@ -20,8 +20,13 @@ until its new version is complete.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+
+import xarray as xr
+import zarr
+from filelock import FileLock
 
 from mrhscale.errors import MRHError
 from mrhscale.ops.space import with_space
@@ -33,6 +38,7 @@ from mrhscale.stores.base import (
     kill_point,
     move_tree,
     quiet_zarr,
+    remove,
 )
 from mrhscale.stores.locks import Claim, run_token
 from mrhscale.stores.secrets import mask_url
@@ -103,7 +109,6 @@ class GroupStore(ZarrLocation):
 
     def subject_attrs(self, sid: str) -> dict:
         """A complete subject's attrs, its commit marker (fingerprint, made_by) included."""
-        import zarr
 
         _, marker = self.state(sid)
         if marker is None:
@@ -117,7 +122,6 @@ class GroupStore(ZarrLocation):
 
     def open_subject(self, sid: str, chunks="auto_zarr"):
         """A complete subject as a lazy xarray Dataset (dask-backed with the store's chunks)."""
-        import xarray as xr
 
         self.subject_attrs(sid)
         kw = {} if chunks == "auto_zarr" else {"chunks": chunks}
@@ -148,7 +152,6 @@ class GroupStore(ZarrLocation):
     def _migrate(self) -> None:
         """Give the subjects of a store written before commit markers (listed in its index)
         their markers, so that the first write under the new contract loses none of them."""
-        import zarr
 
         with quiet_zarr():
             root = self.root()
@@ -206,7 +209,6 @@ def portable(ds):
 
 def _ensure_group(url: str, storage_options, attrs: dict) -> dict:
     """Open the group at ``url``, or create it with ``attrs`` in one write; its attrs."""
-    import zarr
 
     for _ in range(5):
         with quiet_zarr():
@@ -231,8 +233,6 @@ def legacy_marker(group_attrs: dict) -> dict:
 
 
 def _read_json(fs, path: str) -> dict:
-    import json
-
     try:
         doc = json.loads(fs.cat_file(path))
     except Exception:
@@ -251,7 +251,6 @@ def _blocking(path: str | None):
     if path is None:
         yield
         return
-    from filelock import FileLock
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with FileLock(path, timeout=120):
@@ -296,7 +295,6 @@ class SubjectWriter:
         if path != sid:
             self._unmark(sid)  # the old version stops counting before it is replaced
             self._move(path, sid)
-        import zarr
 
         marker = {"made_by": made_by, "fingerprint": fingerprint(made_by)}
         so = self.store.storage_options
@@ -340,8 +338,6 @@ class SubjectWriter:
         return filesystem(self.store.url, self.store.storage_options)
 
     def _remove(self, path: str) -> None:
-        from mrhscale.stores.base import remove
-
         remove(join(self.store.url, path), self.store.storage_options)
 
     def _move(self, src: str, dst: str) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from urllib.parse import urlparse
 
+import fsspec
+
 from mrhscale.errors import MRHError
 
 
@@ -47,7 +49,6 @@ def filesystem(url: str, storage_options: dict | None = None):
 
     Listings are not cached across calls: zarr and other processes write to the same
     store, so a cached listing (s3fs keeps one per instance) would be stale."""
-    import fsspec
 
     if is_local(url):
         return fsspec.filesystem("file"), local_path(url)

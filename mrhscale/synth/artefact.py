@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 RADIUS_MM = 0.9
 EDGE_MM = 0.5
@@ -55,7 +56,6 @@ class Artefact:
 def draw_artefact(rng: np.random.Generator, axes: list[np.ndarray], mask: np.ndarray,
                   volumes: dict[str, int]) -> Artefact:
     """One artefact on the grid of ``axes`` (mm coordinates per axis) within ``mask``."""
-    from scipy import ndimage
 
     vox = [float(abs(a[1] - a[0])) if len(a) > 1 else 1.0 for a in axes]
     inner = ndimage.distance_transform_edt(mask, sampling=vox) >= EDGE_MM

@@ -34,11 +34,19 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import yaml
 
+from mrhscale import __version__
 from mrhscale.errors import MRHError
+from mrhscale.io.volumes import write_sidecars, write_volume
+from mrhscale.log import progress
+from mrhscale.options import CohortOptions, SynthVariation
+from mrhscale.stores import Folder, write_text
+from mrhscale.synth.artefact import draw_artefact
+from mrhscale.synth.scanner import Scanner, draw_scanner
 
 FOV_MM = (12.0, 7.68, 16.8)  # the released data's field of view: 200 x 128 x 280 at 60 um
 ORIGIN_OFFSET_MM = (0.3, -1.1, 0.6)  # brain centre is not the world origin, as in real headers
-DEFAULT_SHAPE = (48, 32, 64)
+COHORT = CohortOptions()  # the options table states each default once
+DEFAULT_SHAPE = COHORT.shape
 TARGETS = ("af", "nf", "mbp")
 FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "analyze": ".hdr"}
 GROUPS = ("dwi2000", "dwi5000", "t2MTONOFF")
@@ -469,8 +477,6 @@ class _Subject:
     def _scanner(self, scanner):
         """None (the cohort's scanner), a given Scanner, or (True) one drawn from this
         subject's own stream (synth/scanner.py)."""
-        from mrhscale.synth.scanner import Scanner, draw_scanner
-
         if isinstance(scanner, Scanner) or not scanner:
             return scanner or None
         volumes = {g: len(v) for g, v in channel_names().items()}
@@ -479,8 +485,6 @@ class _Subject:
 
     def _artefact(self):
         """A field-of-view artefact drawn from this subject's own stream (synth/artefact.py)."""
-        from mrhscale.synth.artefact import draw_artefact
-
         volumes = {g: len(v) for g, v in channel_names().items()}
         return draw_artefact(self.rngs["artefact"], self.axes, self.mask, volumes)
 
@@ -806,45 +810,45 @@ def _params(s: _Subject) -> dict:
 # ---------------------------------------------------------------- cohort on disk
 
 
-def make_cohort(outdir, *, subjects=4, shape=DEFAULT_SHAPE, seed=0, lesions=True, fmt="nii.gz",
-                inverted_mask=False, targets=TARGETS, overwrite=False, quiet=False,
-                scanner_variation=None, artefact=None) -> str:
-    """Write a synthetic cohort (per-subject files + OUTDIR/cohort.yaml); returns the manifest path.
+def make_cohort(outdir, *, n_subjects: int = COHORT.n_subjects, shape=COHORT.shape, seed: int = COHORT.seed,
+                fmt: str = COHORT.fmt, inverted_mask: bool = COHORT.inverted_mask, targets=TARGETS, variation: SynthVariation | None = None,
+                overwrite: bool = False, quiet: bool = False) -> str:
+    """Write a synthetic cohort of ``n_subjects`` (per-subject files + OUTDIR/cohort.yaml);
+    returns the manifest path.
 
-    scanner_variation: subject ids (or "all") scanned on their own scanner
-    (synth/scanner.py, docs/synthetic.md); the others share the cohort's.
-    artefact: subject ids (or "all") with a field-of-view artefact (synth/artefact.py);
+    variation (:class:`mrhscale.options.SynthVariation`): ``lesions`` go to every other subject
+    (s01, s03, ...), and every subject still gets a (possibly empty) lesion label so that
+    evaluation has negatives; ``scanner_variation``: subject ids (or "all") scanned on their own
+    scanner (synth/scanner.py, docs/synthetic.md), the others share the cohort's;
+    ``artefact``: subject ids (or "all") with a field-of-view artefact (synth/artefact.py),
     then every subject gets an ``artefact`` label (empty without one).
-
-    Lesions go to every other subject (s01, s03, ...) when `lesions`; every subject
-    still gets a (possibly empty) lesion label so that evaluation has negatives.
     Subject s01 gets a handful of NaNs outside the brain in dwi2000 (real data have them).
-    The manifest is written last, atomically: it is the completion marker.
+    The manifest is written last, atomically: it is the completion marker. No Dask: ``quiet``
+    silences the progress.
     """
-    if isinstance(subjects, bool) or not isinstance(subjects, (int, np.integer)) or subjects < 1:
-        raise MRHError(f"synth: --subjects must be an integer >= 1, got {subjects!r}")
+    variation = variation or SynthVariation()
+    if isinstance(n_subjects, bool) or not isinstance(n_subjects, (int, np.integer)) or n_subjects < 1:
+        raise MRHError(f"synth: --n-subjects must be an integer >= 1, got {n_subjects!r}")
     shape = _check_shape(shape)
     targets = _check_targets(targets)
-    varied = _varied(scanner_variation, subjects)
-    artefacts = _varied(artefact, subjects, "--artefact")
+    varied = _varied(variation.scanner_variation, n_subjects)
+    artefacts = _varied(variation.artefact, n_subjects, "--artefact")
     if fmt not in FORMATS:
         raise MRHError(f"synth: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    from mrhscale.stores import Folder
-
     folder = Folder(outdir, "mrhscale-synthetic", what="synth: OUTDIR")
     if folder.check() and not overwrite:
         raise MRHError(f"synth: {folder.path} already holds a synthetic cohort; "
                        "use --overwrite or another directory")
-    with folder.replace(seed=int(seed), subjects=int(subjects), shape=list(shape)) as work:
-        _write_cohort(work, subjects=subjects, shape=shape, seed=seed, lesions=lesions, fmt=fmt,
+    with folder.replace(seed=int(seed), subjects=int(n_subjects), shape=list(shape)) as work:
+        _write_cohort(work, n_subjects=n_subjects, shape=shape, seed=seed, lesions=variation.lesions, fmt=fmt,
                       inverted_mask=inverted_mask, targets=targets, quiet=quiet, varied=varied,
                       artefacts=artefacts)
     return os.path.join(folder.path, "cohort.yaml")
 
 
-def _varied(spec, subjects: int, option: str = "--scanner-variation") -> set[str]:
+def _varied(spec, n_subjects: int, option: str = "--scanner-variation") -> set[str]:
     """The subject ids of a per-subject option (None, "all"/True, or ids), checked."""
-    ids = [f"s{i + 1:02d}" for i in range(subjects)]
+    ids = [f"s{i + 1:02d}" for i in range(n_subjects)]
     if not spec:
         return set()
     if spec is True or spec == "all":
@@ -856,18 +860,15 @@ def _varied(spec, subjects: int, option: str = "--scanner-variation") -> set[str
     return set(wanted)
 
 
-def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask, targets, quiet,
+def _write_cohort(outdir, *, n_subjects, shape, seed, lesions, fmt, inverted_mask, targets, quiet,
                   varied=frozenset(), artefacts=frozenset()) -> str:
     """The subjects' files and the manifest, into a fresh folder."""
-    from mrhscale.io.volumes import write_sidecars, write_volume
-    from mrhscale.log import progress
-
     ext = FORMATS[fmt]
     manifest = os.path.join(outdir, "cohort.yaml")
     acq = acquisition()
     affine = affine_for(shape)
     entries = []
-    ids = [f"s{i + 1:02d}" for i in range(subjects)]
+    ids = [f"s{i + 1:02d}" for i in range(n_subjects)]
     for i, sid in enumerate(progress(ids, desc="synth", unit="subject", quiet=quiet)):
         has_lesion = bool(lesions) and i % 2 == 0
         s = _Subject(shape, _subject_seed(seed, i), lesion=has_lesion, nans=5 if i == 0 else 0,
@@ -914,18 +915,14 @@ def _write_cohort(outdir, *, subjects, shape, seed, lesions, fmt, inverted_mask,
             "notes": {"lesion": has_lesion, "nan_voxels": int(len(s.nan_voxels())), **_params(s)},
         })
         del s
-    from mrhscale import __version__
-
     doc = {
         "subjects": entries,
-        "synth": {"version": __version__, "seed": int(seed), "subjects": int(subjects),
+        "synth": {"version": __version__, "seed": int(seed), "subjects": int(n_subjects),
                   "shape": list(shape), "voxel_size_mm": [float(v) for v in voxel_size(shape)],
                   "format": fmt, "lesions": bool(lesions), "inverted_mask": bool(inverted_mask),
                   "targets": list(targets), "scanner_variation": sorted(varied),
                   **({"artefact": sorted(artefacts)} if artefacts else {}),
                   "displacement": "mm, subject -> template: template point = subject point + d"},
     }
-    from mrhscale.stores import write_text
-
     return write_text(manifest, "# mrhscale synthetic cohort (mrhscale synth); paths relative to "
                                 "this file\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))

@@ -8,9 +8,11 @@ from dataclasses import fields
 from torch import nn
 
 from mrhscale.errors import MRHError
+from mrhscale.io.bundle import model_from_bundle, read_bundle
 from mrhscale.nn.model import MRHNet, with_stains
 from mrhscale.ops.norm import Normalisation
 from mrhscale.ops.stains import stains_of
+from mrhscale.options import FINETUNE_DEFAULTS
 from mrhscale.stores import resolve
 from mrhscale.training.config import TrainConfig, recipe_config, reconcile
 from mrhscale.training.data import read_patch_store_attrs
@@ -20,7 +22,6 @@ from mrhscale.training.optim import init_weights
 
 CONFIG_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 RUNTIME_FIELDS = frozenset(f.name for f in fields(Runtime))
-FINETUNE_DEFAULTS = {"lr": 1e-4, "head_lr_factor": 10.0, "freeze_backbone": False}
 
 
 def split_options(kind: str, config, options: dict, runtime: Runtime | None):
@@ -57,7 +58,7 @@ def train(config: TrainConfig | str, out_dir: str, *, resume: bool = False,
     out_dir = resolve(out_dir, "--out")
     with run_folder(out_dir):
         cfg = reconcile(cfg, out_dir, resume, given)
-        store = read_patch_store_attrs(cfg.patches, rt.storage_options)
+        store = read_patch_store_attrs(cfg.patches, rt.context())
         n_ch = len(store["channels"])
 
         def build():
@@ -95,8 +96,6 @@ def finetune(model_path: str, config: TrainConfig | str, out_dir: str, *, resume
     with it) and takes the new stain's target scaling from the patch store.
     ``freeze_backbone=True`` trains only the head.
     """
-    from mrhscale.io.bundle import read_bundle
-
     model_path = resolve(model_path, "model")
     cfg, given, rt = split_options("finetune", config, options, runtime)
     given["base_model"] = cfg.base_model = model_path
@@ -104,14 +103,12 @@ def finetune(model_path: str, config: TrainConfig | str, out_dir: str, *, resume
     with run_folder(out_dir):
         cfg = reconcile(cfg, out_dir, resume, given)
         bundle = read_bundle(cfg.base_model if resume else model_path)
-        store = read_patch_store_attrs(cfg.patches, rt.storage_options)
+        store = read_patch_store_attrs(cfg.patches, rt.context())
         check_compatible(bundle, store, model_path, cfg.patches)
         return _finetune_run(cfg, bundle, store, out_dir, rt, resume)
 
 
 def _finetune_run(cfg: TrainConfig, bundle: dict, store: dict, out_dir: str, rt: Runtime, resume: bool):
-    from mrhscale.io.bundle import model_from_bundle
-
     arch = bundle["arch"]
     cfg.depth, cfg.width = int(arch["depth"]), int(arch.get("width", 64))
     stains, kept = finetune_stains(cfg, stains_of(bundle), stains_of(store))

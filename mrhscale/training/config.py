@@ -3,44 +3,28 @@ options, validated, and how a resumed run keeps them."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, fields
 
 from mrhscale.errors import MRHError
+from mrhscale.options import (
+    DEFAULT_LR,
+    DEFAULT_RECIPE,
+    INITS,
+    INPUT_NORMS,
+    LOSSES,
+    OPTIMIZERS,
+    RECIPES,
+    SCHEDULES,
+)
+from mrhscale.training.augment import parse
+from mrhscale.training.checkpoint import load_checkpoint
 
-LOSSES = ("matlab", "mse", "centre-mse")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("piecewise", "cosine")
-INITS = ("glorot", "torch")
-NORMS = ("global", "subject-percentile", "subject-max")  # ops/norm.py
-
-DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}  # an optimiser chosen without --lr starts here
-
-# Named presets of the settings that decide speed, convergence and transfer to a new brain;
-# explicit options override them. "paper" is MRH_training.m exactly (and TrainConfig's
-# defaults); "robust", the default, is what the recipe study found transfers best to a
-# brain from another scanner (docs/recipes.md); "fast" is tuned for CPUs (docs/training.md).
-RECIPES: dict[str, dict] = {
-    "paper": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
-              "schedule": "piecewise", "drop_period": 10, "drop_factor": 0.1, "batch_size": 128,
-              "epochs": 30, "clip": 0.01, "loss": "matlab", "init": "glorot", "val_patches": None,
-              "augment": "", "norm": "global"},
-    # each brain scaled by its own robust range, AdamW + cosine, in-plane flips: +0.092 mean
-    # held-out Pearson r over "paper" on a scanner-varied cohort at the paper's budget,
-    # every subject better by 0.066 or more (docs/recipes.md)
-    "robust": {"optimizer": "adamw", "lr": 2e-3, "momentum": 0.9, "weight_decay": 1e-4,
-               "schedule": "cosine", "drop_period": 10, "drop_factor": 0.1, "batch_size": 128,
-               "epochs": 30, "clip": 0.0, "loss": "matlab", "init": "glorot", "val_patches": None,
-               "augment": "flip", "norm": "subject-percentile"},
-    # Adam's per-parameter step sizes make clipping unnecessary; per-epoch validation on
-    # a fixed 8192-patch subset (the last epoch: the whole split); robust's normalisation
-    "fast": {"optimizer": "adamw", "lr": 2e-3, "momentum": 0.9, "weight_decay": 1e-4,
-             "schedule": "cosine", "drop_period": 10, "drop_factor": 0.1, "batch_size": 256,
-             "epochs": 6, "clip": 0.0, "loss": "matlab", "init": "glorot", "val_patches": 8192,
-             "augment": "", "norm": "subject-percentile"},
-}
-DEFAULT_RECIPE = "robust"
+# the recipes and vocabularies are options (mrhscale/options.py); re-exported for the training code
+__all__ = ["DEFAULT_LR", "DEFAULT_RECIPE", "LOSSES", "RECIPES", "TrainConfig", "recipe_config", "reconcile",
+           "run_started"]
 
 CHECKPOINT = "last.pt"
 MAX_MEMBERS = 32
@@ -116,11 +100,10 @@ class TrainConfig:
             bad("drop-period", self.drop_period, "drop period >= 1 and drop factor in (0, 1]")
         if self.head_lr_factor <= 0:
             bad("head-lr-factor", self.head_lr_factor, "must be positive")
-        from mrhscale.training.augment import parse
 
         self.augment = ",".join(parse(self.augment))
-        if self.norm not in NORMS:
-            bad("norm", self.norm, f"choose one of {', '.join(NORMS)}")
+        if self.norm not in INPUT_NORMS:
+            bad("norm", self.norm, f"choose one of {', '.join(INPUT_NORMS)}")
         if not 1 <= self.members <= MAX_MEMBERS:
             bad("members", self.members, f"must be 1 (one network) to {MAX_MEMBERS} (an ensemble)")
         if self.members > 1 and self.kind == "finetune":
@@ -186,7 +169,6 @@ def reconcile(cfg: TrainConfig, out_dir: str, resume: bool, given: dict) -> Trai
 def _saved_config(out_dir: str, ckpt_path: str) -> dict:
     """The settings of the run in ``out_dir``: its checkpoint's, or an ensemble's config.json
     (each member keeps its own checkpoint)."""
-    import json
 
     if os.path.exists(ckpt_path):
         return _checkpoint_config(ckpt_path)
@@ -201,6 +183,4 @@ def _saved_config(out_dir: str, ckpt_path: str) -> dict:
 
 
 def _checkpoint_config(path: str) -> dict:
-    from mrhscale.training.checkpoint import load_checkpoint
-
     return load_checkpoint(path).get("config", {})

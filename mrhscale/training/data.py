@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
-from typing import Any
+import queue
+import threading
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from mrhscale.errors import MRHError
+from mrhscale.parallel.context import Context
+from mrhscale.stores import PatchStore
+from mrhscale.stores.patches import identity
+from mrhscale.training.stream import PatchStream, StreamOptions
+
+if TYPE_CHECKING:  # the loop imports this module
+    from mrhscale.training.loop import Runtime
 
 
-def read_patch_store_attrs(url: str, storage_options: dict | None = None) -> dict:
+def read_patch_store_attrs(url: str, ctx: Context | None = None) -> dict:
     """Root attrs of a COMPLETE patch store, or an MRHError saying what is wrong."""
-    from mrhscale.stores import PatchStore
-
-    store = PatchStore.open(url, storage_options)
+    store = PatchStore.open(url, ctx.storage_options if ctx else None)
     store.split("train")
     return store.attrs
 
 
 def check_resume_store(ckpt: dict, store: dict, patches: str, out_dir: str) -> None:
     """A run resumes only on the patch store it was trained on (it may have moved)."""
-    from mrhscale.stores.patches import identity
-
     was, now = ckpt.get("patch_store"), identity(store)
     if was and was.get("fingerprint") != now["fingerprint"]:
         raise MRHError(
@@ -38,12 +44,8 @@ def stream_class():
     """The PatchStream class; MRHSCALE_STREAM=module:Class substitutes another (tests, plugins)."""
     spec = os.environ.get("MRHSCALE_STREAM")
     if spec:
-        import importlib
-
         mod, _, name = spec.partition(":")
         return getattr(importlib.import_module(mod), name or "PatchStream")
-    from mrhscale.training.stream import PatchStream
-
     return PatchStream
 
 
@@ -58,9 +60,6 @@ def prefetched(iterable, depth: int = 3):
     Reading and normalising the next batch (zarr + numpy, which release the GIL)
     overlaps the forward/backward of the current one without worker processes.
     """
-    import queue
-    import threading
-
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     end = object()
@@ -148,19 +147,23 @@ class Batches:
                 src.close()  # stop a prefetch thread early (SIGTERM mid-epoch)
 
 
-def open_data(url, split, batch, cfg, rank, world, norm, device, workers, storage_options):
+def open_data(cfg, rt: Runtime, split: str, batch: int, device: torch.device, *, norm=None, rank: int = 0,
+              world: int = 1, workers: int = 0) -> Batches:
+    """``split`` of the run's patch store (``cfg.patches``, reached with ``rt``'s storage options)
+    in batches of ``batch`` on ``device``: this rank's share, read by ``workers`` DataLoader
+    processes, normalised as ``norm`` says (None: the store's own statistics)."""
+    url = cfg.patches
     cls = stream_class()
     params = inspect.signature(cls).parameters
     kw: dict[str, Any] = {"split": split, "batch_size": batch, "shuffle": split == "train",
                           "seed": cfg.seed, "rank": rank, "world_size": world}
-    if storage_options is not None:
-        kw["storage_options"] = storage_options
+    if rt.storage_options is not None:
+        kw["ctx"] = rt.context()
     if split != "train" and "drop_last" in params:
         kw["drop_last"] = False
-    if cfg.shuffle_buffer and "shuffle_buffer" in params:
-        kw["shuffle_buffer"] = cfg.shuffle_buffer
-    if "read_ahead" in params:  # a reader thread only where it cannot stall torch's threads
-        kw["read_ahead"] = workers == 0 and spare_core(device)
+    if "options" in params:  # a reader thread only where it cannot stall torch's threads
+        kw["options"] = StreamOptions(shuffle_buffer=cfg.shuffle_buffer or None,
+                                      read_ahead=workers == 0 and spare_core(device))
     correction = None
     if norm is not None and "norm" in params:
         kw["norm"] = norm

@@ -18,17 +18,22 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
+from scipy import stats
 
 from mrhscale.errors import MRHError
+from mrhscale.io.bundle import ensemble_bundle, predictor_from_bundle, read_bundle, write_bundle
 from mrhscale.log import logger, note
+from mrhscale.nn.model import mean_and_spread, per_stain
 from mrhscale.ops.stains import stains_of
 from mrhscale.ops.uncertainty import Z95, calibration_factor, coverage
 from mrhscale.results import TrainResult
 from mrhscale.stores import Folder, write_text
 from mrhscale.stores.patches import identity as store_identity
+from mrhscale.training.checkpoint import load_checkpoint
 from mrhscale.training.config import CHECKPOINT, TrainConfig
 from mrhscale.training.data import open_data
 from mrhscale.training.distributed import barrier, dist_env, init_distributed
+from mrhscale.training.loop import Runtime, Trainer
 
 MEMBERS_DIR = "members"
 CALIBRATION_PATCHES = 200_000  # a fixed random subset of a larger validation split (the store is shuffled)
@@ -46,8 +51,6 @@ def member_config(cfg: TrainConfig, k: int) -> TrainConfig:
 def train_ensemble(cfg: TrainConfig, out_dir: str, rt, *, store: dict, build_model, stream_norm,
                    bundle_norm, resume: bool) -> TrainResult:
     """Train (or finish) every member, then write ``OUT/model.pt`` with all of them."""
-    from mrhscale.training.loop import Trainer
-
     rank, world, local_rank = dist_env()
     started = init_distributed(world, local_rank, rt.timeout_s())
     try:
@@ -78,8 +81,6 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, rt, *, store: dict, build_mod
 def _finished(mdir: str, cfg: TrainConfig) -> TrainResult | None:
     """A member that finished all ``cfg.epochs`` earlier: its summary, from its checkpoint;
     None for one to train or resume."""
-    from mrhscale.training.checkpoint import load_checkpoint
-
     ckpt = os.path.join(mdir, "checkpoints", CHECKPOINT)
     if not (os.path.exists(os.path.join(mdir, "model.pt")) and os.path.exists(ckpt)):
         return None
@@ -98,12 +99,10 @@ def _finished(mdir: str, cfg: TrainConfig) -> TrainResult | None:
 
 def _assemble(cfg, out_dir, rt, store, stream_norm, results) -> dict:
     """Rank 0: the members' bundles as one, with the spread calibrated on the validation split."""
-    from mrhscale.io.bundle import ensemble_bundle, predictor_from_bundle, read_bundle, write_bundle
-
     bundles = [read_bundle(r.model) for r in results]
     bundle = ensemble_bundle(bundles, {}, bundles[0]["provenance"])
     dev = torch.device(rt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cal = calibrate(predictor_from_bundle(bundle).to(dev).eval(), cfg, store, stream_norm, dev, rt.storage_options)
+    cal = calibrate(predictor_from_bundle(bundle).to(dev).eval(), cfg, store, stream_norm, dev, rt)
     uncertainty = {"method": "ensemble", "members": cfg.members, "seeds": [cfg.seed + k for k in range(cfg.members)],
                    "spread": "standard deviation over members (ddof 1) pooled over the output patch, target units",
                    "calibration": cal}
@@ -120,19 +119,17 @@ def _assemble(cfg, out_dir, rt, store, stream_norm, results) -> dict:
 
 
 @torch.no_grad()
-def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, storage_options) -> dict:
+def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, rt: Runtime) -> dict:
     """The members on (up to CALIBRATION_PATCHES of) the validation split, at each patch's
     centre: the mean's r and RMSE, and the factor that makes mean +- 1.96 x factor x spread
     (the spread as predict computes it) cover 95% of the patches. No validation split:
     factor 1, and a warning."""
-    from mrhscale.nn.model import mean_and_spread, per_stain
-
     if int(store.get("n_val", 0)) == 0:
         logger.warning("mrhscale: the patch store has no validation split; the ensemble's uncertainty is "
                        "its raw spread (uncalibrated): make patches with --val-subjects to calibrate it")
         return {"factor": 1.0, "fitted_on": None}
     half = int(store["patch"]["half"])
-    data = open_data(cfg.patches, "val", 1024, cfg, 0, 1, stream_norm, dev, 0, storage_options)
+    data = open_data(cfg, rt, "val", 1024, dev, norm=stream_norm)
     mean, spread, target = [], [], []
     stains = stains_of(store)
     for x, t in data.batches(0):
@@ -154,8 +151,6 @@ def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, storage
 
 def _fit(mean: np.ndarray, spread: np.ndarray, target: np.ndarray, scale: float, store: dict) -> dict:
     """One stain's calibration factor and how the spread ranks its errors (centre voxels)."""
-    from scipy import stats
-
     if not len(mean):
         return {"factor": 1.0, "fitted_on": None, "n": 0, "val_r": math.nan}
     err, scale = mean - target, float(scale)

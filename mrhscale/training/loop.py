@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -22,12 +23,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import save_bundle
 from mrhscale.log import logger, note
 from mrhscale.log import progress as log_progress
 from mrhscale.nn.accel import compiled, one_line
 from mrhscale.ops.stains import stains_of
+from mrhscale.parallel.context import Context
 from mrhscale.report.figures import training_curve
 from mrhscale.results import TrainResult
 from mrhscale.stores import Folder, atomic_write, write_text
@@ -70,8 +73,6 @@ class StopFlag:
         self._old = None
 
     def install(self):
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGTERM, self._handle)
 
@@ -184,8 +185,6 @@ def progress(total, desc, quiet):
 def run_folder(out_dir: str):
     """The run folder, held by this run: anything but a training run is refused untouched,
     and a second run on the same folder is refused while this one lives (rank 0 holds it)."""
-    from mrhscale.stores import Folder
-
     folder = Folder(out_dir, "mrhscale-run")
     folder.check()
     if dist_env()[0] != 0:
@@ -200,7 +199,7 @@ class Runtime:
     """How a run uses this machine (not part of what it learns): device, threads, loaders..."""
 
     device: str | None = None
-    workers: int = 0
+    loader_workers: int = 0  # DataLoader processes per training process
     threads: int | None = None
     quiet: bool = False
     dist_timeout: float | None = None
@@ -209,13 +208,17 @@ class Runtime:
     precision: str | None = None  # auto | fp32 | bf16 (None: $MRHSCALE_PRECISION, else auto)
     compile: str | bool | None = None  # auto | on | off (None: $MRHSCALE_COMPILE, else auto)
 
+    def context(self) -> Context:
+        """Where the run's data lives (its patch store's storage options), as a Context."""
+        return Context(storage_options=self.storage_options, quiet=self.quiet)
+
     def timeout_s(self) -> float:
         """Seconds a rank waits for the others (--dist-timeout, $MRHSCALE_DIST_TIMEOUT, 1800)."""
         return self.dist_timeout or float(os.environ.get("MRHSCALE_DIST_TIMEOUT", "1800"))
 
     def validate(self) -> None:
-        if self.workers < 0:
-            raise MRHError(f"--workers {self.workers}: must be >= 0")
+        if self.loader_workers < 0:
+            raise MRHError(f"--loader-workers {self.loader_workers}: must be >= 0")
         if self.threads is not None and self.threads < 1:
             raise MRHError(f"--threads {self.threads}: must be >= 1")
 
@@ -303,10 +306,10 @@ class Trainer:
         self.ckpt_numerics = ck.get("numerics")
         self.partial_loss = float(ck.get("partial_loss_sum", 0.0)) if self.main else 0.0
         set_rng_state(ck["rng"])
-        was = (int(ck.get("world_size", self.world)), int(ck.get("workers", self.rt.workers)))
-        if was != (self.world, self.rt.workers) and self.main and not self.rt.quiet:
+        was = (int(ck.get("world_size", self.world)), int(ck.get("workers", self.rt.loader_workers)))
+        if was != (self.world, self.rt.loader_workers) and self.main and not self.rt.quiet:
             logger.warning(f"mrhscale: resuming a run of {was[0]} process(es) x {was[1]} loader "
-                           f"worker(s) with {self.world} x {self.rt.workers}: the data order from here "
+                           f"worker(s) with {self.world} x {self.rt.loader_workers}: the data order from here "
                            "on differs from the original run's")
 
     def _open_data(self) -> None:
@@ -314,12 +317,11 @@ class Trainer:
         self.half = int(self.store["patch"]["half"])
         self.loss_fn = loss_function(cfg.loss, self.half)
         self.per_rank = cfg.batch_size // self.world
-        self.train_data = open_data(cfg.patches, "train", self.per_rank, cfg, self.rank, self.world,
-                                    self.stream_norm, self.dev, rt.workers, rt.storage_options)
+        shard = {"rank": self.rank, "world": self.world, "norm": self.stream_norm}
+        self.train_data = open_data(cfg, rt, "train", self.per_rank, self.dev, workers=rt.loader_workers, **shard)
         self.val_data = None
         if int(self.store.get("n_val", 1)) > 0:
-            self.val_data = open_data(cfg.patches, "val", max(self.per_rank, 256), cfg, self.rank,
-                                      self.world, self.stream_norm, self.dev, 0, rt.storage_options)
+            self.val_data = open_data(cfg, rt, "val", max(self.per_rank, 256), self.dev, **shard)
 
     def amp_ctx(self):
         return self.accel.autocast(self.dev.type)
@@ -494,7 +496,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "schedule": {"name": cfg.schedule, "epoch": epoch,
                          "lr_factor": lr_factor(cfg, min(epoch, cfg.epochs - 1))},
-            "rng": rng_state(), "world_size": self.world, "workers": self.rt.workers,
+            "rng": rng_state(), "world_size": self.world, "workers": self.rt.loader_workers,
             "numerics": self.accel.record(),
             "patch_store": store_identity(self.store),
         }
@@ -524,8 +526,6 @@ class Trainer:
                            config=asdict(self.cfg), **summary)
 
     def _save_bundle(self, model_path: str, summary: dict, drift: float) -> None:
-        from mrhscale import __version__
-
         cfg, store = self.cfg, self.store
         prov = {
             "stage": cfg.kind, "mrhscale_version": __version__, "torch_version": torch.__version__,

@@ -41,37 +41,52 @@ Policies:
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
+from zarr.core.buffer.cpu import NDBuffer
 
 from mrhscale.errors import MRHError
 from mrhscale.ops.norm import Normalisation
 from mrhscale.ops.stains import stains_of
+from mrhscale.parallel.context import Context
+from mrhscale.stores import PatchStore
 
 VARS = ("inputs", "targets", "origin")
 _READ_THREADS = 4  # concurrent zarr chunk reads per iterator (they mostly wait on I/O)
 
 
 def _dist_rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def open_patch_store(url: str, storage_options: dict | None = None):
-    """The root group of a complete patch store (MRHError otherwise)."""
-    from mrhscale.stores import PatchStore
+def open_patch_store(url: str, ctx: Context | None = None):
+    """The root group of a complete patch store (MRHError otherwise); ``ctx``: its storage options."""
+    return PatchStore.open(url, ctx.storage_options if ctx else None).root()
 
-    return PatchStore.open(url, storage_options).root()
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a PatchStream reads (not which samples it yields): see the module docstring."""
+
+    shuffle_buffer: int | None = None  # patches per permuted window (default: 4096 or two chunks)
+    with_origin: bool = False  # also yield each patch's origin row (subject index, x, y, z)
+    read_ahead: bool = False  # read the next window in a background thread (where a core is free)
 
 
 class PatchStream(IterableDataset):
-    """Batches of normalised patches from a patch store; see the module docstring."""
+    """Batches of normalised patches from a patch store; see the module docstring.
+
+    ``ctx``: where the store lives (its storage options); ``options``: :class:`StreamOptions`.
+    """
 
     def __init__(
         self,
@@ -79,17 +94,17 @@ class PatchStream(IterableDataset):
         split: str = "train",
         batch_size: int = 128,
         shuffle: bool = True,
-        shuffle_buffer: int | None = None,
+        *,
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
         drop_last: bool = True,
-        storage_options: dict | None = None,
-        with_origin: bool = False,
-        read_ahead: bool = False,
         norm: Normalisation | None = None,
+        options: StreamOptions | None = None,
+        ctx: Context | None = None,
     ):
         super().__init__()
+        o = options or StreamOptions()
         if split not in ("train", "val"):
             raise MRHError(f"split must be 'train' or 'val', got {split!r}")
         if batch_size < 1:
@@ -100,11 +115,11 @@ class PatchStream(IterableDataset):
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
-        self.storage_options = storage_options
-        self.with_origin = with_origin
-        self.read_ahead = bool(read_ahead)
+        self.ctx = Context(storage_options=ctx.storage_options) if ctx else None  # no client: it pickles
+        self.with_origin = o.with_origin
+        self.read_ahead = bool(o.read_ahead)
         self.epoch = 0
-        root = open_patch_store(self.url, storage_options)
+        root = open_patch_store(self.url, self.ctx)
         attrs = dict(root.attrs)
         self.attrs = attrs
         self.channels = list(attrs["channels"])
@@ -123,7 +138,7 @@ class PatchStream(IterableDataset):
         if not 0 <= rank < world_size:
             raise MRHError(f"rank {rank} out of range for world_size {world_size}")
         self.rank, self.world_size = int(rank), int(world_size)
-        self.shuffle_buffer = int(shuffle_buffer if shuffle_buffer is not None
+        self.shuffle_buffer = int(o.shuffle_buffer if o.shuffle_buffer is not None
                                   else max(4096, 2 * self.chunk_rows))
         if self.drop_last and self.steps_per_epoch() == 0:
             raise MRHError(
@@ -196,7 +211,7 @@ class PatchStream(IterableDataset):
     # ---- reading
     def _open(self):
         if self._arrays is None:
-            root = open_patch_store(self.url, self.storage_options)
+            root = open_patch_store(self.url, self.ctx)
             names = VARS if self.with_origin or self._by_subject else VARS[:2]
             self._arrays = [root[f"{self.split}/{v}"] for v in names]
         return self._arrays
@@ -313,8 +328,6 @@ def _fill(arrays, bufs, ranges, b: int, pool) -> None:
     waits on its file read, so overlapping them measured ~1.5x faster than a
     sequential loop (benchmarks/bench_stream.py).
     """
-    from zarr.core.buffer.cpu import NDBuffer
-
     jobs = []
     for arr, buf in zip(arrays, bufs, strict=True):
         pos = b
@@ -354,9 +367,6 @@ def subject_tables(norm: Normalisation, attrs: dict, url: str) -> tuple[np.ndarr
 def _read_ahead(arrays, plan, rows: int, b: int, pool):
     """Windows read by a background thread (zarr I/O and decoding release the GIL), two
     buffers in rotation: the next window is read while this one is cut into batches."""
-    import queue
-    import threading
-
     free: queue.Queue = queue.Queue()
     for _ in range(2):
         free.put(_alloc(arrays, rows))

@@ -15,6 +15,7 @@ from mrhscale.errors import MRHError
 from mrhscale.io.manifest import load_manifest
 from mrhscale.io.manifest_scan import natural_key, scan_bids, scan_folder, write_manifest
 from mrhscale.io.volumes import write_sidecars, write_volume
+from mrhscale.parallel.context import Context
 from mrhscale.stages.ingest import ingest
 from mrhscale.stores import list_subjects, open_subject
 
@@ -34,7 +35,7 @@ def client():
 def synth(tmp_path_factory):
     from mrhscale.synth.phantom import make_cohort
 
-    return make_cohort(tmp_path_factory.mktemp("synth") / "cohort", subjects=2, shape=(16, 12, 20),
+    return make_cohort(tmp_path_factory.mktemp("synth") / "cohort", n_subjects=2, shape=(16, 12, 20),
                        seed=3, quiet=True)
 
 
@@ -89,7 +90,7 @@ def test_synth_folder_gives_synths_own_manifest(tmp_path, synth, client):
     stores = {}
     for name, man in (("gen", str(out)), ("ref", synth)):
         stores[name] = str(tmp_path / f"{name}.zarr")
-        ingest(man, stores[name], client=client, quiet=True, checksums=False)
+        ingest(man, stores[name], ctx=Context(client=client, quiet=True), checksums=False)
     assert list_subjects(stores["gen"]) == list_subjects(stores["ref"]) == ["s01", "s02"]
     for sid in ("s01", "s02"):
         a, b = open_subject(stores["gen"], sid), open_subject(stores["ref"], sid)
@@ -281,7 +282,7 @@ def test_bids_dataset_parses_and_ingests(tmp_path, client):
     assert s.fa.endswith("sub-02_ses-1_acq-b2000_param-FA_dwimap.nii.gz")
     assert list(s.targets) == ["af"] and list(s.labels) == ["lesion"]
     store = str(tmp_path / "c.zarr")
-    ingest(str(out), store, client=client, quiet=True, checksums=False)
+    ingest(str(out), store, ctx=Context(client=client, quiet=True), checksums=False)
     assert list_subjects(store) == ["sub-01", "sub-02_ses-1", "sub-02_ses-2"]
     ds = open_subject(store, "sub-02_ses-2")
     assert list(ds.contrast.values) == ["dwi_b2000_0", "dwi_b2000_1", "dwi_b2000_2", "T2w"]

@@ -74,3 +74,58 @@ def test_embedded_says_whether_runner_would_start_a_cluster_here():
             Client(cluster) as client:
         assert not Context().embedded  # the active client is used
         assert Context(dask_workers=1).embedded and not Context(client=client).embedded
+
+
+def _fails_on_odd(x):
+    if x % 2:
+        raise ValueError(f"odd {x}")
+    return x
+
+
+@pytest.mark.parametrize("where", ["local", "client"])
+def test_each_finished_reports_every_task_and_keeps_going_after_a_failure(where):
+    tasks = [dask.delayed(_fails_on_odd, pure=False)(i) for i in range(4)]
+    if where == "local":
+        with Context(scheduler="threads", quiet=True).runner() as r:
+            got = sorted(r.each_finished(tasks, "odd", unit="item"), key=lambda t: t[0])
+            assert r.context.scheduler == "threads"
+    else:
+        with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
+                Client(cluster) as client, Context(client=client, quiet=True).runner() as r:
+            got = sorted(r.each_finished(tasks, "odd", unit="item"), key=lambda t: t[0])
+            assert r.context.client is client
+    assert [(i, res) for i, res, err in got] == [(0, 0), (1, None), (2, 2), (3, None)]
+    assert [str(err) for _, _, err in got if err is not None] == ["odd 1", "odd 3"]
+
+
+def test_an_embedded_cluster_is_handed_on_by_the_runners_context():
+    ctx = Context(dask_workers=1, quiet=True)
+    with ctx.runner() as r:
+        inner = r.context
+        assert inner.client is r.client and inner.client is not None and ctx.client is None
+        with inner.runner() as again:
+            assert again.client is r.client  # the same cluster, not a second one
+            assert again.compute([dask.delayed(_double)(2)], "double") == [4]
+
+
+def _total(a, k):
+    return float(a.sum()) * k
+
+
+@pytest.mark.parametrize("where", ["local", "client"])
+def test_a_shared_value_reaches_every_task(where):
+    import numpy as np
+
+    big = np.ones(100_000)
+    if where == "local":
+        with Context(scheduler="synchronous", quiet=True).runner() as r:
+            shared = r.share(big)
+            assert shared is big
+            got = r.compute([dask.delayed(_total, pure=False)(shared, k) for k in (1, 2)], "total")
+    else:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+                Client(cluster) as client, Context(client=client, quiet=True).runner() as r:
+            shared = r.share(big)
+            got = [res for _, res, _ in sorted(r.each_finished(
+                [dask.delayed(_total, pure=False)(shared, k) for k in (1, 2)], "total"), key=lambda t: t[0])]
+    assert got == [1e5, 2e5]

@@ -64,14 +64,14 @@ def test_relative_paths_on_an_external_cluster_equal_the_embedded_run(cluster, t
     write_file_cohort(user / "files", n_subjects=2, fmt="nii", shape=(14, 10, 16))
     ext = ["--scheduler", addr]
     cli(user, "ingest", "files/cohort.yaml", "--out", "ext.zarr", "--chunks", "8,8,8", "-q", *ext)
-    cli(user, "ingest", "files/cohort.yaml", "--out", "emb.zarr", "--chunks", "8,8,8", "-q", "--workers", "1")
+    cli(user, "ingest", "files/cohort.yaml", "--out", "emb.zarr", "--chunks", "8,8,8", "-q", "--dask-workers", "1")
     opts = ["--target", "af", "--stride", "2", "--min-label-sum", "0", "--min-label-nonzero", "0", "-q"]
     cli(user, "patches", "ext.zarr", "--out", "pext.zarr", *opts, *ext)
-    cli(user, "patches", "emb.zarr", "--out", "pemb.zarr", *opts, "--workers", "1")
+    cli(user, "patches", "emb.zarr", "--out", "pemb.zarr", *opts, "--dask-workers", "1")
     ch = CohortStore(user / "emb.zarr").open_subject("s01").contrast.values.tolist()
     write_model(str(user / "m.pt"), ch)
     cli(user, "predict", "m.pt", "ext.zarr", "--out", "pred_ext.zarr", "--nifti", "nii", "-q", *ext)
-    cli(user, "predict", "m.pt", "emb.zarr", "--out", "pred_emb.zarr", "-q", "--workers", "1")
+    cli(user, "predict", "m.pt", "emb.zarr", "--out", "pred_emb.zarr", "-q", "--dask-workers", "1")
 
     assert not [p for p in os.listdir(elsewhere) if p.endswith(".zarr") or p == "nii"]  # nothing there
     a, b = CohortStore(user / "ext.zarr"), CohortStore(user / "emb.zarr")

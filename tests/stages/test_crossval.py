@@ -14,9 +14,11 @@ from helpers import synth_store
 
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
+from mrhscale.parallel.context import Context
 from mrhscale.stages.crossval import crossval
 
 RECIPE = {"recipe": "fast", "epochs": 1, "depth": 1, "width": 8, "batch_size": 64, "stride": 2}
+SYNC = Context(scheduler="synchronous", quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def cohort(tmp_path_factory):
 
 def test_two_folds_in_this_process_then_reused(cohort, tmp_path):
     out = str(tmp_path / "cv")
-    res = crossval(cohort, "mbp", out, recipe=RECIPE, scheduler="synchronous", quiet=True, threads=1)
+    res = crossval(cohort, "mbp", out, recipe=RECIPE, ctx=SYNC, threads=1)
     assert sorted(r["subject"] for r in res["rows"]) == ["s01", "s02"]
     assert {r["fold"] for r in res["rows"]} == {"s01", "s02"}  # each held out once
     assert all(-1 <= r["pearson"] <= 1 and r["mae"] > 0 for r in res["rows"])
@@ -37,10 +39,10 @@ def test_two_folds_in_this_process_then_reused(cohort, tmp_path):
     assert plan["folds"][0]["train"] == ["s02"] and plan["patches"]["val_fraction"] == 0.2
     marker = os.path.join(out, "fold-s01", "result.json")
     mtime = os.path.getmtime(marker)
-    again = crossval(cohort, "mbp", out, recipe=RECIPE, scheduler="synchronous", quiet=True)
+    again = crossval(cohort, "mbp", out, recipe=RECIPE, ctx=SYNC)
     assert os.path.getmtime(marker) == mtime and again["summary"] == res["summary"]
     with pytest.raises(MRHError, match="another plan"):
-        crossval(cohort, "mbp", out, recipe={**RECIPE, "epochs": 2}, scheduler="synchronous", quiet=True)
+        crossval(cohort, "mbp", out, recipe={**RECIPE, "epochs": 2}, ctx=SYNC)
 
 
 def test_torchrun_two_gloo_ranks_one_fold_each(cohort, tmp_path):
@@ -63,7 +65,7 @@ def test_torchrun_two_gloo_ranks_one_fold_each(cohort, tmp_path):
 
 @pytest.mark.slow
 def test_folds_side_by_side_on_dask_workers(cohort, tmp_path):
-    res = crossval(cohort, "mbp", str(tmp_path / "cv"), recipe=RECIPE, fold_workers=2, quiet=True)
+    res = crossval(cohort, "mbp", str(tmp_path / "cv"), recipe=RECIPE, fold_workers=2, ctx=Context(quiet=True))
     assert sorted(r["subject"] for r in res["rows"]) == ["s01", "s02"]
 
 
@@ -92,7 +94,7 @@ def test_a_recipe_carries_tta_to_predict_and_norm_to_train(cohort, tmp_path):
 
     out = str(tmp_path / "cv")
     res = crossval(cohort, "mbp", out, recipe={**RECIPE, "tta": True, "norm": "subject-percentile"},
-                   scheduler="synchronous", quiet=True, threads=1)
+                   ctx=SYNC, threads=1)
     plan = json.load(open(os.path.join(out, "plan.json")))
     assert plan["predict"] == {"tta": True} and plan["train"]["norm"] == "subject-percentile"
     assert res["recipe"]["predict"] == {"tta": True}
@@ -104,10 +106,19 @@ def test_a_recipe_carries_tta_to_predict_and_norm_to_train(cohort, tmp_path):
 
 def test_an_ensemble_recipe_reports_its_uncertainty_per_fold(cohort, tmp_path):
     res = crossval(cohort, "mbp", str(tmp_path / "cv"), recipe={**RECIPE, "members": 2}, folds=2,
-                   scheduler="synchronous", quiet=True, threads=1)
+                   ctx=SYNC, threads=1)
     assert res["recipe"]["train"]["members"] == 2
     for row in res["rows"]:
         assert -1 <= row["unc_spearman"] <= 1 and 0 <= row["coverage_95"] <= 1
     header = open(res["table"]).readline().strip().split(",")
     assert header[-2:] == ["unc_spearman", "coverage_95"]
     assert res["summary"]["coverage_95"]["mean"] is not None
+
+
+def test_split_recipe_tells_patch_from_training_options_by_name():
+    from mrhscale.stages.crossval import split_recipe
+
+    train_opts, patch_opts = split_recipe({"stats": "global-max", "norm": "subject-percentile", "epochs": 2,
+                                           "stride": 3})
+    assert train_opts == {"norm": "subject-percentile", "epochs": 2}
+    assert patch_opts == {"stats": "global-max", "stride": 3}

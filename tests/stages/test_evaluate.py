@@ -14,6 +14,7 @@ from helpers import EVAL_AFF as AFF
 from helpers import MD_TRUE, subject, write_pair
 
 from mrhscale.errors import MRHError
+from mrhscale.parallel.context import Context
 from mrhscale.stages.evaluate import evaluate, mean_diffusivity, single_markers
 
 
@@ -37,7 +38,7 @@ def test_single_markers(kw):
 def test_evaluate_end_to_end(tmp_path):
     store, pred, ids = write_pair(tmp_path, noise=0.0, offset=4.0)
     out = str(tmp_path / "report")
-    m = evaluate(pred, store, "af", out, quiet=True)
+    m = evaluate(pred, store, "af", out, ctx=Context(quiet=True))
     v = m["pooled"]["virtual"]
     assert v["mae"] == pytest.approx(4.0, rel=1e-5) and v["pearson"] == pytest.approx(1, abs=1e-6)
     assert v["spearman"] == pytest.approx(1, abs=1e-6)
@@ -64,18 +65,18 @@ def test_evaluate_end_to_end(tmp_path):
 
 def test_evaluate_without_label_and_bad_input(tmp_path):
     store, pred, ids = write_pair(tmp_path, n=1, lesion=False)
-    m = evaluate(pred, store, "af", str(tmp_path / "r"), quiet=True)
+    m = evaluate(pred, store, "af", str(tmp_path / "r"), ctx=Context(quiet=True))
     assert "roc" not in m["pooled"] and not os.path.exists(tmp_path / "r" / "roc.png")
     with pytest.raises(MRHError, match="another stain: give --target af"):
-        evaluate(pred, store, "nf", str(tmp_path / "r"), quiet=True)
+        evaluate(pred, store, "nf", str(tmp_path / "r"), ctx=Context(quiet=True))
     with pytest.raises(MRHError, match="s07"):
-        evaluate(pred, store, "af", str(tmp_path / "r"), subjects=["s07"], quiet=True)
+        evaluate(pred, store, "af", str(tmp_path / "r"), subjects=["s07"], ctx=Context(quiet=True))
     with pytest.raises(MRHError, match="--label nope"):
-        evaluate(pred, store, "af", str(tmp_path / "r"), label="nope", quiet=True)
+        evaluate(pred, store, "af", str(tmp_path / "r"), label="nope", ctx=Context(quiet=True))
     with pytest.raises(MRHError, match="none.zarr: does not exist"):
-        evaluate(str(tmp_path / "none.zarr"), store, "af", str(tmp_path / "r"), quiet=True)
+        evaluate(str(tmp_path / "none.zarr"), store, "af", str(tmp_path / "r"), ctx=Context(quiet=True))
     with pytest.raises(MRHError, match="is a cohort store, not a prediction store"):
-        evaluate(store, store, "af", str(tmp_path / "r"), quiet=True)
+        evaluate(store, store, "af", str(tmp_path / "r"), ctx=Context(quiet=True))
 
 
 def test_label_from_nifti_and_cli(tmp_path):
@@ -101,7 +102,7 @@ def test_report_page(tmp_path):
     from mrhscale.report.html import summary_report, write_report
 
     store, pred, ids = write_pair(tmp_path, n=1, lesion=True)
-    m = evaluate(pred, store, "af", str(tmp_path / "ev"), quiet=True)
+    m = evaluate(pred, store, "af", str(tmp_path / "ev"), ctx=Context(quiet=True))
     imp = {"target": "af", "split": "val", "n_patches": 10, "repeats": 1, "baseline_mse": 2.0,
            "groups": [{"name": "dwi2000", "channels": ["a", "b"], "increase": 5.0, "std": 0.1,
                        "relative": 2.5, "rank": 1}],

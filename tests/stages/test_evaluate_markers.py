@@ -15,6 +15,7 @@ from helpers import DEFAULT_AFFINE, make_cohort_store
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.io.volumes import write_volume
+from mrhscale.parallel.context import Context
 from mrhscale.stages.evaluate import evaluate, marker_names
 from mrhscale.stores import CohortStore, PredictionStore, open_subject
 
@@ -66,7 +67,7 @@ def pair(tmp_path):
 def test_nifti_and_channel_markers(pair):
     tmp, store, pred, ids, truth = pair
     nii = str(tmp / "newc_{subject}.nii.gz")
-    m = evaluate(pred, store, "af", str(tmp / "rep"), quiet=True,
+    m = evaluate(pred, store, "af", str(tmp / "rep"), ctx=Context(quiet=True),
                  markers=[nii, "c00", "fa", str(tmp / "les_{subject}.nii.gz")])
     assert m["markers"]["extra"] == {"newc": nii, "c00": "c00", "fa": "fa",
                                      "les": str(tmp / "les_{subject}.nii.gz")}
@@ -130,6 +131,6 @@ def test_cli_marker_and_errors(pair):
 def test_missing_transforms_folder(pair):
     tmp, store, pred, _, _ = pair
     with pytest.raises(MRHError, match="marker-transforms"):
-        evaluate(pred, store, "af", str(tmp / "r"), quiet=True,
+        evaluate(pred, store, "af", str(tmp / "r"), ctx=Context(quiet=True),
                  markers=[str(tmp / "newc_{subject}.nii.gz")],
                  marker_transforms=os.path.join(str(tmp), "no_transforms"))

@@ -8,6 +8,7 @@ from helpers import EVAL_SHAPE as SHAPE
 from helpers import write_pair
 
 from mrhscale.errors import MRHError
+from mrhscale.parallel.context import Context
 from mrhscale.stages.evaluate import evaluate
 
 
@@ -28,8 +29,8 @@ def _add_roi(store, pred, ids):
 def test_roi_restricts_roc(tmp_path):
     store, pred, ids = write_pair(tmp_path, noise=0.0)
     _add_roi(store, pred, ids)
-    whole = evaluate(pred, store, "af", str(tmp_path / "a"), quiet=True)
-    inroi = evaluate(pred, store, "af", str(tmp_path / "b"), roi="wm", quiet=True)
+    whole = evaluate(pred, store, "af", str(tmp_path / "a"), ctx=Context(quiet=True))
+    inroi = evaluate(pred, store, "af", str(tmp_path / "b"), roi="wm", ctx=Context(quiet=True))
     assert inroi["roi"] == "wm"
     assert inroi["pooled"]["roc"]["virtual"]["auc"] > 0.99
     assert whole["pooled"]["roc"]["virtual"]["auc"] < inroi["pooled"]["roc"]["virtual"]["auc"] - 0.1
@@ -43,5 +44,5 @@ def test_roi_restricts_roc(tmp_path):
 def test_unknown_roi_is_a_clear_error(tmp_path):
     store, pred, _ = write_pair(tmp_path, noise=0.0)
     with pytest.raises(MRHError, match="--roi nope: not a variable"):
-        evaluate(pred, store, "af", str(tmp_path / "a"), roi="nope", quiet=True)
+        evaluate(pred, store, "af", str(tmp_path / "a"), roi="nope", ctx=Context(quiet=True))
     assert zarr.open_group(store, mode="r").attrs["subjects"]

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from helpers import write_pair
 
 from mrhscale.cli import main
+from mrhscale.parallel.context import Context
 from mrhscale.stages.evaluate import evaluate
 
 
@@ -17,7 +18,7 @@ from mrhscale.stages.evaluate import evaluate
 def result(tmp_path_factory):
     d = tmp_path_factory.mktemp("eu")
     store, pred, ids = write_pair(d, noise=5.0, uncertainty=True)
-    return evaluate(pred, store, "af", str(d / "ev"), quiet=True), store, pred, d
+    return evaluate(pred, store, "af", str(d / "ev"), ctx=Context(quiet=True)), store, pred, d
 
 
 def test_a_true_standard_deviation_ranks_covers_and_flags(result):
@@ -49,7 +50,7 @@ def test_figures_report_and_json(result):
 
 def test_without_an_uncertainty_nothing_changes(tmp_path):
     store, pred, _ = write_pair(tmp_path, noise=5.0)
-    res = evaluate(pred, store, "af", str(tmp_path / "ev"), quiet=True)
+    res = evaluate(pred, store, "af", str(tmp_path / "ev"), ctx=Context(quiet=True))
     assert res.uncertainty is None and "retention.png" not in res.figures
 
 

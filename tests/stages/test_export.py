@@ -180,4 +180,4 @@ def test_cli_export(bundle, onnx_export, tmp_path):
         assert json.load(fh)["sha256"] == sha256_file(str(out))
 
     r = runner.invoke(main, ["export", bundle, "--format", "tflite", "--out", str(tmp_path / "m.tfl")])
-    assert r.exit_code == 2 and "Invalid value for '--format'" in r.output
+    assert r.exit_code == 2 and "--format 'tflite': choose one of onnx, pt2" in r.output

@@ -13,6 +13,7 @@ from helpers import write_file_cohort
 
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
+from mrhscale.parallel.context import Context
 from mrhscale.stages.ingest import ingest
 from mrhscale.stores import list_subjects, open_subject
 
@@ -33,7 +34,7 @@ def _read(path):
 def test_round_trip_plain_xarray(tmp_path, client, fmt):
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt=fmt)
     out = str(tmp_path / "cohort.zarr")
-    res = ingest(man, out, chunks=(4, 4, 5), client=client, quiet=True)
+    res = ingest(man, out, chunks=(4, 4, 5), ctx=Context(client=client, quiet=True))
     assert res["written"] == ["s01", "s02"]
     assert zarr.open_group(out, mode="r").attrs["subjects"] == ["s01", "s02"]
     ds = xr.open_zarr(out, group="s01", consolidated=False)  # plain xarray, no mrhscale
@@ -69,7 +70,7 @@ def test_inverted_mask_and_nans(tmp_path, client):
     fa[1, 0, 0] = np.nan
     nib.save(nib.Nifti1Image(fa, img.affine), str(p))
     out = str(tmp_path / "c.zarr")
-    ingest(man, out, chunks=(4, 4, 4), client=client, quiet=True)
+    ingest(man, out, chunks=(4, 4, 4), ctx=Context(client=client, quiet=True))
     ds = open_subject(out, "s01")
     assert ds.mask.values.sum() == 6 * 4 * 8  # the brain, not the outside
     assert ds.attrs["nonfinite_counts"]["fa"] == 2
@@ -79,7 +80,7 @@ def test_inverted_mask_and_nans(tmp_path, client):
 def test_resume_skips_complete_and_clears_half_written(tmp_path, client):
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     out = str(tmp_path / "c.zarr")
-    ingest(man, out, subjects=["s01"], chunks=(4, 4, 4), client=client, quiet=True)
+    ingest(man, out, subjects=["s01"], chunks=(4, 4, 4), ctx=Context(client=client, quiet=True))
     # a crash mid-way through s02: data present in a dead run's staging, never committed
     import socket
 
@@ -91,7 +92,7 @@ def test_resume_skips_complete_and_clears_half_written(tmp_path, client):
     os.makedirs(live)
     assert list_subjects(out) == ["s01"]
     mtime = os.path.getmtime(os.path.join(out, "s01", "mri", "zarr.json"))
-    res = ingest(man, out, chunks=(4, 4, 4), client=client, quiet=True)
+    res = ingest(man, out, chunks=(4, 4, 4), ctx=Context(client=client, quiet=True))
     assert res["skipped"] == ["s01"] and res["written"] == ["s02"]
     assert os.path.getmtime(os.path.join(out, "s01", "mri", "zarr.json")) == mtime
     assert list_subjects(out) == ["s01", "s02"]
@@ -110,11 +111,11 @@ def test_failure_mid_write_leaves_no_subject(tmp_path, client):
     m = load_manifest(man)
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(MRHError):
-        ingest(m, out, chunks=(4, 4, 4), client=client, quiet=True)
+        ingest(m, out, chunks=(4, 4, 4), ctx=Context(client=client, quiet=True))
     assert "s02" not in list_subjects(out)
     assert not os.path.exists(os.path.join(out, "s02"))
     f.write_bytes(data)
-    res = ingest(man, out, chunks=(4, 4, 4), client=client, quiet=True)
+    res = ingest(man, out, chunks=(4, 4, 4), ctx=Context(client=client, quiet=True))
     assert "s02" in res["written"]
 
 
@@ -168,7 +169,7 @@ def test_bad_input_one_line_exit_2(tmp_path, case, expect):
     elif case == "no_subjects":
         open(man, "w").write("subjects: []\n")
     out = tmp_path / "c.zarr"
-    code, output = _cli(["ingest", man, "--out", str(out), "--quiet", "--workers", "1"])
+    code, output = _cli(["ingest", man, "--out", str(out), "--quiet", "--dask-workers", "1"])
     assert code == 2, output
     lines = [ln for ln in output.strip().splitlines() if ln]
     assert len(lines) == 1 and expect in lines[0], output
@@ -182,7 +183,7 @@ def test_skip_bad_ingests_the_good(tmp_path):
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     os.remove(tmp_path / "files" / "s01" / "af.nii")
     out = tmp_path / "c.zarr"
-    code, output = _cli(["ingest", man, "--out", str(out), "--skip-bad", "--quiet", "--workers", "1", "--chunks", "4,4,4"])
+    code, output = _cli(["ingest", man, "--out", str(out), "--skip-bad", "--quiet", "--dask-workers", "1", "--chunks", "4,4,4"])
     assert code == 0, output
     assert "s01" in output and "file not found" in output
     assert list_subjects(str(out)) == ["s02"]
@@ -203,7 +204,7 @@ def test_out_is_a_file_and_bad_options(tmp_path):
 def test_info_lists_subjects(tmp_path, client):
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     out = str(tmp_path / "c.zarr")
-    ingest(man, out, chunks=(4, 4, 4), client=client, quiet=True)
+    ingest(man, out, chunks=(4, 4, 4), ctx=Context(client=client, quiet=True))
     code, output = _cli(["info", out])
     assert code == 0
     assert "s01" in output and "10x8x12" in output and "mt_on" in output and "af" in output

@@ -13,6 +13,8 @@ from helpers import make_cohort_store
 
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
+from mrhscale.options import PatchOptions
+from mrhscale.parallel.context import Context
 from mrhscale.stages.patches import extract_patches
 
 AXES = ("x", "y", "z")
@@ -109,9 +111,10 @@ def read_split(url, split):
 def test_matches_reference(rich_store, tmp_path, half, stride, axis, slices):
     url, ids = rich_store
     out = str(tmp_path / "p.zarr")
-    s = extract_patches(url, "af", out, half=half, stride=stride, axis=axis, slices=slices,
-                        min_label_sum=30, min_label_nonzero=4, val_fraction=0.25, seed=3,
-                        scheduler="synchronous", quiet=True, chunk_size=37, bucket_bytes=60_000)
+    s = extract_patches(url, "af", out, options=PatchOptions(
+                            half=half, stride=stride, axis=axis, slices=slices, min_label_sum=30,
+                            min_label_nonzero=4, val_fraction=0.25, seed=3, chunk_size=37),
+                        ctx=Context(scheduler="synchronous", quiet=True), bucket_bytes=60_000)
     ref = reference(url, ids, "af", half, stride, axis, slices, 30, 4)
     assert len(ref) > 100
     got = {}
@@ -146,12 +149,12 @@ def test_chunk_edges_and_halo_are_covered(rich_store):
 
 def test_shuffle_is_global_and_deterministic(mid_store, tmp_path):
     url, _ = mid_store
-    kw = dict(stride=1, scheduler="threads", quiet=True, chunk_size=64, bucket_bytes=400_000,
-              min_label_sum=0, min_label_nonzero=0)
+    kw = dict(ctx=Context(scheduler="threads", quiet=True), bucket_bytes=400_000)
+    opts = dict(stride=1, chunk_size=64, min_label_sum=0, min_label_nonzero=0)
     a, b, c = (str(tmp_path / n) for n in ("a.zarr", "b.zarr", "c.zarr"))
-    extract_patches(url, "af", a, seed=1, **kw)
-    extract_patches(url, "af", b, seed=1, **kw)
-    extract_patches(url, "af", c, seed=2, **kw)
+    extract_patches(url, "af", a, options=PatchOptions(seed=1, **opts), **kw)
+    extract_patches(url, "af", b, options=PatchOptions(seed=1, **opts), **kw)
+    extract_patches(url, "af", c, options=PatchOptions(seed=2, **opts), **kw)
     ia, _, oa = read_split(a, "train")
     ib, _, ob = read_split(b, "train")
     _, _, oc = read_split(c, "train")
@@ -173,8 +176,8 @@ def test_shuffle_is_global_and_deterministic(mid_store, tmp_path):
 def test_val_subjects_and_norm_stats(mid_store, tmp_path):
     url, ids = mid_store
     out = str(tmp_path / "p.zarr")
-    s = extract_patches(url, "af", out, stride=1, val_subjects=[ids[1]], scheduler="synchronous",
-                        quiet=True)
+    sync = Context(scheduler="synchronous", quiet=True)
+    s = extract_patches(url, "af", out, options=PatchOptions(stride=1, val_subjects=[ids[1]]), ctx=sync)
     _, _, org_t = read_split(out, "train")
     inp_v, _, org_v = read_split(out, "val")
     assert set(org_t[:, 0]) == {0, 2} and set(org_v[:, 0]) == {1}
@@ -189,8 +192,8 @@ def test_val_subjects_and_norm_stats(mid_store, tmp_path):
     np.testing.assert_allclose(nrm["scale"], hi - lo, rtol=1e-6)
     np.testing.assert_allclose(nrm["target_scale"], np.percentile(lab, 99.5), rtol=1e-6)
     out2 = str(tmp_path / "g.zarr")
-    extract_patches(url, "af", out2, stride=1, val_subjects=[ids[1]], norm="global-max",
-                    dtype="float16", scheduler="synchronous", quiet=True)
+    extract_patches(url, "af", out2, ctx=sync, options=PatchOptions(
+        stride=1, val_subjects=[ids[1]], stats="global-max", dtype="float16"))
     g = zarr.open_group(out2, mode="r")
     assert g["train/inputs"].dtype == np.float16
     n2 = g.attrs["norm"]
@@ -202,18 +205,30 @@ def test_val_subjects_and_norm_stats(mid_store, tmp_path):
 def test_complete_store_reused_protected_and_incomplete_replaced(cohort_store, tmp_path):
     url, _ = cohort_store
     out = str(tmp_path / "p.zarr")
-    kw = dict(scheduler="synchronous", quiet=True, stride=3)
+    kw = dict(ctx=Context(scheduler="synchronous", quiet=True), options=PatchOptions(stride=3))
     first = extract_patches(url, "af", out, **kw)
     stamp = os.path.getmtime(os.path.join(out, "zarr.json"))
     again = extract_patches(url, "af", out, **kw)  # same inputs and options: reused as it is
     assert again["reused"] and again["n_train"] == first["n_train"]
     assert os.path.getmtime(os.path.join(out, "zarr.json")) == stamp
     with pytest.raises(MRHError, match=r"stride: 3 -> 4.*--overwrite"):
-        extract_patches(url, "af", out, **{**kw, "stride": 4})
+        extract_patches(url, "af", out, **{**kw, "options": PatchOptions(stride=4)})
     extract_patches(url, "af", out, overwrite=True, **kw)
     zarr.open_group(out, mode="a").attrs["complete"] = False  # as after a crash
     s = extract_patches(url, "af", out, **kw)
     assert zarr.open_group(out, mode="r").attrs["complete"] is True and s["n_train"] > 0
+
+
+def test_stats_is_recorded_under_its_old_key_so_stores_made_before_are_reused(cohort_store, tmp_path):
+    """PatchOptions.stats was ``norm``: the store's made_by (its fingerprint) keeps that key."""
+    url, _ = cohort_store
+    rec = PatchOptions(stats="global-max").record()
+    assert rec["norm"] == "global-max" and "stats" not in rec
+    out = str(tmp_path / "p.zarr")
+    extract_patches(url, "af", out, ctx=Context(scheduler="synchronous", quiet=True),
+                    options=PatchOptions(stride=3))
+    made = zarr.open_group(out, mode="r").attrs["made_by"]["options"]
+    assert made["norm"] == "percentile" and "stats" not in made
 
 
 def _mismatch(ds, i):
@@ -243,7 +258,8 @@ def test_bad_input_raises_and_writes_nothing(cohort_store, tmp_path, kwargs, mat
     kw = {"target": "af", **kwargs}
     target = kw.pop("target")
     with pytest.raises(MRHError, match=match):
-        extract_patches(url, target, str(out), scheduler="synchronous", quiet=True, **kw)
+        extract_patches(url, target, str(out), ctx=Context(scheduler="synchronous", quiet=True),
+                        options=PatchOptions(**kw))
     assert not out.exists()
 
 
@@ -251,7 +267,8 @@ def test_channel_mismatch(tmp_path):
     url = tmp_path / "c.zarr"
     make_cohort_store(url, n_subjects=2, edit=_mismatch)
     with pytest.raises(MRHError, match="channels"):
-        extract_patches(str(url), "af", str(tmp_path / "p.zarr"), scheduler="synchronous", quiet=True)
+        extract_patches(str(url), "af", str(tmp_path / "p.zarr"),
+                        ctx=Context(scheduler="synchronous", quiet=True))
     assert not (tmp_path / "p.zarr").exists()
 
 
@@ -289,7 +306,7 @@ def test_cli_end_to_end_local_cluster(cohort_store, tmp_path):
     url, ids = cohort_store
     out = tmp_path / "p.zarr"
     res = CliRunner().invoke(main, ["patches", url, "--target", "af", "--out", str(out), "--stride",
-                                    "2", "--val-subjects", ids[0], "--workers", "2", "-q"])
+                                    "2", "--val-subjects", ids[0], "--dask-workers", "2", "-q"])
     assert res.exit_code == 0, res.output
     g = zarr.open_group(str(out), mode="r")
     assert g.attrs["complete"] is True and g.attrs["n_train"] == g["train/inputs"].shape[0] > 0
@@ -304,8 +321,8 @@ def test_cli_info_describes_a_patch_store(mid_store, tmp_path):
     """`mrhscale info` on a patch store: its own summary, not a cohort lookup of the source
     subjects named in its attrs (which crashed with a traceback)."""
     out = str(tmp_path / "p.zarr")
-    summ = extract_patches(mid_store[0], "af", out, stride=2, val_fraction=0.2, min_label_sum=0,
-                           min_label_nonzero=0, scheduler="synchronous", quiet=True)
+    summ = extract_patches(mid_store[0], "af", out, ctx=Context(scheduler="synchronous", quiet=True),
+                           options=PatchOptions(stride=2, val_fraction=0.2, min_label_sum=0, min_label_nonzero=0))
     res = CliRunner().invoke(main, ["info", out])
     assert res.exit_code == 0, res.output
     assert "target: af" in res.output

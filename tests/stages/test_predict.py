@@ -86,7 +86,7 @@ def test_voxels_equal_direct_model_on_their_patch(tmp_path, half, axis):
     bundle_channels = names[::-1][:4]  # reordered subset: selection must go by NAME
     mp = write_model(tmp_path / "m.pt", bundle_channels, half=half, axis=axis)
     model, meta = load_model(mp)
-    pred = subject_prediction(ds, meta, NetworkSpec(mp, batch_size=37)).compute(scheduler="sync")
+    pred = subject_prediction(ds, meta, NetworkSpec(mp, load_model, batch_size=37)).compute(scheduler="sync")
     assert pred.shape == SHAPE and pred.dtype == np.float32
     mri = ds["mri"].values
     cidx = [names.index(c) for c in bundle_channels]
@@ -107,8 +107,8 @@ def test_outside_mask_is_zero_and_mean_aggregate_differs(tmp_path):
     ds = xr.open_zarr(store, group=ids[0], consolidated=False)
     mp = write_model(tmp_path / "m.pt", [str(c) for c in ds.contrast.values])
     model, meta = load_model(mp)
-    centre = subject_prediction(ds, meta, NetworkSpec(mp)).compute(scheduler="sync")
-    mean = subject_prediction(ds, meta, NetworkSpec(mp), aggregate="mean").compute(scheduler="sync")
+    centre = subject_prediction(ds, meta, NetworkSpec(mp, load_model)).compute(scheduler="sync")
+    mean = subject_prediction(ds, meta, NetworkSpec(mp, load_model), aggregate="mean").compute(scheduler="sync")
     mask = ds["mask"].values
     assert np.all(centre[~mask] == 0) and np.all(mean[~mask] == 0)
     assert np.all(centre[mask] != 0)
@@ -147,8 +147,8 @@ def test_patch_building_has_no_per_voxel_python_loop(tmp_path):
 
         sys.setprofile(prof)
         try:
-            job = BlockJob(NetworkSpec(mp, batch_size=10**6), half=1, slice_axis=1, offset=off, inv_scale=inv,
-                           t_offset=0.0, t_scale=1.0)
+            job = BlockJob(NetworkSpec(mp, load_model, batch_size=10**6), half=1, slice_axis=1, offset=off,
+                           inv_scale=inv, t_offset=0.0, t_scale=1.0)
             out = predict_block(mri, mask, job, halo=1)
         finally:
             sys.setprofile(None)
@@ -193,7 +193,7 @@ def test_end_to_end_cluster_nifti_resume_and_model_loaded_once_per_worker(tmp_pa
     for sid in ids:
         src = xr.open_zarr(store, group=sid, consolidated=False)
         got = xr.open_zarr(out, group=sid, consolidated=False)
-        ref = subject_prediction(src, meta, NetworkSpec(mp)).compute(scheduler="sync")
+        ref = subject_prediction(src, meta, NetworkSpec(mp, load_model)).compute(scheduler="sync")
         np.testing.assert_allclose(got["af_virtual"].values, ref, rtol=1e-5, atol=1e-4)
         assert got["af_virtual"].dims == ("x", "y", "z")
         assert got.attrs["affine"] == src.attrs["affine"]
@@ -249,14 +249,14 @@ def test_cli_predict(tmp_path):
                                  "--device", "cuda", "-q"])
         assert r.exit_code == 2 and "CUDA" in r.output
     r = runner.invoke(main, ["predict", good, store, "--out", str(tmp_path / "p.zarr"),
-                             "--nifti", str(tmp_path / "nii"), "--workers", "1",
+                             "--nifti", str(tmp_path / "nii"), "--dask-workers", "1",
                              "--aggregate", "mean", "--batch-size", "100", "-q"])
     assert r.exit_code == 0, r.output
     assert os.path.exists(tmp_path / "nii" / "s01_af_virtual.nii.gz")
     assert zarr.open_group(str(tmp_path / "p.zarr"), mode="r").attrs["aggregate"] == "mean"
     src = xr.open_zarr(store, group="s01", consolidated=False)
     _, meta = load_model(good)
-    ref = subject_prediction(src, meta, NetworkSpec(good), aggregate="mean").compute(scheduler="sync")
+    ref = subject_prediction(src, meta, NetworkSpec(good, load_model), aggregate="mean").compute(scheduler="sync")
     got = xr.open_zarr(str(tmp_path / "p.zarr"), group="s01", consolidated=False)["af_virtual"].values
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
 
@@ -312,7 +312,7 @@ def test_block_layouts_and_gather_backends_agree(tmp_path, monkeypatch, aggregat
     _, meta = load_model(mp)
 
     def run(block_bytes):
-        arr = subject_prediction(ds, meta, NetworkSpec(mp, batch_size=29), aggregate=aggregate,
+        arr = subject_prediction(ds, meta, NetworkSpec(mp, load_model, batch_size=29), aggregate=aggregate,
                                  block_bytes=block_bytes)
         names = {str(k[0] if isinstance(k, tuple) else k) for k in dict(arr.__dask_graph__())}
         return arr.compute(scheduler="sync"), arr.numblocks, any("overlap" in n for n in names)

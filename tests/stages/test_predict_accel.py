@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from mrhscale.options import Numerics, PredictOptions
+from mrhscale.options import Numerics, PatchOptions, PredictOptions
 from mrhscale.parallel.context import Context
 from mrhscale.stages.evaluate import evaluate
 from mrhscale.stages.predict import predict
@@ -26,8 +26,8 @@ def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("guard")
     store = synth_store(d, subjects=3, shape=(32, 20, 40), seed=1)
     patches = str(d / "p.zarr")
-    extract_patches(store, "mbp", patches, stride=1, subjects=["s01", "s02"], val_subjects=["s02"],
-                    scheduler="threads", quiet=True)
+    extract_patches(store, "mbp", patches, subjects=["s01", "s02"], ctx=Context(scheduler="threads", quiet=True),
+                    options=PatchOptions(stride=1, val_subjects=["s02"]))
     run = train(patches, str(d / "run"), recipe="fast", depth=2, width=32, epochs=6, quiet=True)
     return d, store, run["model"]
 
@@ -49,7 +49,7 @@ def test_compiled_bf16_prediction_matches_fp32(trained):
             assert ds.attrs["made_by"]["numerics"] == f"bf16 {'compiled' if compiled == 'on' else 'eager'}"
         else:  # eager fp32 records nothing new in what made it: earlier stores stay current
             assert "numerics" not in ds.attrs["made_by"]
-        ev = evaluate(out, store, "mbp", str(d / f"eval_{name}"), subjects=["s03"], quiet=True)
+        ev = evaluate(out, store, "mbp", str(d / f"eval_{name}"), subjects=["s03"], ctx=Context(quiet=True))
         rs[name] = ev["per_subject"]["s03"]["virtual"]["pearson"]
     assert maps["fp32"].size > 2000
     corr = np.corrcoef(maps["fp32"], maps["bf16"])[0, 1]

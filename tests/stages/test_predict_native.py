@@ -15,13 +15,15 @@ import yaml
 from click.testing import CliRunner
 from scipy import ndimage as ndi
 
+from mrhscale.options import RegistrationOptions
+from mrhscale.parallel.context import Context
+
 pytest.importorskip("ants", reason="needs the optional extra mrhscale[register] (antspyx)")
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 from mrhscale.errors import MRHError  # noqa: E402
 from mrhscale.io.volumes import write_sidecars, write_volume  # noqa: E402
 from mrhscale.options import PredictOptions
-from mrhscale.parallel.context import Context
 
 SHAPE = (28, 22, 34)
 NSHAPE = (30, 26, 32)  # the moving subject's native grid differs from the reference grid
@@ -124,15 +126,16 @@ def cohort(tmp_path_factory):
     with open(manifest, "w") as fh:
         yaml.safe_dump({"subjects": entries}, fh)
     reg = str(root / "reg")
-    res = register_cohort(manifest, "s01", reg, transform="affine", contrast="fa", preset="fast",
-                          workers=1, quiet=True)
+    res = register_cohort(manifest, "s01", reg,
+                          options=RegistrationOptions(transform="affine", contrast="fa", fast=True),
+                          ctx=Context(dask_workers=1, quiet=True))
     assert res["registered"] == ["s01", "s02"], res["failed"]
     store, native_store = str(root / "cohort.zarr"), str(root / "native.zarr")
     from mrhscale.parallel.cluster import dask_client
 
     with dask_client(workers=1, quiet=True) as client:
-        ingest(res["manifest"], store, client=client, quiet=True, checksums=False)
-        ingest(manifest, native_store, client=client, quiet=True, checksums=False)
+        ingest(res["manifest"], store, ctx=Context(client=client, quiet=True), checksums=False)
+        ingest(manifest, native_store, ctx=Context(client=client, quiet=True), checksums=False)
     from mrhscale.stores import open_subject
 
     channels = [str(c) for c in open_subject(store, "s01").contrast.values]
@@ -189,14 +192,14 @@ def test_to_native_dir_resume_and_errors(cohort, tmp_path):
     assert not os.path.exists(out)  # errors come before any work
     # CLI: explicit DIR, one subject
     r = CliRunner().invoke(main, ["predict", c["model"], c["store"], "--out", out, "--nifti", nii,
-                                  "--subjects", "s02", "--to-native", c["reg"], "--workers", "1", "-q"])
+                                  "--subjects", "s02", "--to-native", c["reg"], "--dask-workers", "1", "-q"])
     assert r.exit_code == 0, r.output
     p = os.path.join(nii, "s02_af_virtual_native.nii.gz")
     assert os.path.exists(p)
     # resume: the subject is skipped, a missing native file is written again; bare flag form
     os.remove(p)
     r = CliRunner().invoke(main, ["predict", c["model"], c["store"], "--out", out, "--nifti", nii,
-                                  "--subjects", "s02", "--to-native", "--workers", "1", "-q"])
+                                  "--subjects", "s02", "--to-native", "--dask-workers", "1", "-q"])
     assert r.exit_code == 0, r.output
     assert "already predicted, skipped: s02" in r.output and os.path.exists(p)
     r = CliRunner().invoke(main, ["predict", c["model"], c["store"], "--out", out, "--to-native", "-q"])

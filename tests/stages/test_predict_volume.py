@@ -22,7 +22,7 @@ def predicted(tmp_path_factory):
     root = tmp_path_factory.mktemp("pv")
     man = write_file_cohort(root / "files", n_subjects=1)
     cohort, pred = str(root / "cohort.zarr"), str(root / "pred.zarr")
-    mrhscale.ingest(man, cohort, scheduler="synchronous", quiet=True)
+    mrhscale.ingest(man, cohort, ctx=Context(scheduler="synchronous", quiet=True))
     model = write_model(root / "m.pt", CHANNELS, half=2)
     mrhscale.predict(model, cohort, pred, ctx=Context(scheduler="synchronous", quiet=True))
     want = mrhscale.PredictionStore.open(pred).open_subject("s01")["af_virtual"].load()

@@ -24,6 +24,8 @@ needs_ants = pytest.mark.skipif(importlib.util.find_spec("ants") is None,
 from mrhscale.cli import main  # noqa: E402
 from mrhscale.errors import MRHError  # noqa: E402
 from mrhscale.io.volumes import open_volume, read_sidecars, write_sidecars, write_volume  # noqa: E402
+from mrhscale.options import RegistrationOptions  # noqa: E402
+from mrhscale.parallel.context import Context  # noqa: E402
 
 SHAPE = (32, 24, 40)
 VOX = 0.1
@@ -133,8 +135,9 @@ def registered(tmp_path_factory):
     root = tmp_path_factory.mktemp("reg")
     manifest, ref = make_cohort(str(root / "files"))
     out = str(root / "out")
-    res = register_cohort(manifest, "s01", out, transform="affine", contrast="fa", preset="fast",
-                          workers=2, quiet=True)
+    res = register_cohort(manifest, "s01", out,
+                          options=RegistrationOptions(transform="affine", contrast="fa", fast=True),
+                          ctx=Context(dask_workers=2, quiet=True))
     return manifest, ref, out, res
 
 
@@ -171,7 +174,7 @@ def test_output_manifest_ingests_as_is(registered, tmp_path):
     man = yaml.safe_load(open(res["manifest"]))
     assert [s["id"] for s in man["subjects"]] == ["s01", "s02", "s03"]
     store = str(tmp_path / "cohort.zarr")
-    r = ingest(res["manifest"], store, workers=1, quiet=True, checksums=False)
+    r = ingest(res["manifest"], store, ctx=Context(dask_workers=1, quiet=True), checksums=False)
     assert r["written"] == ["s01", "s02", "s03"]
     ds = open_subject(store, "s02")
     assert ds["mri"].shape == (*SHAPE, 8) and "af" in ds
@@ -272,14 +275,29 @@ def test_rerun_skips_complete_subjects(registered):
 
     manifest, _, out, _ = registered
     mtime = os.path.getmtime(os.path.join(out, "s02", "mask.nii"))
-    res = register_cohort(manifest, "s01", out, transform="affine", contrast="fa", preset="fast",
-                          workers=1, quiet=True)
+    res = register_cohort(manifest, "s01", out,
+                          options=RegistrationOptions(transform="affine", contrast="fa", fast=True),
+                          ctx=Context(dask_workers=1, quiet=True))
     assert res["skipped"] == ["s01", "s02", "s03"] and not res["registered"]
     assert os.path.getmtime(os.path.join(out, "s02", "mask.nii")) == mtime
     with pytest.raises(MRHError, match="other parameters"):
-        register_cohort(manifest, "s01", out, transform="rigid", contrast="fa", preset="fast",
-                        workers=1, quiet=True)
+        register_cohort(manifest, "s01", out,
+                        options=RegistrationOptions(transform="rigid", contrast="fa", fast=True),
+                        ctx=Context(dask_workers=1, quiet=True))
     assert not os.path.exists(os.path.join(out, "_staging"))
+
+
+@needs_ants
+def test_a_local_scheduler_registers_in_this_process(registered, tmp_path):
+    """The same run without a cluster (a local Dask scheduler): no scatter, no worker."""
+    from mrhscale.stages.register import register_cohort
+
+    manifest, _, _, _ = registered
+    res = register_cohort(manifest, "s01", str(tmp_path / "o"), subjects=["s01", "s02"],
+                          options=RegistrationOptions(transform="rigid", fast=True),
+                          ctx=Context(scheduler="synchronous", quiet=True))
+    assert res.registered == ["s01", "s02"] and not res.failed
+    assert res.metrics["s02"]["r_after"] > res.metrics["s02"]["r_before"]
 
 
 @needs_ants
@@ -309,8 +327,9 @@ def test_template_reference_syn_and_failure_reported(tmp_path):
     with open(f"{root}/cohort.yaml", "w") as fh:
         yaml.safe_dump({"subjects": entries}, fh)
     out = str(tmp_path / "out")
-    res = register_cohort(f"{root}/cohort.yaml", template, out, transform="syn", preset="fast",
-                          workers=2, quiet=True)
+    res = register_cohort(f"{root}/cohort.yaml", template, out,
+                          options=RegistrationOptions(transform="syn", fast=True),
+                          ctx=Context(dask_workers=2, quiet=True))
     assert res["registered"] == ["s01"]
     assert "s02" in res["failed"] and "did not converge" in res["failed"]["s02"]
     assert "|Pearson r|" in res["failed"]["s02"] and res["metrics"]["s02"]["r_after"] < 0.4
@@ -348,7 +367,7 @@ def test_register_histology_cross_modal(tmp_path):
     stain = str(tmp_path / "nissl.nii.gz")
     write_volume(stain, moved(truth, q, shift), AFFINE)
     res = register_histology(stain, "s01", str(tmp_path / "nissl_on_mri.nii.gz"),
-                             manifest=f"{root}/cohort.yaml", transform="rigid", preset="fast")
+                             manifest=f"{root}/cohort.yaml", options=RegistrationOptions(transform="rigid", fast=True))
     out = read(res["out"])
     m = ndi.binary_erosion(ref["mask"] > 0.5, iterations=1)
     assert corr(truth, out, m) > 0.9 > corr(truth, moved(truth, q, shift), m) + 0.1
@@ -372,7 +391,7 @@ def test_cli_register_and_bad_inputs(registered, tmp_path):
     runner = CliRunner()
     out = str(tmp_path / "out")
     r = runner.invoke(main, ["register", manifest, "--reference", "s01", "--out", out, "--transform",
-                             "rigid", "--fast", "--subjects", "s01,s02", "--workers", "1", "-q",
+                             "rigid", "--fast", "--subjects", "s01,s02", "--dask-workers", "1", "-q",
                              "--compress", "--contrast", "dwi_0"])  # a b0 drives it
     assert r.exit_code == 0, r.output
     assert "registered 2 subject(s)" in r.output and os.path.exists(f"{out}/cohort.yaml")
@@ -401,14 +420,15 @@ def test_cli_no_overlap_exit_2(registered, tmp_path):
     write_volume(template, ref["fa"], far)
     r = CliRunner().invoke(main, ["register", manifest, "--reference", template, "--out",
                                   str(tmp_path / "o"), "--init", "header", "--fast", "--transform",
-                                  "rigid", "--subjects", "s02", "--workers", "1", "-q"])
+                                  "rigid", "--subjects", "s02", "--dask-workers", "1", "-q"])
     assert r.exit_code == 2, r.output
     assert "no overlap" in r.output and "s02" in r.output and "Traceback" not in r.output
     # the default (centres of mass aligned first) copes with such headers
     from mrhscale.stages.register import register_cohort
 
-    res = register_cohort(manifest, template, str(tmp_path / "o3"), transform="rigid", preset="fast",
-                          subjects=["s02"], workers=1, quiet=True)
+    res = register_cohort(manifest, template, str(tmp_path / "o3"),
+                          options=RegistrationOptions(transform="rigid", fast=True),
+                          subjects=["s02"], ctx=Context(dask_workers=1, quiet=True))
     assert res["registered"] == ["s02"] and res["metrics"]["s02"]["r_after"] > 0.9
     assert np.allclose(open_volume(str(tmp_path / "o3" / "s02" / "fa.nii")).affine, far)
 

@@ -12,12 +12,13 @@ from helpers import channel_names, make_cohort_store, subject_dataset
 
 from mrhscale.cli import main
 from mrhscale.ops.norm import Normalisation, subject_normalisation
+from mrhscale.options import PatchOptions
 from mrhscale.parallel.context import Context
 from mrhscale.stages.patches import extract_patches
 from mrhscale.stages.predict import predict
 from mrhscale.stages.predict_graph import subject_arrays
 from mrhscale.stores import CohortStore
-from mrhscale.training.stream import PatchStream
+from mrhscale.training.stream import PatchStream, StreamOptions
 
 GAINS = np.array([0.6, 1.4, 0.9, 2.0, 1.2], np.float32)
 SHAPE = (12, 10, 14)
@@ -38,8 +39,8 @@ def cohort(tmp_path_factory):
     store = str(d / "c.zarr")
     make_cohort_store(store, edit=_gained)
     patches = str(d / "p.zarr")
-    extract_patches(store, "af", patches, scheduler="synchronous", quiet=True, stride=1, min_label_sum=0,
-                    min_label_nonzero=0, val_subjects=["s03"])
+    extract_patches(store, "af", patches, ctx=Context(scheduler="synchronous", quiet=True),
+                    options=PatchOptions(stride=1, min_label_sum=0, min_label_nonzero=0, val_subjects=["s03"]))
     return d, store, patches
 
 
@@ -65,10 +66,12 @@ def test_stream_normalises_each_row_by_its_own_subject(cohort, dtype, tmp_path):
     _, store, patches = cohort
     if dtype == "float16":
         patches = str(tmp_path / "p16.zarr")
-        extract_patches(store, "af", patches, scheduler="synchronous", quiet=True, stride=1, min_label_sum=0,
-                        min_label_nonzero=0, val_subjects=["s03"], dtype="float16")
+        extract_patches(store, "af", patches, ctx=Context(scheduler="synchronous", quiet=True),
+                        options=PatchOptions(stride=1, min_label_sum=0, min_label_nonzero=0, val_subjects=["s03"],
+                                             dtype="float16"))
     rec = Normalisation.subject_mode("subject-percentile", 5, 0.0, 1.0)
-    s = PatchStream(patches, batch_size=64, shuffle=False, drop_last=False, norm=rec, with_origin=True)
+    s = PatchStream(patches, batch_size=64, shuffle=False, drop_last=False, norm=rec,
+                    options=StreamOptions(with_origin=True))
     x, _, origin = (np.concatenate([b[k].numpy() for b in s]) for k in range(3))
     root = zarr.open_group(patches, mode="r")
     raw, stats = root["train/inputs"][:].astype(np.float32), root.attrs["subject_norm"]

@@ -10,6 +10,7 @@ import pytest
 from helpers import make_cohort_store, make_patch_store, tree, write_file_cohort
 
 from mrhscale.errors import MRHError
+from mrhscale.options import EvaluateOptions, PatchOptions
 from mrhscale.parallel.context import Context
 
 
@@ -102,7 +103,7 @@ class TestCohortStore(Contract):
 
         man = env["manifest"] if not variant else write_file_cohort(
             os.path.dirname(out) + "/files2", n_subjects=1, fmt="nii", seed=5)  # other files, same ids
-        return ingest(man, out, client=env["client"], chunks=(4, 4, 4), quiet=True)
+        return ingest(man, out, ctx=Context(client=env["client"], quiet=True), chunks=(4, 4, 4))
 
     def fail(self, env, out):
         from mrhscale.stages.ingest import ingest
@@ -112,7 +113,7 @@ class TestCohortStore(Contract):
         f = os.path.join(d, "s01", "dwi.nii")
         data = open(f, "rb").read()
         open(f, "wb").write(data[: len(data) // 2])
-        return ingest(man, out, client=env["client"], chunks=(4, 4, 4), quiet=True, overwrite=True)
+        return ingest(man, out, ctx=Context(client=env["client"], quiet=True), chunks=(4, 4, 4), overwrite=True)
 
 
 class TestPatchStore(Contract):
@@ -121,13 +122,14 @@ class TestPatchStore(Contract):
     def make(self, env, out, variant=0):
         from mrhscale.stages.patches import extract_patches
 
-        return extract_patches(env["cohort"], "af", out, scheduler="synchronous", quiet=True, stride=2 + variant)
+        return extract_patches(env["cohort"], "af", out, ctx=Context(scheduler="synchronous", quiet=True),
+                               options=PatchOptions(stride=2 + variant))
 
     def fail(self, env, out):
         from mrhscale.stages.patches import extract_patches
 
-        return extract_patches(env["cohort"], "af", out, scheduler="synchronous", quiet=True, stride=2,
-                               overwrite=True, min_label_sum=1e12)
+        return extract_patches(env["cohort"], "af", out, ctx=Context(scheduler="synchronous", quiet=True),
+                               options=PatchOptions(stride=2, min_label_sum=1e12), overwrite=True)
 
 
 class TestPredictionStore(Contract):
@@ -171,12 +173,13 @@ class TestEvaluationFolder(Contract):
     def make(self, env, out, variant=0):
         from mrhscale.stages.evaluate import evaluate
 
-        return evaluate(env["pred"], env["cohort"], "af", out, quiet=True, seed=variant)
+        return evaluate(env["pred"], env["cohort"], "af", out, ctx=Context(quiet=True),
+                        options=EvaluateOptions(seed=variant))
 
     def fail(self, env, out):
         from mrhscale.stages.evaluate import evaluate
 
-        return evaluate(env["pred"], env["cohort"], "af", out, quiet=True, label="nope")
+        return evaluate(env["pred"], env["cohort"], "af", out, ctx=Context(quiet=True), label="nope")
 
 
 class TestImportanceFolder(Contract):

@@ -61,7 +61,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "c.zarr"
-    r = run("ingest", files, "--out", out, "--workers", "1", "--chunks", "4,4,4", "-q")
+    r = run("ingest", files, "--out", out, "--dask-workers", "1", "--chunks", "4,4,4", "-q")
     assert r.returncode == 0, r.stderr
     return content(out)
 
@@ -70,10 +70,10 @@ def reference(files, tmp_path_factory):
                                    "subject:before-marker"])
 def test_ingest_killed_then_rerun_equals_uninterrupted(files, reference, tmp_path, point):
     out = tmp_path / "c.zarr"
-    r = run("ingest", files, "--out", out, "--workers", "1", "--chunks", "4,4,4", "-q", kill_at=point)
+    r = run("ingest", files, "--out", out, "--dask-workers", "1", "--chunks", "4,4,4", "-q", kill_at=point)
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert CohortStore(out).subjects() == []  # nothing half-written looks whole
-    r = run("ingest", files, "--out", out, "--workers", "1", "--chunks", "4,4,4", "-q")
+    r = run("ingest", files, "--out", out, "--dask-workers", "1", "--chunks", "4,4,4", "-q")
     assert r.returncode == 0, r.stderr
     assert_same(content(out), reference)
 
@@ -85,13 +85,13 @@ def test_ingest_killed_at_a_random_moment_then_rerun_equals_uninterrupted(files,
     delay = float(np.random.default_rng(seed).uniform(1.5, 6.0))
     out = tmp_path / "c.zarr"
     p = subprocess.Popen([sys.executable, "-m", "mrhscale", "ingest", str(files), "--out", str(out),
-                          "--workers", "1", "--chunks", "4,4,4", "-q"], start_new_session=True,
+                          "--dask-workers", "1", "--chunks", "4,4,4", "-q"], start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(delay)
     if p.poll() is None:
         os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    r = run("ingest", files, "--out", out, "--workers", "1", "--chunks", "4,4,4", "-q")
+    r = run("ingest", files, "--out", out, "--dask-workers", "1", "--chunks", "4,4,4", "-q")
     assert r.returncode == 0, r.stderr
     assert_same(content(out), reference)
 
@@ -157,11 +157,11 @@ def test_predict_killed_then_rerun_equals_uninterrupted(cohort, tmp_path):
     ch = CohortStore(cohort).open_subject("s01").contrast.values.tolist()
     model = write_model(str(tmp_path / "m.pt"), ch)
     ref, out = tmp_path / "ref.zarr", tmp_path / "pred.zarr"
-    assert run("predict", model, cohort, "--out", ref, "--workers", "1", "-q").returncode == 0
-    r = run("predict", model, cohort, "--out", out, "--workers", "1", "-q", kill_at="subject:before-marker")
+    assert run("predict", model, cohort, "--out", ref, "--dask-workers", "1", "-q").returncode == 0
+    r = run("predict", model, cohort, "--out", out, "--dask-workers", "1", "-q", kill_at="subject:before-marker")
     assert r.returncode == -signal.SIGKILL
     assert PredictionStore(out).subjects() == []
-    assert run("predict", model, cohort, "--out", out, "--workers", "1", "-q").returncode == 0
+    assert run("predict", model, cohort, "--out", out, "--dask-workers", "1", "-q").returncode == 0
     assert_same(content(out), content(ref))
 
 
@@ -170,7 +170,7 @@ def test_concurrent_ingests_into_one_store_lose_no_subject(tmp_path):
     man = write_file_cohort(tmp_path / "files", n_subjects=4, fmt="nii")
     out = tmp_path / "c.zarr"
     procs = [subprocess.Popen([sys.executable, "-m", "mrhscale", "ingest", man, "--out", str(out),
-                               "--subjects", f"s0{i}", "--workers", "1", "--chunks", "4,4,4", "-q"],
+                               "--subjects", f"s0{i}", "--dask-workers", "1", "--chunks", "4,4,4", "-q"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(1, 5)]
     for p in procs:

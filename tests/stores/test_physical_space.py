@@ -70,7 +70,7 @@ def _source_with_codes(root):
 def stores(tmp_path):
     man, qform = _source_with_codes(tmp_path / "files")
     cohort = str(tmp_path / "cohort.zarr")
-    ingest(man, cohort, scheduler="synchronous", quiet=True)
+    ingest(man, cohort, ctx=Context(scheduler="synchronous", quiet=True))
     model = write_model(tmp_path / "m.pt", ["dwi_0", "dwi_1", "dwi_2", "dwi_3", "dwi_4", "t2", "mt_off", "mt_on"])
     pred = str(tmp_path / "pred.zarr")
     predict(model, cohort, pred, nifti_dir=str(tmp_path / "nifti"),

@@ -8,9 +8,10 @@ import xarray as xr
 import zarr
 from helpers import write_file_cohort
 
-from mrhscale.options import PredictOptions
+from mrhscale.options import PatchOptions, PredictOptions
 from mrhscale.parallel.context import Context
 from mrhscale.stores import list_subjects, open_subject
+from mrhscale.training.stream import StreamOptions
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed (pip install 'moto[server]')")
 pytest.importorskip("s3fs", reason="s3fs not installed (pip install 'mrhscale[s3]')")
@@ -46,7 +47,7 @@ def test_ingest_to_s3_and_read_back(tmp_path, s3):
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     url = "s3://mrh/cohort.zarr"
     with dask_client(workers=2, quiet=True) as client:
-        res = ingest(man, url, chunks=(4, 4, 4), client=client, quiet=True, storage_options=s3)
+        res = ingest(man, url, chunks=(4, 4, 4), ctx=Context(client=client, quiet=True, storage_options=s3))
     assert res["written"] == ["s01", "s02"]
     assert list_subjects(url, storage_options=s3) == ["s01", "s02"]
     ds = open_subject(url, "s01", storage_options=s3)
@@ -62,7 +63,7 @@ def _stream_all(url, split="train", storage_options=None):
     from mrhscale.training.stream import PatchStream
 
     s = PatchStream(url, split=split, batch_size=16, shuffle=False, drop_last=False,
-                    storage_options=storage_options, with_origin=True)
+                    ctx=Context(storage_options=storage_options), options=StreamOptions(with_origin=True))
     parts = list(s)
     if not parts:
         return None
@@ -90,15 +91,15 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
     base = "s3://mrh/e2e"
     cohort, patches, pred = f"{base}/cohort.zarr", f"{base}/patches.zarr", f"{base}/pred.zarr"
     loc = {k: str(tmp_path / f"{k}.zarr") for k in ("cohort", "patches", "pred")}
-    kw = dict(target="af", half=1, stride=2, min_label_sum=1, min_label_nonzero=1, val_fraction=0.25,
-              seed=3, quiet=True)
+    kw = dict(target="af", options=PatchOptions(half=1, stride=2, min_label_sum=1, min_label_nonzero=1,
+                                                val_fraction=0.25, seed=3))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
             Client(cl) as client:
         for url, so in ((cohort, s3), (loc["cohort"], None)):
-            ingest(man, url, chunks=(4, 4, 4), client=client, quiet=True, storage_options=so)
+            ingest(man, url, chunks=(4, 4, 4), ctx=Context(client=client, quiet=True, storage_options=so))
         # patches: s3 -> s3 (staging on s3 too) and local -> local
-        s_res = extract_patches(cohort, out_url=patches, storage_options=s3, **kw)
-        l_res = extract_patches(loc["cohort"], out_url=loc["patches"], **kw)
+        s_res = extract_patches(cohort, out_url=patches, ctx=Context(storage_options=s3, quiet=True), **kw)
+        l_res = extract_patches(loc["cohort"], out_url=loc["patches"], ctx=Context(quiet=True), **kw)
         assert (s_res["n_train"], s_res["n_val"]) == (l_res["n_train"], l_res["n_val"])
         assert s_res["n_train"] > 50 and s_res["n_val"] > 0
         fs = s3fs.S3FileSystem(**s3)
@@ -132,7 +133,7 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
         assert np.abs(got["af_virtual"].values).sum() > 0
         assert os.path.exists(tmp_path / "nii" / f"{sid}_af_virtual.nii.gz")
     assert zarr.open_group(pred, mode="r", storage_options=s3).attrs["subjects"] == ["s01", "s02"]
-    m = evaluate(pred, cohort, "af", str(tmp_path / "eval"), quiet=True, storage_options=s3)
+    m = evaluate(pred, cohort, "af", str(tmp_path / "eval"), ctx=Context(quiet=True, storage_options=s3))
     assert np.isfinite(m["pooled"]["virtual"]["pearson"])
     assert "s01" in describe_store(pred, storage_options=s3)
     imp = importance(model, patches, str(tmp_path / "imp"), split="val", repeats=1, max_patches=64,
@@ -151,7 +152,7 @@ def test_cli_storage_options(tmp_path, s3):
 
     man = write_file_cohort(tmp_path / "files", n_subjects=1, fmt="nii")
     url = "s3://mrh/cli/cohort.zarr"
-    r = CliRunner().invoke(main, ["ingest", man, "--out", url, "--chunks", "4,4,4", "--workers", "1",
+    r = CliRunner().invoke(main, ["ingest", man, "--out", url, "--chunks", "4,4,4", "--dask-workers", "1",
                                   "-q", "--storage-options", json.dumps(s3)])
     assert r.exit_code == 0, r.output
     assert list_subjects(url, storage_options=s3) == ["s01"]
@@ -184,7 +185,7 @@ def test_concurrent_ingests_into_one_s3_store(tmp_path, s3):
     url = "s3://mrh/conc/cohort.zarr"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
     procs = [subprocess.Popen([sys.executable, "-m", "mrhscale", "ingest", man, "--out", url, "--subjects", sid,
-                               "--workers", "1", "--chunks", "4,4,4", "-q", "--storage-options", json.dumps(s3)],
+                               "--dask-workers", "1", "--chunks", "4,4,4", "-q", "--storage-options", json.dumps(s3)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for sid in ("s01", "s02", "s03")]
     for p in procs:
@@ -210,14 +211,14 @@ def test_s3_outputs_follow_the_store_rules(tmp_path, s3):
     fs.pipe("mrh/user/results/notes.txt", b"mine")
     local = tmp_path / "c.zarr"
     make_cohort_store(local)
-    kw = dict(scheduler="synchronous", quiet=True, stride=2, storage_options=s3)
+    kw = dict(ctx=Context(scheduler="synchronous", quiet=True, storage_options=s3), options=PatchOptions(stride=2))
     with pytest.raises(MRHError, match="not made by mrhscale"):
         extract_patches(str(local), "af", "s3://mrh/user/results", **kw)
     fs.invalidate_cache()
     assert fs.cat("mrh/user/results/notes.txt") == b"mine"
     out = "s3://mrh/rules/p.zarr"
     extract_patches(str(local), "af", out, **kw)
-    extract_patches(str(local), "af", out, **{**kw, "stride": 3}, overwrite=True)
+    extract_patches(str(local), "af", out, **{**kw, "options": PatchOptions(stride=3)}, overwrite=True)
     assert PatchStore.open(out, s3).attrs["rules"]["stride"] == 3
     fs.invalidate_cache()
     assert not [p for p in fs.ls("mrh/rules") if "mrhscale-" in p]

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
+from mrhscale.options import SynthVariation
 from mrhscale.synth.phantom import make_cohort, make_subject
 from mrhscale.synth.scanner import Scanner
 
@@ -68,9 +69,9 @@ def test_each_knob_does_what_it_says():
 
 
 def test_cohort_varies_only_the_subjects_asked(tmp_path):
-    make_cohort(str(tmp_path / "plain"), subjects=2, shape=SMALL, seed=1, quiet=True)
-    varied = make_cohort(str(tmp_path / "varied"), subjects=2, shape=SMALL, seed=1, quiet=True,
-                         scanner_variation=["s02"])
+    make_cohort(str(tmp_path / "plain"), n_subjects=2, shape=SMALL, seed=1, quiet=True)
+    varied = make_cohort(str(tmp_path / "varied"), n_subjects=2, shape=SMALL, seed=1, quiet=True,
+                         variation=SynthVariation(scanner_variation=["s02"]))
     doc = yaml.safe_load(open(varied))
     assert doc["synth"]["scanner_variation"] == ["s02"]
     notes = {s["id"]: s["notes"] for s in doc["subjects"]}
@@ -83,7 +84,8 @@ def test_cohort_varies_only_the_subjects_asked(tmp_path):
     assert not np.array_equal(data("plain", "s02", "t2MTONOFF"), data("varied", "s02", "t2MTONOFF"))
     assert np.array_equal(data("plain", "s02", "mbp"), data("varied", "s02", "mbp"))
     with pytest.raises(MRHError, match="--scanner-variation: no subject s09"):
-        make_cohort(str(tmp_path / "bad"), subjects=2, shape=SMALL, quiet=True, scanner_variation=["s09"])
+        make_cohort(str(tmp_path / "bad"), n_subjects=2, shape=SMALL, quiet=True,
+                    variation=SynthVariation(scanner_variation=["s09"]))
 
 
 def test_cli_scanner_variation(tmp_path):

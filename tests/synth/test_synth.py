@@ -15,6 +15,7 @@ from scipy import ndimage
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.io.volumes import read_sidecars
+from mrhscale.options import SynthVariation
 from mrhscale.synth.phantom import (
     DEFAULT_SHAPE,
     _subject_seed,
@@ -34,7 +35,7 @@ def subj():
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "cohort"
-    return make_cohort(out, subjects=2, shape=SMALL, seed=7, quiet=True)
+    return make_cohort(out, n_subjects=2, shape=SMALL, seed=7, quiet=True)
 
 
 def _flat(d: dict, prefix=""):
@@ -224,8 +225,8 @@ def test_cohort_files_equal_in_memory_subject(cohort):
 
 def test_analyze_inverted_mask_and_overwrite(tmp_path):
     out = tmp_path / "ana"
-    path = make_cohort(out, subjects=1, shape=(16, 12, 20), fmt="analyze", inverted_mask=True,
-                       lesions=False, targets=("af",), quiet=True)
+    path = make_cohort(out, n_subjects=1, shape=(16, 12, 20), fmt="analyze", inverted_mask=True,
+                       variation=SynthVariation(lesions=False), targets=("af",), quiet=True)
     doc = yaml.safe_load(open(path))
     s1 = doc["subjects"][0]
     assert s1["mri"]["dwi2000"] == "s01/dwi2000.hdr" and s1["mask"]["inverted"] is True
@@ -236,13 +237,13 @@ def test_analyze_inverted_mask_and_overwrite(tmp_path):
     assert mask[0, 0, 0] == 1 and (af[mask == 1] == 0).all() and (af[mask == 0] > 0).mean() > 0.9
     assert not np.asanyarray(nib.load(str(out / "s01" / "lesion.hdr")).dataobj).any()
     with pytest.raises(MRHError, match="overwrite"):
-        make_cohort(out, subjects=1, shape=(16, 12, 20), quiet=True)
-    path2 = make_cohort(out, subjects=1, shape=(16, 12, 20), fmt="nii", overwrite=True, quiet=True)
+        make_cohort(out, n_subjects=1, shape=(16, 12, 20), quiet=True)
+    path2 = make_cohort(out, n_subjects=1, shape=(16, 12, 20), fmt="nii", overwrite=True, quiet=True)
     assert yaml.safe_load(open(path2))["subjects"][0]["fa"] == "s01/fa.nii"
 
 
 @pytest.mark.parametrize("kw", [
-    {"subjects": 0}, {"shape": (4, 8, 8)}, {"shape": (8, 8)}, {"fmt": "mgz"},
+    {"n_subjects": 0}, {"shape": (4, 8, 8)}, {"shape": (8, 8)}, {"fmt": "mgz"},
     {"targets": ("af", "nissl")},
 ])
 def test_library_bad_inputs(tmp_path, kw):
@@ -252,7 +253,7 @@ def test_library_bad_inputs(tmp_path, kw):
 
 def test_cli_synth(tmp_path):
     out = tmp_path / "c"
-    r = CliRunner().invoke(main, ["synth", str(out), "--subjects", "1", "--shape", "16,12,20",
+    r = CliRunner().invoke(main, ["synth", str(out), "--n-subjects", "1", "--shape", "16,12,20",
                                   "--seed", "2", "--format", "nii", "--quiet"])
     assert r.exit_code == 0, r.output
     assert r.output.strip() == str(out / "cohort.yaml")
@@ -275,7 +276,7 @@ def test_cli_bad_inputs(tmp_path, args):
         out.write_text("x")
         args = []
     elif args == "EXISTING":
-        make_cohort(out, subjects=1, shape=(8, 8, 8), quiet=True)
+        make_cohort(out, n_subjects=1, shape=(8, 8, 8), quiet=True)
         args = []
     r = CliRunner().invoke(main, ["synth", str(out), "--shape", "8,8,8", "-q", *args])
     assert r.exit_code == 2, r.output
@@ -290,7 +291,7 @@ def test_cli_bad_inputs(tmp_path, args):
 @pytest.mark.slow
 def test_full_size_grid(tmp_path):
     """The real data's grid works (one subject, uncompressed NIfTI)."""
-    path = make_cohort(tmp_path / "full", subjects=1, shape=(200, 128, 280), fmt="nii",
+    path = make_cohort(tmp_path / "full", n_subjects=1, shape=(200, 128, 280), fmt="nii",
                        quiet=True)
     img = nib.load(os.path.join(os.path.dirname(path), "s01", "dwi2000.nii"))
     assert img.shape == (200, 128, 280, 34) and np.allclose(img.header.get_zooms()[:3], 0.06)

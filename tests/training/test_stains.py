@@ -14,6 +14,7 @@ from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import load_model, read_bundle, save_bundle
 from mrhscale.nn.model import MRHNet
+from mrhscale.options import PatchOptions
 from mrhscale.parallel.context import Context
 from mrhscale.stages.patches import extract_patches
 from mrhscale.stores import PatchStore
@@ -22,7 +23,7 @@ from mrhscale.training.optim import loss_function
 
 SYNC = Context(scheduler="synchronous", quiet=True)
 
-KW = dict(scheduler="synchronous", quiet=True, stride=2, val_subjects=["s02"])
+KW = dict(ctx=Context(scheduler="synchronous", quiet=True), options=PatchOptions(stride=2, val_subjects=["s02"]))
 TRAIN = dict(epochs=3, depth=1, width=8, batch_size=64, quiet=True, lr=3e-3, recipe="fast", norm="global")
 
 
@@ -163,7 +164,7 @@ def test_evaluate_and_importance_per_stain(cohort, joint, tmp_path):
     _, store, stores = cohort
     pred = str(tmp_path / "p.zarr")
     predict(joint.model, store, pred, subjects=["s01", "s02"], ctx=SYNC)
-    ev = {t: evaluate(pred, store, t, str(tmp_path / f"ev-{t}"), subjects=["s02"], quiet=True)
+    ev = {t: evaluate(pred, store, t, str(tmp_path / f"ev-{t}"), subjects=["s02"], ctx=Context(quiet=True))
           for t in ("af", "mbp")}
     assert ev["af"].pooled["virtual"]["pearson"] != ev["mbp"].pooled["virtual"]["pearson"]
     r = CliRunner().invoke(main, ["evaluate", pred, store, "--target", "nf", "--out",

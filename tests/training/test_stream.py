@@ -10,8 +10,10 @@ from helpers import make_cohort_store
 from torch.utils.data import DataLoader
 
 from mrhscale.errors import MRHError
+from mrhscale.options import PatchOptions
+from mrhscale.parallel.context import Context
 from mrhscale.stages.patches import extract_patches
-from mrhscale.training.stream import PatchStream
+from mrhscale.training.stream import PatchStream, StreamOptions
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +21,9 @@ def patch_store(tmp_path_factory):
     d = tmp_path_factory.mktemp("stream")
     make_cohort_store(d / "c.zarr", n_subjects=3, shape=(16, 10, 18), n_channels=5)
     out = str(d / "p.zarr")
-    extract_patches(str(d / "c.zarr"), "af", out, stride=1, val_fraction=0.2, min_label_sum=0,
-                    min_label_nonzero=0, scheduler="synchronous", quiet=True, chunk_size=100)
+    extract_patches(str(d / "c.zarr"), "af", out, ctx=Context(scheduler="synchronous", quiet=True),
+                    options=PatchOptions(stride=1, val_fraction=0.2, min_label_sum=0, min_label_nonzero=0,
+                                         chunk_size=100))
     return out
 
 
@@ -41,8 +44,8 @@ def test_two_ranks_two_workers_exactly_once(patch_store, drop_last):
     n = zarr.open_group(patch_store, mode="r").attrs["n_train"]
     seen, steps = [], []
     for rank in range(2):
-        s = PatchStream(patch_store, batch_size=64, shuffle_buffer=150, rank=rank, world_size=2,
-                        drop_last=drop_last, with_origin=True, seed=5)
+        s = PatchStream(patch_store, batch_size=64, rank=rank, world_size=2, drop_last=drop_last, seed=5,
+                        options=StreamOptions(shuffle_buffer=150, with_origin=True))
         s.set_epoch(3)
         batches = _collect(s, 2)
         assert len(batches) == s.steps_per_epoch() == len(s)
@@ -64,7 +67,8 @@ def test_two_ranks_two_workers_exactly_once(patch_store, drop_last):
 
 def test_epochs_reshuffle_deterministically(patch_store):
     def origins(epoch, seed=0):
-        s = PatchStream(patch_store, batch_size=50, drop_last=False, with_origin=True, seed=seed)
+        s = PatchStream(patch_store, batch_size=50, drop_last=False, seed=seed,
+                        options=StreamOptions(with_origin=True))
         s.set_epoch(epoch)
         return np.concatenate([b[2].numpy() for b in s])
 
@@ -73,7 +77,8 @@ def test_epochs_reshuffle_deterministically(patch_store):
     assert not np.array_equal(a, b)
     assert sorted(map(tuple, a)) == sorted(map(tuple, b))
     assert not np.array_equal(a, origins(0, seed=1))
-    s = PatchStream(patch_store, batch_size=50, shuffle=False, drop_last=False, with_origin=True)
+    s = PatchStream(patch_store, batch_size=50, shuffle=False, drop_last=False,
+                    options=StreamOptions(with_origin=True))
     plain = np.concatenate([bt[2].numpy() for bt in s])
     np.testing.assert_array_equal(plain, zarr.open_group(patch_store, mode="r")["train/origin"][:])
 
@@ -84,7 +89,8 @@ def test_stream_applies_stored_normalisation(patch_store, split):
     nrm = attrs["norm"]
     off = np.asarray(nrm["offset"], np.float32)[:, None, None]
     scale = np.asarray(nrm["scale"], np.float32)[:, None, None]
-    s = PatchStream(patch_store, split=split, batch_size=32, drop_last=False, with_origin=True)
+    s = PatchStream(patch_store, split=split, batch_size=32, drop_last=False,
+                    options=StreamOptions(with_origin=True))
     assert s.norm.to_dict() == nrm and s.channels == attrs["channels"] and s.target == "af"
     assert s.patch == {"half": 1, "size": 3, "axis": "y"}
     n = 0
@@ -101,11 +107,11 @@ def test_float16_store_and_remote_memory_store(tmp_path):
     """A store on an fsspec URL (memory://) reads the same; float16 inputs come out float32."""
     make_cohort_store(tmp_path / "c.zarr", n_subjects=2)
     url = "memory://mrhscale-test/p.zarr"
-    extract_patches(str(tmp_path / "c.zarr"), "af", url, stride=1, dtype="float16",
-                    scheduler="synchronous", quiet=True, min_label_sum=0, min_label_nonzero=0)
+    extract_patches(str(tmp_path / "c.zarr"), "af", url, ctx=Context(scheduler="synchronous", quiet=True),
+                    options=PatchOptions(stride=1, dtype="float16", min_label_sum=0, min_label_nonzero=0))
     raw_x, _, index, attrs = _raw(url)
     assert raw_x.dtype == np.float16
-    s = PatchStream(url, batch_size=16, drop_last=False, with_origin=True)
+    s = PatchStream(url, batch_size=16, drop_last=False, options=StreamOptions(with_origin=True))
     got = 0
     for x, _, o in s:
         assert x.dtype == torch.float32
@@ -163,10 +169,9 @@ def test_read_ahead_yields_the_same_batches_and_stops_its_thread(patch_store, sh
     the iterator early (SIGTERM mid-epoch) leaves no reader thread behind."""
     import threading
 
-    kw = {"batch_size": 7, "shuffle": shuffle, "shuffle_buffer": 50, "seed": 4, "with_origin": True,
-          "drop_last": False}
-    a = PatchStream(patch_store, **kw)
-    b = PatchStream(patch_store, read_ahead=True, **kw)
+    kw = {"batch_size": 7, "shuffle": shuffle, "seed": 4, "drop_last": False}
+    a = PatchStream(patch_store, options=StreamOptions(shuffle_buffer=50, with_origin=True), **kw)
+    b = PatchStream(patch_store, options=StreamOptions(shuffle_buffer=50, with_origin=True, read_ahead=True), **kw)
     for s in (a, b):
         s.set_epoch(3)
     got_a, got_b = list(a), list(b)
@@ -194,10 +199,10 @@ def test_windows_are_read_into_reused_buffers(patch_store, monkeypatch):
     monkeypatch.setattr(zarr.Array, "get_basic_selection",
                         lambda self, sel, **k: reads.append(k.get("out") is not None) or real_get(self, sel, **k))
     monkeypatch.setattr(zarr.Array, "__getitem__", lambda self, sel: pytest.fail("a read allocating its own copy"))
-    s = PatchStream(patch_store, batch_size=5, shuffle_buffer=20)
+    s = PatchStream(patch_store, batch_size=5, options=StreamOptions(shuffle_buffer=20))
     n = sum(len(x) for x, _ in s)
     assert n == s.steps_per_epoch() * 5 and len(allocs) == 1
     assert reads and all(reads)
     allocs.clear()
-    list(PatchStream(patch_store, batch_size=5, shuffle_buffer=20, read_ahead=True))
+    list(PatchStream(patch_store, batch_size=5, options=StreamOptions(shuffle_buffer=20, read_ahead=True)))
     assert len(allocs) == 2

@@ -21,7 +21,7 @@ from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import describe_bundle, load_model, read_bundle
 from mrhscale.ops.norm import Normalisation
-from mrhscale.training import TrainingInterrupted, finetune, train
+from mrhscale.training import Runtime, TrainingInterrupted, finetune, train
 from mrhscale.training.data import open_data
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where helpers.py is
@@ -211,9 +211,10 @@ def test_finetune_full_changes_backbone(reference, nf_store, tmp_path):
 class NoNormStream(StandInPatchStream):
     """A stream without a norm override parameter: the trainer must correct affinely."""
 
-    def __init__(self, url, split="train", batch_size=128, shuffle=True, seed=0, rank=None,
-                 world_size=None, drop_last=True, storage_options=None):
-        super().__init__(url, split, batch_size, shuffle, None, seed, rank, world_size, drop_last)
+    def __init__(self, url, split="train", batch_size=128, shuffle=True, *, seed=0, rank=None,
+                 world_size=None, drop_last=True, options=None, ctx=None):
+        super().__init__(url, split, batch_size, shuffle, seed=seed, rank=rank, world_size=world_size,
+                         drop_last=drop_last)
 
 
 def test_model_normalisation_applied_with_or_without_stream_override(reference, nf_store,
@@ -231,7 +232,7 @@ def test_model_normalisation_applied_with_or_without_stream_override(reference, 
     real = "mrhscale.training.stream:PatchStream" if HAVE_STREAM else "helpers:StandInPatchStream"
     for cls in (real, "helpers:StandInPatchStream", "test_train:NoNormStream"):
         monkeypatch.setenv("MRHSCALE_STREAM", cls)
-        data = open_data(nf_store, "val", 512, cfg, 0, 1, model_norm, dev, 0, None)
+        data = open_data(cfg, Runtime(), "val", 512, dev, norm=model_norm)
         # a stream taking a norm= override gets it; otherwise the trainer corrects affinely
         assert (data.a is None) == ("norm" in inspect.signature(data.stream.__class__).parameters)
         got = torch.cat([x for x, _ in data.batches(0)])
@@ -241,7 +242,7 @@ def test_model_normalisation_applied_with_or_without_stream_override(reference, 
 def test_dataloader_workers_and_extending_a_finished_run(store, reference, tmp_path):
     import shutil
 
-    res = train(store, tmp_path / "w", depth=0, epochs=1, batch_size=64, workers=1, quiet=True)
+    res = train(store, tmp_path / "w", depth=0, epochs=1, batch_size=64, loader_workers=1, quiet=True)
     assert res["history"][0]["steps"] == 16 and np.isfinite(res["history"][0]["train_loss"])
     out = str(tmp_path / "more")
     shutil.copytree(reference["out_dir"], out)
@@ -283,7 +284,7 @@ def test_mismatched_channels_and_patch(reference, tmp_path):
     (dict(epochs=0), "--epochs"), (dict(lr=-1.0), "--lr"), (dict(loss="l1"), "--loss"),
     (dict(optimizer="adam"), "--optimizer"), (dict(schedule="step"), "--schedule"),
     (dict(clip=-1.0), "--clip"), (dict(batch_size=0), "--batch-size"),
-    (dict(workers=-1), "--workers"),
+    (dict(workers=-1), "--dask-workers"),
 ])
 def test_bad_option_values(store, tmp_path, opts, match):
     with pytest.raises(MRHError, match=match):

@@ -6,14 +6,21 @@ import os
 
 import numpy as np
 
+from mrhscale._optional import get_ants
 from mrhscale.errors import MRHError
+from mrhscale.options import (
+    REGISTRATION_INITS,
+    REGISTRATION_METRICS,
+    REGISTRATION_TRANSFORMS,
+    RegistrationOptions,
+)
 
 MISSING_EXTRA = 'registration needs the optional extra: pip install "mrhscale[register]" (antspyx)'
-TRANSFORMS = ("rigid", "affine", "syn")
+TRANSFORMS = ("rigid", "affine", "syn")  # what each of REGISTRATION_TRANSFORMS (and aliases) is run as
 ALIASES = {"affine+syn": "syn", "rigid+affine+syn": "syn", "syn": "syn", "rigid": "rigid",
             "affine": "affine"}
-METRICS = ("mattes", "cc", "meansquares")
-INITS = ("com", "header")
+METRICS = REGISTRATION_METRICS
+INITS = REGISTRATION_INITS
 PRESETS = {
     # ANTs' own defaults (antsRegistration via antspyx): multi-resolution linear stage, then SyN.
     "default": {"aff_iterations": (2100, 1200, 1200, 10), "aff_shrink_factors": (6, 4, 2, 1),
@@ -35,8 +42,6 @@ def ants_module(threads: int | None = None):
     """Import antspyx lazily; the one place a missing extra turns into a clear message."""
     if threads:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(threads))
-    from mrhscale._optional import get_ants
-
     return get_ants()
 
 
@@ -53,5 +58,19 @@ def set_seed(ants, seed: int | None) -> None:
 def canonical_transform(transform: str) -> str:
     t = ALIASES.get(str(transform).lower())
     if t is None:
-        raise MRHError(f"--transform {transform!r}: choose rigid, affine or syn (= affine then SyN)")
+        raise MRHError(f"--transform {transform!r}: choose {', '.join(REGISTRATION_TRANSFORMS)} "
+                       "(syn = affine then SyN)")
     return t
+
+
+def check_options(o: RegistrationOptions) -> dict:
+    """The options' values checked; what a registration records of them (and reuse compares)."""
+    transform = canonical_transform(o.transform)
+    if o.metric not in REGISTRATION_METRICS:
+        raise MRHError(f"--metric {o.metric!r}: choose one of {', '.join(REGISTRATION_METRICS)}")
+    if o.init not in REGISTRATION_INITS:
+        raise MRHError(f"--init {o.init!r}: choose com (align centres of mass first) or header")
+    if o.threads is not None and int(o.threads) < 1:
+        raise MRHError(f"--threads {o.threads}: must be >= 1")
+    return {"transform": transform, "contrast": o.contrast, "metric": o.metric, "init": o.init,
+            "preset": o.preset}

@@ -7,20 +7,26 @@ import json
 import os
 import time
 
+import dask
 import numpy as np
+import yaml
 
+from mrhscale import __version__
 from mrhscale.errors import MRHError
+from mrhscale.io.manifest import Manifest, load_manifest
+from mrhscale.io.volumes import open_volume
 from mrhscale.log import note
+from mrhscale.options import COHORT_MIN_SIMILARITY, RegistrationOptions
+from mrhscale.parallel.cluster import task_error
+from mrhscale.parallel.context import Context, Runner
 from mrhscale.results import RegisterResult
+from mrhscale.stages.ingest import plan_subject
 from mrhscale.stages.register.ants import (
-    INITS,
-    METRICS,
-    PRESETS,
     STAGING,
     TRANSFORM_DIR,
     TRANSFORM_JSON,
     ants_module,
-    canonical_transform,
+    check_options,
 )
 from mrhscale.stages.register.geometry import (
     Grid,
@@ -40,9 +46,6 @@ from mrhscale.stores.urls import inside
 
 def _reference(man, reference: str, contrast: str):
     """(description, grid, fixed array, mask or None, reference subject id or None)."""
-    from mrhscale.io.volumes import open_volume
-    from mrhscale.stages.ingest import plan_subject
-
     ids = {s.id: s for s in man.subjects}
     if reference in ids:
         plan = plan_subject(ids[reference])
@@ -76,10 +79,6 @@ def _complete(out_dir: str, sid: str) -> dict | None:
 
 
 def _write_manifest(out_dir: str, man, params: dict) -> str:
-    import yaml
-
-    from mrhscale import __version__
-
     entries = []
     for s in man.subjects:
         info = _complete(out_dir, s.id)
@@ -111,51 +110,42 @@ def register_cohort(
     reference: str,
     out_dir: str,
     *,
-    transform: str = "affine+syn",
-    contrast: str = "fa",
     subjects: list[str] | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    client=None,
-    metric: str = "mattes",
-    init: str = "com",
-    preset: str = "default",
-    min_similarity: float = 0.4,
-    threads: int = 1,
-    seed: int | None = 1,
+    options: RegistrationOptions | None = None,
+    min_similarity: float = COHORT_MIN_SIMILARITY,
     compress: bool = False,
     overwrite: bool = False,
-    quiet: bool = False,
-) -> dict:
+    ctx: Context | None = None,
+) -> RegisterResult:
     """Register the manifest's subjects onto ``reference`` (a subject id of the manifest, or a
     3D template NIfTI of the same contrast) and write them, with a new manifest, under out_dir.
 
-    transform: rigid | affine | syn (= affine+syn: affine stage, then SyN, as the original's
-    rigid+affine+LDDMM chain). contrast: what drives the registration (fa, a channel name such as
-    dwi2000_0, t2, or mask). A subject whose registered contrast correlates with the reference by
-    less than ``min_similarity`` (|Pearson r| over the reference's brain) is reported as not
-    converged; the others still finish. Subjects already complete in out_dir with the same
-    parameters are skipped. seed: ANTs' sampling seed (same seed, same result; 0/None: from the
-    clock). compress: write .nii.gz instead of .nii (.nii is several times faster to write
-    and memory-maps in ingest; .nii.gz is smaller).
-    Returns {"out", "manifest", "registered", "skipped", "failed", "metrics", "seconds"}.
+    options (:class:`mrhscale.options.RegistrationOptions`): transform rigid | affine | syn
+    (= affine+syn: affine stage, then SyN, as the original's rigid+affine+LDDMM chain);
+    contrast, what drives the registration (fa, a channel name such as dwi2000_0, t2, or mask);
+    metric, init, fast, threads (ITK threads per subject, default 1) and seed (ANTs' sampling
+    seed: same seed, same result; None: from the clock). A subject whose registered contrast
+    correlates with the reference by less than ``min_similarity`` (|Pearson r| over the
+    reference's brain) is reported as not converged; the others still finish. Subjects already
+    complete in out_dir with the same parameters are skipped. compress: write .nii.gz instead
+    of .nii (.nii is several times faster to write and memory-maps in ingest; .nii.gz is
+    smaller). One Dask task per subject on ``ctx``'s cluster.
     """
-    from mrhscale.io.manifest import Manifest, load_manifest
-
+    ctx, options = ctx or Context(), options or RegistrationOptions()
     ants_module()  # fail early, before any cluster starts
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    params = _check_options(transform, metric, init, preset, contrast)
+    params = check_options(options)
     specs = man.select(list(dict.fromkeys(subjects)) if subjects else None)
     folder = _output_folder(out_dir, man, specs)
-    desc, grid, fixed_arr, ref_mask, ref_sid = _reference(man, reference, contrast)
-    _check_contrast(specs, contrast, ref_sid)
+    desc, grid, fixed_arr, ref_mask, ref_sid = _reference(man, reference, options.contrast)
+    _check_contrast(specs, options.contrast, ref_sid)
     params["reference"] = desc
     folder.mark()
     todo, skipped = _sort_out(folder.path, specs, params, overwrite)
-    run = _CohortRun(folder.path, man, params, grid, ref_sid, threads=threads, seed=seed, compress=compress,
-                     min_similarity=min_similarity, quiet=quiet)
+    run = _CohortRun(folder.path, man, params, grid, ref_sid, options=options, compress=compress,
+                     min_similarity=min_similarity, ctx=ctx)
     if todo:
-        run.register(todo, fixed_arr, ref_mask, scheduler, workers, client)
+        run.register(todo, fixed_arr, ref_mask)
     order = {s.id: i for i, s in enumerate(man.subjects)}
     run.registered.sort(key=order.get)
     manifest_path = _write_manifest(folder.path, man, params)
@@ -164,21 +154,8 @@ def register_cohort(
                           seconds=run.seconds, timing=run.timing)
 
 
-def _check_options(transform: str, metric: str, init: str, preset: str, contrast: str) -> dict:
-    transform = canonical_transform(transform)
-    if metric not in METRICS:
-        raise MRHError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
-    if init not in INITS:
-        raise MRHError(f"--init {init!r}: choose com (align centres of mass first) or header")
-    if preset not in PRESETS:
-        raise MRHError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    return {"transform": transform, "contrast": contrast, "metric": metric, "init": init, "preset": preset}
-
-
 def _check_contrast(specs, contrast: str, ref_sid) -> None:
     """Headers only (and the mask): a bad contrast name fails before any work."""
-    from mrhscale.stages.ingest import plan_subject
-
     for spec in specs:
         if spec.id != ref_sid:
             names = contrast_names(plan_subject(spec))
@@ -206,9 +183,10 @@ def _sort_out(out_dir: str, specs, params: dict, overwrite: bool):
 class _CohortRun:
     """The subjects' registrations on the cluster, each claimed, reported as it finishes."""
 
-    def __init__(self, out_dir, man, params, grid, ref_sid, *, threads, seed, compress, min_similarity, quiet):
+    def __init__(self, out_dir, man, params, grid, ref_sid, *, options: RegistrationOptions, compress: bool,
+                 min_similarity: float, ctx: Context):
         self.out_dir, self.man, self.params, self.grid, self.ref_sid = out_dir, man, params, grid, ref_sid
-        self.threads, self.seed, self.quiet = threads, seed, quiet
+        self.threads, self.seed, self.ctx = options.threads or 1, options.seed, ctx
         self.ext, self.min_similarity = ".nii.gz" if compress else ".nii", float(min_similarity)
         self.registered: list[str] = []
         self.failed: dict = {}
@@ -223,40 +201,32 @@ class _CohortRun:
                 "min_similarity": self.min_similarity, "check": "r", "manifest": self.man.path,
                 **self.params}
 
-    def register(self, todo, fixed_arr, ref_mask, scheduler, workers, client) -> None:
-        from mrhscale.parallel.runner import use_client
-
+    def register(self, todo, fixed_arr, ref_mask) -> None:
         token = run_token()
         jobs = [self.job(s, token) for s in todo]
         claims = [Claim(os.path.join(self.out_dir, "_locks", f"{s.id}.lock"), f"subject {s.id} of {self.out_dir}")
                   for s in todo]
-        with contextlib.ExitStack() as held, use_client(client, scheduler, workers, self.quiet) as cl:
+        with contextlib.ExitStack() as held, self.ctx.runner() as runner:
             for c in claims:
                 held.enter_context(c)
-            self._run_jobs(cl, jobs, fixed_arr, ref_mask)
+            self._run_jobs(runner, jobs, fixed_arr, ref_mask)
         remove(os.path.join(self.out_dir, STAGING, token))
         prune_empty(os.path.join(self.out_dir, STAGING))
 
-    def _run_jobs(self, cl, jobs, fixed_arr, ref_mask) -> None:
-        from mrhscale.parallel.runner import completed
-
-        fixed_f = cl.scatter(fixed_arr, broadcast=True)
-        mask_f = cl.scatter(ref_mask, broadcast=True) if ref_mask is not None else None
-        futures = [cl.submit(register_subject, j, fixed_f, mask_f, pure=False,
-                             key=f"register-{j['spec'].id}-{os.getpid()}-{time.time_ns()}") for j in jobs]
-        owner = {f.key: j["spec"].id for j, f in zip(jobs, futures, strict=True)}
-        for fut in completed(futures, "register", self.quiet, fail_fast=False, unit="subject"):
-            self._record(self._result(fut, owner[fut.key]))
+    def _run_jobs(self, runner: Runner, jobs, fixed_arr, ref_mask) -> None:
+        fixed = runner.share(fixed_arr)
+        mask = runner.share(ref_mask) if ref_mask is not None else None
+        tasks = [dask.delayed(register_subject, pure=False)(
+                     j, fixed, mask, dask_key_name=f"register-{j['spec'].id}-{os.getpid()}-{time.time_ns()}")
+                 for j in jobs]
+        for i, res, err in runner.each_finished(tasks, "register", unit="subject"):
+            self._record(res if err is None else self._died(jobs[i]["spec"].id, err))
 
     @staticmethod
-    def _result(fut, sid: str) -> dict:
-        try:
-            return fut.result()
-        except Exception as e:  # a worker died: report it, keep the others
-            from mrhscale.parallel.cluster import task_error
-
-            return {"subject": sid, "status": "failed", "metrics": {}, "seconds": None,
-                    "message": str(task_error(e, f"subject {sid}"))}
+    def _died(sid: str, e: Exception) -> dict:
+        """A task that raised (a worker died): reported as the subject's failure, the others go on."""
+        return {"subject": sid, "status": "failed", "metrics": {}, "seconds": None,
+                "message": str(task_error(e, f"subject {sid}"))}
 
     def _record(self, res: dict) -> None:
         sid = res["subject"]
@@ -270,4 +240,4 @@ class _CohortRun:
         m = res["metrics"]
         extra = f", dice {m['dice_after']:.3f}" if "dice_after" in m else ""
         note(f"  {sid}: {res['status']}, r {m.get('r_before', float('nan')):.3f} -> "
-             f"{m.get('r_after', float('nan')):.3f}{extra}, {res['seconds'] or 0:.1f} s", self.quiet)
+             f"{m.get('r_after', float('nan')):.3f}{extra}, {res['seconds'] or 0:.1f} s", self.ctx.quiet)

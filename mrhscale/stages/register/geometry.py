@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.io.volumes import open_volume
 from mrhscale.stages.register.ants import LPS
 
 
@@ -111,8 +112,6 @@ def contrast_names(plan) -> dict[str, tuple[str, int | None]]:
 
 
 def contrast_array(plan, name: str) -> np.ndarray:
-    from mrhscale.io.volumes import open_volume
-
     table = contrast_names(plan)
     if name not in table:
         raise MRHError(

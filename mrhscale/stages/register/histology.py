@@ -10,14 +10,18 @@ import time
 
 import numpy as np
 
+from mrhscale import __version__
 from mrhscale.errors import MRHError
+from mrhscale.io.manifest import Manifest, load_manifest
+from mrhscale.io.volumes import mrhscale_descrip, open_volume, stem, write_volume
+from mrhscale.options import HISTOLOGY_MIN_SIMILARITY, RegistrationOptions
+from mrhscale.results import HistologyResult
+from mrhscale.stages.ingest import plan_subject
 from mrhscale.stages.register.ants import (
     FORMAT,
-    INITS,
-    METRICS,
     TRANSFORM_JSON,
     ants_module,
-    canonical_transform,
+    check_options,
 )
 from mrhscale.stages.register.geometry import (
     Grid,
@@ -43,35 +47,23 @@ def register_histology(
     out: str,
     *,
     manifest=None,
-    contrast: str = "fa",
-    transform: str = "affine+syn",
-    metric: str = "mattes",
-    init: str = "com",
-    preset: str = "default",
-    min_similarity: float = 0.1,
-    threads: int | None = None,
-    seed: int | None = 1,
-) -> dict:
+    options: RegistrationOptions | None = None,
+    min_similarity: float = HISTOLOGY_MIN_SIMILARITY,
+) -> HistologyResult:
     """Register a 3D stain volume onto a subject's MRI (cross-modal: Mattes mutual information)
     and write it, resampled on the subject's grid, to ``out`` (a new training target).
 
-    subject: a subject id of ``manifest`` (its ``contrast`` is the fixed image) or an MRI NIfTI.
-    Transforms go to ``<out stem>_transforms/`` so other stains of the same block can follow
-    with :func:`to_reference`. Convergence check: normalised mutual information after
-    registration >= min_similarity. Returns {"out", "transforms", "metrics", "seconds"}.
+    subject: a subject id of ``manifest`` (its ``options.contrast`` is the fixed image) or an MRI
+    NIfTI. Transforms go to ``<out stem>_transforms/`` so other stains of the same block can
+    follow with :func:`to_reference`. Convergence check: normalised mutual information after
+    registration >= min_similarity. ``options.threads``: ITK threads (default: ITK's own).
     """
-    from mrhscale import __version__
-    from mrhscale.io.manifest import Manifest, load_manifest
-    from mrhscale.io.volumes import open_volume, stem, write_volume
-    from mrhscale.stages.ingest import plan_subject
-
+    options = options or RegistrationOptions()
     t0 = time.perf_counter()
-    ants = ants_module(threads)
-    transform = canonical_transform(transform)
-    if metric not in METRICS:
-        raise MRHError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
-    if init not in INITS:
-        raise MRHError(f"--init {init!r}: choose com or header")
+    params = check_options(options)
+    ants = ants_module(options.threads)
+    transform, contrast, metric, init, preset, seed = (
+        params["transform"], options.contrast, options.metric, options.init, options.preset, options.seed)
     stain = open_volume(os.fspath(volume), what="histology")
     if n_volumes(stain) > 1:
         raise MRHError(f"{volume}: a 4D image {stain.shape}; give one 3D stain volume")
@@ -131,7 +123,7 @@ def register_histology(
         write_volume(out, warped, grid.affine, dtype=np.float32, descrip=HISTOLOGY_DESCRIP,
                      xform="template" if ref_desc["kind"] == "file" else "aligned")
         swap_in(work, tdir, token=run_token())
-    return {"out": out, "transforms": tdir, "metrics": metrics, "seconds": seconds}
+    return HistologyResult(out=out, transforms=tdir, metrics=metrics, seconds=seconds)
 
 
 HISTOLOGY_DESCRIP = "mrhscale register-histology"
@@ -139,8 +131,6 @@ HISTOLOGY_DESCRIP = "mrhscale register-histology"
 
 def _check_histology_outputs(out: str, tdir: str) -> None:
     """Overwrite only what an earlier register-histology wrote: never the user's files."""
-    from mrhscale.io.volumes import mrhscale_descrip
-
     if os.path.exists(out):
         if mrhscale_descrip(out) is None:
             raise MRHError(f"--out {out}: exists and was not written by mrhscale; choose another --out")

@@ -7,13 +7,13 @@ import os
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.io.volumes import open_volume
 from mrhscale.stages.register.geometry import Grid, grid_of, n_volumes, read3, short_list
 from mrhscale.stages.register.transforms import map_volume, read_transform_info
+from mrhscale.stores import open_subject
 
 
 def _store_grid(store: str, subject: str) -> Grid:
-    from mrhscale.stores import open_subject
-
     ds = open_subject(store, subject)
     shape = tuple(int(ds.sizes[d]) for d in ("x", "y", "z"))
     return Grid(shape, np.asarray(ds.attrs["affine"], dtype=np.float64))
@@ -40,14 +40,12 @@ def marker_from_file(
     volume: index of the volume in a 4D file (required for 4D).
     The store grid comes from ``store`` (attrs affine + x/y/z sizes) or ``grid`` = (shape, affine).
     """
-    from mrhscale.io.volumes import open_volume
 
     is_path = any(str(source).lower().endswith(e) for e in (".nii", ".nii.gz", ".hdr", ".img")) \
         or os.sep in str(source)
     if not is_path:
         if store is None:
             raise MRHError(f"marker {source!r}: a contrast name needs the cohort store (store=...)")
-        from mrhscale.stores import open_subject
 
         ds = open_subject(store, subject)
         if source in [str(c) for c in ds["contrast"].values]:

@@ -8,8 +8,10 @@ import time
 
 import numpy as np
 
+from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.io.volumes import open_volume, read_sidecars, write_sidecars, write_volume
+from mrhscale.stages.ingest import plan_subject
 from mrhscale.stages.register.ants import (
     FORMAT,
     PRESETS,
@@ -90,8 +92,6 @@ class _Registration:
                        "seconds": None}
 
     def run(self) -> dict:
-        from mrhscale.stages.ingest import plan_subject
-
         self.ants = ants_module(self.job.get("threads"))
         remove(self.stage)
         os.makedirs(self.tdir)
@@ -233,8 +233,6 @@ class _Registration:
         return f"{self.sid}/{fname}"
 
     def _info(self, entry: dict, seconds: float) -> dict:
-        from mrhscale import __version__
-
         job, tx = self.job, self.tx
         return {
             "format": FORMAT, "format_version": 1, "subject": self.sid,

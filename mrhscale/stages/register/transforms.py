@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.io.volumes import open_volume, write_volume
 from mrhscale.stages.register.ants import (
     LPS,
     PRESETS,
@@ -125,7 +126,6 @@ BLOCK = 8  # volumes per time-series call: bounds a worker's memory on full-size
 
 def map_volume(volume, info: dict, direction: str, interpolator: str, out: str | None,
                 volume_index: int | None) -> np.ndarray:
-    from mrhscale.io.volumes import open_volume, write_volume
 
     ref, nat = Grid.from_dict(info["reference_grid"]), Grid.from_dict(info["native_grid"])
     src, dst, key = (ref, nat, "inverse") if direction == "native" else (nat, ref, "forward")

@@ -1,0 +1,196 @@
+"""Commands that bring data in and show it: synth, manifest, ingest, info, export-image, register."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import click
+
+from mrhscale.cli.base import main
+from mrhscale.cli.params import context_from, context_options, subject_list, take, with_options
+from mrhscale.errors import MRHError
+from mrhscale.options import (
+    COHORT_MIN_SIMILARITY,
+    HISTOLOGY_MIN_SIMILARITY,
+    CohortOptions,
+    ImageOptions,
+    IngestOptions,
+    RegistrationOptions,
+    SynthVariation,
+)
+
+subjects_option = click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
+
+
+def some_subjects(spec):
+    """None, "all", or a list of subject ids (comma-separated)."""
+    return spec if spec in (None, "all") else subject_list((spec,))
+
+
+@main.command("synth")
+@click.argument("outdir", type=click.Path(file_okay=True, dir_okay=True))
+@with_options(CohortOptions, SynthVariation)
+@click.option("--overwrite", is_flag=True, help="Replace a cohort already in OUTDIR.")
+@context_options()
+def synth(outdir, overwrite, **kw):
+    """Write a synthetic phantom cohort (67-channel MRI, FA, mask, af/nf/mbp, lesion labels,
+    ground truth) to OUTDIR, with OUTDIR/cohort.yaml for ingest."""
+    from mrhscale.synth.phantom import make_cohort  # numba kernels: compiled only when synth runs
+
+    opts = take(CohortOptions, kw)
+    if opts.n_subjects < 1:
+        raise MRHError(f"--n-subjects: expected an integer >= 1, got {opts.n_subjects}")
+    if min(opts.shape) < 8:
+        raise MRHError(f"--shape: each size must be >= 8, got {','.join(map(str, opts.shape))!r}")
+    variation = take(SynthVariation, kw)
+    variation = dataclasses.replace(variation, scanner_variation=some_subjects(variation.scanner_variation),
+                                    artefact=some_subjects(variation.artefact))
+    click.echo(make_cohort(outdir, **dataclasses.asdict(opts), variation=variation, overwrite=overwrite,
+                           quiet=kw["quiet"]))
+
+
+@main.command("manifest")
+@click.argument("folder", metavar="DIR")
+@click.option("--out", "-o", required=True, metavar="FILE.yaml",
+              help="Cohort manifest to write (paths in it relative to it).")
+@click.option("--bids", is_flag=True, help="DIR is a BIDS dataset (needs pip install \"mrhscale[bids]\").")
+@click.option("--channels-from", default=None, metavar="FILE",
+              help="YAML/JSON mapping MRI group -> channel names for every subject, e.g. "
+                   "'{t2MTONOFF: [t2, mt_off, mt_on]}' (a <group>.json sidecar's \"channels\" wins).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it is a cohort manifest (never any other file).")
+@context_options()
+def manifest_cmd(folder, out, bids, channels_from, overwrite, quiet):
+    """Write a cohort manifest for DIR: a folder per subject, or a BIDS dataset (naming rules: README)."""
+    from mrhscale.io.manifest_scan import write_manifest
+
+    res = write_manifest(folder, out, bids=bids, channel_names=channels_from, overwrite=overwrite)
+    if not quiet:
+        extra = "".join(f"; {k} {', '.join(res[k])}" for k in ("targets", "labels") if res[k])
+        click.echo(f"{res['manifest']}: {len(res['subjects'])} subject(s), MRI groups "
+                   f"{', '.join(res['groups'])}{extra}")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=True))
+@click.option("--out", "-o", required=True, help="Cohort store to create or extend (path or URL).")
+@subjects_option
+@with_options(IngestOptions)
+@click.option("--overwrite", is_flag=True,
+              help="Rewrite subjects already in the store (each kept until its new version is complete).")
+@context_options(storage=True, dask=True)
+def ingest(manifest, out, subjects, overwrite, **kw):
+    """Write the subjects of MANIFEST (cohort YAML) into a chunked Zarr cohort store."""
+    from mrhscale.stages.ingest import ingest as run
+
+    opts = take(IngestOptions, kw)
+    res = run(manifest, out, subjects=subject_list(subjects), **dataclasses.asdict(opts), overwrite=overwrite,
+              ctx=context_from(kw))
+    if res.skipped:
+        click.echo(f"already in store, skipped: {', '.join(res.skipped)}")
+    click.echo(f"ingested {len(res.written)} subject(s) into {res.store}")
+    if res.bad:
+        click.echo(f"{len(res.bad)} bad subject(s) not ingested:", err=True)
+        for sid, msg in res.bad.items():
+            click.echo(f"  {sid}: {msg}", err=True)
+        if not res.written and not res.skipped:
+            sys.exit(2)
+
+
+@main.command()
+@click.argument("path")
+@context_options(storage=True)
+def info(path, **kw):
+    """Describe a cohort/patch/prediction store or a model bundle."""
+    ctx = context_from(kw)
+    if os.path.isfile(path):
+        from mrhscale.io.bundle import describe_bundle  # torch: only for a bundle
+
+        click.echo(describe_bundle(path))
+    else:
+        from mrhscale.stores import describe as describe_store
+
+        click.echo(describe_store(path, ctx.storage_options))
+
+
+@main.command("export-image")
+@click.argument("store")
+@click.option("--subject", required=True, help="Subject id in STORE.")
+@click.option("--var", "var", required=True,
+              help="Variable: mri (with --contrast), mask, fa, a target (af, ...) or label of a cohort "
+                   "store; <target>_virtual or mask of a prediction store.")
+@click.option("--out", "-o", required=True, metavar="X.ome.zarr", help="OME-Zarr image to write.")
+@with_options(ImageOptions)
+@click.option("--overwrite", is_flag=True,
+              help="Replace an OME-Zarr image mrhscale wrote at --out (built aside, swapped in when complete).")
+@context_options(storage=True)
+def export_image_cmd(store, subject, var, out, overwrite, **kw):
+    """Write one volume of STORE (cohort or prediction store) as an OME-Zarr image for viewers."""
+    from mrhscale.stages.export_image import export_image
+
+    opts = take(ImageOptions, kw)
+    ctx = context_from(kw)
+    res = export_image(store, subject, var, out, contrast=opts.contrast, levels=opts.levels, overwrite=overwrite,
+                       ctx=ctx)
+    if not ctx.quiet:
+        shapes = ", ".join("x".join(map(str, s)) for s in res.shapes)
+        click.echo(f"{res.out}: {'up to date, kept' if res.reused else 'written'}; "
+                   f"{len(res.shapes)} level(s) (z, y, x: {shapes})"
+                   + ("" if res.exact_affine else "; the affine's rotation/flips are not representable in "
+                      "OME-NGFF and were dropped"))
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=True))
+@click.option("--reference", "-r", required=True,
+              help="Subject id of MANIFEST, or a 3D template NIfTI (of the --contrast), whose grid all "
+                   "subjects are brought onto.")
+@click.option("--out", "-o", required=True, help="Folder: <sid>/*.nii.gz, <sid>/transforms/, cohort.yaml.")
+@with_options(RegistrationOptions)
+@click.option("--min-similarity", type=float, default=COHORT_MIN_SIMILARITY, show_default=True,
+              help="A subject whose registered contrast has |Pearson r| with the reference below "
+                   "this is reported as not converged.")
+@click.option("--compress", is_flag=True, help="Write .nii.gz instead of .nii (smaller, several times slower).")
+@subjects_option
+@click.option("--overwrite", is_flag=True, help="Redo subjects already registered in --out.")
+@context_options(dask=True)
+def register(manifest, reference, out, min_similarity, compress, subjects, overwrite, **kw):
+    """Register MANIFEST's subjects onto a reference grid with ANTs (needs mrhscale[register])."""
+    from mrhscale.stages.register import register_cohort
+
+    res = register_cohort(manifest, reference, out, subjects=subject_list(subjects),
+                          options=take(RegistrationOptions, kw), min_similarity=min_similarity,
+                          compress=compress, overwrite=overwrite, ctx=context_from(kw))
+    if res.skipped:
+        click.echo(f"already registered, skipped: {', '.join(res.skipped)}")
+    click.echo(f"registered {len(res.registered)} subject(s) into {res.out}"
+               + (f"; manifest for ingest: {res.manifest}" if res.manifest else ""))
+    if res.failed:
+        click.echo(f"{len(res.failed)} subject(s) failed:", err=True)
+        for msg in res.failed.values():
+            click.echo(f"  {msg}", err=True)
+        if not res.registered and not res.skipped:
+            sys.exit(2)
+
+
+@main.command("register-histology")
+@click.argument("volume", type=click.Path(dir_okay=False))
+@click.option("--subject", required=True, help="Subject id of --manifest, or an MRI NIfTI path.")
+@click.option("--manifest", "-m", default=None, type=click.Path(dir_okay=True),
+              help="Cohort manifest holding --subject.")
+@click.option("--out", "-o", required=True, help="Registered stain NIfTI (on the subject's MRI grid).")
+@with_options(RegistrationOptions, exclude=("threads",))
+@click.option("--min-similarity", type=float, default=HISTOLOGY_MIN_SIMILARITY, show_default=True,
+              help="Normalised mutual information below which the registration counts as failed.")
+@context_options()
+def register_histology(volume, subject, manifest, out, min_similarity, quiet, **kw):
+    """Register a 3D stain VOLUME to a subject's MRI (mutual information), for new training targets."""
+    from mrhscale.stages.register import register_histology as run
+
+    res = run(volume, subject, out, manifest=manifest, options=take(RegistrationOptions, kw, threads=None),
+              min_similarity=min_similarity)
+    m = res.metrics
+    if not quiet:
+        click.echo(f"registered {volume} -> {res.out} (NMI {m['nmi_before']:.3f} -> {m['nmi_after']:.3f}, "
+                   f"{res.seconds:.1f} s); transforms in {res.transforms}")
