@@ -284,7 +284,7 @@ def test_mismatched_channels_and_patch(reference, tmp_path):
     (dict(epochs=0), "--epochs"), (dict(lr=-1.0), "--lr"), (dict(loss="l1"), "--loss"),
     (dict(optimizer="adam"), "--optimizer"), (dict(schedule="step"), "--schedule"),
     (dict(clip=-1.0), "--clip"), (dict(batch_size=0), "--batch-size"),
-    (dict(workers=-1), "--dask-workers"),
+    (dict(loader_workers=-1), "--loader-workers"),
 ])
 def test_bad_option_values(store, tmp_path, opts, match):
     with pytest.raises(MRHError, match=match):
