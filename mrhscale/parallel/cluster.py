@@ -129,9 +129,11 @@ def _close_quietly(obj, what: str) -> None:
     finished ingest into exit 1 with a traceback. Worker processes are daemonic: one left
     behind dies with this process.
     """
+    import asyncio
+
     try:
         obj.close()
-    except Exception as e:  # teardown: anything it raises is only worth a warning
+    except (Exception, asyncio.CancelledError) as e:  # not KeyboardInterrupt: that still stops us
         from mrhscale.log import logger
 
         logger.warning("closing %s failed (%s: %s); ignored, the stage's outcome stands",

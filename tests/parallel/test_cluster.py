@@ -50,20 +50,16 @@ def test_embedded_workers_start_with_one_malloc_arena():
 
 
 @pytest.fixture
-def mrhscale_warnings(caplog):
-    """The package logger's warnings (it may not propagate after a CLI run in this process)."""
+def mrhscale_warnings(caplog, monkeypatch):
+    """The package logger's warnings (a CLI run in this process may have stopped it propagating)."""
     import logging
 
     from mrhscale.log import logger
 
-    logger.addHandler(caplog.handler)
-    caplog.handler.setLevel(logging.WARNING)
-    old = logger.level
-    logger.setLevel(logging.WARNING)
-    yield lambda: [r.getMessage() for r in caplog.records
-                   if r.name == "mrhscale" and r.levelno == logging.WARNING]
-    logger.setLevel(old)
-    logger.removeHandler(caplog.handler)
+    monkeypatch.setattr(logger, "propagate", True)
+    caplog.set_level(logging.WARNING, logger="mrhscale")
+    return lambda: [r.getMessage() for r in caplog.records
+                    if r.name == "mrhscale" and r.levelno == logging.WARNING]
 
 
 def _closes_then_raises(cls, exc, monkeypatch):
@@ -78,46 +74,70 @@ def _closes_then_raises(cls, exc, monkeypatch):
     monkeypatch.setattr(cls, "close", close)
 
 
-@pytest.mark.parametrize("exc", [TimeoutError("timed out killing a worker"),
-                                 __import__("asyncio").TimeoutError(), OSError("comm closed")])
-def test_a_failing_cluster_teardown_keeps_the_stage_result(tmp_path, monkeypatch, exc, mrhscale_warnings):
+@pytest.fixture
+def thread_clusters(monkeypatch):
+    """Embedded clusters start their workers as threads (seconds saved: teardown is the subject)."""
+    import distributed
+
+    class ThreadCluster(distributed.LocalCluster):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **{**kw, "processes": False})
+
+    monkeypatch.setattr(distributed, "LocalCluster", ThreadCluster)
+    return ThreadCluster
+
+
+def test_a_failing_cluster_teardown_keeps_the_stage_result(tmp_path, monkeypatch, thread_clusters,
+                                                           mrhscale_warnings):
     """One of four concurrent ``ingest --subjects`` runs on a loaded 2-core machine exited 1
     after its work was done: ``cluster.close()`` timed out killing a worker."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
     from helpers import write_file_cohort
 
     from mrhscale.stages.ingest import ingest
     from mrhscale.stores import list_subjects
 
-    _closes_then_raises(LocalCluster, exc, monkeypatch)
+    _closes_then_raises(thread_clusters, TimeoutError("timed out killing a worker"), monkeypatch)
     _closes_then_raises(Client, OSError("client close failed"), monkeypatch)
     man = write_file_cohort(tmp_path / "files", n_subjects=1, fmt="nii")
     out = str(tmp_path / "c.zarr")
     res = ingest(man, out, workers=1, quiet=True)  # its own embedded cluster
     assert res["written"] == ["s01"] and list_subjects(out) == ["s01"]
     msgs = mrhscale_warnings()
-    assert any(m.startswith("closing the embedded Dask cluster failed") for m in msgs), msgs
-    assert any(m.startswith("closing the Dask client failed (OSError") for m in msgs), msgs
+    assert any(m.startswith("closing the embedded Dask cluster failed (TimeoutError: timed out")
+               for m in msgs), msgs
+    assert any(m.startswith("closing the Dask client failed (OSError: client close failed")
+               for m in msgs), msgs
 
 
-def test_the_body_error_wins_over_a_failing_teardown(monkeypatch, mrhscale_warnings):
-    """A stage that failed reports its own error, not the teardown's."""
-    import torch
+@pytest.mark.parametrize("exc", [TimeoutError(), __import__("asyncio").CancelledError("x"),
+                                 OSError("comm closed")], ids=["timeout", "cancelled", "oserror"])
+def test_the_body_error_wins_over_a_failing_teardown(monkeypatch, exc, mrhscale_warnings):
+    """A stage that failed reports its own error, not the teardown's; a finished one its result."""
     from distributed import LocalCluster
 
-    from mrhscale.parallel.cluster import gpu_client
-
-    _closes_then_raises(LocalCluster, TimeoutError("teardown"), monkeypatch)
+    _closes_then_raises(LocalCluster, exc, monkeypatch)
     with pytest.raises(ValueError, match="the stage's own error"):
         with dask_client(workers=1, processes=False, quiet=True):
             raise ValueError("the stage's own error")
-    assert any("TimeoutError: teardown" in m for m in mrhscale_warnings())
-    # the embedded GPU cluster (LocalCluster + PinGPU without dask-cuda) closes the same way
+    with dask_client(workers=1, processes=False, quiet=True) as client:
+        assert client.submit(lambda: 2, pure=False).result() == 2
+    msgs = mrhscale_warnings()
+    assert len(msgs) == 2 and all(m.startswith("closing the embedded Dask cluster failed") for m in msgs)
+
+
+def test_a_failing_gpu_cluster_teardown_is_a_warning(monkeypatch, thread_clusters, mrhscale_warnings):
+    """The embedded GPU cluster (a LocalCluster with PinGPU where dask-cuda is missing) closes
+    the same way; it starts without a GPU when torch is told there is one."""
+    import torch
+
+    from mrhscale.parallel.cluster import gpu_client
+
+    _closes_then_raises(thread_clusters, TimeoutError("teardown"), monkeypatch)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # the LocalCluster path, even if installed
     with pytest.raises(ValueError, match="the stage's own error"):
         with gpu_client(1, 40):
             raise ValueError("the stage's own error")
-    assert any(m.startswith("closing the embedded GPU cluster failed") for m in mrhscale_warnings())
-    with gpu_client(1, 40) as client:  # and a finished body stays finished
-        assert client.submit(lambda: 2, pure=False).result() == 2
+    assert [m for m in mrhscale_warnings() if m.startswith("closing the embedded GPU cluster failed "
+                                                           "(TimeoutError: teardown")]
