@@ -44,6 +44,7 @@ def af_model(cohort, tmp_path_factory):
     return work
 
 
+@pytest.mark.slow  # 30 s, the chain of 4 CLI runs: each stage is tested on its own, the recipes' keys below
 def test_af_recipe_reduced(af_model):
     work = af_model
     assert os.path.exists(work / "run" / "model.pt")

@@ -49,7 +49,7 @@ def dask_client(
         try:
             yield client
         finally:
-            client.close()
+            _close_quietly(client, f"the Dask client of {scheduler}")
         return
     level = logging.ERROR if quiet else logging.WARNING
     if device == "cuda":
@@ -77,9 +77,9 @@ def dask_client(
             yield client
     finally:
         with _tracebacks_to_log():
-            client.close()
+            _close_quietly(client, "the Dask client")
             with _parent_environ_kept():  # a nanny restarting a worker while closing sets them again
-                cluster.close()
+                _close_quietly(cluster, "the embedded Dask cluster")
 
 
 GPU_ENV = "MRHSCALE_WORKER_GPU"
@@ -116,9 +116,28 @@ def gpu_client(workers: int | None, level: int):
         client.register_plugin(quiet_task_failures(log_file()), name=QUIET_PLUGIN)
         yield client
     finally:
-        client.close()
+        _close_quietly(client, "the Dask client")
         with _parent_environ_kept():
-            cluster.close()
+            _close_quietly(cluster, "the embedded GPU cluster")
+
+
+def _close_quietly(obj, what: str) -> None:
+    """Close a client or an embedded cluster; a failure here is a warning, never an error.
+
+    The stage's work is done (or its own error is on its way) by the time the cluster is
+    closed: on a loaded machine ``cluster.close()`` timed out killing a worker and turned a
+    finished ingest into exit 1 with a traceback. Worker processes are daemonic: one left
+    behind dies with this process.
+    """
+    import asyncio
+
+    try:
+        obj.close()
+    except (Exception, asyncio.CancelledError) as e:  # not KeyboardInterrupt: that still stops us
+        from mrhscale.log import logger
+
+        logger.warning("closing %s failed (%s: %s); ignored, the stage's outcome stands",
+                       what, type(e).__name__, str(e) or "no message")
 
 
 def _pin_gpu_plugin():

@@ -47,3 +47,97 @@ def test_embedded_workers_start_with_one_malloc_arena():
             env = client.run(lambda: {k: __import__("os").environ.get(k) for k in WORKER_ENV})
             assert list(env.values()) == [expect], limit  # small workers keep Dask's malloc
         assert dict(os.environ) == before
+
+
+@pytest.fixture
+def mrhscale_warnings(caplog, monkeypatch):
+    """The package logger's warnings (a CLI run in this process may have stopped it propagating)."""
+    import logging
+
+    from mrhscale.log import logger
+
+    monkeypatch.setattr(logger, "propagate", True)
+    caplog.set_level(logging.WARNING, logger="mrhscale")
+    return lambda: [r.getMessage() for r in caplog.records
+                    if r.name == "mrhscale" and r.levelno == logging.WARNING]
+
+
+def _closes_then_raises(cls, exc, monkeypatch):
+    """``cls.close`` does its work (no process is left behind) and then raises ``exc``, as a
+    teardown that timed out killing a worker on a loaded machine did."""
+    real = cls.close
+
+    def close(self, *a, **kw):
+        real(self, *a, **kw)
+        raise exc
+
+    monkeypatch.setattr(cls, "close", close)
+
+
+@pytest.fixture
+def thread_clusters(monkeypatch):
+    """Embedded clusters start their workers as threads (seconds saved: teardown is the subject)."""
+    import distributed
+
+    class ThreadCluster(distributed.LocalCluster):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **{**kw, "processes": False})
+
+    monkeypatch.setattr(distributed, "LocalCluster", ThreadCluster)
+    return ThreadCluster
+
+
+def test_a_failing_cluster_teardown_keeps_the_stage_result(tmp_path, monkeypatch, thread_clusters,
+                                                           mrhscale_warnings):
+    """One of four concurrent ``ingest --subjects`` runs on a loaded 2-core machine exited 1
+    after its work was done: ``cluster.close()`` timed out killing a worker."""
+    from distributed import Client
+    from helpers import write_file_cohort
+
+    from mrhscale.stages.ingest import ingest
+    from mrhscale.stores import list_subjects
+
+    _closes_then_raises(thread_clusters, TimeoutError("timed out killing a worker"), monkeypatch)
+    _closes_then_raises(Client, OSError("client close failed"), monkeypatch)
+    man = write_file_cohort(tmp_path / "files", n_subjects=1, fmt="nii")
+    out = str(tmp_path / "c.zarr")
+    res = ingest(man, out, workers=1, quiet=True)  # its own embedded cluster
+    assert res["written"] == ["s01"] and list_subjects(out) == ["s01"]
+    msgs = mrhscale_warnings()
+    assert any(m.startswith("closing the embedded Dask cluster failed (TimeoutError: timed out")
+               for m in msgs), msgs
+    assert any(m.startswith("closing the Dask client failed (OSError: client close failed")
+               for m in msgs), msgs
+
+
+@pytest.mark.parametrize("exc", [TimeoutError(), __import__("asyncio").CancelledError("x"),
+                                 OSError("comm closed")], ids=["timeout", "cancelled", "oserror"])
+def test_the_body_error_wins_over_a_failing_teardown(monkeypatch, exc, mrhscale_warnings):
+    """A stage that failed reports its own error, not the teardown's; a finished one its result."""
+    from distributed import LocalCluster
+
+    _closes_then_raises(LocalCluster, exc, monkeypatch)
+    with pytest.raises(ValueError, match="the stage's own error"):
+        with dask_client(workers=1, processes=False, quiet=True):
+            raise ValueError("the stage's own error")
+    with dask_client(workers=1, processes=False, quiet=True) as client:
+        assert client.submit(lambda: 2, pure=False).result() == 2
+    msgs = mrhscale_warnings()
+    assert len(msgs) == 2 and all(m.startswith("closing the embedded Dask cluster failed") for m in msgs)
+
+
+def test_a_failing_gpu_cluster_teardown_is_a_warning(monkeypatch, thread_clusters, mrhscale_warnings):
+    """The embedded GPU cluster (a LocalCluster with PinGPU where dask-cuda is missing) closes
+    the same way; it starts without a GPU when torch is told there is one."""
+    import torch
+
+    from mrhscale.parallel.cluster import gpu_client
+
+    _closes_then_raises(thread_clusters, TimeoutError("teardown"), monkeypatch)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # the LocalCluster path, even if installed
+    with pytest.raises(ValueError, match="the stage's own error"):
+        with gpu_client(1, 40):
+            raise ValueError("the stage's own error")
+    assert [m for m in mrhscale_warnings() if m.startswith("closing the embedded GPU cluster failed "
+                                                           "(TimeoutError: teardown")]

@@ -45,6 +45,7 @@ def test_two_folds_in_this_process_then_reused(cohort, tmp_path):
         crossval(cohort, "mbp", out, recipe={**RECIPE, "epochs": 2}, ctx=SYNC)
 
 
+@pytest.mark.slow  # 10 s: torchrun in test_train, crossval's folds in this process below
 def test_torchrun_two_gloo_ranks_one_fold_each(cohort, tmp_path):
     out = str(tmp_path / "cv")
     recipe = tmp_path / "recipe.yaml"

@@ -301,6 +301,7 @@ def test_a_local_scheduler_registers_in_this_process(registered, tmp_path):
 
 
 @needs_ants
+@pytest.mark.slow  # 10 s: affine/rigid registration above; SyN, a template and a non-converging subject only here
 def test_template_reference_syn_and_failure_reported(tmp_path):
     """A template file as reference, affine then SyN on a smoothly deformed subject; a subject of
     pure noise does not converge: reported with its metric, the others still finish."""
@@ -411,6 +412,7 @@ def test_cli_register_and_bad_inputs(registered, tmp_path):
 
 
 @needs_ants
+@pytest.mark.slow  # 9 s: register's CLI and one-line errors above; the no-overlap refusal only here
 def test_cli_no_overlap_exit_2(registered, tmp_path):
     """A template far from every subject in world space, headers trusted: nothing can be done."""
     manifest, ref, _, _ = registered

@@ -24,7 +24,7 @@ def env(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("contract")
     cohort = str(d / "cohort.zarr")
-    make_cohort_store(cohort)
+    make_cohort_store(cohort, n_subjects=2)  # two make every kind of output; a third only slowed evaluate
     ch = CohortStore(cohort).open_subject("s01").contrast.values.tolist()
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
             Client(cl) as client:

@@ -126,6 +126,7 @@ def cohort(tmp_path_factory):
     return str(url)
 
 
+@pytest.mark.slow  # 10 s: kill + rerun in the ingest test, an incomplete patch store replaced in test_patches
 def test_patches_killed_then_rerun_equals_uninterrupted(cohort, tmp_path):
     args = ("patches", cohort, "--target", "af", "--stride", "2", "--val-fraction", "0.2",
             "--scheduler", "synchronous", "-q")

@@ -40,6 +40,7 @@ def s3():
             os.environ[k] = v
 
 
+@pytest.mark.slow  # 15 s: ingest to S3 also in test_cli_storage_options; the slow S3 chain reads it back
 def test_ingest_to_s3_and_read_back(tmp_path, s3):
     from mrhscale.parallel.cluster import dask_client
     from mrhscale.stages.ingest import ingest

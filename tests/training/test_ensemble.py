@@ -150,6 +150,7 @@ def test_no_validation_split_leaves_the_spread_uncalibrated(tmp_path, caplog):
     assert "uncalibrated" in describe_bundle(res.model)
 
 
+@pytest.mark.slow  # 20 s: DDP in test_train's torchrun test, ensembles in this file
 def test_torchrun_two_gloo_ranks_train_an_ensemble(store, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
@@ -167,6 +168,7 @@ def test_torchrun_two_gloo_ranks_train_an_ensemble(store, tmp_path):
         assert summary["world_size"] == 2 and summary["replica_max_abs_diff"] == 0.0
 
 
+@pytest.mark.slow  # 15 s: a real kill + resume in test_train, resume inside an ensemble above
 def test_killed_inside_a_member_resumes_to_the_uninterrupted_ensemble(store, tmp_path):
     """SIGKILL after member 0's first epoch (a real process death), then --resume: member 0
     finishes from its checkpoint, member 1 trains, and every weight equals the run that

@@ -123,6 +123,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(store, reference, tmp_pat
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
 
 
+@pytest.mark.slow  # 8 s: SIGTERM in process below, a real kill and exact resume above
 def test_sigterm_mid_epoch_checkpoints_and_resume_is_exact(store, reference, tmp_path):
     out = str(tmp_path / "run")
     p = subprocess.Popen(cli_args(store, out), env=env(MRHSCALE_DEBUG_STEP_DELAY=0.05),

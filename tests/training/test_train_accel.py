@@ -130,6 +130,7 @@ def test_resume_is_exact_in_compiled_bf16(store, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # ~50 s cold (compiles on 2 ranks): DDP in test_train, compiled training and the measured choice above
 def test_torchrun_two_gloo_ranks_compile_the_ddp_model(store, tmp_path):
     """DDP wrapped, then compiled (as torch documents); auto measures on every rank and all
     take rank 0's choice; the replicas stay identical."""
