@@ -94,6 +94,7 @@ def test_a_failing_cluster_teardown_keeps_the_stage_result(tmp_path, monkeypatch
     from distributed import Client
     from helpers import write_file_cohort
 
+    from mrhscale.parallel.context import Context
     from mrhscale.stages.ingest import ingest
     from mrhscale.stores import list_subjects
 
@@ -101,7 +102,7 @@ def test_a_failing_cluster_teardown_keeps_the_stage_result(tmp_path, monkeypatch
     _closes_then_raises(Client, OSError("client close failed"), monkeypatch)
     man = write_file_cohort(tmp_path / "files", n_subjects=1, fmt="nii")
     out = str(tmp_path / "c.zarr")
-    res = ingest(man, out, workers=1, quiet=True)  # its own embedded cluster
+    res = ingest(man, out, ctx=Context(dask_workers=1, quiet=True))  # its own embedded cluster
     assert res["written"] == ["s01"] and list_subjects(out) == ["s01"]
     msgs = mrhscale_warnings()
     assert any(m.startswith("closing the embedded Dask cluster failed (TimeoutError: timed out")
