@@ -43,6 +43,7 @@ _LAZY = {
     "mask_options": "mrhscale.stores.secrets",
     "mask_text": "mrhscale.stores.secrets",
     "mask_url": "mrhscale.stores.secrets",
+    "Location": "mrhscale.stores.urls",
     "is_local": "mrhscale.stores.urls",
     "local_path": "mrhscale.stores.urls",
     "resolve": "mrhscale.stores.urls",
