@@ -115,7 +115,7 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
         # a tiny training run that streams from S3
         run = train(patches, str(tmp_path / "run"), depth=1, width=8, epochs=1, batch_size=32,
                     lr=1e-3, optimizer="adamw", quiet=True, storage_options=s3,
-                    workers=1)  # a DataLoader worker process reads S3 too
+                    loader_workers=1)  # a DataLoader worker process reads S3 too
         model = run["model"]
         # predict: S3 in, S3 out (workers read and write with the options); resume skips
         on_s3 = Context(scheduler=cl.scheduler_address, quiet=True, storage_options=s3)
