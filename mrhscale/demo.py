@@ -184,7 +184,7 @@ class _Demo:
             "held_out": self.test_id, "train_subjects": self.train_ids[:-1], "val_subject": self.val_id,
             "stage_seconds": {k: round(v, 1) for k, v in self.times.items()},
             "config": asdict(self.cfg), "paths": self.p,
-            "subjects_in_store": list_subjects(self.p["store"], self.ctx.storage_options),
+            "subjects_in_store": list_subjects(self.ctx.location(self.p["store"])),
         })
         summary["report"] = write_report(self.out, _tables(summary, metrics, imp, self.p),
                                          self._figures(metrics, imp),

@@ -111,7 +111,7 @@ def info(path, **kw):
     else:
         from mrhscale.stores import describe as describe_store
 
-        click.echo(describe_store(path, ctx.storage_options))
+        click.echo(describe_store(ctx.location(path)))
 
 
 @main.command("export-image")

@@ -22,7 +22,7 @@ import dask
 from mrhscale.errors import MRHError
 from mrhscale.log import note, progress
 from mrhscale.parallel.runner import LOCAL_SCHEDULERS, active_client, completed, run_tasks
-from mrhscale.stores.urls import url_options
+from mrhscale.stores.urls import Location
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,10 @@ class Context:
         if self.dask_workers is not None and self.dask_workers < 1:
             raise MRHError(f"--dask-workers must be >= 1, got {self.dask_workers}")
 
-    def options_for(self, url: str) -> Mapping[str, Any] | None:
-        """The storage options that open ``url``: None for a local path (zarr refuses them)."""
-        return url_options(url, dict(self.storage_options) if self.storage_options else None)
+    def location(self, url, what: str = "path") -> Location:
+        """``url`` resolved, with the storage options that open it (none for a local path): the
+        one place a stage turns a path it was given into a store's place."""
+        return Location.of(url, self.storage_options, what)
 
     def but(self, **changes) -> Context:
         """This context with some fields changed (``ctx.but(quiet=True)`` for an inner step)."""

@@ -67,7 +67,7 @@ def crossval(store: str, target: str, out_dir: str, *, folds: str | int = LOSO, 
     if len(parse_stains(target)) > 1:
         raise MRHError(f"--target {target}: crossval scores one stain at a time; run it per stain")
     store = resolve(store)
-    plan = make_plan(CohortStore.open(store, ctx.storage_options), target, folds, recipe_options(recipe),
+    plan = make_plan(CohortStore.open(ctx.location(store)), target, folds, recipe_options(recipe),
                      subjects)
     folder = Folder(out_dir, "mrhscale-crossval")
     _check_plan(folder, plan)

@@ -294,8 +294,8 @@ def evaluate(
 def _open_inputs(pred_url: str, store_url: str, target: str, subjects, ctx: Context):
     """The prediction and cohort stores, and the subjects to compare, all cross-checked:
     the prediction is of ``target``, and each subject was predicted from the store's own."""
-    pstore = PredictionStore.open(pred_url, ctx.storage_options)
-    cstore = CohortStore.open(store_url, ctx.storage_options)
+    pstore = PredictionStore.open(ctx.location(pred_url))
+    cstore = CohortStore.open(ctx.location(store_url))
     pattrs = pstore.attrs
     stains = stains_of(pattrs)
     if str(target) not in stains:

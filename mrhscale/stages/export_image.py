@@ -76,8 +76,8 @@ def export_image(store, subject: str, var: str, out, *, contrast: str | None = N
     made_by = _made_by(source, subject, var, contrast, attrs, len(pyr), labels)
     name = " ".join([subject, var, *([contrast] if contrast else [])])
     transforms = geo.transforms(factors)
-    with omezarr.build(out, made_by, _record(source, subject, geo), overwrite=overwrite, refresh=refresh,
-                       storage_options=ctx.storage_options) as b:
+    with omezarr.build(ctx.location(out, "--out"), made_by, _record(source, subject, geo), overwrite=overwrite,
+                       refresh=refresh) as b:
         if b is not None:
             write(b.group(), pyr, transforms, name, labels)
     return ExportImageResult(
@@ -94,13 +94,13 @@ def _ome_zarr(what: str):
 # --------------------------------------------------------------------------- validate
 def open_source(store, ctx: Context):
     """The cohort or prediction store at ``store`` (MRHError naming what is there otherwise)."""
-    url = resolve(store, "STORE")
-    found = inspect(url, ctx.options_for(url))
+    loc = ctx.location(store, "STORE")
+    found = inspect(loc)
     kinds = {CohortStore.FORMAT: CohortStore, PredictionStore.FORMAT: PredictionStore}
     if found.format not in kinds:
-        raise MRHError(f"STORE {mask_url(url)}: {found.description}"
+        raise MRHError(f"STORE {loc.masked}: {found.description}"
                        + ("" if found.absent else ", not a cohort or prediction store"))
-    return kinds[found.format](url, ctx.storage_options)
+    return kinds[found.format](loc)
 
 
 def select(source, subject: str, var: str, contrast: str | None):
@@ -252,7 +252,7 @@ def image_paths(out_dir, ids: list[str], ctx: Context, suffix: str = "") -> dict
         raise MRHError(f"--ome-zarr {base}: is a file, not a folder")
     paths = {sid: join(base, f"{sid}{suffix}.ome.zarr") for sid in ids}
     for p in paths.values():
-        own_attrs(p, ctx.options_for(p), what="--ome-zarr")
+        own_attrs(ctx.location(p, "--ome-zarr"), what="--ome-zarr")
     return paths
 
 

@@ -40,7 +40,7 @@ from mrhscale.report.html import write_report
 from mrhscale.report.tables import importance_tables
 from mrhscale.results import ImportanceResult
 from mrhscale.stages.predict_graph import check_channels
-from mrhscale.stores import Folder, PatchStore, resolve, sha256_file, write_json
+from mrhscale.stores import Folder, Location, PatchStore, resolve, sha256_file, write_json
 from mrhscale.training.stream import subject_tables
 
 _DEFAULT = ImportanceOptions()
@@ -68,8 +68,8 @@ def channel_groups(channels: list[str], groups: list[str] | None = None) -> dict
     return out
 
 
-def _open_split(url: str, split: str, storage_options: dict | None = None):
-    store = PatchStore.open(url, storage_options)
+def _open_split(loc: Location, split: str):
+    store = PatchStore.open(loc)
     x, t = store.split(split)
     if x.shape[0] == 0:
         raise MRHError(f"{store.name}: split {split!r} holds no patches; use --split train")
@@ -97,14 +97,14 @@ def importance(model_path: str, patches_url: str, out_dir: str, *, split: str = 
     model, meta = load_model(model_path, device=device, ensemble=True)
     if meta["members"] > 1:  # an ensemble's map is its members' mean: shuffle what drives that
         model = MemberMean(model)
-    storage_options = ctx.options_for(patches_url)
-    attrs, xa, ta = _open_split(patches_url, split, storage_options)
+    patches = ctx.location(patches_url)
+    attrs, xa, ta = _open_split(patches, split)
     sel = _check_model_and_store(model_path, meta, patches_url, attrs, xa)
     stain, k_model, k_store = _stain(stain, meta, attrs, model_path, patches_url)
     if len(stains_of(meta)) > 1:
         model = StainOutput(model, k_model)
     rng = np.random.default_rng(seed)
-    x, t = _sample(xa, ta, sel, _row_norms(meta["norm"], patches_url, attrs, split, sel, storage_options),
+    x, t = _sample(xa, ta, sel, _row_norms(meta["norm"], patches, attrs, split, sel),
                    rng, max_patches, k_store)
     gmap = channel_groups(list(meta["channels"]), _groups(attrs, sel))
     n_forward = len(x) * (1 + repeats * (len(gmap) + len(sel)))
@@ -153,12 +153,12 @@ def _stain(stain, meta: dict, attrs: dict, model_path, patches_url) -> tuple[str
     return stain, m.index(stain), s.index(stain)
 
 
-def _row_norms(norm, url: str, attrs: dict, split: str, sel: list[int], storage_options):
+def _row_norms(norm, loc: Location, attrs: dict, split: str, sel: list[int]):
     """``normalise(x, rows)``: the model's normalisation of store rows, per subject where it is."""
     if not norm.per_subject:
         return lambda x, idx: norm.apply_inputs(x, channel_axis=1)
-    off, inv = subject_tables(norm, {**attrs, "subject_norm": _stats_of(attrs, sel, url)}, url)
-    origin = PatchStore.open(url, storage_options).root()[f"{split}/origin"]
+    off, inv = subject_tables(norm, {**attrs, "subject_norm": _stats_of(attrs, sel, loc.url)}, loc.url)
+    origin = PatchStore.open(loc).root()[f"{split}/origin"]
 
     def normalise(x, idx):
         who = np.asarray(origin.get_orthogonal_selection((idx, 0)))

@@ -385,7 +385,7 @@ def ingest(
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     specs = man.select(list(dict.fromkeys(subjects)) if subjects else None)
     _check_options(chunks, compression)
-    store = CohortStore(out, ctx.storage_options)
+    store = CohortStore(ctx.location(out))
     exists = store.check_output()  # refuses anything but a cohort store
     todo, skipped = _reusable(store, specs, overwrite, exists)
     plans, bad = _plan_all(todo, store.channels() if exists else None, skip_bad)

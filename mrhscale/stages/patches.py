@@ -67,6 +67,7 @@ from mrhscale.parallel.context import Context, Runner
 from mrhscale.results import PatchesResult
 from mrhscale.stores import CohortStore, PatchStore, resolve
 from mrhscale.stores.patches import build, create_array, dims_of, open_array
+from mrhscale.stores.urls import Location
 
 SPLITS = ("train", "val")
 STAGING = "_staging"
@@ -121,19 +122,19 @@ def _extract_block(mri_b, tgt_b, mask_b, job: dict) -> dict:
     key = split * counts.shape[1] + bucket
     order = np.argsort(key, kind="stable")
     counts[:] = np.bincount(key, minlength=counts.size).reshape(counts.shape)
-    url, so = job["out"], job["storage_options"]
+    loc = job["out"]
     name = f"{STAGING}/p{job['sidx']}_{job['block']}"
     rows = max(1, min(n, job["stage_rows"]))
     for var, data in (("inputs", inputs), ("targets", labels.astype(np.float32)), ("origin", org)):
-        arr = create_array(url, f"{name}_{var}", data.shape, (rows, *data.shape[1:]), data.dtype,
-                           dims_of(var, data.ndim), so, compress=False)
+        arr = create_array(loc, f"{name}_{var}", data.shape, (rows, *data.shape[1:]), data.dtype,
+                           dims_of(var, data.ndim), compress=False)
         arr[...] = data[order]
     return {"piece": name, "counts": counts, "candidates": len(cent)}
 
 
 # --------------------------------------------------------------------------- pass 2: shuffle
-def _read_rows(url, name, so, start, stop):
-    return tuple(open_array(url, f"{name}_{v}", so, "r")[start:stop] for v in ("inputs", "targets", "origin"))
+def _read_rows(loc, name, start, stop):
+    return tuple(open_array(loc, f"{name}_{v}", "r")[start:stop] for v in ("inputs", "targets", "origin"))
 
 
 def _shuffle_bucket(job: dict) -> dict:
@@ -141,12 +142,12 @@ def _shuffle_bucket(job: dict) -> dict:
 
     Memory: the bucket once (read into preallocated arrays) plus one output chunk.
     """
-    url, so = job["out"], job["storage_options"]
+    loc = job["out"]
     n = sum(b - a for _, a, b in job["segments"])
     data = None
     pos = 0
     for name, a, b in job["segments"]:
-        part = _read_rows(url, name, so, a, b)
+        part = _read_rows(loc, name, a, b)
         if data is None:
             data = [np.empty((n, *x.shape[1:]), x.dtype) for x in part]
         for dst, x in zip(data, part, strict=True):
@@ -158,7 +159,7 @@ def _shuffle_bucket(job: dict) -> dict:
     g1 = g0 + n
     split = SPLITS[job["split"]]
     names = ("inputs", "targets", "origin")
-    arrs = {v: open_array(url, f"{split}/{v}", so) for v in names}
+    arrs = {v: open_array(loc, f"{split}/{v}") for v in names}
     first_full = -(-g0 // nc) * nc
     j0 = first_full
     while j0 < g1:
@@ -178,8 +179,8 @@ def _shuffle_bucket(job: dict) -> dict:
         name = f"{STAGING}/e{job['split']}_{job['bucket']}"
         for var, x in zip(names, data, strict=True):
             d = x[sel]
-            arr = create_array(url, f"{name}_{var}", d.shape, (max(1, len(d)), *d.shape[1:]), d.dtype,
-                               dims_of(var, d.ndim), so, compress=False)
+            arr = create_array(loc, f"{name}_{var}", d.shape, (max(1, len(d)), *d.shape[1:]), d.dtype,
+                               dims_of(var, d.ndim), compress=False)
             arr[...] = d
         off = 0
         for a, b in keep:
@@ -206,7 +207,7 @@ def _stain_max(t: np.ndarray):
 
 # --------------------------------------------------------------------------- pass 3: stitch
 def _stitch_chunk(job: dict) -> int:
-    url, so = job["out"], job["storage_options"]
+    loc = job["out"]
     j0, j1 = job["lo"], job["hi"]
     split = SPLITS[job["split"]]
     bufs = {}
@@ -214,12 +215,12 @@ def _stitch_chunk(job: dict) -> int:
         a, b = max(e["start"], j0), min(e["stop"], j1)
         r0 = e["row"] + a - e["start"]
         for var, data in zip(("inputs", "targets", "origin"),
-                             _read_rows(url, e["name"], so, r0, r0 + b - a), strict=True):
+                             _read_rows(loc, e["name"], r0, r0 + b - a), strict=True):
             if var not in bufs:
                 bufs[var] = np.empty((j1 - j0, *data.shape[1:]), data.dtype)
             bufs[var][a - j0:b - j0] = data
     for var, data in bufs.items():
-        open_array(url, f"{split}/{var}", so)[j0:j1] = data
+        open_array(loc, f"{split}/{var}")[j0:j1] = data
     return j1 - j0
 
 
@@ -333,16 +334,16 @@ def extract_patches(
     store_url, out_url = resolve(store_url), resolve(out_url)
     if store_url == out_url:
         raise MRHError("--out must differ from the cohort store")
-    source = CohortStore.open(store_url, ctx.storage_options)
+    source = CohortStore.open(ctx.location(store_url))
     cohort = source.open_cohort(list(dict.fromkeys(subjects)) if subjects else None)
     shapes = _check_cohort(cohort, stains, opts)
     made_by = {"stage": "patches", "target": target_name(stains), "options": opts.record(),
                "subjects": {sid: source.identity(sid)["fingerprint"] for sid in cohort}}
-    with build(out_url, made_by, overwrite=overwrite, storage_options=ctx.storage_options) as b:
+    with build(ctx.location(out_url), made_by, overwrite=overwrite) as b:
         if b is None:
             return _reused(out_url, ctx)
         with ctx.runner() as runner:
-            job = _Extraction(runner, cohort, shapes, stains, opts, b.url, b.storage_options)
+            job = _Extraction(runner, cohort, shapes, stains, opts, b.loc)
             summary = job.run(bucket_bytes)
             b.finish(job.attrs(summary, store_url, t_start), made_by)
     res = PatchesResult(out=out_url, seconds=round(time.perf_counter() - t_start, 3), subjects=list(cohort),
@@ -356,7 +357,7 @@ def _say(ctx: Context, msg: str) -> None:
 
 
 def _reused(out_url: str, ctx: Context) -> PatchesResult:
-    a = PatchStore.open(out_url, ctx.storage_options).attrs
+    a = PatchStore.open(ctx.location(out_url)).attrs
     _say(ctx, f"{out_url} is up to date (same cohort subjects, target and options): reused")
     return PatchesResult(out=out_url, n_train=a["n_train"], n_val=a["n_val"], subjects=a["subjects"],
                          seconds=0.0, reused=True)
@@ -371,9 +372,9 @@ def _default_bucket_bytes(runner: Runner) -> int:
 class _Extraction:
     """The three Dask passes (extract, shuffle, stitch) into a patch store being built."""
 
-    def __init__(self, runner: Runner, cohort, shapes, stains, opts: PatchOptions, out_url, so):
+    def __init__(self, runner: Runner, cohort, shapes, stains, opts: PatchOptions, out: Location):
         self.runner, self.cohort, self.shapes, self.stains = runner, cohort, shapes, stains
-        self.o, self.out, self.so = opts, out_url, so
+        self.o, self.out = opts, out
         self.sids = list(cohort)
         self.channels = [str(c) for c in cohort[self.sids[0]].contrast.values]
         self.val_set = set(opts.val_subjects)
@@ -502,7 +503,7 @@ class _Extraction:
             "axis": o.axis, "min_label_sum": o.min_label_sum, "min_label_nonzero": o.min_label_nonzero,
             "dtype": o.dtype, "seed": o.seed, "val_mode": self.val_mode, "val_fraction": o.val_fraction,
             "is_val": sid in self.val_set, "n_buckets": self.n_buckets, "out": self.out,
-            "storage_options": self.so, "stage_rows": max(256, self.nc // 8),
+            "stage_rows": max(256, self.nc // 8),
         }
 
     def check_counts(self, n_split, n_cand: int) -> None:
@@ -526,7 +527,7 @@ class _Extraction:
             for var, shape, dtype in (("inputs", (n, n_c, p, p), in_dtype), ("targets", t_shape, np.float32),
                                       ("origin", (n, 4), np.int32)):
                 create_array(self.out, f"{split}/{var}", shape, (nc, *shape[1:]), dtype, dims_of(var, len(shape)),
-                             self.so, self.o.compress)
+                             self.o.compress)
 
     def shuffle(self, pieces, totals, n_split):
         """Pass 2: one task per (split, bucket)."""
@@ -543,7 +544,7 @@ class _Extraction:
                 q = nb if n_train <= STATS_ROWS else int(STATS_ROWS * nb // n_train)
                 jobs.append({"split": s, "bucket": bkt, "segments": segs, "start": g, "chunk": self.nc,
                              "total": int(n_split[s]), "seed": self.o.seed, "out": self.out,
-                             "storage_options": self.so, "stats_rows": q})
+                             "stats_rows": q})
                 g += nb
         return jobs, _run(self.runner, [dask.delayed(_shuffle_bucket, pure=False)(j) for j in jobs], "shuffle")
 
@@ -556,7 +557,7 @@ class _Extraction:
                 for cj in range(e["start"] // nc, (e["stop"] - 1) // nc + 1):
                     by_chunk.setdefault(cj, []).append(e)
             jobs += [{"split": s, "lo": cj * nc, "hi": min((cj + 1) * nc, int(n_split[s])), "edges": es,
-                      "out": self.out, "storage_options": self.so} for cj, es in sorted(by_chunk.items())]
+                      "out": self.out} for cj, es in sorted(by_chunk.items())]
         _run(self.runner, [dask.delayed(_stitch_chunk, pure=False)(j) for j in jobs], "stitch")
 
     def attrs(self, summary: dict, store_url: str, t_start: float) -> dict:

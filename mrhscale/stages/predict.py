@@ -73,11 +73,11 @@ def predict(model_path: str, store_url: str, out_url: str, *, subjects: list[str
     store_url, out_url = resolve(store_url), resolve(out_url)
     if out_url == store_url:
         raise MRHError(f"--out {out_url}: is the input store; give a separate prediction store")
-    source = CohortStore.open(store_url, ctx.options_for(store_url))
+    source = CohortStore.open(ctx.location(store_url))
     ids, datasets = plan.inputs(source, subjects)
     files = _file_sinks(nifti_dir, to_native, datasets)
     ome = OmeZarrSink(ome_zarr, ids, plan, ctx) if ome_zarr else None
-    sink = ZarrSink(out_url, plan, overwrite=overwrite, storage_options=ctx.options_for(out_url))
+    sink = ZarrSink(ctx.location(out_url), plan, overwrite=overwrite)
     with contextlib.ExitStack() as stack:
         # an embedded cluster starts only if there is something to predict; its workers are
         # this machine's, so the numerics are planned here (a cluster given or joined: on its workers)

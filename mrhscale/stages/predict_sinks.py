@@ -32,21 +32,23 @@ from mrhscale.stages.register import (
     transforms_for_subject,
 )
 from mrhscale.stores.predictions import output, stale_reason
+from mrhscale.stores.urls import Location
 
 
 class ZarrSink:
     """The prediction store of one run's model (``open``), its subjects written whole (``write``)."""
 
-    def __init__(self, url: str, plan, *, overwrite: bool = False, storage_options=None):
-        self.url, self.plan, self.overwrite, self.storage_options = url, plan, overwrite, storage_options
+    def __init__(self, loc: Location, plan, *, overwrite: bool = False):
+        self.loc, self.plan, self.overwrite = loc, plan, overwrite
+        self.url = loc.url
         self.store, self.writer = None, None
 
     @contextlib.contextmanager
     def open(self):
         """The store for this model: as it is, created, or (``overwrite``) one of another model
         replaced by a new one built aside and swapped in when the block completes."""
-        with output(self.url, self.plan.identity(), self.plan.root_attrs(), overwrite=self.overwrite,
-                    storage_options=self.storage_options) as self.store:
+        with output(self.loc, self.plan.identity(), self.plan.root_attrs(),
+                    overwrite=self.overwrite) as self.store:
             yield self
 
     def sort_out(self, ids: list[str], made_by: dict) -> tuple[list[str], list[str]]:

@@ -12,6 +12,9 @@ Its rules (docs/stores.md), each tested in tests/stores/:
 - paths are resolved to absolute URLs where the user typed them;
 - storage options never reach a file or a log unmasked.
 
+A store's place is one value, ``Location(url, options)`` (``ctx.location(url)`` makes it):
+every function here takes it, so storage options travel inside it, never beside a URL.
+
 Its names load on first use: ``mrhscale.stores.urls`` (paths, used by every command
 line) must not pull zarr and xarray into a ``--help``.
 """
@@ -43,6 +46,7 @@ _LAZY = {
     "mask_options": "mrhscale.stores.secrets",
     "mask_text": "mrhscale.stores.secrets",
     "mask_url": "mrhscale.stores.secrets",
+    "Location": "mrhscale.stores.urls",
     "is_local": "mrhscale.stores.urls",
     "local_path": "mrhscale.stores.urls",
     "resolve": "mrhscale.stores.urls",

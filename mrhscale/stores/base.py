@@ -25,8 +25,7 @@ import warnings
 from dataclasses import dataclass
 
 from mrhscale.errors import MRHError
-from mrhscale.stores.secrets import mask_url
-from mrhscale.stores.urls import filesystem, is_local, join, local_path, resolve, split, url_options
+from mrhscale.stores.urls import Location, is_local, join, local_path, split
 
 MARKER = "mrhscale.json"  # marks a folder output (run, report, registration...) as ours
 NAMES = {
@@ -52,22 +51,22 @@ def quiet_zarr():
 
 
 class ZarrLocation:
-    """A Zarr store's place: its resolved URL, the storage options it needs, its root group."""
+    """A Zarr store at a ``Location`` (or a path or URL that needs no options), its root group."""
 
-    def __init__(self, url, storage_options: dict | None = None):
-        self.url = resolve(url)
-        self.storage_options = url_options(self.url, storage_options)
+    def __init__(self, loc: Location | str):
+        self.loc = Location.of(loc)
+        self.url = self.loc.url
 
     @property
     def name(self) -> str:
         """The URL as it may be shown (credentials masked)."""
-        return mask_url(self.url)
+        return self.loc.masked
 
     def root(self, mode: str = "r"):
         import zarr  # 0.6 s: base also serves the CLI's config files, which must not pay for it
 
         with quiet_zarr():
-            return zarr.open_group(self.url, mode=mode, storage_options=self.storage_options, zarr_format=3)
+            return zarr.open_group(self.url, mode=mode, storage_options=self.loc.options, zarr_format=3)
 
 
 def kill_point(name: str) -> None:
@@ -121,8 +120,9 @@ class Found:
         return self.format is None and self.empty
 
 
-def inspect(url: str, storage_options: dict | None = None) -> Found:
-    fs, path = filesystem(url, storage_options)
+def inspect(loc: Location | str) -> Found:
+    """What is at ``loc`` (a Location, or a path or URL that needs no options)."""
+    fs, path = Location.of(loc).filesystem()
     if not fs.exists(path):
         return Found(None, "does not exist", empty=True)
     if fs.isfile(path):
@@ -168,18 +168,21 @@ def _json(fs, path: str) -> dict:
         return {}
 
 
-def check_output(url: str, fmt: str, storage_options: dict | None = None, what: str = "--out") -> Found:
+def check_output(loc: Location | str, fmt: str, what: str = "--out") -> Found:
     """Refuse an output location holding anything but an mrhscale output of kind ``fmt``."""
-    found = inspect(url, storage_options)
+    loc = Location.of(loc)
+    found = inspect(loc)
     if found.absent or found.format == fmt:
         return found
-    raise MRHError(f"{what} {mask_url(url)}: {found.description}, not a {NAMES[fmt]}; "
+    raise MRHError(f"{what} {loc.masked}: {found.description}, not a {NAMES[fmt]}; "
                    f"mrhscale never replaces what it did not make: choose another {what}")
 
 
-def check_input(url: str, fmt: str, storage_options: dict | None = None, what: str = "") -> Found:
-    found = inspect(url, storage_options)
-    label = f"{what} {mask_url(url)}" if what else mask_url(url)
+def check_input(loc: Location | str, fmt: str, what: str = "") -> Found:
+    """Refuse an input that is not an mrhscale output of kind ``fmt``."""
+    loc = Location.of(loc)
+    found = inspect(loc)
+    label = f"{what} {loc.masked}" if what else loc.masked
     if found.format != fmt:
         raise MRHError(f"{label}: {found.description}" + ("" if found.absent else f", not a {NAMES[fmt]}"))
     return found
@@ -191,8 +194,13 @@ def aside_url(url: str, tag: str, token: str) -> str:
     return join(parent, f".{name}.mrhscale-{tag}-{token}") if parent else f".{name}.mrhscale-{tag}-{token}"
 
 
-def _asides(url: str, storage_options) -> list[str]:
-    fs, path = filesystem(url, storage_options)
+def aside(loc: Location, tag: str, token: str) -> Location:
+    """The place beside ``loc`` where its new version is built (opened with its options)."""
+    return Location(aside_url(loc.url, tag, token), loc.options)
+
+
+def _asides(loc: Location) -> list[str]:
+    fs, path = loc.filesystem()
     parent, name = split(path)
     try:
         entries = fs.ls(parent or ".", detail=False)
@@ -202,12 +210,14 @@ def _asides(url: str, storage_options) -> list[str]:
     return [e for e in entries if e.rstrip("/").rsplit("/", 1)[-1].startswith(pre)]
 
 
-def swap_in(new_url: str, url: str, storage_options=None, token: str = "swap") -> None:
-    """Put the complete output at ``new_url`` in place of ``url`` (which may not exist)."""
-    fs, path = filesystem(url, storage_options)
-    _, new_path = filesystem(new_url, storage_options)
-    if is_local(url):
-        old = local_path(aside_url(url, "old", token))
+def swap_in(new: Location | str, loc: Location | str, token: str = "swap") -> None:
+    """Put the complete output at ``new`` in place of ``loc`` (which may not exist); ``new``
+    is opened with ``loc``'s options when it is a plain URL."""
+    loc = Location.of(loc)
+    fs, path = loc.filesystem()
+    _, new_path = Location.of(new, loc.options).filesystem()
+    if loc.local:
+        old = local_path(aside_url(loc.url, "old", token))
         if os.path.lexists(path):
             os.rename(path, old)
         kill_point("swap:between-renames")
@@ -220,21 +230,22 @@ def swap_in(new_url: str, url: str, storage_options=None, token: str = "swap") -
     move_tree(fs, new_path, path)
 
 
-def recover(url: str, storage_options=None, complete=None) -> None:
-    """Finish or discard what a crashed run left beside ``url``; call holding its claim.
+def recover(loc: Location | str, complete=None) -> None:
+    """Finish or discard what a crashed run left beside ``loc``; call holding its claim.
 
     A complete new build whose swap was cut between the two renames is put in
-    place; anything else beside the output (half builds, old copies) is removed.
+    place (``complete(aside Location)`` decides); anything else beside the output
+    (half builds, old copies) is removed.
     """
-    fs, path = filesystem(url, storage_options)
-    asides = sorted(_asides(url, storage_options))
+    loc = Location.of(loc)
+    fs, path = loc.filesystem()
     if not fs.exists(path):
-        for a in asides:
-            if "mrhscale-new-" in a and (complete is None or complete(_as_url(url, a))):
+        for a in sorted(_asides(loc)):
+            if "mrhscale-new-" in a and (complete is None or complete(Location(_as_url(loc.url, a), loc.options))):
                 move_tree(fs, a, path)
                 break
-    for a in _asides(url, storage_options):
-        _remove_path(fs, a, is_local(url))
+    for a in _asides(loc):
+        _remove_path(fs, a, loc.local)
 
 
 def move_tree(fs, src: str, dst: str) -> None:
@@ -258,10 +269,11 @@ def _remove_path(fs, path: str, local: bool) -> None:
         fs.rm(path, recursive=True)
 
 
-def remove(url: str, storage_options=None) -> None:
+def remove(loc: Location | str) -> None:
     """Delete an output mrhscale made (callers check ownership first)."""
-    fs, path = filesystem(url, storage_options)
-    _remove_path(fs, path, is_local(url))
+    loc = Location.of(loc)
+    fs, path = loc.filesystem()
+    _remove_path(fs, path, loc.local)
 
 
 def prune_empty(path: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from mrhscale.errors import MRHError
 from mrhscale.stores.subjects import GroupStore
+from mrhscale.stores.urls import Location
 
 FORMAT = "mrhscale-cohort"
 
@@ -81,16 +82,18 @@ def short(names: list[str], n: int = 8) -> str:
     return ", ".join(names) if len(names) <= 2 * n else ", ".join(names[:n]) + ", ..., " + ", ".join(names[-n:])
 
 
-# ---- the functional API (mrhscale.list_subjects, mrhscale.open_subject)
-def list_subjects(url: str, storage_options: dict | None = None) -> list[str]:
-    """Ids of the complete subjects of a cohort store."""
-    return CohortStore.open(url, storage_options).subjects()
+# ---- the functional API (mrhscale.list_subjects, mrhscale.open_subject): for notebooks, a plain
+# path or URL; ``ctx`` (a Context, or storage options) says how to open a URL store
+def list_subjects(store, ctx=None) -> list[str]:
+    """Ids of the complete subjects of a cohort store (a path, URL or Location)."""
+    return CohortStore.open(Location.of(store, ctx)).subjects()
 
 
-def open_subject(url: str, subject: str, storage_options: dict | None = None, chunks="auto_zarr"):
+def open_subject(store, subject: str, ctx=None, chunks="auto_zarr"):
     """A subject as a lazy xarray Dataset (dask-backed with the store's chunks)."""
-    return CohortStore.open(url, storage_options).open_subject(subject, chunks)
+    return CohortStore.open(Location.of(store, ctx)).open_subject(subject, chunks)
 
 
-def open_cohort(url: str, subjects: list[str] | None = None, storage_options: dict | None = None) -> dict:
-    return CohortStore.open(url, storage_options).open_cohort(subjects)
+def open_cohort(store, subjects: list[str] | None = None, ctx=None) -> dict:
+    """Lazy datasets of several subjects of a cohort store, keyed by id."""
+    return CohortStore.open(Location.of(store, ctx)).open_cohort(subjects)

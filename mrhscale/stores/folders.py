@@ -45,7 +45,7 @@ class Folder:
 
     def check(self) -> bool:
         """Refuse anything but an empty place or a folder of this kind; True if one is there."""
-        return not check_output(self.path, self.fmt, None, self.what).absent
+        return not check_output(self.path, self.fmt, self.what).absent
 
     def info(self) -> dict:
         try:
@@ -72,7 +72,7 @@ class Folder:
         """Yield an empty folder to fill; it replaces this one only when the block completes."""
         self.check()
         with self.claim():
-            recover(self.path, None)
+            recover(self.path)
             new = aside_url(self.path, "new", run_token())
             os.makedirs(new)
             self.mark(new, **info)
@@ -82,7 +82,7 @@ class Folder:
 
                 remove(new)
                 raise
-            swap_in(new, self.path, None, token=run_token())
+            swap_in(new, self.path, token=run_token())
 
     def create(self, **info) -> None:
         """Make the folder (refusing a foreign one) and mark it as ours."""

@@ -21,7 +21,7 @@ import uuid
 from filelock import FileLock, Timeout
 
 from mrhscale.errors import MRHError
-from mrhscale.stores.urls import filesystem, is_local, local_path
+from mrhscale.stores.urls import Location, local_path
 
 HEARTBEAT_S = 30.0
 STALE_S = float(os.environ.get("MRHSCALE_CLAIM_STALE_S", "300"))
@@ -36,15 +36,16 @@ def run_token() -> str:
 class Claim:
     """Held by ``acquire()``, dropped by ``release()`` (or the process's death)."""
 
-    def __init__(self, url: str, what: str, storage_options: dict | None = None):
-        self.url, self.what, self.so = url, what, storage_options
+    def __init__(self, loc: Location | str, what: str):
+        self.loc, self.what = Location.of(loc), what
+        self.url = self.loc.url
         self._lock = None
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         self.token = run_token()
 
     def acquire(self) -> Claim:
-        if is_local(self.url):
+        if self.loc.local:
             self._acquire_file_lock()
         else:
             self._acquire_object()
@@ -84,14 +85,14 @@ class Claim:
                            "beat": time.time()}).encode()
 
     def _acquire_object(self) -> None:
-        fs, path = filesystem(self.url, self.so)
+        fs, path = self.loc.filesystem()
         try:
             _create_exclusive(fs, path, self._body())
         except FileExistsError:
             holder = _read_json(fs, path)
             if time.time() - float(holder.get("beat", 0)) < STALE_S:
                 raise MRHError(f"{self.what} is being written by another mrhscale process "
-                               f"({holder.get('host')}, pid {holder.get('pid')}; claim {self.url}); wait "
+                               f"({holder.get('host')}, pid {holder.get('pid')}; claim {self.loc.masked}); wait "
                                "for it to finish or use another --out") from None
             fs.pipe_file(path, self._body())  # the holder stopped beating: it is dead
         self._beat = threading.Thread(target=self._heartbeat, args=(fs, path), daemon=True,
@@ -106,7 +107,7 @@ class Claim:
                 continue
 
     def _remove_own_object(self) -> None:
-        fs, path = filesystem(self.url, self.so)
+        fs, path = self.loc.filesystem()
         try:
             if _read_json(fs, path).get("token") == self.token:
                 fs.rm(path)

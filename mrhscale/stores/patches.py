@@ -17,7 +17,7 @@ from zarr.codecs import BloscCodec
 from mrhscale.errors import MRHError
 from mrhscale.stores.base import (
     ZarrLocation,
-    aside_url,
+    aside,
     check_input,
     check_output,
     explain_mismatch,
@@ -30,8 +30,7 @@ from mrhscale.stores.base import (
 )
 from mrhscale.stores.cohort import short
 from mrhscale.stores.locks import Claim, run_token
-from mrhscale.stores.secrets import mask_url
-from mrhscale.stores.urls import join, resolve, split, url_options
+from mrhscale.stores.urls import Location
 
 FORMAT = "mrhscale-patches"
 STAGING = "_staging"
@@ -50,29 +49,31 @@ def dims_of(var: str, ndim: int) -> list[str]:
     return DIMS[var]
 
 
-def create_array(url: str, path: str, shape, chunks, dtype, dims, storage_options, compress: bool):
+def create_array(loc: Location, path: str, shape, chunks, dtype, dims, compress: bool):
     """A new (or replaced) zarr array inside a patch store being built."""
 
     comp = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),) if compress else None
     return zarr.create_array(
-        str(url), name=path, shape=tuple(int(s) for s in shape),
+        loc.url, name=path, shape=tuple(int(s) for s in shape),
         chunks=tuple(max(1, int(c)) for c in chunks), dtype=dtype, compressors=comp,
-        dimension_names=dims, storage_options=storage_options, overwrite=True, fill_value=0,
+        dimension_names=dims, storage_options=loc.options, overwrite=True, fill_value=0,
         chunk_key_encoding={"name": "default", "separator": "."},
     )
 
 
-def open_array(url: str, path: str, storage_options, mode: str = "r+"):
-    return zarr.open_array(str(url), path=path, mode=mode, storage_options=storage_options, zarr_format=3)
+def open_array(loc: Location, path: str, mode: str = "r+"):
+    """An array of a patch store (the workers' writes and reads)."""
+    return zarr.open_array(loc.url, path=path, mode=mode, storage_options=loc.options, zarr_format=3)
 
 
 class PatchStore(ZarrLocation):
     """A complete patch store, for reading."""
 
     @classmethod
-    def open(cls, url, storage_options: dict | None = None) -> PatchStore:
-        store = cls(url, storage_options)
-        found = check_input(store.url, FORMAT, store.storage_options)
+    def open(cls, loc: Location | str) -> PatchStore:
+        """A complete, usable patch store (MRHError saying what is there otherwise)."""
+        store = cls(loc)
+        found = check_input(store.loc, FORMAT)
         if not found.attrs.get("complete"):
             raise MRHError(f"{store.name}: patch store is incomplete (interrupted `mrhscale patches`?); "
                            "rerun the same command to rebuild it")
@@ -121,67 +122,69 @@ def identity(attrs: dict) -> dict:
 
 @dataclass
 class Build:
-    """Where a patch store is being built (``url``) and where it goes (``final``)."""
+    """Where a patch store is being built (``loc``) and where it goes (``final``)."""
 
-    url: str
-    final: str
-    storage_options: dict | None
+    loc: Location
+    final: Location
     aside: bool
     clear: bool = True  # False: nothing of ours is there yet (absent, or an empty folder)
 
-    def staging(self) -> str:
-        return join(self.url, STAGING)
+    @property
+    def url(self) -> str:
+        return self.loc.url
+
+    def staging(self) -> Location:
+        return self.loc.join(STAGING)
 
     def start(self) -> None:
         if self.clear:
-            remove(self.url, self.storage_options)  # ours: an incomplete store or a stale aside
+            remove(self.loc)  # ours: an incomplete store or a stale aside
+        so = self.loc.options
         with quiet_zarr():
-            root = zarr.open_group(self.url, mode="w", storage_options=self.storage_options, zarr_format=3)
+            root = zarr.open_group(self.url, mode="w", storage_options=so, zarr_format=3)
             root.attrs.update({"format": FORMAT, "format_version": 1, "complete": False})
-            zarr.open_group(self.staging(), mode="w", storage_options=self.storage_options, zarr_format=3)
+            zarr.open_group(self.staging().url, mode="w", storage_options=so, zarr_format=3)
 
     def finish(self, attrs: dict, made_by: dict) -> None:
         """Drop staging, write attrs, mark complete (last), and swap into place if aside."""
 
-        remove(self.staging(), self.storage_options)
+        remove(self.staging())
         kill_point("patches:before-complete")
         with quiet_zarr():
-            root = zarr.open_group(self.url, mode="r+", storage_options=self.storage_options, zarr_format=3)
+            root = zarr.open_group(self.url, mode="r+", storage_options=self.loc.options, zarr_format=3)
             root.attrs.update({**attrs, "made_by": made_by, "fingerprint": fingerprint(made_by)})
             root.attrs["complete"] = True
         if self.aside:
-            swap_in(self.url, self.final, self.storage_options, token=run_token())
+            swap_in(self.loc, self.final, token=run_token())
 
     def discard(self) -> None:
-        remove(self.url, self.storage_options)
+        remove(self.loc)
 
 
 @contextlib.contextmanager
-def build(url, made_by: dict, *, overwrite: bool = False, storage_options: dict | None = None):
-    """Claim the patch store at ``url`` and yield a ``Build`` to fill, or None to reuse it.
+def build(loc: Location, made_by: dict, *, overwrite: bool = False):
+    """Claim the patch store at ``loc`` and yield a ``Build`` to fill, or None to reuse it.
 
     None: a complete store made from the same inputs and options is already there.
     A complete store made from something else is refused unless ``overwrite``; then
     the new one is built aside and swapped in by ``Build.finish``. A failure
     discards the build and leaves the old store as it was.
     """
-    url = resolve(url)
-    so = url_options(url, storage_options)
-    found = check_output(url, FORMAT, so)
-    parent, name = split(url)
-    with Claim(join(parent, f".{name}.lock"), f"patch store {mask_url(url)}", so):
-        recover(url, so, complete=lambda u: _complete(u, so))
-        found = check_output(url, FORMAT, so)
+    loc = Location.of(loc)
+    found = check_output(loc, FORMAT)
+    with Claim(loc.claim_place(), f"patch store {loc.masked}"):
+        recover(loc, complete=_complete)
+        found = check_output(loc, FORMAT)
         attrs = found.attrs or {}
         complete = bool(attrs.get("complete"))
         if complete and not overwrite:
             if attrs.get("fingerprint") == fingerprint(made_by):
                 yield None
                 return
-            raise explain_mismatch(f"{mask_url(url)}: a complete patch store",
+            raise explain_mismatch(f"{loc.masked}: a complete patch store",
                                    attrs.get("made_by") or {}, made_by,
                                    "pass --overwrite to replace it or choose another --out")
-        b = Build(aside_url(url, "new", run_token()) if complete else url, url, so, aside=complete,
+        b = Build(aside(loc, "new", run_token()) if complete else loc, loc, aside=complete,
                   clear=complete or found.format == FORMAT)
         b.start()
         try:
@@ -192,8 +195,8 @@ def build(url, made_by: dict, *, overwrite: bool = False, storage_options: dict 
             raise
 
 
-def _complete(url: str, so) -> bool:
+def _complete(loc: Location) -> bool:
     try:
-        return bool((check_output(url, FORMAT, so).attrs or {}).get("complete"))
+        return bool((check_output(loc, FORMAT).attrs or {}).get("complete"))
     except MRHError:
         return False

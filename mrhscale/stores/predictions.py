@@ -14,10 +14,10 @@ import contextlib
 import numpy as np
 
 from mrhscale.errors import MRHError
-from mrhscale.stores.base import aside_url, differences, fingerprint, recover, remove, swap_in
+from mrhscale.stores.base import aside, differences, fingerprint, recover, remove, swap_in
 from mrhscale.stores.locks import Claim, run_token
 from mrhscale.stores.subjects import GroupStore
-from mrhscale.stores.urls import join, resolve, split, url_options
+from mrhscale.stores.urls import Location
 
 FORMAT = "mrhscale-predictions"
 IDENTITY = ("target", "variable", "aggregate", "model_sha256")
@@ -50,17 +50,15 @@ class PredictionStore(GroupStore):
 
 
 @contextlib.contextmanager
-def output(url, identity: dict, root_attrs: dict, *, overwrite: bool = False,
-           storage_options: dict | None = None):
+def output(loc: Location, identity: dict, root_attrs: dict, *, overwrite: bool = False):
     """The prediction store to write into for a run of one model.
 
     Same model, target and aggregation (or no store yet): the store itself. A store
     of another model: refused, or with ``overwrite`` a new store built aside and
     swapped in when the ``with`` block completes (a failure leaves the old one).
     """
-    url = resolve(url)
-    so = url_options(url, storage_options)
-    store = PredictionStore(url, so)
+    loc = Location.of(loc)
+    store = PredictionStore(loc)
     exists = store.check_output()
     old = store.identity() if exists else identity
     if old == identity:
@@ -71,17 +69,16 @@ def output(url, identity: dict, root_attrs: dict, *, overwrite: bool = False,
         diff = "; ".join(differences(old, identity)[:3])
         raise MRHError(f"{store.name}: holds predictions of another model or setting ({diff}); "
                        "pass --overwrite to replace the store or choose another --out")
-    parent, name = split(url)
-    with Claim(join(parent, f".{name}.lock"), f"prediction store {store.name}", so):
-        recover(url, so)
-        new = PredictionStore(aside_url(url, "new", run_token()), so)
+    with Claim(loc.claim_place(), f"prediction store {store.name}"):
+        recover(loc)
+        new = PredictionStore(aside(loc, "new", run_token()))
         new.prepare(root_attrs)
         try:
             yield new
         except BaseException:
-            remove(new.url, so)
+            remove(new.loc)
             raise
-        swap_in(new.url, url, so, token=run_token())
+        swap_in(new.loc, loc, token=run_token())
 
 
 def stale_reason(store: PredictionStore, sid: str, made_by: dict) -> str | None:

@@ -41,8 +41,7 @@ from mrhscale.stores.base import (
     remove,
 )
 from mrhscale.stores.locks import Claim, run_token
-from mrhscale.stores.secrets import mask_url
-from mrhscale.stores.urls import filesystem, is_local, join, local_path
+from mrhscale.stores.urls import Location, is_local, local_path
 
 STAGING = "_staging"
 LOCKS = "_locks"
@@ -58,10 +57,10 @@ class GroupStore(ZarrLocation):
 
     # ---- reading
     @classmethod
-    def open(cls, url, storage_options: dict | None = None, what: str = ""):
+    def open(cls, loc: Location | str, what: str = ""):
         """An existing store of this kind (MRHError naming what is there otherwise)."""
-        store = cls(url, storage_options)
-        check_input(store.url, cls.FORMAT, store.storage_options, what)
+        store = cls(loc)
+        check_input(store.loc, cls.FORMAT, what)
         return store
 
     @property
@@ -97,7 +96,7 @@ class GroupStore(ZarrLocation):
     def state(self, sid: str) -> tuple[bool, dict | None]:
         """(whether ``sid`` has a group, its commit marker if it is complete): two reads,
         whatever the number of subjects."""
-        fs, root = filesystem(self.url, self.storage_options)
+        fs, root = self.loc.filesystem()
         base = root.rstrip("/")
         exists = fs.exists(f"{base}/{sid}/zarr.json")
         if not fs.exists(f"{base}/{COMMITS}/zarr.json"):  # a store from before commit markers
@@ -115,7 +114,7 @@ class GroupStore(ZarrLocation):
             raise MRHError(f"{self.name}: subject {sid!r} not in store "
                            f"(complete subjects: {', '.join(self.subjects()) or 'none'})")
         with quiet_zarr():
-            attrs = dict(zarr.open_group(self.url, path=sid, mode="r", storage_options=self.storage_options,
+            attrs = dict(zarr.open_group(self.url, path=sid, mode="r", storage_options=self.loc.options,
                                          zarr_format=3).attrs)
         attrs.pop("complete", None)
         return {**attrs, **marker}
@@ -127,13 +126,13 @@ class GroupStore(ZarrLocation):
         kw = {} if chunks == "auto_zarr" else {"chunks": chunks}
         with quiet_zarr():
             ds = xr.open_zarr(self.url, group=sid, consolidated=False,
-                              storage_options=self.storage_options, **kw)
+                              storage_options=self.loc.options, **kw)
         return with_space(ds)  # a store written before coordinates gets them on read
 
     # ---- writing
     def check_output(self, what: str = "--out") -> bool:
         """Refuse a foreign location; True when a store of this kind is already there."""
-        return not check_output(self.url, self.FORMAT, self.storage_options, what).absent
+        return not check_output(self.loc, self.FORMAT, what).absent
 
     def prepare(self, attrs: dict) -> dict:
         """Create the root (with ``attrs``) if absent; return the root's attrs.
@@ -143,10 +142,10 @@ class GroupStore(ZarrLocation):
         """
         root_attrs = {"format": self.FORMAT, "format_version": self.FORMAT_VERSION, SUBJECTS_ATTR: [],
                       **attrs}
-        have = _ensure_group(self.url, self.storage_options, root_attrs)
+        have = _ensure_group(self.loc, root_attrs)
         self._migrate()
         for sub in (LOCKS, STAGING, COMMITS):  # groups: plain zarr listing the root sees no stray folder
-            _ensure_group(join(self.url, sub), self.storage_options, {})
+            _ensure_group(self.loc.join(sub), {})
         return have
 
     def _migrate(self) -> None:
@@ -161,7 +160,7 @@ class GroupStore(ZarrLocation):
                 if a.get("complete") is True:
                     marker = {k: a[k] for k in ("complete", "made_by", "fingerprint")}
                     zarr.open_group(self.url, path=f"{COMMITS}/{sid}", mode="w",
-                                    storage_options=self.storage_options, zarr_format=3, attributes=marker)
+                                    storage_options=self.loc.options, zarr_format=3, attributes=marker)
 
     def put(self, sid: str, ds, made_by: dict, encoding: dict | None = None) -> str:
         """Write a whole in-memory or lazy xarray Dataset as subject ``sid`` and commit it
@@ -171,7 +170,7 @@ class GroupStore(ZarrLocation):
             try:
                 with quiet_zarr():
                     portable(ds).to_zarr(self.url, group=path, mode="w", consolidated=False, zarr_format=3,
-                                         storage_options=self.storage_options, encoding=encoding)
+                                         storage_options=self.loc.options, encoding=encoding)
             except BaseException:
                 w.abort(sid, path)
                 raise
@@ -180,12 +179,12 @@ class GroupStore(ZarrLocation):
     def writer(self) -> SubjectWriter:
         return SubjectWriter(self)
 
-    def lock_url(self, name: str) -> str:
-        return join(self.url, LOCKS, f"{name}.lock")
+    def lock(self, name: str) -> Location:
+        return self.loc.join(LOCKS, f"{name}.lock")
 
     def refresh_index(self) -> list[str]:
         """Rewrite the root's ``subjects`` index from the markers (they are the truth)."""
-        lock = local_path(self.lock_url("_index")) if is_local(self.url) else None
+        lock = local_path(self.lock("_index").url) if self.loc.local else None
         for _ in range(6):
             with _blocking(lock):
                 done = self.subjects()
@@ -207,8 +206,9 @@ def portable(ds):
     return ds.assign_coords(coords).assign({k: v for k, v in fix.items() if k not in coords})
 
 
-def _ensure_group(url: str, storage_options, attrs: dict) -> dict:
-    """Open the group at ``url``, or create it with ``attrs`` in one write; its attrs."""
+def _ensure_group(loc: Location, attrs: dict) -> dict:
+    """Open the group at ``loc``, or create it with ``attrs`` in one write; its attrs."""
+    url, storage_options = loc.url, loc.options
 
     for _ in range(5):
         with quiet_zarr():
@@ -221,7 +221,7 @@ def _ensure_group(url: str, storage_options, attrs: dict) -> dict:
                                   overwrite=False)
             except zarr.errors.ContainsGroupError:
                 pass  # another process made it meanwhile: open it
-    raise MRHError(f"{mask_url(url)}: could not be created or opened as a Zarr group")
+    raise MRHError(f"{loc.masked}: could not be created or opened as a Zarr group")
 
 
 def legacy_marker(group_attrs: dict) -> dict:
@@ -269,8 +269,7 @@ class SubjectWriter:
 
     def begin(self, sid: str) -> str:
         """Claim ``sid`` and return the group path its new version is written to."""
-        claim = Claim(self.store.lock_url(sid), f"subject {sid} of {self.store.name}",
-                      self.store.storage_options).acquire()
+        claim = Claim(self.store.lock(sid), f"subject {sid} of {self.store.name}").acquire()
         self._claims[sid] = claim
         exists, marker = self.store.state(sid)
         complete = marker is not None
@@ -287,7 +286,7 @@ class SubjectWriter:
         with quiet_zarr():
             return portable(ds).to_zarr(self.store.url, group=path, mode="w", compute=False, consolidated=False,
                                         zarr_format=3, encoding=encoding,
-                                        storage_options=self.store.storage_options)
+                                        storage_options=self.store.loc.options)
 
     def commit(self, sid: str, path: str, made_by: dict, extra: dict | None = None) -> str:
         """Move the whole subject at ``path`` into place, then write its marker, last."""
@@ -297,7 +296,7 @@ class SubjectWriter:
             self._move(path, sid)
 
         marker = {"made_by": made_by, "fingerprint": fingerprint(made_by)}
-        so = self.store.storage_options
+        so = self.store.loc.options
         with quiet_zarr():
             g = zarr.open_group(self.store.url, path=sid, mode="r+", storage_options=so, zarr_format=3)
             g.attrs.update({**(extra or {}), **marker})
@@ -335,10 +334,10 @@ class SubjectWriter:
         return self.store.state(sid)[1] is not None
 
     def _fs(self):
-        return filesystem(self.store.url, self.store.storage_options)
+        return self.store.loc.filesystem()
 
     def _remove(self, path: str) -> None:
-        remove(join(self.store.url, path), self.store.storage_options)
+        remove(self.store.loc.join(path))
 
     def _move(self, src: str, dst: str) -> None:
         fs, root = self._fs()

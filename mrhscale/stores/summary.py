@@ -8,22 +8,22 @@ from mrhscale.stores.cohort import CohortStore
 from mrhscale.stores.omezarr import describe as describe_image
 from mrhscale.stores.patches import PatchStore
 from mrhscale.stores.predictions import PredictionStore
-from mrhscale.stores.secrets import mask_url
-from mrhscale.stores.urls import resolve, url_options
+from mrhscale.stores.urls import Location
 
 
-def describe(url: str, storage_options: dict | None = None) -> str:
+def describe(loc: Location | str) -> str:
     """Human summary of any mrhscale store (cohort, patches, predictions, OME-Zarr image)."""
-    found = inspect(resolve(url), url_options(resolve(url), storage_options))
+    loc = Location.of(loc)
+    found = inspect(loc)
     kinds = {"mrhscale-cohort": CohortStore, "mrhscale-patches": PatchStore,
              "mrhscale-predictions": PredictionStore}
     if found.format in ("mrhscale-cohort", "mrhscale-predictions"):
-        return kinds[found.format](url, storage_options).describe()
+        return kinds[found.format](loc).describe()
     if found.format == "mrhscale-ome-zarr":
-        return describe_image(url, storage_options)
+        return describe_image(loc)
     if found.format == "mrhscale-patches":
         if not (found.attrs or {}).get("complete"):
-            return f"store: {mask_url(url)}\nformat: mrhscale-patches\nincomplete (being built, or interrupted)"
-        return PatchStore.open(url, storage_options).describe()
-    raise MRHError(f"{mask_url(url)}: {found.description}"
+            return f"store: {loc.masked}\nformat: mrhscale-patches\nincomplete (being built, or interrupted)"
+        return PatchStore.open(loc).describe()
+    raise MRHError(f"{loc.masked}: {found.description}"
                    + ("" if found.absent else ", not an mrhscale store"))

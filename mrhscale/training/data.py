@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # the loop imports this module
 
 def read_patch_store_attrs(url: str, ctx: Context | None = None) -> dict:
     """Root attrs of a COMPLETE patch store, or an MRHError saying what is wrong."""
-    store = PatchStore.open(url, ctx.storage_options if ctx else None)
+    store = PatchStore.open((ctx or Context()).location(url))
     store.split("train")
     return store.attrs
 

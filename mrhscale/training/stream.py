@@ -70,7 +70,7 @@ def _dist_rank_world() -> tuple[int, int]:
 
 def open_patch_store(url: str, ctx: Context | None = None):
     """The root group of a complete patch store (MRHError otherwise); ``ctx``: its storage options."""
-    return PatchStore.open(url, ctx.storage_options if ctx else None).root()
+    return PatchStore.open((ctx or Context()).location(url)).root()
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,18 @@ def test_a_given_client_is_used_as_it_is_and_left_open():
 
 def test_storage_options_reach_urls_only():
     ctx = Context(storage_options={"endpoint_url": "http://127.0.0.1:9"})
-    assert ctx.options_for("/data/cohort.zarr") is None
-    assert dict(ctx.options_for("s3://bucket/cohort.zarr")) == {"endpoint_url": "http://127.0.0.1:9"}
-    assert Context().options_for("s3://bucket/x") is None
+    assert ctx.location("/data/cohort.zarr").options is None
+    loc = ctx.location("s3://bucket/cohort.zarr/")
+    assert loc.url == "s3://bucket/cohort.zarr"
+    assert dict(loc.options) == {"endpoint_url": "http://127.0.0.1:9"}
+    assert dict(loc.join("s01").options) == dict(loc.options) and loc.join("s01").url.endswith("zarr/s01")
+    assert Context().location("s3://bucket/x").options is None
+
+
+def test_a_location_shows_no_secret():
+    loc = Context(storage_options={"key": "AKIAKEYKEY", "secret": "SECRETSECRET"}).location("s3://u:pw@b/x")
+    for text in (repr(loc), str(loc), repr({"job": loc}), loc.masked):
+        assert "AKIAKEYKEY" not in text and "SECRETSECRET" not in text and "pw" not in text
 
 
 def test_but_changes_fields_and_keeps_the_rest():

@@ -50,8 +50,8 @@ def test_ingest_to_s3_and_read_back(tmp_path, s3):
     with dask_client(workers=2, quiet=True) as client:
         res = ingest(man, url, chunks=(4, 4, 4), ctx=Context(client=client, quiet=True, storage_options=s3))
     assert res["written"] == ["s01", "s02"]
-    assert list_subjects(url, storage_options=s3) == ["s01", "s02"]
-    ds = open_subject(url, "s01", storage_options=s3)
+    assert list_subjects(url, ctx=Context(storage_options=s3)) == ["s01", "s02"]
+    ds = open_subject(url, "s01", ctx=Context(storage_options=s3))
     import nibabel as nib
 
     dwi = np.asarray(nib.load(str(tmp_path / "files" / "s01" / "dwi.nii")).dataobj)
@@ -116,7 +116,7 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
         # a tiny training run that streams from S3
         run = train(patches, str(tmp_path / "run"), depth=1, width=8, epochs=1, batch_size=32,
                     lr=1e-3, optimizer="adamw", quiet=True, storage_options=s3,
-                    workers=1)  # a DataLoader worker process reads S3 too
+                    loader_workers=1)  # a DataLoader worker process reads S3 too
         model = run["model"]
         # predict: S3 in, S3 out (workers read and write with the options); resume skips
         on_s3 = Context(scheduler=cl.scheduler_address, quiet=True, storage_options=s3)
@@ -136,7 +136,7 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
     assert zarr.open_group(pred, mode="r", storage_options=s3).attrs["subjects"] == ["s01", "s02"]
     m = evaluate(pred, cohort, "af", str(tmp_path / "eval"), ctx=Context(quiet=True, storage_options=s3))
     assert np.isfinite(m["pooled"]["virtual"]["pearson"])
-    assert "s01" in describe_store(pred, storage_options=s3)
+    assert "s01" in describe_store(Context(storage_options=s3).location(pred))
     imp = importance(model, patches, str(tmp_path / "imp"), split="val", repeats=1, max_patches=64,
                      ctx=Context(quiet=True, storage_options=s3))
     assert imp["groups"] and np.isfinite(imp["baseline_mse"])
@@ -156,7 +156,7 @@ def test_cli_storage_options(tmp_path, s3):
     r = CliRunner().invoke(main, ["ingest", man, "--out", url, "--chunks", "4,4,4", "--dask-workers", "1",
                                   "-q", "--storage-options", json.dumps(s3)])
     assert r.exit_code == 0, r.output
-    assert list_subjects(url, storage_options=s3) == ["s01"]
+    assert list_subjects(url, ctx=Context(storage_options=s3)) == ["s01"]
     cfg = tmp_path / "info.yaml"
     cfg.write_text(yaml.safe_dump({"storage_options": s3}))
     r = CliRunner().invoke(main, ["info", url, "--config", str(cfg)])
@@ -192,7 +192,7 @@ def test_concurrent_ingests_into_one_s3_store(tmp_path, s3):
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    assert list_subjects(url, storage_options=s3) == ["s01", "s02", "s03"]
+    assert list_subjects(url, ctx=Context(storage_options=s3)) == ["s01", "s02", "s03"]
     root = zarr.open_group(url, mode="r", storage_options=s3)
     assert sorted(root.attrs["subjects"]) == ["s01", "s02", "s03"]
 
@@ -220,10 +220,10 @@ def test_s3_outputs_follow_the_store_rules(tmp_path, s3):
     out = "s3://mrh/rules/p.zarr"
     extract_patches(str(local), "af", out, **kw)
     extract_patches(str(local), "af", out, **{**kw, "options": PatchOptions(stride=3)}, overwrite=True)
-    assert PatchStore.open(out, s3).attrs["rules"]["stride"] == 3
+    assert PatchStore.open(Context(storage_options=s3).location(out)).attrs["rules"]["stride"] == 3
     fs.invalidate_cache()
     assert not [p for p in fs.ls("mrh/rules") if "mrhscale-" in p]
-    store = CohortStore("s3://mrh/rules/c.zarr", s3)
+    store = CohortStore(Context(storage_options=s3).location("s3://mrh/rules/c.zarr"))
     store.prepare({})
     first = store.writer()
     first.begin("s01")
