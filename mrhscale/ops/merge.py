@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mrhscale.options import PredictOptions
+
 
 def to_stain_units(pred: np.ndarray, t_offset, t_scale, spread_scale=None) -> np.ndarray:
     """Network units -> raw stain units, in place, along ``pred``'s axis 1: the T stains
@@ -51,7 +53,7 @@ class BlockMerger:
     clipped to the block.
     """
 
-    def __init__(self, mask: np.ndarray, halo: int, half: int, aggregate: str = "centre", values: int = 1):
+    def __init__(self, mask: np.ndarray, halo: int, half: int, aggregate: str = PredictOptions.aggregate, values: int = 1):
         self.mask, self.halo, self.half, self.mean = mask, halo, half, aggregate == "mean"
         S, R, Q = mask.shape
         self.out = np.zeros((S, R - 2 * halo, Q - 2 * halo, values), np.float32)

@@ -32,6 +32,7 @@ import numpy as np
 
 from mrhscale._optional import load
 from mrhscale.errors import MRHError
+from mrhscale.options import ImageOptions
 from mrhscale.parallel.context import Context
 from mrhscale.results import ExportImageResult
 from mrhscale.stores import (
@@ -53,7 +54,7 @@ AXES = [{"name": a, "type": "space", "unit": "millimeter"} for a in ("z", "y", "
 CHUNK = 64  # chunk edge (voxels): viewers fetch 64^3 blocks well; even, so blocks halve whole
 
 
-def export_image(store, subject: str, var: str, out, *, contrast: str | None = None, levels: int = 3,
+def export_image(store, subject: str, var: str, out, *, contrast: str | None = None, levels: int = ImageOptions.levels,
                  overwrite: bool = False, refresh: bool = False, ctx: Context | None = None) -> ExportImageResult:
     """Write ``var`` (its ``contrast`` for ``mri``) of ``subject`` in ``store`` to ``out`` as an
     OME-Zarr image of ``levels`` resolutions (fewer when the volume cannot halve further).

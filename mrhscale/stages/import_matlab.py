@@ -20,6 +20,7 @@ from mrhscale.io.matlab import mat_file_facts, read_layer_graph
 from mrhscale.nn.matlab import DEFAULT_CHANNELS_67, GraphMatch, layer_graph_to_model
 from mrhscale.ops.layer_graph import LayerGraph, count_parameters
 from mrhscale.ops.norm import Normalisation
+from mrhscale.options import MatlabImportOptions
 from mrhscale.results import ImportMatlabResult
 
 # Stain names recognised in a network's file name (token, case-insensitive) -> target.
@@ -189,9 +190,9 @@ def import_matlab(
     channels=None,
     input_scale: str | None = None,
     input_max: float | None = None,
-    target_max: float = 1.0,
+    target_max: float = MatlabImportOptions.target_max,
     target: str | None = None,
-    patch_axis: str = "y",
+    patch_axis: str = MatlabImportOptions.patch_axis,
     strict_names: bool = True,
 ) -> ImportMatlabResult:
     """Convert a MATLAB MRH-Net (.mat) into an mrhscale model bundle at ``out``.

@@ -23,7 +23,7 @@ from mrhscale.nn.worker import NetworkSpec, forward, network
 from mrhscale.ops.blocks import BlockPatches
 from mrhscale.ops.merge import BlockMerger, to_stain_units
 from mrhscale.ops.uncertainty import spread_scale
-from mrhscale.options import AGGREGATES
+from mrhscale.options import AGGREGATES, PredictOptions
 
 SPATIAL = ("x", "y", "z")
 BLOCK_BYTES = 96 << 20  # input bytes per prediction block (see subject_prediction)
@@ -43,7 +43,7 @@ class BlockJob:
     t_offset: np.ndarray
     t_scale: np.ndarray
     spread_scale: np.ndarray | None = None
-    aggregate: str = "centre"
+    aggregate: str = PredictOptions.aggregate
     tta: bool = False
 
 
@@ -79,7 +79,7 @@ def subject_arrays(ds, channels: list[str]):
     return mri, mask
 
 
-def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = "centre", tta: bool = False,
+def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = PredictOptions.aggregate, tta: bool = False,
                        norm=None, block_bytes: int = BLOCK_BYTES):
     """Lazy dask array (x, y, z) of the virtual stain for one subject Dataset; several stains
     or an ensemble bundle: (x, y, z, V) as ``predict_block``. ``spec``: the network and its
