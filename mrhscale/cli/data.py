@@ -1,4 +1,9 @@
-"""Commands that bring data in and show it: synth, manifest, ingest, info, export-image, register."""
+"""Commands that bring data in and show it: synth, manifest, ingest, info, export-image, register.
+
+Each command imports its stage inside its body: the stage pulls torch, zarr and Dask
+(seconds), which ``mrhscale --help`` and every other command must not pay
+(tests/cli/test_options_table.py checks that a --help loads no torch).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Commands that learn: patches, train, finetune, crossval."""
+"""Commands that learn: patches, train, finetune, crossval.
+
+Each command imports its stage inside its body: the stage pulls torch, zarr and Dask
+(seconds), which ``mrhscale --help`` and every other command must not pay
+(tests/cli/test_options_table.py checks that a --help loads no torch).
+"""
 
 from __future__ import annotations
 

@@ -199,7 +199,7 @@ def lattice_step(shape) -> int:
 def subject_stats_graph(mri, mask):
     """Delayed :func:`subject_stats` of dask arrays ``mri`` (x, y, z, contrast) and ``mask``:
     the percentiles from a lattice of the brain, the maximum from every brain voxel."""
-    import dask
+    import dask  # here, not at the top: bundles (io.bundle) load without Dask
     import dask.array as da
 
     k = lattice_step(mri.shape[:3])
@@ -211,7 +211,7 @@ def subject_stats_graph(mri, mask):
 def subject_stats(mri, mask) -> dict:
     """One subject's own input statistics inside its brain mask (numpy arrays), computed
     here by the same graph as :func:`subject_stats_graph`."""
-    import dask.array as da
+    import dask.array as da  # as above
 
     graph = subject_stats_graph(da.from_array(np.asarray(mri), chunks=(64, 64, 64, -1)),
                                 da.from_array(np.asarray(mask), chunks=(64, 64, 64)))

@@ -3,6 +3,10 @@
 Without ``--scheduler`` an embedded LocalCluster sized to the machine is
 started (processes, HTTP/dashboard on a random free port); with it, the
 stage joins an existing cluster (dask-jobqueue, Kubernetes, Coiled ...).
+
+``distributed`` (0.4 s to import) and torch are imported inside the functions that
+start or talk to a cluster: the Context and the command line import this module,
+and ``mrhscale --help`` must not pay for them.
 """
 
 from __future__ import annotations
