@@ -128,12 +128,19 @@ def read(path, index=None):
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory):
+def cohort_files(tmp_path_factory):
+    """The cohort's files (s01 is the reference): the input of every registration here."""
+    root = tmp_path_factory.mktemp("reg")
+    manifest, ref = make_cohort(str(root / "files"))
+    return root, manifest, ref
+
+
+@pytest.fixture(scope="module")
+def registered(cohort_files):
     """One affine run of the cohort (s01 is the reference), shared by several tests."""
     from mrhscale.stages.register import register_cohort
 
-    root = tmp_path_factory.mktemp("reg")
-    manifest, ref = make_cohort(str(root / "files"))
+    root, manifest, ref = cohort_files
     out = str(root / "out")
     res = register_cohort(manifest, "s01", out,
                           options=RegistrationOptions(transform="affine", contrast="fa", fast=True),
@@ -413,9 +420,9 @@ def test_cli_register_and_bad_inputs(registered, tmp_path):
 
 @needs_ants
 @pytest.mark.slow  # 9 s: register's CLI and one-line errors above; the no-overlap refusal only here
-def test_cli_no_overlap_exit_2(registered, tmp_path):
+def test_cli_no_overlap_exit_2(cohort_files, tmp_path):
     """A template far from every subject in world space, headers trusted: nothing can be done."""
-    manifest, ref, _, _ = registered
+    _, manifest, ref = cohort_files
     far = AFFINE.copy()
     far[:3, 3] += 500.0
     template = str(tmp_path / "far.nii.gz")
