@@ -13,8 +13,14 @@ import sys
 import click
 
 from mrhscale.cli.base import main
-from mrhscale.cli.params import context_from, context_options, subject_list, take, with_options
-from mrhscale.errors import MRHError
+from mrhscale.cli.params import (
+    context_from,
+    context_options,
+    renamed_option,
+    subject_list,
+    take,
+    with_options,
+)
 from mrhscale.options import (
     CrossvalOptions,
     FinetuneOptions,
@@ -53,19 +59,10 @@ def training_options(f):
     f = context_options(storage=True)(f)
     f = with_options(RunOptions)(f)
     f = with_options(Numerics, defaults={"precision": None, "compile": None})(f)
-    f = click.option("--no-amp", is_flag=True, hidden=True, expose_value=False,
-                     callback=_refuse("--no-amp was renamed --precision fp32"))(f)
+    f.__click_params__.append(renamed_option("--no-amp", "--precision fp32", flag=True))
     f = with_options(TrainingOptions)(f)
     return click.option("--out", "-o", required=True,
                         help="Run directory (checkpoints, metrics, curve.png, model.pt).")(f)
-
-
-def _refuse(message: str):
-    def refuse(_ctx, _param, value):
-        if value:
-            raise MRHError(message)
-
-    return refuse
 
 
 def _run_training(fn, *args, **kw):
@@ -75,9 +72,8 @@ def _run_training(fn, *args, **kw):
     ctx = context_from(kw)
     rt = take(RunOptions, kw)
     numerics = take(Numerics, kw)
-    given = {k: v for k, v in kw.items()}
     try:
-        res = fn(*args, **given, loader_workers=rt.loader_workers, threads=rt.threads, device=rt.device,
+        res = fn(*args, **kw, loader_workers=rt.loader_workers, threads=rt.threads, device=rt.device,
                  resume=rt.resume, keep_checkpoints=rt.keep_checkpoints, precision=numerics.precision,
                  compile=numerics.compile, quiet=ctx.quiet, storage_options=ctx.storage_options)
     except TrainingInterrupted as e:

@@ -82,16 +82,17 @@ def field_option(f: dataclasses.Field, default=dataclasses.MISSING) -> click.Opt
     return click.Option([*names, f.name], **kw)
 
 
-def renamed_option(old: str, new: str) -> click.Option:
-    """A hidden option for an old spelling: using it is a one-line error naming the new one."""
+def renamed_option(old: str, new: str, *, flag: bool = False) -> click.Option:
+    """A hidden option for an old spelling (a flag, or one taking a value): using it is a
+    one-line error naming the new one."""
 
     def refuse(_ctx, _param, value):
         if value not in (None, (), False):
             given = "" if isinstance(value, bool) else f" {value}"
             raise MRHError(f"{old} was renamed {new}; use {new}{given}")
 
-    return click.Option([old], hidden=True, expose_value=False, callback=refuse, is_eager=False,
-                        type=click.UNPROCESSED, default=None)
+    kind = {"is_flag": True, "default": False} if flag else {"type": click.UNPROCESSED, "default": None}
+    return click.Option([old], hidden=True, expose_value=False, callback=refuse, **kind)
 
 
 def with_options(*classes, exclude: tuple[str, ...] = (), defaults: dict | None = None):

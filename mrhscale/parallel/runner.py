@@ -1,22 +1,17 @@
-"""One convention for every Dask stage: which client it runs on, and one loop that runs tasks.
+"""The one loop that runs a Dask stage's tasks (which client it runs on: ``Context.runner``).
 
-``use_client``: the client given (``client=``); else a scheduler address
-(``--scheduler``); else the active client (a notebook's, so it is reused); else
-an embedded LocalCluster (``--workers`` processes). ``run_tasks`` and
-``completed`` submit, show progress, cancel everything on the first failure (no
+``run_tasks`` and ``completed`` submit, show progress, cancel everything on the first failure (no
 task may go on writing into an output being abandoned) and turn a worker-side
 failure into the one-line error the user sees.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import dask
 
 from mrhscale.errors import MRHError
-from mrhscale.log import note, progress
-from mrhscale.parallel.cluster import dask_client, task_error
+from mrhscale.log import progress
+from mrhscale.parallel.cluster import task_error
 
 LOCAL_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading", "processes")
 
@@ -29,30 +24,6 @@ def active_client():
         return default_client()
     except (ImportError, ValueError):
         return None
-
-
-@contextlib.contextmanager
-def use_client(client=None, scheduler: str | None = None, workers: int | None = None, quiet: bool = False,
-               device: str = "cpu"):
-    """The client a stage runs on; see the module docstring. A local Dask scheduler name
-    (``synchronous``, ``threads``...) as ``scheduler`` yields that name instead of a client;
-    ``device="cuda"`` makes an embedded cluster one worker per GPU."""
-    if client is not None:
-        yield client
-        return
-    if scheduler in LOCAL_SCHEDULERS:
-        yield scheduler
-        return
-    if scheduler is None and workers is None:
-        active = active_client()
-        if active is not None:
-            yield active
-            return
-
-    with dask_client(scheduler=scheduler, workers=workers, quiet=quiet, device=device) as c:
-        if scheduler is None:
-            note(f"Dask dashboard: {c.dashboard_link}", quiet)
-        yield c
 
 
 def run_tasks(env, tasks: list, desc: str, *, quiet: bool = False, what: str | None = None) -> list:
