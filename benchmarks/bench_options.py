@@ -60,7 +60,7 @@ def subject_model(path: str, plain: str) -> str:
 
     net, meta = load_model(plain)
     norm = Normalisation.subject_mode("subject-percentile", len(meta["channels"]), 0.0, 255.0)
-    save_bundle(path, net, channels=meta["channels"], norm=norm, target=meta["target"], patch=meta["patch"])
+    save_bundle(path, net, channels=meta["channels"], norm=norm, patch=meta["patch"])
     return path
 
 

@@ -93,9 +93,9 @@ def make_model(path: str):
     from mrhscale.ops.norm import Normalisation
 
     torch.manual_seed(0)
-    m = MRHNet(N_CHANNELS, depth=5, width=64)
+    m = MRHNet(N_CHANNELS, depth=5, width=64, stains=["af"])
     norm = Normalisation("percentile", [10.0] * N_CHANNELS, [200.0] * N_CHANNELS, 0.0, 255.0)
-    save_bundle(path, m, channels=channel_names(), norm=norm, target="af",
+    save_bundle(path, m, channels=channel_names(), norm=norm,
                 patch={"half": 1, "size": 3, "axis": "y"})
     return path
 

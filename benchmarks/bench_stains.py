@@ -91,8 +91,8 @@ def held_out_r(pred: str, store: str, stain: str, work: str) -> float:
 
     out = os.path.join(work, f"ev-{os.path.basename(pred)}-{stain}")
     shutil.rmtree(out, ignore_errors=True)
-    ev = evaluate(pred, store, stain, out, subjects=[HELD_OUT], ctx=Context(quiet=True),
-                  options=EvaluateOptions(montage_subjects=0))
+    ev = evaluate(pred, store, out, stains=[stain], subjects=[HELD_OUT], ctx=Context(quiet=True),
+                  options=EvaluateOptions(montage_subjects=0)).by_stain[stain]
     return float(ev["pooled"]["virtual"]["pearson"])
 
 

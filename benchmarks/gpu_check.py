@@ -76,7 +76,10 @@ def _train(work: str, n_dev: int, device: str, sizes: dict) -> list:
     prov = json.load(open(os.path.join(run, "config.json")))
     rows = json.load(open(os.path.join(run, "metrics.json")))["epochs"]
     per_s = rows[-1]["train_patches_per_s"]
-    print(f"train: {n_dev} ranks (world size {prov['world_size']}), amp {prov.get('amp')}, "
+    from mrhscale.io.bundle import read_bundle
+
+    numerics = read_bundle(os.path.join(run, "model.pt"))["provenance"].get("numerics", {})
+    print(f"train: {n_dev} ranks (world size {prov['world_size']}), numerics {numerics.get('label', numerics)}, "
           f"epoch of {sizes['n_train']} patches in {wall:.0f} s wall")
     bare = _bare_train(device, sizes["batch"])
     return [(f"torchrun train, {n_dev} ranks, global batch {sizes['batch'] * n_dev}", per_s,
@@ -113,8 +116,9 @@ def _predict(work: str, device: str, sizes: dict) -> list:
     make_cohort_store(cohort, n_subjects=1, shape=sizes["shape"], n_channels=CHANNELS, chunks=(64, 32, 64))
     model = os.path.join(work, "run", "model.pt")
     res = mrhscale.predict(model, cohort, os.path.join(work, "pred.zarr"), ctx=mrhscale.Context(device=device, quiet=True))
-    got = mrhscale.PredictionStore.open(res.out).open_subject("s01")[res.variable].values
-    ref = mrhscale.predict_volume(model, mrhscale.open_subject(cohort, "s01"))  # this process, CPU
+    virtual = res.variable.split(",")[0]  # the first stain's map
+    got = mrhscale.PredictionStore.open(res.out).open_subject("s01")[virtual].values
+    ref = mrhscale.predict_volume(model, mrhscale.open_subject(cohort, "s01"))[virtual]  # this process, CPU
     diff = float(np.max(np.abs(got - ref.values)))
     print(f"predict --device {device}: {res.brain_voxels} voxels in {res.seconds:.1f} s; "
           f"max |difference| to this process's CPU prediction {diff:.3g} stain units")

@@ -46,6 +46,7 @@ _LAZY = {
     "TrainResult": "mrhscale.results",
     "PredictResult": "mrhscale.results",
     "EvaluationResult": "mrhscale.results",
+    "StainEvaluation": "mrhscale.results",
     "CrossvalResult": "mrhscale.results",
     "ImportanceResult": "mrhscale.results",
     "RegisterResult": "mrhscale.results",

@@ -21,7 +21,6 @@ from mrhscale.log import note
 from mrhscale.ops.stains import parse_stains
 from mrhscale.options import (
     DemoOptions,
-    EvaluateOptions,
     PatchOptions,
     PredictOptions,
     SynthVariation,
@@ -158,16 +157,13 @@ class _Demo:
                     subjects=[self.test_id], overwrite=True, options=PredictOptions(), ctx=self.ctx)
 
     def evaluate(self) -> dict:
-        """Each stain against its reference (the first in ``evaluation``, others in
-        ``evaluation_<stain>``); returns the first's metrics, the others' in ``other_stains``."""
-        first, *others = parse_stains(self.cfg.target)
+        """Every stain against its reference (``evaluation/<stain>``); returns the headline
+        (first) stain's metrics, every stain's in ``by_stain``."""
         with self.stage("evaluate", "evaluate: virtual stains vs reference and single MRI markers"):
             # lesion ROC within white matter: a demyelination against the normal tissue it occurs in
-            self.other_stains = {t: evaluate(self.p["pred"], self.p["store"], t, f"{self.p['eval']}_{t}",
-                                             subjects=[self.test_id], roi="wm", ctx=self.ctx,
-                                             options=EvaluateOptions(montage_subjects=0)) for t in others}
-            return evaluate(self.p["pred"], self.p["store"], first, self.p["eval"],
-                            subjects=[self.test_id], roi="wm", ctx=self.ctx)
+            self.by_stain = evaluate(self.p["pred"], self.p["store"], self.p["eval"], subjects=[self.test_id],
+                                     roi="wm", ctx=self.ctx).by_stain
+        return self.by_stain[parse_stains(self.cfg.target)[0]]
 
     def importance(self) -> dict:
         with self.stage("importance", "importance: contrast groups by permutation"):
@@ -179,7 +175,9 @@ class _Demo:
 
     def report(self, metrics: dict, imp: dict) -> DemoResult:
         summary = _headline(metrics, self.test_id, self.cfg)
-        summary["other_stains"] = {t: _stain_line(m, self.test_id) for t, m in self.other_stains.items()}
+        lines = {t: _stain_line(m, self.test_id) for t, m in self.by_stain.items()}
+        summary["other_stains"] = {t: line for t, line in lines.items() if t != summary["stain"]}
+        summary["every_stain"] = lines
         summary.update({
             "held_out": self.test_id, "train_subjects": self.train_ids[:-1], "val_subject": self.val_id,
             "stage_seconds": {k: round(v, 1) for k, v in self.times.items()},
@@ -194,7 +192,7 @@ class _Demo:
 
     def _figures(self, metrics: dict, imp: dict) -> list:
         p = self.p
-        figures = [(os.path.join(p["eval"], f), c) for f, c in metrics.get("figure_captions", {}).items()]
+        figures = [(os.path.join(metrics["out_dir"], f), c) for f, c in metrics.get("figure_captions", {}).items()]
         figures += _figures_of(imp, p["imp"])
         curve = os.path.join(p["run"], "curve.png")
         if os.path.exists(curve):
@@ -211,8 +209,7 @@ def _tables(summary: dict, metrics: dict, imp: dict, paths: dict) -> dict:
             n: {c: m.get(c) for c in ("pearson", "spearman", "mae", "psnr", "ssim")}
             for n, m in metrics["pooled"].items() if n != "roc"},
     }
-    if summary.get("other_stains"):
-        tables["The network's other stains (held-out subject)"] = summary["other_stains"]
+    tables["Every stain of the network (held-out subject)"] = summary["every_stain"]
     if "roc" in metrics["pooled"]:
         tables["Lesion detection (AUC)"] = {n: {"AUC": r.get("auc"), "direction": r.get("direction")}
                                             for n, r in metrics["pooled"]["roc"].items()}
@@ -287,7 +284,7 @@ def _headline(metrics: dict, test_id: str, cfg: DemoConfig) -> dict:
 
 
 def _stain_line(metrics: dict, test_id: str) -> dict:
-    """Another stain of the same network on the held-out brain: its map and uncertainty figures."""
+    """A stain of the network on the held-out brain: its map and uncertainty figures."""
     v = metrics["pooled"].get("virtual", {})
     return {"pearson": v.get("pearson"), "spearman": v.get("spearman"), "mae": v.get("mae"),
             **{k: u for k, u in _uncertainty_headline(metrics, test_id).items()

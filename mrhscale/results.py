@@ -83,7 +83,9 @@ class TrainResult(_Result):
 
 
 @dataclass
-class EvaluationResult(_Result):
+class StainEvaluation(_Result):
+    """One stain's evaluation (``<out>/<stain>/metrics.json``)."""
+
     target: str
     variable: str
     subjects: list[str]
@@ -101,6 +103,17 @@ class EvaluationResult(_Result):
     report: str = ""
     roc_curves: dict | None = None
     uncertainty: dict | None = None  # when the prediction has an uncertainty (stages/evaluate.py)
+
+
+@dataclass
+class EvaluationResult(_Result):
+    """An evaluation of every stain scored: ``by_stain[stain]``, in ``stains`` order."""
+
+    stains: list[str]
+    subjects: list[str]
+    by_stain: dict[str, StainEvaluation]
+    out_dir: str = ""
+    report: str = ""
 
 
 @dataclass
@@ -233,7 +246,8 @@ class DemoResult(_Result):
     paths: dict
     subjects_in_store: list[str]
     report: str
-    other_stains: dict = field(default_factory=dict)
+    other_stains: dict = field(default_factory=dict)  # the stains after the headline one
+    every_stain: dict = field(default_factory=dict)  # each stain's map and uncertainty figures
     virtual_auc: float | None = None  # with a lesion label
     best_marker_auc: str | None = None
     uncertainty_spearman: float | None = None  # an ensemble's

@@ -84,8 +84,10 @@ def make_cohort_store(path, n_subjects=3, shape=(12, 10, 14), n_channels=5, seed
 
 
 def make_patch_store(path, n_train=512, n_val=128, n_channels=5, half=1, seed=0,
-                     target="af", chunk=64, complete=True, dtype="float32") -> str:
+                     target="af", chunk=64, complete=True, dtype="float32", legacy=False) -> str:
     """Write a patch store following the CONTRACTS.md layout, with a learnable target.
+    ``legacy``: as mrhscale wrote one-stain stores before stains were always a list
+    (``targets`` [N, P, P], no ``stains`` attr; read through stores/legacy.py).
 
     Inputs are raw (gamma distributed, like MRI intensities); the target is a
     smooth nonlinear function of a few channels in 0..255 stain units, so a
@@ -122,13 +124,16 @@ def make_patch_store(path, n_train=512, n_val=128, n_channels=5, half=1, seed=0,
         g = root.create_group(name)
         g.create_array("inputs", data=x, chunks=(chunk, n_channels, p, p),
                        dimension_names=["patch", "contrast", "row", "col"])
-        g.create_array("targets", data=t, chunks=(chunk, p, p),
-                       dimension_names=["patch", "row", "col"])
+        if legacy:
+            g.create_array("targets", data=t, chunks=(chunk, p, p), dimension_names=["patch", "row", "col"])
+        else:
+            g.create_array("targets", data=t[:, None], chunks=(chunk, 1, p, p),
+                           dimension_names=["patch", "stain", "row", "col"])
         g.create_array("origin", data=origin, chunks=(chunk, 4),
                        dimension_names=["patch", "field"])
     root.attrs.update({
         "format": "mrhscale-patches", "format_version": 1,
-        "channels": names, "target": target,
+        "channels": names, "target": target, **({} if legacy else {"stains": [target]}),
         "patch": {"half": half, "size": p, "axis": "y"},
         "norm": stats.to_dict(), "subject_norm": per_subject, "subjects": ["s01", "s02", "s03"],
         "val_subjects": ["s03"],
@@ -278,13 +283,13 @@ def write_model(path, channels, half=1, axis="y", seed=0, depth=1, width=8, targ
     from mrhscale.ops.norm import Normalisation
 
     torch.manual_seed(seed)
-    m = MRHNet(len(channels), depth=depth, width=width)
+    m = MRHNet(len(channels), depth=depth, width=width, stains=[target])
     with torch.no_grad():  # larger output variation than default init, so tests bite
-        m.conv5.weight.mul_(5.0)
+        m.heads[0].conv5.weight.mul_(5.0)
     c = len(channels)
     norm = Normalisation("percentile", list(np.linspace(5, 30, c)), list(np.linspace(80, 150, c)),
                          7.0, 60.0)
-    save_bundle(path, m, channels=list(channels), norm=norm, target=target,
+    save_bundle(path, m, channels=list(channels), norm=norm,
                 patch={"half": half, "size": 2 * half + 1, "axis": axis},
                 provenance={"test": True})
     return str(path)
@@ -413,7 +418,7 @@ def known_model(path, channels=("a", "b", "c")):
     from mrhscale.nn.model import MRHNet
     from mrhscale.ops.norm import Normalisation
 
-    m = MRHNet(len(channels), depth=0, width=4)
+    m = MRHNet(len(channels), depth=0, width=4, stains=["af"])
     with torch.no_grad():
         for p in m.parameters():
             p.zero_()
@@ -421,10 +426,10 @@ def known_model(path, channels=("a", "b", "c")):
         m.conv1.weight[1, 1, 1, 1] = 1.0  # feature 1 <- b
         m.conv2.weight[0, 0, 1, 1] = 1.0
         m.conv2.weight[0, 1, 1, 1] = 0.1
-        m.conv4.weight[0, 0, 1, 1] = 1.0
-        m.conv5.weight[0, 0, 1, 1] = 1.0
+        m.heads[0].conv4.weight[0, 0, 1, 1] = 1.0
+        m.heads[0].conv5.weight[0, 0, 1, 1] = 1.0
     norm = Normalisation("identity", [0.0] * len(channels), [1.0] * len(channels), 0.0, 10.0)
-    save_bundle(path, m, channels=list(channels), norm=norm, target="af",
+    save_bundle(path, m, channels=list(channels), norm=norm,
                 patch={"half": 1, "size": 3, "axis": "y"})
     return str(path)
 

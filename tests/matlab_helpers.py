@@ -93,8 +93,9 @@ def run_matlab_graph(graph: LayerGraph, x: np.ndarray) -> np.ndarray:
 
 
 def torch_out(model, x_bhwc: np.ndarray) -> np.ndarray:
+    """The one-stain network's map [B, H, W] (the MATLAB graph's one output channel)."""
     with torch.no_grad():
-        return model(torch.from_numpy(x_bhwc.transpose(0, 3, 1, 2).astype(np.float32))).numpy()
+        return model(torch.from_numpy(x_bhwc.transpose(0, 3, 1, 2).astype(np.float32)))[:, 0].numpy()
 
 
 def random_model(in_channels=5, depth=2, width=8, seed=0):

@@ -116,8 +116,8 @@ def test_6_evaluate_refuses_another_stain(tmp_path):
     from helpers import write_pair
 
     store, pred, _ = write_pair(tmp_path, n=1)
-    code, msg = cli("evaluate", pred, store, "--target", "mbp", "--out", tmp_path / "r", "-q")
-    one_line_error(code, msg, "virtual af", "--target af")
+    code, msg = cli("evaluate", pred, store, "--stain", "mbp", "--out", tmp_path / "r", "-q")
+    one_line_error(code, msg, "virtual af", "--stain af")
     assert not (tmp_path / "r").exists()
 
 
@@ -238,9 +238,9 @@ def test_13_importance_refuses_another_stains_patches(tmp_path):
 
     model = known_model(str(tmp_path / "m.pt"))
     store = tiny_store(tmp_path / "p.zarr")
-    zarr.open_group(store, mode="a").attrs["target"] = "mbp"
+    zarr.open_group(store, mode="a").attrs.update(target="mbp", stains=["mbp"])
     code, msg = cli("importance", model, store, "--out", tmp_path / "imp", "-q")
-    one_line_error(code, msg, "'mbp'", "'af'")
+    one_line_error(code, msg, "patches of mbp", "predicts af")
 
 
 def test_13_register_refuses_the_manifests_own_folder(tmp_path):

@@ -29,8 +29,9 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "nifti" / f"{summary['held_out']}_mbp_uncertainty.nii.gz").exists()
     # one network of mbp and nf (a head each): both maps, both uncertainties, both evaluated
     assert (out / "nifti" / f"{summary['held_out']}_nf_uncertainty.nii.gz").exists()
-    assert "virtual nf (same network): Pearson r" in r.output and "other stains" in html
-    assert -1 <= summary["other_stains"]["nf"]["pearson"] <= 1 and (out / "evaluation_nf" / "metrics.json").exists()
+    assert "virtual nf (same network): Pearson r" in r.output and "Every stain of the network" in html
+    assert -1 <= summary["other_stains"]["nf"]["pearson"] <= 1 and set(summary["every_stain"]) == {"mbp", "nf"}
+    assert all((out / "evaluation" / t / "metrics.json").exists() for t in ("mbp", "nf"))  # one evaluate call
     # a rerun reuses every finished stage
     r2 = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--quiet", "--dask-workers", "1"])
     assert r2.exit_code == 0, r2.output

@@ -5,12 +5,17 @@
 Counts, over every module of ``mrhscale/``: functions with a ``storage_options``
 parameter; functions with 12 or more parameters (self/cls excluded, * and ** counted);
 imports inside function bodies; import cycles between subpackages (module- or function-level imports); the
-line count of ``stages/predict.py``; functions over 80 lines of body.
+line count of ``stages/predict.py``; functions over 80 lines of body; one-stain branches
+outside the stores' adapter for older records (``stores/legacy.py``): a test (``if``, a
+conditional expression, a comparison) that asks whether there is one stain or several:
+a count of stains compared with 1 or 2, or a stain list or record's ``stains`` used as a truth value
+(an ``if`` that only raises, an input check, is none).
 """
 from __future__ import annotations
 
 import ast
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -91,6 +96,35 @@ def package_cycles(mods: dict[str, ast.Module]) -> list[tuple[str, str]]:
     return sorted({tuple(sorted((a, b))) for a in edges for b in edges[a] if a in edges.get(b, ())})
 
 
+def _mentions_stains(node) -> bool:
+    """Whether ``node`` is about the list of stains (``stains``, ``n_stains``, ``stains_of(...)``)."""
+    return re.search(r"stains(\b|_of\b)", ast.unparse(node)) is not None
+
+
+def _is_one_or_two(node) -> bool:
+    return isinstance(node, ast.Constant) and node.value in (1, 2) and not isinstance(node.value, bool)
+
+
+def one_stain_branches(tree: ast.Module) -> list[int]:
+    """Lines of ``tree`` that branch on one stain against several (see the module doc)."""
+    checks = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and not node.orelse
+              and all(isinstance(b, ast.Raise) for b in node.body) for n in [node, *ast.walk(node.test)]}
+    lines = set()
+    for node in ast.walk(tree):
+        if id(node) in checks:
+            continue  # an input check that refuses (e.g. "crossval scores one stain at a time") is no branch
+        if isinstance(node, ast.Compare) and _mentions_stains(node.left) and any(map(_is_one_or_two, node.comparators)):
+            lines.add(node.lineno)
+        elif isinstance(node, ast.If | ast.IfExp | ast.While):
+            tests = node.test.values if isinstance(node.test, ast.BoolOp) else [node.test]
+            for t in tests:
+                t = t.operand if isinstance(t, ast.UnaryOp) and isinstance(t.op, ast.Not) else t
+                if isinstance(t, ast.Name | ast.Attribute | ast.Call | ast.Subscript) and _mentions_stains(t) \
+                        and not (isinstance(t, ast.Call) and ast.unparse(t.func) in ("isinstance", "any", "all")):
+                    lines.add(t.lineno)
+    return sorted(lines)
+
+
 def measure() -> dict:
     mods = modules()
     PACKAGES.update(n for n in mods if (ROOT.parent / n.replace(".", "/") / "__init__.py").exists())
@@ -108,6 +142,8 @@ def measure() -> dict:
         "functions_over_80_lines": sorted(f"{m}.{n} ({k})" for m, n, k in body_lines if k > 80),
         "median_body_lines": sorted(k for *_, k in body_lines)[len(body_lines) // 2],
         "package_cycles": package_cycles(mods),
+        "one_stain_branches": [f"{m}:{n}" for m, t in mods.items() if m != "mrhscale.stores.legacy"
+                               for n in one_stain_branches(t)],
         "stages_predict_lines": len(predict.read_text().splitlines()) if predict.exists() else 0,
     }
 

@@ -13,6 +13,7 @@ from mrhscale.cli.base import main
 from mrhscale.cli.params import (
     context_from,
     context_options,
+    renamed,
     subject_list,
     take,
     with_options,
@@ -66,8 +67,12 @@ def predict(model, store, out, nifti_dir, ome_zarr, to_native, subjects, overwri
 @main.command()
 @click.argument("pred")
 @click.argument("store")
-@click.option("--target", required=True, help="Reference histology variable in STORE (e.g. af).")
-@click.option("--out", "-o", required=True, help="Report folder: metrics.json, PNG figures, report.html.")
+@renamed("--target", "--stain")
+@click.option("--stain", "stains", multiple=True, metavar="NAME",
+              help="Only this stain of PRED (repeat or comma-separate); default: every stain it holds, each "
+                   "against STORE's reference of the same name.")
+@click.option("--out", "-o", required=True,
+              help="Report folder: report.html, metrics.json, and per stain <stain>/metrics.json and figures.")
 @click.option("--label", default=None,
               help="Lesion/condition label for ROC: a bool variable of STORE's subjects (e.g. lesion) "
                    "or a NIfTI path with {subject} in it. Default: 'lesion' if the subjects have it.")
@@ -83,24 +88,31 @@ def predict(model, store, out, nifti_dir, ome_zarr, to_native, subjects, overwri
                    "space and are mapped onto the store grid (needs the register extra).")
 @click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
 @context_options(storage=True)
-def evaluate(pred, store, target, out, label, roi, markers, marker_transforms, subjects, **kw):
-    """Compare virtual (PRED) with reference histology and single MRI markers (STORE)."""
+def evaluate(pred, store, stains, out, label, roi, markers, marker_transforms, subjects, **kw):
+    """Compare virtual stains (PRED) with reference histology and single MRI markers (STORE)."""
     from mrhscale.stages.evaluate import evaluate as run
 
-    res = run(pred, store, target, out, label=label, roi=roi, subjects=subject_list(subjects),
+    res = run(pred, store, out, stains=subject_list(stains), label=label, roi=roi, subjects=subject_list(subjects),
               markers=list(markers) or None, marker_transforms=marker_transforms, ctx=context_from(kw))
-    p = res.pooled["virtual"]
-    click.echo(f"pooled virtual {target}: pearson {p['pearson']:.3f}, spearman {p['spearman']:.3f}, "
-               f"MAE {p['mae']:.3g}, PSNR {p['psnr']:.2f} dB, SSIM {p['ssim']:.3f}; report in {out}")
-    if res.get("uncertainty"):
-        u = res.uncertainty["pooled"]
-        click.echo(f"uncertainty {res.uncertainty['variable']}: Spearman with |error| "
+    for stain, ev in res.by_stain.items():
+        _say_evaluation(stain, ev)
+    click.echo(f"report in {res.report}")
+
+
+def _say_evaluation(stain: str, ev) -> None:
+    """One stain's headline: its map, its uncertainty (an ensemble's), the extra markers."""
+    p = ev.pooled["virtual"]
+    click.echo(f"pooled virtual {stain}: pearson {p['pearson']:.3f}, spearman {p['spearman']:.3f}, "
+               f"MAE {p['mae']:.3g}, PSNR {p['psnr']:.2f} dB, SSIM {p['ssim']:.3f}")
+    if ev.uncertainty:
+        u = ev.uncertainty["pooled"]
+        click.echo(f"  uncertainty {ev.uncertainty['variable']}: Spearman with |error| "
                    f"{u['spearman_abs_error']:.3f}, 95% interval coverage {u['coverage_95']:.3f}, "
                    f"retention area {u['retention']['area']:.3g} (random {u['retention']['random_area']:.3g}, "
                    f"oracle {u['retention']['oracle_area']:.3g})")
-    for name in res.markers["extra"]:
-        m = res.pooled[name]
-        click.echo(f"marker {name}: pearson vs reference {m['pearson']:.3f}, "
+    for name in ev.markers["extra"]:
+        m = ev.pooled[name]
+        click.echo(f"  marker {name}: pearson vs reference {m['pearson']:.3f}, "
                    f"vs virtual {m['pearson_vs_virtual']:.3f}")
 
 

@@ -95,6 +95,15 @@ def renamed_option(old: str, new: str, *, flag: bool = False) -> click.Option:
     return click.Option([old], hidden=True, expose_value=False, callback=refuse, **kind)
 
 
+def renamed(old: str, new: str, *, flag: bool = False):
+    """A decorator adding the old spelling of one of the command's options (see renamed_option)."""
+
+    def add(fn):
+        fn.__click_params__ = [*getattr(fn, "__click_params__", []), renamed_option(old, new, flag=flag)]
+        return fn
+    return add
+
+
 def with_options(*classes, exclude: tuple[str, ...] = (), defaults: dict | None = None):
     """A decorator adding every CLI field of ``classes`` (with its renamed spellings) to a command."""
 

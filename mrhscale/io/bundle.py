@@ -21,8 +21,9 @@ import torch
 from mrhscale.errors import MRHError
 from mrhscale.nn.model import MRHEnsemble, MRHNet
 from mrhscale.ops.norm import Normalisation
-from mrhscale.ops.stains import stain_record, stains_of
+from mrhscale.ops.stains import stain_record
 from mrhscale.stores import atomic_write
+from mrhscale.stores.legacy import calibration_of, head_state, stains_of
 
 FORMAT = "mrhscale-model"
 FORMAT_VERSION = 2  # 2: deep ensembles; a single network is still written as 1
@@ -33,10 +34,10 @@ def make_bundle(
     *,
     channels: list[str],
     norm: Normalisation,
-    target: str,
     patch: dict,
     provenance: dict | None = None,
 ) -> dict[str, Any]:
+    """A single network's bundle: its weights, inputs, normalisation and stains (the model's)."""
     if len(channels) != model.in_channels:
         raise MRHError(f"bundle: {len(channels)} channel names for a model with {model.in_channels} inputs")
     if norm.n_channels != model.in_channels:
@@ -51,14 +52,14 @@ def make_bundle(
         "state_dict": _state(model),
         "channels": [str(c) for c in channels],
         "norm": norm.to_dict(),
-        **stain_record(model.stains or [str(target)]),
+        **stain_record(model.stains),
         "patch": dict(patch),
         "provenance": dict(provenance or {}),
     }
     return bundle
 
 
-SHARED = ("arch", "channels", "norm", "target", "patch")  # what every member of an ensemble must agree on
+SHARED = ("arch", "channels", "norm", "stains", "patch")  # what every member of an ensemble must agree on
 
 
 def ensemble_bundle(members: list[dict[str, Any]], uncertainty: dict, provenance: dict) -> dict[str, Any]:
@@ -108,8 +109,8 @@ def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
 def model_from_bundle(b: dict[str, Any], state: dict | None = None) -> MRHNet:
     """The bundle's network (member 0 of an ensemble), or its architecture with ``state``."""
     arch = b["arch"]
-    model = MRHNet(arch["in_channels"], arch["depth"], arch.get("width", 64), stains=arch.get("stains"))
-    model.load_state_dict(b["state_dict"] if state is None else state)
+    model = MRHNet(arch["in_channels"], arch["depth"], arch.get("width", 64), stains=stains_of(b))
+    model.load_state_dict(head_state(b["state_dict"] if state is None else state))
     return model
 
 
@@ -128,7 +129,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     b = read_bundle(path)
     model = (predictor_from_bundle(b) if ensemble else model_from_bundle(b)).to(device).eval()
     meta = {k: v for k, v in b.items() if k not in ("state_dict", "member_state_dicts")}
-    meta["members"] = n_members(b)
+    meta["members"], meta["stains"] = n_members(b), stains_of(b)
     meta["norm"] = Normalisation.from_dict(b["norm"])
     return model, meta
 
@@ -163,8 +164,7 @@ def describe_bundle(path: str | os.PathLike) -> str:
         f"model bundle   {os.fspath(path)}",
         f"architecture   {arch.get('name', 'MRHNet')} depth={arch['depth']} width={arch.get('width', 64)} "
         f"in_channels={arch['in_channels']}  ({n_params:,} parameters{' per member' if n_members(b) > 1 else ''})",
-        f"target         {b['target']}"
-        + (f"  ({len(stains_of(b))} stains, one Conv4/Conv5 head each)" if b.get("stains") else ""),
+        f"stains         {', '.join(stains_of(b))}  (one Conv4/Conv5 head each)",
         *_ensemble_lines(b),
         f"patch          {p.get('size')}x{p.get('size')} (half {p.get('half')}), "
         f"in the plane across slice axis {p.get('axis')!r}",
@@ -204,12 +204,9 @@ def _ensemble_lines(b: dict) -> list[str]:
     if k == 1:
         return []
     u = b.get("uncertainty") or {}
-    cal = u.get("calibration") or {}
-    per = cal.get("stains") or {}  # several stains: a calibration each
+    per = calibration_of(b, stains_of(b))
     head = f"ensemble       {k} members (seeds {u.get('seeds', '?')}); uncertainty = spread x "
-    if not per:
-        return [head + _fitted(cal)]
-    return [head + "a factor per stain:", *(f"               {t}: {_fitted(c)}" for t, c in per.items())]
+    return [head + "a factor per stain:", *(f"               {t}: {_fitted(per.get(t, {}))}" for t in stains_of(b))]
 
 
 def _fitted(cal: dict) -> str:

@@ -74,6 +74,11 @@ def expected_names(depth: int) -> dict[str, str]:
     return {**names, **_HEAD_NAMES}
 
 
+def _state_key(role: str) -> str:
+    """The MRHNet parameter name of a published layer role: the one head is ``heads.0``."""
+    return f"heads.0.{role}" if role in ("conv4", "conv5") else role
+
+
 def _conv_roles(depth: int) -> list[str]:
     roles = ["conv1", "conv2", "conv3", "conv3_1"]
     for k in range(depth):
@@ -351,22 +356,22 @@ def _conv_bias(lay: MatLayer, cout: int) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def layer_graph_to_model(graph: LayerGraph, *, strict_names: bool = True):
-    """Check ``graph`` and build the equivalent :class:`MRHNet` -> (model, GraphMatch).
+def layer_graph_to_model(graph: LayerGraph, *, strict_names: bool = True, stain: str = "stain"):
+    """Check ``graph`` and build the equivalent :class:`MRHNet` of ``stain`` -> (model, GraphMatch).
 
     MATLAB weight ``W[h, w, cin, cout]`` becomes torch ``weight[cout, cin, h, w]``; both
     compute cross-correlation, so no kernel flip.
     """
     m = check_mrhnet_graph(graph, strict_names=strict_names)
-    model = MRHNet(m.in_channels, m.depth, m.width)
+    model = MRHNet(m.in_channels, m.depth, m.width, stains=[stain])
     state = {}
     for role in _conv_roles(m.depth):
         lay = graph.layer(m.roles[role])
         cin = m.in_channels if role == "conv1" else m.width
         cout = 1 if role == "conv5" else m.width
         wt = _conv_weight(lay, cin, cout).astype(np.float32)
-        state[f"{role}.weight"] = torch.from_numpy(np.ascontiguousarray(wt.transpose(3, 2, 0, 1)))
-        state[f"{role}.bias"] = torch.from_numpy(_conv_bias(lay, cout).astype(np.float32))
+        state[f"{_state_key(role)}.weight"] = torch.from_numpy(np.ascontiguousarray(wt.transpose(3, 2, 0, 1)))
+        state[f"{_state_key(role)}.bias"] = torch.from_numpy(_conv_bias(lay, cout).astype(np.float32))
     model.load_state_dict(state, strict=True)
     return model.eval(), m
 
@@ -393,7 +398,7 @@ class _GraphBuilder:
     def add(self, role: str, kind: str, **attrs) -> str:
         lay = MatLayer(self.names[role], kind, attrs={"class": KIND_CLASS[kind], **attrs})
         if kind == "conv":
-            _set_matlab_conv(lay, self.state[f"{role}.weight"], self.state[f"{role}.bias"])
+            _set_matlab_conv(lay, self.state[f"{_state_key(role)}.weight"], self.state[f"{_state_key(role)}.bias"])
         self.layers.append(lay)
         return lay.name
 
@@ -411,6 +416,9 @@ def mrhnet_to_layer_graph(model, patch_size: int = 3) -> LayerGraph:
     Inverse of :func:`layer_graph_to_model`; Conv5's weights are 3 x 3 x width and its
     bias 1 x 1, as MATLAB stores them. ``patch_size`` sets the input layer's InputSize.
     """
+    if model.n_stains != 1:
+        raise MRHError(f"the published MATLAB graph has one Conv4/Conv5 head; this network has "
+                       f"{model.n_stains} ({', '.join(model.stains)})")
     g, p = _GraphBuilder(model), int(patch_size)
     stem = [g.add("input", "input", InputSize=[p, p, model.in_channels], Normalization="none")]
     stem += [g.add("conv1", "conv"), g.add("relu1", "relu")]

@@ -1,12 +1,15 @@
 """MRH-Net: the original MATLAB graph as a plain ``torch.nn.Module``.
 
 Layer names follow the original DAGNetwork (Conv1, Conv2, Conv3, Conv3_1, the
-residual blocks, Conv4, Conv5) so imported MATLAB weights map one to one.
+residual blocks, Conv4, Conv5: one ``heads[k]`` of Conv4/Conv5 per stain) so imported
+MATLAB weights map one to one.
 No batch norm, no dropout, no input normalisation layer: normalisation lives
 in the model bundle, not in the graph.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -43,48 +46,42 @@ class StainHead(nn.Module):
 
 
 class MRHNet(nn.Module):
-    """MRH-Net on (2h+1)x(2h+1) patches: ``[B, C, P, P] -> [B, P, P]``.
+    """MRH-Net on (2h+1)x(2h+1) patches: ``[B, C, P, P] -> [B, T, P, P]``, T stains.
 
     ``depth`` is the number of residual blocks. The published MATLAB files
     named "5layer", "10layer", "30layer" hold depth 4, 9 and 29 respectively.
 
-    ``stains``: several stains share the backbone, each with its own Conv4/Conv5 head
-    (``heads[k]``, the original's transfer learning run side by side): ``[B, C, P, P] ->
-    [B, T, P, P]`` in ``stains`` order. One stain (the default) keeps the original graph,
-    its ``conv4``/``conv5`` names and its ``[B, P, P]`` output, so MATLAB imports and
-    earlier bundles load unchanged.
+    ``stains``: the stains share the backbone, each with its own Conv4/Conv5 head
+    (``heads[k]``; several are the original's transfer learning run side by side), the
+    output in ``stains`` order. One stain is the original graph, its head ``heads[0]``
+    (older bundles and MATLAB files name it ``conv4``/``conv5``: ``stores/legacy.py``).
     """
 
-    def __init__(self, in_channels: int, depth: int = 5, width: int = 64, stains: list[str] | None = None):
+    def __init__(self, in_channels: int, depth: int = 5, width: int = 64, stains: Sequence[str] = ("stain",)):
         super().__init__()
-        if in_channels < 1 or depth < 0 or width < 1:
-            raise ValueError(f"bad MRHNet config: in_channels={in_channels}, depth={depth}, width={width}")
+        if in_channels < 1 or depth < 0 or width < 1 or not stains:
+            raise ValueError(f"bad MRHNet config: in_channels={in_channels}, depth={depth}, width={width}, "
+                             f"stains={stains!r}")
         self.in_channels, self.depth, self.width = int(in_channels), int(depth), int(width)
-        self.stains = [str(s) for s in stains] if stains and len(stains) > 1 else None
+        self.stains = [str(s) for s in stains]
         self.conv1 = _conv(in_channels, width)
         self.conv2 = _conv(width, width)
         self.conv3 = _conv(width, width)
         self.conv3_1 = _conv(width, width)
         self.blocks = nn.ModuleList(ResidualBlock(width) for _ in range(depth))
-        if self.stains:
-            self.heads = nn.ModuleList(StainHead(width) for _ in self.stains)
-        else:
-            self.conv4 = _conv(width, width)
-            self.conv5 = _conv(width, 1)
+        self.heads = nn.ModuleList(StainHead(width) for _ in self.stains)
 
     @property
     def config(self) -> dict:
         return {"in_channels": self.in_channels, "depth": self.depth, "width": self.width,
-                **({"stains": list(self.stains)} if self.stains else {})}
+                "stains": list(self.stains)}
 
     @property
     def n_stains(self) -> int:
-        return len(self.stains) if self.stains else 1
+        return len(self.stains)
 
     def head_modules(self) -> list[nn.Conv2d]:
         """Every head's Conv4 and Conv5."""
-        if not self.stains:
-            return [self.conv4, self.conv5]
         return [c for h in self.heads for c in (h.conv4, h.conv5)]
 
     def stain_heads(self) -> list[tuple[nn.Conv2d, nn.Conv2d]]:
@@ -109,17 +106,14 @@ class MRHNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.backbone(x)
-        if self.stains:
-            return torch.cat([h(x) for h in self.heads], 1)
-        return self.conv5(torch.relu(self.conv4(x)))[:, 0]
+        return torch.cat([h(x) for h in self.heads], 1)
 
 
 def with_stains(base: MRHNet, base_stains: list[str], stains: list[str], kept: list[str]) -> MRHNet:
     """A network of ``stains`` on ``base``'s backbone (of ``base_stains``), with the heads of
     the stains in ``kept`` copied from it and the others as built (to be initialised)."""
     m = MRHNet(base.in_channels, base.depth, base.width, stains=stains)
-    heads = ("conv4.", "conv5.", "heads.")
-    m.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith(heads)}, strict=False)
+    m.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("heads.")}, strict=False)
     old = dict(zip(base_stains, base.stain_heads(), strict=True))
     for t, head in zip(stains, m.stain_heads(), strict=True):
         if t in kept:
@@ -129,7 +123,7 @@ def with_stains(base: MRHNet, base_stains: list[str], stains: list[str], kept: l
 
 
 class StainOutput(nn.Module):
-    """One stain of a network of several (or of an ensemble's mean): ``[B, P, P]``."""
+    """One stain of a network (or of an ensemble's mean): ``[B, P, P]``."""
 
     def __init__(self, model: nn.Module, k: int):
         super().__init__()
@@ -139,15 +133,9 @@ class StainOutput(nn.Module):
         return self.model(x)[:, self.k]
 
 
-def per_stain(y: torch.Tensor, n_stains: int) -> torch.Tensor:
-    """A network's output with its stain axis made explicit: ``[B, (K,) P, P]`` of a
-    one-stain network -> ``[B, (K,) 1, P, P]``; several stains already have it."""
-    return y.unsqueeze(-3) if n_stains == 1 else y
-
-
 class MRHEnsemble(nn.Module):
     """K MRH-Nets trained from different seeds and data orders, run side by side:
-    ``[B, C, P, P] -> [B, K, P, P]`` (several stains: ``[B, K, T, P, P]``). Their mean is the prediction, their spread the
+    ``[B, C, P, P] -> [B, K, T, P, P]``. Their mean is the prediction, their spread the
     uncertainty (a deep ensemble); training keeps each member a plain MRHNet."""
 
     def __init__(self, members: list[MRHNet]):
@@ -169,7 +157,7 @@ class MRHEnsemble(nn.Module):
 
 
 class MemberMean(nn.Module):
-    """An ensemble as one network: the members' mean ``[B, (T,) P, P]`` (what its map is)."""
+    """An ensemble as one network: the members' mean ``[B, T, P, P]`` (what its map is)."""
 
     def __init__(self, ensemble: MRHEnsemble):
         super().__init__()
@@ -181,7 +169,7 @@ class MemberMean(nn.Module):
 
 
 def mean_and_spread(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An ensemble's output ``[B, K, (T,) P, P]`` -> (the members' mean ``[B, (T,) P, P]``, their spread).
+    """An ensemble's output ``[B, K, T, P, P]`` -> (the members' mean ``[B, T, P, P]``, their spread).
 
     The spread is the members' standard deviation (ddof 1) pooled over the whole output
     patch, the same at each of its P x P positions: the members' disagreement about the

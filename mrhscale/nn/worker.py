@@ -25,7 +25,7 @@ import torch
 
 from mrhscale.errors import MRHError
 from mrhscale.nn.accel import Acceleration, InferenceModel, plan
-from mrhscale.nn.model import mean_and_spread, per_stain
+from mrhscale.nn.model import mean_and_spread
 from mrhscale.ops.blocks import warm_gather
 from mrhscale.ops.symmetry import symmetric_mean
 from mrhscale.options import Numerics
@@ -130,10 +130,10 @@ def check_device(device: str) -> str:
 
 
 def forward(model: InferenceModel, patches, centres, *, batch_size: int, half: int, centre: bool,
-            tta: bool = False, stains: int = 1, ensemble: bool = False) -> np.ndarray:
+            tta: bool = False, ensemble: bool = False) -> np.ndarray:
     """The network (normalised units) at ``centres`` (s, r, q in the block's frame), whose
     patches ``patches(s, r, q)`` gathers: [N, V] (``centre``) or [N, V, P, P] (the whole
-    outputs); V = ``stains``, or twice that for an ``ensemble`` (its members' means, then
+    outputs); V = the stains, or twice that for an ``ensemble`` (its members' means, then
     their pooled spreads, computed on the device). ``tta``: the mean over the 8 symmetries."""
     s, rp, qp = centres
     h = half
@@ -142,7 +142,7 @@ def forward(model: InferenceModel, patches, centres, *, batch_size: int, half: i
         for a in range(0, len(s), batch_size):
             b = slice(a, a + batch_size)
             x = torch.from_numpy(patches(s[b], rp[b], qp[b])).to(model.device)
-            y = per_stain((symmetric_mean(model, x) if tta else model(x)).float(), stains)
+            y = (symmetric_mean(model, x) if tta else model(x)).float()
             y = torch.cat(mean_and_spread(y), 1) if ensemble else y
             preds.append((y[:, :, h, h] if centre else y).cpu().numpy())
     return np.concatenate(preds)

@@ -4,8 +4,8 @@ The original divided test inputs by the test data's own maximum, so one brain
 scaled differently gave a different answer. Here the statistics are computed
 once on the training split and travel with the model, so inference is
 reproducible: ``x_norm = (x - offset[c]) / scale[c]`` per channel and
-``t_norm = (t - target_offset) / target_scale`` for the stain (for a network of
-several stains, ``target_offset``/``target_scale`` are lists, one per stain).
+``t_norm = (t - target_offset[k]) / target_scale[k]`` for stain ``k`` (the target
+statistics are lists, one entry per stain; one stain is a list of one).
 
 The per-subject modes instead scale every brain by its OWN statistics, inside
 its mask, before the network sees it: ``subject-percentile`` maps each contrast's
@@ -38,11 +38,12 @@ class Normalisation:
     mode: str
     offset: list[float]
     scale: list[float]
-    target_offset: float = 0.0
-    target_scale: float = 1.0
+    target_offset: list[float] = field(default_factory=lambda: [0.0])
+    target_scale: list[float] = field(default_factory=lambda: [1.0])
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self.target_offset, self.target_scale = _floats(self.target_offset), _floats(self.target_scale)
         if self.mode not in MODES:
             raise MRHError(f"unknown normalisation mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if len(self.offset) != len(self.scale):
@@ -61,24 +62,21 @@ class Normalisation:
 
     @property
     def n_stains(self) -> int:
-        """How many stains the target statistics are of (lists: one per stain)."""
-        return len(np.atleast_1d(self.target_scale))
+        """How many stains the target statistics are of."""
+        return len(self.target_scale)
 
     def target_arrays(self, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """(target offset, target scale), one entry per stain."""
-        return (np.atleast_1d(np.asarray(self.target_offset, dtype)),
-                np.atleast_1d(np.asarray(self.target_scale, dtype)))
+        return np.asarray(self.target_offset, dtype), np.asarray(self.target_scale, dtype)
 
     def stain(self, k: int) -> Normalisation:
         """This record with the target statistics of stain ``k`` alone."""
-        return self if self.n_stains == 1 else self.select_stains([k])
+        return self.select_stains([k])
 
     def select_stains(self, idx: list[int]) -> Normalisation:
         """This record with the target statistics of stains ``idx`` (in that order)."""
         off, scale = (a[idx].astype(float).tolist() for a in self.target_arrays(np.float64))
-        one = len(idx) == 1
-        return Normalisation(self.mode, list(self.offset), list(self.scale), off[0] if one else off,
-                             scale[0] if one else scale, dict(self.meta))
+        return Normalisation(self.mode, list(self.offset), list(self.scale), off, scale, dict(self.meta))
 
     @property
     def per_subject(self) -> bool:
@@ -124,18 +122,16 @@ class Normalisation:
         return (np.asarray(x, np.float32) - off.reshape(shape)) * inv.reshape(shape)
 
     def apply_target(self, t, stain_axis: int = 1):
-        """Stain units -> the network's; several stains lie along ``stain_axis``."""
+        """Stain units -> the network's; the stains lie along ``stain_axis``."""
         off, scale = self._target_shaped(t, stain_axis)
         return (t - off) / scale
 
     def invert_target(self, t, stain_axis: int = 1):
-        """The network's units -> stain units; several stains lie along ``stain_axis``."""
+        """The network's units -> stain units; the stains lie along ``stain_axis``."""
         off, scale = self._target_shaped(t, stain_axis)
         return t * scale + off
 
     def _target_shaped(self, t, stain_axis: int):
-        if self.n_stains == 1:
-            return float(np.atleast_1d(self.target_offset)[0]), float(np.atleast_1d(self.target_scale)[0])
         off, scale = self.target_arrays(np.float64)
         shape = [1] * t.ndim
         shape[stain_axis] = -1
@@ -147,8 +143,7 @@ class Normalisation:
         d = asdict(self)
         d["offset"] = [float(v) for v in self.offset]
         d["scale"] = [float(v) for v in self.scale]
-        d["target_offset"] = _floats(self.target_offset)
-        d["target_scale"] = _floats(self.target_scale)
+        d["target_offset"], d["target_scale"] = list(self.target_offset), list(self.target_scale)
         return d
 
     @classmethod
@@ -166,14 +161,16 @@ class Normalisation:
             raise MRHError(f"malformed normalisation record: {e}") from None
 
     @classmethod
-    def global_max(cls, n_channels: int, input_max: float, target_max: float = 1.0) -> Normalisation:
-        """The original MRH-Net scaling: every input divided by one global maximum."""
-        return cls("global-max", [0.0] * n_channels, [float(input_max)] * n_channels, 0.0, float(target_max))
+    def global_max(cls, n_channels: int, input_max: float, target_max=1.0) -> Normalisation:
+        """The original MRH-Net scaling: every input divided by one global maximum
+        (``target_max``: one per stain)."""
+        t_max = _floats(target_max)
+        return cls("global-max", [0.0] * n_channels, [float(input_max)] * n_channels, [0.0] * len(t_max), t_max)
 
 
-def _floats(v):
-    """A float, or a list of floats (one per stain)."""
-    return [float(x) for x in v] if isinstance(v, list | tuple | np.ndarray) else float(v)
+def _floats(v) -> list[float]:
+    """One float per stain (a record made before stains were always a list holds a number)."""
+    return [float(x) for x in np.atleast_1d(np.asarray(v, np.float64))]
 
 
 # --------------------------------------------------------------------------- per-subject statistics

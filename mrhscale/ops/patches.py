@@ -150,11 +150,11 @@ def select_samples(mri, target, mask, centres, half: int, axis: str, min_label_s
                    min_label_nonzero: int):
     """Apply the sampling rules to candidate centres of an in-memory block.
 
-    mri [X,Y,Z,C], target/mask [X,Y,Z] (block-local), centres [n,3] block-local.
-    Returns (keep_index, inputs [k,C,P,P], labels [k,P,P]) for the kept candidates.
-    Several stains (target [X,Y,Z,T]): a candidate is kept when ANY stain passes the
-    label rules there; labels [k,T,P,P] hold NaN for a stain whose patch has any NaN
-    (a stain the subject lacks, or outside its section): that is the loss's mask.
+    mri [X,Y,Z,C], target [X,Y,Z,T] (T stains), mask [X,Y,Z] (block-local), centres [n,3]
+    block-local. Returns (keep_index, inputs [k,C,P,P], labels [k,T,P,P]) for the kept
+    candidates. A candidate is kept when ANY stain passes the label rules there; labels
+    hold NaN for a stain whose patch has any NaN (a stain the subject lacks, or outside
+    its section): that is the loss's mask.
     """
     labels = gather_patches(target, centres, half, axis)
     lab = labels.reshape(len(labels), -1, (2 * half + 1) ** 2)  # [n, T, P*P]
@@ -171,6 +171,5 @@ def select_samples(mri, target, mask, centres, half: int, axis: str, min_label_s
     if not finite.all():
         idx, inputs = idx[finite], inputs[finite]
     labels = labels[idx]
-    if labels.ndim == 4:
-        labels[~present[idx]] = np.nan
+    labels[~present[idx]] = np.nan
     return idx, inputs, labels

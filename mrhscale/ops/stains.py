@@ -1,10 +1,11 @@
 """Stain names: what one network learns. A network may learn several stains at once
 (``--target nf,mbp``): one backbone, one head per stain (docs/training.md, "Several stains").
 
-Every record that names what was learned (patch store attrs, model bundle, prediction
-store) keeps ``target`` as before: the stain, or for several the comma-joined list, so
-one-stain records read as they always did; several stains add ``stains`` (their order
-is the network's output order).
+Stains are always a list: every record that names what was learned (patch store attrs,
+model bundle, prediction store) carries ``stains`` (the network's output order; one stain
+is a list of one) and every array of them a stain axis. ``target``, their comma-joined
+name, stays in records as a label for people. Records and arrays made before this
+(one stain, no ``stains``, no stain axis) are read through ``stores/legacy.py``.
 """
 
 from __future__ import annotations
@@ -31,18 +32,11 @@ def parse_stains(spec) -> list[str]:
     return names
 
 
-def stains_of(record: dict) -> list[str]:
-    """The stains a record (patch store attrs, bundle metadata, prediction attrs) is of."""
-    if record.get("stains"):
-        return [str(s) for s in record["stains"]]
-    return [str(record["target"])]
-
-
 def target_name(stains: list[str]) -> str:
     """The ``target`` a record of ``stains`` carries: the stain, or the comma-joined list."""
     return ",".join(stains)
 
 
 def stain_record(stains: list[str]) -> dict:
-    """``target`` (and ``stains`` when several) for a record's attrs."""
-    return {"target": target_name(stains), **({"stains": list(stains)} if len(stains) > 1 else {})}
+    """``stains`` and their ``target`` label, for a record's attrs."""
+    return {"target": target_name(stains), "stains": list(stains)}

@@ -20,7 +20,7 @@ def dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
 
 def symmetric_mean(model, x: torch.Tensor) -> torch.Tensor:
     """Test-time augmentation: the mean of ``model`` over the 8 symmetries of the patches
-    ``x[B, C, P, P]``, each output ``[B, P, P]`` turned back before averaging."""
+    ``x[B, C, P, P]``, each output (its last two axes in-plane) turned back before averaging."""
     acc = model(x).float()
     for k in range(1, N_SYMMETRIES):
         acc += dihedral(model(dihedral(x, k).contiguous()).float(), k, inverse=True)  # one layout: no recompile

@@ -310,10 +310,10 @@ def _fold_evaluation(plan, fold, model, job, ctx, d) -> list[dict]:
     pred = os.path.join(d, "pred.zarr")
     options = PredictOptions(**plan.get("predict", {}))
     predict(model, job["store"], pred, subjects=fold["held_out"], overwrite=True, options=options, ctx=ctx)
-    ev = evaluate(pred, job["store"], plan["target"], os.path.join(d, "eval"), subjects=fold["held_out"],
-                  options=EvaluateOptions(montage_subjects=1), ctx=ctx)
-    return [{"subject": s, "fold": fold["name"], **{m: ev["per_subject"][s]["virtual"].get(m) for m in METRICS},
-             **_uncertainty_row(ev["per_subject"][s].get("uncertainty"))} for s in fold["held_out"]]
+    ev = evaluate(pred, job["store"], os.path.join(d, "eval"), stains=[plan["target"]], subjects=fold["held_out"],
+                  options=EvaluateOptions(montage_subjects=1), ctx=ctx).by_stain[plan["target"]]
+    return [{"subject": s, "fold": fold["name"], **{m: ev.per_subject[s]["virtual"].get(m) for m in METRICS},
+             **_uncertainty_row(ev.per_subject[s].get("uncertainty"))} for s in fold["held_out"]]
 
 
 UNCERTAINTY_METRICS = ("unc_spearman", "coverage_95")  # columns of an ensemble's folds

@@ -1,6 +1,7 @@
 """Evaluation: virtual vs reference histology, against single-MRI-marker baselines.
 
-Within the brain mask (the store's mask AND the prediction's mask), per subject
+Every stain of the prediction store (or those named) is scored against the cohort
+store's reference of it, in one call. Within the brain mask (the store's mask AND the prediction's mask), per subject
 and pooled over subjects:
 
 - Pearson r, Spearman r, MAE, PSNR, SSIM of the virtual stain vs the reference.
@@ -40,9 +41,10 @@ interval), the error-retention curve (MAE of the most confident fraction of voxe
 with its area beside an oracle's and random order's, and its mean inside each label
 of the subject (``lesion``, ``artefact``, ...) against the rest of the brain.
 
-Writes ``metrics.json``, PNG figures (slice montage per subject, scatter, ROC, and for
-an uncertainty its slice beside the error's and the retention curves) and
-``report.html`` into ``out_dir``.
+Writes into ``out_dir``: ``<stain>/metrics.json`` and ``<stain>/*.png`` for each stain
+(slice montage per subject, scatter, ROC, and for an uncertainty its slice beside the
+error's and the retention curves), ``metrics.json`` (the stains, the subjects and each
+stain's pooled headline) and one ``report.html`` with every stain's tables and figures.
 """
 
 from __future__ import annotations
@@ -60,16 +62,16 @@ from mrhscale.errors import MRHError
 from mrhscale.io.volumes import open_volume
 from mrhscale.log import progress
 from mrhscale.ops.metrics import PooledMoments, linear_fit, roc, similarity, spearman
-from mrhscale.ops.stains import stains_of
 from mrhscale.ops.uncertainty import uncertainty_metrics
 from mrhscale.options import EvaluateOptions
 from mrhscale.parallel.context import Context
 from mrhscale.report import figures
 from mrhscale.report.html import write_report
 from mrhscale.report.tables import evaluation_tables
-from mrhscale.results import EvaluationResult
+from mrhscale.results import EvaluationResult, StainEvaluation
 from mrhscale.stages.register import marker_from_file
 from mrhscale.stores import CohortStore, Folder, PredictionStore, resolve, write_json
+from mrhscale.stores.legacy import calibration_of, stains_of
 
 SPATIAL = ("x", "y", "z")
 MARKERS = ("FA", "MT ratio", "T2", "MD")
@@ -257,9 +259,9 @@ def _finite(v):
 def evaluate(
     pred_url: str,
     store_url: str,
-    target: str,
     out_dir: str,
     *,
+    stains: list[str] | None = None,
     label: str | None = None,
     roi: str | None = None,
     subjects: list[str] | None = None,
@@ -268,40 +270,62 @@ def evaluate(
     options: EvaluateOptions | None = None,
     ctx: Context | None = None,
 ) -> EvaluationResult:
-    """Metrics of PRED's virtual stain vs STORE's ``target`` and single markers; writes a report.
+    """Metrics of PRED's virtual stains vs STORE's references and single markers; writes a report.
 
-    markers: extra markers (store contrast/variable names or NIfTI paths with ``{subject}``),
+    stains: the stains scored (default: every stain of the prediction). markers: extra markers (store contrast/variable names or NIfTI paths with ``{subject}``),
     compared like the built-in ones; marker_transforms: ``mrhscale register`` output folder
     for marker files still in the subjects' native space. options: the pooled sample and
     montages (:class:`mrhscale.options.EvaluateOptions`); ctx: the stores' storage options, quiet.
     """
     ctx, options = ctx or Context(), options or EvaluateOptions()
-    pstore, cstore, ids = _open_inputs(resolve(pred_url), resolve(store_url), target, subjects, ctx)
+    pstore, cstore, ids = _open_inputs(resolve(pred_url), resolve(store_url), subjects, ctx)
+    stains = _stains(pstore, stains)
     if marker_transforms is not None and not os.path.isdir(marker_transforms):
         raise MRHError(f"--marker-transforms {marker_transforms}: no such folder "
                        "(give the `mrhscale register` output folder)")
     folder = Folder(out_dir, "mrhscale-evaluation")
-    with folder.replace(target=target, pred=pstore.url, store=cstore.url) as work:
-        ev = _Evaluation(pstore, cstore, target, work, label=label, roi=roi, extra=list(markers or []),
-                         marker_transforms=marker_transforms, options=options, n_subjects=len(ids))
-        metrics = _evaluate(ev, ids, options.montage_subjects, ctx, final_dir=folder.path)
-    res = EvaluationResult(**metrics)
-    res.out_dir = folder.path
-    res.report = os.path.join(folder.path, os.path.basename(metrics["report"]))
-    return res
+    with folder.replace(stains=stains, pred=pstore.url, store=cstore.url) as work:
+        by_stain = {}
+        for stain in stains:
+            ev = _Evaluation(pstore, cstore, stain, os.path.join(work, stain), label=label, roi=roi,
+                             extra=list(markers or []), marker_transforms=marker_transforms, options=options,
+                             n_subjects=len(ids))
+            by_stain[stain] = StainEvaluation(**_evaluate(ev, ids, options.montage_subjects, ctx,
+                                                          final_dir=os.path.join(folder.path, stain)))
+        report = os.path.join(folder.path, os.path.basename(_write_summary(work, by_stain, ids)))
+    for ev in by_stain.values():
+        ev.report = report  # one report of every stain
+    return EvaluationResult(stains=stains, subjects=ids, by_stain=by_stain, out_dir=folder.path, report=report)
 
 
-def _open_inputs(pred_url: str, store_url: str, target: str, subjects, ctx: Context):
+def _stains(pstore, wanted: list[str] | None) -> list[str]:
+    """The stains scored: ``wanted`` (each one the prediction holds), else all of them."""
+    have = stains_of(pstore.attrs)
+    wanted = list(dict.fromkeys(wanted or have))
+    bad = [t for t in wanted if t not in have]
+    if bad:
+        raise MRHError(f"{pstore.name}: holds virtual {', '.join(have)}, not {', '.join(bad)}; "
+                       f"give --stain {' or '.join(have)} (or none: every stain)")
+    return wanted
+
+
+def _write_summary(out_dir: str, by_stain: dict, ids: list[str]) -> str:
+    """``metrics.json`` (each stain's pooled headline, its files) and ``report.html``."""
+    doc = {"stains": list(by_stain), "subjects": ids,
+           "by_stain": {t: {"metrics": f"{t}/metrics.json", "virtual": m.pooled.get("virtual"),
+                            "uncertainty": (m.uncertainty or {}).get("pooled")} for t, m in by_stain.items()}}
+    write_json(os.path.join(out_dir, "metrics.json"), _finite(doc))
+    tables = {f"{t}: {k}": v for t, m in by_stain.items() for k, v in evaluation_tables(m.to_dict()).items()}
+    figs = [(os.path.join(out_dir, t, f), f"{t}: {c}") for t, m in by_stain.items()
+            for f, c in m.figure_captions.items()]
+    return write_report(out_dir, tables, figs, f"mrhscale evaluation: virtual {', '.join(by_stain)}")
+
+
+def _open_inputs(pred_url: str, store_url: str, subjects, ctx: Context):
     """The prediction and cohort stores, and the subjects to compare, all cross-checked:
-    the prediction is of ``target``, and each subject was predicted from the store's own."""
+    each subject was predicted from the store's own."""
     pstore = PredictionStore.open(ctx.location(pred_url))
     cstore = CohortStore.open(ctx.location(store_url))
-    pattrs = pstore.attrs
-    stains = stains_of(pattrs)
-    if str(target) not in stains:
-        raise MRHError(f"{pstore.name}: holds virtual {', '.join(stains)} (its model predicts "
-                       f"{pattrs.get('target')!r}); --target {target} would compare it with another "
-                       f"stain: give --target {' or '.join(stains)}")
     pred_ids, store_ids = pstore.subjects(), cstore.subjects()
     ids = list(dict.fromkeys(subjects)) if subjects else [s for s in pred_ids if s in store_ids]
     bad = [s for s in ids if s not in pred_ids or s not in store_ids]
@@ -348,12 +372,11 @@ class _Evaluation:
     def __init__(self, pstore, cstore, target, out_dir, *, label, roi, extra, marker_transforms,
                  options: EvaluateOptions, n_subjects: int):
         self.pstore, self.cstore, self.target, self.out_dir = pstore, cstore, target, out_dir
+        os.makedirs(out_dir, exist_ok=True)  # this stain's folder inside the evaluation's (being built)
         self.label, self.roi, self.extra, self.transforms = label, roi, extra, marker_transforms
         self.extra_names = marker_names(extra)
-        one = len(stains_of(pstore.attrs)) == 1  # else: the prediction of several stains, this one's maps
-        self.variable = (pstore.attrs.get("variable") if one else None) or f"{target}_virtual"
-        self.unc_variable = ((pstore.attrs["uncertainty"] if one else f"{target}_uncertainty")
-                             if pstore.attrs.get("uncertainty") else None)  # an ensemble's prediction
+        self.variable = f"{target}_virtual"
+        self.unc_variable = f"{target}_uncertainty" if pstore.attrs.get("uncertainty") else None  # an ensemble's
         self.unc_curves: dict[str, dict] = {}
         self.unc_pooled: dict | None = None
         self.slice_axis = str((pstore.attrs.get("model") or {}).get("patch", {}).get("axis", "y"))
@@ -509,9 +532,8 @@ class _Evaluation:
 
     def calibration(self) -> dict:
         """The bundle's calibration (fitted on its validation split) as predict recorded it."""
-        u = (self.pstore.attrs.get("model") or {}).get("uncertainty") or {}
-        cal = dict(u.get("calibration") or {})
-        return dict((cal.get("stains") or {}).get(self.target) or cal)  # several stains: this one's
+        model = self.pstore.attrs.get("model") or {}
+        return calibration_of(model, stains_of(self.pstore.attrs)).get(self.target, {})
 
     def pooled_figures(self, roc_pooled) -> None:
         pool, target, out = self.pool, self.target, self.out_dir
@@ -545,8 +567,6 @@ class _Evaluation:
         metrics["figure_captions"] = {os.path.basename(p): c for p, c in self.figures}
         metrics["out_dir"] = final_dir
         write_json(os.path.join(self.out_dir, "metrics.json"), _finite(metrics))
-        metrics["report"] = write_report(self.out_dir, evaluation_tables(metrics), self.figures,
-                                         f"mrhscale evaluation: virtual {self.target}")
         return metrics
 
     def document(self, ids: list[str], pooled: dict) -> dict:

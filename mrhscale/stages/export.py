@@ -45,9 +45,10 @@ from mrhscale.errors import MRHError
 from mrhscale.io.bundle import load_model
 from mrhscale.results import ExportResult
 from mrhscale.stores import atomic_write, is_local, resolve, sha256_file, write_json
+from mrhscale.stores.legacy import stains_of
 
 FORMAT = "mrhscale-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the output always has a stain axis (NTHW; one stain: T = 1)
 FORMATS = ("onnx", "pt2")
 INPUT, OUTPUT = "mri", "stain"
 DIMS = {0: "batch", 2: "height", 3: "width"}  # the input's dynamic dims
@@ -170,12 +171,9 @@ class InferenceGraph(nn.Module):
         off, inv = norm.input_arrays()
         self.register_buffer("offset", torch.from_numpy(off).reshape(1, -1, 1, 1))
         self.register_buffer("inv_scale", torch.from_numpy(inv).reshape(1, -1, 1, 1))
-        if norm.n_stains == 1:  # python floats: the graph of a one-stain network as before
-            self.t_scale, self.t_offset = float(norm.target_scale), float(norm.target_offset)
-        else:  # several stains: [B, T, P, P], each stain its own scaling
-            t_off, t_scale = norm.target_arrays(np.float32)
-            self.register_buffer("t_scale", torch.from_numpy(t_scale).reshape(1, -1, 1, 1))
-            self.register_buffer("t_offset", torch.from_numpy(t_off).reshape(1, -1, 1, 1))
+        t_off, t_scale = norm.target_arrays(np.float32)  # [B, T, P, P]: each stain its own scaling
+        self.register_buffer("t_scale", torch.from_numpy(t_scale).reshape(1, -1, 1, 1))
+        self.register_buffer("t_offset", torch.from_numpy(t_off).reshape(1, -1, 1, 1))
 
     def forward(self, mri: torch.Tensor) -> torch.Tensor:
         x = (mri - self.offset) * self.inv_scale
@@ -184,12 +182,8 @@ class InferenceGraph(nn.Module):
 
 
 def _output_record(meta: dict, dims: list, h, p) -> dict:
-    """The graph's output: ``[N, H, W]`` of one stain, ``[N, T, H, W]`` of several."""
-    stains = meta.get("stains")
-    if not stains:
-        return {"name": OUTPUT, "layout": "NHW", "shape": [dims[0], *dims[2:]], "dtype": "float32",
-                "meaning": f"virtual {meta['target']} in raw stain units; on a {p}x{p} patch, "
-                           f"[:, {h}, {h}] is what `mrhscale predict` writes for its centre voxel"}
+    """The graph's output: ``[N, T, H, W]``, T stains (one stain: T = 1)."""
+    stains = stains_of(meta)
     return {"name": OUTPUT, "layout": "NTHW", "shape": [dims[0], len(stains), *dims[2:]], "dtype": "float32",
             "stains": list(stains),
             "meaning": f"virtual {', '.join(stains)} (in that order along T) in raw stain units; on a {p}x{p} "
@@ -204,7 +198,7 @@ def metadata(model_path: str, meta: dict, fmt: str, dynamic: list[str]) -> dict:
     dims = ["batch", len(ch), *(["height", "width"] if "height" in dynamic else [p, p])]
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "export_format": fmt,
-        "target": str(meta["target"]), "channels": ch,
+        "target": str(meta["target"]), "stains": stains_of(meta), "channels": ch,
         "normalisation": {**meta["norm"].to_dict(), "applied": APPLIED},
         "patch": patch,
         "input": {"name": INPUT, "layout": "NCHW", "shape": dims, "dtype": "float32",
@@ -319,7 +313,7 @@ def serialise(artifact, fmt: str, doc: dict) -> bytes:
     props = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in doc.items()}
     onnx.helper.set_model_props(artifact, {**props, META_FILE: text})
     artifact.doc_string = (f"mrhscale {doc['target']} model: raw MRI patches `{INPUT}` (NCHW, "
-                           f"{len(doc['channels'])} channels) -> raw stain units `{OUTPUT}` (NHW); "
+                           f"{len(doc['channels'])} channels) -> raw stain units `{OUTPUT}` (NTHW); "
                            "see metadata_props")
     return artifact.SerializeToString()
 

@@ -149,10 +149,10 @@ def _check_options(mat: str, out, target, target_max, patch_axis) -> tuple[str, 
 # ---------------------------------------------------------------------------
 
 
-def _convert(mat: str, graph: LayerGraph, strict_names: bool):
+def _convert(mat: str, graph: LayerGraph, strict_names: bool, stain: str):
     """(model, GraphMatch, parameters); every value of the file must land in the model."""
     try:
-        model, match = layer_graph_to_model(graph, strict_names=strict_names)
+        model, match = layer_graph_to_model(graph, strict_names=strict_names, stain=stain)
     except MRHError as e:
         raise MRHError(f"{mat}: not the MRH-Net graph: {e}") from None
     n_params = sum(p.numel() for p in model.parameters())
@@ -212,14 +212,14 @@ def import_matlab(
     mode, value = parse_input_scale(input_scale, input_max)
     target, target_source = _check_options(mat, out, target, target_max, patch_axis)
     graph = read_layer_graph(mat)
-    model, match, n_params = _convert(mat, graph, strict_names)
+    model, match, n_params = _convert(mat, graph, strict_names, target)
     names, channels_source = parse_channels(channels, match.in_channels)
     provenance = {**_import_provenance(mat, graph, match, n_params), "channels_from": channels_source,
                   "norm_from": f"user ({mode}{'' if value is None else f'={value:g}'})",
                   "target_max": float(target_max), "target_from": target_source, "patch_axis": patch_axis}
     patch = {"half": (match.patch_size - 1) // 2, "size": match.patch_size, "axis": patch_axis}
     nrm = _import_norm(mode, value, match.in_channels, target_max)
-    written = save_bundle(out, model, channels=names, norm=nrm, target=target, patch=patch, provenance=provenance)
+    written = save_bundle(out, model, channels=names, norm=nrm, patch=patch, provenance=provenance)
     return ImportMatlabResult(
         out=written, depth=match.depth, in_channels=match.in_channels,
         channels_from=channels_source, parameters=n_params, target=target,

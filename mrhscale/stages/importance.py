@@ -32,7 +32,6 @@ from mrhscale.log import progress
 from mrhscale.nn.accel import plan, request
 from mrhscale.nn.model import MemberMean, StainOutput
 from mrhscale.nn.worker import check_device, inference_model, patch_size
-from mrhscale.ops.stains import stains_of
 from mrhscale.options import ImportanceOptions, PredictOptions
 from mrhscale.parallel.context import Context
 from mrhscale.report.figures import importance_bars
@@ -41,6 +40,7 @@ from mrhscale.report.tables import importance_tables
 from mrhscale.results import ImportanceResult
 from mrhscale.stages.predict_graph import check_channels
 from mrhscale.stores import Folder, Location, PatchStore, resolve, sha256_file, write_json
+from mrhscale.stores.legacy import stains_of
 from mrhscale.training.stream import subject_tables
 
 _DEFAULT = ImportanceOptions()
@@ -101,8 +101,7 @@ def importance(model_path: str, patches_url: str, out_dir: str, *, split: str = 
     attrs, xa, ta = _open_split(patches, split)
     sel = _check_model_and_store(model_path, meta, patches_url, attrs, xa)
     stain, k_model, k_store = _stain(stain, meta, attrs, model_path, patches_url)
-    if len(stains_of(meta)) > 1:
-        model = StainOutput(model, k_model)
+    model = StainOutput(model, k_model)
     rng = np.random.default_rng(seed)
     x, t = _sample(xa, ta, sel, _row_norms(meta["norm"], patches, attrs, split, sel),
                    rng, max_patches, k_store)
@@ -130,8 +129,8 @@ def _check_model_and_store(model_path, meta: dict, patches_url, attrs: dict, xa)
     """The model's stain, channels and patch size must be the store's; returns the store
     indices of the model's channels, in the model's order."""
     if not set(stains_of(attrs)) & set(stains_of(meta)):
-        raise MRHError(f"{patches_url}: patches of stain {attrs['target']!r}, but model {model_path} "
-                       f"predicts {meta['target']!r}; give the patch store of the model's stain")
+        raise MRHError(f"{patches_url}: patches of {', '.join(stains_of(attrs))}, but model {model_path} "
+                       f"predicts {', '.join(stains_of(meta))}; give the patch store of one of the model's stains")
     store_ch = [str(c) for c in attrs["channels"]]
     channels = list(meta["channels"])
     check_channels(channels, store_ch, f"{patches_url}")
@@ -178,13 +177,11 @@ def _sample(xa, ta, sel: list[int], normalise, rng, max_patches: int, k_store: i
     (of store stain ``k_store``; patches without it are left out)."""
     n_all = int(xa.shape[0])
     idx = np.sort(rng.choice(n_all, min(n_all, max_patches), replace=False))
-    t = np.asarray(ta.get_orthogonal_selection((idx,)), np.float64)
-    if t.ndim == 4:
-        t = t[:, k_store]
-        keep = ~np.isnan(t).any(axis=(1, 2))
-        if keep.sum() < 2:
-            raise MRHError("importance: fewer than 2 sampled patches have the stain; raise --max-patches")
-        idx, t = idx[keep], t[keep]
+    t = np.asarray(ta.get_orthogonal_selection((idx,)), np.float64)[:, k_store]
+    keep = ~np.isnan(t).any(axis=(1, 2))
+    if keep.sum() < 2:
+        raise MRHError("importance: fewer than 2 sampled patches have the stain; raise --max-patches")
+    idx, t = idx[keep], t[keep]
     x = np.asarray(xa.get_orthogonal_selection((idx,)), np.float32)[:, sel]
     x = normalise(x, idx).astype(np.float32, copy=False)
     np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)

@@ -10,9 +10,9 @@ Candidate centres lie on a global grid: in-plane positions ``H + k*stride`` up t
 ``size - 1 - H`` (so the whole patch is inside the volume), every slice in the
 slice range. A candidate is kept when the label patch sums to >= min_label_sum,
 has >= min_label_nonzero nonzero voxels, neither patch holds a NaN, and the
-centre voxel is in the mask. Several stains (``--target nf,mbp``): a candidate is kept
-when any stain passes the label rules; ``targets`` is then ``[N, T, P, P]`` with NaN for a
-stain the sample lacks (docs/patches.md, "Several stains").
+centre voxel is in the mask. ``targets`` is ``[N, T, P, P]``, T stains (``--target
+nf,mbp``; one stain: T = 1): a candidate is kept when any stain passes the label rules,
+with NaN for a stain the sample lacks (docs/patches.md, "Several stains").
 
 Out-of-core extraction and global shuffle (three Dask passes)
 -------------------------------------------------------------
@@ -127,7 +127,7 @@ def _extract_block(mri_b, tgt_b, mask_b, job: dict) -> dict:
     rows = max(1, min(n, job["stage_rows"]))
     for var, data in (("inputs", inputs), ("targets", labels.astype(np.float32)), ("origin", org)):
         arr = create_array(loc, f"{name}_{var}", data.shape, (rows, *data.shape[1:]), data.dtype,
-                           dims_of(var, data.ndim), compress=False)
+                           dims_of(var), compress=False)
         arr[...] = data[order]
     return {"piece": name, "counts": counts, "candidates": len(cent)}
 
@@ -180,7 +180,7 @@ def _shuffle_bucket(job: dict) -> dict:
         for var, x in zip(names, data, strict=True):
             d = x[sel]
             arr = create_array(loc, f"{name}_{var}", d.shape, (max(1, len(d)), *d.shape[1:]), d.dtype,
-                               dims_of(var, d.ndim), compress=False)
+                               dims_of(var), compress=False)
             arr[...] = d
         off = 0
         for a, b in keep:
@@ -197,9 +197,7 @@ def _shuffle_bucket(job: dict) -> dict:
 
 
 def _stain_max(t: np.ndarray):
-    """The largest target value: per stain (NaN = absent ignored) when there are several."""
-    if t.ndim == 3:
-        return float(t.max())
+    """The largest target value of each stain (NaN = absent ignored)."""
     with np.errstate(invalid="ignore"):
         m = np.nanmax(np.where(np.isnan(t), -np.inf, t), axis=(0, 2, 3))
     return m.astype(float).tolist()
@@ -469,7 +467,7 @@ class _Extraction:
             if any(min(mri.chunks[ax]) < o.half for ax in (r_ax, c_ax)):
                 raise MRHError(f"subject {sid!r}: store chunks smaller than the patch halo ({o.half})")
             mri = da.overlap.overlap(mri, depth={**depth, 3: 0}, boundary="none")
-            tgt = da.overlap.overlap(tgt, depth={**depth, **({3: 0} if tgt.ndim == 4 else {})}, boundary="none")
+            tgt = da.overlap.overlap(tgt, depth={**depth, 3: 0}, boundary="none")
             mask = da.overlap.overlap(mask, depth=depth, boundary="none")
         dm, dt, dk = mri.to_delayed(), tgt.to_delayed(), mask.to_delayed()
         starts = [np.concatenate([[0], np.cumsum(c)]) for c in spatial]
@@ -481,15 +479,11 @@ class _Extraction:
             hi[s_ax] += a
             org = [lo[ax] - (o.half if ax in (r_ax, c_ax) and bi[ax] > 0 else 0) for ax in range(3)]
             job = self._block_job(sid, sidx, int(np.ravel_multi_index(bi, dm.shape[:3])), org, lo, hi)
-            tb = dt[(*bi, 0)] if dt.ndim == 4 else dt[bi]
-            tasks.append(dask.delayed(_extract_block, pure=False)(dm[(*bi, 0)], tb, dk[bi], job))
+            tasks.append(dask.delayed(_extract_block, pure=False)(dm[(*bi, 0)], dt[(*bi, 0)], dk[bi], job))
         return tasks
 
     def _target_volume(self, ds, sel: tuple, spatial):
-        """The stain (x, y, z), or the stains stacked (x, y, z, stain) with NaN for one the
-        subject lacks (the loss's mask)."""
-        if len(self.stains) == 1:
-            return ds[self.stains[0]].data[sel].rechunk(spatial)
+        """The stains stacked (x, y, z, stain), NaN for one the subject lacks (the loss's mask)."""
         shape = tuple(sum(c) for c in spatial)
         vols = [ds[s].data[sel].rechunk(spatial).astype(np.float32) if has_stain(ds, s)
                 else da.full(shape, np.nan, dtype=np.float32, chunks=spatial) for s in self.stains]
@@ -523,10 +517,10 @@ class _Extraction:
         in_dtype = np.float16 if self.o.dtype == "float16" else np.float32
         for s, split in enumerate(SPLITS):
             n = int(n_split[s])
-            t_shape = (n, p, p) if len(self.stains) == 1 else (n, len(self.stains), p, p)
+            t_shape = (n, len(self.stains), p, p)
             for var, shape, dtype in (("inputs", (n, n_c, p, p), in_dtype), ("targets", t_shape, np.float32),
                                       ("origin", (n, 4), np.int32)):
-                create_array(self.out, f"{split}/{var}", shape, (nc, *shape[1:]), dtype, dims_of(var, len(shape)),
+                create_array(self.out, f"{split}/{var}", shape, (nc, *shape[1:]), dtype, dims_of(var),
                              self.o.compress)
 
     def shuffle(self, pieces, totals, n_split):
@@ -582,22 +576,22 @@ class _Extraction:
 
 
 def _norm_stats(train_res: list, mode: str, n_c: int, n_stains: int = 1):
-    """The store's normalisation: inputs per channel, targets per stain (a list for several)."""
+    """The store's normalisation: inputs per channel, targets per stain."""
     if mode == "global-max":
         in_max = max(r["input_max"] for r in train_res)
         t_max = np.max([np.atleast_1d(r["target_max"]) for r in train_res], axis=0)
         t_max = [float(v) if v > 0 else 1.0 for v in t_max]
-        return Normalisation.global_max(n_c, in_max if in_max > 0 else 1.0, t_max[0] if n_stains == 1 else t_max)
+        return Normalisation.global_max(n_c, in_max if in_max > 0 else 1.0, t_max)
     x = np.concatenate([r["sample_inputs"] for r in train_res])
     t = np.concatenate([r["sample_targets"] for r in train_res])
     lo, scale = robust_range(x.transpose(1, 0, 2, 3).reshape(n_c, -1), axis=1)
-    t_hi = [_target_high(t if n_stains == 1 else t[:, k]) for k in range(n_stains)]
+    t_hi = [_target_high(t[:, k]) for k in range(n_stains)]
     return Normalisation(
         "percentile", lo.astype(float).tolist(), scale.astype(float).tolist(),
-        0.0 if n_stains == 1 else [0.0] * n_stains, t_hi[0] if n_stains == 1 else t_hi,
+        [0.0] * n_stains, t_hi,
         meta={"percentiles": list(PERCENTILES), "rows_sampled": int(len(x)), "split": "train",
               "target": f"offset 0, scale = {PERCENTILES[1]}th percentile of train target values"
-                        + (" (per stain, where present)" if n_stains > 1 else "")},
+                        + " (per stain, where present)"},
     )
 
 

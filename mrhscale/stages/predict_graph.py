@@ -49,21 +49,20 @@ class BlockJob:
 
 def predict_block(mri: np.ndarray, mask: np.ndarray, job: BlockJob, halo: int) -> np.ndarray:
     """One block (x, y, z, contrast) with ``halo`` voxels of in-plane context -> its interior
-    (x, y, z) float32, 0 outside the mask; several stains or an ensemble give (x, y, z, V):
-    the T stains (an ensemble's: the members' mean), then an ensemble's T calibrated spreads.
+    (x, y, z, V) float32, 0 outside the mask: the T stains (an ensemble's: the members'
+    mean), then an ensemble's T calibrated spreads.
     ``halo`` is 0 for a block spanning whole planes and the map_overlap depth otherwise."""
     order = (job.slice_axis, *(a for a in range(3) if a != job.slice_axis))
-    n_t = np.atleast_1d(job.t_scale).size
+    n_t = len(job.t_scale)
     n_out = n_t if job.spread_scale is None else 2 * n_t
     merger = BlockMerger(np.transpose(mask[..., 0], order), halo, job.half, job.aggregate, n_out)
     s, r, q = merger.centres()
     if len(s):
         pred = forward(network(job.spec), BlockPatches(mri, order, job.offset, job.inv_scale, job.half), (s, r, q),
                        batch_size=job.spec.batch_size, half=job.half, centre=job.aggregate == "centre",
-                       tta=job.tta, stains=n_t, ensemble=job.spread_scale is not None)
+                       tta=job.tta, ensemble=job.spread_scale is not None)
         merger.aggregate(to_stain_units(pred, job.t_offset, job.t_scale, job.spread_scale))
-    out = np.transpose(merger.finalize(), (*np.argsort(order), 3))
-    return out if n_out > 1 else out[..., 0]
+    return np.transpose(merger.finalize(), (*np.argsort(order), 3))
 
 
 def subject_arrays(ds, channels: list[str]):
@@ -81,8 +80,7 @@ def subject_arrays(ds, channels: list[str]):
 
 def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = PredictOptions.aggregate, tta: bool = False,
                        norm=None, block_bytes: int = BLOCK_BYTES):
-    """Lazy dask array (x, y, z) of the virtual stain for one subject Dataset; several stains
-    or an ensemble bundle: (x, y, z, V) as ``predict_block``. ``spec``: the network and its
+    """Lazy dask array (x, y, z, V) of one subject Dataset's maps, as ``predict_block``. ``spec``: the network and its
     planned numerics; ``tta``: the mean over the patch's 8 in-plane symmetries; ``norm``: this
     subject's concrete normalisation (default: the bundle's, which must then not be per
     subject: see ``ops.norm.subject_normalisation``).
@@ -108,8 +106,7 @@ def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = Pr
     job = BlockJob(spec, h, slice_axis, *norm.input_arrays(), t_off, t_scale, spread_scale(meta, norm), aggregate,
                    bool(tta))
     n_out = len(job.t_scale) * (1 if job.spread_scale is None else 2)
-    kw = dict(**({"drop_axis": 3, "chunks": mri.chunks[:3]} if n_out == 1 else {"chunks": (*mri.chunks[:3], (n_out,))}),
-              dtype=np.float32, meta=np.empty((0,) * (3 if n_out == 1 else 4), np.float32), job=job)
+    kw = dict(chunks=(*mri.chunks[:3], (n_out,)), dtype=np.float32, meta=np.empty((0,) * 4, np.float32), job=job)
     msk = mask.astype(bool)[..., None]
     if all(len(mri.chunks[a]) == 1 for a in range(3) if a != slice_axis):
         # blocks of whole planes: no neighbour has context to give, and the volume's zero

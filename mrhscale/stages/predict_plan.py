@@ -22,11 +22,12 @@ from mrhscale.log import logger
 from mrhscale.nn.accel import Acceleration, plan, request
 from mrhscale.nn.worker import NetworkSpec, check_device, prepare
 from mrhscale.ops.norm import subject_normalisation
-from mrhscale.ops.stains import stains_of
+from mrhscale.ops.stains import target_name
 from mrhscale.ops.uncertainty import calibration_factors
 from mrhscale.options import AGGREGATES, PredictOptions
 from mrhscale.stages.predict_graph import check_channels, subject_arrays
 from mrhscale.stores import resolve, sha256_file
+from mrhscale.stores.legacy import calibration_of, stains_of
 
 
 class PredictPlan:
@@ -42,7 +43,8 @@ class PredictPlan:
         self.batch_size, self.threads = int(options.batch_size), options.torch_threads
         self.model_path = resolve(model_path, "model")
         _, self.meta = load_model(self.model_path)  # validates the bundle; workers load their own copy
-        self.target, self.stains = str(self.meta["target"]), stains_of(self.meta)
+        self.stains = stains_of(self.meta)
+        self.target = target_name(self.stains)  # their label, as records name them
         self.members = int(self.meta.get("members", 1))
         self.virtuals = [f"{t}_virtual" for t in self.stains]
         self.uncertainties = [f"{t}_uncertainty" for t in self.stains] if self.members > 1 else []
@@ -131,7 +133,7 @@ class PredictPlan:
 
     def root_attrs(self) -> dict:
         return jsonable({"target": self.target, "variable": self.variable, "model": self.model_rec,
-                         **({"stains": self.stains} if len(self.stains) > 1 else {}),
+                         "stains": self.stains,
                          **({"uncertainty": self.uncertainty} if self.uncertainty else {}),
                          "aggregate": self.aggregate,
                          "provenance": {"stage": "predict", "mrhscale": __version__, **self.params}})
@@ -158,7 +160,7 @@ class PredictPlan:
 
     def uncertainty_attrs(self, k: int = 0) -> dict:
         """The attrs of stain ``k``'s uncertainty map."""
-        cal = (self.meta.get("uncertainty") or {}).get("calibration") or {}
+        cal = calibration_of(self.meta, self.stains).get(self.stains[k], {})
         return jsonable({
             "units": "raw stain units", "target": self.stains[k], "kind": "uncertainty",
             "estimator": f"deep ensemble of {self.members} networks: their standard deviation "

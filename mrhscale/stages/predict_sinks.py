@@ -89,10 +89,10 @@ class ZarrSink:
         return int(brain)
 
     def dataset(self, ds: xr.Dataset, pred, lineage: dict) -> xr.Dataset:
-        """The subject group: its maps of the lazy prediction ``pred`` (x, y, z[, V]) and mask on
+        """The subject group: its maps of the lazy prediction ``pred`` (x, y, z, V) and mask on
         the input's grid, with the input's attrs and the ``lineage``."""
         plan, n_t = self.plan, len(self.plan.stains)
-        maps = [pred] if pred.ndim == 3 else [pred[..., v] for v in range(pred.shape[3])]
+        maps = [pred[..., v] for v in range(pred.shape[3])]
         maps = [m.rechunk(zarr_chunks(m.chunks)) for m in maps]
         attrs = {k: v for k, v in jsonable(dict(ds.attrs)).items() if k not in ("complete", "made_by", "fingerprint")}
         virtual = {v: (SPATIAL, m, plan.map_attrs(k)) for k, (v, m) in enumerate(zip(plan.virtuals, maps[:n_t]))}
@@ -150,12 +150,12 @@ class NativeSink(NiftiSink):
 
 
 class OmeZarrSink:
-    """``<dir>/<sid>.ome.zarr`` (the virtual stain; other maps ``<sid>.<variable>.ome.zarr``),
+    """``<dir>/<sid>.ome.zarr`` (the first stain's virtual map; other maps ``<sid>.<variable>.ome.zarr``),
     each place checked when the sink is made, before any prediction."""
 
     def __init__(self, out_dir: str, ids: list[str], plan, ctx: Context):
         self.ctx = ctx
-        self.images = {var: image_paths(out_dir, ids, ctx, "" if var == plan.variable else f".{var}")
+        self.images = {var: image_paths(out_dir, ids, ctx, "" if var == plan.virtuals[0] else f".{var}")
                        for var in plan.variables}
 
     def write(self, pred_url: str) -> list[str]:

@@ -1,9 +1,10 @@
-"""Prediction from Python, for notebooks: one brain in memory or in files, one map back.
+"""Prediction from Python, for notebooks: one brain in memory or in files, its maps back.
 
 ``predict_volume(model, data)`` runs the graph ``mrhscale predict`` runs
 (``subject_prediction``: the same patches, normalisation, batches and aggregation), on
 the context's client or scheduler, else the active client, else in this process, and
-returns an ``xr.DataArray`` with x/y/z coordinates in mm. ``data`` may be
+returns an ``xr.Dataset`` of ``<stain>_virtual`` maps (one per stain of the model, an
+ensemble's ``<stain>_uncertainty`` beside each) with x/y/z coordinates in mm. ``data`` may be
 
 - an xarray Dataset shaped like a cohort subject (``mri`` (x, y, z, contrast) and
   ``mask``; e.g. ``mrhscale.open_subject(store, "s01")``), or
@@ -35,10 +36,9 @@ SUBJECT_KEYS = ("mask", "fa", "targets", "labels")
 
 
 def predict_volume(model, data, *, options: PredictOptions | None = None, ctx: Context | None = None):
-    """The virtual stain of one brain as an ``xr.DataArray`` (x, y, z), 0 outside the mask;
-    see the module docstring. A bundle of several stains, or an ensemble, gives an
-    ``xr.Dataset``: ``<stain>_virtual`` of each stain (an ensemble's: the members' mean)
-    and an ensemble's ``<stain>_uncertainty``. ``options``: as ``mrhscale predict`` (batch,
+    """The maps of one brain as an ``xr.Dataset`` of (x, y, z) maps, 0 outside the mask:
+    ``<stain>_virtual`` of each stain (an ensemble's: the members' mean) and an ensemble's
+    ``<stain>_uncertainty``; see the module docstring. ``options``: as ``mrhscale predict`` (batch,
     aggregation, TTA, numerics: docs/precision.md; the mode used in ``attrs["numerics"]``);
     ``ctx``: its client or scheduler (default: the active client, else this process)."""
     ctx, options = ctx or Context(), options or PredictOptions()
@@ -63,13 +63,11 @@ def _volume(plan: PredictPlan, ds, values):
              "model_sha256": plan.model_rec["sha256"], "aggregate": plan.aggregate, "numerics": plan.accel.label}
     attrs.update({k: ds.attrs[k] for k in ("affine", "voxel_size", "voxel_size_units", "subject") if k in ds.attrs})
     coords = {k: ds.coords[k] for k in ("x", "y", "z") if k in ds.coords}
-    if values.ndim == 4:
-        n_t = len(plan.stains)
-        maps = {v: (("x", "y", "z"), values[..., k], plan.map_attrs(k, attrs)) for k, v in enumerate(plan.virtuals)}
-        maps.update({v: (("x", "y", "z"), values[..., n_t + k], plan.uncertainty_attrs(k))
-                     for k, v in enumerate(plan.uncertainties)})
-        return xr.Dataset(maps, coords=coords)
-    return xr.DataArray(values, dims=("x", "y", "z"), coords=coords, name=plan.variable, attrs=attrs)
+    n_t = len(plan.stains)
+    maps = {v: (("x", "y", "z"), values[..., k], plan.map_attrs(k, attrs)) for k, v in enumerate(plan.virtuals)}
+    maps.update({v: (("x", "y", "z"), values[..., n_t + k], plan.uncertainty_attrs(k))
+                 for k, v in enumerate(plan.uncertainties)})
+    return xr.Dataset(maps, coords=coords)
 
 
 def subject_from_files(data: Mapping, subject: str = "subject"):

@@ -29,6 +29,7 @@ from mrhscale.stores.base import (
     swap_in,
 )
 from mrhscale.stores.cohort import short
+from mrhscale.stores.legacy import stains_of, with_stain_axis
 from mrhscale.stores.locks import Claim, run_token
 from mrhscale.stores.urls import Location
 
@@ -36,16 +37,14 @@ FORMAT = "mrhscale-patches"
 STAGING = "_staging"
 DIMS = {
     "inputs": ["patch", "contrast", "row", "col"],
-    "targets": ["patch", "row", "col"],
+    "targets": ["patch", "stain", "row", "col"],
     "origin": ["patch", "coord"],
 }
-REQUIRED = ("channels", "target", "patch", "norm")
+REQUIRED = ("channels", "target", "patch", "norm")  # "target": older stores name their stain only there
 
 
-def dims_of(var: str, ndim: int) -> list[str]:
-    """An array's dimension names; several stains give ``targets`` a stain axis."""
-    if var == "targets" and ndim == 4:
-        return ["patch", "stain", "row", "col"]
+def dims_of(var: str) -> list[str]:
+    """An array's dimension names (``targets`` has a stain axis, of length 1 for one stain)."""
     return DIMS[var]
 
 
@@ -88,7 +87,7 @@ class PatchStore(ZarrLocation):
         root = self.root()
         if f"{split}/inputs" not in root or f"{split}/targets" not in root:
             raise MRHError(f"{self.name}: no split {split!r} (use train or val)")
-        return root[f"{split}/inputs"], root[f"{split}/targets"]
+        return root[f"{split}/inputs"], with_stain_axis(root[f"{split}/targets"])
 
     def identity(self) -> dict:
         return identity(self.attrs)
@@ -98,7 +97,7 @@ class PatchStore(ZarrLocation):
 
         return "\n".join([
             f"store: {self.name}", f"format: {FORMAT}",
-            f"target: {a.get('target')}{' (one head per stain)' if a.get('stains') else ''}  "
+            f"stains: {', '.join(stains_of(a))}  "
             f"patch: {a.get('patch')}",
             f"train patches: {a.get('n_train')}  val patches: {a.get('n_val')}",
             f"from subjects: {', '.join(a.get('subjects', []))}"

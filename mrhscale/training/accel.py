@@ -88,8 +88,7 @@ def measure(mode: Acceleration, dev, model, make_optimizer, loss_fn, batch_shape
     fn = compiled(net, inference=False) if mode.compile else net
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_shape, generator=g).to(dev)
-    n_stains = getattr(model, "n_stains", 1)
-    t = torch.randn((batch_shape[0], *([n_stains] if n_stains > 1 else []), *batch_shape[2:]), generator=g).to(dev)
+    t = torch.randn((batch_shape[0], model.n_stains, *batch_shape[2:]), generator=g).to(dev)
 
     def steps(n):
         for _ in range(n):
@@ -178,10 +177,10 @@ def _agree(best: Acceleration, options: list[Acceleration]) -> Acceleration:
     return Acceleration(chosen.precision, chosen.compile, "rank 0's choice")
 
 
-def requested(precision: str | None, compile, amp: bool) -> tuple[str, str]:
-    """The run's request; ``--no-amp`` (amp False) still means fp32 when precision is auto."""
-    p, c = requested_mode(precision, compile)
-    return ("fp32" if p == "auto" and not amp else p), c
+def requested(precision: str | None, compile) -> tuple[str, str]:
+    """The run's request (the Runtime's precision and compile, the only place training's
+    numerics are asked for; ``$MRHSCALE_PRECISION``/``$MRHSCALE_COMPILE`` fill what is None)."""
+    return requested_mode(precision, compile)
 
 
 def from_checkpoint(record: dict | None, request: tuple[str, str]) -> Acceleration | None:

@@ -11,9 +11,9 @@ from mrhscale.errors import MRHError
 from mrhscale.io.bundle import model_from_bundle, read_bundle
 from mrhscale.nn.model import MRHNet, with_stains
 from mrhscale.ops.norm import Normalisation
-from mrhscale.ops.stains import stains_of
 from mrhscale.options import FINETUNE_DEFAULTS
 from mrhscale.stores import resolve
+from mrhscale.stores.legacy import stains_of
 from mrhscale.training.config import TrainConfig, recipe_config, reconcile
 from mrhscale.training.data import read_patch_store_attrs
 from mrhscale.training.ensemble import train_ensemble
@@ -124,7 +124,7 @@ def _finetune_run(cfg: TrainConfig, bundle: dict, store: dict, out_dir: str, rt:
                     conv.requires_grad_(False)
         return m
 
-    prov = {"base_model": {"path": cfg.base_model, "target": bundle.get("target"),
+    prov = {"base_model": {"path": cfg.base_model, "stains": stains_of(bundle), "target": bundle.get("target"),
                            "provenance": bundle.get("provenance", {})},
             **({"kept_heads": kept} if kept else {})}
     fed = norm.select_stains([stains.index(t) for t in stains_of(store)])  # the store's targets, scaled
@@ -159,11 +159,10 @@ def _finetune_norm(cfg: TrainConfig, bundle: dict, store: dict, stains: list[str
     base, new = Normalisation.from_dict(bundle["norm"]), Normalisation.from_dict(store["norm"])
     b_st, n_st = stains_of(bundle), stains_of(store)
     pairs = [new.stain(n_st.index(t)) if t in n_st else base.stain(b_st.index(t)) for t in stains]
-    off = [float(p.target_offset) for p in pairs]
-    scale = [float(p.target_scale) for p in pairs]
-    one = len(stains) == 1
-    return Normalisation(base.mode, list(base.offset), list(base.scale), off[0] if one else off,
-                         scale[0] if one else scale, {**base.meta, "target_from": cfg.patches})
+    off = [p.target_offset[0] for p in pairs]
+    scale = [p.target_scale[0] for p in pairs]
+    return Normalisation(base.mode, list(base.offset), list(base.scale), off, scale,
+                         {**base.meta, "target_from": cfg.patches})
 
 
 def check_compatible(meta: dict, store: dict, model_path: str, patches: str) -> None:

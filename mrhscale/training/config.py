@@ -61,7 +61,6 @@ class TrainConfig:
     loss: str = "matlab"
     init: str = "glorot"
     seed: int = 0
-    amp: bool = True
     base_model: str | None = None
     head_lr_factor: float = 1.0
     freeze_backbone: bool = False

@@ -23,11 +23,11 @@ from scipy import stats
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import ensemble_bundle, predictor_from_bundle, read_bundle, write_bundle
 from mrhscale.log import logger, note
-from mrhscale.nn.model import mean_and_spread, per_stain
-from mrhscale.ops.stains import stains_of
+from mrhscale.nn.model import mean_and_spread
 from mrhscale.ops.uncertainty import Z95, calibration_factor, coverage
 from mrhscale.results import TrainResult
 from mrhscale.stores import Folder, write_text
+from mrhscale.stores.legacy import stains_of
 from mrhscale.stores.patches import identity as store_identity
 from mrhscale.training.checkpoint import load_checkpoint
 from mrhscale.training.config import CHECKPOINT, TrainConfig
@@ -127,26 +127,26 @@ def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, rt: Run
     if int(store.get("n_val", 0)) == 0:
         logger.warning("mrhscale: the patch store has no validation split; the ensemble's uncertainty is "
                        "its raw spread (uncalibrated): make patches with --val-subjects to calibrate it")
-        return {"factor": 1.0, "fitted_on": None}
+        return {"factor": [1.0] * len(stains_of(store)), "fitted_on": None, "stains": {}}
     half = int(store["patch"]["half"])
     data = open_data(cfg, rt, "val", 1024, dev, norm=stream_norm)
     mean, spread, target = [], [], []
     stains = stains_of(store)
     for x, t in data.batches(0):
-        m, s = mean_and_spread(per_stain(ensemble(x), len(stains)))
+        m, s = mean_and_spread(ensemble(x))
         mean.append(m[..., half, half].cpu().numpy())
         spread.append(s[..., half, half].cpu().numpy())
-        target.append(per_stain(t, len(stains))[..., half, half].float().cpu().numpy())
+        target.append(t[..., half, half].float().cpu().numpy())
         if sum(map(len, mean)) >= CALIBRATION_PATCHES:
             break
     mean, spread, target = (np.concatenate(a).astype(np.float64) for a in (mean, spread, target))
     scales = np.atleast_1d(np.asarray(store["norm"]["target_scale"], np.float64))
     fits = [_fit(mean[ok, k], spread[ok, k], target[ok, k], scales[k], store)
             for k in range(len(stains)) for ok in [~np.isnan(target[:, k])]]
-    if len(stains) == 1:
-        return fits[0]
     return {"factor": [f["factor"] for f in fits], "fitted_on": "val", "n": max(f["n"] for f in fits),
-            "val_r": float(np.nanmean([f["val_r"] for f in fits])), "stains": dict(zip(stains, fits, strict=True))}
+            "val_r": float(np.nanmean([f["val_r"] for f in fits])),
+            "val_rmse": float(np.nanmean([f.get("val_rmse", math.nan) for f in fits])),
+            "stains": dict(zip(stains, fits, strict=True))}
 
 
 def _fit(mean: np.ndarray, spread: np.ndarray, target: np.ndarray, scale: float, store: dict) -> dict:
@@ -168,12 +168,14 @@ def _fit(mean: np.ndarray, spread: np.ndarray, target: np.ndarray, scale: float,
             "mean_spread": float(spread.mean()) * scale}
 
 
-def _say(cal: dict, k: int, quiet: bool, label: str = "") -> None:
+def _say(cal: dict, k: int, quiet: bool) -> None:
     for stain, c in (cal.get("stains") or {}).items():
-        _say(c, k, quiet, f" ({stain})")
-    if not cal.get("fitted_on") or cal.get("stains"):
-        return
-    note(f"ensemble of {k}{label}: val r {cal['val_r']:.3f}, rmse {cal['val_rmse']:.4g}; spread x {cal['factor']:.3g} "
+        if c.get("fitted_on"):
+            _say_stain(c, k, quiet, stain)
+
+
+def _say_stain(cal: dict, k: int, quiet: bool, stain: str) -> None:
+    note(f"ensemble of {k} ({stain}): val r {cal['val_r']:.3f}, rmse {cal['val_rmse']:.4g}; spread x {cal['factor']:.3g} "
          f"covers 95% of {cal['n']} validation patches (raw spread covered {cal['coverage_before']:.1%} "
          f"within {Z95:.2f} sd); Spearman(spread, |error|) {cal['spearman_abs_error']:.3f}", quiet)
 

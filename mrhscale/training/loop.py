@@ -29,11 +29,11 @@ from mrhscale.io.bundle import save_bundle
 from mrhscale.log import logger, note
 from mrhscale.log import progress as log_progress
 from mrhscale.nn.accel import compiled, one_line
-from mrhscale.ops.stains import stains_of
 from mrhscale.parallel.context import Context
 from mrhscale.report.figures import training_curve
 from mrhscale.results import TrainResult
 from mrhscale.stores import Folder, atomic_write, write_text
+from mrhscale.stores.legacy import stains_of
 from mrhscale.stores.patches import identity as store_identity
 from mrhscale.training.accel import choose as choose_numerics
 from mrhscale.training.accel import from_checkpoint
@@ -90,13 +90,13 @@ NAN_METRICS = {"val_loss": float("nan"), "val_rmse": float("nan"), "val_r": floa
 
 @torch.no_grad()
 def validate(model: nn.Module, data: Batches, loss_fn, half: int, target_scale,
-             amp_ctx, limit: int | None = None, stains: list[str] | None = None, pick=None) -> dict:
+             amp_ctx, stains: list[str], limit: int | None = None, pick=None) -> dict:
     """Loss, centre-voxel RMSE (target units) and Pearson r over the (sharded) split, or
-    over its first ``limit`` patches per rank (the store is shuffled: a fixed random subset).
-    Several ``stains``: RMSE and r per stain (``val_r_<stain>``, over the patches that have
-    it); ``val_r``/``val_rmse`` are then their means."""
+    over its first ``limit`` patches per rank (the store is shuffled: a fixed random subset):
+    per stain (``val_r_<stain>``, over the patches that have it), and ``val_r``/``val_rmse``
+    their means over the ``stains``."""
     model.eval()
-    n_t = len(stains) if stains else 1
+    n_t = len(stains)
     acc = torch.zeros(n_t + 1, 6, dtype=torch.float64, device=data.device)  # per stain: n, sp, st, spp, stt, spt
     # the last row: patches, loss * patches
     seen = 0
@@ -120,8 +120,6 @@ def validate(model: nn.Module, data: Batches, loss_fn, half: int, target_scale,
     if n == 0:
         return dict(NAN_METRICS)
     rows = [_centre_metrics(a, s) for a, s in zip(acc[:n_t], np.atleast_1d(target_scale), strict=True)]
-    if not stains:
-        return {"val_loss": loss / n, **rows[0], "val_patches": int(n)}
     out = {"val_loss": loss / n, "val_rmse": _mean([r["val_rmse"] for r in rows]),
            "val_r": _mean([r["val_r"] for r in rows]), "val_patches": int(n)}
     for stain, r in zip(stains, rows, strict=True):
@@ -138,8 +136,6 @@ def _mean(values: list[float]) -> float:
 def _moments(p: torch.Tensor, t: torch.Tensor, half: int) -> torch.Tensor:
     """[T, 6] sums of one batch at the patch centres, per stain over the samples that have it."""
     pc, tc = p[..., half, half].double(), t[..., half, half].double()
-    if pc.dim() == 1:
-        pc, tc = pc[:, None], tc[:, None]
     ok = ~torch.isnan(tc)
     pc, tc = torch.where(ok, pc, 0.0), torch.where(ok, tc, 0.0)
     return torch.stack([ok.double().sum(0), pc.sum(0), tc.sum(0), (pc * pc).sum(0), (tc * tc).sum(0),
@@ -163,7 +159,7 @@ def output_picker(model_stains: list[str], store_stains: list[str]):
     if model_stains == store_stains:
         return lambda y: y
     idx = [model_stains.index(t) for t in store_stains]
-    return (lambda y: y[:, idx[0]]) if len(idx) == 1 else (lambda y: y[:, idx])
+    return lambda y: y[:, idx]
 
 
 def resolve_device(device, local_rank: int) -> torch.device:
@@ -329,7 +325,7 @@ class Trainer:
     def _numerics(self, resume: bool):
         """The precision and compilation this run uses (training.accel): a resumed run
         keeps its checkpoint's unless asked otherwise; else the only, cached or measured fastest."""
-        req = numerics_request(self.rt.precision, self.rt.compile, self.cfg.amp)
+        req = numerics_request(self.rt.precision, self.rt.compile)
         kept = from_checkpoint(getattr(self, "ckpt_numerics", None), req) if resume else None
         if kept is not None:
             return kept
@@ -350,7 +346,7 @@ class Trainer:
             y.float().sum().backward()
             failed = 0.0
         except Exception as e:  # inductor raises many kinds
-            if numerics_request(self.rt.precision, self.rt.compile, self.cfg.amp)[1] == "on":
+            if numerics_request(self.rt.precision, self.rt.compile)[1] == "on":
                 raise MRHError(f"--compile on: torch.compile failed ({one_line(e)})") from None
             logger.warning(f"mrhscale: torch.compile failed ({one_line(e)}); training eager")
             failed = 1.0
@@ -464,7 +460,7 @@ class Trainer:
         store_stains = stains_of(self.store)
         scales = self.bundle_norm.target_arrays(np.float64)[1][[self.stains.index(t) for t in store_stains]]
         vm = (validate(self.model, self.val_data, self.loss_fn, self.half, scales, self.amp_ctx,
-                       self._val_limit(epoch), store_stains if len(store_stains) > 1 else None, self.pick)
+                       store_stains, self._val_limit(epoch), self.pick)
               if self.val_data is not None else dict(NAN_METRICS))
         n_patches = steps_done * self.cfg.batch_size
         return {"epoch": epoch + 1, "lr": self.cfg.lr * lr_factor(self.cfg, epoch),
@@ -538,7 +534,7 @@ class Trainer:
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), **self.extra_provenance,
         }
         save_bundle(model_path, self.model, channels=list(store["channels"]), norm=self.bundle_norm,
-                    target=store["target"], patch=dict(store["patch"]),
+                    patch=dict(store["patch"]),
                     provenance=json.loads(json.dumps(prov, default=str)))
 
 

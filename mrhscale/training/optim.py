@@ -13,11 +13,11 @@ from mrhscale.training.config import LOSSES, TrainConfig
 
 
 def loss_function(name: str, half: int = 1):
-    """``loss(pred[B,P,P], target[B,P,P]) -> scalar`` (computed in float32).
+    """``loss(pred[B,T,P,P], target[B,T,P,P]) -> scalar`` (computed in float32).
 
-    Several stains (``[B, T, P, P]``, NaN where a sample lacks a stain): the sum over
-    stains of each stain's loss over the samples that have it, so one stain's loss is
-    what a one-stain network of it minimises and a missing stain adds nothing.
+    NaN where a sample lacks a stain: the sum over stains of each stain's loss over the
+    samples that have it, so one stain's loss is what a one-stain network of it
+    minimises and a missing stain adds nothing.
     """
     if name not in LOSSES:
         raise MRHError(f"--loss {name!r}: choose one of {', '.join(LOSSES)}")
@@ -25,8 +25,6 @@ def loss_function(name: str, half: int = 1):
 
     def loss(p, t):
         p = p.float()
-        if p.dim() == 3:
-            return per_sample(p, t, half).mean()
         present = ~torch.isnan(t).flatten(2).any(2)  # [B, T]
         each = per_sample(p, torch.where(present[..., None, None], t, p.detach()), half)
         each = torch.where(present, each, torch.zeros_like(each))

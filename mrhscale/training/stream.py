@@ -1,9 +1,8 @@
 """PatchStream: a patch store streamed to torch, sharded across DDP ranks and DataLoader workers.
 
 Use with ``DataLoader(stream, batch_size=None, num_workers=W)``: the dataset
-yields whole batches ``(inputs [B, C, P, P], targets [B, P, P])`` as float32
-tensors (a store of several stains: targets ``[B, T, P, P]``, NaN where a stain is
-absent), normalised with the statistics stored in the patch store (so the
+yields whole batches ``(inputs [B, C, P, P], targets [B, T, P, P])`` as float32
+tensors (T stains, NaN where a patch lacks one), normalised with the statistics stored in the patch store (so the
 trainer and the model bundle use exactly those).
 
 Epoch plan. The store is already globally shuffled. Each epoch the chunk order
@@ -54,9 +53,9 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from mrhscale.errors import MRHError
 from mrhscale.ops.norm import Normalisation
-from mrhscale.ops.stains import stains_of
 from mrhscale.parallel.context import Context
 from mrhscale.stores import PatchStore
+from mrhscale.stores.legacy import stains_of
 
 VARS = ("inputs", "targets", "origin")
 _READ_THREADS = 4  # concurrent zarr chunk reads per iterator (they mostly wait on I/O)
@@ -124,7 +123,6 @@ class PatchStream(IterableDataset):
         self.attrs = attrs
         self.channels = list(attrs["channels"])
         self.patch = dict(attrs["patch"])
-        self.target = attrs["target"]
         self.stains = stains_of(attrs)
         self.norm = Normalisation.from_dict(attrs["norm"]) if norm is None else norm
         arr = root[f"{split}/inputs"]
@@ -211,9 +209,10 @@ class PatchStream(IterableDataset):
     # ---- reading
     def _open(self):
         if self._arrays is None:
-            root = open_patch_store(self.url, self.ctx)
-            names = VARS if self.with_origin or self._by_subject else VARS[:2]
-            self._arrays = [root[f"{self.split}/{v}"] for v in names]
+            store = PatchStore.open((self.ctx or Context()).location(self.url))
+            inputs, targets = store.split(self.split)
+            origin = [store.root()[f"{self.split}/origin"]] if self.with_origin or self._by_subject else []
+            self._arrays = [inputs, targets, *origin]
         return self._arrays
 
     def _emit(self, arrs, idx):
@@ -242,7 +241,7 @@ class PatchStream(IterableDataset):
             np.multiply(x, self._inv[who], out=x)
         np.take(arrs[1], idx, axis=0, out=t)
         t_off, t_scale = self.norm.target_arrays(np.float64)
-        shape = (-1, 1, 1) if t.ndim == 4 else (1, 1)  # several stains: [B, T, P, P], NaN = absent
+        shape = (-1, 1, 1)  # [B, T, P, P], NaN = a stain the patch lacks
         if t_off.any():
             np.subtract(t, t_off.astype(np.float32).reshape(shape), out=t)
         np.multiply(t, (1.0 / t_scale).astype(np.float32).reshape(shape), out=t)

@@ -77,7 +77,7 @@ def test_compiled_bf16_matches_fp32_and_pads_to_one_shape():
     x = torch.randn(150, 5, 3, 3)  # two full batches and a padded one
     with torch.inference_mode():
         ref, got, one = net(x), run(x), run(x[:7])
-    assert got.dtype == torch.float32 and got.shape == ref.shape and one.shape == (7, 3, 3)
+    assert got.dtype == torch.float32 and got.shape == ref.shape and one.shape == (7, 1, 3, 3)
     r = np.corrcoef(ref.flatten().numpy(), got.flatten().numpy())[0, 1]
     assert r >= 0.9999
     assert torch.allclose(one, got[:7], atol=1e-6)  # a padded batch gives the same numbers

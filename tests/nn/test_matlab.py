@@ -47,12 +47,12 @@ def test_real_weights_land_at_the_right_positions(real_graph):
     model, _ = layer_graph_to_model(real_graph)
     assert sum(p.numel() for p in model.parameters()) == 482_369
     assert model.conv1.weight[0, 0, 0, 0].item() == pytest.approx(0.04033332, abs=1e-8)
-    assert model.conv5.bias.item() == pytest.approx(0.13047557, abs=1e-8)
+    assert model.heads[0].conv5.bias.item() == pytest.approx(0.13047557, abs=1e-8)
     w = real_graph.layer("Conv_loop12").weights
     # MATLAB W[h, w, cin, cout] -> torch weight[cout, cin, h, w]
     assert model.blocks[1].conv_a.weight[5, 7, 2, 1].item() == w[2, 1, 7, 5]
     w5 = real_graph.layer("Conv5").weights
-    assert model.conv5.weight[0, 10, 0, 2].item() == w5[0, 2, 10]
+    assert model.heads[0].conv5.weight[0, 10, 0, 2].item() == w5[0, 2, 10]
     assert model.conv3_1.bias[3].item() == real_graph.layer("Conv3_1").bias.reshape(-1)[3]
 
 

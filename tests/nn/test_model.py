@@ -36,15 +36,16 @@ def test_parameter_count_depth_30_matches_original_graph():
 def test_shapes_patch_in_patch_out(p):
     m = MRHNet(7, depth=2)
     y = m(torch.randn(4, 7, p, p))
-    assert y.shape == (4, p, p)
+    assert y.shape == (4, 1, p, p)  # one stain: a stain axis of 1
+    assert MRHNet(7, depth=1, stains=["nf", "mbp"])(torch.randn(4, 7, p, p)).shape == (4, 2, p, p)
 
 
 def test_matlab_loss_is_half_sum_of_squares_batch_mean():
-    p, t = torch.randn(8, 3, 3), torch.randn(8, 3, 3)
+    p, t = torch.randn(8, 1, 3, 3), torch.randn(8, 1, 3, 3)
     se = (p - t) ** 2
     assert torch.allclose(loss_function("matlab")(p, t), 0.5 * se.sum() / 8)
     assert torch.allclose(loss_function("mse")(p, t), se.mean())
-    assert torch.allclose(loss_function("centre-mse", 1)(p, t), se[:, 1, 1].mean())
+    assert torch.allclose(loss_function("centre-mse", 1)(p, t), se[:, 0, 1, 1].mean())
     # the scale the paper's lr/clip were tuned for: 4.5x the element mean for 3x3 outputs
     assert torch.allclose(loss_function("matlab")(p, t), 4.5 * loss_function("mse")(p, t))
 
@@ -73,7 +74,7 @@ def test_weight_decay_on_weights_not_biases_and_head_lr_factor():
     m2 = MRHNet(4, depth=1)
     frozen = param_groups(m2, 1e-4, 1e-4, 10.0, freeze_backbone=True)
     assert {g["name"] for g in frozen} == {"head.weight", "head.bias"}
-    assert not m2.conv1.weight.requires_grad and m2.conv5.weight.requires_grad
+    assert not m2.conv1.weight.requires_grad and m2.heads[0].conv5.weight.requires_grad
 
 
 def test_paper_recipe_defaults():

@@ -65,7 +65,7 @@ def test_dask_and_numpy_give_the_same_statistics_on_a_lattice_of_a_large_brain(m
 def test_records_round_trip_and_refuse_to_be_used_unresolved():
     rec = Normalisation.subject_mode("subject-percentile", 3, 0.0, 80.0)
     back = Normalisation.from_dict(rec.to_dict())
-    assert back.per_subject and back.target_scale == 80.0
+    assert back.per_subject and back.target_scale == [80.0]
     with pytest.raises(MRHError, match="own statistics"):
         back.input_arrays()
     mri, mask = brain(c=3)

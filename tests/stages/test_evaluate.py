@@ -38,7 +38,9 @@ def test_single_markers(kw):
 def test_evaluate_end_to_end(tmp_path):
     store, pred, ids = write_pair(tmp_path, noise=0.0, offset=4.0)
     out = str(tmp_path / "report")
-    m = evaluate(pred, store, "af", out, ctx=Context(quiet=True))
+    res = evaluate(pred, store, out, ctx=Context(quiet=True))  # every stain of the prediction: af
+    assert res.stains == ["af"] and res.subjects == ids and res.report == os.path.join(out, "report.html")
+    m = res.by_stain["af"]
     v = m["pooled"]["virtual"]
     assert v["mae"] == pytest.approx(4.0, rel=1e-5) and v["pearson"] == pytest.approx(1, abs=1e-6)
     assert v["spearman"] == pytest.approx(1, abs=1e-6)
@@ -54,29 +56,32 @@ def test_evaluate_end_to_end(tmp_path):
     assert rocs["virtual"]["direction"] == "lower" and rocs["virtual"]["auc"] > 0.95
     assert rocs["MT ratio"]["direction"] == "lower" and 0.6 < rocs["MT ratio"]["auc"] < rocs["virtual"]["auc"]
     assert rocs["FA"]["auc"] < 0.6
-    files = set(os.listdir(out))
-    assert {"metrics.json", "scatter.png", "roc.png", "report.html", "montage_s01.png"} <= files
-    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert {"metrics.json", "report.html", "af"} <= set(os.listdir(out))  # one folder per stain
+    assert {"metrics.json", "scatter.png", "roc.png", "montage_s01.png"} <= set(os.listdir(os.path.join(out, "af")))
+    summary = json.load(open(os.path.join(out, "metrics.json")))
+    assert summary["stains"] == ["af"] and summary["by_stain"]["af"]["metrics"] == "af/metrics.json"
+    assert summary["by_stain"]["af"]["virtual"]["mae"] == pytest.approx(4.0, rel=1e-5)
+    saved = json.load(open(os.path.join(out, "af", "metrics.json")))
     assert saved["pooled"]["virtual"]["mae"] == pytest.approx(4.0, rel=1e-5)
     assert len(saved["roc_curves"]["virtual"]["fpr"]) > 2
     html = open(os.path.join(out, "report.html")).read()
-    assert "data:image/png;base64," in html and "MT ratio" in html
+    assert "data:image/png;base64," in html and "MT ratio" in html and "af: Pooled" in html
 
 
 def test_evaluate_without_label_and_bad_input(tmp_path):
     store, pred, ids = write_pair(tmp_path, n=1, lesion=False)
-    m = evaluate(pred, store, "af", str(tmp_path / "r"), ctx=Context(quiet=True))
-    assert "roc" not in m["pooled"] and not os.path.exists(tmp_path / "r" / "roc.png")
-    with pytest.raises(MRHError, match="another stain: give --target af"):
-        evaluate(pred, store, "nf", str(tmp_path / "r"), ctx=Context(quiet=True))
+    m = evaluate(pred, store, str(tmp_path / "r"), stains=["af"], ctx=Context(quiet=True)).by_stain["af"]
+    assert "roc" not in m["pooled"] and not os.path.exists(tmp_path / "r" / "af" / "roc.png")
+    with pytest.raises(MRHError, match="holds virtual af, not nf; give --stain af"):
+        evaluate(pred, store, str(tmp_path / "r"), stains=["nf"], ctx=Context(quiet=True)).by_stain["nf"]
     with pytest.raises(MRHError, match="s07"):
-        evaluate(pred, store, "af", str(tmp_path / "r"), subjects=["s07"], ctx=Context(quiet=True))
+        evaluate(pred, store, str(tmp_path / "r"), stains=["af"], subjects=["s07"], ctx=Context(quiet=True)).by_stain["af"]
     with pytest.raises(MRHError, match="--label nope"):
-        evaluate(pred, store, "af", str(tmp_path / "r"), label="nope", ctx=Context(quiet=True))
+        evaluate(pred, store, str(tmp_path / "r"), stains=["af"], label="nope", ctx=Context(quiet=True)).by_stain["af"]
     with pytest.raises(MRHError, match="none.zarr: does not exist"):
-        evaluate(str(tmp_path / "none.zarr"), store, "af", str(tmp_path / "r"), ctx=Context(quiet=True))
+        evaluate(str(tmp_path / "none.zarr"), store, str(tmp_path / "r"), stains=["af"], ctx=Context(quiet=True)).by_stain["af"]
     with pytest.raises(MRHError, match="is a cohort store, not a prediction store"):
-        evaluate(store, store, "af", str(tmp_path / "r"), ctx=Context(quiet=True))
+        evaluate(store, store, str(tmp_path / "r"), stains=["af"], ctx=Context(quiet=True)).by_stain["af"]
 
 
 def test_label_from_nifti_and_cli(tmp_path):
@@ -87,13 +92,15 @@ def test_label_from_nifti_and_cli(tmp_path):
     les = xr.open_zarr(store, group="s01", consolidated=False)["lesion"].values
     write_volume(str(tmp_path / "s01_les.nii.gz"), les.astype(np.uint8), np.asarray(AFF))
     runner = CliRunner()
-    r = runner.invoke(main, ["evaluate", pred, store, "--target", "af", "--out", str(tmp_path / "r"),
+    r = runner.invoke(main, ["evaluate", pred, store, "--stain", "af", "--out", str(tmp_path / "r"),
                              "--label", str(tmp_path / "{subject}_les.nii.gz"), "-q"])
     assert r.exit_code == 0, r.output
     assert "pearson" in r.output
-    saved = json.load(open(tmp_path / "r" / "metrics.json"))
+    saved = json.load(open(tmp_path / "r" / "af" / "metrics.json"))
     assert saved["pooled"]["roc"]["virtual"]["auc"] > 0.9
-    r = runner.invoke(main, ["evaluate", pred, store, "--target", "zz", "--out", str(tmp_path / "r"), "-q"])
+    r = runner.invoke(main, ["evaluate", pred, store, "--target", "af", "--out", str(tmp_path / "r"), "-q"])
+    assert r.exit_code == 2 and "--target was renamed --stain" in r.output
+    r = runner.invoke(main, ["evaluate", pred, store, "--stain", "zz", "--out", str(tmp_path / "r"), "-q"])
     assert r.exit_code == 2 and "zz" in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1
 
@@ -102,7 +109,7 @@ def test_report_page(tmp_path):
     from mrhscale.report.html import summary_report, write_report
 
     store, pred, ids = write_pair(tmp_path, n=1, lesion=True)
-    m = evaluate(pred, store, "af", str(tmp_path / "ev"), ctx=Context(quiet=True))
+    m = evaluate(pred, store, str(tmp_path / "ev"), stains=["af"], ctx=Context(quiet=True)).by_stain["af"]
     imp = {"target": "af", "split": "val", "n_patches": 10, "repeats": 1, "baseline_mse": 2.0,
            "groups": [{"name": "dwi2000", "channels": ["a", "b"], "increase": 5.0, "std": 0.1,
                        "relative": 2.5, "rank": 1}],

@@ -67,8 +67,8 @@ def pair(tmp_path):
 def test_nifti_and_channel_markers(pair):
     tmp, store, pred, ids, truth = pair
     nii = str(tmp / "newc_{subject}.nii.gz")
-    m = evaluate(pred, store, "af", str(tmp / "rep"), ctx=Context(quiet=True),
-                 markers=[nii, "c00", "fa", str(tmp / "les_{subject}.nii.gz")])
+    m = evaluate(pred, store, str(tmp / "rep"), stains=["af"], ctx=Context(quiet=True),
+                 markers=[nii, "c00", "fa", str(tmp / "les_{subject}.nii.gz")]).by_stain["af"]
     assert m["markers"]["extra"] == {"newc": nii, "c00": "c00", "fa": "fa",
                                      "les": str(tmp / "les_{subject}.nii.gz")}
     for sid in ids:
@@ -89,7 +89,7 @@ def test_nifti_and_channel_markers(pair):
     assert p["newc"]["pearson"] > 0.97 and p["roc"]["les"]["auc"] == pytest.approx(1.0)
     assert -1 <= p["newc"]["pearson_vs_virtual"] <= 1 and p["newc"]["spearman_vs_virtual"] > 0.8
     assert p["newc"]["pearson_vs_virtual"] < p["newc"]["pearson"]  # virtual is noisier than 4
-    on_disk = json.load(open(tmp / "rep" / "metrics.json"))
+    on_disk = json.load(open(tmp / "rep" / "af" / "metrics.json"))
     assert on_disk["pooled"]["newc"]["pearson"] == pytest.approx(p["newc"]["pearson"])
     assert {"scatter.png", "scatter_vs_virtual.png", "roc.png"} <= set(on_disk["figures"])
     html = open(m["report"]).read()
@@ -103,26 +103,26 @@ def test_marker_names_unique():
 
 def test_cli_marker_and_errors(pair):
     tmp, store, pred, ids, _ = pair
-    r = CliRunner().invoke(main, ["evaluate", pred, store, "--target", "af", "-o", str(tmp / "r1"),
+    r = CliRunner().invoke(main, ["evaluate", pred, store, "--stain", "af", "-o", str(tmp / "r1"),
                                   "--quiet", "--marker", str(tmp / "newc_{subject}.nii.gz"),
                                   "--marker", "c01"])
     assert r.exit_code == 0, r.output
     assert "marker newc: pearson vs reference 0.9" in r.output and "marker c01" in r.output
 
     bad = str(tmp / "bad_{subject}.nii.gz")
-    r = CliRunner().invoke(main, ["evaluate", pred, store, "--target", "af", "-o", str(tmp / "r2"),
+    r = CliRunner().invoke(main, ["evaluate", pred, store, "--stain", "af", "-o", str(tmp / "r2"),
                                   "--quiet", "--marker", bad])
     assert r.exit_code == 2 and "Traceback" not in r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1
     assert "bad_s01.nii.gz" in lines[0] and "(12, 10, 13)" in lines[0] and "(12, 10, 14)" in lines[0]
 
-    r = CliRunner().invoke(main, ["evaluate", pred, store, "--target", "af", "-o", str(tmp / "r3"),
+    r = CliRunner().invoke(main, ["evaluate", pred, store, "--stain", "af", "-o", str(tmp / "r3"),
                                   "--quiet", "--marker", str(tmp / "nothere_{subject}.nii.gz")])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
     assert "s01" in r.output and "nothere_s01.nii.gz" in r.output and "not found" in r.output
 
-    r = CliRunner().invoke(main, ["evaluate", pred, store, "--target", "af", "-o", str(tmp / "r4"),
+    r = CliRunner().invoke(main, ["evaluate", pred, store, "--stain", "af", "-o", str(tmp / "r4"),
                                   "--quiet", "--marker", "no_such_contrast"])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
     assert "no_such_contrast" in r.output and "c00" in r.output
@@ -131,6 +131,6 @@ def test_cli_marker_and_errors(pair):
 def test_missing_transforms_folder(pair):
     tmp, store, pred, _, _ = pair
     with pytest.raises(MRHError, match="marker-transforms"):
-        evaluate(pred, store, "af", str(tmp / "r"), ctx=Context(quiet=True),
+        evaluate(pred, store, str(tmp / "r"), stains=["af"], ctx=Context(quiet=True),
                  markers=[str(tmp / "newc_{subject}.nii.gz")],
-                 marker_transforms=os.path.join(str(tmp), "no_transforms"))
+                 marker_transforms=os.path.join(str(tmp), "no_transforms")).by_stain["af"]

@@ -29,8 +29,8 @@ def _add_roi(store, pred, ids):
 def test_roi_restricts_roc(tmp_path):
     store, pred, ids = write_pair(tmp_path, noise=0.0)
     _add_roi(store, pred, ids)
-    whole = evaluate(pred, store, "af", str(tmp_path / "a"), ctx=Context(quiet=True))
-    inroi = evaluate(pred, store, "af", str(tmp_path / "b"), roi="wm", ctx=Context(quiet=True))
+    whole = evaluate(pred, store, str(tmp_path / "a"), stains=["af"], ctx=Context(quiet=True)).by_stain["af"]
+    inroi = evaluate(pred, store, str(tmp_path / "b"), stains=["af"], roi="wm", ctx=Context(quiet=True)).by_stain["af"]
     assert inroi["roi"] == "wm"
     assert inroi["pooled"]["roc"]["virtual"]["auc"] > 0.99
     assert whole["pooled"]["roc"]["virtual"]["auc"] < inroi["pooled"]["roc"]["virtual"]["auc"] - 0.1
@@ -44,5 +44,5 @@ def test_roi_restricts_roc(tmp_path):
 def test_unknown_roi_is_a_clear_error(tmp_path):
     store, pred, _ = write_pair(tmp_path, noise=0.0)
     with pytest.raises(MRHError, match="--roi nope: not a variable"):
-        evaluate(pred, store, "af", str(tmp_path / "a"), roi="nope", ctx=Context(quiet=True))
+        evaluate(pred, store, str(tmp_path / "a"), stains=["af"], roi="nope", ctx=Context(quiet=True)).by_stain["af"]
     assert zarr.open_group(store, mode="r").attrs["subjects"]

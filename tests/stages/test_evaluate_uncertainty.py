@@ -18,7 +18,7 @@ from mrhscale.stages.evaluate import evaluate
 def result(tmp_path_factory):
     d = tmp_path_factory.mktemp("eu")
     store, pred, ids = write_pair(d, noise=5.0, uncertainty=True)
-    return evaluate(pred, store, "af", str(d / "ev"), ctx=Context(quiet=True)), store, pred, d
+    return evaluate(pred, store, str(d / "ev"), stains=["af"], ctx=Context(quiet=True)).by_stain["af"], store, pred, d
 
 
 def test_a_true_standard_deviation_ranks_covers_and_flags(result):
@@ -50,14 +50,14 @@ def test_figures_report_and_json(result):
 
 def test_without_an_uncertainty_nothing_changes(tmp_path):
     store, pred, _ = write_pair(tmp_path, noise=5.0)
-    res = evaluate(pred, store, "af", str(tmp_path / "ev"), ctx=Context(quiet=True))
+    res = evaluate(pred, store, str(tmp_path / "ev"), stains=["af"], ctx=Context(quiet=True)).by_stain["af"]
     assert res.uncertainty is None and "retention.png" not in res.figures
 
 
 def test_cli_prints_the_calibration_figures(result, tmp_path):
     _, store, pred, _ = result
-    r = CliRunner().invoke(main, ["evaluate", pred, store, "--target", "af", "--out", str(tmp_path / "ev"), "-q"])
+    r = CliRunner().invoke(main, ["evaluate", pred, store, "--stain", "af", "--out", str(tmp_path / "ev"), "-q"])
     assert r.exit_code == 0, r.output
-    line = next(x for x in r.output.splitlines() if x.startswith("uncertainty"))
+    line = next(x.strip() for x in r.output.splitlines() if x.strip().startswith("uncertainty"))
     assert "Spearman with |error|" in line and "coverage" in line and "retention area" in line
     assert np.isfinite(float(line.split("Spearman with |error| ")[1].split(",")[0]))

@@ -73,7 +73,7 @@ def test_onnx_matches_torch(bundle, onnx_export, n, size, nan):
     x = raw_input(n, size, seed=n, nan=nan)
     got = sess.run(["stain"], {"mri": x})[0]
     ref = reference(bundle, x)
-    assert got.shape == (n, size, size)
+    assert got.shape == (n, 1, size, size)  # NTHW: the stain axis, one stain
     diff = float(np.abs(got - ref).max())
     assert diff < TOL, f"max |onnx - torch| = {diff:.3g} (batch {n}, {size}x{size})"
     assert float(np.abs(ref).max()) > 1.0  # outputs in raw stain units, not normalised ones
@@ -84,11 +84,11 @@ def test_onnx_metadata_and_sidecar(bundle, onnx_export):
     b = read_bundle(bundle)
     proto = onnx.load(onnx_export.out)
     props = {p.key: p.value for p in proto.metadata_props}
-    assert props["format"] == FORMAT and props["target"] == "af"
+    assert props["format"] == FORMAT and props["target"] == "af" and json.loads(props["stains"]) == ["af"]
     assert json.loads(props["channels"]) == CHANNELS
     norm = json.loads(props["normalisation"])
     assert norm["offset"] == b["norm"]["offset"] and norm["scale"] == b["norm"]["scale"]
-    assert norm["target_scale"] == 60.0 and "inside the graph" in norm["applied"]
+    assert norm["target_scale"] == [60.0] and "inside the graph" in norm["applied"]
     assert json.loads(props["patch"]) == b["patch"]
     assert json.loads(props["model"])["sha256"] == sha256_file(bundle)
     assert props["mrhscale_version"] and json.loads(props["input"])["layout"] == "NCHW"

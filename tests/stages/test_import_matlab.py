@@ -51,11 +51,11 @@ def test_cli_imports_real_file(tmp_path):
     assert r.exit_code == 0, r.output
     assert "depth 4" in r.output and "482,369" in r.output
     model, meta = load_model(out)
-    assert model.config == {"in_channels": 67, "depth": 4, "width": 64}
+    assert model.config == {"in_channels": 67, "depth": 4, "width": 64, "stains": ["af"]}
     assert meta["channels"] == DEFAULT_CHANNELS_67
     assert meta["target"] == "af" and meta["patch"] == {"half": 1, "size": 3, "axis": "y"}
     nrm = meta["norm"]
-    assert nrm.mode == "global-max" and set(nrm.scale) == {4095.0} and nrm.target_scale == 255.0
+    assert nrm.mode == "global-max" and set(nrm.scale) == {4095.0} and nrm.target_scale == [255.0]
     prov = meta["provenance"]
     assert prov["channels_from"].startswith("default") and prov["norm_from"].startswith("user")
     assert prov["target_from"] == "file name" and prov["parameters"] == 482_369
@@ -143,7 +143,7 @@ def test_library_options_and_identity_norm(tmp_path):
     b = read_bundle(tmp_path / "m.pt")
     assert (
         b["norm"]["mode"] == "identity"
-        and b["norm"]["target_scale"] == 180.0
+        and b["norm"]["target_scale"] == [180.0]
         and b["target"] == "mbp"
     )
     s = import_matlab(mat, tmp_path / "m2.pt", channels="a,b,c", input_max=12.5, target="nf")
@@ -276,7 +276,7 @@ def test_target_required_when_not_in_name(tmp_path):
 def _imported_bundle(tmp_path, channels, *, input_max=300.0, target_max=200.0, seed=5):
     model = random_model(in_channels=len(channels), depth=1, width=8, seed=seed)
     with torch.no_grad():
-        model.conv5.bias.fill_(0.3)  # outputs mostly positive after the head, so values differ
+        model.heads[0].conv5.bias.fill_(0.3)  # outputs mostly positive after the head, so values differ
     graph = mrhnet_to_layer_graph(model)
     mat = save_layer_graph_mat(graph, tmp_path / "net_1layer_Fluo.mat")
     out = tmp_path / "imported.pt"
@@ -335,7 +335,7 @@ def test_finetune_accepts_imported_bundle(tmp_path, monkeypatch):
     )
     assert r.exit_code == 0, r.output
     model, meta = load_model(tmp_path / "ft" / "model.pt")
-    assert meta["target"] == "nf" and model.config == {"in_channels": 5, "depth": 1, "width": 8}
+    assert meta["stains"] == ["nf"] and model.config == {"in_channels": 5, "depth": 1, "width": 8, "stains": ["nf"]}
     # the backbone keeps the imported input scaling (divide by the global maximum)
     assert meta["norm"].mode == "global-max" and meta["norm"].scale == [300.0] * 5
 

@@ -53,7 +53,7 @@ def test_ranks_true_dependence_after_training(tmp_path):
     x = torch.from_numpy(norm.apply_inputs(root["train/inputs"][...], channel_axis=1))
     t = torch.from_numpy(norm.apply_target(root["train/targets"][...]).astype(np.float32))
     torch.manual_seed(0)
-    m = MRHNet(5, depth=1, width=16)
+    m = MRHNet(5, depth=1, width=16, stains=["af"])
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     for _step in range(300):
         j = torch.randint(0, len(x), (128,))
@@ -62,7 +62,7 @@ def test_ranks_true_dependence_after_training(tmp_path):
         loss.backward()
         opt.step()
     path = tmp_path / "m.pt"
-    save_bundle(path, m, channels=list(root.attrs["channels"]), norm=norm, target="af",
+    save_bundle(path, m, channels=list(root.attrs["channels"]), norm=norm,
                 patch=dict(root.attrs["patch"]))
     res = importance(str(path), store, str(tmp_path / "imp"), repeats=2, ctx=Context(quiet=True))
     ch = {r["name"]: r["increase"] for r in res["channels"]}

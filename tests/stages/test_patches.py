@@ -128,7 +128,7 @@ def test_matches_reference(rich_store, tmp_path, half, stride, axis, slices):
     assert set(got) == set(ref)
     for key, (inp, lab) in ref.items():
         np.testing.assert_array_equal(got[key][0], inp)
-        np.testing.assert_array_equal(got[key][1], lab)
+        np.testing.assert_array_equal(got[key][1], lab[None])  # [T, P, P]: one stain, T = 1
     attrs = dict(zarr.open_group(out, mode="r").attrs)
     assert attrs["complete"] is True
     assert attrs["n_train"] + attrs["n_val"] == len(ref) == s["n_train"] + s["n_val"]
@@ -199,7 +199,7 @@ def test_val_subjects_and_norm_stats(mid_store, tmp_path):
     n2 = g.attrs["norm"]
     assert n2["mode"] == "global-max"
     assert n2["scale"] == [pytest.approx(float(inp.max()), rel=1e-3)] * 4
-    assert n2["target_scale"] == pytest.approx(float(lab.max()))
+    assert n2["target_scale"] == [pytest.approx(float(lab.max()))]
 
 
 def test_complete_store_reused_protected_and_incomplete_replaced(cohort_store, tmp_path):
@@ -325,7 +325,7 @@ def test_cli_info_describes_a_patch_store(mid_store, tmp_path):
                            options=PatchOptions(stride=2, val_fraction=0.2, min_label_sum=0, min_label_nonzero=0))
     res = CliRunner().invoke(main, ["info", out])
     assert res.exit_code == 0, res.output
-    assert "target: af" in res.output
+    assert "stains: af" in res.output
     assert f"train patches: {summ['n_train']}" in res.output
     assert "complete: True" in res.output
     assert "per-subject statistics: yes" in res.output

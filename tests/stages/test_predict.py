@@ -86,8 +86,9 @@ def test_voxels_equal_direct_model_on_their_patch(tmp_path, half, axis):
     bundle_channels = names[::-1][:4]  # reordered subset: selection must go by NAME
     mp = write_model(tmp_path / "m.pt", bundle_channels, half=half, axis=axis)
     model, meta = load_model(mp)
-    pred = subject_prediction(ds, meta, NetworkSpec(mp, load_model, batch_size=37)).compute(scheduler="sync")
-    assert pred.shape == SHAPE and pred.dtype == np.float32
+    maps = subject_prediction(ds, meta, NetworkSpec(mp, load_model, batch_size=37)).compute(scheduler="sync")
+    assert maps.shape == (*SHAPE, 1) and maps.dtype == np.float32  # (x, y, z, V): one stain
+    pred = maps[..., 0]
     mri = ds["mri"].values
     cidx = [names.index(c) for c in bundle_channels]
     rng = np.random.default_rng(1)
@@ -96,8 +97,8 @@ def test_voxels_equal_direct_model_on_their_patch(tmp_path, half, axis):
     vox = [v for v in vox if ds["mask"].values[v]]
     patches = np.stack([reference_patch(mri, cidx, meta["norm"], v, half, axis) for v in vox])
     with torch.no_grad():
-        direct = model(torch.from_numpy(patches))[:, half, half].numpy()
-    direct = meta["norm"].invert_target(direct)
+        direct = model(torch.from_numpy(patches))[:, :, half, half].numpy()  # [N, T]
+    direct = meta["norm"].invert_target(direct)[:, 0]
     got = np.array([pred[v] for v in vox])
     np.testing.assert_allclose(got, direct, rtol=1e-4, atol=1e-3)
 
@@ -107,8 +108,8 @@ def test_outside_mask_is_zero_and_mean_aggregate_differs(tmp_path):
     ds = xr.open_zarr(store, group=ids[0], consolidated=False)
     mp = write_model(tmp_path / "m.pt", [str(c) for c in ds.contrast.values])
     model, meta = load_model(mp)
-    centre = subject_prediction(ds, meta, NetworkSpec(mp, load_model)).compute(scheduler="sync")
-    mean = subject_prediction(ds, meta, NetworkSpec(mp, load_model), aggregate="mean").compute(scheduler="sync")
+    centre = subject_prediction(ds, meta, NetworkSpec(mp, load_model)).compute(scheduler="sync")[..., 0]
+    mean = subject_prediction(ds, meta, NetworkSpec(mp, load_model), aggregate="mean").compute(scheduler="sync")[..., 0]
     mask = ds["mask"].values
     assert np.all(centre[~mask] == 0) and np.all(mean[~mask] == 0)
     assert np.all(centre[mask] != 0)
@@ -124,8 +125,8 @@ def test_outside_mask_is_zero_and_mean_aggregate_differs(tmp_path):
             if mask[u]:
                 p = reference_patch(mri, list(range(len(names))), meta["norm"], u, 1, "y")
                 with torch.no_grad():
-                    o = model(torch.from_numpy(p[None]))[0].numpy()
-                outs.append(meta["norm"].invert_target(o[1 - dx, 1 - dz]))
+                    o = model(torch.from_numpy(p[None]))[0].numpy()  # [T, P, P]
+                outs.append(meta["norm"].invert_target(o, stain_axis=0)[0, 1 - dx, 1 - dz])
     assert mean[v] == pytest.approx(np.mean(outs), rel=1e-4)
 
 
@@ -148,11 +149,11 @@ def test_patch_building_has_no_per_voxel_python_loop(tmp_path):
         sys.setprofile(prof)
         try:
             job = BlockJob(NetworkSpec(mp, load_model, batch_size=10**6), half=1, slice_axis=1, offset=off,
-                           inv_scale=inv, t_offset=0.0, t_scale=1.0)
+                           inv_scale=inv, t_offset=np.zeros(1, np.float32), t_scale=np.ones(1, np.float32))
             out = predict_block(mri, mask, job, halo=1)
         finally:
             sys.setprofile(None)
-        assert out.shape == (n, 4, n)
+        assert out.shape == (n, 4, n, 1)
         return count[0]
 
     small, big = calls(6), calls(40)  # 144 vs 6400 voxels
@@ -193,7 +194,7 @@ def test_end_to_end_cluster_nifti_resume_and_model_loaded_once_per_worker(tmp_pa
     for sid in ids:
         src = xr.open_zarr(store, group=sid, consolidated=False)
         got = xr.open_zarr(out, group=sid, consolidated=False)
-        ref = subject_prediction(src, meta, NetworkSpec(mp, load_model)).compute(scheduler="sync")
+        ref = subject_prediction(src, meta, NetworkSpec(mp, load_model)).compute(scheduler="sync")[..., 0]
         np.testing.assert_allclose(got["af_virtual"].values, ref, rtol=1e-5, atol=1e-4)
         assert got["af_virtual"].dims == ("x", "y", "z")
         assert got.attrs["affine"] == src.attrs["affine"]
@@ -256,7 +257,7 @@ def test_cli_predict(tmp_path):
     assert zarr.open_group(str(tmp_path / "p.zarr"), mode="r").attrs["aggregate"] == "mean"
     src = xr.open_zarr(store, group="s01", consolidated=False)
     _, meta = load_model(good)
-    ref = subject_prediction(src, meta, NetworkSpec(good, load_model), aggregate="mean").compute(scheduler="sync")
+    ref = subject_prediction(src, meta, NetworkSpec(good, load_model), aggregate="mean").compute(scheduler="sync")[..., 0]
     got = xr.open_zarr(str(tmp_path / "p.zarr"), group="s01", consolidated=False)["af_virtual"].values
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
 

@@ -49,7 +49,7 @@ def test_compiled_bf16_prediction_matches_fp32(trained):
             assert ds.attrs["made_by"]["numerics"] == f"bf16 {'compiled' if compiled == 'on' else 'eager'}"
         else:  # eager fp32 records nothing new in what made it: earlier stores stay current
             assert "numerics" not in ds.attrs["made_by"]
-        ev = evaluate(out, store, "mbp", str(d / f"eval_{name}"), subjects=["s03"], ctx=Context(quiet=True))
+        ev = evaluate(out, store, str(d / f"eval_{name}"), stains=["mbp"], subjects=["s03"], ctx=Context(quiet=True)).by_stain["mbp"]
         rs[name] = ev["per_subject"]["s03"]["virtual"]["pearson"]
     assert maps["fp32"].size > 2000
     corr = np.corrcoef(maps["fp32"], maps["bf16"])[0, 1]

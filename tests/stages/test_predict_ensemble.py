@@ -61,7 +61,7 @@ def test_mean_and_calibrated_spread_of_the_members(setup, tmp_path, aggregate):
                 x = reference_patch(mri, idx, meta["norm"], tuple(v), 1, "y")
                 with torch.no_grad():
                     outs.append(net(torch.from_numpy(x[None]))[0].double().numpy())
-            sd = np.sqrt(np.stack(outs).var(0, ddof=1).mean()) * meta["norm"].target_scale
+            sd = np.sqrt(np.stack(outs).var(0, ddof=1).mean()) * meta["norm"].target_scale[0]
             assert unc[tuple(v)] == pytest.approx(1.5 * sd, rel=1e-3, abs=1e-4)
     assert (unc[mask] > 0).all()
     assert (unc[~mask] == 0).all() and (unc[mask] > 0).all()

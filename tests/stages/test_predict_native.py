@@ -96,12 +96,12 @@ def write_model(path, channels):
     from mrhscale.ops.norm import Normalisation
 
     torch.manual_seed(0)
-    m = MRHNet(len(channels), depth=1, width=8)
+    m = MRHNet(len(channels), depth=1, width=8, stains=["af"])
     with torch.no_grad():
-        m.conv5.weight.mul_(5.0)
+        m.heads[0].conv5.weight.mul_(5.0)
     c = len(channels)
     norm = Normalisation("percentile", [0.0] * c, [100.0] * c, 50.0, 50.0)
-    save_bundle(path, m, channels=list(channels), norm=norm, target="af",
+    save_bundle(path, m, channels=list(channels), norm=norm,
                 patch={"half": 1, "size": 3, "axis": "y"}, provenance={"test": True})
     return str(path)
 

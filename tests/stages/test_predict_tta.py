@@ -21,14 +21,14 @@ def symmetric_model(path, channels):
     """MRH-Net whose every 3x3 kernel is symmetric under the 8 symmetries: the network is
     then equivariant, and TTA must give what it gives without."""
     torch.manual_seed(1)
-    m = MRHNet(len(channels), depth=1, width=8)
+    m = MRHNet(len(channels), depth=1, width=8, stains=["af"])
     with torch.no_grad():
         for conv in (mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)):
             w = conv.weight
             sym = sum(torch.rot90(w, r, (-2, -1)) + torch.rot90(w, r, (-2, -1)).flip(-1) for r in range(4)) / 8
             w.copy_(sym * 3)
     norm = Normalisation("percentile", [10.0] * len(channels), [100.0] * len(channels), 0.0, 50.0)
-    save_bundle(path, m, channels=list(channels), norm=norm, target="af", patch={"half": 1, "size": 3, "axis": "y"})
+    save_bundle(path, m, channels=list(channels), norm=norm, patch={"half": 1, "size": 3, "axis": "y"})
     return str(path)
 
 

@@ -31,19 +31,21 @@ def predicted(tmp_path_factory):
 
 def test_from_a_store_subject_and_from_files_equal_the_predict_store(predicted):
     want, model = predicted["want"], predicted["model"]
-    got = mrhscale.predict_volume(model, mrhscale.open_subject(predicted["cohort"], "s01"))
-    assert got.name == "af_virtual" and got.dims == ("x", "y", "z") and got.attrs["target"] == "af"
+    maps = mrhscale.predict_volume(model, mrhscale.open_subject(predicted["cohort"], "s01"))
+    assert list(maps.data_vars) == ["af_virtual"]  # a Dataset: a map per stain of the model
+    got = maps["af_virtual"]
+    assert got.dims == ("x", "y", "z") and got.attrs["target"] == "af"
     np.testing.assert_array_equal(got.values, want.values)
     xr.testing.assert_equal(got.x, want.x)
     d = predicted["root"]
     files = {"dwi": str(d / "dwi.nii.gz"), "t2MTONOFF": {"path": str(d / "t2MTONOFF.nii.gz"),
                                                         "channels": ["t2", "mt_off", "mt_on"]},
              "mask": str(d / "mask.nii.gz")}
-    np.testing.assert_array_equal(mrhscale.predict_volume(model, files).values, want.values)
+    np.testing.assert_array_equal(mrhscale.predict_volume(model, files)["af_virtual"].values, want.values)
     images = {"mri": {"dwi": nib.load(d / "dwi.nii.gz"),
                       "t2MTONOFF": {"path": nib.load(d / "t2MTONOFF.nii.gz"), "channels": ["t2", "mt_off", "mt_on"]}},
               "mask": nib.load(d / "mask.nii.gz")}
-    got = mrhscale.predict_volume(model, images)
+    got = mrhscale.predict_volume(model, images)["af_virtual"]
     np.testing.assert_array_equal(got.values, want.values)
     assert float(got.sel(x=1.06, y=2.12, z=-2.88, method="nearest")) == float(want.values[1, 2, 2])
 
@@ -54,7 +56,7 @@ def test_on_a_dask_client(predicted):
     with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cl, Client(cl) as client:
         got = mrhscale.predict_volume(predicted["model"], mrhscale.open_subject(predicted["cohort"], "s01"),
                                       ctx=Context(client=client))
-    np.testing.assert_array_equal(got.values, predicted["want"].values)
+    np.testing.assert_array_equal(got["af_virtual"].values, predicted["want"].values)
 
 
 def test_bad_input_is_one_clear_error(predicted, tmp_path):

@@ -173,13 +173,13 @@ class TestEvaluationFolder(Contract):
     def make(self, env, out, variant=0):
         from mrhscale.stages.evaluate import evaluate
 
-        return evaluate(env["pred"], env["cohort"], "af", out, ctx=Context(quiet=True),
+        return evaluate(env["pred"], env["cohort"], out, ctx=Context(quiet=True),
                         options=EvaluateOptions(seed=variant))
 
     def fail(self, env, out):
         from mrhscale.stages.evaluate import evaluate
 
-        return evaluate(env["pred"], env["cohort"], "af", out, ctx=Context(quiet=True), label="nope")
+        return evaluate(env["pred"], env["cohort"], out, ctx=Context(quiet=True), label="nope")
 
 
 class TestImportanceFolder(Contract):

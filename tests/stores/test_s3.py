@@ -134,7 +134,7 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
         assert np.abs(got["af_virtual"].values).sum() > 0
         assert os.path.exists(tmp_path / "nii" / f"{sid}_af_virtual.nii.gz")
     assert zarr.open_group(pred, mode="r", storage_options=s3).attrs["subjects"] == ["s01", "s02"]
-    m = evaluate(pred, cohort, "af", str(tmp_path / "eval"), ctx=Context(quiet=True, storage_options=s3))
+    m = evaluate(pred, cohort, str(tmp_path / "eval"), stains=["af"], ctx=Context(quiet=True, storage_options=s3)).by_stain["af"]
     assert np.isfinite(m["pooled"]["virtual"]["pearson"])
     assert "s01" in describe_store(Context(storage_options=s3).location(pred))
     imp = importance(model, patches, str(tmp_path / "imp"), split="val", repeats=1, max_patches=64,

@@ -52,15 +52,17 @@ def test_ensemble_bundle_holds_every_member_and_their_calibration(ensemble, stor
             assert torch.equal(v, states(ensemble.model)[k][key])
     first, second = states(ensemble.model)[:2]
     assert not torch.equal(first["conv1.weight"], second["conv1.weight"])  # other init, other data order
-    cal = b["uncertainty"]["calibration"]
+    top = b["uncertainty"]["calibration"]
+    cal = top["stains"]["af"]  # a calibration per stain (one here), the factors listed on top
     assert b["uncertainty"]["seeds"] == [5, 6, 7] and cal["fitted_on"] == "val" and cal["n"] == 512
+    assert top["factor"] == [cal["factor"]] and top["fitted_on"] == "val" and top["val_r"] == cal["val_r"]
     assert cal["factor"] > 0 and cal["coverage_after"] == pytest.approx(0.95, abs=0.01)
     assert json.load(open(os.path.join(out, "config.json")))["members"] == 3
     assert ensemble.members and len(ensemble.members) == 3 and ensemble.final["val_r"] == cal["val_r"]
     model, meta = load_model(ensemble.model, ensemble=True)
     assert isinstance(model, MRHEnsemble) and meta["members"] == 3
-    assert model(torch.zeros(4, 5, 3, 3)).shape == (4, 3, 3, 3)
-    assert load_model(ensemble.model)[0](torch.zeros(2, 5, 3, 3)).shape == (2, 3, 3)  # member 0 alone
+    assert model(torch.zeros(4, 5, 3, 3)).shape == (4, 3, 1, 3, 3)  # [B, K members, T stains, P, P]
+    assert load_model(ensemble.model)[0](torch.zeros(2, 5, 3, 3)).shape == (2, 1, 3, 3)  # member 0 alone
     text = describe_bundle(ensemble.model)
     assert "3 members (seeds [5, 6, 7])" in text and "calibration factor" in text and "per member" in text
 
@@ -91,10 +93,11 @@ def test_calibration_factor_makes_the_validation_interval_cover_95_percent(ensem
         xs[rows] = (x[rows] - off[None, :, None, None]) * inv[None, :, None, None]
     with torch.no_grad():
         y = model(torch.from_numpy(xs.astype(np.float32))).double().numpy()
-    tn = (t[:, 1, 1] - norm.target_offset) / norm.target_scale
+    tn = (t[:, 0, 1, 1] - norm.target_offset[0]) / norm.target_scale[0]
+    y = y[:, :, 0]  # [N, K, P, P]: the one stain
     err, spread = y[:, :, 1, 1].mean(1) - tn, np.sqrt(y.var(1, ddof=1).mean((1, 2)))  # pooled over the patch
     factor = np.quantile(np.abs(err) / spread, 0.95) / Z95
-    cal = read_bundle(ensemble.model)["uncertainty"]["calibration"]
+    cal = read_bundle(ensemble.model)["uncertainty"]["calibration"]["stains"]["af"]
     assert cal["factor"] == pytest.approx(factor, rel=1e-3)
 
 
@@ -146,7 +149,7 @@ def test_no_validation_split_leaves_the_spread_uncalibrated(tmp_path, caplog):
     p = make_patch_store(tmp_path / "noval.zarr", n_train=256, n_val=0)
     res = train(p, str(tmp_path / "run"), members=2, **{**SMALL, "epochs": 1})
     cal = read_bundle(res.model)["uncertainty"]["calibration"]
-    assert cal == {"factor": 1.0, "fitted_on": None}
+    assert cal == {"factor": [1.0], "fitted_on": None, "stains": {}}
     assert "uncalibrated" in describe_bundle(res.model)
 
 

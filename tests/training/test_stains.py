@@ -68,16 +68,18 @@ def test_store_holds_the_union_of_the_stains_samples(cohort):
         for k, t in enumerate(("af", "mbp")):
             for key, (xi, ti) in single[t].items():  # same inputs, same target where the stain passed
                 np.testing.assert_array_equal(joint[key][0], xi)
-                np.testing.assert_array_equal(joint[key][1][k], ti)
+                np.testing.assert_array_equal(joint[key][1][k], ti[0])  # a one-stain store: T = 1
     s03 = [v[1] for k, v in _rows(stores["af,mbp"]).items() if k[0] == 2]
     assert s03 and all(np.isnan(t[1]).all() and np.isfinite(t[0]).all() for t in s03)  # no mbp: masked
 
 
-def test_one_stain_stores_keep_their_layout(cohort):
+def test_one_stain_stores_have_a_stain_axis_of_one(cohort):
     _, _, stores = cohort
     ps = PatchStore.open(stores["af"])
-    assert "stains" not in ps.attrs and ps.split("train")[1].ndim == 3
-    assert isinstance(ps.attrs["norm"]["target_scale"], float)
+    x, t = ps.split("train")
+    assert ps.attrs["stains"] == ["af"] and ps.attrs["target"] == "af" and t.shape[1:] == (1, 3, 3)
+    assert tuple(t.metadata.dimension_names) == ("patch", "stain", "row", "col")
+    assert len(ps.attrs["norm"]["target_scale"]) == 1
 
 
 @pytest.mark.parametrize("target, msg", [
@@ -91,8 +93,9 @@ def test_bad_stain_lists_are_one_line_errors(cohort, tmp_path, target, msg):
 
 
 def test_heads_and_the_one_stain_graph():
-    one = MRHNet(4, depth=1, width=8)
-    assert {"conv4.weight", "conv5.weight"} <= set(one.state_dict()) and one(torch.randn(2, 4, 3, 3)).shape == (2, 3, 3)
+    one = MRHNet(4, depth=1, width=8, stains=["af"])
+    assert {"heads.0.conv4.weight", "heads.0.conv5.weight"} <= set(one.state_dict())
+    assert one(torch.randn(2, 4, 3, 3)).shape == (2, 1, 3, 3) and one.config["stains"] == ["af"]
     two = MRHNet(4, depth=1, width=8, stains=["af", "mbp"])
     assert not any(k.startswith(("conv4", "conv5")) for k in two.state_dict())
     y = two(torch.randn(2, 4, 3, 3))
@@ -107,7 +110,7 @@ def test_loss_masks_absent_stains(name):
     t[3:, 1] = float("nan")  # the last 3 samples lack stain 1
     loss = loss_function(name)(p, t)
     one = loss_function(name)
-    want = one(p[:, 0], t[:, 0]) + one(p[:3, 1], t[:3, 1])  # each stain over the samples that have it
+    want = one(p[:, :1], t[:, :1]) + one(p[:3, 1:], t[:3, 1:])  # each stain over the samples that have it
     torch.testing.assert_close(loss, want)
     loss.backward()
     assert torch.isfinite(p.grad).all() and (p.grad[3:, 1] == 0).all()
@@ -121,17 +124,18 @@ def test_joint_training_learns_both_stains(joint):
     b = read_bundle(joint.model)
     assert b["target"] == "af,mbp" and b["stains"] == ["af", "mbp"] and b["arch"]["stains"] == ["af", "mbp"]
     r = CliRunner().invoke(main, ["info", joint.model])
-    assert r.exit_code == 0 and "2 stains, one Conv4/Conv5 head each" in r.output
+    assert r.exit_code == 0 and "stains         af, mbp  (one Conv4/Conv5 head each)" in r.output
 
 
 def _head_alone(path: str, k: int, out: str) -> str:
     """Head k of a network of several stains as a one-stain bundle (same backbone)."""
     model, meta = load_model(path)
-    one = MRHNet(model.in_channels, model.depth, model.width)
+    one = MRHNet(model.in_channels, model.depth, model.width, stains=[meta["stains"][k]])
     state = {n: v for n, v in model.state_dict().items() if not n.startswith("heads.")}
-    state.update({n.split(".", 2)[2]: v for n, v in model.state_dict().items() if n.startswith(f"heads.{k}.")})
+    state.update({"heads.0." + n.split(".", 2)[2]: v for n, v in model.state_dict().items()
+                  if n.startswith(f"heads.{k}.")})
     one.load_state_dict(state)
-    save_bundle(out, one, channels=meta["channels"], norm=meta["norm"].stain(k), target=meta["stains"][k],
+    save_bundle(out, one, channels=meta["channels"], norm=meta["norm"].stain(k),
                 patch=meta["patch"])
     return out
 
@@ -164,12 +168,16 @@ def test_evaluate_and_importance_per_stain(cohort, joint, tmp_path):
     _, store, stores = cohort
     pred = str(tmp_path / "p.zarr")
     predict(joint.model, store, pred, subjects=["s01", "s02"], ctx=SYNC)
-    ev = {t: evaluate(pred, store, t, str(tmp_path / f"ev-{t}"), subjects=["s02"], ctx=Context(quiet=True))
+    ev = {t: evaluate(pred, store, str(tmp_path / f"ev-{t}"), stains=[t], subjects=["s02"], ctx=Context(quiet=True)).by_stain[t]
           for t in ("af", "mbp")}
     assert ev["af"].pooled["virtual"]["pearson"] != ev["mbp"].pooled["virtual"]["pearson"]
-    r = CliRunner().invoke(main, ["evaluate", pred, store, "--target", "nf", "--out",
+    r = CliRunner().invoke(main, ["evaluate", pred, store, "--stain", "nf", "--out",
                                   str(tmp_path / "ev-nf"), "-q"])
-    assert r.exit_code == 2 and "give --target af or mbp" in r.output
+    assert r.exit_code == 2 and "give --stain af or mbp" in r.output
+    both = evaluate(pred, store, str(tmp_path / "ev-both"), subjects=["s02"], ctx=Context(quiet=True))
+    assert both.stains == ["af", "mbp"]  # every stain of the prediction in one call, the same figures
+    for t in ("af", "mbp"):
+        assert both.by_stain[t].pooled["virtual"] == ev[t].pooled["virtual"]
     imp = {t: importance(joint.model, stores["af,mbp"], str(tmp_path / f"imp-{t}"), stain=t, repeats=1,
                          ctx=Context(quiet=True)) for t in ("af", "mbp")}
     assert imp["af"]["target"] == "af" and imp["mbp"]["n_patches"] < imp["af"]["n_patches"] + 1
@@ -206,11 +214,11 @@ def test_finetune_adds_a_head_and_keeps_the_old_one(cohort, tmp_path):
     old, _ = load_model(base)
     new, meta = load_model(res.model)
     assert meta["stains"] == ["af", "mbp"]
-    assert meta["norm"].target_scale == [read_bundle(base)["norm"]["target_scale"],
-                                         PatchStore.open(stores["mbp"]).attrs["norm"]["target_scale"]]
+    assert meta["norm"].target_scale == [*read_bundle(base)["norm"]["target_scale"],
+                                         *PatchStore.open(stores["mbp"]).attrs["norm"]["target_scale"]]
     x = torch.randn(5, old.in_channels, 3, 3)
     with torch.no_grad():
-        torch.testing.assert_close(new(x)[:, 0], old(x), rtol=0, atol=0)  # af: exactly as it was
+        torch.testing.assert_close(new(x)[:, :1], old(x), rtol=0, atol=0)  # af: exactly as it was
     r = CliRunner().invoke(main, ["finetune", res.model, stores["mbp"], "--out", str(tmp_path / "again"),
                                   "--add-stain", "-q"])
     assert r.exit_code == 2 and "already predicts mbp" in r.output

@@ -52,7 +52,7 @@ def test_two_ranks_two_workers_exactly_once(patch_store, drop_last):
         steps.append(len(batches))
         for x, t, o in batches:
             assert x.dtype == torch.float32 and t.dtype == torch.float32
-            assert x.shape[1:] == (5, 3, 3) and t.shape[1:] == (3, 3) and len(x) == len(t) == len(o)
+            assert x.shape[1:] == (5, 3, 3) and t.shape[1:] == (1, 3, 3) and len(x) == len(t) == len(o)
             if drop_last:
                 assert len(x) == 64
         seen += [tuple(v) for b in batches for v in b[2].tolist()]
@@ -91,7 +91,7 @@ def test_stream_applies_stored_normalisation(patch_store, split):
     scale = np.asarray(nrm["scale"], np.float32)[:, None, None]
     s = PatchStream(patch_store, split=split, batch_size=32, drop_last=False,
                     options=StreamOptions(with_origin=True))
-    assert s.norm.to_dict() == nrm and s.channels == attrs["channels"] and s.target == "af"
+    assert s.norm.to_dict() == nrm and s.channels == attrs["channels"] and s.stains == ["af"]
     assert s.patch == {"half": 1, "size": 3, "axis": "y"}
     n = 0
     for x, t, o in s:

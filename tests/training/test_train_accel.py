@@ -91,7 +91,7 @@ def test_resume_keeps_the_checkpointed_numerics():
     assert (kept.precision, kept.compile) == ("bf16", True)
     assert TA.from_checkpoint(rec, ("bf16", "on")) is not None
     assert TA.from_checkpoint(rec, ("fp32", "auto")) is None  # asked otherwise: honoured
-    assert TA.requested(None, None, amp=False)[0] == "fp32"  # --no-amp still means fp32
+    assert TA.requested("fp32", None)[0] == "fp32"  # --no-amp is now --precision fp32 (cli: a renamed option)
 
 
 def test_compiled_training_follows_eager(store, tmp_path):
