@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from mrhscale.options import Numerics, PatchOptions, PredictOptions
+from mrhscale.options import EvaluateOptions, Numerics, PatchOptions, PredictOptions
 from mrhscale.parallel.context import Context
 from mrhscale.stages.evaluate import evaluate
 from mrhscale.stages.predict import predict
@@ -49,7 +49,8 @@ def test_compiled_bf16_prediction_matches_fp32(trained):
             assert ds.attrs["made_by"]["numerics"] == f"bf16 {'compiled' if compiled == 'on' else 'eager'}"
         else:  # eager fp32 records nothing new in what made it: earlier stores stay current
             assert "numerics" not in ds.attrs["made_by"]
-        ev = evaluate(out, store, "mbp", str(d / f"eval_{name}"), subjects=["s03"], ctx=Context(quiet=True))
+        ev = evaluate(out, store, "mbp", str(d / f"eval_{name}"), subjects=["s03"], ctx=Context(quiet=True),
+                      options=EvaluateOptions(montage_subjects=0))
         rs[name] = ev["per_subject"]["s03"]["virtual"]["pearson"]
     assert maps["fp32"].size > 2000
     corr = np.corrcoef(maps["fp32"], maps["bf16"])[0, 1]

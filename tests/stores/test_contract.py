@@ -174,7 +174,7 @@ class TestEvaluationFolder(Contract):
         from mrhscale.stages.evaluate import evaluate
 
         return evaluate(env["pred"], env["cohort"], "af", out, ctx=Context(quiet=True),
-                        options=EvaluateOptions(seed=variant))
+                        options=EvaluateOptions(seed=variant, montage_subjects=0))
 
     def fail(self, env, out):
         from mrhscale.stages.evaluate import evaluate
