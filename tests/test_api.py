@@ -19,7 +19,7 @@ def test_import_is_cheap_and_every_public_name_resolves():
 
 def test_stage_results_are_dataclasses_with_dict_access(tmp_path):
     res = mrhscale.ingest(mrhscale.make_cohort(str(tmp_path / "files"), n_subjects=1, shape=(12, 10, 14), quiet=True),
-                          str(tmp_path / "c.zarr"), ctx=Context(dask_workers=1, quiet=True), chunks=(8, 8, 8))
+                          str(tmp_path / "c.zarr"), ctx=Context(scheduler="synchronous", quiet=True), chunks=(8, 8, 8))
     assert isinstance(res, mrhscale.IngestResult)
     assert res.written == ["s01"] and res["written"] == ["s01"] and res.get("bad") == {}
     assert res.to_dict() == {"store": str(tmp_path / "c.zarr"), "written": ["s01"], "skipped": [], "bad": {}}

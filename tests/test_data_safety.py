@@ -20,6 +20,8 @@ from mrhscale.stores import CohortStore, PatchStore, PredictionStore
 
 
 def cli(*args):
+    """The command line in this process; stages here run on ``--scheduler synchronous`` (the
+    cluster's own failure paths: test_11 and tests/parallel)."""
     r = CliRunner().invoke(main, [str(a) for a in args])
     return r.exit_code, r.output
 
@@ -77,13 +79,13 @@ def test_2_failed_overwrite_keeps_the_old_patch_store(cohort, tmp_path):
 def test_3_failed_reingest_keeps_the_old_subject(tmp_path):
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     out = tmp_path / "c.zarr"
-    code, msg = cli("ingest", man, "--out", out, "--dask-workers", "1", "--chunks", "4,4,4", "-q")
+    code, msg = cli("ingest", man, "--out", out, "--scheduler", "synchronous", "--chunks", "4,4,4", "-q")
     assert code == 0, msg
     before = arrays(out, "s01")
     f = tmp_path / "files" / "s01" / "dwi.nii"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    code, msg = cli("ingest", man, "--out", out, "--overwrite", "--subjects", "s01", "--dask-workers", "1",
+    code, msg = cli("ingest", man, "--out", out, "--overwrite", "--subjects", "s01", "--scheduler", "synchronous",
                     "--chunks", "4,4,4", "-q")
     one_line_error(code, msg, "s01", "dwi.nii")
     assert CohortStore(out).subjects() == ["s01", "s02"]
@@ -102,11 +104,11 @@ def test_5_predict_never_reuses_another_cohorts_subject(tmp_path):
     ch = CohortStore(a).open_subject("s01").contrast.values.tolist()
     model = write_model(str(tmp_path / "m.pt"), ch)
     pred = tmp_path / "pred.zarr"
-    code, msg = cli("predict", model, a, "--out", pred, "--dask-workers", "1", "-q")
+    code, msg = cli("predict", model, a, "--out", pred, "--scheduler", "synchronous", "-q")
     assert code == 0, msg
-    code, msg = cli("predict", model, b, "--out", pred, "--dask-workers", "1", "-q")
+    code, msg = cli("predict", model, b, "--out", pred, "--scheduler", "synchronous", "-q")
     one_line_error(code, msg, "s01", "another input", "--overwrite")
-    code, msg = cli("predict", model, b, "--out", pred, "--dask-workers", "1", "--overwrite", "-q")
+    code, msg = cli("predict", model, b, "--out", pred, "--scheduler", "synchronous", "--overwrite", "-q")
     assert code == 0, msg
     lineage = PredictionStore(pred).subject_attrs("s01")["lineage"]["source"]
     assert lineage["store"] == str(b)
@@ -163,7 +165,7 @@ FORMS = [
 def test_9_storage_options_never_reach_a_file(tmp_path):
     man = write_file_cohort(tmp_path / "files", n_subjects=1, fmt="nii")
     out = tmp_path / "c.zarr"
-    code, msg = cli("ingest", man, "--out", out, "--dask-workers", "1", "--storage-options", FORMS[0], "-q")
+    code, msg = cli("ingest", man, "--out", out, "--scheduler", "synchronous", "--storage-options", FORMS[0], "-q")
     assert code == 0, msg
     saved = (out / "_config" / "mrhscale-ingest.yaml").read_text()
     assert "***" in saved and not any(s in saved or s in msg for s in SECRETS)
@@ -197,7 +199,7 @@ def test_10_repeated_subjects_are_deduplicated(tmp_path):
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     out = tmp_path / "c.zarr"
     code, msg = cli("ingest", man, "--out", out, "--subjects", "s01,s01", "--subjects", "s01",
-                    "--dask-workers", "1", "-q")
+                    "--scheduler", "synchronous", "-q")
     assert code == 0 and "ingested 1 subject" in msg, msg
     assert CohortStore(out).subjects() == ["s01"]
 
@@ -220,15 +222,15 @@ def test_11_truncated_nifti_one_line_naming_the_file_no_worker_traceback(tmp_pat
 def test_13_ingest_reuses_a_subject_only_while_its_files_are_the_same(tmp_path):
     man = write_file_cohort(tmp_path / "files", n_subjects=1, fmt="nii")
     out = tmp_path / "c.zarr"
-    assert cli("ingest", man, "--out", out, "--dask-workers", "1", "-q")[0] == 0
+    assert cli("ingest", man, "--out", out, "--scheduler", "synchronous", "-q")[0] == 0
     os.utime(tmp_path / "files" / "s01" / "af.nii")  # touched, same bytes: still reused
-    code, msg = cli("ingest", man, "--out", out, "--dask-workers", "1", "-q")
+    code, msg = cli("ingest", man, "--out", out, "--scheduler", "synchronous", "-q")
     assert code == 0 and "skipped: s01" in msg, msg
     img = nib.load(str(tmp_path / "files" / "s01" / "af.nii"))
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 1, img.affine), str(tmp_path / "files" / "s01" / "af.nii"))
-    code, msg = cli("ingest", man, "--out", out, "--dask-workers", "1", "-q")
+    code, msg = cli("ingest", man, "--out", out, "--scheduler", "synchronous", "-q")
     one_line_error(code, msg, "s01", "af.nii", "--overwrite")
-    assert cli("ingest", man, "--out", out, "--dask-workers", "1", "--overwrite", "-q")[0] == 0
+    assert cli("ingest", man, "--out", out, "--scheduler", "synchronous", "--overwrite", "-q")[0] == 0
     got = CohortStore(out).open_subject("s01")["af"].values
     np.testing.assert_array_equal(got, np.asarray(nib.load(str(tmp_path / "files" / "s01" / "af.nii")).dataobj))
 
@@ -248,7 +250,7 @@ def test_13_register_refuses_the_manifests_own_folder(tmp_path):
 
     man = make_cohort(str(tmp_path / "cohort"), n_subjects=2, shape=(12, 10, 14), quiet=True)
     before = tree(tmp_path / "cohort")
-    code, msg = cli("register", man, "--reference", "s01", "--out", tmp_path / "cohort", "--dask-workers", "1", "-q")
+    code, msg = cli("register", man, "--reference", "s01", "--out", tmp_path / "cohort", "--scheduler", "synchronous", "-q")
     assert code == 2 and "Traceback" not in msg, msg
     assert tree(tmp_path / "cohort") == before
     mine = tmp_path / "mine"
@@ -267,7 +269,7 @@ def test_13_inf_is_treated_like_nan_and_shown_by_info(tmp_path):
     fa[0, 0, 0], fa[1, 0, 0], fa[2, 0, 0] = np.inf, -np.inf, np.nan
     nib.save(nib.Nifti1Image(fa, img.affine), str(p))
     out = tmp_path / "c.zarr"
-    assert cli("ingest", man, "--out", out, "--dask-workers", "1", "-q")[0] == 0
+    assert cli("ingest", man, "--out", out, "--scheduler", "synchronous", "-q")[0] == 0
     ds = CohortStore(out).open_subject("s01")
     assert ds.attrs["nonfinite_counts"]["fa"] == 3 and np.isfinite(ds["fa"].values).all()
     code, msg = cli("info", out)

@@ -3,14 +3,23 @@
 import json
 import os
 
+import pytest
 from click.testing import CliRunner
 
 from mrhscale.cli import main
 
 
-def test_quick_demo_end_to_end(tmp_path):
+# The chain in this process (--scheduler synchronous) by default; on its embedded cluster
+# (the README's `mrhscale demo`) in the slow step: every stage's cluster path has a test of
+# its own in the default run (test_ingest, test_patches, test_predict), and ~13 s of the ~30
+# here were two clusters starting and a worker importing torch.
+@pytest.mark.parametrize("where", [
+    pytest.param(("--scheduler", "synchronous"), id="in-process"),
+    pytest.param(("--dask-workers", "1"), id="embedded-cluster", marks=pytest.mark.slow),
+])
+def test_quick_demo_end_to_end(tmp_path, where):
     out = tmp_path / "demo"
-    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--quiet", "--dask-workers", "1"])
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--quiet", *where])
     assert r.exit_code == 0, r.output
     assert "report:" in r.output and "Pearson r" in r.output
     summary = json.load(open(out / "summary.json"))
@@ -33,7 +42,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert -1 <= summary["other_stains"]["nf"]["pearson"] <= 1 and set(summary["every_stain"]) == {"mbp", "nf"}
     assert all((out / "evaluation" / t / "metrics.json").exists() for t in ("mbp", "nf"))  # one evaluate call
     # a rerun reuses every finished stage
-    r2 = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--quiet", "--dask-workers", "1"])
+    r2 = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--quiet", *where])
     assert r2.exit_code == 0, r2.output
     s2 = json.load(open(out / "summary.json"))
     assert s2["stage_seconds"]["train"] < summary["stage_seconds"]["train"] + 1

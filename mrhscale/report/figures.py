@@ -11,6 +11,7 @@ import numpy as np
 from mrhscale.stores import atomic_write
 
 SPATIAL = ("x", "y", "z")
+DPI = 90
 
 
 def plt_agg():
@@ -20,6 +21,15 @@ def plt_agg():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path, **kw) -> None:
+    """Lay ``fig`` out (tight) and write it at the report's resolution. The layout is done
+    once, here: matplotlib keeps a placeholder layout engine after ``tight_layout``, for
+    which ``savefig`` would draw the whole figure an extra time first, to no effect."""
+    fig.tight_layout()
+    fig.set_layout_engine(None)
+    fig.savefig(path, dpi=DPI, **kw)
 
 
 def _take(vol, axis: int, k: int):
@@ -47,8 +57,7 @@ def montage(path, sid, slice_axis, mri_name, mri, ref, virt, mask, lab, target):
         a.axis("off")
         fig.colorbar(im, ax=a, fraction=0.046)
     fig.suptitle(f"{sid}, slice {slice_axis}={k}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -82,8 +91,7 @@ def uncertainty_montage(path, sid, slice_axis, virt, ref, unc, mask, regions: di
         fig.colorbar(im, ax=a, fraction=0.046)
     names = ", ".join(f"{n} ({c})" for n, c in zip(regions, colours * 4) if _take(regions[n], ax, k).any())
     fig.suptitle(f"{sid}, slice {slice_axis}={k}" + (f"; outlined: {names}" if names else ""), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -104,8 +112,7 @@ def retention_plot(path, curves: dict, target):
     a.set_ylabel(f"MAE of virtual {target}")
     a.set_title("error retention", fontsize=10)
     a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -126,8 +133,7 @@ def scatter(path, pool, target, n_max=20000, xlabel=None):
         a.set_xlabel(xlabel or f"reference {target}")
         a.set_ylabel(n)
         a.set_title(n, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -146,8 +152,7 @@ def roc_plot(path, rocs, label):
     a.set_title(f"detecting {label}", fontsize=10)
     if a.get_legend_handles_labels()[0]:  # a subject without the lesion has no curve to name
         a.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -167,8 +172,7 @@ def importance_bars(path: str, res: dict, top: int = 30) -> str:
         a.set_xlabel("MSE increase when shuffled (stain units$^2$)")
         a.set_title(title, fontsize=10)
         a.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -192,9 +196,8 @@ def training_curve(out_dir: str, history: list[dict], title: str = "") -> str | 
     a2.set_xlabel("epoch")
     a2.set_ylabel("validation r (centre voxel)")
     a2.set_title("validation correlation")
-    fig.tight_layout()
     path = os.path.join(out_dir, "curve.png")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    atomic_write(path, lambda tmp: _save(fig, tmp, format="png"))
     plt.close(fig)
     return path
 
@@ -213,7 +216,6 @@ def crossval_bars(path: str, rows: list[dict], target: str) -> str:
     ax.set_ylim(min(0.0, min(finite, default=0.0)), 1.0)
     ax.set_ylabel("held-out Pearson r")
     ax.set_title(f"virtual {target}: cross-validation", fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    atomic_write(path, lambda tmp: _save(fig, tmp, format="png"))
     plt.close(fig)
     return path

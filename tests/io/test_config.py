@@ -13,7 +13,7 @@ def test_config_supplies_options_flags_override_and_resolved_written(tmp_path):
     out = tmp_path / "c.zarr"
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({
-        "ingest": {"manifest": man, "out": str(out), "chunks": "4,4,4", "dask_workers": 1, "quiet": True,
+        "ingest": {"manifest": man, "out": str(out), "chunks": "4,4,4", "scheduler": "synchronous", "quiet": True,
                    "checksums": False},
         "patches": {"target": "af"},  # one file may configure several stages
     }))
@@ -23,7 +23,7 @@ def test_config_supplies_options_flags_override_and_resolved_written(tmp_path):
     assert ds.mri.data.chunksize[:3] == (5, 5, 5)  # flag beat the file
     resolved = yaml.safe_load((out / "_config" / "mrhscale-ingest.yaml").read_text())
     assert resolved["command"] == "ingest" and resolved["chunks"] == "5,5,5"
-    assert resolved["checksums"] is False and resolved["dask_workers"] == 1
+    assert resolved["checksums"] is False and resolved["scheduler"] == "synchronous"
     assert "sources" not in ds.attrs or all("checksum" not in v for v in ds.attrs["sources"].values())
     # the resolved file reruns the stage as it is
     r = CliRunner().invoke(main, ["ingest", "--config", str(out / "_config" / "mrhscale-ingest.yaml")])

@@ -88,14 +88,22 @@ def test_unknown_recipe_option_and_missing_stain(cohort, tmp_path):
         crossval(cohort, "xyz", str(tmp_path / "b"))
 
 
-def test_a_recipe_carries_tta_to_predict_and_norm_to_train(cohort, tmp_path):
+@pytest.fixture(scope="module")
+def tta_norm_ensemble(cohort, tmp_path_factory):
+    """One cross-validation whose recipe sets a predict option (tta), a training option (norm)
+    and an ensemble (members): the two tests below read what each of them did."""
+    out = str(tmp_path_factory.mktemp("cv-recipe") / "cv")
+    res = crossval(cohort, "mbp", out, recipe={**RECIPE, "tta": True, "norm": "subject-percentile", "members": 2},
+                   folds=2, ctx=SYNC, threads=1)
+    return out, res
+
+
+def test_a_recipe_carries_tta_to_predict_and_norm_to_train(tta_norm_ensemble):
     import xarray as xr
 
     from mrhscale.io.bundle import read_bundle
 
-    out = str(tmp_path / "cv")
-    res = crossval(cohort, "mbp", out, recipe={**RECIPE, "tta": True, "norm": "subject-percentile"},
-                   ctx=SYNC, threads=1)
+    out, res = tta_norm_ensemble
     plan = json.load(open(os.path.join(out, "plan.json")))
     assert plan["predict"] == {"tta": True} and plan["train"]["norm"] == "subject-percentile"
     assert res["recipe"]["predict"] == {"tta": True}
@@ -105,9 +113,8 @@ def test_a_recipe_carries_tta_to_predict_and_norm_to_train(cohort, tmp_path):
     assert lineage["tta"] is True and len(lineage["subject_norm"]["scale"]) == 67
 
 
-def test_an_ensemble_recipe_reports_its_uncertainty_per_fold(cohort, tmp_path):
-    res = crossval(cohort, "mbp", str(tmp_path / "cv"), recipe={**RECIPE, "members": 2}, folds=2,
-                   ctx=SYNC, threads=1)
+def test_an_ensemble_recipe_reports_its_uncertainty_per_fold(tta_norm_ensemble):
+    _, res = tta_norm_ensemble
     assert res["recipe"]["train"]["members"] == 2
     for row in res["rows"]:
         assert -1 <= row["unc_spearman"] <= 1 and 0 <= row["coverage_95"] <= 1

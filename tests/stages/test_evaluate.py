@@ -14,6 +14,7 @@ from helpers import EVAL_AFF as AFF
 from helpers import MD_TRUE, subject, write_pair
 
 from mrhscale.errors import MRHError
+from mrhscale.options import EvaluateOptions
 from mrhscale.parallel.context import Context
 from mrhscale.stages.evaluate import evaluate, mean_diffusivity, single_markers
 
@@ -70,7 +71,8 @@ def test_evaluate_end_to_end(tmp_path):
 
 def test_evaluate_without_label_and_bad_input(tmp_path):
     store, pred, ids = write_pair(tmp_path, n=1, lesion=False)
-    m = evaluate(pred, store, str(tmp_path / "r"), stains=["af"], ctx=Context(quiet=True)).by_stain["af"]
+    m = evaluate(pred, store, str(tmp_path / "r"), stains=["af"], ctx=Context(quiet=True),
+                 options=EvaluateOptions(montage_subjects=0)).by_stain["af"]
     assert "roc" not in m["pooled"] and not os.path.exists(tmp_path / "r" / "af" / "roc.png")
     with pytest.raises(MRHError, match="holds virtual af, not nf; give --stain af"):
         evaluate(pred, store, str(tmp_path / "r"), stains=["nf"], ctx=Context(quiet=True)).by_stain["nf"]

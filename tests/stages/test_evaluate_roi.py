@@ -8,8 +8,11 @@ from helpers import EVAL_SHAPE as SHAPE
 from helpers import write_pair
 
 from mrhscale.errors import MRHError
+from mrhscale.options import EvaluateOptions
 from mrhscale.parallel.context import Context
 from mrhscale.stages.evaluate import evaluate
+
+NO_MONTAGES = EvaluateOptions(montage_subjects=0)  # no figure is looked at here
 
 
 def _add_roi(store, pred, ids):
@@ -29,8 +32,10 @@ def _add_roi(store, pred, ids):
 def test_roi_restricts_roc(tmp_path):
     store, pred, ids = write_pair(tmp_path, noise=0.0)
     _add_roi(store, pred, ids)
-    whole = evaluate(pred, store, str(tmp_path / "a"), stains=["af"], ctx=Context(quiet=True)).by_stain["af"]
-    inroi = evaluate(pred, store, str(tmp_path / "b"), stains=["af"], roi="wm", ctx=Context(quiet=True)).by_stain["af"]
+    whole = evaluate(pred, store, str(tmp_path / "a"), stains=["af"], ctx=Context(quiet=True),
+                     options=NO_MONTAGES).by_stain["af"]
+    inroi = evaluate(pred, store, str(tmp_path / "b"), stains=["af"], roi="wm", ctx=Context(quiet=True),
+                     options=NO_MONTAGES).by_stain["af"]
     assert inroi["roi"] == "wm"
     assert inroi["pooled"]["roc"]["virtual"]["auc"] > 0.99
     assert whole["pooled"]["roc"]["virtual"]["auc"] < inroi["pooled"]["roc"]["virtual"]["auc"] - 0.1

@@ -294,7 +294,7 @@ def test_predict_accepts_imported_bundle(tmp_path):
     mp, graph = _imported_bundle(tmp_path, channel_names(5))
     out = tmp_path / "p.zarr"
     r = CliRunner().invoke(
-        main, ["predict", mp, str(store), "--out", str(out), "--dask-workers", "1", "-q"]
+        main, ["predict", mp, str(store), "--out", str(out), "--scheduler", "synchronous", "-q"]
     )
     assert r.exit_code == 0, r.output
     pred = xr.open_zarr(str(out), group=ids[0], consolidated=False)["af_virtual"].values

@@ -179,11 +179,13 @@ def test_bad_input_one_line_exit_2(tmp_path, case, expect):
     assert not out.exists() or list_subjects(str(out)) == []
 
 
-def test_skip_bad_ingests_the_good(tmp_path):
+def test_skip_bad_ingests_the_good(tmp_path, client):
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt="nii")
     os.remove(tmp_path / "files" / "s01" / "af.nii")
     out = tmp_path / "c.zarr"
-    code, output = _cli(["ingest", man, "--out", str(out), "--skip-bad", "--quiet", "--dask-workers", "1", "--chunks", "4,4,4"])
+    # on the module's worker processes (joined by address, as a user joins a cluster): no start-up of its own
+    code, output = _cli(["ingest", man, "--out", str(out), "--skip-bad", "--quiet", "--scheduler",
+                         client.scheduler.address, "--chunks", "4,4,4"])
     assert code == 0, output
     assert "s01" in output and "file not found" in output
     assert list_subjects(str(out)) == ["s02"]

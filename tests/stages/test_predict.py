@@ -250,7 +250,7 @@ def test_cli_predict(tmp_path):
                                  "--device", "cuda", "-q"])
         assert r.exit_code == 2 and "CUDA" in r.output
     r = runner.invoke(main, ["predict", good, store, "--out", str(tmp_path / "p.zarr"),
-                             "--nifti", str(tmp_path / "nii"), "--dask-workers", "1",
+                             "--nifti", str(tmp_path / "nii"), "--scheduler", "synchronous",
                              "--aggregate", "mean", "--batch-size", "100", "-q"])
     assert r.exit_code == 0, r.output
     assert os.path.exists(tmp_path / "nii" / "s01_af_virtual.nii.gz")

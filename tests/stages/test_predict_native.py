@@ -32,6 +32,9 @@ AFFINE = np.array([[VOX, 0, 0, -1.3], [0, VOX, 0, -1.0], [0, 0, VOX, -1.6], [0, 
 NAFFINE = np.array([[VOX, 0, 0, -1.6], [0, VOX, 0, -1.2], [0, 0, VOX, -1.4], [0, 0, 0, 1]])
 BVECS = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0.7071, 0.7071, 0]])
 BVALS = np.array([0, 2000, 2000, 2000, 2000])
+# In-process Dask: what these tests check is the native mapping, not the cluster (tested in
+# tests/parallel and test_predict's cluster end to end).
+SYNC = Context(scheduler="synchronous", quiet=True)
 
 
 def phantom(seed=0):
@@ -128,14 +131,11 @@ def cohort(tmp_path_factory):
     reg = str(root / "reg")
     res = register_cohort(manifest, "s01", reg,
                           options=RegistrationOptions(transform="affine", contrast="fa", fast=True),
-                          ctx=Context(dask_workers=1, quiet=True))
+                          ctx=SYNC)
     assert res["registered"] == ["s01", "s02"], res["failed"]
     store, native_store = str(root / "cohort.zarr"), str(root / "native.zarr")
-    from mrhscale.parallel.cluster import dask_client
-
-    with dask_client(workers=1, quiet=True) as client:
-        ingest(res["manifest"], store, ctx=Context(client=client, quiet=True), checksums=False)
-        ingest(manifest, native_store, ctx=Context(client=client, quiet=True), checksums=False)
+    ingest(res["manifest"], store, ctx=SYNC, checksums=False)
+    ingest(manifest, native_store, ctx=SYNC, checksums=False)
     from mrhscale.stores import open_subject
 
     channels = [str(c) for c in open_subject(store, "s01").contrast.values]
@@ -152,7 +152,7 @@ def test_to_native_on_the_native_grid_and_like_native_prediction(cohort, tmp_pat
     c = cohort
     nii = str(tmp_path / "nii")
     res = predict(c["model"], c["store"], str(tmp_path / "p.zarr"), nifti_dir=nii, to_native=True,
-                  options=PredictOptions(batch_size=2048), ctx=Context(dask_workers=1, quiet=True))
+                  options=PredictOptions(batch_size=2048), ctx=SYNC)
     assert res["native"] == [os.path.join(nii, f"{s}_af_virtual_native.nii.gz") for s in ("s01", "s02")]
     img = nib.load(os.path.join(nii, "s02_af_virtual_native.nii.gz"))
     assert img.shape == NSHAPE
@@ -160,7 +160,7 @@ def test_to_native_on_the_native_grid_and_like_native_prediction(cohort, tmp_pat
     got = np.asarray(img.dataobj, np.float32)
     # the same model run directly on the native subject
     direct = predict(c["model"], c["native_store"], str(tmp_path / "n.zarr"), nifti_dir=nii, subjects=["s02"],
-                     options=PredictOptions(batch_size=2048), ctx=Context(dask_workers=1, quiet=True))
+                     options=PredictOptions(batch_size=2048), ctx=SYNC)
     assert direct["predicted"] == ["s02"]
     want = np.asarray(nib.load(os.path.join(nii, "s02_af_virtual.nii.gz")).dataobj, np.float32)
     mask = c["moved"]["mask"] > 0.5
@@ -181,25 +181,25 @@ def test_to_native_dir_resume_and_errors(cohort, tmp_path):
     c = cohort
     out, nii = str(tmp_path / "p.zarr"), str(tmp_path / "nii")
     with pytest.raises(MRHError, match="needs --nifti"):
-        predict(c["model"], c["store"], out, to_native=True, ctx=Context(quiet=True))
+        predict(c["model"], c["store"], out, to_native=True, ctx=SYNC)
     # a store ingested from the native files: never registered -> names the subject and the fix
     with pytest.raises(MRHError, match="'s02' was not registered.*--to-native DIR"):
         predict(c["model"], c["native_store"], out, nifti_dir=nii, to_native=True, subjects=["s02"],
-                ctx=Context(quiet=True))
+                ctx=SYNC)
     with pytest.raises(MRHError, match="no folder s02/"):
         predict(c["model"], c["store"], out, nifti_dir=nii, to_native=str(tmp_path), subjects=["s02"],
-                ctx=Context(quiet=True))
+                ctx=SYNC)
     assert not os.path.exists(out)  # errors come before any work
     # CLI: explicit DIR, one subject
     r = CliRunner().invoke(main, ["predict", c["model"], c["store"], "--out", out, "--nifti", nii,
-                                  "--subjects", "s02", "--to-native", c["reg"], "--dask-workers", "1", "-q"])
+                                  "--subjects", "s02", "--to-native", c["reg"], "--scheduler", "synchronous", "-q"])
     assert r.exit_code == 0, r.output
     p = os.path.join(nii, "s02_af_virtual_native.nii.gz")
     assert os.path.exists(p)
     # resume: the subject is skipped, a missing native file is written again; bare flag form
     os.remove(p)
     r = CliRunner().invoke(main, ["predict", c["model"], c["store"], "--out", out, "--nifti", nii,
-                                  "--subjects", "s02", "--to-native", "--dask-workers", "1", "-q"])
+                                  "--subjects", "s02", "--to-native", "--scheduler", "synchronous", "-q"])
     assert r.exit_code == 0, r.output
     assert "already predicted, skipped: s02" in r.output and os.path.exists(p)
     r = CliRunner().invoke(main, ["predict", c["model"], c["store"], "--out", out, "--to-native", "-q"])

@@ -181,7 +181,7 @@ def test_output_manifest_ingests_as_is(registered, tmp_path):
     man = yaml.safe_load(open(res["manifest"]))
     assert [s["id"] for s in man["subjects"]] == ["s01", "s02", "s03"]
     store = str(tmp_path / "cohort.zarr")
-    r = ingest(res["manifest"], store, ctx=Context(dask_workers=1, quiet=True), checksums=False)
+    r = ingest(res["manifest"], store, ctx=Context(scheduler="synchronous", quiet=True), checksums=False)
     assert r["written"] == ["s01", "s02", "s03"]
     ds = open_subject(store, "s02")
     assert ds["mri"].shape == (*SHAPE, 8) and "af" in ds
@@ -399,7 +399,7 @@ def test_cli_register_and_bad_inputs(registered, tmp_path):
     runner = CliRunner()
     out = str(tmp_path / "out")
     r = runner.invoke(main, ["register", manifest, "--reference", "s01", "--out", out, "--transform",
-                             "rigid", "--fast", "--subjects", "s01,s02", "--dask-workers", "1", "-q",
+                             "rigid", "--fast", "--subjects", "s01,s02", "--scheduler", "synchronous", "-q",
                              "--compress", "--contrast", "dwi_0"])  # a b0 drives it
     assert r.exit_code == 0, r.output
     assert "registered 2 subject(s)" in r.output and os.path.exists(f"{out}/cohort.yaml")

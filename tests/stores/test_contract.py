@@ -13,30 +13,30 @@ from mrhscale.errors import MRHError
 from mrhscale.options import EvaluateOptions, PatchOptions
 from mrhscale.parallel.context import Context
 
+# The contract is the store layer's, whatever runs the tasks: every kind here runs in this
+# process (a Dask cluster's part is tested in tests/parallel and in each stage's own tests).
+SYNC = Context(scheduler="synchronous", quiet=True)
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Inputs every kind needs, made once: files, a cohort store, patches, a model, predictions."""
-    from distributed import Client, LocalCluster
     from helpers import write_model
 
+    from mrhscale.stages.predict import predict
     from mrhscale.stores import CohortStore
 
     d = tmp_path_factory.mktemp("contract")
     cohort = str(d / "cohort.zarr")
     make_cohort_store(cohort, n_subjects=2)  # two make every kind of output; a third only slowed evaluate
     ch = CohortStore(cohort).open_subject("s01").contrast.values.tolist()
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
-            Client(cl) as client:
-        e = {"dir": d, "cohort": cohort, "client": client, "scheduler": cl.scheduler_address,
-             "manifest": write_file_cohort(d / "files", n_subjects=1, fmt="nii"),
-             "patches": make_patch_store(d / "patches.zarr", n_train=256, n_val=64, n_channels=len(ch)),
-             "model": write_model(str(d / "m.pt"), ch), "model2": write_model(str(d / "m2.pt"), ch, seed=1)}
-        from mrhscale.stages.predict import predict
-
-        e["pred"] = str(d / "pred.zarr")
-        predict(e["model"], cohort, e["pred"], ctx=Context(scheduler=e["scheduler"], quiet=True))
-        yield e
+    e = {"dir": d, "cohort": cohort,
+         "manifest": write_file_cohort(d / "files", n_subjects=1, fmt="nii"),
+         "patches": make_patch_store(d / "patches.zarr", n_train=256, n_val=64, n_channels=len(ch)),
+         "model": write_model(str(d / "m.pt"), ch), "model2": write_model(str(d / "m2.pt"), ch, seed=1),
+         "pred": str(d / "pred.zarr")}
+    predict(e["model"], cohort, e["pred"], ctx=SYNC)
+    return e
 
 
 class Contract:
@@ -103,7 +103,7 @@ class TestCohortStore(Contract):
 
         man = env["manifest"] if not variant else write_file_cohort(
             os.path.dirname(out) + "/files2", n_subjects=1, fmt="nii", seed=5)  # other files, same ids
-        return ingest(man, out, ctx=Context(client=env["client"], quiet=True), chunks=(4, 4, 4))
+        return ingest(man, out, ctx=SYNC, chunks=(4, 4, 4))
 
     def fail(self, env, out):
         from mrhscale.stages.ingest import ingest
@@ -113,7 +113,7 @@ class TestCohortStore(Contract):
         f = os.path.join(d, "s01", "dwi.nii")
         data = open(f, "rb").read()
         open(f, "wb").write(data[: len(data) // 2])
-        return ingest(man, out, ctx=Context(client=env["client"], quiet=True), chunks=(4, 4, 4), overwrite=True)
+        return ingest(man, out, ctx=SYNC, chunks=(4, 4, 4), overwrite=True)
 
 
 class TestPatchStore(Contract):
@@ -122,13 +122,13 @@ class TestPatchStore(Contract):
     def make(self, env, out, variant=0):
         from mrhscale.stages.patches import extract_patches
 
-        return extract_patches(env["cohort"], "af", out, ctx=Context(scheduler="synchronous", quiet=True),
+        return extract_patches(env["cohort"], "af", out, ctx=SYNC,
                                options=PatchOptions(stride=2 + variant))
 
     def fail(self, env, out):
         from mrhscale.stages.patches import extract_patches
 
-        return extract_patches(env["cohort"], "af", out, ctx=Context(scheduler="synchronous", quiet=True),
+        return extract_patches(env["cohort"], "af", out, ctx=SYNC,
                                options=PatchOptions(stride=2, min_label_sum=1e12), overwrite=True)
 
 
@@ -139,13 +139,13 @@ class TestPredictionStore(Contract):
         from mrhscale.stages.predict import predict
 
         return predict(env["model2" if variant else "model"], env["cohort"], out,
-                       ctx=Context(scheduler=env["scheduler"], quiet=True))
+                       ctx=SYNC)
 
     def fail(self, env, out):
         from mrhscale.stages.predict import predict
 
         return predict(env["model2"], env["cohort"], out, subjects=["s09"], overwrite=True,
-                       ctx=Context(scheduler=env["scheduler"], quiet=True))
+                       ctx=SYNC)
 
 
 class TestRunFolder(Contract):
@@ -174,7 +174,7 @@ class TestEvaluationFolder(Contract):
         from mrhscale.stages.evaluate import evaluate
 
         return evaluate(env["pred"], env["cohort"], out, ctx=Context(quiet=True),
-                        options=EvaluateOptions(seed=variant))
+                        options=EvaluateOptions(seed=variant, montage_subjects=0))
 
     def fail(self, env, out):
         from mrhscale.stages.evaluate import evaluate

@@ -26,6 +26,17 @@ def run(*args, kill_at=None, timeout=300):
                           text=True, timeout=timeout, env=env)
 
 
+def here(*args):
+    """The same command line in this process (an uninterrupted run or the rerun after a kill:
+    only the run that is killed needs a process of its own); its exit code and output."""
+    from click.testing import CliRunner
+
+    from mrhscale.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
 def content(url) -> dict:
     """A store's arrays and its non-volatile attrs, for 'bit-equal' comparisons."""
     out = {}
@@ -58,11 +69,17 @@ def files(tmp_path_factory):
     return write_file_cohort(d, n_subjects=2, fmt="nii")
 
 
+# The default run's writers use an in-process scheduler (the killed one is still a process of
+# its own, ~3 s sooner started without a cluster); the slow ones kill a run on its embedded
+# cluster, workers and all, and are compared with this same reference.
+SYNC = ("--scheduler", "synchronous")
+
+
 @pytest.fixture(scope="module")
 def reference(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "c.zarr"
-    r = run("ingest", files, "--out", out, "--dask-workers", "1", "--chunks", "4,4,4", "-q")
-    assert r.returncode == 0, r.stderr
+    code, output = here("ingest", files, "--out", out, *SYNC, "--chunks", "4,4,4", "-q")
+    assert code == 0, output
     return content(out)
 
 
@@ -70,11 +87,11 @@ def reference(files, tmp_path_factory):
                                    "subject:before-marker"])
 def test_ingest_killed_then_rerun_equals_uninterrupted(files, reference, tmp_path, point):
     out = tmp_path / "c.zarr"
-    r = run("ingest", files, "--out", out, "--dask-workers", "1", "--chunks", "4,4,4", "-q", kill_at=point)
+    r = run("ingest", files, "--out", out, *SYNC, "--chunks", "4,4,4", "-q", kill_at=point)
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert CohortStore(out).subjects() == []  # nothing half-written looks whole
-    r = run("ingest", files, "--out", out, "--dask-workers", "1", "--chunks", "4,4,4", "-q")
-    assert r.returncode == 0, r.stderr
+    code, output = here("ingest", files, "--out", out, *SYNC, "--chunks", "4,4,4", "-q")
+    assert code == 0, output
     assert_same(content(out), reference)
 
 
@@ -141,12 +158,12 @@ def test_patches_killed_then_rerun_equals_uninterrupted(cohort, tmp_path):
 
 def test_swap_killed_between_renames_is_finished_by_the_next_run(cohort, tmp_path):
     base = ("patches", cohort, "--target", "af", "--scheduler", "synchronous", "-q", "--out", tmp_path / "p.zarr")
-    assert run(*base, "--stride", "3").returncode == 0
+    assert here(*base, "--stride", "3")[0] == 0
     r = run(*base, "--stride", "2", "--overwrite", kill_at="swap:between-renames")
     assert r.returncode == -signal.SIGKILL
     assert not (tmp_path / "p.zarr").exists()  # cut between the renames: old moved away, new beside
-    r = run(*base, "--stride", "2")  # no --overwrite needed: the complete new build is put in place
-    assert r.returncode == 0, r.stderr
+    code, output = here(*base, "--stride", "2")  # no --overwrite needed: the complete new build is put in place
+    assert code == 0, output
     assert PatchStore.open(tmp_path / "p.zarr").attrs["rules"]["stride"] == 2
     assert not [p for p in os.listdir(tmp_path) if "mrhscale-" in p]
 
@@ -171,7 +188,7 @@ def test_concurrent_ingests_into_one_store_lose_no_subject(tmp_path):
     man = write_file_cohort(tmp_path / "files", n_subjects=4, fmt="nii")
     out = tmp_path / "c.zarr"
     procs = [subprocess.Popen([sys.executable, "-m", "mrhscale", "ingest", man, "--out", str(out),
-                               "--subjects", f"s0{i}", "--dask-workers", "1", "--chunks", "4,4,4", "-q"],
+                               "--subjects", f"s0{i}", *SYNC, "--chunks", "4,4,4", "-q"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(1, 5)]
     for p in procs:

@@ -153,7 +153,7 @@ def test_cli_storage_options(tmp_path, s3):
 
     man = write_file_cohort(tmp_path / "files", n_subjects=1, fmt="nii")
     url = "s3://mrh/cli/cohort.zarr"
-    r = CliRunner().invoke(main, ["ingest", man, "--out", url, "--chunks", "4,4,4", "--dask-workers", "1",
+    r = CliRunner().invoke(main, ["ingest", man, "--out", url, "--chunks", "4,4,4", "--scheduler", "synchronous",
                                   "-q", "--storage-options", json.dumps(s3)])
     assert r.exit_code == 0, r.output
     assert list_subjects(url, ctx=Context(storage_options=s3)) == ["s01"]
