@@ -33,7 +33,7 @@ if ROOT not in sys.path:
 from benchmarks.common import copy_bandwidth_gbs, fmt_value, machine_info  # noqa: E402
 
 # Run order: the pipeline's stages, then the cohort-scale run, then registration (ANTs, optional).
-MODULES = ["ingest", "patches", "stream", "train", "predict", "precision", "options", "ensemble", "stains",
+MODULES = ["ingest", "patches", "stream", "train", "predict", "feed", "precision", "options", "ensemble", "stains",
            "scale", "register"]
 
 # Keyword arguments for run() at the default size: reduced repeats where the module's own
@@ -44,6 +44,7 @@ DEFAULT_PLAN: dict[str, dict] = {
     "stream": {},
     "train": {"repeats": 2},
     "predict": {"repeats": 2},
+    "feed": {"repeats": 2},  # ~4 min
     "precision": {"repeats": 3},
     "options": {"repeats": 2},
     "ensemble": {"repeats": 2},

@@ -58,34 +58,35 @@ def ellipsoid_mask(shape) -> np.ndarray:
     return (g[0] / 0.9) ** 2 + (g[1] / 0.9) ** 2 + (g[2] / 0.9) ** 2 <= 1.0
 
 
-def make_store(path: str, shape, chunks=(64, 32, 64)) -> str:
+def make_store(path: str, shape, chunks=(64, 32, 64), subjects=("b01",)) -> str:
+    """A cohort store of ``subjects`` (random gamma MRI of 67 channels, each its own seed,
+    the ellipsoid mask), encoded as `mrhscale ingest` writes one (Blosc zstd 3 + shuffle)."""
     import dask.array as da
     import xarray as xr
 
     from mrhscale.stages.ingest import _encoding
     from mrhscale.stores import CohortStore
 
-    mri = da.random.default_rng(0).gamma(2.0, 50.0, size=(*shape, N_CHANNELS),
-                                         chunks=(*chunks, -1)).astype(np.float32)
-    mask = ellipsoid_mask(shape)
     names = channel_names()
-    ds = xr.Dataset(
-        {"mri": (("x", "y", "z", "contrast"), mri),
-         "mask": (("x", "y", "z"), da.from_array(mask, chunks=chunks)),
-         "fa": (("x", "y", "z"), da.zeros(shape, chunks=chunks, dtype=np.float32))},
-        coords={"contrast": names, "group": ("contrast", [n.rsplit("_", 1)[0] for n in names]),
-                "bval": ("contrast", np.full(N_CHANNELS, np.nan))},
-        attrs={"subject": "b01", "affine": np.diag([0.06, 0.06, 0.06, 1.0]).tolist(),
-               "targets": [], "labels": []},
-    )
-    # encoded as `mrhscale ingest` writes a cohort (Blosc zstd 3 + shuffle), not zarr's default
     store = CohortStore(path)
     store.prepare({"channels": names})
-    store.put("b01", ds, {"stage": "bench_predict"}, encoding=_encoding(ds, "zstd", 3))
+    for k, sid in enumerate(subjects):
+        mri = da.random.default_rng(k).gamma(2.0, 50.0, size=(*shape, N_CHANNELS),
+                                             chunks=(*chunks, -1)).astype(np.float32)
+        ds = xr.Dataset(
+            {"mri": (("x", "y", "z", "contrast"), mri),
+             "mask": (("x", "y", "z"), da.from_array(ellipsoid_mask(shape), chunks=chunks)),
+             "fa": (("x", "y", "z"), da.zeros(shape, chunks=chunks, dtype=np.float32))},
+            coords={"contrast": names, "group": ("contrast", [n.rsplit("_", 1)[0] for n in names]),
+                    "bval": ("contrast", np.full(N_CHANNELS, np.nan))},
+            attrs={"subject": sid, "affine": np.diag([0.06, 0.06, 0.06, 1.0]).tolist(),
+                   "targets": [], "labels": []},
+        )
+        store.put(sid, ds, {"stage": "bench_predict"}, encoding=_encoding(ds, "zstd", 3))
     return path
 
 
-def make_model(path: str):
+def make_model(path: str, depth: int = 5, width: int = 64):
     import torch
 
     from mrhscale.io.bundle import save_bundle
@@ -93,7 +94,7 @@ def make_model(path: str):
     from mrhscale.ops.norm import Normalisation
 
     torch.manual_seed(0)
-    m = MRHNet(N_CHANNELS, depth=5, width=64, stains=["af"])
+    m = MRHNet(N_CHANNELS, depth=depth, width=width, stains=["af"])
     norm = Normalisation("percentile", [10.0] * N_CHANNELS, [200.0] * N_CHANNELS, 0.0, 255.0)
     save_bundle(path, m, channels=channel_names(), norm=norm,
                 patch={"half": 1, "size": 3, "axis": "y"})

@@ -25,6 +25,7 @@ import torch
 
 from mrhscale.errors import MRHError
 from mrhscale.nn.accel import Acceleration, InferenceModel, plan
+from mrhscale.nn.gather import batches
 from mrhscale.nn.model import mean_and_spread
 from mrhscale.ops.blocks import warm_gather
 from mrhscale.ops.symmetry import symmetric_mean
@@ -132,17 +133,18 @@ def check_device(device: str) -> str:
 def forward(model: InferenceModel, patches, centres, *, batch_size: int, half: int, centre: bool,
             tta: bool = False, ensemble: bool = False) -> np.ndarray:
     """The network (normalised units) at ``centres`` (s, r, q in the block's frame), whose
-    patches ``patches(s, r, q)`` gathers: [N, V] (``centre``) or [N, V, P, P] (the whole
-    outputs); V = the stains, or twice that for an ``ensemble`` (its members' means, then
-    their pooled spreads, computed on the device). ``tta``: the mean over the 8 symmetries."""
-    s, rp, qp = centres
+    patches ``patches(s, r, q)`` gathers (``nn.gather.block_patches``: on the network's
+    device, or into reused buffers on the CPU, the next batch while this one runs): [N, V]
+    (``centre``) or [N, V, P, P] (the whole outputs); V = the stains, or twice that for an
+    ``ensemble`` (its members' means, then their pooled spreads). Everything per batch stays
+    on the device; one copy back per block. ``tta``: the mean over the 8 symmetries."""
     h = half
     preds = []
     with torch.inference_mode():
-        for a in range(0, len(s), batch_size):
-            b = slice(a, a + batch_size)
-            x = torch.from_numpy(patches(s[b], rp[b], qp[b])).to(model.device)
+        for x in batches(patches, centres, batch_size, model.device):
             y = (symmetric_mean(model, x) if tta else model(x)).float()
             y = torch.cat(mean_and_spread(y), 1) if ensemble else y
-            preds.append((y[:, :, h, h] if centre else y).cpu().numpy())
-    return np.concatenate(preds)
+            y = y[:, :, h, h] if centre else y
+            # x's buffer is refilled two batches on: keep nothing that shares it
+            preds.append(y.clone() if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else y)
+    return torch.cat(preds).cpu().numpy()

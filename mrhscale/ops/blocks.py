@@ -35,6 +35,12 @@ def normalise_block(mri: np.ndarray, order: tuple[int, int, int], offset, inv_sc
     return blk
 
 
+def edge_values(offset, inv_scale) -> np.ndarray:
+    """[C] float32: a raw 0 normalised (NaN/inf -> 0), what a patch gets past the volume's edge."""
+    off, inv = np.asarray(offset, np.float32), np.asarray(inv_scale, np.float32)
+    return np.nan_to_num((np.float32(0.0) - off) * inv, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+
 def _gather_normalised_py(src, s, r, q, half, off, inv, edge, out):
     # src [S, R, Q, C] raw (any strides), out [n, C, P, P]; positions outside R x Q
     # take ``edge`` (raw 0 normalised): the volume's zero padding, never materialised
@@ -77,7 +83,7 @@ class BlockPatches:
         self.h = half
         self.off = np.asarray(offset, np.float32)
         self.inv = np.asarray(inv_scale, np.float32)
-        self.edge = np.nan_to_num((np.float32(0.0) - self.off) * self.inv, nan=0.0, posinf=0.0, neginf=0.0)
+        self.edge = edge_values(self.off, self.inv)
         src = np.transpose(mri, (*order, 3))
         if gather_normalised_nb is not None and src.dtype.kind in "fiub":
             self.src, self.padded = src, None
@@ -88,11 +94,20 @@ class BlockPatches:
             pad[:, half : half + blk.shape[1], half : half + blk.shape[2]] = blk
             self.src, self.padded = None, pad
 
-    def __call__(self, s: np.ndarray, r: np.ndarray, q: np.ndarray) -> np.ndarray:
-        if self.padded is not None:
-            return block_patches(self.padded, s, r, q, self.h)
+    @property
+    def patch_shape(self) -> tuple[int, int, int]:
+        """(C, P, P) of one patch."""
         p = 2 * self.h + 1
-        out = np.empty((len(s), self.src.shape[3], p, p), np.float32)
+        return (len(self.off), p, p)
+
+    def __call__(self, s: np.ndarray, r: np.ndarray, q: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``[n, C, P, P]`` float32 patches at (s, r, q), into ``out`` when given (a C-contiguous
+        buffer of that shape: reused batch after batch, it is not page-faulted in again)."""
+        if out is None:
+            out = np.empty((len(s), *self.patch_shape), np.float32)
+        if self.padded is not None:
+            out[...] = block_patches(self.padded, s, r, q, self.h)
+            return out
         return gather_normalised_nb(self.src, s, r, q, self.h, self.off, self.inv, self.edge, out)
 
 

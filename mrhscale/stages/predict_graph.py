@@ -19,8 +19,8 @@ import dask.array as da
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.nn.gather import block_patches
 from mrhscale.nn.worker import NetworkSpec, forward, network
-from mrhscale.ops.blocks import BlockPatches
 from mrhscale.ops.merge import BlockMerger, to_stain_units
 from mrhscale.ops.uncertainty import spread_scale
 from mrhscale.options import AGGREGATES, PredictOptions
@@ -58,7 +58,9 @@ def predict_block(mri: np.ndarray, mask: np.ndarray, job: BlockJob, halo: int) -
     merger = BlockMerger(np.transpose(mask[..., 0], order), halo, job.half, job.aggregate, n_out)
     s, r, q = merger.centres()
     if len(s):
-        pred = forward(network(job.spec), BlockPatches(mri, order, job.offset, job.inv_scale, job.half), (s, r, q),
+        model = network(job.spec)
+        patches = block_patches(mri, order, job.offset, job.inv_scale, job.half, model.device)
+        pred = forward(model, patches, (s, r, q),
                        batch_size=job.spec.batch_size, half=job.half, centre=job.aggregate == "centre",
                        tta=job.tta, ensemble=job.spread_scale is not None)
         merger.aggregate(to_stain_units(pred, job.t_offset, job.t_scale, job.spread_scale))

@@ -16,6 +16,7 @@ from helpers import subject_dataset, write_model
 
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import load_model
+from mrhscale.nn.gather import DevicePatches
 from mrhscale.nn.worker import NetworkSpec
 from mrhscale.ops.blocks import block_patches
 from mrhscale.options import PredictOptions
@@ -303,7 +304,8 @@ def test_prediction_blocks_merge_whole_store_chunks_in_plane():
 @pytest.mark.parametrize("half,axis", [(1, "y"), (2, "x")])
 def test_block_layouts_and_gather_backends_agree(tmp_path, monkeypatch, aggregate, half, axis):
     """Whole-plane blocks (no halo exchange, zero padding inside the gather), store-chunk
-    blocks with map_overlap halos, and the numpy fallback give the same voxels."""
+    blocks with map_overlap halos, and the numpy fallback give the same voxels; the
+    device-side gather (torch) gives the compiled gather's bits."""
     from mrhscale.ops import blocks
     from mrhscale.stages import predict_graph as P
 
@@ -324,6 +326,9 @@ def test_block_layouts_and_gather_backends_agree(tmp_path, monkeypatch, aggregat
     chunked, nb_chunked, halo_chunked = run(1)
     assert any(nb_chunked[a] > 1 for a in range(3) if a != ax) and halo_chunked
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+    with monkeypatch.context() as m:  # the GPU's path (raw block uploaded, gathered by torch), here on the CPU
+        m.setattr(P, "block_patches", lambda mri, order, off, inv, h, device: DevicePatches(mri, order, off, inv, h, device))
+        assert run(P.BLOCK_BYTES)[0].tobytes() == whole.tobytes()
     monkeypatch.setattr(blocks, "gather_normalised_nb", None)
     for bb in (P.BLOCK_BYTES, 1):
         np.testing.assert_allclose(run(bb)[0], whole, rtol=1e-5, atol=1e-5)
