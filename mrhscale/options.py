@@ -24,6 +24,7 @@ COMPILE_MODES = ("auto", "on", "off")
 AGGREGATES = ("centre", "mean")
 PATCH_STATS = ("percentile", "global-max")
 PATCH_DTYPES = ("float32", "float16")
+PATCH_CODECS = ("none", "lz4", "zstd")
 COMPRESSIONS = ("zstd", "lz4", "lz4hc", "zlib", "blosclz")
 REGISTRATION_TRANSFORMS = ("rigid", "affine", "syn", "affine+syn")
 REGISTRATION_METRICS = ("mattes", "cc", "meansquares")
@@ -368,10 +369,13 @@ class PatchOptions:
                         choices=PATCH_STATS, renamed=("--norm",))
     dtype: str = option("float32", "Data type of the stored input patches.", choices=PATCH_DTYPES)
     chunk_size: int | None = option(None, "Patches per output chunk (default ~8 MB).")
-    compress: bool = option(False, "Blosc lz4 on the patch arrays (smaller; MRI floats shrink little, "
-                                   "streaming slower).")
+    compress: str = option("none", "Codec of the patch arrays: none streams fastest from a local disk (~4x "
+                                   "lz4's decode rate); lz4 or zstd (Blosc, byte shuffle) shrink MRI floats ~1.3x, "
+                                   "for slow or remote storage (docs/patches.md).", choices=PATCH_CODECS)
 
     def __post_init__(self):
+        if isinstance(self.compress, bool):  # before codecs were named: True was lz4
+            self.compress = "lz4" if self.compress else "none"
         self.slices = parse_slices(self.slices)
         self.val_subjects = list(dict.fromkeys(self.val_subjects or []))
 
@@ -386,6 +390,8 @@ class PatchOptions:
         d["norm"] = d.pop("stats")
         d["slices"] = None if self.slices is None else list(self.slices)
         d["val_subjects"] = sorted(self.val_subjects)
+        if d["compress"] in ("none", "lz4"):  # as recorded when it was a flag: older stores stay up to date
+            d["compress"] = d["compress"] == "lz4"
         return d
 
 

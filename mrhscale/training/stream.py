@@ -49,7 +49,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
-from zarr.core.buffer.cpu import NDBuffer
 
 from mrhscale.errors import MRHError
 from mrhscale.ops.norm import Normalisation
@@ -79,6 +78,7 @@ class StreamOptions:
     shuffle_buffer: int | None = None  # patches per permuted window (default: 4096 or two chunks)
     with_origin: bool = False  # also yield each patch's origin row (subject index, x, y, z)
     read_ahead: bool = False  # read the next window in a background thread (where a core is free)
+    pin_memory: bool = False  # in-process batches in page-locked memory (CUDA only; ignored elsewhere)
 
 
 class PatchStream(IterableDataset):
@@ -117,6 +117,7 @@ class PatchStream(IterableDataset):
         self.ctx = Context(storage_options=ctx.storage_options) if ctx else None  # no client: it pickles
         self.with_origin = o.with_origin
         self.read_ahead = bool(o.read_ahead)
+        self.pin_memory = bool(o.pin_memory) and torch.cuda.is_available()
         self.epoch = 0
         root = open_patch_store(self.url, self.ctx)
         attrs = dict(root.attrs)
@@ -157,6 +158,11 @@ class PatchStream(IterableDataset):
         d = dict(self.__dict__)
         d["_arrays"] = None  # reopened in each worker
         return d
+
+    def shape_of(self, var: str) -> tuple[int, ...]:
+        """One sample's shape in ``inputs`` ([C, P, P]) or ``targets`` ([T, P, P])."""
+        p = int(self.patch["size"])
+        return (len(self.channels), p, p) if var == "inputs" else (len(self.stains), p, p)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -207,48 +213,61 @@ class PatchStream(IterableDataset):
         return segs
 
     # ---- reading
-    def _open(self):
+    def open_readers(self):
+        """The split's readers (stores.patches.RowReader): inputs, targets[, origin]."""
         if self._arrays is None:
             store = PatchStore.open((self.ctx or Context()).location(self.url))
-            inputs, targets = store.split(self.split)
-            origin = [store.root()[f"{self.split}/origin"]] if self.with_origin or self._by_subject else []
-            self._arrays = [inputs, targets, *origin]
+            self._arrays = store.readers(self.split, origin=self.with_origin or self._by_subject)
         return self._arrays
 
     def _emit(self, arrs, idx):
-        """One batch: gather rows ``idx`` and normalise into fresh float32 arrays."""
+        """One batch: gather rows ``idx`` and normalise into fresh float32 tensors (in
+        shared memory in a DataLoader worker, page-locked where ``pin_memory`` asks)."""
         n = len(idx)
         shape = (n, *arrs[0].shape[1:])
         t_shape = (n, *arrs[1].shape[1:])
         nx, nt = int(np.prod(shape)), int(np.prod(t_shape))
         if self._in_worker:  # inputs and targets born in ONE shared-memory block: the DataLoader
             flat = torch.empty(nx + nt, dtype=torch.float32).share_memory_()  # sends one handle
-        else:
-            flat = torch.empty(nx + nt, dtype=torch.float32)
+        else:  # page-locked on CUDA: the copy to the device is then asynchronous
+            flat = torch.empty(nx + nt, dtype=torch.float32, pin_memory=self.pin_memory)
         xt, tt = flat[:nx].view(shape), flat[nx:].view(t_shape)
-        x, t = xt.numpy(), tt.numpy()
-        who = (np.take(arrs[2][:, 0], idx) if self._by_subject  # each row's subject: its own statistics
+        self.normalise(arrs, idx, xt.numpy(), tt.numpy())
+        out = (xt, tt)
+        if self.with_origin:
+            out = (*out, torch.from_numpy(take_rows(arrs[2], idx)))
+        return out
+
+    def normalise(self, arrs, idx, x: np.ndarray, t: np.ndarray) -> None:
+        """Rows ``idx`` of the raw ``arrs`` (inputs, targets[, origin]) into ``x`` and ``t``
+        (float32), normalised with the stream's statistics: the one place that does it
+        (the stream's batches and the patch cache alike, so their values are the same bits)."""
+        who = (arrs[2][idx, 0].astype(np.int64) if self._by_subject  # each row's subject: its own statistics
                else np.zeros(len(idx), np.int64))
         if _nb_norm is not None and arrs[0].dtype == np.float32:  # numba has no float16
             _nb_norm(arrs[0].reshape(len(arrs[0]), -1), idx, who, self._offx, self._invx,
                      x.reshape(len(idx), -1))
         else:
             if arrs[0].dtype == np.float32:
-                np.take(arrs[0], idx, axis=0, out=x)
+                take_rows(arrs[0], idx, x)
             else:
-                np.copyto(x, np.take(arrs[0], idx, axis=0))
+                np.copyto(x, take_rows(arrs[0], idx))
             np.subtract(x, self._off[who], out=x)
             np.multiply(x, self._inv[who], out=x)
-        np.take(arrs[1], idx, axis=0, out=t)
+        take_rows(arrs[1], idx, t)
         t_off, t_scale = self.norm.target_arrays(np.float64)
         shape = (-1, 1, 1)  # [B, T, P, P], NaN = a stain the patch lacks
         if t_off.any():
             np.subtract(t, t_off.astype(np.float32).reshape(shape), out=t)
         np.multiply(t, (1.0 / t_scale).astype(np.float32).reshape(shape), out=t)
-        out = (xt, tt)
-        if self.with_origin:
-            out = (*out, torch.from_numpy(np.take(arrs[2], idx, axis=0)))
-        return out
+
+    def batch_plan(self, worker: int = 0, num_workers: int = 1):
+        """This (rank, worker)'s epoch as windows: ``(ranges, rows, carried, batches, rest)``
+        each (see :func:`window_batches`); the same for every reader of the plan (the
+        stream and the patch cache), so both yield the same samples in the same order."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 7])
+        return window_batches(self.plan(worker, num_workers), self.shuffle_buffer, self.batch_size, rng,
+                              self.shuffle)
 
     def __iter__(self):
         """Windows of whole chunks (about ``shuffle_buffer`` patches) are read, permuted and cut
@@ -256,45 +275,69 @@ class PatchStream(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self._in_worker = info is not None
-        segs = self.plan(worker, n_workers)
-        if not segs:
+        windows = list(self.batch_plan(worker, n_workers))
+        if not windows:
             return
-        arrays = self._open()
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 7])
+        arrays = self.open_readers()
         b = self.batch_size
-        plan = _windows(segs, self.shuffle_buffer, b)
+        plan = [(w[0], w[1]) for w in windows]
         rows = b + max(n for _, n in plan)  # carry (< b rows) goes in front of the window's rows
         ahead = bool(self.read_ahead) and len(plan) > 1
         pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="PatchStream-read")
-        windows = (_read_ahead(arrays, plan, rows, b, pool) if ahead
-                   else _read_inline(arrays, plan, rows, b, pool))
-        carry: list[np.ndarray] | None = None
+        filled = (_read_ahead(arrays, plan, rows, b, pool) if ahead
+                  else _read_inline(arrays, plan, rows, b, pool))
+        carry: list[np.ndarray] = []
         try:
-            for k, (bufs, n_rows, release) in enumerate(windows):
-                k0 = 0 if carry is None else len(carry[0])
-                if k0:
-                    for buf, c in zip(bufs, carry, strict=True):
-                        buf[b - k0:b] = c
+            for (_, n_rows, k0, batches, rest), (bufs, _, release) in zip(windows, filled, strict=True):
+                for buf, c in zip(bufs, carry, strict=False):
+                    buf[b - k0:b] = c
                 arrs = [buf[b - k0:b + n_rows] for buf in bufs]
-                n_pend = k0 + n_rows
-                order = rng.permutation(n_pend) if self.shuffle else np.arange(n_pend)
-                full = n_pend // b
-                last = k == len(plan) - 1
-                for i in range(full):
-                    yield self._emit(arrs, order[i * b:(i + 1) * b])
-                rest = order[full * b:]
-                if last:
-                    if len(rest):
-                        yield self._emit(arrs, rest)
-                    release()
-                    return
-                if not self.shuffle:
-                    rest = np.sort(rest)
-                carry = [np.take(x, rest, axis=0) for x in arrs]
+                for idx in batches:
+                    yield self._emit(arrs, idx)
+                carry = [take_rows(x, rest) for x in arrs] if len(rest) else []
                 release()
         finally:
-            windows.close()
+            filled.close()
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def window_batches(segs: list[tuple[int, int]], cap: int, b: int, rng: np.random.Generator, shuffle: bool):
+    """The batches of a worker's row ranges ``segs``, window by window, as positions only.
+
+    Yields ``(ranges, rows, carried, batches, rest)`` per window: its store ranges and
+    row count; ``carried`` rows (< b) left by the previous window, which come first in
+    the window's pending rows ``[carried rows, then the ranges' rows in order]``; the
+    batches as index arrays into those pending rows (one permutation per window); and
+    ``rest``, the positions carried to the next window (empty after the last, whose
+    short batch is yielded instead). Pure: no data is read here.
+    """
+    plan = _windows(segs, cap, b)
+    k0 = 0
+    for k, (ranges, n_rows) in enumerate(plan):
+        n_pend = k0 + n_rows
+        order = rng.permutation(n_pend) if shuffle else np.arange(n_pend)
+        full = n_pend // b
+        batches = [order[i * b:(i + 1) * b] for i in range(full)]
+        rest = order[full * b:]
+        if k == len(plan) - 1:
+            if len(rest):
+                batches.append(rest)
+            rest = rest[:0]
+        elif not shuffle:
+            rest = np.sort(rest)
+        yield ranges, n_rows, k0, batches, rest
+        k0 = len(rest)
+
+
+def batch_rows(windows):
+    """The store rows of each batch of :meth:`PatchStream.batch_plan`'s windows, in order
+    (what the stream reads and emits, without reading: the patch cache draws these)."""
+    carry = np.empty(0, np.int64)
+    for ranges, _, _, batches, rest in windows:
+        ids = np.concatenate([carry, *(np.arange(a, e, dtype=np.int64) for a, e in ranges)])
+        for idx in batches:
+            yield ids[idx]
+        carry = ids[rest]
 
 
 def _windows(segs: list[tuple[int, int]], cap: int, b: int) -> list[tuple[list[tuple[int, int]], int]]:
@@ -320,19 +363,18 @@ def _alloc(arrays, rows: int) -> list[np.ndarray]:
 
 
 def _fill(arrays, bufs, ranges, b: int, pool) -> None:
-    """Read ``ranges`` of every array into rows ``b:`` of ``bufs``.
+    """Read ``ranges`` of every array (stores.patches.RowReader) into rows ``b:`` of ``bufs``.
 
-    zarr decodes straight into the window (no per-chunk temporaries, no
-    concatenation), and the reads run concurrently: one zarr call per chunk
-    waits on its file read, so overlapping them measured ~1.5x faster than a
-    sequential loop (benchmarks/bench_stream.py).
+    Each range is decoded straight into the window (no per-chunk temporaries, no
+    concatenation), and the reads run concurrently: they release the GIL, so
+    overlapping them measured ~1.5x faster than a sequential loop
+    (benchmarks/bench_stream.py).
     """
     jobs = []
     for arr, buf in zip(arrays, bufs, strict=True):
         pos = b
         for a, e in ranges:
-            jobs.append(pool.submit(arr.get_basic_selection, slice(a, e),
-                                    out=NDBuffer.from_numpy_array(buf[pos:pos + e - a])))
+            jobs.append(pool.submit(arr.read, a, e, buf[pos:pos + e - a]))
             pos += e - a
     for j in jobs:
         j.result()
@@ -405,16 +447,39 @@ def _read_ahead(arrays, plan, rows: int, b: int, pool):
         th.join(timeout=10)
 
 
+def take_rows(x: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``x[idx]`` along the first axis into ``out`` (new when None): a compiled row copy
+    where numba is (np.take measured ~4x slower for these rows)."""
+    out = np.empty((len(idx), *x.shape[1:]), x.dtype) if out is None else out
+    if _nb_take is None or not (x.flags.c_contiguous and out.flags.c_contiguous) or x.size == 0:
+        np.take(x, idx, axis=0, out=out)
+    else:
+        _nb_take(x.reshape(len(x), -1).view(np.uint8), np.asarray(idx, np.int64),
+                 out.reshape(len(idx), -1).view(np.uint8))
+    return out
+
+
 try:  # fused gather + normalise (one pass); numpy fallback gives the same values
     import numba as _numba
 
-    @_numba.njit(nogil=True, cache=True, boundscheck=False)
+    # Row slices and error_model="numpy" let LLVM vectorise the inner loop (the 2-D indexed
+    # form did not): x2 measured on AVX2/AVX-512, bit for bit the same values.
+    @_numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
     def _nb_norm(src, idx, who, off, inv, out):  # src [N, M], out [n, M], off/inv [S, M], who [n]
         m = src.shape[1]
         for i in range(idx.shape[0]):
-            r, s = idx[i], who[i]
+            s, o, v, d = src[idx[i]], off[who[i]], inv[who[i]], out[i]
             for k in range(m):
-                out[i, k] = (src[r, k] - off[s, k]) * inv[s, k]
+                d[k] = (s[k] - o[k]) * v[k]
+        return out
+
+    @_numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+    def _nb_take(src, idx, out):  # rows of bytes: out[i] = src[idx[i]]
+        m = src.shape[1]
+        for i in range(idx.shape[0]):
+            s, d = src[idx[i]], out[i]
+            for k in range(m):
+                d[k] = s[k]
         return out
 except ImportError:  # pragma: no cover
-    _nb_norm = None
+    _nb_norm = _nb_take = None
