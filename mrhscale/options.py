@@ -25,6 +25,7 @@ AGGREGATES = ("centre", "mean")
 PATCH_STATS = ("percentile", "global-max")
 PATCH_DTYPES = ("float32", "float16")
 PATCH_CODECS = ("none", "lz4", "zstd")
+CACHE_MODES = ("auto", "on", "off")
 COMPRESSIONS = ("zstd", "lz4", "lz4hc", "zlib", "blosclz")
 REGISTRATION_TRANSFORMS = ("rigid", "affine", "syn", "affine+syn")
 REGISTRATION_METRICS = ("mattes", "cc", "meansquares")
@@ -299,6 +300,9 @@ class RunOptions:
     """How a training run uses this machine (training.Runtime); not part of what it learns."""
 
     loader_workers: int = option(0, "Data-loading processes per training process.", renamed=("--workers",))
+    cache: str = option("auto", "Hold the patches resident (normalised, on the GPU or in RAM on a CPU) and draw "
+                        "batches there: auto when they fit half the free memory; the same batches as streaming "
+                        "(docs/training.md).", choices=CACHE_MODES)
     threads: int | None = option(None, "Torch CPU threads per process (default: torch's; torchrun sets 1).")
     device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available).")
     resume: bool = option(False, "Continue the run in --out from its last checkpoint.")
