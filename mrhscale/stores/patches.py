@@ -9,8 +9,11 @@ only when complete, and an identical rerun reuses what is there.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +113,29 @@ class RowReader:
         """Whether reads bypass zarr (a local store, a codec this reader decodes itself)."""
         return self._path is not None
 
+    def mapped(self) -> np.ndarray | None:
+        """The whole array as one read-only numpy array over its chunk files, mapped into
+        memory (the page cache, no copy), or None where that cannot be (not Linux, another
+        store or codec, chunks that are not whole pages, more chunks than maps allowed).
+
+        Each chunk file is mapped at its place in one reserved address range, so rows
+        are addressed as in the array (the last chunk's padding lies beyond ``shape[0]``).
+        A complete patch store is never rewritten in place (a rebuild is swapped in by
+        rename), which this relies on: a mapped file truncated under a reader would fault.
+        """
+        if self._path is None or self._decode is not None or not sys.platform.startswith("linux"):
+            return None
+        nc = self.chunks[0]
+        n_chunks = -(-self.shape[0] // nc)
+        cb = nc * self._row_bytes
+        if cb % mmap.PAGESIZE or n_chunks > _MAX_MAPS or self._fill != 0:
+            return None
+        names = [os.path.join(self._path, *self._key((k, *self._rest)).split("/")) for k in range(n_chunks)]
+        flat = _map_files(names, cb)
+        if flat is None:
+            return None
+        return flat.view(self.dtype).reshape(n_chunks * nc, *self.shape[1:])
+
     def read(self, a: int, e: int, out: np.ndarray) -> None:
         if self._path is None:
             self.arr.get_basic_selection(slice(a, e), out=NDBuffer.from_numpy_array(out))
@@ -133,6 +159,53 @@ class RowReader:
             whole = np.empty(nc * self._row_bytes, np.uint8)
             self._decode(raw, whole)
             flat[:] = whole[r0 * self._row_bytes:(r0 + e - a) * self._row_bytes]
+
+
+_MAX_MAPS = 16384  # chunk files one mapped array may take (Linux allows 65530 maps a process)
+_MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000  # Linux's values (the mmap module does not name them)
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def _map_files(names: list[str], size: int) -> np.ndarray | None:
+    """Files of ``size`` bytes each, mapped read-only end to end in one address range (a
+    missing one reads as zeros), as a uint8 array unmapped when it is collected; None if
+    any mapping fails or a file has another size."""
+    libc = _libc()
+    total = len(names) * size
+    failed = ctypes.c_void_p(-1).value
+    base = libc.mmap(None, total, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+    if base in (None, failed):
+        return None
+    try:
+        for k, fn in enumerate(names):
+            try:
+                fd = os.open(fn, os.O_RDONLY)
+            except FileNotFoundError:  # a chunk never written: the anonymous zero pages stay
+                continue
+            try:
+                ok = os.fstat(fd).st_size == size and libc.mmap(
+                    base + k * size, size, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, 0) == base + k * size
+            finally:
+                os.close(fd)
+            if not ok:
+                raise OSError(fn)
+    except OSError:
+        libc.munmap(base, total)
+        return None
+    buf = (ctypes.c_char * total).from_address(base)
+    weakref.finalize(buf, libc.munmap, base, total)
+    arr = np.frombuffer(buf, np.uint8)
+    arr.flags.writeable = False
+    return arr
 
 
 def _pread(fn: str, flat: np.ndarray, offset: int) -> None:

@@ -189,5 +189,5 @@ def open_data(cfg, rt: Runtime, split: str, batch: int, device: torch.device, *,
     if type(stream) is PatchStream:  # a substituted stream (MRHSCALE_STREAM, a subclass) is streamed as it is
         cache = choose(getattr(rt, "cache", "auto") or "auto", stream, device)
         if cache.resident:
-            stream = PatchCache(stream, device, workers)
+            stream = PatchCache(stream, device, workers, two_threads=spare_core(device))
     return Batches(stream, correction, device, workers, device.type == "cuda", cache)

@@ -58,6 +58,7 @@ from mrhscale.stores.legacy import stains_of
 
 VARS = ("inputs", "targets", "origin")
 _READ_THREADS = 4  # concurrent zarr chunk reads per iterator (they mostly wait on I/O)
+_EMIT_MIN_ROWS = 512  # a batch is split over two threads when each half has at least this many
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -152,11 +153,15 @@ class PatchStream(IterableDataset):
         self._by_subject = len(self._off) > 1
         self._arrays = None
         self._in_worker = False
+        self._emit_pool = None
+        self._mapped = None  # the arrays mapped from the chunk files (False: they cannot be)
 
     # ---- bookkeeping
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_arrays"] = None  # reopened in each worker
+        d["_emit_pool"] = None
+        d["_mapped"] = None
         return d
 
     def shape_of(self, var: str) -> tuple[int, ...]:
@@ -220,6 +225,14 @@ class PatchStream(IterableDataset):
             self._arrays = store.readers(self.split, origin=self.with_origin or self._by_subject)
         return self._arrays
 
+    def mapped_arrays(self):
+        """The split's arrays mapped from their chunk files (RowReader.mapped), kept for
+        the process's later epochs; None where any of them cannot be."""
+        if self._mapped is None:
+            maps = [r.mapped() for r in self.open_readers()]
+            self._mapped = maps if all(m is not None for m in maps) else False
+        return self._mapped or None
+
     def _emit(self, arrs, idx):
         """One batch: gather rows ``idx`` and normalise into fresh float32 tensors (in
         shared memory in a DataLoader worker, page-locked where ``pin_memory`` asks)."""
@@ -232,7 +245,15 @@ class PatchStream(IterableDataset):
         else:  # page-locked on CUDA: the copy to the device is then asynchronous
             flat = torch.empty(nx + nt, dtype=torch.float32, pin_memory=self.pin_memory)
         xt, tt = flat[:nx].view(shape), flat[nx:].view(t_shape)
-        self.normalise(arrs, idx, xt.numpy(), tt.numpy())
+        x, t = xt.numpy(), tt.numpy()
+        pool = self._emit_pool
+        if pool is None or n < 2 * _EMIT_MIN_ROWS:
+            self.normalise(arrs, idx, x, t)
+        else:  # halves on two threads (the kernel releases the GIL)
+            h = n // 2
+            job = pool.submit(self.normalise, arrs, idx[h:], x[h:], t[h:])
+            self.normalise(arrs, idx[:h], x[:h], t[:h])
+            job.result()
         out = (xt, tt)
         if self.with_origin:
             out = (*out, torch.from_numpy(take_rows(arrs[2], idx)))
@@ -278,12 +299,18 @@ class PatchStream(IterableDataset):
         windows = list(self.batch_plan(worker, n_workers))
         if not windows:
             return
+        mapped = self.mapped_arrays()
+        if mapped is not None:  # no window to fill: each batch gathered from the page cache
+            yield from self._mapped_batches(mapped, windows)
+            return
         arrays = self.open_readers()
         b = self.batch_size
         plan = [(w[0], w[1]) for w in windows]
         rows = b + max(n for _, n in plan)  # carry (< b rows) goes in front of the window's rows
         ahead = bool(self.read_ahead) and len(plan) > 1
         pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="PatchStream-read")
+        # where a core is spare (read_ahead says so), big batches are normalised on two threads
+        self._emit_pool = pool if self.read_ahead and not self._in_worker else None
         filled = (_read_ahead(arrays, plan, rows, b, pool) if ahead
                   else _read_inline(arrays, plan, rows, b, pool))
         carry: list[np.ndarray] = []
@@ -298,7 +325,20 @@ class PatchStream(IterableDataset):
                 release()
         finally:
             filled.close()
+            self._emit_pool = None
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+    def _mapped_batches(self, mapped, windows):
+        pool = ThreadPoolExecutor(1, thread_name_prefix="PatchStream-emit") if self.read_ahead else None
+        self._emit_pool = None if self._in_worker else pool
+        try:
+            for idx in batch_rows(windows):
+                yield self._emit(mapped, idx)
+        finally:
+            self._emit_pool = None
+            if pool is not None:
+                pool.shutdown(wait=True)
 
 
 def window_batches(segs: list[tuple[int, int]], cap: int, b: int, rng: np.random.Generator, shuffle: bool):

@@ -50,3 +50,18 @@ def test_codec_option_keeps_older_stores_fingerprints():
     assert PatchOptions().record()["compress"] is False  # as when --compress was a flag
     assert PatchOptions(compress=True).compress == "lz4" and PatchOptions(compress="lz4").record()["compress"] is True
     assert PatchOptions(compress="zstd").record()["compress"] == "zstd"
+
+
+def test_mapped_array_is_the_array(tmp_path):
+    url = str(tmp_path / "p.zarr")
+    data = np.random.default_rng(1).random((3000, 1024), dtype=np.float32)  # 4 KiB rows: whole pages
+    arr = create_array(url, "train/inputs", data.shape, (1024, 1024), np.float32, ["patch", "contrast"], "none")
+    arr[:] = data
+    r = RowReader(zarr.open_array(url, path="train/inputs", mode="r"))
+    m = r.mapped()
+    assert m.shape == (3072, 1024) and not m.flags.writeable
+    assert np.array_equal(m[:3000], data)
+    os.remove(os.path.join(url, "train", "inputs", "c.1.0"))
+    assert (r.mapped()[1024:2048] == 0).all()
+    lz4 = create_array(url, "train/other", (64, 1024), (64, 1024), np.float32, ["patch", "contrast"], "lz4")
+    assert RowReader(lz4).mapped() is None  # compressed chunks are read and decoded instead

@@ -94,3 +94,10 @@ def test_training_does_not_depend_on_the_cache(store, tmp_path):
     rec = {m: read_bundle(runs[m]["model"])["provenance"]["data_cache"] for m in runs}
     assert rec["on"]["train"]["resident"] and rec["on"]["train"]["where"] == "cpu"
     assert not rec["off"]["train"]["resident"] and rec["off"]["val"]["reason"] == "--cache off"
+
+
+def test_two_threads_gather_the_same(store):
+    kw = dict(batch_size=300, seed=4)
+    one = PatchCache(_stream(store, **kw), torch.device("cpu"))
+    two = PatchCache(_stream(store, **kw), torch.device("cpu"), two_threads=True)
+    _same(list(one), list(two))

@@ -16,15 +16,18 @@ from mrhscale.stages.patches import extract_patches
 from mrhscale.training.stream import PatchStream, StreamOptions
 
 
-@pytest.fixture(scope="module")
-def patch_store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stream")
+def _store(tmp_path_factory, name: str, **options) -> str:
+    d = tmp_path_factory.mktemp(name)
     make_cohort_store(d / "c.zarr", n_subjects=3, shape=(16, 10, 18), n_channels=5)
     out = str(d / "p.zarr")
     extract_patches(str(d / "c.zarr"), "af", out, ctx=Context(scheduler="synchronous", quiet=True),
-                    options=PatchOptions(stride=1, val_fraction=0.2, min_label_sum=0, min_label_nonzero=0,
-                                         chunk_size=100))
+                    options=PatchOptions(stride=1, min_label_sum=0, min_label_nonzero=0, **options))
     return out
+
+
+@pytest.fixture(scope="module")
+def patch_store(tmp_path_factory):
+    return _store(tmp_path_factory, "stream", val_fraction=0.2, chunk_size=100)
 
 
 def _raw(url, split="train"):
@@ -213,3 +216,45 @@ def test_windows_are_read_into_reused_buffers(patch_store, monkeypatch):
     allocs.clear()
     list(PatchStream(patch_store, batch_size=5, options=StreamOptions(shuffle_buffer=20, read_ahead=True)))
     assert len(allocs) == 2
+
+
+def test_batches_normalised_on_two_threads_are_the_same(patch_store, monkeypatch):
+    import mrhscale.training.stream as st
+
+    monkeypatch.setattr(st, "_EMIT_MIN_ROWS", 4)  # split every batch of >= 8 rows
+    kw = {"batch_size": 33, "seed": 2, "drop_last": False}
+    plain = list(PatchStream(patch_store, options=StreamOptions(with_origin=True), **kw))
+    split = list(PatchStream(patch_store, options=StreamOptions(with_origin=True, read_ahead=True), **kw))
+    assert len(plain) == len(split) > 2
+    for x, y in zip(plain, split, strict=True):
+        for u, v in zip(x, y, strict=True):
+            assert torch.equal(u, v)
+
+
+@pytest.fixture(scope="module")
+def aligned_store(tmp_path_factory):
+    """Chunks of whole pages (1024 rows x 180 B), so the stream maps them (RowReader.mapped)."""
+    return _store(tmp_path_factory, "mapped", chunk_size=1024)
+
+
+@pytest.mark.parametrize("world,drop_last", [(1, True), (2, False)])
+def test_mapped_chunks_give_the_windows_batches(aligned_store, monkeypatch, world, drop_last):
+    """Gathering each batch from the mapped chunk files yields the very batches that
+    reading windows of chunks does (the same plan, the same normalisation)."""
+    from mrhscale.stores.patches import RowReader
+
+    kw = {"batch_size": 96, "seed": 3, "drop_last": drop_last, "world_size": world,
+          "options": StreamOptions(shuffle_buffer=300, with_origin=True, read_ahead=True)}
+    streams = [PatchStream(aligned_store, rank=r, **kw) for r in range(world)]
+    assert all(s.mapped_arrays() is not None for s in streams) and streams[0].chunk_rows == 1024
+    for s in streams:
+        s.set_epoch(2)
+    mapped = [list(s) for s in streams]
+    monkeypatch.setattr(RowReader, "mapped", lambda self: None)
+    for s, got in zip(streams, mapped, strict=True):
+        s._mapped = None
+        want = list(s)
+        assert s.mapped_arrays() is None and len(want) == len(got) > 2
+        for x, y in zip(want, got, strict=True):
+            for u, v in zip(x, y, strict=True):
+                assert torch.equal(u, v)
