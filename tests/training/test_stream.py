@@ -258,3 +258,17 @@ def test_mapped_chunks_give_the_windows_batches(aligned_store, monkeypatch, worl
         for x, y in zip(want, got, strict=True):
             for u, v in zip(x, y, strict=True):
                 assert torch.equal(u, v)
+
+
+def test_batch_memory_is_reused_only_when_free():
+    from mrhscale.training.stream import _Blocks
+
+    blocks = _Blocks(keep=2)
+    x = torch.from_numpy(blocks.get(12))[:6].view(2, 3)  # a consumer's view
+    held = blocks.get(12)
+    assert not np.shares_memory(held, x.numpy())
+    ptr = held.ctypes.data
+    del held
+    assert blocks.get(12).ctypes.data == ptr  # nothing refers to it any more: reused
+    del x
+    assert len(blocks.blocks) == 2
