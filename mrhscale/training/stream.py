@@ -270,9 +270,12 @@ class PatchStream(IterableDataset):
         (the stream's batches and the patch cache alike, so their values are the same bits)."""
         who = (arrs[2][idx, 0].astype(np.int64) if self._by_subject  # each row's subject: its own statistics
                else np.zeros(len(idx), np.int64))
-        if _nb_norm is not None and arrs[0].dtype == np.float32:  # numba has no float16
+        if _nb_norm is not None and arrs[0].dtype == np.float32:
             _nb_norm(arrs[0].reshape(len(arrs[0]), -1), idx, who, self._offx, self._invx,
                      x.reshape(len(idx), -1))
+        elif _nb_norm is not None and arrs[0].dtype == np.float16:  # numba has no float16: its bits
+            _nb_norm16(arrs[0].reshape(len(arrs[0]), -1).view(np.uint16), idx, who, self._offx, self._invx,
+                       _HALF, x.reshape(len(idx), -1))
         else:
             if arrs[0].dtype == np.float32:
                 take_rows(arrs[0], idx, x)
@@ -540,6 +543,15 @@ try:  # fused gather + normalise (one pass); numpy fallback gives the same value
         return out
 
     @_numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+    def _nb_norm16(src, idx, who, off, inv, half, out):  # src: float16 bits; half: each one's float32
+        m = src.shape[1]
+        for i in range(idx.shape[0]):
+            s, o, v, d = src[idx[i]], off[who[i]], inv[who[i]], out[i]
+            for k in range(m):
+                d[k] = (half[s[k]] - o[k]) * v[k]
+        return out
+
+    @_numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
     def _nb_take(src, idx, out):  # rows of bytes: out[i] = src[idx[i]]
         m = src.shape[1]
         for i in range(idx.shape[0]):
@@ -548,4 +560,7 @@ try:  # fused gather + normalise (one pass); numpy fallback gives the same value
                 d[k] = s[k]
         return out
 except ImportError:  # pragma: no cover
-    _nb_norm = _nb_take = None
+    _nb_norm = _nb_norm16 = _nb_take = None
+
+# every float16 as float32 (numpy's own, exact conversion): a 256 KiB table the kernel indexes
+_HALF = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)

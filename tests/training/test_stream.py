@@ -272,3 +272,20 @@ def test_batch_memory_is_reused_only_when_free():
     assert blocks.get(12).ctypes.data == ptr  # nothing refers to it any more: reused
     del x
     assert len(blocks.blocks) == 2
+
+
+def test_float16_kernel_gives_numpys_values():
+    """The compiled float16 path (a table of every half's float32) equals numpy's convert,
+    subtract, multiply bit for bit, subnormals, infinities and NaN included."""
+    import mrhscale.training.stream as st
+
+    if st._nb_norm16 is None:
+        pytest.skip("numba not installed")
+    bits = np.random.default_rng(0).integers(0, 1 << 16, (64, 45), dtype=np.uint16)
+    src = bits.view(np.float16)
+    off = np.random.default_rng(1).random((2, 45), dtype=np.float32) * 10
+    inv = np.random.default_rng(2).random((2, 45), dtype=np.float32)
+    idx, who = np.array([5, 0, 63, 5, 17]), np.array([0, 1, 1, 0, 1])
+    got = st._nb_norm16(bits, idx, who, off, inv, st._HALF, np.empty((5, 45), np.float32))
+    want = (src[idx].astype(np.float32) - off[who]) * inv[who]
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)) or np.array_equal(got, want, equal_nan=True)
