@@ -353,21 +353,25 @@ class _Blocks:
     """The in-process batches' memory, recycled: a block is handed out again only once no
     tensor, view or array refers to it (its reference count says so), else a new one is
     made; at most ``keep`` are held. Writing a batch into fresh memory page-faults every
-    page: on the 2-core test machine that was 2-3x the cost of gathering the batch."""
+    page: in a process whose large blocks glibc maps afresh, 2-3x the cost of the batch."""
 
     def __init__(self, keep: int = 4):
-        self.keep, self.blocks = keep, []
+        self.keep, self.blocks = keep, [np.empty(1, np.float32)]
+        for b in self.blocks:  # the count of a block nothing else holds, seen as get() sees it
+            self.free = self._refs(b)
+        self.blocks = []
+
+    @staticmethod
+    def _refs(b) -> int:
+        return sys.getrefcount(b)
 
     def get(self, n: int) -> np.ndarray:
         for b in self.blocks:
-            if len(b) == n and sys.getrefcount(b) == _FREE_REFS:  # the list, `b`, the call's argument
+            if len(b) == n and self._refs(b) <= self.free:
                 return b
         b = np.empty(n, np.float32)
         self.blocks = [*self.blocks[-(self.keep - 1):], b] if self.keep > 1 else [b]
         return b
-
-
-_FREE_REFS = 3
 
 
 def window_batches(segs: list[tuple[int, int]], cap: int, b: int, rng: np.random.Generator, shuffle: bool):
