@@ -10,7 +10,14 @@ in the same run):
   batches of the same shape (no reading): the most any worker-based stream can deliver.
 - PatchStream with no workers (in the consuming process), with and without read_ahead,
   and with per-subject normalisation (train --norm subject-...) against global statistics.
-Default: 131,072 patches of 67x3x3 (0.3 GiB); --full: 1,048,576 (2.4 GiB).
+- The training feed (issue 28), on a 337,920-patch store (the issue's 338k; 0.8 GiB),
+  batch 4096, in-process, one stream object across epochs (as the trainer keeps it),
+  interleaved repeats in one run: the stream on the default codec (none; its chunk files
+  mapped, each batch gathered from the page cache) and on lz4 (windows read and decoded),
+  the resident cache in host RAM (train --cache), against the
+  memcpy of the same bytes (each batch's float32 inputs and targets copied from RAM into
+  a reused buffer): the most a feed that touches every byte once could deliver.
+Default: 131,072 patches of 67x3x3 (0.3 GiB); --full: 1,048,576 (2.4 GiB). --feed: only the feed rows.
 Run under `flock /tmp/bench.lock` on shared machines.
 """
 
@@ -38,8 +45,9 @@ C = 67
 SUBJECTS = ["s1", "s2", "s3", "s4"]
 
 
-def make_patch_store(url: str, n: int, n_c: int = C, seed: int = 0) -> None:
-    """A complete patch store in the contract's layout with random contents (fast to make)."""
+def make_patch_store(url: str, n: int, n_c: int = C, seed: int = 0, codec: str = "none") -> None:
+    """A complete patch store in the contract's layout with random contents (fast to make),
+    its chunks the stage's default size, compressed with ``codec``."""
     import zarr
 
     from mrhscale.ops.norm import Normalisation
@@ -51,13 +59,14 @@ def make_patch_store(url: str, n: int, n_c: int = C, seed: int = 0) -> None:
     root = zarr.open_group(url, mode="w", zarr_format=3)
     for split, m in (("train", n), ("val", max(1, n // 64))):
         xi = create_array(url, f"{split}/inputs", (m, n_c, 3, 3), (nc, n_c, 3, 3), np.float32,
-                     ["patch", "contrast", "row", "col"], None, False)
-        ti = create_array(url, f"{split}/targets", (m, 3, 3), (nc, 3, 3), np.float32, ["patch", "row", "col"], None, False)
-        oi = create_array(url, f"{split}/origin", (m, 4), (nc, 4), np.int32, ["patch", "coord"], None, False)
+                          ["patch", "contrast", "row", "col"], codec)
+        ti = create_array(url, f"{split}/targets", (m, 1, 3, 3), (nc, 1, 3, 3), np.float32,
+                          ["patch", "stain", "row", "col"], codec)
+        oi = create_array(url, f"{split}/origin", (m, 4), (nc, 4), np.int32, ["patch", "coord"], codec)
         for a in range(0, m, nc):
             b = min(m, a + nc)
             xi[a:b] = rng.random((b - a, n_c, 3, 3), dtype=np.float32) * 1000
-            ti[a:b] = rng.random((b - a, 3, 3), dtype=np.float32) * 255
+            ti[a:b] = rng.random((b - a, 1, 3, 3), dtype=np.float32) * 255
             oi[a:b] = np.arange(a, b, dtype=np.int32)[:, None]
             oi[a:b, 0] = np.arange(a, b, dtype=np.int32) % len(SUBJECTS)  # each row's subject
     nrm = Normalisation("percentile", [5.0] * n_c, [990.0] * n_c, 0.0, 250.0)
@@ -163,7 +172,80 @@ def trainer_rate(depth: int = 5, batch: int = 128, threads: int = 2) -> float:
     return 10 * batch / sec
 
 
-def run(full: bool = False) -> list[dict]:
+FEED_N, FEED_BATCH = 337_920, 4096
+
+
+def _inprocess_rate(stream) -> float:
+    """Patches/s of the next epoch of ``stream`` (one object across epochs, as the trainer keeps it)."""
+    stream.set_epoch(getattr(stream, "epoch", -1) + 1)
+    t0 = time.perf_counter()
+    n = sum(len(b[0]) for b in stream)
+    return n / (time.perf_counter() - t0)
+
+
+def _memcpy_rate(x: np.ndarray, t: np.ndarray, batch: int) -> float:
+    """Each batch's bytes (float32 inputs and targets) copied from RAM into a reused buffer."""
+    dx, dt = np.empty((batch, *x.shape[1:]), x.dtype), np.empty((batch, *t.shape[1:]), t.dtype)
+    t0 = time.perf_counter()
+    for a in range(0, len(x) - batch + 1, batch):
+        np.copyto(dx, x[a:a + batch])
+        np.copyto(dt, t[a:a + batch])
+    return (len(x) // batch * batch) / (time.perf_counter() - t0)
+
+
+def feed_rows(work: str, n: int = FEED_N, batch: int = FEED_BATCH, repeats: int = 7) -> list[dict]:
+    """The training feed in-process against the memcpy bound, interleaved in one run."""
+    import torch
+    import zarr
+
+    from mrhscale.stages.patches import chunk_rows
+    from mrhscale.training.cache import PatchCache
+    from mrhscale.training.stream import PatchStream, StreamOptions
+
+    ahead = StreamOptions(read_ahead=True)
+    urls = {c: os.path.join(work, f"feed-{c}.zarr") for c in ("none", "lz4")}
+    for c, url in urls.items():
+        make_patch_store(url, n, codec=c)
+    g = zarr.open_group(urls["none"], mode="r")
+    x, t = g["train/inputs"][:], g["train/targets"][:]
+    cache = PatchCache(PatchStream(urls["none"], batch_size=batch, seed=1), torch.device("cpu"), two_threads=True)
+    streams = {"none": PatchStream(urls["none"], batch_size=batch, seed=1),
+               "ahead": PatchStream(urls["none"], batch_size=batch, seed=1, options=ahead),
+               "lz4": PatchStream(urls["lz4"], batch_size=batch, seed=1, options=ahead), "cache": cache}
+    runs = {"memcpy": lambda: _memcpy_rate(x, t, batch),
+            **{k: (lambda s=s: _inprocess_rate(s)) for k, s in streams.items()}}
+    got = {k: [] for k in runs}
+    for f in runs.values():  # warm-up: JIT cache load, page cache
+        f()
+    for _ in range(repeats):
+        for k, f in runs.items():
+            got[k].append(f())
+    med = {k: statistics.median(v) for k, v in got.items()}
+    nc = chunk_rows(C, 3, 4)
+    what = f"{n} patches of {C}x3x3, batch {batch}, in-process, shuffle window on, normalised float32"
+    load = os.getloadavg()[0]
+    return [
+        row(f"feed: PatchStream in-process, batch {batch}, codec none, {nc}-patch chunks", med["none"],
+            "patches/s", "memcpy of the same bytes (same run)", med["memcpy"], ">= 1.0 M/s", med["none"] >= 1e6,
+            note=f"{what}; median of {repeats} interleaved; load {load:.1f}"),
+        row(f"feed: PatchStream in-process, batch {batch}, read_ahead (train on a GPU), codec none, {nc}-patch chunks",
+            med["ahead"], "patches/s", "memcpy of the same bytes (same run)", med["memcpy"], ">= 1.0 M/s",
+            med["ahead"] >= 1e6, note="next window read, and each batch normalised, on two threads"),
+        row(f"feed: PatchStream in-process, batch {batch}, read_ahead, codec lz4 (Blosc, shuffle), {nc}-patch chunks",
+            med["lz4"], "patches/s", "the same on codec none", med["ahead"], note=what),
+        row(f"feed: resident cache in host RAM (train --cache), batch {batch}", med["cache"], "patches/s",
+            "memcpy of the same bytes (same run)", med["memcpy"],
+            note="the stream's batches, gathered (two threads) from the normalised split held in RAM"),
+    ]
+
+
+def run(full: bool = False, feed_only: bool = False) -> list[dict]:
+    if feed_only:
+        work = tempfile.mkdtemp(prefix="bench-feed-")
+        try:
+            return feed_rows(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     n = (1 << 20) if full else (1 << 17)
     work = tempfile.mkdtemp(prefix="bench-stream-")
     url = os.path.join(work, "patches.zarr")
@@ -183,6 +265,8 @@ def run(full: bool = False) -> list[dict]:
         per = Normalisation.subject_mode("subject-percentile", C, 0.0, 250.0)
         r0s = stream_rate(url, 1024, 0, 3, norm=per)
         r0g = stream_rate(url, 1024, 0, 3)  # the global baseline again, beside it
+        shutil.rmtree(url, ignore_errors=True)
+        feed = feed_rows(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     note = f"{n} patches 67x3x3, 2 DataLoader workers, shuffle buffer on, normalised float32"
@@ -201,9 +285,9 @@ def run(full: bool = False) -> list[dict]:
             r1024 >= 1e6, note=bound_note),
         row("PatchStream batch 1024, no workers (in-process)", r0, "patches/s",
             "zarr chunk reads, 1 process, no shuffle/normalise", raw, ">= 1 M/s", r0 >= 1e6,
-            note="shuffle window read straight into a reused buffer, fused gather+normalise"),
+            note="uncompressed chunks mapped: each batch gathered + normalised from the page cache in one compiled pass"),
         row("PatchStream batch 1024, no workers, read_ahead=True", r0a, "patches/s",
-            "no workers, read_ahead=False", r0, note="next window read by a background thread"),
+            "no workers, read_ahead=False", r0, note="batches normalised on two threads (a window read ahead where not mapped)"),
         row("PatchStream batch 128, no workers (in-process)", r0_128, "patches/s",
             "MRH-Net depth 5 training step, batch 128, 2 threads", train, ">= 20x trainer",
             r0_128 >= 20 * train),
@@ -212,15 +296,17 @@ def run(full: bool = False) -> list[dict]:
         row("PatchStream batch 1024, no workers, per-subject normalisation", r0s, "patches/s",
             "the same with the store's global statistics", r0g,
             note=f"{len(SUBJECTS)} subjects: each row's origin read and its own (offset, scale) row"),
+        *feed,
     ]
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true")
+    ap.add_argument("--feed", action="store_true", help="only the training-feed rows")
     ap.add_argument("--json")
     a = ap.parse_args()
-    rows = run(a.full)
+    rows = run(a.full, feed_only=a.feed)
     print_rows(rows)
     if a.json:
         with open(a.json, "w") as fh:

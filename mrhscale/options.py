@@ -24,6 +24,8 @@ COMPILE_MODES = ("auto", "on", "off")
 AGGREGATES = ("centre", "mean")
 PATCH_STATS = ("percentile", "global-max")
 PATCH_DTYPES = ("float32", "float16")
+PATCH_CODECS = ("none", "lz4", "zstd")
+CACHE_MODES = ("auto", "on", "off")
 COMPRESSIONS = ("zstd", "lz4", "lz4hc", "zlib", "blosclz")
 REGISTRATION_TRANSFORMS = ("rigid", "affine", "syn", "affine+syn")
 REGISTRATION_METRICS = ("mattes", "cc", "meansquares")
@@ -298,6 +300,9 @@ class RunOptions:
     """How a training run uses this machine (training.Runtime); not part of what it learns."""
 
     loader_workers: int = option(0, "Data-loading processes per training process.", renamed=("--workers",))
+    cache: str = option("auto", "Hold the patches resident (normalised, on the GPU or in RAM on a CPU) and draw "
+                        "batches there: auto when they fit half the free memory; the same batches as streaming "
+                        "(docs/training.md).", choices=CACHE_MODES)
     threads: int | None = option(None, "Torch CPU threads per process (default: torch's; torchrun sets 1).")
     device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available).")
     resume: bool = option(False, "Continue the run in --out from its last checkpoint.")
@@ -368,10 +373,13 @@ class PatchOptions:
                         choices=PATCH_STATS, renamed=("--norm",))
     dtype: str = option("float32", "Data type of the stored input patches.", choices=PATCH_DTYPES)
     chunk_size: int | None = option(None, "Patches per output chunk (default ~8 MB).")
-    compress: bool = option(False, "Blosc lz4 on the patch arrays (smaller; MRI floats shrink little, "
-                                   "streaming slower).")
+    compress: str = option("none", "Codec of the patch arrays: none streams fastest from a local disk (~4x "
+                                   "lz4's decode rate); lz4 or zstd (Blosc, byte shuffle) shrink MRI floats ~1.3x, "
+                                   "for slow or remote storage (docs/patches.md).", choices=PATCH_CODECS)
 
     def __post_init__(self):
+        if isinstance(self.compress, bool):  # before codecs were named: True was lz4
+            self.compress = "lz4" if self.compress else "none"
         self.slices = parse_slices(self.slices)
         self.val_subjects = list(dict.fromkeys(self.val_subjects or []))
 
@@ -386,6 +394,8 @@ class PatchOptions:
         d["norm"] = d.pop("stats")
         d["slices"] = None if self.slices is None else list(self.slices)
         d["val_subjects"] = sorted(self.val_subjects)
+        if d["compress"] in ("none", "lz4"):  # as recorded when it was a flag: older stores stay up to date
+            d["compress"] = d["compress"] == "lz4"
         return d
 
 

@@ -73,7 +73,7 @@ def _run_training(fn, *args, **kw):
     rt = take(RunOptions, kw)
     numerics = take(Numerics, kw)
     try:
-        res = fn(*args, **kw, loader_workers=rt.loader_workers, threads=rt.threads, device=rt.device,
+        res = fn(*args, **kw, loader_workers=rt.loader_workers, cache=rt.cache, threads=rt.threads, device=rt.device,
                  resume=rt.resume, keep_checkpoints=rt.keep_checkpoints, precision=numerics.precision,
                  compile=numerics.compile, quiet=ctx.quiet, storage_options=ctx.storage_options)
     except TrainingInterrupted as e:

@@ -127,7 +127,7 @@ def _extract_block(mri_b, tgt_b, mask_b, job: dict) -> dict:
     rows = max(1, min(n, job["stage_rows"]))
     for var, data in (("inputs", inputs), ("targets", labels.astype(np.float32)), ("origin", org)):
         arr = create_array(loc, f"{name}_{var}", data.shape, (rows, *data.shape[1:]), data.dtype,
-                           dims_of(var), compress=False)
+                           dims_of(var), "none")
         arr[...] = data[order]
     return {"piece": name, "counts": counts, "candidates": len(cent)}
 
@@ -180,7 +180,7 @@ def _shuffle_bucket(job: dict) -> dict:
         for var, x in zip(names, data, strict=True):
             d = x[sel]
             arr = create_array(loc, f"{name}_{var}", d.shape, (max(1, len(d)), *d.shape[1:]), d.dtype,
-                               dims_of(var), compress=False)
+                               dims_of(var), "none")
             arr[...] = d
         off = 0
         for a, b in keep:

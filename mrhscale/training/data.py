@@ -16,6 +16,7 @@ from mrhscale.errors import MRHError
 from mrhscale.parallel.context import Context
 from mrhscale.stores import PatchStore
 from mrhscale.stores.patches import identity
+from mrhscale.training.cache import CacheChoice, PatchCache, choose
 from mrhscale.training.stream import PatchStream, StreamOptions
 
 if TYPE_CHECKING:  # the loop imports this module
@@ -115,19 +116,23 @@ def spare_core(device: torch.device) -> bool:
 
 
 class Batches:
-    """A stream plus an optional per-channel affine correction to the model's normalisation."""
+    """A stream (or the patch cache standing in for it) plus an optional per-channel affine
+    correction to the model's normalisation; ``cache``: what was chosen and why."""
 
-    def __init__(self, stream, correction, device, workers, pin):
+    def __init__(self, stream, correction, device, workers, pin, cache: CacheChoice | None = None):
         self.stream, self.device = stream, device
         self.a, self.b = (None, None) if correction is None else correction
         if self.a is not None:
             self.a = self.a.to(device).view(1, -1, 1, 1)
             self.b = self.b.to(device).view(1, -1, 1, 1)
         self.workers, self.pin = workers, pin
+        self.cache = cache
 
     def batches(self, epoch: int):
         self.stream.set_epoch(epoch)
-        if self.workers > 0:
+        if isinstance(self.stream, PatchCache):  # resident: a gather per batch, on the device
+            src = prefetched(self.stream) if self.device.type == "cpu" and spare_core(self.device) else self.stream
+        elif self.workers > 0:
             src = torch.utils.data.DataLoader(
                 self.stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin,
                 prefetch_factor=4, persistent_workers=False)
@@ -151,7 +156,8 @@ def open_data(cfg, rt: Runtime, split: str, batch: int, device: torch.device, *,
               world: int = 1, workers: int = 0) -> Batches:
     """``split`` of the run's patch store (``cfg.patches``, reached with ``rt``'s storage options)
     in batches of ``batch`` on ``device``: this rank's share, read by ``workers`` DataLoader
-    processes, normalised as ``norm`` says (None: the store's own statistics)."""
+    processes, normalised as ``norm`` says (None: the store's own statistics); held resident
+    on ``device`` instead when ``rt.cache`` says so (training/cache.py: the same batches)."""
     url = cfg.patches
     cls = stream_class()
     params = inspect.signature(cls).parameters
@@ -163,7 +169,8 @@ def open_data(cfg, rt: Runtime, split: str, batch: int, device: torch.device, *,
         kw["drop_last"] = False
     if "options" in params:  # a reader thread only where it cannot stall torch's threads
         kw["options"] = StreamOptions(shuffle_buffer=cfg.shuffle_buffer or None,
-                                      read_ahead=workers == 0 and spare_core(device))
+                                      read_ahead=workers == 0 and spare_core(device),
+                                      pin_memory=device.type == "cuda" and workers == 0)
     correction = None
     if norm is not None and "norm" in params:
         kw["norm"] = norm
@@ -178,4 +185,9 @@ def open_data(cfg, rt: Runtime, split: str, batch: int, device: torch.device, *,
             o_m, s_m = np.asarray(norm.offset, np.float64), np.asarray(norm.scale, np.float64)
             correction = (torch.tensor(s_s / s_m, dtype=torch.float32),
                           torch.tensor((o_s - o_m) / s_m, dtype=torch.float32))
-    return Batches(stream, correction, device, workers, device.type == "cuda")
+    cache = None
+    if type(stream) is PatchStream:  # a substituted stream (MRHSCALE_STREAM, a subclass) is streamed as it is
+        cache = choose(getattr(rt, "cache", "auto") or "auto", stream, device)
+        if cache.resident:
+            stream = PatchCache(stream, device, workers, two_threads=spare_core(device))
+    return Batches(stream, correction, device, workers, device.type == "cuda", cache)

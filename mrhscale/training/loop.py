@@ -203,6 +203,7 @@ class Runtime:
     keep_checkpoints: bool = False
     precision: str | None = None  # auto | fp32 | bf16 (None: $MRHSCALE_PRECISION, else auto)
     compile: str | bool | None = None  # auto | on | off (None: $MRHSCALE_COMPILE, else auto)
+    cache: str = "auto"  # auto | on | off: hold the patches resident on the device (training/cache.py)
 
     def context(self) -> Context:
         """Where the run's data lives (its patch store's storage options), as a Context."""
@@ -217,6 +218,8 @@ class Runtime:
             raise MRHError(f"--loader-workers {self.loader_workers}: must be >= 0")
         if self.threads is not None and self.threads < 1:
             raise MRHError(f"--threads {self.threads}: must be >= 1")
+        if self.cache not in ("auto", "on", "off"):
+            raise MRHError(f"--cache {self.cache!r}: must be auto, on or off")
 
 
 
@@ -318,6 +321,11 @@ class Trainer:
         self.val_data = None
         if int(self.store.get("n_val", 1)) > 0:
             self.val_data = open_data(cfg, rt, "val", max(self.per_rank, 256), self.dev, **shard)
+        self.data_record = {name: d.cache.record() for name, d in (("train", self.train_data),
+                                                                   ("val", self.val_data))
+                            if d is not None and d.cache is not None}
+        if self.main and self.data_record.get("train", {}).get("resident"):
+            note(f"patches resident on {self.dev} ({self.data_record['train']['reason']})", self.rt.quiet)
 
     def amp_ctx(self):
         return self.accel.autocast(self.dev.type)
@@ -529,7 +537,7 @@ class Trainer:
             "patch_store": {k: store.get(k) for k in ("n_train", "n_val", "subjects", "val_subjects",
                                                        "seed", "rules", "provenance")},
             "world_size": self.world, "device": self.dev.type, "numerics": self.accel.record(),
-            "final_metrics": summary["final"],
+            "data_cache": self.data_record, "final_metrics": summary["final"],
             "replica_max_abs_diff": drift,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), **self.extra_provenance,
         }

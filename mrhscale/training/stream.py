@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import queue
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,7 +50,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
-from zarr.core.buffer.cpu import NDBuffer
 
 from mrhscale.errors import MRHError
 from mrhscale.ops.norm import Normalisation
@@ -59,6 +59,7 @@ from mrhscale.stores.legacy import stains_of
 
 VARS = ("inputs", "targets", "origin")
 _READ_THREADS = 4  # concurrent zarr chunk reads per iterator (they mostly wait on I/O)
+_EMIT_MIN_ROWS = 512  # a batch is split over two threads when each half has at least this many
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -79,6 +80,7 @@ class StreamOptions:
     shuffle_buffer: int | None = None  # patches per permuted window (default: 4096 or two chunks)
     with_origin: bool = False  # also yield each patch's origin row (subject index, x, y, z)
     read_ahead: bool = False  # read the next window in a background thread (where a core is free)
+    pin_memory: bool = False  # in-process batches in page-locked memory (CUDA only; ignored elsewhere)
 
 
 class PatchStream(IterableDataset):
@@ -117,6 +119,7 @@ class PatchStream(IterableDataset):
         self.ctx = Context(storage_options=ctx.storage_options) if ctx else None  # no client: it pickles
         self.with_origin = o.with_origin
         self.read_ahead = bool(o.read_ahead)
+        self.pin_memory = bool(o.pin_memory) and torch.cuda.is_available()
         self.epoch = 0
         root = open_patch_store(self.url, self.ctx)
         attrs = dict(root.attrs)
@@ -151,12 +154,23 @@ class PatchStream(IterableDataset):
         self._by_subject = len(self._off) > 1
         self._arrays = None
         self._in_worker = False
+        self._emit_pool = None
+        self._mapped = None  # the arrays mapped from the chunk files (False: they cannot be)
+        self._blocks = _Blocks()
 
     # ---- bookkeeping
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_arrays"] = None  # reopened in each worker
+        d["_emit_pool"] = None
+        d["_mapped"] = None
+        d["_blocks"] = _Blocks()
         return d
+
+    def shape_of(self, var: str) -> tuple[int, ...]:
+        """One sample's shape in ``inputs`` ([C, P, P]) or ``targets`` ([T, P, P])."""
+        p = int(self.patch["size"])
+        return (len(self.channels), p, p) if var == "inputs" else (len(self.stains), p, p)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -207,48 +221,82 @@ class PatchStream(IterableDataset):
         return segs
 
     # ---- reading
-    def _open(self):
+    def open_readers(self):
+        """The split's readers (stores.patches.RowReader): inputs, targets[, origin]."""
         if self._arrays is None:
             store = PatchStore.open((self.ctx or Context()).location(self.url))
-            inputs, targets = store.split(self.split)
-            origin = [store.root()[f"{self.split}/origin"]] if self.with_origin or self._by_subject else []
-            self._arrays = [inputs, targets, *origin]
+            self._arrays = store.readers(self.split, origin=self.with_origin or self._by_subject)
         return self._arrays
 
+    def mapped_arrays(self):
+        """The split's arrays mapped from their chunk files (RowReader.mapped), kept for
+        the process's later epochs; None where any of them cannot be."""
+        if self._mapped is None:
+            maps = [r.mapped() for r in self.open_readers()]
+            self._mapped = maps if all(m is not None for m in maps) else False
+        return self._mapped or None
+
     def _emit(self, arrs, idx):
-        """One batch: gather rows ``idx`` and normalise into fresh float32 arrays."""
+        """One batch: gather rows ``idx`` and normalise into fresh float32 tensors (in
+        shared memory in a DataLoader worker, page-locked where ``pin_memory`` asks)."""
         n = len(idx)
         shape = (n, *arrs[0].shape[1:])
         t_shape = (n, *arrs[1].shape[1:])
         nx, nt = int(np.prod(shape)), int(np.prod(t_shape))
         if self._in_worker:  # inputs and targets born in ONE shared-memory block: the DataLoader
             flat = torch.empty(nx + nt, dtype=torch.float32).share_memory_()  # sends one handle
-        else:
-            flat = torch.empty(nx + nt, dtype=torch.float32)
+        elif self.pin_memory:  # page-locked on CUDA: the copy to the device is then asynchronous
+            flat = torch.empty(nx + nt, dtype=torch.float32, pin_memory=True)
+        else:  # a block nothing references any more, reused: a fresh one is page-faulted (x2-3 the emit)
+            flat = torch.from_numpy(self._blocks.get(nx + nt))
         xt, tt = flat[:nx].view(shape), flat[nx:].view(t_shape)
         x, t = xt.numpy(), tt.numpy()
-        who = (np.take(arrs[2][:, 0], idx) if self._by_subject  # each row's subject: its own statistics
+        pool = self._emit_pool
+        if pool is None or n < 2 * _EMIT_MIN_ROWS:
+            self.normalise(arrs, idx, x, t)
+        else:  # halves on two threads (the kernel releases the GIL)
+            h = n // 2
+            job = pool.submit(self.normalise, arrs, idx[h:], x[h:], t[h:])
+            self.normalise(arrs, idx[:h], x[:h], t[:h])
+            job.result()
+        out = (xt, tt)
+        if self.with_origin:
+            out = (*out, torch.from_numpy(take_rows(arrs[2], idx)))
+        return out
+
+    def normalise(self, arrs, idx, x: np.ndarray, t: np.ndarray) -> None:
+        """Rows ``idx`` of the raw ``arrs`` (inputs, targets[, origin]) into ``x`` and ``t``
+        (float32), normalised with the stream's statistics: the one place that does it
+        (the stream's batches and the patch cache alike, so their values are the same bits)."""
+        who = (arrs[2][idx, 0].astype(np.int64) if self._by_subject  # each row's subject: its own statistics
                else np.zeros(len(idx), np.int64))
-        if _nb_norm is not None and arrs[0].dtype == np.float32:  # numba has no float16
+        if _nb_norm is not None and arrs[0].dtype == np.float32:
             _nb_norm(arrs[0].reshape(len(arrs[0]), -1), idx, who, self._offx, self._invx,
                      x.reshape(len(idx), -1))
+        elif _nb_norm is not None and arrs[0].dtype == np.float16:  # numba has no float16: its bits
+            _nb_norm16(arrs[0].reshape(len(arrs[0]), -1).view(np.uint16), idx, who, self._offx, self._invx,
+                       _HALF, x.reshape(len(idx), -1))
         else:
             if arrs[0].dtype == np.float32:
-                np.take(arrs[0], idx, axis=0, out=x)
+                take_rows(arrs[0], idx, x)
             else:
-                np.copyto(x, np.take(arrs[0], idx, axis=0))
+                np.copyto(x, take_rows(arrs[0], idx))
             np.subtract(x, self._off[who], out=x)
             np.multiply(x, self._inv[who], out=x)
-        np.take(arrs[1], idx, axis=0, out=t)
+        take_rows(arrs[1], idx, t)
         t_off, t_scale = self.norm.target_arrays(np.float64)
         shape = (-1, 1, 1)  # [B, T, P, P], NaN = a stain the patch lacks
         if t_off.any():
             np.subtract(t, t_off.astype(np.float32).reshape(shape), out=t)
         np.multiply(t, (1.0 / t_scale).astype(np.float32).reshape(shape), out=t)
-        out = (xt, tt)
-        if self.with_origin:
-            out = (*out, torch.from_numpy(np.take(arrs[2], idx, axis=0)))
-        return out
+
+    def batch_plan(self, worker: int = 0, num_workers: int = 1):
+        """This (rank, worker)'s epoch as windows: ``(ranges, rows, carried, batches, rest)``
+        each (see :func:`window_batches`); the same for every reader of the plan (the
+        stream and the patch cache), so both yield the same samples in the same order."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 7])
+        return window_batches(self.plan(worker, num_workers), self.shuffle_buffer, self.batch_size, rng,
+                              self.shuffle)
 
     def __iter__(self):
         """Windows of whole chunks (about ``shuffle_buffer`` patches) are read, permuted and cut
@@ -256,45 +304,113 @@ class PatchStream(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self._in_worker = info is not None
-        segs = self.plan(worker, n_workers)
-        if not segs:
+        windows = list(self.batch_plan(worker, n_workers))
+        if not windows:
             return
-        arrays = self._open()
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 7])
+        mapped = self.mapped_arrays()
+        if mapped is not None:  # no window to fill: each batch gathered from the page cache
+            yield from self._mapped_batches(mapped, windows)
+            return
+        arrays = self.open_readers()
         b = self.batch_size
-        plan = _windows(segs, self.shuffle_buffer, b)
+        plan = [(w[0], w[1]) for w in windows]
         rows = b + max(n for _, n in plan)  # carry (< b rows) goes in front of the window's rows
         ahead = bool(self.read_ahead) and len(plan) > 1
         pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="PatchStream-read")
-        windows = (_read_ahead(arrays, plan, rows, b, pool) if ahead
-                   else _read_inline(arrays, plan, rows, b, pool))
-        carry: list[np.ndarray] | None = None
+        # where a core is spare (read_ahead says so), big batches are normalised on two threads
+        self._emit_pool = pool if self.read_ahead and not self._in_worker else None
+        filled = (_read_ahead(arrays, plan, rows, b, pool) if ahead
+                  else _read_inline(arrays, plan, rows, b, pool))
+        carry: list[np.ndarray] = []
         try:
-            for k, (bufs, n_rows, release) in enumerate(windows):
-                k0 = 0 if carry is None else len(carry[0])
-                if k0:
-                    for buf, c in zip(bufs, carry, strict=True):
-                        buf[b - k0:b] = c
+            for (_, n_rows, k0, batches, rest), (bufs, _, release) in zip(windows, filled, strict=True):
+                for buf, c in zip(bufs, carry, strict=False):
+                    buf[b - k0:b] = c
                 arrs = [buf[b - k0:b + n_rows] for buf in bufs]
-                n_pend = k0 + n_rows
-                order = rng.permutation(n_pend) if self.shuffle else np.arange(n_pend)
-                full = n_pend // b
-                last = k == len(plan) - 1
-                for i in range(full):
-                    yield self._emit(arrs, order[i * b:(i + 1) * b])
-                rest = order[full * b:]
-                if last:
-                    if len(rest):
-                        yield self._emit(arrs, rest)
-                    release()
-                    return
-                if not self.shuffle:
-                    rest = np.sort(rest)
-                carry = [np.take(x, rest, axis=0) for x in arrs]
+                for idx in batches:
+                    yield self._emit(arrs, idx)
+                carry = [take_rows(x, rest) for x in arrs] if len(rest) else []
                 release()
         finally:
-            windows.close()
+            filled.close()
+            self._emit_pool = None
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+    def _mapped_batches(self, mapped, windows):
+        pool = ThreadPoolExecutor(1, thread_name_prefix="PatchStream-emit") if self.read_ahead else None
+        self._emit_pool = None if self._in_worker else pool
+        try:
+            for idx in batch_rows(windows):
+                yield self._emit(mapped, idx)
+        finally:
+            self._emit_pool = None
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+
+class _Blocks:
+    """The in-process batches' memory, recycled: a block is handed out again only once no
+    tensor, view or array refers to it (its reference count says so), else a new one is
+    made; at most ``keep`` are held. Writing a batch into fresh memory page-faults every
+    page: in a process whose large blocks glibc maps afresh, 2-3x the cost of the batch."""
+
+    def __init__(self, keep: int = 4):
+        self.keep, self.blocks = keep, [np.empty(1, np.float32)]
+        for b in self.blocks:  # the count of a block nothing else holds, seen as get() sees it
+            self.free = self._refs(b)
+        self.blocks = []
+
+    @staticmethod
+    def _refs(b) -> int:
+        return sys.getrefcount(b)
+
+    def get(self, n: int) -> np.ndarray:
+        for b in self.blocks:
+            if len(b) == n and self._refs(b) <= self.free:
+                return b
+        b = np.empty(n, np.float32)
+        self.blocks = [*self.blocks[-(self.keep - 1):], b] if self.keep > 1 else [b]
+        return b
+
+
+def window_batches(segs: list[tuple[int, int]], cap: int, b: int, rng: np.random.Generator, shuffle: bool):
+    """The batches of a worker's row ranges ``segs``, window by window, as positions only.
+
+    Yields ``(ranges, rows, carried, batches, rest)`` per window: its store ranges and
+    row count; ``carried`` rows (< b) left by the previous window, which come first in
+    the window's pending rows ``[carried rows, then the ranges' rows in order]``; the
+    batches as index arrays into those pending rows (one permutation per window); and
+    ``rest``, the positions carried to the next window (empty after the last, whose
+    short batch is yielded instead). Pure: no data is read here.
+    """
+    plan = _windows(segs, cap, b)
+    k0 = 0
+    for k, (ranges, n_rows) in enumerate(plan):
+        n_pend = k0 + n_rows
+        order = rng.permutation(n_pend) if shuffle else np.arange(n_pend)
+        full = n_pend // b
+        batches = [order[i * b:(i + 1) * b] for i in range(full)]
+        rest = order[full * b:]
+        if k == len(plan) - 1:
+            if len(rest):
+                batches.append(rest)
+            rest = rest[:0]
+        elif not shuffle:
+            rest = np.sort(rest)
+        yield ranges, n_rows, k0, batches, rest
+        k0 = len(rest)
+
+
+def batch_rows(windows):
+    """The store rows of each batch of :meth:`PatchStream.batch_plan`'s windows, in order
+    (what the stream reads and emits, without reading: the patch cache draws these)."""
+    carry = np.empty(0, np.int64)
+    for ranges, _, _, batches, rest in windows:
+        ids = np.concatenate([carry, *(np.arange(a, e, dtype=np.int64) for a, e in ranges)])
+        for idx in batches:
+            yield ids[idx]
+        carry = ids[rest]
 
 
 def _windows(segs: list[tuple[int, int]], cap: int, b: int) -> list[tuple[list[tuple[int, int]], int]]:
@@ -320,19 +436,18 @@ def _alloc(arrays, rows: int) -> list[np.ndarray]:
 
 
 def _fill(arrays, bufs, ranges, b: int, pool) -> None:
-    """Read ``ranges`` of every array into rows ``b:`` of ``bufs``.
+    """Read ``ranges`` of every array (stores.patches.RowReader) into rows ``b:`` of ``bufs``.
 
-    zarr decodes straight into the window (no per-chunk temporaries, no
-    concatenation), and the reads run concurrently: one zarr call per chunk
-    waits on its file read, so overlapping them measured ~1.5x faster than a
-    sequential loop (benchmarks/bench_stream.py).
+    Each range is decoded straight into the window (no per-chunk temporaries, no
+    concatenation), and the reads run concurrently: they release the GIL, so
+    overlapping them measured ~1.5x faster than a sequential loop
+    (benchmarks/bench_stream.py).
     """
     jobs = []
     for arr, buf in zip(arrays, bufs, strict=True):
         pos = b
         for a, e in ranges:
-            jobs.append(pool.submit(arr.get_basic_selection, slice(a, e),
-                                    out=NDBuffer.from_numpy_array(buf[pos:pos + e - a])))
+            jobs.append(pool.submit(arr.read, a, e, buf[pos:pos + e - a]))
             pos += e - a
     for j in jobs:
         j.result()
@@ -405,16 +520,51 @@ def _read_ahead(arrays, plan, rows: int, b: int, pool):
         th.join(timeout=10)
 
 
+def take_rows(x: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``x[idx]`` along the first axis into ``out`` (new when None): a compiled row copy
+    where numba is (np.take measured ~4x slower for these rows)."""
+    out = np.empty((len(idx), *x.shape[1:]), x.dtype) if out is None else out
+    if _nb_take is None or not (x.flags.c_contiguous and out.flags.c_contiguous) or x.size == 0:
+        np.take(x, idx, axis=0, out=out)
+    else:
+        _nb_take(x.reshape(len(x), -1).view(np.uint8), np.asarray(idx, np.int64),
+                 out.reshape(len(idx), -1).view(np.uint8))
+    return out
+
+
 try:  # fused gather + normalise (one pass); numpy fallback gives the same values
     import numba as _numba
 
-    @_numba.njit(nogil=True, cache=True, boundscheck=False)
+    # Row slices and error_model="numpy" let LLVM vectorise the inner loop (the 2-D indexed
+    # form did not): x2 measured on AVX2/AVX-512, bit for bit the same values.
+    @_numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
     def _nb_norm(src, idx, who, off, inv, out):  # src [N, M], out [n, M], off/inv [S, M], who [n]
         m = src.shape[1]
         for i in range(idx.shape[0]):
-            r, s = idx[i], who[i]
+            s, o, v, d = src[idx[i]], off[who[i]], inv[who[i]], out[i]
             for k in range(m):
-                out[i, k] = (src[r, k] - off[s, k]) * inv[s, k]
+                d[k] = (s[k] - o[k]) * v[k]
+        return out
+
+    @_numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+    def _nb_norm16(src, idx, who, off, inv, half, out):  # src: float16 bits; half: each one's float32
+        m = src.shape[1]
+        for i in range(idx.shape[0]):
+            s, o, v, d = src[idx[i]], off[who[i]], inv[who[i]], out[i]
+            for k in range(m):
+                d[k] = (half[s[k]] - o[k]) * v[k]
+        return out
+
+    @_numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+    def _nb_take(src, idx, out):  # rows of bytes: out[i] = src[idx[i]]
+        m = src.shape[1]
+        for i in range(idx.shape[0]):
+            s, d = src[idx[i]], out[i]
+            for k in range(m):
+                d[k] = s[k]
         return out
 except ImportError:  # pragma: no cover
-    _nb_norm = None
+    _nb_norm = _nb_norm16 = _nb_take = None
+
+# every float16 as float32 (numpy's own, exact conversion): a 256 KiB table the kernel indexes
+_HALF = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)

@@ -16,15 +16,18 @@ from mrhscale.stages.patches import extract_patches
 from mrhscale.training.stream import PatchStream, StreamOptions
 
 
-@pytest.fixture(scope="module")
-def patch_store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stream")
+def _store(tmp_path_factory, name: str, **options) -> str:
+    d = tmp_path_factory.mktemp(name)
     make_cohort_store(d / "c.zarr", n_subjects=3, shape=(16, 10, 18), n_channels=5)
     out = str(d / "p.zarr")
     extract_patches(str(d / "c.zarr"), "af", out, ctx=Context(scheduler="synchronous", quiet=True),
-                    options=PatchOptions(stride=1, val_fraction=0.2, min_label_sum=0, min_label_nonzero=0,
-                                         chunk_size=100))
+                    options=PatchOptions(stride=1, min_label_sum=0, min_label_nonzero=0, **options))
     return out
+
+
+@pytest.fixture(scope="module")
+def patch_store(tmp_path_factory):
+    return _store(tmp_path_factory, "stream", val_fraction=0.2, chunk_size=100)
 
 
 def _raw(url, split="train"):
@@ -188,16 +191,23 @@ def test_read_ahead_yields_the_same_batches_and_stops_its_thread(patch_store, sh
 
 def test_windows_are_read_into_reused_buffers(patch_store, monkeypatch):
     """Guard of the stream's speed: one window buffer per iterator (two with read_ahead),
-    zarr decoding into it with out=, no per-window concatenation of chunk copies."""
+    every range decoded straight into it, no per-window concatenation of chunk copies."""
     import mrhscale.training.stream as st
+    from mrhscale.stores.patches import RowReader
 
-    allocs = []
+    allocs, bufs = [], []
     real = st._alloc
-    monkeypatch.setattr(st, "_alloc", lambda arrays, rows: allocs.append(rows) or real(arrays, rows))
+
+    def alloc(arrays, rows):
+        allocs.append(rows)
+        bufs.extend(real(arrays, rows))
+        return bufs[-len(arrays):]
+
+    monkeypatch.setattr(st, "_alloc", alloc)
     reads = []
-    real_get = zarr.Array.get_basic_selection
-    monkeypatch.setattr(zarr.Array, "get_basic_selection",
-                        lambda self, sel, **k: reads.append(k.get("out") is not None) or real_get(self, sel, **k))
+    real_read = RowReader.read
+    monkeypatch.setattr(RowReader, "read", lambda self, a, e, out: reads.append(
+        any(np.shares_memory(out, b) for b in bufs)) or real_read(self, a, e, out))
     monkeypatch.setattr(zarr.Array, "__getitem__", lambda self, sel: pytest.fail("a read allocating its own copy"))
     s = PatchStream(patch_store, batch_size=5, options=StreamOptions(shuffle_buffer=20))
     n = sum(len(x) for x, _ in s)
@@ -206,3 +216,76 @@ def test_windows_are_read_into_reused_buffers(patch_store, monkeypatch):
     allocs.clear()
     list(PatchStream(patch_store, batch_size=5, options=StreamOptions(shuffle_buffer=20, read_ahead=True)))
     assert len(allocs) == 2
+
+
+def test_batches_normalised_on_two_threads_are_the_same(patch_store, monkeypatch):
+    import mrhscale.training.stream as st
+
+    monkeypatch.setattr(st, "_EMIT_MIN_ROWS", 4)  # split every batch of >= 8 rows
+    kw = {"batch_size": 33, "seed": 2, "drop_last": False}
+    plain = list(PatchStream(patch_store, options=StreamOptions(with_origin=True), **kw))
+    split = list(PatchStream(patch_store, options=StreamOptions(with_origin=True, read_ahead=True), **kw))
+    assert len(plain) == len(split) > 2
+    for x, y in zip(plain, split, strict=True):
+        for u, v in zip(x, y, strict=True):
+            assert torch.equal(u, v)
+
+
+@pytest.fixture(scope="module")
+def aligned_store(tmp_path_factory):
+    """Chunks of whole pages (1024 rows x 180 B), so the stream maps them (RowReader.mapped)."""
+    return _store(tmp_path_factory, "mapped", chunk_size=1024)
+
+
+@pytest.mark.parametrize("world,drop_last", [(1, True), (2, False)])
+def test_mapped_chunks_give_the_windows_batches(aligned_store, monkeypatch, world, drop_last):
+    """Gathering each batch from the mapped chunk files yields the very batches that
+    reading windows of chunks does (the same plan, the same normalisation)."""
+    from mrhscale.stores.patches import RowReader
+
+    kw = {"batch_size": 96, "seed": 3, "drop_last": drop_last, "world_size": world,
+          "options": StreamOptions(shuffle_buffer=300, with_origin=True, read_ahead=True)}
+    streams = [PatchStream(aligned_store, rank=r, **kw) for r in range(world)]
+    assert all(s.mapped_arrays() is not None for s in streams) and streams[0].chunk_rows == 1024
+    for s in streams:
+        s.set_epoch(2)
+    mapped = [list(s) for s in streams]
+    monkeypatch.setattr(RowReader, "mapped", lambda self: None)
+    for s, got in zip(streams, mapped, strict=True):
+        s._mapped = None
+        want = list(s)
+        assert s.mapped_arrays() is None and len(want) == len(got) > 2
+        for x, y in zip(want, got, strict=True):
+            for u, v in zip(x, y, strict=True):
+                assert torch.equal(u, v)
+
+
+def test_batch_memory_is_reused_only_when_free():
+    from mrhscale.training.stream import _Blocks
+
+    blocks = _Blocks(keep=2)
+    x = torch.from_numpy(blocks.get(12))[:6].view(2, 3)  # a consumer's view
+    held = blocks.get(12)
+    assert not np.shares_memory(held, x.numpy())
+    ptr = held.ctypes.data
+    del held
+    assert blocks.get(12).ctypes.data == ptr  # nothing refers to it any more: reused
+    del x
+    assert len(blocks.blocks) == 2
+
+
+def test_float16_kernel_gives_numpys_values():
+    """The compiled float16 path (a table of every half's float32) equals numpy's convert,
+    subtract, multiply bit for bit, subnormals, infinities and NaN included."""
+    import mrhscale.training.stream as st
+
+    if st._nb_norm16 is None:
+        pytest.skip("numba not installed")
+    bits = np.random.default_rng(0).integers(0, 1 << 16, (64, 45), dtype=np.uint16)
+    src = bits.view(np.float16)
+    off = np.random.default_rng(1).random((2, 45), dtype=np.float32) * 10
+    inv = np.random.default_rng(2).random((2, 45), dtype=np.float32)
+    idx, who = np.array([5, 0, 63, 5, 17]), np.array([0, 1, 1, 0, 1])
+    got = st._nb_norm16(bits, idx, who, off, inv, st._HALF, np.empty((5, 45), np.float32))
+    want = (src[idx].astype(np.float32) - off[who]) * inv[who]
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)) or np.array_equal(got, want, equal_nan=True)
