@@ -55,7 +55,7 @@ def cli(cwd, *args):
     return r
 
 
-@pytest.mark.slow  # 35 s, 9 processes: joining a running cluster (--scheduler) is in test_contract and test_predict
+@pytest.mark.slow  # 35 s, 9 processes: joining a running cluster (--scheduler) is in test_predict and test_ingest
 def test_relative_paths_on_an_external_cluster_equal_the_embedded_run(cluster, tmp_path):
     from helpers import write_model
 

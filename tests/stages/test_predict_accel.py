@@ -28,7 +28,9 @@ def trained(tmp_path_factory):
     patches = str(d / "p.zarr")
     extract_patches(store, "mbp", patches, subjects=["s01", "s02"], ctx=Context(scheduler="threads", quiet=True),
                     options=PatchOptions(stride=1, val_subjects=["s02"]))
-    run = train(patches, str(d / "run"), recipe="fast", depth=2, width=32, epochs=6, quiet=True)
+    # 2 epochs: validation r ~0.88 on the held-out brain (6 gave ~0.92, for ~4 s more), bf16
+    # agreeing with fp32 to the same 1e-5 in correlation either way
+    run = train(patches, str(d / "run"), recipe="fast", depth=2, width=32, epochs=2, quiet=True)
     return d, store, run["model"]
 
 
