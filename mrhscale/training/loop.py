@@ -29,6 +29,7 @@ from mrhscale.io.bundle import save_bundle
 from mrhscale.log import logger, note
 from mrhscale.log import progress as log_progress
 from mrhscale.nn.accel import compiled, one_line
+from mrhscale.options import CACHE_MODES, RunOptions
 from mrhscale.parallel.context import Context
 from mrhscale.report.figures import training_curve
 from mrhscale.results import TrainResult
@@ -203,7 +204,7 @@ class Runtime:
     keep_checkpoints: bool = False
     precision: str | None = None  # auto | fp32 | bf16 (None: $MRHSCALE_PRECISION, else auto)
     compile: str | bool | None = None  # auto | on | off (None: $MRHSCALE_COMPILE, else auto)
-    cache: str = "auto"  # auto | on | off: hold the patches resident on the device (training/cache.py)
+    cache: str = RunOptions.cache  # auto | on | off: hold the patches resident on the device (training/cache.py)
 
     def context(self) -> Context:
         """Where the run's data lives (its patch store's storage options), as a Context."""
@@ -218,8 +219,8 @@ class Runtime:
             raise MRHError(f"--loader-workers {self.loader_workers}: must be >= 0")
         if self.threads is not None and self.threads < 1:
             raise MRHError(f"--threads {self.threads}: must be >= 1")
-        if self.cache not in ("auto", "on", "off"):
-            raise MRHError(f"--cache {self.cache!r}: must be auto, on or off")
+        if self.cache not in CACHE_MODES:
+            raise MRHError(f"--cache {self.cache!r}: must be {', '.join(CACHE_MODES)}")
 
 
 

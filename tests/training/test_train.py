@@ -244,7 +244,8 @@ def test_model_normalisation_applied_with_or_without_stream_override(reference, 
 def test_dataloader_workers_and_extending_a_finished_run(store, reference, tmp_path):
     import shutil
 
-    res = train(store, tmp_path / "w", depth=0, epochs=1, batch_size=64, loader_workers=1, quiet=True)
+    # cache off: the patches stream through a real DataLoader worker process (auto would hold them resident)
+    res = train(store, tmp_path / "w", depth=0, epochs=1, batch_size=64, loader_workers=1, cache="off", quiet=True)
     assert res["history"][0]["steps"] == 16 and np.isfinite(res["history"][0]["train_loss"])
     out = str(tmp_path / "more")
     shutil.copytree(reference["out_dir"], out)
