@@ -18,8 +18,10 @@ from dataclasses import asdict, dataclass
 
 from mrhscale.errors import MRHError
 from mrhscale.log import note
+from mrhscale.nn.accel import ENV_COMPILE
 from mrhscale.ops.stains import parse_stains
 from mrhscale.options import (
+    DEMO_FAST_BUDGET,
     DemoOptions,
     PatchOptions,
     PredictOptions,
@@ -44,20 +46,21 @@ DEMO = DemoOptions()  # the options table states each default once
 
 @dataclass
 class DemoConfig:
-    """The demo's sizes and recipe; None = the training recipe's own value."""
+    """The demo's sizes and recipe; epochs / batch_size None = the demo's budget with the fast
+    recipe (``DEMO_FAST_BUDGET``), another recipe's own values."""
 
     subjects: int = DEMO.n_subjects
     shape: tuple[int, int, int] = DEMO.shape
     target: str = DEMO.target  # one network, a head per stain; the first stain is the headline
     stride: int = 1  # dense: lesions are small and rare, the network must see them
     depth: int = DEMO.depth
-    recipe: str = DEMO.recipe  # ~2.5 min of training on 2 CPU cores, same conclusion as "paper" (~8)
+    recipe: str = DEMO.recipe  # on its budget: ~1 min per network on 2 CPU cores, same conclusions as "paper"
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
     seed: int = 0
     # enough for a stable group ranking (the groups differ by far more than their spread)
-    importance_patches: int = 2000
+    importance_patches: int = 1000
     importance_repeats: int = 2
     # the held-out brain on its own scanner (synth/scanner.py): transfer, not a same-scanner retest;
     # the validation brain (what the ensemble's uncertainty is calibrated on) on a third one, so
@@ -66,6 +69,11 @@ class DemoConfig:
     # ... with a field-of-view artefact (synth/artefact.py): something its uncertainty must flag
     artefact: bool = True
     members: int = DEMO.members  # a deep ensemble: the virtual stain is their mean, the uncertainty their spread
+
+    def __post_init__(self):
+        budget = DEMO_FAST_BUDGET if self.recipe == "fast" else {}
+        self.epochs = self.epochs or budget.get("epochs")
+        self.batch_size = self.batch_size or budget.get("batch_size")
 
 
 QUICK = DemoConfig(subjects=3, shape=(24, 16, 32), stride=2, depth=2, epochs=2, batch_size=128,
@@ -147,7 +155,10 @@ class _Demo:
                                  f"({epochs} epochs) on the CPU"):
             if not os.path.exists(self.model):
                 kw = dict(recipe=cfg.recipe, depth=cfg.depth, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                          lr=cfg.lr, seed=cfg.seed, quiet=self.quiet, members=cfg.members)
+                          lr=cfg.lr, seed=cfg.seed, quiet=self.quiet, members=cfg.members,
+                          # eager unless $MRHSCALE_COMPILE asks: a compile (and the probe that weighs it,
+                          # ~1 min cold on 2 cores) costs more than it saves on a network this short
+                          compile=None if os.environ.get(ENV_COMPILE) else "off")
                 resume = run_started(self.p["run"])
                 train(self.p["patches"], self.p["run"], resume=resume, **kw)
 

@@ -136,13 +136,16 @@ def _cache_path() -> str:
 
 
 def _cached(key: str, options: list[Acceleration]) -> Acceleration | None:
+    """The fastest of ``options`` by the rates cached for ``key``; None where a mode of them was
+    not measured (a ``--compile off`` run's probe does not answer an ``auto`` request)."""
     try:
         with open(_cache_path()) as f:
-            rec = json.load(f)[key]
+            rates = json.load(f)[key]["rates"]
+        mine = {o: float(rates[o.label]) for o in options}
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    hit = Acceleration(rec["precision"], bool(rec["compile"]), f"cached: {rec['why']}")
-    return hit if any((o.precision, o.compile) == (hit.precision, hit.compile) for o in options) else None
+    best = fastest(mine)
+    return Acceleration(best.precision, best.compile, f"cached: {best.why}")
 
 
 def _store(key: str, best: Acceleration, rates: dict) -> None:

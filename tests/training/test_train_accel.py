@@ -76,6 +76,14 @@ def test_choice_is_measured_once_then_cached(monkeypatch, tmp_path):
     assert list(table.values())[0]["rates"]["bf16 compiled"] == 150.0
     TA.choose(*args[:5], (128, 5, 3, 3), describe=("sgd",))  # another batch shape: measured
     assert len(calls) == 8
+    # a narrower request (the demo's --compile off) picks from the cached rates: fp32 eager 100 > bf16 eager 80
+    off = TA.choose(("auto", "off"), *args[1:], describe=("sgd",))
+    assert (off.precision, off.compile) == ("fp32", False) and off.why.startswith("cached") and len(calls) == 8
+    # ... and what it measures itself does not answer a wider request later: auto measures compiling too
+    narrow = TA.choose(("auto", "off"), *args[1:], describe=("adamw",))
+    assert (narrow.precision, narrow.compile) == ("fp32", False) and len(calls) == 10
+    wide = TA.choose(*args, describe=("adamw",))
+    assert (wide.precision, wide.compile) == ("bf16", True) and len(calls) == 14
 
 
 def test_measure_times_a_real_mode():
