@@ -241,7 +241,7 @@ def test_export_of_several_stains_gives_each_stain_its_scaling(cohort, joint, tm
     np.testing.assert_allclose(got, meta["norm"].invert_target(want), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.slow  # DDP itself is covered in the default run (test_train, test_ensemble)
+@pytest.mark.slow  # DDP itself is covered in the default run (test_train's torchrun with 2 gloo ranks)
 def test_torchrun_two_gloo_ranks_train_several_stains(cohort, tmp_path):
     import json
     import os
