@@ -58,15 +58,18 @@ def ellipsoid_mask(shape) -> np.ndarray:
     return (g[0] / 0.9) ** 2 + (g[1] / 0.9) ** 2 + (g[2] / 0.9) ** 2 <= 1.0
 
 
-def make_store(path: str, shape, chunks=(64, 32, 64), subjects=("b01",)) -> str:
+def make_store(path: str, shape, chunks=None, subjects=("b01",)) -> str:
     """A cohort store of ``subjects`` (random gamma MRI of 67 channels, each its own seed,
-    the ellipsoid mask), encoded as `mrhscale ingest` writes one (Blosc zstd 3 + shuffle)."""
+    the ellipsoid mask), chunked and encoded as `mrhscale ingest` writes one (its default
+    chunks cut evenly, Blosc zstd 3 + shuffle)."""
     import dask.array as da
     import xarray as xr
 
-    from mrhscale.stages.ingest import _encoding
+    from mrhscale.options import IngestOptions
+    from mrhscale.stages.ingest import _encoding, even_chunks
     from mrhscale.stores import CohortStore
 
+    chunks = even_chunks(chunks or IngestOptions.chunks, shape)
     names = channel_names()
     store = CohortStore(path)
     store.prepare({"channels": names})

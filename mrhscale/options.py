@@ -119,7 +119,7 @@ HISTOLOGY_MIN_SIMILARITY = 0.1
 class IngestOptions:
     """How a cohort's files become a Zarr store."""
 
-    chunks: tuple[int, int, int] = option((64, 32, 64), "Spatial chunk X,Y,Z (all contrasts per chunk).",
+    chunks: tuple[int, int, int] = option((64, 32, 64), "Largest spatial chunk X,Y,Z, each axis cut evenly (all contrasts per chunk).",
                                           metavar="X,Y,Z")
     compression: str = option("zstd", "Blosc codec.", choices=COMPRESSIONS)
     clevel: int = option(3, "Blosc compression level.", cli=False)

@@ -14,7 +14,7 @@ from helpers import write_file_cohort
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.parallel.context import Context
-from mrhscale.stages.ingest import ingest
+from mrhscale.stages.ingest import even_chunks, ingest
 from mrhscale.stores import list_subjects, open_subject
 
 
@@ -28,6 +28,18 @@ def client():
 
 def _read(path):
     return np.asarray(nib.load(path).dataobj, dtype=np.float32)
+
+
+@pytest.mark.parametrize(("chunks", "shape", "expect"), [
+    ((64, 32, 64), (80, 48, 112), (40, 24, 56)),  # not 64 + 16: a thin last chunk decodes whole
+    ((64, 32, 64), (200, 130, 64), (50, 26, 64)),
+    ((64, 64, 64), (16, 1, 65), (16, 1, 33)),
+])
+def test_chunks_tile_the_volume_evenly(chunks, shape, expect):
+    got = even_chunks(chunks, shape)
+    assert got == expect and all(g <= c for g, c in zip(got, chunks))
+    n = [-(-s // g) for s, g in zip(shape, got)]  # as many chunks as the largest size needs
+    assert n == [-(-s // c) for s, c in zip(shape, chunks)]
 
 
 @pytest.mark.parametrize("fmt", ["nii.gz", "nii", "analyze"])
@@ -44,7 +56,9 @@ def test_round_trip_plain_xarray(tmp_path, client, fmt):
     np.testing.assert_array_equal(ds.mri.values, np.concatenate([dwi, t2mt], axis=3))
     assert ds.mri.dims == ("x", "y", "z", "contrast")
     assert ds.mri.dtype == np.float32
-    assert ds.mri.data.chunksize == (4, 4, 5, 8)  # all contrasts in one chunk, contrast fastest
+    # all contrasts in one chunk, contrast fastest; z (12) cut evenly by at most 5: 4 + 4 + 4
+    assert ds.mri.data.chunksize == (4, 4, 4, 8)
+    assert zarr.open_group(out, mode="r")["s01/mri"].chunks == (4, 4, 4, 8)
     assert list(ds.contrast.values) == [f"dwi_{i}" for i in range(5)] + ["t2", "mt_off", "mt_on"]
     np.testing.assert_array_equal(ds.af.values, _read(str(src / f"af{ext}")))
     np.testing.assert_array_equal(ds.mask.values, _read(str(src / f"mask{ext}")) > 0.5)
