@@ -158,7 +158,8 @@ def context_options(*, storage: bool = False, dask: bool = False, device: str | 
                          help="Join an existing Dask scheduler (tcp://host:8786); default: an embedded "
                               "LocalCluster."),
             click.Option(["--dask-workers", "dask_workers"], type=int, default=None,
-                         help="Worker processes of the embedded LocalCluster (default: cores)."),
+                         help="Worker processes of the embedded LocalCluster (default: one per core; predict: "
+                              "one process with a thread per core)."),
             renamed_option("--workers", "--dask-workers"),
         ]
     if device is not None:

@@ -13,6 +13,7 @@ distributed ``Client`` alike, so no stage branches on which it got.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -72,10 +73,13 @@ class Context:
             self.dask_workers is not None or active_client() is None)
 
     @contextlib.contextmanager
-    def runner(self, device: str | None = None) -> Iterator[Runner]:
+    def runner(self, device: str | None = None, *, threads: bool = False) -> Iterator[Runner]:
         """The Runner of this context: the given client, a local scheduler, the active client
         (a notebook's), else an embedded cluster closed on exit (``device`` overrides
-        ``self.device`` for its shape)."""
+        ``self.device`` for its shape). ``threads``: the stage's tasks release the GIL (torch,
+        Blosc), so an embedded CPU cluster without ``dask_workers`` is one worker in this
+        process with a thread per core: no worker process to start, no second copy of torch
+        and the network (predict on the embedded cluster ran x2.8 faster: benchmarks/RESULTS.md)."""
         if self.client is not None:
             yield Runner(self.client, self.quiet, self)
         elif self.local:
@@ -83,13 +87,15 @@ class Context:
         elif self.scheduler is None and self.dask_workers is None and active_client() is not None:
             yield Runner(active_client(), self.quiet, self.but(client=active_client()))
         else:
-            yield from self._embedded(device or self.device)
+            yield from self._embedded(device or self.device, threads)
 
-    def _embedded(self, device: str) -> Iterator[Runner]:
+    def _embedded(self, device: str, threads: bool = False) -> Iterator[Runner]:
         from mrhscale.parallel.cluster import dask_client  # starts processes: only when needed
 
-        with dask_client(scheduler=self.scheduler, workers=self.dask_workers, quiet=self.quiet,
-                         device=device) as client:
+        in_process = threads and device == "cpu" and self.dask_workers is None and not self.scheduler
+        shape = (dict(workers=1, threads_per_worker=os.cpu_count() or 1, processes=False) if in_process
+                 else dict(workers=self.dask_workers))
+        with dask_client(scheduler=self.scheduler, quiet=self.quiet, device=device, **shape) as client:
             if self.scheduler is None:
                 note(f"Dask dashboard: {client.dashboard_link}", self.quiet)
             yield Runner(client, self.quiet, self.but(client=client))
@@ -168,6 +174,12 @@ class Runner:
         if self.client is None:
             return 1
         return max(1, len(self.client.scheduler_info().get("workers", {})))
+
+    def n_threads(self) -> int:
+        """Task threads of all workers together (1 on a local scheduler): how many tasks run at once."""
+        if self.client is None:
+            return 1
+        return max(1, sum(int(w.get("nthreads", 1)) for w in self.client.scheduler_info().get("workers", {}).values()))
 
     def worker_memory_limits(self) -> list[int]:
         """Each worker's memory limit in bytes (0: none; empty on a local scheduler)."""

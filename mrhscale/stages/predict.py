@@ -81,14 +81,14 @@ def predict(model_path: str, store_url: str, out_url: str, *, subjects: list[str
     with contextlib.ExitStack() as stack:
         # an embedded cluster starts only if there is something to predict; its workers are
         # this machine's, so the numerics are planned here (a cluster given or joined: on its workers)
-        runner = None if ctx.embedded else stack.enter_context(ctx.runner())
+        runner = None if ctx.embedded else stack.enter_context(ctx.runner(threads=True))
         plan.use_threads(runner, ctx)
         plan.plan_numerics(runner, brain_voxels(datasets.values()))
         with sink.open():
             made_by = {sid: plan.made_by(source.identity(sid)["fingerprint"]) for sid in ids}
             todo, skipped = sink.sort_out(ids, made_by)
             if todo and runner is None:
-                runner = stack.enter_context(ctx.runner())
+                runner = stack.enter_context(ctx.runner(threads=True))
                 plan.use_threads(runner, ctx)
             n_vox = _predict_all(plan, sink, source, {sid: datasets[sid] for sid in todo}, runner, ctx)
             nifti, native = _write_files(files, sink.store, ids, plan)

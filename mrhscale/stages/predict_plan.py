@@ -66,10 +66,11 @@ class PredictPlan:
         return [*self.virtuals, *self.uncertainties]
 
     def use_threads(self, runner, ctx) -> None:
-        """Torch threads per worker: the option, else on a cluster not joined by address (an
-        embedded one, a client given or active) the cores each worker gets."""
+        """Torch threads per task: the option, else on a cluster not joined by address (an
+        embedded one, a client given or active) the cores each task thread gets (its tasks run
+        side by side: 2 tasks of 2 torch threads each on 2 cores spin against each other)."""
         if self.threads is None and runner is not None and runner.client is not None and ctx.scheduler is None:
-            self.threads = max(1, (os.cpu_count() or 1) // runner.n_workers())
+            self.threads = max(1, (os.cpu_count() or 1) // runner.n_threads())
 
     # ---- numerics
     def plan_numerics(self, runner, work: int) -> None:

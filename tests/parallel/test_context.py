@@ -138,3 +138,23 @@ def test_a_shared_value_reaches_every_task(where):
             got = [res for _, res, _ in sorted(r.each_finished(
                 [dask.delayed(_total, pure=False)(shared, k) for k in (1, 2)], "total"), key=lambda t: t[0])]
     assert got == [1e5, 2e5]
+
+
+def _pid(_=None):
+    import os
+
+    return os.getpid()
+
+
+@pytest.mark.parametrize(("workers", "in_process"), [(None, True), (2, False)])
+def test_a_gil_free_stage_runs_its_embedded_cluster_in_threads_here(workers, in_process):
+    """predict's tasks release the GIL: without --dask-workers its embedded cluster is one
+    worker of a thread per core in this process; asking for worker processes still gets them."""
+    import os
+
+    with Context(quiet=True, dask_workers=workers).runner(threads=True) as r:
+        pids = set(r.on_workers(_pid).values())
+        assert (pids == {os.getpid()}) is in_process
+        assert r.n_workers() == (1 if in_process else 2)
+        assert r.n_threads() == ((os.cpu_count() or 1) if in_process else 2)
+        assert r.compute([dask.delayed(_pid)(i) for i in range(2)], "pid") == [os.getpid()] * 2 or not in_process
