@@ -13,6 +13,7 @@ patches batch by batch straight from the raw block (``ops.blocks``), runs the ne
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 
 import dask.array as da
@@ -52,6 +53,8 @@ def predict_block(mri: np.ndarray, mask: np.ndarray, job: BlockJob, halo: int) -
     (x, y, z, V) float32, 0 outside the mask: the T stains (an ensemble's: the members'
     mean), then an ensemble's T calibrated spreads.
     ``halo`` is 0 for a block spanning whole planes and the map_overlap depth otherwise."""
+    if mri.shape[3] != len(job.offset) or mri.shape[:3] != mask.shape[:3]:  # the compiled gather checks no bound
+        raise ValueError(f"block of shape {mri.shape} for {len(job.offset)} channels and a mask of {mask.shape}")
     order = (job.slice_axis, *(a for a in range(3) if a != job.slice_axis))
     n_t = len(job.t_scale)
     n_out = n_t if job.spread_scale is None else 2 * n_t
@@ -81,11 +84,13 @@ def subject_arrays(ds, channels: list[str]):
 
 
 def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = PredictOptions.aggregate, tta: bool = False,
-                       norm=None, block_bytes: int = BLOCK_BYTES):
+                       norm=None, block_bytes: int = BLOCK_BYTES, regions=None, tasks: int = 1):
     """Lazy dask array (x, y, z, V) of one subject Dataset's maps, as ``predict_block``. ``spec``: the network and its
     planned numerics; ``tta``: the mean over the patch's 8 in-plane symmetries; ``norm``: this
     subject's concrete normalisation (default: the bundle's, which must then not be per
-    subject: see ``ops.norm.subject_normalisation``).
+    subject: see ``ops.norm.subject_normalisation``). ``regions``: the subject's ``mri`` in its
+    store (``stores.cohort.MRIRegions``): blocks of whole planes are then read by the task
+    that predicts them, in ``tasks`` runs of blocks at most (``planes_prediction``).
 
     Store chunks are merged in-plane into blocks of up to ``block_bytes`` of input: the
     halo exchange costs dask ~40 tasks per block whatever its size, which on store-sized
@@ -114,10 +119,59 @@ def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = Pr
         # blocks of whole planes: no neighbour has context to give, and the volume's zero
         # padding is applied inside the gather, so no halo exchange (its tasks and a padded
         # copy of every block) at all
+        if regions is not None:
+            store_contrasts = [str(c) for c in ds["contrast"].values]
+            picked = regions.picking([store_contrasts.index(c) for c in channels], len(store_contrasts))
+            return planes_prediction(picked, msk, mri.chunks[slice_axis], job, tasks, n_out)
         return da.map_blocks(predict_block, mri, msk, halo=0, **kw)
     dep = {a: (0 if a in (slice_axis, 3) else depth) for a in range(4)}
     return da.map_overlap(predict_block, mri, msk, depth=dep, boundary=0, trim=False,
                           align_arrays=False, allow_rechunk=True, halo=depth, **kw)
+
+
+def planes_prediction(regions, msk, cuts: tuple[int, ...], job: BlockJob, tasks: int, n_out: int):
+    """The maps of blocks of whole planes (``cuts`` along the slice axis), each task reading
+    its own run of blocks from the store and the next block while the network runs on this
+    one: reading no longer waits for the network nor the network for reading, and no task
+    concatenates store chunks. The output keeps the blocks as its chunks."""
+    axis = job.slice_axis
+    m = msk.rechunk({axis: plane_runs(cuts, tasks)})
+    out = da.map_blocks(predict_planes, m, chunks=(*m.chunks[:3], (n_out,)), dtype=np.float32,
+                        meta=np.empty((0,) * 4, np.float32), job=job, regions=regions, cuts=cuts)
+    return out.rechunk({axis: cuts})
+
+
+def plane_runs(cuts: tuple[int, ...], tasks: int) -> tuple[int, ...]:
+    """The planes of each of ``tasks`` runs of consecutive blocks (fewer if there are fewer blocks)."""
+    k = max(1, min(int(tasks), len(cuts)))
+    edges = np.linspace(0, len(cuts), k + 1).round().astype(int)
+    return tuple(int(sum(cuts[a:b])) for a, b in zip(edges[:-1], edges[1:]))
+
+
+def predict_planes(mask: np.ndarray, job: BlockJob, regions, cuts: tuple[int, ...], block_info=None) -> np.ndarray:
+    """One run of whole-plane blocks, read from the store block by block (the next one read
+    in a thread while this one is predicted) -> (x, y, z, V) as ``predict_block`` gives."""
+    loc = block_info[0]["array-location"][:3]
+    axis, (a, b) = job.slice_axis, loc[job.slice_axis]
+    ends = np.cumsum((0, *cuts))
+    bounds = [(int(lo), int(hi)) for lo, hi in zip(ends[:-1], ends[1:]) if a <= lo and hi <= b]
+    reads = [tuple(slice(lo, hi) if ax == axis else slice(*loc[ax]) for ax in range(3)) for lo, hi in bounds]
+    outs = []
+    for (lo, hi), raw in zip(bounds, read_ahead(regions.read, reads), strict=True):
+        sub = tuple(slice(lo - a, hi - a) if ax == axis else slice(None) for ax in range(3))
+        outs.append(predict_block(raw, mask[sub], job, 0))
+    return np.concatenate(outs, axis=axis)
+
+
+def read_ahead(read, items):
+    """``read(item)`` for each item in order, the next one read in a thread while the caller
+    works on this one (Zarr's decode releases the GIL)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mrhscale-read") as pool:
+        nxt = pool.submit(read, items[0]) if items else None
+        for k in range(len(items)):
+            got = nxt.result()
+            nxt = pool.submit(read, items[k + 1]) if k + 1 < len(items) else None
+            yield got
 
 
 def check_channels(bundle_channels: list[str], store_channels: list[str], where: str) -> None:

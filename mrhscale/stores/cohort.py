@@ -14,7 +14,13 @@ Layout (see docs/stores.md)::
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
+import zarr
+
 from mrhscale.errors import MRHError
+from mrhscale.stores.base import quiet_zarr
 from mrhscale.stores.subjects import GroupStore
 from mrhscale.stores.urls import Location
 
@@ -44,6 +50,10 @@ class CohortStore(GroupStore):
                                f"({len(ch)} vs {len(ref)} channels; first difference: {first})")
         return out
 
+    def mri_regions(self, sid: str) -> MRIRegions:
+        """A picklable reader of regions of a complete subject's ``mri`` (all contrasts)."""
+        return MRIRegions(self.loc, sid, str(self.identity(sid)["fingerprint"]))
+
     def identity(self, sid: str) -> dict:
         """What identifies a subject's data: its fingerprint, or store and id if it has none."""
         a = self.subject_attrs(sid)
@@ -63,6 +73,49 @@ class CohortStore(GroupStore):
             if "contrast" in ds.coords:
                 lines.append(f"channels ({ds.sizes['contrast']}): {short([str(c) for c in ds.contrast.values])}")
         return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class MRIRegions:
+    """Regions of one subject's ``mri`` read straight from the store in a task: one zarr
+    read decodes the region's chunks into one array (no per-chunk tasks and no concatenation
+    of them), and a task can read its next region while it computes on this one.
+    ``contrasts``: the indices to keep, in that order (None: all, as stored)."""
+
+    loc: Location
+    subject: str
+    fingerprint: str  # what the subject's data is: a replaced subject is opened afresh
+    contrasts: tuple[int, ...] | None = None
+
+    def picking(self, contrasts, stored: int) -> MRIRegions:
+        """These contrasts (indices among the ``stored`` ones), in this order."""
+        idx = tuple(int(i) for i in contrasts)
+        return dataclasses.replace(self, contrasts=None if idx == tuple(range(stored)) else idx)
+
+    def read(self, region: tuple[slice, slice, slice]) -> np.ndarray:
+        """``mri[region]`` (x, y, z, contrast) as float32, the picked contrasts in their order."""
+        arr = _mri_array(self.loc, self.subject, self.fingerprint)
+        raw = arr[(*region, slice(None))]
+        if self.contrasts is not None:
+            raw = np.take(raw, self.contrasts, axis=3)
+        return np.asarray(raw, np.float32)
+
+
+_OPEN: dict[tuple[str, str, str], zarr.Array] = {}  # this process's open mri arrays (a few subjects)
+
+
+def _mri_array(loc: Location, subject: str, fingerprint: str):
+    """A subject's ``mri`` array opened once per process and version (its metadata read once)."""
+    key = (loc.url, subject, fingerprint)
+    arr = _OPEN.get(key)
+    if arr is None:
+        with quiet_zarr():
+            arr = zarr.open_array(loc.url, path=f"{subject}/mri", mode="r", storage_options=loc.options,
+                                  zarr_format=3)
+        if len(_OPEN) >= 64:
+            _OPEN.pop(next(iter(_OPEN)))
+        _OPEN[key] = arr
+    return arr
 
 
 def _subject_line(sid: str, ds) -> str:

@@ -300,6 +300,32 @@ def test_prediction_blocks_merge_whole_store_chunks_in_plane():
     assert merged_inplane(chunks, shape, 1, vb, 1) == [tuple(c) for c in chunks]
 
 
+@pytest.mark.parametrize(("aggregate", "pick"), [("centre", "first"), ("mean", "reversed"), ("centre", "all")])
+def test_blocks_read_by_their_own_task_give_the_same_bits(tmp_path, aggregate, pick):
+    """Whole-plane blocks read from the store by the task that predicts them (runs of blocks,
+    the next read while this one computes; a model of fewer contrasts, in another order)
+    give the dataset path's bits, chunks and dtype, for any number of runs."""
+    from mrhscale.stages.predict_graph import plane_runs
+    from mrhscale.stores import CohortStore
+
+    path, ids = write_store(tmp_path / "c.zarr", n_subjects=1, full_mask=True, nan=True)
+    source = CohortStore.open(path)
+    ds = source.open_subject(ids[0])
+    stored = [str(c) for c in ds.contrast.values]
+    channels = {"first": stored[:3], "reversed": stored[::-1][:3], "all": stored}[pick]
+    mp = write_model(tmp_path / "m.pt", channels)
+    _, meta = load_model(mp)
+    spec = NetworkSpec(mp, load_model, batch_size=29)
+    ref = subject_prediction(ds, meta, spec, aggregate=aggregate)
+    want = ref.compute(scheduler="sync")
+    assert len(ref.chunks[1]) > 2  # several blocks along the slice axis (y)
+    for tasks in (1, 2, 99):
+        got = subject_prediction(ds, meta, spec, aggregate=aggregate, regions=source.mri_regions(ids[0]), tasks=tasks)
+        assert got.chunks == ref.chunks and got.dtype == ref.dtype
+        assert got.compute(scheduler="sync").tobytes() == want.tobytes()
+    assert plane_runs((3, 3, 3, 1), 2) == (6, 4) and plane_runs((3, 3), 5) == (3, 3) and plane_runs((3,), 1) == (3,)
+
+
 @pytest.mark.parametrize("aggregate", ["centre", "mean"])
 @pytest.mark.parametrize("half,axis", [(1, "y"), (2, "x")])
 def test_block_layouts_and_gather_backends_agree(tmp_path, monkeypatch, aggregate, half, axis):
