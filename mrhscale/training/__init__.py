@@ -12,7 +12,8 @@ brain from another scanner (docs/recipes.md).
 
 Distributed: launched under ``torchrun`` (RANK/WORLD_SIZE in the environment) the
 trainer joins a process group (nccl on CUDA, gloo on CPU), wraps the model in
-DDP and lets the PatchStream shard the data by rank. ``batch_size`` is the
+DDP; each rank takes its slice of the PatchStream's global batches, which depend on
+(seed, epoch) only, so a run resumes on any number of processes. ``batch_size`` is the
 GLOBAL batch (each rank takes batch_size / world_size), so lr and clip keep
 their meaning whatever the number of processes.
 
