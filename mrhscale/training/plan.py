@@ -120,22 +120,38 @@ def _windows(segs: list[tuple[int, int]], cap: int, b: int) -> list[tuple[list[t
     return out
 
 
-def share_slices(windows: list, share: Share, total: int) -> list[list[np.ndarray]]:
-    """Per global window, the store rows of ``share``'s slices of the batches cut there
-    (the first ``total`` global batches only: a dropped short last one is nobody's)."""
-    carry, g, out = _EMPTY, 0, []
-    for ranges, _, _, batches, rest in windows:
-        ids = np.concatenate([carry, *(np.arange(a, e, dtype=np.int64) for a, e in ranges)])
-        mine = []
+@dataclass
+class _Use:
+    """One global window as one share uses it: the store rows of its slices of the batches
+    cut there, each row's place among the window's own rows (-1: kept from an earlier
+    window), and the window's rows a later window's batch of the share uses."""
+
+    slices: list[np.ndarray]
+    local: list[np.ndarray]
+    later: list[np.ndarray]
+
+
+def _uses(windows: list, share: Share, total: int) -> list[_Use]:
+    """Per global window, how ``share`` uses it (the first ``total`` global batches only:
+    a dropped short last one is nobody's). Linear in the rows: no sorting."""
+    carry, carry_home, g, uses = _EMPTY, _EMPTY, 0, []
+    for k, (ranges, n_rows, k0, batches, rest) in enumerate(windows):
+        rows = np.concatenate([carry, *(np.arange(a, e, dtype=np.int64) for a, e in ranges)])
+        home = np.concatenate([carry_home, np.full(n_rows, k, np.int64)])
+        use = _Use([], [], [])
         for idx in batches:
-            if g < total and share.owns(g):
-                a, e = share.cut(len(idx))
-                if e > a:
-                    mine.append(ids[idx[a:e]])
+            a, e = share.cut(len(idx)) if g < total and share.owns(g) else (0, 0)
             g += 1
-        out.append(mine)
-        carry = ids[rest]
-    return out
+            if e > a:
+                p = idx[a:e]
+                use.slices.append(rows[p])
+                use.local.append(np.where(p >= k0, p - k0, -1))
+                old = p[p < k0]
+                for h in np.unique(home[old]).tolist():
+                    uses[h].later.append(rows[old[home[old] == h]])
+        uses.append(use)
+        carry, carry_home = rows[rest], home[rest]
+    return uses
 
 
 def share_windows(windows: list, share: Share, total: int, chunk_rows: int, gap: int):
@@ -144,56 +160,66 @@ def share_windows(windows: list, share: Share, total: int, chunk_rows: int, gap:
     unneeded rows between two needed ones of a chunk, read through: one read instead of
     two; ``gap >= chunk_rows`` reads one range a chunk, for stores that decode whole chunks).
 
-    A row is read in the window its chunk belongs to (its home) and kept, in sorted
-    order in front of the pending rows, until the window whose batch uses it: ``carried``
-    counts those, ``rest`` says which pending rows stay kept. Windows where this share
-    reads and emits nothing are left out.
+    A row is read in the window its chunk belongs to and kept, in store-row order in
+    front of the pending rows, until the window whose batch uses it: ``carried`` counts
+    those, ``rest`` says which pending rows stay kept. Windows where this share reads and
+    emits nothing are left out.
     """
-    slices = share_slices(windows, share, total)
-    used = [np.concatenate(s) if s else _EMPTY for s in slices]
-    ids = np.concatenate([_EMPTY, *used])
-    when = np.repeat(np.arange(len(used)), [len(u) for u in used])
-    where = _home_windows(windows, chunk_rows)[ids // chunk_rows]
-    by_home = np.argsort(where, kind="stable")
-    cuts = np.searchsorted(where[by_home], np.arange(len(windows) + 1))
+    offsets = _chunk_offsets(windows, chunk_rows)
     kept = _EMPTY
-    for k in range(len(windows)):
-        sel = by_home[cuts[k]:cuts[k + 1]]
-        if not len(sel) and not slices[k]:
+    for (ranges_g, n_rows, _, _, _), use in zip(windows, _uses(windows, share, total), strict=True):
+        later = np.concatenate([_EMPTY, *use.later])
+        if not use.slices and not len(later):
             continue
-        ranges = read_ranges(np.sort(ids[sel]), chunk_rows, gap)
-        pending = np.concatenate([kept, *(np.arange(a, e, dtype=np.int64) for a, e in ranges)])
-        find = _finder(pending)
-        later = ids[sel][when[sel] > k]
-        nxt = np.union1d(kept[~np.isin(kept, used[k])], later)
-        yield ranges, len(pending) - len(kept), len(kept), [find(s) for s in slices[k]], find(nxt)
-        kept = nxt
+        later_local = offsets[later // chunk_rows] + later % chunk_rows
+        wanted = np.zeros(n_rows, bool)
+        wanted[later_local] = True
+        for loc in use.local:
+            wanted[loc[loc >= 0]] = True
+        ranges, place = _read_plan(ranges_g, n_rows, np.flatnonzero(wanted), chunk_rows, gap)
+        batches = [_positions(s, loc, kept, place) for s, loc in zip(use.slices, use.local, strict=True)]
+        stays = np.ones(len(kept), bool)
+        for s, loc in zip(use.slices, use.local, strict=True):
+            stays[np.searchsorted(kept, s[loc < 0])] = False
+        nxt = np.concatenate([kept[stays], later])
+        where = np.concatenate([np.flatnonzero(stays), len(kept) + place[later_local]])
+        order = np.argsort(nxt, kind="stable")
+        yield ranges, sum(e - a for a, e in ranges), len(kept), batches, where[order]
+        kept = nxt[order]
 
 
-def _home_windows(windows: list, chunk_rows: int) -> np.ndarray:
-    """The window each chunk is read in, indexed by chunk."""
+def _positions(rows: np.ndarray, local: np.ndarray, kept: np.ndarray, place: np.ndarray) -> np.ndarray:
+    """Places in the pending rows ``[kept, rows read]`` of a slice's ``rows``."""
+    own = local >= 0
+    pos = np.empty(len(rows), np.int64)
+    pos[own] = len(kept) + place[local[own]]
+    pos[~own] = np.searchsorted(kept, rows[~own])
+    return pos
+
+
+def _chunk_offsets(windows: list, chunk_rows: int) -> np.ndarray:
+    """Each chunk's first row among its window's own rows, indexed by chunk."""
     n_chunks = sum(len(w[0]) for w in windows)
-    home = np.zeros(n_chunks, np.int64)
-    for k, w in enumerate(windows):
-        for a, _ in w[0]:
-            home[a // chunk_rows] = k
-    return home
+    offsets = np.zeros(n_chunks, np.int64)
+    for w in windows:
+        pos = 0
+        for a, e in w[0]:
+            offsets[a // chunk_rows] = pos
+            pos += e - a
+    return offsets
 
 
-def _finder(pending: np.ndarray):
-    """Positions in ``pending`` (distinct store rows) of given store rows."""
-    order = np.argsort(pending, kind="stable")
-    keys = pending[order]
-    return lambda rows: order[np.searchsorted(keys, rows)]
-
-
-def read_ranges(rows: np.ndarray, chunk_rows: int, gap: int) -> list[tuple[int, int]]:
-    """Sorted store rows as ranges [a, e) within one chunk each, a run of at most ``gap``
-    rows between two wanted ones read through."""
-    if not len(rows):
-        return []
-    step = np.diff(rows)
-    brk = np.flatnonzero((step > gap + 1) | (np.diff(rows // chunk_rows) != 0)) + 1
-    starts = rows[np.r_[0, brk]]
-    ends = rows[np.r_[brk - 1, len(rows) - 1]] + 1
-    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+def _read_plan(ranges_g, n_rows: int, wanted: np.ndarray, chunk_rows: int, gap: int):
+    """The store ranges to read for a window's ``wanted`` rows (sorted places among its
+    own rows ``ranges_g``), each within one chunk, runs of at most ``gap`` unwanted rows
+    read through; and ``place``: each window row's place among the rows read (-1: not read)."""
+    place = np.full(n_rows, -1, np.int64)
+    if not len(wanted):
+        return [], place
+    rows = np.concatenate([np.arange(a, e, dtype=np.int64) for a, e in ranges_g])
+    brk = np.flatnonzero((np.diff(wanted) > gap + 1) | (np.diff(rows[wanted] // chunk_rows) != 0)) + 1
+    first, last = wanted[np.r_[0, brk]], wanted[np.r_[brk - 1, len(wanted) - 1]]
+    lens = last - first + 1
+    start = np.cumsum(lens) - lens
+    place[np.repeat(first - start, lens) + np.arange(int(lens.sum()))] = np.arange(int(lens.sum()))
+    return list(zip(rows[first].tolist(), (rows[last] + 1).tolist(), strict=True)), place

@@ -192,6 +192,30 @@ def test_global_batches_do_not_depend_on_ranks_or_workers(patch_store, drop_last
                 assert np.array_equal(a, b), (world, workers)
 
 
+@pytest.mark.parametrize("gap_bytes", [0, 1 << 30])
+def test_ranks_yield_the_slices_of_one_process_batches(patch_store, monkeypatch, gap_bytes):
+    """The tensors themselves: 2 ranks (one through 2 DataLoader workers) reading only
+    their rows (gap 0) or whole chunks yield one process's batches, sliced."""
+    import mrhscale.training.stream as st
+    from mrhscale.stores.patches import RowReader
+
+    monkeypatch.setattr(st, "_GAP_BYTES", gap_bytes)
+    monkeypatch.setattr(RowReader, "mapped", lambda self: None)
+    kw = dict(seed=2, drop_last=False, options=StreamOptions(shuffle_buffer=120))
+
+    def run(world, rank, workers):
+        s = PatchStream(patch_store, batch_size=48 // world, rank=rank, world_size=world, **kw)
+        s.set_epoch(4)
+        return _collect(s, workers) if workers else list(s)
+
+    one = run(1, 0, 0)
+    ranks = [run(2, 0, 2), run(2, 1, 0)]
+    assert len(one) == len(ranks[0]) > 3
+    for g, (x, t) in enumerate(one):
+        parts = [r[g] for r in ranks if g < len(r)]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(t, torch.cat([p[1] for p in parts]))
+
+
 def test_epochs_and_seeds_change_the_global_batches(patch_store):
     a, _ = _global_batches(patch_store, 2, 1, epoch=1)
     b, _ = _global_batches(patch_store, 2, 1, epoch=2)
