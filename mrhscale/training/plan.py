@@ -68,27 +68,40 @@ def window_batches(segs: list[tuple[int, int]], cap: int, b: int, key: tuple[int
     Yields ``(ranges, rows, carried, batches, rest)`` per window: its store ranges and
     row count; ``carried`` rows (< b) left by the previous window, which come first in
     the window's pending rows ``[carried rows, then the ranges' rows in order]``; the
-    batches as index arrays into those pending rows (one permutation per window, drawn
-    from ``(*key, window)``: key = (seed, epoch)); and ``rest``, the positions carried to
-    the next window (empty after the last, whose short batch is yielded instead).
+    batches as index arrays into those pending rows; and ``rest``, the positions carried
+    to the next window: the pending rows' last ``n % b`` (the window's tail), shuffled
+    there (empty after the last window, whose tail is its short batch instead).
+
+    Shuffled, the other pending rows are permuted once per window (drawn from
+    ``(*key, window)``: key = (seed, epoch)) and cut into batches. A batch is a set (its
+    order changes only the order of float sums), so each batch lists the window's own
+    rows in their order, then the carried ones: rank r's slice then lies in about the
+    r-th of W parts of the window's rows (the last rank's taking the carried rows, read
+    beside its part of the previous window), so a rank reads (or, compressed, decodes)
+    about 1/W of each window, not all of it, and gathers its rows in memory order.
     """
     plan = _windows(segs, cap, b)
     k0 = 0
     for k, (ranges, n_rows) in enumerate(plan):
         n_pend = k0 + n_rows
-        order = (np.random.default_rng([*key, k, _WINDOW_KEY]).permutation(n_pend) if shuffle
-                 else np.arange(n_pend))
         full = n_pend // b
-        batches = [order[i * b:(i + 1) * b] for i in range(full)]
-        rest = order[full * b:]
-        if k == len(plan) - 1:
-            if len(rest):
-                batches.append(rest)
-            rest = rest[:0]
-        elif not shuffle:
-            rest = np.sort(rest)
+        last = k == len(plan) - 1
+        cut = n_pend if last else full * b
+        if shuffle:
+            order = np.random.default_rng([*key, k, _WINDOW_KEY]).permutation(cut)
+            batches = [_local_order(order[i:i + b], k0) for i in range(0, cut, b)]
+        else:
+            batches = [np.arange(i, min(i + b, cut)) for i in range(0, cut, b)]
+        rest = np.arange(cut, n_pend)
         yield ranges, n_rows, k0, batches, rest
         k0 = len(rest)
+
+
+def _local_order(batch: np.ndarray, k0: int) -> np.ndarray:
+    """A batch's positions: the window's own rows (from ``k0`` on) ascending, then the carried."""
+    batch = np.sort(batch)
+    split = int(np.searchsorted(batch, k0))
+    return np.concatenate([batch[split:], batch[:split]])
 
 
 def batch_rows(windows):

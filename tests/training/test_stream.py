@@ -216,6 +216,19 @@ def test_ranks_yield_the_slices_of_one_process_batches(patch_store, monkeypatch,
         assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(t, torch.cat([p[1] for p in parts]))
 
 
+def test_a_rank_reads_about_its_share_of_each_window(tmp_path):
+    """Guard of the stream's reading cost: a global batch lists its rows in window order, so
+    each of 4 ranks reads (decodes, here: one range a chunk) about a quarter of the store."""
+    from helpers import make_patch_store
+
+    url = make_patch_store(tmp_path / "p.zarr", n_train=6000, n_val=0, chunk=64)
+    for rank in range(4):
+        s = PatchStream(url, batch_size=64, rank=rank, world_size=4, seed=1,
+                        options=StreamOptions(shuffle_buffer=512))
+        read = sum(w[1] for w in s.batch_plan(0, 1, gap=s.chunk_rows))
+        assert 0.25 * 6000 * 0.8 < read < 0.25 * 6000 * 1.4, (rank, read)
+
+
 def test_epochs_and_seeds_change_the_global_batches(patch_store):
     a, _ = _global_batches(patch_store, 2, 1, epoch=1)
     b, _ = _global_batches(patch_store, 2, 1, epoch=2)
