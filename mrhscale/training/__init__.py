@@ -28,8 +28,9 @@ Run directory::
 A checkpoint is written after every epoch and on SIGTERM (after the current
 step, then the process exits non-zero so a batch scheduler can requeue it);
 ``resume=True`` continues from it and ends where an uninterrupted run would:
-the data order is a function of (seed, epoch) and the step within the epoch is
-skipped forward.
+the global batches are a function of (seed, epoch) and the stream starts at the
+first one not done, whatever the number of processes now (another number gives
+the same batches; the weights then differ by float rounding only).
 """
 
 from mrhscale.training.api import check_compatible, finetune, train
