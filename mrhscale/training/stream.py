@@ -9,8 +9,8 @@ Epoch plan (training/plan.py, pure). The store is already globally shuffled. Eac
 epoch the chunk order is permuted by (seed, epoch); the chunks laid end to end form the
 epoch's sample sequence, grouped into windows of whole chunks holding about
 ``shuffle_buffer`` patches; each window is permuted by (seed, epoch, window) and cut
-into GLOBAL batches of ``batch_size x world_size`` rows (its leftover carried into the
-next window). Nothing drawn depends on the rank, the DataLoader worker or the world
+into GLOBAL batches of ``batch_size x world_size`` rows (its tail, less than a batch,
+carried into the next window). Nothing drawn depends on the rank, the DataLoader worker or the world
 size, and the buffer size does not either: any number of processes sees the same
 global batches in the same order (elastic determinism), so a run resumed on another
 number of processes continues the same sequence. Rank r takes rows
