@@ -136,6 +136,28 @@ class RowReader:
             return None
         return flat.view(self.dtype).reshape(n_chunks * nc, *self.shape[1:])
 
+    @property
+    def plain(self) -> bool:
+        """Whether a few rows of a chunk cost only their bytes (a plain local chunk file);
+        elsewhere any read decodes or fetches the whole chunk."""
+        return self._path is not None and self._decode is None
+
+    def read_ranges(self, ranges: list[tuple[int, int]], out: np.ndarray) -> None:
+        """Row ranges of ONE chunk laid end to end into ``out``: a plain chunk file is
+        opened once and only those bytes read; elsewhere range by range (each decodes the
+        chunk: callers give such a reader one range a chunk)."""
+        if len(ranges) > 1 and self.plain:
+            a0 = ranges[0][0] // self.chunks[0] * self.chunks[0]
+            fn = os.path.join(self._path, *self._key((a0 // self.chunks[0], *self._rest)).split("/"))
+            spans = [((a - a0) * self._row_bytes, (e - a) * self._row_bytes) for a, e in ranges]
+            if not _pread_ranges(fn, out.reshape(-1).view(np.uint8), spans):
+                out[...] = self._fill  # a chunk never written holds the fill value (zarr's rule)
+            return
+        pos = 0
+        for a, e in ranges:
+            self.read(a, e, out[pos:pos + e - a])
+            pos += e - a
+
     def read(self, a: int, e: int, out: np.ndarray) -> None:
         if self._path is None:
             self.arr.get_basic_selection(slice(a, e), out=NDBuffer.from_numpy_array(out))
@@ -216,6 +238,24 @@ def _pread(fn: str, flat: np.ndarray, offset: int) -> None:
         os.close(fd)
     if got != len(flat):
         raise OSError(f"{fn}: chunk file is shorter than its array says ({got} of {len(flat)} bytes)")
+
+
+def _pread_ranges(fn: str, flat: np.ndarray, spans: list[tuple[int, int]]) -> bool:
+    """(offset, length) spans of a file read one after another into ``flat`` through one
+    descriptor; False where the file does not exist."""
+    try:
+        fd = os.open(fn, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        pos = 0
+        for off, n in spans:
+            if os.preadv(fd, [flat[pos:pos + n]], off) != n:
+                raise OSError(f"{fn}: chunk file is shorter than its array says")
+            pos += n
+    finally:
+        os.close(fd)
+    return True
 
 
 def _direct_path(arr):

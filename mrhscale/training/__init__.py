@@ -12,7 +12,8 @@ brain from another scanner (docs/recipes.md).
 
 Distributed: launched under ``torchrun`` (RANK/WORLD_SIZE in the environment) the
 trainer joins a process group (nccl on CUDA, gloo on CPU), wraps the model in
-DDP and lets the PatchStream shard the data by rank. ``batch_size`` is the
+DDP; each rank takes its slice of the PatchStream's global batches, which depend on
+(seed, epoch) only, so a run resumes on any number of processes. ``batch_size`` is the
 GLOBAL batch (each rank takes batch_size / world_size), so lr and clip keep
 their meaning whatever the number of processes.
 
@@ -27,8 +28,9 @@ Run directory::
 A checkpoint is written after every epoch and on SIGTERM (after the current
 step, then the process exits non-zero so a batch scheduler can requeue it);
 ``resume=True`` continues from it and ends where an uninterrupted run would:
-the data order is a function of (seed, epoch) and the step within the epoch is
-skipped forward.
+the global batches are a function of (seed, epoch) and the stream starts at the
+first one not done, whatever the number of processes now (another number gives
+the same batches; the weights then differ by float rounding only).
 """
 
 from mrhscale.training.api import check_compatible, finetune, train

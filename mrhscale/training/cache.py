@@ -6,11 +6,10 @@ device's free memory, or of the host's available RAM shared by this node's proce
 reading, decoding and normalising happen once per run instead of once per epoch, and a
 batch is one gather on the device (``index_select``; on the CPU a compiled row copy).
 The batches are the stream's own: :meth:`PatchStream.batch_plan` says which store rows
-make each batch for (seed, epoch, rank, world size, loader workers), and the rows were
-normalised by :meth:`PatchStream.normalise`, so a run gives the same samples in the
-same order, with the same bits, whatever the cache choice (tested). With loader
-workers the stream's batches come from W plans interleaved as the DataLoader does
-(worker 0's first batch, worker 1's first, ...): the cache interleaves them the same way.
+make this rank's slice of each global batch for (seed, epoch, rank, world size), and the
+rows were normalised by :meth:`PatchStream.normalise`, so a run gives the same samples
+in the same order, with the same bits, whatever the cache choice (tested). The order
+does not depend on the stream's DataLoader workers (they take global batches in turn).
 """
 
 from __future__ import annotations
@@ -80,11 +79,11 @@ def choose(request: str, stream: PatchStream, device: torch.device) -> CacheChoi
 
 
 class PatchCache:
-    """A stream's split resident on ``device``; iterates like the stream with ``workers``
-    DataLoader workers (the same batches in the same order), the tensors on ``device``."""
+    """A stream's split resident on ``device``; iterates like the stream (the same batches
+    in the same order, with or without DataLoader workers), the tensors on ``device``."""
 
-    def __init__(self, stream: PatchStream, device: torch.device, workers: int = 0, *, two_threads: bool = False):
-        self.stream, self.device, self.workers = stream, torch.device(device), max(1, int(workers))
+    def __init__(self, stream: PatchStream, device: torch.device, *, two_threads: bool = False):
+        self.stream, self.device = stream, torch.device(device)
         self.two_threads = two_threads  # on the CPU, gather each batch's halves on two threads (a spare core)
         self.num_samples, self.batch_size = stream.num_samples, stream.batch_size
         self.x, self.t, self.origin = _load(stream, self.device)
@@ -93,8 +92,8 @@ class PatchCache:
     def epoch(self) -> int:
         return self.stream.epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.stream.set_epoch(epoch, start)
 
     def steps_per_epoch(self) -> int:
         return self.stream.steps_per_epoch()
@@ -103,17 +102,8 @@ class PatchCache:
         return self.steps_per_epoch()
 
     def rows(self):
-        """The store rows of each batch this epoch, in the order the stream (through a
-        DataLoader of ``workers`` workers, or in-process for 0) yields them."""
-        plans = [batch_rows(self.stream.batch_plan(w, self.workers)) for w in range(self.workers)]
-        while plans:  # the DataLoader asks its workers in turn, skipping those that ended
-            alive = []
-            for it in plans:
-                idx = next(it, None)
-                if idx is not None:
-                    alive.append(it)
-                    yield idx
-            plans = alive
+        """The store rows of each batch this epoch, in the order the stream yields them."""
+        return batch_rows(self.stream.batch_plan())
 
     def __iter__(self):
         arrays = (self.x, self.t, *(() if self.origin is None else (self.origin,)))

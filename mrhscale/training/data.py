@@ -128,8 +128,15 @@ class Batches:
         self.workers, self.pin = workers, pin
         self.cache = cache
 
-    def batches(self, epoch: int):
-        self.stream.set_epoch(epoch)
+    def batches(self, epoch: int, start: int = 0):
+        """The epoch's batches from its global batch ``start`` (a resumed epoch): a stream
+        that can start there reads nothing before it; another is read and skipped."""
+        skip = start
+        if "start" in inspect.signature(self.stream.set_epoch).parameters:
+            self.stream.set_epoch(epoch, start)
+            skip = 0
+        else:
+            self.stream.set_epoch(epoch)
         if isinstance(self.stream, PatchCache):  # resident: a gather per batch, on the device
             src = prefetched(self.stream) if self.device.type == "cpu" and spare_core(self.device) else self.stream
         elif self.workers > 0:
@@ -141,7 +148,9 @@ class Batches:
         else:
             src = self.stream
         try:
-            for x, t in src:
+            for k, (x, t) in enumerate(src):
+                if k < skip:
+                    continue
                 x = torch.as_tensor(x).to(self.device, non_blocking=True)
                 t = torch.as_tensor(t).to(self.device, non_blocking=True)
                 if self.a is not None:
@@ -189,5 +198,5 @@ def open_data(cfg, rt: Runtime, split: str, batch: int, device: torch.device, *,
     if type(stream) is PatchStream:  # a substituted stream (MRHSCALE_STREAM, a subclass) is streamed as it is
         cache = choose(getattr(rt, "cache", "auto") or "auto", stream, device)
         if cache.resident:
-            stream = PatchCache(stream, device, workers, two_threads=spare_core(device))
+            stream = PatchCache(stream, device, two_threads=spare_core(device))
     return Batches(stream, correction, device, workers, device.type == "cuda", cache)

@@ -272,6 +272,10 @@ class Trainer:
             torch.set_num_threads(self.rt.threads)
         self.step_delay = float(os.environ.get("MRHSCALE_DEBUG_STEP_DELAY", "0") or 0)
         self.fail_after = int(os.environ.get("MRHSCALE_DEBUG_KILL_AFTER_EPOCH", "0") or 0)
+        # test hooks: act as if SIGTERM came after the run's k-th step (counted from its first
+        # epoch); append what every step trained on to a folder (tests of the data order)
+        self.stop_after = int(os.environ.get("MRHSCALE_DEBUG_STOP_AFTER_STEP", "0") or 0)
+        self.sample_log = os.environ.get("MRHSCALE_DEBUG_SAMPLE_LOG") or None
 
     def _build(self, resume: bool) -> None:
         cfg = self.cfg
@@ -290,7 +294,7 @@ class Trainer:
             self.model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None,
             gradient_as_bucket_view=True)
         self._open_data()
-        self.augment = Augment(parse_augment(cfg.augment), cfg.seed, self.rank)
+        self.augment = Augment(parse_augment(cfg.augment), cfg.seed, self.rank, self.world)
         self.accel = self._numerics(resume)
         if self.accel.compile:
             self.net = self._compiled_net()
@@ -304,18 +308,19 @@ class Trainer:
         self.start_epoch, self.start_step = int(ck["epoch"]), int(ck["step"])
         self.history = list(ck["history"])
         self.ckpt_numerics = ck.get("numerics")
-        self.partial_loss = float(ck.get("partial_loss_sum", 0.0)) if self.main else 0.0
+        self.partial_loss = partial_loss(ck) if self.main else 0.0
         set_rng_state(ck["rng"])
-        was = (int(ck.get("world_size", self.world)), int(ck.get("workers", self.rt.loader_workers)))
-        if was != (self.world, self.rt.loader_workers) and self.main and not self.rt.quiet:
-            logger.warning(f"mrhscale: resuming a run of {was[0]} process(es) x {was[1]} loader "
-                           f"worker(s) with {self.world} x {self.rt.loader_workers}: the data order from here "
-                           "on differs from the original run's")
+        was = int(ck.get("world_size", self.world))
+        if was != self.world and self.main:  # the data order is the same (stream.py)
+            note(f"resuming a run of {was} process(es) with {self.world}: the same global batches from "
+                 "here on; the weights differ from an uninterrupted run's by float rounding only "
+                 "(gradients summed in another order)", self.rt.quiet)
 
     def _open_data(self) -> None:
         cfg, rt = self.cfg, self.rt
         self.half = int(self.store["patch"]["half"])
-        self.loss_fn = loss_function(cfg.loss, self.half)
+        self.loss_fn = loss_function(cfg.loss, self.half)  # validation, probes: this rank's batches alone
+        self.train_loss = loss_function(cfg.loss, self.half, global_count=True)
         self.per_rank = cfg.batch_size // self.world
         shard = {"rank": self.rank, "world": self.world, "norm": self.stream_norm}
         self.train_data = open_data(cfg, rt, "train", self.per_rank, self.dev, workers=rt.loader_workers, **shard)
@@ -376,7 +381,7 @@ class Trainer:
         t0 = time.perf_counter()
         done, loss_sum, interrupted = self._train_steps(epoch, first, steps)
         train_s = time.perf_counter() - t0
-        total = all_reduce(loss_sum.clone()).item() + self.partial_loss
+        total = all_reduce(loss_sum.clone()).item() / self.world + self.partial_loss  # sum of the steps' losses
         self.partial_loss = 0.0
         if interrupted:
             self.save_checkpoint(epoch, done, total if self.main else 0.0)
@@ -413,9 +418,7 @@ class Trainer:
         bar = progress(steps, f"epoch {epoch + 1}/{self.cfg.epochs}", self.rt.quiet or not self.main)
         if bar is not None and first:
             bar.update(first)
-        it = self.train_data.batches(epoch)
-        for _ in range(first):  # mid-epoch resume: same order, skip what was done
-            next(it)
+        it = self.train_data.batches(epoch, first)  # mid-epoch resume: from the first batch not done
         done, interrupted = first, False
         try:
             for step in range(first, steps):
@@ -425,6 +428,8 @@ class Trainer:
                     bar.update(1)
                 if self.step_delay:
                     time.sleep(self.step_delay)
+                if self.stop_after and epoch * steps + done == self.stop_after:
+                    self.stop.stop = True
                 if (done % self.check_every == 0 or done == steps) and self._check(epoch, done, steps, loss_sum):
                     interrupted = done < steps
                     if interrupted:
@@ -441,11 +446,13 @@ class Trainer:
         except StopIteration:
             raise RuntimeError(f"rank {self.rank}: the patch stream ended after {step} of "
                                f"{steps} batches (equal-steps contract broken)") from None
+        if self.sample_log:
+            log_samples(self.sample_log, epoch, step, self.rank, self.world, x)
         if self.augment:
             x, t = self.augment(x, t, epoch, step)
         with self.amp_ctx():
             pred = self.pick(self.net(x))
-        loss = self.loss_fn(pred, t)
+        loss = self.train_loss(pred, t)
         loss.backward()
         clip_per_tensor_(self.trainable, self.cfg.clip)
         self.opt.step()
@@ -473,7 +480,7 @@ class Trainer:
               if self.val_data is not None else dict(NAN_METRICS))
         n_patches = steps_done * self.cfg.batch_size
         return {"epoch": epoch + 1, "lr": self.cfg.lr * lr_factor(self.cfg, epoch),
-                "train_loss": total / (steps * self.world), **vm, "steps": steps,
+                "train_loss": total / steps, **vm, "steps": steps,
                 "train_patches": n_patches,
                 "train_patches_per_s": n_patches / train_s if train_s > 0 else float("nan"),
                 "epoch_s": time.perf_counter() - t0}
@@ -497,7 +504,7 @@ class Trainer:
         cfg = self.cfg
         state = {
             "format": "mrhscale-checkpoint", "config": asdict(cfg), "epoch": epoch, "step": step,
-            "partial_loss_sum": loss_sum, "history": self.history, "model": self.model.state_dict(),
+            "partial_loss": loss_sum, "history": self.history, "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "schedule": {"name": cfg.schedule, "epoch": epoch,
                          "lr_factor": lr_factor(cfg, min(epoch, cfg.epochs - 1))},
@@ -545,6 +552,26 @@ class Trainer:
         save_bundle(model_path, self.model, channels=list(store["channels"]), norm=self.bundle_norm,
                     patch=dict(store["patch"]),
                     provenance=json.loads(json.dumps(prov, default=str)))
+
+
+def log_samples(folder: str, epoch: int, step: int, rank: int, world: int, x: torch.Tensor) -> None:
+    """One line per step and rank: a digest of each patch trained on (its normalised
+    bits name it), so tests compare the sample history of runs of any world size."""
+    import hashlib
+
+    rows = x.detach().cpu().contiguous().numpy()
+    digests = [hashlib.blake2b(r.tobytes(), digest_size=8).hexdigest() for r in rows]
+    line = json.dumps({"epoch": epoch, "step": step, "rank": rank, "world": world, "rows": digests})
+    with open(os.path.join(folder, f"rank{rank}.jsonl"), "a") as f:
+        f.write(line + "\n")
+
+
+def partial_loss(ck: dict) -> float:
+    """A checkpoint's sum of the interrupted epoch's step losses (each the global batch's);
+    older checkpoints summed every rank's (``partial_loss_sum``)."""
+    if "partial_loss" in ck:
+        return float(ck["partial_loss"])
+    return float(ck.get("partial_loss_sum", 0.0)) / int(ck.get("world_size", 1))
 
 
 def diverged_error(epoch: int, step: int, steps: int, ckpt_path: str, cfg: TrainConfig) -> MRHError:

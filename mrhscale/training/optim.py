@@ -5,19 +5,26 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mrhscale.errors import MRHError
 from mrhscale.nn.model import MRHNet
 from mrhscale.training.config import LOSSES, TrainConfig
+from mrhscale.training.distributed import all_reduce, dist_on
 
 
-def loss_function(name: str, half: int = 1):
+def loss_function(name: str, half: int = 1, *, global_count: bool = False):
     """``loss(pred[B,T,P,P], target[B,T,P,P]) -> scalar`` (computed in float32).
 
     NaN where a sample lacks a stain: the sum over stains of each stain's loss over the
     samples that have it, so one stain's loss is what a one-stain network of it
-    minimises and a missing stain adds nothing.
+    minimises and a missing stain adds nothing. ``global_count`` (training under DDP):
+    a stain's loss is divided by the number of samples that have it in the GLOBAL batch
+    (all ranks' counts summed, over the world size, which DDP's gradient average
+    divides out again), so a step's gradient is the global batch's whatever the number
+    of ranks; a rank's own count would weigh a sample by how many of its rank's patches
+    lack the stain. In one process (or without it) the rank's own count.
     """
     if name not in LOSSES:
         raise MRHError(f"--loss {name!r}: choose one of {', '.join(LOSSES)}")
@@ -28,6 +35,9 @@ def loss_function(name: str, half: int = 1):
         present = ~torch.isnan(t).flatten(2).any(2)  # [B, T]
         each = per_sample(p, torch.where(present[..., None, None], t, p.detach()), half)
         each = torch.where(present, each, torch.zeros_like(each))
+        if global_count and dist_on():
+            count = all_reduce(present.sum(0)).clamp_min(1).float() / dist.get_world_size()
+            return (each.sum(0) / count).sum()
         return (each.sum(0) / present.sum(0).clamp_min(1)).sum()
 
     return loss

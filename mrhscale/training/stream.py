@@ -1,45 +1,64 @@
-"""PatchStream: a patch store streamed to torch, sharded across DDP ranks and DataLoader workers.
+"""PatchStream: a patch store streamed to torch, each global batch sliced across DDP ranks.
 
 Use with ``DataLoader(stream, batch_size=None, num_workers=W)``: the dataset
 yields whole batches ``(inputs [B, C, P, P], targets [B, T, P, P])`` as float32
 tensors (T stains, NaN where a patch lacks one), normalised with the statistics stored in the patch store (so the
 trainer and the model bundle use exactly those).
 
-Epoch plan. The store is already globally shuffled. Each epoch the chunk order
-is permuted (seed, epoch); the chunks laid end to end form the epoch's sample
-sequence, which is cut into contiguous ranges, one per rank and, within a rank,
-one per DataLoader worker (whole batches each). Every sample therefore belongs
-to exactly one (rank, worker) and ranges follow chunk boundaries except at the
-cut points. A worker reads its chunks in order through zarr (local or remote
-store alike) into a bounded shuffle buffer: windows of whole chunks holding
-about ``shuffle_buffer`` patches are permuted and cut into batches (the store
-itself is already globally shuffled; this adds per-epoch variety). zarr decodes
-each window straight into a preallocated buffer (no per-chunk temporaries or
-concatenation). Batches are normalised in one fused pass and, in DataLoader
-workers, built in shared memory so handing them to the main process copies
-nothing. ``read_ahead=True`` reads the next window in a background thread while
-the current one is cut into batches: on a machine with a spare core this
-overlaps I/O and decoding with the consumer without any process hand-off (the
-DataLoader's per-batch inter-process hand-off has a fixed cost that caps its
-rate on few cores: see benchmarks/RESULTS.md). Leave it off where the consumer
-already uses every core (CPU training: torch's threads spin while waiting).
+Epoch plan (training/plan.py, pure). The store is already globally shuffled. Each
+epoch the chunk order is permuted by (seed, epoch); the chunks laid end to end form the
+epoch's sample sequence, grouped into windows of whole chunks holding about
+``shuffle_buffer`` patches; each window is permuted by (seed, epoch, window) and cut
+into GLOBAL batches of ``batch_size x world_size`` rows (its tail, less than a batch,
+carried into the next window). Nothing drawn depends on the rank, the DataLoader worker or the world
+size, and the buffer size does not either: any number of processes sees the same
+global batches in the same order (elastic determinism), so a run resumed on another
+number of processes continues the same sequence. Rank r takes rows
+``[r*batch_size, (r+1)*batch_size)`` of every global batch; within a rank, DataLoader
+worker w takes the global batches g with ``g % num_workers == w`` (g counted from the
+epoch's first batch yielded; the DataLoader asks its workers in turn, so the rank's
+order is kept).
+
+Reading. A (rank, worker) reads only the rows of its own slices, each in the window its
+chunk belongs to, and keeps the few used by a later window's batch. A global batch
+lists its rows in the window's order (a batch is a set), so rank r's slices lie in
+about the r-th of W parts of each window: a rank reads about 1/W of the window's
+rows (measured 50% and 25% for 2 and 4 ranks, training/plan.py). On a local store of
+plain (uncompressed, the default) chunks a subset costs its bytes: runs of wanted rows
+are read with one ``preadv`` each through one open file a chunk, short gaps read
+through (``_GAP_BYTES``). A compressed or remote store decodes (fetches) whole chunks:
+a rank then decodes the chunks of its part of each window, about 1/W of them plus one
+at each edge of its part (so W ranks decode each edge chunk twice), and each of its
+DataLoader workers holding a batch of the window decodes them again (its batches span
+the rank's whole part). Where the chunk
+files can be mapped (RowReader.mapped) nothing is read: each batch is gathered from
+the page cache. zarr (or the reader) decodes into a preallocated window buffer (no
+per-chunk temporaries or concatenation). Batches are normalised in one fused pass and,
+in DataLoader workers, built in shared memory so handing them to the main process
+copies nothing. ``read_ahead=True`` reads the next window in a background thread while
+the current one is cut into batches: on a machine with a spare core this overlaps I/O
+and decoding with the consumer without any process hand-off (the DataLoader's
+per-batch inter-process hand-off has a fixed cost that caps its rate on few cores: see
+benchmarks/RESULTS.md). Leave it off where the consumer already uses every core (CPU
+training: torch's threads spin while waiting).
 
 Policies:
-- ``drop_last=True`` (equal steps, for DDP training): every rank gets exactly
-  ``N // (world_size * batch_size)`` full batches; the remainder (fewer than
-  ``world_size * batch_size`` samples) is dropped for this epoch. As the chunk
-  order changes every epoch, a different tail is dropped each time.
-- ``drop_last=False`` (exact): every sample is yielded exactly once across the
-  whole job; ranks get N // world or one more samples, so their batch counts
-  may differ by one; the last batch of a rank may be short. Use for validation.
+- ``drop_last=True`` (equal steps, for DDP training): ``N // (world_size * batch_size)``
+  global batches, every rank the same number of full batches; the remainder (fewer than
+  a global batch) is dropped for this epoch. As the order changes every epoch, a
+  different tail is dropped each time.
+- ``drop_last=False`` (exact): every sample is yielded exactly once across the whole
+  job; the last global batch may be short and is split as evenly as possible, so a
+  rank's last batch may be short (or absent: batch counts differ by at most one). Use
+  for validation.
 
-``set_epoch(e)`` must be called before each epoch's iterator is created; with
-``persistent_workers=True`` the workers keep the epoch they started with.
+``set_epoch(e, start)`` must be called before each epoch's iterator is created (``start``:
+the first global batch, for a resumed epoch); with ``persistent_workers=True`` the
+workers keep the epoch they started with.
 """
 
 from __future__ import annotations
 
-import math
 import queue
 import sys
 import threading
@@ -56,10 +75,20 @@ from mrhscale.ops.norm import Normalisation
 from mrhscale.parallel.context import Context
 from mrhscale.stores import PatchStore
 from mrhscale.stores.legacy import stains_of
+from mrhscale.training.plan import (
+    Share,
+    batch_count,
+    batch_rows,
+    epoch_segments,
+    rank_cut,
+    share_windows,
+    window_batches,
+)
 
 VARS = ("inputs", "targets", "origin")
 _READ_THREADS = 4  # concurrent zarr chunk reads per iterator (they mostly wait on I/O)
 _EMIT_MIN_ROWS = 512  # a batch is split over two threads when each half has at least this many
+_GAP_BYTES = 16 << 10  # unneeded bytes of a plain chunk read through rather than a second read
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -120,7 +149,7 @@ class PatchStream(IterableDataset):
         self.with_origin = o.with_origin
         self.read_ahead = bool(o.read_ahead)
         self.pin_memory = bool(o.pin_memory) and torch.cuda.is_available()
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
         root = open_patch_store(self.url, self.ctx)
         attrs = dict(root.attrs)
         self.attrs = attrs
@@ -172,53 +201,41 @@ class PatchStream(IterableDataset):
         p = int(self.patch["size"])
         return (len(self.channels), p, p) if var == "inputs" else (len(self.stains), p, p)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch the next iterator yields, from its global batch ``start`` (a resumed
+        epoch: the batches before it are neither read nor yielded)."""
+        self.epoch, self.start = int(epoch), int(start)
 
-    def _rank_range(self) -> tuple[int, int, int]:
-        """(first sample, number of samples, number of batches) of this rank in the epoch sequence."""
-        n, b, w, r = self.num_samples, self.batch_size, self.world_size, self.rank
-        if self.drop_last:
-            steps = n // (w * b)
-            return r * steps * b, steps * b, steps
-        base, rem = divmod(n, w)
-        start = r * base + min(r, rem)
-        count = base + (1 if r < rem else 0)
-        return start, count, math.ceil(count / b)
+    @property
+    def global_batch(self) -> int:
+        """Rows of a global batch: this stream's ``batch_size`` from each of the ranks."""
+        return self.batch_size * self.world_size
+
+    def global_count(self) -> int:
+        """Global batches in an epoch (the same for every rank and worker count)."""
+        return batch_count(self.num_samples, self.global_batch, self.drop_last)
 
     def steps_per_epoch(self) -> int:
-        """Batches this rank yields per epoch (summed over its DataLoader workers)."""
-        return self._rank_range()[2]
+        """Batches this rank yields per epoch (summed over its DataLoader workers): one per
+        global batch, less a short last one too short to reach this rank."""
+        n, total = self.num_samples, self.global_count()
+        last = n - (total - 1) * self.global_batch
+        a, e = rank_cut(last, self.rank, self.world_size)
+        return total - (1 if e == a and total else 0)
 
     def __len__(self) -> int:
         return self.steps_per_epoch()
 
-    def plan(self, worker: int = 0, num_workers: int = 1, epoch: int | None = None) -> list[tuple[int, int]]:
-        """Row ranges [a, b) of the store this (rank, worker) reads in ``epoch``, in order."""
+    def windows(self, epoch: int | None = None) -> list:
+        """The epoch's global windows (plan.window_batches): the same for every share."""
         epoch = self.epoch if epoch is None else epoch
-        n, nc, b = self.num_samples, self.chunk_rows, self.batch_size
-        start, count, steps = self._rank_range()
-        per, extra = divmod(steps, num_workers)
-        first_batch = worker * per + min(worker, extra)
-        n_batches = per + (1 if worker < extra else 0)
-        lo = start + first_batch * b
-        hi = min(lo + n_batches * b, start + count)
-        if hi <= lo:
-            return []
-        n_chunks = math.ceil(n / nc)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n_chunks) if self.shuffle
-                 else np.arange(n_chunks))
-        lens = np.minimum(nc, n - order * nc)
-        ends = np.cumsum(lens)
-        begins = ends - lens
-        segs = []
-        for k in range(int(np.searchsorted(ends, lo, side="right")), len(order)):
-            if begins[k] >= hi:
-                break
-            a, e = max(lo, begins[k]), min(hi, ends[k])
-            row0 = int(order[k]) * nc
-            segs.append((row0 + int(a - begins[k]), row0 + int(e - begins[k])))
-        return segs
+        segs = epoch_segments(self.num_samples, self.chunk_rows, self.seed, epoch, self.shuffle)
+        return list(window_batches(segs, self.shuffle_buffer, self.global_batch, (self.seed, epoch),
+                                   self.shuffle))
+
+    def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """The store rows of each of the epoch's global batches (every rank's slices in rank order)."""
+        return list(batch_rows(self.windows(epoch)))[:self.global_count()]
 
     # ---- reading
     def open_readers(self):
@@ -290,43 +307,53 @@ class PatchStream(IterableDataset):
             np.subtract(t, t_off.astype(np.float32).reshape(shape), out=t)
         np.multiply(t, (1.0 / t_scale).astype(np.float32).reshape(shape), out=t)
 
-    def batch_plan(self, worker: int = 0, num_workers: int = 1):
+    def batch_plan(self, worker: int = 0, num_workers: int = 1, gap: int | None = None):
         """This (rank, worker)'s epoch as windows: ``(ranges, rows, carried, batches, rest)``
-        each (see :func:`window_batches`); the same for every reader of the plan (the
-        stream and the patch cache), so both yield the same samples in the same order."""
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 7])
-        return window_batches(self.plan(worker, num_workers), self.shuffle_buffer, self.batch_size, rng,
-                              self.shuffle)
+        each (see :func:`plan.share_windows`: the rows read are only those of its slices,
+        with read-through runs of at most ``gap`` rows; None: one range a chunk); the same
+        batches for every reader of the plan (the stream and the patch cache)."""
+        share = Share(self.rank, self.world_size, worker, num_workers, self.start)
+        gap = self.chunk_rows if gap is None else gap
+        return share_windows(self.windows(), share, self.global_count(), self.chunk_rows, gap)
+
+    def read_gap(self, readers) -> int:
+        """Unneeded rows read through between two wanted ones: a plain chunk file's rows
+        cost their bytes (a read costs about ``_GAP_BYTES`` of copying); elsewhere a read
+        decodes its whole chunk, so one range a chunk."""
+        if not all(r.plain for r in readers):
+            return self.chunk_rows
+        row = max(int(np.prod(r.shape[1:])) * r.dtype.itemsize for r in readers)
+        return _GAP_BYTES // row
 
     def __iter__(self):
-        """Windows of whole chunks (about ``shuffle_buffer`` patches) are read, permuted and cut
-        into batches; the < batch_size leftover of a window carries over to the next."""
+        """This (rank, worker)'s slices of the global batches, window by window: the rows
+        they need read (the mapped chunks need no reading), kept rows carried in front."""
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self._in_worker = info is not None
-        windows = list(self.batch_plan(worker, n_workers))
+        mapped = self.mapped_arrays()
+        arrays = self.open_readers() if mapped is None else None
+        windows = list(self.batch_plan(worker, n_workers, None if mapped is not None else self.read_gap(arrays)))
         if not windows:
             return
-        mapped = self.mapped_arrays()
         if mapped is not None:  # no window to fill: each batch gathered from the page cache
             yield from self._mapped_batches(mapped, windows)
             return
-        arrays = self.open_readers()
-        b = self.batch_size
+        front = max(w[2] for w in windows)  # kept rows go in front of the window's rows
         plan = [(w[0], w[1]) for w in windows]
-        rows = b + max(n for _, n in plan)  # carry (< b rows) goes in front of the window's rows
+        rows = front + max(n for _, n in plan)
         ahead = bool(self.read_ahead) and len(plan) > 1
         pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="PatchStream-read")
         # where a core is spare (read_ahead says so), big batches are normalised on two threads
         self._emit_pool = pool if self.read_ahead and not self._in_worker else None
-        filled = (_read_ahead(arrays, plan, rows, b, pool) if ahead
-                  else _read_inline(arrays, plan, rows, b, pool))
+        filled = (_read_ahead(arrays, plan, rows, front, pool) if ahead
+                  else _read_inline(arrays, plan, rows, front, pool))
         carry: list[np.ndarray] = []
         try:
             for (_, n_rows, k0, batches, rest), (bufs, _, release) in zip(windows, filled, strict=True):
                 for buf, c in zip(bufs, carry, strict=False):
-                    buf[b - k0:b] = c
-                arrs = [buf[b - k0:b + n_rows] for buf in bufs]
+                    buf[front - k0:front] = c
+                arrs = [buf[front - k0:front + n_rows] for buf in bufs]
                 for idx in batches:
                     yield self._emit(arrs, idx)
                 carry = [take_rows(x, rest) for x in arrs] if len(rest) else []
@@ -374,89 +401,45 @@ class _Blocks:
         return b
 
 
-def window_batches(segs: list[tuple[int, int]], cap: int, b: int, rng: np.random.Generator, shuffle: bool):
-    """The batches of a worker's row ranges ``segs``, window by window, as positions only.
-
-    Yields ``(ranges, rows, carried, batches, rest)`` per window: its store ranges and
-    row count; ``carried`` rows (< b) left by the previous window, which come first in
-    the window's pending rows ``[carried rows, then the ranges' rows in order]``; the
-    batches as index arrays into those pending rows (one permutation per window); and
-    ``rest``, the positions carried to the next window (empty after the last, whose
-    short batch is yielded instead). Pure: no data is read here.
-    """
-    plan = _windows(segs, cap, b)
-    k0 = 0
-    for k, (ranges, n_rows) in enumerate(plan):
-        n_pend = k0 + n_rows
-        order = rng.permutation(n_pend) if shuffle else np.arange(n_pend)
-        full = n_pend // b
-        batches = [order[i * b:(i + 1) * b] for i in range(full)]
-        rest = order[full * b:]
-        if k == len(plan) - 1:
-            if len(rest):
-                batches.append(rest)
-            rest = rest[:0]
-        elif not shuffle:
-            rest = np.sort(rest)
-        yield ranges, n_rows, k0, batches, rest
-        k0 = len(rest)
-
-
-def batch_rows(windows):
-    """The store rows of each batch of :meth:`PatchStream.batch_plan`'s windows, in order
-    (what the stream reads and emits, without reading: the patch cache draws these)."""
-    carry = np.empty(0, np.int64)
-    for ranges, _, _, batches, rest in windows:
-        ids = np.concatenate([carry, *(np.arange(a, e, dtype=np.int64) for a, e in ranges)])
-        for idx in batches:
-            yield ids[idx]
-        carry = ids[rest]
-
-
-def _windows(segs: list[tuple[int, int]], cap: int, b: int) -> list[tuple[list[tuple[int, int]], int]]:
-    """Group a worker's row ranges into shuffle windows: (ranges, rows) each.
-
-    A window closes once it holds >= cap + b patches counting the carry from
-    the previous one (its n % b leftover), or at the end.
-    """
-    out, cur, n_cur, carry = [], [], 0, 0
-    for k, (a, e) in enumerate(segs):
-        cur.append((a, e))
-        n_cur += e - a
-        if carry + n_cur < cap + b and k != len(segs) - 1:
-            continue
-        out.append((cur, n_cur))
-        carry = (carry + n_cur) % b
-        cur, n_cur = [], 0
-    return out
-
-
 def _alloc(arrays, rows: int) -> list[np.ndarray]:
     return [np.empty((rows, *a.shape[1:]), a.dtype) for a in arrays]
 
 
-def _fill(arrays, bufs, ranges, b: int, pool) -> None:
-    """Read ``ranges`` of every array (stores.patches.RowReader) into rows ``b:`` of ``bufs``.
+def _fill(arrays, bufs, ranges, front: int, pool) -> None:
+    """Read ``ranges`` of every array (stores.patches.RowReader) into rows ``front:`` of ``bufs``.
 
     Each range is decoded straight into the window (no per-chunk temporaries, no
-    concatenation), and the reads run concurrently: they release the GIL, so
-    overlapping them measured ~1.5x faster than a sequential loop
-    (benchmarks/bench_stream.py).
+    concatenation), a chunk's ranges by one job (one file opened, one decode), and the
+    jobs run concurrently: they release the GIL, so overlapping them measured ~1.5x
+    faster than a sequential loop (benchmarks/bench_stream.py).
     """
     jobs = []
     for arr, buf in zip(arrays, bufs, strict=True):
-        pos = b
-        for a, e in ranges:
-            jobs.append(pool.submit(arr.read, a, e, buf[pos:pos + e - a]))
-            pos += e - a
+        pos = front
+        for group in _by_chunk(ranges, arr.chunks[0]):
+            n = sum(e - a for a, e in group)
+            jobs.append(pool.submit(arr.read_ranges, group, buf[pos:pos + n]))
+            pos += n
     for j in jobs:
         j.result()
 
 
-def _read_inline(arrays, plan, rows: int, b: int, pool):
+def _by_chunk(ranges, chunk_rows: int):
+    """Consecutive ranges grouped by the chunk they lie in."""
+    group: list[tuple[int, int]] = []
+    for a, e in ranges:
+        if group and group[0][0] // chunk_rows != a // chunk_rows:
+            yield group
+            group = []
+        group.append((a, e))
+    if group:
+        yield group
+
+
+def _read_inline(arrays, plan, rows: int, front: int, pool):
     bufs = _alloc(arrays, rows)  # one window, reused
     for ranges, n in plan:
-        _fill(arrays, bufs, ranges, b, pool)
+        _fill(arrays, bufs, ranges, front, pool)
         yield bufs, n, _noop
 
 
@@ -478,7 +461,7 @@ def subject_tables(norm: Normalisation, attrs: dict, url: str) -> tuple[np.ndarr
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
-def _read_ahead(arrays, plan, rows: int, b: int, pool):
+def _read_ahead(arrays, plan, rows: int, front: int, pool):
     """Windows read by a background thread (zarr I/O and decoding release the GIL), two
     buffers in rotation: the next window is read while this one is cut into batches."""
     free: queue.Queue = queue.Queue()
@@ -501,7 +484,7 @@ def _read_ahead(arrays, plan, rows: int, b: int, pool):
                 bufs = take(free)
                 if bufs is None:
                     return
-                _fill(arrays, bufs, ranges, b, pool)
+                _fill(arrays, bufs, ranges, front, pool)
                 ready.put((bufs, n))
         except BaseException as e:  # surfaced in the consumer
             ready.put(e)

@@ -26,9 +26,17 @@ def test_direct_reads_equal_zarr(tmp_path, codec):
         out = np.full((e - a, 5, 3, 3), np.nan, np.float32)
         r.read(a, e, out)
         assert np.array_equal(out, data[a:e])
+    assert r.plain == (codec == "none")
+    for ranges in ([(70, 72), (75, 76), (120, 128)], [(192, 193), (249, 250)], [(3, 9)]):
+        out = np.full((sum(e - a for a, e in ranges), 5, 3, 3), np.nan, np.float32)
+        r.read_ranges(ranges, out)  # several ranges of one chunk, end to end
+        assert np.array_equal(out, np.concatenate([data[a:e] for a, e in ranges]))
     os.remove(os.path.join(url, "train", "inputs", "c.1.0.0.0"))  # a chunk never written: the fill value
     out = np.full((10, 5, 3, 3), np.nan, np.float32)
     r.read(70, 80, out)
+    assert (out == 0).all()
+    out[:] = np.nan
+    r.read_ranges([(70, 75), (78, 83)], out)
     assert (out == 0).all()
 
 

@@ -44,7 +44,19 @@ def test_reproducible_and_the_target_turns_with_its_patch():
     assert not torch.equal(x1, x3)
     assert torch.equal(t1, x1[:, 0] * 10)  # still channel 0 after every patch's own symmetry
     assert not torch.equal(x1, x)
-    assert not torch.equal(Augment(("flip",), seed=3, rank=1)(x, t, 1, 5)[0], x1)  # ranks differ
+
+
+
+def test_a_rank_augments_its_slice_as_one_process_augments_the_global_batch():
+    """Draws are made for the global batch from (seed, epoch, step): rank r of 2 gets the
+    rows one process gives the same samples in a batch twice as large."""
+    x, t = batch()
+    kinds = ("gain", "offset", "bias", "noise", "flip")
+    xg, tg = Augment(kinds, seed=3)(torch.cat([x, x + 1]), torch.cat([t, t + 1]), 2, 7)
+    for rank, (xs, ts) in enumerate([(x, t), (x + 1, t + 1)]):
+        xr, tr = Augment(kinds, seed=3, rank=rank, world=2)(xs, ts, 2, 7)
+        n = len(x)
+        assert torch.equal(xr, xg[rank * n:(rank + 1) * n]) and torch.equal(tr, tg[rank * n:(rank + 1) * n])
 
 
 def test_intensity_augmentations_change_inputs_not_targets():

@@ -51,14 +51,14 @@ def test_per_subject_normalisation_and_val_split(store):
     _same(list(_stream(store, **kw)), list(PatchCache(_stream(store, **kw), torch.device("cpu"))))
 
 
-def test_loader_workers_interleave_as_the_dataloader(store):
-    """With W loader workers the stream's batches are W plans interleaved by the DataLoader;
-    the cache, in-process, yields that same sequence."""
+def test_loader_workers_give_the_caches_order(store):
+    """With W loader workers the stream's batches are W plans interleaved by the DataLoader,
+    which take the global batches in turn: the cache, in-process, yields that same sequence."""
     kw = dict(batch_size=40, seed=2, drop_last=False)
     s = _stream(store, **kw)
     s.set_epoch(1)
     loader = list(DataLoader(s, batch_size=None, num_workers=2))
-    c = PatchCache(_stream(store, **kw), torch.device("cpu"), workers=2)
+    c = PatchCache(_stream(store, **kw), torch.device("cpu"))
     c.set_epoch(1)
     _same(loader, list(c))
 

@@ -13,6 +13,7 @@ from mrhscale.errors import MRHError
 from mrhscale.options import PatchOptions
 from mrhscale.parallel.context import Context
 from mrhscale.stages.patches import extract_patches
+from mrhscale.training.plan import batch_rows
 from mrhscale.training.stream import PatchStream, StreamOptions
 
 
@@ -141,29 +142,136 @@ def test_bad_stores(patch_store, tmp_path):
         PatchStream(str(bad))
 
 
+def _interleaved(plans):
+    """Batches of W worker plans in the order the DataLoader asks its workers (in turn)."""
+    out, alive = [], [iter(p) for p in plans]
+    while alive:
+        nxt = []
+        for it in alive:
+            idx = next(it, None)
+            if idx is not None:
+                out.append(idx)
+                nxt.append(it)
+        alive = nxt
+    return out
+
+
+def _global_batches(url, world, workers, global_batch=48, epoch=1, **kw):
+    """The epoch's global batches as a world of ranks with loader workers sees them: each
+    rank's batches (its workers interleaved), the g-th of every rank put together in rank order."""
+    per_rank = []
+    for rank in range(world):
+        s = PatchStream(url, batch_size=global_batch // world, rank=rank, world_size=world, seed=2, **kw)
+        s.set_epoch(epoch)
+        got = _interleaved([batch_rows(s.batch_plan(w, workers, gap=g)) for w, g in
+                            zip(range(workers), [None, 0, 3, 1000], strict=False)])
+        assert len(got) == s.steps_per_epoch()
+        per_rank.append(got)
+    n = max(len(r) for r in per_rank)
+    return [np.concatenate([r[g] for r in per_rank if g < len(r)]) for g in range(n)], s
+
+
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_plan_partitions_every_configuration(patch_store, drop_last):
-    """Rank x worker plans are disjoint; exact mode covers every row once, equal-steps mode
-    gives every rank the same number of full batches."""
+def test_global_batches_do_not_depend_on_ranks_or_workers(patch_store, drop_last):
+    """Elastic determinism, pure plan: for 1, 2, 4 ranks and 1, 2, 3 loader workers the
+    global batches are the same; each sample once per epoch (at most once with drop_last)."""
     n = zarr.open_group(patch_store, mode="r").attrs["n_train"]
-    for world, workers, batch in [(1, 1, 7), (2, 3, 50), (3, 2, 64), (4, 4, 33)]:
-        rows, per_rank = [], []
+    want, s = _global_batches(patch_store, 1, 1, drop_last=drop_last, options=StreamOptions(shuffle_buffer=150))
+    assert [len(b) for b in want] == [len(b) for b in s.global_batches()]
+    assert all(np.array_equal(a, b) for a, b in zip(want, s.global_batches(), strict=True))
+    assert len(want) == (n // 48 if drop_last else -(-n // 48)) and n % 48  # a short last batch exists
+    rows = np.concatenate(want)
+    assert len(set(rows.tolist())) == len(rows)
+    assert len(rows) == (n // 48 * 48 if drop_last else n)
+    for world in (1, 2, 4):
+        for workers in (1, 2, 3):
+            got, _ = _global_batches(patch_store, world, workers, drop_last=drop_last,
+                                     options=StreamOptions(shuffle_buffer=150))
+            assert len(got) == len(want), (world, workers)
+            for a, b in zip(got, want, strict=True):
+                assert np.array_equal(a, b), (world, workers)
+
+
+@pytest.mark.parametrize("gap_bytes", [0, 1 << 30])
+def test_ranks_yield_the_slices_of_one_process_batches(patch_store, monkeypatch, gap_bytes):
+    """The tensors themselves: 2 ranks (one through 2 DataLoader workers) reading only
+    their rows (gap 0) or whole chunks yield one process's batches, sliced."""
+    import mrhscale.training.stream as st
+    from mrhscale.stores.patches import RowReader
+
+    monkeypatch.setattr(st, "_GAP_BYTES", gap_bytes)
+    monkeypatch.setattr(RowReader, "mapped", lambda self: None)
+    kw = dict(seed=2, drop_last=False, options=StreamOptions(shuffle_buffer=120))
+
+    def run(world, rank, workers):
+        s = PatchStream(patch_store, batch_size=48 // world, rank=rank, world_size=world, **kw)
+        s.set_epoch(4)
+        return _collect(s, workers) if workers else list(s)
+
+    one = run(1, 0, 0)
+    ranks = [run(2, 0, 2), run(2, 1, 0)]
+    assert len(one) == len(ranks[0]) > 3
+    for g, (x, t) in enumerate(one):
+        parts = [r[g] for r in ranks if g < len(r)]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(t, torch.cat([p[1] for p in parts]))
+
+
+def test_a_rank_reads_about_its_share_of_each_window(tmp_path):
+    """Guard of the stream's reading cost: a global batch lists its rows in window order, so
+    each of 4 ranks reads (decodes, here: one range a chunk) about a quarter of the store."""
+    from helpers import make_patch_store
+
+    url = make_patch_store(tmp_path / "p.zarr", n_train=6000, n_val=0, chunk=64)
+    for rank in range(4):
+        s = PatchStream(url, batch_size=64, rank=rank, world_size=4, seed=1,
+                        options=StreamOptions(shuffle_buffer=512))
+        read = sum(w[1] for w in s.batch_plan(0, 1, gap=s.chunk_rows))
+        assert 0.25 * 6000 * 0.8 < read < 0.25 * 6000 * 1.4, (rank, read)
+
+
+def test_epochs_and_seeds_change_the_global_batches(patch_store):
+    a, _ = _global_batches(patch_store, 2, 1, epoch=1)
+    b, _ = _global_batches(patch_store, 2, 1, epoch=2)
+    assert not np.array_equal(np.concatenate(a), np.concatenate(b))
+
+
+def test_a_resumed_epoch_starts_at_its_global_batch(patch_store):
+    """set_epoch(e, start) yields the global batches from ``start`` on, whatever the ranks."""
+    full, _ = _global_batches(patch_store, 1, 1, drop_last=True)
+    for world, workers in ((1, 2), (2, 3)):
+        parts = []
         for rank in range(world):
-            s = PatchStream(patch_store, batch_size=batch, rank=rank, world_size=world,
-                            drop_last=drop_last, seed=2)
-            s.set_epoch(1)
-            got = 0
-            for w in range(workers):
-                for a, b in s.plan(w, workers):
-                    rows.extend(range(a, b))
-                    got += b - a
-            per_rank.append(got)
-        assert len(rows) == len(set(rows))
-        if drop_last:
-            assert len(set(per_rank)) == 1 and per_rank[0] % batch == 0
-            assert n - len(rows) < world * batch
-        else:
-            assert sorted(rows) == list(range(n))
+            s = PatchStream(patch_store, batch_size=48 // world, rank=rank, world_size=world, seed=2)
+            s.set_epoch(1, start=3)
+            parts.append(_interleaved([batch_rows(s.batch_plan(w, workers)) for w in range(workers)]))
+        got = [np.concatenate(bs) for bs in zip(*parts, strict=True)]
+        assert len(got) == len(full) - 3
+        assert all(np.array_equal(a, b) for a, b in zip(got, full[3:], strict=True))
+
+
+def test_each_rank_reads_only_its_rows(patch_store, monkeypatch):
+    """With no read-through (gap 0) a rank reads exactly the rows of its slices, and the
+    batches are those of whole-chunk reads."""
+    import mrhscale.training.stream as st
+    from mrhscale.stores.patches import RowReader
+
+    seen = []
+    real = RowReader.read_ranges
+    monkeypatch.setattr(RowReader, "read_ranges", lambda self, rs, out: seen.extend(rs) or real(self, rs, out))
+    monkeypatch.setattr(RowReader, "mapped", lambda self: None)
+    kw = dict(batch_size=24, world_size=2, seed=2, options=StreamOptions(shuffle_buffer=150, with_origin=True))
+    monkeypatch.setattr(st, "_GAP_BYTES", 0)
+    s = PatchStream(patch_store, rank=1, **kw)
+    assert s.read_gap(s.open_readers()) == 0
+    got = list(s)
+    read = {r for a, e in seen for r in range(a, e)}
+    mine = {r for idx in batch_rows(s.batch_plan()) for r in idx.tolist()}
+    assert read == mine and len(seen) > len(got)
+    monkeypatch.setattr(st, "_GAP_BYTES", 1 << 30)
+    whole = list(PatchStream(patch_store, rank=1, **kw))
+    for x, y in zip(got, whole, strict=True):
+        for u, v in zip(x, y, strict=True):
+            assert torch.equal(u, v)
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
