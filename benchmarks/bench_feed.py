@@ -10,8 +10,10 @@ second, medians of repeats, each figure and its baseline alternated in the same 
   thread) against the bare forward of that network on pre-built patches of the same
   number of voxels and threads (the network's own bound), and against a plain read of the
   same subjects' ``mri`` (Zarr read + decode of every voxel, brain or not: the read bound);
+- the same on the brains chunked as ingest chunked them before it cut axes evenly;
 - the same on the embedded cluster, its startup and close included (``Context()``, as a
-  user runs it), against the in-process rate, and the cluster's start + close alone;
+  user runs it: one worker of a thread per core in this process), against the in-process
+  rate and against an embedded cluster of worker processes (``--dask-workers``);
 - predict with a depth-5 network (width 64, torch on all cores) in-process on one
   subject (model load is its only startup: well under a tenth of the run) against the
   bare depth-5 forward on the same number of voxels.
@@ -34,6 +36,8 @@ from benchmarks.common import repeats_main, row  # noqa: E402
 
 SUBJECTS = ("b00", "b01", "b02")
 SHAPE = (80, 48, 112)
+UNEVEN = (64, 32, 64)  # the chunks ingest wrote before it cut axes evenly: 80 = 64 + 16, 48 = 32 + 16
+CORES = os.cpu_count() or 1
 
 
 def predict_seconds(model: str, store: str, out: str, ctx, threads: int | None, subjects=None) -> tuple[int, float]:
@@ -82,13 +86,17 @@ def near_null(model: str, store: str, work: str, repeats: int) -> list[dict]:
 
     sync = Context(scheduler="synchronous", quiet=True)
     out = os.path.join(work, "pred.zarr")
+    uneven = make_store(os.path.join(work, "uneven.zarr"), SHAPE, chunks=UNEVEN, subjects=SUBJECTS)
     n, _ = predict_seconds(model, store, out, sync, 1)  # warm-up: numba's cache, torch's first calls
-    s: dict[str, list[float]] = {k: [] for k in ("proc", "bare", "read", "emb", "cluster")}
+    s: dict[str, list[float]] = {k: [] for k in ("proc", "bare", "read", "uneven", "emb", "emb_proc", "cluster")}
     for _ in range(repeats):
         s["proc"].append(n / predict_seconds(model, store, out, sync, 1)[1])
         s["bare"].append(bare_forward(model, n, 1, 1, 0))
         s["read"].append(n / plain_read_seconds(store, SUBJECTS))
+        s["uneven"].append(n / predict_seconds(model, uneven, out, sync, 1)[1])
         s["emb"].append(n / predict_seconds(model, store, out, Context(quiet=True), None)[1])
+        s["emb_proc"].append(n / predict_seconds(model, store, out, Context(quiet=True, dask_workers=CORES),
+                                                 None)[1])
         s["cluster"].append(cluster_seconds())
     m = _median_rates(s)
     each = ", ".join(f"{p:.0f}" for p in s["proc"])
@@ -98,10 +106,15 @@ def near_null(model: str, store: str, work: str, repeats: int) -> list[dict]:
             target=">= 300k voxels/s", met=m["proc"] >= 3e5, note=f"each run: {each}"),
         row("near-null predict in-process vs the plain read", m["proc"], "voxels/s",
             "Zarr read + decode of the same subjects' mri (every voxel)", m["read"]),
+        row("near-null predict in-process, ingest's even chunks", m["proc"], "voxels/s",
+            f"the same brains chunked {','.join(map(str, UNEVEN))} (ingest before: a thin last chunk)",
+            m["uneven"]),
         row("near-null predict on the embedded cluster, startup and close included", m["emb"], "voxels/s",
             "the in-process predict above", m["proc"], target=">= 150k voxels/s", met=m["emb"] >= 1.5e5,
-            note=f"the cluster's start + close alone: {m['cluster']:.1f} s "
-                 f"({m['cluster'] * m['emb'] / n:.0%} of the embedded run)"),
+            note=f"one worker of {CORES} threads in this process; a process cluster's start + close alone: "
+                 f"{m['cluster']:.1f} s"),
+        row("near-null predict, embedded cluster of threads (predict's default)", m["emb"], "voxels/s",
+            f"the embedded cluster of {CORES} worker processes (--dask-workers {CORES})", m["emb_proc"]),
     ]
 
 

@@ -60,8 +60,8 @@ def ellipsoid_mask(shape) -> np.ndarray:
 
 def make_store(path: str, shape, chunks=None, subjects=("b01",)) -> str:
     """A cohort store of ``subjects`` (random gamma MRI of 67 channels, each its own seed,
-    the ellipsoid mask), chunked and encoded as `mrhscale ingest` writes one (its default
-    chunks cut evenly, Blosc zstd 3 + shuffle)."""
+    the ellipsoid mask), chunked (``chunks`` as given, else ingest's default cut evenly) and
+    encoded as `mrhscale ingest` writes one (Blosc zstd 3 + shuffle)."""
     import dask.array as da
     import xarray as xr
 
@@ -69,7 +69,7 @@ def make_store(path: str, shape, chunks=None, subjects=("b01",)) -> str:
     from mrhscale.stages.ingest import _encoding, even_chunks
     from mrhscale.stores import CohortStore
 
-    chunks = even_chunks(chunks or IngestOptions.chunks, shape)
+    chunks = tuple(chunks) if chunks else even_chunks(IngestOptions.chunks, shape)
     names = channel_names()
     store = CohortStore(path)
     store.prepare({"channels": names})
