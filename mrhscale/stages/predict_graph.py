@@ -28,6 +28,7 @@ from mrhscale.options import AGGREGATES, PredictOptions
 
 SPATIAL = ("x", "y", "z")
 BLOCK_BYTES = 96 << 20  # input bytes per prediction block (see subject_prediction)
+PLANE_BYTES = 512 << 20  # ... when whole planes of a store's subject fit in it (planes_prediction)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -84,13 +85,16 @@ def subject_arrays(ds, channels: list[str]):
 
 
 def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = PredictOptions.aggregate, tta: bool = False,
-                       norm=None, block_bytes: int = BLOCK_BYTES, regions=None, tasks: int = 1):
+                       norm=None, block_bytes: int = BLOCK_BYTES, regions=None, tasks: int = 1,
+                       plane_bytes: int = PLANE_BYTES):
     """Lazy dask array (x, y, z, V) of one subject Dataset's maps, as ``predict_block``. ``spec``: the network and its
     planned numerics; ``tta``: the mean over the patch's 8 in-plane symmetries; ``norm``: this
     subject's concrete normalisation (default: the bundle's, which must then not be per
     subject: see ``ops.norm.subject_normalisation``). ``regions``: the subject's ``mri`` in its
     store (``stores.cohort.MRIRegions``): blocks of whole planes are then read by the task
-    that predicts them, in ``tasks`` runs of blocks at most (``planes_prediction``).
+    that predicts them, in ``tasks`` runs of blocks at most (``planes_prediction``), and
+    may hold up to ``plane_bytes`` (a brain of 200x280 planes: 480 MB of 32 planes) where
+    ``block_bytes`` would cut the planes and exchange halos.
 
     Store chunks are merged in-plane into blocks of up to ``block_bytes`` of input: the
     halo exchange costs dask ~40 tasks per block whatever its size, which on store-sized
@@ -107,7 +111,9 @@ def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = Pr
     check_channels(channels, [str(c) for c in ds["contrast"].values], f"subject {ds.attrs.get('subject')!r}")
     mri, mask = subject_arrays(ds, channels)
     depth = h if aggregate == "centre" else 2 * h
-    mri, mask = _blocks(mri, mask, slice_axis, depth, block_bytes)
+    whole = _blocks(mri, mask, slice_axis, depth, max(block_bytes, plane_bytes)) if regions is not None else None
+    mri, mask = whole if whole and _whole_planes(whole[0].chunks, slice_axis) else _blocks(
+        mri, mask, slice_axis, depth, block_bytes)
     norm = meta["norm"] if norm is None else norm
     t_off, t_scale = norm.target_arrays(np.float32)  # float32: what the map is computed in
     job = BlockJob(spec, h, slice_axis, *norm.input_arrays(), t_off, t_scale, spread_scale(meta, norm), aggregate,
@@ -115,7 +121,7 @@ def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = Pr
     n_out = len(job.t_scale) * (1 if job.spread_scale is None else 2)
     kw = dict(chunks=(*mri.chunks[:3], (n_out,)), dtype=np.float32, meta=np.empty((0,) * 4, np.float32), job=job)
     msk = mask.astype(bool)[..., None]
-    if all(len(mri.chunks[a]) == 1 for a in range(3) if a != slice_axis):
+    if _whole_planes(mri.chunks, slice_axis):
         # blocks of whole planes: no neighbour has context to give, and the volume's zero
         # padding is applied inside the gather, so no halo exchange (its tasks and a padded
         # copy of every block) at all
@@ -127,6 +133,10 @@ def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = Pr
     dep = {a: (0 if a in (slice_axis, 3) else depth) for a in range(4)}
     return da.map_overlap(predict_block, mri, msk, depth=dep, boundary=0, trim=False,
                           align_arrays=False, allow_rechunk=True, halo=depth, **kw)
+
+
+def _whole_planes(chunks, slice_axis: int) -> bool:
+    return all(len(chunks[a]) == 1 for a in range(3) if a != slice_axis)
 
 
 def planes_prediction(regions, msk, cuts: tuple[int, ...], job: BlockJob, tasks: int, n_out: int):
