@@ -110,7 +110,8 @@ def _predict_all(plan: PredictPlan, sink: ZarrSink, source, datasets: dict, runn
             ds = datasets[sid]
             norm = plan.normalisation(ds, runner)
             pred = subject_prediction(ds, plan.meta, plan.spec, aggregate=plan.aggregate, tta=plan.tta, norm=norm,
-                                      regions=source.mri_regions(sid), tasks=runner.n_threads())
+                                      regions=source.mri_regions(sid), tasks=runner.n_threads(),
+                                      plane_bytes=plan.plane_bytes)
             out = sink.dataset(ds, pred, plan.lineage(source, sid, norm))
             n_vox += sink.write(sid, out, plan.made_by(source.identity(sid)["fingerprint"]), runner)
     return n_vox

@@ -25,7 +25,7 @@ from mrhscale.ops.norm import subject_normalisation
 from mrhscale.ops.stains import target_name
 from mrhscale.ops.uncertainty import calibration_factors
 from mrhscale.options import AGGREGATES, PredictOptions
-from mrhscale.stages.predict_graph import check_channels, subject_arrays
+from mrhscale.stages.predict_graph import PLANE_BYTES, check_channels, subject_arrays
 from mrhscale.stores import resolve, sha256_file
 from mrhscale.stores.legacy import calibration_of, stains_of
 
@@ -54,6 +54,7 @@ class PredictPlan:
         self.params = {"aggregate": self.aggregate, "batch_size": self.batch_size, "device": self.device,
                        "tta": self.tta}
         self.accel, self.prepared = Acceleration(why="not resolved"), False
+        self.plane_bytes = PLANE_BYTES  # a whole-plane block's input at most (planes_prediction)
 
     @property
     def spec(self) -> NetworkSpec:
@@ -71,6 +72,7 @@ class PredictPlan:
         side by side: 2 tasks of 2 torch threads each on 2 cores spin against each other)."""
         if self.threads is None and runner is not None and runner.client is not None and ctx.scheduler is None:
             self.threads = max(1, (os.cpu_count() or 1) // runner.n_threads())
+        self.plane_bytes = plane_budget(runner)
 
     # ---- numerics
     def plan_numerics(self, runner, work: int) -> None:
@@ -225,3 +227,15 @@ def jsonable(v):
     if v is None or isinstance(v, (str, int, float, bool)):
         return v
     return str(v)
+
+
+def plane_budget(runner) -> int:
+    """The input bytes a whole-plane block may hold on ``runner``: ``PLANE_BYTES``, or less
+    where a worker's memory limit per task thread would not hold four of them (a task holds
+    this block and the next; the network's batches and the outputs beside them)."""
+    if runner is None or runner.client is None:
+        return PLANE_BYTES
+    workers = runner.client.scheduler_info().get("workers", {}).values()
+    per_thread = [int(w.get("memory_limit") or 0) // max(1, int(w.get("nthreads", 1))) for w in workers]
+    limited = [b for b in per_thread if b > 0]
+    return min([PLANE_BYTES] + [b // 4 for b in limited])

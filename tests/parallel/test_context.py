@@ -158,3 +158,17 @@ def test_a_gil_free_stage_runs_its_embedded_cluster_in_threads_here(workers, in_
         assert r.n_workers() == (1 if in_process else 2)
         assert r.n_threads() == ((os.cpu_count() or 1) if in_process else 2)
         assert r.compute([dask.delayed(_pid)(i) for i in range(2)], "pid") == [os.getpid()] * 2 or not in_process
+
+
+def test_whole_plane_blocks_fit_the_workers_memory():
+    """predict's whole-plane blocks (a task holds two) shrink to a quarter of a worker's
+    memory per task thread; without a limit, or in-process, they keep their bound."""
+    from mrhscale.stages.predict_plan import PLANE_BYTES, plane_budget
+
+    assert plane_budget(None) == plane_budget(Runner("synchronous")) == PLANE_BYTES
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, memory_limit="1GiB",
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        assert plane_budget(Runner(client)) == (1 << 30) // 2 // 4
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, memory_limit=0,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        assert plane_budget(Runner(client)) == PLANE_BYTES
