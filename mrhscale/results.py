@@ -153,6 +153,23 @@ class HistologyResult(_Result):
 
 
 @dataclass
+class LandmarksResult(_Result):
+    """TRE of a landmark pair before and after a transform (``score_landmarks``): each of
+    ``before``/``after`` is {"points": [{name, group, um}], "pooled": {n, mean, median, p90, max},
+    "groups": {group: the same}}, in micrometres."""
+
+    moving: str
+    fixed: str
+    formats: list[str]
+    transforms: list[str]
+    direction: str
+    before: dict
+    after: dict
+    units: str = "um"
+    out: str | None = None
+
+
+@dataclass
 class ManifestResult(_Result):
     """What ``write_manifest`` found and wrote."""
 

@@ -199,3 +199,28 @@ def register_histology(volume, subject, manifest, out, min_similarity, quiet, **
     if not quiet:
         click.echo(f"registered {volume} -> {res.out} (NMI {m['nmi_before']:.3f} -> {m['nmi_after']:.3f}, "
                    f"{res.seconds:.1f} s); transforms in {res.transforms}")
+
+
+@main.command("landmarks")
+@click.argument("moving", type=click.Path(dir_okay=False))
+@click.argument("fixed", required=False, type=click.Path(dir_okay=False))
+@click.option("--transform", "-t", "transforms", multiple=True, required=True, metavar="T",
+              help="What warps the MOVING image onto the FIXED one: the folder register or register-histology "
+                   "wrote (OUT/<sid>, <out>_transforms), or ANTs files in apply_transforms order (repeat).")
+@click.option("--invert", "inverts", multiple=True, type=int, metavar="I",
+              help="Index (0-based) of a --transform file ANTs should invert, as whichtoinvert (repeat).")
+@click.option("--unit", default="mm", show_default=True,
+              help="BigWarp coordinates' unit (the images' calibration: mm or um).")
+@click.option("--out", "-o", default=None, metavar="FILE.json", help="Also write the report here.")
+@context_options()
+def landmarks(moving, fixed, transforms, inverts, unit, out, quiet):
+    """Landmark accuracy: TRE (um) of MOVING's landmarks mapped onto FIXED's, before and after the
+    transform, per group (e.g. section) and pooled. FIXED may be left out for a BigWarp CSV (it holds both)."""
+    from mrhscale.stages.register.landmarks import report_lines, score_landmarks
+
+    if any(not 0 <= i < len(transforms) for i in inverts):
+        raise MRHError(f"--invert {', '.join(map(str, inverts))}: an index of the {len(transforms)} --transform(s), from 0")
+    flags = [i in inverts for i in range(len(transforms))] if inverts else None
+    report = score_landmarks(moving, fixed, list(transforms), out=out, whichtoinvert=flags, unit=unit)
+    if not quiet:
+        click.echo("\n".join(report_lines(report)))
