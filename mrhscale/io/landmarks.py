@@ -8,7 +8,8 @@ Each format keeps its own convention (docs/landmarks.md):
   files without it (before Slicer 4.11) are RAS.
 - BigWarp CSV: no header, rows ``name, active, moving x, y, z, fixed x, y, z`` in the images'
   calibrated units (``unit``, default mm), taken as RAS world coordinates: true for images whose
-  voxel axes run along R, A, S from a zero origin (see docs/landmarks.md). A file holds a pair.
+  voxel axes run along R, A, S from a zero origin (see docs/landmarks.md). A file holds a pair;
+  2D files (6 columns: moving x, y, fixed x, y) read with z = 0.
 - ANTs point CSV: header ``x,y,z,t,label`` (mrhscale adds ``name,group``), LPS millimetres.
 
 Inside mrhscale points are always world RAS millimetres (NIfTI's frame), float64.
@@ -151,10 +152,10 @@ def detect_format(path: str, text: str) -> str:
     cells = [c.strip().strip('"').lower() for c in first.split(",")]
     if cells[:3] == ["x", "y", "z"]:
         return "ants"
-    if len(cells) == 8 and cells[1] in ("true", "false"):
+    if len(cells) in (6, 8) and cells[1] in ("true", "false"):
         return "bigwarp"
     raise MRHError(f"{path}: not a landmark file mrhscale knows (Slicer .mrk.json / .fcsv, BigWarp CSV with "
-                   "8 columns, ANTs CSV with an x,y,z,t,label header); name the format")
+                   "6 or 8 columns, ANTs CSV with an x,y,z,t,label header); name the format")
 
 
 def _format_name(fmt: str) -> str:
@@ -201,7 +202,8 @@ def _read_slicer_json(text: str):
         scale = unit_scale(str(mk.get("coordinateUnits", "mm")))
         for cp in mk.get("controlPoints", []):
             names.append(cp.get("label") or cp.get("id") or f"P{len(names) + 1}")
-            points.append(_to_ras(cp.get("position", [np.nan] * 3), system)[0] * scale)
+            placed = cp.get("positionStatus", "defined") != "undefined"  # Slicer keeps unplaced points
+            points.append(_to_ras(cp.get("position", [np.nan] * 3) if placed else [np.nan] * 3, system)[0] * scale)
             groups.append(cp.get("description") or "")
     return names, np.reshape(points, (-1, 3)), groups, {"schema": doc.get("@schema", "")}
 
@@ -224,11 +226,15 @@ def _read_fcsv(text: str):
 
 
 def _read_bigwarp(text: str):
+    """3D rows (name, active, moving x, y, z, fixed x, y, z) or 2D ones (moving x, y, fixed x, y: z = 0)."""
     rows = [r for r in csv.reader(text.splitlines()) if r]
-    if any(len(r) != 8 for r in rows):
-        raise MRHError("a BigWarp row needs 8 columns: name, active, moving x, y, z, fixed x, y, z")
-    both = np.array([[float(v) for v in r[2:8]] for r in rows], dtype=np.float64).reshape(-1, 6)
-    return [r[0] for r in rows], both[:, :3], both[:, 3:]
+    if len({len(r) for r in rows}) != 1 or len(rows[0]) not in (6, 8):
+        raise MRHError("a BigWarp row needs 8 columns (name, active, moving x, y, z, fixed x, y, z), "
+                       "or 6 for 2D images, in every row")
+    dims = (len(rows[0]) - 2) // 2
+    both = np.array([[float(v) for v in r[2:]] for r in rows], dtype=np.float64).reshape(-1, 2, dims)
+    both = np.pad(both, ((0, 0), (0, 0), (0, 3 - dims)))
+    return [r[0] for r in rows], both[:, 0], both[:, 1]
 
 
 def _read_ants(text: str):

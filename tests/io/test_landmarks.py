@@ -89,6 +89,13 @@ def test_bigwarp_hand_written_in_micrometres(tmp_path):
     assert np.allclose(m.points[0], RAS) and np.allclose(f.points[0], [1.25, -2.5, 3.13])
 
 
+def test_bigwarp_2d_rows_read_with_z_zero(tmp_path):
+    p = tmp_path / "bw2d.csv"
+    p.write_text('"Pt-0","false","1.0","2.0","1.5","2.5"\n"Pt-1","true","3.0","4.0","3.0","4.5"\n')
+    m, f = read_landmark_pairs(p)
+    assert np.allclose(m.points, [[1, 2, 0], [3, 4, 0]]) and np.allclose(f.points, [[1.5, 2.5, 0], [3, 4.5, 0]])
+
+
 def test_pair_up_reorders_by_name_and_refuses_other_names():
     a = Landmarks(["a", "b"], [[0, 0, 0], [1, 1, 1]])
     b = Landmarks(["b", "a"], [[1, 1, 1], [0, 0, 0]])
@@ -105,6 +112,8 @@ def test_pair_up_reorders_by_name_and_refuses_other_names():
      "coordinate system 'IJK' unknown"),
     ("p.fcsv", "# CoordinateSystem = XYZ\nn0,1,2,3\n", "coordinate system 'XYZ' unknown"),
     ("p.csv", "x,y,z,t,label\n1,nan,3,0,1\n", "non-finite"),
+    ("p.mrk.json", '{"markups": [{"controlPoints": [{"label": "a", "position": [0, 0, 0], '
+     '"positionStatus": "undefined"}]}]}', "a have missing"),
     ("p.csv", "x,y,z,t,label\n1,2,3,0,1\n4,5,6,0,1\n", "used more than once"),
     ("p.csv", "x,y,z,t,label\n", "holds no landmarks"),
     ("p.csv", "x,y,z,t,label\n1,two,3,0,1\n", "malformed"),
@@ -128,6 +137,6 @@ def test_missing_file_unknown_format_and_wrong_reader(tmp_path):
     write_landmark_pairs(tmp_path / "bw.csv", sample(), sample(seed=3))
     with pytest.raises(MRHError, match="read_landmark_pairs"):
         read_landmarks(tmp_path / "bw.csv")
-    with pytest.raises(MRHError, match="8 columns"):
+    with pytest.raises(MRHError, match="every row"):
         (tmp_path / "bw2.csv").write_text('"a","true","1","2","3","4","5","6"\n"b","true","1"\n')
         read_landmark_pairs(tmp_path / "bw2.csv", fmt="bigwarp")
