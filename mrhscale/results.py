@@ -150,6 +150,7 @@ class HistologyResult(_Result):
     transforms: str
     metrics: dict
     seconds: float
+    landmarks: dict | None = None  # TRE before/after (um) when landmarks were given
 
 
 @dataclass

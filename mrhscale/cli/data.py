@@ -29,6 +29,25 @@ from mrhscale.options import (
 subjects_option = click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
 
 
+landmarks_option = click.option(
+    "--landmarks", multiple=True, metavar="FILE",
+    help="Landmarks to score the registration with (TRE in um, recorded in transform.json): "
+         "--landmarks MOVING --landmarks FIXED (Slicer .mrk.json/.fcsv, ANTs CSV), or one BigWarp CSV.")
+
+
+def landmark_files(files) -> tuple | None:
+    """--landmarks given once (a BigWarp pair) or twice (moving, fixed); None when not given."""
+    if len(files) > 2:
+        raise MRHError(f"--landmarks: give one BigWarp CSV or two files (moving, fixed), got {len(files)}")
+    return tuple(files) or None
+
+
+def tre_line(report: dict) -> str:
+    b, a = report["before"]["pooled"], report["after"]["pooled"]
+    return (f"landmark TRE ({a['n']} points): median {b['median']:.1f} -> {a['median']:.1f} um, "
+            f"90th percentile {b['p90']:.1f} -> {a['p90']:.1f} um")
+
+
 def some_subjects(spec):
     """None, "all", or a list of subject ids (comma-separated)."""
     return spec if spec in (None, "all") else subject_list((spec,))
@@ -188,17 +207,20 @@ def register(manifest, reference, out, min_similarity, compress, subjects, overw
 @with_options(RegistrationOptions, exclude=("threads",))
 @click.option("--min-similarity", type=float, default=HISTOLOGY_MIN_SIMILARITY, show_default=True,
               help="Normalised mutual information below which the registration counts as failed.")
+@landmarks_option
 @context_options()
-def register_histology(volume, subject, manifest, out, min_similarity, quiet, **kw):
+def register_histology(volume, subject, manifest, out, min_similarity, landmarks, quiet, **kw):
     """Register a 3D stain VOLUME to a subject's MRI (mutual information), for new training targets."""
     from mrhscale.stages.register import register_histology as run
 
     res = run(volume, subject, out, manifest=manifest, options=take(RegistrationOptions, kw, threads=None),
-              min_similarity=min_similarity)
+              min_similarity=min_similarity, landmarks=landmark_files(landmarks))
     m = res.metrics
     if not quiet:
         click.echo(f"registered {volume} -> {res.out} (NMI {m['nmi_before']:.3f} -> {m['nmi_after']:.3f}, "
                    f"{res.seconds:.1f} s); transforms in {res.transforms}")
+        if res.landmarks:
+            click.echo(tre_line(res.landmarks))
 
 
 @main.command("landmarks")

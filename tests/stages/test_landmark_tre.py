@@ -183,3 +183,31 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, affine_file, case):
     r = CliRunner().invoke(main, ["landmarks", m, f, "--transform", transform])
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert r.output.count("\n") == 1 and r.output.startswith("mrhscale: error:")
+
+
+def test_register_histology_records_landmark_tre(tmp_path):
+    """A stain volume shifted by (3, -2, 2) voxels: its landmarks start 412 um off (3D); after
+    register-histology (rigid) their TRE is below a voxel, in the result and in transform.json."""
+    from mrhscale.io.volumes import write_volume
+
+    shift = np.array([3, -2, 2])
+    mri, stain = _anatomy(), 2.5 - _anatomy(tuple(shift))  # the stain is dark where the MRI is bright
+    write_volume(str(tmp_path / "mri.nii"), mri, AFFINE)
+    write_volume(str(tmp_path / "stain.nii"), stain * (mri > 0), AFFINE)
+    write_landmarks(tmp_path / "stain.fcsv", Landmarks(["a", "b", "c"], world(DOTS[:3] + shift)), "fcsv")
+    write_landmarks(tmp_path / "mri.csv", Landmarks(["c", "b", "a"], world(DOTS[2::-1])), "ants")
+    r = CliRunner().invoke(main, ["register-histology", str(tmp_path / "stain.nii"), "--subject",
+                                  str(tmp_path / "mri.nii"), "--out", str(tmp_path / "out.nii"), "--transform",
+                                  "rigid", "--fast", "--min-similarity", "0", "--landmarks",
+                                  str(tmp_path / "stain.fcsv"), "--landmarks", str(tmp_path / "mri.csv")])
+    assert r.exit_code == 0, r.output
+    info = json.loads((tmp_path / "out_transforms" / "transform.json").read_text())
+    tre_info = info["landmarks"]
+    assert tre_info["before"]["pooled"]["median"] == pytest.approx(1000 * VOX * np.linalg.norm(shift), abs=0.01)
+    assert tre_info["after"]["pooled"]["max"] < 1000 * VOX / 4  # the wrong direction would be 2 x 412 um off
+    assert "landmark TRE (3 points)" in r.output
+    write_landmarks(tmp_path / "other.csv", Landmarks(["x"], [[0, 0, 0]]), "ants")
+    bad = CliRunner().invoke(main, ["register-histology", str(tmp_path / "stain.nii"), "--subject",
+                                    str(tmp_path / "mri.nii"), "--out", str(tmp_path / "bad.nii"), "--landmarks",
+                                    str(tmp_path / "stain.fcsv"), "--landmarks", str(tmp_path / "other.csv")])
+    assert bad.exit_code == 2 and "names do not match" in bad.output and not (tmp_path / "bad.nii").exists()

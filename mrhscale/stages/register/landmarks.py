@@ -32,8 +32,13 @@ def map_points(points_ras_mm, transforms, direction: str = "to_fixed",
     saved (its transform.json). direction: ``to_fixed`` maps moving points onto the fixed image
     (as the image was moved), ``to_moving`` the reverse.
     """
-    pts = np.asarray(points_ras_mm, dtype=np.float64).reshape(-1, 3)
     files, invert = point_chain(transforms, direction, whichtoinvert)
+    return through_chain(points_ras_mm, files, invert)
+
+
+def through_chain(points_ras_mm, files: list[str], invert: list[bool]) -> np.ndarray:
+    """Points (RAS mm) through an ANTs point chain as it stands (``antsApplyTransformsToPoints``)."""
+    pts = np.asarray(points_ras_mm, dtype=np.float64).reshape(-1, 3)
     if not files or not len(pts):
         return pts.copy()
     import pandas as pd
@@ -141,6 +146,16 @@ def landmark_tre(moving, fixed, transforms, *, whichtoinvert=None, unit: str = "
             "transforms": [os.path.abspath(t) for t in chain_list(transforms)],
             "direction": "moving landmarks mapped onto the fixed image (inverse of the image chain)",
             "units": "um", "before": tre(m, f), "after": tre(moved, f)}
+
+
+def registration_tre(pair: tuple[Landmarks, Landmarks], tx: dict, workdir: str) -> dict:
+    """TRE before and after a registration just estimated (``estimate``'s file lists in
+    ``workdir``): what register and register-histology record in their transform.json."""
+    m, f = pair
+    files = [os.path.join(workdir, name) for name in tx["inverse"]["files"]]
+    moved = m.moved(through_chain(m.points, files, tx["inverse"]["invert"]), "to_fixed")
+    return {"moving": m.source, "fixed": f.source, "formats": [m.format, f.format], "units": "um",
+            "before": tre(m, f), "after": tre(moved, f)}
 
 
 def score_landmarks(moving, fixed, transforms, *, out: str | None = None, whichtoinvert=None,
