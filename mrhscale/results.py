@@ -140,6 +140,7 @@ class RegisterResult(_Result):
     metrics: dict
     seconds: dict
     timing: dict
+    landmarks: dict = field(default_factory=dict)  # subject -> TRE before/after (um), with --landmarks
 
 
 @dataclass

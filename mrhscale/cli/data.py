@@ -178,16 +178,21 @@ def export_image_cmd(store, subject, var, out, overwrite, **kw):
 @click.option("--compress", is_flag=True, help="Write .nii.gz instead of .nii (smaller, several times slower).")
 @subjects_option
 @click.option("--overwrite", is_flag=True, help="Redo subjects already registered in --out.")
+@click.option("--landmarks", nargs=2, default=None, metavar="MOVING FIXED",
+              help="Score each subject with landmarks (TRE in um, recorded in its transform.json): MOVING "
+                   "a file per subject with {subject} in its name, FIXED the reference's landmarks.")
 @context_options(dask=True)
-def register(manifest, reference, out, min_similarity, compress, subjects, overwrite, **kw):
+def register(manifest, reference, out, min_similarity, compress, subjects, overwrite, landmarks, **kw):
     """Register MANIFEST's subjects onto a reference grid with ANTs (needs mrhscale[register])."""
     from mrhscale.stages.register import register_cohort
 
     res = register_cohort(manifest, reference, out, subjects=subject_list(subjects),
                           options=take(RegistrationOptions, kw), min_similarity=min_similarity,
-                          compress=compress, overwrite=overwrite, ctx=context_from(kw))
+                          compress=compress, overwrite=overwrite, ctx=context_from(kw), landmarks=landmarks)
     if res.skipped:
         click.echo(f"already registered, skipped: {', '.join(res.skipped)}")
+    for sid, report in res.landmarks.items():
+        click.echo(f"{sid}: {tre_line(report)}")
     click.echo(f"registered {len(res.registered)} subject(s) into {res.out}"
                + (f"; manifest for ingest: {res.manifest}" if res.manifest else ""))
     if res.failed:

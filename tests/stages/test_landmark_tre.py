@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("ants") is None,
 from mrhscale.cli import main  # noqa: E402
 from mrhscale.errors import MRHError  # noqa: E402
 from mrhscale.io.landmarks import Landmarks, write_landmark_pairs, write_landmarks  # noqa: E402
+from mrhscale.options import RegistrationOptions  # noqa: E402
 from mrhscale.stages.register.landmarks import map_points, score_landmarks, summary, tre  # noqa: E402
 
 SHAPE = (40, 40, 40)
@@ -211,3 +212,39 @@ def test_register_histology_records_landmark_tre(tmp_path):
                                     str(tmp_path / "mri.nii"), "--out", str(tmp_path / "bad.nii"), "--landmarks",
                                     str(tmp_path / "stain.fcsv"), "--landmarks", str(tmp_path / "other.csv")])
     assert bad.exit_code == 2 and "names do not match" in bad.output and not (tmp_path / "bad.nii").exists()
+
+
+def test_register_cohort_records_each_subjects_tre(tmp_path):
+    """register --landmarks: a subject shifted by (2, 1, -2) voxels (300 um) is scored before and
+    after, in the result and its transform.json; the reference is scored as identity; a subject
+    without a landmark file is not scored; a bad file stops the run before anything is written."""
+    import yaml
+
+    from mrhscale.io.volumes import write_volume
+    from mrhscale.parallel.context import Context
+    from mrhscale.stages.register import register_cohort
+
+    shift = np.array([2, 1, -2])
+    for sid, arr in (("s01", _anatomy()), ("s02", _anatomy(tuple(shift))), ("s03", _anatomy((1, 0, 0)))):
+        write_volume(str(tmp_path / f"{sid}_t2.nii"), arr, AFFINE)
+        write_volume(str(tmp_path / f"{sid}_mask.nii"), (arr > 0).astype(np.uint8), AFFINE)
+    (tmp_path / "cohort.yaml").write_text(yaml.safe_dump({"subjects": [
+        {"id": sid, "mri": {"t2": f"{sid}_t2.nii"}, "mask": f"{sid}_mask.nii"} for sid in ("s01", "s02", "s03")]}))
+    names = ["a", "b", "c", "d"]
+    write_landmarks(tmp_path / "ref.mrk.json", Landmarks(names, world(DOTS[:4])), "slicer-json")
+    write_landmarks(tmp_path / "s01.csv", Landmarks(names, world(DOTS[:4])), "ants")
+    write_landmarks(tmp_path / "s02.csv", Landmarks(names, world(DOTS[:4] + shift)), "ants")
+    res = register_cohort(str(tmp_path / "cohort.yaml"), "s01", str(tmp_path / "out"),
+                          options=RegistrationOptions(transform="rigid", contrast="t2", fast=True),
+                          min_similarity=0.0, ctx=Context(scheduler="synchronous", quiet=True),
+                          landmarks=(str(tmp_path / "{subject}.csv"), str(tmp_path / "ref.mrk.json")))
+    assert sorted(res.landmarks) == ["s01", "s02"]
+    s02 = json.loads((tmp_path / "out" / "s02" / "transforms" / "transform.json").read_text())["landmarks"]
+    assert s02["before"]["pooled"]["median"] == pytest.approx(300, abs=0.01)
+    assert s02["after"]["pooled"]["max"] < 1000 * VOX / 4
+    assert res.landmarks["s01"]["after"]["pooled"]["max"] == 0
+    write_landmarks(tmp_path / "s03.csv", Landmarks(["zz"], [[0, 0, 0]]), "ants")
+    r = CliRunner().invoke(main, ["register", str(tmp_path / "cohort.yaml"), "-r", "s01", "--out",
+                                  str(tmp_path / "out2"), "--contrast", "t2", "--landmarks", str(tmp_path / "{subject}.csv"),
+                                  str(tmp_path / "ref.mrk.json")])
+    assert r.exit_code == 2 and "names do not match" in r.output and not (tmp_path / "out2").exists()

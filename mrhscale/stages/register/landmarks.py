@@ -158,6 +158,24 @@ def registration_tre(pair: tuple[Landmarks, Landmarks], tx: dict, workdir: str) 
             "before": tre(m, f), "after": tre(moved, f)}
 
 
+def subject_landmarks(pattern: str, fixed: str, subjects: list[str]) -> dict[str, tuple[str, str]]:
+    """Each subject's (moving, fixed) landmark files for ``register --landmarks``: ``pattern`` names
+    a subject's file with ``{subject}``; subjects without one are not scored. Every file is read
+    here, so a bad one stops the run before anything is registered."""
+    if "{subject}" not in pattern and len(subjects) > 1:
+        raise MRHError(f"--landmarks {pattern}: put {{subject}} in the moving file's name (e.g. "
+                       "lm/{subject}.mrk.json), one file per subject")
+    fixed = os.path.abspath(fixed)
+    ref = read_landmarks(fixed)
+    out = {}
+    for sid in subjects:
+        path = os.path.abspath(pattern.replace("{subject}", sid))
+        if os.path.exists(path):
+            pair_up(read_landmarks(path), ref)
+            out[sid] = (path, fixed)
+    return out
+
+
 def score_landmarks(moving, fixed, transforms, *, out: str | None = None, whichtoinvert=None,
                     unit: str = "mm") -> LandmarksResult:
     """The ``mrhscale landmarks`` report (see :func:`landmark_tre`), also written to ``out`` as JSON."""
