@@ -95,8 +95,9 @@ def read_landmark_pairs(path, fmt: str | None = None, *, unit: str = "mm") -> tu
     scale = unit_scale(unit)
     rows = _parsed(path, _read_bigwarp, text)
     src = os.path.abspath(path)
-    moving = Landmarks(rows[0], rows[1] * scale, (), src, fmt, {"side": "moving", "unit": unit})
-    fixed = Landmarks(rows[0], rows[2] * scale, (), src, fmt, {"side": "fixed", "unit": unit})
+    extra = {"unit": unit, "active": rows[3]}  # inactive points did not drive BigWarp's warp
+    moving = Landmarks(rows[0], rows[1] * scale, (), src, fmt, {"side": "moving", **extra})
+    fixed = Landmarks(rows[0], rows[2] * scale, (), src, fmt, {"side": "fixed", **extra})
     return moving, fixed
 
 
@@ -199,7 +200,8 @@ def _read_slicer_json(text: str):
     names, points, groups = [], [], []
     for mk in doc["markups"]:
         system = str(mk.get("coordinateSystem", "LPS")).upper()
-        scale = unit_scale(str(mk.get("coordinateUnits", "mm")))
+        units = mk.get("coordinateUnits", "mm")  # a string, or one per axis
+        scale = unit_scale(str(units[0] if isinstance(units, list) else units))
         for cp in mk.get("controlPoints", []):
             names.append(cp.get("label") or cp.get("id") or f"P{len(names) + 1}")
             placed = cp.get("positionStatus", "defined") != "undefined"  # Slicer keeps unplaced points
@@ -234,7 +236,7 @@ def _read_bigwarp(text: str):
     dims = (len(rows[0]) - 2) // 2
     both = np.array([[float(v) for v in r[2:]] for r in rows], dtype=np.float64).reshape(-1, 2, dims)
     both = np.pad(both, ((0, 0), (0, 0), (0, 3 - dims)))
-    return [r[0] for r in rows], both[:, 0], both[:, 1]
+    return [r[0] for r in rows], both[:, 0], both[:, 1], [r[1].strip().lower() == "true" for r in rows]
 
 
 def _read_ants(text: str):

@@ -94,6 +94,7 @@ def test_bigwarp_2d_rows_read_with_z_zero(tmp_path):
     p.write_text('"Pt-0","false","1.0","2.0","1.5","2.5"\n"Pt-1","true","3.0","4.0","3.0","4.5"\n')
     m, f = read_landmark_pairs(p)
     assert np.allclose(m.points, [[1, 2, 0], [3, 4, 0]]) and np.allclose(f.points, [[1.5, 2.5, 0], [3, 4.5, 0]])
+    assert m.extra["active"] == [False, True]
 
 
 def test_pair_up_reorders_by_name_and_refuses_other_names():

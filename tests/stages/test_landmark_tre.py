@@ -128,6 +128,12 @@ def test_a_field_without_its_inverse_is_refused(syn_folder, tmp_path):
     with pytest.raises(MRHError, match="cannot be inverted"):
         map_points(world(DOTS), [str(lone)], "to_fixed")
     assert np.allclose(map_points(world(DOTS), [], "to_fixed"), world(DOTS))  # no transform: identity
+    (tmp_path / "a.txt").write_text("#Insight Transform File V1.0\n")
+    for chain, invert, match in (([str(d), str(d / "affine.mat")], None, "stands alone"),
+                                 ([str(d / "warp.nii.gz")], [True], "only linear .mat"),
+                                 ([str(tmp_path / "a.txt")], None, "saved as .mat")):
+        with pytest.raises(MRHError, match=match):
+            map_points(world(DOTS), chain, "to_fixed", invert)
 
 
 def test_tre_on_known_offsets():
@@ -139,6 +145,7 @@ def test_tre_on_known_offsets():
     by_fixed_groups = tre(fixed, moved)
     assert by_fixed_groups["groups"]["s1"]["mean"] == 1.5 and by_fixed_groups["groups"]["s2"]["max"] == 4.0
     assert tre(moved, fixed, groups=["x", "x", "y", "y"])["groups"]["y"]["n"] == 2
+    assert set(tre(moved, fixed)["groups"]) == {"s1", "s2"}  # the moving file has none: the fixed file's
     assert summary([])["n"] == 0
 
 
@@ -160,6 +167,10 @@ def test_score_landmarks_before_and_after(tmp_path, affine_file):
     assert abs(r.after["pooled"]["max"] - 2.0) < 0.01 and r.before["pooled"]["mean"] > 100
     assert set(r.after["groups"]) == {"s1", "s2"} and r.out == str(tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["after"]["pooled"]["n"] == len(DOTS)
+    score_landmarks(*_pairs(tmp_path, affine_file), [affine_file], out=str(tmp_path / "r.json"))  # its own: replaced
+    (tmp_path / "mine.json").write_text("{}")
+    with pytest.raises(MRHError, match="not a landmark report"):
+        score_landmarks(*_pairs(tmp_path, affine_file), [affine_file], out=str(tmp_path / "mine.json"))
 
 
 def test_cli_landmarks(tmp_path, affine_file):

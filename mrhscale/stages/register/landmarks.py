@@ -8,10 +8,13 @@ linear file inverted, each displacement field swapped for its inverse field.
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import os
 
 import numpy as np
 
+from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.io.landmarks import FLIP, Landmarks, pair_up, read_landmark_pairs, read_landmarks
 from mrhscale.results import LandmarksResult
@@ -20,6 +23,7 @@ from mrhscale.stages.register.transforms import read_transform_info, transform_f
 from mrhscale.stores import write_json
 
 DIRECTIONS = ("to_fixed", "to_moving")
+REPORT_FORMAT = "mrhscale-landmarks"
 WARP_PAIRS = (("InverseWarp.nii.gz", "Warp.nii.gz"), ("inverse_warp.nii.gz", "warp.nii.gz"))
 
 
@@ -56,12 +60,22 @@ def point_chain(transforms, direction: str, whichtoinvert=None) -> tuple[list[st
     if len(files) == 1 and (os.path.isdir(files[0]) or files[0].endswith(TRANSFORM_JSON)):
         return saved_chain(files[0], direction)
     invert = [bool(v) for v in (whichtoinvert or [False] * len(files))]
+    check_chain(files, invert)
+    return (files, invert) if direction == "to_moving" else inverse_chain(files, invert)
+
+
+def check_chain(files: list[str], invert: list[bool]) -> None:
+    """ANTs files that exist, a flag each, and only linear ``.mat`` files inverted (antspyx inverts no other)."""
     if len(invert) != len(files):
         raise MRHError(f"{len(files)} transform file(s) but {len(invert)} inversion flag(s)")
-    missing = [f for f in files if not os.path.exists(f)]
-    if missing:
-        raise MRHError(f"transform file {missing[0]} does not exist")
-    return (files, invert) if direction == "to_moving" else inverse_chain(files, invert)
+    for f, inv in zip(files, invert, strict=True):
+        if os.path.isdir(f):
+            raise MRHError(f"{f}: a registration folder stands alone; give it without other transform files")
+        if not os.path.isfile(f):
+            raise MRHError(f"transform file {f} does not exist")
+        if inv and not f.endswith(".mat"):
+            raise MRHError(f"{f}: only linear .mat transforms can be inverted; give the inverse field "
+                           "(*InverseWarp.nii.gz) instead")
 
 
 def chain_list(transforms) -> list[str]:
@@ -83,6 +97,9 @@ def inverse_chain(files: list[str], invert: list[bool]) -> tuple[list[str], list
         if f.endswith(".mat"):
             out_files.append(f)
             out_invert.append(not inv)
+        elif f.endswith((".txt", ".tfm", ".h5", ".hdf5", ".xfm")):
+            raise MRHError(f"{f}: antspyx inverts only linear transforms saved as .mat; save it as .mat "
+                           "(ants.write_transform) or give the inverse chain")
         else:
             out_files.append(inverse_field(f))
             out_invert.append(False)
@@ -114,11 +131,13 @@ def tre(moved: Landmarks, fixed: Landmarks, groups=None) -> dict:
     """Target registration error: distance (um) of each moved landmark to its fixed partner
     (paired by name), and the summary pooled and per group.
 
-    groups: a group per moved point (e.g. its section), or None for the landmarks' own groups.
+    groups: a group per moved point (e.g. its section), or None for the landmarks' own groups
+    (the moving file's, else the fixed file's).
     Returns {"points": [{name, group, um}], "pooled": summary, "groups": {group: summary}}.
     """
     moved, fixed = pair_up(moved, fixed)
-    keys = list(moved.groups if groups is None else (str(g) for g in groups))
+    own = moved.groups if any(moved.groups) else fixed.groups  # whichever file named them
+    keys = list(own if groups is None else (str(g) for g in groups))
     if len(keys) != len(moved):
         raise MRHError(f"{len(keys)} groups given for {len(moved)} landmarks")
     dist = np.linalg.norm(moved.points - fixed.points, axis=1) * 1000.0
@@ -182,8 +201,23 @@ def score_landmarks(moving, fixed, transforms, *, out: str | None = None, whicht
     report = landmark_tre(moving, fixed, transforms, whichtoinvert=whichtoinvert, unit=unit)
     if out:
         out = os.path.abspath(os.fspath(out))
-        write_json(out, report)
+        _check_report_out(out)
+        write_json(out, {"format": REPORT_FORMAT, **report, "provenance": {
+            "mrhscale_version": __version__, "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}})
     return LandmarksResult(**report, out=out)
+
+
+def _check_report_out(out: str) -> None:
+    """Replace only a report mrhscale wrote, never the user's file."""
+    if not os.path.exists(out):
+        return
+    try:
+        with open(out) as fh:
+            mine = json.load(fh).get("format") == REPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        mine = False
+    if not mine:
+        raise MRHError(f"--out {out}: exists and is not a landmark report of mrhscale; choose another --out")
 
 
 def report_lines(report: LandmarksResult) -> list[str]:
