@@ -198,16 +198,23 @@ def _to_ras(points, system: str) -> np.ndarray:
 def _read_slicer_json(text: str):
     doc = json.loads(text)
     names, points, groups = [], [], []
-    for mk in doc["markups"]:
+    for mk in (m for m in doc["markups"] if m.get("type", "Fiducial") == "Fiducial"):  # not ROIs, lines
         system = str(mk.get("coordinateSystem", "LPS")).upper()
         units = mk.get("coordinateUnits", "mm")  # a string, or one per axis
         scale = unit_scale(str(units[0] if isinstance(units, list) else units))
         for cp in mk.get("controlPoints", []):
             names.append(cp.get("label") or cp.get("id") or f"P{len(names) + 1}")
-            placed = cp.get("positionStatus", "defined") != "undefined"  # Slicer keeps unplaced points
-            points.append(_to_ras(cp.get("position", [np.nan] * 3) if placed else [np.nan] * 3, system)[0] * scale)
+            points.append(_to_ras(_position(cp), system)[0] * scale)
             groups.append(cp.get("description") or "")
     return names, np.reshape(points, (-1, 3)), groups, {"schema": doc.get("@schema", "")}
+
+
+def _position(cp: dict) -> list:
+    """A control point's position; NaN for one Slicer keeps unplaced (status undefined, missing or
+    preview; its position may then be "")."""
+    pos = cp.get("position")
+    placed = cp.get("positionStatus", "defined") == "defined" and isinstance(pos, list) and len(pos) == 3
+    return pos if placed else [np.nan] * 3
 
 
 def _fcsv_system(text: str) -> str:
@@ -222,7 +229,10 @@ def _read_fcsv(text: str):
     system = _fcsv_system(text)
     rows = [r for r in csv.reader(ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#"))]
     names = [r[11] if len(r) > 11 and r[11] else f"F-{i + 1}" for i, r in enumerate(rows)]
-    xyz = [[float(v) for v in r[1:4]] for r in rows]
+    # Slicer >= 5 adds positionStatus after associatedNodeID (2 = defined; 0 undefined, 1 preview,
+    # 3 missing), and writes coordinates for unplaced points too
+    xyz = [[float(v) for v in r[1:4]] if len(r) < 15 or r[14].strip() in ("", "2") else [np.nan] * 3
+           for r in rows]
     groups = [r[12] if len(r) > 12 else "" for r in rows]
     return names, _to_ras(xyz, system), groups, {"coordinate_system": system}
 

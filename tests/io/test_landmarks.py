@@ -77,6 +77,19 @@ def test_fcsv_coordinate_system_line(tmp_path, line, pos):
     assert lm.names == ("lambda",) and lm.groups == ("section 3",) and np.allclose(lm.points[0], RAS)
 
 
+def test_fcsv_of_slicer_5_with_unplaced_points(tmp_path):
+    """Slicer 5.4 writes positionStatus after associatedNodeID, and coordinates even for points that
+    are missing (3) or undefined (0): those are refused by name, the defined one (2) is read."""
+    head = ("# Markups fiducial file version = 5.4\n# CoordinateSystem = LPS\n"
+            "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n")
+    rows = ["1,-1.25,2.5,3.125,0,0,0,1,1,1,0,crossed,,,3,0", "2,-1.25,2.5,3.125,0,0,0,1,1,1,1,locked,,,2,0",
+            "3,-1.25,2.5,3.125,0,0,0,1,1,1,0,editing,,,0,0"]
+    lm = _hand_written(tmp_path, "ok.fcsv", head + rows[1] + "\n")
+    assert lm.names == ("locked",) and np.allclose(lm.points[0], RAS)
+    with pytest.raises(MRHError, match="crossed, editing have missing"):
+        _hand_written(tmp_path, "bad.fcsv", head + "\n".join(rows) + "\n")
+
+
 def test_ants_csv_is_lps(tmp_path):
     lm = _hand_written(tmp_path, "p.csv", "x,y,z,t,label\n-1.25,2.5,3.125,0,4\n")
     assert lm.format == "ants" and lm.names == ("4",) and np.allclose(lm.points[0], RAS)
@@ -114,7 +127,10 @@ def test_pair_up_reorders_by_name_and_refuses_other_names():
     ("p.fcsv", "# CoordinateSystem = XYZ\nn0,1,2,3\n", "coordinate system 'XYZ' unknown"),
     ("p.csv", "x,y,z,t,label\n1,nan,3,0,1\n", "non-finite"),
     ("p.mrk.json", '{"markups": [{"controlPoints": [{"label": "a", "position": [0, 0, 0], '
-     '"positionStatus": "undefined"}]}]}', "a have missing"),
+     '"positionStatus": "missing"}]}]}', "a have missing"),
+    ("p.mrk.json", '{"markups": [{"controlPoints": [{"label": "b", "position": ""}]}]}', "b have missing"),
+    ("p.mrk.json", '{"markups": [{"type": "ROI", "controlPoints": [{"label": "c", "position": [1, 2, 3]}]}]}',
+     "holds no landmarks"),
     ("p.csv", "x,y,z,t,label\n1,2,3,0,1\n4,5,6,0,1\n", "used more than once"),
     ("p.csv", "x,y,z,t,label\n", "holds no landmarks"),
     ("p.csv", "x,y,z,t,label\n1,two,3,0,1\n", "malformed"),
