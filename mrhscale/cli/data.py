@@ -237,7 +237,7 @@ def register_histology(volume, subject, manifest, out, min_similarity, landmarks
 @click.option("--invert", "inverts", multiple=True, type=int, metavar="I",
               help="Index (0-based) of a --transform file ANTs should invert, as whichtoinvert (repeat).")
 @click.option("--unit", default="mm", show_default=True,
-              help="BigWarp coordinates' unit (the images' calibration: mm or um).")
+              help="BigWarp coordinates' unit (the images' calibration: mm or um), or moving,fixed (mm,um).")
 @click.option("--out", "-o", default=None, metavar="FILE.json", help="Also write the report here.")
 @context_options()
 def landmarks(moving, fixed, transforms, inverts, unit, out, quiet):

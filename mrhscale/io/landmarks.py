@@ -87,17 +87,20 @@ def read_landmarks(path, fmt: str | None = None) -> Landmarks:
     return Landmarks(names, points, groups, os.path.abspath(path), fmt, extra)
 
 
-def read_landmark_pairs(path, fmt: str | None = None, *, unit: str = "mm") -> tuple[Landmarks, Landmarks]:
-    """(moving, fixed) landmarks of a BigWarp CSV, in RAS mm; ``unit``: the images' calibration unit."""
+def read_landmark_pairs(path, fmt: str | None = None, *, unit="mm") -> tuple[Landmarks, Landmarks]:
+    """(moving, fixed) landmarks of a BigWarp CSV, in RAS mm. ``unit``: the images' calibration
+    unit, one for both or "moving,fixed" (e.g. "mm,um": each image is calibrated on its own)."""
     text, fmt = _open(path, fmt)
     if fmt != "bigwarp":
         raise MRHError(f"{path}: a {fmt} file holds one set of points; give the fixed points in a second file")
-    scale = unit_scale(unit)
+    units = side_units(unit)
     rows = _parsed(path, _read_bigwarp, text)
     src = os.path.abspath(path)
-    extra = {"unit": unit, "active": rows[3]}  # inactive points did not drive BigWarp's warp
-    moving = Landmarks(rows[0], rows[1] * scale, (), src, fmt, {"side": "moving", **extra})
-    fixed = Landmarks(rows[0], rows[2] * scale, (), src, fmt, {"side": "fixed", **extra})
+    extra = {"active": rows[3]}  # inactive points did not drive BigWarp's warp
+    moving = Landmarks(rows[0], rows[1] * unit_scale(units[0]), (), src, fmt,
+                       {"side": "moving", "unit": units[0], **extra})
+    fixed = Landmarks(rows[0], rows[2] * unit_scale(units[1]), (), src, fmt,
+                      {"side": "fixed", "unit": units[1], **extra})
     return moving, fixed
 
 
@@ -112,13 +115,14 @@ def write_landmarks(path, landmarks: Landmarks, fmt: str, *, coordinate_system: 
     return write_text(os.fspath(path), writer(landmarks, coordinate_system))
 
 
-def write_landmark_pairs(path, moving: Landmarks, fixed: Landmarks, *, unit: str = "mm") -> str:
-    """A BigWarp CSV of moving and fixed points paired by name (coordinates in ``unit``)."""
+def write_landmark_pairs(path, moving: Landmarks, fixed: Landmarks, *, unit="mm") -> str:
+    """A BigWarp CSV of moving and fixed points paired by name (coordinates in ``unit``, as read)."""
     moving, fixed = pair_up(moving, fixed)
-    scale = unit_scale(unit)
+    units = side_units(unit)
     buf = io.StringIO()
     w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
-    for name, m, f in zip(moving.names, moving.points / scale, fixed.points / scale, strict=True):
+    for name, m, f in zip(moving.names, moving.points / unit_scale(units[0]),
+                          fixed.points / unit_scale(units[1]), strict=True):
         w.writerow([name, "true", *(repr(float(v)) for v in (*m, *f))])
     return write_text(os.fspath(path), buf.getvalue())
 
@@ -133,6 +137,14 @@ def pair_up(moving: Landmarks, fixed: Landmarks) -> tuple[Landmarks, Landmarks]:
     order = [fixed.names.index(n) for n in moving.names]
     return moving, Landmarks(moving.names, fixed.points[order], tuple(fixed.groups[i] for i in order),
                              fixed.source, fixed.format, fixed.extra)
+
+
+def side_units(unit) -> tuple[str, str]:
+    """(moving unit, fixed unit) from "um", "mm,um" or a pair."""
+    parts = [u.strip() for u in unit.split(",")] if isinstance(unit, str) else [str(u) for u in unit]
+    if len(parts) not in (1, 2):
+        raise MRHError(f"unit {unit!r}: one unit, or two (moving,fixed) such as mm,um")
+    return (parts[0], parts[-1])
 
 
 def unit_scale(unit: str) -> float:

@@ -100,6 +100,12 @@ def test_bigwarp_hand_written_in_micrometres(tmp_path):
     p.write_text('"Pt-0","true","1250.0","-2500.0","3125.0","1250.0","-2500.0","3130.0"\n')
     m, f = read_landmark_pairs(p, unit="um")
     assert np.allclose(m.points[0], RAS) and np.allclose(f.points[0], [1.25, -2.5, 3.13])
+    m, f = read_landmark_pairs(p, unit="um,mm")  # each image calibrated on its own
+    assert np.allclose(m.points[0], RAS) and np.allclose(f.points[0], [1250, -2500, 3130])
+    write_landmark_pairs(tmp_path / "back.csv", m, f, unit=("um", "mm"))
+    assert np.allclose(read_landmark_pairs(tmp_path / "back.csv", unit="um,mm")[1].points, f.points)
+    with pytest.raises(MRHError, match="choose one of"):
+        read_landmark_pairs(p, unit="px")
 
 
 def test_bigwarp_2d_rows_read_with_z_zero(tmp_path):
