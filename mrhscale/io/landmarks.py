@@ -34,7 +34,7 @@ UNITS = {"mm": 1.0, "um": 1e-3, "m": 1e3, "cm": 10.0, "nm": 1e-6}
 ANTS_COLUMNS = ("x", "y", "z", "t", "label", "name", "group")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # points are an array: compare them with numpy
 class Landmarks:
     """Named points in world RAS millimetres, with a group per point (e.g. a section) and their source."""
 
