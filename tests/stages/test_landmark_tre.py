@@ -181,13 +181,16 @@ def test_cli_landmarks(tmp_path, affine_file):
     assert "pooled" in r.output and json.loads(out.read_text())["after"]["pooled"]["median"] == pytest.approx(2, abs=0.01)
 
 
-@pytest.mark.parametrize("case", ["missing", "mismatch", "nan", "no-transform"])
+@pytest.mark.parametrize("case", ["missing", "unknown", "mismatch", "nan", "no-transform"])
 def test_cli_bad_input_one_line_exit_2(tmp_path, affine_file, case):
     m, f = _pairs(tmp_path, affine_file)
     if case == "missing":
         m = str(tmp_path / "none.fcsv")
     elif case == "mismatch":
         write_landmarks(f, Landmarks(["zz"], [[0, 0, 0]]), "slicer-json")
+    elif case == "unknown":
+        (tmp_path / "u.txt").write_text("1 2 3\n")
+        m = str(tmp_path / "u.txt")
     elif case == "nan":
         (tmp_path / "n.csv").write_text("x,y,z,t,label\n1,nan,3,0,1\n")
         f = str(tmp_path / "n.csv")
