@@ -17,6 +17,9 @@ _LAZY = {
     "make_cohort": "mrhscale.synth.phantom",
     "register_cohort": "mrhscale.stages.register",
     "register_histology": "mrhscale.stages.register",
+    "score_landmarks": "mrhscale.stages.register",
+    "map_points": "mrhscale.stages.register",
+    "tre": "mrhscale.stages.register",
     "ingest": "mrhscale.stages.ingest",
     "extract_patches": "mrhscale.stages.patches",
     "train": "mrhscale.training",
@@ -51,6 +54,7 @@ _LAZY = {
     "ImportanceResult": "mrhscale.results",
     "RegisterResult": "mrhscale.results",
     "HistologyResult": "mrhscale.results",
+    "LandmarksResult": "mrhscale.results",
     "ManifestResult": "mrhscale.results",
     "DemoResult": "mrhscale.results",
     "ExportResult": "mrhscale.results",
@@ -67,6 +71,11 @@ _LAZY = {
     "MRHNet": "mrhscale.nn.model",
     "load_model": "mrhscale.io.bundle",
     "save_bundle": "mrhscale.io.bundle",
+    "Landmarks": "mrhscale.io.landmarks",
+    "read_landmarks": "mrhscale.io.landmarks",
+    "read_landmark_pairs": "mrhscale.io.landmarks",
+    "write_landmarks": "mrhscale.io.landmarks",
+    "write_landmark_pairs": "mrhscale.io.landmarks",
 }
 
 __all__ = ["MRHError", "__version__", *_LAZY]

@@ -140,6 +140,7 @@ class RegisterResult(_Result):
     metrics: dict
     seconds: dict
     timing: dict
+    landmarks: dict = field(default_factory=dict)  # subject -> TRE before/after (um), with --landmarks
 
 
 @dataclass
@@ -150,6 +151,24 @@ class HistologyResult(_Result):
     transforms: str
     metrics: dict
     seconds: float
+    landmarks: dict | None = None  # TRE before/after (um) when landmarks were given
+
+
+@dataclass
+class LandmarksResult(_Result):
+    """TRE of a landmark pair before and after a transform (``score_landmarks``): each of
+    ``before``/``after`` is {"points": [{name, group, um}], "pooled": {n, mean, median, p90, max},
+    "groups": {group: the same}}, in micrometres."""
+
+    moving: str
+    fixed: str
+    formats: list[str]
+    transforms: list[str]
+    direction: str
+    before: dict
+    after: dict
+    units: str = "um"
+    out: str | None = None
 
 
 @dataclass

@@ -29,6 +29,25 @@ from mrhscale.options import (
 subjects_option = click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
 
 
+landmarks_option = click.option(
+    "--landmarks", multiple=True, metavar="FILE",
+    help="Landmarks to score the registration with (TRE in um, recorded in transform.json): "
+         "--landmarks MOVING --landmarks FIXED (Slicer .mrk.json/.fcsv, ANTs CSV), or one BigWarp CSV.")
+
+
+def landmark_files(files) -> tuple | None:
+    """--landmarks given once (a BigWarp pair) or twice (moving, fixed); None when not given."""
+    if len(files) > 2:
+        raise MRHError(f"--landmarks: give one BigWarp CSV or two files (moving, fixed), got {len(files)}")
+    return tuple(files) or None
+
+
+def tre_line(report: dict) -> str:
+    b, a = report["before"]["pooled"], report["after"]["pooled"]
+    return (f"landmark TRE ({a['n']} points): median {b['median']:.1f} -> {a['median']:.1f} um, "
+            f"90th percentile {b['p90']:.1f} -> {a['p90']:.1f} um")
+
+
 def some_subjects(spec):
     """None, "all", or a list of subject ids (comma-separated)."""
     return spec if spec in (None, "all") else subject_list((spec,))
@@ -159,16 +178,21 @@ def export_image_cmd(store, subject, var, out, overwrite, **kw):
 @click.option("--compress", is_flag=True, help="Write .nii.gz instead of .nii (smaller, several times slower).")
 @subjects_option
 @click.option("--overwrite", is_flag=True, help="Redo subjects already registered in --out.")
+@click.option("--landmarks", nargs=2, default=None, metavar="MOVING FIXED",
+              help="Score each subject with landmarks (TRE in um, recorded in its transform.json): MOVING "
+                   "a file per subject with {subject} in its name, FIXED the reference's landmarks.")
 @context_options(dask=True)
-def register(manifest, reference, out, min_similarity, compress, subjects, overwrite, **kw):
+def register(manifest, reference, out, min_similarity, compress, subjects, overwrite, landmarks, **kw):
     """Register MANIFEST's subjects onto a reference grid with ANTs (needs mrhscale[register])."""
     from mrhscale.stages.register import register_cohort
 
     res = register_cohort(manifest, reference, out, subjects=subject_list(subjects),
                           options=take(RegistrationOptions, kw), min_similarity=min_similarity,
-                          compress=compress, overwrite=overwrite, ctx=context_from(kw))
+                          compress=compress, overwrite=overwrite, ctx=context_from(kw), landmarks=landmarks)
     if res.skipped:
         click.echo(f"already registered, skipped: {', '.join(res.skipped)}")
+    for sid, report in res.landmarks.items():
+        click.echo(f"{sid}: {tre_line(report)}")
     click.echo(f"registered {len(res.registered)} subject(s) into {res.out}"
                + (f"; manifest for ingest: {res.manifest}" if res.manifest else ""))
     if res.failed:
@@ -188,14 +212,42 @@ def register(manifest, reference, out, min_similarity, compress, subjects, overw
 @with_options(RegistrationOptions, exclude=("threads",))
 @click.option("--min-similarity", type=float, default=HISTOLOGY_MIN_SIMILARITY, show_default=True,
               help="Normalised mutual information below which the registration counts as failed.")
+@landmarks_option
 @context_options()
-def register_histology(volume, subject, manifest, out, min_similarity, quiet, **kw):
+def register_histology(volume, subject, manifest, out, min_similarity, landmarks, quiet, **kw):
     """Register a 3D stain VOLUME to a subject's MRI (mutual information), for new training targets."""
     from mrhscale.stages.register import register_histology as run
 
     res = run(volume, subject, out, manifest=manifest, options=take(RegistrationOptions, kw, threads=None),
-              min_similarity=min_similarity)
+              min_similarity=min_similarity, landmarks=landmark_files(landmarks))
     m = res.metrics
     if not quiet:
         click.echo(f"registered {volume} -> {res.out} (NMI {m['nmi_before']:.3f} -> {m['nmi_after']:.3f}, "
                    f"{res.seconds:.1f} s); transforms in {res.transforms}")
+        if res.landmarks:
+            click.echo(tre_line(res.landmarks))
+
+
+@main.command("landmarks")
+@click.argument("moving", type=click.Path(dir_okay=False))
+@click.argument("fixed", required=False, type=click.Path(dir_okay=False))
+@click.option("--transform", "-t", "transforms", multiple=True, required=True, metavar="T",
+              help="What warps the MOVING image onto the FIXED one: the folder register or register-histology "
+                   "wrote (OUT/<sid>, <out>_transforms), or ANTs files in apply_transforms order (repeat).")
+@click.option("--invert", "inverts", multiple=True, type=int, metavar="I",
+              help="Index (0-based) of a --transform file ANTs should invert, as whichtoinvert (repeat).")
+@click.option("--unit", default="mm", show_default=True,
+              help="BigWarp coordinates' unit (the images' calibration: mm or um), or moving,fixed (mm,um).")
+@click.option("--out", "-o", default=None, metavar="FILE.json", help="Also write the report here.")
+@context_options()
+def landmarks(moving, fixed, transforms, inverts, unit, out, quiet):
+    """Landmark accuracy: TRE (um) of MOVING's landmarks mapped onto FIXED's, before and after the
+    transform, per group (e.g. section) and pooled. FIXED may be left out for a BigWarp CSV (it holds both)."""
+    from mrhscale.stages.register.landmarks import report_lines, score_landmarks
+
+    if any(not 0 <= i < len(transforms) for i in inverts):
+        raise MRHError(f"--invert {', '.join(map(str, inverts))}: an index of the {len(transforms)} --transform(s), from 0")
+    flags = [i in inverts for i in range(len(transforms))] if inverts else None
+    report = score_landmarks(moving, fixed, list(transforms), out=out, whichtoinvert=flags, unit=unit)
+    if not quiet:
+        click.echo("\n".join(report_lines(report)))

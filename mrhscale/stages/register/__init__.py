@@ -17,6 +17,9 @@ a transform itself. Three entry points:
 - :func:`to_native` / :func:`to_reference` / :func:`marker_from_file`: map
   volumes with saved transforms (virtual histology back to a subject's own
   space; a new contrast onto the store grid for evaluation).
+- :func:`score_landmarks` / :func:`map_points` / :func:`tre`: landmarks through saved
+  transforms (moving points take the inverse chain of the image) and their target
+  registration error in micrometres (docs/landmarks.md).
 
 Geometry: images are read with nibabel (RAS affine) and handed to ITK with
 the LPS origin/spacing/direction computed here, so ITK never re-reads NIfTI
@@ -43,6 +46,7 @@ from mrhscale.stages.register.ants import (
 from mrhscale.stages.register.cohort import register_cohort
 from mrhscale.stages.register.geometry import Grid, contrast_names
 from mrhscale.stages.register.histology import register_histology
+from mrhscale.stages.register.landmarks import map_points, score_landmarks, tre
 from mrhscale.stages.register.markers import marker_from_file
 from mrhscale.stages.register.transforms import (
     linear_part,
@@ -53,4 +57,4 @@ from mrhscale.stages.register.transforms import (
     transforms_for_subject,
 )
 
-__all__ = ['ALIASES', 'FORMAT', 'Grid', 'INITS', 'LPS', 'METRICS', 'MISSING_EXTRA', 'PRESETS', 'STAGING', 'TRANSFORMS', 'TRANSFORM_DIR', 'TRANSFORM_JSON', 'ants_module', 'canonical_transform', 'contrast_names', 'linear_part', 'marker_from_file', 'read_transform_info', 'register_cohort', 'register_histology', 'rotate_bvecs', 'to_native', 'to_reference', 'transforms_for_subject']
+__all__ = ['ALIASES', 'FORMAT', 'Grid', 'INITS', 'LPS', 'METRICS', 'MISSING_EXTRA', 'PRESETS', 'STAGING', 'TRANSFORMS', 'TRANSFORM_DIR', 'TRANSFORM_JSON', 'ants_module', 'canonical_transform', 'contrast_names', 'linear_part', 'map_points', 'marker_from_file', 'read_transform_info', 'register_cohort', 'register_histology', 'rotate_bvecs', 'score_landmarks', 'to_native', 'to_reference', 'transforms_for_subject', 'tre']

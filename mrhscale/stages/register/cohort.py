@@ -37,6 +37,7 @@ from mrhscale.stages.register.geometry import (
     read3,
     short_list,
 )
+from mrhscale.stages.register.landmarks import subject_landmarks
 from mrhscale.stages.register.subject import register_subject
 from mrhscale.stores import Claim, Folder, write_text
 from mrhscale.stores.base import prune_empty, remove
@@ -116,6 +117,7 @@ def register_cohort(
     compress: bool = False,
     overwrite: bool = False,
     ctx: Context | None = None,
+    landmarks: tuple[str, str] | None = None,
 ) -> RegisterResult:
     """Register the manifest's subjects onto ``reference`` (a subject id of the manifest, or a
     3D template NIfTI of the same contrast) and write them, with a new manifest, under out_dir.
@@ -129,7 +131,9 @@ def register_cohort(
     reference's brain) is reported as not converged; the others still finish. Subjects already
     complete in out_dir with the same parameters are skipped. compress: write .nii.gz instead
     of .nii (.nii is several times faster to write and memory-maps in ingest; .nii.gz is
-    smaller). One Dask task per subject on ``ctx``'s cluster.
+    smaller). One Dask task per subject on ``ctx``'s cluster. landmarks: (moving file pattern
+    with ``{subject}``, the reference's landmark file): each registered subject's TRE before and
+    after, in its transform.json and the result (docs/landmarks.md).
     """
     ctx, options = ctx or Context(), options or RegistrationOptions()
     ants_module()  # fail early, before any cluster starts
@@ -140,10 +144,12 @@ def register_cohort(
     desc, grid, fixed_arr, ref_mask, ref_sid = _reference(man, reference, options.contrast)
     _check_contrast(specs, options.contrast, ref_sid)
     params["reference"] = desc
+    scored = subject_landmarks(*landmarks, [s.id for s in specs]) if landmarks else {}
     folder.mark()
     todo, skipped = _sort_out(folder.path, specs, params, overwrite)
     run = _CohortRun(folder.path, man, params, grid, ref_sid, options=options, compress=compress,
                      min_similarity=min_similarity, ctx=ctx)
+    run.landmark_files = scored
     if todo:
         run.register(todo, fixed_arr, ref_mask)
     order = {s.id: i for i, s in enumerate(man.subjects)}
@@ -151,7 +157,7 @@ def register_cohort(
     manifest_path = _write_manifest(folder.path, man, params)
     return RegisterResult(out=folder.path, manifest=manifest_path if (run.registered or skipped) else None,
                           registered=run.registered, skipped=skipped, failed=run.failed, metrics=run.metrics,
-                          seconds=run.seconds, timing=run.timing)
+                          seconds=run.seconds, timing=run.timing, landmarks=run.landmarks)
 
 
 def _check_contrast(specs, contrast: str, ref_sid) -> None:
@@ -193,13 +199,15 @@ class _CohortRun:
         self.metrics: dict = {}
         self.seconds: dict = {}
         self.timing: dict = {}
+        self.landmark_files: dict = {}
+        self.landmarks: dict = {}
 
     def job(self, spec, token: str) -> dict:
         return {"spec": spec, "out": self.out_dir, "stage": os.path.join(self.out_dir, STAGING, token, spec.id),
                 "reference_grid": self.grid.to_dict(), "identity": spec.id == self.ref_sid,
                 "threads": self.threads, "seed": self.seed, "ext": self.ext,
                 "min_similarity": self.min_similarity, "check": "r", "manifest": self.man.path,
-                **self.params}
+                "landmarks": self.landmark_files.get(spec.id), **self.params}
 
     def register(self, todo, fixed_arr, ref_mask) -> None:
         token = run_token()
@@ -233,6 +241,8 @@ class _CohortRun:
         self.metrics[sid], self.seconds[sid] = res["metrics"], res["seconds"]
         if "timing" in res:
             self.timing[sid] = res["timing"]
+        if res.get("landmarks"):
+            self.landmarks[sid] = res["landmarks"]
         if res["status"] == "ok":
             self.registered.append(sid)
         else:

@@ -34,6 +34,7 @@ from mrhscale.stages.register.geometry import (
     read3,
     to_ants,
 )
+from mrhscale.stages.register.landmarks import landmark_pair, registration_tre
 from mrhscale.stages.register.transforms import apply, estimate
 from mrhscale.stores import write_json
 from mrhscale.stores.base import swap_in, temporary_folder
@@ -49,6 +50,7 @@ def register_histology(
     manifest=None,
     options: RegistrationOptions | None = None,
     min_similarity: float = HISTOLOGY_MIN_SIMILARITY,
+    landmarks=None,
 ) -> HistologyResult:
     """Register a 3D stain volume onto a subject's MRI (cross-modal: Mattes mutual information)
     and write it, resampled on the subject's grid, to ``out`` (a new training target).
@@ -57,10 +59,13 @@ def register_histology(
     NIfTI. Transforms go to ``<out stem>_transforms/`` so other stains of the same block can
     follow with :func:`to_reference`. Convergence check: normalised mutual information after
     registration >= min_similarity. ``options.threads``: ITK threads (default: ITK's own).
+    landmarks: (stain landmarks, MRI landmarks) files, or one BigWarp CSV: their TRE before and
+    after goes in transform.json and the result (docs/landmarks.md).
     """
     options = options or RegistrationOptions()
     t0 = time.perf_counter()
     params = check_options(options)
+    pair = landmark_pair(*_as_tuple(landmarks)) if landmarks else None
     ants = ants_module(options.threads)
     transform, contrast, metric, init, preset, seed = (
         params["transform"], options.contrast, options.metric, options.init, options.preset, options.seed)
@@ -108,13 +113,15 @@ def register_histology(
             raise MRHError(f"{volume}: registration did not converge: final NMI with the MRI "
                            f"{metrics['nmi_after']:.3f} < --min-similarity {min_similarity:g} "
                            f"(before {metrics['nmi_before']:.3f})")
+        tre = registration_tre(pair, tx, work) if pair else None
         seconds = time.perf_counter() - t0
         info = {"format": FORMAT, "format_version": 1, "subject": subject, "kind": "histology",
                 "transform": transform, "contrast": contrast, "metric": metric, "preset": preset,
                 "init": init, "identity": False, "reference": ref_desc,
                 "reference_grid": grid.to_dict(), "native_grid": native.to_dict(),
                 "forward": tx["forward"], "inverse": tx["inverse"], "linear": tx["linear"],
-                "metrics": metrics, "seconds": round(seconds, 3), "sources": {"histology": os.path.abspath(volume)},
+                "metrics": metrics, "landmarks": tre, "seconds": round(seconds, 3),
+                "sources": {"histology": os.path.abspath(volume)},
                 "provenance": {"mrhscale_version": __version__,
                                "antspyx_version": getattr(ants, "__version__", "?"),
                                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -123,7 +130,12 @@ def register_histology(
         write_volume(out, warped, grid.affine, dtype=np.float32, descrip=HISTOLOGY_DESCRIP,
                      xform="template" if ref_desc["kind"] == "file" else "aligned")
         swap_in(work, tdir, token=run_token())
-    return HistologyResult(out=out, transforms=tdir, metrics=metrics, seconds=seconds)
+    return HistologyResult(out=out, transforms=tdir, metrics=metrics, seconds=seconds, landmarks=tre)
+
+
+def _as_tuple(landmarks) -> tuple:
+    """A (moving, fixed) pair of files, or one BigWarp file, as landmark_pair's arguments."""
+    return (landmarks,) if isinstance(landmarks, (str, os.PathLike)) else tuple(landmarks)
 
 
 HISTOLOGY_DESCRIP = "mrhscale register-histology"

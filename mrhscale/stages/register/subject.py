@@ -32,6 +32,7 @@ from mrhscale.stages.register.geometry import (
     to_ants,
     zooms,
 )
+from mrhscale.stages.register.landmarks import landmark_pair, registration_tre
 from mrhscale.stages.register.transforms import (
     BLOCK,
     apply,
@@ -99,6 +100,7 @@ class _Registration:
         self.native = Grid(self.plan.shape, self.plan.affine)
         self.ref = Grid.from_dict(self.job["reference_grid"])
         self.tx = self._estimate()
+        self._score_landmarks()
         t_est = time.perf_counter()
         self.mask_reg = self.warp(self.plan.mask.astype(np.float32), "nearestNeighbor") > 0.5
         self._mask_metrics()
@@ -139,6 +141,12 @@ class _Registration:
         m["r_after"], m["nmi_after"] = (round(pearson(self.fixed_arr, warped, region), 4),
                                         round(nmi(self.fixed_arr, warped, region), 4))
         return tx
+
+    def _score_landmarks(self) -> None:
+        """TRE of the subject's landmarks before and after (when register --landmarks gave them)."""
+        files = self.job.get("landmarks")
+        if files:
+            self.result["landmarks"] = registration_tre(landmark_pair(*files), self.tx, self.tdir)
 
     def warp(self, arr, interp: str = "linear"):
         if self.identity:
@@ -244,7 +252,8 @@ class _Registration:
             "directions": "forward: native -> reference (apply with fixed = reference grid); "
                           "inverse: reference -> native. ITK convention: the files map reference "
                           "points to native points.",
-            "metrics": self.metrics, "seconds": round(seconds, 3), "timing": self.result["timing"],
+            "metrics": self.metrics, "landmarks": self.result.get("landmarks"), "seconds": round(seconds, 3),
+            "timing": self.result["timing"],
             "manifest_entry": entry, "sources": self.spec.files(),
             "provenance": {"mrhscale_version": __version__,
                            "antspyx_version": getattr(self.ants, "__version__", "?"),
