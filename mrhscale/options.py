@@ -433,3 +433,40 @@ class SynthVariation:
     artefact: Any = option(
         None, "Give these subjects (or all) a field-of-view artefact: a region whose contrasts are unlike any "
               "tissue, stains unchanged, marked by an `artefact` label.", metavar="all|ID,...")
+
+
+SECTION_FORMATS = ("png", "tiff")
+
+
+@dataclass(frozen=True)
+class SectionOptions:
+    """A synthetic stack of 2D histology sections cut from one subject's true stain, degraded as slides are
+    (docs/synthetic.md): the test bed of section registration, with the exact truth and landmarks."""
+
+    sections: int = option(0, "Also cut N histology sections of one subject's true stain (0: none), into "
+                              "OUTDIR/sections/.", metavar="N")
+    subject: str = option("s01", "Subject whose stain is cut.", flag="--section-subject")
+    stain: str = option("nf", "Stain cut: nf/mbp give RGB DAB brightfield, af one fluorescence channel.",
+                        flag="--section-stain")
+    axis: str = option("y", "Cutting axis of the grid.", flag="--section-axis", choices=AXES)
+    every: int = option(0, "Planes between sections (0: N sections spread evenly over the stain).",
+                        flag="--section-every")
+    pixel_um: float = option(20.0, "Slide pixel size in micrometres.", flag="--section-pixel-um")
+    jitter_deg: float = option(4.0, "Sd of each section's in-plane rotation (degrees).", flag="--section-jitter-deg")
+    jitter_mm: float = option(0.25, "Sd of each section's in-plane shift (mm).", flag="--section-jitter-mm")
+    shrink_min: float = option(0.85, "Smallest shrinkage factor per in-plane axis.", flag="--section-shrink-min")
+    shrink_max: float = option(0.97, "Largest shrinkage factor per in-plane axis.", flag="--section-shrink-max")
+    warp_mm: float = option(0.08, "Sd of the smooth non-linear warp's coefficients (mm).", flag="--section-warp-mm")
+    warp_scale_mm: float = option(2.0, "Length scale of the warp (mm).", flag="--section-warp-scale-mm")
+    tilt_deg: float = option(2.0, "Cutting tilt: the planes' normal leans this far off the axis (degrees).",
+                             flag="--section-tilt-deg")
+    torn: float = option(0.2, "Fraction of the sections with a tear.", flag="--section-torn")
+    missing: float = option(0.1, "Fraction of the sections lost.", flag="--section-missing")
+    flipped: float = option(0.0, "Fraction of the sections mounted mirrored (flagged in the table).",
+                            flag="--section-flipped")
+    bias: float = option(0.15, "Amplitude of each section's smooth multiplicative stain bias.",
+                         flag="--section-bias")
+    noise: float = option(0.02, "Noise sd (stain optical density, or fraction of 255 for fluorescence).",
+                          flag="--section-noise")
+    landmarks: int = option(10, "Landmarks per section.", flag="--section-landmarks")
+    image_format: str = option("png", "Image files.", flag="--section-format", choices=SECTION_FORMATS)

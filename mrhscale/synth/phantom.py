@@ -38,10 +38,11 @@ from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.io.volumes import write_sidecars, write_volume
 from mrhscale.log import progress
-from mrhscale.options import CohortOptions, SynthVariation
+from mrhscale.options import CohortOptions, SectionOptions, SynthVariation
 from mrhscale.stores import Folder, write_text
 from mrhscale.synth.artefact import draw_artefact
 from mrhscale.synth.scanner import Scanner, draw_scanner
+from mrhscale.synth.sections import check_options, write_subject_sections
 
 FOV_MM = (12.0, 7.68, 16.8)  # the released data's field of view: 200 x 128 x 280 at 60 um
 ORIGIN_OFFSET_MM = (0.3, -1.1, 0.6)  # brain centre is not the world origin, as in real headers
@@ -812,7 +813,7 @@ def _params(s: _Subject) -> dict:
 
 def make_cohort(outdir, *, n_subjects: int = COHORT.n_subjects, shape=COHORT.shape, seed: int = COHORT.seed,
                 fmt: str = COHORT.fmt, inverted_mask: bool = COHORT.inverted_mask, targets=TARGETS, variation: SynthVariation | None = None,
-                overwrite: bool = False, quiet: bool = False) -> str:
+                overwrite: bool = False, quiet: bool = False, sections: SectionOptions | None = None) -> str:
     """Write a synthetic cohort of ``n_subjects`` (per-subject files + OUTDIR/cohort.yaml);
     returns the manifest path.
 
@@ -822,6 +823,8 @@ def make_cohort(outdir, *, n_subjects: int = COHORT.n_subjects, shape=COHORT.sha
     scanner (synth/scanner.py, docs/synthetic.md), the others share the cohort's;
     ``artefact``: subject ids (or "all") with a field-of-view artefact (synth/artefact.py),
     then every subject gets an ``artefact`` label (empty without one).
+    sections (:class:`mrhscale.options.SectionOptions`, with ``sections`` >= 1): also a stack of 2D
+    histology sections cut from one subject's stain, in OUTDIR/sections/ (synth/sections.py).
     Subject s01 gets a handful of NaNs outside the brain in dwi2000 (real data have them).
     The manifest is written last, atomically: it is the completion marker. No Dask: ``quiet``
     silences the progress.
@@ -835,6 +838,8 @@ def make_cohort(outdir, *, n_subjects: int = COHORT.n_subjects, shape=COHORT.sha
     artefacts = _varied(variation.artefact, n_subjects, "--artefact")
     if fmt not in FORMATS:
         raise MRHError(f"synth: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if sections is not None and sections.sections:
+        check_options(sections, [f"s{i + 1:02d}" for i in range(n_subjects)], targets)
     folder = Folder(outdir, "mrhscale-synthetic", what="synth: OUTDIR")
     if folder.check() and not overwrite:
         raise MRHError(f"synth: {folder.path} already holds a synthetic cohort; "
@@ -843,6 +848,8 @@ def make_cohort(outdir, *, n_subjects: int = COHORT.n_subjects, shape=COHORT.sha
         _write_cohort(work, n_subjects=n_subjects, shape=shape, seed=seed, lesions=variation.lesions, fmt=fmt,
                       inverted_mask=inverted_mask, targets=targets, quiet=quiet, varied=varied,
                       artefacts=artefacts)
+        if sections is not None and sections.sections:
+            write_subject_sections(work, sections, seed, FORMATS[fmt])
     return os.path.join(folder.path, "cohort.yaml")
 
 
