@@ -23,6 +23,7 @@ from mrhscale.options import (
     ImageOptions,
     IngestOptions,
     RegistrationOptions,
+    SectionOptions,
     SynthVariation,
 )
 
@@ -55,12 +56,13 @@ def some_subjects(spec):
 
 @main.command("synth")
 @click.argument("outdir", type=click.Path(file_okay=True, dir_okay=True))
-@with_options(CohortOptions, SynthVariation)
+@with_options(CohortOptions, SynthVariation, SectionOptions)
 @click.option("--overwrite", is_flag=True, help="Replace a cohort already in OUTDIR.")
 @context_options()
 def synth(outdir, overwrite, **kw):
     """Write a synthetic phantom cohort (67-channel MRI, FA, mask, af/nf/mbp, lesion labels,
-    ground truth) to OUTDIR, with OUTDIR/cohort.yaml for ingest."""
+    ground truth) to OUTDIR, with OUTDIR/cohort.yaml for ingest; with --sections N also a stack of
+    2D histology sections of one subject, with its truth and landmarks, in OUTDIR/sections/."""
     from mrhscale.synth.phantom import make_cohort  # numba kernels: compiled only when synth runs
 
     opts = take(CohortOptions, kw)
@@ -71,8 +73,9 @@ def synth(outdir, overwrite, **kw):
     variation = take(SynthVariation, kw)
     variation = dataclasses.replace(variation, scanner_variation=some_subjects(variation.scanner_variation),
                                     artefact=some_subjects(variation.artefact))
+    sections = take(SectionOptions, kw)
     click.echo(make_cohort(outdir, **dataclasses.asdict(opts), variation=variation, overwrite=overwrite,
-                           quiet=kw["quiet"]))
+                           quiet=kw["quiet"], sections=sections if sections.sections else None))
 
 
 @main.command("manifest")
