@@ -231,11 +231,27 @@ def _rbf(x, centres, scale):
     return g, -g * d / scale
 
 
-def _warp_field(centres, scale, coef, t) -> np.ndarray:
-    gu, _ = _rbf(t[:, 0], centres[0], scale)
-    gv, _ = _rbf(t[:, 1], centres[1], scale)
+def _contract(a, coef, b) -> np.ndarray:
+    """sum_ij a[n, i] coef[i, j] b[n, j] in numpy's own loops: no BLAS, whose threads make the sums'
+    order (so the last bits, so an 8-bit pixel now and then) depend on the machine."""
+    return np.einsum("ni,ij,nj->n", a, coef, b, optimize=False)
+
+
+def _gauss(x, centres, scale) -> np.ndarray:
+    d = (x[:, None] - np.asarray(centres)[None, :]) * (1 / scale)
+    return np.exp(-0.5 * d * d)
+
+
+def _warp_field(centres, scale, coef, t, block: int = 16384) -> np.ndarray:
+    """w(t), (n, 2) mm; in blocks of points that stay in cache (a slide has ~10^6 pixels)."""
     coef = np.asarray(coef)
-    return np.stack([((gu @ coef[k]) * gv).sum(1) for k in range(2)], -1)
+    out = np.empty_like(t)
+    for lo in range(0, len(t), block):
+        gu = _gauss(t[lo:lo + block, 0], centres[0], scale)
+        gv = _gauss(t[lo:lo + block, 1], centres[1], scale)
+        for k in range(2):
+            out[lo:lo + block, k] = _contract(gu, coef[k], gv)
+    return out
 
 
 def _warp_gradient(centres, scale, coef, t) -> np.ndarray:
@@ -243,7 +259,7 @@ def _warp_gradient(centres, scale, coef, t) -> np.ndarray:
     gu, du = _rbf(t[:, 0], centres[0], scale)
     gv, dv = _rbf(t[:, 1], centres[1], scale)
     coef = np.asarray(coef)
-    return np.stack([np.stack([((du @ coef[k]) * gv).sum(1), ((gu @ coef[k]) * dv).sum(1)], -1)
+    return np.stack([np.stack([_contract(du, coef[k], gv), _contract(gu, coef[k], dv)], -1)
                      for k in range(2)], 1)
 
 
@@ -256,20 +272,29 @@ def _slide_mm(geom: Geometry, sec: SectionTruth, cols, rows) -> np.ndarray:
     return s
 
 
+def _side(tear: dict, s) -> np.ndarray:
+    """Signed distance (mm) of slide points beyond the crack's near edge."""
+    return s[:, 0] * tear["normal"][0] + s[:, 1] * tear["normal"][1] - tear["offset"]
+
+
 def _untear(sec: SectionTruth, s):
     """Slide mm -> slide mm before the tear, and the crack (no tissue there)."""
     if sec.tear is None:
         return s, np.zeros(len(s), bool)
-    side = s @ np.asarray(sec.tear["normal"]) - sec.tear["offset"]
+    side = _side(sec.tear, s)
     beyond = side > sec.tear["gap_mm"]
     s = s - beyond[:, None] * np.asarray(sec.tear["shift_mm"])
     return s, (side > 0) & ~beyond
 
 
+def _rotate(s, degrees: float) -> np.ndarray:
+    """Points (n, 2) rotated by ``degrees`` (elementwise: a BLAS call per tiny product is slower)."""
+    c, si = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return np.stack([c * s[:, 0] - si * s[:, 1], si * s[:, 0] + c * s[:, 1]], -1)
+
+
 def _unjitter(sec: SectionTruth, s) -> np.ndarray:
-    a = np.radians(sec.rotation_deg)
-    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-    return (s - np.asarray(sec.shift_mm)) @ rot / np.asarray(sec.shrink)
+    return _rotate(s - np.asarray(sec.shift_mm), -sec.rotation_deg) / np.asarray(sec.shrink)
 
 
 def pixel_to_grid(geom: Geometry, sec: SectionTruth, cols, rows) -> np.ndarray:
@@ -278,7 +303,7 @@ def pixel_to_grid(geom: Geometry, sec: SectionTruth, cols, rows) -> np.ndarray:
     t = _unjitter(sec, s)
     t = t + _warp_field(sec.warp_centres_mm, sec.warp_scale_mm, sec.warp_coef, t)
     frame = np.asarray(geom.frame)
-    g = geom.centre(sec.position_mm) + t @ frame[:2]
+    g = geom.centre(sec.position_mm) + t[:, :1] * frame[0] + t[:, 1:] * frame[1]
     g[crack] = np.nan
     return g
 
@@ -305,12 +330,9 @@ def ras_to_pixel(geom: Geometry, sec: SectionTruth, ras, iterations: int = 60):
 
 
 def _pixel_of_tissue(geom: Geometry, sec: SectionTruth, t) -> np.ndarray:
-    a = np.radians(sec.rotation_deg)
-    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-    s = (t * np.asarray(sec.shrink)) @ rot.T + np.asarray(sec.shift_mm)
+    s = _rotate(t * np.asarray(sec.shrink), sec.rotation_deg) + np.asarray(sec.shift_mm)
     if sec.tear is not None:
-        s = s + ((s @ np.asarray(sec.tear["normal"]) - sec.tear["offset"]) > 0)[:, None] * np.asarray(
-            sec.tear["shift_mm"])
+        s = s + (_side(sec.tear, s) > 0)[:, None] * np.asarray(sec.tear["shift_mm"])
     if sec.flipped:
         s[:, 0] = -s[:, 0]
     rows_n, cols_n = geom.canvas
@@ -395,7 +417,7 @@ def _smooth_field(rng, geom: Geometry) -> np.ndarray:
     coef = rng.normal(0, 1, (len(centres[0]), len(centres[1])))
     gu, _ = _rbf(((np.arange(cols) - (cols - 1) / 2) * geom.pixel_mm), centres[0], BIAS_SCALE_MM)
     gv, _ = _rbf(((np.arange(rows) - (rows - 1) / 2) * geom.pixel_mm), centres[1], BIAS_SCALE_MM)
-    f = gv @ coef.T @ gu.T
+    f = np.einsum("rj,jc->rc", gv, np.einsum("ij,ci->jc", coef, gu, optimize=False), optimize=False)
     return f / max(np.abs(f).max(), 1e-12)
 
 
@@ -422,16 +444,16 @@ def _landmarks(geom: Geometry, sec: SectionTruth, value, tissue, k: int) -> list
 
 
 def _spread(score, k: int, min_dist: float) -> list[tuple[int, int]]:
-    """Greedy: the best-scoring pixels at least min_dist apart."""
-    order = np.argsort(score, axis=None, kind="stable")[::-1]
-    order = order[score.ravel()[order] > 0]
+    """Greedy: the best-scoring pixel, then the best at least min_dist from those taken, k times."""
+    score = score.copy()
+    rows, cols = np.indices(score.shape)
     picked: list[tuple[int, int]] = []
-    for flat in order:
-        if len(picked) >= k:
+    while len(picked) < k:
+        r, c = np.unravel_index(int(np.argmax(score)), score.shape)
+        if score[r, c] <= 0:
             break
-        p = np.unravel_index(flat, score.shape)
-        if all((p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2 >= min_dist ** 2 for q in picked):
-            picked.append((int(p[0]), int(p[1])))
+        picked.append((int(r), int(c)))
+        score[(rows - r) ** 2 + (cols - c) ** 2 < min_dist ** 2] = 0
     return picked
 
 
