@@ -44,6 +44,7 @@ _LAZY = {
     "Numerics": "mrhscale.options",
     "ImportanceOptions": "mrhscale.options",
     "SynthVariation": "mrhscale.options",
+    "SectionOptions": "mrhscale.options",
     "IngestResult": "mrhscale.results",
     "PatchesResult": "mrhscale.results",
     "TrainResult": "mrhscale.results",

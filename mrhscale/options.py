@@ -470,3 +470,5 @@ class SectionOptions:
                           flag="--section-noise")
     landmarks: int = option(10, "Landmarks per section.", flag="--section-landmarks")
     image_format: str = option("png", "Image files.", flag="--section-format", choices=SECTION_FORMATS)
+    positions_mm: tuple | None = option(None, "Library only: the sections' positions along the axis (grid mm, "
+                                              "voxel index x voxel size), one per section.", cli=False)

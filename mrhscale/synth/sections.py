@@ -159,7 +159,10 @@ def _rotation(k, angle) -> np.ndarray:
 
 
 def _positions(stain, geom: Geometry, opts: SectionOptions) -> np.ndarray:
-    """Plane indices along the cut axis: every ``every`` planes about the stain's middle, or N spread evenly."""
+    """Plane indices along the cut axis: the given positions, every ``every`` planes about the stain's
+    middle, or N spread evenly over it."""
+    if opts.positions_mm is not None:
+        return _given(geom, opts)
     other = tuple(a for a in range(3) if a != geom.axis)
     planes = np.flatnonzero(np.asarray(stain).max(axis=other) > 0)
     if planes.size == 0:
@@ -173,6 +176,17 @@ def _positions(stain, geom: Geometry, opts: SectionOptions) -> np.ndarray:
         raise MRHError(f"synth: {opts.sections} sections every {opts.every} planes span {idx[-1] - idx[0] + 1} "
                        f"planes, more than the subject's {geom.shape[geom.axis]} along {opts.axis}")
     return idx.astype(float)
+
+
+def _given(geom: Geometry, opts: SectionOptions) -> np.ndarray:
+    index = np.asarray(opts.positions_mm, float) / geom.spacing[geom.axis]
+    if len(index) != opts.sections:
+        raise MRHError(f"synth: {len(index)} section positions for {opts.sections} sections")
+    last = (geom.shape[geom.axis] - 1) * geom.spacing[geom.axis]
+    if index.min() < -1e-9 or index.max() > geom.shape[geom.axis] - 1 + 1e-9:
+        raise MRHError(f"synth: section positions must lie in [0, {last:g}] mm along {opts.axis}, "
+                       f"got {list(opts.positions_mm)}")
+    return index
 
 
 def _pick(rng, pool, fraction: float) -> set[int]:

@@ -128,6 +128,15 @@ def test_every_kth_plane_and_its_limit(subject):
         cut_sections(subject["targets"]["nf"], subject["affine"], dataclasses.replace(CLEAN, every=4), seed=0)
 
 
+def test_sections_at_given_positions(subject):
+    opts = dataclasses.replace(CLEAN, sections=3, positions_mm=(1.0, 2.5, 7.2))
+    st = cut_sections(subject["targets"]["nf"], subject["affine"], opts, seed=0)
+    assert [s.position_mm for s in st.sections] == [1.0, 2.5, 7.2]
+    for bad in ((1.0, 2.0), (1.0, 2.0, 7.3)):  # wrong count; beyond the last plane (15 x 0.48 mm)
+        with pytest.raises(MRHError, match="section positions"):
+            cut_sections(subject["targets"]["nf"], subject["affine"], dataclasses.replace(opts, positions_mm=bad))
+
+
 def test_fractions_are_honoured(stack):
     secs = stack.sections
     missing = [s for s in secs if s.missing]
