@@ -366,8 +366,7 @@ def cut_sections(stain, affine, options: SectionOptions, seed=0, subject: str = 
     check_options(options)
     stain = np.asarray(stain, np.float32)
     seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(int(seed))
-    stack_seq, *section_seqs = seq.spawn(options.sections + 1)
-    rng = np.random.default_rng(stack_seq)
+    rng = np.random.default_rng(_child(seq, 0))
     geom = _geometry(stain.shape, affine, options, rng)
     flags = _flags(rng, options)
     positions = _positions(stain, geom, options) * geom.spacing[geom.axis]
@@ -375,12 +374,17 @@ def cut_sections(stain, affine, options: SectionOptions, seed=0, subject: str = 
     channel = "fluorescence" if name in FLUORESCENCE else "brightfield-dab"
     stack = Stack(subject, name, channel, geom, [], [], [])
     tissue = (stain > 0).astype(np.float32)
-    for i, (pos, sub) in enumerate(zip(positions, section_seqs)):
-        srng = np.random.default_rng(sub)
+    for i, pos in enumerate(positions):
+        srng = np.random.default_rng(_child(seq, i + 1))
         sec = _section(srng, geom, i + 1, pos, flags[i], options)
         stack.sections.append(sec)
         stack.images.append(None if sec.missing else _render(stack, sec, (stain, tissue), srng, options))
     return stack
+
+
+def _child(seq: np.random.SeedSequence, i: int) -> np.random.SeedSequence:
+    """The i-th child stream of seq without spawning (spawn counts: the same seq twice would differ)."""
+    return np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, i))
 
 
 def _flags(rng, opts: SectionOptions) -> list[dict]:

@@ -191,6 +191,13 @@ def _files(folder):
     return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
 
 
+def test_one_seed_sequence_twice_gives_one_stack(subject):
+    seq = np.random.SeedSequence([4, 0, 29])
+    a, b = (cut_sections(subject["targets"]["nf"], subject["affine"], OPTS, seed=seq) for _ in range(2))
+    assert a.sections == b.sections and all(np.array_equal(x, y) for x, y in zip(a.images, b.images)
+                                             if x is not None)
+
+
 @pytest.mark.parametrize("fmt", ["png", "tiff"])
 def test_same_seed_same_bytes(subject, tmp_path, fmt):
     opts = dataclasses.replace(OPTS, image_format=fmt)
