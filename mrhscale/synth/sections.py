@@ -330,8 +330,8 @@ def pixel_to_ras(geom: Geometry, sec: SectionTruth, cols, rows) -> np.ndarray:
 
 
 def ras_to_pixel(geom: Geometry, sec: SectionTruth, ras, iterations: int = 60):
-    """(n, 2) col, row of RAS points and (n,) their distance off the section's plane (mm); a point
-    in the tissue a tear removed maps to where it would be on the slide's far side."""
+    """(n, 2) col, row of RAS points (projected onto the section's plane) and (n,) their signed
+    distance off it (mm). A tear loses no tissue (it opens a crack of glass), so every point has a pixel."""
     aff = np.asarray(geom.affine)
     index = (np.atleast_2d(ras) - aff[:3, 3]) @ np.linalg.inv(aff[:3, :3]).T
     d = index * np.asarray(geom.spacing) - geom.centre(sec.position_mm)
