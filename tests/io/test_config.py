@@ -20,7 +20,7 @@ def test_config_supplies_options_flags_override_and_resolved_written(tmp_path):
     r = CliRunner().invoke(main, ["ingest", "--config", str(cfg), "--chunks", "5,5,5"])
     assert r.exit_code == 0, r.output
     ds = open_subject(str(out), "s01")
-    assert ds.mri.data.chunksize[:3] == (5, 5, 5)  # flag beat the file
+    assert ds.mri.data.chunksize[:3] == (5, 4, 4)  # flag beat the file: 10x8x12 cut evenly by at most 5
     resolved = yaml.safe_load((out / "_config" / "mrhscale-ingest.yaml").read_text())
     assert resolved["command"] == "ingest" and resolved["chunks"] == "5,5,5"
     assert resolved["checksums"] is False and resolved["scheduler"] == "synchronous"
