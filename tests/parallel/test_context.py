@@ -138,3 +138,31 @@ def test_a_shared_value_reaches_every_task(where):
             got = [res for _, res, _ in sorted(r.each_finished(
                 [dask.delayed(_total, pure=False)(shared, k) for k in (1, 2)], "total"), key=lambda t: t[0])]
     assert got == [1e5, 2e5]
+
+
+@pytest.mark.parametrize("where", ["local", "client"])
+def test_each_finished_takes_tasks_a_window_at_a_time(where):
+    """A lazily built stream of tasks: never more than ``window`` built and unfinished at once,
+    and every one reported under the index it was taken at."""
+    taken, done = [], []
+
+    def tasks():
+        for i in range(7):
+            taken.append(i)
+            assert len(taken) - len(done) <= 2
+            yield dask.delayed(_double, pure=False)(i)
+
+    def collect(r):
+        for i, res, err in r.each_finished(tasks(), "double", window=2, total=7):
+            done.append(i)
+            yield i, res, err
+
+    if where == "local":
+        with Context(scheduler="synchronous", quiet=True).runner() as r:
+            got = sorted(collect(r))
+    else:
+        with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
+                Client(cluster) as client, Context(client=client, quiet=True).runner() as r:
+            got = sorted(collect(r))
+            assert r.threads() == 2
+    assert got == [(i, 2 * i, None) for i in range(7)]
