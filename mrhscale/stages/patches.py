@@ -391,12 +391,10 @@ class _Extraction:
         n_split = totals.sum(axis=1)
         self.check_counts(n_split, n_cand)
         self.create_outputs(n_split)
-        jobs2, res2 = self.shuffle(pieces, totals, n_split)
+        jobs2, res2, norm = self.shuffle(pieces, totals, n_split)
         self.stitch(jobs2, res2, n_split)
-        nrm = _norm_stats([r for j, r in zip(jobs2, res2, strict=True) if j["split"] == 0],
-                          self.o.stats, len(self.channels), len(self.stains))
         return {"n_train": int(n_split[0]), "n_val": int(n_split[1]), "n_candidates": n_cand,
-                "norm": nrm.to_dict(), "subject_norm": self.norms, "chunk_size": self.nc,
+                "norm": norm, "subject_norm": self.norms, "chunk_size": self.nc,
                 "n_buckets": list(self.n_buckets)}
 
     def batches(self):
@@ -577,7 +575,16 @@ class _Extraction:
                              "total": int(n_split[s]), "seed": self.o.seed, "out": self.out,
                              "stats_rows": q})
                 g += nb
-        return jobs, _run(self.runner, [dask.delayed(_shuffle_bucket, pure=False)(j) for j in jobs], "shuffle")
+        return (jobs, *self._shuffled(jobs))
+
+    def _shuffled(self, jobs: list) -> tuple[list, dict]:
+        """The buckets shuffled (their edges, for the stitch) and the store's normalisation,
+        computed beside them: the train sample (up to STATS_ROWS patches) never comes here."""
+        res = [dask.delayed(_shuffle_bucket, pure=False)(j) for j in jobs]
+        train = [r for j, r in zip(jobs, res, strict=True) if j["split"] == 0]
+        norm = dask.delayed(_norm_record)(train, self.o.stats, len(self.channels), len(self.stains))
+        out = _run(self.runner, [dask.delayed(_edges)(r) for r in res] + [norm], "shuffle")
+        return out[:-1], out[-1]
 
     def stitch(self, jobs2, res2, n_split) -> None:
         """Pass 3: one task per output chunk that straddles buckets."""
@@ -610,6 +617,15 @@ class _Extraction:
                       "min_label_sum": o.min_label_sum, "min_label_nonzero": o.min_label_nonzero},
             "provenance": prov,
         }
+
+
+def _edges(res: dict) -> dict:
+    """What of a shuffled bucket the stitch needs."""
+    return {"edges": res["edges"]}
+
+
+def _norm_record(train_res: list, mode: str, n_c: int, n_stains: int) -> dict:
+    return _norm_stats(train_res, mode, n_c, n_stains).to_dict()
 
 
 def _norm_stats(train_res: list, mode: str, n_c: int, n_stains: int = 1):
