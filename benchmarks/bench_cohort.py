@@ -20,6 +20,7 @@ smallest size, in the same run. Targets: ms a subject within 10% and peak memory
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -68,9 +69,7 @@ def child(stage: str, work: str, n: int, workers: int) -> dict:
     from mrhscale.parallel.context import Context
 
     shutil.rmtree(os.path.join(work, f"{stage}-{n}.zarr"), ignore_errors=True)
-    import mrhscale.stages.ingest  # noqa: F401  imports (xarray, zarr, nibabel, torch) are no subject's cost
-    import mrhscale.stages.patches  # noqa: F401
-    import mrhscale.stages.predict  # noqa: F401
+    importlib.import_module(f"mrhscale.stages.{stage}")  # its imports are no subject's cost (its memory is)
     with dask_client(workers=workers, quiet=True) as client:
         ctx = Context(client=client, quiet=True)
         with RSSPoller([os.getpid()], interval=0.02, children=False) as poll:
