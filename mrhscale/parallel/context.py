@@ -13,8 +13,9 @@ distributed ``Client`` alike, so no stage branches on which it got.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -129,35 +130,58 @@ class Runner:
             return list(dask.compute(*tasks, scheduler=self.env)) if tasks else []
         return run_tasks(self.env, tasks, desc, quiet=quiet, what=what)
 
-    def each_finished(self, tasks: list, desc: str, *, unit: str = "task") -> Iterator[tuple[int, Any, Exception | None]]:
+    def each_finished(self, tasks: Iterable, desc: str, *, unit: str = "task", window: int | None = None,
+                      total: int | None = None) -> Iterator[tuple[int, Any, Exception | None]]:
         """Dask delayed ``tasks`` run side by side (one after another on a local scheduler):
         ``(index, result, None)`` or ``(index, None, error)`` for each as it finishes, with
         progress. A failure does not stop the others; those not finished when the caller
-        stops iterating are cancelled."""
-        if self.client is None:
-            with progress(total=len(tasks), desc=desc, unit=unit, quiet=self.quiet, leave=False) as bar:
-                for i, task in enumerate(tasks):
-                    try:
-                        (res,) = dask.compute(task, scheduler=self.env)
-                    except Exception as e:
-                        yield i, None, e
-                    else:
-                        yield i, res, None
-                    bar.update(1)
-            return
-        futures = self.client.compute(tasks) if tasks else []
-        index = {id(f): i for i, f in enumerate(futures)}
+        stops iterating are cancelled. ``tasks`` may be an iterator that builds each task
+        as it is taken: with ``window``, at most that many are built and unfinished at once,
+        so this process holds a bounded number of graphs however many tasks there are
+        (``total``: their number, for progress)."""
+        total = len(tasks) if total is None and hasattr(tasks, "__len__") else total
+        each = self._each_local(tasks) if self.client is None else self._each_on_client(tasks, window)
+        with progress(total=total, desc=desc, unit=unit, quiet=self.quiet, leave=False) as bar, \
+                contextlib.closing(each):
+            for item in each:
+                yield item
+                bar.update(1)
+
+    def _each_local(self, tasks: Iterable) -> Iterator[tuple[int, Any, Exception | None]]:
+        for i, task in enumerate(tasks):
+            try:
+                (res,) = dask.compute(task, scheduler=self.env)
+            except Exception as e:
+                yield i, None, e
+            else:
+                yield i, res, None
+
+    def _each_on_client(self, tasks: Iterable, window: int | None) -> Iterator[tuple[int, Any, Exception | None]]:
+        """``each_finished`` on the Client: at most ``window`` tasks taken and unfinished (all if None)."""
+        from distributed import as_completed
+
+        todo, live, done = enumerate(tasks), {}, as_completed()
+
+        def top_up():
+            batch = list(itertools.islice(todo, None if window is None else max(0, window - len(live))))
+            for (i, _), f in zip(batch, self.client.compute([t for _, t in batch]) if batch else []):
+                live[id(f)] = (i, f)
+                done.add(f)
+
         try:
-            for f in completed(futures, desc, self.quiet, fail_fast=False, unit=unit):
+            top_up()
+            for f in done:
+                i, _ = live.pop(id(f))
                 try:
                     res = f.result()
                 except Exception as e:
                     f.cancel()  # release the erred key: a rerun with the same (pure) keys must recompute
-                    yield index[id(f)], None, e
+                    yield i, None, e
                 else:
-                    yield index[id(f)], res, None
+                    yield i, res, None
+                top_up()
         finally:
-            self.client.cancel([f for f in futures if f.status != "finished"])
+            self.client.cancel([f for _, f in live.values()])
 
     def share(self, value):
         """``value`` for this runner's tasks (an argument of their delayed calls): on a Client
@@ -179,7 +203,7 @@ class Runner:
         """Task threads of all workers together (1 on a local scheduler): how many tasks run at once."""
         if self.client is None:
             return 1
-        return max(1, sum(int(w.get("nthreads", 1)) for w in self.client.scheduler_info().get("workers", {}).values()))
+        return max(1, sum(self.client.nthreads().values()))
 
     def worker_memory_limits(self) -> list[int]:
         """Each worker's memory limit in bytes (0: none; empty on a local scheduler)."""

@@ -325,19 +325,26 @@ def _reusable(store: CohortStore, specs: list[SubjectSpec], overwrite: bool, exi
 
 
 def _plan_all(todo: list[SubjectSpec], channels: list[str] | None, skip_bad: bool):
-    """Plans of the subjects to write, checked against the cohort's channels; bad ones aside."""
-    plans, bad = [], {}
+    """The subjects to write, each planned once to check it (its files, its channels against
+    the cohort's), and their channels; bad ones aside. The plans are not kept: each holds its
+    mask, and the write plans its subject again when its turn comes (bounded memory)."""
+    good, bad = [], {}
     for spec in todo:
         try:
-            plan = plan_subject(spec)
-            ref = channels or (plans[0].channels if plans else None)
-            _check_channels(spec.id, plan.channels, ref)
-            plans.append(plan)
+            channels = _checked_channels(spec, channels)
+            good.append(spec)
         except MRHError as e:
             if not skip_bad:
                 raise
             bad[spec.id] = str(e)
-    return plans, bad
+    return good, channels, bad
+
+
+def _checked_channels(spec: SubjectSpec, ref: list[str] | None) -> list[str]:
+    """The subject's channels, planned from its files and checked against ``ref``."""
+    plan = plan_subject(spec)
+    _check_channels(spec.id, plan.channels, ref)
+    return plan.channels
 
 
 def _check_channels(sid: str, channels: list[str], ref: list[str] | None) -> None:
@@ -396,16 +403,15 @@ def ingest(
     store = CohortStore(ctx.location(out))
     exists = store.check_output()  # refuses anything but a cohort store
     todo, skipped = _reusable(store, specs, overwrite, exists)
-    plans, bad = _plan_all(todo, store.channels() if exists else None, skip_bad)
+    good, channels, bad = _plan_all(todo, store.channels() if exists else None, skip_bad)
     result = IngestResult(store.url, [], skipped, bad)
-    if not plans:
+    if not good:
         return result
-    root = store.prepare({"channels": plans[0].channels, "mrhscale_version": __version__})
-    for plan in plans:  # another process may have created the store meanwhile
-        _check_channels(plan.spec.id, plan.channels, root.get("channels"))
+    root = store.prepare({"channels": channels, "mrhscale_version": __version__})
+    _check_channels(good[0].id, channels, root.get("channels"))  # another process may have made it meanwhile
     with ctx.runner() as runner, store.writer() as w:
-        job = _WriteJob(w, man, chunks, _encoder(compression, clevel), checksums, skip_bad, bad)
-        result.written = job.run(runner, plans)
+        job = _WriteJob(w, man, channels, chunks, _encoder(compression, clevel), checksums, skip_bad, bad)
+        result.written = job.run(runner, good)
     return result
 
 
@@ -420,32 +426,58 @@ def _written(_write, counts, digests):
 
 class _WriteJob:
     """Subjects written side by side on the runner, each committed through the store writer as
-    it finishes (a failed one is aborted, and with ``skip_bad`` listed instead of raised)."""
+    it finishes (a failed one is aborted, and with ``skip_bad`` listed instead of raised).
 
-    def __init__(self, writer, man, chunks, encoding, checksums: bool, skip_bad: bool, bad: dict):
-        self.w, self.man, self.chunks = writer, man, chunks
+    A few subjects per worker thread are planned, claimed and in flight at a time: the
+    driver holds that many graphs and claims, not the cohort's."""
+
+    PER_THREAD = 4  # subjects in flight per worker thread: enough to keep every worker busy
+
+    def __init__(self, writer, man, channels, chunks, encoding, checksums: bool, skip_bad: bool, bad: dict):
+        self.w, self.man, self.channels, self.chunks = writer, man, channels, chunks
         self.encoding, self.checksums, self.skip_bad, self.bad = encoding, checksums, skip_bad, bad
+        self.live: dict[int, tuple[SubjectPlan, str]] = {}  # task index -> (plan, staged path)
+        self._taken = 0
 
-    def run(self, runner: Runner, plans: list[SubjectPlan]) -> list[str]:
-        pending, tasks = {}, []
+    def run(self, runner: Runner, specs: list[SubjectSpec]) -> list[str]:
         written = []
         try:
-            for plan in plans:
-                path = self.w.begin(plan.spec.id)
-                pending[len(tasks)] = (plan, path)
-                tasks.append(self._task(plan, path))
-            for i, res, err in runner.each_finished(tasks, "ingest", unit="subject"):
-                plan, path = pending.pop(i)
+            for i, res, err in runner.each_finished(self._tasks(specs), "ingest", unit="subject",
+                                                    window=self.PER_THREAD * runner.n_threads(), total=len(specs)):
+                plan, path = self.live.pop(i)
                 if err is not None:
                     self._failed(plan.spec.id, path, err)
                     continue
                 self._commit(plan, path, *res)
                 written.append(plan.spec.id)
         finally:
-            for plan, path in pending.values():
+            for plan, path in self.live.values():
                 self.w.abort(plan.spec.id, path)
-        order = {p.spec.id: i for i, p in enumerate(plans)}
+        order = {s.id: i for i, s in enumerate(specs)}
         return sorted(written, key=order.get)  # manifest order, whichever finished first
+
+    def _tasks(self, specs: list[SubjectSpec]):
+        """Each subject's write task, planned and claimed only when the runner takes it."""
+        for spec in specs:
+            plan = self._plan(spec)
+            if plan is None:
+                continue
+            path = self.w.begin(spec.id)
+            self.live[self._taken] = (plan, path)
+            self._taken += 1
+            yield self._task(plan, path)
+
+    def _plan(self, spec: SubjectSpec) -> SubjectPlan | None:
+        """The subject planned again (its files may have changed since they were checked)."""
+        try:
+            plan = plan_subject(spec)
+            _check_channels(spec.id, plan.channels, self.channels)
+            return plan
+        except MRHError as e:
+            if not self.skip_bad:
+                raise
+            self.bad[spec.id] = str(e)
+            return None
 
     def _task(self, plan: SubjectPlan, path: str):
         """The subject's lazy write, with its files' checksums computed beside it."""

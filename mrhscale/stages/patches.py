@@ -232,8 +232,8 @@ def _run(runner: Runner, tasks: list, desc: str, bar: bool = True) -> list:
     t0 = time.perf_counter()
     try:
         return runner.compute(tasks, desc, what=f"patches ({desc})", quiet=None if bar else True)
-    finally:
-        TIMINGS[desc] = round(time.perf_counter() - t0, 3)
+    finally:  # a pass run a batch of subjects at a time: its batches' sum
+        TIMINGS[desc] = round(TIMINGS.get(desc, 0.0) + time.perf_counter() - t0, 3)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -263,36 +263,34 @@ def check_options(o: PatchOptions) -> None:
         raise MRHError(f"chunk_size must be >= 1, got {o.chunk_size}")
 
 
-def _check_cohort(cohort: dict, stains: list[str], o: PatchOptions) -> dict:
-    """Every subject has room for a patch and the stain (with several: at least one of them,
-    and each stain is in some subject); returns {subject: (x, y, z) shape}."""
-    sids = list(cohort)
-    unknown = [s for s in o.val_subjects if s not in cohort]
+def _check_val(sids: list[str], o: PatchOptions) -> None:
+    """The held-out subjects are among the cohort's, and leave some for training."""
+    unknown = [s for s in o.val_subjects if s not in sids]
     if unknown:
         raise MRHError(f"--val-subjects: {', '.join(unknown)} not among the subjects ({', '.join(sids)})")
     if o.val_subjects and set(o.val_subjects) >= set(sids):
         raise MRHError("--val-subjects: every subject is held out; leave at least one for training")
+
+
+def _check_subject(sid: str, ds, stains: list[str], o: PatchOptions) -> tuple[int, int, int]:
+    """The subject has room for a patch and the stain (with several: at least one of them);
+    returns its (x, y, z) shape."""
+    if not any(has_stain(ds, t) for t in stains):
+        avail = ds.attrs.get("targets") or [v for v in ds.data_vars if v not in ("mri", "mask", "fa")]
+        raise MRHError(f"subject {sid!r}: unknown target {target_name(stains)!r} "
+                       f"(available: {', '.join(map(str, avail)) or 'none'})")
     s_ax, r_ax, c_ax = plane_axes(o.axis)
-    shapes = {}
-    for sid, ds in cohort.items():
-        if not any(has_stain(ds, t) for t in stains):
-            avail = ds.attrs.get("targets") or [v for v in ds.data_vars if v not in ("mri", "mask", "fa")]
-            raise MRHError(f"subject {sid!r}: unknown target {target_name(stains)!r} "
-                           f"(available: {', '.join(map(str, avail)) or 'none'})")
-        shp = shapes[sid] = tuple(int(ds.sizes[a]) for a in AXES)
-        for a in (r_ax, c_ax):
-            if shp[a] < o.size:
-                raise MRHError(f"subject {sid!r}: patch {o.size}x{o.size} (--half {o.half}) is larger than "
-                               f"the volume along {AXES[a]} ({shp[a]} voxels)")
-        if o.slices is not None:
-            a0, b0 = _slice_bounds(o.slices, shp[s_ax])
-            if not 0 <= a0 < b0 <= shp[s_ax]:
-                raise MRHError(f"--slices {a0}:{b0} out of bounds for subject {sid!r}: {AXES[s_ax]} has "
-                               f"{shp[s_ax]} slices (give A:B with 0 <= A < B <= {shp[s_ax]})")
-    nowhere = [t for t in stains if not any(has_stain(ds, t) for ds in cohort.values())]
-    if nowhere:
-        raise MRHError(f"--target: no subject has {', '.join(nowhere)}")
-    return shapes
+    shp = tuple(int(ds.sizes[a]) for a in AXES)
+    for a in (r_ax, c_ax):
+        if shp[a] < o.size:
+            raise MRHError(f"subject {sid!r}: patch {o.size}x{o.size} (--half {o.half}) is larger than "
+                           f"the volume along {AXES[a]} ({shp[a]} voxels)")
+    if o.slices is not None:
+        a0, b0 = _slice_bounds(o.slices, shp[s_ax])
+        if not 0 <= a0 < b0 <= shp[s_ax]:
+            raise MRHError(f"--slices {a0}:{b0} out of bounds for subject {sid!r}: {AXES[s_ax]} has "
+                           f"{shp[s_ax]} slices (give A:B with 0 <= A < B <= {shp[s_ax]})")
+    return shp
 
 
 def has_stain(ds, stain: str) -> bool:
@@ -333,18 +331,18 @@ def extract_patches(
     if store_url == out_url:
         raise MRHError("--out must differ from the cohort store")
     source = CohortStore.open(ctx.location(store_url))
-    cohort = source.open_cohort(list(dict.fromkeys(subjects)) if subjects else None)
-    shapes = _check_cohort(cohort, stains, opts)
+    sids = source.cohort_ids(subjects)
+    _check_val(sids, opts)
     made_by = {"stage": "patches", "target": target_name(stains), "options": opts.record(),
-               "subjects": {sid: source.identity(sid)["fingerprint"] for sid in cohort}}
+               "subjects": {sid: source.identity(sid)["fingerprint"] for sid in sids}}
     with build(ctx.location(out_url), made_by, overwrite=overwrite) as b:
         if b is None:
             return _reused(out_url, ctx)
         with ctx.runner() as runner:
-            job = _Extraction(runner, cohort, shapes, stains, opts, b.loc)
+            job = _Extraction(runner, source, sids, stains, opts, b.loc)
             summary = job.run(bucket_bytes)
             b.finish(job.attrs(summary, store_url, t_start), made_by)
-    res = PatchesResult(out=out_url, seconds=round(time.perf_counter() - t_start, 3), subjects=list(cohort),
+    res = PatchesResult(out=out_url, seconds=round(time.perf_counter() - t_start, 3), subjects=sids,
                         reused=False, **summary)
     _say(ctx, f"{res.n_train} train + {res.n_val} val patches -> {out_url} ({res.seconds:.1f} s)")
     return res
@@ -368,20 +366,23 @@ def _default_bucket_bytes(runner: Runner) -> int:
 
 
 class _Extraction:
-    """The three Dask passes (extract, shuffle, stitch) into a patch store being built."""
+    """The passes (survey, extract, shuffle, stitch) into a patch store being built.
 
-    def __init__(self, runner: Runner, cohort, shapes, stains, opts: PatchOptions, out: Location):
-        self.runner, self.cohort, self.shapes, self.stains = runner, cohort, shapes, stains
+    The survey and the extraction open the cohort's subjects a batch at a time: the driver
+    holds a batch's lazy datasets and task graphs, not the cohort's, however many subjects."""
+
+    BATCH = 32  # subjects opened at once (at least; 4 per worker thread on a larger cluster)
+
+    def __init__(self, runner: Runner, source, sids: list[str], stains, opts: PatchOptions, out: Location):
+        self.runner, self.source, self.sids, self.stains = runner, source, sids, stains
         self.o, self.out = opts, out
-        self.sids = list(cohort)
-        self.channels = [str(c) for c in cohort[self.sids[0]].contrast.values]
         self.val_set = set(opts.val_subjects)
         self.val_mode = "subject" if self.val_set else ("fraction" if opts.val_fraction > 0 else "none")
-        in_item = 2 if opts.dtype == "float16" else 4
-        self.nc = opts.chunk_size or chunk_rows(len(self.channels), opts.size, in_item)
 
     def run(self, bucket_bytes: int | None) -> dict:
-        self.ranges = self.slice_ranges()
+        self.survey()
+        in_item = 2 if self.o.dtype == "float16" else 4
+        self.nc = self.o.chunk_size or chunk_rows(len(self.channels), self.o.size, in_item)
         self.n_buckets = self.plan_buckets(bucket_bytes or _default_bucket_bytes(self.runner))
         pieces, n_cand = self.extract()
         totals = np.zeros((2, max(self.n_buckets)), np.int64)
@@ -390,34 +391,64 @@ class _Extraction:
         n_split = totals.sum(axis=1)
         self.check_counts(n_split, n_cand)
         self.create_outputs(n_split)
-        jobs2, res2 = self.shuffle(pieces, totals, n_split)
+        jobs2, res2, norm = self.shuffle(pieces, totals, n_split)
         self.stitch(jobs2, res2, n_split)
-        nrm = _norm_stats([r for j, r in zip(jobs2, res2, strict=True) if j["split"] == 0],
-                          self.o.stats, len(self.channels), len(self.stains))
         return {"n_train": int(n_split[0]), "n_val": int(n_split[1]), "n_candidates": n_cand,
-                "norm": nrm.to_dict(), "subject_norm": self.subject_norm(), "chunk_size": self.nc, "n_buckets": list(self.n_buckets)}
+                "norm": norm, "subject_norm": self.norms, "chunk_size": self.nc,
+                "n_buckets": list(self.n_buckets)}
 
-    def slice_ranges(self) -> dict:
-        """Per subject, the slices to sample: as asked, or where the target has data."""
-        s_ax, r_ax, c_ax = plane_axes(self.o.axis)
+    def batches(self):
+        """The subjects as lazy datasets, a batch at a time, in cohort order."""
+        size = max(self.BATCH, 4 * self.runner.n_threads())
+        for k in range(0, len(self.sids), size):
+            yield {sid: self.source.open_subject(sid) for sid in self.sids[k:k + size]}
+
+    def survey(self) -> None:
+        """Each subject checked (its channels, shape and stains), with the slices to sample and
+        its own input statistics: ``shapes``, ``ranges``, ``norms``, ``channels``."""
+        self.shapes, self.ranges, self.norms, seen = {}, {}, {}, set()
+        for batch in self.batches():
+            for sid, ds in batch.items():
+                self._check(sid, ds)
+                seen |= {t for t in self.stains if has_stain(ds, t)}
+            self._survey_batch(batch)
+        nowhere = [t for t in self.stains if t not in seen]
+        if nowhere:
+            raise MRHError(f"--target: no subject has {', '.join(nowhere)}")
+
+    def _check(self, sid: str, ds) -> None:
+        if not self.shapes:
+            self.channels = [str(c) for c in ds.contrast.values]
+            self._ref = (sid, list(ds.contrast.values))
+        self.source.check_channels(sid, ds, *self._ref)
+        self.shapes[sid] = _check_subject(sid, ds, self.stains, self.o)
+
+    def _survey_batch(self, batch: dict) -> None:
+        """A batch's slice ranges and subject statistics, in one run of its tasks."""
+        stats = [subject_stats_graph(ds["mri"].data, ds["mask"].data) for ds in batch.values()]
         if self.o.slices is not None:
-            return {sid: _slice_bounds(self.o.slices, self.shapes[sid][s_ax]) for sid in self.sids}
-        todo = []
-        for ds in self.cohort.values():
-            has = [((t != 0) & ~da.isnan(t)).any(axis=(r_ax, c_ax))
-                   for t in (ds[s].data for s in self.stains if has_stain(ds, s))]
-            todo.append(dask.delayed(np.asarray)(functools.reduce(operator.or_, has)))
-        ranges = {}
-        for sid, has in zip(self.sids, _run(self.runner, todo, "slice ranges", bar=False), strict=True):
-            nz = np.flatnonzero(has)
-            ranges[sid] = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else None
-        return ranges
+            s_ax = plane_axes(self.o.axis)[0]
+            ranges = [_slice_bounds(self.o.slices, self.shapes[sid][s_ax]) for sid in batch]
+            res = _run(self.runner, stats, "subject statistics", bar=False)
+        else:
+            res = _run(self.runner, [self._range_task(ds) for ds in batch.values()] + stats, "survey", bar=False)
+            ranges = [self._range_of(has) for has in res[:len(batch)]]
+            res = res[len(batch):]
+        self.ranges.update(zip(batch, ranges, strict=True))
+        self.norms.update(zip(batch, res, strict=True))
 
-    def subject_norm(self) -> dict:
-        """Every subject's own input statistics inside its mask, for the per-subject
-        normalisation modes (``train --norm``); ops/norm.py computes a new brain's the same way."""
-        tasks = [subject_stats_graph(ds["mri"].data, ds["mask"].data) for ds in self.cohort.values()]
-        return dict(zip(self.sids, _run(self.runner, tasks, "subject statistics", bar=False), strict=True))
+    def _range_task(self, ds):
+        """Whether each slice holds target data (non-zero, not NaN) in some stain."""
+        s_ax, r_ax, c_ax = plane_axes(self.o.axis)
+        has = [((t != 0) & ~da.isnan(t)).any(axis=(r_ax, c_ax))
+               for t in (ds[s].data for s in self.stains if has_stain(ds, s))]
+        return dask.delayed(np.asarray)(functools.reduce(operator.or_, has))
+
+    @staticmethod
+    def _range_of(has) -> tuple[int, int] | None:
+        """The slices to sample: from the first to the last that holds target data."""
+        nz = np.flatnonzero(has)
+        return (int(nz[0]), int(nz[-1]) + 1) if len(nz) else None
 
     def plan_buckets(self, bucket_bytes: int) -> list[int]:
         """Shuffle buckets per split, from an upper bound of the sample bytes."""
@@ -441,17 +472,21 @@ class _Extraction:
         return [max(1, math.ceil(e / bucket_bytes)) for e in est]
 
     def extract(self):
-        """Pass 1: one task per chunk of every subject; returns (pieces, candidates)."""
-        tasks = [t for sidx, sid in enumerate(self.sids) if self.ranges[sid] is not None
-                 for t in self._subject_tasks(sidx, sid)]
-        res = _run(self.runner, tasks, "extract")
-        pieces = [(r["piece"], r["counts"]) for r in res if r["piece"] is not None]
-        return pieces, int(sum(r["candidates"] for r in res))
+        """Pass 1: one task per chunk of every subject, a batch of subjects at a time;
+        returns (pieces, candidates)."""
+        index = {sid: i for i, sid in enumerate(self.sids)}
+        pieces, n_cand = [], 0
+        for batch in self.batches():
+            tasks = [t for sid, ds in batch.items() if self.ranges[sid] is not None
+                     for t in self._subject_tasks(index[sid], sid, ds)]
+            res = _run(self.runner, tasks, "extract")
+            pieces += [(r["piece"], r["counts"]) for r in res if r["piece"] is not None]
+            n_cand += int(sum(r["candidates"] for r in res))
+        return pieces, n_cand
 
-    def _subject_tasks(self, sidx: int, sid: str) -> list:
+    def _subject_tasks(self, sidx: int, sid: str, ds) -> list:
         o = self.o
         s_ax, r_ax, c_ax = plane_axes(o.axis)
-        ds = self.cohort[sid]
         a, b = self.ranges[sid]
         sel = [slice(None)] * 3
         sel[s_ax] = slice(a, b)
@@ -540,7 +575,16 @@ class _Extraction:
                              "total": int(n_split[s]), "seed": self.o.seed, "out": self.out,
                              "stats_rows": q})
                 g += nb
-        return jobs, _run(self.runner, [dask.delayed(_shuffle_bucket, pure=False)(j) for j in jobs], "shuffle")
+        return (jobs, *self._shuffled(jobs))
+
+    def _shuffled(self, jobs: list) -> tuple[list, dict]:
+        """The buckets shuffled (their edges, for the stitch) and the store's normalisation,
+        computed beside them: the train sample (up to STATS_ROWS patches) never comes here."""
+        res = [dask.delayed(_shuffle_bucket, pure=False)(j) for j in jobs]
+        train = [r for j, r in zip(jobs, res, strict=True) if j["split"] == 0]
+        norm = dask.delayed(_norm_record)(train, self.o.stats, len(self.channels), len(self.stains))
+        out = _run(self.runner, [dask.delayed(_edges)(r) for r in res] + [norm], "shuffle")
+        return out[:-1], out[-1]
 
     def stitch(self, jobs2, res2, n_split) -> None:
         """Pass 3: one task per output chunk that straddles buckets."""
@@ -573,6 +617,15 @@ class _Extraction:
                       "min_label_sum": o.min_label_sum, "min_label_nonzero": o.min_label_nonzero},
             "provenance": prov,
         }
+
+
+def _edges(res: dict) -> dict:
+    """What of a shuffled bucket the stitch needs."""
+    return {"edges": res["edges"]}
+
+
+def _norm_record(train_res: list, mode: str, n_c: int, n_stains: int) -> dict:
+    return _norm_stats(train_res, mode, n_c, n_stains).to_dict()
 
 
 def _norm_stats(train_res: list, mode: str, n_c: int, n_stains: int = 1):

@@ -40,19 +40,32 @@ class CohortStore(GroupStore):
         if not ids:
             raise MRHError(f"{self.name}: store holds no complete subject")
         out = {sid: self.open_subject(sid) for sid in ids}
-        ref_id = ids[0]
-        ref = list(out[ref_id].contrast.values)
+        ref = list(out[ids[0]].contrast.values)
         for sid, ds in out.items():
-            ch = list(ds.contrast.values)
-            if ch != ref:
-                first = next((a, b) for a, b in zip(ch + [None] * len(ref), ref + [None] * len(ch)) if a != b)
-                raise MRHError(f"{self.name}: subject {sid!r} has channels that differ from {ref_id!r} "
-                               f"({len(ch)} vs {len(ref)} channels; first difference: {first})")
+            self.check_channels(sid, ds, ids[0], ref)
         return out
 
     def mri_regions(self, sid: str) -> MRIRegions:
         """A picklable reader of regions of a complete subject's ``mri`` (all contrasts)."""
         return MRIRegions(self.loc, sid, str(self.identity(sid)["fingerprint"]))
+
+    def cohort_ids(self, subjects: list[str] | None = None) -> list[str]:
+        """The ids of a cohort to open a few at a time: ``subjects`` (each checked to be
+        complete), else every complete subject."""
+        ids = list(dict.fromkeys(subjects)) if subjects else self.subjects()
+        if not ids:
+            raise MRHError(f"{self.name}: store holds no complete subject")
+        for sid in ids if subjects else ():
+            self.subject_attrs(sid)  # names the complete ones if it is not
+        return ids
+
+    def check_channels(self, sid: str, ds, ref_id: str, ref: list) -> None:
+        """Subject ``sid`` (its dataset ``ds``) has the channels of subject ``ref_id``."""
+        ch = list(ds.contrast.values)
+        if ch != ref:
+            first = next((a, b) for a, b in zip(ch + [None] * len(ref), ref + [None] * len(ch)) if a != b)
+            raise MRHError(f"{self.name}: subject {sid!r} has channels that differ from {ref_id!r} "
+                           f"({len(ch)} vs {len(ref)} channels; first difference: {first})")
 
     def identity(self, sid: str) -> dict:
         """What identifies a subject's data: its fingerprint, or store and id if it has none."""

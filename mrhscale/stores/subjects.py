@@ -7,9 +7,11 @@ per subject, so several processes can commit different subjects of one store at
 once (a SLURM array, one subject per job) and none loses another's. Kept apart
 from the subject's group, the marker survives a user appending variables to it
 with plain xarray (which rewrites the group's attrs).
-The root's ``subjects`` attr is an index rebuilt from the markers after every
-commit (serialised by a lock on local disk; on an object store it is re-checked
-until it agrees with the markers); readers of mrhscale use the markers.
+The root's ``subjects`` attr is an index: each commit adds its subject to it (one
+read and one write of the root, whatever the number of subjects), and a writer
+rebuilds it from the markers when it closes (serialised by a lock on local disk;
+on an object store it is re-checked until it holds what was written); readers of
+mrhscale use the markers.
 
 Each writer stages under ``_staging/<run token>/`` (never shared), claims each
 subject it writes (a second writer of the same subject is refused), and moves a
@@ -182,6 +184,19 @@ class GroupStore(ZarrLocation):
     def lock(self, name: str) -> Location:
         return self.loc.join(LOCKS, f"{name}.lock")
 
+    def index_subject(self, sid: str) -> None:
+        """Add a just-committed subject to the root's index: one read and one write of the
+        root, however many subjects it holds (``refresh_index`` lists them all)."""
+        lock = local_path(self.lock("_index").url) if self.loc.local else None
+        for _ in range(6):
+            with _blocking(lock):
+                have = list(self.attrs.get(SUBJECTS_ATTR, []))
+                if sid not in have:
+                    with quiet_zarr():
+                        self.root("r+").attrs[SUBJECTS_ATTR] = sorted([*have, sid], key=natural_key)
+            if lock is not None or sid in self.attrs.get(SUBJECTS_ATTR, []):
+                return
+
     def refresh_index(self) -> list[str]:
         """Rewrite the root's ``subjects`` index from the markers (they are the truth)."""
         lock = local_path(self.lock("_index").url) if self.loc.local else None
@@ -265,6 +280,7 @@ class SubjectWriter:
         self.token = run_token()
         self.staging = f"{STAGING}/{self.token}"
         self._claims: dict[str, Claim] = {}
+        self._committed = False  # the index is rebuilt from the markers on close if so
         self._clean_dead_staging()
 
     def begin(self, sid: str) -> str:
@@ -304,7 +320,8 @@ class SubjectWriter:
             zarr.open_group(self.store.url, path=f"{COMMITS}/{sid}", mode="w", storage_options=so,
                             zarr_format=3, attributes={**marker, "complete": True})
         self.release(sid)
-        self.store.refresh_index()
+        self.store.index_subject(sid)
+        self._committed = True
         return sid
 
     def abort(self, sid: str, path: str | None) -> None:
@@ -319,9 +336,13 @@ class SubjectWriter:
             claim.release()
 
     def close(self) -> None:
+        """Release the claims, drop the staging folder, and (once per run, not per subject)
+        rebuild the index from the markers: it loses what a replaced or crashed write left."""
         for sid in list(self._claims):
             self.release(sid)
         self._remove(self.staging)
+        if self._committed:
+            self.store.refresh_index()
 
     def __enter__(self) -> SubjectWriter:
         return self

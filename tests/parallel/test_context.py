@@ -172,3 +172,31 @@ def test_whole_plane_blocks_fit_the_workers_memory():
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, memory_limit=0,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         assert plane_budget(Runner(client)) == PLANE_BYTES
+
+
+@pytest.mark.parametrize("where", ["local", "client"])
+def test_each_finished_takes_tasks_a_window_at_a_time(where):
+    """A lazily built stream of tasks: never more than ``window`` built and unfinished at once,
+    and every one reported under the index it was taken at."""
+    taken, done = [], []
+
+    def tasks():
+        for i in range(7):
+            taken.append(i)
+            assert len(taken) - len(done) <= 2
+            yield dask.delayed(_double, pure=False)(i)
+
+    def collect(r):
+        for i, res, err in r.each_finished(tasks(), "double", window=2, total=7):
+            done.append(i)
+            yield i, res, err
+
+    if where == "local":
+        with Context(scheduler="synchronous", quiet=True).runner() as r:
+            got = sorted(collect(r))
+    else:
+        with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
+                Client(cluster) as client, Context(client=client, quiet=True).runner() as r:
+            got = sorted(collect(r))
+            assert r.n_threads() == 2
+    assert got == [(i, 2 * i, None) for i in range(7)]

@@ -224,3 +224,30 @@ def test_info_lists_subjects(tmp_path, client):
     code, output = _cli(["info", out])
     assert code == 0
     assert "s01" in output and "10x8x12" in output and "mt_on" in output and "af" in output
+
+
+def test_many_subjects_are_written_a_window_at_a_time_each_committed_once(tmp_path, client, monkeypatch):
+    """A cohort larger than the window: a few subjects claimed at a time, each committed once,
+    all in the index; a re-run reuses every one."""
+    from mrhscale.stages import ingest as stage
+    from mrhscale.stores.subjects import SubjectWriter
+
+    man = write_file_cohort(tmp_path / "files", n_subjects=6, fmt="nii")
+    out = str(tmp_path / "cohort.zarr")
+    monkeypatch.setattr(stage._WriteJob, "PER_THREAD", 1)  # 2 worker threads: 2 subjects at a time
+    claimed, commits = [], []
+    begin, commit = SubjectWriter.begin, SubjectWriter.commit
+
+    def counting_begin(self, sid):
+        path = begin(self, sid)
+        claimed.append(len(self._claims))
+        return path
+
+    monkeypatch.setattr(SubjectWriter, "begin", counting_begin)
+    monkeypatch.setattr(SubjectWriter, "commit", lambda self, sid, *a, **k: commits.append(sid) or commit(self, sid, *a, **k))
+    ids = [f"s0{i}" for i in range(1, 7)]
+    assert ingest(man, out, chunks=(4, 4, 5), ctx=Context(client=client, quiet=True))["written"] == ids
+    assert sorted(commits) == ids and max(claimed) <= 2
+    assert zarr.open_group(out, mode="r").attrs["subjects"] == ids == list_subjects(out)
+    again = ingest(man, out, chunks=(4, 4, 5), ctx=Context(client=client, quiet=True))
+    assert again["written"] == [] and again["skipped"] == ids and len(commits) == 6

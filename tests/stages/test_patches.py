@@ -329,3 +329,27 @@ def test_cli_info_describes_a_patch_store(mid_store, tmp_path):
     assert f"train patches: {summ['n_train']}" in res.output
     assert "complete: True" in res.output
     assert "per-subject statistics: yes" in res.output
+
+
+@pytest.mark.parametrize("opts", [{}, {"slices": (2, 9), "val_subjects": ["s02"]}])
+def test_subjects_a_batch_at_a_time_make_the_store_of_one_batch(mid_store, tmp_path, monkeypatch, opts):
+    """The survey and the extraction open the subjects a batch at a time: batches of one
+    subject give the same patches, statistics and attrs as the whole cohort at once."""
+    from mrhscale.stages import patches as stage
+
+    url, _ = mid_store
+    kw = dict(ctx=Context(scheduler="synchronous", quiet=True), bucket_bytes=400_000,
+              options=PatchOptions(stride=2, chunk_size=64, **opts))
+    a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    extract_patches(url, "af", a, **kw)
+    opened = []
+    monkeypatch.setattr(stage._Extraction, "BATCH", 1)
+    real = stage.CohortStore.open_subject
+    monkeypatch.setattr(stage.CohortStore, "open_subject", lambda self, sid, *x: opened.append(sid) or real(self, sid, *x))
+    extract_patches(url, "af", b, **kw)
+    assert opened == ["s01", "s02", "s03"] * 2  # once to survey, once to extract
+    for split in ("train", "val"):
+        for x, y in zip(read_split(a, split), read_split(b, split), strict=True):
+            np.testing.assert_array_equal(x, y)
+    attrs = [{k: v for k, v in zarr.open_group(p, mode="r").attrs.items() if k != "provenance"} for p in (a, b)]
+    assert attrs[0] == attrs[1]

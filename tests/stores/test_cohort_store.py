@@ -22,3 +22,31 @@ def test_missing_store_and_subject(tmp_path, cohort_store):
     url, _ = cohort_store
     with pytest.raises(MRHError, match="not in store"):
         open_subject(url, "zz")
+
+
+def test_a_commit_touches_the_index_not_every_subject(tmp_path, monkeypatch):
+    """Each commit adds its own subject to the root's index; the markers of all subjects are
+    listed once, when the writer closes, and the index then agrees with them."""
+    import zarr
+    from helpers import subject_dataset
+
+    from mrhscale.stores import CohortStore
+    from mrhscale.stores.subjects import GroupStore
+
+    store = CohortStore(str(tmp_path / "c.zarr"))
+    store.prepare({})
+    zarr.open_group(store.url, mode="r+").attrs["subjects"] = ["gone"]  # a stale entry (a crashed run's)
+    listed = []
+    real = GroupStore.subjects
+    monkeypatch.setattr(GroupStore, "subjects", lambda self: listed.append(1) or real(self))
+    ds = subject_dataset("x")
+    with store.writer() as w:
+        for sid in ("s10", "s2", "s1"):
+            path = w.begin(sid)
+            w.lazy_write(path, ds).compute(scheduler="synchronous")
+            w.commit(sid, path, {"v": sid})
+            assert sid in zarr.open_group(store.url, mode="r").attrs["subjects"]
+        assert listed == []
+    assert listed == [1]
+    assert zarr.open_group(store.url, mode="r").attrs["subjects"] == ["s1", "s2", "s10"] == real(store)
+
