@@ -138,7 +138,9 @@ class GroupStore(ZarrLocation):
         """Create the root (with ``attrs``) if absent; return the root's attrs.
 
         Several processes may prepare one new store at once: each group is created
-        with its attrs in one write, so nobody sees a root without its ``format``.
+        with its attrs in one write, so nobody sees a root without its ``format``. The index
+        of an existing store is brought up to its markers (a writer killed after a commit
+        whose index rewrite it had deferred left it behind).
         """
         root_attrs = {"format": self.FORMAT, "format_version": self.FORMAT_VERSION, SUBJECTS_ATTR: [],
                       **attrs}
@@ -146,6 +148,7 @@ class GroupStore(ZarrLocation):
         self._migrate()
         for sub in (LOCKS, STAGING, COMMITS):  # groups: plain zarr listing the root sees no stray folder
             _ensure_group(self.loc.join(sub), {})
+        self.refresh_index()
         return have
 
     def _migrate(self) -> None:
@@ -187,13 +190,33 @@ class GroupStore(ZarrLocation):
         lock = local_path(self.lock("_index").url) if self.loc.local else None
         for _ in range(6):
             with _blocking(lock):
-                done = self.subjects()
+                done = self._marked()
                 if done != list(self.attrs.get(SUBJECTS_ATTR, [])):
                     with quiet_zarr():
                         self.root("r+").attrs[SUBJECTS_ATTR] = done
             if lock is not None or set(self.attrs.get(SUBJECTS_ATTR, [])) >= set(done):
                 return done
         return done
+
+
+    def _marked(self) -> list[str]:
+        """The complete subjects from two listings, reading no marker (markers are only ever
+        written complete): the index's rebuild, cheap however many subjects the store holds."""
+        fs, root = self.loc.filesystem()
+        base = root.rstrip("/")
+        commits = _listed(fs, f"{base}/{COMMITS}")
+        if "zarr.json" not in commits:  # a store from before commit markers
+            return self.subjects()
+        names = {n for n in _listed(fs, base) if not n.startswith(("_", ".")) and n != "zarr.json"}
+        return sorted(names & commits, key=natural_key)
+
+
+def _listed(fs, path: str) -> set[str]:
+    """The names in a folder (prefix), none if it does not exist."""
+    try:
+        return {e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)}
+    except FileNotFoundError:
+        return set()
 
 
 def portable(ds):
@@ -265,6 +288,7 @@ class SubjectWriter:
         self.token = run_token()
         self.staging = f"{STAGING}/{self.token}"
         self._claims: dict[str, Claim] = {}
+        self._unindexed = False  # a subject committed since the index was last rewritten
         self._clean_dead_staging()
 
     def begin(self, sid: str) -> str:
@@ -288,8 +312,10 @@ class SubjectWriter:
                                         zarr_format=3, encoding=encoding,
                                         storage_options=self.store.loc.options)
 
-    def commit(self, sid: str, path: str, made_by: dict, extra: dict | None = None) -> str:
-        """Move the whole subject at ``path`` into place, then write its marker, last."""
+    def commit(self, sid: str, path: str, made_by: dict, extra: dict | None = None, *, index: bool = True) -> str:
+        """Move the whole subject at ``path`` into place, then write its marker, last. The root's
+        index is rewritten now, or (``index=False``: a run committing many subjects) at ``close``
+        or ``refresh_index``: rebuilding it lists every marker, so once per subject costs O(N²)."""
         kill_point("subject:before-move")
         if path != sid:
             self._unmark(sid)  # the old version stops counting before it is replaced
@@ -304,8 +330,15 @@ class SubjectWriter:
             zarr.open_group(self.store.url, path=f"{COMMITS}/{sid}", mode="w", storage_options=so,
                             zarr_format=3, attributes={**marker, "complete": True})
         self.release(sid)
-        self.store.refresh_index()
+        self._unindexed = not index
+        if index:
+            self.store.refresh_index()
         return sid
+
+    def refresh_index(self) -> None:
+        """The root's index brought up to the markers of the subjects committed so far."""
+        self._unindexed = False
+        self.store.refresh_index()
 
     def abort(self, sid: str, path: str | None) -> None:
         """Drop a failed subject's new version; the old one (if any) is untouched."""
@@ -322,6 +355,8 @@ class SubjectWriter:
         for sid in list(self._claims):
             self.release(sid)
         self._remove(self.staging)
+        if self._unindexed:
+            self.refresh_index()
 
     def __enter__(self) -> SubjectWriter:
         return self
