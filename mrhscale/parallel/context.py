@@ -123,13 +123,15 @@ class Runner:
             return list(dask.compute(*tasks, scheduler=self.env)) if tasks else []
         return run_tasks(self.env, tasks, desc, quiet=quiet, what=what)
 
-    def each_finished(self, tasks: list, desc: str, *, unit: str = "task") -> Iterator[tuple[int, Any, Exception | None]]:
+    def each_finished(self, tasks: list, desc: str, *, unit: str = "task",
+                      quiet: bool | None = None) -> Iterator[tuple[int, Any, Exception | None]]:
         """Dask delayed ``tasks`` run side by side (one after another on a local scheduler):
         ``(index, result, None)`` or ``(index, None, error)`` for each as it finishes, with
-        progress. A failure does not stop the others; those not finished when the caller
-        stops iterating are cancelled."""
+        progress (``quiet``: none; default the runner's). A failure does not stop the others;
+        those not finished when the caller stops iterating are cancelled."""
+        quiet = self.quiet if quiet is None else quiet
         if self.client is None:
-            with progress(total=len(tasks), desc=desc, unit=unit, quiet=self.quiet, leave=False) as bar:
+            with progress(total=len(tasks), desc=desc, unit=unit, quiet=quiet, leave=False) as bar:
                 for i, task in enumerate(tasks):
                     try:
                         (res,) = dask.compute(task, scheduler=self.env)
@@ -142,7 +144,7 @@ class Runner:
         futures = self.client.compute(tasks) if tasks else []
         index = {id(f): i for i, f in enumerate(futures)}
         try:
-            for f in completed(futures, desc, self.quiet, fail_fast=False, unit=unit):
+            for f in completed(futures, desc, quiet, fail_fast=False, unit=unit):
                 try:
                     res = f.result()
                 except Exception as e:
