@@ -10,9 +10,10 @@ brain mask are 0. The stage is validate -> plan -> graph -> run -> commit:
 - graph: ``subject_prediction`` (stages/predict_graph.py) per subject: blocks of store
   chunks, each gathering its patches (ops/blocks.py), running the network loaded once per
   worker (nn/worker.py) and merging its outputs (ops/merge.py);
-- run and commit: each subject computed on the context's runner into the prediction store
-  and committed whole, then the NIfTI, native-space and OME-Zarr files
-  (stages/predict_sinks.py).
+- run and commit: subjects in groups (``subject_groups``: enough voxels to fill the cluster,
+  many tiny subjects together), each group computed in one call on the context's runner
+  into the prediction store, each subject committed whole as soon as its own arrays are
+  written; then the NIfTI, native-space and OME-Zarr files (stages/predict_sinks.py).
 
 Output store (Zarr v3, readable with plain xarray)::
 

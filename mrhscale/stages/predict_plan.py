@@ -211,7 +211,7 @@ def brain_voxels(datasets) -> int:
     """Brain voxels of subjects: ingest records them, else their masks are counted (in one pass)."""
     datasets = list(datasets)
     recorded = [int(ds.attrs.get("brain_voxels") or 0) for ds in datasets]
-    counted = dask.compute(*[ds["mask"].sum() for ds, n in zip(datasets, recorded) if not n])
+    counted = dask.compute(*[ds["mask"].data.sum() for ds, n in zip(datasets, recorded) if not n])
     return sum(recorded) + sum(int(c) for c in counted)
 
 

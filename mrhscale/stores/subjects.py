@@ -8,8 +8,9 @@ once (a SLURM array, one subject per job) and none loses another's. Kept apart
 from the subject's group, the marker survives a user appending variables to it
 with plain xarray (which rewrites the group's attrs).
 The root's ``subjects`` attr is an index rebuilt from the markers after every
-commit (serialised by a lock on local disk; on an object store it is re-checked
-until it agrees with the markers); readers of mrhscale use the markers.
+commit, or once after many (``commit(index=False)``), and when a store is prepared
+(serialised by a lock on local disk; on an object store it is re-checked until it
+agrees with the markers); readers of mrhscale use the markers.
 
 Each writer stages under ``_staging/<run token>/`` (never shared), claims each
 subject it writes (a second writer of the same subject is refused), and moves a
@@ -327,6 +328,7 @@ class SubjectWriter:
             g = zarr.open_group(self.store.url, path=sid, mode="r+", storage_options=so, zarr_format=3)
             g.attrs.update({**(extra or {}), **marker})
             kill_point("subject:before-marker")
+            kill_point(f"subject:before-marker:{sid}")  # a kill after the subjects committed before it
             zarr.open_group(self.store.url, path=f"{COMMITS}/{sid}", mode="w", storage_options=so,
                             zarr_format=3, attributes={**marker, "complete": True})
         self.release(sid)
