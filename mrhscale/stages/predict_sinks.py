@@ -94,6 +94,7 @@ class ZarrSink:
         return dask.delayed(_brain_voxels, pure=False)(self.writer.lazy_write(staged[sid], out), out["mask"].data.sum())
 
     def _commit_each(self, outs: dict, made_by: dict, tasks: list, staged: dict, runner, done) -> int:
+        """Each subject committed as its task finishes (the first failure stops the group)."""
         ids, brain = list(outs), 0
         for i, n, error in runner.each_finished(tasks, "predict", unit="subject", quiet=True):
             sid = ids[i]
