@@ -131,17 +131,18 @@ class Runner:
         return run_tasks(self.env, tasks, desc, quiet=quiet, what=what)
 
     def each_finished(self, tasks: Iterable, desc: str, *, unit: str = "task", window: int | None = None,
-                      total: int | None = None) -> Iterator[tuple[int, Any, Exception | None]]:
+                      total: int | None = None, quiet: bool | None = None) -> Iterator[tuple[int, Any, Exception | None]]:
         """Dask delayed ``tasks`` run side by side (one after another on a local scheduler):
         ``(index, result, None)`` or ``(index, None, error)`` for each as it finishes, with
         progress. A failure does not stop the others; those not finished when the caller
         stops iterating are cancelled. ``tasks`` may be an iterator that builds each task
         as it is taken: with ``window``, at most that many are built and unfinished at once,
         so this process holds a bounded number of graphs however many tasks there are
-        (``total``: their number, for progress)."""
+        (``total``: their number, for progress; ``quiet``: no progress, default the runner's)."""
         total = len(tasks) if total is None and hasattr(tasks, "__len__") else total
         each = self._each_local(tasks) if self.client is None else self._each_on_client(tasks, window)
-        with progress(total=total, desc=desc, unit=unit, quiet=self.quiet, leave=False) as bar, \
+        quiet = self.quiet if quiet is None else quiet
+        with progress(total=total, desc=desc, unit=unit, quiet=quiet, leave=False) as bar, \
                 contextlib.closing(each):
             for item in each:
                 yield item

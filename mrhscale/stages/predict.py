@@ -10,9 +10,10 @@ brain mask are 0. The stage is validate -> plan -> graph -> run -> commit:
 - graph: ``subject_prediction`` (stages/predict_graph.py) per subject: blocks of store
   chunks, each gathering its patches (ops/blocks.py), running the network loaded once per
   worker (nn/worker.py) and merging its outputs (ops/merge.py);
-- run and commit: each subject computed on the context's runner into the prediction store
-  and committed whole, then the NIfTI, native-space and OME-Zarr files
-  (stages/predict_sinks.py).
+- run and commit: subjects in groups (``subject_groups``: enough voxels to fill the cluster,
+  many tiny subjects together), each group computed in one call on the context's runner
+  into the prediction store, each subject committed whole as soon as its own arrays are
+  written; then the NIfTI, native-space and OME-Zarr files (stages/predict_sinks.py).
 
 Output store (Zarr v3, readable with plain xarray)::
 
@@ -31,17 +32,23 @@ when there is something to predict.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import time
+from collections.abc import Iterator
 
 from mrhscale.errors import MRHError
 from mrhscale.log import progress
 from mrhscale.options import PredictOptions
 from mrhscale.parallel.context import Context
 from mrhscale.results import PredictResult
-from mrhscale.stages.predict_graph import subject_prediction
+from mrhscale.stages.predict_graph import SPATIAL, subject_prediction
 from mrhscale.stages.predict_plan import PredictPlan, brain_voxels, checked_device
 from mrhscale.stages.predict_sinks import NativeSink, NiftiSink, OmeZarrSink, ZarrSink, nifti_tag
 from mrhscale.stores import CohortStore, resolve
+
+GROUP_VOXELS = 4 << 20  # input voxels of the subjects computed in one runner call (subject_groups)
+GROUP_SUBJECTS = 64  # subjects of one call at most (more on a cluster of more than 16 workers)
 
 
 def predict(model_path: str, store_url: str, out_url: str, *, subjects: list[str] | None = None,
@@ -85,12 +92,13 @@ def predict(model_path: str, store_url: str, out_url: str, *, subjects: list[str
         plan.use_threads(runner, ctx)
         plan.plan_numerics(runner, brain_voxels(datasets.values()))
         with sink.open():
-            made_by = {sid: plan.made_by(source.identity(sid)["fingerprint"]) for sid in ids}
-            todo, skipped = sink.sort_out(ids, made_by)
+            identities = {sid: source.identity(sid) for sid in ids}  # read once per subject
+            todo, skipped = sink.sort_out(ids, {sid: plan.made_by(identities[sid]["fingerprint"]) for sid in ids})
             if todo and runner is None:
                 runner = stack.enter_context(ctx.runner(threads=True))
                 plan.use_threads(runner, ctx)
-            n_vox = _predict_all(plan, sink, source, {sid: datasets[sid] for sid in todo}, runner, ctx)
+            n_vox = _predict_all(plan, sink, Inputs(source, {sid: datasets[sid] for sid in todo}, identities),
+                                 runner, ctx)
             nifti, native = _write_files(files, sink.store, ids, plan)
     dt = time.perf_counter() - t0
     return PredictResult(out=out_url, variable=plan.variable, predicted=todo, skipped=skipped, brain_voxels=n_vox,
@@ -98,23 +106,59 @@ def predict(model_path: str, store_url: str, out_url: str, *, subjects: list[str
                          native=native, ome_zarr=ome.write(out_url) if ome else [], uncertainty=plan.uncertainty)
 
 
-def _predict_all(plan: PredictPlan, sink: ZarrSink, source, datasets: dict, runner, ctx: Context) -> int:
-    """Every subject of ``datasets`` predicted and committed, one after another (each one's
-    blocks side by side on the cluster); the brain voxels predicted."""
-    if not datasets:
+@dataclasses.dataclass
+class Inputs:
+    """The subjects to predict: the input store, their lazy datasets and their records there."""
+
+    source: CohortStore
+    datasets: dict
+    identities: dict
+
+
+def _predict_all(plan: PredictPlan, sink: ZarrSink, inputs: Inputs, runner, ctx: Context) -> int:
+    """Every subject of ``inputs`` predicted and committed, group by group (``subject_groups``:
+    one runner call each, every subject committed as soon as it is written); the brain voxels
+    predicted."""
+    if not inputs.datasets:
         return 0
-    plan.prepare_workers(runner)
+    plan.prepare_workers(runner)  # may fall back from a compile: the records follow after it
+    made_by = {sid: plan.made_by(inputs.identities[sid]["fingerprint"]) for sid in inputs.datasets}
     n_vox = 0
-    with sink.writing():
-        for sid in progress(list(datasets), desc="predict", unit="subject", quiet=ctx.quiet):
-            ds = datasets[sid]
-            norm = plan.normalisation(ds, runner)
-            pred = subject_prediction(ds, plan.meta, plan.spec, aggregate=plan.aggregate, tta=plan.tta, norm=norm,
-                                      regions=source.mri_regions(sid), tasks=runner.n_threads(),
-                                      plane_bytes=plan.plane_bytes)
-            out = sink.dataset(ds, pred, plan.lineage(source, sid, norm))
-            n_vox += sink.write(sid, out, plan.made_by(source.identity(sid)["fingerprint"]), runner)
+    with sink.writing(), progress(total=len(made_by), desc="predict", unit="subject", quiet=ctx.quiet) as bar:
+        for group in subject_groups(inputs.datasets, runner.n_workers()):
+            outs = _group_outputs(plan, sink, inputs, group, runner)
+            n_vox += sink.write_group(outs, made_by, runner, done=lambda _sid: bar.update(1))
     return n_vox
+
+
+def subject_groups(datasets: dict, n_workers: int = 1) -> Iterator[list[str]]:
+    """The subjects in groups of one runner call each: ``GROUP_VOXELS`` of input or more (enough
+    blocks to fill the cluster: many tiny subjects share a call, so their fixed costs, a
+    round trip, an index rewrite, overlap), at most ``GROUP_SUBJECTS`` (or 4 per worker),
+    so that the driver's graphs and claims stay bounded whatever the cohort's size."""
+    group, voxels, most = [], 0, max(GROUP_SUBJECTS, 4 * n_workers)
+    for sid, ds in datasets.items():
+        group.append(sid)
+        voxels += math.prod(int(ds.sizes[a]) for a in SPATIAL)
+        if voxels >= GROUP_VOXELS or len(group) >= most:
+            yield group
+            group, voxels = [], 0
+    if group:
+        yield group
+
+
+def _group_outputs(plan: PredictPlan, sink: ZarrSink, inputs: Inputs, group: list[str], runner) -> dict:
+    """The lazy subject Datasets of ``group`` (their per-subject statistics computed first, in one call)."""
+    datasets = {sid: inputs.datasets[sid] for sid in group}
+    norms = plan.normalisations(datasets, runner)
+    tasks = max(1, runner.n_threads() // len(group))  # a big subject's runs fill the cluster, many small ones it
+    outs = {}
+    for sid, ds in datasets.items():
+        regions = inputs.source.mri_regions(sid, inputs.identities[sid])
+        pred = subject_prediction(ds, plan.meta, plan.spec, aggregate=plan.aggregate, tta=plan.tta, norm=norms[sid],
+                                  regions=regions, tasks=tasks, plane_bytes=plan.plane_bytes)
+        outs[sid] = sink.dataset(ds, pred, plan.lineage(inputs.source.url, sid, inputs.identities[sid], norms[sid]))
+    return outs
 
 
 def _file_sinks(nifti_dir: str | None, to_native, datasets: dict) -> list:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import dask
 import numpy as np
 
 from mrhscale import __version__
@@ -21,7 +22,7 @@ from mrhscale.io.bundle import load_model
 from mrhscale.log import logger
 from mrhscale.nn.accel import Acceleration, plan, request
 from mrhscale.nn.worker import NetworkSpec, check_device, prepare
-from mrhscale.ops.norm import subject_normalisation
+from mrhscale.ops.norm import subject_stats_graph
 from mrhscale.ops.stains import target_name
 from mrhscale.ops.uncertainty import calibration_factors
 from mrhscale.options import AGGREGATES, PredictOptions
@@ -121,13 +122,20 @@ class PredictPlan:
         self.params["numerics"] = accel.record()
 
     def normalisation(self, ds, runner):
-        """The bundle's normalisation made concrete for subject ``ds``: a per-subject mode takes
-        the brain's own statistics inside its mask (computed on ``runner``), as at training."""
+        """The bundle's normalisation made concrete for subject ``ds`` (``normalisations``)."""
+        return self.normalisations({"": ds}, runner)[""]
+
+    def normalisations(self, datasets: dict, runner) -> dict:
+        """The bundle's normalisation made concrete for each subject of ``datasets``: a per-subject
+        mode takes each brain's own statistics inside its mask, as at training, all of them in
+        one call on ``runner`` (one round trip, not one per subject)."""
         norm = self.meta["norm"]
         if not norm.per_subject:
-            return norm
-        return subject_normalisation(norm, *subject_arrays(ds, list(self.meta["channels"])),
-                                     compute=lambda graph: runner.compute([graph], "statistics", quiet=True)[0])
+            return dict.fromkeys(datasets, norm)
+        channels = list(self.meta["channels"])
+        graphs = [subject_stats_graph(*subject_arrays(ds, channels)) for ds in datasets.values()]
+        stats = runner.compute(graphs, "statistics", quiet=True)
+        return {sid: norm.for_subject(st) for sid, st in zip(datasets, stats, strict=True)}
 
     # ---- records
     def identity(self) -> dict:
@@ -151,10 +159,11 @@ class PredictPlan:
             made["tta"] = True
         return made
 
-    def lineage(self, source, sid: str, norm) -> dict:
+    def lineage(self, source_url: str, sid: str, identity: dict, norm) -> dict:
+        """The lineage of subject ``sid`` of the store at ``source_url`` (``identity``: its record there)."""
         return jsonable({
             "stage": "predict", "mrhscale": __version__, "model": self.model_rec,
-            "source": {"store": source.url, "subject": sid, **source.identity(sid)}, **self.params,
+            "source": {"store": source_url, "subject": sid, **identity}, **self.params,
             **({"subject_norm": norm.meta["subject"]} if "subject" in norm.meta else {})})
 
     def map_attrs(self, k: int, attrs: dict | None = None) -> dict:
@@ -202,8 +211,11 @@ def checked_device(ctx) -> str:
 
 
 def brain_voxels(datasets) -> int:
-    """Brain voxels of subjects: ingest records them, else their masks are counted."""
-    return sum(int(ds.attrs.get("brain_voxels") or int(ds["mask"].sum())) for ds in datasets)
+    """Brain voxels of subjects: ingest records them, else their masks are counted (in one pass)."""
+    datasets = list(datasets)
+    recorded = [int(ds.attrs.get("brain_voxels") or 0) for ds in datasets]
+    counted = dask.compute(*[ds["mask"].data.sum() for ds, n in zip(datasets, recorded) if not n])
+    return sum(recorded) + sum(int(c) for c in counted)
 
 
 def model_record(model_path: str, meta: dict) -> dict:

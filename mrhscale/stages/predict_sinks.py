@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import dask
 import numpy as np
 import xarray as xr
 
@@ -72,21 +73,39 @@ class ZarrSink:
         with self.store.writer() as self.writer:
             yield self
 
-    def write(self, sid: str, out: xr.Dataset, made_by: dict, runner) -> int:
-        """Subject ``sid``'s lazy Dataset computed on ``runner`` into its staged place, then
-        committed; its brain voxels (counted in the same pass)."""
-        path = self.writer.begin(sid)
+    def write_group(self, outs: dict, made_by: dict, runner, done=None) -> int:
+        """The lazy subject Datasets ``outs`` ({sid: Dataset}) computed side by side on ``runner``
+        into their staged places (one call, not one round trip per subject), each committed as
+        soon as its own arrays are written: a failure or a kill leaves the subjects committed
+        before it whole and reusable, the others absent. Their brain voxels, counted in the same
+        pass; ``done(sid)`` after each commit. The root's index is rewritten once, at the end."""
+        staged: dict[str, str] = {}
         try:
-            write = self.writer.lazy_write(path, out)
-            _, brain = runner.compute([write, out["mask"].data.sum()], f"subject {sid}", what=f"subject {sid}",
-                                      quiet=True)  # one pass, one round trip
-        except BaseException as e:
-            self.writer.abort(sid, path)
-            if isinstance(e, Exception):
-                raise task_error(e, f"subject {sid}") from None
-            raise
-        self.writer.commit(sid, path, made_by, extra={"lineage": out.attrs["lineage"]})
-        return int(brain)
+            tasks = [self._staged(sid, out, staged) for sid, out in outs.items()]
+            return self._commit_each(outs, made_by, tasks, staged, runner, done)
+        finally:
+            for sid, path in staged.items():  # not committed: dropped, their old versions untouched
+                self.writer.abort(sid, path)
+            self.writer.refresh_index()
+
+    def _staged(self, sid: str, out: xr.Dataset, staged: dict):
+        """The delayed write of subject ``sid`` into its staged place, which yields its brain voxels."""
+        staged[sid] = self.writer.begin(sid)
+        return dask.delayed(_brain_voxels, pure=False)(self.writer.lazy_write(staged[sid], out), out["mask"].data.sum())
+
+    def _commit_each(self, outs: dict, made_by: dict, tasks: list, staged: dict, runner, done) -> int:
+        """Each subject committed as its task finishes (the first failure stops the group)."""
+        ids, brain = list(outs), 0
+        for i, n, error in runner.each_finished(tasks, "predict", unit="subject", quiet=True):
+            sid = ids[i]
+            if error is not None:
+                raise task_error(error, f"subject {sid}") from None
+            self.writer.commit(sid, staged.pop(sid), made_by[sid], extra={"lineage": outs[sid].attrs["lineage"]},
+                               index=False)
+            brain += int(n)
+            if done is not None:
+                done(sid)
+        return brain
 
     def dataset(self, ds: xr.Dataset, pred, lineage: dict) -> xr.Dataset:
         """The subject group: its maps of the lazy prediction ``pred`` (x, y, z, V) and mask on
@@ -162,6 +181,11 @@ class OmeZarrSink:
         """Every subject's images from the prediction store; the ones (re)written."""
         return [p for var, paths in self.images.items()
                 for p in export_predictions(pred_url, paths, var, self.ctx)]
+
+
+def _brain_voxels(_written, voxels):
+    """A subject task's result once its arrays are written: its brain voxels."""
+    return voxels
 
 
 def nifti_tag(pstore, sid: str, variable: str, model_sha256: str) -> str:

@@ -45,9 +45,10 @@ class CohortStore(GroupStore):
             self.check_channels(sid, ds, ids[0], ref)
         return out
 
-    def mri_regions(self, sid: str) -> MRIRegions:
-        """A picklable reader of regions of a complete subject's ``mri`` (all contrasts)."""
-        return MRIRegions(self.loc, sid, str(self.identity(sid)["fingerprint"]))
+    def mri_regions(self, sid: str, identity: dict | None = None) -> MRIRegions:
+        """A picklable reader of regions of a complete subject's ``mri`` (all contrasts);
+        ``identity``: the subject's, when the caller has read it already."""
+        return MRIRegions(self.loc, sid, str((identity or self.identity(sid))["fingerprint"]))
 
     def cohort_ids(self, subjects: list[str] | None = None) -> list[str]:
         """The ids of a cohort to open a few at a time: ``subjects`` (each checked to be

@@ -8,10 +8,11 @@ once (a SLURM array, one subject per job) and none loses another's. Kept apart
 from the subject's group, the marker survives a user appending variables to it
 with plain xarray (which rewrites the group's attrs).
 The root's ``subjects`` attr is an index: each commit adds its subject to it (one
-read and one write of the root, whatever the number of subjects), and a writer
-rebuilds it from the markers when it closes (serialised by a lock on local disk;
-on an object store it is re-checked until it holds what was written); readers of
-mrhscale use the markers.
+read and one write of the root, whatever the number of subjects) or leaves that to a
+later rebuild (``commit(index=False)``); a writer rebuilds it from the markers when it
+closes, and a store is brought up to its markers when it is prepared (serialised by a
+lock on local disk; on an object store it is re-checked until it holds what was
+written); readers of mrhscale use the markers.
 
 Each writer stages under ``_staging/<run token>/`` (never shared), claims each
 subject it writes (a second writer of the same subject is refused), and moves a
@@ -41,6 +42,7 @@ from mrhscale.stores.base import (
     move_tree,
     quiet_zarr,
     remove,
+    write_text,
 )
 from mrhscale.stores.locks import Claim, run_token
 from mrhscale.stores.urls import Location, is_local, local_path
@@ -140,7 +142,9 @@ class GroupStore(ZarrLocation):
         """Create the root (with ``attrs``) if absent; return the root's attrs.
 
         Several processes may prepare one new store at once: each group is created
-        with its attrs in one write, so nobody sees a root without its ``format``.
+        with its attrs in one write, so nobody sees a root without its ``format``. The index
+        of an existing store is brought up to its markers (a writer killed after a commit
+        whose index rewrite it had deferred left it behind).
         """
         root_attrs = {"format": self.FORMAT, "format_version": self.FORMAT_VERSION, SUBJECTS_ATTR: [],
                       **attrs}
@@ -148,6 +152,7 @@ class GroupStore(ZarrLocation):
         self._migrate()
         for sub in (LOCKS, STAGING, COMMITS):  # groups: plain zarr listing the root sees no stray folder
             _ensure_group(self.loc.join(sub), {})
+        self.refresh_index()
         return have
 
     def _migrate(self) -> None:
@@ -202,13 +207,33 @@ class GroupStore(ZarrLocation):
         lock = local_path(self.lock("_index").url) if self.loc.local else None
         for _ in range(6):
             with _blocking(lock):
-                done = self.subjects()
+                done = self._marked()
                 if done != list(self.attrs.get(SUBJECTS_ATTR, [])):
                     with quiet_zarr():
                         self.root("r+").attrs[SUBJECTS_ATTR] = done
             if lock is not None or set(self.attrs.get(SUBJECTS_ATTR, [])) >= set(done):
                 return done
         return done
+
+
+    def _marked(self) -> list[str]:
+        """The complete subjects from two listings, reading no marker (markers are only ever
+        written complete): the index's rebuild, cheap however many subjects the store holds."""
+        fs, root = self.loc.filesystem()
+        base = root.rstrip("/")
+        commits = _listed(fs, f"{base}/{COMMITS}")
+        if "zarr.json" not in commits:  # a store from before commit markers
+            return self.subjects()
+        names = {n for n in _listed(fs, base) if not n.startswith(("_", ".")) and n != "zarr.json"}
+        return sorted(names & commits, key=natural_key)
+
+
+def _listed(fs, path: str) -> set[str]:
+    """The names in a folder (prefix), none if it does not exist."""
+    try:
+        return {e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)}
+    except FileNotFoundError:
+        return set()
 
 
 def portable(ds):
@@ -304,25 +329,34 @@ class SubjectWriter:
                                         zarr_format=3, encoding=encoding,
                                         storage_options=self.store.loc.options)
 
-    def commit(self, sid: str, path: str, made_by: dict, extra: dict | None = None) -> str:
-        """Move the whole subject at ``path`` into place, then write its marker, last."""
+    def commit(self, sid: str, path: str, made_by: dict, extra: dict | None = None, *, index: bool = True) -> str:
+        """Move the whole subject at ``path`` into place, then write its marker, last. The root's
+        index is rewritten now, or (``index=False``: a run committing many subjects) at ``close``
+        or ``refresh_index``: rebuilding it lists the store, so once per subject costs O(N²).
+        The group's attrs and the marker are written as files (a zarr.json each), not through
+        zarr's API: its round trips were most of a small subject's commit."""
         kill_point("subject:before-move")
         if path != sid:
             self._unmark(sid)  # the old version stops counting before it is replaced
             self._move(path, sid)
 
         marker = {"made_by": made_by, "fingerprint": fingerprint(made_by)}
-        so = self.store.loc.options
-        with quiet_zarr():
-            g = zarr.open_group(self.store.url, path=sid, mode="r+", storage_options=so, zarr_format=3)
-            g.attrs.update({**(extra or {}), **marker})
-            kill_point("subject:before-marker")
-            zarr.open_group(self.store.url, path=f"{COMMITS}/{sid}", mode="w", storage_options=so,
-                            zarr_format=3, attributes={**marker, "complete": True})
+        group = self._node(sid)
+        group["attributes"] = {**(group.get("attributes") or {}), **(extra or {}), **marker}
+        self._put_node(sid, group)
+        kill_point("subject:before-marker")
+        kill_point(f"subject:before-marker:{sid}")  # a kill after the subjects committed before it
+        self._put_node(f"{COMMITS}/{sid}", {"attributes": {**marker, "complete": True}, "zarr_format": 3,
+                                            "node_type": "group"})
         self.release(sid)
-        self.store.index_subject(sid)
         self._committed = True
+        if index:
+            self.store.index_subject(sid)
         return sid
+
+    def refresh_index(self) -> None:
+        """The root's index brought up to the markers of the subjects committed so far."""
+        self.store.refresh_index()
 
     def abort(self, sid: str, path: str | None) -> None:
         """Drop a failed subject's new version; the old one (if any) is untouched."""
@@ -351,6 +385,25 @@ class SubjectWriter:
         self.close()
 
     # ---- helpers
+    def _node(self, path: str) -> dict:
+        """The zarr.json of the group at ``path`` (relative to the store)."""
+        fs, root = self._fs()
+        doc = _read_json(fs, f"{root.rstrip('/')}/{path}/zarr.json")
+        if doc.get("node_type") != "group":
+            raise MRHError(f"{self.store.name}: {path} is not a Zarr group (moved or deleted while written?)")
+        return doc
+
+    def _put_node(self, path: str, doc: dict) -> None:
+        """Write the zarr.json of the group at ``path``: atomically on local disk (a reader sees
+        the old file or the new), one PUT on an object store."""
+        fs, root = self._fs()
+        where = f"{root.rstrip('/')}/{path}/zarr.json"
+        text = json.dumps(doc, indent=2)
+        if is_local(self.store.url):
+            write_text(where, text)
+        else:
+            fs.pipe_file(where, text.encode())
+
     def _complete(self, sid: str) -> bool:
         return self.store.state(sid)[1] is not None
 
