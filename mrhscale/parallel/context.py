@@ -80,7 +80,8 @@ class Context:
         ``self.device`` for its shape). ``threads``: the stage's tasks release the GIL (torch,
         Blosc), so an embedded CPU cluster without ``dask_workers`` is one worker in this
         process with a thread per core: no worker process to start, no second copy of torch
-        and the network (predict on the embedded cluster ran x2.8 faster: benchmarks/RESULTS.md)."""
+        and the network (predict on the embedded cluster ran x5 faster than on worker
+        processes: benchmarks/RESULTS.md, "feed: predict, second pass")."""
         if self.client is not None:
             yield Runner(self.client, self.quiet, self)
         elif self.local:
@@ -205,6 +206,13 @@ class Runner:
         if self.client is None:
             return 1
         return max(1, sum(self.client.nthreads().values()))
+
+    def thread_memory_limits(self) -> list[int]:
+        """Each worker's memory limit per task thread, in bytes (0: none; empty on a local scheduler)."""
+        if self.client is None:
+            return []
+        return [int(w.get("memory_limit") or 0) // max(1, int(w.get("nthreads", 1)))
+                for w in self.client.scheduler_info()["workers"].values()]
 
     def worker_memory_limits(self) -> list[int]:
         """Each worker's memory limit in bytes (0: none; empty on a local scheduler)."""

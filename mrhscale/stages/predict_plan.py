@@ -245,9 +245,5 @@ def plane_budget(runner) -> int:
     """The input bytes a whole-plane block may hold on ``runner``: ``PLANE_BYTES``, or less
     where a worker's memory limit per task thread would not hold four of them (a task holds
     this block and the next; the network's batches and the outputs beside them)."""
-    if runner is None or runner.client is None:
-        return PLANE_BYTES
-    workers = runner.client.scheduler_info().get("workers", {}).values()
-    per_thread = [int(w.get("memory_limit") or 0) // max(1, int(w.get("nthreads", 1))) for w in workers]
-    limited = [b for b in per_thread if b > 0]
-    return min([PLANE_BYTES] + [b // 4 for b in limited])
+    limits = runner.thread_memory_limits() if runner is not None else []
+    return min([PLANE_BYTES] + [b // 4 for b in limits if b > 0])

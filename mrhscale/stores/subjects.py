@@ -192,29 +192,27 @@ class GroupStore(ZarrLocation):
     def index_subject(self, sid: str) -> None:
         """Add a just-committed subject to the root's index: one read and one write of the
         root, however many subjects it holds (``refresh_index`` lists them all)."""
+        self._rewrite_index(lambda have: have if sid in have else sorted([*have, sid], key=natural_key), {sid})
+
+    def refresh_index(self) -> list[str]:
+        """Rewrite the root's ``subjects`` index from the markers (they are the truth)."""
+        return self._rewrite_index(lambda _have: self._marked())
+
+    def _rewrite_index(self, new_of, must=None) -> list[str]:
+        """The root's index set to ``new_of(index)`` (returned), serialised by a lock on local
+        disk; on an object store (no lock) re-checked until it holds ``must`` (default: all
+        of it; another writer may have rewritten it in between), a few times at most."""
         lock = local_path(self.lock("_index").url) if self.loc.local else None
         for _ in range(6):
             with _blocking(lock):
                 have = list(self.attrs.get(SUBJECTS_ATTR, []))
-                if sid not in have:
+                new = new_of(have)
+                if new != have:
                     with quiet_zarr():
-                        self.root("r+").attrs[SUBJECTS_ATTR] = sorted([*have, sid], key=natural_key)
-            if lock is not None or sid in self.attrs.get(SUBJECTS_ATTR, []):
-                return
-
-    def refresh_index(self) -> list[str]:
-        """Rewrite the root's ``subjects`` index from the markers (they are the truth)."""
-        lock = local_path(self.lock("_index").url) if self.loc.local else None
-        for _ in range(6):
-            with _blocking(lock):
-                done = self._marked()
-                if done != list(self.attrs.get(SUBJECTS_ATTR, [])):
-                    with quiet_zarr():
-                        self.root("r+").attrs[SUBJECTS_ATTR] = done
-            if lock is not None or set(self.attrs.get(SUBJECTS_ATTR, [])) >= set(done):
-                return done
-        return done
-
+                        self.root("r+").attrs[SUBJECTS_ATTR] = new
+            if lock is not None or set(self.attrs.get(SUBJECTS_ATTR, [])) >= set(new if must is None else must):
+                break
+        return new
 
     def _marked(self) -> list[str]:
         """The complete subjects from two listings, reading no marker (markers are only ever
