@@ -1,36 +1,46 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - create .venv if missing (CPU torch pin first), install, run the demo
-#   make test   - same bootstrap, then the test suite
-# Both are idempotent: the install step reruns only when pyproject.toml changes.
+#   make demo   - create .venv if missing (CPU torch pin first), install mrhscale alone, run the demo
+#   make test   - the demo's install plus the extras the suite needs, then the test suite
+# Both are idempotent: each install step reruns only when pyproject.toml changes. The test
+# stamp is made after the demo stamp, so a test environment is always a demo environment too.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.mrhscale-installed
+DEMO_STAMP := $(VENV)/.mrhscale-demo
+TEST_STAMP := $(VENV)/.mrhscale-test
+# the demo needs the core package alone (no extra: mrhscale/demo.py); the suite these extras
+TEST_EXTRAS ?= test,matlab,register,s3
 # CPU build of torch; see README for a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench env clean
+.PHONY: demo test bench env env-demo clean
 
-env: $(STAMP)
+env: $(TEST_STAMP)
 
-$(STAMP): pyproject.toml
+env-demo: $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mrhscale needs Python >= 3.11 (set PYTHON=python3.11)")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,matlab,register,s3]"
-	@touch $(STAMP)
+	$(PY) -m pip install -q -e .
+	@touch $(DEMO_STAMP)
 
-demo: $(STAMP)
+$(TEST_STAMP): $(DEMO_STAMP)
+	$(PY) -m pip install -q -e ".[$(TEST_EXTRAS)]"
+	@touch $(TEST_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/mrhscale demo --out $(DEMO_OUT)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks
 
