@@ -10,7 +10,7 @@ from importlib import import_module
 
 from mrhscale.errors import MRHError
 
-__version__ = "0.1.0"
+__version__ = "0.5.0"  # the one place it is written (pyproject reads it; CHANGELOG.md, docs/release.md)
 
 _LAZY = {
     # stages, in data-flow order
