@@ -17,6 +17,11 @@ and pass ``--device cuda`` to predict:
     python pipelines/slurm/dask_cluster.py --jobs 4 --gpus-per-job 1 --cores 8 \
         --memory 64GB --partition gpu -- predict run/model.pt cohort.zarr --out pred.zarr --device cuda
 
+Workers inside the Apptainer image (containers/mrhscale.def; docs/containers.md):
+``--python 'apptainer exec mrhscale.sif python'`` starts each worker with the image's Python
+(``apptainer exec --nv`` on GPU nodes). The scheduler runs in this script's process, so its
+``distributed`` must be the image's version.
+
 A job preempted or lost is replaced by dask-jobqueue's adaptive scaling; what was
 predicted is committed per subject, so rerunning the same command resumes.
 """
@@ -47,6 +52,7 @@ def make_cluster(a):
         job_extra_directives=extra,
         job_script_prologue=a.prologue or [],
         interface=a.interface,
+        python=a.python,
     )
 
 
@@ -63,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--job-extra", action="append", help="Extra #SBATCH directive, e.g. --job-extra='--exclusive'.")
     ap.add_argument("--prologue", action="append", help="Shell line run before the worker, e.g. 'source venv/bin/activate'.")
     ap.add_argument("--interface", default=None, help="Network interface of scheduler and workers (e.g. ib0).")
+    ap.add_argument("--python", default=None,
+                    help="Command that starts a worker's Python (default: this one), e.g. 'apptainer exec mrhscale.sif python'.")
     ap.add_argument("--gpus-per-job", type=int, default=0,
                     help="GPUs per SLURM job (--gres); the job then runs one worker process.")
     ap.add_argument("--dry-run", action="store_true", help="Print the job script and exit.")
