@@ -145,7 +145,8 @@ def read_section_table(path, *, pixel_um=None, channel=None) -> list[SectionSpec
 
 
 def _folder_specs(folder: str, default: dict) -> list[SectionSpec]:
-    names = sorted((n for n in os.listdir(folder) if _is_image(n) and not n.startswith(".")), key=natural_key)
+    names = sorted((n for n in os.listdir(folder) if _is_image(n) and os.path.isfile(os.path.join(folder, n))),
+                   key=natural_key)
     if not names:
         raise MRHError(f"{folder}: no section images ({', '.join(IMAGE_EXT)}) and no "
                        f"{' or '.join(TABLE_NAMES)}")
@@ -154,7 +155,7 @@ def _folder_specs(folder: str, default: dict) -> list[SectionSpec]:
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXT) and os.path.basename(name) == name
+    return name.lower().endswith(IMAGE_EXT) and not name.startswith(".")
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -449,7 +450,7 @@ def macenko_density(od, file: str = "", beta: float = 0.15, min_angle_deg: float
     vectors = [_positive_unit(plane @ [np.cos(a), np.sin(a)]) for a in angles]
     if np.degrees(np.arccos(np.clip(vectors[0] @ vectors[1], -1, 1))) < min_angle_deg:
         vectors = [_positive_unit(vectors[0] + vectors[1])]
-    conc = np.linalg.lstsq(np.stack(vectors, 1), flat.T, rcond=None)[0]
+    conc = np.linalg.pinv(np.stack(vectors, 1)) @ flat.T  # least squares; lstsq is slow with 10^6 columns
     main = int(np.argmax(np.maximum(conc, 0).sum(1)))
     return (np.maximum(conc[main], 0) / OD_UNITS).reshape(od.shape[:2]).astype(np.float32)
 
@@ -511,7 +512,7 @@ def read_sections(specs, *, stain: str | None = None, workers: int | None = None
     with ThreadPoolExecutor(max(1, workers)) as pool:
         images = dict(zip((s.order for s in present), pool.map(lambda s: read_section(s, stain=stain), present)))
     level(list(images.values()))
-    return [images.get(s.order) if s in present else None for s in specs]
+    return [None if s.missing or s.file is None else images[s.order] for s in specs]
 
 
 def level(images: list[SectionImage]) -> None:

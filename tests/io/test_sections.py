@@ -12,8 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+from click.testing import CliRunner
 from PIL import Image
 
+from mrhscale.cli import main
 from mrhscale.errors import MRHError
 from mrhscale.io.sections import (
     SectionImage,
@@ -56,8 +58,14 @@ def dab_stack(subject, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def af_stack(subject, tmp_path_factory):
-    return _stack(subject, str(tmp_path_factory.mktemp("af") / "sections"), "af", "tiff")
+def af_cohort(tmp_path_factory):
+    """The command's own stack: fluorescence TIFFs, half of them mounted mirrored."""
+    out = tmp_path_factory.mktemp("af") / "bed"
+    res = CliRunner().invoke(main, ["synth", str(out), "-n", "1", "--shape", ",".join(map(str, SHAPE)),
+                                    "--sections", "4", "--section-pixel-um", "80", "--section-stain", "af",
+                                    "--section-format", "tiff", "--section-flipped", "0.5", "--quiet"])
+    assert res.exit_code == 0, res.output
+    return str(out)
 
 
 def _truth(subject, folder, stain, order, shape, stain_of=lambda s: s):
@@ -136,18 +144,21 @@ def test_sections_are_levelled_to_the_stack_median(dab_stack):
     assert np.percentile(alone.density[alone.tissue], 90) == pytest.approx(alone.scale, rel=1e-5)
 
 
-def test_synth_fluorescence_tiff_stack(subject, af_stack):
-    specs = read_section_table(af_stack)
+def test_synth_command_fluorescence_tiff_stack(af_cohort):
+    folder = os.path.join(af_cohort, "sections")
+    specs = read_section_table(folder)
     images = read_sections(specs)
-    assert {s.channel for s in specs} == {"fluorescence"}
+    af = {"targets": {"af": np.asarray(nib.load(os.path.join(af_cohort, "s01", "af.nii.gz")).dataobj)}}
+    assert {s.channel for s in specs} == {"fluorescence"} and sum(s.flip for s in specs) == 2
     for spec, im in zip(specs, images):
-        if im is not None:
-            truth = _truth(subject, af_stack, "af", spec.order, im.density.shape)
-            assert _r(im.density, truth, im.tissue) > 0.85
-            assert np.median(im.density[~im.tissue]) <= 1.0  # the glass's level subtracted
+        assert im.pixel_mm == pytest.approx(0.08)
+        truth = _truth(af, folder, "af", spec.order, im.density.shape)
+        assert _r(im.density, truth, im.tissue) > 0.85
+        assert _r(im.density, truth[:, ::-1], im.tissue) < 0.7
+        assert np.median(im.density[~im.tissue]) <= 1.0  # the glass's level subtracted
 
 
-def test_folder_without_table_natural_order_and_pixel_from_file(dab_stack, af_stack, tmp_path):
+def test_folder_without_table_natural_order_and_pixel_from_file(dab_stack, af_cohort, tmp_path):
     names = [n for n in sorted(os.listdir(dab_stack)) if n.endswith(".png")]
     for i, name in enumerate(names):  # section_2 before section_10
         shutil.copy(os.path.join(dab_stack, name), tmp_path / f"section_{[2, 10, 1, 33][i]}.png")
@@ -157,8 +168,8 @@ def test_folder_without_table_natural_order_and_pixel_from_file(dab_stack, af_st
     assert [s.order for s in specs] == [1, 2, 3, 4] and all(s.pixel_um is None for s in specs)
     im = read_section(specs[0], stain="nf")
     assert im.pixel_mm == pytest.approx(0.08) and im.channel == "dab"  # from the PNG's pHYs
-    tif = next(n for n in os.listdir(af_stack) if n.endswith(".tif"))
-    spec = dataclasses.replace(specs[0], file=os.path.join(af_stack, tif))
+    tif = os.path.join(af_cohort, "sections", "section_001.tif")
+    spec = dataclasses.replace(specs[0], file=tif)
     assert read_section(spec).pixel_mm == pytest.approx(0.08)  # from the TIFF's resolution tags
 
 
