@@ -17,6 +17,7 @@ of specks; the background is the median of the pixels outside it.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -175,11 +176,14 @@ def _read_rows(path: str) -> list[dict]:
 
 
 def _csv_rows(path: str) -> list[dict]:
+    """Comma, semicolon (a spreadsheet's CSV in some locales) or tab separated, by the header line."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             text = fh.read()
-        dialect = csv.excel_tab if path.lower().endswith(".tsv") else csv.excel
-        return [{k.strip(): v for k, v in row.items() if k} for row in csv.DictReader(text.splitlines(), dialect=dialect)]
+        header = text.split("\n", 1)[0]
+        delimiter = max(",;\t", key=header.count)
+        reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+        return [{k.strip(): v for k, v in row.items() if k} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise MRHError(f"{path}: not a readable CSV table ({exc})") from None
 

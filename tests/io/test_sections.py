@@ -188,6 +188,15 @@ def test_table_pixel_size_wins_over_the_file_and_defaults_fill_rows(dab_stack, t
     assert haem.channel == "haematoxylin" and np.median(haem.density[haem.tissue]) == pytest.approx(0.03, abs=0.01)
 
 
+def test_semicolon_csv_with_quoted_names(dab_stack, tmp_path):
+    name = next(n for n in sorted(os.listdir(dab_stack)) if n.endswith(".png"))
+    shutil.copy(os.path.join(dab_stack, name), tmp_path / "slide; 1.png")
+    (tmp_path / "t.csv").write_text('file;order;position_mm;missing\n"slide; 1.png";2;0.5\n;1;;1\n')
+    specs = read_section_table(tmp_path / "t.csv")
+    assert [(s.order, s.missing, s.position_mm) for s in specs] == [(1, True, None), (2, False, 0.5)]
+    assert specs[1].file == str(tmp_path / "slide; 1.png")
+
+
 def test_yaml_table(dab_stack, tmp_path):
     name = next(n for n in sorted(os.listdir(dab_stack)) if n.endswith(".png"))
     shutil.copy(os.path.join(dab_stack, name), tmp_path / "a.png")
