@@ -15,6 +15,15 @@ from datetime import UTC, datetime
 from mrhscale.report.tables import evaluation_tables, importance_tables
 from mrhscale.stores import write_text
 
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 1.5em auto; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f3f3f3; }
+figure { margin: 0.8em 0; } img { max-width: 100%; }
+figcaption { font-size: 0.85em; color: #555; }
+"""  # every mrhscale page looks the same (report.html, the sections' QC page)
+
 
 def _fmt(v) -> str:
     if v is None:
@@ -85,14 +94,7 @@ def write_report(out_dir: str, metrics: dict, figures, title: str, filename: str
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 1.5em auto; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
-th {{ background: #f3f3f3; }}
-figure {{ margin: 0.8em 0; }} img {{ max-width: 100%; }}
-figcaption {{ font-size: 0.85em; color: #555; }}
-</style></head><body>
+<style>{STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p style="color:#666">generated {stamp} by mrhscale</p>
 {''.join(parts)}

@@ -35,6 +35,7 @@ NAMES = {
     "mrhscale-demo": "demo folder", "mrhscale-registration": "registration folder",
     "mrhscale-synthetic": "synthetic cohort folder", "mrhscale-crossval": "cross-validation folder",
     "mrhscale-ome-zarr": "viewer image (OME-Zarr)",
+    "mrhscale-sections-qc": "section registration QC folder",
 }
 
 
