@@ -51,7 +51,6 @@ def model_card(bundle: dict[str, Any]) -> dict:
     """The card of a bundle (as ``read_bundle`` returns it), from its own records only."""
     prov = bundle.get("provenance") or {}
     stains = stains_of(bundle)
-    imported = prov.get("stage") == "import-matlab"
     return _plain({
         "format": CARD_FORMAT, "format_version": CARD_VERSION,
         "model": _model(bundle, prov), "stains": stains, "inputs": _inputs(bundle),
@@ -59,7 +58,7 @@ def model_card(bundle: dict[str, Any]) -> dict:
         "recipe": _recipe(prov), "training_data": _training_data(prov),
         "validation": _validation(prov, stains), "calibration": _calibration(bundle, stains),
         "precision": _precision(bundle, prov), "intended_use": INTENDED_USE,
-        "limits": list(LIMITS), "citation": _citation(imported),
+        "limits": list(LIMITS), "citation": _citation(prov),
     })
 
 
@@ -164,10 +163,20 @@ def _precision(bundle: dict, prov: dict) -> dict:
             "inference": "chosen per device at predict time (--precision auto|fp32|bf16; docs/precision.md)"}
 
 
-def _citation(imported: bool) -> dict:
-    return {"original": ELIFE, "imported_matlab_network": imported,
-            "note": ("The weights are the original authors' (MIT licence): cite the paper"
-                     if imported else "The method is the paper's: cite it and mrhscale")}
+_CITE_NOTES = {
+    "import-matlab": "Imported MATLAB network: the weights are the original MRH-Net authors' (MIT licence); "
+                     "cite the paper",
+    "base": "Finetuned from an imported MATLAB network: the backbone's weights are the original MRH-Net "
+            "authors' (MIT licence); cite the paper",
+    None: "The method is the paper's: cite it and mrhscale",
+}
+
+
+def _citation(prov: dict) -> dict:
+    """The paper, and whether the weights (or the backbone's) are the original's."""
+    base = ((prov.get("base_model") or {}).get("provenance") or {}).get("stage") == "import-matlab"
+    how = "import-matlab" if prov.get("stage") == "import-matlab" else ("base" if base else None)
+    return {"original": ELIFE, "imported_matlab_network": how is not None, "note": _CITE_NOTES[how]}
 
 
 def _plain(v):
@@ -192,16 +201,16 @@ def card_markdown(card: dict) -> str:
     lines = [f"# Model card: MRH-Net virtual {', '.join(card['stains'])}", "",
              f"{m['kind'][0].upper()}{m['kind'][1:]}; created {m.get('created') or 'not recorded'} "
              f"(mrhscale {m.get('mrhscale_version') or '?'}).", ""]
-    if card["citation"]["imported_matlab_network"]:
-        lines += [f"> Imported MATLAB network: the weights are the original MRH-Net's. Cite {card['citation']['original']}",
-                  ""]
+    cite = card["citation"]
+    if cite["imported_matlab_network"]:
+        lines += [f"> {cite['note']}: {cite['original']}", ""]
     lines += _section("Model", {k: v for k, v in m.items() if k not in ("kind", "created", "mrhscale_version")})
     lines += _section("Stains", card["stains"]) + _inputs_md(card["inputs"])
     lines += _section("Normalisation", card["normalisation"])
     for key, title in _SECTIONS:
         lines += _section(title, card.get(key))
     lines += ["## Intended use", "", card["intended_use"], ""] + _section("Limits", card["limits"])
-    lines += ["## Citation", "", card["citation"]["original"], "", card["citation"]["note"] + "."]
+    lines += ["## Citation", "", cite["original"], "", cite["note"] + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -338,6 +338,9 @@ def test_finetune_accepts_imported_bundle(tmp_path, monkeypatch):
     assert meta["stains"] == ["nf"] and model.config == {"in_channels": 5, "depth": 1, "width": 8, "stains": ["nf"]}
     # the backbone keeps the imported input scaling (divide by the global maximum)
     assert meta["norm"].mode == "global-max" and meta["norm"].scale == [300.0] * 5
+    card = read_bundle(tmp_path / "ft" / "model.pt")["card"]  # its card: finetuned, on the original's weights
+    assert card["model"]["kind"] == "finetuned with mrhscale finetune" and card["citation"]["imported_matlab_network"]
+    assert card["citation"]["note"].startswith("Finetuned from an imported MATLAB network")
 
 
 def test_cli_allow_renamed(tmp_path):
