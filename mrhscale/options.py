@@ -155,6 +155,16 @@ class ImportanceOptions:
                                      "that PATCHES has).")
 
 
+# ---- info ----
+@dataclass(frozen=True)
+class InfoOptions:
+    """What ``info`` prints for a model bundle."""
+
+    card: bool = option(False, "For a model bundle: its model card (Markdown: stains, inputs, recipe, training "
+                               "data, validation, intended use, limits; docs/model-card.md).")
+    as_json: bool = option(False, "With --card: the card as JSON.", flag="--json")
+
+
 # ---- import-matlab / export ----
 @dataclass(frozen=True)
 class MatlabImportOptions:
@@ -163,10 +173,11 @@ class MatlabImportOptions:
     channels: str | None = option(
         None, "Input channel names in training order: a file (one per line) or comma-separated. Default for 67 "
         "channels: the original's order (dwi2000 x34, dwi5000 x30, t2, mt_off, mt_on).", metavar="FILE|NAMES")
-    input_scale: str | None = option(
-        None, "Input scaling the network was trained with (the file does not hold it): the original divided "
-        "every input by one global maximum VALUE. Required.", metavar="global-max=VALUE|identity",
-        renamed=("--norm",))
+    input_scale: str = option(
+        "subject-max", "Input scaling (the file does not hold it): subject-max divides each brain by its own "
+        "maximum, as the original's testing (MRH_testing); global-max=VALUE by one fixed maximum (the "
+        "original's training inputs'); identity: inputs already scaled.",
+        metavar="subject-max|global-max=VALUE|identity", renamed=("--norm",))
     target_max: float = option(1.0, "Global maximum the training labels were divided by; outputs x this = raw "
                                     "stain units (1: keep the network's own units).")
     target: str | None = option(None, "Stain name (default: from the file name: Fluo/AF->af, NF, MBP, Nissl).")

@@ -220,8 +220,8 @@ class ImportMatlabResult(_Result):
     parameters: int
     target: str
     target_from: str
-    input_scale: str  # the bundle's normalisation mode: global-max or identity
-    input_max: float | None  # the global maximum inputs are divided by (None: identity)
+    input_scale: str  # the bundle's normalisation mode: subject-max, global-max or identity
+    input_max: float | None  # the global maximum inputs are divided by (None: subject-max, identity)
     renamed_layers: dict[str, str]  # layer name in the file -> name in the published graph
     source: str
     reader: str | None

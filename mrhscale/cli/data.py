@@ -8,6 +8,7 @@ Each command imports its stage inside its body: the stage pulls torch, zarr and 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -21,6 +22,7 @@ from mrhscale.options import (
     HISTOLOGY_MIN_SIMILARITY,
     CohortOptions,
     ImageOptions,
+    InfoOptions,
     IngestOptions,
     RegistrationOptions,
     SectionOptions,
@@ -127,11 +129,14 @@ def ingest(manifest, out, subjects, overwrite, **kw):
 
 @main.command()
 @click.argument("path")
+@with_options(InfoOptions)
 @context_options(storage=True)
 def info(path, **kw):
-    """Describe a cohort/patch/prediction store or a model bundle."""
-    ctx = context_from(kw)
-    if os.path.isfile(path):
+    """Describe a cohort/patch/prediction store or a model bundle (--card: the bundle's model card)."""
+    opts, ctx = take(InfoOptions, kw), context_from(kw)
+    if opts.card or opts.as_json:
+        click.echo(model_card_text(path, opts), nl=not opts.card or opts.as_json)
+    elif os.path.isfile(path):
         from mrhscale.io.bundle import describe_bundle  # torch: only for a bundle
 
         click.echo(describe_bundle(path))
@@ -139,6 +144,19 @@ def info(path, **kw):
         from mrhscale.stores import describe as describe_store
 
         click.echo(describe_store(ctx.location(path)))
+
+
+def model_card_text(path: str, opts: InfoOptions) -> str:
+    """A bundle's model card, Markdown or (``--json``) JSON."""
+    if not opts.card:
+        raise MRHError("--json: give it with --card (the model card as JSON)")
+    if not os.path.isfile(path):
+        raise MRHError(f"--card: {path} is not a model bundle file (stores have no model card)")
+    from mrhscale.io.bundle import read_bundle  # torch: only for a bundle
+    from mrhscale.io.card import card_markdown, card_of
+
+    card = card_of(read_bundle(path))
+    return json.dumps(card, indent=1) if opts.as_json else card_markdown(card)
 
 
 @main.command("export-image")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from mrhscale.errors import MRHError
+from mrhscale.io.card import input_scaling, model_card
 from mrhscale.nn.model import MRHEnsemble, MRHNet
 from mrhscale.ops.norm import Normalisation
 from mrhscale.ops.stains import stain_record
@@ -74,6 +75,9 @@ def ensemble_bundle(members: list[dict[str, Any]], uncertainty: dict, provenance
 
 
 def write_bundle(path: str | os.PathLike, bundle: dict[str, Any]) -> str:
+    """Write a bundle atomically with its model card made now (``card``: plain types, so
+    readers from before cards load it unchanged)."""
+    bundle = {**bundle, "card": model_card(bundle)}
     return atomic_write(os.fspath(path), lambda tmp: torch.save(bundle, tmp))
 
 
@@ -128,7 +132,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     is K (1 for a single network)."""
     b = read_bundle(path)
     model = (predictor_from_bundle(b) if ensemble else model_from_bundle(b)).to(device).eval()
-    meta = {k: v for k, v in b.items() if k not in ("state_dict", "member_state_dicts")}
+    meta = {k: v for k, v in b.items() if k not in ("state_dict", "member_state_dicts", "card")}
     meta["members"], meta["stains"] = n_members(b), stains_of(b)
     meta["norm"] = Normalisation.from_dict(b["norm"])
     return model, meta
@@ -137,12 +141,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
 def _norm_line(norm: Normalisation) -> str:
     off, scale = norm.target_arrays(float)
     target = "; ".join(f"target' = (t - {o:.4g}) / {s:.4g}" for o, s in zip(off, scale, strict=True))
-    if norm.per_subject:
-        how = ("(x - p0.5[c]) / (p99.5[c] - p0.5[c])" if norm.mode == "subject-percentile" else "x / max")
-        return f"normalisation  {norm.mode}: x' = {how} of each brain's own voxels inside its mask; {target}"
-    return (f"normalisation  {norm.mode}: x' = (x - offset[c]) / scale[c]; offset "
-            f"{min(norm.offset):.4g}..{max(norm.offset):.4g}, scale {min(norm.scale):.4g}..{max(norm.scale):.4g}; "
-            f"{target}")
+    ranges = (f" (offset {min(norm.offset):.4g}..{max(norm.offset):.4g}, scale {min(norm.scale):.4g}.."
+              f"{max(norm.scale):.4g})" if norm.mode == "percentile" else "")
+    return f"normalisation  {norm.mode}: {input_scaling(norm)}{ranges}; {target}"
 
 
 def describe_bundle(path: str | os.PathLike) -> str:

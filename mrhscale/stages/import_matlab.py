@@ -36,6 +36,7 @@ _TARGET_TOKENS = {
 }
 
 
+DEFAULT_INPUT_SCALE = MatlabImportOptions.input_scale  # subject-max: as the original's MRH_testing
 _DEFAULT_CHANNELS_SOURCE = "default: original MRH-Net order (dwi2000 x34, dwi5000 x30, t2, mt_off, mt_on)"
 
 # ---------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def _global_max(text: str) -> float:
     """VALUE of ``global-max=VALUE``."""
     m = re.fullmatch(r"\s*global-max\s*=\s*(\S+)\s*", text)
     if not m:
-        raise MRHError(f"--input-scale: expected global-max=VALUE or identity, got {text!r}")
+        raise MRHError(f"--input-scale: expected subject-max, global-max=VALUE or identity, got {text!r}")
     try:
         return float(m.group(1))
     except ValueError:
@@ -91,21 +92,19 @@ def _global_max(text: str) -> float:
 def parse_input_scale(
     input_scale: str | None = None, input_max: float | None = None
 ) -> tuple[str, float | None]:
-    """('global-max', value) or ('identity', None) from ``--input-scale`` text or ``input_max``.
+    """(mode, global maximum or None) from ``--input-scale`` text or ``input_max``.
 
-    The file does not hold the scaling the network was trained with, so there is no default:
-    a wrong value would make every prediction wrong by an arbitrary factor.
+    The file does not hold the scaling. The default, ``subject-max``, is what the original's
+    own testing did (MRH_testing: ``XTest = data./max(data(:))``, each brain divided by its own
+    maximum); ``global-max=VALUE`` divides every brain by one fixed VALUE (the original's
+    training maximum, when known); ``identity`` is for inputs already scaled.
     """
     if input_scale is not None and input_max is not None:
         raise MRHError("give the input scaling once: --input-scale global-max=VALUE or input_max, not both")
     if input_max is not None:
         v = float(input_max)
-    elif input_scale is None:
-        raise MRHError("the .mat file holds no input scaling: give --input-scale global-max=VALUE (the "
-                       "maximum of the original's training inputs, which it divided every input by), "
-                       "or --input-scale identity if your inputs are already scaled that way")
-    elif input_scale.strip() == "identity":
-        return "identity", None
+    elif input_scale is None or input_scale.strip() in ("subject-max", "identity"):
+        return (input_scale or DEFAULT_INPUT_SCALE).strip(), None
     else:
         v = _global_max(input_scale)
     if not math.isfinite(v) or v <= 0:
@@ -161,14 +160,32 @@ def _convert(mat: str, graph: LayerGraph, strict_names: bool, stain: str):
     return model, match, n_params
 
 
+# How each input scaling reproduces the original, in the bundle's normalisation record.
+_NORM_NOTES = {
+    "subject-max": "MATLAB network: each brain divided by its own maximum, as the original's testing "
+                   "(MRH_testing: XTest = data./max(data(:)))",
+    "global-max": "MATLAB network: inputs / one global maximum, as the original's training",
+    "identity": "MATLAB network: inputs taken as already scaled",
+}
+
+
 def _import_norm(mode: str, value, in_channels: int, target_max: float) -> Normalisation:
-    """The original's scaling as the bundle's normalisation: one global maximum, or none."""
-    if mode == "global-max":
+    """The original's scaling as the bundle's normalisation: each brain's own maximum,
+    one global maximum, or none."""
+    if mode == "subject-max":
+        nrm = Normalisation.subject_mode(mode, in_channels, 0.0, float(target_max))
+    elif mode == "global-max":
         nrm = Normalisation.global_max(in_channels, value, float(target_max))
     else:
         nrm = Normalisation("identity", [0.0] * in_channels, [1.0] * in_channels, 0.0, float(target_max))
-    nrm.meta.update({"source": "user", "note": "MATLAB network: inputs / one global maximum, as the original"})
+    nrm.meta.update({"source": "MATLAB import", "note": _NORM_NOTES[mode]})
     return nrm
+
+
+def _norm_from(mode: str, value) -> str:
+    """Where the input scaling came from: the default (MRH_testing's), or the user."""
+    who = "default: as the original's MRH_testing" if mode == DEFAULT_INPUT_SCALE else "user"
+    return f"{who} ({mode}{'' if value is None else f'={value:g}'})"
 
 
 def _import_provenance(mat: str, graph: LayerGraph, match: GraphMatch, n_params: int) -> dict:
@@ -199,9 +216,11 @@ def import_matlab(
 
     channels: names in the training order (list, file or comma-separated); default the
         original's 67-channel order when the network takes 67.
-    input_scale / input_max: the original divided inputs by one global maximum; give it as
-        ``input_scale="global-max=VALUE"`` or ``input_max=VALUE``, or ``input_scale="identity"``
-        for inputs already scaled. The bundle's normalisation reproduces it.
+    input_scale / input_max: default ``subject-max``, each brain divided by its own maximum
+        (the original's testing, MRH_testing); ``input_scale="global-max=VALUE"`` or
+        ``input_max=VALUE`` divide by one fixed maximum (the original's training), and
+        ``input_scale="identity"`` takes inputs as already scaled. The bundle's
+        normalisation reproduces the choice.
     target_max: the original divided labels by their global maximum; outputs times
         ``target_max`` are raw stain units (default 1: the network's own units).
     target: stain name; default inferred from the file name (Fluo/AF, NF, MBP, Nissl).
@@ -215,7 +234,7 @@ def import_matlab(
     model, match, n_params = _convert(mat, graph, strict_names, target)
     names, channels_source = parse_channels(channels, match.in_channels)
     provenance = {**_import_provenance(mat, graph, match, n_params), "channels_from": channels_source,
-                  "norm_from": f"user ({mode}{'' if value is None else f'={value:g}'})",
+                  "norm_from": _norm_from(mode, value),
                   "target_max": float(target_max), "target_from": target_source, "patch_axis": patch_axis}
     patch = {"half": (match.patch_size - 1) // 2, "size": match.patch_size, "axis": patch_axis}
     nrm = _import_norm(mode, value, match.in_channels, target_max)

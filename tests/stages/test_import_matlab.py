@@ -245,7 +245,7 @@ def test_bad_channels(small_mat, tmp_path, args, words):
 @pytest.mark.parametrize(
     "args, words",
     [
-        ([], ["--input-scale global-max=VALUE"]),
+        (["--input-scale", "subject-max=3"], ["--input-scale", "subject-max, global-max=VALUE or identity"]),
         (["--input-scale", "max=3"], ["--input-scale", "max=3"]),
         (["--input-scale", "global-max=abc"], ["--input-scale", "abc"]),
         (["--input-scale", "global-max=-2"], ["--input-scale", "positive"]),
@@ -338,6 +338,9 @@ def test_finetune_accepts_imported_bundle(tmp_path, monkeypatch):
     assert meta["stains"] == ["nf"] and model.config == {"in_channels": 5, "depth": 1, "width": 8, "stains": ["nf"]}
     # the backbone keeps the imported input scaling (divide by the global maximum)
     assert meta["norm"].mode == "global-max" and meta["norm"].scale == [300.0] * 5
+    card = read_bundle(tmp_path / "ft" / "model.pt")["card"]  # its card: finetuned, on the original's weights
+    assert card["model"]["kind"] == "finetuned with mrhscale finetune" and card["citation"]["imported_matlab_network"]
+    assert card["citation"]["note"].startswith("Finetuned from an imported MATLAB network")
 
 
 def test_cli_allow_renamed(tmp_path):
@@ -374,3 +377,54 @@ def test_old_norm_option_names_the_new_one(small_mat, tmp_path):
 def test_input_scale_given_twice_is_an_error(small_mat, tmp_path):
     with pytest.raises(MRHError, match="give the input scaling once"):
         import_matlab(small_mat, tmp_path / "m.pt", input_scale="identity", input_max=3.0)
+
+
+# ---------------------------------------------------------------- the default input scaling: MRH_testing's
+
+
+def test_default_input_scale_is_each_brains_own_maximum(small_mat, tmp_path):
+    code, out = _cli([small_mat, "-o", str(tmp_path / "m.pt"), "--channels", "a,b,c"])
+    assert code == 0 and "input scale subject-max" in out, out
+    _, meta = load_model(tmp_path / "m.pt")
+    nrm = meta["norm"]
+    assert nrm.mode == "subject-max" and nrm.per_subject and "MRH_testing" in nrm.meta["note"]
+    assert meta["provenance"]["norm_from"] == "default: as the original's MRH_testing (subject-max)"
+    s = import_matlab(small_mat, tmp_path / "m2.pt", channels="a,b,c", input_scale="subject-max")
+    assert (s.input_scale, s.input_max) == ("subject-max", None)
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "m.pt")])
+    assert r.exit_code == 0 and "subject-max: x' = x / max" in r.output and "data./max(data(:))" in r.output
+
+
+def _synthetic_brain(shape=(12, 10, 14), seed=1):
+    """A small 67-channel synth brain as a cohort subject Dataset (NaNs zeroed, as ingest does)."""
+    import xarray as xr
+
+    from mrhscale.synth.phantom import make_subject
+
+    s = make_subject(shape, seed=seed, lesion=False, oedema=False)
+    mri = np.nan_to_num(np.concatenate([s["mri"][g] for g in ("dwi2000", "dwi5000", "t2MTONOFF")], axis=-1))
+    names = [n for g in ("dwi2000", "dwi5000", "t2MTONOFF") for n in s["channels"][g]]
+    assert names == DEFAULT_CHANNELS_67
+    ds = xr.Dataset({"mri": (("x", "y", "z", "contrast"), mri.astype(np.float32)),
+                     "mask": (("x", "y", "z"), s["mask"])},
+                    coords={"contrast": names}, attrs={"subject": "b1", "affine": s["affine"].tolist()})
+    return ds, float(mri[s["mask"]].max())
+
+
+@needs_real
+def test_published_af_net_default_scaling_equals_global_max_of_the_brain(tmp_path):
+    """The issue's check: no scaling flag runs, and equals --input-scale global-max=<the brain's max>."""
+    pytest.importorskip("matio", reason='mat-io not installed (pip install "mrhscale[matlab]")')
+    import mrhscale
+
+    code, out = _cli([str(REAL), "-o", str(tmp_path / "default.pt"), "-q"])
+    assert code == 0, out
+    ds, top = _synthetic_brain()
+    code, out = _cli([str(REAL), "-o", str(tmp_path / "fixed.pt"), "--input-scale", f"global-max={top!r}", "-q"])
+    assert code == 0, out
+    own = mrhscale.predict_volume(str(tmp_path / "default.pt"), ds)["af_virtual"].values
+    fixed = mrhscale.predict_volume(str(tmp_path / "fixed.pt"), ds)["af_virtual"].values
+    assert np.array_equal(own, fixed) and np.count_nonzero(own) > 100 and np.ptp(own[ds["mask"].values]) > 0
+    scaled = ds.assign(mri=ds["mri"] * 3.0)  # MRH_testing's scaling: a brain x 3 gives the same map
+    again = mrhscale.predict_volume(str(tmp_path / "default.pt"), scaled)["af_virtual"].values
+    np.testing.assert_allclose(again, own, rtol=1e-5, atol=1e-6)

@@ -65,6 +65,10 @@ def test_ensemble_bundle_holds_every_member_and_their_calibration(ensemble, stor
     assert load_model(ensemble.model)[0](torch.zeros(2, 5, 3, 3)).shape == (2, 1, 3, 3)  # member 0 alone
     text = describe_bundle(ensemble.model)
     assert "3 members (seeds [5, 6, 7])" in text and "calibration factor" in text and "per member" in text
+    card = b["card"]  # the model card: the ensemble, its calibration and validation figures
+    assert card["model"]["architecture"]["members"] == 3 and card["recipe"]["members"] == 3
+    assert card["calibration"]["af"]["factor"] == cal["factor"] and card["calibration"]["af"]["n"] == 512
+    assert card["validation"] == {"val_r": cal["val_r"], "val_rmse": cal["val_rmse"]}
 
 
 def test_member_k_is_the_single_run_with_seed_plus_k(ensemble, store, tmp_path):

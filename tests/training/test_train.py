@@ -108,6 +108,33 @@ def test_train_writes_run_dir_and_bundle(store, reference):
     assert r.exit_code == 0 and "parameters" in r.output
 
 
+def test_model_card_of_a_trained_model(reference, store):
+    """What the card of a trained bundle says, each part from the bundle's own records."""
+    b = read_bundle(reference["model"])
+    card, prov = b["card"], b["provenance"]
+    assert card["model"]["kind"] == "trained with mrhscale train" and card["stains"] == ["af"]
+    assert card["model"]["architecture"] == {"name": "MRHNet", "depth": 1, "width": 64, "in_channels": 5,
+                                             "parameters_per_network": sum(v.numel() for v in b["state_dict"].values()),
+                                             "members": 1}
+    assert card["inputs"]["channels"] == [f"c{i:02d}" for i in range(5)]
+    assert card["inputs"]["patch"] == {"size": 3, "half": 1, "slice_axis": "y",
+                                       "meaning": "3x3 patches in the plane across slice axis 'y'"}
+    assert card["normalisation"]["input"]["mode"] == b["norm"]["mode"] == prov["config"]["norm"]
+    assert card["recipe"]["name"] == prov["config"]["recipe"] and card["recipe"]["epochs"] == 3
+    assert card["recipe"]["seed"] == 3 and card["recipe"]["batch_size"] == 64
+    data = card["training_data"]
+    assert data["patches"] == store and data["n_train"] == 1024 and data["n_val"] == 256
+    assert sorted(data["training_subjects"] + data["validation_subjects"]) == sorted(prov["patch_store"]["subjects"])
+    fin = prov["final_metrics"]
+    assert card["validation"]["val_rmse"] == fin["val_rmse"] and card["validation"]["epoch"] == 3
+    assert card["validation"]["val_r_af"] == fin["val_r_af"] and card["calibration"] is None
+    assert card["precision"]["weights"] == "float32" and card["precision"]["training"] == prov["numerics"]
+    assert card["citation"]["imported_matlab_network"] is False
+    r = CliRunner().invoke(main, ["info", reference["model"], "--card"])
+    assert r.exit_code == 0 and "## Training data" in r.output and "- n_train: 1024" in r.output
+    assert "- validation_subjects: " in r.output and "Adult C57BL/6" in r.output
+
+
 def test_resume_after_sigkill_equals_uninterrupted_run(store, reference, tmp_path):
     out = str(tmp_path / "run")
     p = subprocess.run(cli_args(store, out), env=env(MRHSCALE_DEBUG_KILL_AFTER_EPOCH=2),
@@ -200,6 +227,11 @@ def test_finetune_frozen_backbone_changes_only_head(reference, nf_store, tmp_pat
     assert m["norm"]["target_scale"] == s.target_scale != b["norm"]["target_scale"]
     assert m["target"] == "nf" and m["provenance"]["base_model"]["target"] == "af"
     assert res["config"]["lr"] == 1e-4 and res["config"]["head_lr_factor"] == 10
+    card = m["card"]  # the finetuned bundle's model card names its base and the new stain's data
+    assert card["model"]["kind"] == "finetuned with mrhscale finetune" and card["stains"] == ["nf"]
+    assert card["model"]["base_model"] == {"path": reference["model"], "stains": ["af"]}
+    assert card["recipe"]["lr"] == 1e-4 and card["recipe"]["freeze_backbone"] is True
+    assert card["training_data"]["patches"] == nf_store and card["validation"]["val_patches"] == 128
 
 
 def test_finetune_full_changes_backbone(reference, nf_store, tmp_path):
