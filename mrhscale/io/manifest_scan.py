@@ -50,7 +50,7 @@ from mrhscale.errors import MRHError
 from mrhscale.io.manifest import parse_subject
 from mrhscale.io.volumes import open_volume, read_block, stem
 from mrhscale.results import ManifestResult
-from mrhscale.stores import write_text
+from mrhscale.stores import write_json, write_text
 
 logger = logging.getLogger("mrhscale")
 
@@ -285,6 +285,11 @@ def sidecar_channels(path: str) -> list[str] | None:
     if not isinstance(doc, dict) or CHANNELS_KEY not in doc:
         return None
     return _names_list(doc[CHANNELS_KEY], f"{side}: {CHANNELS_KEY!r}")
+
+
+def write_channel_sidecar(path: str, channels: list[str]) -> str:
+    """``<stem>.json`` naming an image's channels, the sidecar ``sidecar_channels`` reads (atomic)."""
+    return write_json(stem(path) + ".json", {CHANNELS_KEY: list(channels)})
 
 
 def _names_list(value, where: str) -> list[str]:

@@ -36,6 +36,7 @@ import yaml
 
 from mrhscale import __version__
 from mrhscale.errors import MRHError
+from mrhscale.io.manifest_scan import write_channel_sidecar
 from mrhscale.io.volumes import write_sidecars, write_volume
 from mrhscale.log import progress
 from mrhscale.options import CohortOptions, SectionOptions, SynthVariation
@@ -52,6 +53,7 @@ TARGETS = ("af", "nf", "mbp")
 FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "analyze": ".hdr"}
 GROUPS = ("dwi2000", "dwi5000", "t2MTONOFF")
 T2MT_CHANNELS = ["t2", "mt_off", "mt_on"]
+NAMED_CHANNELS = {"t2MTONOFF": T2MT_CHANNELS}  # groups the manifest names channels of (others: <group>_<i>)
 N_B0 = 4
 N_DIRS = 30
 
@@ -897,6 +899,8 @@ def _write_cohort(outdir, *, n_subjects, shape, seed, lesions, fmt, inverted_mas
             path = put(name, arr)
             if name in acq:
                 write_sidecars(path, *acq[name])
+            if name in NAMED_CHANNELS:  # what `mrhscale manifest` reads, so it needs no --channels-from
+                write_channel_sidecar(path, NAMED_CHANNELS[name])
             del arr
         put("mask", (~s.mask if inverted_mask else s.mask), np.uint8)
         for t in targets:
@@ -913,7 +917,7 @@ def _write_cohort(outdir, *, n_subjects, shape, seed, lesions, fmt, inverted_mas
         entries.append({
             "id": sid,
             "mri": {"dwi2000": rel("dwi2000"), "dwi5000": rel("dwi5000"),
-                    "t2MTONOFF": {"path": rel("t2MTONOFF"), "channels": list(T2MT_CHANNELS)}},
+                    "t2MTONOFF": {"path": rel("t2MTONOFF"), "channels": list(NAMED_CHANNELS["t2MTONOFF"])}},
             "fa": rel("fa"),
             "mask": {"path": rel("mask"), "inverted": bool(inverted_mask)},
             "targets": {t: rel(t) for t in targets},

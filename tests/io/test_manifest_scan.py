@@ -17,7 +17,7 @@ from mrhscale.io.manifest_scan import natural_key, scan_bids, scan_folder, write
 from mrhscale.io.volumes import write_sidecars, write_volume
 from mrhscale.parallel.context import Context
 from mrhscale.stages.ingest import ingest
-from mrhscale.stores import list_subjects, open_subject
+from mrhscale.stores import CohortStore, list_subjects, open_subject
 
 SHAPE = (6, 5, 4)
 AFF = np.diag([0.1, 0.1, 0.1, 1.0])
@@ -73,11 +73,12 @@ def test_natural_key():
 
 
 def test_synth_folder_gives_synths_own_manifest(tmp_path, synth, client):
-    """The key property: the generated manifest ingests to exactly what synth's own does."""
-    ch = tmp_path / "channels.yaml"
-    ch.write_text("t2MTONOFF: [t2, mt_off, mt_on]\n")
+    """The key property: the generated manifest, with no flag (synth's channel sidecars name
+    the T2/MT channels), ingests to exactly what synth's own does."""
+    side = os.path.join(os.path.dirname(synth), "s01", "t2MTONOFF.json")
+    assert json.load(open(side)) == {"channels": ["t2", "mt_off", "mt_on"]}
     out = tmp_path / "gen" / "cohort.yaml"  # outside the cohort: paths climb with ../
-    code, text = _cli(os.path.dirname(synth), "--out", out, "--channels-from", ch)
+    code, text = _cli(os.path.dirname(synth), "--out", out)
     assert code == 0, text
     assert "2 subject(s), MRI groups dwi2000, dwi5000, t2MTONOFF; targets af, nf, mbp; labels lesion, wm" in text
     assert "../" in out.read_text()
@@ -92,6 +93,7 @@ def test_synth_folder_gives_synths_own_manifest(tmp_path, synth, client):
         stores[name] = str(tmp_path / f"{name}.zarr")
         ingest(man, stores[name], ctx=Context(client=client, quiet=True), checksums=False)
     assert list_subjects(stores["gen"]) == list_subjects(stores["ref"]) == ["s01", "s02"]
+    assert CohortStore.open(stores["gen"]).channels() == CohortStore.open(stores["ref"]).channels()
     for sid in ("s01", "s02"):
         a, b = open_subject(stores["gen"], sid), open_subject(stores["ref"], sid)
         assert list(a.contrast.values) == list(b.contrast.values)
