@@ -70,6 +70,12 @@ class SubjectSpec:
 class Manifest:
     path: str
     subjects: list[SubjectSpec]
+    generated_by: dict = field(default_factory=dict)  # what ``mrhscale manifest`` recorded (its source, bids)
+
+    @property
+    def bids_root(self) -> str | None:
+        """The BIDS dataset this manifest was scanned from (``mrhscale manifest --bids``), else None."""
+        return self.generated_by.get("source") if self.generated_by.get("bids") else None
 
     def select(self, ids: list[str] | None) -> list[SubjectSpec]:
         if not ids:
@@ -177,4 +183,5 @@ def load_manifest(path: str) -> Manifest:
         if s.id in seen:
             raise MRHError(f"{path}: subject id {s.id!r} appears twice")
         seen.add(s.id)
-    return Manifest(os.path.abspath(path), subjects)
+    made = doc.get("generated_by")
+    return Manifest(os.path.abspath(path), subjects, made if isinstance(made, dict) else {})
