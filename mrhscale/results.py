@@ -64,6 +64,8 @@ class PredictResult(_Result):
     native: list[str] = field(default_factory=list)
     ome_zarr: list[str] = field(default_factory=list)
     uncertainty: str | None = None  # the uncertainty variable (an ensemble's), else None
+    bids: list[str] = field(default_factory=list)  # the maps (and sidecars) written into bids_dir
+    bids_dir: str | None = None  # the BIDS derivatives folder, when there is one
 
 
 @dataclass

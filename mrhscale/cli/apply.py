@@ -18,6 +18,7 @@ from mrhscale.cli.params import (
     take,
     with_options,
 )
+from mrhscale.errors import MRHError
 from mrhscale.options import (
     DemoOptions,
     ExportOptions,
@@ -40,19 +41,28 @@ from mrhscale.options import (
               help="Also map each virtual stain back to the subject's native (pre-registration) grid: "
                    "<--nifti>/<sid>_<target>_virtual_native.nii.gz (needs --nifti). DIR: the --out of "
                    "`mrhscale register` (default: found beside the registered manifest ingested).")
+@click.option("--bids-derivatives", "bids_dir", default=None, metavar="DIR",
+              help="Also write a BIDS derivatives folder: DIR/sub-<label>/anat/sub-<label>_desc-<stain>_virtual"
+                   ".nii.gz with JSON sidecars and dataset_description.json. Default: <dataset>/derivatives/"
+                   "mrhscale when STORE was ingested from a BIDS dataset (mrhscale manifest --bids).")
+@click.option("--no-bids-derivatives", "no_bids", is_flag=True,
+              help="No BIDS derivatives, even for subjects ingested from a BIDS dataset.")
 @click.option("--subjects", multiple=True, help="Only these subject ids (repeat or comma-separate).")
 @with_options(PredictOptions, Numerics)
 @click.option("--overwrite", is_flag=True,
               help="Replace subjects (or a whole store of another model) in --out that were made from "
                    "something else; the old ones stay until the new ones are complete.")
 @context_options(storage=True, dask=True, device="cpu")
-def predict(model, store, out, nifti_dir, ome_zarr, to_native, subjects, overwrite, **kw):
+def predict(model, store, out, nifti_dir, ome_zarr, to_native, bids_dir, no_bids, subjects, overwrite, **kw):
     """Virtual histology for every brain voxel of STORE's subjects with MODEL (a bundle)."""
     from mrhscale.stages.predict import predict as run
 
+    if bids_dir and no_bids:
+        raise MRHError("--bids-derivatives and --no-bids-derivatives: give one of them")
     opts = take(PredictOptions, kw, numerics=take(Numerics, kw))
     res = run(model, store, out, subjects=subject_list(subjects), nifti_dir=nifti_dir, ome_zarr=ome_zarr,
-              to_native=to_native, overwrite=overwrite, options=opts, ctx=context_from(kw))
+              to_native=to_native, bids_derivatives=False if no_bids else bids_dir, overwrite=overwrite,
+              options=opts, ctx=context_from(kw))
     if res.skipped:
         click.echo(f"already predicted, skipped: {', '.join(res.skipped)}")
     click.echo(f"predicted {len(res.predicted)} subject(s) into {res.out} "
@@ -62,6 +72,8 @@ def predict(model, store, out, nifti_dir, ome_zarr, to_native, subjects, overwri
         click.echo(f"native-space NIfTI: {', '.join(res.native)}")
     if res.get("ome_zarr"):
         click.echo(f"OME-Zarr images: {', '.join(res.ome_zarr)}")
+    if res.get("bids_dir"):
+        click.echo(f"BIDS derivatives: {res.bids_dir} ({len(res.bids) // 2} map(s) written)")
 
 
 @main.command()

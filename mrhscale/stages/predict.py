@@ -13,7 +13,8 @@ brain mask are 0. The stage is validate -> plan -> graph -> run -> commit:
 - run and commit: subjects in groups (``subject_groups``: enough voxels to fill the cluster,
   many tiny subjects together), each group computed in one call on the context's runner
   into the prediction store, each subject committed whole as soon as its own arrays are
-  written; then the NIfTI, native-space and OME-Zarr files (stages/predict_sinks.py).
+  written; then the NIfTI, native-space and OME-Zarr files (stages/predict_sinks.py) and
+  the BIDS derivatives (stages/predict_bids.py).
 
 Output store (Zarr v3, readable with plain xarray)::
 
@@ -42,6 +43,7 @@ from mrhscale.log import progress
 from mrhscale.options import PredictOptions
 from mrhscale.parallel.context import Context
 from mrhscale.results import PredictResult
+from mrhscale.stages.predict_bids import bids_sink
 from mrhscale.stages.predict_graph import SPATIAL, subject_prediction
 from mrhscale.stages.predict_plan import PredictPlan, brain_voxels, checked_device
 from mrhscale.stages.predict_sinks import NativeSink, NiftiSink, OmeZarrSink, ZarrSink, nifti_tag
@@ -53,7 +55,7 @@ GROUP_SUBJECTS = 64  # subjects of one call at most (more on a cluster of more t
 
 def predict(model_path: str, store_url: str, out_url: str, *, subjects: list[str] | None = None,
             nifti_dir: str | None = None, ome_zarr: str | None = None, to_native: str | bool | None = None,
-            overwrite: bool = False, options: PredictOptions | None = None,
+            bids_derivatives: str | bool | None = None, overwrite: bool = False, options: PredictOptions | None = None,
             ctx: Context | None = None) -> PredictResult:
     """Predict the bundle's stain for every brain voxel of each subject; returns a summary.
 
@@ -67,7 +69,10 @@ def predict(model_path: str, store_url: str, out_url: str, *, subjects: list[str
     ``<nifti_dir>/<sid>_<variable>_native.nii.gz``; True or "" finds the transforms beside
     the registered manifest the subject was ingested from, a folder (the ``--out`` of
     ``mrhscale register``) uses ``DIR/<sid>``. ``ome_zarr``: also ``<ome_zarr>/<sid>.ome.zarr``
-    for viewers (rewritten only when it does not hold this prediction). ``options``: batch,
+    for viewers (rewritten only when it does not hold this prediction). ``bids_derivatives``: also
+    a BIDS derivatives folder (stages/predict_bids.py): a folder, True (the BIDS dataset's own
+    ``derivatives/mrhscale``), False (none), or None (that folder when the subjects were
+    ingested from a BIDS dataset, else none). ``options``: batch,
     aggregation, TTA and numerics (docs/precision.md); ``ctx``: where it runs (Context).
     """
     ctx, options = ctx or Context(), options or PredictOptions()
@@ -84,6 +89,7 @@ def predict(model_path: str, store_url: str, out_url: str, *, subjects: list[str
     ids, datasets = plan.inputs(source, subjects)
     files = _file_sinks(nifti_dir, to_native, datasets)
     ome = OmeZarrSink(ome_zarr, ids, plan, ctx) if ome_zarr else None
+    bids = bids_sink(bids_derivatives, source.subjects(), datasets)
     sink = ZarrSink(ctx.location(out_url), plan, overwrite=overwrite)
     with contextlib.ExitStack() as stack:
         # an embedded cluster starts only if there is something to predict; its workers are
@@ -100,10 +106,12 @@ def predict(model_path: str, store_url: str, out_url: str, *, subjects: list[str
             n_vox = _predict_all(plan, sink, Inputs(source, {sid: datasets[sid] for sid in todo}, identities),
                                  runner, ctx)
             nifti, native = _write_files(files, sink.store, ids, plan)
+            bids_files = bids.write(sink.store, ids, plan, store_url) if bids else []
     dt = time.perf_counter() - t0
     return PredictResult(out=out_url, variable=plan.variable, predicted=todo, skipped=skipped, brain_voxels=n_vox,
                          seconds=dt, voxels_per_s=n_vox / dt if dt > 0 and n_vox else 0.0, nifti=nifti,
-                         native=native, ome_zarr=ome.write(out_url) if ome else [], uncertainty=plan.uncertainty)
+                         native=native, ome_zarr=ome.write(out_url) if ome else [], uncertainty=plan.uncertainty,
+                         bids=bids_files, bids_dir=bids.path if bids else None)
 
 
 @dataclasses.dataclass
