@@ -35,39 +35,41 @@ def bids_sink(option, store_ids: list[str], datasets: dict) -> BidsSink | None:
     none (False), or (None) the dataset's when the subjects were ingested from one."""
     if option is False:
         return None
-    roots = {bids_root(ds.attrs) for ds in datasets.values()}
+    roots = bids_roots(datasets)
     if isinstance(option, str | os.PathLike):
-        return BidsSink(option, store_ids, datasets)
-    if len(roots) == 1 and None not in roots:
-        return BidsSink(os.path.join(roots.pop(), DEFAULT_SUBDIR), store_ids, datasets)
+        return BidsSink(option, store_ids, datasets, roots)
+    found = set(roots.values())
+    if len(found) == 1 and None not in found:
+        return BidsSink(os.path.join(found.pop(), DEFAULT_SUBDIR), store_ids, datasets, roots)
     if option is True:
         raise MRHError("--bids-derivatives: the subjects were not all ingested from one BIDS dataset "
                        "(mrhscale manifest --bids); give the folder: --bids-derivatives DIR")
-    if len(roots - {None}) > 0:
-        logger.warning("predict: subjects from several BIDS datasets or none; no BIDS derivatives written "
-                       "(give --bids-derivatives DIR)")
+    if found - {None}:
+        logger.warning("predict: subjects from several BIDS datasets, or some from none: no BIDS derivatives "
+                       "written (give --bids-derivatives DIR)")
     return None
 
 
-_GENERATED: dict[str, str | None] = {}
-
-
-def bids_root(attrs: dict) -> str | None:
-    """The BIDS dataset a cohort subject was ingested from: recorded by ingest, or (stores
-    ingested before it recorded it) the ``generated_by`` of the manifest, when still there."""
-    if attrs.get("bids_root"):
-        return str(attrs["bids_root"])
-    man = attrs.get("manifest")
-    if not man or not os.path.isfile(man):
-        return None
-    if man not in _GENERATED:
-        _GENERATED[man] = _manifest_bids_root(man)
-    return _GENERATED[man]
+def bids_roots(datasets: dict) -> dict[str, str | None]:
+    """sid -> the BIDS dataset the cohort subject was ingested from (None: not from one):
+    recorded by ingest, or (stores ingested before it recorded it) the ``generated_by`` of
+    its manifest, when still there (each manifest read once)."""
+    manifests: dict[str, str | None] = {}
+    out = {}
+    for sid, ds in datasets.items():
+        man = ds.attrs.get("manifest")
+        if ds.attrs.get("bids_root") or not man:
+            out[sid] = ds.attrs.get("bids_root") or None
+            continue
+        if man not in manifests:
+            manifests[man] = _manifest_bids_root(man)
+        out[sid] = manifests[man]
+    return out
 
 
 def _manifest_bids_root(path: str) -> str | None:
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:  # a manifest moved or gone: no dataset known
             made = (yaml.load(fh, Loader=SAFE_LOADER) or {}).get("generated_by") or {}
     except (OSError, yaml.YAMLError, UnicodeDecodeError, AttributeError):
         return None
@@ -77,12 +79,12 @@ def _manifest_bids_root(path: str) -> str | None:
 class BidsSink:
     """Every predicted map of the run's subjects, with its sidecar, in one derivatives folder."""
 
-    def __init__(self, path, store_ids: list[str], datasets: dict):
+    def __init__(self, path, store_ids: list[str], datasets: dict, roots: dict):
         self.folder = DerivativesFolder(path)
         self.path = self.folder.path
         recorded = bids.read_participants(os.path.join(self.path, "participants.tsv"))
         self.labels = bids.subject_labels(store_ids, recorded)
-        self.sources = {sid: subject_sources(ds.attrs) for sid, ds in datasets.items()}
+        self.sources = {sid: subject_sources(ds.attrs, roots[sid]) for sid, ds in datasets.items()}
 
     def write(self, pstore, ids: list[str], plan, source_url: str) -> list[str]:
         """The folder's own files and every map of ``ids`` not already there; the paths written."""
@@ -150,17 +152,17 @@ class BidsSink:
                          "scale": "the values of the stain volumes the model was trained on (0 outside the mask)"}}
 
 
-def subject_sources(attrs: dict) -> tuple[str | None, list[str]]:
+def subject_sources(attrs: dict, dataset: str | None) -> tuple[str | None, list[str]]:
     """(root, files) of a cohort subject's inputs to predict: its MRI and mask (or FA) files
     as ingest recorded them, and the folder they lie under (its BIDS dataset, else its
-    manifest's folder, widened to hold them all)."""
+    manifest's folder, widened to hold them all); ``dataset``: its BIDS dataset, if any."""
     recorded = attrs.get("sources") or {}
     roles = [r for r in recorded if r.startswith("mri/")] + (["mask"] if "mask" in recorded else ["fa"])
     files = [str(recorded[r]["path"]) for r in roles if isinstance(recorded.get(r), dict) and
              recorded[r].get("path")]
     if not files:
         return None, []
-    root = bids_root(attrs) or os.path.dirname(str(attrs.get("manifest") or files[0]))
+    root = dataset or os.path.dirname(str(attrs.get("manifest") or files[0]))
     return os.path.commonpath([os.path.abspath(root), *map(os.path.abspath, files)]), files
 
 

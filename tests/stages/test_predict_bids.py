@@ -61,7 +61,7 @@ def test_labels_are_bids_labels_deterministically():
 
 def test_ensemble_maps_and_sidecars_file_by_file(cohort, tmp_path):
     d, store, model = cohort
-    der = tmp_path / "der"
+    der = tmp_path / "deriv" / "mrhscale"  # its parent made too, as a dataset's derivatives/ may be
     res = predict(model, store, str(tmp_path / "p.zarr"), bids_derivatives=str(der), ctx=SYNC)
     maps = [f"{folder}/anat/{pre}_desc-af_{kind}.{ext}"
             for folder, pre in ((f"sub-{HASHED}", f"sub-{HASHED}"), ("sub-07/ses-b", "sub-07_ses-b"),
@@ -186,3 +186,25 @@ def test_cli_errors_are_one_line(cohort, tmp_path):
     r = runner.invoke(main, ["predict", model, store, "--out", str(tmp_path / "p.zarr"), "--bids-derivatives",
                              str(tmp_path / "f"), "--scheduler", "synchronous", "-q"])
     assert r.exit_code == 2 and "is a file, not a folder" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_which_cohorts_get_derivatives_by_default(tmp_path, caplog):
+    """Recorded by ingest, or read from the manifest of a store ingested before it recorded it."""
+    from types import SimpleNamespace
+
+    from mrhscale.stages.predict_bids import bids_roots, bids_sink
+
+    man = tmp_path / "cohort.yaml"
+    man.write_text(f"generated_by: {{bids: true, source: {tmp_path / 'ds'}}}\nsubjects: []\n")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("subjects: []\n")
+    subjects = {"a": {"bids_root": "/data/ds"}, "b": {"manifest": str(man)}, "c": {"manifest": str(plain)},
+                "d": {"manifest": str(tmp_path / "gone.yaml")}, "e": {}}
+    datasets = {sid: SimpleNamespace(attrs=a) for sid, a in subjects.items()}
+    assert bids_roots(datasets) == {"a": "/data/ds", "b": str(tmp_path / "ds"), "c": None, "d": None, "e": None}
+    assert bids_sink(None, list(datasets), {"e": datasets["e"]}) is None  # not BIDS: nothing, quietly
+    assert bids_sink(None, list(datasets), datasets) is None and "no BIDS derivatives" in caplog.text
+    with pytest.raises(MRHError, match="not all ingested from one BIDS dataset"):
+        bids_sink(True, list(datasets), datasets)
+    sink = bids_sink(None, ["b"], {"b": datasets["b"]})
+    assert sink.path == str(tmp_path / "ds" / "derivatives" / "mrhscale") and not os.path.exists(sink.path)
