@@ -503,5 +503,5 @@ class _WriteJob:
             "sources": sources,
             "ingested": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "manifest": self.man.path,
-            **({"bids_root": self.man.bids_root} if self.man.bids_root else {}),  # predict's derivatives
+            "bids_root": self.man.bids_root,  # None: not from BIDS (predict's default derivatives)
         })

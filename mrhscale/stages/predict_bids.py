@@ -58,7 +58,7 @@ def bids_roots(datasets: dict) -> dict[str, str | None]:
     out = {}
     for sid, ds in datasets.items():
         man = ds.attrs.get("manifest")
-        if ds.attrs.get("bids_root") or not man:
+        if "bids_root" in ds.attrs or not man:  # recorded (None: not from BIDS): no manifest to read
             out[sid] = ds.attrs.get("bids_root") or None
             continue
         if man not in manifests:

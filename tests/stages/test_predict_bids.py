@@ -199,9 +199,11 @@ def test_which_cohorts_get_derivatives_by_default(tmp_path, caplog):
     plain = tmp_path / "plain.yaml"
     plain.write_text("subjects: []\n")
     subjects = {"a": {"bids_root": "/data/ds"}, "b": {"manifest": str(man)}, "c": {"manifest": str(plain)},
-                "d": {"manifest": str(tmp_path / "gone.yaml")}, "e": {}}
+                "d": {"manifest": str(tmp_path / "gone.yaml")}, "e": {},
+                "f": {"bids_root": None, "manifest": str(man)}}  # recorded: the manifest is not read
     datasets = {sid: SimpleNamespace(attrs=a) for sid, a in subjects.items()}
-    assert bids_roots(datasets) == {"a": "/data/ds", "b": str(tmp_path / "ds"), "c": None, "d": None, "e": None}
+    assert bids_roots(datasets) == {"a": "/data/ds", "b": str(tmp_path / "ds"), "c": None, "d": None, "e": None,
+                                    "f": None}
     assert bids_sink(None, list(datasets), {"e": datasets["e"]}) is None  # not BIDS: nothing, quietly
     assert bids_sink(None, list(datasets), datasets) is None and "no BIDS derivatives" in caplog.text
     with pytest.raises(MRHError, match="not all ingested from one BIDS dataset"):
