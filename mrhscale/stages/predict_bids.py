@@ -127,23 +127,24 @@ class BidsSink:
         kinds += [(v, k, "uncertainty") for k, v in enumerate(plan.uncertainties)]
         for var, k, kind in kinds:
             path = os.path.join(into, bids.map_path(self.labels[sid], plan.stains[k], kind))
+            there = os.path.join(self.path, os.path.relpath(path, into))
             tag = nifti_tag(pstore, sid, var, plan.model_rec["sha256"])
-            if _current(os.path.join(self.path, os.path.relpath(path, into)), tag):
+            if _current(there, tag) and os.path.exists(bids.sidecar_path(there)):
                 continue
             ds = ds if ds is not None else pstore.open_subject(sid)
             write_nifti(path, ds[var].transpose(*SPATIAL).values, dict(ds.attrs), tag)
-            write_json(bids.sidecar_path(path), self._sidecar(sid, var, kind, ds[var].attrs, plan))
+            write_json(bids.sidecar_path(path), self._sidecar(sid, var, plan.stains[k], ds[var].attrs, plan))
             out += [path, bids.sidecar_path(path)]
         return out
 
-    def _sidecar(self, sid: str, var: str, kind: str, attrs, plan) -> dict:
+    def _sidecar(self, sid: str, var: str, stain: str, attrs, plan) -> dict:
         """A map's JSON sidecar: BIDS' Sources, and what mrhscale knows of the map (model, stores)."""
         root, files = self.sources[sid]
         name = next((n for n, u in self.links.items() if root is not None and u == self._link_url(root)), "")
-        attrs, stain = jsonable(dict(attrs)), plan.stains[plan.variables.index(var) % len(plan.stains)]
+        attrs = jsonable(dict(attrs))
         return {
-            "Description": f"mrhscale {'virtual histology' if kind == 'virtual' else 'uncertainty'} of the "
-                           f"{stain} stain, predicted from the subject's MRI",
+            "Description": f"mrhscale {'uncertainty' if var in plan.uncertainties else 'virtual histology'} of "
+                           f"the {stain} stain, predicted from the subject's MRI",
             "Sources": [f"bids:{name}:{os.path.relpath(f, root).replace(os.sep, '/')}" for f in files],
             "Stain": stain, "Units": attrs.get("units", "raw stain units"),
             "mrhscale": {"version": __version__, "subject": sid, "variable": var, "map": attrs,

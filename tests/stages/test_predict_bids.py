@@ -87,6 +87,9 @@ def test_ensemble_maps_and_sidecars_file_by_file(cohort, tmp_path):
     before = tree(der)
     again = predict(model, store, str(tmp_path / "p.zarr"), bids_derivatives=str(der), ctx=SYNC)
     assert again.bids == [] and tree(der) == before  # nothing rewritten: the same bytes
+    (der / maps[0]).unlink()  # a sidecar gone: its map written again with it
+    again = predict(model, store, str(tmp_path / "p.zarr"), bids_derivatives=str(der), ctx=SYNC)
+    assert again.bids == [str(der / maps[1]), str(der / maps[0])] and tree(der) == before
 
 
 def test_a_folder_not_ours_is_refused_an_empty_one_taken(cohort, tmp_path):
