@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 TOL = 1e-4
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHANNELS = channel_names(5)  # the patch store's and the cohort store's
 
 
@@ -58,13 +60,13 @@ def brain(tmp_path_factory):
 
 
 def numpy_statistics(mri, mask, mode):
-    """docs/inference.md's snippet, verbatim: a brain's offset and scale without mrhscale."""
-    k = max(1, int(np.ceil((mask.size / 2**20) ** (1 / 3))))  # a lattice of at most ~1M voxels
-    if mode == "subject-max":  # one maximum over every brain voxel, every channel
-        return np.zeros(mri.shape[-1]), np.full(mri.shape[-1], mri[mask > 0].max())
-    v = mri[::k, ::k, ::k][mask[::k, ::k, ::k] > 0].astype(np.float64)  # brain voxels on it: (n, channels)
-    lo, hi = np.nanpercentile(v, [0.5, 99.5], axis=0)
-    return lo, np.where(hi - lo > 0, hi - lo, np.maximum(abs(lo), 1))
+    """docs/inference.md's numpy function, run as written there: a brain's offset and scale without mrhscale."""
+    with open(os.path.join(ROOT, "docs", "inference.md"), encoding="utf-8") as fh:
+        block = re.search(r"```python\n(def brain_statistics.*?)```", fh.read(), re.S).group(1)
+    assert len(block.strip().splitlines()) == 7  # the def and its six lines
+    space = {"np": np}
+    exec(block, space)
+    return space["brain_statistics"](mri, mask, mode)
 
 
 def raw_patches(n, size=3, seed=0):
