@@ -32,6 +32,7 @@ _LAZY = {
     "export_image": "mrhscale.stages.export_image",
     "import_matlab": "mrhscale.stages.import_matlab",
     "export_model": "mrhscale.stages.export",
+    "brain_statistics": "mrhscale.stages.export",
     "run_demo": "mrhscale.demo",
     # configuration and results
     "Context": "mrhscale.parallel.context",

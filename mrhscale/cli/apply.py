@@ -177,8 +177,9 @@ def export_cmd(model, out, overwrite, quiet, **kw):
     o = take(ExportOptions, kw)
     res = export_model(model, out, o.fmt, overwrite=overwrite, opset=o.opset)
     if not quiet:
-        click.echo(f"{res.out}: {res.format} via {res.exporter}, dynamic {', '.join(res.dynamic)}, "
-                   f"max |export - torch| {res.max_abs_diff:.2g}; metadata in {res.sidecar}")
+        names = {k: ", ".join(r["name"] for r in res.metadata[k]) for k in ("inputs", "outputs")}
+        click.echo(f"{res.out}: {res.format} via {res.exporter}, {names['inputs']} -> {names['outputs']}, dynamic "
+                   f"{', '.join(res.dynamic)}, max |export - torch| {res.max_abs_diff:.2g}; metadata in {res.sidecar}")
 
 
 @main.command()

@@ -215,6 +215,17 @@ def subject_stats(mri, mask) -> dict:
     return graph.compute(scheduler="synchronous")
 
 
+def graph_statistics(mri, mask, mode: str) -> dict[str, np.ndarray]:
+    """The ``offset`` and ``scale`` inputs (float32 [contrast]) an exported per-subject graph
+    (``mrhscale export``) takes for one brain: ``mri`` (x, y, z, contrast: the model's
+    channels, in its order) and ``mask`` as numpy arrays, by :func:`subject_stats`, so the
+    same numbers as predict's."""
+    if mode not in SUBJECT_MODES:
+        raise MRHError(f"normalisation {mode!r} takes no brain statistics; one of {', '.join(SUBJECT_MODES)} does")
+    got = subject_stats(mri, mask)[mode]
+    return {k: np.asarray(got[k], np.float32) for k in ("offset", "scale")}
+
+
 def subject_normalisation(norm: Normalisation, mri, mask, compute=None) -> Normalisation:
     """``norm`` made concrete for one brain, ``mri`` (x, y, z, contrast: the model's channels,
     in its order) and ``mask``, dask or numpy: a per-subject mode takes the brain's own

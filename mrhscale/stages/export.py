@@ -7,14 +7,18 @@ patches in, RAW stain units out, with the bundle's normalisation inside the grap
     x' = (x - offset[c]) / scale[c];  NaN/inf -> 0;  y = MRHNet(x') * target_scale + target_offset
 
 so a runtime cannot scale the inputs wrongly (or by the test brain's own maximum, as the
-original did). The numbers are also written out: in the file (ONNX ``metadata_props``;
-a pt2 extra file ``mrhscale.json``) and in the sidecar ``<out>.json``, which adds the
-file's sha256 and the export's own check.
+original did). A model that scales each brain by its own statistics (the default recipe)
+takes them as two more inputs, ``offset`` and ``scale`` (float32 [channels]); the sidecar
+says how to compute them and ``brain_statistics`` computes them. An ensemble's graph runs
+every member and returns, beside ``stain`` (their mean), ``uncertainty``: their spread
+calibrated as predict's ``<stain>_uncertainty``. The numbers are also written out: in the
+file (ONNX ``metadata_props``; a pt2 extra file ``mrhscale.json``) and in the sidecar
+``<out>.json``, which adds the file's sha256 and the export's own check.
 
 Input ``mri`` float32 (batch, channels, height, width), channels in the bundle's order.
-Output ``stain`` float32 (batch, height, width). The batch is dynamic, and so are height
-and width (MRHNet is fully convolutional); only the bundle's patch size P = 2h+1
-reproduces ``mrhscale predict``, which writes ``stain[:, h, h]`` to the patch's centre voxel.
+Output ``stain`` float32 (batch, stains, height, width). The batch is dynamic, and so are
+height and width (MRHNet is fully convolutional); only the bundle's patch size P = 2h+1
+reproduces ``mrhscale predict``, which writes ``stain[:, k, h, h]`` to the patch's centre voxel.
 
 Steps: validate (bundle readable; --out free, or our own export and --overwrite) ->
 plan (graph, metadata, example input) -> run (export, then run the exported graph
@@ -32,10 +36,10 @@ import json
 import logging
 import os
 import warnings
-import zipfile
 
 import numpy as np
 import torch
+import xarray as xr
 from torch import nn
 from torch.export import Dim
 
@@ -43,19 +47,26 @@ from mrhscale import __version__
 from mrhscale._optional import load as load_extra
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import load_model
+from mrhscale.io.exported import FORMAT, META_FILE, STATISTICS, read_export_metadata
+from mrhscale.nn.model import mean_and_spread
+from mrhscale.ops.norm import PERCENTILES, STAT_VOXELS, subject_stats_graph
+from mrhscale.ops.uncertainty import spread_scale
 from mrhscale.results import ExportResult
+from mrhscale.stages.predict_graph import check_channels, subject_arrays
+from mrhscale.stages.predict_volume import subject_from_files
 from mrhscale.stores import atomic_write, is_local, resolve, sha256_file, write_json
 from mrhscale.stores.legacy import stains_of
 
-FORMAT = "mrhscale-export"
-FORMAT_VERSION = 2  # 2: the output always has a stain axis (NTHW; one stain: T = 1)
+FORMAT_VERSION = 3  # 2: the output always has a stain axis (NTHW); 3: inputs/outputs listed, statistics in
 FORMATS = ("onnx", "pt2")
-INPUT, OUTPUT = "mri", "stain"
-DIMS = {0: "batch", 2: "height", 3: "width"}  # the input's dynamic dims
-META_FILE = "mrhscale.json"  # pt2 extra file, and the ONNX metadata key, holding the whole record
+INPUT, OUTPUT, UNCERTAINTY = "mri", "stain", "uncertainty"
+DIMS = {0: "batch", 2: "height", 3: "width"}  # the input's and outputs' dynamic dims
 TOLERANCE = 1e-4  # max |exported - torch| allowed, relative to max(1, max |output|)
 APPLIED = ("inside the graph: x' = (x - offset[c]) / scale[c] per input channel c, NaN/inf -> 0; "
            "output = network(x') * target_scale + target_offset (raw stain units)")
+APPLIED_SUBJECT = ("inside the graph, offset and scale being the graph inputs of that name (the brain's own "
+                   "statistics, see `statistics`): x' = (x - offset[c]) / scale[c] per input channel c, "
+                   "NaN/inf -> 0; output = network(x') * target_scale + target_offset (raw stain units)")
 
 
 def export_model(model_path, out, fmt: str = "onnx", *, overwrite: bool = False,
@@ -69,24 +80,15 @@ def export_model(model_path, out, fmt: str = "onnx", *, overwrite: bool = False,
 
     fmt = _check_format(fmt, opset)
     model_path, out = resolve(model_path, "model"), _local_out(out)
-    net, meta = load_model(model_path)
-    if meta["members"] > 1:
-        raise MRHError(f"{model_path}: is an ensemble of {meta['members']} networks (train --members); export "
-                       "writes one network, and a patch-wise graph would lose the uncertainty: export a "
-                       "network trained without --members, or one member's run folder model "
-                       "(OUT/members/m00/model.pt)")
-    if meta["norm"].per_subject:
-        raise MRHError(f"{model_path}: the model scales each brain by its own statistics ({meta['norm'].mode}), "
-                       "which a patch-wise exported graph cannot compute; train with --norm global to export")
+    net, meta = load_model(model_path, ensemble=True)
     check_out(out, overwrite)
-    graph = InferenceGraph(net, meta["norm"]).eval()
+    graph = inference_graph(net, meta).eval()
     size = int(meta["patch"].get("size") or 2 * int(meta["patch"]["half"]) + 1)
-    arrays = meta["norm"].input_arrays()
     with torch.no_grad():
-        artifact, info = _export(fmt, graph, _raw(arrays, 2, size, seed=0), opset)
-        doc = {**metadata(model_path, meta, fmt, info["dynamic"]), **info["record"]}
+        artifact, info = _export(fmt, graph, graph.example(2, size, seed=0), opset)
+        doc = {**metadata(model_path, meta, fmt, info["dynamic"], graph), **info["record"]}
         data = serialise(artifact, fmt, doc)
-        diff = check_export(graph, data, fmt, arrays, size, "height" in info["dynamic"])
+        diff = check_export(graph, data, fmt, size, "height" in info["dynamic"])
     sidecar = commit(out, data, doc, diff)
     return ExportResult(out=out, sidecar=sidecar, format=fmt, exporter=info["exporter"], max_abs_diff=diff,
                         dynamic=info["dynamic"], opset=info["record"].get("onnx", {}).get("opset"),
@@ -130,28 +132,6 @@ def check_out(out: str, overwrite: bool) -> None:
         raise MRHError(f"{found[0]}: an mrhscale export is already there; pass --overwrite to replace it")
 
 
-def read_export_metadata(path: str) -> dict | None:
-    """The record inside an mrhscale export (ONNX or pt2), or None if ``path`` is not one.
-
-    Reads the file without running or unpickling it (``torch.export.load`` unpickles).
-    """
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                names = [n for n in z.namelist() if n.endswith("extra/" + META_FILE)]
-                doc = json.loads(z.read(names[0])) if names else None
-        else:
-            with open(path, "rb") as fh:
-                if fh.read(1) != b"\x08":  # an ONNX ModelProto starts with ir_version (field 1)
-                    return None
-            proto = load_extra("onnx", "reading an ONNX file").load(path, load_external_data=False)
-            props = {p.key: p.value for p in proto.metadata_props}
-            doc = json.loads(props[META_FILE]) if META_FILE in props else None
-    except Exception:  # unreadable, not ONNX/zip, or onnx not installed: not one we can vouch for
-        return None
-    return doc if isinstance(doc, dict) and doc.get("format") == FORMAT else None
-
-
 def _read_json(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -163,22 +143,78 @@ def _read_json(path: str) -> dict | None:
 
 # --------------------------------------------------------------------------- plan
 class InferenceGraph(nn.Module):
-    """Raw patches -> raw stain units: the bundle's normalisation around MRHNet, as predict applies it."""
+    """Raw patches -> raw stain units: the bundle's normalisation around MRHNet, as predict
+    applies it; an ensemble's graph returns its members' mean and their calibrated spread
+    (``nn.model.mean_and_spread`` times predict's ``spread_scale``: target scale x factor)."""
 
-    def __init__(self, net: nn.Module, norm):
+    inputs: tuple[str, ...] = (INPUT,)
+
+    def __init__(self, net: nn.Module, norm, spread: np.ndarray | None = None):
         super().__init__()
-        self.net = net
-        off, inv = norm.input_arrays()
-        self.register_buffer("offset", torch.from_numpy(off).reshape(1, -1, 1, 1))
-        self.register_buffer("inv_scale", torch.from_numpy(inv).reshape(1, -1, 1, 1))
+        self.net, self.ensemble, self.n_channels = net, spread is not None, norm.n_channels
+        self._input_buffers(norm)
         t_off, t_scale = norm.target_arrays(np.float32)  # [B, T, P, P]: each stain its own scaling
-        self.register_buffer("t_scale", torch.from_numpy(t_scale).reshape(1, -1, 1, 1))
-        self.register_buffer("t_offset", torch.from_numpy(t_off).reshape(1, -1, 1, 1))
+        self.register_buffer("t_scale", _along_axis1(t_scale))
+        self.register_buffer("t_offset", _along_axis1(t_off))
+        self.register_buffer("spread_scale", _along_axis1(t_scale if spread is None else spread))
 
-    def forward(self, mri: torch.Tensor) -> torch.Tensor:
-        x = (mri - self.offset) * self.inv_scale
-        x = torch.where(torch.isfinite(x), x, 0.0)
-        return self.net(x) * self.t_scale + self.t_offset
+    def _input_buffers(self, norm) -> None:
+        off, inv = norm.input_arrays()
+        self.register_buffer("offset", _along_axis1(off))
+        self.register_buffer("inv_scale", _along_axis1(inv))
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (OUTPUT, UNCERTAINTY) if self.ensemble else (OUTPUT,)
+
+    def stains(self, x: torch.Tensor):
+        """Normalised patches (NaN/inf -> 0 here) -> raw stain units (an ensemble: and its spread)."""
+        y = self.net(torch.where(torch.isfinite(x), x, 0.0))
+        if not self.ensemble:
+            return y * self.t_scale + self.t_offset
+        mean, spread = mean_and_spread(y)
+        return mean * self.t_scale + self.t_offset, spread * self.spread_scale
+
+    def forward(self, mri: torch.Tensor):
+        return self.stains((mri - self.offset) * self.inv_scale)
+
+    def example(self, n: int, size: int, seed: int) -> tuple[torch.Tensor, ...]:
+        """The graph's inputs: random raw patches whose normalised values are about N(0, 1)."""
+        g = torch.Generator().manual_seed(seed)
+        return (self.offset + torch.randn(n, self.n_channels, size, size, generator=g) / self.inv_scale,)
+
+
+class SubjectGraph(InferenceGraph):
+    """A per-subject model's graph: the brain's own ``offset`` and ``scale`` (float32 [C]) are
+    inputs beside the patches, composed with the record's as ``Normalisation.for_subject``
+    composes them (the subject modes' record is 0 and 1: x' = (x - offset) / scale)."""
+
+    inputs = (INPUT, *STATISTICS)
+
+    def _input_buffers(self, norm) -> None:
+        self.register_buffer("r_offset", torch.tensor(norm.offset, dtype=torch.float32))
+        self.register_buffer("r_scale", torch.tensor(norm.scale, dtype=torch.float32))
+
+    def forward(self, mri: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor):
+        off, sc = offset + scale * self.r_offset, scale * self.r_scale
+        return self.stains((mri - off.reshape(1, -1, 1, 1)) / sc.reshape(1, -1, 1, 1))
+
+    def example(self, n: int, size: int, seed: int) -> tuple[torch.Tensor, ...]:
+        """Random raw patches and a brain's statistics (offset 0..50, scale 50..150) they fit."""
+        g = torch.Generator().manual_seed(seed)
+        off, sc = 50 * torch.rand(self.n_channels, generator=g), 50 + 100 * torch.rand(self.n_channels, generator=g)
+        x = torch.randn(n, self.n_channels, size, size, generator=g)
+        return x * sc.reshape(1, -1, 1, 1) + off.reshape(1, -1, 1, 1), off, sc
+
+
+def _along_axis1(a) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, np.float32)).reshape(1, -1, 1, 1)
+
+
+def inference_graph(net: nn.Module, meta: dict) -> InferenceGraph:
+    """The graph of a bundle's network (an ensemble: all its members) and metadata."""
+    norm = meta["norm"]
+    return (SubjectGraph if norm.per_subject else InferenceGraph)(net, norm, spread_scale(meta, norm))
 
 
 def _output_record(meta: dict, dims: list, h, p) -> dict:
@@ -187,24 +223,69 @@ def _output_record(meta: dict, dims: list, h, p) -> dict:
     return {"name": OUTPUT, "layout": "NTHW", "shape": [dims[0], len(stains), *dims[2:]], "dtype": "float32",
             "stains": list(stains),
             "meaning": f"virtual {', '.join(stains)} (in that order along T) in raw stain units; on a {p}x{p} "
-                       f"patch, [:, k, {h}, {h}] is what `mrhscale predict` writes as <stain k>_virtual"}
+                       f"patch, [:, k, {h}, {h}] is what `mrhscale predict` writes as <stain k>_virtual"
+                       + (" (an ensemble: the members' mean)" if int(meta["members"]) > 1 else "")}
 
 
-def metadata(model_path: str, meta: dict, fmt: str, dynamic: list[str]) -> dict:
+def _uncertainty_record(meta: dict, dims: list, h, p) -> dict:
+    """An ensemble's second output: each stain's calibrated spread, as predict's ``<stain>_uncertainty``."""
+    rec = _output_record(meta, dims, h, p)
+    return {**rec, "name": UNCERTAINTY, "meaning": (
+        f"the {meta['members']} members' standard deviation (ddof 1) pooled over the whole patch (the same "
+        f"at each of its positions), times the target scale and the calibration factor of each stain "
+        f"(`uncertainty.calibration`), in raw stain units; on a {p}x{p} patch, [:, k, {h}, {h}] is what "
+        "`mrhscale predict` writes as <stain k>_uncertainty; stain +- 1.96 x uncertainty: the 95% interval")}
+
+
+def _io_records(meta: dict, graph: InferenceGraph, dims: list) -> dict:
+    """The graph's inputs and outputs, by name; ``input``/``output``: the patches and the stains."""
+    h, p = meta["patch"].get("half"), meta["patch"].get("size")
+    mri = {"name": INPUT, "layout": "NCHW", "shape": dims, "dtype": "float32",
+           "meaning": "raw MRI intensities (not normalised), channels in `channels` order, "
+                      "in the plane across the slice axis patch.axis"}
+    stats = [{"name": k, "layout": "C", "shape": [dims[1]], "dtype": "float32",
+              "meaning": f"the brain's own {k} of each channel, in `channels` order: see `statistics`"}
+             for k in graph.inputs[1:]]
+    outputs = [_output_record(meta, dims, h, p), *([_uncertainty_record(meta, dims, h, p)] if graph.ensemble else [])]
+    return {"input": mri, "output": outputs[0], "inputs": [mri, *stats], "outputs": outputs}
+
+
+def statistics_record(mode: str) -> dict:
+    """How a per-subject graph's ``offset`` and ``scale`` come from a brain: what
+    ``ops.norm.subject_stats`` computes, in words, and the functions that compute it."""
+    lo, hi = PERCENTILES
+    lattice = (f"the brain mask's voxels (mask > 0) on a lattice: every k-th voxel along x, y and z from "
+               f"index 0, k = max(1, ceil((X * Y * Z / {STAT_VOXELS}) ** (1/3))) for an X x Y x Z volume")
+    how = {"subject-percentile": (lattice, f"offset[c] = the {lo}th percentile of channel c over those voxels "
+                                  f"and scale[c] = its {hi}th minus its {lo}th (linear interpolation, numpy's "
+                                  "default; NaN ignored); a scale not finite or <= 0 becomes max(|offset[c]|, 1)"),
+           "subject-max": ("every voxel inside the brain mask (mask > 0)",
+                           "offset[c] = 0 and scale[c] = the one maximum over every channel of those voxels, "
+                           "the same for all c (1 if it is not finite or <= 0): the original MRH_testing's "
+                           "data ./ max(data(:))")}[mode]
+    return {"inputs": list(STATISTICS), "mode": mode,
+            "volume": "the brain's raw MRI as `mrhscale ingest` reads it: (x, y, z, channel), the model's channels "
+                      "in `channels` order, NaN/inf -> 0, with its brain mask on the same grid",
+            "voxels": how[0], "per_channel": how[1], "formula": "x' = (x - offset[c]) / scale[c]",
+            "reference": "mrhscale.brain_statistics(EXPORT_FILE, data) -> {'offset', 'scale'} (data: a cohort "
+                         "subject or a mapping of NIfTI files, as predict_volume takes); on arrays: "
+                         "mrhscale.ops.norm.graph_statistics(mri, mask, mode)"}
+
+
+def metadata(model_path: str, meta: dict, fmt: str, dynamic: list[str], graph: InferenceGraph) -> dict:
     """The record written into the file and its sidecar: all a runtime needs to feed the graph."""
 
     ch, patch = list(meta["channels"]), dict(meta["patch"])
-    h, p = patch.get("half"), patch.get("size")
+    p, norm = patch.get("size"), meta["norm"]
     dims = ["batch", len(ch), *(["height", "width"] if "height" in dynamic else [p, p])]
+    ensemble = {"members": int(meta["members"]), "uncertainty": dict(meta.get("uncertainty") or {})}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "export_format": fmt,
         "target": str(meta["target"]), "stains": stains_of(meta), "channels": ch,
-        "normalisation": {**meta["norm"].to_dict(), "applied": APPLIED},
-        "patch": patch,
-        "input": {"name": INPUT, "layout": "NCHW", "shape": dims, "dtype": "float32",
-                  "meaning": "raw MRI intensities (not normalised), channels in `channels` order, "
-                             "in the plane across the slice axis patch.axis"},
-        "output": _output_record(meta, dims, h, p),
+        "normalisation": {**norm.to_dict(), "applied": APPLIED_SUBJECT if norm.per_subject else APPLIED},
+        **({"statistics": statistics_record(norm.mode)} if norm.per_subject else {}),
+        "patch": patch, **_io_records(meta, graph, dims),
+        **(ensemble if graph.ensemble else {}),
         "dynamic": list(dynamic),
         "model": {"file": os.path.basename(model_path), "sha256": sha256_file(model_path),
                   "arch": dict(meta.get("arch") or {})},
@@ -213,22 +294,33 @@ def metadata(model_path: str, meta: dict, fmt: str, dynamic: list[str]) -> dict:
     }
 
 
-def _raw(norm_arrays, n: int, size: int, seed: int) -> torch.Tensor:
-    """Random raw patches whose normalised values are about N(0, 1)."""
-    off, inv = (torch.from_numpy(a).reshape(1, -1, 1, 1) for a in norm_arrays)
-    g = torch.Generator().manual_seed(seed)
-    return off + torch.randn(n, off.shape[1], size, size, generator=g) / inv
-
-
-def _dynamic_shapes(spatial: bool) -> dict:
+def _dynamic_shapes(graph: InferenceGraph, spatial: bool) -> dict:
     dims = {0: Dim("batch", min=1, max=1 << 30)}
     if spatial:
         dims.update({i: Dim(DIMS[i], min=1, max=1 << 20) for i in (2, 3)})
-    return {INPUT: dims}
+    return {INPUT: dims, **dict.fromkeys(graph.inputs[1:])}  # the statistics: [C], static
+
+
+def brain_statistics(export, data) -> dict[str, np.ndarray]:
+    """The ``offset`` and ``scale`` inputs (float32 [channels]) a per-subject export's graph
+    takes for one brain, ``data`` as ``predict_volume`` takes it (a cohort subject Dataset,
+    or a mapping of its NIfTI files and mask): the numbers predict computes for that brain.
+    ``export``: the exported file or its sidecar JSON."""
+    path = os.fspath(export)
+    doc = read_export_metadata(path) if os.path.isfile(path) else None
+    doc = doc or (_read_json(path) if path.endswith(".json") else None)
+    if not doc or doc.get("format") != FORMAT:
+        raise MRHError(f"{path}: not an mrhscale export (nor its sidecar JSON)")
+    if "statistics" not in doc:
+        raise MRHError(f"{path}: the model is normalised globally; its graph takes no brain statistics")
+    ds = data if isinstance(data, xr.Dataset) else subject_from_files(data)
+    check_channels(doc["channels"], [str(c) for c in ds["contrast"].values], "data")
+    got = subject_stats_graph(*subject_arrays(ds, doc["channels"])).compute(scheduler="synchronous")
+    return {k: np.asarray(got[doc["statistics"]["mode"]][k], np.float32) for k in STATISTICS}
 
 
 # --------------------------------------------------------------------------- run
-def _export(fmt: str, graph: nn.Module, example: torch.Tensor, opset):
+def _export(fmt: str, graph: InferenceGraph, example: tuple, opset):
     """(ExportedProgram or ONNX ModelProto, {"exporter", "dynamic", "record"})."""
     return _onnx_export(graph, example, opset) if fmt == "onnx" else _pt2_export(graph, example)
 
@@ -237,9 +329,9 @@ def _pt2_export(graph, example):
     """torch.export with a dynamic batch, and height/width unless this torch specialises them."""
     errors = []
     for spatial in (True, False):
-        shapes = _dynamic_shapes(spatial)
+        shapes = _dynamic_shapes(graph, spatial)
         try:
-            ep = torch.export.export(graph, (example,), dynamic_shapes=shapes, strict=False)
+            ep = torch.export.export(graph, example, dynamic_shapes=shapes, strict=False)
         except Exception as e:
             errors.append(f"{type(e).__name__}: {str(e)[:300]}")
             continue
@@ -286,9 +378,9 @@ def _quiet_exporter():
 
 def _onnx_dynamo(graph, example, opset):
     with _quiet_exporter():
-        prog = torch.onnx.export(graph, (example,), dynamo=True, dynamic_shapes=_dynamic_shapes(True),
-                                 input_names=[INPUT], output_names=[OUTPUT], opset_version=opset,
-                                 verbose=False, optimize=True)
+        prog = torch.onnx.export(graph, example, dynamo=True, dynamic_shapes=_dynamic_shapes(graph, True),
+                                 input_names=list(graph.inputs), output_names=list(graph.outputs),
+                                 opset_version=opset, verbose=False, optimize=True)
     return prog.model_proto, "torch.onnx (dynamo)"  # dims named after the Dims: batch, height, width
 
 
@@ -296,9 +388,9 @@ def _onnx_torchscript(graph, example, opset):
     onnx = load_extra("onnx", "ONNX export")
     buf = io.BytesIO()
     with _quiet_exporter():
-        torch.onnx.export(graph, (example,), buf, dynamo=False, input_names=[INPUT], output_names=[OUTPUT],
-                          opset_version=opset, dynamic_axes={INPUT: DIMS, OUTPUT: dict(enumerate(
-                              ("batch", "height", "width")))})
+        torch.onnx.export(graph, example, buf, dynamo=False, input_names=list(graph.inputs),
+                          output_names=list(graph.outputs), opset_version=opset,
+                          dynamic_axes={INPUT: DIMS, **dict.fromkeys(graph.outputs, DIMS)})
     return onnx.load_from_string(buf.getvalue()), "torch.onnx (torchscript)"
 
 
@@ -312,44 +404,51 @@ def serialise(artifact, fmt: str, doc: dict) -> bytes:
     onnx = load_extra("onnx", "ONNX export")
     props = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in doc.items()}
     onnx.helper.set_model_props(artifact, {**props, META_FILE: text})
-    artifact.doc_string = (f"mrhscale {doc['target']} model: raw MRI patches `{INPUT}` (NCHW, "
-                           f"{len(doc['channels'])} channels) -> raw stain units `{OUTPUT}` (NTHW); "
+    names = lambda recs: ", ".join(f"`{r['name']}`" for r in recs)  # noqa: E731
+    artifact.doc_string = (f"mrhscale {doc['target']} model: raw MRI patches {names(doc['inputs'])} (NCHW, "
+                           f"{len(doc['channels'])} channels) -> raw stain units {names(doc['outputs'])} (NTHW); "
                            "see metadata_props")
     return artifact.SerializeToString()
 
 
-def check_export(graph, data: bytes, fmt: str, norm_arrays, size: int, spatial: bool) -> float:
-    """Max |exported - torch| on random patches (batch 3 at the patch size, plus one larger
-    tile when height/width are dynamic); an MRHError above ``TOLERANCE``, before anything is written."""
-    run = _onnx_runner(data) if fmt == "onnx" else _pt2_runner(data)
+def check_export(graph: InferenceGraph, data: bytes, fmt: str, size: int, spatial: bool) -> float:
+    """Max |exported - torch| over every output on random inputs (batch 3 at the patch size,
+    plus one larger tile when height/width are dynamic); an MRHError above ``TOLERANCE``,
+    before anything is written."""
+    run = _onnx_runner(data, graph) if fmt == "onnx" else _pt2_runner(data)
     worst, scale = 0.0, 1.0
     for n, s in ((3, size), (1, size + 4)) if spatial else ((3, size),):
-        x = _raw(norm_arrays, n, s, seed=n)
+        xs = graph.example(n, s, seed=n)
         with torch.inference_mode():
-            ref = graph(x).numpy()
-        got = run(x)
-        if got.shape != ref.shape:
-            raise MRHError(f"exported {fmt} graph returned shape {got.shape}, torch {ref.shape}")
-        worst = max(worst, float(abs(got - ref).max()))
-        scale = max(scale, float(abs(ref).max()))
+            refs = as_arrays(graph(*xs))
+        for got, ref in zip(run(xs), refs, strict=True):
+            if got.shape != ref.shape:
+                raise MRHError(f"exported {fmt} graph returned shape {got.shape}, torch {ref.shape}")
+            worst = max(worst, float(abs(got - ref).max()))
+            scale = max(scale, float(abs(ref).max()))
     if not worst <= TOLERANCE * scale:
         raise MRHError(f"exported {fmt} graph differs from torch by {worst:.3g} "
                        f"(allowed {TOLERANCE * scale:.3g}); nothing written")
     return worst
 
 
-def _onnx_runner(data: bytes):
+def as_arrays(y) -> list[np.ndarray]:
+    """A graph's output(s) as a list of numpy arrays."""
+    return [t.numpy() for t in (y if isinstance(y, (tuple, list)) else (y,))]
+
+
+def _onnx_runner(data: bytes, graph: InferenceGraph):
     ort = load_extra("onnxruntime", "checking an ONNX export")
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    return lambda x: sess.run([OUTPUT], {INPUT: x.numpy()})[0]
+    return lambda xs: sess.run(list(graph.outputs), {k: x.numpy() for k, x in zip(graph.inputs, xs, strict=True)})
 
 
 def _pt2_runner(data: bytes):
     mod = torch.export.load(io.BytesIO(data)).module()
 
-    def run(x):
+    def run(xs):
         with torch.inference_mode():
-            return mod(x).numpy()
+            return as_arrays(mod(*xs))
 
     return run
 

@@ -20,7 +20,9 @@ import dask.array as da
 import numpy as np
 
 from mrhscale.errors import MRHError
+from mrhscale.io.exported import graph_feeds
 from mrhscale.nn.gather import block_patches
+from mrhscale.nn.onnx import with_feeds
 from mrhscale.nn.worker import NetworkSpec, forward, network
 from mrhscale.ops.merge import BlockMerger, to_stain_units
 from mrhscale.ops.uncertainty import spread_scale
@@ -35,7 +37,9 @@ PLANE_BYTES = 512 << 20  # ... when whole planes of a store's subject fit in it 
 class BlockJob:
     """What every block task of one subject needs besides its arrays: the network, the patch
     geometry, the normalisation (input offset and 1/scale; target offset and scale per
-    stain), an ensemble's spread scale per stain (None: one network) and the aggregation."""
+    stain), an ensemble's spread scale per stain (None: one network) and the aggregation.
+    ``exported``: the network is an ONNX export (raw patches in, its outputs final: every
+    scaling here identity), ``feeds`` its other inputs (a per-subject model's brain statistics)."""
 
     spec: NetworkSpec
     half: int
@@ -47,6 +51,8 @@ class BlockJob:
     spread_scale: np.ndarray | None = None
     aggregate: str = PredictOptions.aggregate
     tta: bool = False
+    exported: bool = False
+    feeds: dict | None = None
 
 
 def predict_block(mri: np.ndarray, mask: np.ndarray, job: BlockJob, halo: int) -> np.ndarray:
@@ -62,11 +68,11 @@ def predict_block(mri: np.ndarray, mask: np.ndarray, job: BlockJob, halo: int) -
     merger = BlockMerger(np.transpose(mask[..., 0], order), halo, job.half, job.aggregate, n_out)
     s, r, q = merger.centres()
     if len(s):
-        model = network(job.spec)
+        model = with_feeds(network(job.spec), job.feeds)
         patches = block_patches(mri, order, job.offset, job.inv_scale, job.half, model.device)
         pred = forward(model, patches, (s, r, q),
                        batch_size=job.spec.batch_size, half=job.half, centre=job.aggregate == "centre",
-                       tta=job.tta, ensemble=job.spread_scale is not None)
+                       tta=job.tta, ensemble=job.spread_scale is not None and not job.exported)
         merger.aggregate(to_stain_units(pred, job.t_offset, job.t_scale, job.spread_scale))
     return np.transpose(merger.finalize(), (*np.argsort(order), 3))
 
@@ -114,10 +120,7 @@ def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = Pr
     whole = _blocks(mri, mask, slice_axis, depth, max(block_bytes, plane_bytes)) if regions is not None else None
     mri, mask = whole if whole and _whole_planes(whole[0].chunks, slice_axis) else _blocks(
         mri, mask, slice_axis, depth, block_bytes)
-    norm = meta["norm"] if norm is None else norm
-    t_off, t_scale = norm.target_arrays(np.float32)  # float32: what the map is computed in
-    job = BlockJob(spec, h, slice_axis, *norm.input_arrays(), t_off, t_scale, spread_scale(meta, norm), aggregate,
-                   bool(tta))
+    job = block_job(meta, spec, meta["norm"] if norm is None else norm, h, slice_axis, aggregate, tta)
     n_out = len(job.t_scale) * (1 if job.spread_scale is None else 2)
     kw = dict(chunks=(*mri.chunks[:3], (n_out,)), dtype=np.float32, meta=np.empty((0,) * 4, np.float32), job=job)
     msk = mask.astype(bool)[..., None]
@@ -133,6 +136,19 @@ def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = Pr
     dep = {a: (0 if a in (slice_axis, 3) else depth) for a in range(4)}
     return da.map_overlap(predict_block, mri, msk, depth=dep, boundary=0, trim=False,
                           align_arrays=False, allow_rechunk=True, halo=depth, **kw)
+
+
+def block_job(meta: dict, spec: NetworkSpec, norm, h: int, slice_axis: int, aggregate: str, tta) -> BlockJob:
+    """The block tasks' job: the bundle's scalings (``norm``: this subject's), or, for an
+    ONNX export (``meta["exported"]``), identity ones and the graph's brain statistics."""
+    t_off, t_scale = norm.target_arrays(np.float32)  # float32: what the map is computed in
+    spread = spread_scale(meta, norm)
+    if not meta.get("exported"):
+        return BlockJob(spec, h, slice_axis, *norm.input_arrays(), t_off, t_scale, spread, aggregate, bool(tta))
+    n_c = len(meta["channels"])
+    return BlockJob(spec, h, slice_axis, np.zeros(n_c, np.float32), np.ones(n_c, np.float32), np.zeros_like(t_off),
+                    np.ones_like(t_scale), None if spread is None else np.ones_like(spread), aggregate, bool(tta),
+                    exported=True, feeds=graph_feeds(norm))
 
 
 def _whole_planes(chunks, slice_axis: int) -> bool:

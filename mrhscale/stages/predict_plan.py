@@ -19,6 +19,7 @@ import numpy as np
 from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import load_model
+from mrhscale.io.exported import exported_meta, load_export
 from mrhscale.log import logger
 from mrhscale.nn.accel import Acceleration, plan, request
 from mrhscale.nn.worker import NetworkSpec, check_device, prepare
@@ -43,7 +44,13 @@ class PredictPlan:
         self.device, self.aggregate, self.tta = device, options.aggregate, bool(options.tta)
         self.batch_size, self.threads = int(options.batch_size), options.torch_threads
         self.model_path = resolve(model_path, "model")
-        _, self.meta = load_model(self.model_path)  # validates the bundle; workers load their own copy
+        self.meta = exported_meta(self.model_path)  # an ONNX export, run as it is (io/exported.py)
+        self.load = load_model if self.meta is None else load_export
+        if self.meta is None:
+            _, self.meta = load_model(self.model_path)  # validates the bundle; workers load their own copy
+        elif self.tta and int(self.meta.get("members", 1)) > 1:
+            raise MRHError(f"{self.model_path}: --tta with an exported ensemble: its graph pools the members' "
+                           "spread before any symmetry could be averaged; predict with the bundle for TTA")
         self.stains = stains_of(self.meta)
         self.target = target_name(self.stains)  # their label, as records name them
         self.members = int(self.meta.get("members", 1))
@@ -59,7 +66,7 @@ class PredictPlan:
 
     @property
     def spec(self) -> NetworkSpec:
-        spec = NetworkSpec(self.model_path, load_model, self.device, self.threads, self.batch_size)
+        spec = NetworkSpec(self.model_path, self.load, self.device, self.threads, self.batch_size)
         return spec.planned(self.accel)
 
     @property
@@ -81,7 +88,9 @@ class PredictPlan:
         cluster not started yet, or a local scheduler), or by the workers of a cluster while
         they load the network (the one round trip)."""
         patches = work * (8 if self.tta else 1)
-        if runner is None or runner.client is None:
+        if self.meta.get("exported"):  # onnxruntime runs the file as exported: fp32, nothing to compile
+            self._use(Acceleration(why="an ONNX export: onnxruntime, fp32, on the CPU"))
+        elif runner is None or runner.client is None:
             self._use(plan(self.request, self.device, patches))
         else:
             self._merge(runner.on_workers(prepare, self.spec, self.request, patches, self.strict))
