@@ -448,6 +448,38 @@ class SynthVariation:
 
 SECTION_FORMATS = ("png", "tiff")
 
+SECTION_AXES = ("auto", "x", "y", "z")
+
+
+@dataclass(frozen=True)
+class SectionRegistrationOptions:
+    """How a stack of 2D sections is placed on, registered to and rebuilt on a subject's MRI
+    (register-sections; docs/sections.md)."""
+
+    contrast: str = option("fa", "MRI contrast the sections are registered to (a channel, fa, t2...): one "
+                                 "whose tissue contrast looks like the stain's.")
+    axis: str = option("auto", "Grid axis the sections were cut across (auto: the one closest to anterior-"
+                               "posterior, i.e. coronal sections).", choices=SECTION_AXES)
+    step_um: float | None = option(None, "Grid step (um) of the 2D registrations (default: half the MRI's "
+                                         "finest in-plane voxel).", metavar="UM")
+    tilt_deg: float = option(5.0, "Largest cutting tilt searched (degrees off the axis; 0: sections exactly "
+                                  "across the axis).")
+    nonlinear: bool = option(True, "A smooth non-linear (SyN) stage after the affine one, per section.",
+                             flag="--nonlinear/--affine-only")
+    max_gap_mm: float | None = option(None, "Interpolate between two sections at most this far apart; "
+                                            "farther (a lost section) stays NaN beyond half a spacing of "
+                                            "each (default: 1.5 x the table's median spacing).", metavar="MM")
+    min_similarity: float = option(0.2, "A section whose |Pearson r| with its MRI plane stays below this "
+                                        "after registration is reported failed and left NaN.")
+    pixel_um: float | None = option(None, "Pixel size (um) of sections whose table row and file do not say.",
+                                    metavar="UM")
+    channel: str | None = option(None, "Channel of sections whose table row does not say (dab, haematoxylin, "
+                                       "estimate, fluorescence[:NAME]).")
+    threads: int | None = option(None, "ITK threads (default: every core).")
+    seed: int | None = option(1, "Seed of ANTs' sampling.", cli=False)
+
+
+
 
 @dataclass(frozen=True)
 class SectionOptions:

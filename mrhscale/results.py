@@ -157,6 +157,20 @@ class HistologyResult(_Result):
 
 
 @dataclass
+class SectionsResult(_Result):
+    """What ``register_sections`` wrote: the rebuilt stain, its transforms, the QC page, and how each
+    section fared (status, position, similarity) with the landmark TRE when landmarks were given."""
+
+    out: str
+    transforms: str
+    qc: str
+    sections: list
+    planes: dict
+    seconds: float
+    landmarks: dict | None = None
+
+
+@dataclass
 class LandmarksResult(_Result):
     """TRE of a landmark pair before and after a transform (``score_landmarks``): each of
     ``before``/``after`` is {"points": [{name, group, um}], "pooled": {n, mean, median, p90, max},

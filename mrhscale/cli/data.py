@@ -26,6 +26,7 @@ from mrhscale.options import (
     IngestOptions,
     RegistrationOptions,
     SectionOptions,
+    SectionRegistrationOptions,
     SynthVariation,
 )
 
@@ -247,6 +248,38 @@ def register_histology(volume, subject, manifest, out, min_similarity, landmarks
                    f"{res.seconds:.1f} s); transforms in {res.transforms}")
         if res.landmarks:
             click.echo(tre_line(res.landmarks))
+
+
+@main.command("register-sections")
+@click.argument("sections", type=click.Path(file_okay=True, dir_okay=True))
+@click.option("--subject", required=True, help="Subject id of --manifest whose MRI the sections are rebuilt on.")
+@click.option("--manifest", "-m", required=True, type=click.Path(dir_okay=True), help="Cohort manifest holding --subject.")
+@click.option("--stain", required=True, help="The stain's name (nf, mbp, af, nissl...): the target it becomes.")
+@click.option("--out", "-o", required=True, help="Rebuilt stain NIfTI on the subject's grid (NaN where no section covers).")
+@click.option("--landmarks", default=None, type=click.Path(dir_okay=False), metavar="CSV",
+              help="Slide pixels and their MRI points (section, col, row, x_mm, y_mm, z_mm; RAS mm): TRE in um "
+                   "before and after, per section and pooled.")
+@click.option("--qc", default=None, metavar="DIR", help="QC page folder (default: <out stem>_qc).")
+@with_options(SectionRegistrationOptions)
+@context_options()
+def register_sections_cmd(sections, subject, manifest, stain, out, landmarks, qc, quiet, **kw):
+    """Rebuild a stain volume from a stack of 2D SECTIONS (a folder or CSV/YAML table of section images) on
+    a subject's MRI: plane finding, per-section affine + SyN, NaN across lost sections and tears."""
+    from mrhscale.stages.register.sections import register_sections
+
+    res = register_sections(sections, subject, out, manifest=manifest, stain=stain,
+                            options=take(SectionRegistrationOptions, kw), landmarks=landmarks, qc=qc, quiet=quiet)
+    failed = [s for s in res.sections if s["status"].startswith("failed")]
+    if not quiet:
+        done = sum(s["status"] == "ok" for s in res.sections)
+        click.echo(f"rebuilt {stain} from {done} of {len(res.sections)} sections -> {res.out} ({res.seconds:.0f} s); "
+                   f"tilt {res.planes['tilt_deg'][0]:+.1f}, {res.planes['tilt_deg'][1]:+.1f} degrees; QC: {res.qc}")
+        if res.landmarks:
+            b, a = res.landmarks["pooled"]["before"], res.landmarks["pooled"]["after"]
+            click.echo(f"in-plane landmark TRE ({a['n']} points): median {b['median']:.0f} -> {a['median']:.0f} um, "
+                       f"90th percentile {b['p90']:.0f} -> {a['p90']:.0f} um")
+    for s in failed:
+        click.echo(f"section {s['order']}: {s['status']} (left NaN)", err=True)
 
 
 @main.command("landmarks")
