@@ -506,16 +506,20 @@ def _subtract_background(density, tissue) -> np.ndarray:
 # ---------------------------------------------------------------- a stack
 
 
-def read_sections(specs, *, stain: str | None = None, workers: int | None = None) -> list[SectionImage | None]:
+def read_sections(specs, *, stain: str | None = None, workers: int | None = None,
+                  levelled: bool = True) -> list[SectionImage | None]:
     """Every section of ``specs`` read (in threads: the decoders release the GIL), None for missing
-    ones, and levelled: each density divided by its own scale times the stack's median scale, so the
-    sections are comparable and keep the channel's units."""
+    ones, and (levelled) each density divided by its own scale times the stack's median scale, so the
+    sections are comparable and keep the channel's units. register-sections reads them unlevelled: a
+    section's own percentile also moves with its anatomy (the stack's ends hold less stain), so it
+    levels each section against its registered neighbours instead."""
     specs = list(specs)
     present = [s for s in specs if not s.missing and s.file is not None]
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         images = dict(zip((s.order for s in present), pool.map(lambda s: read_section(s, stain=stain), present)))
-    level(list(images.values()))
+    if levelled:
+        level(list(images.values()))
     return [None if s.missing or s.file is None else images[s.order] for s in specs]
 
 

@@ -69,6 +69,7 @@ class SectionFit:
     inverse_flags: list[bool]
     density: np.ndarray  # on the plane grid; NaN where no tissue
     tissue: np.ndarray
+    min_jacobian: float | None = None  # of the whole plane -> slide map over the section (> 0: no folding)
 
 
 def register(ants, fixed: np.ndarray, slide: SlideImage, grid: PlaneGrid, workdir: str, *, nonlinear: bool,
@@ -85,7 +86,23 @@ def register(ants, fixed: np.ndarray, slide: SlideImage, grid: PlaneGrid, workdi
     if not all(os.path.exists(f) for f in [*reg["fwdtransforms"], *inverse]):  # ITK failed without raising
         raise RuntimeError("ANTs wrote no transform")
     flags = [f.endswith(".mat") for f in inverse]
-    return SectionFit(list(reg["fwdtransforms"]), inverse, flags, *warp_slide(ants, fix, slide, reg["fwdtransforms"]))
+    fit = SectionFit(list(reg["fwdtransforms"]), inverse, flags, *warp_slide(ants, fix, slide, reg["fwdtransforms"]))
+    fit.min_jacobian = min_jacobian(ants, fix, reg["fwdtransforms"], fit.tissue)
+    return fit
+
+
+def min_jacobian(ants, fix, transforms: list[str], region) -> float | None:
+    """Smallest Jacobian determinant of the plane -> slide map over ``region``: the affine's times the
+    warp's (ITK's, on the plane grid). Negative would be a fold."""
+    affine = [f for f in transforms if f.endswith(".mat")]
+    det = 1.0
+    if affine:
+        det = float(np.linalg.det(ants.read_transform(affine[-1]).parameters[:4].reshape(2, 2)))
+    warp = [f for f in transforms if f.endswith("Warp.nii.gz")]
+    if warp and region.any():
+        jac = ants.create_jacobian_determinant_image(fix, warp[0], do_log=False).numpy()
+        return float(jac[region].min() * det)
+    return det
 
 
 def _rotation_init(ants, fix, mov, degrees: float, workdir: str) -> str:

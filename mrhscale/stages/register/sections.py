@@ -10,6 +10,7 @@ the planes, statuses and TRE) and the QC page, each built aside and swapped in.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import os
 import shutil
@@ -59,18 +60,39 @@ def register_sections(sections, subject: str, out: str, *, manifest, stain: str,
     marks = read_section_landmarks(landmarks, {s.order for s in specs}) if landmarks else None
     out, qc = _outputs(out, qc)
     planes, nominal, pgrid = plan_planes(specs, grid, mask, o)
-    images = read_sections(specs, stain=stain)
-    states = _states(specs, images, planes, pgrid)
-    ants = ants_module(o.threads)
+    states = _states(specs, read_sections(specs, stain=stain, levelled=False), planes, pgrid)
+    run = StackRun(specs, states, planes, pgrid, nominal, fixed, grid, mask, ref, o, stain,
+                   os.path.abspath(sections), ants_module(o.threads), t0)
     with temporary_folder(out) as work:
-        planes = reconstruct(ants, fixed, planes, pgrid, states, nominal, o, work, quiet)
-        volume = stack.rebuild(planes, pgrid, states, mask, _max_gap(nominal, o), _spacing(nominal) / 2)
-        tre = landmark_report(ants, planes, states, specs, marks, grid) if marks else None
-        info = _info(specs, states, planes, pgrid, nominal, o, ref, grid, tre, stain, sections, t0)
+        reconstruct(run, work, quiet)
+        volume = stack.rebuild(run.planes, pgrid, states, mask, _max_gap(nominal, o), _spacing(nominal) / 2)
+        tre = landmark_report(run, marks) if marks else None
+        info = _info(run, tre)
         _commit(work, out, volume, grid, states, info)
-        page = write_qc(qc, fixed, planes, pgrid, states, marks, grid, specs, info, ants)
+        page = write_qc(qc, run, marks, info)
     return SectionsResult(out=out, transforms=stem(out) + "_transforms", qc=page, sections=info["sections"],
                           landmarks=tre, planes=info["planes"], seconds=round(time.perf_counter() - t0, 2))
+
+
+@dataclasses.dataclass
+class StackRun:
+    """What one run works on: the table, the sections' states, the planes (refined in place), the
+    subject's MRI and the run's settings."""
+
+    specs: list
+    states: list
+    planes: Planes
+    pgrid: PlaneGrid
+    nominal: np.ndarray
+    fixed: np.ndarray
+    grid: Grid
+    mask: np.ndarray
+    ref: dict
+    options: SectionRegistrationOptions
+    stain: str
+    source: str
+    ants: object
+    t0: float
 
 
 # ---------------------------------------------------------------- validate
@@ -211,45 +233,51 @@ def _max_gap(nominal, o: SectionRegistrationOptions) -> float:
 # ---------------------------------------------------------------- run
 
 
-def reconstruct(ants, fixed, planes, pgrid, states, nominal, o, work: str, quiet: bool) -> Planes:
-    """Affine on the table's planes, planes found, affine (+ SyN) on them, poor sections retried."""
+def reconstruct(run: StackRun, work: str, quiet: bool) -> None:
+    """Affine on the table's planes, planes found, affine (+ SyN) on them, poor sections retried,
+    failures judged, stain bias levelled (run.planes and run.states updated)."""
+    o, states = run.options, run.states
     kw = {"seed": o.seed, "quiet": quiet}
-    stack.register_all(ants, fixed, planes, pgrid, states, os.path.join(work, "pass1"), nonlinear=False,
-                       desc="sections: affine", **kw)
-    planes = stack.place_planes(fixed, planes, pgrid, states, nominal, o.tilt_deg)
-    note(f"planes: tilt {planes.tilt_deg[0]:+.1f}, {planes.tilt_deg[1]:+.1f} degrees", quiet)
-    stack.register_all(ants, fixed, planes, pgrid, states, os.path.join(work, "pass2"), nonlinear=o.nonlinear,
-                       desc="sections: " + ("affine + SyN" if o.nonlinear else "affine"), **kw)
+    stack.register_all(run.ants, run.fixed, run.planes, run.pgrid, states, os.path.join(work, "pass1"),
+                       nonlinear=False, desc="sections: affine", **kw)
+    run.planes = stack.place_planes(run.fixed, run.planes, run.pgrid, states, run.nominal, o.tilt_deg)
+    note(f"planes: tilt {run.planes.tilt_deg[0]:+.1f}, {run.planes.tilt_deg[1]:+.1f} degrees", quiet)
+    stack.register_all(run.ants, run.fixed, run.planes, run.pgrid, states, os.path.join(work, "pass2"),
+                       nonlinear=o.nonlinear, desc="sections: " + ("affine + SyN" if o.nonlinear else "affine"), **kw)
     for st in stack.outliers(states):
-        stack.retry(ants, fixed, planes, pgrid, states, st, os.path.join(work, "retry"), nonlinear=o.nonlinear,
-                    seed=o.seed)
+        stack.retry(run.ants, run.fixed, run.planes, run.pgrid, states, st, os.path.join(work, "retry"),
+                    nonlinear=o.nonlinear, seed=o.seed)
     stack.judge(states, o.min_similarity)
     stack.level(states)
-    return planes
 
 
-def landmark_report(ants, planes: Planes, states, specs, marks: dict, grid: Grid) -> dict:
+def landmark_report(run: StackRun, marks: dict) -> dict:
     """TRE (um) before (the table's plane, centred) and after, in-plane and 3D, per section and pooled."""
-    inv = np.linalg.inv(np.asarray(grid.affine, float))
     per, pooled = {}, {"before": [], "after": [], "after_3d": []}
-    for st in states:
+    for st in run.states:
         lm = marks.get(st.order)
         if lm is None or st.slide is None:
             continue
-        truth = (np.asarray(lm["ras"]) @ inv[:3, :3].T + inv[:3, 3]) * np.asarray(planes.spacing)
-        flip = specs[st.index].flip
-        before = stack.section_points(ants, _nominal_plane(planes, specs, st), st, lm["cols"], lm["rows"], flip, False)
-        b, _ = stack.in_plane_error(planes, before, truth)
+        truth = _grid_mm(run, lm["ras"])
+        flip = run.specs[st.index].flip
+        before = stack.section_points(run.ants, _nominal_plane(run.planes, run.specs, st), st, lm["cols"],
+                                      lm["rows"], flip, False)
+        b, _ = stack.in_plane_error(run.planes, before, truth)
         entry = {"before": summary(b), "status": st.status}
         pooled["before"].extend(b)
         if st.fit is not None:
-            a, a3 = stack.in_plane_error(planes, stack.section_points(ants, planes, st, lm["cols"], lm["rows"], flip,
-                                                                        True), truth)
+            after = stack.section_points(run.ants, run.planes, st, lm["cols"], lm["rows"], flip, True)
+            a, a3 = stack.in_plane_error(run.planes, after, truth)
             entry.update(after=summary(a), after_3d=summary(a3))
             pooled["after"].extend(a), pooled["after_3d"].extend(a3)
         per[str(st.order)] = entry
     return {"units": "um", "in_plane": "distance within the section's plane (the part along its normal dropped)",
             "pooled": {k: summary(v) for k, v in pooled.items()}, "sections": per}
+
+
+def _grid_mm(run: StackRun, ras) -> np.ndarray:
+    inv = np.linalg.inv(np.asarray(run.grid.affine, float))
+    return (np.asarray(ras, float) @ inv[:3, :3].T + inv[:3, 3]) * np.asarray(run.planes.spacing)
 
 
 def _nominal_plane(planes: Planes, specs, st) -> Planes:
@@ -262,19 +290,23 @@ def _nominal_plane(planes: Planes, specs, st) -> Planes:
 # ---------------------------------------------------------------- commit
 
 
-def _info(specs, states, planes: Planes, pgrid: PlaneGrid, nominal, o, ref, grid: Grid, tre, stain, source, t0):
-    rows = [{"order": st.order, "file": specs[st.index].file, "status": st.status,
-             "position_mm": round(float(planes.positions[st.index]), 4), "nominal_mm": round(float(nominal[st.index]), 4),
+def _info(run: StackRun, tre) -> dict:
+    planes, o = run.planes, run.options
+    rows = [{"order": st.order, "file": run.specs[st.index].file, "status": st.status,
+             "position_mm": round(float(planes.positions[st.index]), 4),
+             "nominal_mm": round(float(run.nominal[st.index]), 4),
              "similarity": None if st.similarity is None else round(st.similarity, 4), "retried": st.retried or None,
-             "files": _files(st)} for st in states]
-    return {"format": FORMAT, "format_version": 1, "kind": "sections", "subject": ref["subject"], "stain": stain,
-            "reference": ref, "reference_grid": grid.to_dict(), "sections": rows,
+             "min_jacobian": None if st.fit is None or st.fit.min_jacobian is None else round(st.fit.min_jacobian, 4),
+             "files": _files(st)} for st in run.states]
+    return {"format": FORMAT, "format_version": 1, "kind": "sections", "subject": run.ref["subject"],
+            "stain": run.stain, "reference": run.ref, "reference_grid": run.grid.to_dict(), "sections": rows,
             "planes": {"axis": "xyz"[planes.axis], "tilt_deg": list(planes.tilt_deg),
-                       "frame": planes.frame().round(6).tolist(), "grid_step_mm": pgrid.step_mm,
-                       "grid_shape": [pgrid.rows, pgrid.cols]},
-            "options": {k: getattr(o, k) for k in o.__dataclass_fields__}, "landmarks": tre,
-            "seconds": round(time.perf_counter() - t0, 2), "sources": {"sections": os.path.abspath(source)},
+                       "frame": planes.frame().round(6).tolist(), "grid_step_mm": run.pgrid.step_mm,
+                       "grid_shape": [run.pgrid.rows, run.pgrid.cols]},
+            "options": dataclasses.asdict(o), "landmarks": tre,
+            "seconds": round(time.perf_counter() - run.t0, 2), "sources": {"sections": run.source},
             "provenance": {"mrhscale_version": __version__,
+                           "antspyx_version": getattr(run.ants, "__version__", "?"),
                            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}}
 
 
@@ -305,46 +337,48 @@ def _commit(work: str, out: str, volume, grid: Grid, states, info: dict) -> None
     swap_in(tdir, stem(out) + "_transforms", token=run_token())
 
 
-def write_qc(qc: str, fixed, planes: Planes, pgrid: PlaneGrid, states, marks, grid: Grid, specs, info, ants) -> str:
+def write_qc(qc: str, run: StackRun, marks, info) -> str:
     """The QC page: each section over its MRI plane, before (centred on the table's plane) and after."""
-    from mrhscale.report.sections_qc import SectionQC, write_sections_qc
+    from mrhscale.report.sections_qc import write_sections_qc
 
-    pages = [_qc_section(SectionQC, fixed, planes, pgrid, st, marks, grid, specs, info, ants) for st in states]
+    pages = [_qc_section(run, st, marks, info) for st in run.states]
     tre = info["landmarks"]
-    summary_doc = {"subject": info["subject"], "stain": info["stain"], "sections": len(states),
-                   "failed": sum(st.status.startswith("failed") for st in states),
-                   "missing": sum(st.status == "missing" for st in states),
+    summary_doc = {"subject": info["subject"], "stain": info["stain"], "sections": len(run.states),
+                   "failed": sum(st.status.startswith("failed") for st in run.states),
+                   "missing": sum(st.status == "missing" for st in run.states),
                    "tilt_deg": info["planes"]["tilt_deg"], "seconds": info["seconds"],
-                   "voxel_um": round(min(planes.spacing[a] for a in planes.in_plane) * 1000, 1)}
+                   "voxel_um": round(min(run.planes.spacing[a] for a in run.planes.in_plane) * 1000, 1)}
     if tre:
         summary_doc.update(tre_before=tre["pooled"]["before"], tre_after=tre["pooled"]["after"])
     return write_sections_qc(qc, pages, title=f"register-sections: {info['subject']} {info['stain']}",
                              summary=summary_doc)
 
 
-def _qc_section(SectionQC, fixed, planes, pgrid, st, marks, grid, specs, info, ants):
-    row = info["sections"][st.index]
+def _qc_section(run: StackRun, st, marks, info):
+    from mrhscale.report.sections_qc import SectionQC
+
+    row, step = info["sections"][st.index], run.pgrid.step_mm
     if st.slide is None:
-        return SectionQC(st.order, st.status, row["position_mm"], pixel_mm=pgrid.step_mm)
-    mri = reslice(fixed, planes, st.index, pgrid)
-    before, _ = s2.centred(st.slide, pgrid)
+        return SectionQC(st.order, st.status, row["position_mm"], pixel_mm=step)
+    mri = reslice(run.fixed, run.planes, st.index, run.pgrid)
+    before, _ = s2.centred(st.slide, run.pgrid)
     after = st.fit.density if st.fit is not None else None
     entry = (info["landmarks"] or {}).get("sections", {}).get(str(st.order), {})
-    pts = _qc_points(ants, planes, pgrid, st, marks, grid, specs) if marks and st.order in marks else (None,) * 3
-    return SectionQC(st.order, st.status, row["position_mm"], mri, before, after, pgrid.step_mm,
+    pts = _qc_points(run, st, marks[st.order]) if marks and st.order in marks else (None,) * 3
+    return SectionQC(st.order, st.status, row["position_mm"], mri, before, after, step,
                      entry.get("before"), entry.get("after"), *pts,
-                     metrics={"|r|": row["similarity"], "retried": row["retried"]})
+                     metrics={"|r|": row["similarity"], "min_jacobian": row["min_jacobian"], "retried": row["retried"]})
 
 
-def _qc_points(ants, planes, pgrid, st, marks, grid, specs):
+def _qc_points(run: StackRun, st, lm):
     """Landmarks on the QC arrays (col, row): slide points before/after, MRI points projected."""
-    lm, flip = marks[st.order], specs[st.index].flip
-    inv = np.linalg.inv(np.asarray(grid.affine, float))
-    truth = (np.asarray(lm["ras"]) @ inv[:3, :3].T + inv[:3, 3]) * np.asarray(planes.spacing)
+    planes, pgrid, flip = run.planes, run.pgrid, run.specs[st.index].flip
     f, c = planes.frame(), planes.centre(st.index)
     on_plane = lambda g: pgrid.to_pixels(np.stack([(g - c) @ f[0], (g - c) @ f[1]], 1))  # noqa: E731
     cols = np.asarray(lm["cols"], float)
     cols = st.slide.slide_shape[1] - 1 - cols if flip else cols
     before = pgrid.to_pixels(s2.slide_points(st.slide, cols, lm["rows"])[:, ::-1])
-    after = on_plane(stack.section_points(ants, planes, st, lm["cols"], lm["rows"], flip, True)) if st.fit else None
-    return before, after, on_plane(truth)
+    after = None
+    if st.fit is not None:
+        after = on_plane(stack.section_points(run.ants, planes, st, lm["cols"], lm["rows"], flip, True))
+    return before, after, on_plane(_grid_mm(run, lm["ras"]))
