@@ -359,13 +359,63 @@ CONFIG_GROUP = "_config"
 
 
 def config_file(folder: str, command: str) -> str:
-    """Where a command's resolved config goes in a local output folder. A Zarr store keeps it
-    in its ``_config`` group, so that a plain zarr listing of the store meets no stray file."""
-    if not os.path.exists(os.path.join(folder, "zarr.json")):
-        return os.path.join(folder, f"mrhscale-{command}.yaml")
-    group = os.path.join(folder, CONFIG_GROUP)
-    if not os.path.exists(os.path.join(group, "zarr.json")):
-        write_json(os.path.join(group, "zarr.json"), {
-            "zarr_format": 3, "node_type": "group",
-            "attributes": {"about": "the resolved options of the mrhscale commands that wrote this store"}})
-    return os.path.join(group, f"mrhscale-{command}.yaml")
+    """Where a command's resolved config goes in a local output folder that is not a Zarr
+    store (a store keeps it in its ``_config`` group's attrs: :func:`save_config`)."""
+    return os.path.join(folder, f"mrhscale-{command}.yaml")
+
+
+def is_store(folder: str) -> bool:
+    """Whether a local folder is a Zarr store (its root ``zarr.json``)."""
+    return os.path.isfile(os.path.join(folder, "zarr.json"))
+
+
+def save_config(store: str, command: str, doc: dict) -> str:
+    """Keep a command's resolved config in a local Zarr store: the ``resolved`` attr (by
+    command) of its ``_config`` group, so a listing of the store meets no stray file and
+    ``--config STORE`` reruns it. Returns the group's path."""
+    tidy_config(store)
+    node = os.path.join(store, CONFIG_GROUP, "zarr.json")
+    meta = _config_node(node)
+    meta["attributes"]["resolved"] = {**(meta["attributes"].get("resolved") or {}), command: doc}
+    write_json(node, meta)
+    return os.path.dirname(node)
+
+
+def store_config(store: str) -> dict:
+    """The resolved configs a local Zarr store keeps, by command (``{}``: none)."""
+    if os.access(store, os.W_OK):
+        tidy_config(store)
+    path = os.path.join(store, CONFIG_GROUP, "zarr.json")
+    return dict(_config_node(path)["attributes"].get("resolved") or {}) if os.path.isfile(path) else {}
+
+
+def tidy_config(store: str) -> None:
+    """Fold the ``_config/mrhscale-<command>.yaml`` files of stores written before configs were
+    attrs into the group's attrs, then remove them (a zarr listing warned about each)."""
+    import yaml  # only here: base also serves paths that never read a config
+
+    folder = os.path.join(store, CONFIG_GROUP)
+    old = sorted(n for n in os.listdir(folder) if n.startswith("mrhscale-") and n.endswith(".yaml")) \
+        if os.path.isdir(folder) else []
+    if not old:
+        return
+    node = os.path.join(folder, "zarr.json")
+    meta = _config_node(node)
+    resolved = dict(meta["attributes"].get("resolved") or {})
+    for name in old:
+        with open(os.path.join(folder, name), encoding="utf-8") as fh:
+            resolved.setdefault(name[len("mrhscale-"):-len(".yaml")], yaml.safe_load(fh) or {})
+    meta["attributes"]["resolved"] = resolved
+    write_json(node, meta)
+    for name in old:
+        os.unlink(os.path.join(folder, name))
+
+
+def _config_node(path: str) -> dict:
+    meta = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    attrs = {"about": "the resolved options of the mrhscale commands that wrote this store",
+             **(meta.get("attributes") or {})}
+    return {"zarr_format": 3, "node_type": "group", **meta, "attributes": attrs}

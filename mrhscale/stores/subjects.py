@@ -29,7 +29,6 @@ import re
 
 import xarray as xr
 import zarr
-from filelock import FileLock
 
 from mrhscale.errors import MRHError
 from mrhscale.ops.space import with_space
@@ -42,9 +41,10 @@ from mrhscale.stores.base import (
     move_tree,
     quiet_zarr,
     remove,
+    tidy_config,
     write_text,
 )
-from mrhscale.stores.locks import Claim, run_token
+from mrhscale.stores.locks import Claim, holding, run_token
 from mrhscale.stores.urls import Location, is_local, local_path
 
 STAGING = "_staging"
@@ -150,6 +150,7 @@ class GroupStore(ZarrLocation):
                       **attrs}
         have = _ensure_group(self.loc, root_attrs)
         self._migrate()
+        self._tidy()
         for sub in (LOCKS, STAGING, COMMITS):  # groups: plain zarr listing the root sees no stray folder
             _ensure_group(self.loc.join(sub), {})
         self.refresh_index()
@@ -169,6 +170,16 @@ class GroupStore(ZarrLocation):
                     zarr.open_group(self.url, path=f"{COMMITS}/{sid}", mode="w",
                                     storage_options=self.loc.options, zarr_format=3, attributes=marker)
 
+    def _tidy(self) -> None:
+        """Drop the claim files of the layout before claims were groups (``_locks/<x>.lock``:
+        a zarr listing warns about each) and fold a stray resolved config into its group."""
+        fs, root = self.loc.filesystem()
+        for entry in fs.ls(f"{root.rstrip('/')}/{LOCKS}", detail=True) if fs.exists(f"{root.rstrip('/')}/{LOCKS}") else ():
+            if entry["type"] == "file" and entry["name"].endswith(".lock"):
+                fs.rm(entry["name"])
+        if self.loc.local:
+            tidy_config(local_path(self.url))
+
     def put(self, sid: str, ds, made_by: dict, encoding: dict | None = None) -> str:
         """Write a whole in-memory or lazy xarray Dataset as subject ``sid`` and commit it
         (for notebooks, tests and tools that build subjects themselves)."""
@@ -187,7 +198,8 @@ class GroupStore(ZarrLocation):
         return SubjectWriter(self)
 
     def lock(self, name: str) -> Location:
-        return self.loc.join(LOCKS, f"{name}.lock")
+        """The group whose ``zarr.json`` is the claim of ``name`` (a subject, or ``_index``)."""
+        return self.loc.join(LOCKS, name)
 
     def index_subject(self, sid: str) -> None:
         """Add a just-committed subject to the root's index: one read and one write of the
@@ -202,7 +214,7 @@ class GroupStore(ZarrLocation):
         """The root's index set to ``new_of(index)`` (returned), serialised by a lock on local
         disk; on an object store (no lock) re-checked until it holds ``must`` (default: all
         of it; another writer may have rewritten it in between), a few times at most."""
-        lock = local_path(self.lock("_index").url) if self.loc.local else None
+        lock = local_path(self.lock("_index").join("zarr.json").url) if self.loc.local else None
         for _ in range(6):
             with _blocking(lock):
                 have = list(self.attrs.get(SUBJECTS_ATTR, []))
@@ -285,13 +297,11 @@ def natural_key(name: str) -> list:
 
 @contextlib.contextmanager
 def _blocking(path: str | None):
-    """Hold a local lock file, waiting for it (the index rewrite takes milliseconds)."""
+    """Hold a local lock group, waiting for it (the index rewrite takes milliseconds)."""
     if path is None:
         yield
         return
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with FileLock(path, timeout=120):
+    with holding(path):
         yield
 
 
@@ -308,7 +318,7 @@ class SubjectWriter:
 
     def begin(self, sid: str) -> str:
         """Claim ``sid`` and return the group path its new version is written to."""
-        claim = Claim(self.store.lock(sid), f"subject {sid} of {self.store.name}").acquire()
+        claim = Claim(self.store.lock(sid), f"subject {sid} of {self.store.name}", node=True).acquire()
         self._claims[sid] = claim
         exists, marker = self.store.state(sid)
         complete = marker is not None
