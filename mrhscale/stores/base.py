@@ -66,8 +66,9 @@ class ZarrLocation:
     def root(self, mode: str = "r"):
         import zarr  # 0.6 s: base also serves the CLI's config files, which must not pay for it
 
-        with quiet_zarr():
-            return zarr.open_group(self.url, mode=mode, storage_options=self.loc.options, zarr_format=3)
+        with quiet_zarr():  # the store itself, never its snapshot (``put_snapshot``)
+            return zarr.open_group(self.url, mode=mode, storage_options=self.loc.options, zarr_format=3,
+                                   use_consolidated=False)
 
 
 def kill_point(name: str) -> None:
@@ -290,6 +291,67 @@ def _remove_local(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
         os.unlink(path)
+
+
+# --------------------------------------------------------------------------- snapshot
+SNAPSHOT = "consolidated_metadata"  # the root zarr.json's key of Zarr v3 consolidated metadata
+
+
+def snapshot_nodes(loc: Location, names: list[str]) -> dict:
+    """The metadata of the groups ``names`` of a store and of everything under them, as
+    Zarr v3 consolidated metadata lists it (flat, by path, in the order given): read from
+    their ``zarr.json`` files, never from chunks."""
+    fs, root = loc.filesystem()
+    nodes: dict = {}
+    for name in names:
+        _walk_nodes(fs, root.rstrip("/"), name, nodes)
+    return nodes
+
+
+def _walk_nodes(fs, root: str, path: str, nodes: dict) -> None:
+    doc = _json(fs, f"{root}/{path}/zarr.json")
+    if doc.get("node_type") not in ("group", "array"):
+        return
+    nodes[path] = {k: v for k, v in doc.items() if k != SNAPSHOT}
+    if doc["node_type"] == "group":
+        for entry in sorted(fs.ls(f"{root}/{path}", detail=True), key=lambda e: e["name"]):
+            child = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry["type"] == "directory" and not child.startswith("."):
+                _walk_nodes(fs, root, f"{path}/{child}", nodes)
+
+
+def data_names(loc: Location) -> list[str]:
+    """The top-level nodes of a store that hold its data (not ``_``-named bookkeeping)."""
+    fs, root = loc.filesystem()
+    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=True)
+                  if e["type"] == "directory" and not e["name"].rstrip("/").rsplit("/", 1)[-1].startswith(("_", ".")))
+
+
+def snapshot(loc: Location) -> None:
+    """The snapshot of a store written once and never changed (a patch store): all its data."""
+    put_snapshot(loc, snapshot_nodes(loc, data_names(loc)))
+
+
+def put_snapshot(loc: Location, nodes: dict | None) -> bool:
+    """Make ``nodes`` the root's consolidated metadata (None: remove it), rewriting the root's
+    ``zarr.json`` whole (atomically on local disk); False when nothing changed.
+
+    The snapshot is what ``xarray.open_datatree`` and a default ``zarr.open_group`` see of the
+    store (and all they list): the data only, none of the store's bookkeeping."""
+    fs, root = loc.filesystem()
+    where = f"{root.rstrip('/')}/zarr.json"
+    doc = _json(fs, where)
+    new = {k: v for k, v in doc.items() if k != SNAPSHOT}
+    if nodes is not None:
+        new[SNAPSHOT] = {"kind": "inline", "must_understand": False, "metadata": nodes}
+    if not doc or new == doc:
+        return False
+    text = json.dumps(new, indent=2)
+    if loc.local:
+        write_text(where, text)
+    else:
+        fs.pipe_file(where, text.encode())
+    return True
 
 
 # --------------------------------------------------------------------------- files
