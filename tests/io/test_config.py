@@ -22,7 +22,7 @@ def test_config_supplies_options_flags_override_and_resolved_written(tmp_path):
     assert r.exit_code == 0, r.output
     ds = open_subject(str(out), "s01")
     assert ds.mri.data.chunksize[:3] == (5, 4, 4)  # flag beat the file: 10x8x12 cut evenly by at most 5
-    resolved = zarr.open_group(str(out), mode="r")["_config"].attrs["resolved"]["ingest"]
+    resolved = zarr.open_group(str(out), mode="r", use_consolidated=False)["_config"].attrs["resolved"]["ingest"]
     assert resolved["command"] == "ingest" and resolved["chunks"] == "5,5,5"
     assert resolved["checksums"] is False and resolved["scheduler"] == "synchronous"
     assert "sources" not in ds.attrs or all("checksum" not in v for v in ds.attrs["sources"].values())
