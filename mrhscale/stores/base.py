@@ -444,33 +444,38 @@ def save_config(store: str, command: str, doc: dict) -> str:
 
 
 def store_config(store: str) -> dict:
-    """The resolved configs a local Zarr store keeps, by command (``{}``: none)."""
-    if os.access(store, os.W_OK):
-        tidy_config(store)
+    """The resolved configs a local Zarr store keeps, by command (``{}``: none), in either
+    layout (an older store's ``_config/mrhscale-<command>.yaml`` files are read, not moved)."""
     path = os.path.join(store, CONFIG_GROUP, "zarr.json")
-    return dict(_config_node(path)["attributes"].get("resolved") or {}) if os.path.isfile(path) else {}
+    kept = (_config_node(path)["attributes"].get("resolved") or {}) if os.path.isfile(path) else {}
+    return {**_config_files(store), **kept}
 
 
 def tidy_config(store: str) -> None:
     """Fold the ``_config/mrhscale-<command>.yaml`` files of stores written before configs were
     attrs into the group's attrs, then remove them (a zarr listing warned about each)."""
+    old = _config_files(store)
+    if not old:
+        return
+    node = os.path.join(store, CONFIG_GROUP, "zarr.json")
+    meta = _config_node(node)
+    meta["attributes"]["resolved"] = {**old, **(meta["attributes"].get("resolved") or {})}
+    write_json(node, meta)
+    for command in old:
+        os.unlink(os.path.join(store, CONFIG_GROUP, f"mrhscale-{command}.yaml"))
+
+
+def _config_files(store: str) -> dict:
+    """{command: options} of the ``_config/mrhscale-<command>.yaml`` files (the older layout)."""
     import yaml  # only here: base also serves paths that never read a config
 
     folder = os.path.join(store, CONFIG_GROUP)
-    old = sorted(n for n in os.listdir(folder) if n.startswith("mrhscale-") and n.endswith(".yaml")) \
-        if os.path.isdir(folder) else []
-    if not old:
-        return
-    node = os.path.join(folder, "zarr.json")
-    meta = _config_node(node)
-    resolved = dict(meta["attributes"].get("resolved") or {})
-    for name in old:
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    out = {}
+    for name in (n for n in names if n.startswith("mrhscale-") and n.endswith(".yaml")):
         with open(os.path.join(folder, name), encoding="utf-8") as fh:
-            resolved.setdefault(name[len("mrhscale-"):-len(".yaml")], yaml.safe_load(fh) or {})
-    meta["attributes"]["resolved"] = resolved
-    write_json(node, meta)
-    for name in old:
-        os.unlink(os.path.join(folder, name))
+            out[name[len("mrhscale-"):-len(".yaml")]] = yaml.safe_load(fh) or {}
+    return out
 
 
 def _config_node(path: str) -> dict:

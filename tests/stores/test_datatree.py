@@ -137,6 +137,8 @@ def test_a_store_of_the_old_layout_reads_then_is_tidied_by_the_next_write(tmp_pa
         warnings.simplefilter("always")
         list(zarr.open_group(str(path), mode="r").members(max_depth=None))
     assert any("not recognized as a component" in str(w.message) for w in caught)
+    assert store_config(str(path))["ingest"]["chunks"] == "4,4,4"  # read in place, not moved
+    assert os.path.exists(path / "_config" / "mrhscale-ingest.yaml")
 
     store.prepare({})
     store.put("s03", subject_dataset("s03"), {"id": "s03"})
