@@ -186,9 +186,10 @@ class GroupStore(ZarrLocation):
         """Drop the claim files of the layout before claims were groups (``_locks/<x>.lock``:
         a zarr listing warns about each) and fold a stray resolved config into its group."""
         fs, root = self.loc.filesystem()
-        for entry in fs.ls(f"{root.rstrip('/')}/{LOCKS}", detail=True) if fs.exists(f"{root.rstrip('/')}/{LOCKS}") else ():
-            if entry["type"] == "file" and entry["name"].endswith(".lock"):
-                fs.rm(entry["name"])
+        locks = f"{root.rstrip('/')}/{LOCKS}"
+        for name in _listed(fs, locks):
+            if name.endswith(".lock") and fs.isfile(f"{locks}/{name}"):
+                fs.rm(f"{locks}/{name}")
         if self.loc.local:
             tidy_config(local_path(self.url))
 

@@ -63,6 +63,21 @@ def test_every_store_kind_opens_as_a_tree_without_warning(cohort_store, tmp_path
     assert PatchStore.open(patches).split("train")[0].shape[0] > 0  # mrhscale reads what it wrote
 
 
+def test_an_ome_zarr_image_lists_without_warning(cohort_store, tmp_path):
+    """An OME-Zarr image is no DataTree (its levels share dimension names at other sizes), but a
+    zarr listing of it, its resolved config included, meets no stray file."""
+    cohort, ids = cohort_store
+    image = tmp_path / "img.ome.zarr"
+    cli("export-image", cohort, "--subject", ids[0], "--var", "mask", "--out", image, "-q")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for consolidated in (None, False):
+            names = [k for k, _ in zarr.open_group(str(image), mode="r", use_consolidated=consolidated)
+                     .members(max_depth=None)]
+            assert "s0" in names
+    assert "export-image" in store_config(str(image))
+
+
 def test_subjects_in_natural_order_in_the_store_and_the_tree(tmp_path):
     path = tmp_path / "c.zarr"
     store = CohortStore(str(path))
