@@ -167,7 +167,7 @@ def test_9_storage_options_never_reach_a_file(tmp_path):
     out = tmp_path / "c.zarr"
     code, msg = cli("ingest", man, "--out", out, "--scheduler", "synchronous", "--storage-options", FORMS[0], "-q")
     assert code == 0, msg
-    saved = (out / "_config" / "mrhscale-ingest.yaml").read_text()
+    saved = (out / "_config" / "zarr.json").read_text()  # the store keeps it in the group's attrs
     assert "***" in saved and not any(s in saved or s in msg for s in SECRETS)
 
 

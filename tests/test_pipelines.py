@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import yaml
+import zarr
 
 from mrhscale.stores import PredictionStore
 
@@ -49,7 +50,7 @@ def test_af_recipe_reduced(af_model):
     work = af_model
     assert os.path.exists(work / "run" / "model.pt")
     assert PredictionStore(str(work / "pred.zarr")).subjects() == ["s01", "s02"]
-    resolved = yaml.safe_load(open(work / "patches.zarr" / "_config" / "mrhscale-patches.yaml"))
+    resolved = zarr.open_group(str(work / "patches.zarr"), mode="r", use_consolidated=False)["_config"].attrs["resolved"]["patches"]
     assert resolved["target"] == "af" and resolved["min_label_sum"] == 30 and resolved["stride"] == 2
     tr = yaml.safe_load(open(work / "run" / "mrhscale-train.yaml"))
     assert tr["lr"] == 0.1 and tr["loss"] == "matlab" and tr["clip"] == 0.01 and tr["depth"] == 1

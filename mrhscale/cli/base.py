@@ -19,7 +19,7 @@ class _Command(click.Command):
         super().__init__(*args, **kwargs)
         self.params.append(click.Option(
             ["--config"], is_eager=True, expose_value=False, callback=self._load_config,
-            type=click.Path(dir_okay=False), help="YAML file of this command's options (flags override it).",
+            type=click.Path(), metavar="FILE", help="YAML file of this command's options (flags override it).",
         ))
         self.params.append(click.Option(
             ["--verbose", "-v"], count=True, expose_value=False, callback=_keep("verbose"),

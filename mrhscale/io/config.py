@@ -3,7 +3,8 @@
 Keys are the command's option names (``batch_size`` or ``batch-size``);
 flags given on the command line override the file. After a successful run
 the full resolved configuration is written beside the output, so any stage
-can be rerun exactly (``mrhscale <cmd> --config <out>/mrhscale-<cmd>.yaml``).
+can be rerun exactly (``mrhscale <cmd> --config <out>/mrhscale-<cmd>.yaml``; a Zarr store
+keeps it in its ``_config`` group's attrs: ``mrhscale <cmd> --config STORE``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import yaml
 from mrhscale import __version__
 from mrhscale.errors import MRHError
 from mrhscale.stores import config_file, is_local, local_path, mask_options, write_text
+from mrhscale.stores.base import is_store, save_config, store_config
 
 META_KEYS = ("command", "mrhscale_version", "written")
 
@@ -46,6 +48,8 @@ def load_config(path: str, command: str, allowed: dict[str, str],
 
 
 def _read_mapping(path: str) -> dict:
+    if os.path.isdir(path) and is_store(path):
+        return _store_mapping(path)
     if not os.path.isfile(path):
         raise MRHError(f"--config {path}: file not found")
     try:
@@ -56,6 +60,15 @@ def _read_mapping(path: str) -> dict:
     if not isinstance(doc, dict):
         raise MRHError(f"--config {path}: expected a mapping of option names to values")
     return {k: v for k, v in doc.items() if k not in META_KEYS}
+
+
+def _store_mapping(path: str) -> dict:
+    """The resolved configs a Zarr store keeps, one block per command that wrote it."""
+    blocks = {str(k): {n: v for n, v in d.items() if n not in META_KEYS}
+              for k, d in store_config(path).items() if isinstance(d, dict)}
+    if not blocks:
+        raise MRHError(f"--config {path}: a Zarr store that keeps no resolved config")
+    return blocks
 
 
 def _check_keys(path: str, command: str, doc: dict, allowed: dict[str, str]) -> None:
@@ -94,12 +107,14 @@ def resolved_config(command: str, params: dict) -> dict:
 
 
 def config_path_for(out: str, command: str) -> str | None:
-    """Where the resolved config goes: inside an output folder (a Zarr store: its ``_config``
-    group), or beside an output file."""
+    """Where the resolved config goes: inside an output folder, or beside an output file (a
+    Zarr store keeps it in its ``_config`` group's attrs: ``write_resolved``)."""
 
     if not is_local(out):
         return None
     p = local_path(out)
+    if os.path.isdir(p) and is_store(p):
+        return os.path.join(p, "_config")
     if os.path.isdir(p):
         return config_file(p, command)
     if os.path.isfile(p):
@@ -111,5 +126,6 @@ def write_resolved(out: str, command: str, params: dict) -> str | None:
     path = config_path_for(out, command)
     if path is None:
         return None
-
+    if is_store(local_path(out)):
+        return save_config(local_path(out), command, resolved_config(command, params))
     return write_text(path, yaml.safe_dump(resolved_config(command, params), sort_keys=False))

@@ -66,8 +66,9 @@ class ZarrLocation:
     def root(self, mode: str = "r"):
         import zarr  # 0.6 s: base also serves the CLI's config files, which must not pay for it
 
-        with quiet_zarr():
-            return zarr.open_group(self.url, mode=mode, storage_options=self.loc.options, zarr_format=3)
+        with quiet_zarr():  # the store itself, never its snapshot (``put_snapshot``)
+            return zarr.open_group(self.url, mode=mode, storage_options=self.loc.options, zarr_format=3,
+                                   use_consolidated=False)
 
 
 def kill_point(name: str) -> None:
@@ -292,6 +293,69 @@ def _remove_local(path: str) -> None:
         os.unlink(path)
 
 
+# --------------------------------------------------------------------------- snapshot
+SNAPSHOT = "consolidated_metadata"  # the root zarr.json's key of Zarr v3 consolidated metadata
+
+
+def snapshot_nodes(loc: Location, names: list[str]) -> dict:
+    """The metadata of the groups ``names`` of a store and of everything under them, as
+    Zarr v3 consolidated metadata lists it (flat, by path, in the order given): read from
+    their ``zarr.json`` files, never from chunks."""
+    from concurrent.futures import ThreadPoolExecutor  # only here: a writer's close, once a run
+
+    fs, root = loc.filesystem()
+    with ThreadPoolExecutor(1 if loc.local else 16) as pool:  # an object store: round trips overlap
+        parts = pool.map(lambda name: _walk_nodes(fs, root.rstrip("/"), name, {}), names)
+        return {k: v for part in parts for k, v in part.items()}
+
+
+def _walk_nodes(fs, root: str, path: str, nodes: dict) -> dict:
+    doc = _json(fs, f"{root}/{path}/zarr.json")
+    if doc.get("node_type") not in ("group", "array"):
+        return nodes
+    nodes[path] = {k: v for k, v in doc.items() if k != SNAPSHOT}
+    if doc["node_type"] == "group":
+        for entry in sorted(fs.ls(f"{root}/{path}", detail=True), key=lambda e: e["name"]):
+            child = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry["type"] == "directory" and not child.startswith("."):
+                _walk_nodes(fs, root, f"{path}/{child}", nodes)
+    return nodes
+
+
+def data_names(loc: Location) -> list[str]:
+    """The top-level nodes of a store that hold its data (not ``_``-named bookkeeping)."""
+    fs, root = loc.filesystem()
+    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=True)
+                  if e["type"] == "directory" and not e["name"].rstrip("/").rsplit("/", 1)[-1].startswith(("_", ".")))
+
+
+def snapshot(loc: Location) -> None:
+    """The snapshot of a store written once and never changed (a patch store): all its data."""
+    put_snapshot(loc, snapshot_nodes(loc, data_names(loc)))
+
+
+def put_snapshot(loc: Location, nodes: dict | None) -> bool:
+    """Make ``nodes`` the root's consolidated metadata (None: remove it), rewriting the root's
+    ``zarr.json`` whole (atomically on local disk); False when nothing changed.
+
+    The snapshot is what ``xarray.open_datatree`` and a default ``zarr.open_group`` see of the
+    store (and all they list): the data only, none of the store's bookkeeping."""
+    fs, root = loc.filesystem()
+    where = f"{root.rstrip('/')}/zarr.json"
+    doc = _json(fs, where)
+    new = {k: v for k, v in doc.items() if k != SNAPSHOT}
+    if nodes is not None:
+        new[SNAPSHOT] = {"kind": "inline", "must_understand": False, "metadata": nodes}
+    if not doc or new == doc:
+        return False
+    text = json.dumps(new, indent=None if nodes else 2)  # ~13 kB a subject (67 contrasts) in one line
+    if loc.local:
+        write_text(where, text)
+    else:
+        fs.pipe_file(where, text.encode())
+    return True
+
+
 # --------------------------------------------------------------------------- files
 def sha256_file(path: str, bufsize: int = 1 << 22) -> str:
     """``sha256:<hex>`` of a file's bytes (model bundles, source images)."""
@@ -359,13 +423,68 @@ CONFIG_GROUP = "_config"
 
 
 def config_file(folder: str, command: str) -> str:
-    """Where a command's resolved config goes in a local output folder. A Zarr store keeps it
-    in its ``_config`` group, so that a plain zarr listing of the store meets no stray file."""
-    if not os.path.exists(os.path.join(folder, "zarr.json")):
-        return os.path.join(folder, f"mrhscale-{command}.yaml")
-    group = os.path.join(folder, CONFIG_GROUP)
-    if not os.path.exists(os.path.join(group, "zarr.json")):
-        write_json(os.path.join(group, "zarr.json"), {
-            "zarr_format": 3, "node_type": "group",
-            "attributes": {"about": "the resolved options of the mrhscale commands that wrote this store"}})
-    return os.path.join(group, f"mrhscale-{command}.yaml")
+    """Where a command's resolved config goes in a local output folder that is not a Zarr
+    store (a store keeps it in its ``_config`` group's attrs: :func:`save_config`)."""
+    return os.path.join(folder, f"mrhscale-{command}.yaml")
+
+
+def is_store(folder: str) -> bool:
+    """Whether a local folder is a Zarr store (its root ``zarr.json``)."""
+    return os.path.isfile(os.path.join(folder, "zarr.json"))
+
+
+def save_config(store: str, command: str, doc: dict) -> str:
+    """Keep a command's resolved config in a local Zarr store: the ``resolved`` attr (by
+    command) of its ``_config`` group, so a listing of the store meets no stray file and
+    ``--config STORE`` reruns it. Returns the group's path."""
+    tidy_config(store)
+    node = os.path.join(store, CONFIG_GROUP, "zarr.json")
+    meta = _config_node(node)
+    meta["attributes"]["resolved"] = {**(meta["attributes"].get("resolved") or {}), command: doc}
+    write_json(node, meta)
+    return os.path.dirname(node)
+
+
+def store_config(store: str) -> dict:
+    """The resolved configs a local Zarr store keeps, by command (``{}``: none), in either
+    layout (an older store's ``_config/mrhscale-<command>.yaml`` files are read, not moved)."""
+    path = os.path.join(store, CONFIG_GROUP, "zarr.json")
+    kept = (_config_node(path)["attributes"].get("resolved") or {}) if os.path.isfile(path) else {}
+    return {**_config_files(store), **kept}
+
+
+def tidy_config(store: str) -> None:
+    """Fold the ``_config/mrhscale-<command>.yaml`` files of stores written before configs were
+    attrs into the group's attrs, then remove them (a zarr listing warned about each)."""
+    old = _config_files(store)
+    if not old:
+        return
+    node = os.path.join(store, CONFIG_GROUP, "zarr.json")
+    meta = _config_node(node)
+    meta["attributes"]["resolved"] = {**old, **(meta["attributes"].get("resolved") or {})}
+    write_json(node, meta)
+    for command in old:
+        os.unlink(os.path.join(store, CONFIG_GROUP, f"mrhscale-{command}.yaml"))
+
+
+def _config_files(store: str) -> dict:
+    """{command: options} of the ``_config/mrhscale-<command>.yaml`` files (the older layout)."""
+    import yaml  # only here: base also serves paths that never read a config
+
+    folder = os.path.join(store, CONFIG_GROUP)
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    out = {}
+    for name in (n for n in names if n.startswith("mrhscale-") and n.endswith(".yaml")):
+        with open(os.path.join(folder, name), encoding="utf-8") as fh:
+            out[name[len("mrhscale-"):-len(".yaml")]] = yaml.safe_load(fh) or {}
+    return out
+
+
+def _config_node(path: str) -> dict:
+    meta = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    attrs = {"about": "the resolved options of the mrhscale commands that wrote this store",
+             **(meta.get("attributes") or {})}
+    return {"zarr_format": 3, "node_type": "group", **meta, "attributes": attrs}

@@ -7,10 +7,16 @@ On an object store (s3://...) it is a claim object created exclusively
 heartbeat thread; a claim whose heartbeat is older than ``STALE_S`` belongs to
 a dead process and is taken over. A second writer of the same unit is refused
 with an error naming who holds it.
+
+A claim inside a Zarr store (a subject being written) is a Zarr group, ``node=True``:
+its ``zarr.json`` is the lock (an OS lock on the file opened read-only, or the claim
+object itself), so a listing of the store meets a valid group, never a stray file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -34,11 +40,12 @@ def run_token() -> str:
 
 
 class Claim:
-    """Held by ``acquire()``, dropped by ``release()`` (or the process's death)."""
+    """Held by ``acquire()``, dropped by ``release()`` (or the process's death).
+    ``node``: the claim is the Zarr group at ``loc`` (a unit inside a store)."""
 
-    def __init__(self, loc: Location | str, what: str):
-        self.loc, self.what = Location.of(loc), what
-        self.url = self.loc.url
+    def __init__(self, loc: Location | str, what: str, node: bool = False):
+        self.loc, self.what, self.node = Location.of(loc), what, node
+        self.url = self.loc.join("zarr.json").url if node else self.loc.url
         self._lock = None
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -53,7 +60,10 @@ class Claim:
 
     def release(self) -> None:
         if self._lock is not None:
-            self._lock.release()
+            if isinstance(self._lock, int):  # a node lock's descriptor
+                os.close(self._lock)
+            else:
+                self._lock.release()
             self._lock = None
         if self._beat is not None:
             self._stop.set()
@@ -71,25 +81,33 @@ class Claim:
     def _acquire_file_lock(self) -> None:
         path = local_path(self.url)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        held = MRHError(f"{self.what} is being written by another mrhscale process "
+                        f"(lock {path} is held); wait for it to finish or use another --out")
+        if self.node:
+            self._lock = node_lock(path, blocking=False)
+            if self._lock is None:
+                raise held
+            return
         lock = FileLock(path, timeout=0)
         try:
             lock.acquire()
         except Timeout:
-            raise MRHError(f"{self.what} is being written by another mrhscale process "
-                           f"(lock {path} is held); wait for it to finish or use another --out") from None
+            raise held from None
         self._lock = lock
 
     # ---- object store: an exclusively created object with a heartbeat
     def _body(self) -> bytes:
-        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                           "beat": time.time()}).encode()
+        claim = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "beat": time.time()}
+        if self.node:
+            claim = {**GROUP, "attributes": {CLAIM_KEY: claim}}
+        return json.dumps(claim).encode()
 
     def _acquire_object(self) -> None:
         fs, path = self.loc.filesystem()
         try:
             _create_exclusive(fs, path, self._body())
         except FileExistsError:
-            holder = _read_json(fs, path)
+            holder = _holder(_read_json(fs, path))
             if time.time() - float(holder.get("beat", 0)) < STALE_S:
                 raise MRHError(f"{self.what} is being written by another mrhscale process "
                                f"({holder.get('host')}, pid {holder.get('pid')}; claim {self.loc.masked}); wait "
@@ -109,10 +127,66 @@ class Claim:
     def _remove_own_object(self) -> None:
         fs, path = self.loc.filesystem()
         try:
-            if _read_json(fs, path).get("token") == self.token:
+            if _holder(_read_json(fs, path)).get("token") == self.token:
                 fs.rm(path)
         except Exception:
             pass
+
+
+GROUP = {"zarr_format": 3, "node_type": "group"}
+CLAIM_KEY = "mrhscale_claim"
+
+
+def _holder(doc: dict) -> dict:
+    """Who holds a claim object: a group's ``mrhscale_claim`` attr, or the object itself."""
+    return (doc.get("attributes") or {}).get(CLAIM_KEY) or doc
+
+
+def node_lock(path: str, blocking: bool = True, timeout: float = 120.0) -> int | None:
+    """An OS lock on the ``zarr.json`` of a local Zarr group (made if absent, all at once):
+    an open descriptor (close it to release), or None when another process holds it and
+    ``blocking`` is false. The file is opened read-only, so the group stays valid."""
+    _make_node(path)
+    fd = os.open(path, os.O_RDONLY)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if not blocking or time.monotonic() > deadline:
+                os.close(fd)
+                if blocking:
+                    raise MRHError(f"{path}: held by another process for over {timeout:.0f} s") from None
+                return None
+            time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def holding(path: str, timeout: float = 120.0):
+    """Hold :func:`node_lock` (waiting for it) for the ``with`` block."""
+    fd = node_lock(path, timeout=timeout)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _make_node(path: str) -> None:
+    """A group's ``zarr.json`` at ``path``, created whole if absent (a hard link of a complete
+    file: a reader never sees it empty, and a file already there, maybe locked, is kept)."""
+    if os.path.exists(path):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump({**GROUP, "attributes": {}}, fh)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
 
 
 def _create_exclusive(fs, path: str, data: bytes) -> None:

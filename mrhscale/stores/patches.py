@@ -34,6 +34,7 @@ from mrhscale.stores.base import (
     quiet_zarr,
     recover,
     remove,
+    snapshot,
     swap_in,
 )
 from mrhscale.stores.cohort import short
@@ -392,6 +393,7 @@ class Build:
             root = zarr.open_group(self.url, mode="r+", storage_options=self.loc.options, zarr_format=3)
             root.attrs.update({**attrs, "made_by": made_by, "fingerprint": fingerprint(made_by)})
             root.attrs["complete"] = True
+        snapshot(self.loc)  # readers (xarray's open_datatree, zarr) see the splits, nothing else
         if self.aside:
             swap_in(self.loc, self.final, token=run_token())
 
@@ -417,6 +419,7 @@ def build(loc: Location, made_by: dict, *, overwrite: bool = False):
         complete = bool(attrs.get("complete"))
         if complete and not overwrite:
             if attrs.get("fingerprint") == fingerprint(made_by):
+                snapshot(loc)  # a store made before snapshots gets one (a no-op otherwise)
                 yield None
                 return
             raise explain_mismatch(f"{loc.masked}: a complete patch store",

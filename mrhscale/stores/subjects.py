@@ -15,9 +15,17 @@ lock on local disk; on an object store it is re-checked until it holds what was
 written); readers of mrhscale use the markers.
 
 Each writer stages under ``_staging/<run token>/`` (never shared), claims each
-subject it writes (a second writer of the same subject is refused), and moves a
-subject into place only when it is whole: a replaced subject stays as it was
-until its new version is complete.
+subject it writes (a second writer of the same subject is refused; the claim is the
+group ``_locks/<subject>``), and moves a subject into place only when it is whole: a
+replaced subject stays as it was until its new version is complete.
+
+What a reader without mrhscale sees is the root's snapshot: Zarr v3 consolidated
+metadata of the complete subjects only, in natural order, so ``xarray.open_datatree``
+and a default ``zarr.open_group`` list subjects and none of the bookkeeping. A writer
+holds ``_locks/_writer-<run token>`` while it runs and drops the snapshot before it
+moves anything; the last writer to close writes it afresh from the markers. So a
+snapshot never describes a subject version that is not in place; while a run writes
+(or after one was killed) there is none, and readers list the store itself.
 """
 
 from __future__ import annotations
@@ -26,10 +34,10 @@ import contextlib
 import json
 import os
 import re
+import time
 
 import xarray as xr
 import zarr
-from filelock import FileLock
 
 from mrhscale.errors import MRHError
 from mrhscale.ops.space import with_space
@@ -40,17 +48,21 @@ from mrhscale.stores.base import (
     fingerprint,
     kill_point,
     move_tree,
+    put_snapshot,
     quiet_zarr,
     remove,
+    snapshot_nodes,
+    tidy_config,
     write_text,
 )
-from mrhscale.stores.locks import Claim, run_token
+from mrhscale.stores.locks import STALE_S, Claim, holding, node_lock, run_token
 from mrhscale.stores.urls import Location, is_local, local_path
 
 STAGING = "_staging"
 LOCKS = "_locks"
 COMMITS = "_commits"
 SUBJECTS_ATTR = "subjects"
+WRITER = "_writer-"  # _locks/_writer-<run token>: held by each writer while it runs
 
 
 class GroupStore(ZarrLocation):
@@ -150,6 +162,7 @@ class GroupStore(ZarrLocation):
                       **attrs}
         have = _ensure_group(self.loc, root_attrs)
         self._migrate()
+        self._tidy()
         for sub in (LOCKS, STAGING, COMMITS):  # groups: plain zarr listing the root sees no stray folder
             _ensure_group(self.loc.join(sub), {})
         self.refresh_index()
@@ -169,6 +182,17 @@ class GroupStore(ZarrLocation):
                     zarr.open_group(self.url, path=f"{COMMITS}/{sid}", mode="w",
                                     storage_options=self.loc.options, zarr_format=3, attributes=marker)
 
+    def _tidy(self) -> None:
+        """Drop the claim files of the layout before claims were groups (``_locks/<x>.lock``:
+        a zarr listing warns about each) and fold a stray resolved config into its group."""
+        fs, root = self.loc.filesystem()
+        locks = f"{root.rstrip('/')}/{LOCKS}"
+        for name in _listed(fs, locks):
+            if name.endswith(".lock") and fs.isfile(f"{locks}/{name}"):
+                fs.rm(f"{locks}/{name}")
+        if self.loc.local:
+            tidy_config(local_path(self.url))
+
     def put(self, sid: str, ds, made_by: dict, encoding: dict | None = None) -> str:
         """Write a whole in-memory or lazy xarray Dataset as subject ``sid`` and commit it
         (for notebooks, tests and tools that build subjects themselves)."""
@@ -187,7 +211,8 @@ class GroupStore(ZarrLocation):
         return SubjectWriter(self)
 
     def lock(self, name: str) -> Location:
-        return self.loc.join(LOCKS, f"{name}.lock")
+        """The group whose ``zarr.json`` is the claim of ``name`` (a subject, or ``_index``)."""
+        return self.loc.join(LOCKS, name)
 
     def index_subject(self, sid: str) -> None:
         """Add a just-committed subject to the root's index: one read and one write of the
@@ -202,7 +227,7 @@ class GroupStore(ZarrLocation):
         """The root's index set to ``new_of(index)`` (returned), serialised by a lock on local
         disk; on an object store (no lock) re-checked until it holds ``must`` (default: all
         of it; another writer may have rewritten it in between), a few times at most."""
-        lock = local_path(self.lock("_index").url) if self.loc.local else None
+        lock = self._index_lock()
         for _ in range(6):
             with _blocking(lock):
                 have = list(self.attrs.get(SUBJECTS_ATTR, []))
@@ -213,6 +238,49 @@ class GroupStore(ZarrLocation):
             if lock is not None or set(self.attrs.get(SUBJECTS_ATTR, [])) >= set(new if must is None else must):
                 break
         return new
+
+    # ---- the snapshot: what xarray and a default zarr open see
+    def publish(self, own: str | None = None) -> bool:
+        """Give the root the snapshot of its complete subjects (natural order), unless a writer
+        other than ``own`` is running (its close publishes): serialised by the index lock on
+        local disk, re-checked after on an object store. True when published."""
+        lock = self._index_lock()
+        with _blocking(lock):
+            if self._writing(own):
+                return False
+            put_snapshot(self.loc, snapshot_nodes(self.loc, self._marked()))
+        if lock is None and self._writing(own):
+            self.withdraw()
+            return False
+        return True
+
+    def withdraw(self) -> None:
+        """Drop the snapshot: a writer does so before it moves anything, so a snapshot never
+        describes a subject version that is not the one in place."""
+        with _blocking(self._index_lock()):
+            put_snapshot(self.loc, None)
+
+    def _index_lock(self) -> str | None:
+        return local_path(self.lock("_index").join("zarr.json").url) if self.loc.local else None
+
+    def _writing(self, own: str | None) -> bool:
+        """Whether a writer other than ``own`` holds its claim (dead ones' are dropped)."""
+        fs, root = self.loc.filesystem()
+        base = f"{root.rstrip('/')}/{LOCKS}"
+        return any(self._alive(fs, f"{base}/{n}") for n in _listed(fs, base) if n.startswith(WRITER) and n != own)
+
+    def _alive(self, fs, path: str) -> bool:
+        if not self.loc.local:
+            holder = _read_json(fs, f"{path}/zarr.json").get("attributes", {}).get("mrhscale_claim") or {}
+            return time.time() - float(holder.get("beat", 0)) < STALE_S
+        fd = node_lock(f"{path}/zarr.json", blocking=False)
+        if fd is None:
+            return True
+        os.close(fd)
+        host, pid = path.rsplit("/", 1)[-1][len(WRITER):].rsplit("-", 2)[:2]
+        if host == run_token().rsplit("-", 2)[0] and pid.isdigit() and not _alive(int(pid)):
+            remove(self.loc.join(LOCKS, path.rsplit("/", 1)[-1]))  # a dead writer's, on this host
+        return False
 
     def _marked(self) -> list[str]:
         """The complete subjects from two listings, reading no marker (markers are only ever
@@ -285,13 +353,11 @@ def natural_key(name: str) -> list:
 
 @contextlib.contextmanager
 def _blocking(path: str | None):
-    """Hold a local lock file, waiting for it (the index rewrite takes milliseconds)."""
+    """Hold a local lock group, waiting for it (the index rewrite takes milliseconds)."""
     if path is None:
         yield
         return
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with FileLock(path, timeout=120):
+    with holding(path):
         yield
 
 
@@ -305,10 +371,13 @@ class SubjectWriter:
         self._claims: dict[str, Claim] = {}
         self._committed = False  # the index is rebuilt from the markers on close if so
         self._clean_dead_staging()
+        self._running = Claim(store.lock(WRITER + self.token), f"writer {self.token} of {store.name}",
+                              node=True).acquire()
+        store.withdraw()  # before anything moves: no snapshot outlives the versions it describes
 
     def begin(self, sid: str) -> str:
         """Claim ``sid`` and return the group path its new version is written to."""
-        claim = Claim(self.store.lock(sid), f"subject {sid} of {self.store.name}").acquire()
+        claim = Claim(self.store.lock(sid), f"subject {sid} of {self.store.name}", node=True).acquire()
         self._claims[sid] = claim
         exists, marker = self.store.state(sid)
         complete = marker is not None
@@ -368,13 +437,17 @@ class SubjectWriter:
             claim.release()
 
     def close(self) -> None:
-        """Release the claims, drop the staging folder, and (once per run, not per subject)
-        rebuild the index from the markers: it loses what a replaced or crashed write left."""
+        """Release the claims, drop the staging folder, (once per run, not per subject)
+        rebuild the index from the markers: it loses what a replaced or crashed write left;
+        then, if no other writer runs, publish the snapshot."""
         for sid in list(self._claims):
             self.release(sid)
         self._remove(self.staging)
         if self._committed:
             self.store.refresh_index()
+        self._running.release()  # first: of two writers closing at once, one sees the other gone
+        self.store.publish(own=WRITER + self.token)
+        self._remove(f"{LOCKS}/{WRITER}{self.token}")
 
     def __enter__(self) -> SubjectWriter:
         return self

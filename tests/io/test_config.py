@@ -1,6 +1,7 @@
 """--config FILE: keys are options, flags override, the resolved config lands beside the output."""
 
 import yaml
+import zarr
 from click.testing import CliRunner
 from helpers import write_file_cohort
 
@@ -21,12 +22,12 @@ def test_config_supplies_options_flags_override_and_resolved_written(tmp_path):
     assert r.exit_code == 0, r.output
     ds = open_subject(str(out), "s01")
     assert ds.mri.data.chunksize[:3] == (5, 4, 4)  # flag beat the file: 10x8x12 cut evenly by at most 5
-    resolved = yaml.safe_load((out / "_config" / "mrhscale-ingest.yaml").read_text())
+    resolved = zarr.open_group(str(out), mode="r", use_consolidated=False)["_config"].attrs["resolved"]["ingest"]
     assert resolved["command"] == "ingest" and resolved["chunks"] == "5,5,5"
     assert resolved["checksums"] is False and resolved["scheduler"] == "synchronous"
     assert "sources" not in ds.attrs or all("checksum" not in v for v in ds.attrs["sources"].values())
-    # the resolved file reruns the stage as it is
-    r = CliRunner().invoke(main, ["ingest", "--config", str(out / "_config" / "mrhscale-ingest.yaml")])
+    # the store's resolved config reruns the stage as it is
+    r = CliRunner().invoke(main, ["ingest", "--config", str(out)])
     assert r.exit_code == 0 and "skipped: s01" in r.output
 
 

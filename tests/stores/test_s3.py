@@ -1,6 +1,7 @@
 """Object storage end to end against a local S3-compatible server (moto) on loopback."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -195,6 +196,10 @@ def test_concurrent_ingests_into_one_s3_store(tmp_path, s3):
     assert list_subjects(url, ctx=Context(storage_options=s3)) == ["s01", "s02", "s03"]
     root = zarr.open_group(url, mode="r", storage_options=s3)
     assert sorted(root.attrs["subjects"]) == ["s01", "s02", "s03"]
+    with warnings.catch_warnings():  # the last writer to close left the readers' snapshot
+        warnings.simplefilter("error")
+        tree = xr.open_datatree(url, engine="zarr", storage_options=s3)
+    assert list(tree.children) == ["s01", "s02", "s03"]
 
 
 @pytest.mark.slow
