@@ -24,7 +24,7 @@ from mrhscale.cli import main  # noqa: E402
 from mrhscale.errors import MRHError  # noqa: E402
 from mrhscale.options import SectionRegistrationOptions  # noqa: E402
 from mrhscale.stages.register import stack  # noqa: E402
-from mrhscale.stages.register.planes import PlaneGrid, Planes, find_tilt, reslice  # noqa: E402
+from mrhscale.stages.register.planes import PlaneGrid, Planes, find_positions, find_tilt, reslice  # noqa: E402
 from mrhscale.stages.register.sections import check_options, cut_axis, read_section_landmarks  # noqa: E402
 
 SECTION_ARGS = ["--sections", "10", "--section-pixel-um", "50", "--section-landmarks", "6",
@@ -225,3 +225,17 @@ def test_volume_interpolates_within_max_gap_and_leaves_gaps_nan():
     assert left[2] == 10.0 and left[3] == 10.0 and np.isnan(left[4])
     outside = stack.rebuild(planes, grid, states, np.zeros(shape, bool), 3.0, 1.0)
     assert not np.isnan(outside).any()  # outside the brain nothing is NaN
+
+
+def test_positions_follow_the_stack_not_one_section():
+    rng = np.random.default_rng(4)
+    vol = ndimage.gaussian_filter(rng.normal(size=(40, 40, 40)), 2.0).astype(np.float32)
+    truth = Planes((40, 40, 40), (0.1, 0.1, 0.1), 1, (0.0, 0.0), tuple(np.linspace(1.0, 3.0, 8)))
+    grid = PlaneGrid(30, 30, 0.1)
+    sections = {i: (reslice(vol, truth, i, grid), np.ones((30, 30), bool)) for i in range(8)}
+    table = np.asarray(truth.positions) + 0.2  # the table's start is 2 voxels off
+    table[5] += 0.6  # and one row is wrong by 6 more (beyond the search: it follows the stack)
+    found = find_positions(vol, truth.replace(positions=tuple(table)), grid, sections, table)
+    err = np.asarray(found.positions) - np.asarray(truth.positions)
+    assert np.abs(np.delete(err, 5)).max() < 0.05  # half a voxel
+    assert abs(err[5] - 0.6) < 0.05  # on the line through the others, not where its own match is

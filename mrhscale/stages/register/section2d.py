@@ -19,8 +19,9 @@ from mrhscale.stages.register.planes import PlaneGrid
 AFFINE = {"aff_iterations": (400, 200, 100), "aff_shrink_factors": (4, 2, 1), "aff_smoothing_sigmas": (2, 1, 0)}
 # SyN smoothed in both its update and its total field (sigma in grid steps): a slide's warp is smooth
 # over millimetres, and a field free at the grid's scale follows the MRI's noise (measured: pooled
-# landmark TRE 78 -> 63 um against total_sigma 0 on the synthetic stack)
-SYN = {"reg_iterations": (40, 20, 0), "flow_sigma": 3, "total_sigma": 3}
+# landmark TRE 78 -> 63 um against total_sigma 0 on the synthetic stack); a few iterations at the
+# grid's own step (half an MRI voxel) too: 56.7 -> 53.8 um for ~8% more time (true planes, clean stack)
+SYN = {"reg_iterations": (40, 20, 5), "flow_sigma": 3, "total_sigma": 3}
 
 
 @dataclasses.dataclass
@@ -79,9 +80,9 @@ def register(ants, fixed: np.ndarray, slide: SlideImage, grid: PlaneGrid, workdi
     fix = ants_image(ants, fixed, grid.step_mm)
     mov = ants_image(ants, slide.density, slide.step_mm)
     init = initial or (_rotation_init(ants, fix, mov, rotate_deg, workdir) if rotate_deg else None)
+    params = {"aff_metric": "mattes", "syn_metric": "mattes", **AFFINE, **(SYN if nonlinear else {})}
     reg = ants.registration(fix, mov, "SyNRA" if nonlinear else "Affine", initial_transform=init,
-                            outprefix=os.path.join(workdir, "r_"), aff_metric="mattes", syn_metric="mattes",
-                            **AFFINE, **(SYN if nonlinear else {}))
+                            outprefix=os.path.join(workdir, "r_"), **params)
     inverse = list(reg["invtransforms"])
     if not all(os.path.exists(f) for f in [*reg["fwdtransforms"], *inverse]):  # ITK failed without raising
         raise RuntimeError("ANTs wrote no transform")

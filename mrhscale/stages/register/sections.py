@@ -33,7 +33,7 @@ from mrhscale.stages.register.ants import FORMAT, TRANSFORM_JSON, ants_module
 from mrhscale.stages.register.geometry import Grid, contrast_array
 from mrhscale.stages.register.histology import _check_histology_outputs
 from mrhscale.stages.register.landmarks import summary
-from mrhscale.stages.register.planes import PlaneGrid, Planes, reslice
+from mrhscale.stages.register.planes import PLANE_ROUNDS, PlaneGrid, Planes, reslice
 from mrhscale.stores import write_json
 from mrhscale.stores.base import swap_in, temporary_folder
 from mrhscale.stores.locks import run_token
@@ -238,11 +238,12 @@ def reconstruct(run: StackRun, work: str, quiet: bool) -> None:
     failures judged, stain bias levelled (run.planes and run.states updated)."""
     o, states = run.options, run.states
     kw = {"seed": o.seed, "quiet": quiet}
-    stack.register_all(run.ants, run.fixed, run.planes, run.pgrid, states, os.path.join(work, "pass1"),
-                       nonlinear=False, desc="sections: affine", **kw)
-    run.planes = stack.place_planes(run.fixed, run.planes, run.pgrid, states, run.nominal, o.tilt_deg)
-    note(f"planes: tilt {run.planes.tilt_deg[0]:+.1f}, {run.planes.tilt_deg[1]:+.1f} degrees", quiet)
-    stack.register_all(run.ants, run.fixed, run.planes, run.pgrid, states, os.path.join(work, "pass2"),
+    for k, steps in enumerate(PLANE_ROUNDS):
+        stack.register_all(run.ants, run.fixed, run.planes, run.pgrid, states, os.path.join(work, f"affine{k}"),
+                           nonlinear=False, desc=f"sections: affine ({k + 1}/{len(PLANE_ROUNDS)})", **kw)
+        run.planes = stack.place_planes(run.fixed, run.planes, run.pgrid, states, run.nominal, o.tilt_deg, steps)
+        note(f"planes: tilt {run.planes.tilt_deg[0]:+.2f}, {run.planes.tilt_deg[1]:+.2f} degrees", quiet)
+    stack.register_all(run.ants, run.fixed, run.planes, run.pgrid, states, os.path.join(work, "final"),
                        nonlinear=o.nonlinear, desc="sections: " + ("affine + SyN" if o.nonlinear else "affine"), **kw)
     for st in stack.outliers(states):
         stack.retry(run.ants, run.fixed, run.planes, run.pgrid, states, st, os.path.join(work, "retry"),

@@ -20,6 +20,7 @@ from scipy import ndimage
 from mrhscale.log import progress
 from mrhscale.stages.register import section2d as s2
 from mrhscale.stages.register.planes import (
+    PLANE_ROUNDS,
     PlaneGrid,
     Planes,
     find_positions,
@@ -100,13 +101,14 @@ def matched(states: list[SectionState], fixed, planes: Planes, grid: PlaneGrid) 
     return out
 
 
-def place_planes(fixed, planes: Planes, grid: PlaneGrid, states, nominal, tilt_limit: float) -> Planes:
-    """Tilt, then positions, from the sections' current registrations."""
+def place_planes(fixed, planes: Planes, grid: PlaneGrid, states, nominal, tilt_limit: float,
+                 steps=PLANE_ROUNDS[0]) -> Planes:
+    """Tilt (a search of ``steps`` degrees), then positions, from the sections' current registrations."""
     sections = matched(states, fixed, planes, grid)
     if len(sections) < 3:
         return planes
     if tilt_limit > 0:
-        planes = find_tilt(fixed, planes, grid, sections, tilt_limit)
+        planes = find_tilt(fixed, planes, grid, sections, tilt_limit, steps)
     return find_positions(fixed, planes, grid, sections, nominal)
 
 
