@@ -69,6 +69,10 @@ class DemoConfig:
     # ... with a field-of-view artefact (synth/artefact.py): something its uncertainty must flag
     artefact: bool = True
     members: int = DEMO.members  # a deep ensemble: the virtual stain is their mean, the uncertainty their spread
+    # each member's noise scale beside its map (docs/uncertainty.md: the map is unchanged), and the
+    # uncertainty calibrated on the whole validation brain, a factor per bin of the predicted value
+    aleatoric: bool = True
+    calibration_groups: str = "value:4"
 
     def __post_init__(self):
         budget = DEMO_FAST_BUDGET if self.recipe == "fast" else {}
@@ -156,6 +160,8 @@ class _Demo:
             if not os.path.exists(self.model):
                 kw = dict(recipe=cfg.recipe, depth=cfg.depth, epochs=cfg.epochs, batch_size=cfg.batch_size,
                           lr=cfg.lr, seed=cfg.seed, quiet=self.quiet, members=cfg.members,
+                          aleatoric=cfg.aleatoric, calibration_groups=cfg.calibration_groups,
+                          calibration_subjects=self.val_id if cfg.members > 1 else None,
                           # eager unless $MRHSCALE_COMPILE asks: a compile (and the probe that weighs it,
                           # ~1 min cold on 2 cores) costs more than it saves on a network this short
                           compile=None if os.environ.get(ENV_COMPILE) else "off")

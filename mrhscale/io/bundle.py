@@ -113,7 +113,8 @@ def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
 def model_from_bundle(b: dict[str, Any], state: dict | None = None) -> MRHNet:
     """The bundle's network (member 0 of an ensemble), or its architecture with ``state``."""
     arch = b["arch"]
-    model = MRHNet(arch["in_channels"], arch["depth"], arch.get("width", 64), stains=stains_of(b))
+    model = MRHNet(arch["in_channels"], arch["depth"], arch.get("width", 64), stains=stains_of(b),
+                   aleatoric=bool(arch.get("aleatoric", False)))  # bundles before the scale head: none
     model.load_state_dict(head_state(b["state_dict"] if state is None else state))
     return model
 
