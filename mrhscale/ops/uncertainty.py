@@ -116,8 +116,22 @@ def uncertainty_metrics(est: np.ndarray, ref: np.ndarray, unc: np.ndarray) -> di
     const = n < 2 or np.ptp(unc) == 0 or np.ptp(err) == 0
     return {"n": int(n), "spearman_abs_error": math.nan if const else float(stats.spearmanr(unc, err).statistic),
             "coverage_95": coverage(err, unc), "mean_uncertainty": float(unc.mean()) if n else math.nan,
+            "interval_width_95": float(2 * Z95 * unc.mean()) if n else math.nan,
             "factor_for_95": calibration_factor(err, unc) if n else math.nan,
-            "retention": retention_curve(err, unc)}
+            "by_value": coverage_by_value(est, err, unc), "retention": retention_curve(err, unc)}
+
+
+def coverage_by_value(est, err, unc, bins: int = 4) -> list[dict]:
+    """95% coverage and interval width in equal-count bins of the predicted value (the groups
+    a value-binned calibration holds each of)."""
+    est, err, unc = (np.asarray(a, np.float64) for a in (est, err, unc))
+    edges = value_edges(est, bins)
+    group = value_bin(est, edges)
+    bounds = [-math.inf, *edges.tolist(), math.inf]
+    return [{"from": bounds[g], "to": bounds[g + 1], "n": int((group == g).sum()),
+             "coverage_95": coverage(err[group == g], unc[group == g]),
+             "interval_width_95": float(2 * Z95 * unc[group == g].mean()) if (group == g).any() else math.nan}
+            for g in range(len(edges) + 1)]
 
 
 def calibration_factors(meta: dict, n_stains: int) -> np.ndarray:
