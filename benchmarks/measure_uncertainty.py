@@ -26,13 +26,14 @@ from mrhscale.io.bundle import model_from_bundle, predictor_from_bundle, read_bu
 from mrhscale.nn.model import MRHNet
 from mrhscale.ops.uncertainty import Z95
 from mrhscale.parallel.context import Context
+from mrhscale.stages.calibrate import calibration_on_brains
 from mrhscale.stages.predict import predict
 from mrhscale.stores.cohort import CohortStore
 from mrhscale.stores.predictions import PredictionStore
 from mrhscale.training.api import input_normalisation
 from mrhscale.training.config import TrainConfig
 from mrhscale.training.data import open_data, read_patch_store_attrs
-from mrhscale.training.ensemble import calibrate, calibrate_brains
+from mrhscale.training.ensemble import calibrate
 from mrhscale.training.loop import Runtime
 from mrhscale.training.optim import init_weights, scale_loss_function
 
@@ -101,7 +102,7 @@ def fit_scale_heads(bundle: dict, cfg: TrainConfig, store: dict, epochs: int) ->
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                total += float(loss) * len(i)
+                total += float(loss.detach()) * len(i)
             print(f"member {k} scale head epoch {epoch + 1}: nll {total / len(f):.4f}", flush=True)
         new.append({n: v.detach().clone() for n, v in al.state_dict().items()})
     return {**bundle, "arch": {**bundle["arch"], "aleatoric": True}, "state_dict": new[0],
@@ -137,8 +138,7 @@ def main() -> None:
         json.dump({"results": results, "timing": timing}, open(os.path.join(a.out, "results.json"), "w"), indent=1)
 
     def brains(b: dict, groups: str) -> dict:
-        c = TrainConfig(**{**cfg.__dict__, "calibration_subjects": val, "calibration_groups": groups})
-        return with_calibration(b, calibrate_brains(b, c, store, Runtime(quiet=True)))
+        return with_calibration(b, calibration_on_brains(b, [val], groups, cohort))
 
     rt, dev = Runtime(quiet=True, cache="off"), torch.device("cpu")
     norm = input_normalisation(cfg.norm, store, cfg.patches)

@@ -214,5 +214,10 @@ def _ensemble_lines(b: dict) -> list[str]:
 def _fitted(cal: dict) -> str:
     if not cal.get("fitted_on"):
         return "uncalibrated (factor 1: no validation split)"
-    return (f"calibration factor {cal['factor']:.4g} fitted on {cal.get('n', '?')} {cal.get('fitted_on')} "
-            f"patches (95% coverage before {cal.get('coverage_before', float('nan')):.3f})")
+    where = "val patches" if cal.get("fitted_on") == "val" else f"voxels of {cal.get('fitted_on')}"
+    groups = cal.get("groups")
+    per = (f"; per {groups['by']} group x {', '.join(f'{f:.3g}' for f in groups['factor'])}"
+           + (f" ({', '.join(groups['labels'])}, rest)" if groups.get("labels") else "")) if groups else ""
+    return (f"calibration factor {cal['factor']:.4g} fitted on {cal.get('n', '?')} {where} "
+            f"(95% coverage before {cal.get('coverage_before', float('nan')):.3f}"
+            f"{', conformal' if cal.get('method') else ''}){per}")

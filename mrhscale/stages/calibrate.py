@@ -1,9 +1,10 @@
 """An ensemble's uncertainty calibrated on whole held-out brains (``train
---calibration-subjects``): each brain predicted in full with the raw (uncalibrated)
-uncertainty, its voxels' |error| / uncertainty the conformal scores, one factor per stain
-and, with ``--calibration-groups``, one per group (tissue labels of the cohort, or bins of
-the predicted value). Whole brains see what a new brain does to the errors everywhere
-(white matter, lesions), where validation patches are a sample of it.
+--calibration-subjects``, after training; ``calibrate`` from Python): each brain predicted
+in full with the raw (uncalibrated) uncertainty, its voxels' |error| / uncertainty the
+conformal scores, one factor per stain and, with ``--calibration-groups``, one per group
+(tissue labels of the cohort, or bins of the predicted value). Whole brains see what a new
+brain does to the errors everywhere (white matter, lesions), where validation patches are
+a sample of it. The bundle's calibration record is replaced (the file rewritten atomically).
 """
 
 from __future__ import annotations
@@ -14,13 +15,61 @@ import tempfile
 import numpy as np
 
 from mrhscale.errors import MRHError
-from mrhscale.io.bundle import write_bundle
+from mrhscale.io.bundle import n_members, read_bundle, write_bundle
+from mrhscale.log import logger, note
 from mrhscale.parallel.context import Context
 from mrhscale.stages.predict_volume import predict_volume
+from mrhscale.stores import resolve
 from mrhscale.stores.cohort import CohortStore
 from mrhscale.stores.legacy import stains_of
+from mrhscale.training.config import calibration_groups
+from mrhscale.training.ensemble import calibration_record, fit_stain
 
 SAMPLES_PER_BRAIN = 2_000_000  # voxels per brain at most (a fixed random subset beyond)
+
+
+def calibrate(model: str, subjects: list[str], *, groups: str = "value:4", cohort: str | None = None,
+              ctx: Context | None = None) -> dict:
+    """Recalibrate the ensemble bundle at ``model`` on the whole brains ``subjects`` of
+    ``cohort`` (default: the cohort its patch store was made from); returns the new
+    ``uncertainty.calibration`` record, also written into the bundle."""
+    model = resolve(model, "model")
+    bundle = read_bundle(model)
+    if n_members(bundle) < 2:
+        raise MRHError(f"{model}: one network has no ensemble spread to calibrate (train with --members K)")
+    cal = calibration_on_brains(bundle, subjects, groups, cohort or cohort_of(bundle, model), ctx)
+    write_bundle(model, {**bundle, "uncertainty": {**bundle["uncertainty"], "calibration": cal}})
+    for t, c in cal["stains"].items():
+        note(f"{t}: uncertainty x {c['factor']:.3g} covers 95% of {c['n']} voxels of {', '.join(subjects)}"
+             + (f"; per {c['groups']['by']} group x {', '.join(f'{f:.3g}' for f in c['groups']['factor'])}"
+                if c.get("groups") else ""), (ctx or Context()).quiet)
+    return cal
+
+
+def calibration_on_brains(bundle: dict, subjects: list[str], groups: str, cohort: str,
+                          ctx: Context | None = None) -> dict:
+    """The calibration record of ``bundle`` fitted on the brains ``subjects`` of ``cohort``."""
+    trained = set((bundle.get("provenance") or {}).get("patch_store", {}).get("subjects") or [])
+    trained -= set((bundle.get("provenance") or {}).get("patch_store", {}).get("val_subjects") or [])
+    if trained & set(subjects):
+        logger.warning(f"mrhscale: calibration subject(s) {', '.join(sorted(trained & set(subjects)))} were "
+                       "trained on: their errors are smaller than a new brain's, so intervals will be too narrow")
+    fits = calibrate_on_brains(bundle, cohort, list(subjects), calibration_groups(groups, True), _fit, ctx=ctx)
+    return {**calibration_record(stains_of(bundle), fits, "subjects"), "subjects": list(subjects),
+            "cohort": cohort}
+
+
+def cohort_of(bundle: dict, model: str) -> str:
+    """The cohort store the bundle's patch store was made from (its records say)."""
+    source = ((bundle.get("provenance") or {}).get("patch_store") or {}).get("provenance", {}).get("source")
+    if not source:
+        raise MRHError(f"{model}: its records do not name the cohort store its patches came from; "
+                       "give the cohort store (calibrate(..., cohort=STORE))")
+    return str(source)
+
+
+def _fit(virt, unc, ref, groups, labels):
+    return fit_stain(virt, unc, ref, groups, held_out=True, labels=labels, fitted_on="subjects")
 
 
 def calibrate_on_brains(bundle: dict, cohort_url: str, subjects: list[str], groups, fit, *,

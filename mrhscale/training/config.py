@@ -71,8 +71,7 @@ class TrainConfig:
     norm: str = "global"  # input scaling: the patch store's statistics, or each brain's own (ops/norm.py)
     members: int = 1  # > 1: a deep ensemble of this many networks (training/ensemble.py)
     aleatoric: bool = False  # a noise-scale output per stain (nn/model.py), trained by a Laplace likelihood
-    calibration_subjects: str = ""  # whole brains an ensemble is calibrated on (comma list; "": val patches)
-    calibration_groups: str = "value:4"  # Mondrian groups: value:N bins, tissue labels, or none
+    calibration_groups: str = "value:4"  # Mondrian groups of the validation patches: value:N bins, or none
 
     def validate(self) -> None:
         def bad(opt, val, want):
@@ -114,9 +113,7 @@ class TrainConfig:
             bad("add-stain", self.add_stain, "is a finetune option (a new head on a trained network)")
         if self.val_patches is not None and self.val_patches < 1:
             bad("val-patches", self.val_patches, "must be at least 1 (unset: the whole val split)")
-        self.calibration_subjects = ",".join(s.strip() for s in str(self.calibration_subjects or "").split(",")
-                                             if s.strip())
-        calibration_groups(self.calibration_groups, bool(self.calibration_subjects))
+        calibration_groups(self.calibration_groups, False)
 
 
 def calibration_groups(spec: str, brains: bool) -> tuple[str, object]:
@@ -159,7 +156,7 @@ def recipe_config(kind: str, given: dict, kind_defaults: dict | None = None) -> 
 
 # Settings a resumed run may change; everything else must match the checkpoint.
 # val_patches: what is measured, not learned; calibration: how the trained members are calibrated
-RESUMABLE_CHANGES = {"epochs", "patches", "val_patches", "calibration_subjects", "calibration_groups"}
+RESUMABLE_CHANGES = {"epochs", "patches", "val_patches", "calibration_groups"}
 
 
 def run_started(out_dir: str) -> bool:

@@ -27,7 +27,6 @@ from mrhscale.nn.model import mean_and_spread
 from mrhscale.ops.norm import Normalisation
 from mrhscale.ops.uncertainty import Z95, fit_calibration
 from mrhscale.results import TrainResult
-from mrhscale.stages.calibrate import calibrate_on_brains
 from mrhscale.stores import Folder, write_text
 from mrhscale.stores.legacy import stains_of
 from mrhscale.stores.patches import identity as store_identity
@@ -104,10 +103,7 @@ def _assemble(cfg, out_dir, rt, store, stream_norm, results) -> dict:
     bundles = [read_bundle(r.model) for r in results]
     bundle = ensemble_bundle(bundles, {}, bundles[0]["provenance"])
     dev = torch.device(rt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.calibration_subjects:
-        cal = calibrate_brains(bundle, cfg, store, rt)
-    else:
-        cal = calibrate(predictor_from_bundle(bundle).to(dev).eval(), cfg, store, stream_norm, dev, rt)
+    cal = calibrate(predictor_from_bundle(bundle).to(dev).eval(), cfg, store, stream_norm, dev, rt)
     uncertainty = {"method": "ensemble", "members": cfg.members, "seeds": [cfg.seed + k for k in range(cfg.members)],
                    "spread": "standard deviation over members (ddof 1) pooled over the output patch, target units",
                    "calibration": cal}
@@ -150,24 +146,6 @@ def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, rt: Run
     fits = [fit_stain(mean[ok, k] * scale[k] + off[k], spread[ok, k] * scale[k], target[ok, k] * scale[k] + off[k],
                       groups, held_out=_held_out(store)) for k in range(len(stains)) for ok in [~np.isnan(target[:, k])]]
     return calibration_record(stains, fits, "val")
-
-
-def calibrate_brains(bundle: dict, cfg: TrainConfig, store: dict, rt: Runtime) -> dict:
-    """The calibration on whole brains (``--calibration-subjects``) of the patch store's cohort."""
-    cohort = (store.get("provenance") or {}).get("source")
-    if not cohort:
-        raise MRHError(f"--calibration-subjects: {cfg.patches} does not name its cohort store (made by an older "
-                       "mrhscale); remake it with `mrhscale patches --overwrite`")
-    subjects = cfg.calibration_subjects.split(",")
-    trained = set(store.get("subjects") or []) - set(store.get("val_subjects") or [])
-    if trained & set(subjects):
-        logger.warning(f"mrhscale: calibration subject(s) {', '.join(sorted(trained & set(subjects)))} were "
-                       "trained on: their errors are smaller than a new brain's, so intervals will be too narrow")
-    groups = calibration_groups(cfg.calibration_groups, True)
-    fits = calibrate_on_brains(bundle, cohort, subjects, groups,
-                               lambda v, u, r, g, labels: fit_stain(v, u, r, g, held_out=True, labels=labels,
-                                                                    fitted_on="subjects"), ctx=rt.context())
-    return {**calibration_record(stains_of(store), fits, "subjects"), "subjects": subjects}
 
 
 def calibration_record(stains: list[str], fits: list[dict], fitted_on: str) -> dict:

@@ -7,7 +7,7 @@ from helpers import channel_names, make_cohort_store, write_ensemble
 
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import read_bundle, write_bundle
-from mrhscale.stages.calibrate import calibrate_on_brains
+from mrhscale.stages.calibrate import calibrate, calibrate_on_brains
 from mrhscale.stages.predict_volume import predict_volume
 from mrhscale.stores.cohort import CohortStore
 from mrhscale.training.config import TrainConfig, calibration_groups
@@ -64,6 +64,19 @@ def test_a_brain_without_the_label_keeps_the_global_factor(cohort, tmp_path):
     raw = predict_volume(path, ds)["af_uncertainty"].values / 1.5
     mask = ds["mask"].values.astype(bool)
     assert np.allclose(unc[mask], cal["factor"][0] * raw[mask], rtol=1e-4)
+
+
+def test_calibrate_rewrites_the_bundles_record(cohort, tmp_path):
+    path, singles = write_ensemble(str(tmp_path / "ens.pt"), channel_names(5), members=2)
+    cal = calibrate(path, ["s01", "s02"], groups="value:3", cohort=cohort)
+    b = read_bundle(path)
+    assert b["uncertainty"]["calibration"] == cal and cal["fitted_on"] == "subjects"
+    assert cal["subjects"] == ["s01", "s02"] and cal["stains"]["af"]["groups"]["by"] == "value"
+    assert len(cal["stains"]["af"]["groups"]["edges"]) == 2 and b["uncertainty"]["seeds"] == [0, 1]
+    with pytest.raises(MRHError, match="one network has no ensemble spread"):
+        calibrate(singles[0], ["s01"], cohort=cohort)
+    with pytest.raises(MRHError, match="do not name the cohort store"):
+        calibrate(path, ["s01"])  # a bundle without the patch store's records
 
 
 def test_the_users_errors(cohort, tmp_path):
