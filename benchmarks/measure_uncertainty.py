@@ -70,8 +70,9 @@ def with_calibration(bundle: dict, cal: dict) -> dict:
     return {**bundle, "uncertainty": {**bundle["uncertainty"], "calibration": cal}}
 
 
-def fit_scale_heads(bundle: dict, cfg: TrainConfig, store: dict, epochs: int) -> dict:
-    """Each member with a scale head per stain fitted on its frozen backbone's training features."""
+def fit_scale_heads(bundle: dict, cfg: TrainConfig, store: dict, epochs: int, max_patches: int) -> dict:
+    """Each member with a scale head per stain fitted on its frozen backbone's features of
+    (up to ``max_patches`` of) the training split."""
     rt, dev = Runtime(quiet=True, cache="off"), torch.device("cpu")
     norm = input_normalisation(cfg.norm, store, cfg.patches)
     states = [bundle["state_dict"], *bundle["member_state_dicts"]]
@@ -89,6 +90,8 @@ def fit_scale_heads(bundle: dict, cfg: TrainConfig, store: dict, epochs: int) ->
                 feats.append(f)
                 means.append(torch.cat([h(f) for h in net.heads], 1))
                 targets.append(t.float())
+                if sum(map(len, feats)) >= max_patches:
+                    break
         f, mu, t = torch.cat(feats), torch.cat(means), torch.cat(targets)
         opt = torch.optim.AdamW([p for s in al.scales for p in s.parameters()], lr=2e-3)
         loss_fn = scale_loss_function()
@@ -114,6 +117,8 @@ def main() -> None:
     ap.add_argument("demo")
     ap.add_argument("out")
     ap.add_argument("--head-epochs", type=int, default=4)
+    ap.add_argument("--head-patches", type=int, default=16384, help="training patches per member for the head")
+    ap.add_argument("--resume", action="store_true", help="keep OUT/results.json's variants, run the rest")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     summary = json.load(open(os.path.join(a.demo, "summary.json")))
@@ -124,10 +129,14 @@ def main() -> None:
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     store = read_patch_store_attrs(cfg.patches)
     stains = list(bundle["stains"])
-    results = {"main": scores(os.path.join(a.demo, "pred.zarr"), cohort, sid, stains)}
-    timing = {}
+    done = json.load(open(os.path.join(a.out, "results.json"))) if a.resume else {"results": {}, "timing": {}}
+    results, timing = done["results"], done["timing"]
+    results.setdefault("main", scores(os.path.join(a.demo, "pred.zarr"), cohort, sid, stains))
 
-    def run(name: str, b: dict) -> None:
+    def run(name: str, b) -> None:
+        if name in results:
+            return
+        b = b()
         path = write_bundle(os.path.join(a.out, f"{name}.pt"), b)
         t0 = time.perf_counter()
         predict(path, cohort, os.path.join(a.out, f"{name}.zarr"), subjects=[sid], overwrite=True,
@@ -144,15 +153,15 @@ def main() -> None:
     norm = input_normalisation(cfg.norm, store, cfg.patches)
     sn = norm if norm.per_subject else None
     c = TrainConfig(**{**cfg.__dict__, "calibration_groups": "none"})
-    run("conformal_patches", with_calibration(bundle, calibrate(predictor_from_bundle(bundle).eval(), c, store, sn, dev, rt)))
-    run("brain_value4", brains(bundle, "value:4"))
-    run("brain_wm_lesion", brains(bundle, "wm,lesion"))
+    run("conformal_patches",
+        lambda: with_calibration(bundle, calibrate(predictor_from_bundle(bundle).eval(), c, store, sn, dev, rt)))
+    run("brain_value4", lambda: brains(bundle, "value:4"))
+    run("brain_wm_lesion", lambda: brains(bundle, "wm,lesion"))
     t0 = time.perf_counter()
-    al = fit_scale_heads(bundle, cfg, store, a.head_epochs)
+    al = fit_scale_heads(bundle, cfg, store, a.head_epochs, a.head_patches)
     timing["scale_heads"] = time.perf_counter() - t0
-    run("aleatoric_brain_none", brains(al, "none"))
-    run("aleatoric_brain_value4", brains(al, "value:4"))
-    run("aleatoric_brain_wm_lesion", brains(al, "wm,lesion"))
+    run("aleatoric_brain_value4", lambda: brains(al, "value:4"))
+    run("aleatoric_brain_wm_lesion", lambda: brains(al, "wm,lesion"))
 
 
 if __name__ == "__main__":

@@ -142,9 +142,9 @@ def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, rt: Run
             break
     mean, spread, target = (np.concatenate(a).astype(np.float64) for a in (mean, spread, target))
     off, scale = Normalisation.from_dict(store["norm"]).target_arrays(np.float64)
-    groups = calibration_groups(cfg.calibration_groups, False)
+    groups, held_out = calibration_groups(cfg.calibration_groups, False), _held_out(store)
     fits = [fit_stain(mean[ok, k] * scale[k] + off[k], spread[ok, k] * scale[k], target[ok, k] * scale[k] + off[k],
-                      groups, held_out=_held_out(store)) for k in range(len(stains)) for ok in [~np.isnan(target[:, k])]]
+                      groups, held_out=held_out) for k in range(len(stains)) for ok in [~np.isnan(target[:, k])]]
     return calibration_record(stains, fits, "val")
 
 
