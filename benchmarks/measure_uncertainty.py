@@ -4,11 +4,12 @@ brain's uncertainty under each calibration, before and after.
 Variants, each predicted on the held-out brain and scored against its reference:
 ``main`` (the demo's own prediction), then the same members recalibrated (conformal on the
 validation patches; on the whole validation brain with value bins; with tissue labels),
-then the members with an aleatoric head fitted on each member's frozen backbone (what
-``--aleatoric`` trains: the head sees the backbone's features detached, so the map is the
-members' map exactly) and calibrated on the whole validation brain.
+then the members with an aleatoric head fitted on each member's frozen backbone (the head
+and loss ``--aleatoric`` trains, on ``--head-patches`` training patches: the head sees the
+backbone's features detached, so the map is the members' map exactly) and calibrated on the
+whole validation brain. ``--resume`` keeps the variants already in ``OUT/results.json``.
 
-    python benchmarks/measure_uncertainty.py DEMO OUT [--head-epochs 4]
+    python benchmarks/measure_uncertainty.py DEMO OUT [--head-epochs 3] [--resume]
 """
 
 from __future__ import annotations
