@@ -295,6 +295,17 @@ class NetworkOptions:
     members: int | None = option(None, "Train a deep ensemble of this many networks (seeds SEED..SEED+K-1, one "
                                  "after another; K times the time): predict then writes their mean and a "
                                  "calibrated per-voxel <stain>_uncertainty (docs/uncertainty.md) [1].")
+    aleatoric: bool | None = option(None, "Give each stain's head a second output, the voxel's noise scale, trained by "
+                                    "a Laplace likelihood that does not touch the map; an ensemble's uncertainty "
+                                    "then adds it to the members' spread (docs/uncertainty.md).",
+                                    flag="--aleatoric")
+    calibration_subjects: str | None = option(None, "Calibrate an ensemble's uncertainty on these whole brains of "
+                                              "the patch store's cohort (comma list; with their reference stains), "
+                                              "not on validation patches.", metavar="IDS")
+    calibration_groups: str | None = option(None, "A calibration factor per group: value:N (N equal-count bins of "
+                                            "the predicted value), labels of the cohort (e.g. wm,lesion: needs "
+                                            "--calibration-subjects) or none (one factor) [value:4].",
+                                            metavar="value:N|LABELS|none")
 
 
 @dataclass(frozen=True)

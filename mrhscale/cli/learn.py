@@ -21,6 +21,7 @@ from mrhscale.cli.params import (
     take,
     with_options,
 )
+from mrhscale.errors import MRHError
 from mrhscale.options import (
     CrossvalOptions,
     FinetuneOptions,
@@ -81,6 +82,7 @@ def _run_training(fn, *args, **kw):
             click.echo(f"mrhscale: {e}", err=True)
         sys.exit(143)  # 128 + SIGTERM: batch schedulers requeue
     _report(res, ctx.quiet)
+    return res
 
 
 def _report(res, quiet: bool) -> None:
@@ -99,7 +101,16 @@ def train(patches, out, **kw):
     """Train MRH-Net on PATCHES; one process, or under `torchrun --nproc_per_node=N` (DDP)."""
     from mrhscale.training import train as run
 
-    _run_training(run, patches, out, **kw)
+    subjects, groups = subject_list(kw.pop("calibration_subjects")), kw["calibration_groups"]
+    if subjects:  # the validation patches keep the default groups; the brains get the ones asked for
+        if (kw.get("members") or 1) < 2:
+            raise MRHError("--calibration-subjects: calibrates an ensemble's spread; add --members K")
+        kw["calibration_groups"] = None
+    res = _run_training(run, patches, out, **kw)
+    if subjects and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0, after every rank finished
+        from mrhscale.stages.calibrate import calibrate
+
+        calibrate(res.model, subjects, groups=groups or "value:4", ctx=context_from(kw))
 
 
 @main.command()

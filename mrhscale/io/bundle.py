@@ -113,7 +113,8 @@ def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
 def model_from_bundle(b: dict[str, Any], state: dict | None = None) -> MRHNet:
     """The bundle's network (member 0 of an ensemble), or its architecture with ``state``."""
     arch = b["arch"]
-    model = MRHNet(arch["in_channels"], arch["depth"], arch.get("width", 64), stains=stains_of(b))
+    model = MRHNet(arch["in_channels"], arch["depth"], arch.get("width", 64), stains=stains_of(b),
+                   aleatoric=bool(arch.get("aleatoric", False)))  # bundles before the scale head: none
     model.load_state_dict(head_state(b["state_dict"] if state is None else state))
     return model
 
@@ -213,5 +214,10 @@ def _ensemble_lines(b: dict) -> list[str]:
 def _fitted(cal: dict) -> str:
     if not cal.get("fitted_on"):
         return "uncalibrated (factor 1: no validation split)"
-    return (f"calibration factor {cal['factor']:.4g} fitted on {cal.get('n', '?')} {cal.get('fitted_on')} "
-            f"patches (95% coverage before {cal.get('coverage_before', float('nan')):.3f})")
+    where = "val patches" if cal.get("fitted_on") == "val" else f"voxels of {cal.get('fitted_on')}"
+    groups = cal.get("groups")
+    per = (f"; per {groups['by']} group x {', '.join(f'{f:.3g}' for f in groups['factor'])}"
+           + (f" ({', '.join(groups['labels'])}, rest)" if groups.get("labels") else "")) if groups else ""
+    return (f"calibration factor {cal['factor']:.4g} fitted on {cal.get('n', '?')} {where} "
+            f"(95% coverage before {cal.get('coverage_before', float('nan')):.3f}"
+            f"{', conformal' if cal.get('method') else ''}){per}")

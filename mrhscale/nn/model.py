@@ -55,9 +55,15 @@ class MRHNet(nn.Module):
     (``heads[k]``; several are the original's transfer learning run side by side), the
     output in ``stains`` order. One stain is the original graph, its head ``heads[0]``
     (older bundles and MATLAB files name it ``conv4``/``conv5``: ``stores/legacy.py``).
+
+    ``aleatoric``: a second Conv4/Conv5 per stain (``scales[k]``) for the log of the voxel's
+    noise scale (a Laplace b), on the backbone's features DETACHED: its likelihood trains
+    that head alone, so the map is what it would be without it. ``forward(x)`` is the map
+    either way; ``forward(x, with_scale=True)`` appends the T log-scales ``[B, 2T, P, P]``.
     """
 
-    def __init__(self, in_channels: int, depth: int = 5, width: int = 64, stains: Sequence[str] = ("stain",)):
+    def __init__(self, in_channels: int, depth: int = 5, width: int = 64, stains: Sequence[str] = ("stain",),
+                 aleatoric: bool = False):
         super().__init__()
         if in_channels < 1 or depth < 0 or width < 1 or not stains:
             raise ValueError(f"bad MRHNet config: in_channels={in_channels}, depth={depth}, width={width}, "
@@ -70,11 +76,15 @@ class MRHNet(nn.Module):
         self.conv3_1 = _conv(width, width)
         self.blocks = nn.ModuleList(ResidualBlock(width) for _ in range(depth))
         self.heads = nn.ModuleList(StainHead(width) for _ in self.stains)
+        self.aleatoric = bool(aleatoric)
+        if self.aleatoric:
+            with torch.random.fork_rng(devices=[]):  # the map's layers draw what they would without it
+                self.scales = nn.ModuleList(StainHead(width) for _ in self.stains)
 
     @property
     def config(self) -> dict:
         return {"in_channels": self.in_channels, "depth": self.depth, "width": self.width,
-                "stains": list(self.stains)}
+                "stains": list(self.stains), **({"aleatoric": True} if self.aleatoric else {})}
 
     @property
     def n_stains(self) -> int:
@@ -104,9 +114,13 @@ class MRHNet(nn.Module):
             x = block(x)
         return torch.relu(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_scale: bool = False) -> torch.Tensor:
         x = self.backbone(x)
-        return torch.cat([h(x) for h in self.heads], 1)
+        mean = torch.cat([h(x) for h in self.heads], 1)
+        if not (with_scale and self.aleatoric):
+            return mean
+        f = x.detach()  # the likelihood trains the scale head, never the map
+        return torch.cat([mean, *(s(f) for s in self.scales)], 1)
 
 
 def with_stains(base: MRHNet, base_stains: list[str], stains: list[str], kept: list[str]) -> MRHNet:
@@ -152,8 +166,13 @@ class MRHEnsemble(nn.Module):
     def config(self) -> dict:
         return self.members[0].config
 
+    @property
+    def aleatoric(self) -> bool:
+        return self.members[0].aleatoric
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.members], 1)
+        """``[B, K, V, P, P]``: V = the T stains, then (aleatoric members) their T log-scales."""
+        return torch.stack([m(x, with_scale=True) for m in self.members], 1)
 
 
 class MemberMean(nn.Module):
@@ -165,19 +184,39 @@ class MemberMean(nn.Module):
         self.stains, self.n_stains = ensemble.stains, ensemble.n_stains
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ensemble(x).mean(1)
+        return self.ensemble(x)[:, :, : self.n_stains].mean(1)
 
 
-def mean_and_spread(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An ensemble's output ``[B, K, T, P, P]`` -> (the members' mean ``[B, T, P, P]``, their spread).
+def mean_and_spread(y: torch.Tensor, n_stains: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ensemble's output ``[B, K, V, P, P]`` -> (the members' mean ``[B, T, P, P]``, its
+    standard deviation): V = T stains, or 2T with the members' log noise scales after them.
 
-    The spread is the members' standard deviation (ddof 1) pooled over the whole output
+    The epistemic part is the members' variance (ddof 1) pooled over the whole output
     patch, the same at each of its P x P positions: the members' disagreement about the
     patch around a voxel. At one voxel alone it is a noisy estimate from K numbers; pooled
     over the patch it ranks the errors of a held-out brain about twice as well
-    (Spearman 0.32-0.38 against 0.19, docs/uncertainty.md).
+    (Spearman 0.32-0.38 against 0.19, docs/uncertainty.md). With log-scales, the members'
+    mean aleatoric variance (a Laplace b's: 2 b^2) is added at each voxel.
     """
     y = y.float()
-    var = y.var(1, correction=1).mean((-2, -1), keepdim=True)
-    mean = y.mean(1)
-    return mean, var.sqrt().expand_as(mean)
+    n_t = y.shape[2] if n_stains is None else int(n_stains)
+    mu = y[:, :, :n_t]
+    mean = mu.mean(1)
+    var = mu.var(1, correction=1).mean((-2, -1), keepdim=True).expand_as(mean)
+    if y.shape[2] > n_t:
+        var = var + aleatoric_variance(y[:, :, n_t:]).mean(1)
+    return mean, var.sqrt()
+
+
+LOG_SCALE_RANGE = (-9.0, 6.0)  # a log noise scale kept finite (normalised stain units)
+
+
+def aleatoric_variance(log_b: torch.Tensor) -> torch.Tensor:
+    """The variance 2 b^2 of a Laplace of log-scale ``log_b``."""
+    return 2.0 * torch.exp(2.0 * log_b.clamp(*LOG_SCALE_RANGE))
+
+
+def laplace_nll(mean: torch.Tensor, log_b: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per element: log(2b) + |target - mean| / b, the Laplace negative log-likelihood."""
+    log_b = log_b.clamp(*LOG_SCALE_RANGE)
+    return log_b + (target - mean).abs() * torch.exp(-log_b) + 0.6931471805599453

@@ -138,12 +138,12 @@ def forward(model: InferenceModel, patches, centres, *, batch_size: int, half: i
     (``centre``) or [N, V, P, P] (the whole outputs); V = the stains, or twice that for an
     ``ensemble`` (its members' means, then their pooled spreads). Everything per batch stays
     on the device; one copy back per block. ``tta``: the mean over the 8 symmetries."""
-    h = half
+    h, n_t = half, getattr(getattr(model, "model", model), "n_stains", None)
     preds = []
     with torch.inference_mode():
         for x in batches(patches, centres, batch_size, model.device):
             y = (symmetric_mean(model, x) if tta else model(x)).float()
-            y = torch.cat(mean_and_spread(y), 1) if ensemble else y
+            y = torch.cat(mean_and_spread(y, n_t), 1) if ensemble else y
             y = y[:, :, h, h] if centre else y
             # x's buffer is refilled two batches on: keep nothing that shares it
             preds.append(y.clone() if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else y)

@@ -31,7 +31,7 @@ def uncertainty_tables(u: dict, per_subject: dict) -> dict:
     def row(x):
         r = x.get("retention") or {}
         return {"Spearman(unc, |err|)": x.get("spearman_abs_error"), "95% coverage": x.get("coverage_95"),
-                "x for 95%": x.get("factor_for_95"),
+                "95% width": x.get("interval_width_95"), "x for 95%": x.get("factor_for_95"),
                 "mean uncertainty": x.get("mean_uncertainty"), "retention area": r.get("area"),
                 "oracle": r.get("oracle_area"), "random": r.get("random_area")}
 
@@ -39,14 +39,26 @@ def uncertainty_tables(u: dict, per_subject: dict) -> dict:
     rows["pooled"] = row(u["pooled"])
     out = {"Uncertainty vs error": rows}
     labels = {f"{sid}: {name}": {"voxels": v["voxels"], "mean inside": v["mean_inside"],
-                                 "mean rest": v["mean_rest"], "ratio": v["ratio"]}
+                                 "mean rest": v["mean_rest"], "ratio": v["ratio"],
+                                 "95% coverage inside": v.get("coverage_95_inside")}
               for sid, r in per_subject.items() for name, v in (r.get("uncertainty") or {}).get("by_label", {}).items()}
     if labels:
         out["Uncertainty inside labels vs the rest of the brain"] = labels
+    bins = {f"{b['from']:.4g} .. {b['to']:.4g}": {"voxels": b["n"], "95% coverage": b["coverage_95"],
+                                                 "95% width": b["interval_width_95"]}
+            for b in (u["pooled"].get("by_value") or [])}
+    if bins:
+        out["95% coverage by predicted value (pooled quartiles)"] = bins
     cal = u.get("calibration") or {}
     if cal:
         out["Calibration (fitted at training)"] = {k: cal.get(k) for k in (
-            "factor", "fitted_on", "n", "held_out_subjects", "coverage_before", "coverage_after")}
+            "factor", "fitted_on", "n", "alpha", "method", "held_out_subjects", "coverage_before", "coverage_after")}
+        if cal.get("groups"):
+            g = cal["groups"]
+            names = g.get("labels", [])
+            out["Calibration factor per group"] = {
+                (names[i] if i < len(names) else "rest") if g["by"] == "labels" else f"value bin {i + 1}":
+                    {"factor": f, "n": n} for i, (f, n) in enumerate(zip(g["factor"], g["n"], strict=True))}
     return out
 
 

@@ -62,7 +62,7 @@ from mrhscale.errors import MRHError
 from mrhscale.io.volumes import open_volume
 from mrhscale.log import progress
 from mrhscale.ops.metrics import PooledMoments, linear_fit, roc, similarity, spearman
-from mrhscale.ops.uncertainty import uncertainty_metrics
+from mrhscale.ops.uncertainty import Z95, coverage, uncertainty_metrics
 from mrhscale.options import EvaluateOptions
 from mrhscale.parallel.context import Context
 from mrhscale.report import figures
@@ -477,7 +477,13 @@ class _Evaluation:
             if inside.any() and rest.any():
                 a, b = float(d.unc[inside].mean()), float(d.unc[rest].mean())
                 out["by_label"][name] = {"voxels": int(inside.sum()), "mean_inside": a, "mean_rest": b,
-                                         "ratio": a / b if b > 0 else math.nan}
+                                         "ratio": a / b if b > 0 else math.nan,
+                                         "coverage_95_inside": coverage(d.virt[inside] - d.ref[inside], d.unc[inside]),
+                                         "interval_width_95_inside": 2 * Z95 * a}
+        if d.regions:  # the brain outside every label (the rest: grey matter in a wm/lesion labelling)
+            rest = m & ~np.any(list(d.regions.values()), axis=0)
+            out["outside_labels"] = {"voxels": int(rest.sum()),
+                                     "coverage_95": coverage(d.virt[rest] - d.ref[rest], d.unc[rest])}
         return out
 
     def _sample(self, mask: np.ndarray) -> np.ndarray:

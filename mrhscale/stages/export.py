@@ -50,9 +50,9 @@ from mrhscale.io.bundle import load_model
 from mrhscale.io.exported import FORMAT, META_FILE, STATISTICS, read_export_metadata
 from mrhscale.nn.model import mean_and_spread
 from mrhscale.ops.norm import PERCENTILES, STAT_VOXELS, subject_stats_graph
-from mrhscale.ops.uncertainty import spread_scale
+from mrhscale.ops.uncertainty import label_groups, spread_scale, value_groups
 from mrhscale.results import ExportResult
-from mrhscale.stages.predict_graph import check_channels, subject_arrays
+from mrhscale.stages.predict_graph import check_channels, stain_calibrations, subject_arrays
 from mrhscale.stages.predict_volume import subject_from_files
 from mrhscale.stores import atomic_write, is_local, resolve, sha256_file, write_json
 from mrhscale.stores.legacy import stains_of
@@ -149,7 +149,7 @@ class InferenceGraph(nn.Module):
 
     inputs: tuple[str, ...] = (INPUT,)
 
-    def __init__(self, net: nn.Module, norm, spread: np.ndarray | None = None):
+    def __init__(self, net: nn.Module, norm, spread: np.ndarray | None = None, value_groups=None):
         super().__init__()
         self.net, self.ensemble, self.n_channels = net, spread is not None, norm.n_channels
         self._input_buffers(norm)
@@ -157,6 +157,9 @@ class InferenceGraph(nn.Module):
         self.register_buffer("t_scale", _along_axis1(t_scale))
         self.register_buffer("t_offset", _along_axis1(t_off))
         self.register_buffer("spread_scale", _along_axis1(t_scale if spread is None else spread))
+        self.value_groups = [None if g is None else (torch.tensor(g[0], dtype=torch.float32),
+                                                     torch.tensor(g[1], dtype=torch.float32))
+                             for g in (value_groups or ())]
 
     def _input_buffers(self, norm) -> None:
         off, inv = norm.input_arrays()
@@ -172,8 +175,26 @@ class InferenceGraph(nn.Module):
         y = self.net(torch.where(torch.isfinite(x), x, 0.0))
         if not self.ensemble:
             return y * self.t_scale + self.t_offset
-        mean, spread = mean_and_spread(y)
-        return mean * self.t_scale + self.t_offset, spread * self.spread_scale
+        mean, spread = mean_and_spread(y, len(self.t_scale.reshape(-1)))
+        mean = mean * self.t_scale + self.t_offset
+        return mean, self._by_value(mean, spread * self.spread_scale)
+
+    def _by_value(self, mean: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+        """Each stain's spread times the factor of its predicted value's bin over the global one (a
+        calibration by value bins, ``ops.uncertainty.scale_by_value``), as steps: ONNX-friendly
+        comparisons, not a lookup."""
+        if not any(g is not None for g in self.value_groups):
+            return spread
+        out = []
+        for k, g in enumerate(self.value_groups):
+            f = torch.ones_like(spread[:, k])
+            if g is not None:
+                edges, rel = g
+                f = f * rel[0]
+                for j in range(len(edges)):
+                    f = f + (rel[j + 1] - rel[j]) * (mean[:, k] >= edges[j]).to(f.dtype)
+            out.append(spread[:, k] * f)
+        return torch.stack(out, 1)
 
     def forward(self, mri: torch.Tensor):
         return self.stains((mri - self.offset) * self.inv_scale)
@@ -214,7 +235,9 @@ def _along_axis1(a) -> torch.Tensor:
 def inference_graph(net: nn.Module, meta: dict) -> InferenceGraph:
     """The graph of a bundle's network (an ensemble: all its members) and metadata."""
     norm = meta["norm"]
-    return (SubjectGraph if norm.per_subject else InferenceGraph)(net, norm, spread_scale(meta, norm))
+    spread = spread_scale(meta, norm)
+    groups = value_groups(stain_calibrations(meta)) if spread is not None else None
+    return (SubjectGraph if norm.per_subject else InferenceGraph)(net, norm, spread, groups)
 
 
 def _output_record(meta: dict, dims: list, h, p) -> dict:
@@ -234,7 +257,21 @@ def _uncertainty_record(meta: dict, dims: list, h, p) -> dict:
         f"the {meta['members']} members' standard deviation (ddof 1) pooled over the whole patch (the same "
         f"at each of its positions), times the target scale and the calibration factor of each stain "
         f"(`uncertainty.calibration`), in raw stain units; on a {p}x{p} patch, [:, k, {h}, {h}] is what "
-        "`mrhscale predict` writes as <stain k>_uncertainty; stain +- 1.96 x uncertainty: the 95% interval")}
+        "`mrhscale predict` writes as <stain k>_uncertainty; stain +- 1.96 x uncertainty: the 95% interval"
+        + _group_note(meta))}
+
+
+def _group_note(meta: dict) -> str:
+    """What the graph does with a calibration by groups: value bins inside it; tissue labels are not
+    inputs, so their factors are not applied (the global one is)."""
+    cals = stain_calibrations(meta)
+    note = ""
+    if value_groups(cals):
+        note += "; times the factor of the bin of each stain's predicted value (calibration by value bins)"
+    if any(label_groups(cals)):
+        note += ("; a calibration by tissue labels is NOT applied (labels are no input): those stains keep the "
+                 "global factor")
+    return note
 
 
 def _io_records(meta: dict, graph: InferenceGraph, dims: list) -> dict:

@@ -21,12 +21,14 @@ import numpy as np
 
 from mrhscale.errors import MRHError
 from mrhscale.io.exported import graph_feeds
+from mrhscale.log import logger
 from mrhscale.nn.gather import block_patches
 from mrhscale.nn.onnx import with_feeds
 from mrhscale.nn.worker import NetworkSpec, forward, network
 from mrhscale.ops.merge import BlockMerger, to_stain_units
-from mrhscale.ops.uncertainty import spread_scale
+from mrhscale.ops.uncertainty import label_group, label_groups, spread_scale, value_groups
 from mrhscale.options import AGGREGATES, PredictOptions
+from mrhscale.stores.legacy import calibration_of, stains_of
 
 SPATIAL = ("x", "y", "z")
 BLOCK_BYTES = 96 << 20  # input bytes per prediction block (see subject_prediction)
@@ -53,6 +55,7 @@ class BlockJob:
     tta: bool = False
     exported: bool = False
     feeds: dict | None = None
+    value_groups: tuple | None = None  # per stain: (inner edges, relative factors) of a Mondrian calibration
 
 
 def predict_block(mri: np.ndarray, mask: np.ndarray, job: BlockJob, halo: int) -> np.ndarray:
@@ -73,7 +76,7 @@ def predict_block(mri: np.ndarray, mask: np.ndarray, job: BlockJob, halo: int) -
         pred = forward(model, patches, (s, r, q),
                        batch_size=job.spec.batch_size, half=job.half, centre=job.aggregate == "centre",
                        tta=job.tta, ensemble=job.spread_scale is not None and not job.exported)
-        merger.aggregate(to_stain_units(pred, job.t_offset, job.t_scale, job.spread_scale))
+        merger.aggregate(to_stain_units(pred, job.t_offset, job.t_scale, job.spread_scale, job.value_groups))
     return np.transpose(merger.finalize(), (*np.argsort(order), 3))
 
 
@@ -120,7 +123,50 @@ def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = Pr
     whole = _blocks(mri, mask, slice_axis, depth, max(block_bytes, plane_bytes)) if regions is not None else None
     mri, mask = whole if whole and _whole_planes(whole[0].chunks, slice_axis) else _blocks(
         mri, mask, slice_axis, depth, block_bytes)
-    job = block_job(meta, spec, meta["norm"] if norm is None else norm, h, slice_axis, aggregate, tta)
+    norm = meta["norm"] if norm is None else norm
+    cals = stain_calibrations(meta) if spread_scale(meta, norm) is not None else []
+    job = block_job(meta, spec, norm, h, slice_axis, aggregate, tta, cals)
+    out = _maps(ds, channels, mri, mask, job, slice_axis, depth, regions, tasks)
+    if job.spread_scale is None or job.exported:  # an export's graph applies its own calibration
+        return out
+    return with_label_groups(out, ds, label_groups(cals), len(job.t_scale))
+
+
+def stain_calibrations(meta: dict) -> list[dict]:
+    """An ensemble bundle's calibration record of each stain, in its stain order."""
+    per = calibration_of(meta, stains_of(meta))
+    return [per.get(t, {}) for t in stains_of(meta)]
+
+
+def with_label_groups(out, ds, groups: list, n_t: int):
+    """The uncertainties of ``out`` (x, y, z, V) times each voxel's tissue group's factor over
+    the global one (a calibration by labels); a subject without those labels keeps the
+    global factor (warned)."""
+    if not any(groups):
+        return out
+    scale = [da.ones(out.shape[:3], np.float32, chunks=out.chunks[:3])] * n_t
+    for g in groups:
+        scale.append(_label_scale(ds, g, out.chunks[:3]))
+    return out * da.stack(scale, axis=-1).rechunk(out.chunks)
+
+
+def _label_scale(ds, group, chunks):
+    ones = da.ones(tuple(map(sum, chunks)), np.float32, chunks=chunks)
+    if group is None:
+        return ones
+    names, rel = group
+    if any(n not in ds.data_vars for n in names):
+        logger.warning(f"mrhscale: subject {ds.attrs.get('subject')} lacks label(s) "
+                       f"{', '.join(n for n in names if n not in ds.data_vars)}: its uncertainty keeps the global "
+                       "calibration factor, not the per-tissue ones")
+        return ones
+    labels = [ds[n].transpose(*SPATIAL).data for n in names]
+    labels = [(lab if isinstance(lab, da.Array) else da.from_array(lab)).rechunk(chunks) for lab in labels]
+    return da.map_blocks(lambda *ls: rel[label_group(ls, ls[0].shape)], *labels, dtype=np.float32)
+
+
+def _maps(ds, channels, mri, mask, job: BlockJob, slice_axis: int, depth: int, regions, tasks: int):
+    """The lazy (x, y, z, V) maps of ``subject_prediction`` (before tissue-group factors)."""
     n_out = len(job.t_scale) * (1 if job.spread_scale is None else 2)
     kw = dict(chunks=(*mri.chunks[:3], (n_out,)), dtype=np.float32, meta=np.empty((0,) * 4, np.float32), job=job)
     msk = mask.astype(bool)[..., None]
@@ -138,13 +184,16 @@ def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = Pr
                           align_arrays=False, allow_rechunk=True, halo=depth, **kw)
 
 
-def block_job(meta: dict, spec: NetworkSpec, norm, h: int, slice_axis: int, aggregate: str, tta) -> BlockJob:
-    """The block tasks' job: the bundle's scalings (``norm``: this subject's), or, for an
-    ONNX export (``meta["exported"]``), identity ones and the graph's brain statistics."""
+def block_job(meta: dict, spec: NetworkSpec, norm, h: int, slice_axis: int, aggregate: str, tta,
+              cals: list | None = None) -> BlockJob:
+    """The block tasks' job: the bundle's scalings (``norm``: this subject's) and an ensemble's
+    value-group calibration (``cals``), or, for an ONNX export (``meta["exported"]``), identity
+    ones and the graph's brain statistics."""
     t_off, t_scale = norm.target_arrays(np.float32)  # float32: what the map is computed in
     spread = spread_scale(meta, norm)
     if not meta.get("exported"):
-        return BlockJob(spec, h, slice_axis, *norm.input_arrays(), t_off, t_scale, spread, aggregate, bool(tta))
+        return BlockJob(spec, h, slice_axis, *norm.input_arrays(), t_off, t_scale, spread, aggregate, bool(tta),
+                        value_groups=value_groups(cals) if spread is not None and cals else None)
     n_c = len(meta["channels"])
     return BlockJob(spec, h, slice_axis, np.zeros(n_c, np.float32), np.ones(n_c, np.float32), np.zeros_like(t_off),
                     np.ones_like(t_scale), None if spread is None else np.ones_like(spread), aggregate, bool(tta),

@@ -62,7 +62,7 @@ def train(config: TrainConfig | str, out_dir: str, *, resume: bool = False,
         n_ch = len(store["channels"])
 
         def build():
-            m = MRHNet(n_ch, cfg.depth, cfg.width, stains=stains_of(store))
+            m = MRHNet(n_ch, cfg.depth, cfg.width, stains=stains_of(store), aleatoric=cfg.aleatoric)
             init_weights([mod for mod in m.modules() if isinstance(mod, nn.Conv2d)], cfg.init)
             return m
 

@@ -70,6 +70,8 @@ class TrainConfig:
     augment: str = ""  # training-time augmentations (training/augment.py), e.g. "gain,bias,flip"
     norm: str = "global"  # input scaling: the patch store's statistics, or each brain's own (ops/norm.py)
     members: int = 1  # > 1: a deep ensemble of this many networks (training/ensemble.py)
+    aleatoric: bool = False  # a noise-scale output per stain (nn/model.py), trained by a Laplace likelihood
+    calibration_groups: str = "value:4"  # Mondrian groups of the validation patches: value:N bins, or none
 
     def validate(self) -> None:
         def bad(opt, val, want):
@@ -111,6 +113,27 @@ class TrainConfig:
             bad("add-stain", self.add_stain, "is a finetune option (a new head on a trained network)")
         if self.val_patches is not None and self.val_patches < 1:
             bad("val-patches", self.val_patches, "must be at least 1 (unset: the whole val split)")
+        calibration_groups(self.calibration_groups, False)
+
+
+def calibration_groups(spec: str, brains: bool) -> tuple[str, object]:
+    """``--calibration-groups`` parsed: ("value", N bins), ("labels", [names]) or ("none", None)."""
+    spec = str(spec or "none").strip()
+    if spec == "none":
+        return "none", None
+    if spec.startswith("value:"):
+        try:
+            bins = int(spec.split(":", 1)[1])
+        except ValueError:
+            bins = 0
+        if bins < 2:
+            raise MRHError(f"--calibration-groups {spec}: value:N needs N >= 2 bins of the predicted value")
+        return "value", bins
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not brains:
+        raise MRHError(f"--calibration-groups {spec}: tissue labels are in whole brains; give "
+                       "--calibration-subjects, or use value:N")
+    return "labels", names
 
 
 def recipe_config(kind: str, given: dict, kind_defaults: dict | None = None) -> TrainConfig:
@@ -132,7 +155,8 @@ def recipe_config(kind: str, given: dict, kind_defaults: dict | None = None) -> 
 
 
 # Settings a resumed run may change; everything else must match the checkpoint.
-RESUMABLE_CHANGES = {"epochs", "patches", "val_patches"}  # val_patches: what is measured, not learned
+# val_patches: what is measured, not learned; calibration: how the trained members are calibrated
+RESUMABLE_CHANGES = {"epochs", "patches", "val_patches", "calibration_groups"}
 
 
 def run_started(out_dir: str) -> bool:

@@ -24,13 +24,14 @@ from mrhscale.errors import MRHError
 from mrhscale.io.bundle import ensemble_bundle, predictor_from_bundle, read_bundle, write_bundle
 from mrhscale.log import logger, note
 from mrhscale.nn.model import mean_and_spread
-from mrhscale.ops.uncertainty import Z95, calibration_factor, coverage
+from mrhscale.ops.norm import Normalisation
+from mrhscale.ops.uncertainty import Z95, fit_calibration
 from mrhscale.results import TrainResult
 from mrhscale.stores import Folder, write_text
 from mrhscale.stores.legacy import stains_of
 from mrhscale.stores.patches import identity as store_identity
 from mrhscale.training.checkpoint import load_checkpoint
-from mrhscale.training.config import CHECKPOINT, TrainConfig
+from mrhscale.training.config import CHECKPOINT, TrainConfig, calibration_groups
 from mrhscale.training.data import open_data
 from mrhscale.training.distributed import barrier, dist_env, init_distributed
 from mrhscale.training.loop import Runtime, Trainer
@@ -121,9 +122,9 @@ def _assemble(cfg, out_dir, rt, store, stream_norm, results) -> dict:
 @torch.no_grad()
 def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, rt: Runtime) -> dict:
     """The members on (up to CALIBRATION_PATCHES of) the validation split, at each patch's
-    centre: the mean's r and RMSE, and the factor that makes mean +- 1.96 x factor x spread
-    (the spread as predict computes it) cover 95% of the patches. No validation split:
-    factor 1, and a warning."""
+    centre: the mean's r and RMSE, and the conformal factor(s) that make mean +- 1.96 x
+    factor x spread (the spread as predict computes it) cover 95% (``ops.uncertainty.
+    fit_calibration``). No validation split: factor 1, and a warning."""
     if int(store.get("n_val", 0)) == 0:
         logger.warning("mrhscale: the patch store has no validation split; the ensemble's uncertainty is "
                        "its raw spread (uncalibrated): make patches with --val-subjects to calibrate it")
@@ -133,39 +134,48 @@ def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, rt: Run
     mean, spread, target = [], [], []
     stains = stains_of(store)
     for x, t in data.batches(0):
-        m, s = mean_and_spread(ensemble(x))
+        m, s = mean_and_spread(ensemble(x), len(stains))
         mean.append(m[..., half, half].cpu().numpy())
         spread.append(s[..., half, half].cpu().numpy())
         target.append(t[..., half, half].float().cpu().numpy())
         if sum(map(len, mean)) >= CALIBRATION_PATCHES:
             break
     mean, spread, target = (np.concatenate(a).astype(np.float64) for a in (mean, spread, target))
-    scales = np.atleast_1d(np.asarray(store["norm"]["target_scale"], np.float64))
-    fits = [_fit(mean[ok, k], spread[ok, k], target[ok, k], scales[k], store)
-            for k in range(len(stains)) for ok in [~np.isnan(target[:, k])]]
-    return {"factor": [f["factor"] for f in fits], "fitted_on": "val", "n": max(f["n"] for f in fits),
+    off, scale = Normalisation.from_dict(store["norm"]).target_arrays(np.float64)
+    groups, held_out = calibration_groups(cfg.calibration_groups, False), _held_out(store)
+    fits = [fit_stain(mean[ok, k] * scale[k] + off[k], spread[ok, k] * scale[k], target[ok, k] * scale[k] + off[k],
+                      groups, held_out=held_out) for k in range(len(stains)) for ok in [~np.isnan(target[:, k])]]
+    return calibration_record(stains, fits, "val")
+
+
+def calibration_record(stains: list[str], fits: list[dict], fitted_on: str) -> dict:
+    """The bundle's ``uncertainty.calibration``: the factors on top, each stain's fit in ``stains``."""
+    return {"factor": [f["factor"] for f in fits], "fitted_on": fitted_on, "n": max(f["n"] for f in fits),
             "val_r": float(np.nanmean([f["val_r"] for f in fits])),
             "val_rmse": float(np.nanmean([f.get("val_rmse", math.nan) for f in fits])),
             "stains": dict(zip(stains, fits, strict=True))}
 
 
-def _fit(mean: np.ndarray, spread: np.ndarray, target: np.ndarray, scale: float, store: dict) -> dict:
-    """One stain's calibration factor and how the spread ranks its errors (centre voxels)."""
-    if not len(mean):
-        return {"factor": 1.0, "fitted_on": None, "n": 0, "val_r": math.nan}
-    err, scale = mean - target, float(scale)
-    factor = calibration_factor(err, spread)
+def _held_out(store: dict) -> bool:
     held_out = store.get("val_mode") == "subject" or bool(store.get("val_subjects"))
     if not held_out:
         logger.warning("mrhscale: the validation split holds patches of the training brains, so the "
                        "calibration is fitted on data like the training data: intervals on a new brain "
                        "will be too narrow; make patches with --val-subjects to hold a brain out")
-    r = float(np.corrcoef(mean, target)[0, 1]) if np.ptp(mean) > 0 and np.ptp(target) > 0 else math.nan
-    rho = stats.spearmanr(spread, np.abs(err)).statistic if np.ptp(spread) > 0 else math.nan
-    return {"factor": factor, "fitted_on": "val", "held_out_subjects": held_out, "n": int(err.size),
-            "quantile": 0.95, "coverage_before": coverage(err, spread), "coverage_after": coverage(err, factor * spread),
-            "spearman_abs_error": float(rho), "val_r": r, "val_rmse": float(np.sqrt((err ** 2).mean())) * scale,
-            "mean_spread": float(spread.mean()) * scale}
+    return held_out
+
+
+def fit_stain(virt, unc, ref, groups, *, held_out: bool, labels=None, fitted_on: str = "val") -> dict:
+    """One stain's calibration (stain units; ``unc``: the raw uncertainty) and how the
+    uncertainty ranks its errors."""
+    if not len(virt):
+        return {"factor": 1.0, "fitted_on": None, "n": 0, "val_r": math.nan}
+    err = virt - ref
+    r = float(np.corrcoef(virt, ref)[0, 1]) if np.ptp(virt) > 0 and np.ptp(ref) > 0 else math.nan
+    rho = stats.spearmanr(unc, np.abs(err)).statistic if np.ptp(unc) > 0 else math.nan
+    return {**fit_calibration(virt, unc, ref, groups, labels), "fitted_on": fitted_on, "held_out_subjects": held_out,
+            "quantile": 0.95, "spearman_abs_error": float(rho), "val_r": r,
+            "val_rmse": float(np.sqrt((err ** 2).mean())), "mean_spread": float(unc.mean())}
 
 
 def _say(cal: dict, k: int, quiet: bool) -> None:
@@ -175,9 +185,12 @@ def _say(cal: dict, k: int, quiet: bool) -> None:
 
 
 def _say_stain(cal: dict, k: int, quiet: bool, stain: str) -> None:
-    note(f"ensemble of {k} ({stain}): val r {cal['val_r']:.3f}, rmse {cal['val_rmse']:.4g}; spread x {cal['factor']:.3g} "
-         f"covers 95% of {cal['n']} validation patches (raw spread covered {cal['coverage_before']:.1%} "
-         f"within {Z95:.2f} sd); Spearman(spread, |error|) {cal['spearman_abs_error']:.3f}", quiet)
+    where = "validation patches" if cal.get("fitted_on") == "val" else "voxels of the calibration brains"
+    groups = cal.get("groups")
+    per = f"; per {groups['by']} group x {', '.join(f'{f:.3g}' for f in groups['factor'])}" if groups else ""
+    note(f"ensemble of {k} ({stain}): val r {cal['val_r']:.3f}, rmse {cal['val_rmse']:.4g}; uncertainty x "
+         f"{cal['factor']:.3g} covers 95% of {cal['n']} {where} (raw covered {cal['coverage_before']:.1%} "
+         f"within {Z95:.2f} sd){per}; Spearman(uncertainty, |error|) {cal['spearman_abs_error']:.3f}", quiet)
 
 
 def _result(cfg, out_dir, results, summary, world) -> TrainResult:

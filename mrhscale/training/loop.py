@@ -63,7 +63,13 @@ from mrhscale.training.distributed import (
     init_distributed,
     replica_max_abs_diff,
 )
-from mrhscale.training.optim import clip_per_tensor_, loss_function, lr_factor, make_optimizer
+from mrhscale.training.optim import (
+    clip_per_tensor_,
+    loss_function,
+    lr_factor,
+    make_optimizer,
+    scale_loss_function,
+)
 
 
 class StopFlag:
@@ -321,6 +327,7 @@ class Trainer:
         self.half = int(self.store["patch"]["half"])
         self.loss_fn = loss_function(cfg.loss, self.half)  # validation, probes: this rank's batches alone
         self.train_loss = loss_function(cfg.loss, self.half, global_count=True)
+        self.scale_loss = scale_loss_function(global_count=True)  # --aleatoric's head
         self.per_rank = cfg.batch_size // self.world
         shard = {"rank": self.rank, "world": self.world, "norm": self.stream_norm}
         self.train_data = open_data(cfg, rt, "train", self.per_rank, self.dev, workers=rt.loader_workers, **shard)
@@ -451,9 +458,11 @@ class Trainer:
         if self.augment:
             x, t = self.augment(x, t, epoch, step)
         with self.amp_ctx():
-            pred = self.pick(self.net(x))
+            out = self.net(x, with_scale=True) if self.cfg.aleatoric else self.net(x)
+        pred = self.pick(out[:, : self.model.n_stains])
         loss = self.train_loss(pred, t)
-        loss.backward()
+        nll = self.scale_loss(pred.detach(), self.pick(out[:, self.model.n_stains:]), t) if self.cfg.aleatoric else 0
+        (loss + nll).backward()
         clip_per_tensor_(self.trainable, self.cfg.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

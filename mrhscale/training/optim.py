@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mrhscale.errors import MRHError
-from mrhscale.nn.model import MRHNet
+from mrhscale.nn.model import MRHNet, laplace_nll
 from mrhscale.training.config import LOSSES, TrainConfig
 from mrhscale.training.distributed import all_reduce, dist_on
 
@@ -34,13 +34,33 @@ def loss_function(name: str, half: int = 1, *, global_count: bool = False):
         p = p.float()
         present = ~torch.isnan(t).flatten(2).any(2)  # [B, T]
         each = per_sample(p, torch.where(present[..., None, None], t, p.detach()), half)
-        each = torch.where(present, each, torch.zeros_like(each))
-        if global_count and dist_on():
-            count = all_reduce(present.sum(0)).clamp_min(1).float() / dist.get_world_size()
-            return (each.sum(0) / count).sum()
-        return (each.sum(0) / present.sum(0).clamp_min(1)).sum()
+        return _stain_sum(each, present, global_count)
 
     return loss
+
+
+def scale_loss_function(*, global_count: bool = False):
+    """``--aleatoric``: ``loss(mean, log_b, target) -> scalar``, each stain's Laplace negative
+    log-likelihood of its scale head (mean over the P x P outputs), summed over the stains
+    as ``loss_function`` sums them; ``mean`` comes detached, so it trains the scale head alone."""
+
+    def loss(mean, log_b, t):
+        mean, log_b = mean.float(), log_b.float()
+        present = ~torch.isnan(t).flatten(2).any(2)
+        each = laplace_nll(mean, log_b, torch.where(present[..., None, None], t, mean)).flatten(-2).mean(-1)
+        return _stain_sum(each, present, global_count)
+
+    return loss
+
+
+def _stain_sum(each: torch.Tensor, present: torch.Tensor, global_count: bool) -> torch.Tensor:
+    """Per-sample losses [B, T] -> the sum over stains of each stain's mean over the samples
+    that have it (see ``loss_function``)."""
+    each = torch.where(present, each, torch.zeros_like(each))
+    if global_count and dist_on():
+        count = all_reduce(present.sum(0)).clamp_min(1).float() / dist.get_world_size()
+        return (each.sum(0) / count).sum()
+    return (each.sum(0) / present.sum(0).clamp_min(1)).sum()
 
 
 _PER_SAMPLE = {  # [..., P, P] -> [...]: one sample's loss
