@@ -118,7 +118,12 @@ def test_ensemble_returns_each_stains_mean_and_calibrated_spread(trained, brain)
     outs, norm, b = member_outputs(trained["ensemble"], x, stats["offset"], stats["scale"])
     factor = b["uncertainty"]["calibration"]["stains"]["af"]["factor"]
     sd = np.sqrt(outs.var(0, ddof=1).mean((-2, -1), keepdims=True))  # pooled over the patch
-    want_unc = np.broadcast_to(sd * norm.target_scale[0] * factor, unc.shape)
+    want_unc = np.broadcast_to(sd * norm.target_scale[0] * factor, unc.shape).copy()
+    groups = b["uncertainty"]["calibration"]["stains"]["af"].get("groups") or {}
+    if groups.get("by") == "value":  # the default calibration: a factor per bin of the predicted value
+        mean = norm.invert_target(outs.mean(0))
+        rel = np.asarray(groups["factor"]) / factor
+        want_unc *= rel[np.searchsorted(groups["edges"], mean, side="right")]
     d_stain = float(np.abs(stain - norm.invert_target(outs.mean(0))).max())
     d_unc = float(np.abs(unc - want_unc).max())
     assert len(outs) == 2 and factor != 1.0 and d_stain <= TOL and d_unc <= TOL, (d_stain, d_unc)
