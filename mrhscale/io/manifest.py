@@ -24,6 +24,9 @@ import re
 from dataclasses import dataclass, field
 
 import yaml
+from yaml.composer import Composer
+from yaml.events import MappingEndEvent, MappingStartEvent, SequenceEndEvent, SequenceStartEvent
+from yaml.nodes import ScalarNode
 
 from mrhscale.errors import MRHError
 
@@ -34,6 +37,7 @@ RESERVED = {"mri", "mask", "fa", "contrast", "group", "bval", "bvec", "x", "y", 
 # of the pure-Python one (a 2,000-subject synthetic manifest: 20 s and ~250 MB otherwise)
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 KNOWN_KEYS = {"id", "mri", "fa", "mask", "targets", "labels", "truth", "notes"}
+EXTRA_KEYS = ("truth", "notes")  # a subject's entries that only record (SubjectSpec.extra)
 
 
 @dataclass
@@ -156,11 +160,50 @@ def parse_subject(raw, base: str, where: str) -> SubjectSpec:
         fa=fa,
         targets=_named_paths(raw.get("targets"), base, f"{where}.targets"),
         labels=_named_paths(raw.get("labels"), base, f"{where}.labels"),
-        extra={k: raw[k] for k in ("truth", "notes") if k in raw},
+        extra={k: raw[k] for k in EXTRA_KEYS if k in raw},
     )
 
 
-def load_manifest(path: str) -> Manifest:
+# Python's composer first, over the C parser's events (the pure-Python loader has it already)
+_COMPOSED = (SAFE_LOADER,) if issubclass(SAFE_LOADER, Composer) else (Composer, SAFE_LOADER)
+
+
+class _WithoutExtra(*_COMPOSED):
+    """The safe loader, each subject's ``truth`` and ``notes`` skipped as they are read (never
+    built: a synthetic subject's notes are ~90 KB while parsed, most of a 2,000-subject
+    manifest's peak memory); faster than building them too. An alias to an anchor inside skipped entries is an error."""
+
+    def __init__(self, stream):
+        SAFE_LOADER.__init__(self, stream)
+        Composer.__init__(self)
+        self.depth = 0  # 3: inside a subject entry (root mapping, subjects list, the entry)
+
+    def compose_node(self, parent, index):
+        if self.depth == 3 and isinstance(index, ScalarNode) and index.value in EXTRA_KEYS:
+            return self.skip_node()
+        self.depth += 1
+        try:
+            return Composer.compose_node(self, parent, index)
+        finally:
+            self.depth -= 1
+
+    def skip_node(self) -> ScalarNode:
+        """The next node's events consumed, a null in its place."""
+        depth = 0
+        while True:
+            event = self.get_event()
+            if isinstance(event, (MappingStartEvent, SequenceStartEvent)):
+                depth += 1
+            elif isinstance(event, (MappingEndEvent, SequenceEndEvent)):
+                depth -= 1
+            if depth <= 0:
+                return ScalarNode("tag:yaml.org,2002:null", "", event.start_mark, event.end_mark)
+
+
+def load_manifest(path: str, extra: bool = True) -> Manifest:
+    """The manifest at ``path`` (a file, or a folder holding cohort.yaml), checked; ``extra``
+    False leaves each subject's ``truth`` and ``notes`` unread (a stage that does not record
+    them: ingest keeps no per-subject notes at cohort scale)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MRHError(f"{path}: manifest not found")
@@ -171,13 +214,15 @@ def load_manifest(path: str) -> Manifest:
         path = cand
     try:
         with open(path) as fh:
-            doc = yaml.load(fh, Loader=SAFE_LOADER)
+            doc = yaml.load(fh, Loader=SAFE_LOADER if extra else _WithoutExtra)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise MRHError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("subjects"), list) or not doc["subjects"]:
         raise MRHError(f"{path}: expected a top-level 'subjects:' list with at least one subject")
     base = os.path.dirname(os.path.abspath(path))
     subjects = [parse_subject(raw, base, f"{path}: subjects[{i}]") for i, raw in enumerate(doc["subjects"])]
+    for s in subjects if not extra else ():
+        s.extra.clear()  # the nulls left where they were skipped
     seen = set()
     for s in subjects:
         if s.id in seen:

@@ -26,6 +26,12 @@ from mrhscale.errors import MRHError
 # runs. Small workers, which keep Dask's own malloc settings, ran predict ~25% slower with
 # it. For a cluster you start yourself, set it in the workers' environment (docs/scaling.md).
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+# Dask's developer logs of recent messages (each comm's last 1,000 batches, the scheduler's
+# last 1,000 transitions) keep the tasks they name alive, pickled graphs and run specs
+# included: ~100 KB a subject in the driver (where an embedded cluster's scheduler runs)
+# until they fill, most of what grew with the cohort (benchmarks/RESULTS.md, "driver
+# memory"). Set while the embedded cluster and the client start (each comm reads it then).
+DRIVER_CONFIG = {"distributed.admin.low-level-log-length": 16}
 
 
 @contextlib.contextmanager
@@ -47,7 +53,8 @@ def dask_client(
         raise MRHError(f"--workers must be >= 1, got {workers}")
     if scheduler:
         try:
-            client = Client(scheduler, timeout="20s")
+            with dask.config.set(DRIVER_CONFIG):
+                client = Client(scheduler, timeout="20s")
         except OSError as e:
             raise MRHError(f"--scheduler {scheduler}: cannot connect ({e})") from None
         try:
@@ -64,7 +71,7 @@ def dask_client(
     spawn_env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     if _tunable(memory_limit, threads_per_worker):
         spawn_env.update(WORKER_ENV)
-    with _parent_environ_kept(), dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):
+    with _parent_environ_kept(), dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env, **DRIVER_CONFIG}):
         cluster = LocalCluster(
             n_workers=n,
             threads_per_worker=threads_per_worker,
@@ -74,7 +81,7 @@ def dask_client(
             dashboard_address=":0",
             silence_logs=level,
         )
-    client = Client(cluster)
+        client = Client(cluster)
     client.register_plugin(quiet_task_failures(log_file()), name=QUIET_PLUGIN)
     try:
         with _tracebacks_to_log():
@@ -95,6 +102,7 @@ def gpu_client(workers: int | None, level: int):
     LocalCUDACluster when installed (each worker sees only its own device); else a
     LocalCluster whose worker ``i`` takes GPU ``i`` (``PinGPU``, read by ``worker_device``).
     Without either, every worker would load the model on GPU 0."""
+    import dask
     import torch
     from distributed import Client, LocalCluster
 
@@ -106,14 +114,14 @@ def gpu_client(workers: int | None, level: int):
         from dask_cuda import LocalCUDACluster
     except ImportError:
         LocalCUDACluster = None
-    with _parent_environ_kept():
+    with _parent_environ_kept(), dask.config.set(DRIVER_CONFIG):
         if LocalCUDACluster is not None:
             cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=list(range(n)), threads_per_worker=1,
                                        dashboard_address=":0", silence_logs=level)
         else:
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                    dashboard_address=":0", silence_logs=level)
-    client = Client(cluster)
+        client = Client(cluster)
     try:
         if LocalCUDACluster is None:
             client.register_plugin(PinGPU(n_gpus))

@@ -397,7 +397,7 @@ def ingest(
     Runs on ``ctx``'s Dask cluster (``Context()``: the active client, else an embedded one).
     """
     ctx = ctx or Context()
-    man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest, extra=False)
     specs = man.select(list(dict.fromkeys(subjects)) if subjects else None)
     _check_options(chunks, compression)
     store = CohortStore(ctx.location(out))

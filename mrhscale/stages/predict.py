@@ -33,8 +33,6 @@ when there is something to predict.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
 import time
 from collections.abc import Iterator
 
@@ -44,8 +42,8 @@ from mrhscale.options import PredictOptions
 from mrhscale.parallel.context import Context
 from mrhscale.results import PredictResult
 from mrhscale.stages.predict_bids import bids_sink
-from mrhscale.stages.predict_graph import SPATIAL, subject_prediction
-from mrhscale.stages.predict_plan import PredictPlan, brain_voxels, checked_device
+from mrhscale.stages.predict_graph import subject_prediction
+from mrhscale.stages.predict_plan import PredictPlan, SubjectInputs, checked_device
 from mrhscale.stages.predict_sinks import NativeSink, NiftiSink, OmeZarrSink, ZarrSink, nifti_tag
 from mrhscale.stores import CohortStore, resolve
 
@@ -86,25 +84,24 @@ def predict(model_path: str, store_url: str, out_url: str, *, subjects: list[str
     if out_url == store_url:
         raise MRHError(f"--out {out_url}: is the input store; give a separate prediction store")
     source = CohortStore.open(ctx.location(store_url))
-    ids, datasets = plan.inputs(source, subjects)
-    files = _file_sinks(nifti_dir, to_native, datasets)
+    inputs = plan.inputs(source, subjects)  # records read; datasets opened group by group
+    ids = inputs.ids
+    files = _file_sinks(nifti_dir, to_native, inputs)
     ome = OmeZarrSink(ome_zarr, ids, plan, ctx) if ome_zarr else None
-    bids = bids_sink(bids_derivatives, source.subjects(), datasets)
+    bids = bids_sink(bids_derivatives, source.subjects(), inputs.attrs_only())
     sink = ZarrSink(ctx.location(out_url), plan, overwrite=overwrite)
     with contextlib.ExitStack() as stack:
         # an embedded cluster starts only if there is something to predict; its workers are
         # this machine's, so the numerics are planned here (a cluster given or joined: on its workers)
         runner = None if ctx.embedded else stack.enter_context(ctx.runner(threads=True))
         plan.use_threads(runner, ctx)
-        plan.plan_numerics(runner, brain_voxels(datasets.values()))
+        plan.plan_numerics(runner, inputs.brain_voxels())
         with sink.open():
-            identities = {sid: source.identity(sid) for sid in ids}  # read once per subject
-            todo, skipped = sink.sort_out(ids, {sid: plan.made_by(identities[sid]["fingerprint"]) for sid in ids})
+            todo, skipped = sink.sort_out(ids, {sid: plan.made_by(inputs.identity(sid)["fingerprint"]) for sid in ids})
             if todo and runner is None:
                 runner = stack.enter_context(ctx.runner(threads=True))
                 plan.use_threads(runner, ctx)
-            n_vox = _predict_all(plan, sink, Inputs(source, {sid: datasets[sid] for sid in todo}, identities),
-                                 runner, ctx)
+            n_vox = _predict_all(plan, sink, inputs.subset(todo), runner, ctx)
             nifti, native = _write_files(files, sink.store, ids, plan)
             bids_files = bids.write(sink.store, ids, plan, store_url) if bids else []
     dt = time.perf_counter() - t0
@@ -114,58 +111,52 @@ def predict(model_path: str, store_url: str, out_url: str, *, subjects: list[str
                          bids=bids_files, bids_dir=bids.path if bids else None)
 
 
-@dataclasses.dataclass
-class Inputs:
-    """The subjects to predict: the input store, their lazy datasets and their records there."""
-
-    source: CohortStore
-    datasets: dict
-    identities: dict
-
-
-def _predict_all(plan: PredictPlan, sink: ZarrSink, inputs: Inputs, runner, ctx: Context) -> int:
+def _predict_all(plan: PredictPlan, sink: ZarrSink, inputs: SubjectInputs, runner, ctx: Context) -> int:
     """Every subject of ``inputs`` predicted and committed, group by group (``subject_groups``:
     one runner call each, every subject committed as soon as it is written); the brain voxels
     predicted."""
-    if not inputs.datasets:
+    if not inputs:
         return 0
     plan.prepare_workers(runner)  # may fall back from a compile: the records follow after it
-    made_by = {sid: plan.made_by(inputs.identities[sid]["fingerprint"]) for sid in inputs.datasets}
+    made_by = {sid: plan.made_by(inputs.identity(sid)["fingerprint"]) for sid in inputs}
     n_vox = 0
     with sink.writing(), progress(total=len(made_by), desc="predict", unit="subject", quiet=ctx.quiet) as bar:
-        for group in subject_groups(inputs.datasets, runner.n_workers()):
+        for group in subject_groups(inputs.voxels(), runner.n_workers()):
             outs = _group_outputs(plan, sink, inputs, group, runner)
             n_vox += sink.write_group(outs, made_by, runner, done=lambda _sid: bar.update(1))
+            del outs  # this group's datasets and graphs go before the next group's are made
     return n_vox
 
 
-def subject_groups(datasets: dict, n_workers: int = 1) -> Iterator[list[str]]:
-    """The subjects in groups of one runner call each: ``GROUP_VOXELS`` of input or more (enough
+def subject_groups(voxels: dict[str, int], n_workers: int = 1) -> Iterator[list[str]]:
+    """The subjects of ``voxels`` ({id: its grid's voxels}) in groups of one runner call each:
+    ``GROUP_VOXELS`` of input or more (enough
     blocks to fill the cluster: many tiny subjects share a call, so their fixed costs, a
     round trip, an index rewrite, overlap), at most ``GROUP_SUBJECTS`` (or 4 per worker),
     so that the driver's graphs and claims stay bounded whatever the cohort's size."""
-    group, voxels, most = [], 0, max(GROUP_SUBJECTS, 4 * n_workers)
-    for sid, ds in datasets.items():
+    group, total, most = [], 0, max(GROUP_SUBJECTS, 4 * n_workers)
+    for sid, n in voxels.items():
         group.append(sid)
-        voxels += math.prod(int(ds.sizes[a]) for a in SPATIAL)
-        if voxels >= GROUP_VOXELS or len(group) >= most:
+        total += n
+        if total >= GROUP_VOXELS or len(group) >= most:
             yield group
-            group, voxels = [], 0
+            group, total = [], 0
     if group:
         yield group
 
 
-def _group_outputs(plan: PredictPlan, sink: ZarrSink, inputs: Inputs, group: list[str], runner) -> dict:
-    """The lazy subject Datasets of ``group`` (their per-subject statistics computed first, in one call)."""
-    datasets = {sid: inputs.datasets[sid] for sid in group}
+def _group_outputs(plan: PredictPlan, sink: ZarrSink, inputs: SubjectInputs, group: list[str], runner) -> dict:
+    """The lazy subject Datasets of ``group``, opened now (their per-subject statistics computed
+    first, in one call)."""
+    datasets = {sid: inputs[sid] for sid in group}
     norms = plan.normalisations(datasets, runner)
     tasks = max(1, runner.n_threads() // len(group))  # a big subject's runs fill the cluster, many small ones it
     outs = {}
     for sid, ds in datasets.items():
-        regions = inputs.source.mri_regions(sid, inputs.identities[sid])
+        regions = inputs.source.mri_regions(sid, inputs.identity(sid))
         pred = subject_prediction(ds, plan.meta, plan.spec, aggregate=plan.aggregate, tta=plan.tta, norm=norms[sid],
                                   regions=regions, tasks=tasks, plane_bytes=plan.plane_bytes)
-        outs[sid] = sink.dataset(ds, pred, plan.lineage(inputs.source.url, sid, inputs.identities[sid], norms[sid]))
+        outs[sid] = sink.dataset(ds, pred, plan.lineage(inputs.source.url, sid, inputs.identity(sid), norms[sid]))
     return outs
 
 

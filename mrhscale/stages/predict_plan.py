@@ -11,7 +11,10 @@ and the driver takes their common plan (eager fp32 on all where they differ).
 
 from __future__ import annotations
 
+import math
 import os
+import types
+from collections.abc import Mapping
 
 import dask
 import numpy as np
@@ -27,7 +30,7 @@ from mrhscale.ops.norm import subject_stats_graph
 from mrhscale.ops.stains import target_name
 from mrhscale.ops.uncertainty import calibration_factors
 from mrhscale.options import AGGREGATES, PredictOptions
-from mrhscale.stages.predict_graph import PLANE_BYTES, check_channels, subject_arrays
+from mrhscale.stages.predict_graph import PLANE_BYTES, SPATIAL, check_channels, subject_arrays
 from mrhscale.stores import resolve, sha256_file
 from mrhscale.stores.legacy import calibration_of, stains_of
 
@@ -191,21 +194,74 @@ class PredictPlan:
             "interval": f"{self.virtuals[k]} +- 1.96 x {self.uncertainties[k]}: the 95% interval"})
 
     # ---- inputs
-    def inputs(self, source, subjects) -> tuple[list[str], dict]:
+    def inputs(self, source, subjects) -> SubjectInputs:
         """The subjects to predict (all complete ones by default), channels checked on each."""
         available = source.subjects()
         if not available:
             raise MRHError(f"{source.name}: store holds no complete subject")
         ids = list(dict.fromkeys(subjects)) if subjects else available
-        missing = [s for s in ids if s not in available]
+        have = set(available)
+        missing = [s for s in ids if s not in have]
         if missing:
             raise MRHError(f"{source.name}: subject(s) not in store: {', '.join(missing)} "
                            f"(complete subjects: {', '.join(available)})")
-        datasets = {sid: source.open_subject(sid) for sid in ids}
-        for sid, ds in datasets.items():
-            check_channels(list(self.meta["channels"]), [str(c) for c in ds["contrast"].values],
+        inputs = SubjectInputs(source, ids)
+        for sid in ids:
+            check_channels(list(self.meta["channels"]), inputs.records[sid]["channels"],
                            f"{source.name}: subject {sid!r}")
-        return ids, datasets
+        return inputs
+
+
+class SubjectInputs(Mapping):
+    """The subjects to predict, {id: lazy Dataset}: each subject's small record (identity, grid
+    size, brain voxels, channels) read once here, its Dataset opened only when asked for and
+    not kept, so the driver holds a group's datasets, not the cohort's (~130 KB a subject)."""
+
+    def __init__(self, source, ids, records: dict | None = None):
+        self.source, self.ids = source, list(ids)
+        self.records = records if records is not None else {sid: self._record(sid) for sid in self.ids}
+
+    def __getitem__(self, sid: str):
+        if sid not in self.records:
+            raise KeyError(sid)
+        return self.source.open_subject(sid)
+
+    def __iter__(self):
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, ids) -> SubjectInputs:
+        return SubjectInputs(self.source, ids, {sid: self.records[sid] for sid in ids})
+
+    def identity(self, sid: str) -> dict:
+        return self.records[sid]["identity"]
+
+    def attrs_only(self) -> dict:
+        """{id: an object with the subject's ``attrs``}, read now, no Dataset opened: what a sink
+        that needs the records (the BIDS one) takes instead of the datasets."""
+        return {sid: types.SimpleNamespace(attrs=self.source.subject_attrs(sid)) for sid in self.ids}
+
+    def voxels(self) -> dict[str, int]:
+        """Each subject's grid voxels (what ``subject_groups`` weighs)."""
+        return {sid: self.records[sid]["voxels"] for sid in self.ids}
+
+    def brain_voxels(self) -> int:
+        """Their brain voxels: as ingest recorded them, the others' masks counted."""
+        known = sum(self.records[sid]["brain_voxels"] for sid in self.ids)
+        return known + brain_voxels(self[sid] for sid in self.ids if not self.records[sid]["brain_voxels"])
+
+    def _record(self, sid: str) -> dict:
+        """What the plan needs of subject ``sid``, from its attrs (one read); a store that does
+        not record its grid or channels there has its Dataset opened for them."""
+        attrs = self.source.subject_attrs(sid)
+        shape, channels = attrs.get("shape"), (attrs.get("made_by") or {}).get("channels")
+        if shape is None or channels is None:
+            ds = self.source.open_subject(sid)
+            shape, channels = [ds.sizes[a] for a in SPATIAL], [str(c) for c in ds["contrast"].values]
+        return {"identity": self.source.identity(sid, attrs), "voxels": math.prod(int(n) for n in shape),
+                "brain_voxels": int(attrs.get("brain_voxels") or 0), "channels": [str(c) for c in channels]}
 
 
 def checked_device(ctx) -> str:

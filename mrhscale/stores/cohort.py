@@ -68,9 +68,10 @@ class CohortStore(GroupStore):
             raise MRHError(f"{self.name}: subject {sid!r} has channels that differ from {ref_id!r} "
                            f"({len(ch)} vs {len(ref)} channels; first difference: {first})")
 
-    def identity(self, sid: str) -> dict:
-        """What identifies a subject's data: its fingerprint, or store and id if it has none."""
-        a = self.subject_attrs(sid)
+    def identity(self, sid: str, attrs: dict | None = None) -> dict:
+        """What identifies a subject's data: its fingerprint, or store and id if it has none
+        (``attrs``: its ``subject_attrs``, when the caller has read them)."""
+        a = attrs if attrs is not None else self.subject_attrs(sid)
         return {"fingerprint": a.get("fingerprint") or f"{self.url}#{sid}", "subject": sid}
 
     def describe(self) -> str:

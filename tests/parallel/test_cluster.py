@@ -49,6 +49,27 @@ def test_embedded_workers_start_with_one_malloc_arena():
         assert dict(os.environ) == before
 
 
+def test_the_driver_keeps_a_short_log_of_dask_messages_whatever_the_number_of_computes():
+    """Dask's developer logs of recent messages held every task's graph and run spec they
+    named (~100 KB a subject in the driver of a cohort stage); an embedded cluster and its
+    client keep 16 of each, and the caller's Dask config is left as it was."""
+    import dask
+
+    from mrhscale.parallel.cluster import DRIVER_CONFIG
+
+    key = "distributed.admin.low-level-log-length"
+    before = dask.config.get(key)
+    with dask_client(workers=1, processes=False, quiet=True) as client:
+        for i in range(40):
+            assert client.compute(dask.delayed(sum)([i, 1])).result() == i + 1
+        scheduler = client.cluster.scheduler
+        logs = [c.recent_message_log for c in scheduler.stream_comms.values()]
+        logs += [client.scheduler_comm.recent_message_log, scheduler.transition_log]
+        assert {log.maxlen for log in logs} == {DRIVER_CONFIG[key]} and all(len(log) <= 16 for log in logs)
+        assert dask.config.get(key) == before
+    assert before > 16
+
+
 @pytest.fixture
 def mrhscale_warnings(caplog, monkeypatch):
     """The package logger's warnings (a CLI run in this process may have stopped it propagating)."""

@@ -40,14 +40,10 @@ def maps(out: str, ids: list[str]) -> dict:
 
 
 def test_groups_hold_voxels_enough_and_a_bounded_number_of_subjects(monkeypatch):
-    class Subject:
-        def __init__(self, n):
-            self.sizes = {"x": n, "y": n, "z": n}
-
-    tiny = {f"s{i}": Subject(16) for i in range(150)}
+    tiny = {f"s{i}": 16**3 for i in range(150)}
     assert [len(g) for g in subject_groups(tiny)] == [64, 64, 22]
     assert [len(g) for g in subject_groups(tiny, n_workers=40)] == [150]  # 4 a worker
-    big = {f"s{i}": Subject(200) for i in range(3)}  # 8 M voxels: each fills the cluster alone
+    big = {f"s{i}": 200**3 for i in range(3)}  # 8 M voxels: each fills the cluster alone
     assert [len(g) for g in subject_groups(big)] == [1, 1, 1]
 
 
