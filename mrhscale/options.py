@@ -482,6 +482,9 @@ class SectionRegistrationOptions:
                                             "each (default: 1.5 x the table's median spacing).", metavar="MM")
     min_similarity: float = option(0.2, "A section whose |Pearson r| with its MRI plane stays below this "
                                         "after registration is reported failed and left NaN.")
+    scale_to: float = option(255.0, "The rebuilt stain scaled so its 99.5th percentile in the brain is this: the "
+                                    "range of 8-bit stain volumes, which patches' defaults (--min-label-sum) "
+                                    "expect; 0 keeps the channel's own units (optical density).", metavar="VALUE")
     pixel_um: float | None = option(None, "Pixel size (um) of sections whose table row and file do not say.",
                                     metavar="UM")
     channel: str | None = option(None, "Channel of sections whose table row does not say (dab, haematoxylin, "

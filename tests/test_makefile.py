@@ -63,6 +63,7 @@ def test_demo_install_has_no_extras_and_test_adds_them():
     assert recipe_chain("env", variables, rules) == recipe_chain("test", variables, rules)[:-1]  # CI's step
 
 
+@pytest.mark.slow  # default-run budget (README: make test <= 6 min on 2 cores); run in .ci/run's slow step
 def test_demo_imports_no_extra():
     """What the demo's install lacks (every optional extra, the test tools) is never imported by it."""
     blocked = [*EXTRAS, "moto", "pytest", "nbformat", "ipykernel"]

@@ -98,6 +98,7 @@ def tta_norm_ensemble(cohort, tmp_path_factory):
     return out, res
 
 
+@pytest.mark.slow  # default-run budget (README: make test <= 6 min on 2 cores); run in .ci/run's slow step
 def test_a_recipe_carries_tta_to_predict_and_norm_to_train(tta_norm_ensemble):
     import xarray as xr
 

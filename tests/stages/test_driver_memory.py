@@ -91,6 +91,7 @@ def recorded_store(path, n: int) -> tuple[str, list[str]]:
     return str(path), ids
 
 
+@pytest.mark.slow  # default-run budget (README: make test <= 6 min on 2 cores); run in .ci/run's slow step
 def test_predict_opens_each_subject_once_a_group_at_a_time(tmp_path, monkeypatch):
     store, ids = recorded_store(tmp_path / "c.zarr", 8)
     model = write_model(tmp_path / "m.pt", CHANNELS)

@@ -42,7 +42,7 @@ def test_chunks_tile_the_volume_evenly(chunks, shape, expect):
     assert n == [-(-s // c) for s, c in zip(shape, chunks)]
 
 
-@pytest.mark.parametrize("fmt", ["nii.gz", "nii", "analyze"])
+@pytest.mark.parametrize("fmt", [pytest.param("nii.gz", marks=pytest.mark.slow), "nii", "analyze"])
 def test_round_trip_plain_xarray(tmp_path, client, fmt):
     man = write_file_cohort(tmp_path / "files", n_subjects=2, fmt=fmt)
     out = str(tmp_path / "cohort.zarr")
@@ -226,6 +226,7 @@ def test_info_lists_subjects(tmp_path, client):
     assert "s01" in output and "10x8x12" in output and "mt_on" in output and "af" in output
 
 
+@pytest.mark.slow  # default-run budget (README: make test <= 6 min on 2 cores); run in .ci/run's slow step
 def test_many_subjects_are_written_a_window_at_a_time_each_committed_once(tmp_path, client, monkeypatch):
     """A cohort larger than the window: a few subjects claimed at a time, each committed once,
     all in the index; a re-run reuses every one."""

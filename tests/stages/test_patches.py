@@ -105,7 +105,7 @@ def read_split(url, split):
 
 @pytest.mark.parametrize(
     "half,stride,axis,slices",
-    [(1, 2, "y", None), (2, 3, "z", (1, 17)),
+    [(1, 2, "y", None), pytest.param(2, 3, "z", (1, 17), marks=pytest.mark.slow),
      pytest.param(1, 1, "x", (2, 15), marks=pytest.mark.slow)],  # stride 1: 14 s, same code paths
 )
 def test_matches_reference(rich_store, tmp_path, half, stride, axis, slices):
@@ -147,6 +147,7 @@ def test_chunk_edges_and_halo_are_covered(rich_store):
     assert ds.mri.chunksizes["x"][0] == 5 and ds.mri.chunksizes["z"][0] == 6
 
 
+@pytest.mark.slow  # default-run budget (README: make test <= 6 min on 2 cores); run in .ci/run's slow step
 def test_shuffle_is_global_and_deterministic(mid_store, tmp_path):
     url, _ = mid_store
     kw = dict(ctx=Context(scheduler="threads", quiet=True), bucket_bytes=400_000)

@@ -97,6 +97,7 @@ def _boom(block):
     raise RuntimeError("disk on fire")
 
 
+@pytest.mark.slow  # default-run budget (README: make test <= 6 min on 2 cores); run in .ci/run's slow step
 def test_a_kill_inside_a_group_leaves_the_committed_whole_and_the_rerun_skips_them(cohort, tmp_path):
     store, ids, model = cohort
     out = str(tmp_path / "p.zarr")

@@ -27,13 +27,13 @@ from mrhscale.stages.register import stack  # noqa: E402
 from mrhscale.stages.register.planes import PlaneGrid, Planes, find_positions, find_tilt, reslice  # noqa: E402
 from mrhscale.stages.register.sections import check_options, cut_axis, read_section_landmarks  # noqa: E402
 
-SECTION_ARGS = ["--sections", "10", "--section-pixel-um", "50", "--section-landmarks", "6",
+SECTION_ARGS = ["--sections", "8", "--section-pixel-um", "50", "--section-landmarks", "6",
                 "--section-torn", "0.2", "--section-missing", "0.1"]
 
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    """A 1-subject synthetic cohort with a 10-section nf stack (one lost, two torn)."""
+    """A 1-subject synthetic cohort with an 8-section nf stack (one lost, two torn)."""
     out = tmp_path_factory.mktemp("sections") / "bed"
     r = CliRunner().invoke(main, ["synth", str(out), "-n", "1", "--shape", "48,32,64", "--quiet", *SECTION_ARGS])
     assert r.exit_code == 0, r.output
@@ -81,6 +81,7 @@ def test_stack_rebuilt_on_the_subject(bed, rebuilt):
     covered = mask & np.isfinite(vol)
     assert 0.3 < covered.sum() / mask.sum() < 1.0  # the lost and failed sections leave NaN slabs
     assert np.corrcoef(vol[covered], truth[covered])[0, 1] > 0.7
+    assert np.percentile(vol[covered], 99.5) == pytest.approx(255, rel=1e-3)  # 8-bit stain units (--scale-to)
     assert not np.isnan(vol[~mask]).any()  # NaN only where the brain is not covered
 
 

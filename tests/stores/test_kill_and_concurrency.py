@@ -156,6 +156,7 @@ def test_patches_killed_then_rerun_equals_uninterrupted(cohort, tmp_path):
     assert_same(content(out), content(ref))
 
 
+@pytest.mark.slow  # default-run budget (README: make test <= 6 min on 2 cores); run in .ci/run's slow step
 def test_swap_killed_between_renames_is_finished_by_the_next_run(cohort, tmp_path):
     base = ("patches", cohort, "--target", "af", "--scheduler", "synchronous", "-q", "--out", tmp_path / "p.zarr")
     assert here(*base, "--stride", "3")[0] == 0

@@ -143,6 +143,7 @@ def test_end_to_end_ingest_patches_stream_train_predict_on_s3(tmp_path, s3):
     assert imp["groups"] and np.isfinite(imp["baseline_mse"])
 
 
+@pytest.mark.slow  # default-run budget (README: make test <= 6 min on 2 cores); run in .ci/run's slow step
 def test_cli_storage_options(tmp_path, s3):
     """--storage-options on the command line (JSON) and in --config (a YAML mapping)."""
     import json

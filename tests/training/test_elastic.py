@@ -174,6 +174,7 @@ def _rank_gradient(rank: int, world: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # default-run budget (README: make test <= 6 min on 2 cores); run in .ci/run's slow step
 def test_loss_over_two_gloo_ranks_is_the_global_batchs(tmp_path):
     """With a stain missing unevenly across ranks, 2 DDP ranks get the gradient of the
     global batch's loss (each stain averaged over all the samples that have it); each
