@@ -143,12 +143,12 @@ def cli(*args: str) -> None:
         raise RuntimeError(f"mrhscale {args[0]}: {p.stderr[-2000:]}")
 
 
-def learn(command: str, inputs: list[str], out: str, epochs: int, threads: int | None) -> None:
-    """train / finetune with the fast recipe, eager fp32, seed 0."""
+def learn(command: str, inputs: list[str], out: str, epochs: int, threads: int | None, seed: int) -> None:
+    """train / finetune with the fast recipe, eager fp32."""
     extra = ["--add-stain", "--freeze-backbone"] if command == "finetune" else ["--depth", "5"]
     extra += ["--threads", str(threads)] if threads else []
     cli(command, *inputs, "--out", out, "--recipe", "fast", "--epochs", str(epochs), "--batch-size", "128",
-        "--seed", "0", "--precision", "fp32", "--compile", "off", "-q", *extra)
+        "--seed", str(seed), "--precision", "fp32", "--compile", "off", "-q", *extra)
 
 
 def held_out_r(model: str, store: str, work: str, client, threads: int | None) -> float:
@@ -195,10 +195,11 @@ def rebuild_all(files: str, manifest: str, work: str, t: Timer, threads: int | N
 
 
 def run(full: bool = False, repeats: int = 1, stride: int = 2, epochs: int = 3, base_epochs: int = 3,
-        threads: int | None = None, keep: str | None = None) -> list[dict]:
+        threads: int | None = None, seed: int = 0, keep: str | None = None) -> list[dict]:
     """The whole comparison once. threads: torch and ITK threads of every step (default: theirs, every
     core; 1 on a shared, overloaded machine, where spinning thread pools cost far more than they give);
-    keep: a folder to leave the work in (default: a temporary one, deleted)."""
+    seed: the networks' (base and both finetunes; the stacks keep theirs); keep: a folder to leave the work
+    in (default: a temporary one, deleted)."""
     from mrhscale.parallel.cluster import dask_client
 
     del full, repeats  # one size, one run (seeded)
@@ -209,7 +210,7 @@ def run(full: bool = False, repeats: int = 1, stride: int = 2, epochs: int = 3, 
         files = os.path.dirname(manifest)
         n = {"base": t.part("patches", patches, store, BASE, os.path.join(work, "p-base.zarr"), stride)}
         t.part("train base (af, nf)", learn, "train", [os.path.join(work, "p-base.zarr")],
-               os.path.join(work, "run-base"), base_epochs, threads)
+               os.path.join(work, "run-base"), base_epochs, threads, seed)
         rebuilt, figures = rebuild_all(files, manifest, work, t, threads)
         store_b = os.path.join(work, "cohort-rebuilt.zarr")
         t.part("ingest rebuilt", _ingest, rebuilt_manifest(manifest, rebuilt), store_b)
@@ -222,12 +223,13 @@ def run(full: bool = False, repeats: int = 1, stride: int = 2, epochs: int = 3, 
             for k, st in stores.items():
                 p = os.path.join(work, f"p-{k}.zarr")
                 n[k] = t.part(f"patches {k}", patches, st, STAIN, p, stride, floors[k])
-                t.part(f"finetune {k}", learn, "finetune", [base, p], os.path.join(work, f"run-{k}"), epochs, threads)
+                t.part(f"finetune {k}", learn, "finetune", [base, p], os.path.join(work, f"run-{k}"), epochs, threads,
+                       seed)
                 r[k] = t.part(f"predict + evaluate {k}", held_out_r, os.path.join(work, f"run-{k}", "model.pt"),
                               store, os.path.join(work, f"eval-{k}"), client, threads)
                 _say(f"r_{k} = {r[k]:.4f}")
         how = (f"stride {stride}, min label sum {floors['A']:.3g} / {floors['B']:.3g} ({100 * LABEL_SUM_SHARE:.1f}% "
-               f"of each stain's p99.5), threads {threads or 'all'}")
+               f"of each stain's p99.5), threads {threads or 'all'}, seed {seed}")
         return rows(r, figures, n, t, how, epochs, base_epochs)
     finally:
         if not keep:
@@ -243,7 +245,7 @@ def _ingest(manifest: str, store: str) -> None:
 def rows(r: dict, figures: dict, n: dict, t: Timer, how: str, epochs: int, base_epochs: int) -> list[dict]:
     diff = r["A"] - r["B"]
     setup = (f"fast, depth 5, base {base_epochs} epochs on {BASE}, finetune --add-stain --freeze-backbone "
-             f"{epochs} epochs, batch 128, seed 0, {how}")
+             f"{epochs} epochs, batch 128, {how}")
     out = [row(f"held-out {HELD_OUT} r of {STAIN}, finetuned on rebuilt {STAIN} (B)", r["B"], "r",
                f"finetuned on the true {STAIN} (A)", r["A"], note=setup),
            row("r_A - r_B", diff, "r", target=f"<= {TARGET}", met=diff <= TARGET,
@@ -266,10 +268,11 @@ def main():
     ap.add_argument("--epochs", type=int, default=3, help="epochs of each finetune")
     ap.add_argument("--base-epochs", type=int, default=3, help="epochs of the base network")
     ap.add_argument("--threads", type=int, help="torch and ITK threads per step (default: every core)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the networks (base and finetunes)")
     ap.add_argument("--keep", help="leave the work in this folder")
     a = ap.parse_args()
     print_rows(run(stride=a.stride, epochs=a.epochs, base_epochs=a.base_epochs, threads=a.threads,
-                   keep=a.keep))
+                   seed=a.seed, keep=a.keep))
 
 
 if __name__ == "__main__":
