@@ -1,5 +1,7 @@
-"""Fine-tune on a rebuilt stain (issue 29's must-show): a network fine-tuned on mbp volumes rebuilt from
-degraded 2D section stacks predicts mbp on a held-out brain within 0.03 r of one fine-tuned on the true mbp.
+"""Fine-tune on a rebuilt stain (issue 29's must-show): held-out r of mbp learnt from rebuilt vs true volumes.
+
+A network fine-tuned on mbp volumes rebuilt from degraded 2D section stacks must predict mbp on a held-out
+brain within 0.03 r of one fine-tuned on the true mbp.
 
 The demo's cohort (5 synthetic brains 48x32x64, the held-out s05 on its own scanner with a field-of-view
 artefact; train s01-s03, validation s04). A base network learns af and nf (recipe fast, depth 5). For each
