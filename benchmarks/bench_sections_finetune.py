@@ -33,7 +33,7 @@ from benchmarks.common import print_rows, row  # noqa: E402
 HELD_OUT, VAL, TRAIN = "s05", "s04", ["s01", "s02", "s03"]
 STAIN, BASE = "mbp", "af,nf"
 SHAPE = (48, 32, 64)
-EVERY = 2  # planes between sections (y: 0.24 mm voxels, so a section every 0.48 mm)
+EVERY = 2  # default planes between sections (y: 0.24 mm voxels, so a section every 0.48 mm)
 TARGET = 0.03  # r_A - r_B at most
 # patches' --min-label-sum is in raw target units (default 30 of synth's 0..255 stains); a rebuilt volume
 # is in the slides' optical density (~0.06 at its 99.5th percentile), where 30 keeps no sample. Both A and
@@ -60,8 +60,8 @@ def cohort(work: str) -> tuple[str, str]:
     return manifest, store
 
 
-def cut(files: str, subject: str, folder: str) -> dict:
-    """The subject's true stain as a degraded stack (synth's defaults), a section every EVERY planes."""
+def cut(files: str, subject: str, folder: str, every: int = EVERY) -> dict:
+    """The subject's true stain as a degraded stack (synth's defaults), a section every ``every`` planes."""
     import nibabel as nib
 
     from mrhscale.options import SectionOptions
@@ -70,8 +70,8 @@ def cut(files: str, subject: str, folder: str) -> dict:
     img = nib.load(os.path.join(files, subject, f"{STAIN}.nii.gz"))
     stain = np.asanyarray(img.dataobj)
     planes = np.flatnonzero(stain.max(axis=(0, 2)) > 0)
-    n = int((planes[-1] - planes[0]) // EVERY + 1)
-    opts = SectionOptions(sections=n, subject=subject, stain=STAIN, axis="y", every=EVERY)
+    n = int((planes[-1] - planes[0]) // every + 1)
+    opts = SectionOptions(sections=n, subject=subject, stain=STAIN, axis="y", every=every)
     seq = np.random.SeedSequence([0, int(subject[1:]) - 1, SECTIONS_STREAM])
     stack = cut_sections(stain, img.affine, opts, seq, subject=subject)
     write_stack(folder, stack)
@@ -183,12 +183,13 @@ def _say(msg: str) -> None:
     print(f"[finetune_sections] {msg}", file=sys.stderr, flush=True)
 
 
-def rebuild_all(files: str, manifest: str, work: str, t: Timer, threads: int | None) -> tuple[dict, dict]:
+def rebuild_all(files: str, manifest: str, work: str, t: Timer, threads: int | None,
+                every: int) -> tuple[dict, dict]:
     """Cut and rebuild each training and validation subject's mbp: (rebuilt paths, figures)."""
     paths, figures = {}, {}
     for s in [*TRAIN, VAL]:
         stack = os.path.join(work, "stacks", s)
-        cut_info = t.part("cut stacks", cut, files, s, stack)
+        cut_info = t.part("cut stacks", cut, files, s, stack, every)
         paths[s] = os.path.join(work, "rebuilt", f"{STAIN}_{s}.nii.gz")
         os.makedirs(os.path.dirname(paths[s]), exist_ok=True)
         figures[s] = {**cut_info, **t.part("register-sections", rebuild, files, manifest, s, stack, paths[s], threads)}
@@ -197,10 +198,11 @@ def rebuild_all(files: str, manifest: str, work: str, t: Timer, threads: int | N
 
 
 def run(full: bool = False, repeats: int = 1, stride: int = 2, epochs: int = 3, base_epochs: int = 3,
-        threads: int | None = None, seed: int = 0, keep: str | None = None) -> list[dict]:
+        threads: int | None = None, seed: int = 0, every: int = EVERY, keep: str | None = None) -> list[dict]:
     """The whole comparison once. threads: torch and ITK threads of every step (default: theirs, every
     core; 1 on a shared, overloaded machine, where spinning thread pools cost far more than they give);
-    seed: the networks' (base and both finetunes; the stacks keep theirs); keep: a folder to leave the work
+    seed: the networks' (base and both finetunes; the stacks keep theirs); every: planes between
+    sections; keep: a folder to leave the work
     in (default: a temporary one, deleted)."""
     from mrhscale.parallel.cluster import dask_client
 
@@ -213,7 +215,7 @@ def run(full: bool = False, repeats: int = 1, stride: int = 2, epochs: int = 3, 
         n = {"base": t.part("patches", patches, store, BASE, os.path.join(work, "p-base.zarr"), stride)}
         t.part("train base (af, nf)", learn, "train", [os.path.join(work, "p-base.zarr")],
                os.path.join(work, "run-base"), base_epochs, threads, seed)
-        rebuilt, figures = rebuild_all(files, manifest, work, t, threads)
+        rebuilt, figures = rebuild_all(files, manifest, work, t, threads, every)
         store_b = os.path.join(work, "cohort-rebuilt.zarr")
         t.part("ingest rebuilt", _ingest, rebuilt_manifest(manifest, rebuilt), store_b)
         stores = {"A": store, "B": store_b}
@@ -231,7 +233,7 @@ def run(full: bool = False, repeats: int = 1, stride: int = 2, epochs: int = 3, 
                               store, os.path.join(work, f"eval-{k}"), client, threads)
                 _say(f"r_{k} = {r[k]:.4f}")
         how = (f"stride {stride}, min label sum {floors['A']:.3g} / {floors['B']:.3g} ({100 * LABEL_SUM_SHARE:.1f}% "
-               f"of each stain's p99.5), threads {threads or 'all'}, seed {seed}")
+               f"of each stain's p99.5), a section every {every} planes, threads {threads or 'all'}, seed {seed}")
         return rows(r, figures, n, t, how, epochs, base_epochs)
     finally:
         if not keep:
@@ -271,10 +273,11 @@ def main():
     ap.add_argument("--base-epochs", type=int, default=3, help="epochs of the base network")
     ap.add_argument("--threads", type=int, help="torch and ITK threads per step (default: every core)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the networks (base and finetunes)")
+    ap.add_argument("--every", type=int, default=EVERY, help="planes between sections")
     ap.add_argument("--keep", help="leave the work in this folder")
     a = ap.parse_args()
     print_rows(run(stride=a.stride, epochs=a.epochs, base_epochs=a.base_epochs, threads=a.threads,
-                   seed=a.seed, keep=a.keep))
+                   seed=a.seed, every=a.every, keep=a.keep))
 
 
 if __name__ == "__main__":
