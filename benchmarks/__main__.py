@@ -51,7 +51,7 @@ DEFAULT_PLAN: dict[str, dict] = {
     "stains": {"repeats": 1},  # ~10 min: three demo-sized trainings; accuracy is deterministic
     "register": {"repeats": 2},
     "sections": {},  # ~5 min: two 40-section stacks, one run each (ANTs is seeded: TRE and r repeat)
-    "sections_finetune": {},  # ~20 min: 4 stacks rebuilt, a base net and two finetunes, one seeded run
+    "sections_finetune": {},  # ~4-6 min idle (~15 at load 20): 4 stacks rebuilt, a base net, two finetunes
     "scale": {},
     "cohort": {"sizes": [32, 512]},  # ~15 min; --full: the module's own 32 and 2,000 subjects (hours on 2 cores)
 }
