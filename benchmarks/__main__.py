@@ -34,7 +34,7 @@ from benchmarks.common import copy_bandwidth_gbs, fmt_value, machine_info  # noq
 
 # Run order: the pipeline's stages, then the cohort-scale run, then registration (ANTs, optional).
 MODULES = ["ingest", "patches", "stream", "train", "predict", "feed", "precision", "options", "ensemble", "stains",
-           "scale", "cohort", "register", "sections"]
+           "scale", "cohort", "register", "sections", "sections_finetune"]
 
 # Keyword arguments for run() at the default size: reduced repeats where the module's own
 # default would push the whole run past ~15 minutes on 2 cores (times measured 2026-11-24).
@@ -51,6 +51,7 @@ DEFAULT_PLAN: dict[str, dict] = {
     "stains": {"repeats": 1},  # ~10 min: three demo-sized trainings; accuracy is deterministic
     "register": {"repeats": 2},
     "sections": {},  # ~5 min: two 40-section stacks, one run each (ANTs is seeded: TRE and r repeat)
+    "sections_finetune": {},  # ~4-6 min idle (~15 at load 20): 4 stacks rebuilt, a base net, two finetunes
     "scale": {},
     "cohort": {"sizes": [32, 512]},  # ~15 min; --full: the module's own 32 and 2,000 subjects (hours on 2 cores)
 }
