@@ -34,7 +34,6 @@ def trained(tmp_path_factory):
     return d, store, run["model"]
 
 
-@pytest.mark.slow  # default-run budget (README: make test <= 6 min on 2 cores); run in .ci/run's slow step
 def test_compiled_bf16_prediction_matches_fp32(trained):
     d, store, model = trained
     maps, rs = {}, {}
