@@ -71,23 +71,29 @@ class Folder:
     def replace(self, **info):
         """Yield an empty folder to fill; it replaces this one only when the block completes."""
         self.check()
-        with self.claim():
-            recover(self.path)
-            new = aside_url(self.path, "new", run_token())
-            os.makedirs(new)
+        with self.claim(), built_aside(self.path) as new:
             self.mark(new, **info)
-            try:
-                yield new
-            except BaseException:
-
-                remove(new)
-                raise
-            swap_in(new, self.path, token=run_token())
+            yield new
 
     def create(self, **info) -> None:
         """Make the folder (refusing a foreign one) and mark it as ours."""
         self.check()
         self.mark(**info)
+
+
+@contextlib.contextmanager
+def built_aside(path: str):
+    """An empty folder beside ``path`` to fill (an interrupted earlier one recovered first); swapped
+    in for ``path`` when the block completes, removed if it fails. The caller holds the claim."""
+    recover(path)
+    new = aside_url(path, "new", run_token())
+    os.makedirs(new)
+    try:
+        yield new
+    except BaseException:
+        remove(new)
+        raise
+    swap_in(new, path, token=run_token())
 
 
 DESCRIPTION = "dataset_description.json"  # a BIDS derivatives folder's marker: GeneratedBy names mrhscale
@@ -137,12 +143,5 @@ class DerivativesFolder:
             if self.check():
                 yield self.path
                 return
-            recover(self.path)
-            new = aside_url(self.path, "new", run_token())
-            os.makedirs(new)
-            try:
+            with built_aside(self.path) as new:
                 yield new
-            except BaseException:
-                remove(new)
-                raise
-            swap_in(new, self.path, token=run_token())
