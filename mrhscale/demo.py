@@ -75,6 +75,10 @@ class DemoConfig:
     # scanner, narrows the held-out brain's intervals: docs/uncertainty.md, "Issue 31")
     aleatoric: bool = False
     calibration_groups: str = "value:4"
+    # brains beside the validation one that the uncertainty is calibrated on (after the held-out
+    # one, s06.., each on its own scanner, never trained on): a new scanner's shift differs from
+    # brain to brain, and one calibration brain cannot say how much (docs/uncertainty.md)
+    calibration_brains: int = 3
 
     def __post_init__(self):
         budget = DEMO_FAST_BUDGET if self.recipe == "fast" else {}
@@ -83,7 +87,7 @@ class DemoConfig:
 
 
 QUICK = DemoConfig(subjects=3, shape=(24, 16, 32), stride=2, depth=2, epochs=2, batch_size=128,
-                   importance_patches=500, importance_repeats=1, members=2)
+                   importance_patches=500, importance_repeats=1, members=2, calibration_brains=0)
 
 
 def run_demo(out: str, cfg: DemoConfig | None = None, *, quick: bool = False,
@@ -123,6 +127,8 @@ class _Demo:
         self.test_id = ids[-1] if cfg.subjects % 2 == 1 else ids[-2]
         self.train_ids = [s for s in ids if s != self.test_id]
         self.val_id = self.train_ids[-1]
+        extra = [f"s{cfg.subjects + i + 1:02d}" for i in range(cfg.calibration_brains if cfg.members > 1 else 0)]
+        self.calibration_ids = [self.val_id, *extra]
         self.manifest = os.path.join(self.p["files"], "cohort.yaml")
         self.model = os.path.join(self.p["run"], "model.pt")
 
@@ -135,11 +141,12 @@ class _Demo:
 
     def synth(self) -> None:
         cfg = self.cfg
-        variation = SynthVariation(scanner_variation=[self.val_id, self.test_id] if cfg.scanner_variation else None,
+        scanners = [self.val_id, self.test_id, *self.calibration_ids[1:]]
+        variation = SynthVariation(scanner_variation=scanners if cfg.scanner_variation else None,
                                    artefact=[self.test_id] if cfg.artefact else None)
         with self.stage("synth", "synth: phantom cohort"):
             if not os.path.exists(self.manifest):
-                make_cohort(self.p["files"], n_subjects=cfg.subjects, shape=tuple(cfg.shape), seed=cfg.seed,
+                make_cohort(self.p["files"], n_subjects=cfg.subjects + len(self.calibration_ids) - 1, shape=tuple(cfg.shape), seed=cfg.seed,
                             fmt="nii.gz", variation=variation, quiet=self.quiet)
 
     def ingest_and_patches(self) -> None:
@@ -168,9 +175,9 @@ class _Demo:
                           compile=None if os.environ.get(ENV_COMPILE) else "off")
                 resume = run_started(self.p["run"])
                 train(self.p["patches"], self.p["run"], resume=resume, **kw)
-                if cfg.members > 1:  # on the whole validation brain, its voxels grouped as asked
-                    calibrate(self.model, [self.val_id], groups=cfg.calibration_groups, cohort=self.p["store"],
-                              ctx=self.ctx.but(quiet=True))
+                if cfg.members > 1:  # on the whole calibration brains, their voxels grouped as asked
+                    calibrate(self.model, self.calibration_ids, groups=cfg.calibration_groups,
+                              cohort=self.p["store"], ctx=self.ctx.but(quiet=True))
 
     def predict(self) -> None:
         with self.stage("predict", f"predict: held-out subject {self.test_id}"):
@@ -201,6 +208,7 @@ class _Demo:
         summary["every_stain"] = lines
         summary.update({
             "held_out": self.test_id, "train_subjects": self.train_ids[:-1], "val_subject": self.val_id,
+            "calibration_subjects": self.calibration_ids if self.cfg.members > 1 else [],
             "stage_seconds": {k: round(v, 1) for k, v in self.times.items()},
             "config": asdict(self.cfg), "paths": self.p,
             "subjects_in_store": list_subjects(self.ctx.location(self.p["store"])),

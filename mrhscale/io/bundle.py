@@ -37,8 +37,10 @@ def make_bundle(
     norm: Normalisation,
     patch: dict,
     provenance: dict | None = None,
+    ood: dict | None = None,
 ) -> dict[str, Any]:
-    """A single network's bundle: its weights, inputs, normalisation and stains (the model's)."""
+    """A single network's bundle: its weights, inputs, normalisation and stains (the model's);
+    ``ood``: the out-of-distribution score fitted on its training patches (``ops.ood``)."""
     if len(channels) != model.in_channels:
         raise MRHError(f"bundle: {len(channels)} channel names for a model with {model.in_channels} inputs")
     if norm.n_channels != model.in_channels:
@@ -56,6 +58,7 @@ def make_bundle(
         **stain_record(model.stains),
         "patch": dict(patch),
         "provenance": dict(provenance or {}),
+        **({"ood": dict(ood)} if ood else {}),
     }
     return bundle
 

@@ -52,7 +52,7 @@ def export_meta(doc: dict, path: str) -> dict:
     if int(doc.get("format_version", 0)) < 3:
         raise MRHError(f"{path}: an export of an earlier mrhscale (format {doc.get('format_version')}); "
                        "export the bundle again to predict with it")
-    meta = {k: doc[k] for k in ("target", "stains", "channels", "patch", "arch", "uncertainty") if k in doc}
+    meta = {k: doc[k] for k in ("target", "stains", "channels", "patch", "arch", "uncertainty", "ood") if k in doc}
     meta.update(norm=Normalisation.from_dict(doc["normalisation"]), members=int(doc.get("members", 1)),
                 provenance={"exported_from": doc.get("model", {})},
                 exported={"inputs": [i["name"] for i in doc["inputs"]],

@@ -194,7 +194,10 @@ def compiled(module: torch.nn.Module, *, inference: bool) -> torch.nn.Module:
 class InferenceModel:
     """The network as inference runs it. Eager fp32 calls the module exactly as before;
     other modes autocast and/or call the compiled module on batches padded to
-    ``batch_size`` (one static shape: it never recompiles mid-run). Outputs are fp32."""
+    ``batch_size`` (one static shape: it never recompiles mid-run). Outputs are fp32.
+    ``ood``: the bundle's out-of-distribution score (``nn.ood``), run eager in fp32 beside it."""
+
+    ood: torch.nn.Module | None = None
 
     def __init__(self, model: torch.nn.Module, accel: Acceleration, device, batch_size: int,
                  example: tuple[int, int] | None = None):

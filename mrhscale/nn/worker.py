@@ -27,6 +27,7 @@ from mrhscale.errors import MRHError
 from mrhscale.nn.accel import Acceleration, InferenceModel, plan
 from mrhscale.nn.gather import batches
 from mrhscale.nn.model import mean_and_spread
+from mrhscale.nn.ood import InputDistance
 from mrhscale.ops.blocks import warm_gather
 from mrhscale.ops.symmetry import symmetric_mean
 from mrhscale.options import Numerics
@@ -87,7 +88,10 @@ def _cached(load: Callable, path: str, size: int, mtime_ns: int, device: str, th
 
 def inference_model(model, meta: dict, accel: Acceleration, device: str, batch_size: int) -> InferenceModel:
     """``model`` (of bundle ``meta``) as inference runs it in ``accel``; ``warm_up`` compiles it."""
-    return InferenceModel(model, accel, device, batch_size, example=(len(meta["channels"]), patch_size(meta)))
+    runner = InferenceModel(model, accel, device, batch_size, example=(len(meta["channels"]), patch_size(meta)))
+    if "whiten" in (meta.get("ood") or {}):  # the score beside the network on its device (an export's is in it)
+        runner.ood = InputDistance.from_record(meta["ood"]).to(device)
+    return runner
 
 
 def prepare(spec: NetworkSpec, request: Numerics | None = None, patches: int = 0, strict: bool = False) -> dict:
@@ -131,19 +135,21 @@ def check_device(device: str) -> str:
 
 
 def forward(model: InferenceModel, patches, centres, *, batch_size: int, half: int, centre: bool,
-            tta: bool = False, ensemble: bool = False) -> np.ndarray:
+            tta: bool = False, ensemble: bool = False, ood: bool = False) -> np.ndarray:
     """The network (normalised units) at ``centres`` (s, r, q in the block's frame), whose
     patches ``patches(s, r, q)`` gathers (``nn.gather.block_patches``: on the network's
     device, or into reused buffers on the CPU, the next batch while this one runs): [N, V]
     (``centre``) or [N, V, P, P] (the whole outputs); V = the stains, or twice that for an
-    ``ensemble`` (its members' means, then their pooled spreads). Everything per batch stays
-    on the device; one copy back per block. ``tta``: the mean over the 8 symmetries."""
+    ``ensemble`` (its members' means, then their pooled spreads), then with ``ood`` the
+    patch's out-of-distribution score (``nn.ood``). Everything per batch stays on the
+    device; one copy back per block. ``tta``: the mean over the 8 symmetries."""
     h, n_t = half, getattr(getattr(model, "model", model), "n_stains", None)
     preds = []
     with torch.inference_mode():
         for x in batches(patches, centres, batch_size, model.device):
             y = (symmetric_mean(model, x) if tta else model(x)).float()
             y = torch.cat(mean_and_spread(y, n_t), 1) if ensemble else y
+            y = torch.cat([y, model.ood(x)], 1) if ood else y
             y = y[:, :, h, h] if centre else y
             # x's buffer is refilled two batches on: keep nothing that shares it
             preds.append(y.clone() if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else y)

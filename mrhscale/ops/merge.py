@@ -13,23 +13,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from mrhscale.ops.uncertainty import scale_by_value
+from mrhscale.ops.uncertainty import scale_by_value, widen_by_ood
 from mrhscale.options import PredictOptions
 
 
-def to_stain_units(pred: np.ndarray, t_offset, t_scale, spread_scale=None, value_groups=None) -> np.ndarray:
+def to_stain_units(pred: np.ndarray, t_offset, t_scale, spread_scale=None, value_groups=None,
+                   ood_power=None) -> np.ndarray:
     """Network units -> raw stain units, in place, along ``pred``'s axis 1: the T stains
     (``t_offset``/``t_scale`` one per stain), then an ensemble's T spreads times
     ``spread_scale`` (per stain: the target scale times the calibration factor) and, with
     ``value_groups``, the factor of each voxel's bin of predicted value over the global one
-    (``ops.uncertainty.scale_by_value``)."""
+    (``ops.uncertainty.scale_by_value``), and with ``ood_power`` the out-of-distribution score
+    (the value after them, itself unscaled) to that power (``ops.uncertainty.widen_by_ood``)."""
     t_offset, t_scale = np.atleast_1d(t_offset), np.atleast_1d(t_scale)
     n_t = len(t_scale)
     ax = (slice(None), *([None] * (pred.ndim - 2)))  # the per-stain factors along pred's axis 1
     pred[:, :n_t] = pred[:, :n_t] * t_scale[ax] + t_offset[ax]
     if spread_scale is not None:
-        pred[:, n_t:] *= np.atleast_1d(spread_scale)[ax]
+        pred[:, n_t:2 * n_t] *= np.atleast_1d(spread_scale)[ax]
         scale_by_value(pred, n_t, value_groups)
+        if ood_power is not None:
+            widen_by_ood(pred, n_t, ood_power)
     return pred
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import n_members, read_bundle, write_bundle
 from mrhscale.log import logger, note
+from mrhscale.ops.ood import VARIABLE as OOD_VARIABLE
 from mrhscale.parallel.context import Context
 from mrhscale.stages.predict_volume import predict_volume
 from mrhscale.stores import resolve
@@ -68,14 +69,15 @@ def cohort_of(bundle: dict, model: str) -> str:
     return str(source)
 
 
-def _fit(virt, unc, ref, groups, labels):
-    return fit_stain(virt, unc, ref, groups, held_out=True, labels=labels, fitted_on="subjects")
+def _fit(virt, unc, ref, groups, labels, ood=None):
+    return fit_stain(virt, unc, ref, groups, held_out=True, labels=labels, fitted_on="subjects", ood=ood)
 
 
 def calibrate_on_brains(bundle: dict, cohort_url: str, subjects: list[str], groups, fit, *,
                         ctx: Context | None = None) -> list[dict]:
-    """Per stain of ``bundle`` (an ensemble), ``fit(virt, unc, ref, groups, labels=...)``
-    over the voxels of ``subjects`` of the cohort store at ``cohort_url``."""
+    """Per stain of ``bundle`` (an ensemble), ``fit(virt, unc, ref, groups, labels=..., ood=...)``
+    over the voxels of ``subjects`` of the cohort store at ``cohort_url`` (``ood``: their
+    out-of-distribution score, None for a bundle without one)."""
     ctx = ctx or Context()
     store = CohortStore.open(ctx.location(cohort_url))
     missing = [s for s in subjects if s not in store.subjects()]
@@ -86,7 +88,7 @@ def calibrate_on_brains(bundle: dict, cohort_url: str, subjects: list[str], grou
         raw = write_bundle(os.path.join(tmp, "model.pt"), uncalibrated(bundle))
         brains = [brain_samples(raw, store.open_subject(sid), sid, stains, groups, ctx) for sid in subjects]
     return [fit(*(np.concatenate([b[t][i] for b in brains]) for i in range(3)), groups,
-                labels=_labels(brains, t, groups)) for t in stains]
+                labels=_labels(brains, t, groups), ood=_ood(brains, t)) for t in stains]
 
 
 def uncalibrated(bundle: dict) -> dict:
@@ -96,7 +98,8 @@ def uncalibrated(bundle: dict) -> dict:
 
 
 def brain_samples(model: str, ds, sid: str, stains: list[str], groups, ctx: Context) -> dict:
-    """Per stain (virtual, raw uncertainty, reference, tissue labels) at the brain's voxels."""
+    """Per stain (virtual, raw uncertainty, reference, tissue labels, out-of-distribution score
+    or None for a bundle without one) at the brain's voxels with a reference."""
     maps = predict_volume(model, ds, ctx=ctx)
     mask = _xyz(ds["mask"]).astype(bool)
     names = list(groups[1]) if groups[0] == "labels" else []
@@ -113,12 +116,17 @@ def brain_samples(model: str, ds, sid: str, stains: list[str], groups, ctx: Cont
         if ok.size > SAMPLES_PER_BRAIN:
             ok = np.sort(np.random.default_rng(0).choice(ok, SAMPLES_PER_BRAIN, replace=False))
         pick = [v.ravel()[ok] for v in (_xyz(maps[f"{t}_virtual"]), _xyz(maps[f"{t}_uncertainty"]), ref)]
-        out[t] = (*pick, [_xyz(ds[n]).astype(bool).ravel()[ok] for n in names])
+        ood = _xyz(maps[OOD_VARIABLE]).ravel()[ok] if OOD_VARIABLE in maps else None
+        out[t] = (*pick, [_xyz(ds[n]).astype(bool).ravel()[ok] for n in names], ood)
     return out
 
 
 def _xyz(var) -> np.ndarray:
     return np.asarray(var.transpose("x", "y", "z").values)
+
+
+def _ood(brains: list[dict], t: str) -> np.ndarray | None:
+    return None if brains[0][t][4] is None else np.concatenate([b[t][4] for b in brains])
 
 
 def _labels(brains: list[dict], t: str, groups) -> list | None:

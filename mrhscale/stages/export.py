@@ -49,8 +49,9 @@ from mrhscale.errors import MRHError
 from mrhscale.io.bundle import load_model
 from mrhscale.io.exported import FORMAT, META_FILE, STATISTICS, read_export_metadata
 from mrhscale.nn.model import mean_and_spread
+from mrhscale.nn.ood import InputDistance
 from mrhscale.ops.norm import PERCENTILES, STAT_VOXELS, subject_stats_graph
-from mrhscale.ops.uncertainty import label_groups, spread_scale, value_groups
+from mrhscale.ops.uncertainty import TINY, label_groups, ood_powers, spread_scale, value_groups
 from mrhscale.results import ExportResult
 from mrhscale.stages.predict_graph import check_channels, stain_calibrations, subject_arrays
 from mrhscale.stages.predict_volume import subject_from_files
@@ -59,7 +60,7 @@ from mrhscale.stores.legacy import stains_of
 
 FORMAT_VERSION = 3  # 2: the output always has a stain axis (NTHW); 3: inputs/outputs listed, statistics in
 FORMATS = ("onnx", "pt2")
-INPUT, OUTPUT, UNCERTAINTY = "mri", "stain", "uncertainty"
+INPUT, OUTPUT, UNCERTAINTY, OOD = "mri", "stain", "uncertainty", "ood"
 DIMS = {0: "batch", 2: "height", 3: "width"}  # the input's and outputs' dynamic dims
 TOLERANCE = 1e-4  # max |exported - torch| allowed, relative to max(1, max |output|)
 APPLIED = ("inside the graph: x' = (x - offset[c]) / scale[c] per input channel c, NaN/inf -> 0; "
@@ -145,12 +146,17 @@ def _read_json(path: str) -> dict | None:
 class InferenceGraph(nn.Module):
     """Raw patches -> raw stain units: the bundle's normalisation around MRHNet, as predict
     applies it; an ensemble's graph returns its members' mean and their calibrated spread
-    (``nn.model.mean_and_spread`` times predict's ``spread_scale``: target scale x factor)."""
+    (``nn.model.mean_and_spread`` times predict's ``spread_scale``: target scale x factor);
+    with the bundle's out-of-distribution record (``ood``) the score is a last output and
+    widens the spread to each stain's ``ood_power``, as predict does."""
 
     inputs: tuple[str, ...] = (INPUT,)
 
-    def __init__(self, net: nn.Module, norm, spread: np.ndarray | None = None, value_groups=None):
+    def __init__(self, net: nn.Module, norm, spread: np.ndarray | None = None, value_groups=None,
+                 ood: dict | None = None, ood_power=None):
         super().__init__()
+        self.score = InputDistance.from_record(ood) if ood else None
+        self.register_buffer("ood_power", _along_axis1(np.zeros(norm.n_stains) if ood_power is None else ood_power))
         self.net, self.ensemble, self.n_channels = net, spread is not None, norm.n_channels
         self._input_buffers(norm)
         t_off, t_scale = norm.target_arrays(np.float32)  # [B, T, P, P]: each stain its own scaling
@@ -168,16 +174,23 @@ class InferenceGraph(nn.Module):
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return (OUTPUT, UNCERTAINTY) if self.ensemble else (OUTPUT,)
+        return (OUTPUT, *((UNCERTAINTY,) if self.ensemble else ()), *((OOD,) if self.score is not None else ()))
 
     def stains(self, x: torch.Tensor):
-        """Normalised patches (NaN/inf -> 0 here) -> raw stain units (an ensemble: and its spread)."""
-        y = self.net(torch.where(torch.isfinite(x), x, 0.0))
+        """Normalised patches (NaN/inf -> 0 here) -> raw stain units (an ensemble: and its
+        spread; with a score: and the score)."""
+        x = torch.where(torch.isfinite(x), x, 0.0)
+        y = self.net(x)
+        score = None if self.score is None else self.score(x)
         if not self.ensemble:
-            return y * self.t_scale + self.t_offset
+            y = y * self.t_scale + self.t_offset
+            return y if score is None else (y, score)
         mean, spread = mean_and_spread(y, len(self.t_scale.reshape(-1)))
         mean = mean * self.t_scale + self.t_offset
-        return mean, self._by_value(mean, spread * self.spread_scale)
+        spread = self._by_value(mean, spread * self.spread_scale)
+        if score is None:
+            return mean, spread
+        return mean, spread * score.clamp_min(TINY) ** self.ood_power, score
 
     def _by_value(self, mean: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
         """Each stain's spread times the factor of its predicted value's bin over the global one (a
@@ -236,8 +249,9 @@ def inference_graph(net: nn.Module, meta: dict) -> InferenceGraph:
     """The graph of a bundle's network (an ensemble: all its members) and metadata."""
     norm = meta["norm"]
     spread = spread_scale(meta, norm)
-    groups = value_groups(stain_calibrations(meta)) if spread is not None else None
-    return (SubjectGraph if norm.per_subject else InferenceGraph)(net, norm, spread, groups)
+    cals = stain_calibrations(meta) if spread is not None else []
+    graph = SubjectGraph if norm.per_subject else InferenceGraph
+    return graph(net, norm, spread, value_groups(cals) if cals else None, meta.get("ood"), ood_powers(cals) if cals else None)
 
 
 def _output_record(meta: dict, dims: list, h, p) -> dict:
@@ -259,6 +273,16 @@ def _uncertainty_record(meta: dict, dims: list, h, p) -> dict:
         f"(`uncertainty.calibration`), in raw stain units; on a {p}x{p} patch, [:, k, {h}, {h}] is what "
         "`mrhscale predict` writes as <stain k>_uncertainty; stain +- 1.96 x uncertainty: the 95% interval"
         + _group_note(meta))}
+
+
+def _ood_record(meta: dict, dims: list, h, p) -> dict:
+    """The out-of-distribution score's output (``ops.ood``): one value a patch, at each position."""
+    q = meta["ood"]["training_quantiles"]
+    return {"name": OOD, "layout": "NTHW", "shape": [dims[0], 1, *dims[2:]], "dtype": "float32",
+            "meaning": f"how unlike the training brains the patch's MRI is: {meta['ood']['method']}; 1 = a typical "
+                       f"training patch, its 99th percentile {q['99']:.3g}; [:, 0, {h}, {h}] is what `mrhscale predict` "
+                       "writes as ood" + ("; the uncertainty is widened by it (`ood_power` of each stain's "
+                                           "calibration)" if int(meta["members"]) > 1 else "")}
 
 
 def _group_note(meta: dict) -> str:
@@ -283,7 +307,8 @@ def _io_records(meta: dict, graph: InferenceGraph, dims: list) -> dict:
     stats = [{"name": k, "layout": "C", "shape": [dims[1]], "dtype": "float32",
               "meaning": f"the brain's own {k} of each channel, in `channels` order: see `statistics`"}
              for k in graph.inputs[1:]]
-    outputs = [_output_record(meta, dims, h, p), *([_uncertainty_record(meta, dims, h, p)] if graph.ensemble else [])]
+    outputs = [_output_record(meta, dims, h, p), *([_uncertainty_record(meta, dims, h, p)] if graph.ensemble else []),
+               *([_ood_record(meta, dims, h, p)] if graph.score is not None else [])]
     return {"input": mri, "output": outputs[0], "inputs": [mri, *stats], "outputs": outputs}
 
 
@@ -323,6 +348,8 @@ def metadata(model_path: str, meta: dict, fmt: str, dynamic: list[str], graph: I
         **({"statistics": statistics_record(norm.mode)} if norm.per_subject else {}),
         "patch": patch, **_io_records(meta, graph, dims),
         **(ensemble if graph.ensemble else {}),
+        **({"ood": {k: meta["ood"][k] for k in ("method", "n", "training_quantiles")}} if graph.score is not None
+           else {}),
         "dynamic": list(dynamic),
         "model": {"file": os.path.basename(model_path), "sha256": sha256_file(model_path),
                   "arch": dict(meta.get("arch") or {})},

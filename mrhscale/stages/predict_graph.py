@@ -26,7 +26,13 @@ from mrhscale.nn.gather import block_patches
 from mrhscale.nn.onnx import with_feeds
 from mrhscale.nn.worker import NetworkSpec, forward, network
 from mrhscale.ops.merge import BlockMerger, to_stain_units
-from mrhscale.ops.uncertainty import label_group, label_groups, spread_scale, value_groups
+from mrhscale.ops.uncertainty import (
+    label_group,
+    label_groups,
+    ood_powers,
+    spread_scale,
+    value_groups,
+)
 from mrhscale.options import AGGREGATES, PredictOptions
 from mrhscale.stores.legacy import calibration_of, stains_of
 
@@ -56,27 +62,35 @@ class BlockJob:
     exported: bool = False
     feeds: dict | None = None
     value_groups: tuple | None = None  # per stain: (inner edges, relative factors) of a Mondrian calibration
+    ood: bool = False  # the out-of-distribution score as the last value (the bundle has one: nn.ood)
+    ood_power: np.ndarray | None = None  # per stain: the uncertainty times the score to this power
+
+    @property
+    def n_values(self) -> int:
+        """Values per voxel: the T stains, an ensemble's T uncertainties, the score."""
+        n_t = len(self.t_scale)
+        return n_t * (1 if self.spread_scale is None else 2) + int(self.ood)
 
 
 def predict_block(mri: np.ndarray, mask: np.ndarray, job: BlockJob, halo: int) -> np.ndarray:
     """One block (x, y, z, contrast) with ``halo`` voxels of in-plane context -> its interior
     (x, y, z, V) float32, 0 outside the mask: the T stains (an ensemble's: the members'
-    mean), then an ensemble's T calibrated spreads.
+    mean), then an ensemble's T calibrated spreads, then (``job.ood``) the out-of-distribution score.
     ``halo`` is 0 for a block spanning whole planes and the map_overlap depth otherwise."""
     if mri.shape[3] != len(job.offset) or mri.shape[:3] != mask.shape[:3]:  # the compiled gather checks no bound
         raise ValueError(f"block of shape {mri.shape} for {len(job.offset)} channels and a mask of {mask.shape}")
     order = (job.slice_axis, *(a for a in range(3) if a != job.slice_axis))
-    n_t = len(job.t_scale)
-    n_out = n_t if job.spread_scale is None else 2 * n_t
-    merger = BlockMerger(np.transpose(mask[..., 0], order), halo, job.half, job.aggregate, n_out)
+    merger = BlockMerger(np.transpose(mask[..., 0], order), halo, job.half, job.aggregate, job.n_values)
     s, r, q = merger.centres()
     if len(s):
         model = with_feeds(network(job.spec), job.feeds)
         patches = block_patches(mri, order, job.offset, job.inv_scale, job.half, model.device)
         pred = forward(model, patches, (s, r, q),
                        batch_size=job.spec.batch_size, half=job.half, centre=job.aggregate == "centre",
-                       tta=job.tta, ensemble=job.spread_scale is not None and not job.exported)
-        merger.aggregate(to_stain_units(pred, job.t_offset, job.t_scale, job.spread_scale, job.value_groups))
+                       tta=job.tta, ensemble=job.spread_scale is not None and not job.exported,
+                       ood=job.ood and not job.exported)  # an export's graph returns its own score
+        merger.aggregate(to_stain_units(pred, job.t_offset, job.t_scale, job.spread_scale, job.value_groups,
+                                        job.ood_power if job.ood else None))
     return np.transpose(merger.finalize(), (*np.argsort(order), 3))
 
 
@@ -129,7 +143,7 @@ def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = Pr
     out = _maps(ds, channels, mri, mask, job, slice_axis, depth, regions, tasks)
     if job.spread_scale is None or job.exported:  # an export's graph applies its own calibration
         return out
-    return with_label_groups(out, ds, label_groups(cals), len(job.t_scale))
+    return with_label_groups(out, ds, label_groups(cals), len(job.t_scale), int(job.ood))
 
 
 def stain_calibrations(meta: dict) -> list[dict]:
@@ -138,15 +152,16 @@ def stain_calibrations(meta: dict) -> list[dict]:
     return [per.get(t, {}) for t in stains_of(meta)]
 
 
-def with_label_groups(out, ds, groups: list, n_t: int):
+def with_label_groups(out, ds, groups: list, n_t: int, n_after: int = 0):
     """The uncertainties of ``out`` (x, y, z, V) times each voxel's tissue group's factor over
     the global one (a calibration by labels); a subject without those labels keeps the
-    global factor (warned)."""
+    global factor (warned). ``n_after``: values after the uncertainties (the score), kept."""
     if not any(groups):
         return out
     scale = [da.ones(out.shape[:3], np.float32, chunks=out.chunks[:3])] * n_t
     for g in groups:
         scale.append(_label_scale(ds, g, out.chunks[:3]))
+    scale += scale[:n_after]  # ones
     return out * da.stack(scale, axis=-1).rechunk(out.chunks)
 
 
@@ -167,7 +182,7 @@ def _label_scale(ds, group, chunks):
 
 def _maps(ds, channels, mri, mask, job: BlockJob, slice_axis: int, depth: int, regions, tasks: int):
     """The lazy (x, y, z, V) maps of ``subject_prediction`` (before tissue-group factors)."""
-    n_out = len(job.t_scale) * (1 if job.spread_scale is None else 2)
+    n_out = job.n_values
     kw = dict(chunks=(*mri.chunks[:3], (n_out,)), dtype=np.float32, meta=np.empty((0,) * 4, np.float32), job=job)
     msk = mask.astype(bool)[..., None]
     if _whole_planes(mri.chunks, slice_axis):
@@ -186,18 +201,20 @@ def _maps(ds, channels, mri, mask, job: BlockJob, slice_axis: int, depth: int, r
 
 def block_job(meta: dict, spec: NetworkSpec, norm, h: int, slice_axis: int, aggregate: str, tta,
               cals: list | None = None) -> BlockJob:
-    """The block tasks' job: the bundle's scalings (``norm``: this subject's) and an ensemble's
-    value-group calibration (``cals``), or, for an ONNX export (``meta["exported"]``), identity
+    """The block tasks' job: the bundle's scalings (``norm``: this subject's), an ensemble's
+    value-group calibration and out-of-distribution widening (``cals``), or, for an ONNX export (``meta["exported"]``), identity
     ones and the graph's brain statistics."""
     t_off, t_scale = norm.target_arrays(np.float32)  # float32: what the map is computed in
     spread = spread_scale(meta, norm)
     if not meta.get("exported"):
+        ens = spread is not None and bool(cals)
         return BlockJob(spec, h, slice_axis, *norm.input_arrays(), t_off, t_scale, spread, aggregate, bool(tta),
-                        value_groups=value_groups(cals) if spread is not None and cals else None)
+                        value_groups=value_groups(cals) if ens else None, ood=bool(meta.get("ood")),
+                        ood_power=ood_powers(cals) if ens else None)
     n_c = len(meta["channels"])
     return BlockJob(spec, h, slice_axis, np.zeros(n_c, np.float32), np.ones(n_c, np.float32), np.zeros_like(t_off),
                     np.ones_like(t_scale), None if spread is None else np.ones_like(spread), aggregate, bool(tta),
-                    exported=True, feeds=graph_feeds(norm))
+                    exported=True, feeds=graph_feeds(norm), ood=bool(meta.get("ood")))
 
 
 def _whole_planes(chunks, slice_axis: int) -> bool:

@@ -27,6 +27,7 @@ from mrhscale.log import logger
 from mrhscale.nn.accel import Acceleration, plan, request
 from mrhscale.nn.worker import NetworkSpec, check_device, prepare
 from mrhscale.ops.norm import subject_stats_graph
+from mrhscale.ops.ood import VARIABLE as OOD_VARIABLE
 from mrhscale.ops.stains import target_name
 from mrhscale.ops.uncertainty import calibration_factors
 from mrhscale.options import AGGREGATES, PredictOptions
@@ -61,6 +62,7 @@ class PredictPlan:
         self.uncertainties = [f"{t}_uncertainty" for t in self.stains] if self.members > 1 else []
         self.variable = ",".join(self.virtuals)  # the one map, or the list (as target)
         self.uncertainty = ",".join(self.uncertainties) or None
+        self.ood = OOD_VARIABLE if self.meta.get("ood") else None  # the bundle's score (an export has none)
         self.model_rec = model_record(self.model_path, self.meta)
         self.params = {"aggregate": self.aggregate, "batch_size": self.batch_size, "device": self.device,
                        "tta": self.tta}
@@ -74,8 +76,9 @@ class PredictPlan:
 
     @property
     def variables(self) -> list[str]:
-        """The maps a subject gets: the virtual stain(s), and an ensemble's uncertainty of each."""
-        return [*self.virtuals, *self.uncertainties]
+        """The maps a subject gets: the virtual stain(s), an ensemble's uncertainty of each, the
+        out-of-distribution score."""
+        return [*self.virtuals, *self.uncertainties, *([self.ood] if self.ood else [])]
 
     def use_threads(self, runner, ctx) -> None:
         """Torch threads per task: the option, else on a cluster not joined by address (an
@@ -192,6 +195,14 @@ class PredictPlan:
             "calibration_factor": float(calibration_factors(self.meta, len(self.stains))[k]),
             "calibrated_on": cal.get("fitted_on"),
             "interval": f"{self.virtuals[k]} +- 1.96 x {self.uncertainties[k]}: the 95% interval"})
+
+    def ood_attrs(self) -> dict:
+        """The attrs of the out-of-distribution score's map."""
+        rec = self.meta["ood"]
+        return jsonable({"units": "1 = a typical training voxel", "kind": "out-of-distribution score",
+                         "method": rec.get("method"), "training_quantiles": rec.get("training_quantiles"),
+                         "flag": f"above {rec['training_quantiles'].get('99', 'nan'):.3g} (the training patches' "
+                                 "99th percentile): MRI unlike the training brains"})
 
     # ---- inputs
     def inputs(self, source, subjects) -> SubjectInputs:

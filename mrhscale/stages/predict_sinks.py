@@ -118,8 +118,10 @@ class ZarrSink:
         out = xr.Dataset(
             {**virtual, "mask": (SPATIAL, ds["mask"].data.rechunk(maps[0].chunks).astype(bool))},
             coords={k: ds.coords[k] for k in SPATIAL if k in ds.coords}, attrs={**attrs, "lineage": lineage})
-        for k, (v, m) in enumerate(zip(plan.uncertainties, maps[n_t:], strict=True)):
+        for k, (v, m) in enumerate(zip(plan.uncertainties, maps[n_t:n_t + len(plan.uncertainties)], strict=True)):
             out[v] = (SPATIAL, m, plan.uncertainty_attrs(k))
+        if plan.ood:
+            out[plan.ood] = (SPATIAL, maps[-1], plan.ood_attrs())
         for v in out.variables:
             out[v].encoding.pop("chunks", None)
         return out

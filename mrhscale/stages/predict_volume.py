@@ -67,6 +67,8 @@ def _volume(plan: PredictPlan, ds, values):
     maps = {v: (("x", "y", "z"), values[..., k], plan.map_attrs(k, attrs)) for k, v in enumerate(plan.virtuals)}
     maps.update({v: (("x", "y", "z"), values[..., n_t + k], plan.uncertainty_attrs(k))
                  for k, v in enumerate(plan.uncertainties)})
+    if plan.ood:
+        maps[plan.ood] = (("x", "y", "z"), values[..., -1], plan.ood_attrs())
     return xr.Dataset(maps, coords=coords)
 
 

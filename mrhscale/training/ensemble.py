@@ -24,8 +24,9 @@ from mrhscale.errors import MRHError
 from mrhscale.io.bundle import ensemble_bundle, predictor_from_bundle, read_bundle, write_bundle
 from mrhscale.log import logger, note
 from mrhscale.nn.model import mean_and_spread
+from mrhscale.nn.ood import InputDistance
 from mrhscale.ops.norm import Normalisation
-from mrhscale.ops.uncertainty import Z95, fit_calibration
+from mrhscale.ops.uncertainty import TINY, Z95, fit_calibration, fit_ood_power
 from mrhscale.results import TrainResult
 from mrhscale.stores import Folder, write_text
 from mrhscale.stores.legacy import stains_of
@@ -103,7 +104,7 @@ def _assemble(cfg, out_dir, rt, store, stream_norm, results) -> dict:
     bundles = [read_bundle(r.model) for r in results]
     bundle = ensemble_bundle(bundles, {}, bundles[0]["provenance"])
     dev = torch.device(rt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cal = calibrate(predictor_from_bundle(bundle).to(dev).eval(), cfg, store, stream_norm, dev, rt)
+    cal = calibrate(predictor_from_bundle(bundle).to(dev).eval(), cfg, store, stream_norm, dev, rt, bundle.get("ood"))
     uncertainty = {"method": "ensemble", "members": cfg.members, "seeds": [cfg.seed + k for k in range(cfg.members)],
                    "spread": "standard deviation over members (ddof 1) pooled over the output patch, target units",
                    "calibration": cal}
@@ -120,21 +121,25 @@ def _assemble(cfg, out_dir, rt, store, stream_norm, results) -> dict:
 
 
 @torch.no_grad()
-def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, rt: Runtime) -> dict:
+def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, rt: Runtime, ood: dict | None = None) -> dict:
     """The members on (up to CALIBRATION_PATCHES of) the validation split, at each patch's
     centre: the mean's r and RMSE, and the conformal factor(s) that make mean +- 1.96 x
     factor x spread (the spread as predict computes it) cover 95% (``ops.uncertainty.
-    fit_calibration``). No validation split: factor 1, and a warning."""
+    fit_calibration``), the spread first widened by the out-of-distribution score (``ood``:
+    the bundle's record) where that narrows them. No validation split: factor 1, and a warning."""
     if int(store.get("n_val", 0)) == 0:
         logger.warning("mrhscale: the patch store has no validation split; the ensemble's uncertainty is "
                        "its raw spread (uncalibrated): make patches with --val-subjects to calibrate it")
         return {"factor": [1.0] * len(stains_of(store)), "fitted_on": None, "stains": {}}
     half = int(store["patch"]["half"])
     data = open_data(cfg, rt, "val", 1024, dev, norm=stream_norm)
-    mean, spread, target = [], [], []
+    mean, spread, target, dist = [], [], [], []
     stains = stains_of(store)
+    score = InputDistance.from_record(ood).to(dev) if ood else None
     for x, t in data.batches(0):
         m, s = mean_and_spread(ensemble(x), len(stains))
+        if score is not None:
+            dist.append(score(x)[:, 0, half, half].cpu().numpy())
         mean.append(m[..., half, half].cpu().numpy())
         spread.append(s[..., half, half].cpu().numpy())
         target.append(t[..., half, half].float().cpu().numpy())
@@ -143,8 +148,10 @@ def calibrate(ensemble, cfg: TrainConfig, store: dict, stream_norm, dev, rt: Run
     mean, spread, target = (np.concatenate(a).astype(np.float64) for a in (mean, spread, target))
     off, scale = Normalisation.from_dict(store["norm"]).target_arrays(np.float64)
     groups, held_out = calibration_groups(cfg.calibration_groups, False), _held_out(store)
+    dist = np.concatenate(dist).astype(np.float64) if dist else None
     fits = [fit_stain(mean[ok, k] * scale[k] + off[k], spread[ok, k] * scale[k], target[ok, k] * scale[k] + off[k],
-                      groups, held_out=held_out) for k in range(len(stains)) for ok in [~np.isnan(target[:, k])]]
+                      groups, held_out=held_out, ood=None if dist is None else dist[ok])
+            for k in range(len(stains)) for ok in [~np.isnan(target[:, k])]]
     return calibration_record(stains, fits, "val")
 
 
@@ -165,17 +172,23 @@ def _held_out(store: dict) -> bool:
     return held_out
 
 
-def fit_stain(virt, unc, ref, groups, *, held_out: bool, labels=None, fitted_on: str = "val") -> dict:
+def fit_stain(virt, unc, ref, groups, *, held_out: bool, labels=None, fitted_on: str = "val", ood=None) -> dict:
     """One stain's calibration (stain units; ``unc``: the raw uncertainty) and how the
-    uncertainty ranks its errors."""
+    uncertainty ranks its errors; with ``ood`` (the out-of-distribution score of the same
+    samples) the uncertainty is first widened by the score's best power (``fit_ood_power``)."""
     if not len(virt):
         return {"factor": 1.0, "fitted_on": None, "n": 0, "val_r": math.nan}
+    widen = {"mean_spread": float(np.mean(unc))}
+    if ood is not None:
+        fit = fit_ood_power(virt, unc, ref, ood, groups, labels)
+        widen = {"ood_power": fit["power"], "ood_power_widths": fit["widths"]}
+        unc = unc * np.maximum(ood, TINY) ** fit["power"]
     err = virt - ref
     r = float(np.corrcoef(virt, ref)[0, 1]) if np.ptp(virt) > 0 and np.ptp(ref) > 0 else math.nan
     rho = stats.spearmanr(unc, np.abs(err)).statistic if np.ptp(unc) > 0 else math.nan
     return {**fit_calibration(virt, unc, ref, groups, labels), "fitted_on": fitted_on, "held_out_subjects": held_out,
             "quantile": 0.95, "spearman_abs_error": float(rho), "val_r": r,
-            "val_rmse": float(np.sqrt((err ** 2).mean())), "mean_spread": float(unc.mean())}
+            "val_rmse": float(np.sqrt((err ** 2).mean())), **widen}
 
 
 def _say(cal: dict, k: int, quiet: bool) -> None:

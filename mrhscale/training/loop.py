@@ -63,6 +63,7 @@ from mrhscale.training.distributed import (
     init_distributed,
     replica_max_abs_diff,
 )
+from mrhscale.training.ood import training_input_distance
 from mrhscale.training.optim import (
     clip_per_tensor_,
     loss_function,
@@ -560,7 +561,8 @@ class Trainer:
         }
         save_bundle(model_path, self.model, channels=list(store["channels"]), norm=self.bundle_norm,
                     patch=dict(store["patch"]),
-                    provenance=json.loads(json.dumps(prov, default=str)))
+                    provenance=json.loads(json.dumps(prov, default=str)),
+                    ood=training_input_distance(cfg, self.rt, store, self.stream_norm, self.dev))
 
 
 def log_samples(folder: str, epoch: int, step: int, rank: int, world: int, x: torch.Tensor) -> None:

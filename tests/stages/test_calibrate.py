@@ -27,8 +27,8 @@ def cohort(tmp_path_factory):
     return str(path)
 
 
-def fit(v, u, r, g, labels):
-    return fit_stain(v, u, r, g, held_out=True, labels=labels, fitted_on="subjects")
+def fit(v, u, r, g, labels, ood=None):
+    return fit_stain(v, u, r, g, held_out=True, labels=labels, fitted_on="subjects", ood=ood)
 
 
 def test_factors_per_label_fitted_on_whole_brains_hold_in_each_label(cohort, tmp_path):

@@ -94,12 +94,13 @@ def test_default_recipe_model_takes_the_brains_statistics_as_inputs(trained, bra
     res = trained["exports"]["single"]
     sess = ort.InferenceSession(res.out, providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["mri", "offset", "scale"]
-    assert [o.name for o in sess.get_outputs()] == ["stain"]
+    assert [o.name for o in sess.get_outputs()] == ["stain", "ood"]  # the out-of-distribution score travels too
     assert res.metadata["normalisation"]["mode"] == "subject-percentile"  # the default recipe's
     stats = mrhscale.brain_statistics(res.out, brain[1])
     for n, size in ((4, 3), (2, 7)):
         x = raw_patches(n, size, seed=n)
-        (got,) = sess.run(None, {"mri": x, **stats})
+        got, ood = sess.run(None, {"mri": x, **stats})
+        assert ood.shape == (n, 1, size, size) and (ood > 0).all() and (ood == ood[:, :, :1, :1]).all()
         outs, norm, _ = member_outputs(trained["single"], x, stats["offset"], stats["scale"])
         want = norm.invert_target(outs[0])
         diff = float(np.abs(got - want).max())
@@ -111,10 +112,10 @@ def test_default_recipe_model_takes_the_brains_statistics_as_inputs(trained, bra
 def test_ensemble_returns_each_stains_mean_and_calibrated_spread(trained, brain):
     res = trained["exports"]["ensemble"]
     sess = ort.InferenceSession(res.out, providers=["CPUExecutionProvider"])
-    assert [o.name for o in sess.get_outputs()] == ["stain", "uncertainty"]
+    assert [o.name for o in sess.get_outputs()] == ["stain", "uncertainty", "ood"]
     stats = mrhscale.brain_statistics(res.out, brain[1])
     x = raw_patches(6, seed=3)
-    stain, unc = sess.run(None, {"mri": x, **stats})
+    stain, unc, ood = sess.run(None, {"mri": x, **stats})
     outs, norm, b = member_outputs(trained["ensemble"], x, stats["offset"], stats["scale"])
     factor = b["uncertainty"]["calibration"]["stains"]["af"]["factor"]
     sd = np.sqrt(outs.var(0, ddof=1).mean((-2, -1), keepdims=True))  # pooled over the patch
@@ -124,6 +125,7 @@ def test_ensemble_returns_each_stains_mean_and_calibrated_spread(trained, brain)
         mean = norm.invert_target(outs.mean(0))
         rel = np.asarray(groups["factor"]) / factor
         want_unc *= rel[np.searchsorted(groups["edges"], mean, side="right")]
+    want_unc *= ood ** b["uncertainty"]["calibration"]["stains"]["af"]["ood_power"]  # widened by the score
     d_stain = float(np.abs(stain - norm.invert_target(outs.mean(0))).max())
     d_unc = float(np.abs(unc - want_unc).max())
     assert len(outs) == 2 and factor != 1.0 and d_stain <= TOL and d_unc <= TOL, (d_stain, d_unc)
@@ -136,7 +138,8 @@ def test_predict_volume_on_the_export_equals_the_bundle(trained, brain, kind):
     ds = brain[1]
     want = mrhscale.predict_volume(trained[kind], ds)
     got = mrhscale.predict_volume(trained["exports"][kind].out, ds)
-    assert list(got.data_vars) == list(want.data_vars) == ["af_virtual", *(["af_uncertainty"] * (kind != "single"))]
+    assert list(got.data_vars) == list(want.data_vars) == ["af_virtual", *(["af_uncertainty"] * (kind != "single")),
+                                                          "ood"]
     for v in want.data_vars:
         diff = float(np.abs(got[v].values - want[v].values).max())
         assert diff <= TOL and float(np.abs(want[v]).max()) > 1, f"{v}: max |export - bundle| {diff:.3g}"
@@ -200,9 +203,10 @@ def test_pt2_export_of_a_per_subject_model_takes_the_same_inputs(trained, brain,
     x = raw_patches(2, seed=7)
     with torch.inference_mode():
         got = torch.export.load(res.out).module()(torch.from_numpy(x), *(torch.from_numpy(stats[k])
-                                                                         for k in ("offset", "scale"))).numpy()
-    (want,) = ort.InferenceSession(trained["exports"]["single"].out).run(None, {"mri": x, **stats})
-    assert float(np.abs(got - want).max()) <= TOL
+                                                                         for k in ("offset", "scale")))
+    want = ort.InferenceSession(trained["exports"]["single"].out).run(None, {"mri": x, **stats})
+    assert len(got) == len(want) == 2  # the stain and the out-of-distribution score
+    assert max(float(np.abs(g.numpy() - w).max()) for g, w in zip(got, want, strict=True)) <= TOL
 
 
 def test_cli_predict_with_the_exported_ensemble(trained, brain, tmp_path):
