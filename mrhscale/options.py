@@ -207,6 +207,7 @@ SCHEDULES = ("piecewise", "cosine")
 INITS = ("glorot", "torch")
 INPUT_NORMS = ("global", "subject-percentile", "subject-max")  # ops/norm.py
 AUGMENTATIONS = ("gain", "offset", "bias", "noise", "flip")
+CALIBRATION_MODES = ("conformal", "risk")  # stages/calibrate.py; risk: ops/risk.py
 
 # Named presets of the settings that decide speed, convergence and transfer to a new brain;
 # explicit options override them. "paper" is MRH_training.m exactly (and TrainConfig's
@@ -306,6 +307,13 @@ class NetworkOptions:
                                             "the predicted value), labels of the cohort (e.g. wm,lesion: needs "
                                             "--calibration-subjects) or none (one factor) [value:4].",
                                             metavar="value:N|LABELS|none")
+    calibration_mode: str = option("conformal", "How the calibration brains set the factor: conformal (95% of "
+                                   "their voxels) or risk (brain-level risk control: with probability >= "
+                                   "1 - risk-delta at most risk-alpha of a new brain's voxels outside its "
+                                   "interval; needs --calibration-subjects, >= ceil(1/delta) - 1 of them).",
+                                   choices=CALIBRATION_MODES)
+    risk_alpha: float = option(0.05, "--calibration-mode risk: the share of a brain's voxels allowed outside.")
+    risk_delta: float = option(0.1, "--calibration-mode risk: the probability that a new brain exceeds it.")
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ class StainEvaluation(_Result):
     report: str = ""
     roc_curves: dict | None = None
     uncertainty: dict | None = None  # when the prediction has an uncertainty (stages/evaluate.py)
+    ood: dict | None = None  # when the prediction has an out-of-distribution score (stages/evaluate.py)
 
 
 @dataclass

@@ -102,15 +102,29 @@ def train(patches, out, **kw):
     from mrhscale.training import train as run
 
     subjects, groups = subject_list(kw.pop("calibration_subjects")), kw["calibration_groups"]
+    risk = {k: kw.pop(k) for k in ("calibration_mode", "risk_alpha", "risk_delta")}
     if subjects:  # the validation patches keep the default groups; the brains get the ones asked for
         if (kw.get("members") or 1) < 2:
             raise MRHError("--calibration-subjects: calibrates an ensemble's spread; add --members K")
         kw["calibration_groups"] = None
+    _check_risk(risk, subjects)
     res = _run_training(run, patches, out, **kw)
     if subjects and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0, after every rank finished
         from mrhscale.stages.calibrate import calibrate
 
-        calibrate(res.model, subjects, groups=groups or "value:4", ctx=context_from(kw))
+        calibrate(res.model, subjects, groups=groups or "value:4", ctx=context_from(kw),
+                  mode=risk["calibration_mode"], risk_alpha=risk["risk_alpha"], risk_delta=risk["risk_delta"])
+
+
+def _check_risk(risk: dict, subjects: list[str]) -> None:
+    """--calibration-mode risk refused before training when it cannot be fitted."""
+    if risk["calibration_mode"] != "risk":
+        return
+    if not subjects:
+        raise MRHError("--calibration-mode risk: controls each brain's risk; give --calibration-subjects")
+    from mrhscale.ops.risk import check_brains  # numpy only: the CLI's import stays light otherwise
+
+    check_brains(len(subjects), risk["risk_delta"], risk["risk_alpha"])
 
 
 @main.command()

@@ -223,4 +223,12 @@ def _fitted(cal: dict) -> str:
            + (f" ({', '.join(groups['labels'])}, rest)" if groups.get("labels") else "")) if groups else ""
     return (f"calibration factor {cal['factor']:.4g} fitted on {cal.get('n', '?')} {where} "
             f"(95% coverage before {cal.get('coverage_before', float('nan')):.3f}"
-            f"{', conformal' if cal.get('method') else ''}){per}")
+            f"{', conformal' if cal.get('method') else ''}){per}" + _risk(cal))
+
+
+def _risk(cal: dict) -> str:
+    """A risk-controlled calibration's promise (stages/calibrate.py, ops/risk.py)."""
+    if cal.get("mode") != "risk":
+        return ""
+    return (f"; brain-level risk control: at most {cal['alpha']:.3g} of a new brain's voxels outside with "
+            f"probability >= {1 - cal['delta']:.3g} ({cal['n_brains']} brains)")

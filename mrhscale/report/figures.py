@@ -117,6 +117,26 @@ def retention_plot(path, curves: dict, target):
     return path
 
 
+def reliability_plot(path, rel: dict, target):
+    """Observed coverage of virtual +- z x uncertainty against the nominal level, a line
+    per tissue group (all voxels in black), the diagonal dashed: below it, overconfident."""
+    plt = plt_agg()
+    fig, a = plt.subplots(figsize=(4.6, 4.0))
+    levels = rel["levels"]
+    a.plot([levels[0], 1], [levels[0], 1], "k--", lw=0.8, label="nominal")
+    for i, (name, cov) in enumerate(rel["coverage"].items()):
+        colour, lw = ("k", 2) if name == "all" else (f"C{i % 10}", 1)
+        a.plot(levels, [math.nan if c is None else c for c in cov], "o-", color=colour, lw=lw, ms=3, label=name)
+    a.set_xlabel("nominal level")
+    a.set_ylabel("observed coverage")
+    a.set_ylim(0, 1.01)
+    a.set_title(f"reliability: {target} uncertainty", fontsize=10)
+    a.legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def scatter(path, pool, target, n_max=20000, xlabel=None):
     plt = plt_agg()
     ref = np.concatenate(pool["ref"]) if pool["ref"] else np.zeros(0)

@@ -21,6 +21,9 @@ def evaluation_tables(m: dict) -> dict:
             for n, r in m["pooled"]["roc"].items()}
     if m.get("uncertainty"):
         out.update(uncertainty_tables(m["uncertainty"], m["per_subject"]))
+        out.update(reliability_tables(m["uncertainty"]["pooled"]))
+    if m.get("ood"):
+        out.update(ood_tables(m["ood"], m["per_subject"]))
     if m["notes"]:
         out["Notes"] = m["notes"]
     return out
@@ -59,6 +62,43 @@ def uncertainty_tables(u: dict, per_subject: dict) -> dict:
             out["Calibration factor per group"] = {
                 (names[i] if i < len(names) else "rest") if g["by"] == "labels" else f"value bin {i + 1}":
                     {"factor": f, "n": n} for i, (f, n) in enumerate(zip(g["factor"], g["n"], strict=True))}
+    return out
+
+
+def reliability_tables(p: dict) -> dict:
+    """Coverage and width per tissue, the reliability curve and each brain's risk (pooled)."""
+    out = {}
+    if p.get("by_group"):
+        out["95% coverage and interval width per tissue (pooled)"] = {
+            g: {"voxels": v["voxels"], "95% coverage": v["coverage_95"], "95% width": v["interval_width_95"]}
+            for g, v in p["by_group"].items()}
+    rel = p.get("reliability")
+    if rel:
+        out["Reliability: observed coverage at each nominal level (pooled)"] = {
+            g: {f"{q:g}": c for q, c in zip(rel["levels"], cov, strict=True)} for g, cov in rel["coverage"].items()}
+    risk = p.get("risk")
+    if risk:
+        a = risk["alpha"]
+        rows = {sid: {"share outside the 95% interval": x, f"<= {a:g}": x <= a} for sid, x in risk["miss_share"].items()}
+        rows["share of subjects within"] = {"share outside the 95% interval": None,
+                                            f"<= {a:g}": risk["share_of_subjects_within"]}
+        out[f"Risk: each brain's share of voxels outside its 95% interval (at most {a:g}?)"] = rows
+    return out
+
+
+def ood_tables(o: dict, per_subject: dict) -> dict:
+    """The out-of-distribution score: overall, and inside each label against the rest."""
+    def row(x):
+        return {"mean": x.get("mean"), "Spearman(ood, |err|)": x.get("spearman_abs_error"),
+                "share above training 99th pct": x.get("share_above_training_99")}
+
+    rows = {sid: row(r["ood"]) for sid, r in per_subject.items() if "ood" in r}
+    rows["pooled"] = row(o["pooled"])
+    labels = {name: {"voxels": v["voxels"], "mean inside": v["mean_inside"], "mean rest": v["mean_rest"],
+                     "ratio": v["ratio"]} for name, v in (o["pooled"].get("by_label") or {}).items()}
+    out = {"Out-of-distribution score": rows}
+    if labels:
+        out["Out-of-distribution score inside labels vs the rest (pooled)"] = labels
     return out
 
 

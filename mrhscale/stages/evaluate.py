@@ -39,7 +39,13 @@ per subject and pooled (``uncertainty``): its Spearman correlation with the abso
 error, the coverage of the virtual stain +- 1.96 x uncertainty (the calibrated 95%
 interval), the error-retention curve (MAE of the most confident fraction of voxels)
 with its area beside an oracle's and random order's, and its mean inside each label
-of the subject (``lesion``, ``artefact``, ...) against the rest of the brain.
+of the subject (``lesion``, ``artefact``, ...) against the rest of the brain. Per tissue
+group (each label, and ``gm``: the brain outside wm and lesion) the 95% coverage and
+interval width, the reliability curve (coverage against nominal level, ``reliability.png``)
+and each brain's risk (its share of voxels outside the 95% interval), exact over subjects
+(``ops/reliability.py``). With an out-of-distribution score (the prediction's ``ood``): its
+mean inside each label against the rest, its share above the training 99th percentile, its
+Spearman correlation with the absolute error.
 
 Writes into ``out_dir``: ``<stain>/metrics.json`` and ``<stain>/*.png`` for each stain
 (slice montage per subject, scatter, ROC, and for an uncertainty its slice beside the
@@ -62,6 +68,16 @@ from mrhscale.errors import MRHError
 from mrhscale.io.volumes import open_volume
 from mrhscale.log import progress
 from mrhscale.ops.metrics import PooledMoments, linear_fit, roc, similarity, spearman
+from mrhscale.ops.reliability import (
+    add_tallies,
+    brain_risk,
+    by_group,
+    ood_figures,
+    ood_tally,
+    reliability,
+    tally,
+    tissue_groups,
+)
 from mrhscale.ops.uncertainty import Z95, coverage, uncertainty_metrics
 from mrhscale.options import EvaluateOptions
 from mrhscale.parallel.context import Context
@@ -313,7 +329,8 @@ def _write_summary(out_dir: str, by_stain: dict, ids: list[str]) -> str:
     """``metrics.json`` (each stain's pooled headline, its files) and ``report.html``."""
     doc = {"stains": list(by_stain), "subjects": ids,
            "by_stain": {t: {"metrics": f"{t}/metrics.json", "virtual": m.pooled.get("virtual"),
-                            "uncertainty": (m.uncertainty or {}).get("pooled")} for t, m in by_stain.items()}}
+                            "uncertainty": (m.uncertainty or {}).get("pooled"),
+                            "ood": (m.ood or {}).get("pooled")} for t, m in by_stain.items()}}
     write_json(os.path.join(out_dir, "metrics.json"), _finite(doc))
     tables = {f"{t}: {k}": v for t, m in by_stain.items() for k, v in evaluation_tables(m.to_dict()).items()}
     figs = [(os.path.join(out_dir, t, f), f"{t}: {c}") for t, m in by_stain.items()
@@ -354,9 +371,9 @@ def _evaluate(ev: _Evaluation, ids: list[str], montage_subjects: int, ctx: Conte
 class _Subject:
     """One subject's volumes on the store grid, inside the evaluation mask."""
 
-    def __init__(self, sid, ds, virt, ref, mask, markers, label, unc=None):
+    def __init__(self, sid, ds, virt, ref, mask, markers, label, unc=None, ood=None):
         self.sid, self.ds, self.virt, self.ref, self.mask = sid, ds, virt, ref, mask
-        self.markers, self.label, self.unc = markers, label, unc
+        self.markers, self.label, self.unc, self.ood = markers, label, unc, ood
 
     @functools.cached_property
     def regions(self) -> dict[str, np.ndarray]:
@@ -379,6 +396,10 @@ class _Evaluation:
         self.unc_variable = f"{target}_uncertainty" if pstore.attrs.get("uncertainty") else None  # an ensemble's
         self.unc_curves: dict[str, dict] = {}
         self.unc_pooled: dict | None = None
+        self.unc_tallies: list[dict] = []  # per subject: exact counts per tissue group and level
+        self.miss: dict[str, float] = {}  # per subject: share of voxels outside the 95% interval
+        self.ood = {"tallies": [], "score": [], "abs_err": [], "quantiles": None}
+        self.ood_rng = np.random.default_rng(options.seed + 1)
         self.slice_axis = str((pstore.attrs.get("model") or {}).get("patch", {}).get("axis", "y"))
         self.rng = np.random.default_rng(options.seed)
         self.per_subject_pool = max(10_000, int(options.max_pool) // n_subjects)
@@ -397,6 +418,8 @@ class _Evaluation:
         self._pool(d, res, scores)
         if d.unc is not None:
             res["uncertainty"] = self._uncertainty(d)
+        if d.ood is not None:
+            res["ood"] = self._ood(d)
         if d.label is not None:
             self.have_label = True
             res["roc"] = self._roc(d, scores)
@@ -426,11 +449,15 @@ class _Evaluation:
         if self.unc_variable and self.unc_variable in pds.data_vars:
             unc = pds[self.unc_variable].transpose(*SPATIAL).values.astype(np.float64)
             mask &= np.isfinite(unc)
+        ood = pds["ood"].transpose(*SPATIAL).values.astype(np.float64) if "ood" in pds.data_vars else None
+        if ood is not None:
+            mask &= np.isfinite(ood)
+            self.ood["quantiles"] = dict(pds["ood"].attrs.get("training_quantiles") or {}) or None
         markers, notes = single_markers(ds, mask)
         self.notes += notes
         for src, name in zip(self.extra, self.extra_names, strict=True):
             markers[name] = load_marker(src, ds, sid, ref.shape, self.transforms)
-        return _Subject(sid, ds, virt, ref, mask, markers, load_label(ds, self.label, sid, ref.shape), unc)
+        return _Subject(sid, ds, virt, ref, mask, markers, load_label(ds, self.label, sid, ref.shape), unc, ood)
 
     def _metrics(self, d: _Subject):
         """Per-subject similarity of the virtual stain and of each marker (fitted linearly)."""
@@ -484,7 +511,25 @@ class _Evaluation:
             rest = m & ~np.any(list(d.regions.values()), axis=0)
             out["outside_labels"] = {"voxels": int(rest.sum()),
                                      "coverage_95": coverage(d.virt[rest] - d.ref[rest], d.unc[rest])}
+        t = tally(d.virt[m] - d.ref[m], d.unc[m], {g: s[m] for g, s in tissue_groups(d.regions, m).items()})
+        self.unc_tallies.append(t)
+        out["by_group"] = by_group(t)
+        self.miss[d.sid] = 1 - out["by_group"]["all"]["coverage_95"]
         return out
+
+    def _ood(self, d: _Subject) -> dict:
+        """The subject's OOD score: its mean in each label against the rest, the share above
+        the training 99th percentile, its Spearman with |error|; kept for the pooled figures."""
+        m, q = d.mask, (self.ood["quantiles"] or {}).get("99")
+        t = ood_tally(d.ood, d.regions, m, None if q is None else float(q))
+        err = np.abs(d.virt - d.ref)
+        self.ood["tallies"].append(t)
+        idx = np.flatnonzero(m.ravel())
+        if idx.size > self.per_subject_pool:
+            idx = np.sort(self.ood_rng.choice(idx, self.per_subject_pool, replace=False))
+        self.ood["score"].append(d.ood.ravel()[idx])
+        self.ood["abs_err"].append(err.ravel()[idx])
+        return ood_figures([t], d.ood[m], err[m])
 
     def _sample(self, mask: np.ndarray) -> np.ndarray:
         idx = np.flatnonzero(mask.ravel())
@@ -522,6 +567,9 @@ class _Evaluation:
         if self.pool.get("uncertainty"):
             est, ref, unc = (np.concatenate(self.pool[k]) for k in ("virtual", "ref", "uncertainty"))
             self.unc_pooled = uncertainty_metrics(est, ref, unc)
+            counts = add_tallies(self.unc_tallies)
+            self.unc_pooled.update(by_group=by_group(counts), reliability=reliability(counts),
+                                   risk=brain_risk(self.miss))
             self.unc_curves["pooled"] = self.unc_pooled["retention"]
             self.unc_pooled["retention"] = _strip_retention(self.unc_pooled["retention"])
         for name, mom in self.moments.items():
@@ -549,6 +597,11 @@ class _Evaluation:
         if len(vpool) > 1:
             self.figures.append((figures.scatter(os.path.join(out, "scatter_vs_virtual.png"), vpool, target,
                                                  xlabel=f"virtual {target}"), "markers vs the virtual stain"))
+        if self.unc_pooled is not None:
+            self.figures.append((figures.reliability_plot(os.path.join(out, "reliability.png"),
+                                                          self.unc_pooled["reliability"], target),
+                                 "reliability: observed coverage of virtual +- z x uncertainty against the "
+                                 "nominal level, per tissue (pooled; below the dashed diagonal: overconfident)"))
         if self.unc_curves:
             self.figures.append((figures.retention_plot(os.path.join(out, "retention.png"), self.unc_curves,
                                                         target),
@@ -569,6 +622,10 @@ class _Evaluation:
         if self.unc_pooled is not None:
             metrics["uncertainty"] = {"variable": self.unc_variable, "pooled": self.unc_pooled,
                                       "calibration": self.calibration(), "retention_curves": self.unc_curves}
+        if self.ood["tallies"]:
+            metrics["ood"] = {"variable": "ood", "training_quantiles": self.ood["quantiles"],
+                              "pooled": ood_figures(self.ood["tallies"], np.concatenate(self.ood["score"]),
+                                                    np.concatenate(self.ood["abs_err"]))}
         metrics["figures"] = [os.path.basename(p) for p, _ in self.figures]
         metrics["figure_captions"] = {os.path.basename(p): c for p, c in self.figures}
         metrics["out_dir"] = final_dir
@@ -603,7 +660,14 @@ METHODS = {
                    "|error| <= 1.96 x uncertainty; retention: MAE of the most confident fraction f of the "
                    "voxels, f = 0.01 .. 1, area = its mean (oracle: ordered by the error itself; random: the "
                    "MAE); factor_for_95: the factor the uncertainty would need to cover 95% of these voxels; "
-                   "by_label: mean uncertainty inside each label against the rest of the mask",
+                   "by_label: mean uncertainty inside each label against the rest of the mask; by_group: 95% "
+                   "coverage and mean interval width inside each label and gm (the mask outside wm and lesion), "
+                   "exact over subjects; reliability: coverage of virtual +- z x uncertainty, z the normal "
+                   "quantile of each nominal level; risk: each subject's share of voxels outside the 95% "
+                   "interval and the share of subjects with at most alpha = 0.05",
+    "ood": "the prediction's out-of-distribution score: mean inside each label against the rest of the mask, "
+           "share of voxels above its training 99th percentile (the variable's attrs), Spearman with "
+           "|virtual - reference|",
 }
 
 
