@@ -6,6 +6,7 @@ A derivatives folder (BIDS 1.9, BEP-003 conventions) holds::
     participants.tsv (+ .json) participant_id -> the mrhscale subject id(s) it holds
     sub-<label>/[ses-<label>/]anat/sub-<label>[_ses-<label>]_desc-<stain>_virtual.nii.gz (+ .json)
                                    ... _desc-<stain>_uncertainty.nii.gz (+ .json), an ensemble's
+                                   ... _desc-ood_score.nii.gz (+ .json), the out-of-distribution score
 
 Files of one stain share the ``desc`` entity (a query by desc gets the map and its
 uncertainty); the suffix says what a voxel holds, as the store's ``<stain>_virtual`` and
@@ -32,12 +33,12 @@ from mrhscale.stores.folders import made_by_mrhscale
 
 BIDS_VERSION = "1.9.0"
 NAME = "mrhscale"
-KINDS = ("virtual", "uncertainty")  # the suffixes, one per kind of map
+KINDS = ("virtual", "uncertainty", "score")  # the suffixes, one per kind of map (score: desc-ood only)
 SUBJECT_COLUMN = "mrhscale_subject"
 _LABEL = re.compile(r"[A-Za-z0-9]+")
 _BIDS_ID = re.compile(r"sub-([A-Za-z0-9]+)(?:_ses-([A-Za-z0-9]+))?")
 _MAP = re.compile(r"sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?_desc-(?P<desc>[A-Za-z0-9]+)"
-                  r"_(?P<suffix>virtual|uncertainty)\.(?:nii\.gz|json)")
+                  r"_(?P<suffix>virtual|uncertainty|score)\.(?:nii\.gz|json)")
 _TOP = {"dataset_description.json", "participants.tsv", "participants.json", "README", "README.md"}
 SIDECAR_KEYS = ("Description", "Sources", "Stain", "Units", "mrhscale")
 
@@ -177,7 +178,8 @@ def _file_problems(root: str, rel: str, name: str) -> list[str]:
     where = f"{rel}/{name}"
     m = _MAP.fullmatch(name)
     if m is None:
-        return [f"{where}: not a map's name (sub-<label>[_ses-<label>]_desc-<stain>_<virtual|uncertainty>)"]
+        return [f"{where}: not a map's name (sub-<label>[_ses-<label>]_desc-<stain>_<virtual|uncertainty>, "
+                "or _desc-ood_score)"]
     want = "/".join([f"sub-{m['sub']}", *([f"ses-{m['ses']}"] if m["ses"] else []), "anat"])
     if rel.replace(os.sep, "/") != want:
         return [f"{where}: belongs in {want}/"]
@@ -188,7 +190,7 @@ def _file_problems(root: str, rel: str, name: str) -> list[str]:
 
 def _sidecar_problems(path: str, where: str) -> list[str]:
     doc = read_json(path, "sidecar")
-    out = [f"{where}: no {k}" for k in SIDECAR_KEYS if k not in doc]
+    out = [f"{where}: no {k}" for k in SIDECAR_KEYS if k not in doc and not (k == "Stain" and "desc-ood_" in where)]
     sources = doc.get("Sources") or []
     out += [f"{where}: Source {s!r} is not a BIDS URI (bids:<dataset>:<path>)"
             for s in sources if not re.fullmatch(r"bids:[A-Za-z0-9]*:[^\s]+", str(s))]

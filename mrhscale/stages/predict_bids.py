@@ -121,19 +121,21 @@ class BidsSink:
         return {**old, **{sid: self.labels[sid] for sid in self.sources}}
 
     def _subject(self, into: str, pstore, sid: str, plan) -> list[str]:
-        """The maps of ``sid`` (its virtual stains, an ensemble's uncertainties) not already there."""
+        """The maps of ``sid`` (its virtual stains, an ensemble's uncertainties, the out-of-distribution
+        score as ``desc-ood_score``) not already there."""
         out, ds = [], None
-        kinds = [(v, k, "virtual") for k, v in enumerate(plan.virtuals)]
-        kinds += [(v, k, "uncertainty") for k, v in enumerate(plan.uncertainties)]
-        for var, k, kind in kinds:
-            path = os.path.join(into, bids.map_path(self.labels[sid], plan.stains[k], kind))
+        kinds = [(v, plan.stains[k], "virtual") for k, v in enumerate(plan.virtuals)]
+        kinds += [(v, plan.stains[k], "uncertainty") for k, v in enumerate(plan.uncertainties)]
+        kinds += [(plan.ood, "ood", "score")] if plan.ood else []
+        for var, desc, kind in kinds:
+            path = os.path.join(into, bids.map_path(self.labels[sid], desc, kind))
             there = os.path.join(self.path, os.path.relpath(path, into))
             tag = nifti_tag(pstore, sid, var, plan.model_rec["sha256"])
             if _current(there, tag) and os.path.exists(bids.sidecar_path(there)):
                 continue
             ds = ds if ds is not None else pstore.open_subject(sid)
             write_nifti(path, ds[var].transpose(*SPATIAL).values, dict(ds.attrs), tag)
-            write_json(bids.sidecar_path(path), self._sidecar(sid, var, plan.stains[k], ds[var].attrs, plan))
+            write_json(bids.sidecar_path(path), self._sidecar(sid, var, desc, ds[var].attrs, plan))
             out += [path, bids.sidecar_path(path)]
         return out
 
@@ -142,11 +144,14 @@ class BidsSink:
         root, files = self.sources[sid]
         name = next((n for n, u in self.links.items() if root is not None and u == self._link_url(root)), "")
         attrs = jsonable(dict(attrs))
+        what = ("how unlike the training brains the subject's MRI is (out-of-distribution score, 1 = a typical "
+                "training voxel)" if var == plan.ood else
+                f"mrhscale {'uncertainty' if var in plan.uncertainties else 'virtual histology'} of the {stain} "
+                "stain, predicted from the subject's MRI")
         return {
-            "Description": f"mrhscale {'uncertainty' if var in plan.uncertainties else 'virtual histology'} of "
-                           f"the {stain} stain, predicted from the subject's MRI",
+            "Description": what,
             "Sources": [f"bids:{name}:{os.path.relpath(f, root).replace(os.sep, '/')}" for f in files],
-            "Stain": stain, "Units": attrs.get("units", "raw stain units"),
+            **({} if var == plan.ood else {"Stain": stain}), "Units": attrs.get("units", "raw stain units"),
             "mrhscale": {"version": __version__, "subject": sid, "variable": var, "map": attrs,
                          "model": {k: plan.model_rec[k] for k in _MODEL_KEYS if k in plan.model_rec},
                          "stains": list(plan.stains), **self.stores,

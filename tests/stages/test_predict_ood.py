@@ -1,5 +1,6 @@
 """predict writes the out-of-distribution score beside the maps, and it flags an artefact."""
 
+import json
 import os
 
 import numpy as np
@@ -91,3 +92,15 @@ def test_an_uncertainty_is_widened_by_the_score_to_its_power():
     pred = np.array([[10.0, 2.0, 4.0], [20.0, 3.0, 1.0]], np.float32)  # map, uncertainty, score (1 stain)
     widen_by_ood(pred, 1, [0.5])
     assert pred[:, 1].tolist() == [4.0, 3.0] and pred[:, 0].tolist() == [10.0, 20.0]
+
+
+def test_bids_derivatives_hold_the_score_as_its_own_map(cohort, tmp_path):
+    from mrhscale.io import bids
+
+    path = with_score(write_model(str(tmp_path / "one.pt"), channel_names(5)), cohort)
+    der = tmp_path / "deriv"
+    predict(path, cohort, str(tmp_path / "p.zarr"), bids_derivatives=str(der), subjects=["s02"])
+    got = der / "sub-s02" / "anat" / "sub-s02_desc-ood_score.nii.gz"
+    side = json.loads((der / "sub-s02" / "anat" / "sub-s02_desc-ood_score.json").read_text())
+    assert got.exists() and "Stain" not in side and "out-of-distribution" in side["Description"]
+    assert bids.layout_problems(str(der)) == []
