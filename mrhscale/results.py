@@ -283,6 +283,7 @@ class DemoResult(_Result):
     subjects_in_store: list[str]
     report: str
     other_stains: dict = field(default_factory=dict)  # the stains after the headline one
+    calibration_subjects: list = field(default_factory=list)  # the brains its uncertainty was calibrated on
     every_stain: dict = field(default_factory=dict)  # each stain's map and uncertainty figures
     virtual_auc: float | None = None  # with a lesion label
     best_marker_auc: str | None = None
