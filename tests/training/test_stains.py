@@ -151,7 +151,8 @@ def test_predict_writes_each_stain_as_its_head_alone(cohort, joint, tmp_path):
     res = predict(joint.model, store, str(tmp_path / "p.zarr"), subjects=["s01"], ctx=SYNC,
                   nifti_dir=str(tmp_path / "nii"))
     assert res.variable == "af_virtual,mbp_virtual" and res.uncertainty is None
-    assert sorted(p.rsplit("/", 1)[1] for p in res.nifti) == ["s01_af_virtual.nii.gz", "s01_mbp_virtual.nii.gz"]
+    assert sorted(p.rsplit("/", 1)[1] for p in res.nifti) == ["s01_af_virtual.nii.gz", "s01_mbp_virtual.nii.gz",
+                                                              "s01_ood.nii.gz"]  # one score for every stain
     for k, t in enumerate(("af", "mbp")):
         one = _head_alone(joint.model, k, str(tmp_path / f"{t}.pt"))
         predict(one, store, str(tmp_path / f"p-{t}.zarr"), subjects=["s01"], ctx=SYNC)
@@ -234,7 +235,7 @@ def test_export_of_several_stains_gives_each_stain_its_scaling(cohort, joint, tm
     res = export_model(joint.model, str(tmp_path / "m.onnx"), "onnx")
     assert res.metadata["output"]["layout"] == "NTHW" and res.metadata["output"]["stains"] == ["af", "mbp"]
     x = np.random.default_rng(0).gamma(2.0, 50.0, (4, 5, 3, 3)).astype(np.float32)
-    (got,) = ort.InferenceSession(res.out).run(None, {res.metadata["input"]["name"]: x})
+    got, _ = ort.InferenceSession(res.out).run(None, {res.metadata["input"]["name"]: x})  # the stains, the score
     model, meta = load_model(joint.model)
     with torch.no_grad():
         want = model(torch.from_numpy(meta["norm"].apply_inputs(x, channel_axis=1))).numpy()
