@@ -23,7 +23,14 @@ import numpy as np
 
 from mrhscale.io.bundle import read_bundle, write_bundle
 from mrhscale.ops.risk import fit_risk
-from mrhscale.ops.uncertainty import TINY, Z95, fit_calibration, fit_ood_power, value_bin
+from mrhscale.ops.uncertainty import (
+    TINY,
+    Z95,
+    fit_calibration,
+    fit_ood_power,
+    label_group,
+    value_bin,
+)
 from mrhscale.options import SynthVariation
 from mrhscale.parallel.context import Context
 from mrhscale.stages.calibrate import uncalibrated
@@ -66,14 +73,18 @@ def coverages(b: dict, t: str, half: np.ndarray) -> dict:
     return {k: float((err[m] <= half[m]).mean()) if m.sum() >= 20 else None for k, m in b["tissue"].items()}
 
 
-def conformal(cal: list[dict], test: dict, t: str, widen: bool) -> dict:
-    """Pooled conformal over the calibration brains, 4 value bins, optionally the score's power."""
+def conformal(cal: list[dict], test: dict, t: str, widen: bool, tissue: bool = False) -> dict:
+    """Pooled conformal over the calibration brains, 4 value bins (``tissue``: a factor per
+    tissue, lesion / white matter / the rest), optionally the score's power."""
     v, u, r = (np.concatenate([b[t][i] for b in cal]) for i in range(3))
     o = np.concatenate([b["ood"] for b in cal])
-    p = fit_ood_power(v, u, r, o, ("value", 4))["power"] if widen else 0.0
-    fit = fit_calibration(v, u * np.maximum(o, TINY) ** p, r, ("value", 4))
-    g = fit["groups"]
-    each = np.asarray(g["factor"])[value_bin(test[t][0], np.asarray(g["edges"]))]
+    groups = ("labels", ["lesion", "wm"]) if tissue else ("value", 4)
+    labels = [np.concatenate([b["tissue"][k] for b in cal]) for k in ("lesion", "wm")] if tissue else None
+    p = fit_ood_power(v, u, r, o, groups, labels)["power"] if widen else 0.0
+    g = fit_calibration(v, u * np.maximum(o, TINY) ** p, r, groups, labels)["groups"]
+    group = (label_group([test["tissue"][k] for k in ("lesion", "wm")], test[t][0].shape) if tissue
+             else value_bin(test[t][0], np.asarray(g["edges"])))
+    each = np.asarray(g["factor"])[group]
     return coverages(test, t, Z95 * each * test[t][1] * np.maximum(test["ood"], TINY) ** p)
 
 
@@ -103,6 +114,8 @@ def main() -> None:
         for t in stains:
             rows.setdefault(("conformal", t), []).append(conformal([brains[s] for s in rest], brains[held], t, False))
             rows.setdefault(("conformal+ood", t), []).append(conformal([brains[s] for s in rest], brains[held], t, True))
+            rows.setdefault(("tissue+ood", t), []).append(conformal([brains[s] for s in rest], brains[held], t, True,
+                                                                    True))
             if len(rest) >= 9:
                 rows.setdefault(("risk", t), []).append(risk([brains[s] for s in rest], rest, brains[held], t))
     report = {}
