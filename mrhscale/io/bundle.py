@@ -176,6 +176,7 @@ def describe_bundle(path: str | os.PathLike) -> str:
         f"channels       {len(ch)}: " + ", ".join(f"{g} x{n}" for g, n in groups.items()),
         f"               {shown}",
         _norm_line(norm),
+        *_ood_lines(b),
     ]
     if prov:
         cfg = prov.get("config", {}) or {}
@@ -204,6 +205,15 @@ def describe_bundle(path: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
+def _ood_lines(b: dict) -> list[str]:
+    """The out-of-distribution score's line (ops/ood.py): what it was fitted on, its flag."""
+    rec = b.get("ood")
+    if not rec:
+        return ["out-of-dist.   none (trained before the score: training.ood.add_input_distance fits it)"]
+    return [f"out-of-dist.   `ood` map: distance of a patch's mean contrasts to {rec['n']:,} training patches "
+            f"(1 = typical; flag above {rec['training_quantiles']['99']:.3g}, their 99th percentile)"]
+
+
 def _ensemble_lines(b: dict) -> list[str]:
     k = n_members(b)
     if k == 1:
@@ -223,7 +233,8 @@ def _fitted(cal: dict) -> str:
            + (f" ({', '.join(groups['labels'])}, rest)" if groups.get("labels") else "")) if groups else ""
     return (f"calibration factor {cal['factor']:.4g} fitted on {cal.get('n', '?')} {where} "
             f"(95% coverage before {cal.get('coverage_before', float('nan')):.3f}"
-            f"{', conformal' if cal.get('method') else ''}){per}" + _risk(cal))
+            f"{', conformal' if cal.get('method') else ''}){per}"
+            + (f"; x ood^{cal['ood_power']:g}" if cal.get("ood_power") else "") + _risk(cal))
 
 
 def _risk(cal: dict) -> str:

@@ -191,7 +191,9 @@ class PredictPlan:
         return jsonable({
             "units": "raw stain units", "target": self.stains[k], "kind": "uncertainty",
             "estimator": f"deep ensemble of {self.members} networks: their standard deviation "
-                         "(ddof 1) pooled over each voxel's output patch, times the calibration factor",
+                         "(ddof 1) pooled over each voxel's output patch, times the calibration factor"
+                         + (f" and the out-of-distribution score to the power {cal['ood_power']:g}"
+                            if cal.get("ood_power") else ""),
             "calibration_factor": float(calibration_factors(self.meta, len(self.stains))[k]),
             "calibrated_on": cal.get("fitted_on"),
             "interval": f"{self.virtuals[k]} +- 1.96 x {self.uncertainties[k]}: the 95% interval"})
