@@ -309,6 +309,8 @@ def _headline(metrics: dict, test_id: str, cfg: DemoConfig) -> dict:
         beats = beats and all((out["virtual_auc"] or 0) > (a or 0) for a in m_auc.values())
     out["beats_every_marker"] = bool(beats)
     out.update(_uncertainty_headline(metrics, test_id))
+    ood = ((metrics.get("ood") or {}).get("pooled") or {}).get("by_label", {}).get("artefact") or {}
+    out["artefact_ood_ratio"] = ood.get("ratio")  # the out-of-distribution map's flag of the artefact
     return out
 
 

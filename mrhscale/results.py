@@ -292,3 +292,4 @@ class DemoResult(_Result):
     uncertainty_retention_area: float | None = None
     error_random_order_area: float | None = None
     artefact_uncertainty_ratio: float | None = None
+    artefact_ood_ratio: float | None = None  # the out-of-distribution map inside the artefact / the rest

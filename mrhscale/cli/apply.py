@@ -212,4 +212,7 @@ def _print_demo(res) -> None:
                    f"coverage {res['uncertainty_coverage_95']:.3f}, retention area "
                    f"{res['uncertainty_retention_area']:.3g} (random order {res['error_random_order_area']:.3g})"
                    + (f", {ratio:.2f}x higher in the artefact than in the rest of the brain" if ratio else ""))
+    if res.get("artefact_ood_ratio"):
+        click.echo(f"out-of-distribution map: {res['artefact_ood_ratio']:.2f}x higher in the artefact than in the "
+                   "rest of the brain (both stains)")
     click.echo(f"report: {res['report']}")
