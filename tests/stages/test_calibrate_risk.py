@@ -92,6 +92,7 @@ def test_cli_refuses_before_training(tmp_path):
         assert "Traceback" not in r.output and time.perf_counter() - t0 < 10
 
 
+@pytest.mark.slow  # default-run budget (README: make test <= 6 min on 2 cores); run in .ci/run's slow step
 def test_train_with_risk_mode_on_nine_calibration_brains(cohort, tmp_path):
     patches = str(tmp_path / "p.zarr")
     extract_patches(cohort, "af", patches, subjects=IDS[9:] + IDS[:1],

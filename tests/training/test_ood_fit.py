@@ -12,6 +12,7 @@ from mrhscale.ops.ood import input_distance
 from mrhscale.training import train
 from mrhscale.training.ood import add_input_distance
 
+pytestmark = pytest.mark.slow  # default-run budget (README: make test <= 6 min on 2 cores); run in .ci/run's slow step
 SMALL = dict(depth=1, width=8, epochs=1, batch_size=64, threads=1, quiet=True, seed=3)
 
 
