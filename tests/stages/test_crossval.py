@@ -114,6 +114,7 @@ def test_a_recipe_carries_tta_to_predict_and_norm_to_train(tta_norm_ensemble):
     assert lineage["tta"] is True and len(lineage["subject_norm"]["scale"]) == 67
 
 
+@pytest.mark.slow  # default-run budget (README: make test <= 6 min on 2 cores); run in .ci/run's slow step
 def test_an_ensemble_recipe_reports_its_uncertainty_per_fold(tta_norm_ensemble):
     _, res = tta_norm_ensemble
     assert res["recipe"]["train"]["members"] == 2

@@ -43,7 +43,7 @@ def _collect(stream, workers):
     return [tuple(t for t in batch) for batch in loader]
 
 
-@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("drop_last", [False, pytest.param(True, marks=pytest.mark.slow)])  # default-run budget
 def test_two_ranks_two_workers_exactly_once(patch_store, drop_last):
     n = zarr.open_group(patch_store, mode="r").attrs["n_train"]
     seen, steps = [], []
