@@ -43,6 +43,7 @@ def add_input_distance(model: str, patches: str | None = None, runtime=None) -> 
     """Fit the score for the bundle at ``model`` on its training patches (``patches``: the
     store it was trained on, default: the one its records name) and write it into the
     bundle; returns the record."""
+    # here, not at the top: training.api imports training.loop, which imports this module
     from mrhscale.io.bundle import read_bundle, write_bundle
     from mrhscale.stores import resolve
     from mrhscale.training.api import input_normalisation
