@@ -63,6 +63,17 @@ def subject_dataset(sid: str, shape=(12, 10, 14), n_channels=5, seed=0, chunks=(
     return ds
 
 
+def with_wm(rows: int):
+    """An edit for ``make_cohort_store``: a ``wm`` label over the first ``rows`` x-planes."""
+
+    def edit(ds, i):
+        wm = np.zeros(ds["mask"].shape, bool)
+        wm[:rows] = True
+        return ds.assign(wm=(("x", "y", "z"), wm)).assign_attrs(labels=["wm"])
+
+    return edit
+
+
 def make_cohort_store(path, n_subjects=3, shape=(12, 10, 14), n_channels=5, seed=0,
                       chunks=(8, 8, 8), target_names=("af",), edit=None) -> list[str]:
     """Write a cohort store through the store layer (as ingest does); returns subject ids.

@@ -21,8 +21,9 @@ import math
 import numpy as np
 from scipy import stats
 
+from mrhscale.ops.risk import RISK_ALPHA
+
 LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # the reliability plot's nominal levels
-RISK_ALPHA = 0.05
 
 
 def z_of(level: float) -> float:

@@ -182,13 +182,19 @@ def ood_powers(calibrations: list[dict]) -> np.ndarray | None:
     return p if p.any() else None
 
 
+def widened(unc, ood, power):
+    """The uncertainty ``unc`` times the out-of-distribution score ``ood`` to ``power`` (the
+    calibration's ``ood_power``; unchanged for power 0 or no score)."""
+    if ood is None or not power:
+        return unc
+    return unc * np.maximum(ood, TINY) ** np.asarray(power, np.asarray(unc).dtype)
+
+
 def widen_by_ood(pred: np.ndarray, n_t: int, power) -> np.ndarray:
     """An ensemble's uncertainties (``pred[:, n_t:2 n_t]``) times the out-of-distribution score
     (``pred[:, 2 n_t]``) to each stain's ``power``, in place."""
-    ood = np.maximum(pred[:, 2 * n_t], TINY)
     for k, p in enumerate(np.atleast_1d(power)):
-        if p:
-            pred[:, n_t + k] *= ood ** np.float32(p)
+        pred[:, n_t + k] = widened(pred[:, n_t + k], pred[:, 2 * n_t], p)
     return pred
 
 
@@ -242,8 +248,8 @@ def fit_ood_power(virt, unc, ref, ood, groups=("none", None), labels=None, alpha
     does not help; the group factors are then fitted on the widened uncertainty). Choosing
     one of a few powers on the calibration voxels themselves costs the finite-sample
     guarantee next to nothing at the calibration sets' sizes (a brain: 10^4-10^6 voxels)."""
-    unc, ood = np.asarray(unc, np.float64), np.maximum(np.asarray(ood, np.float64), TINY)
-    widths = {float(p): fit_calibration(virt, unc * ood ** p, ref, groups, labels, alpha)["mean_half_width"]
+    unc, ood = np.asarray(unc, np.float64), np.asarray(ood, np.float64)
+    widths = {float(p): fit_calibration(virt, widened(unc, ood, p), ref, groups, labels, alpha)["mean_half_width"]
               for p in OOD_POWERS}
     best = min(widths, key=lambda p: (widths[p], p))
     return {"power": best, "widths": {f"{p:g}": w for p, w in widths.items()}}

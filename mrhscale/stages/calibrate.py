@@ -19,7 +19,7 @@ from mrhscale.io.bundle import n_members, read_bundle, write_bundle
 from mrhscale.log import logger, note
 from mrhscale.ops.ood import VARIABLE as OOD_VARIABLE
 from mrhscale.ops.risk import RISK_ALPHA, RISK_DELTA, check_brains, fit_risk
-from mrhscale.ops.uncertainty import TINY
+from mrhscale.ops.uncertainty import widened
 from mrhscale.options import CALIBRATION_MODES
 from mrhscale.parallel.context import Context
 from mrhscale.stages.predict_volume import predict_volume
@@ -96,10 +96,10 @@ def risk_stain(brains: list[tuple], subjects: list[str], groups, alpha: float, d
     pooled = [np.concatenate([b[i] for b in brains]) for i in range(3)]
     ood = None if brains[0][4] is None else np.concatenate([b[4] for b in brains])
     base = fit_stain(*pooled, ("none", None), held_out=True, fitted_on="subjects", ood=ood)
-    power = base.get("ood_power") or 0.0  # the widening the conformal fit chose, then risk on top
-    widened = [(b[0], b[1] * np.maximum(b[4], TINY) ** power if power else b[1], b[2], b[3]) for b in brains]
+    power = base.get("ood_power")  # the widening the conformal fit chose, then risk on top
+    wide = [(b[0], widened(b[1], b[4], power), b[2], b[3]) for b in brains]
     return {**{k: v for k, v in base.items() if k not in ("quantile_level", "method")},
-            **fit_risk(widened, subjects, groups, alpha, delta)}
+            **fit_risk(wide, subjects, groups, alpha, delta)}
 
 
 def cohort_of(bundle: dict, model: str) -> str:

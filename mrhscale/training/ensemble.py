@@ -26,7 +26,7 @@ from mrhscale.log import logger, note
 from mrhscale.nn.model import mean_and_spread
 from mrhscale.nn.ood import InputDistance
 from mrhscale.ops.norm import Normalisation
-from mrhscale.ops.uncertainty import TINY, Z95, fit_calibration, fit_ood_power
+from mrhscale.ops.uncertainty import Z95, fit_calibration, fit_ood_power, widened
 from mrhscale.results import TrainResult
 from mrhscale.stores import Folder, write_text
 from mrhscale.stores.legacy import stains_of
@@ -182,7 +182,7 @@ def fit_stain(virt, unc, ref, groups, *, held_out: bool, labels=None, fitted_on:
     if ood is not None:
         fit = fit_ood_power(virt, unc, ref, ood, groups, labels)
         widen = {"ood_power": fit["power"], "ood_power_widths": fit["widths"]}
-        unc = unc * np.maximum(ood, TINY) ** fit["power"]
+        unc = widened(unc, ood, fit["power"])
     err = virt - ref
     r = float(np.corrcoef(virt, ref)[0, 1]) if np.ptp(virt) > 0 and np.ptp(ref) > 0 else math.nan
     rho = stats.spearmanr(unc, np.abs(err)).statistic if np.ptp(unc) > 0 else math.nan

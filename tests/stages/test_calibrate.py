@@ -3,7 +3,7 @@ label, applied per voxel at predict; the user's errors."""
 
 import numpy as np
 import pytest
-from helpers import channel_names, make_cohort_store, write_ensemble
+from helpers import channel_names, make_cohort_store, with_wm, write_ensemble
 
 from mrhscale.errors import MRHError
 from mrhscale.io.bundle import read_bundle, write_bundle
@@ -14,16 +14,10 @@ from mrhscale.training.config import TrainConfig, calibration_groups
 from mrhscale.training.ensemble import calibration_record, fit_stain
 
 
-def with_wm(ds, i):
-    wm = np.zeros(ds["mask"].shape, bool)
-    wm[:6] = True
-    return ds.assign(wm=(("x", "y", "z"), wm)).assign_attrs(labels=["wm"])
-
-
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     path = tmp_path_factory.mktemp("c") / "cohort.zarr"
-    make_cohort_store(path, n_subjects=2, edit=with_wm)
+    make_cohort_store(path, n_subjects=2, edit=with_wm(6))
     return str(path)
 
 

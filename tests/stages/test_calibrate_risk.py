@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import channel_names, make_cohort_store, write_ensemble
+from helpers import channel_names, make_cohort_store, with_wm, write_ensemble
 
 from mrhscale.cli import main
 from mrhscale.errors import MRHError
@@ -23,16 +23,10 @@ from mrhscale.stores.cohort import CohortStore
 IDS = [f"s{i:02d}" for i in range(1, 11)]
 
 
-def with_wm(ds, i):
-    wm = np.zeros(ds["mask"].shape, bool)
-    wm[:5] = True
-    return ds.assign(wm=(("x", "y", "z"), wm)).assign_attrs(labels=["wm"])
-
-
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     path = tmp_path_factory.mktemp("risk") / "cohort.zarr"
-    make_cohort_store(path, n_subjects=10, shape=(10, 8, 10), edit=with_wm)
+    make_cohort_store(path, n_subjects=10, shape=(10, 8, 10), edit=with_wm(5))
     return str(path)
 
 
