@@ -22,6 +22,7 @@ import shutil
 import signal
 import tempfile
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from mrhscale.errors import MRHError
@@ -134,7 +135,7 @@ def inspect(loc: Location | str) -> Found:
         return Found(None, "is an empty folder", empty=True)
     names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
     if "zarr.json" in names:
-        attrs = _json(fs, f"{path.rstrip('/')}/zarr.json").get("attributes", {}) or {}
+        attrs = read_root(fs, f"{path.rstrip('/')}/zarr.json").get("attributes", {}) or {}
         fmt = attrs.get("format") or _nested_format(attrs) or _legacy_format(attrs)
         if fmt in NAMES:
             return Found(fmt, f"is a {NAMES[fmt]}", attrs=attrs)
@@ -168,6 +169,39 @@ def _json(fs, path: str) -> dict:
         return doc if isinstance(doc, dict) else {}
     except Exception:
         return {}
+
+
+def read_root(fs, path: str) -> dict:
+    """A store root's ``zarr.json`` without its snapshot ({} if absent or unreadable)."""
+    try:
+        return split_snapshot(fs.cat_file(path))[0]
+    except Exception:
+        return {}
+
+
+def split_snapshot(raw: bytes | str) -> tuple[dict, bool]:
+    """(a root ``zarr.json`` parsed without its snapshot, whether it had one).
+
+    The snapshot is ~13 kB a subject: parsing a 2,000-subject one holds ~250 MB of dicts for
+    a moment, on every read of the root's attrs. ``put_snapshot`` writes it as the last key,
+    so the document before it, closed, is the rest: parsed alone when it is a whole zarr.json
+    (a key inside a string or a nested object leaves no valid document before it); any
+    other layout (zarr's own writer puts ``node_type`` after it) is parsed whole."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    at = text.find(f'"{SNAPSHOT}"')
+    for _ in range(3):
+        if at < 0:
+            break
+        head = text[:at].rstrip()
+        if head.endswith(","):
+            with contextlib.suppress(ValueError):
+                doc = json.loads(head[:-1] + "}")
+                if isinstance(doc, dict) and "node_type" in doc:
+                    return doc, True
+        at = text.find(f'"{SNAPSHOT}"', at + 1)
+    doc = json.loads(text)
+    doc = doc if isinstance(doc, dict) else {}
+    return {k: v for k, v in doc.items() if k != SNAPSHOT}, SNAPSHOT in doc
 
 
 def check_output(loc: Location | str, fmt: str, what: str = "--out") -> Found:
@@ -297,16 +331,19 @@ def _remove_local(path: str) -> None:
 SNAPSHOT = "consolidated_metadata"  # the root zarr.json's key of Zarr v3 consolidated metadata
 
 
-def snapshot_nodes(loc: Location, names: list[str]) -> dict:
-    """The metadata of the groups ``names`` of a store and of everything under them, as
-    Zarr v3 consolidated metadata lists it (flat, by path, in the order given): read from
-    their ``zarr.json`` files, never from chunks."""
+def snapshot_nodes(loc: Location, names: list[str]) -> Iterator[tuple[str, dict]]:
+    """(path, metadata) of the groups ``names`` of a store and of everything under them, as
+    Zarr v3 consolidated metadata lists them (flat, in the order given): read from their
+    ``zarr.json`` files, never from chunks, a few groups at a time (``put_snapshot`` writes
+    each as it comes: the cohort's whole snapshot is never held)."""
     from concurrent.futures import ThreadPoolExecutor  # only here: a writer's close, once a run
 
     fs, root = loc.filesystem()
-    with ThreadPoolExecutor(1 if loc.local else 16) as pool:  # an object store: round trips overlap
-        parts = pool.map(lambda name: _walk_nodes(fs, root.rstrip("/"), name, {}), names)
-        return {k: v for part in parts for k, v in part.items()}
+    step = 1 if loc.local else 64  # an object store: 16 round trips overlap
+    with ThreadPoolExecutor(1 if loc.local else 16) as pool:
+        for start in range(0, len(names), step):
+            for part in pool.map(lambda name: _walk_nodes(fs, root.rstrip("/"), name, {}), names[start:start + step]):
+                yield from part.items()
 
 
 def _walk_nodes(fs, root: str, path: str, nodes: dict) -> dict:
@@ -334,26 +371,65 @@ def snapshot(loc: Location) -> None:
     put_snapshot(loc, snapshot_nodes(loc, data_names(loc)))
 
 
-def put_snapshot(loc: Location, nodes: dict | None) -> bool:
-    """Make ``nodes`` the root's consolidated metadata (None: remove it), rewriting the root's
-    ``zarr.json`` whole (atomically on local disk); False when nothing changed.
+def put_snapshot(loc: Location, nodes: Iterable[tuple[str, dict]] | None) -> bool:
+    """Make ``nodes`` ((path, metadata) pairs) the root's consolidated metadata (None: remove
+    it), rewriting the root's ``zarr.json`` whole (atomically on local disk); False when
+    nothing changed.
 
     The snapshot is what ``xarray.open_datatree`` and a default ``zarr.open_group`` see of the
-    store (and all they list): the data only, none of the store's bookkeeping."""
+    store (and all they list): the data only, none of the store's bookkeeping. It is written
+    piece by piece, as its last key (``split_snapshot`` reads the root without it), in one
+    line: ~13 kB a subject of 67 contrasts."""
     fs, root = loc.filesystem()
     where = f"{root.rstrip('/')}/zarr.json"
-    doc = _json(fs, where)
-    new = {k: v for k, v in doc.items() if k != SNAPSHOT}
-    if nodes is not None:
-        new[SNAPSHOT] = {"kind": "inline", "must_understand": False, "metadata": nodes}
-    if not doc or new == doc:
+    try:
+        old = fs.cat_file(where)
+        doc, had = split_snapshot(old)
+    except Exception:
         return False
-    text = json.dumps(new, indent=None if nodes else 2)  # ~13 kB a subject (67 contrasts) in one line
-    if loc.local:
-        write_text(where, text)
-    else:
-        fs.pipe_file(where, text.encode())
-    return True
+    if not doc or (nodes is None and not had):
+        return False
+    pieces = [json.dumps(doc, indent=2)] if nodes is None else _snapshot_text(doc, nodes)
+    return _put_if_changed(loc, where, pieces, old)
+
+
+def _snapshot_text(doc: dict, nodes: Iterable[tuple[str, dict]]) -> Iterator[str]:
+    """``json.dumps({**doc, SNAPSHOT: {...}})`` in pieces, a node at a time."""
+    yield json.dumps(doc)[:-1] + (", " if doc else "")
+    yield f'"{SNAPSHOT}": {{"kind": "inline", "must_understand": false, "metadata": {{'
+    for i, (path, node) in enumerate(nodes):
+        yield f'{", " if i else ""}{json.dumps(path)}: {json.dumps(node)}'
+    yield "}}}"
+
+
+def _put_if_changed(loc: Location, where: str, pieces: Iterable[str], old: bytes) -> bool:
+    """Write ``pieces`` as the file ``where`` unless they are its bytes ``old`` already."""
+    if not loc.local:
+        new = "".join(pieces).encode()
+        if new != old:
+            loc.filesystem()[0].pipe_file(where, new)
+        return new != old
+    changed = []
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(pieces)
+        changed.append(os.path.getsize(tmp) != len(old) or not _same_bytes(tmp, old))
+        if not changed[0]:
+            raise _Unchanged
+
+    with contextlib.suppress(_Unchanged):
+        atomic_write(where, write)
+    return changed[0]
+
+
+class _Unchanged(Exception):
+    """The new file is the old one: ``atomic_write`` drops it."""
+
+
+def _same_bytes(path: str, old: bytes, block: int = 1 << 20) -> bool:
+    with open(path, "rb") as fh:
+        return all(fh.read(block) == old[i:i + block] for i in range(0, len(old), block)) and not fh.read(1)
 
 
 # --------------------------------------------------------------------------- files

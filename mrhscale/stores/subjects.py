@@ -50,6 +50,7 @@ from mrhscale.stores.base import (
     move_tree,
     put_snapshot,
     quiet_zarr,
+    read_root,
     remove,
     snapshot_nodes,
     tidy_config,
@@ -81,18 +82,19 @@ class GroupStore(ZarrLocation):
 
     @property
     def attrs(self) -> dict:
-        return dict(self.root().attrs)
+        """The root's attrs, read without its snapshot (``split_snapshot``)."""
+        fs, root = self.loc.filesystem()
+        return dict(read_root(fs, f"{root.rstrip('/')}/zarr.json").get("attributes") or {})
 
     def subject_groups(self) -> dict[str, dict]:
         """{subject id: attrs} of every subject group, complete or not; a complete one's
         attrs include its commit marker (complete, fingerprint, made_by)."""
-        with quiet_zarr():
-            root = self.root()
-            groups = {k: dict(g.attrs) for k, g in root.groups() if not k.startswith(("_", "."))}
-            if COMMITS in root:
-                commits = {k: dict(g.attrs) for k, g in root[COMMITS].groups()}
-            else:  # a store from before commit markers: its index was the truth
-                commits = {k: legacy_marker(groups[k]) for k in root.attrs.get(SUBJECTS_ATTR, []) if k in groups}
+        fs, root = self.loc.filesystem()
+        groups = _child_groups(fs, root.rstrip("/"))
+        if fs.exists(f"{root.rstrip('/')}/{COMMITS}/zarr.json"):
+            commits = _child_groups(fs, f"{root.rstrip('/')}/{COMMITS}")
+        else:  # a store from before commit markers: its index was the truth
+            commits = {k: legacy_marker(groups[k]) for k in self.attrs.get(SUBJECTS_ATTR, []) if k in groups}
         for sid, a in groups.items():
             a.pop("complete", None)  # only the commit marker says so
             if commits.get(sid, {}).get("complete") is True:
@@ -101,13 +103,8 @@ class GroupStore(ZarrLocation):
 
     def subjects(self) -> list[str]:
         """Ids of the complete subjects, in natural order (s2 before s10)."""
-        with quiet_zarr():
-            root = self.root()
-            names = {k for k in root.group_keys() if not k.startswith(("_", "."))}
-            if COMMITS not in root:  # written before commit markers: its index was the truth
-                return sorted(names & set(root.attrs.get(SUBJECTS_ATTR, [])), key=natural_key)
-            done = {k for k, g in root[COMMITS].groups() if g.attrs.get("complete") is True}
-        return sorted(names & done, key=natural_key)
+        return sorted((sid for sid, a in self.subject_groups().items() if a.get("complete") is True),
+                      key=natural_key)
 
     def state(self, sid: str) -> tuple[bool, dict | None]:
         """(whether ``sid`` has a group, its commit marker if it is complete): two reads,
@@ -116,7 +113,7 @@ class GroupStore(ZarrLocation):
         base = root.rstrip("/")
         exists = fs.exists(f"{base}/{sid}/zarr.json")
         if not fs.exists(f"{base}/{COMMITS}/zarr.json"):  # a store from before commit markers
-            index = (_read_json(fs, f"{base}/zarr.json").get("attributes") or {}).get(SUBJECTS_ATTR, [])
+            index = (read_root(fs, f"{base}/zarr.json").get("attributes") or {}).get(SUBJECTS_ATTR, [])
             group = _read_json(fs, f"{base}/{sid}/zarr.json").get("attributes") or {}
             return exists, (legacy_marker(group) if exists and sid in index else None)
         marker = _read_json(fs, f"{base}/{COMMITS}/{sid}/zarr.json").get("attributes") or {}
@@ -172,10 +169,10 @@ class GroupStore(ZarrLocation):
         """Give the subjects of a store written before commit markers (listed in its index)
         their markers, so that the first write under the new contract loses none of them."""
 
+        fs, root = self.loc.filesystem()
+        if fs.exists(f"{root.rstrip('/')}/{COMMITS}/zarr.json"):
+            return
         with quiet_zarr():
-            root = self.root()
-            if COMMITS in root:
-                return
             for sid, a in self.subject_groups().items():
                 if a.get("complete") is True:
                     marker = {k: a[k] for k in ("complete", "made_by", "fingerprint")}
@@ -294,6 +291,13 @@ class GroupStore(ZarrLocation):
         return sorted(names & commits, key=natural_key)
 
 
+def _child_groups(fs, path: str) -> dict[str, dict]:
+    """{name: attrs} of the groups in a folder but bookkeeping (``_``/``.``-named), each read
+    from its own ``zarr.json``: a zarr listing would parse the root's snapshot first."""
+    docs = {n: _read_json(fs, f"{path}/{n}/zarr.json") for n in _listed(fs, path) if not n.startswith(("_", "."))}
+    return {n: dict(d.get("attributes") or {}) for n, d in docs.items() if d.get("node_type") == "group"}
+
+
 def _listed(fs, path: str) -> set[str]:
     """The names in a folder (prefix), none if it does not exist."""
     try:
@@ -316,12 +320,12 @@ def _ensure_group(loc: Location, attrs: dict) -> dict:
     """Open the group at ``loc``, or create it with ``attrs`` in one write; its attrs."""
     url, storage_options = loc.url, loc.options
 
+    fs, path = loc.filesystem()
     for _ in range(5):
         with quiet_zarr():
-            try:
-                return dict(zarr.open_group(url, mode="r", storage_options=storage_options, zarr_format=3).attrs)
-            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-                pass
+            doc = read_root(fs, f"{path.rstrip('/')}/zarr.json")  # not zarr's open: it parses the snapshot
+            if doc.get("node_type") == "group":
+                return dict(doc.get("attributes") or {})
             try:
                 zarr.create_group(url, attributes=attrs, storage_options=storage_options, zarr_format=3,
                                   overwrite=False)
