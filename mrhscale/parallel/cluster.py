@@ -83,6 +83,7 @@ def dask_client(
         )
         client = Client(cluster)
     client.register_plugin(quiet_task_failures(log_file()), name=QUIET_PLUGIN)
+    client.register_plugin(forget_done_groups(), name=FORGET_PLUGIN)
     try:
         with _tracebacks_to_log():
             yield client
@@ -91,6 +92,45 @@ def dask_client(
             _close_quietly(client, "the Dask client")
             with _parent_environ_kept():  # a nanny restarting a worker while closing sets them again
                 _close_quietly(cluster, "the embedded Dask cluster")
+
+
+FORGET_PLUGIN = "mrhscale-forget-done-groups"
+
+
+def forget_done_groups():
+    """A plugin for the embedded scheduler (it runs in the driver): every 10 s, its spans'
+    and computations' references to task groups the scheduler has forgotten are dropped.
+
+    Distributed keeps them for its dashboard forever (dask/distributed#7977), ~6 groups a
+    subject of ingest or patches, each with its own dicts and sets: tens of MB at 2,000
+    subjects, and small long-lived objects that pin the heap's pages around them
+    (benchmarks/RESULTS.md, "cohort size"). The dashboard's history of finished work is
+    what this drops; a cluster you start yourself is left as it is. (A class made here:
+    the Context imports this module, distributed only when a cluster starts.)"""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+    from tornado.ioloop import PeriodicCallback
+
+    class _Forget(SchedulerPlugin):
+        async def start(self, scheduler) -> None:
+            self.scheduler = scheduler
+            self.callback = PeriodicCallback(self.forget, 10_000)
+            self.callback.start()
+
+        async def close(self) -> None:
+            self.callback.stop()
+
+        def forget(self) -> int:
+            live = self.scheduler.task_groups
+            spans = getattr(self.scheduler.extensions.get("spans"), "spans", {})
+            holders = [s.groups for s in spans.values()] + [c.groups for c in self.scheduler.computations]
+            dropped = 0
+            for groups in holders:
+                done = [tg for tg in groups if live.get(tg.name) is not tg]
+                groups.difference_update(done)
+                dropped += len(done)
+            return dropped
+
+    return _Forget()
 
 
 GPU_ENV = "MRHSCALE_WORKER_GPU"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -69,6 +70,32 @@ def test_the_driver_keeps_a_short_log_of_dask_messages_whatever_the_number_of_co
         assert dask.config.get(key) == before
     assert before > 16
 
+
+
+def test_the_embedded_scheduler_forgets_the_task_groups_of_finished_work():
+    """Distributed's spans and computations keep every task group for ever (~6 a subject of a
+    cohort stage); the embedded scheduler drops those it has forgotten, not the live ones."""
+
+    import dask.array as da
+
+    from mrhscale.parallel.cluster import FORGET_PLUGIN
+
+    def held(scheduler) -> set:
+        spans = scheduler.extensions["spans"].spans.values()
+        return {tg.name for h in [*spans, *scheduler.computations] for tg in h.groups}
+
+    with dask_client(workers=1, processes=False, quiet=True) as client:
+        for i in range(20):
+            assert client.compute(da.full(10, i, chunks=5).sum()).result() == 10 * i
+        kept = client.submit(sum, [1, 2])
+        scheduler = client.cluster.scheduler
+        deadline = time.monotonic() + 10
+        while set(scheduler.task_groups) != {"sum"} and time.monotonic() < deadline:
+            time.sleep(0.05)  # the finished graphs' keys are released after their results came
+        before = held(scheduler)
+        assert len(before) >= 20  # a group per graph, each kept
+        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[FORGET_PLUGIN].forget()) > 0
+        assert held(scheduler) == {"sum"} and kept.result() == 3
 
 @pytest.fixture
 def mrhscale_warnings(caplog, monkeypatch):
