@@ -366,15 +366,16 @@ def data_names(loc: Location) -> list[str]:
                   if e["type"] == "directory" and not e["name"].rstrip("/").rsplit("/", 1)[-1].startswith(("_", ".")))
 
 
-def snapshot(loc: Location) -> None:
-    """The snapshot of a store written once and never changed (a patch store): all its data."""
-    put_snapshot(loc, snapshot_nodes(loc, data_names(loc)))
+def snapshot(loc: Location, attrs: dict | None = None) -> None:
+    """The snapshot of a store written once and never changed (a patch store): all its data;
+    ``attrs`` set on the root in the same write."""
+    put_snapshot(loc, snapshot_nodes(loc, data_names(loc)), attrs)
 
 
-def put_snapshot(loc: Location, nodes: Iterable[tuple[str, dict]] | None) -> bool:
+def put_snapshot(loc: Location, nodes: Iterable[tuple[str, dict]] | None, attrs: dict | None = None) -> bool:
     """Make ``nodes`` ((path, metadata) pairs) the root's consolidated metadata (None: remove
-    it), rewriting the root's ``zarr.json`` whole (atomically on local disk); False when
-    nothing changed.
+    it), rewriting the root's ``zarr.json`` whole (atomically on local disk), with ``attrs``
+    added to its attributes; False when nothing changed.
 
     The snapshot is what ``xarray.open_datatree`` and a default ``zarr.open_group`` see of the
     store (and all they list): the data only, none of the store's bookkeeping. It is written
@@ -387,19 +388,28 @@ def put_snapshot(loc: Location, nodes: Iterable[tuple[str, dict]] | None) -> boo
         doc, had = split_snapshot(old)
     except Exception:
         return False
-    if not doc or (nodes is None and not had):
+    if not doc or (nodes is None and not had and not attrs):
         return False
-    pieces = [json.dumps(doc, indent=2)] if nodes is None else _snapshot_text(doc, nodes)
+    if attrs:
+        doc["attributes"] = {**(doc.get("attributes") or {}), **attrs}
+    pieces = [json.dumps(doc, indent=2, default=_plain)] if nodes is None else _snapshot_text(doc, nodes)
     return _put_if_changed(loc, where, pieces, old)
 
 
 def _snapshot_text(doc: dict, nodes: Iterable[tuple[str, dict]]) -> Iterator[str]:
     """``json.dumps({**doc, SNAPSHOT: {...}})`` in pieces, a node at a time."""
-    yield json.dumps(doc)[:-1] + (", " if doc else "")
+    yield json.dumps(doc, default=_plain)[:-1] + (", " if doc else "")
     yield f'"{SNAPSHOT}": {{"kind": "inline", "must_understand": false, "metadata": {{'
     for i, (path, node) in enumerate(nodes):
         yield f'{", " if i else ""}{json.dumps(path)}: {json.dumps(node)}'
     yield "}}}"
+
+
+def _plain(value):
+    """numpy scalars and arrays in attrs as JSON numbers and lists (as zarr's encoder did)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _put_if_changed(loc: Location, where: str, pieces: Iterable[str], old: bytes) -> bool:

@@ -75,7 +75,6 @@ def test_the_driver_keeps_a_short_log_of_dask_messages_whatever_the_number_of_co
 def test_the_embedded_scheduler_forgets_the_task_groups_of_finished_work():
     """Distributed's spans and computations keep every task group for ever (~6 a subject of a
     cohort stage); the embedded scheduler drops those it has forgotten, not the live ones."""
-
     import dask.array as da
 
     from mrhscale.parallel.cluster import FORGET_PLUGIN

@@ -86,3 +86,10 @@ def test_any_layout_of_the_root_reads_as_json_would(doc):
     want = {k: v for k, v in doc.items() if k != SNAPSHOT}
     assert split_snapshot(json.dumps(doc)) == (want, SNAPSHOT in doc)
     assert split_snapshot(json.dumps(doc, indent=2)) == (want, SNAPSHOT in doc)
+
+
+def test_attrs_written_with_the_snapshot_take_numpy_values(root):
+    import numpy as np
+
+    assert put_snapshot(Location.of(str(root)), nodes(2), {"scale": np.float32(1.5), "ranges": np.arange(3)})
+    assert CohortStore(str(root)).attrs == {**root_doc()["attributes"], "scale": 1.5, "ranges": [0, 1, 2]}
