@@ -60,8 +60,10 @@ def ellipsoid_mask(shape) -> np.ndarray:
 
 def make_store(path: str, shape, chunks=None, subjects=("b01",)) -> str:
     """A cohort store of ``subjects`` (random gamma MRI of 67 channels, each its own seed,
-    the ellipsoid mask), chunked (``chunks`` as given, else ingest's default cut evenly) and
-    encoded as `mrhscale ingest` writes one (Blosc zstd 3 + shuffle)."""
+    the ellipsoid mask), chunked (``chunks`` as given, else ingest's default cut evenly),
+    encoded as `mrhscale ingest` writes one (Blosc zstd 3 + shuffle) and with the records
+    ingest keeps (grid shape, brain voxels, channels: a stage reads them instead of opening
+    and counting each subject)."""
     import dask.array as da
     import xarray as xr
 
@@ -82,10 +84,10 @@ def make_store(path: str, shape, chunks=None, subjects=("b01",)) -> str:
              "fa": (("x", "y", "z"), da.zeros(shape, chunks=chunks, dtype=np.float32))},
             coords={"contrast": names, "group": ("contrast", [n.rsplit("_", 1)[0] for n in names]),
                     "bval": ("contrast", np.full(N_CHANNELS, np.nan))},
-            attrs={"subject": sid, "affine": np.diag([0.06, 0.06, 0.06, 1.0]).tolist(),
-                   "targets": [], "labels": []},
+            attrs={"subject": sid, "affine": np.diag([0.06, 0.06, 0.06, 1.0]).tolist(), "shape": list(shape),
+                   "targets": [], "labels": [], "brain_voxels": int(ellipsoid_mask(shape).sum())},
         )
-        store.put(sid, ds, {"stage": "bench_predict"}, encoding=_encoding(ds, "zstd", 3))
+        store.put(sid, ds, {"stage": "bench_predict", "channels": names}, encoding=_encoding(ds, "zstd", 3))
     return path
 
 

@@ -12,6 +12,7 @@ distributed ``Client`` alike, so no stage branches on which it got.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import os
@@ -132,19 +133,24 @@ class Runner:
         return run_tasks(self.env, tasks, desc, quiet=quiet, what=what)
 
     def each_finished(self, tasks: Iterable, desc: str, *, unit: str = "task", window: int | None = None,
-                      total: int | None = None, quiet: bool | None = None) -> Iterator[tuple[int, Any, Exception | None]]:
+                      total: int | None = None, quiet: bool | None = None,
+                      ahead: bool = False) -> Iterator[tuple[int, Any, Exception | None]]:
         """Dask delayed ``tasks`` run side by side (one after another on a local scheduler):
         ``(index, result, None)`` or ``(index, None, error)`` for each as it finishes, with
         progress. A failure does not stop the others; those not finished when the caller
         stops iterating are cancelled. ``tasks`` may be an iterator that builds each task
         as it is taken: with ``window``, at most that many are built and unfinished at once,
         so this process holds a bounded number of graphs however many tasks there are
-        (``total``: their number, for progress; ``quiet``: no progress, default the runner's)."""
+        (``total``: their number, for progress; ``quiet``: no progress, default the runner's).
+        ``ahead``: on a local scheduler, the next task is built in a thread while this one runs
+        (building must then be thread-safe: predict's opens a subject and creates its arrays,
+        I/O and Python that the running task's network, which releases the GIL, leaves room for)."""
         total = len(tasks) if total is None and hasattr(tasks, "__len__") else total
-        each = self._each_local(tasks) if self.client is None else self._each_on_client(tasks, window)
+        built = _built_ahead(tasks) if ahead and self.client is None else None
+        each = self._each_local(built or tasks) if self.client is None else self._each_on_client(tasks, window)
         quiet = self.quiet if quiet is None else quiet
         with progress(total=total, desc=desc, unit=unit, quiet=quiet, leave=False) as bar, \
-                contextlib.closing(each):
+                contextlib.closing(built) if built else contextlib.nullcontext(), contextlib.closing(each):
             for item in each:
                 yield item
                 bar.update(1)
@@ -227,3 +233,17 @@ class Runner:
         futures = [self.client.submit(fn, item, *args, pure=False) for item in items]
         list(completed(futures, desc, self.quiet, unit=unit))
         return self.client.gather(futures)
+
+
+def _built_ahead(tasks: Iterable) -> Iterator:
+    """``tasks`` in order, each next one taken (built) in a thread while the caller works on
+    this one; the thread is done with ``tasks`` when this generator ends or is closed."""
+    it = iter(tasks)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mrhscale-build") as pool:
+        nxt = pool.submit(next, it, _END)
+        while (task := nxt.result()) is not _END:
+            nxt = pool.submit(next, it, _END)
+            yield task
+
+
+_END = object()

@@ -145,19 +145,22 @@ def subject_groups(voxels: dict[str, int], n_workers: int = 1) -> Iterator[list[
         yield group
 
 
-def _group_outputs(plan: PredictPlan, sink: ZarrSink, inputs: SubjectInputs, group: list[str], runner) -> dict:
-    """The lazy subject Datasets of ``group``, opened now (their per-subject statistics computed
-    first, in one call)."""
-    datasets = {sid: inputs[sid] for sid in group}
+def _group_outputs(plan: PredictPlan, sink: ZarrSink, inputs: SubjectInputs, group: list[str],
+                   runner) -> Iterator[tuple[str, object]]:
+    """(id, lazy output Dataset) of each subject of ``group``, each opened when taken (on a
+    local scheduler: while the subject before it runs, ``ZarrSink.write_group``); a
+    per-subject normalisation opens them all first, its statistics computed in one call."""
+    datasets = inputs.subset(group)  # opened on access only
     norms = plan.normalisations(datasets, runner)
     tasks = max(1, runner.n_threads() // len(group))  # a big subject's runs fill the cluster, many small ones it
-    outs = {}
-    for sid, ds in datasets.items():
-        regions = inputs.source.mri_regions(sid, inputs.identity(sid))
+    for sid in group:
+        ds, identity = datasets[sid], inputs.identity(sid)
+        if runner.client is None:  # tasks in this process: the mask read now (ahead, in one call), not in the
+            ds["mask"].load(scheduler="synchronous")  # task's graph chunk by chunk (zarr round trips each)
         pred = subject_prediction(ds, plan.meta, plan.spec, aggregate=plan.aggregate, tta=plan.tta, norm=norms[sid],
-                                  regions=regions, tasks=tasks, plane_bytes=plan.plane_bytes)
-        outs[sid] = sink.dataset(ds, pred, plan.lineage(inputs.source.url, sid, inputs.identity(sid), norms[sid]))
-    return outs
+                                  regions=inputs.source.mri_regions(sid, identity), tasks=tasks,
+                                  plane_bytes=plan.plane_bytes, soon=runner.client is None)
+        yield sid, sink.dataset(ds, pred, plan.lineage(inputs.source.url, sid, identity, norms[sid]))
 
 
 def _file_sinks(nifti_dir: str | None, to_native, datasets: dict) -> list:

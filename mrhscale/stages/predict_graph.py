@@ -34,6 +34,7 @@ from mrhscale.ops.uncertainty import (
     value_groups,
 )
 from mrhscale.options import AGGREGATES, PredictOptions
+from mrhscale.stores.cohort import start_soon
 from mrhscale.stores.legacy import calibration_of, stains_of
 
 SPATIAL = ("x", "y", "z")
@@ -109,7 +110,7 @@ def subject_arrays(ds, channels: list[str]):
 
 def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = PredictOptions.aggregate, tta: bool = False,
                        norm=None, block_bytes: int = BLOCK_BYTES, regions=None, tasks: int = 1,
-                       plane_bytes: int = PLANE_BYTES):
+                       plane_bytes: int = PLANE_BYTES, soon: bool = False):
     """Lazy dask array (x, y, z, V) of one subject Dataset's maps, as ``predict_block``. ``spec``: the network and its
     planned numerics; ``tta``: the mean over the patch's 8 in-plane symmetries; ``norm``: this
     subject's concrete normalisation (default: the bundle's, which must then not be per
@@ -117,7 +118,9 @@ def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = Pr
     store (``stores.cohort.MRIRegions``): blocks of whole planes are then read by the task
     that predicts them, in ``tasks`` runs of blocks at most (``planes_prediction``), and
     may hold up to ``plane_bytes`` (a brain of 200x280 planes: 480 MB of 32 planes) where
-    ``block_bytes`` would cut the planes and exchange halos.
+    ``block_bytes`` would cut the planes and exchange halos. ``soon``: the tasks run in this
+    process, one subject after another: the first block is read while the subject before it
+    computes its last one (``MRIRegions.read_soon``).
 
     Store chunks are merged in-plane into blocks of up to ``block_bytes`` of input: the
     halo exchange costs dask ~40 tasks per block whatever its size, which on store-sized
@@ -140,7 +143,7 @@ def subject_prediction(ds, meta: dict, spec: NetworkSpec, *, aggregate: str = Pr
     norm = meta["norm"] if norm is None else norm
     cals = stain_calibrations(meta) if spread_scale(meta, norm) is not None else []
     job = block_job(meta, spec, norm, h, slice_axis, aggregate, tta, cals)
-    out = _maps(ds, channels, mri, mask, job, slice_axis, depth, regions, tasks)
+    out = _maps(ds, channels, mri, mask, job, slice_axis, depth, regions, tasks, soon)
     if job.spread_scale is None or job.exported:  # an export's graph applies its own calibration
         return out
     return with_label_groups(out, ds, label_groups(cals), len(job.t_scale), int(job.ood))
@@ -180,7 +183,8 @@ def _label_scale(ds, group, chunks):
     return da.map_blocks(lambda *ls: rel[label_group(ls, ls[0].shape)], *labels, dtype=np.float32)
 
 
-def _maps(ds, channels, mri, mask, job: BlockJob, slice_axis: int, depth: int, regions, tasks: int):
+def _maps(ds, channels, mri, mask, job: BlockJob, slice_axis: int, depth: int, regions, tasks: int,
+          soon: bool = False):
     """The lazy (x, y, z, V) maps of ``subject_prediction`` (before tissue-group factors)."""
     n_out = job.n_values
     kw = dict(chunks=(*mri.chunks[:3], (n_out,)), dtype=np.float32, meta=np.empty((0,) * 4, np.float32), job=job)
@@ -192,7 +196,7 @@ def _maps(ds, channels, mri, mask, job: BlockJob, slice_axis: int, depth: int, r
         if regions is not None:
             store_contrasts = [str(c) for c in ds["contrast"].values]
             picked = regions.picking([store_contrasts.index(c) for c in channels], len(store_contrasts))
-            return planes_prediction(picked, msk, mri.chunks[slice_axis], job, tasks, n_out)
+            return planes_prediction(picked, msk, mri.chunks[slice_axis], job, tasks, n_out, soon)
         return da.map_blocks(predict_block, mri, msk, halo=0, **kw)
     dep = {a: (0 if a in (slice_axis, 3) else depth) for a in range(4)}
     return da.map_overlap(predict_block, mri, msk, depth=dep, boundary=0, trim=False,
@@ -221,13 +225,16 @@ def _whole_planes(chunks, slice_axis: int) -> bool:
     return all(len(chunks[a]) == 1 for a in range(3) if a != slice_axis)
 
 
-def planes_prediction(regions, msk, cuts: tuple[int, ...], job: BlockJob, tasks: int, n_out: int):
+def planes_prediction(regions, msk, cuts: tuple[int, ...], job: BlockJob, tasks: int, n_out: int,
+                      soon: bool = False):
     """The maps of blocks of whole planes (``cuts`` along the slice axis), each task reading
     its own run of blocks from the store and the next block while the network runs on this
     one: reading no longer waits for the network nor the network for reading, and no task
     concatenates store chunks. The output keeps the blocks as its chunks."""
     axis = job.slice_axis
     m = msk.rechunk({axis: plane_runs(cuts, tasks)})
+    if soon:  # its first block read while the task before it here computes its last one
+        regions.read_soon(tuple(slice(0, cuts[0]) if a == axis else slice(0, n) for a, n in enumerate(msk.shape[:3])))
     out = da.map_blocks(predict_planes, m, chunks=(*m.chunks[:3], (n_out,)), dtype=np.float32,
                         meta=np.empty((0,) * 4, np.float32), job=job, regions=regions, cuts=cuts)
     return out.rechunk({axis: cuts})
@@ -249,20 +256,23 @@ def predict_planes(mask: np.ndarray, job: BlockJob, regions, cuts: tuple[int, ..
     bounds = [(int(lo), int(hi)) for lo, hi in zip(ends[:-1], ends[1:]) if a <= lo and hi <= b]
     reads = [tuple(slice(lo, hi) if ax == axis else slice(*loc[ax]) for ax in range(3)) for lo, hi in bounds]
     outs = []
-    for (lo, hi), raw in zip(bounds, read_ahead(regions.read, reads), strict=True):
+    for (lo, hi), raw in zip(bounds, read_ahead(regions.read, reads, then=start_soon), strict=True):
         sub = tuple(slice(lo - a, hi - a) if ax == axis else slice(None) for ax in range(3))
         outs.append(predict_block(raw, mask[sub], job, 0))
     return np.concatenate(outs, axis=axis)
 
 
-def read_ahead(read, items):
+def read_ahead(read, items, then=None):
     """``read(item)`` for each item in order, the next one read in a thread while the caller
-    works on this one (Zarr's decode releases the GIL)."""
+    works on this one (Zarr's decode releases the GIL); ``then()`` when the last one is taken
+    (the next task's first read may start: ``stores.cohort.start_soon``)."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mrhscale-read") as pool:
         nxt = pool.submit(read, items[0]) if items else None
         for k in range(len(items)):
             got = nxt.result()
             nxt = pool.submit(read, items[k + 1]) if k + 1 < len(items) else None
+            if nxt is None and then is not None:
+                then()
             yield got
 
 

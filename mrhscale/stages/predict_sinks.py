@@ -14,6 +14,7 @@ import contextlib
 import os
 
 import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
 
@@ -32,6 +33,7 @@ from mrhscale.stages.register import (
     to_native,
     transforms_for_subject,
 )
+from mrhscale.stores.cohort import forget_soon
 from mrhscale.stores.predictions import output, stale_reason
 from mrhscale.stores.urls import Location
 
@@ -73,38 +75,51 @@ class ZarrSink:
         with self.store.writer() as self.writer:
             yield self
 
-    def write_group(self, outs: dict, made_by: dict, runner, done=None) -> int:
-        """The lazy subject Datasets ``outs`` ({sid: Dataset}) computed side by side on ``runner``
-        into their staged places (one call, not one round trip per subject), each committed as
-        soon as its own arrays are written: a failure or a kill leaves the subjects committed
-        before it whole and reusable, the others absent. Their brain voxels, counted in the same
-        pass; ``done(sid)`` after each commit. The root's index is rewritten once, at the end."""
+    def write_group(self, outs, made_by: dict, runner, done=None) -> int:
+        """The lazy subject Datasets ``outs`` ((sid, Dataset) pairs, or a dict) computed side by
+        side on ``runner`` into their staged places (one call, not one round trip per subject;
+        on a local scheduler one after another, each next one opened and staged while this one
+        runs), each committed as soon as its own arrays are written: a failure or a kill leaves
+        the subjects committed before it whole and reusable, the others absent. Their brain
+        voxels, counted in the same pass; ``done(sid)`` after each commit. The root's index is
+        rewritten once, at the end."""
         staged: dict[str, str] = {}
+        lineage: dict[str, dict] = {}
+        pairs = outs.items() if isinstance(outs, dict) else outs
         try:
-            tasks = [self._staged(sid, out, staged) for sid, out in outs.items()]
-            return self._commit_each(outs, made_by, tasks, staged, runner, done)
+            tasks = ((sid, self._staged(sid, out, staged, lineage)) for sid, out in pairs)
+            return self._commit_each(made_by, tasks, staged, lineage, runner, done)
         finally:
+            forget_soon()  # a first block read ahead for a subject not run
             for sid, path in staged.items():  # not committed: dropped, their old versions untouched
                 self.writer.abort(sid, path)
             self.writer.refresh_index()
 
-    def _staged(self, sid: str, out: xr.Dataset, staged: dict):
+    def _staged(self, sid: str, out: xr.Dataset, staged: dict, lineage: dict):
         """The delayed write of subject ``sid`` into its staged place, which yields its brain voxels."""
-        staged[sid] = self.writer.begin(sid)
+        staged[sid], lineage[sid] = self.writer.begin(sid), out.attrs["lineage"]
         return dask.delayed(_brain_voxels, pure=False)(self.writer.lazy_write(staged[sid], out), out["mask"].data.sum())
 
-    def _commit_each(self, outs: dict, made_by: dict, tasks: list, staged: dict, runner, done) -> int:
-        """Each subject committed as its task finishes (the first failure stops the group)."""
-        ids, brain = list(outs), 0
-        for i, n, error in runner.each_finished(tasks, "predict", unit="subject", quiet=True):
-            sid = ids[i]
-            if error is not None:
-                raise task_error(error, f"subject {sid}") from None
-            self.writer.commit(sid, staged.pop(sid), made_by[sid], extra={"lineage": outs[sid].attrs["lineage"]},
-                               index=False)
-            brain += int(n)
-            if done is not None:
-                done(sid)
+    def _commit_each(self, made_by: dict, tasks, staged: dict, lineage: dict, runner, done) -> int:
+        """Each subject committed as its task ((sid, delayed) pairs, built as they are taken)
+        finishes (the first failure stops the group; a task being built is finished first)."""
+        ids, brain = [], 0
+
+        def each_task():
+            for sid, task in tasks:
+                ids.append(sid)
+                yield task
+
+        with contextlib.closing(runner.each_finished(each_task(), "predict", unit="subject", quiet=True,
+                                                     ahead=True)) as finished:
+            for i, n, error in finished:
+                sid = ids[i]
+                if error is not None:
+                    raise task_error(error, f"subject {sid}") from None
+                self.writer.commit(sid, staged.pop(sid), made_by[sid], extra={"lineage": lineage[sid]}, index=False)
+                brain += int(n)
+                if done is not None:
+                    done(sid)
         return brain
 
     def dataset(self, ds: xr.Dataset, pred, lineage: dict) -> xr.Dataset:
@@ -116,7 +131,7 @@ class ZarrSink:
         attrs = {k: v for k, v in jsonable(dict(ds.attrs)).items() if k not in ("complete", "made_by", "fingerprint")}
         virtual = {v: (SPATIAL, m, plan.map_attrs(k)) for k, (v, m) in enumerate(zip(plan.virtuals, maps[:n_t]))}
         out = xr.Dataset(
-            {**virtual, "mask": (SPATIAL, ds["mask"].data.rechunk(maps[0].chunks).astype(bool))},
+            {**virtual, "mask": (SPATIAL, da.asarray(ds["mask"].data).rechunk(maps[0].chunks).astype(bool))},
             coords={k: ds.coords[k] for k in SPATIAL if k in ds.coords}, attrs={**attrs, "lineage": lineage})
         for k, (v, m) in enumerate(zip(plan.uncertainties, maps[n_t:n_t + len(plan.uncertainties)], strict=True)):
             out[v] = (SPATIAL, m, plan.uncertainty_attrs(k))

@@ -14,7 +14,9 @@ Layout (see docs/stores.md)::
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import threading
 
 import numpy as np
 import zarr
@@ -107,13 +109,50 @@ class MRIRegions:
         idx = tuple(int(i) for i in contrasts)
         return dataclasses.replace(self, contrasts=None if idx == tuple(range(stored)) else idx)
 
+    def read_soon(self, region: tuple[slice, slice, slice]) -> None:
+        """Queue ``read(region)`` to start in this process when a task runs out of regions of
+        its own to read (``start_soon``): the first block of a task that runs next here is
+        then decoded while the task before it computes its last one, instead of before its own
+        first one (a task gets the read from ``read``; ``forget_soon`` drops any left)."""
+        with _SOON_LOCK:
+            _SOON[(self, _key(region))] = None
+
     def read(self, region: tuple[slice, slice, slice]) -> np.ndarray:
         """``mri[region]`` (x, y, z, contrast) as float32, the picked contrasts in their order."""
+        with _SOON_LOCK:
+            ahead = _SOON.pop((self, _key(region)), None)
+        return ahead.result() if ahead is not None else self._read(region)
+
+    def _read(self, region: tuple[slice, slice, slice]) -> np.ndarray:
         arr = _mri_array(self.loc, self.subject, self.fingerprint)
         raw = arr[(*region, slice(None))]
         if self.contrasts is not None:
             raw = np.take(raw, self.contrasts, axis=3)
         return np.asarray(raw, np.float32)
+
+
+_SOON: dict[tuple, concurrent.futures.Future | None] = {}  # reads queued (None) or started ahead (read_soon)
+_SOON_LOCK = threading.Lock()
+_SOON_POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mrhscale-read-soon")
+
+
+def start_soon() -> None:
+    """Start the oldest read queued by ``MRIRegions.read_soon`` (a task has no more of its own)."""
+    with _SOON_LOCK:
+        for (regions, key), fut in _SOON.items():
+            if fut is None:
+                _SOON[(regions, key)] = _SOON_POOL.submit(regions._read, tuple(slice(*k) for k in key))
+                return
+
+
+def forget_soon() -> None:
+    """Drop the reads queued or started ahead (a run ended: nothing will ask for them)."""
+    with _SOON_LOCK:
+        _SOON.clear()
+
+
+def _key(region) -> tuple:
+    return tuple((s.start, s.stop) for s in region)
 
 
 _OPEN: dict[tuple[str, str, str], zarr.Array] = {}  # this process's open mri arrays (a few subjects)

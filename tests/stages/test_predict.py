@@ -324,6 +324,14 @@ def test_blocks_read_by_their_own_task_give_the_same_bits(tmp_path, aggregate, p
         assert got.chunks == ref.chunks and got.dtype == ref.dtype
         assert got.compute(scheduler="sync").tobytes() == want.tobytes()
     assert plane_runs((3, 3, 3, 1), 2) == (6, 4) and plane_runs((3, 3), 5) == (3, 3) and plane_runs((3,), 1) == (3,)
+    # its first block queued to be read ahead (``soon``), started as a task before it would, then
+    # taken by its own task: the same bits, nothing left queued
+    from mrhscale.stores import cohort
+
+    ahead = subject_prediction(ds, meta, spec, aggregate=aggregate, regions=source.mri_regions(ids[0]), soon=True)
+    assert list(cohort._SOON.values()) == [None]
+    cohort.start_soon()
+    assert ahead.compute(scheduler="sync").tobytes() == want.tobytes() and not cohort._SOON
     # blocks too small for whole planes (halo exchange) become whole planes when read from the store
     cut = subject_prediction(ds, meta, spec, aggregate=aggregate, regions=source.mri_regions(ids[0]),
                              block_bytes=1, plane_bytes=1 << 30)
