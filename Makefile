@@ -15,6 +15,10 @@ TEST_EXTRAS ?= test,matlab,register,s3
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
+# test processes (pytest-xdist): the suite is mostly one busy core at a time (one process
+# driving a Dask cluster, torch on one thread), so 2 processes halve it on 2 cores; a test
+# file stays in one process (its module fixtures are made once). TEST_JOBS=0: one process.
+TEST_JOBS ?= 2
 
 .PHONY: demo test bench env env-demo clean
 
@@ -38,7 +42,7 @@ demo: $(DEMO_STAMP)
 	$(VENV)/bin/mrhscale demo --out $(DEMO_OUT)
 
 test: $(TEST_STAMP)
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(TEST_STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
