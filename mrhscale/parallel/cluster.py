@@ -106,7 +106,12 @@ def forget_done_groups():
     subjects, and small long-lived objects that pin the heap's pages around them
     (benchmarks/RESULTS.md, "cohort size"). The dashboard's history of finished work is
     what this drops; a cluster you start yourself is left as it is. (A class made here:
-    the Context imports this module, distributed only when a cluster starts.)"""
+    the Context imports this module, distributed only when a cluster starts.)
+
+    It also empties dask's ``key_split`` cache (100,000 task names and their prefixes, filled
+    with each subject's unique keys: ~86 a subject of ingest, so full at ~1,200 subjects,
+    ~15 MB of small strings); the scheduler fills it again from the keys it still runs."""
+    import dask.utils
     from distributed.diagnostics.plugin import SchedulerPlugin
     from tornado.ioloop import PeriodicCallback
 
@@ -128,6 +133,7 @@ def forget_done_groups():
                 done = [tg for tg in groups if live.get(tg.name) is not tg]
                 groups.difference_update(done)
                 dropped += len(done)
+            dask.utils.key_split.cache_clear()
             return dropped
 
     return _Forget()

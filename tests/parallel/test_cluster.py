@@ -74,8 +74,10 @@ def test_the_driver_keeps_a_short_log_of_dask_messages_whatever_the_number_of_co
 
 def test_the_embedded_scheduler_forgets_the_task_groups_of_finished_work():
     """Distributed's spans and computations keep every task group for ever (~6 a subject of a
-    cohort stage); the embedded scheduler drops those it has forgotten, not the live ones."""
+    cohort stage); the embedded scheduler drops those it has forgotten, not the live ones,
+    and empties dask's cache of task-name prefixes (filled with every subject's keys)."""
     import dask.array as da
+    import dask.utils
 
     from mrhscale.parallel.cluster import FORGET_PLUGIN
 
@@ -93,8 +95,10 @@ def test_the_embedded_scheduler_forgets_the_task_groups_of_finished_work():
             time.sleep(0.05)  # the finished graphs' keys are released after their results came
         before = held(scheduler)
         assert len(before) >= 20  # a group per graph, each kept
+        assert dask.utils.key_split.cache_info().currsize > 20  # every graph's task names
         assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[FORGET_PLUGIN].forget()) > 0
         assert held(scheduler) == {"sum"} and kept.result() == 3
+        assert dask.utils.key_split.cache_info().currsize <= 2  # emptied (the live key may come back)
 
 @pytest.fixture
 def mrhscale_warnings(caplog, monkeypatch):

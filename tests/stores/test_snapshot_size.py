@@ -93,3 +93,22 @@ def test_attrs_written_with_the_snapshot_take_numpy_values(root):
 
     assert put_snapshot(Location.of(str(root)), nodes(2), {"scale": np.float32(1.5), "ranges": np.arange(3)})
     assert CohortStore(str(root)).attrs == {**root_doc()["attributes"], "scale": 1.5, "ranges": [0, 1, 2]}
+
+
+def test_listing_the_subjects_reads_no_group_document(tmp_path, monkeypatch):
+    """A stage lists a cohort first: at 2,000 subjects reading each group's attrs (~6 kB) held
+    tens of MB in the driver. The listing is the index's rule: committed names, two listings."""
+    import xarray as xr
+
+    from mrhscale.stores import subjects
+
+    store = CohortStore(str(tmp_path / "c.zarr"))
+    store.prepare({"channels": ["t2"]})
+    for sid in ("s1", "s2", "s10"):
+        store.put(sid, xr.Dataset({"mask": (("x",), [True, False])}), {"stage": "test"})
+    with store.writer() as w:  # a group being written, not committed: not listed
+        w.begin("s3")
+        reads = []
+        monkeypatch.setattr(subjects, "_read_json", lambda fs, path, f=subjects._read_json: reads.append(path) or f(fs, path))
+        assert store.subjects() == ["s1", "s2", "s10"]
+    assert reads == []
