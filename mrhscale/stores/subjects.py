@@ -102,10 +102,18 @@ class GroupStore(ZarrLocation):
         return groups
 
     def subjects(self) -> list[str]:
-        """Ids of the complete subjects, in natural order (s2 before s10): two listings, no
-        document read (``_marked``: the index's own rule), so a stage that starts by listing
-        a cohort of thousands parses none of their groups' attrs (~6 kB each)."""
-        return self._marked()
+        """Ids of the complete subjects, in natural order (s2 before s10), from two listings
+        and no document read (markers are only ever written complete, after their group is in
+        place): the index's rebuild and every stage's first listing cost the same however many
+        subjects the store holds, and parse none of their groups' attrs (~6 kB each)."""
+        fs, root = self.loc.filesystem()
+        base = root.rstrip("/")
+        commits = _listed(fs, f"{base}/{COMMITS}")
+        if "zarr.json" not in commits:  # a store from before commit markers: its index and attrs say
+            return sorted((sid for sid, a in self.subject_groups().items() if a.get("complete") is True),
+                          key=natural_key)
+        names = {n for n in _listed(fs, base) if not n.startswith(("_", ".")) and n != "zarr.json"}
+        return sorted(names & commits, key=natural_key)
 
     def state(self, sid: str) -> tuple[bool, dict | None]:
         """(whether ``sid`` has a group, its commit marker if it is complete): two reads,
@@ -219,7 +227,7 @@ class GroupStore(ZarrLocation):
 
     def refresh_index(self) -> list[str]:
         """Rewrite the root's ``subjects`` index from the markers (they are the truth)."""
-        return self._rewrite_index(lambda _have: self._marked())
+        return self._rewrite_index(lambda _have: self.subjects())
 
     def _rewrite_index(self, new_of, must=None) -> list[str]:
         """The root's index set to ``new_of(index)`` (returned), serialised by a lock on local
@@ -246,7 +254,7 @@ class GroupStore(ZarrLocation):
         with _blocking(lock):
             if self._writing(own):
                 return False
-            put_snapshot(self.loc, snapshot_nodes(self.loc, self._marked()))
+            put_snapshot(self.loc, snapshot_nodes(self.loc, self.subjects()))
         if lock is None and self._writing(own):
             self.withdraw()
             return False
@@ -279,18 +287,6 @@ class GroupStore(ZarrLocation):
         if host == run_token().rsplit("-", 2)[0] and pid.isdigit() and not _alive(int(pid)):
             remove(self.loc.join(LOCKS, path.rsplit("/", 1)[-1]))  # a dead writer's, on this host
         return False
-
-    def _marked(self) -> list[str]:
-        """The complete subjects from two listings, reading no marker (markers are only ever
-        written complete): the index's rebuild, cheap however many subjects the store holds."""
-        fs, root = self.loc.filesystem()
-        base = root.rstrip("/")
-        commits = _listed(fs, f"{base}/{COMMITS}")
-        if "zarr.json" not in commits:  # a store from before commit markers: its index and attrs say
-            return sorted((sid for sid, a in self.subject_groups().items() if a.get("complete") is True),
-                          key=natural_key)
-        names = {n for n in _listed(fs, base) if not n.startswith(("_", ".")) and n != "zarr.json"}
-        return sorted(names & commits, key=natural_key)
 
 
 def _child_groups(fs, path: str) -> dict[str, dict]:
