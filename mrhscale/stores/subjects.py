@@ -226,13 +226,16 @@ class GroupStore(ZarrLocation):
         self._rewrite_index(lambda have: have if sid in have else sorted([*have, sid], key=natural_key), {sid})
 
     def refresh_index(self) -> list[str]:
-        """Rewrite the root's ``subjects`` index from the markers (they are the truth)."""
-        return self._rewrite_index(lambda _have: self.subjects())
+        """Rewrite the root's ``subjects`` index from the markers (they are the truth). On an
+        object store the check lists the markers again after the write: a writer that listed
+        before another's commit must not leave its older list as the last word."""
+        return self._rewrite_index(lambda _have: self.subjects(), self.subjects)
 
     def _rewrite_index(self, new_of, must=None) -> list[str]:
         """The root's index set to ``new_of(index)`` (returned), serialised by a lock on local
         disk; on an object store (no lock) re-checked until it holds ``must`` (default: all
-        of it; another writer may have rewritten it in between), a few times at most."""
+        of it; a callable is asked after the write; another writer may have rewritten it in
+        between), a few times at most."""
         lock = self._index_lock()
         for _ in range(6):
             with _blocking(lock):
@@ -241,7 +244,10 @@ class GroupStore(ZarrLocation):
                 if new != have:
                     with quiet_zarr():
                         self.root("r+").attrs[SUBJECTS_ATTR] = new
-            if lock is not None or set(self.attrs.get(SUBJECTS_ATTR, [])) >= set(new if must is None else must):
+            if lock is not None:
+                break
+            want = must() if callable(must) else new if must is None else must
+            if set(self.attrs.get(SUBJECTS_ATTR, [])) >= set(want):
                 break
         return new
 

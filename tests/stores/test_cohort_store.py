@@ -50,3 +50,28 @@ def test_a_commit_touches_the_index_not_every_subject(tmp_path, monkeypatch):
     assert listed == [1, 1]  # once for the index's rebuild, once for the readers' snapshot
     assert zarr.open_group(store.url, mode="r").attrs["subjects"] == ["s1", "s2", "s10"] == real(store)
 
+
+
+def test_an_unlocked_rebuild_does_not_leave_an_older_listing(tmp_path, monkeypatch):
+    """On an object store (no lock) a writer that listed the markers before another's commit
+    and wrote after it must not leave its older list: the check lists them again and it
+    rebuilds (the lost s02 of CI stop 38, three concurrent ingests into one S3 store)."""
+    import zarr
+    from helpers import subject_dataset
+
+    from mrhscale.stores import CohortStore
+    from mrhscale.stores.subjects import GroupStore
+
+    store = CohortStore(str(tmp_path / "c.zarr"))
+    store.prepare({})
+    with store.writer() as w:
+        for sid in ("s01", "s02", "s03"):
+            path = w.begin(sid)
+            w.lazy_write(path, subject_dataset("x")).compute(scheduler="synchronous")
+            w.commit(sid, path, {"v": sid})
+    real = GroupStore.subjects
+    lists = iter([["s01", "s03"]])  # what it listed before s02's marker was written
+    monkeypatch.setattr(GroupStore, "subjects", lambda self: next(lists, None) or real(self))
+    monkeypatch.setattr(GroupStore, "_index_lock", lambda self: None)
+    assert store.refresh_index() == ["s01", "s02", "s03"]
+    assert zarr.open_group(store.url, mode="r").attrs["subjects"] == ["s01", "s02", "s03"]
