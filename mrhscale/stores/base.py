@@ -380,9 +380,14 @@ def put_snapshot(loc: Location, nodes: Iterable[tuple[str, dict]] | None, attrs:
     The snapshot is what ``xarray.open_datatree`` and a default ``zarr.open_group`` see of the
     store (and all they list): the data only, none of the store's bookkeeping. It is written
     piece by piece, as its last key (``split_snapshot`` reads the root without it), in one
-    line: ~13 kB a subject of 67 contrasts."""
+    line: ~13 kB a subject of 67 contrasts. On an object store (no lock) the nodes are read
+    first and the root last, just before the put: its attributes (the index another writer
+    may have just rewritten) are not held across the walk and written back stale."""
     fs, root = loc.filesystem()
     where = f"{root.rstrip('/')}/zarr.json"
+    text = None if nodes is None else _nodes_text(nodes)
+    if text is not None and not loc.local:  # one object, whole, anyway
+        text = ["".join(text)]
     try:
         old = fs.cat_file(where)
         doc, had = split_snapshot(old)
@@ -392,17 +397,22 @@ def put_snapshot(loc: Location, nodes: Iterable[tuple[str, dict]] | None, attrs:
         return False
     if attrs:
         doc["attributes"] = {**(doc.get("attributes") or {}), **attrs}
-    pieces = [json.dumps(doc, indent=2, default=_plain)] if nodes is None else _snapshot_text(doc, nodes)
+    pieces = [json.dumps(doc, indent=2, default=_plain)] if text is None else _snapshot_text(doc, text)
     return _put_if_changed(loc, where, pieces, old)
 
 
-def _snapshot_text(doc: dict, nodes: Iterable[tuple[str, dict]]) -> Iterator[str]:
+def _snapshot_text(doc: dict, nodes_text: Iterable[str]) -> Iterator[str]:
     """``json.dumps({**doc, SNAPSHOT: {...}})`` in pieces, a node at a time."""
     yield json.dumps(doc, default=_plain)[:-1] + (", " if doc else "")
     yield f'"{SNAPSHOT}": {{"kind": "inline", "must_understand": false, "metadata": {{'
+    yield from nodes_text
+    yield "}}}"
+
+
+def _nodes_text(nodes: Iterable[tuple[str, dict]]) -> Iterator[str]:
+    """The snapshot's metadata entries, ``"path": {...}``, comma-separated, one at a time."""
     for i, (path, node) in enumerate(nodes):
         yield f'{", " if i else ""}{json.dumps(path)}: {json.dumps(node)}'
-    yield "}}}"
 
 
 def _plain(value):

@@ -45,7 +45,8 @@ class Claim:
 
     def __init__(self, loc: Location | str, what: str, node: bool = False):
         self.loc, self.what, self.node = Location.of(loc), what, node
-        self.url = self.loc.join("zarr.json").url if node else self.loc.url
+        self.held = self.loc.join("zarr.json") if node else self.loc  # the file or object that is the claim
+        self.url = self.held.url
         self._lock = None
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -103,7 +104,7 @@ class Claim:
         return json.dumps(claim).encode()
 
     def _acquire_object(self) -> None:
-        fs, path = self.loc.filesystem()
+        fs, path = self.held.filesystem()
         try:
             _create_exclusive(fs, path, self._body())
         except FileExistsError:
@@ -125,7 +126,7 @@ class Claim:
                 continue
 
     def _remove_own_object(self) -> None:
-        fs, path = self.loc.filesystem()
+        fs, path = self.held.filesystem()
         try:
             if _holder(_read_json(fs, path)).get("token") == self.token:
                 fs.rm(path)

@@ -255,15 +255,23 @@ class GroupStore(ZarrLocation):
     def publish(self, own: str | None = None) -> bool:
         """Give the root the snapshot of its complete subjects (natural order), unless a writer
         other than ``own`` is running (its close publishes): serialised by the index lock on
-        local disk, re-checked after on an object store. True when published."""
+        local disk; on an object store re-checked after: withdrawn if a writer started, made
+        again if the markers changed while it was read (a whole run in between). True when
+        published."""
         lock = self._index_lock()
-        with _blocking(lock):
+        for _ in range(1 if lock else 4):
+            with _blocking(lock):
+                if self._writing(own):
+                    return False
+                names = self.subjects()
+                put_snapshot(self.loc, snapshot_nodes(self.loc, names))
+            if lock is not None:
+                return True
             if self._writing(own):
+                self.withdraw()
                 return False
-            put_snapshot(self.loc, snapshot_nodes(self.loc, self.subjects()))
-        if lock is None and self._writing(own):
-            self.withdraw()
-            return False
+            if self.subjects() == names:
+                return True
         return True
 
     def withdraw(self) -> None:

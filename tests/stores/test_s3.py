@@ -1,5 +1,6 @@
 """Object storage end to end against a local S3-compatible server (moto) on loopback."""
 
+import json
 import os
 import warnings
 
@@ -245,3 +246,41 @@ def test_s3_outputs_follow_the_store_rules(tmp_path, s3):
     store.put("s02", new, {"version": 2})  # replaces the complete one: staged, then moved in
     assert store.subjects() == ["s02"] and store.subject_attrs("s02")["made_by"] == {"version": 2}
     np.testing.assert_array_equal(store.open_subject("s02")["mri"].values, new["mri"].values)
+
+
+def test_s3_writers_see_each_other_and_keep_the_index(tmp_path, s3, monkeypatch):
+    """A writer's claim on S3 is the group ``_locks/_writer-<run>`` (its zarr.json), so a
+    writer closing while another runs leaves the snapshot to it; and the snapshot's write
+    reads the root after its walk, so an index rewritten meanwhile is kept (CI stop 38 and
+    session 17: the claim was a stray object nobody found, the index was written back stale)."""
+    import s3fs
+    from helpers import subject_dataset
+
+    import mrhscale.stores.subjects as subjects
+    from mrhscale.stores import CohortStore
+
+    fs = s3fs.S3FileSystem(**s3)
+    store = CohortStore(Context(storage_options=s3).location("s3://mrh/two/c.zarr"))
+    store.prepare({})
+    first, second = store.writer(), store.writer()
+    fs.invalidate_cache()
+    assert fs.exists(f"mrh/two/c.zarr/_locks/_writer-{first.token}/zarr.json")
+    path = second.begin("s01")
+    assert zarr.open_group("s3://mrh/two/c.zarr/_locks/s01", mode="r", storage_options=s3) is not None
+    second.lazy_write(path, subject_dataset("x")).compute(scheduler="synchronous")
+    second.commit("s01", path, {"v": 1})
+    second.close()
+    root = lambda: json.loads(fs.cat_file("mrh/two/c.zarr/zarr.json"))  # noqa: E731
+    assert "consolidated_metadata" not in root()  # the first writer still runs: its close publishes
+    real = subjects.snapshot_nodes
+
+    def walk_while_the_index_changes(loc, names):
+        yield from real(loc, names)
+        zarr.open_group("s3://mrh/two/c.zarr", mode="r+", storage_options=s3,
+                        use_consolidated=False).attrs["subjects"] = ["s01", "late"]
+
+    monkeypatch.setattr(subjects, "snapshot_nodes", walk_while_the_index_changes)
+    first.close()
+    fs.invalidate_cache()
+    assert root()["attributes"]["subjects"] == ["s01", "late"]
+    assert list(root()["consolidated_metadata"]["metadata"])[0] == "s01"
