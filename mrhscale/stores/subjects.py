@@ -292,7 +292,10 @@ class GroupStore(ZarrLocation):
     def _alive(self, fs, path: str) -> bool:
         if not self.loc.local:
             holder = _read_json(fs, f"{path}/zarr.json").get("attributes", {}).get("mrhscale_claim") or {}
-            return time.time() - float(holder.get("beat", 0)) < STALE_S
+            if time.time() - float(holder.get("beat", 0)) < STALE_S:
+                return True
+            remove(self.loc.join(LOCKS, path.rsplit("/", 1)[-1]))  # a dead writer's: its heartbeat stopped
+            return False
         fd = node_lock(f"{path}/zarr.json", blocking=False)
         if fd is None:
             return True

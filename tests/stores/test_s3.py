@@ -284,3 +284,22 @@ def test_s3_writers_see_each_other_and_keep_the_index(tmp_path, s3, monkeypatch)
     fs.invalidate_cache()
     assert root()["attributes"]["subjects"] == ["s01", "late"]
     assert list(root()["consolidated_metadata"]["metadata"])[0] == "s01"
+
+
+def test_a_dead_writers_claim_on_s3_is_dropped(s3):
+    """A writer killed on S3 leaves its claim; once its heartbeat is older than the stale
+    time, the next writer to close drops it and publishes (no claim piles up in _locks)."""
+    import s3fs
+
+    from mrhscale.stores import CohortStore
+
+    fs = s3fs.S3FileSystem(**s3)
+    store = CohortStore(Context(storage_options=s3).location("s3://mrh/dead/c.zarr"))
+    store.prepare({})
+    dead = "mrh/dead/c.zarr/_locks/_writer-elsewhere-7-0badbeef/zarr.json"
+    fs.pipe(dead, json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
+        "mrhscale_claim": {"token": "elsewhere-7-0badbeef", "beat": 0}}}).encode())
+    store.writer().close()
+    fs.invalidate_cache()
+    assert not fs.exists(dead)
+    assert "consolidated_metadata" in json.loads(fs.cat_file("mrh/dead/c.zarr/zarr.json"))
