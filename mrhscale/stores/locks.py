@@ -108,8 +108,8 @@ class Claim:
         try:
             _create_exclusive(fs, path, self._body())
         except FileExistsError:
-            holder = _holder(_read_json(fs, path))
-            if time.time() - float(holder.get("beat", 0)) < STALE_S:
+            holder = live_holder(fs, path)
+            if holder is not None:
                 raise MRHError(f"{self.what} is being written by another mrhscale process "
                                f"({holder.get('host')}, pid {holder.get('pid')}; claim {self.loc.masked}); wait "
                                "for it to finish or use another --out") from None
@@ -136,6 +136,13 @@ class Claim:
 
 GROUP = {"zarr_format": 3, "node_type": "group"}
 CLAIM_KEY = "mrhscale_claim"
+
+
+def live_holder(fs, path: str) -> dict | None:
+    """Who holds the claim object at ``path``, while its heartbeat is fresh (None once it is
+    older than ``STALE_S``: a dead holder's, or no claim)."""
+    holder = _holder(_read_json(fs, path))
+    return holder if time.time() - float(holder.get("beat", 0)) < STALE_S else None
 
 
 def _holder(doc: dict) -> dict:

@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import re
-import time
 
 import xarray as xr
 import zarr
@@ -56,7 +55,7 @@ from mrhscale.stores.base import (
     tidy_config,
     write_text,
 )
-from mrhscale.stores.locks import STALE_S, Claim, holding, node_lock, run_token
+from mrhscale.stores.locks import Claim, holding, live_holder, node_lock, run_token
 from mrhscale.stores.urls import Location, is_local, local_path
 
 STAGING = "_staging"
@@ -223,7 +222,7 @@ class GroupStore(ZarrLocation):
     def index_subject(self, sid: str) -> None:
         """Add a just-committed subject to the root's index: one read and one write of the
         root, however many subjects it holds (``refresh_index`` lists them all)."""
-        self._rewrite_index(lambda have: have if sid in have else sorted([*have, sid], key=natural_key), {sid})
+        self._rewrite_index(lambda have: have if sid in have else sorted([*have, sid], key=natural_key), lambda: {sid})
 
     def refresh_index(self) -> list[str]:
         """Rewrite the root's ``subjects`` index from the markers (they are the truth). On an
@@ -231,11 +230,10 @@ class GroupStore(ZarrLocation):
         before another's commit must not leave its older list as the last word."""
         return self._rewrite_index(lambda _have: self.subjects(), self.subjects)
 
-    def _rewrite_index(self, new_of, must=None) -> list[str]:
+    def _rewrite_index(self, new_of, must) -> list[str]:
         """The root's index set to ``new_of(index)`` (returned), serialised by a lock on local
-        disk; on an object store (no lock) re-checked until it holds ``must`` (default: all
-        of it; a callable is asked after the write; another writer may have rewritten it in
-        between), a few times at most."""
+        disk; on an object store (no lock) re-checked until it holds ``must()`` (asked after
+        the write: another writer may have rewritten it in between), a few times at most."""
         lock = self._index_lock()
         for _ in range(6):
             with _blocking(lock):
@@ -246,8 +244,7 @@ class GroupStore(ZarrLocation):
                         self.root("r+").attrs[SUBJECTS_ATTR] = new
             if lock is not None:
                 break
-            want = must() if callable(must) else new if must is None else must
-            if set(self.attrs.get(SUBJECTS_ATTR, [])) >= set(want):
+            if set(self.attrs.get(SUBJECTS_ATTR, [])) >= set(must()):
                 break
         return new
 
@@ -291,8 +288,7 @@ class GroupStore(ZarrLocation):
 
     def _alive(self, fs, path: str) -> bool:
         if not self.loc.local:
-            holder = _read_json(fs, f"{path}/zarr.json").get("attributes", {}).get("mrhscale_claim") or {}
-            if time.time() - float(holder.get("beat", 0)) < STALE_S:
+            if live_holder(fs, f"{path}/zarr.json") is not None:
                 return True
             remove(self.loc.join(LOCKS, path.rsplit("/", 1)[-1]))  # a dead writer's: its heartbeat stopped
             return False
